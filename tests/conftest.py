@@ -1,0 +1,16 @@
+import os
+
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("default", deadline=None)
+# The sanitizer build runs every C kernel ~3-10x slower; fewer examples keep CI within budget.
+settings.register_profile("sanitizer", deadline=None, max_examples=40,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("thorough", deadline=None, max_examples=2000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def pytest_report_header(config):
+    from sevcore import cpu
+
+    return f"sevcore C core: detected {sorted(cpu.detected())}, active {sorted(cpu.active())}"
