@@ -1,0 +1,59 @@
+/*
+ * The SEV memory encryption engine: every 16-byte block of guest memory is encrypted under the
+ * key of its ASID as a function of its system physical address (SPA).
+ *
+ *   SC_MEM_AES128_XEX  the SEV/SEV-ES engine as reverse-engineered by Wilke et al., "SEVurity"
+ *                      (IEEE S&P 2020): C = AES-128_K(P ^ T(p)) ^ T(p), where T(p) is the XOR over
+ *                      the set bits i >= 4 of the block's SPA p of t[i] repeated four times
+ *                      (spec/sev-firmware.md section 9).
+ *   SC_MEM_AES256_XTS  IEEE 1619 XTS-AES-256, one 4096-byte data unit per page, tweak = SPA >> 12
+ *                      as a 16-byte little-endian number; byte-identical to OpenSSL aes-256-xts.
+ *
+ * Pages are processed in batches (one call per many pages) so that the per-call cost from Python
+ * disappears; src may equal dst (in place), but must not otherwise overlap it.
+ */
+#ifndef SEVCORE_MEMCRYPT_H
+#define SEVCORE_MEMCRYPT_H
+
+#include "sevcore.h"
+
+/* cdef:begin */
+enum {
+    SC_MEM_AES128_XEX = 1,
+    SC_MEM_AES256_XTS = 2,
+    SC_MEM_PAGE_SIZE = 4096,
+    SC_MEM_TWEAK_ENTRIES = 64,
+
+    /* Which implementation a call takes with the current CPU features. */
+    SC_MEM_IMPL_PORTABLE = 0,
+    SC_MEM_IMPL_AESNI = 1,
+    SC_MEM_IMPL_VAES = 2,
+};
+
+typedef struct sc_memcrypt sc_memcrypt;
+
+/* key_len: 16 for XEX, 64 (data key || tweak key) for XTS. tweak_table: 64 entries for XEX
+ * (entries 0-3 are unused: a 16-byte block is the unit), NULL for XTS. */
+int sc_memcrypt_new(int mode, const uint8_t *key, size_t key_len, const uint32_t *tweak_table,
+                    sc_memcrypt **out);
+void sc_memcrypt_free(sc_memcrypt *eng);
+
+/* Encrypt (encrypt != 0) or decrypt the pages of src into dst; both are size bytes, a whole
+ * number of pages. Page i lives at spas[i] (sc_memcrypt_pages) or at spa + i * 4096
+ * (sc_memcrypt_run, a contiguous run of host frames). Every argument is checked before any byte
+ * is written: -EINVAL for a size that is not whole pages or differs between src and dst, a count
+ * mismatch, an unaligned SPA, a run past the 64-bit address space, or src and dst partially
+ * overlapping (src == dst, in place, is fine). */
+int sc_memcrypt_pages(const sc_memcrypt *eng, int encrypt, const uint8_t *src, size_t src_size,
+                      uint8_t *dst, size_t dst_size, const uint64_t *spas, size_t nspas);
+int sc_memcrypt_run(const sc_memcrypt *eng, int encrypt, const uint8_t *src, size_t src_size,
+                    uint8_t *dst, size_t dst_size, uint64_t spa);
+
+int sc_memcrypt_impl(void);
+/* cdef:end */
+
+/* For other C kernels (guest-memory access paths): one page, no argument checks. */
+void sc_memcrypt_page(const sc_memcrypt *eng, int encrypt, const uint8_t *src, uint8_t *dst,
+                      uint64_t spa);
+
+#endif
