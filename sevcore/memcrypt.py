@@ -63,23 +63,24 @@ def _as_tweak_table(tweak_table):
 
 
 def _as_spas(spas):
-    """SPAs as a contiguous uint64 array, refusing negatives, floats and values over 64 bits."""
-    if isinstance(spas, np.ndarray) and spas.dtype == np.uint64:
-        return np.ascontiguousarray(spas).reshape(-1)
-    try:
-        arr = np.asarray(spas)
-    except OverflowError as exc:
-        raise ValueError(f"spas: {exc}") from None
-    if arr.dtype == object:
-        vals = [int(v) for v in arr.reshape(-1)]
-        if any(v < 0 or v > _MAX_SPA for v in vals):
-            raise ValueError("spas must be unsigned 64-bit physical addresses")
-        return np.array(vals, dtype=np.uint64)
-    if arr.size and arr.dtype.kind not in "ui":
-        raise TypeError(f"spas must be integers, not {arr.dtype}")
-    if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
-        raise ValueError("spas must be unsigned 64-bit physical addresses (got a negative)")
-    return np.ascontiguousarray(arr.astype(np.uint64, copy=False)).reshape(-1)
+    """SPAs as a contiguous uint64 array, refusing negatives, non-integers and values over 64 bits."""
+    if isinstance(spas, np.ndarray):
+        if spas.dtype == np.uint64:
+            return np.ascontiguousarray(spas).reshape(-1)
+        if spas.size and spas.dtype.kind not in "ui":
+            raise TypeError(f"spas must be integers, not {spas.dtype}")
+        if spas.dtype.kind == "i" and spas.size and spas.min() < 0:
+            raise ValueError("spas must be unsigned 64-bit physical addresses (got a negative)")
+        return np.ascontiguousarray(spas, dtype=np.uint64).reshape(-1)
+    # A Python sequence: numpy would silently turn a mix of large ints into float64, so convert
+    # element by element as integers.
+    vals = list(spas)
+    for v in vals:
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+            raise TypeError(f"spas must be integers, not {type(v).__name__}")
+        if not 0 <= v <= _MAX_SPA:
+            raise ValueError(f"spas must be unsigned 64-bit physical addresses, got {v:#x}")
+    return np.array(vals, dtype=np.uint64)
 
 
 class MemoryEngine:
@@ -165,7 +166,7 @@ class MemoryEngine:
             return self._pages_threaded(encrypt, data, arr, out, threads)
         try:
             rc, out = _b.memcrypt_pages(self._eng, encrypt, data, out, arr)
-        except TypeError as exc:
+        except (TypeError, BufferError) as exc:
             raise TypeError(f"data and out must be buffers (out writable): {exc}") from None
         if rc:
             _diagnose(rc, data, out, arr, None)
@@ -202,7 +203,7 @@ class MemoryEngine:
             rc, out = _b.memcrypt_run(self._eng, encrypt, data, out, spa)
         except OverflowError:
             raise ValueError(f"spa {spa:#x} is not a 64-bit physical address") from None
-        except TypeError as exc:
+        except (TypeError, BufferError) as exc:
             raise TypeError(f"data and out must be buffers (out writable) and spa an int: "
                             f"{exc}") from None
         if rc:

@@ -14,3 +14,13 @@ def pytest_report_header(config):
     from sevcore import cpu
 
     return f"sevcore C core: detected {sorted(cpu.detected())}, active {sorted(cpu.active())}"
+
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def rng():
+    """A numpy Generator with a fixed seed: tests are reproducible run to run."""
+    return np.random.default_rng(20261121)

@@ -1,0 +1,50 @@
+"""The compiled core as a whole: ABI check at import, CPU feature detection and restriction."""
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import sevcore
+from sevcore import _bindings, cpu
+
+
+def test_abi_version_matches():
+    """The loaded module reports the ABI version the Python package was written for."""
+    assert _bindings.lib.sc_abi_version() == _bindings.ABI_VERSION == _bindings.lib.SC_ABI_VERSION
+
+
+def test_stale_module_is_refused_with_a_clear_message():
+    """If the package expects another ABI version, importing its bindings fails and says why."""
+    src = pathlib.Path(_bindings.__file__).read_text()
+    patched = src.replace("ABI_VERSION = 1\n", "ABI_VERSION = 999\n", 1)
+    assert patched != src
+    code = ("import sevcore._native\n"
+            f"exec(compile({patched!r}, 'sevcore/_bindings.py', 'exec'), {{'__name__': 'x'}})\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=pathlib.Path(sevcore.__file__).parent.parent)
+    assert res.returncode != 0
+    assert "ImportError" in res.stderr and "stale" in res.stderr and "999" in res.stderr
+
+
+def test_restriction_narrows_and_restores():
+    """cpu.restricted(set()) forces the portable paths and restores the previous set after."""
+    before = cpu.active()
+    with cpu.restricted(set()) as active:
+        assert active == set() and cpu.active() == set()
+    assert cpu.active() == before
+    assert cpu.active() <= cpu.detected()
+
+
+def test_restriction_cannot_add_undetected_features():
+    """Asking for every feature yields only what the CPU has."""
+    with cpu.restricted(set(cpu.FEATURES)) as active:
+        assert active == cpu.detected()
+
+
+def test_unknown_feature_name_is_refused():
+    """An unknown feature name raises ValueError and changes nothing."""
+    before = cpu.active()
+    with pytest.raises(ValueError, match="unknown CPU feature"):
+        cpu.restrict({"avx1024"})
+    assert cpu.active() == before
