@@ -345,27 +345,69 @@ struct scan {
     uint64_t resume; /* where to restart when out filled up */
 };
 
+/* Writes the indices of the bits of w (whose bit 0 is index base) from out[0] on and returns
+ * their number; may use up to 64 slots of out as scratch. */
+typedef uint64_t (*word_fn)(uint64_t *out, uint64_t w, uint64_t base);
+
+static inline uint64_t word_indices_portable(uint64_t *out, uint64_t w, uint64_t base)
+{
+    uint64_t n = 0;
+    while (w) {
+        out[n++] = base + (uint64_t)__builtin_ctzll(w);
+        w &= w - 1;
+    }
+    return n;
+}
+
+#ifdef SC_BITMAP_X86
+/* Eight TZCNT/BLSR steps per round, stored whether or not bits remain (TZCNT of zero is 64, so
+ * the spare slots get harmless values that the next word overwrites): the loop then runs
+ * ceil(popcount / 8) times, and at dirty-log densities its exit branch is predictable, where a
+ * bit-at-a-time loop mispredicts once per word. */
+TARGET_SCALAR static inline uint64_t word_indices_bmi(uint64_t *out, uint64_t w, uint64_t base)
+{
+    uint64_t n = (uint64_t)_mm_popcnt_u64(w);
+    while (w) {
+        out[0] = base + _tzcnt_u64(w);
+        w = _blsr_u64(w);
+        out[1] = base + _tzcnt_u64(w);
+        w = _blsr_u64(w);
+        out[2] = base + _tzcnt_u64(w);
+        w = _blsr_u64(w);
+        out[3] = base + _tzcnt_u64(w);
+        w = _blsr_u64(w);
+        out[4] = base + _tzcnt_u64(w);
+        w = _blsr_u64(w);
+        out[5] = base + _tzcnt_u64(w);
+        w = _blsr_u64(w);
+        out[6] = base + _tzcnt_u64(w);
+        w = _blsr_u64(w);
+        out[7] = base + _tzcnt_u64(w);
+        w = _blsr_u64(w);
+        out += 8;
+    }
+    return n;
+}
+#endif
+
 /* Write the bits of w (its word starting at bit base) while they fit; false once out is full,
  * with s->resume at the first bit not written. */
-ALWAYS_INLINE int emit_bits(struct scan *s, uint64_t w, uint64_t base)
+ALWAYS_INLINE int emit_bits(struct scan *s, uint64_t w, uint64_t base, word_fn word)
 {
-    uint64_t *out = s->out, n = s->n;
+    uint64_t n = s->n;
     if (s->cap - n >= 64) {
-        /* Room for a whole word: no per-bit capacity test in the hot loop. */
-        while (w) {
-            out[n++] = base + (uint64_t)__builtin_ctzll(w);
-            w &= w - 1;
+        s->n = n + word(s->out + n, w, base);
+        return 1;
+    }
+    /* Near the end of out: one bit at a time, so nothing is written past cap. */
+    while (w) {
+        if (n == s->cap) {
+            s->n = n;
+            s->resume = base + (uint64_t)__builtin_ctzll(w);
+            return 0;
         }
-    } else {
-        while (w) {
-            if (n == s->cap) {
-                s->n = n;
-                s->resume = base + (uint64_t)__builtin_ctzll(w);
-                return 0;
-            }
-            out[n++] = base + (uint64_t)__builtin_ctzll(w);
-            w &= w - 1;
-        }
+        s->out[n++] = base + (uint64_t)__builtin_ctzll(w);
+        w &= w - 1;
     }
     s->n = n;
     return 1;
@@ -383,7 +425,7 @@ TARGET_AVX512 static int iter_blocks_avx512(struct scan *s, uint64_t *wip, uint6
     uint64_t wi = *wip;
     int ok = 1;
     for (; wi < lw && ((uintptr_t)(map + wi) & 63); wi++)
-        if (map[wi] && !(ok = emit_bits(s, map[wi], wi * 64)))
+        if (map[wi] && !(ok = emit_bits(s, map[wi], wi * 64, word_indices_bmi)))
             goto out;
     for (; wi + 8 <= lw; wi += 8) {
         __m512i v = _mm512_load_si512(map + wi);
@@ -391,7 +433,7 @@ TARGET_AVX512 static int iter_blocks_avx512(struct scan *s, uint64_t *wip, uint6
         while (nz) {
             uint64_t k = wi + (uint64_t)__builtin_ctz(nz);
             nz &= nz - 1;
-            if (!(ok = emit_bits(s, map[k], k * 64)))
+            if (!(ok = emit_bits(s, map[k], k * 64, word_indices_bmi)))
                 goto out;
         }
     }
@@ -402,14 +444,14 @@ out:
 #endif
 
 ALWAYS_INLINE int64_t iter_set_body(struct scan *s, uint64_t *pos, uint64_t end,
-                                    block_fn blocks)
+                                    block_fn blocks, word_fn word)
 {
     const uint64_t *map = s->map;
     uint64_t start = *pos, fw = start / 64, lw = (end - 1) / 64;
     uint64_t w = map[fw] & first_word_mask(start);
     if (fw == lw)
         w &= last_word_mask(end);
-    if (!emit_bits(s, w, fw * 64))
+    if (!emit_bits(s, w, fw * 64, word))
         goto full;
     if (fw == lw)
         goto done;
@@ -417,9 +459,9 @@ ALWAYS_INLINE int64_t iter_set_body(struct scan *s, uint64_t *pos, uint64_t end,
     if (blocks && !blocks(s, &wi, lw))
         goto full;
     for (; wi < lw; wi++)
-        if (map[wi] && !emit_bits(s, map[wi], wi * 64))
+        if (map[wi] && !emit_bits(s, map[wi], wi * 64, word))
             goto full;
-    if (!emit_bits(s, map[lw] & last_word_mask(end), lw * 64))
+    if (!emit_bits(s, map[lw] & last_word_mask(end), lw * 64, word))
         goto full;
 done:
     *pos = end;
@@ -431,18 +473,18 @@ full:
 
 static int64_t iter_set_portable(struct scan *s, uint64_t *pos, uint64_t end)
 {
-    return iter_set_body(s, pos, end, NULL);
+    return iter_set_body(s, pos, end, NULL, word_indices_portable);
 }
 
 #ifdef SC_BITMAP_X86
 TARGET_SCALAR static int64_t iter_set_scalar(struct scan *s, uint64_t *pos, uint64_t end)
 {
-    return iter_set_body(s, pos, end, NULL);
+    return iter_set_body(s, pos, end, NULL, word_indices_bmi);
 }
 
 TARGET_AVX512 static int64_t iter_set_avx512(struct scan *s, uint64_t *pos, uint64_t end)
 {
-    return iter_set_body(s, pos, end, iter_blocks_avx512);
+    return iter_set_body(s, pos, end, iter_blocks_avx512, word_indices_bmi);
 }
 #endif
 
@@ -497,14 +539,15 @@ ALWAYS_INLINE int take_bits(uint64_t *p, uint64_t mask, uint64_t room, uint64_t 
 }
 
 /* Harvest the word wi under mask; false (with s->resume set) if its bits do not fit. */
-ALWAYS_INLINE int harvest_word(struct scan *s, uint64_t wi, uint64_t mask, uint64_t resume)
+ALWAYS_INLINE int harvest_word(struct scan *s, uint64_t wi, uint64_t mask, uint64_t resume,
+                               word_fn word)
 {
     uint64_t got;
     if (!take_bits((uint64_t *)s->map + wi, mask, s->cap - s->n, &got)) {
         s->resume = resume;
         return 0;
     }
-    emit_bits(s, got, wi * 64); /* cannot fill up: take_bits checked the room */
+    emit_bits(s, got, wi * 64, word); /* cannot fill up: take_bits checked the room */
     return 1;
 }
 
@@ -516,7 +559,7 @@ TARGET_AVX512 static int harvest_blocks_avx512(struct scan *s, uint64_t *wip, ui
     int ok = 1;
     for (; wi < lw && ((uintptr_t)(map + wi) & 63); wi++)
         if (__atomic_load_n(map + wi, __ATOMIC_RELAXED) &&
-            !(ok = harvest_word(s, wi, ALL_ONES, wi * 64)))
+            !(ok = harvest_word(s, wi, ALL_ONES, wi * 64, word_indices_bmi)))
             goto out;
     for (; wi + 8 <= lw; wi += 8) {
         __m512i v = _mm512_load_si512(map + wi);
@@ -524,7 +567,7 @@ TARGET_AVX512 static int harvest_blocks_avx512(struct scan *s, uint64_t *wip, ui
         while (nz) {
             uint64_t k = wi + (uint64_t)__builtin_ctz(nz);
             nz &= nz - 1;
-            if (!(ok = harvest_word(s, k, ALL_ONES, k * 64)))
+            if (!(ok = harvest_word(s, k, ALL_ONES, k * 64, word_indices_bmi)))
                 goto out;
         }
     }
@@ -535,14 +578,14 @@ out:
 #endif
 
 ALWAYS_INLINE int64_t harvest_body(struct scan *s, uint64_t *pos, uint64_t end,
-                                   block_fn blocks)
+                                   block_fn blocks, word_fn word)
 {
     uint64_t *map = (uint64_t *)s->map;
     uint64_t start = *pos, fw = start / 64, lw = (end - 1) / 64;
     uint64_t fm = first_word_mask(start);
     if (fw == lw)
         fm &= last_word_mask(end);
-    if (!harvest_word(s, fw, fm, start))
+    if (!harvest_word(s, fw, fm, start, word))
         goto full;
     if (fw == lw)
         goto done;
@@ -554,9 +597,9 @@ ALWAYS_INLINE int64_t harvest_body(struct scan *s, uint64_t *pos, uint64_t end,
         goto full;
     for (; wi < lw; wi++)
         if (__atomic_load_n(map + wi, __ATOMIC_RELAXED) &&
-            !harvest_word(s, wi, ALL_ONES, wi * 64))
+            !harvest_word(s, wi, ALL_ONES, wi * 64, word))
             goto full;
-    if (!harvest_word(s, lw, last_word_mask(end), lw * 64))
+    if (!harvest_word(s, lw, last_word_mask(end), lw * 64, word))
         goto full;
 done:
     *pos = end;
@@ -570,18 +613,18 @@ full:
 
 static int64_t harvest_portable(struct scan *s, uint64_t *pos, uint64_t end)
 {
-    return harvest_body(s, pos, end, NULL);
+    return harvest_body(s, pos, end, NULL, word_indices_portable);
 }
 
 #ifdef SC_BITMAP_X86
 TARGET_SCALAR static int64_t harvest_scalar(struct scan *s, uint64_t *pos, uint64_t end)
 {
-    return harvest_body(s, pos, end, NULL);
+    return harvest_body(s, pos, end, NULL, word_indices_bmi);
 }
 
 TARGET_AVX512 static int64_t harvest_avx512(struct scan *s, uint64_t *pos, uint64_t end)
 {
-    return harvest_body(s, pos, end, harvest_blocks_avx512);
+    return harvest_body(s, pos, end, harvest_blocks_avx512, word_indices_bmi);
 }
 #endif
 

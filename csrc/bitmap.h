@@ -15,6 +15,8 @@
  * Ranges are half open, [start, end). The streaming kernels (iter_set, iter_runs, harvest)
  * take the scan position through *pos, advance it, and return how many items they wrote; a
  * caller loops until *pos == end, so a 2^28-bit bitmap can be walked with a small buffer.
+ * Slots of out past the returned count may be overwritten (the fast paths store eight indices
+ * per step and keep only those that are bits); they never write past cap.
  */
 #ifndef SEVCORE_BITMAP_H
 #define SEVCORE_BITMAP_H
