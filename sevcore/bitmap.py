@@ -219,14 +219,26 @@ class Bitmap:
 
     __iter__ = iter_set
 
-    def set_indices(self, start=0, end=None):
-        """The set bits in ``[start, end)`` as an ascending numpy uint64 array."""
-        start, end = self._range(start, end)
-        return self._collect(_b.bitmap_iter_set, start, end, room=1)
+    def set_indices(self, start=0, end=None, *, out=None):
+        """The set bits in ``[start, end)`` as an ascending numpy uint64 array.
 
-    def _collect(self, fn, pos, end, room):
-        # A count sizes the output; bits set meanwhile by another thread only make it grow.
-        out = np.empty(_b.bitmap_count(self._map, self._nbits, pos, end) + room, dtype=np.uint64)
+        With ``out`` (a uint64 array) the result is a view of it when it has room: reusing one
+        buffer spares allocating, and the kernel faulting in, a fresh result on every call."""
+        start, end = self._range(start, end)
+        return self._collect(_b.bitmap_iter_set, start, end, 1, out)
+
+    def _collect(self, fn, pos, end, room, out):
+        need = _b.bitmap_count(self._map, self._nbits, pos, end) + room
+        if out is not None:
+            if not isinstance(out, np.ndarray) or out.dtype != np.dtype(np.uint64):
+                raise TypeError("out must be a numpy uint64 array")
+            if out.ndim != 1 or not out.flags.c_contiguous or not out.flags.writeable:
+                raise ValueError("out must be one-dimensional, contiguous and writable")
+            if np.may_share_memory(out, self._words):
+                raise ValueError("out must not overlap the bitmap's words")
+        if out is None or out.size < need:
+            out = np.empty(need, dtype=np.uint64)
+        # The count sized the output; bits set meanwhile by another thread only make it grow.
         n = 0
         while True:
             k, pos = fn(self._map, self._nbits, pos, end, out[n:])
@@ -266,13 +278,15 @@ class Bitmap:
         return (np.concatenate(starts or [np.empty(0, np.uint64)]),
                 np.concatenate(lengths or [np.empty(0, np.uint64)]))
 
-    def harvest(self, start=0, end=None):
+    def harvest(self, start=0, end=None, *, out=None):
         """Take and clear the set bits in ``[start, end)``: returns them as an ascending numpy
-        uint64 array. Each word is taken with an atomic exchange, as KVM_GET_DIRTY_LOG does, so a
-        bit set concurrently from C is either returned now or left for the next harvest."""
+        uint64 array (a view of ``out`` when given and large enough, as for set_indices).
+
+        Each word is taken with an atomic exchange, as KVM_GET_DIRTY_LOG does, so a bit set
+        concurrently from C is either returned now or left for the next harvest."""
         start, end = self._range(start, end)
         # 64 spare slots: the C kernel takes a whole word only when all its bits fit.
-        return self._collect(_b.bitmap_harvest, start, end, room=64)
+        return self._collect(_b.bitmap_harvest, start, end, 64, out)
 
     # -- word-wise combinations ------------------------------------------------------------------
 

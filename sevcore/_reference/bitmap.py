@@ -78,7 +78,7 @@ class Bitmap:
     def clear_all(self):
         self.bits.clear()
 
-    def set_indices(self, start=0, end=None):
+    def set_indices(self, start=0, end=None, *, out=None):
         start, end = self._range(start, end)
         return sorted(i for i in self.bits if start <= i < end)
 
@@ -119,7 +119,7 @@ class Bitmap:
     def count_runs(self, start=0, end=None):
         return len(list(self.iter_runs(start, end)))
 
-    def harvest(self, start=0, end=None):
+    def harvest(self, start=0, end=None, *, out=None):
         taken = self.set_indices(start, end)
         self.bits.difference_update(taken)
         return taken

@@ -185,6 +185,41 @@ def test_operators_and_in_place_forms():
     assert a.__and__(5) is NotImplemented
 
 
+def test_out_buffer_is_reused_when_large_enough():
+    """set_indices and harvest with out= return a view of it if it has room, else a new array."""
+    bits = [0, 64, 65, 300]
+    bm = Bitmap.from_indices(400, bits)
+    out = np.full(200, 7, np.uint64)
+    got = bm.set_indices(out=out)
+    assert got.tolist() == bits and np.shares_memory(got, out)
+    small = np.zeros(2, np.uint64)
+    got = bm.set_indices(out=small)
+    assert got.tolist() == bits and not np.shares_memory(got, small)
+    got = bm.harvest(out=out)
+    assert got.tolist() == bits and np.shares_memory(got, out) and bm.count() == 0
+    bm.set_range(0, 100)
+    got = bm.harvest(out=np.zeros(64, np.uint64))  # 100 bits + 64 spare do not fit in 64
+    assert got.tolist() == list(range(100)) and bm.count() == 0
+
+
+@pytest.mark.parametrize("method", ["set_indices", "harvest"])
+@pytest.mark.parametrize("out, exc", [
+    ([0] * 200, TypeError), (np.zeros(200, np.int64), TypeError),
+    (np.zeros((2, 100), np.uint64), ValueError), (np.zeros(400, np.uint64)[::2], ValueError),
+    (np.frombuffer(bytes(1600), np.uint64), ValueError), ("words", ValueError),
+])
+def test_bad_out_buffer_changes_nothing(method, out, exc):
+    """An out that is not a writable contiguous uint64 vector, or that overlaps the words, raises
+    before any bit is taken."""
+    bm = Bitmap.from_indices(640, [1, 2, 639])
+    if isinstance(out, str):
+        out = bm.words[2:]
+    before = bm.words.copy()
+    with pytest.raises(exc):
+        getattr(bm, method)(out=out)
+    assert np.array_equal(bm.words, before)
+
+
 def test_copy_is_independent():
     """copy() yields an equal bitmap whose changes do not affect the original."""
     a = Bitmap.from_indices(70, [0, 69])
