@@ -62,7 +62,7 @@ def test_layout_is_the_kernel_dirty_log_layout():
 
 @pytest.mark.parametrize("nbits", [1, 2, 63, 64, 65, 127, 128, 129, 191, 640, 1000])
 def test_edge_bits_are_found_by_every_kernel(nbits):
-    """Bit 0, bits 63/64, 127/128 and the last bit are set, counted, found, iterated and harvested."""
+    """Bits 0, 63/64, 127/128 and the last bit are counted, found, iterated and harvested."""
     bits = {i for i in (0, 63, 64, 127, 128, nbits - 1) if i < nbits}
     bm, ref = make(nbits, bits)
     assert bm.count() == len(bits) == ref.count()
@@ -319,7 +319,7 @@ def test_bad_arguments_change_nothing(method, args, exc):
 
 @pytest.mark.parametrize("op", ["and_", "or_", "andnot"])
 def test_wordops_reject_mismatched_sizes_and_overlap(op):
-    """Word-wise ops refuse another size, a non-Bitmap, and an out that overlaps a source shifted."""
+    """Word-wise ops refuse another size, a non-Bitmap, and an out overlapping a source shifted."""
     a = Bitmap.from_indices(128, [1, 70])
     b = Bitmap.from_indices(128, [70, 127])
     before = (a.words.copy(), b.words.copy())
@@ -488,7 +488,7 @@ def test_queries_match_reference(case):
 
 @given(bitmap_and_range())
 def test_harvest_matches_reference(case):
-    """harvest(start, end) returns the reference's bits and clears exactly those, keeping tail bits."""
+    """harvest(start, end) returns and clears exactly the reference's bits, keeping tail bits."""
     nbits, bits, tail, start, end = case
     bm, ref = make(nbits, bits, tail)
     last = int(bm.words[-1])
