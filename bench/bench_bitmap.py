@@ -88,7 +88,7 @@ def _restore(words, pristine):
 def test_count_sevcore(benchmark, density):
     pristine, bm, expected = case(density)
     benchmark.group = f"count {density}"
-    got = benchmark.pedantic(bm.count, rounds=FAST * 4, warmup_rounds=2)
+    got = benchmark.pedantic(bm.count, rounds=100, warmup_rounds=3)
     assert got == expected.size
 
 
@@ -103,8 +103,8 @@ def test_count_numpy_bitwise_count(benchmark, density):
 def test_count_read_pass_anchor(benchmark, density):
     pristine, bm, expected = case(density)
     benchmark.group = f"count {density}"
-    got = benchmark.pedantic(_b.bitmap_read_pass, args=(bm.words,), rounds=FAST * 4,
-                             warmup_rounds=2)
+    got = benchmark.pedantic(_b.bitmap_read_pass, args=(bm.words,), rounds=100,
+                             warmup_rounds=3)
     assert got == int(np.bitwise_xor.reduce(bm.words))
 
 
@@ -211,7 +211,7 @@ def test_runs_sevcore(benchmark, density):
 def test_count_runs_sevcore(benchmark, density):
     pristine, bm, expected = case(density)
     benchmark.group = f"runs {density}"
-    got = benchmark.pedantic(bm.count_runs, rounds=FAST * 4, warmup_rounds=2)
+    got = benchmark.pedantic(bm.count_runs, rounds=100, warmup_rounds=3)
     assert got == _expected_runs(expected)[1]
 
 
