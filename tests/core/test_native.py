@@ -17,7 +17,7 @@ def test_abi_version_matches():
 def test_stale_module_is_refused_with_a_clear_message():
     """If the package expects another ABI version, importing its bindings fails and says why."""
     src = pathlib.Path(_bindings.__file__).read_text()
-    patched = src.replace("ABI_VERSION = 1\n", "ABI_VERSION = 999\n", 1)
+    patched = src.replace(f"ABI_VERSION = {_bindings.ABI_VERSION}\n", "ABI_VERSION = 999\n", 1)
     assert patched != src
     code = ("import sevcore._native\n"
             f"exec(compile({patched!r}, 'sevcore/_bindings.py', 'exec'), {{'__name__': 'x'}})\n")
