@@ -33,6 +33,17 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+/* ASan cannot see inside our chunks, so under it free tables are poisoned: a walk into a table
+ * after it was freed is reported instead of reading stale entries. */
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define POISON(p, n) ASAN_POISON_MEMORY_REGION(p, n)
+#define UNPOISON(p, n) ASAN_UNPOISON_MEMORY_REGION(p, n)
+#else
+#define POISON(p, n) ((void)(p), (void)(n))
+#define UNPOISON(p, n) ((void)(p), (void)(n))
+#endif
+
 #define ENTRIES SC_NPT_ENTRIES
 #define TABLE_BYTES ((uintptr_t)SC_NPT_TABLE_BYTES)
 #define CHUNK_BYTES ((uintptr_t)SC_NPT_CHUNK_BYTES)
@@ -141,6 +152,7 @@ static struct chunk *chunk_new(struct sc_npt *npt)
     /* Advice only: with THP off this fails and the chunk simply uses 4 KiB pages. */
     (void)madvise(base, CHUNK_BYTES, MADV_HUGEPAGE);
 #endif
+    POISON(base + TABLE_BYTES, CHUNK_BYTES - TABLE_BYTES);
     struct chunk *c = (struct chunk *)base;
     c->nfree = USABLE_PER_CHUNK;
     memset(c->freemap, 0xff, sizeof(c->freemap));
@@ -162,6 +174,7 @@ static void chunk_release(struct sc_npt *npt, struct chunk *c)
         npt->idle_chunks--;
     npt->free_tables -= c->nfree;
     npt->nchunks--;
+    UNPOISON(c, CHUNK_BYTES);
     munmap(c, CHUNK_BYTES);
 }
 
@@ -204,6 +217,7 @@ static union sc_npt_table *table_alloc(struct sc_npt *npt, int level)
 
     /* A recycled table holds whatever it held when freed (see zap_walk), so always initialise. */
     union sc_npt_table *t = (union sc_npt_table *)((char *)c + slot * TABLE_BYTES);
+    UNPOISON(t, TABLE_BYTES);
     if (level == 0) {
         memset(t, 0, sizeof(*t));
     } else {
@@ -217,6 +231,7 @@ static void table_free(struct sc_npt *npt, union sc_npt_table *t)
 {
     struct chunk *c = chunk_of(t);
     unsigned slot = table_slot(t);
+    POISON(t, TABLE_BYTES);
     c->freemap[slot / 64] |= 1ull << (slot % 64);
     if (c->nfree++ == 0)
         list_add(&npt->partial, &c->plink);
