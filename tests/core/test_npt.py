@@ -158,6 +158,21 @@ def test_lookup_batch_shapes_misses_and_flags(npt):
     assert npt.lookup_batch([]).shape == (0,)
 
 
+def test_lookup_batch_agrees_with_single_lookups_across_many_blocks(npt):
+    """A batch of thousands of mixed hits and misses, in random and sequential order, agrees with lookup()."""
+    npt.map(0, 7, NPT_WRITABLE, npages=3000)
+    npt.map(512**2 - 100, 9000, NPT_PRIVATE, npages=200)
+    npt.map(2**35, 1, NPT_DIRTY, npages=64)
+    rng = np.random.default_rng(7)
+    spots = np.array([0, 512**2 - 100, 2**35], dtype=np.uint64)
+    for gfns in (rng.choice(spots, 4099) + rng.integers(0, 4000, 4099, dtype=np.uint64),
+                 np.arange(2**35 - 1000, 2**35 + 3001, dtype=np.uint64)):
+        pfns, flags = npt.lookup_batch(gfns, with_flags=True)
+        want = [npt.lookup(g) or (Npt.MISS, 0) for g in gfns.tolist()]
+        assert list(zip(pfns.tolist(), flags.tolist())) == want
+        assert (pfns != Npt.MISS).sum() not in (0, gfns.size)
+
+
 def test_lookup_batch_fills_given_out_arrays(npt):
     """lookup_batch writes into caller-provided out arrays and returns them."""
     npt.map(0, 5, 0, npages=4)
