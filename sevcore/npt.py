@@ -11,6 +11,7 @@ zaps a range (:meth:`Npt.zap_range`), and dirty logging write-protects one
 ...     npt.map(0x100, 0x8000, NPT_WRITABLE, npages=4)
 ...     npt.lookup(0x102)                     # (0x8002, NPT_PRESENT | NPT_WRITABLE)
 """
+import errno
 import operator
 import threading
 
@@ -33,7 +34,6 @@ PFN_LIMIT = 1 << _b.NPT_PFN_BITS
 
 _PFN_SHIFT = _b.NPT_PFN_SHIFT
 _ENTRY_FLAGS = (1 << _PFN_SHIFT) - 1
-_EINVAL = 22
 
 
 def _int(value, what):
@@ -84,8 +84,8 @@ class Npt:
     ITER_CHUNK = 4096
 
     def __init__(self, limit_bytes=None):
-        """An empty table. ``limit_bytes`` caps the table memory (default: physical RAM); a map
-        needing more raises ``OSError(ENOMEM)`` and changes nothing."""
+        """An empty table. ``limit_bytes`` caps the table memory, in whole 2 MiB chunks (default:
+        physical RAM); a map needing more raises ``OSError(ENOMEM)`` and changes nothing."""
         if limit_bytes is not None:
             limit_bytes = _int(limit_bytes, "limit_bytes")
             if limit_bytes < 0:
@@ -186,7 +186,7 @@ class Npt:
                 _b.npt_lookup_batch(npt, g.reshape(-1), pfns.reshape(-1),
                                     None if flags is None else flags.reshape(-1))
             except OSError as exc:
-                if exc.errno == _EINVAL:
+                if exc.errno == errno.EINVAL:
                     raise ValueError(f"gfns must be in [0, {GFN_LIMIT:#x})") from None
                 raise
         return (pfns, flags) if with_flags else pfns

@@ -288,6 +288,12 @@ def test_out_of_memory_map_changes_nothing():
         assert snapshot(table) == before and table.reserved_bytes == reserved
         table.map(0, 100, NPT_PRIVATE, npages=512 * 500)
         assert len(table) == 512 * 500
+    with Npt() as table:                              # needs 512 GiB of tables: fails at once
+        table.map(5, 5, NPT_WRITABLE)
+        with pytest.raises(OSError) as exc:
+            table.map(0, 0, NPT_WRITABLE, npages=GFN_LIMIT)
+        assert exc.value.errno == errno.ENOMEM
+        assert list(table) == [(5, 5, NPT_PRESENT | NPT_WRITABLE)] and table.table_bytes == 4 * TABLE
     with Npt(limit_bytes=0) as table:
         with pytest.raises(OSError) as exc:
             table.map(0, 0, 0)
