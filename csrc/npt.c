@@ -56,7 +56,7 @@ _Static_assert(sizeof(union sc_npt_table) == SC_NPT_TABLE_BYTES, "a table is one
 _Static_assert(SC_NPT_LEVELS * 9 == SC_NPT_GFN_BITS, "four 9-bit levels cover the gfn");
 _Static_assert((uint64_t)SC_NPT_MISS == UINT64_MAX, "no entry or pfn can be all ones");
 
-/* --- The shared all-absent tables --------------------------------------------------------- */
+/* --- The shared all-absent tables ------------------------------------------------------------- */
 
 /* Absent children point at these instead of NULL (see npt.h). They are const, so they land in
  * read-only memory and a stray write to one faults at once instead of corrupting every walk. */
@@ -87,7 +87,7 @@ static inline unsigned entry_index(uint64_t gfn, int level)
     return (unsigned)(gfn >> (9 * level)) & (ENTRIES - 1);
 }
 
-/* --- Chunks --------------------------------------------------------------------------------- */
+/* --- Chunks ----------------------------------------------------------------------------------- */
 
 struct chunk {
     struct sc_npt_list link;    /* in npt->chunks */
@@ -287,7 +287,7 @@ int sc_npt_set_limit(struct sc_npt *npt, uint64_t limit_bytes)
     return 0;
 }
 
-/* --- Argument checks ------------------------------------------------------------------------ */
+/* --- Argument checks -------------------------------------------------------------------------- */
 
 static bool range_ok(uint64_t gfn, uint64_t npages)
 {
@@ -296,7 +296,7 @@ static bool range_ok(uint64_t gfn, uint64_t npages)
 
 static bool flags_ok(uint64_t flags) { return (flags & ~(uint64_t)SC_NPT_FLAGS_MASK) == 0; }
 
-/* --- Map ----------------------------------------------------------------------------------- */
+/* --- Map -------------------------------------------------------------------------------------- */
 
 /* How many tables a subtree at `level` that does not exist yet needs to cover [start, end):
  * one per distinct index prefix at each level from `level` down to the leaves. */
@@ -381,7 +381,7 @@ int64_t sc_npt_map(struct sc_npt *npt, uint64_t gfn, uint64_t pfn, uint64_t flag
     return (int64_t)added;
 }
 
-/* --- Zap and protect ------------------------------------------------------------------------- */
+/* --- Zap and protect -------------------------------------------------------------------------- */
 
 struct zap_filter {
     uint64_t match, exclude;
@@ -497,7 +497,7 @@ int64_t sc_npt_protect_range(struct sc_npt *npt, uint64_t gfn, uint64_t npages,
     return (int64_t)protect_walk(npt->root, top, gfn, gfn + npages, clear_flags, set_flags);
 }
 
-/* --- Lookups ----------------------------------------------------------------------------------- */
+/* --- Lookups ---------------------------------------------------------------------------------- */
 
 int sc_npt_lookup(const struct sc_npt *npt, uint64_t gfn, uint64_t *out_entry)
 {

@@ -31,6 +31,7 @@ enum {
     SC_NPT_PRIVATE = 1 << 9,
     /* Write-tracked for dirty logging: a guest write through this entry must be reported. */
     SC_NPT_DIRTY_LOG = 1 << 10,
+    /* On one line: csrc/build_native.py rewrites enum values to `...` a line at a time. */
     SC_NPT_FLAGS_MASK = SC_NPT_PRESENT | SC_NPT_WRITABLE | SC_NPT_ACCESSED | SC_NPT_DIRTY | SC_NPT_PRIVATE | SC_NPT_DIRTY_LOG,
 
     SC_NPT_PFN_SHIFT = 12,
@@ -79,7 +80,8 @@ int64_t sc_npt_protect_range(struct sc_npt *npt, uint64_t gfn, uint64_t npages,
 /* The entry for gfn in *out_entry (0 if absent). Returns 1 if present, 0 if not; -EINVAL. */
 int sc_npt_lookup(const struct sc_npt *npt, uint64_t gfn, uint64_t *out_entry);
 /* out_pfns[i] = pfn of gfns[i] or SC_NPT_MISS; out_flags[i] = its flags or 0 (out_flags may be
- * NULL). Returns the number of hits; -EINVAL if any gfn is out of range (outputs then undefined). */
+ * NULL). Returns the number of hits; -EINVAL if any gfn is out of range (outputs then
+ * undefined). */
 int64_t sc_npt_lookup_batch(const struct sc_npt *npt, const uint64_t *gfns, uint64_t *out_pfns,
                             uint64_t *out_flags, uint64_t n);
 /* Present entries in gfn order from start_gfn up to (not including) end_gfn, at most cap of them,

@@ -41,13 +41,15 @@ def tables_for(gfns):
     return sum(np.unique(gfns >> np.uint64(s)).size for s in (9, 18, 27)) + 1
 
 
-# --- known cases ---------------------------------------------------------------------------------
+# --- known cases ----------------------------------------------------------------------------------
 
 
 def test_flags_are_distinct_bits_taken_from_the_c_core():
-    """The NPT_* flags are distinct single bits equal to the compiled enum, and the mask is their union."""
+    """The NPT_* flags are distinct single bits equal to the compiled enum, and the mask is their
+    union."""
     assert [NPT_PRESENT, NPT_WRITABLE, NPT_ACCESSED, NPT_DIRTY, NPT_PRIVATE, NPT_DIRTY_LOG] == [
-        _b.NPT_FLAGS[k] for k in ("PRESENT", "WRITABLE", "ACCESSED", "DIRTY", "PRIVATE", "DIRTY_LOG")]
+        _b.NPT_FLAGS[k]
+        for k in ("PRESENT", "WRITABLE", "ACCESSED", "DIRTY", "PRIVATE", "DIRTY_LOG")]
     for f in FLAGS:
         assert f & (f - 1) == 0 and 0 < f < 1 << _b.NPT_PFN_SHIFT
     assert len(set(FLAGS)) == len(FLAGS)
@@ -70,7 +72,8 @@ def test_new_table_is_empty_and_uses_no_table_memory(npt):
 @pytest.mark.parametrize("gfn", [0, 511, 512, 512**2 - 1, 512**2, 512**3 - 1, 512**3,
                                  GFN_LIMIT - 1])
 def test_single_mapping_at_table_boundaries(npt, gfn):
-    """One mapping at a table boundary is found, its neighbours are not, and it costs one table per level."""
+    """One mapping at a table boundary is found, its neighbours are not, and it costs one table
+    per level."""
     npt.map(gfn, 0xABCDE, NPT_WRITABLE)
     assert npt.lookup(gfn) == (0xABCDE, NPT_PRESENT | NPT_WRITABLE)
     for other in (gfn - 1, gfn + 1):
@@ -92,7 +95,8 @@ def test_run_crossing_a_table_boundary(npt, boundary):
     assert npt.lookup_batch(gfns).tolist() == ref.lookup_batch(gfns).tolist()
     assert [npt.lookup(boundary + i - 3) for i in range(7)] == [
         (1000 + i, NPT_PRESENT | NPT_PRIVATE) for i in range(7)]
-    assert npt.table_bytes == ref.table_bytes == tables_for(range(boundary - 3, boundary + 4)) * TABLE
+    expected = tables_for(range(boundary - 3, boundary + 4)) * TABLE
+    assert npt.table_bytes == ref.table_bytes == expected
     assert npt.unmap(boundary - 1, 2) == 2
     assert npt.count() == 5 and npt.lookup(boundary) is None
 
@@ -146,7 +150,8 @@ def test_unmap_counts_removed_entries_and_frees_tables(npt):
 
 
 def test_lookup_batch_shapes_misses_and_flags(npt):
-    """lookup_batch keeps the input shape, gives MISS and flags 0 for unmapped gfns, and accepts int lists."""
+    """lookup_batch keeps the input shape, gives MISS and flags 0 for unmapped gfns, and accepts
+    int lists."""
     npt.map(10, 77, NPT_WRITABLE, npages=3)
     gfns = np.array([[9, 10], [11, 12]], dtype=np.int64)
     pfns, flags = npt.lookup_batch(gfns, with_flags=True)
@@ -159,7 +164,8 @@ def test_lookup_batch_shapes_misses_and_flags(npt):
 
 
 def test_lookup_batch_agrees_with_single_lookups_across_many_blocks(npt):
-    """A batch of thousands of mixed hits and misses, in random and sequential order, agrees with lookup()."""
+    """A batch of thousands of mixed hits and misses, in random and sequential order, agrees with
+    lookup()."""
     npt.map(0, 7, NPT_WRITABLE, npages=3000)
     npt.map(512**2 - 100, 9000, NPT_PRIVATE, npages=200)
     npt.map(2**35, 1, NPT_DIRTY, npages=64)
@@ -197,7 +203,8 @@ def test_lookup_batch_fills_given_out_arrays(npt):
     ([2**70], ValueError),
 ])
 def test_lookup_batch_rejects_bad_gfns(npt, gfns, exc):
-    """lookup_batch raises for non-integer, negative or out-of-range gfns and leaves the table alone."""
+    """lookup_batch raises for non-integer, negative or out-of-range gfns and leaves the table
+    alone."""
     npt.map(3, 3, 0)
     with pytest.raises(exc):
         npt.lookup_batch(gfns)
@@ -245,7 +252,8 @@ def test_items_selects_a_gfn_range(npt):
 
 
 def test_close_frees_and_disables_the_table():
-    """close() and the context manager free the table; later calls raise ValueError; closing twice is fine."""
+    """close() and the context manager free the table; later calls raise ValueError; closing
+    twice is fine."""
     with Npt() as table:
         table.map(0, 0, 0)
     assert table.closed and repr(table) == "<Npt closed>"
@@ -293,7 +301,8 @@ def test_out_of_memory_map_changes_nothing():
         with pytest.raises(OSError) as exc:
             table.map(0, 0, NPT_WRITABLE, npages=GFN_LIMIT)
         assert exc.value.errno == errno.ENOMEM
-        assert list(table) == [(5, 5, NPT_PRESENT | NPT_WRITABLE)] and table.table_bytes == 4 * TABLE
+        assert list(table) == [(5, 5, NPT_PRESENT | NPT_WRITABLE)]
+        assert table.table_bytes == 4 * TABLE
     with Npt(limit_bytes=0) as table:
         with pytest.raises(OSError) as exc:
             table.map(0, 0, 0)
@@ -332,7 +341,8 @@ BAD_CALLS = [
 @pytest.mark.parametrize("impl", [Npt, RefNpt])
 @pytest.mark.parametrize("method, args, exc", BAD_CALLS)
 def test_bad_arguments_raise_before_any_change(impl, method, args, exc):
-    """Out-of-range gfns, pfns and npages, unknown flag bits and non-ints raise and change nothing."""
+    """Out-of-range gfns, pfns and npages, unknown flag bits and non-ints raise and change
+    nothing."""
     with impl() as table:
         table.map(510, 10, NPT_WRITABLE, npages=4)
         before = (list(table), table.table_bytes)
@@ -372,7 +382,8 @@ def test_c_core_rejects_bad_arguments_with_einval(func, args):
 
 
 def test_c_core_rejects_null_tables_and_bad_iteration_bounds():
-    """The C functions answer a NULL table or an end gfn past 2**36 with -EINVAL instead of crashing."""
+    """The C functions answer a NULL table or an end gfn past 2**36 with -EINVAL instead of
+    crashing."""
     buf = np.zeros(4, np.uint64)
     for call in (lambda: _b.npt_count(_b.ffi.NULL), lambda: _b.npt_stats(_b.ffi.NULL),
                  lambda: _b.npt_map(_b.ffi.NULL, 0, 0, 0, 1),
@@ -395,7 +406,8 @@ FULL_64G_TABLES = GUEST_64G // 512 + GUEST_64G // 512**2 + 1 + 1
 
 
 def test_one_percent_of_a_64_gib_guest_in_scattered_runs_costs_one_percent_of_the_tables(npt):
-    """Mapping 1% of a 64 GiB guest's pages as scattered 2 MiB runs costs about 1% of a full map's tables."""
+    """Mapping 1% of a 64 GiB guest's pages as scattered 2 MiB runs costs about 1% of a full map's
+    tables."""
     rng = np.random.default_rng(64)
     runs = rng.choice(GUEST_64G // 512, size=GUEST_64G // 512 // 100, replace=False)
     for run in runs.tolist():
@@ -409,7 +421,8 @@ def test_one_percent_of_a_64_gib_guest_in_scattered_runs_costs_one_percent_of_th
 
 
 def test_scattered_single_pages_cost_exactly_the_tables_they_touch(npt):
-    """Mapping 1% of a 64 GiB guest's pages one by one at random costs exactly one table per touched prefix."""
+    """Mapping 1% of a 64 GiB guest's pages one by one at random costs exactly one table per
+    touched prefix."""
     rng = np.random.default_rng(65)
     gfns = rng.choice(GUEST_64G, size=GUEST_64G // 100, replace=False)
     for g in gfns.tolist():
@@ -421,7 +434,8 @@ def test_scattered_single_pages_cost_exactly_the_tables_they_touch(npt):
 
 
 def test_sparse_zap_over_a_huge_range_touches_only_what_is_mapped(npt):
-    """Zapping 1 TiB and then the whole 256 TiB space with a few entries removes exactly those entries."""
+    """Zapping 1 TiB and then the whole 256 TiB space with a few entries removes exactly those
+    entries."""
     inside = [0, 511, 512**3 - 1, (1 << 28) - 1]
     outside = [1 << 28, 2**35, GFN_LIMIT - 1]
     for g in inside + outside:
@@ -433,7 +447,7 @@ def test_sparse_zap_over_a_huge_range_touches_only_what_is_mapped(npt):
     assert len(npt) == 0 and npt.table_bytes == 0
 
 
-# --- differential: C against the dict reference ----------------------------------------------------
+# --- differential: C against the dict reference ---------------------------------------------------
 
 ANCHORS = [0, 512, 512**2, 512**3, GFN_LIMIT - 2048]
 flag_sets = st.integers(0, NPT_FLAGS_MASK).map(lambda f: f & NPT_FLAGS_MASK)
@@ -464,7 +478,8 @@ def operations(draw):
 
 @given(ops=st.lists(operations(), max_size=25), probes=st.lists(gfn_ranges(4), max_size=20))
 def test_matches_the_reference_on_random_operations(ops, probes):
-    """Any sequence of maps, unmaps, zaps and protects gives the same results and contents as the dict reference."""
+    """Any sequence of maps, unmaps, zaps and protects gives the same results and contents as the
+    dict reference."""
     ref = RefNpt()
     with Npt() as table:
         for kind, args in ops:
