@@ -149,7 +149,7 @@ static struct chunk *chunk_new(struct sc_npt *npt)
     if (raw + len > base + CHUNK_BYTES)
         munmap(base + CHUNK_BYTES, (size_t)(raw + len - (base + CHUNK_BYTES)));
 #ifdef MADV_HUGEPAGE
-    /* Advice only: with THP off this fails and the chunk simply uses 4 KiB pages. */
+    /* Advice only: where THP is unavailable or refused, the chunk simply uses 4 KiB pages. */
     (void)madvise(base, CHUNK_BYTES, MADV_HUGEPAGE);
 #endif
     POISON(base + TABLE_BYTES, CHUNK_BYTES - TABLE_BYTES);
