@@ -80,11 +80,18 @@ static inline bool absent(const union sc_npt_table *t, int level)
     return t == empty_table[level];
 }
 
-/* gfns covered by one entry of a table at `level`, and the entry's index. */
-static inline uint64_t entry_span(int level) { return 1ull << (9 * level); }
+/* The index of gfn's entry in a table at `level`. */
 static inline unsigned entry_index(uint64_t gfn, int level)
 {
     return (unsigned)(gfn >> (9 * level)) & (ENTRIES - 1);
+}
+
+/* Where the piece of [lo, end) under lo's entry at `level` ends: the range walks below visit a
+ * table's entries as for (lo = start; lo < end; lo = hi) { hi = piece_end(lo, end, level); }. */
+static inline uint64_t piece_end(uint64_t lo, uint64_t end, int level)
+{
+    uint64_t hi = (lo | ((1ull << (9 * level)) - 1)) + 1;
+    return hi < end ? hi : end;
 }
 
 /* --- Chunks ----------------------------------------------------------------------------------- */
@@ -313,17 +320,14 @@ static uint64_t tables_for_absent(int level, uint64_t start, uint64_t end)
 /* How many tables mapping [start, end) adds below the real table t at `level` (>= 1). */
 static uint64_t tables_needed(const union sc_npt_table *t, int level, uint64_t start, uint64_t end)
 {
-    uint64_t n = 0, span = entry_span(level);
-    for (uint64_t lo = start; lo < end;) {
-        uint64_t hi = (lo | (span - 1)) + 1;
-        if (hi > end)
-            hi = end;
+    uint64_t n = 0;
+    for (uint64_t lo = start, hi; lo < end; lo = hi) {
+        hi = piece_end(lo, end, level);
         const union sc_npt_table *child = t->child[entry_index(lo, level)];
         if (absent(child, level - 1))
             n += tables_for_absent(level - 1, lo, hi);
         else if (level > 1)
             n += tables_needed(child, level - 1, lo, hi);
-        lo = hi;
     }
     return n;
 }
@@ -343,18 +347,14 @@ static uint64_t map_fill(struct sc_npt *npt, union sc_npt_table *t, int level, u
         *count_of(t) += (uint16_t)added;
         return added;
     }
-    uint64_t span = entry_span(level);
-    for (uint64_t lo = start; lo < end;) {
-        uint64_t hi = (lo | (span - 1)) + 1;
-        if (hi > end)
-            hi = end;
+    for (uint64_t lo = start, hi; lo < end; lo = hi) {
+        hi = piece_end(lo, end, level);
         union sc_npt_table **slot = &t->child[entry_index(lo, level)];
         if (absent(*slot, level - 1)) {
             *slot = table_alloc(npt, level - 1);
             *count_of(t) += 1;
         }
         added += map_fill(npt, *slot, level - 1, lo, hi, delta, flags);
-        lo = hi;
     }
     return added;
 }
@@ -412,11 +412,8 @@ static uint64_t zap_walk(struct sc_npt *npt, union sc_npt_table *t, int level, u
         *count -= (uint16_t)removed;
         return removed;
     }
-    uint64_t span = entry_span(level);
-    for (uint64_t lo = start; lo < end;) {
-        uint64_t hi = (lo | (span - 1)) + 1;
-        if (hi > end)
-            hi = end;
+    for (uint64_t lo = start, hi; lo < end; lo = hi) {
+        hi = piece_end(lo, end, level);
         union sc_npt_table **slot = &t->child[entry_index(lo, level)];
         if (!absent(*slot, level - 1)) {
             removed += zap_walk(npt, *slot, level - 1, lo, hi, f);
@@ -426,7 +423,6 @@ static uint64_t zap_walk(struct sc_npt *npt, union sc_npt_table *t, int level, u
                 *count -= 1;
             }
         }
-        lo = hi;
     }
     return removed;
 }
@@ -471,15 +467,11 @@ static uint64_t protect_walk(union sc_npt_table *t, int level, uint64_t start, u
         }
         return changed;
     }
-    uint64_t span = entry_span(level);
-    for (uint64_t lo = start; lo < end;) {
-        uint64_t hi = (lo | (span - 1)) + 1;
-        if (hi > end)
-            hi = end;
+    for (uint64_t lo = start, hi; lo < end; lo = hi) {
+        hi = piece_end(lo, end, level);
         union sc_npt_table *child = t->child[entry_index(lo, level)];
         if (!absent(child, level - 1))
             changed += protect_walk(child, level - 1, lo, hi, clear, set);
-        lo = hi;
     }
     return changed;
 }
@@ -601,15 +593,11 @@ static bool collect_walk(const union sc_npt_table *t, int level, uint64_t start,
         }
         return true;
     }
-    uint64_t span = entry_span(level);
-    for (uint64_t lo = start; lo < end;) {
-        uint64_t hi = (lo | (span - 1)) + 1;
-        if (hi > end)
-            hi = end;
+    for (uint64_t lo = start, hi; lo < end; lo = hi) {
+        hi = piece_end(lo, end, level);
         const union sc_npt_table *child = t->child[entry_index(lo, level)];
         if (!absent(child, level - 1) && !collect_walk(child, level - 1, lo, hi, out))
             return false;
-        lo = hi;
     }
     return true;
 }
