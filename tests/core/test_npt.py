@@ -179,6 +179,15 @@ def test_lookup_batch_agrees_with_single_lookups_across_many_blocks(npt):
         assert (pfns != Npt.MISS).sum() not in (0, gfns.size)
 
 
+def test_lookup_batch_of_a_nearly_sequential_run_looks_up_every_gfn(npt):
+    """A sequential batch with a few gfns out of step gets those gfns' own pfns, not the run's."""
+    npt.map(0, 100, 0, npages=4096)
+    for pos in (0, 5, 63, 64, 200, 4000):
+        gfns = np.arange(4096, dtype=np.uint64)
+        gfns[pos] = 4095 - pos
+        assert npt.lookup_batch(gfns).tolist() == (gfns + np.uint64(100)).tolist()
+
+
 def test_lookup_batch_fills_given_out_arrays(npt):
     """lookup_batch writes into caller-provided out arrays and returns them."""
     npt.map(0, 5, 0, npages=4)
@@ -201,6 +210,7 @@ def test_lookup_batch_fills_given_out_arrays(npt):
     (np.array([-1], dtype=np.int8), ValueError),
     (np.array([GFN_LIMIT], dtype=np.uint64), ValueError),
     ([2**70], ValueError),
+    (np.arange(GFN_LIMIT - 100, GFN_LIMIT + 1, dtype=np.uint64), ValueError),
 ])
 def test_lookup_batch_rejects_bad_gfns(npt, gfns, exc):
     """lookup_batch raises for non-integer, negative or out-of-range gfns and leaves the table
