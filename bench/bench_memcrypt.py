@@ -161,6 +161,16 @@ def test_sevcore_xex_dram_threads(benchmark, rng, threads):
                        rounds=7, iterations=1, warmup_rounds=1)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.benchmark(group="xex-128 8 MiB in place (cache-resident), threads")
+def test_sevcore_xex_cached_threads(benchmark, rng, threads):
+    data, spas = pages(rng, 2048)
+    eng = MemoryEngine(AES128_XEX, KEY16)
+    per_item(benchmark, 2048, "pages")
+    benchmark.pedantic(eng.encrypt_pages, (data, spas, data), {"threads": threads},
+                       rounds=50, iterations=1, warmup_rounds=2)
+
+
 # --- one page per call: Python overhead above the C time ---------------------------------------------
 
 @pytest.mark.benchmark(group="one page per call (xex-128)")

@@ -22,6 +22,7 @@ Modes (see ``docs/fidelity.md`` and ``spec/sev-firmware.md`` section 9):
 """
 import concurrent.futures
 import errno
+import itertools
 import os
 import threading
 
@@ -147,11 +148,23 @@ class MemoryEngine:
 
     def encrypt_run(self, data, spa, out=None):
         """Encrypt pages at the consecutive SPAs ``spa, spa + 4096, ...``; returns ``out``."""
-        return self._run(1, data, spa, out)
+        try:
+            rc, out = _b.memcrypt_run(self._eng, 1, data, out, spa)
+        except (TypeError, BufferError, OverflowError) as exc:
+            self._run_error(exc, spa)
+        if rc:
+            _diagnose(rc, data, out, None, spa)
+        return out
 
     def decrypt_run(self, data, spa, out=None):
         """Decrypt pages at the consecutive SPAs ``spa, spa + 4096, ...``; returns ``out``."""
-        return self._run(0, data, spa, out)
+        try:
+            rc, out = _b.memcrypt_run(self._eng, 0, data, out, spa)
+        except (TypeError, BufferError, OverflowError) as exc:
+            self._run_error(exc, spa)
+        if rc:
+            _diagnose(rc, data, out, None, spa)
+        return out
 
     encrypt_page = encrypt_run
     decrypt_page = decrypt_run
@@ -196,27 +209,35 @@ class MemoryEngine:
                 _diagnose(rc, data, out, arr, None)
         return out
 
-    def _run(self, encrypt, data, spa, out):
+    def _run_error(self, exc, spa):
+        # The fast path lets cffi reject bad arguments; this names what was wrong.
         if self._eng is None:
-            raise ValueError("MemoryEngine is closed")
-        try:
-            rc, out = _b.memcrypt_run(self._eng, encrypt, data, out, spa)
-        except OverflowError:
+            raise ValueError("MemoryEngine is closed") from None
+        if isinstance(exc, OverflowError):
             raise ValueError(f"spa {spa:#x} is not a 64-bit physical address") from None
-        except (TypeError, BufferError) as exc:
-            raise TypeError(f"data and out must be buffers (out writable) and spa an int: "
-                            f"{exc}") from None
-        if rc:
-            _diagnose(rc, data, out, None, spa)
-        return out
+        raise TypeError(f"data and out must be buffers (out writable) and spa an int: "
+                        f"{exc}") from None
 
     @classmethod
     def _executor(cls):
         with cls._pool_lock:
             if cls._pool is None:
+                cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
                 cls._pool = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=os.cpu_count() or 2, thread_name_prefix="sevcore-memcrypt")
+                    max_workers=max(len(cpus), 1), thread_name_prefix="sevcore-memcrypt",
+                    initializer=_pin_worker, initargs=(cpus, itertools.count()))
             return cls._pool
+
+
+def _pin_worker(cpus, counter):
+    """Pin each pool thread to its own CPU of the process's allowed set. Unpinned, the scheduler
+    was seen to keep both workers of a short batch on one core for milliseconds at a time (1.4x
+    instead of 1.9x on two cores)."""
+    if cpus:
+        try:
+            os.sched_setaffinity(0, {cpus[next(counter) % len(cpus)]})
+        except OSError:
+            pass
 
 
 def _diagnose(rc, data, out, spas, spa):
