@@ -1,0 +1,106 @@
+"""Host physical memory: 4 KiB frames addressed by system physical address (SPA).
+
+The frames live in one anonymous mapping reserved with MAP_NORESERVE, so a host of hundreds of GiB
+costs only the frames that are touched. A frame is zero when it is allocated (fresh from the kernel,
+or released with MADV_DONTNEED when it was freed), as the kernel's page allocator hands out zeroed
+pages to user space and guest_memfd. What a frame holds is what the memory bus holds: plaintext for
+host and shared pages, ciphertext for pages written through an SEV key.
+"""
+import errno
+import mmap
+import sys
+import threading
+
+import numpy as np
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+#: Frames below 1 MiB are never handed out (real hosts keep them for firmware and the kernel).
+FIRST_PFN = 0x100
+DEFAULT_SIZE = 1 << 40
+# Python < 3.12's mmap module does not export MAP_NORESERVE; without it the kernel's overcommit
+# heuristic refuses a reservation larger than RAM. 0x4000 is its value on Linux (asm-generic/mman.h).
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
+
+
+class HostMemory:
+    """The frames of one simulated host, with a page allocator."""
+
+    def __init__(self, size=DEFAULT_SIZE):
+        if not isinstance(size, int) or size <= FIRST_PFN * PAGE_SIZE or size % PAGE_SIZE:
+            raise ValueError(f"host memory size must be a page multiple above 1 MiB, got {size!r}")
+        self.size = size
+        self.nframes = size >> PAGE_SHIFT
+        self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+                             | MAP_NORESERVE)
+        #: The whole physical address space as bytes; ``frames[spa:spa + n]`` is what the bus holds.
+        self.frames = np.frombuffer(self._mm, dtype=np.uint8)
+        self._lock = threading.Lock()
+        self._next = FIRST_PFN
+        self._free = []          # freed pfns, reused before the bump pointer moves on
+        self.allocated = 0       # frames currently handed out
+
+    # -- allocation -------------------------------------------------------------------------------
+
+    def alloc(self, n=1):
+        """Allocate ``n`` zeroed frames; returns their pfns (uint64 array, ascending runs)."""
+        if not isinstance(n, (int, np.integer)) or n < 0:
+            raise ValueError(f"frame count must be a non-negative int, got {n!r}")
+        n = int(n)
+        with self._lock:
+            reuse = min(n, len(self._free))
+            fresh = n - reuse
+            if self._next + fresh > self.nframes:
+                raise OSError(errno.ENOMEM, f"host memory exhausted: {n} frames requested, "
+                                            f"{self.nframes - self._next + len(self._free)} free")
+            out = np.empty(n, dtype=np.uint64)
+            if reuse:
+                out[:reuse] = self._free[-reuse:]
+                del self._free[-reuse:]
+            out[reuse:] = np.arange(self._next, self._next + fresh, dtype=np.uint64)
+            self._next += fresh
+            self.allocated += n
+        return out
+
+    def free(self, pfns):
+        """Return frames to the allocator; their memory goes back to the OS (MADV_DONTNEED)."""
+        pfns = np.unique(np.asarray(pfns, dtype=np.uint64))
+        if pfns.size == 0:
+            return
+        if int(pfns[0]) < FIRST_PFN or int(pfns[-1]) >= self._next:
+            raise ValueError("free() of a frame that was never allocated")
+        # One madvise per contiguous run.
+        breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
+        for run in np.split(pfns, breaks):
+            self._mm.madvise(mmap.MADV_DONTNEED, int(run[0]) << PAGE_SHIFT,
+                             len(run) << PAGE_SHIFT)
+        with self._lock:
+            self._free.extend(int(p) for p in pfns)
+            self.allocated -= len(pfns)
+
+    # -- raw access (what the memory bus holds) -----------------------------------------------------
+
+    def _check(self, spa, size):
+        if spa < 0 or size < 0 or spa + size > self.size:
+            raise ValueError(f"SPA range [{spa:#x}, {spa + size:#x}) outside host memory")
+
+    def read(self, spa, size):
+        """The bytes at ``[spa, spa + size)`` as stored (ciphertext for encrypted pages)."""
+        self._check(spa, size)
+        return self.frames[spa:spa + size].tobytes()
+
+    def write(self, spa, data):
+        """Store ``data`` at ``spa`` as is (no encryption)."""
+        data = memoryview(data).cast("B")
+        self._check(spa, data.nbytes)
+        self.frames[spa:spa + data.nbytes] = np.frombuffer(data, np.uint8)
+
+    def frame(self, pfn):
+        """A writable numpy view of one frame."""
+        spa = int(pfn) << PAGE_SHIFT
+        self._check(spa, PAGE_SIZE)
+        return self.frames[spa:spa + PAGE_SIZE]
+
+    def close(self):
+        self.frames = None
+        self._mm.close()

@@ -1,0 +1,64 @@
+"""Host physical memory (sevcore.hostmem): lazily backed frames, zeroed allocation, release."""
+import errno
+import resource
+
+import numpy as np
+import pytest
+
+from sevcore.hostmem import FIRST_PFN, PAGE_SIZE, HostMemory
+
+
+def test_frames_are_zero_and_distinct():
+    """Allocated frames start zeroed, are distinct, and never include the reserved low 1 MiB."""
+    mem = HostMemory(1 << 30)
+    pfns = mem.alloc(8)
+    assert len(set(pfns.tolist())) == 8 and int(pfns.min()) >= FIRST_PFN
+    for p in pfns:
+        assert not mem.frame(p).any()
+    assert mem.allocated == 8
+
+
+def test_freed_frames_come_back_zeroed():
+    """A freed frame is reused, and reads as zero again when handed out."""
+    mem = HostMemory(1 << 30)
+    (p,) = mem.alloc(1)
+    mem.write(int(p) * PAGE_SIZE, b"\xaa" * PAGE_SIZE)
+    assert mem.read(int(p) * PAGE_SIZE, 4) == b"\xaa" * 4
+    mem.free([p])
+    assert mem.allocated == 0
+    (q,) = mem.alloc(1)
+    assert q == p and not mem.frame(q).any()
+
+
+def test_exhaustion_is_enomem_and_changes_nothing():
+    """Asking for more frames than exist raises ENOMEM and allocates nothing."""
+    mem = HostMemory(FIRST_PFN * PAGE_SIZE + 4 * PAGE_SIZE)
+    with pytest.raises(OSError) as exc:
+        mem.alloc(5)
+    assert exc.value.errno == errno.ENOMEM and mem.allocated == 0
+    assert len(mem.alloc(4)) == 4
+
+
+def test_bad_arguments():
+    """Bad sizes, counts, frees and ranges raise ValueError."""
+    with pytest.raises(ValueError):
+        HostMemory(4096)
+    mem = HostMemory(1 << 30)
+    with pytest.raises(ValueError):
+        mem.alloc(-1)
+    with pytest.raises(ValueError):
+        mem.free([FIRST_PFN])          # never allocated
+    with pytest.raises(ValueError):
+        mem.read((1 << 30) - 2, 4)
+
+
+def test_a_large_host_costs_only_what_is_touched():
+    """Reserving 1 TiB of host memory and touching 1 MiB raises peak RSS by far less than 1 GiB."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mem = HostMemory(1 << 40)
+    pfns = mem.alloc(256)
+    for p in pfns:
+        mem.frame(p)[:] = 1
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert (after - before) * 1024 < (64 << 20)
+    assert np.all(mem.frame(pfns[-1]) == 1)
