@@ -142,20 +142,12 @@ def test_openssl_speed_cli_aes256_xts_4096(benchmark):
 # --- DRAM-sized, one and two threads ------------------------------------------------------------------
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.benchmark(group="xts-256 64 MiB in place, threads")
-def test_sevcore_xts_dram_threads(benchmark, rng, threads):
+@pytest.mark.parametrize("mode,key", [(AES256_XTS, KEY64), (AES128_XEX, KEY16)],
+                         ids=["xts-256", "xex-128"])
+def test_sevcore_dram_threads(benchmark, rng, mode, key, threads):
+    benchmark.group = f"{'xts-256' if mode == AES256_XTS else 'xex-128'} 64 MiB in place, threads"
     data, spas = pages(rng, DRAM)
-    eng = MemoryEngine(AES256_XTS, KEY64)
-    per_item(benchmark, DRAM, "pages")
-    benchmark.pedantic(eng.encrypt_pages, (data, spas, data), {"threads": threads},
-                       rounds=7, iterations=1, warmup_rounds=1)
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.benchmark(group="xex-128 64 MiB in place, threads")
-def test_sevcore_xex_dram_threads(benchmark, rng, threads):
-    data, spas = pages(rng, DRAM)
-    eng = MemoryEngine(AES128_XEX, KEY16)
+    eng = MemoryEngine(mode, key)
     per_item(benchmark, DRAM, "pages")
     benchmark.pedantic(eng.encrypt_pages, (data, spas, data), {"threads": threads},
                        rounds=7, iterations=1, warmup_rounds=1)
