@@ -1,0 +1,35 @@
+"""Errors raised by the simulated kernel and firmware.
+
+A failing ioctl raises ``OSError`` (or a subclass) whose ``errno`` is the kernel's and whose
+message names the ioctl, e.g. ``[Errno 22] Invalid argument: 'KVM_SET_USER_MEMORY_REGION2'``.
+"""
+import errno as _errno
+import os
+
+
+class KvmError(OSError):
+    """An ioctl on a simulated KVM fd failed with ``errno``; ``ioctl`` names it."""
+
+    def __init__(self, err, ioctl, detail=None):
+        msg = os.strerror(err) if detail is None else f"{os.strerror(err)} ({detail})"
+        super().__init__(err, msg, ioctl)
+        self.ioctl = ioctl
+
+
+class SigBus(Exception):
+    """The host touched a mapping that the kernel would answer with SIGBUS (for example a
+    guest_memfd page that is private, or an offset past the end of the file)."""
+
+    def __init__(self, hva, reason):
+        super().__init__(f"SIGBUS at hva {hva:#x}: {reason}")
+        self.hva = hva
+        self.reason = reason
+
+
+def kvm_error(err, ioctl, detail=None):
+    return KvmError(err, ioctl, detail)
+
+
+EINVAL, EEXIST, EBADF, ENODEV, EFAULT, ENOENT, EIO, ENXIO, EOPNOTSUPP, ENOMEM, E2BIG, ENOTTY = (
+    _errno.EINVAL, _errno.EEXIST, _errno.EBADF, _errno.ENODEV, _errno.EFAULT, _errno.ENOENT,
+    _errno.EIO, _errno.ENXIO, _errno.EOPNOTSUPP, _errno.ENOMEM, _errno.E2BIG, _errno.ENOTTY)
