@@ -4,3 +4,5 @@ memory encryption engine, live migration), with its hot paths in C."""
 __version__ = "0.1.0"
 
 from sevcore import _bindings  # noqa: F401  (fails loudly on a missing or stale C core)
+
+from sevcore.kvm import Host, Kvm  # noqa: E402,F401

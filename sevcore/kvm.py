@@ -1,0 +1,262 @@
+"""A simulated host and its /dev/kvm.
+
+``Host`` is one machine: host physical memory, the memory encryption engine's tweak table, a file
+descriptor table and ``/dev/kvm`` (a :class:`Kvm`). ``Kvm`` is the VMM's handle on ``/dev/kvm``
+and also the VMM process's address space: ``kvm.mmap(length)`` returns a host virtual address
+(HVA) range that is backed lazily by host frames, as anonymous memory is.
+"""
+import bisect
+import itertools
+
+import numpy as np
+
+from sevcore import uapi as U
+from sevcore.errors import EBADF, EFAULT, EINVAL, SigBus, kvm_error
+from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE, HostMemory
+from sevcore.memcrypt import default_tweak_table
+from sevcore.npt import NPT_WRITABLE, Npt
+
+#: Where the VMM's mmap() places mappings, and x86-64's user address limit (access_ok).
+HVA_BASE = 0x7f0000000000
+TASK_SIZE_MAX = 0x7ffffffff000
+
+ALL_VM_TYPES = (U.KVM_X86_DEFAULT_VM, U.KVM_X86_SW_PROTECTED_VM, U.KVM_X86_SEV_VM,
+                U.KVM_X86_SEV_ES_VM, U.KVM_X86_SNP_VM, U.KVM_X86_TDX_VM)
+
+
+class Host:
+    """One simulated machine: frames, memory-engine tweak table, fd table and /dev/kvm."""
+
+    def __init__(self, seed=0, memory_size=None, vm_types=ALL_VM_TYPES, c_bit=51):
+        self.seed = seed
+        self.mem = HostMemory() if memory_size is None else HostMemory(memory_size)
+        self.tweak_table = default_tweak_table(seed)
+        self.c_bit = c_bit
+        self.supported_vm_types = 0
+        for t in vm_types:
+            if not 0 <= t < 32:
+                raise ValueError(f"VM type {t} out of range")
+            self.supported_vm_types |= 1 << t
+        self._fds = {}
+        self._next_fd = itertools.count(3)
+        self.kvm = Kvm(self)
+
+    # -- file descriptors ---------------------------------------------------------------------------
+
+    def install_fd(self, obj):
+        """Give ``obj`` a file descriptor number, as open() would."""
+        fd = next(self._next_fd)
+        self._fds[fd] = obj
+        return fd
+
+    def release_fd(self, fd):
+        self._fds.pop(fd, None)
+
+    def fget(self, fd_or_file):
+        """The open file behind ``fd_or_file`` (an fd number or a file object), or None (EBADF)."""
+        if isinstance(fd_or_file, (int, np.integer)) and not isinstance(fd_or_file, bool):
+            return self._fds.get(int(fd_or_file))
+        fd = getattr(fd_or_file, "fd", None)
+        if fd is not None and self._fds.get(fd) is fd_or_file:
+            return fd_or_file
+        return None
+
+    def memfd_create(self, name="memfd"):
+        """An ordinary memfd (not a guest_memfd): a file that KVM must refuse as guest_memfd."""
+        return PlainFile(self, name)
+
+
+class PlainFile:
+    """Any file that is not a KVM object (a memfd, a regular file)."""
+
+    def __init__(self, host, name):
+        self.host = host
+        self.name = name
+        self.fd = host.install_fd(self)
+
+    def close(self):
+        self.host.release_fd(self.fd)
+
+
+class _Mapping:
+    __slots__ = ("start", "end", "kind", "file", "pgoff")
+
+    def __init__(self, start, end, kind, file=None, pgoff=0):
+        self.start, self.end, self.kind, self.file, self.pgoff = start, end, kind, file, pgoff
+
+
+class Kvm:
+    """The VMM's /dev/kvm fd, and the VMM process's virtual address space."""
+
+    def __init__(self, host=None):
+        if host is None:
+            return  # __new__ returned the kvm of a new Host, already initialised
+        self.host = host
+        self.fd = host.install_fd(self)
+        self._maps = []          # sorted by start
+        self._pt = Npt()         # hva page -> host pfn for anonymous memory
+        self._next_hva = HVA_BASE
+
+    def __new__(cls, host=None):
+        # sevcore.Kvm() makes a Host and returns that host's /dev/kvm.
+        if host is None:
+            return Host().kvm
+        return super().__new__(cls)
+
+    # -- /dev/kvm ioctls ------------------------------------------------------------------------------
+
+    def check_extension(self, cap):
+        """Mirrors ``KVM_CHECK_EXTENSION`` on /dev/kvm."""
+        return check_extension(self.host, None, cap)
+
+    def create_vm(self, type=U.KVM_X86_DEFAULT_VM):
+        """Mirrors ``KVM_CREATE_VM``; raises EINVAL for an unsupported type."""
+        from sevcore.vm import Vm
+        if not isinstance(type, int) or type < 0 or type >= 32 or \
+                not self.host.supported_vm_types & (1 << type):
+            raise kvm_error(EINVAL, "KVM_CREATE_VM", f"VM type {type} not supported")
+        return Vm(self, type)
+
+    # -- the VMM's address space --------------------------------------------------------------------
+
+    def mmap(self, length, *, _kind="anon", _file=None, _pgoff=0):
+        """Anonymous memory for the VMM: a page-aligned, zero-filled HVA range, lazily backed."""
+        if not isinstance(length, int) or length <= 0:
+            raise OSError(EINVAL, "mmap: length must be a positive int")
+        length = (length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        hva = self._next_hva
+        if hva + length > TASK_SIZE_MAX:
+            raise OSError(12, "mmap: VMM address space exhausted")
+        # A guard page between mappings catches overruns as EFAULT.
+        self._next_hva = hva + length + PAGE_SIZE
+        m = _Mapping(hva, hva + length, _kind, _file, _pgoff)
+        i = bisect.bisect_left([x.start for x in self._maps], hva)
+        self._maps.insert(i, m)
+        return hva
+
+    def munmap(self, hva, length):
+        """Unmap ``[hva, hva + length)``; anonymous frames in it go back to the host."""
+        if hva % PAGE_SIZE or length <= 0:
+            raise OSError(EINVAL, "munmap: unaligned address or bad length")
+        end = hva + ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+        kept = []
+        for m in self._maps:
+            if m.end <= hva or m.start >= end:
+                kept.append(m)
+                continue
+            lo, hi = max(m.start, hva), min(m.end, end)
+            if m.kind == "anon":
+                self._drop_anon(lo, hi)
+            if m.start < lo:
+                kept.append(_Mapping(m.start, lo, m.kind, m.file, m.pgoff))
+            if hi < m.end:
+                kept.append(_Mapping(hi, m.end, m.kind, m.file,
+                                     m.pgoff + ((hi - m.start) >> PAGE_SHIFT)))
+        self._maps = sorted(kept, key=lambda x: x.start)
+
+    def _drop_anon(self, lo, hi):
+        gfns, pfns, _ = self._pt.items(lo >> PAGE_SHIFT, hi >> PAGE_SHIFT)
+        if len(gfns):
+            self._pt.unmap(lo >> PAGE_SHIFT, (hi - lo) >> PAGE_SHIFT)
+            self.host.mem.free(pfns)
+
+    def _mapping(self, hva):
+        i = bisect.bisect_right([x.start for x in self._maps], hva) - 1
+        if i >= 0 and hva < self._maps[i].end:
+            return self._maps[i]
+        return None
+
+    def hva_to_pfn(self, hva, write, allocate=True):
+        """The host frame behind ``hva`` (what get_user_pages returns), allocating anonymous
+        memory on first touch. Returns None for an untouched page when ``allocate`` is False.
+        Raises OSError(EFAULT) for an unmapped HVA and SigBus where the kernel would."""
+        m = self._mapping(hva)
+        if m is None:
+            raise OSError(EFAULT, f"hva {hva:#x} is not mapped")
+        if m.kind == "gmem":
+            index = m.pgoff + ((hva - m.start) >> PAGE_SHIFT)
+            return m.file.host_fault(index, hva)
+        page = hva >> PAGE_SHIFT
+        hit = self._pt.lookup(page)
+        if hit is not None:
+            return hit[0]
+        if not allocate:
+            return None
+        (pfn,) = self.host.mem.alloc(1)
+        self._pt.map(page, int(pfn), NPT_WRITABLE)
+        return int(pfn)
+
+    def read(self, hva, size):
+        """Read VMM memory at ``hva``: what the frames hold (ciphertext for SEV-private pages)."""
+        out = bytearray(size)
+        pos = 0
+        while pos < size:
+            addr = hva + pos
+            off = addr & (PAGE_SIZE - 1)
+            n = min(PAGE_SIZE - off, size - pos)
+            pfn = self.hva_to_pfn(addr, write=False, allocate=False)
+            if pfn is not None:
+                spa = (pfn << PAGE_SHIFT) + off
+                out[pos:pos + n] = memoryview(self.host.mem.frames[spa:spa + n])
+            pos += n
+        return bytes(out)
+
+    def write(self, hva, data):
+        """Write VMM memory at ``hva``, allocating frames on first touch."""
+        data = memoryview(data).cast("B")
+        pos = 0
+        while pos < len(data):
+            addr = hva + pos
+            off = addr & (PAGE_SIZE - 1)
+            n = min(PAGE_SIZE - off, len(data) - pos)
+            pfn = self.hva_to_pfn(addr, write=True)
+            spa = (pfn << PAGE_SHIFT) + off
+            self.host.mem.frames[spa:spa + n] = np.frombuffer(data[pos:pos + n], np.uint8)
+            pos += n
+
+    def fill(self, hva, byte, size):
+        """memset() of VMM memory."""
+        self.write(hva, bytes([byte]) * size)
+
+
+def _gmem_flags(vm):
+    flags = U.GUEST_MEMFD_FLAG_MMAP
+    if vm is None or not vm.has_private_mem:
+        flags |= U.GUEST_MEMFD_FLAG_INIT_SHARED
+    return flags
+
+
+def check_extension(host, vm, cap):
+    """KVM_CHECK_EXTENSION on /dev/kvm (vm None) or on a VM fd."""
+    private = vm is not None and vm.has_private_mem
+    table = {
+        U.KVM_CAP_USER_MEMORY: 1,
+        U.KVM_CAP_USER_MEMORY2: 1,
+        U.KVM_CAP_NR_MEMSLOTS: U.KVM_USER_MEM_SLOTS,
+        U.KVM_CAP_NR_VCPUS: 2,
+        U.KVM_CAP_MAX_VCPUS: 4096,
+        U.KVM_CAP_MAX_VCPU_ID: 4096,
+        U.KVM_CAP_CHECK_EXTENSION_VM: 1,
+        U.KVM_CAP_ENABLE_CAP_VM: 1,
+        U.KVM_CAP_VM_TYPES: host.supported_vm_types,
+        U.KVM_CAP_READONLY_MEM: 1 if vm is None else int(not vm.has_protected_state),
+        U.KVM_CAP_MULTI_ADDRESS_SPACE: (U.KVM_ADDRESS_SPACE_NUM if vm is None
+                                        else vm.nr_memslot_as_ids),
+        U.KVM_CAP_X86_SMM: 1 if vm is None else int(vm.type not in (
+            U.KVM_X86_SEV_ES_VM, U.KVM_X86_SNP_VM, U.KVM_X86_TDX_VM)),
+        U.KVM_CAP_SYNC_REGS: 0 if vm is not None and vm.has_protected_state else 0x7,
+        U.KVM_CAP_GUEST_MEMFD: 1,
+        U.KVM_CAP_GUEST_MEMFD_FLAGS: _gmem_flags(vm),
+        U.KVM_CAP_MEMORY_ATTRIBUTES: (U.KVM_MEMORY_ATTRIBUTE_PRIVATE
+                                      if vm is None or private else 0),
+        U.KVM_CAP_MEMORY_FAULT_INFO: 1,
+        U.KVM_CAP_PRE_FAULT_MEMORY: 1,
+        U.KVM_CAP_EXIT_HYPERCALL: U.KVM_EXIT_HYPERCALL_VALID_MASK,
+        U.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: U.KVM_DIRTY_LOG_MANUAL_CAPS,
+        U.KVM_CAP_X86_USER_SPACE_MSR: 1,
+        U.KVM_CAP_X86_MSR_FILTER: 1,
+        U.KVM_CAP_ENFORCE_PV_FEATURE_CPUID: 1,
+        U.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM: 1,
+        U.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM: 1,
+    }
+    return table.get(cap, 0)

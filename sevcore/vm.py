@@ -1,0 +1,374 @@
+"""A KVM VM fd: memory slots, memory attributes, guest_memfd files, capabilities and its NPT.
+
+Every ioctl runs the kernel's checks in the kernel's order (``spec/kvm-uapi.md`` sections 1-4) and
+raises :class:`sevcore.errors.KvmError` with the kernel's errno, naming the ioctl. A refused call
+changes nothing.
+"""
+import bisect
+
+from sevcore import uapi as U
+from sevcore.errors import EBADF, EEXIST, EINVAL, EIO, ENOENT, kvm_error
+from sevcore.guest_memfd import GuestMemfd
+from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
+from sevcore.kvm import TASK_SIZE_MAX, check_extension
+from sevcore.npt import NPT_PRIVATE, Npt
+from sevcore.ranges import RangeSet
+
+U64 = (1 << 64) - 1
+#: The largest GFN the simulated TDP MMU maps: a 4-level table covers 48-bit guest physical
+#: addresses (kvm_mmu_max_gfn with 4-level NPT).
+KVM_MMU_MAX_GFN = (1 << 36) - 1
+
+
+class Memslot:
+    """struct kvm_memory_slot, as far as user space can observe it."""
+
+    __slots__ = ("as_id", "id", "base_gfn", "npages", "flags", "userspace_addr", "gmem_file",
+                 "gmem_pgoff", "dirty_bitmap")
+
+    def __init__(self, as_id, id, base_gfn, npages, flags, userspace_addr):
+        self.as_id, self.id = as_id, id
+        self.base_gfn, self.npages, self.flags = base_gfn, npages, flags
+        self.userspace_addr = userspace_addr
+        self.gmem_file = None
+        self.gmem_pgoff = 0
+        self.dirty_bitmap = None
+
+    @property
+    def end_gfn(self):
+        return self.base_gfn + self.npages
+
+    def __repr__(self):
+        return (f"<Memslot {self.as_id}:{self.id} gfn {self.base_gfn:#x}+{self.npages:#x} "
+                f"flags {self.flags:#x}>")
+
+
+class Vm:
+    """A VM fd. Created by :meth:`sevcore.kvm.Kvm.create_vm`."""
+
+    def __init__(self, kvm, type):
+        self.kvm = kvm
+        self.host = kvm.host
+        self.type = type
+        # spec/kvm-uapi.md 1.3: per-type properties fixed at creation.
+        self.has_private_mem = type in (U.KVM_X86_SW_PROTECTED_VM, U.KVM_X86_SNP_VM,
+                                        U.KVM_X86_TDX_VM)
+        self.has_protected_state = type in (U.KVM_X86_SEV_ES_VM, U.KVM_X86_SNP_VM,
+                                            U.KVM_X86_TDX_VM)
+        self.nr_memslot_as_ids = 1 if self.has_private_mem else U.KVM_ADDRESS_SPACE_NUM
+        self.pre_fault_allowed = type != U.KVM_X86_SNP_VM
+        self.sev_need_init = type in (U.KVM_X86_SEV_VM, U.KVM_X86_SEV_ES_VM, U.KVM_X86_SNP_VM)
+        self.dead = False
+        self.closed = False
+        self._refs = 1                     # the VM fd itself
+        self.memslots = {}                 # (as_id, id) -> Memslot
+        self._as_index = [[] for _ in range(self.nr_memslot_as_ids)]   # sorted by base_gfn
+        self.nr_memslot_pages = 0
+        self.private = RangeSet()          # gfns whose attributes hold KVM_MEMORY_ATTRIBUTE_PRIVATE
+        self.npt = Npt()
+        self.hypercall_exit_enabled = 0
+        self.manual_dirty_log_protect = 0
+        self.user_space_msr_mask = 0
+        self.vcpus = []
+        self.fd = self.host.install_fd(self)
+
+    def __repr__(self):
+        return f"<Vm fd={self.fd} type={self.type}>"
+
+    # -- lifetime ------------------------------------------------------------------------------------
+
+    def _get(self):
+        self._refs += 1
+
+    def _put(self):
+        self._refs -= 1
+        if self._refs == 0:
+            self._destroy()
+
+    def _destroy(self):
+        for slot in list(self.memslots.values()):
+            if slot.gmem_file is not None:
+                slot.gmem_file.unbind(slot)
+        self.memslots.clear()
+        self.npt.close()
+
+    @property
+    def alive(self):
+        """True while any reference (the VM fd, a guest_memfd, a mirror) keeps the VM."""
+        return self._refs > 0
+
+    def close(self):
+        """Close the VM fd. The VM lives on while its guest_memfd files are open."""
+        if self.closed:
+            return
+        self.closed = True
+        self.host.release_fd(self.fd)
+        self._put()
+
+    def _enter(self, ioctl):
+        """The checks every VM ioctl makes first: a closed fd, a dead VM (EIO)."""
+        if self.closed:
+            raise kvm_error(EBADF, ioctl, "VM fd is closed")
+        if self.dead:
+            raise kvm_error(EIO, ioctl, "VM is dead")
+
+    # -- capabilities ----------------------------------------------------------------------------------
+
+    def check_extension(self, cap):
+        """Mirrors ``KVM_CHECK_EXTENSION`` on a VM fd."""
+        self._enter("KVM_CHECK_EXTENSION")
+        return check_extension(self.host, self, cap)
+
+    def enable_cap(self, cap, *args, flags=0):
+        """Mirrors ``KVM_ENABLE_CAP`` on a VM fd (``args`` are ``kvm_enable_cap.args[0..3]``)."""
+        ioctl = "KVM_ENABLE_CAP"
+        self._enter(ioctl)
+        if len(args) > 4:
+            raise TypeError("kvm_enable_cap has 4 args")
+        a = list(args) + [0] * (4 - len(args))
+        handler = self._cap_handlers().get(cap)
+        if handler is None:
+            raise kvm_error(EINVAL, ioctl, f"capability {cap} cannot be enabled on a VM")
+        if flags != 0:
+            raise kvm_error(EINVAL, ioctl, "flags must be 0")
+        return handler(ioctl, a)
+
+    def _cap_handlers(self):
+        return {
+            U.KVM_CAP_EXIT_HYPERCALL: self._cap_exit_hypercall,
+            U.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: self._cap_manual_dirty_log,
+            U.KVM_CAP_X86_USER_SPACE_MSR: self._cap_user_space_msr,
+        }
+
+    def _cap_exit_hypercall(self, ioctl, a):
+        if a[0] & ~U.KVM_EXIT_HYPERCALL_VALID_MASK:
+            raise kvm_error(EINVAL, ioctl, f"hypercall mask {a[0]:#x} outside "
+                                           f"{U.KVM_EXIT_HYPERCALL_VALID_MASK:#x}")
+        self.hypercall_exit_enabled = a[0]
+        return 0
+
+    def _cap_manual_dirty_log(self, ioctl, a):
+        allowed = (U.KVM_DIRTY_LOG_MANUAL_CAPS if a[0] & U.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+                   else U.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+        if a[0] & ~allowed:
+            raise kvm_error(EINVAL, ioctl, f"dirty-log flags {a[0]:#x} not allowed")
+        self.manual_dirty_log_protect = a[0]
+        return 0
+
+    def _cap_user_space_msr(self, ioctl, a):
+        if a[0] & ~U.KVM_MSR_EXIT_REASON_VALID_MASK:
+            raise kvm_error(EINVAL, ioctl, f"MSR exit reasons {a[0]:#x} invalid")
+        self.user_space_msr_mask = a[0]
+        return 0
+
+    # -- guest_memfd -----------------------------------------------------------------------------------
+
+    def create_guest_memfd(self, size, flags=0):
+        """Mirrors ``KVM_CREATE_GUEST_MEMFD``: EINVAL for unsupported flags, then for a size that
+        is not a positive multiple of the page size."""
+        ioctl = "KVM_CREATE_GUEST_MEMFD"
+        self._enter(ioctl)
+        supported = check_extension(self.host, self, U.KVM_CAP_GUEST_MEMFD_FLAGS)
+        if flags & ~supported or flags < 0:
+            raise kvm_error(EINVAL, ioctl, f"flags {flags:#x} not in {supported:#x}")
+        if size <= 0 or size >= 1 << 63 or size % PAGE_SIZE:
+            raise kvm_error(EINVAL, ioctl, f"size {size} is not a positive page multiple")
+        return GuestMemfd(self, size, flags)
+
+    # -- memory slots -----------------------------------------------------------------------------------
+
+    def set_user_memory_region(self, slot, flags, guest_phys_addr, memory_size, userspace_addr):
+        """Mirrors ``KVM_SET_USER_MEMORY_REGION`` (v1: only LOG_DIRTY_PAGES and READONLY)."""
+        ioctl = "KVM_SET_USER_MEMORY_REGION"
+        self._enter(ioctl)
+        if flags & ~(U.KVM_MEM_LOG_DIRTY_PAGES | U.KVM_MEM_READONLY):
+            raise kvm_error(EINVAL, ioctl, f"flags {flags:#x} invalid for the v1 ioctl")
+        return self._set_memory_region(ioctl, slot, flags, guest_phys_addr, memory_size,
+                                       userspace_addr, 0, None)
+
+    def set_user_memory_region2(self, slot, flags, guest_phys_addr, memory_size, userspace_addr,
+                                guest_memfd_offset=0, guest_memfd=None):
+        """Mirrors ``KVM_SET_USER_MEMORY_REGION2``; ``guest_memfd`` is a GuestMemfd or an fd."""
+        ioctl = "KVM_SET_USER_MEMORY_REGION2"
+        self._enter(ioctl)
+        return self._set_memory_region(ioctl, slot, flags, guest_phys_addr, memory_size,
+                                       userspace_addr, guest_memfd_offset, guest_memfd)
+
+    def _set_memory_region(self, ioctl, slot, flags, gpa, size, uaddr, gmem_offset, gmem):
+        def fail(err, why):
+            raise kvm_error(err, ioctl, why)
+
+        for name, v, bits in (("slot", slot, 32), ("flags", flags, 32), ("guest_phys_addr", gpa, 64),
+                              ("memory_size", size, 64), ("userspace_addr", uaddr, 64),
+                              ("guest_memfd_offset", gmem_offset, 64)):
+            if not isinstance(v, int) or not 0 <= v < 1 << bits:
+                raise TypeError(f"{name} must be a u{bits}, got {v!r}")
+        # kvm_vm_ioctl_set_memory_region: the slot id bound, before slots_lock.
+        if slot & 0xffff >= U.KVM_USER_MEM_SLOTS:
+            fail(EINVAL, f"slot id {slot & 0xffff} >= KVM_USER_MEM_SLOTS")
+        # 1. check_memory_region_flags
+        valid = U.KVM_MEM_LOG_DIRTY_PAGES | U.KVM_MEM_GUEST_MEMFD
+        if flags & U.KVM_MEM_GUEST_MEMFD:
+            valid &= ~U.KVM_MEM_LOG_DIRTY_PAGES
+        elif not self.has_protected_state:
+            valid |= U.KVM_MEM_READONLY
+        if flags & ~valid:
+            fail(EINVAL, f"flags {flags:#x} not in {valid:#x}")
+        as_id, id = slot >> 16, slot & 0xffff
+        if size % PAGE_SIZE:
+            fail(EINVAL, "memory_size not page aligned")
+        if gpa % PAGE_SIZE:
+            fail(EINVAL, "guest_phys_addr not page aligned")
+        if uaddr % PAGE_SIZE or uaddr + size > TASK_SIZE_MAX:
+            fail(EINVAL, "userspace_addr unaligned or beyond the user address space")
+        if flags & U.KVM_MEM_GUEST_MEMFD and (gmem_offset % PAGE_SIZE or gmem_offset + size > U64):
+            fail(EINVAL, "guest_memfd_offset unaligned or overflowing")
+        if as_id >= self.nr_memslot_as_ids or id >= U.KVM_MEM_SLOTS_NUM:
+            fail(EINVAL, f"address space {as_id} not available for this VM type")
+        if gpa + size > U64 + 1:
+            fail(EINVAL, "guest_phys_addr + memory_size overflows")
+        npages = size >> PAGE_SHIFT
+        if id < U.KVM_USER_MEM_SLOTS and npages > U.KVM_MEM_MAX_NR_PAGES:
+            fail(EINVAL, "too many pages")
+        base_gfn = gpa >> PAGE_SHIFT
+        old = self.memslots.get((as_id, id))
+        if size == 0:
+            if old is None:
+                fail(EINVAL, f"slot {as_id}:{id} does not exist")
+            self._delete_slot(old)
+            return 0
+        if old is None:
+            change = "create"
+        else:
+            if flags & U.KVM_MEM_GUEST_MEMFD:
+                fail(EINVAL, "a guest_memfd slot cannot be changed, only deleted")
+            if (uaddr != old.userspace_addr or npages != old.npages
+                    or (flags ^ old.flags) & (U.KVM_MEM_READONLY | U.KVM_MEM_GUEST_MEMFD)):
+                fail(EINVAL, "only the base or LOG_DIRTY_PAGES of a slot can change")
+            if base_gfn != old.base_gfn:
+                change = "move"
+            elif flags != old.flags:
+                change = "flags"
+            else:
+                return 0
+        if change in ("create", "move"):
+            for other in self._as_index[as_id]:
+                if other is not old and other.base_gfn < base_gfn + npages and \
+                        base_gfn < other.end_gfn:
+                    fail(EEXIST, f"overlaps slot {other.as_id}:{other.id}")
+        new = Memslot(as_id, id, base_gfn, npages, flags, uaddr)
+        if flags & U.KVM_MEM_GUEST_MEMFD:
+            file = gmem if isinstance(gmem, GuestMemfd) and not gmem.closed else \
+                self.host.fget(gmem) if gmem is not None else None
+            if file is None:
+                fail(EBADF, "guest_memfd is not an open file descriptor")
+            if not isinstance(file, GuestMemfd):
+                fail(EINVAL, "guest_memfd is not a guest_memfd")
+            if file.vm is not self:
+                fail(EINVAL, "guest_memfd belongs to another VM")
+            err = file.bind(new, gmem_offset, npages)
+            if err:
+                fail(err, "guest_memfd range past the end of the file" if err == EINVAL
+                     else "guest_memfd range already bound to another slot")
+        if change in ("create", "move") and new.end_gfn - 1 > KVM_MMU_MAX_GFN:
+            if new.gmem_file is not None:
+                new.gmem_file.unbind(new)
+            fail(EINVAL, "slot extends beyond the largest mappable gfn")
+        if change == "create":
+            self._install(new)
+            self.nr_memslot_pages += npages
+        elif change == "move":
+            self._zap_gfns(old.base_gfn, old.npages)
+            self._remove(old)
+            new.dirty_bitmap = old.dirty_bitmap
+            self._install(new)
+        else:
+            self._remove(old)
+            self._install(new)
+            new.dirty_bitmap = old.dirty_bitmap
+        self._update_dirty_logging(new, old)
+        return 0
+
+    def _update_dirty_logging(self, new, old):
+        from sevcore.bitmap import Bitmap
+        logging = new.flags & U.KVM_MEM_LOG_DIRTY_PAGES
+        if logging and new.dirty_bitmap is None:
+            new.dirty_bitmap = Bitmap(max(new.npages, 1))
+            if self.manual_dirty_log_protect & U.KVM_DIRTY_LOG_INITIALLY_SET:
+                new.dirty_bitmap.set_range(0, new.npages)
+        elif not logging:
+            new.dirty_bitmap = None
+
+    def _install(self, slot):
+        self.memslots[(slot.as_id, slot.id)] = slot
+        index = self._as_index[slot.as_id]
+        keys = [s.base_gfn for s in index]
+        index.insert(bisect.bisect_left(keys, slot.base_gfn), slot)
+
+    def _remove(self, slot):
+        del self.memslots[(slot.as_id, slot.id)]
+        self._as_index[slot.as_id].remove(slot)
+
+    def _delete_slot(self, slot):
+        self._zap_gfns(slot.base_gfn, slot.npages)
+        if slot.gmem_file is not None:
+            slot.gmem_file.unbind(slot)
+        self._remove(slot)
+        self.nr_memslot_pages -= slot.npages
+
+    def gfn_to_memslot(self, gfn, as_id=0):
+        """The slot of address space ``as_id`` holding ``gfn``, or None."""
+        index = self._as_index[as_id]
+        i = bisect.bisect_right([s.base_gfn for s in index], gfn) - 1
+        if i >= 0 and gfn < index[i].end_gfn:
+            return index[i]
+        return None
+
+    def _zap_gfns(self, gfn, npages, match=0, exclude=0):
+        """Remove stage-2 mappings of ``[gfn, gfn + npages)`` (kvm_mmu_unmap_gfn_range)."""
+        if self.npt.closed or npages <= 0:
+            return 0
+        lo = max(gfn, 0)
+        hi = min(gfn + npages, KVM_MMU_MAX_GFN + 1)
+        if lo >= hi:
+            return 0
+        return self.npt.zap_range(lo, hi - lo, match_flags=match, exclude_flags=exclude)
+
+    # -- memory attributes ------------------------------------------------------------------------------
+
+    def supported_mem_attributes(self):
+        return U.KVM_MEMORY_ATTRIBUTE_PRIVATE if self.has_private_mem else 0
+
+    def set_memory_attributes(self, address, size, attributes, flags=0):
+        """Mirrors ``KVM_SET_MEMORY_ATTRIBUTES``: all of ``[address, address + size)`` or nothing.
+
+        Converting to private zaps the range's shared mappings; to shared, its private ones.
+        """
+        ioctl = "KVM_SET_MEMORY_ATTRIBUTES"
+        self._enter(ioctl)
+        if flags != 0:
+            raise kvm_error(EINVAL, ioctl, "flags must be 0")
+        if attributes & ~self.supported_mem_attributes():
+            raise kvm_error(EINVAL, ioctl, f"attributes {attributes:#x} not supported")
+        if size == 0 or address + size > U64 + 1 or address < 0 or size < 0:
+            raise kvm_error(EINVAL, ioctl, "empty or wrapping range")
+        if address % PAGE_SIZE or size % PAGE_SIZE:
+            raise kvm_error(EINVAL, ioctl, "address and size must be page aligned")
+        start, end = address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT
+        private = bool(attributes & U.KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        if (self.private.covers(start, end) if private else self.private.disjoint(start, end)):
+            return 0   # no-op: no zap
+        if private:
+            self._zap_gfns(start, end - start, exclude=NPT_PRIVATE)
+            self.private.add(start, end)
+        else:
+            self._zap_gfns(start, end - start, match=NPT_PRIVATE)
+            self.private.remove(start, end)
+        return 0
+
+    def get_memory_attributes(self, gfn):
+        """kvm_get_memory_attributes (no ioctl exists: this is the simulator's view)."""
+        return U.KVM_MEMORY_ATTRIBUTE_PRIVATE if gfn in self.private else 0
+
+    def mem_is_private(self, gfn):
+        return gfn in self.private

@@ -1,0 +1,212 @@
+"""Port of tools/testing/selftests/kvm/guest_memfd_test.c (spec/selftest-cases.md section A),
+run for every VM type in KVM_CAP_VM_TYPES and every supported flag set."""
+import errno
+
+import pytest
+
+import sevcore
+from sevcore.errors import SigBus
+from sevcore.guest_memfd import MAP_PRIVATE, MAP_SHARED
+from sevcore.uapi import *
+
+P = PAGE_SIZE
+KEEP = FALLOC_FL_KEEP_SIZE
+PUNCH = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+
+
+def vm_types():
+    kvm = sevcore.Kvm()
+    mask = kvm.check_extension(KVM_CAP_VM_TYPES)
+    return [t for t in range(32) if mask & (1 << t)]
+
+
+def flag_sets(vm):
+    valid = vm.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS)
+    sets = [0]
+    if valid & GUEST_MEMFD_FLAG_MMAP:
+        sets.append(GUEST_MEMFD_FLAG_MMAP)
+    if valid & GUEST_MEMFD_FLAG_INIT_SHARED:
+        sets.append(GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
+    return sets
+
+
+CASES = [(t, f) for t in vm_types() for f in flag_sets(sevcore.Kvm().create_vm(t))]
+
+
+@pytest.fixture(params=vm_types())
+def vm(request):
+    return sevcore.Kvm().create_vm(request.param)
+
+
+@pytest.fixture(params=CASES, ids=[f"type{t}-flags{f}" for t, f in CASES])
+def vm_flags(request):
+    t, f = request.param
+    return sevcore.Kvm().create_vm(t), f
+
+
+def expect_errno(err, fn, *args):
+    with pytest.raises(OSError) as exc:
+        fn(*args)
+    assert exc.value.errno == err, exc.value
+    return exc.value
+
+
+def test_flags_walk_every_bit(vm):
+    """A.1: each single flag bit is accepted iff KVM_CAP_GUEST_MEMFD_FLAGS has it, else EINVAL."""
+    valid = vm.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS)
+    private = vm.type in (KVM_X86_SW_PROTECTED_VM, KVM_X86_SNP_VM, KVM_X86_TDX_VM)
+    assert valid == (GUEST_MEMFD_FLAG_MMAP if private
+                     else GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
+    for i in range(64):
+        if valid & (1 << i):
+            vm.create_guest_memfd(P, 1 << i).close()
+        else:
+            e = expect_errno(errno.EINVAL, vm.create_guest_memfd, P, 1 << i)
+            assert "KVM_CREATE_GUEST_MEMFD" in str(e)
+
+
+def test_several_files(vm_flags):
+    """A.2: files have their own sizes and inodes."""
+    vm, flags = vm_flags
+    fd1 = vm.create_guest_memfd(P, flags)
+    fd2 = vm.create_guest_memfd(2 * P, flags)
+    assert fd1.fstat().st_size == P and fd2.fstat().st_size == 2 * P
+    assert fd1.fstat().st_ino != fd2.fstat().st_ino
+
+
+def test_invalid_sizes(vm_flags):
+    """A.3: sizes 1..P-1 (and 0) are EINVAL."""
+    vm, flags = vm_flags
+    for size in [0, 1, 2, P // 2, P - 1, P + 1]:
+        expect_errno(errno.EINVAL, vm.create_guest_memfd, size, flags)
+
+
+def test_no_read_or_write(vm_flags):
+    """A.5: read, write, pread and pwrite fail with EINVAL."""
+    vm, flags = vm_flags
+    fd = vm.create_guest_memfd(4 * P, flags)
+    expect_errno(errno.EINVAL, fd.read, P)
+    expect_errno(errno.EINVAL, fd.write, b"x" * P)
+    expect_errno(errno.EINVAL, fd.pread, P, 0)
+    expect_errno(errno.EINVAL, fd.pwrite, b"x" * P, 0)
+    expect_errno(errno.EINVAL, fd.ftruncate, 8 * P)
+
+
+def test_mmap_rules(vm_flags):
+    """A.6-A.8: no MMAP flag: ENODEV; MAP_PRIVATE: EINVAL; private pages SIGBUS on touch."""
+    vm, flags = vm_flags
+    fd = vm.create_guest_memfd(4 * P, flags)
+    if not flags & GUEST_MEMFD_FLAG_MMAP:
+        expect_errno(errno.ENODEV, fd.mmap, P, MAP_SHARED)
+        expect_errno(errno.ENODEV, fd.mmap, 4 * P, MAP_SHARED)
+        return
+    expect_errno(errno.EINVAL, fd.mmap, 4 * P, MAP_PRIVATE)
+    hva = fd.mmap(4 * P, MAP_SHARED)
+    if not flags & GUEST_MEMFD_FLAG_INIT_SHARED:
+        with pytest.raises(SigBus):
+            vm.kvm.write(hva, b"\x01")
+        with pytest.raises(SigBus):
+            vm.kvm.read(hva, 1)
+        assert fd.pages == {}      # the host never got a private page
+
+
+def test_shared_mmap_and_punch(vm_flags):
+    """A.9: an INIT_SHARED mapping reads back what was written; a punched page reads zero."""
+    vm, flags = vm_flags
+    if flags != GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED:
+        pytest.skip("needs MMAP|INIT_SHARED")
+    fd = vm.create_guest_memfd(4 * P, flags)
+    hva = fd.mmap(4 * P, MAP_SHARED)
+    vm.kvm.fill(hva, 0xaa, 4 * P)
+    assert vm.kvm.read(hva, 4 * P) == b"\xaa" * (4 * P)
+    assert fd.fallocate(PUNCH, 0, P) == 0
+    assert vm.kvm.read(hva, P) == bytes(P)
+    assert vm.kvm.read(hva + P, 3 * P) == b"\xaa" * (3 * P)
+    vm.kvm.fill(hva, 0x55, P)
+    assert vm.kvm.read(hva, P) == b"\x55" * P
+    vm.kvm.munmap(hva, 4 * P)
+
+
+def test_faults_past_end_of_file(vm_flags):
+    """A.10: a mapping longer than the file SIGBUSes past the end; the file part holds data."""
+    vm, flags = vm_flags
+    if flags != GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED:
+        pytest.skip("needs MMAP|INIT_SHARED")
+    fd = vm.create_guest_memfd(4 * P, flags)
+    hva = fd.mmap(16 * P, MAP_SHARED)
+    with pytest.raises(SigBus):
+        vm.kvm.fill(hva, 0xaa, 16 * P)
+    with pytest.raises(SigBus):
+        vm.kvm.read(hva + 4 * P, 1)
+    assert vm.kvm.read(hva, 4 * P) == b"\xaa" * (4 * P)
+
+
+def test_file_size(vm_flags):
+    """A.14: st_size is the size, st_blksize the page size."""
+    vm, flags = vm_flags
+    st = vm.create_guest_memfd(4 * P, flags).fstat()
+    assert st.st_size == 4 * P and st.st_blksize == P
+
+
+@pytest.mark.parametrize("mode,off,length,ok", [
+    (KEEP, 0, 4 * P, True),                 # A.15
+    (PUNCH, P - 1, P, False),               # A.16
+    (KEEP, 4 * P, P, False),                # A.17
+    (KEEP, 5 * P, P, False),
+    (PUNCH, 4 * P, P, True),                # A.18
+    (PUNCH, 5 * P, P, True),
+    (PUNCH, P, P - 1, False),               # A.19
+    (PUNCH, P, P, True),                    # A.20
+    (KEEP, P, P, True),
+])
+def test_fallocate_table(vm_flags, mode, off, length, ok):
+    """A.15-A.20: the fallocate table of a 4-page file."""
+    vm, flags = vm_flags
+    fd = vm.create_guest_memfd(4 * P, flags)
+    if ok:
+        assert fd.fallocate(mode, off, length) == 0
+    else:
+        expect_errno(errno.EINVAL, fd.fallocate, mode, off, length)
+
+
+@pytest.mark.parametrize("off,length", [(0, 1), (0, P - 1), (0, P + 1), (1, 1), (1, P - 1),
+                                        (1, P), (1, P + 1), (P, 1), (P, P - 1), (P, P + 1)])
+def test_invalid_punch_ranges(vm_flags, off, length):
+    """A.21: unaligned punch ranges are EINVAL."""
+    vm, flags = vm_flags
+    expect_errno(errno.EINVAL, vm.create_guest_memfd(4 * P, flags).fallocate, PUNCH, off, length)
+
+
+def test_fallocate_modes(vm):
+    """Without KEEP_SIZE, or with another mode bit, fallocate is EOPNOTSUPP."""
+    fd = vm.create_guest_memfd(4 * P)
+    expect_errno(errno.EOPNOTSUPP, fd.fallocate, 0, 0, P)
+    expect_errno(errno.EOPNOTSUPP, fd.fallocate, FALLOC_FL_PUNCH_HOLE, 0, P)
+    expect_errno(errno.EOPNOTSUPP, fd.fallocate, KEEP | 0x10, 0, P)
+
+
+def test_allocate_and_punch_move_host_frames(vm):
+    """fallocate allocates one zeroed host frame per page once; punching returns them."""
+    host = vm.host
+    fd = vm.create_guest_memfd(8 * P)
+    before = host.mem.allocated
+    fd.fallocate(KEEP, 0, 4 * P)
+    fd.fallocate(KEEP, 0, 4 * P)
+    assert host.mem.allocated - before == 4
+    fd.fallocate(PUNCH, P, 2 * P)
+    assert host.mem.allocated - before == 2 and sorted(fd.pages) == [0, 3]
+    fd.close()
+    assert host.mem.allocated == before
+
+
+def test_guest_memfd_keeps_the_vm_alive():
+    """C.6: closing the VM fd keeps the VM while a guest_memfd is open; fallocate still works."""
+    vm = sevcore.Kvm().create_vm(KVM_X86_SW_PROTECTED_VM)
+    fd = vm.create_guest_memfd(4 * P)
+    vm.close()
+    assert vm.alive
+    expect_errno(errno.EBADF, vm.create_guest_memfd, P)
+    assert fd.fallocate(PUNCH, 0, 4 * P) == 0
+    assert fd.fallocate(KEEP, 0, 4 * P) == 0
+    fd.close()
+    assert not vm.alive
