@@ -63,6 +63,7 @@ class Vm:
         self._refs = 1                     # the VM fd itself
         self.memslots = {}                 # (as_id, id) -> Memslot
         self._as_index = [[] for _ in range(self.nr_memslot_as_ids)]   # sorted by base_gfn
+        self._as_keys = [[] for _ in range(self.nr_memslot_as_ids)]    # their base_gfns
         self.nr_memslot_pages = 0
         self.private = RangeSet()          # gfns whose attributes hold KVM_MEMORY_ATTRIBUTE_PRIVATE
         self.npt = Npt()
@@ -252,10 +253,9 @@ class Vm:
             else:
                 return 0
         if change in ("create", "move"):
-            for other in self._as_index[as_id]:
-                if other is not old and other.base_gfn < base_gfn + npages and \
-                        base_gfn < other.end_gfn:
-                    fail(EEXIST, f"overlaps slot {other.as_id}:{other.id}")
+            other = self._overlapping(as_id, base_gfn, base_gfn + npages, old)
+            if other is not None:
+                fail(EEXIST, f"overlaps slot {other.as_id}:{other.id}")
         new = Memslot(as_id, id, base_gfn, npages, flags, uaddr)
         if flags & U.KVM_MEM_GUEST_MEMFD:
             file = gmem if isinstance(gmem, GuestMemfd) and not gmem.closed else \
@@ -299,15 +299,30 @@ class Vm:
         elif not logging:
             new.dirty_bitmap = None
 
+    def _overlapping(self, as_id, start, end, ignore):
+        """A slot of ``as_id`` other than ``ignore`` that intersects ``[start, end)``, or None.
+        Slots of one address space are disjoint and sorted, so only neighbours can overlap."""
+        index, keys = self._as_index[as_id], self._as_keys[as_id]
+        i = bisect.bisect_left(keys, end)
+        for j in (i - 1, i - 2):
+            if 0 <= j < len(index) and index[j] is not ignore and index[j].end_gfn > start:
+                return index[j]
+        return None
+
     def _install(self, slot):
         self.memslots[(slot.as_id, slot.id)] = slot
-        index = self._as_index[slot.as_id]
-        keys = [s.base_gfn for s in index]
-        index.insert(bisect.bisect_left(keys, slot.base_gfn), slot)
+        i = bisect.bisect_left(self._as_keys[slot.as_id], slot.base_gfn)
+        self._as_index[slot.as_id].insert(i, slot)
+        self._as_keys[slot.as_id].insert(i, slot.base_gfn)
 
     def _remove(self, slot):
         del self.memslots[(slot.as_id, slot.id)]
-        self._as_index[slot.as_id].remove(slot)
+        index = self._as_index[slot.as_id]
+        i = bisect.bisect_left(self._as_keys[slot.as_id], slot.base_gfn)
+        while index[i] is not slot:
+            i += 1
+        del index[i]
+        del self._as_keys[slot.as_id][i]
 
     def _delete_slot(self, slot):
         self._zap_gfns(slot.base_gfn, slot.npages)
@@ -319,7 +334,7 @@ class Vm:
     def gfn_to_memslot(self, gfn, as_id=0):
         """The slot of address space ``as_id`` holding ``gfn``, or None."""
         index = self._as_index[as_id]
-        i = bisect.bisect_right([s.base_gfn for s in index], gfn) - 1
+        i = bisect.bisect_right(self._as_keys[as_id], gfn) - 1
         if i >= 0 and gfn < index[i].end_gfn:
             return index[i]
         return None
