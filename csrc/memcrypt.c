@@ -603,8 +603,9 @@ void sc_memcrypt_page(const sc_memcrypt *e, int enc, const uint8_t *src, uint8_t
     (xts ? xts_page_portable : xex_page_portable)(e, enc, src, dst, spa);
 }
 
-static int crypt_pages(const sc_memcrypt *e, int enc, const uint8_t *src, size_t src_size,
-                       uint8_t *dst, size_t dst_size, const uint64_t *spas, uint64_t spa0)
+/* Every argument check of a batch, before any byte is written. */
+static int crypt_check(const sc_memcrypt *e, const uint8_t *src, size_t src_size,
+                       const uint8_t *dst, size_t dst_size, const uint64_t *spas, uint64_t spa0)
 {
     size_t n = src_size / PAGE;
     if (!e || src_size % PAGE || dst_size != src_size || (n && (!src || !dst)))
@@ -622,6 +623,16 @@ static int crypt_pages(const sc_memcrypt *e, int enc, const uint8_t *src, size_t
         /* A run must end inside the 64-bit physical address space. */
         return -EINVAL;
     }
+    return 0;
+}
+
+static int crypt_pages(const sc_memcrypt *e, int enc, const uint8_t *src, size_t src_size,
+                       uint8_t *dst, size_t dst_size, const uint64_t *spas, uint64_t spa0)
+{
+    size_t n = src_size / PAGE;
+    int rc = crypt_check(e, src, src_size, dst, dst_size, spas, spa0);
+    if (rc)
+        return rc;
     int impl = sc_memcrypt_impl();
     int xts = e->mode == SC_MEM_AES256_XTS;
 #ifdef SC_X86
@@ -644,6 +655,15 @@ int sc_memcrypt_pages(const sc_memcrypt *e, int enc, const uint8_t *src, size_t 
         return -EINVAL;
     /* No pages: the run form with zero pages performs the same buffer checks. */
     return crypt_pages(e, enc, src, src_size, dst, dst_size, nspas ? spas : NULL, 0);
+}
+
+int sc_memcrypt_check_pages(const sc_memcrypt *e, const uint8_t *src, size_t src_size,
+                            const uint8_t *dst, size_t dst_size, const uint64_t *spas,
+                            size_t nspas)
+{
+    if (nspas != src_size / PAGE || (nspas && !spas))
+        return -EINVAL;
+    return crypt_check(e, src, src_size, dst, dst_size, nspas ? spas : NULL, 0);
 }
 
 int sc_memcrypt_run(const sc_memcrypt *e, int enc, const uint8_t *src, size_t src_size,

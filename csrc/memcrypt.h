@@ -46,6 +46,11 @@ void sc_memcrypt_free(sc_memcrypt *eng);
  * overlapping (src == dst, in place, is fine). */
 int sc_memcrypt_pages(const sc_memcrypt *eng, int encrypt, const uint8_t *src, size_t src_size,
                       uint8_t *dst, size_t dst_size, const uint64_t *spas, size_t nspas);
+/* The argument checks of sc_memcrypt_pages alone, so that a batch split over threads is
+ * refused as a whole before any slice is written. */
+int sc_memcrypt_check_pages(const sc_memcrypt *eng, const uint8_t *src, size_t src_size,
+                            const uint8_t *dst, size_t dst_size, const uint64_t *spas,
+                            size_t nspas);
 int sc_memcrypt_run(const sc_memcrypt *eng, int encrypt, const uint8_t *src, size_t src_size,
                     uint8_t *dst, size_t dst_size, uint64_t spa);
 

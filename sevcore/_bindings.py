@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 #: The C-core ABI this Python package was written against (csrc/sevcore.h SC_ABI_VERSION).
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 if lib.sc_abi_version() != ABI_VERSION or lib.SC_ABI_VERSION != ABI_VERSION:
     raise ImportError(
@@ -119,13 +119,24 @@ def memcrypt_run(eng, encrypt, data, out, spa):
     return lib.sc_memcrypt_run(eng, encrypt, src, len(src), dst, len(dst), spa), out
 
 
-def memcrypt_split(data, out, npages, parts):
-    """Split ``data``/``out`` into ``parts`` page-aligned memoryview slices for worker threads."""
+def memcrypt_split(eng, data, out, spas, parts):
+    """Check a whole batch in C, then split it into ``parts`` page-aligned slices for worker
+    threads. Returns ``(rc, out, slices)``; ``slices`` is empty when ``rc`` refuses the batch."""
     src = memoryview(data).cast("B")
+    if out is None:
+        out = bytearray(len(src))
     dst = src if out is data else memoryview(out).cast("B")
+    rc = lib.sc_memcrypt_check_pages(eng, ffi.from_buffer(_CHAR_ARRAY, src), len(src),
+                                     ffi.from_buffer(_CHAR_ARRAY, dst), len(dst),
+                                     ffi.from_buffer(_U64_ARRAY, spas), len(spas))
+    if rc:
+        return rc, out, []
+    npages = len(src) // MEM_PAGE_SIZE
+    parts = max(1, min(parts, npages))
     bounds = [npages * i // parts for i in range(parts + 1)]
-    return [(a, b, src[a * MEM_PAGE_SIZE:b * MEM_PAGE_SIZE], dst[a * MEM_PAGE_SIZE:b * MEM_PAGE_SIZE])
-            for a, b in zip(bounds[:-1], bounds[1:])]
+    return rc, out, [(src[a * MEM_PAGE_SIZE:b * MEM_PAGE_SIZE],
+                      dst[a * MEM_PAGE_SIZE:b * MEM_PAGE_SIZE], spas[a:b])
+                     for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def memcrypt_impl():
@@ -213,13 +224,18 @@ def bitmap_clear_range(map_, nbits, start, n):
     return check(lib.sc_bitmap_clear_range(map_, nbits, start, n), "sc_bitmap_clear_range")
 
 
-def bitmap_iter_set(map_, nbits, pos, end, out):
-    """Indices of set bits in [pos, end) into ``out``; returns (count written, next pos)."""
+def _scan(fn, name, map_, nbits, pos, end, out):
+    """A resumable C scan of [pos, end) into ``out``; returns (count written, next pos)."""
     _need(map_, nbits)
     o = _u64_array(out, "out", writable=True)
     p = ffi.new("uint64_t *", pos)
-    n = check(lib.sc_bitmap_iter_set(map_, nbits, p, end, o, len(o)), "sc_bitmap_iter_set")
+    n = check(fn(map_, nbits, p, end, o, len(o)), name)
     return n, p[0]
+
+
+def bitmap_iter_set(map_, nbits, pos, end, out):
+    """Indices of set bits in [pos, end) into ``out``; returns (count written, next pos)."""
+    return _scan(lib.sc_bitmap_iter_set, "sc_bitmap_iter_set", map_, nbits, pos, end, out)
 
 
 def bitmap_iter_runs(map_, nbits, pos, end, starts, lengths):
@@ -237,11 +253,7 @@ def bitmap_iter_runs(map_, nbits, pos, end, starts, lengths):
 
 def bitmap_harvest(map_, nbits, pos, end, out):
     """Take and clear the set bits of [pos, end) into ``out``; returns (count, next pos)."""
-    _need(map_, nbits)
-    o = _u64_array(out, "out", writable=True)
-    p = ffi.new("uint64_t *", pos)
-    n = check(lib.sc_bitmap_harvest(map_, nbits, p, end, o, len(o)), "sc_bitmap_harvest")
-    return n, p[0]
+    return _scan(lib.sc_bitmap_harvest, "sc_bitmap_harvest", map_, nbits, pos, end, out)
 
 
 def _wordop(fn, name, dst, a, b, nbits):

@@ -186,21 +186,15 @@ class MemoryEngine:
     def _pages_threaded(self, encrypt, data, arr, out, threads):
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive int, not {threads!r}")
-        # Validate the whole batch with a zero-page-cost check first, so that no slice writes
-        # while another would be refused.
-        size = memoryview(data).nbytes
-        if out is None:
-            out = bytearray(size)
-        npages = size // PAGE_SIZE
-        probe, _ = _b.memcrypt_pages(self._eng, encrypt, b"", b"", arr[:0])
-        if (size % PAGE_SIZE or arr.size != npages or memoryview(out).nbytes != size
-                or (arr.size and int(np.bitwise_or.reduce(arr)) & (PAGE_SIZE - 1))
-                or _b.overlaps_buffers(data, out) or probe):
-            _diagnose(-errno.EINVAL, data, out, arr, None)
+        # C checks the whole batch first, so no slice writes while another would be refused.
+        try:
+            rc, out, slices = _b.memcrypt_split(self._eng, data, out, arr, threads)
+        except (TypeError, BufferError) as exc:
+            raise TypeError(f"data and out must be buffers (out writable): {exc}") from None
+        if rc:
+            _diagnose(rc, data, out, arr, None)
         pool = self._executor()
-        jobs = [pool.submit(_b.memcrypt_pages, self._eng, encrypt, s,
-                            d if out is not data else s, arr[a:b])
-                for a, b, s, d in _b.memcrypt_split(data, out, npages, min(threads, max(npages, 1)))]
+        jobs = [pool.submit(_b.memcrypt_pages, self._eng, encrypt, s, d, a) for s, d, a in slices]
         for job in jobs:
             rc, _ = job.result()
             if rc:

@@ -168,6 +168,9 @@ def test_threads_give_the_same_bytes(threads, rng):
     one = bytes(eng.encrypt_pages(data, spas))
     assert bytes(eng.encrypt_pages(data, spas, threads=threads)) == one
     assert bytes(eng.decrypt_pages(one, spas, threads=threads)) == data
+    buf = bytearray(data)
+    assert eng.encrypt_pages(buf, spas, out=buf, threads=threads) is buf
+    assert bytes(buf) == one
 
 
 # --- the properties the simulator relies on ----------------------------------------------------------
