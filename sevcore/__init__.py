@@ -6,3 +6,5 @@ __version__ = "0.1.0"
 from sevcore import _bindings  # noqa: F401  (fails loudly on a missing or stale C core)
 
 from sevcore.kvm import Host, Kvm  # noqa: E402,F401
+
+__all__ = ["Host", "Kvm", "__version__"]

@@ -3,7 +3,6 @@
 A failing ioctl raises ``OSError`` (or a subclass) whose ``errno`` is the kernel's and whose
 message names the ioctl, e.g. ``[Errno 22] Invalid argument: 'KVM_SET_USER_MEMORY_REGION2'``.
 """
-import errno as _errno
 import os
 
 
@@ -24,12 +23,3 @@ class SigBus(Exception):
         super().__init__(f"SIGBUS at hva {hva:#x}: {reason}")
         self.hva = hva
         self.reason = reason
-
-
-def kvm_error(err, ioctl, detail=None):
-    return KvmError(err, ioctl, detail)
-
-
-EINVAL, EEXIST, EBADF, ENODEV, EFAULT, ENOENT, EIO, ENXIO, EOPNOTSUPP, ENOMEM, E2BIG, ENOTTY = (
-    _errno.EINVAL, _errno.EEXIST, _errno.EBADF, _errno.ENODEV, _errno.EFAULT, _errno.ENOENT,
-    _errno.EIO, _errno.ENXIO, _errno.EOPNOTSUPP, _errno.ENOMEM, _errno.E2BIG, _errno.ENOTTY)

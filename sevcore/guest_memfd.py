@@ -7,12 +7,13 @@ mapping. Behaviour follows ``spec/kvm-uapi.md`` section 2.
 """
 import collections
 import itertools
+from errno import EBADF, EEXIST, EFAULT, EINVAL, EIO, ENODEV, EOPNOTSUPP
 import mmap as _mmap
 
 import numpy as np
 
 from sevcore import uapi as U
-from sevcore.errors import EFAULT, EINVAL, EIO, ENODEV, EOPNOTSUPP, SigBus
+from sevcore.errors import SigBus
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.npt import NPT_PRIVATE
 
@@ -142,7 +143,7 @@ class GuestMemfd:
             return EINVAL
         for s, e, _ in self.bindings:
             if s < end and start < e:
-                return 17  # EEXIST
+                return EEXIST
         self.bindings.append([start, end, slot])
         slot.gmem_file = self
         slot.gmem_pgoff = start
@@ -194,4 +195,4 @@ class GuestMemfd:
 
     def _check_open(self, op):
         if self.closed:
-            raise _fs_error(9, op, "guest_memfd is closed")
+            raise _fs_error(EBADF, op, "guest_memfd is closed")

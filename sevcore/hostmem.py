@@ -37,7 +37,8 @@ class HostMemory:
         self.frames = np.frombuffer(self._mm, dtype=np.uint8)
         self._lock = threading.Lock()
         self._next = FIRST_PFN
-        self._free = []          # freed pfns, reused before the bump pointer moves on
+        self._free = []          # chunks (uint64 arrays) of freed pfns, reused before fresh ones
+        self._nfree = 0
         self.allocated = 0       # frames currently handed out
 
     # -- allocation -------------------------------------------------------------------------------
@@ -48,15 +49,23 @@ class HostMemory:
             raise ValueError(f"frame count must be a non-negative int, got {n!r}")
         n = int(n)
         with self._lock:
-            reuse = min(n, len(self._free))
+            reuse = min(n, self._nfree)
             fresh = n - reuse
             if self._next + fresh > self.nframes:
                 raise OSError(errno.ENOMEM, f"host memory exhausted: {n} frames requested, "
-                                            f"{self.nframes - self._next + len(self._free)} free")
+                                            f"{self.nframes - self._next + self._nfree} free")
             out = np.empty(n, dtype=np.uint64)
-            if reuse:
-                out[:reuse] = self._free[-reuse:]
-                del self._free[-reuse:]
+            got = 0
+            while got < reuse:
+                chunk = self._free[-1]
+                take = min(len(chunk), reuse - got)
+                out[got:got + take] = chunk[len(chunk) - take:]
+                if take == len(chunk):
+                    self._free.pop()
+                else:
+                    self._free[-1] = chunk[:len(chunk) - take]
+                got += take
+            self._nfree -= reuse
             out[reuse:] = np.arange(self._next, self._next + fresh, dtype=np.uint64)
             self._next += fresh
             self.allocated += n
@@ -75,7 +84,8 @@ class HostMemory:
             self._mm.madvise(mmap.MADV_DONTNEED, int(run[0]) << PAGE_SHIFT,
                              len(run) << PAGE_SHIFT)
         with self._lock:
-            self._free.extend(int(p) for p in pfns)
+            self._free.append(pfns)
+            self._nfree += len(pfns)
             self.allocated -= len(pfns)
 
     # -- raw access (what the memory bus holds) -----------------------------------------------------

@@ -7,11 +7,12 @@ and also the VMM process's address space: ``kvm.mmap(length)`` returns a host vi
 """
 import bisect
 import itertools
+from errno import EFAULT, EINVAL, ENOMEM
 
 import numpy as np
 
 from sevcore import uapi as U
-from sevcore.errors import EBADF, EFAULT, EINVAL, SigBus, kvm_error
+from sevcore.errors import KvmError
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE, HostMemory
 from sevcore.memcrypt import default_tweak_table
 from sevcore.npt import NPT_WRITABLE, Npt
@@ -94,6 +95,7 @@ class Kvm:
         self.host = host
         self.fd = host.install_fd(self)
         self._maps = []          # sorted by start
+        self._starts = []        # their start addresses, for bisect
         self._pt = Npt()         # hva page -> host pfn for anonymous memory
         self._next_hva = HVA_BASE
 
@@ -114,7 +116,7 @@ class Kvm:
         from sevcore.vm import Vm
         if not isinstance(type, int) or type < 0 or type >= 32 or \
                 not self.host.supported_vm_types & (1 << type):
-            raise kvm_error(EINVAL, "KVM_CREATE_VM", f"VM type {type} not supported")
+            raise KvmError(EINVAL, "KVM_CREATE_VM", f"VM type {type} not supported")
         return Vm(self, type)
 
     # -- the VMM's address space --------------------------------------------------------------------
@@ -126,12 +128,13 @@ class Kvm:
         length = (length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
         hva = self._next_hva
         if hva + length > TASK_SIZE_MAX:
-            raise OSError(12, "mmap: VMM address space exhausted")
+            raise OSError(ENOMEM, "mmap: VMM address space exhausted")
         # A guard page between mappings catches overruns as EFAULT.
         self._next_hva = hva + length + PAGE_SIZE
         m = _Mapping(hva, hva + length, _kind, _file, _pgoff)
-        i = bisect.bisect_left([x.start for x in self._maps], hva)
+        i = bisect.bisect_left(self._starts, hva)
         self._maps.insert(i, m)
+        self._starts.insert(i, hva)
         return hva
 
     def munmap(self, hva, length):
@@ -153,6 +156,7 @@ class Kvm:
                 kept.append(_Mapping(hi, m.end, m.kind, m.file,
                                      m.pgoff + ((hi - m.start) >> PAGE_SHIFT)))
         self._maps = sorted(kept, key=lambda x: x.start)
+        self._starts = [x.start for x in self._maps]
 
     def _drop_anon(self, lo, hi):
         gfns, pfns, _ = self._pt.items(lo >> PAGE_SHIFT, hi >> PAGE_SHIFT)
@@ -161,7 +165,7 @@ class Kvm:
             self.host.mem.free(pfns)
 
     def _mapping(self, hva):
-        i = bisect.bisect_right([x.start for x in self._maps], hva) - 1
+        i = bisect.bisect_right(self._starts, hva) - 1
         if i >= 0 and hva < self._maps[i].end:
             return self._maps[i]
         return None

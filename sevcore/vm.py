@@ -5,9 +5,10 @@ raises :class:`sevcore.errors.KvmError` with the kernel's errno, naming the ioct
 changes nothing.
 """
 import bisect
+from errno import EBADF, EEXIST, EINVAL, EIO
 
 from sevcore import uapi as U
-from sevcore.errors import EBADF, EEXIST, EINVAL, EIO, ENOENT, kvm_error
+from sevcore.errors import KvmError
 from sevcore.guest_memfd import GuestMemfd
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm import TASK_SIZE_MAX, check_extension
@@ -109,9 +110,9 @@ class Vm:
     def _enter(self, ioctl):
         """The checks every VM ioctl makes first: a closed fd, a dead VM (EIO)."""
         if self.closed:
-            raise kvm_error(EBADF, ioctl, "VM fd is closed")
+            raise KvmError(EBADF, ioctl, "VM fd is closed")
         if self.dead:
-            raise kvm_error(EIO, ioctl, "VM is dead")
+            raise KvmError(EIO, ioctl, "VM is dead")
 
     # -- capabilities ----------------------------------------------------------------------------------
 
@@ -129,9 +130,9 @@ class Vm:
         a = list(args) + [0] * (4 - len(args))
         handler = self._cap_handlers().get(cap)
         if handler is None:
-            raise kvm_error(EINVAL, ioctl, f"capability {cap} cannot be enabled on a VM")
+            raise KvmError(EINVAL, ioctl, f"capability {cap} cannot be enabled on a VM")
         if flags != 0:
-            raise kvm_error(EINVAL, ioctl, "flags must be 0")
+            raise KvmError(EINVAL, ioctl, "flags must be 0")
         return handler(ioctl, a)
 
     def _cap_handlers(self):
@@ -143,7 +144,7 @@ class Vm:
 
     def _cap_exit_hypercall(self, ioctl, a):
         if a[0] & ~U.KVM_EXIT_HYPERCALL_VALID_MASK:
-            raise kvm_error(EINVAL, ioctl, f"hypercall mask {a[0]:#x} outside "
+            raise KvmError(EINVAL, ioctl, f"hypercall mask {a[0]:#x} outside "
                                            f"{U.KVM_EXIT_HYPERCALL_VALID_MASK:#x}")
         self.hypercall_exit_enabled = a[0]
         return 0
@@ -152,13 +153,13 @@ class Vm:
         allowed = (U.KVM_DIRTY_LOG_MANUAL_CAPS if a[0] & U.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
                    else U.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
         if a[0] & ~allowed:
-            raise kvm_error(EINVAL, ioctl, f"dirty-log flags {a[0]:#x} not allowed")
+            raise KvmError(EINVAL, ioctl, f"dirty-log flags {a[0]:#x} not allowed")
         self.manual_dirty_log_protect = a[0]
         return 0
 
     def _cap_user_space_msr(self, ioctl, a):
         if a[0] & ~U.KVM_MSR_EXIT_REASON_VALID_MASK:
-            raise kvm_error(EINVAL, ioctl, f"MSR exit reasons {a[0]:#x} invalid")
+            raise KvmError(EINVAL, ioctl, f"MSR exit reasons {a[0]:#x} invalid")
         self.user_space_msr_mask = a[0]
         return 0
 
@@ -171,9 +172,9 @@ class Vm:
         self._enter(ioctl)
         supported = check_extension(self.host, self, U.KVM_CAP_GUEST_MEMFD_FLAGS)
         if flags & ~supported or flags < 0:
-            raise kvm_error(EINVAL, ioctl, f"flags {flags:#x} not in {supported:#x}")
+            raise KvmError(EINVAL, ioctl, f"flags {flags:#x} not in {supported:#x}")
         if size <= 0 or size >= 1 << 63 or size % PAGE_SIZE:
-            raise kvm_error(EINVAL, ioctl, f"size {size} is not a positive page multiple")
+            raise KvmError(EINVAL, ioctl, f"size {size} is not a positive page multiple")
         return GuestMemfd(self, size, flags)
 
     # -- memory slots -----------------------------------------------------------------------------------
@@ -183,7 +184,7 @@ class Vm:
         ioctl = "KVM_SET_USER_MEMORY_REGION"
         self._enter(ioctl)
         if flags & ~(U.KVM_MEM_LOG_DIRTY_PAGES | U.KVM_MEM_READONLY):
-            raise kvm_error(EINVAL, ioctl, f"flags {flags:#x} invalid for the v1 ioctl")
+            raise KvmError(EINVAL, ioctl, f"flags {flags:#x} invalid for the v1 ioctl")
         return self._set_memory_region(ioctl, slot, flags, guest_phys_addr, memory_size,
                                        userspace_addr, 0, None)
 
@@ -197,7 +198,7 @@ class Vm:
 
     def _set_memory_region(self, ioctl, slot, flags, gpa, size, uaddr, gmem_offset, gmem):
         def fail(err, why):
-            raise kvm_error(err, ioctl, why)
+            raise KvmError(err, ioctl, why)
 
         for name, v, bits in (("slot", slot, 32), ("flags", flags, 32), ("guest_phys_addr", gpa, 64),
                               ("memory_size", size, 64), ("userspace_addr", uaddr, 64),
@@ -362,13 +363,13 @@ class Vm:
         ioctl = "KVM_SET_MEMORY_ATTRIBUTES"
         self._enter(ioctl)
         if flags != 0:
-            raise kvm_error(EINVAL, ioctl, "flags must be 0")
+            raise KvmError(EINVAL, ioctl, "flags must be 0")
         if attributes & ~self.supported_mem_attributes():
-            raise kvm_error(EINVAL, ioctl, f"attributes {attributes:#x} not supported")
+            raise KvmError(EINVAL, ioctl, f"attributes {attributes:#x} not supported")
         if size == 0 or address + size > U64 + 1 or address < 0 or size < 0:
-            raise kvm_error(EINVAL, ioctl, "empty or wrapping range")
+            raise KvmError(EINVAL, ioctl, "empty or wrapping range")
         if address % PAGE_SIZE or size % PAGE_SIZE:
-            raise kvm_error(EINVAL, ioctl, "address and size must be page aligned")
+            raise KvmError(EINVAL, ioctl, "address and size must be page aligned")
         start, end = address >> PAGE_SHIFT, (address + size) >> PAGE_SHIFT
         private = bool(attributes & U.KVM_MEMORY_ATTRIBUTE_PRIVATE)
         if (self.private.covers(start, end) if private else self.private.disjoint(start, end)):
