@@ -1,5 +1,7 @@
 import os
 
+import numpy as np
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("default", deadline=None)
@@ -14,10 +16,6 @@ def pytest_report_header(config):
     from sevcore import cpu
 
     return f"sevcore C core: detected {sorted(cpu.detected())}, active {sorted(cpu.active())}"
-
-
-import numpy as np
-import pytest
 
 
 @pytest.fixture

@@ -110,12 +110,21 @@ def test_mmap_rules(vm_flags):
         assert fd.pages == {}      # the host never got a private page
 
 
-def test_shared_mmap_and_punch(vm_flags):
+SHARED_CASES = [t for t in vm_types()
+                if sevcore.Kvm().create_vm(t).check_extension(KVM_CAP_GUEST_MEMFD_FLAGS)
+                & GUEST_MEMFD_FLAG_INIT_SHARED]
+
+
+@pytest.fixture(params=SHARED_CASES, ids=[f"type{t}" for t in SHARED_CASES])
+def shared_gmem(request):
+    """A VM whose guest_memfd can be MMAP|INIT_SHARED, with one such 4-page file."""
+    vm = sevcore.Kvm().create_vm(request.param)
+    return vm, vm.create_guest_memfd(4 * P, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
+
+
+def test_shared_mmap_and_punch(shared_gmem):
     """A.9: an INIT_SHARED mapping reads back what was written; a punched page reads zero."""
-    vm, flags = vm_flags
-    if flags != GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED:
-        pytest.skip("needs MMAP|INIT_SHARED")
-    fd = vm.create_guest_memfd(4 * P, flags)
+    vm, fd = shared_gmem
     hva = fd.mmap(4 * P, MAP_SHARED)
     vm.kvm.fill(hva, 0xaa, 4 * P)
     assert vm.kvm.read(hva, 4 * P) == b"\xaa" * (4 * P)
@@ -127,12 +136,9 @@ def test_shared_mmap_and_punch(vm_flags):
     vm.kvm.munmap(hva, 4 * P)
 
 
-def test_faults_past_end_of_file(vm_flags):
+def test_faults_past_end_of_file(shared_gmem):
     """A.10: a mapping longer than the file SIGBUSes past the end; the file part holds data."""
-    vm, flags = vm_flags
-    if flags != GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED:
-        pytest.skip("needs MMAP|INIT_SHARED")
-    fd = vm.create_guest_memfd(4 * P, flags)
+    vm, fd = shared_gmem
     hva = fd.mmap(16 * P, MAP_SHARED)
     with pytest.raises(SigBus):
         vm.kvm.fill(hva, 0xaa, 16 * P)

@@ -1,5 +1,5 @@
 """RangeSet (sevcore.ranges) against a plain Python set."""
-from hypothesis import given, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
