@@ -163,6 +163,19 @@ class GuestMemfd:
             return EIO, None
         return 0, self._page(index)
 
+    def get_pfns(self, slot, offsets):
+        """Bulk kvm_gmem_get_pfn for pages ``offsets`` (uint64, relative to the slot's base) of
+        a slot bound to this file, allocating missing pages in one batch. The caller has
+        already resolved one page of the slot through :meth:`get_pfn`."""
+        index = np.asarray(offsets, dtype=np.uint64) + np.uint64(slot.gmem_pgoff)
+        keys = index.tolist()
+        pages = self.pages
+        missing = [i for i in keys if i not in pages]
+        if missing:
+            fresh = self.host.mem.alloc(len(missing))
+            pages.update(zip(missing, fresh.tolist()))
+        return np.fromiter((pages[i] for i in keys), np.uint64, len(keys))
+
     def _page(self, index):
         pfn = self.pages.get(index)
         if pfn is None:

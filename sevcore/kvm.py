@@ -15,6 +15,7 @@ from sevcore import uapi as U
 from sevcore.errors import KvmError
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE, HostMemory
 from sevcore.memcrypt import default_tweak_table
+from sevcore.mmu import map_runs
 from sevcore.npt import NPT_WRITABLE, Npt
 
 #: Where the VMM's mmap() places mappings, and x86-64's user address limit (access_ok).
@@ -189,6 +190,22 @@ class Kvm:
         (pfn,) = self.host.mem.alloc(1)
         self._pt.map(page, int(pfn), NPT_WRITABLE)
         return int(pfn)
+
+    def hva_range_to_pfns(self, hva, npages):
+        """The frames behind ``npages`` pages of anonymous memory from ``hva``, allocating the
+        untouched ones in one batch; None if the range is not inside one anonymous mapping."""
+        m = self._mapping(hva)
+        if m is None or m.kind != "anon" or hva + (npages << PAGE_SHIFT) > m.end:
+            return None
+        first = hva >> PAGE_SHIFT
+        pages = np.arange(first, first + npages, dtype=np.uint64)
+        pfns = self._pt.lookup_batch(pages)
+        miss = np.flatnonzero(pfns == Npt.MISS)
+        if len(miss):
+            fresh = self.host.mem.alloc(len(miss))
+            pfns[miss] = fresh
+            map_runs(self._pt, pages[miss], fresh, NPT_WRITABLE)
+        return pfns
 
     def read(self, hva, size):
         """Read VMM memory at ``hva``: what the frames hold (ciphertext for SEV-private pages)."""

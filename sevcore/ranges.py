@@ -98,3 +98,12 @@ class RangeSet:
             out.append((max(self._starts[i], start), min(self._ends[i], end)))
             i += 1
         return out
+
+    def run_end(self, x, limit):
+        """The end (at most ``limit``) of the run from ``x`` whose members are all in the set
+        if ``x`` is, or all outside it if ``x`` is not."""
+        i = bisect.bisect_right(self._starts, x) - 1
+        if i >= 0 and x < self._ends[i]:
+            return min(self._ends[i], limit)
+        nxt = self._starts[i + 1] if i + 1 < len(self._starts) else limit
+        return min(nxt, limit)

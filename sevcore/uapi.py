@@ -244,4 +244,39 @@ KVM_MSR_FILTER_DEFAULT_DENY = 1 << 0
 KVM_MSR_FILTER_VALID_MASK = KVM_MSR_FILTER_DEFAULT_DENY
 KVM_MSR_FILTER_MAX_BITMAP_SIZE = 0x600
 
+# --- vCPUs, exits and exits control ---------------------------------------------------------------------------
+
+KVM_MAX_VCPUS = 4096
+KVM_MAX_VCPU_IDS = 4096
+KVM_EXIT_IO_IN = 0
+KVM_EXIT_IO_OUT = 1
+KVM_X86_DISABLE_EXITS_MWAIT = 1 << 0
+KVM_X86_DISABLE_EXITS_HLT = 1 << 1
+KVM_X86_DISABLE_EXITS_PAUSE = 1 << 2
+KVM_X86_DISABLE_EXITS_CSTATE = 1 << 3
+KVM_X86_DISABLE_VALID_EXITS = (KVM_X86_DISABLE_EXITS_MWAIT | KVM_X86_DISABLE_EXITS_HLT
+                               | KVM_X86_DISABLE_EXITS_PAUSE | KVM_X86_DISABLE_EXITS_CSTATE)
+#: Exception vectors a guest sees (arch/x86/include/asm/trapnr.h).
+GP_VECTOR = 13
+
+# --- architectural MSRs the simulated KVM emulates (arch/x86/include/asm/msr-index.h) -------------------------
+
+MSR_IA32_TSC = 0x10
+MSR_IA32_APICBASE = 0x1b
+MSR_IA32_FLUSH_CMD = 0x10b
+MSR_IA32_MISC_ENABLE = 0x1a0
+MSR_IA32_POWER_CTL = 0x1fc
+MSR_IA32_CR_PAT = 0x277
+MSR_IA32_XSS = 0xda0
+MSR_EFER = 0xc0000080
+MSR_STAR = 0xc0000081
+MSR_LSTAR = 0xc0000082
+MSR_CSTAR = 0xc0000083
+MSR_SYSCALL_MASK = 0xc0000084
+MSR_FS_BASE = 0xc0000100
+MSR_GS_BASE = 0xc0000101
+MSR_KERNEL_GS_BASE = 0xc0000102
+MSR_TSC_AUX = 0xc0000103
+L1D_FLUSH = 1 << 0
+
 __all__ = [name for name in dir() if name[:1].isupper() and not name.startswith("_")]

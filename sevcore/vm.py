@@ -5,14 +5,17 @@ raises :class:`sevcore.errors.KvmError` with the kernel's errno, naming the ioct
 changes nothing.
 """
 import bisect
-from errno import EBADF, EEXIST, EINVAL, EIO
+from errno import EBADF, EEXIST, EFAULT, EINVAL, EIO, ENOENT
+
+import numpy as np
 
 from sevcore import uapi as U
 from sevcore.errors import KvmError
 from sevcore.guest_memfd import GuestMemfd
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm import TASK_SIZE_MAX, check_extension
-from sevcore.npt import NPT_PRIVATE, Npt
+from sevcore.msr import MsrFilter
+from sevcore.npt import NPT_DIRTY_LOG, NPT_PRIVATE, Npt
 from sevcore.ranges import RangeSet
 
 U64 = (1 << 64) - 1
@@ -71,7 +74,10 @@ class Vm:
         self.hypercall_exit_enabled = 0
         self.manual_dirty_log_protect = 0
         self.user_space_msr_mask = 0
+        self.msr_filter = None
+        self.hlt_in_guest = False
         self.vcpus = []
+        self.max_gfn = KVM_MMU_MAX_GFN
         self.fd = self.host.install_fd(self)
 
     def __repr__(self):
@@ -140,6 +146,7 @@ class Vm:
             U.KVM_CAP_EXIT_HYPERCALL: self._cap_exit_hypercall,
             U.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: self._cap_manual_dirty_log,
             U.KVM_CAP_X86_USER_SPACE_MSR: self._cap_user_space_msr,
+            U.KVM_CAP_X86_DISABLE_EXITS: self._cap_disable_exits,
         }
 
     def _cap_exit_hypercall(self, ioctl, a):
@@ -161,6 +168,118 @@ class Vm:
         if a[0] & ~U.KVM_MSR_EXIT_REASON_VALID_MASK:
             raise KvmError(EINVAL, ioctl, f"MSR exit reasons {a[0]:#x} invalid")
         self.user_space_msr_mask = a[0]
+        return 0
+
+    def _cap_disable_exits(self, ioctl, a):
+        if a[0] & ~U.KVM_X86_DISABLE_VALID_EXITS:
+            raise KvmError(EINVAL, ioctl, f"exits {a[0]:#x} cannot be disabled")
+        if self.vcpus:
+            raise KvmError(EINVAL, ioctl, "exits can only be disabled before vCPUs exist")
+        if a[0] & U.KVM_X86_DISABLE_EXITS_HLT:
+            self.hlt_in_guest = True
+        return 0
+
+    def x86_set_msr_filter(self, flags, ranges=()):
+        """Mirrors ``KVM_X86_SET_MSR_FILTER``: ``ranges`` are up to 16 ``(flags, nmsrs, base,
+        bitmap)`` (or dicts); EINVAL for bad flags, as kvm_vm_ioctl_set_msr_filter checks.
+        A filter of DEFAULT_ALLOW and no ranges removes filtering."""
+        ioctl = "KVM_X86_SET_MSR_FILTER"
+        self._enter(ioctl)
+        f = MsrFilter.from_user(flags, ranges, ioctl)
+        self.msr_filter = None if f.default_allow and not f.ranges else f
+        return 0
+
+    # -- vCPUs ---------------------------------------------------------------------------------------
+
+    def create_vcpu(self, vcpu_id):
+        """Mirrors ``KVM_CREATE_VCPU``: EINVAL for an id >= KVM_MAX_VCPU_IDS or too many vCPUs,
+        EEXIST for an id in use. The vCPU starts with KVM_GET_SUPPORTED_CPUID's entries."""
+        from sevcore.vcpu import Vcpu, default_cpuid
+        ioctl = "KVM_CREATE_VCPU"
+        self._enter(ioctl)
+        if not isinstance(vcpu_id, int) or not 0 <= vcpu_id < U.KVM_MAX_VCPU_IDS:
+            raise KvmError(EINVAL, ioctl, f"vcpu_id {vcpu_id!r} >= KVM_MAX_VCPU_IDS")
+        if len(self.vcpus) >= U.KVM_MAX_VCPUS:
+            raise KvmError(EINVAL, ioctl, "KVM_MAX_VCPUS reached")
+        if any(v.vcpu_id == vcpu_id for v in self.vcpus):
+            raise KvmError(EEXIST, ioctl, f"vcpu_id {vcpu_id} exists")
+        vcpu = Vcpu(self, vcpu_id)
+        vcpu.set_cpuid2(default_cpuid(self.host))
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    # -- guest memory ------------------------------------------------------------------------------------
+
+    def has_memslots(self):
+        return bool(self.memslots)
+
+    def encryption_engine(self):
+        """The memory engine keyed for this VM's ASID, used for encrypted (C-bit) guest
+        accesses; None while no SEV context is active (accesses are then plaintext)."""
+        return None
+
+    def mark_page_dirty(self, gfn):
+        """mark_page_dirty: set ``gfn``'s bit in its slot's dirty bitmap if the slot logs."""
+        slot = self.gfn_to_memslot(gfn)
+        if slot is not None and slot.dirty_bitmap is not None:
+            slot.dirty_bitmap.set(gfn - slot.base_gfn)
+
+    def logging_slots(self):
+        """The slots with a dirty bitmap, sorted by base gfn."""
+        return [s for s in self._as_index[0] if s.dirty_bitmap is not None]
+
+    def _dirty_log_slot(self, ioctl, slot):
+        if not isinstance(slot, int) or not 0 <= slot < 1 << 32:
+            raise TypeError(f"slot must be a u32, got {slot!r}")
+        as_id, id = slot >> 16, slot & 0xffff
+        if as_id >= self.nr_memslot_as_ids or id >= U.KVM_USER_MEM_SLOTS:
+            raise KvmError(EINVAL, ioctl, f"slot {as_id}:{id} out of range")
+        s = self.memslots.get((as_id, id))
+        if s is None or s.dirty_bitmap is None:
+            raise KvmError(ENOENT, ioctl, f"slot {as_id}:{id} does not exist or is not logging")
+        return s
+
+    def get_dirty_log(self, slot):
+        """Mirrors ``KVM_GET_DIRTY_LOG``: the slot's bitmap as uint64 words (bit i = base_gfn
+        + i). Without manual protect the log is cleared as it is read. ENOENT for a slot that
+        does not log, EINVAL for a bad slot number."""
+        ioctl = "KVM_GET_DIRTY_LOG"
+        self._enter(ioctl)
+        s = self._dirty_log_slot(ioctl, slot)
+        nwords = (s.npages + 63) // 64
+        if self.manual_dirty_log_protect & U.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+            return s.dirty_bitmap.words[:nwords].copy()
+        out = s.dirty_bitmap.words[:nwords].copy()
+        s.dirty_bitmap.words[:nwords] = 0
+        return out
+
+    def clear_dirty_log(self, slot, first_page, num_pages, bitmap):
+        """Mirrors ``KVM_CLEAR_DIRTY_LOG``: clear the bits set in ``bitmap`` (uint64 words, bit
+        i = first_page + i) from the slot's log, with kvm_clear_dirty_log_protect's checks."""
+        ioctl = "KVM_CLEAR_DIRTY_LOG"
+        self._enter(ioctl)
+        if not isinstance(slot, int) or not 0 <= slot < 1 << 32:
+            raise TypeError(f"slot must be a u32, got {slot!r}")
+        as_id, id = slot >> 16, slot & 0xffff
+        if as_id >= self.nr_memslot_as_ids or id >= U.KVM_USER_MEM_SLOTS:
+            raise KvmError(EINVAL, ioctl, f"slot {as_id}:{id} out of range")
+        if first_page & 63:
+            raise KvmError(EINVAL, ioctl, "first_page must be a multiple of 64")
+        s = self._dirty_log_slot(ioctl, slot)
+        n = s.npages
+        if first_page > n or num_pages > n - first_page or \
+                (num_pages < n - first_page and num_pages & 63):
+            raise KvmError(EINVAL, ioctl, "range outside the slot or not whole words")
+        nwords = (num_pages + 63) // 64
+        words = np.asarray(bitmap, dtype=np.uint64).reshape(-1)
+        if len(words) < nwords:
+            raise KvmError(EFAULT, ioctl, "bitmap shorter than num_pages bits")
+        if nwords:
+            mask = words[:nwords].copy()
+            if num_pages & 63:
+                mask[-1] &= np.uint64((1 << (num_pages & 63)) - 1)
+            w0 = first_page >> 6
+            s.dirty_bitmap.words[w0:w0 + nwords] &= ~mask
         return 0
 
     # -- guest_memfd -----------------------------------------------------------------------------------
@@ -291,14 +410,18 @@ class Vm:
         return 0
 
     def _update_dirty_logging(self, new, old):
+        """Allocate or drop the slot's dirty bitmap and mark its NPT entries: a write through
+        an entry with NPT_DIRTY_LOG is logged (KVM write-protects instead; same observable)."""
         from sevcore.bitmap import Bitmap
         logging = new.flags & U.KVM_MEM_LOG_DIRTY_PAGES
         if logging and new.dirty_bitmap is None:
             new.dirty_bitmap = Bitmap(max(new.npages, 1))
             if self.manual_dirty_log_protect & U.KVM_DIRTY_LOG_INITIALLY_SET:
                 new.dirty_bitmap.set_range(0, new.npages)
-        elif not logging:
+            self.npt.protect_range(new.base_gfn, new.npages, set_flags=NPT_DIRTY_LOG)
+        elif not logging and new.dirty_bitmap is not None:
             new.dirty_bitmap = None
+            self.npt.protect_range(new.base_gfn, new.npages, clear_flags=NPT_DIRTY_LOG)
 
     def _overlapping(self, as_id, start, end, ignore):
         """A slot of ``as_id`` other than ``ignore`` that intersects ``[start, end)``, or None.

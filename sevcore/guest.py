@@ -1,0 +1,156 @@
+"""Guest programs: what a simulated vCPU executes.
+
+A guest program is a generator function ``fn(g, *args)``. Each guest instruction that matters to
+the host is an operation the program yields; the vCPU performs it (in the kernel or by exiting
+to user space) and sends the result back::
+
+    def guest_code(g, gpa):
+        yield g.write(gpa, b"\\xaa" * 4096)
+        ret = yield g.hypercall(KVM_HC_MAP_GPA_RANGE, gpa, 1, KVM_MAP_GPA_RANGE_ENCRYPTED)
+        data = yield g.read(gpa, 8)
+        assert data == b"\\xaa" * 8, "private page lost its contents"   # -> UCALL_ABORT
+        yield g.sync(1)                                            # -> KVM_EXIT_IO, UCALL_SYNC
+        yield g.done()
+
+A guest exception (a failed ``assert`` included) reaches the host as ``UCALL_ABORT`` with its
+message, as a selftest's ``GUEST_ASSERT`` does. ``rdmsr``/``wrmsr`` raise :class:`GuestException`
+inside the guest on #GP; ``rdmsr_safe``/``wrmsr_safe`` return the vector instead, like the
+selftests' helpers.
+
+Bulk operations (``fill``, ``write_pattern``, ``check_pattern``, ``stamp``, ``digest``) touch
+many pages in one operation, executed in C through the NPT.
+"""
+from typing import NamedTuple
+
+from sevcore.uapi import GP_VECTOR
+
+UCALL_SYNC = "sync"
+UCALL_DONE = "done"
+UCALL_ABORT = "abort"
+
+
+class GuestException(Exception):
+    """An exception delivered to the guest (``vector`` is the x86 vector, 13 for #GP)."""
+
+    def __init__(self, vector, what):
+        super().__init__(f"vector {vector} on {what}")
+        self.vector = vector
+
+
+class Op(NamedTuple):
+    """One guest operation: ``kind`` and its arguments."""
+    kind: str
+    args: tuple
+
+
+class Guest:
+    """The ``g`` a guest program receives: builds the operations it yields."""
+
+    __slots__ = ("vcpu",)
+
+    def __init__(self, vcpu):
+        self.vcpu = vcpu
+
+    @property
+    def vcpu_id(self):
+        return self.vcpu.vcpu_id
+
+    # -- memory -------------------------------------------------------------------------------------
+
+    def read(self, gpa, size):
+        """Read ``size`` bytes at ``gpa`` (with the C-bit / shared bit as the VM type wants)."""
+        return Op("read", (_u64(gpa, "gpa"), _size(size)))
+
+    def write(self, gpa, data):
+        """Write ``data`` at ``gpa``."""
+        return Op("write", (_u64(gpa, "gpa"), bytes(data)))
+
+    def fill(self, gpa, npages, pattern):
+        """Bulk: every 8-byte word of ``npages`` pages from page-aligned ``gpa`` = ``pattern``."""
+        return Op("bulk", ("fill", _page_gpa(gpa), _size(npages), _u64(pattern, "pattern")))
+
+    def write_pattern(self, gpa, npages, seed):
+        """Bulk: write each page's deterministic per-gfn pattern for ``seed``."""
+        return Op("bulk", ("pattern", _page_gpa(gpa), _size(npages), _u64(seed, "seed")))
+
+    def check_pattern(self, gpa, npages, seed):
+        """Bulk: compare the pages with their ``seed`` pattern; returns the mismatching page
+        count and the index of the first (None if all match)."""
+        return Op("bulk", ("check", _page_gpa(gpa), _size(npages), _u64(seed, "seed")))
+
+    def stamp(self, gpa, npages, value):
+        """Bulk: write ``value`` in the first 8 bytes of each page (dirties without rewriting)."""
+        return Op("bulk", ("stamp", _page_gpa(gpa), _size(npages), _u64(value, "value")))
+
+    def stamp_pages(self, gpas, value):
+        """Bulk: :meth:`stamp` on a list of page-aligned GPAs (e.g. a random dirty set)."""
+        return Op("bulk_list", ("stamp", gpas, _u64(value, "value")))
+
+    def digest(self, gpa, npages):
+        """Bulk: a 64-bit hash of each page's contents (a numpy uint64 array)."""
+        return Op("bulk", ("digest", _page_gpa(gpa), _size(npages), 0))
+
+    # -- instructions ------------------------------------------------------------------------------
+
+    def hypercall(self, nr, a0=0, a1=0, a2=0, a3=0):
+        """VMMCALL with ``nr`` in RAX and a0-a3 in RBX, RCX, RDX, RSI; returns RAX."""
+        return Op("hypercall", tuple(_u64(v, "hypercall argument") for v in (nr, a0, a1, a2, a3)))
+
+    def rdmsr(self, index):
+        """RDMSR; a #GP raises :class:`GuestException` in the guest."""
+        return Op("rdmsr", (_u32(index), False))
+
+    def wrmsr(self, index, value):
+        """WRMSR; a #GP raises :class:`GuestException` in the guest."""
+        return Op("wrmsr", (_u32(index), _u64(value, "value"), False))
+
+    def rdmsr_safe(self, index):
+        """RDMSR returning ``(vector, value)``: vector 0, or GP_VECTOR on #GP."""
+        return Op("rdmsr", (_u32(index), True))
+
+    def wrmsr_safe(self, index, value):
+        """WRMSR returning the vector: 0, or GP_VECTOR on #GP."""
+        return Op("wrmsr", (_u32(index), _u64(value, "value"), True))
+
+    # -- ucalls -------------------------------------------------------------------------------------
+
+    def sync(self, *values):
+        """GUEST_SYNC: exit to the host with ``values`` (KVM_EXIT_IO, UCALL_SYNC)."""
+        return Op("ucall", (UCALL_SYNC, values))
+
+    def done(self):
+        """GUEST_DONE."""
+        return Op("ucall", (UCALL_DONE, ()))
+
+    def abort(self, message):
+        """GUEST_FAIL: report ``message`` to the host as UCALL_ABORT."""
+        return Op("ucall", (UCALL_ABORT, (str(message),)))
+
+
+def _u64(v, what):
+    if not isinstance(v, int) or not 0 <= v < 1 << 64:
+        raise ValueError(f"{what} must be a u64, got {v!r}")
+    return v
+
+
+def _u32(v):
+    if not isinstance(v, int) or not 0 <= v < 1 << 32:
+        raise ValueError(f"MSR index must be a u32, got {v!r}")
+    return v
+
+
+def _size(n):
+    if not isinstance(n, int) or n < 0:
+        raise ValueError(f"size must be a non-negative int, got {n!r}")
+    return n
+
+
+def _page_gpa(gpa):
+    gpa = _u64(gpa, "gpa")
+    if gpa & 0xfff:
+        raise ValueError(f"bulk operations take a page-aligned gpa, got {gpa:#x}")
+    return gpa
+
+
+__all__ = ["Guest", "GuestException", "Op", "UCALL_SYNC", "UCALL_DONE", "UCALL_ABORT",
+           "GP_VECTOR"]

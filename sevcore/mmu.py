@@ -1,0 +1,182 @@
+"""The x86 TDP MMU's fault path for a simulated VM (arch/x86/kvm/mmu/mmu.c).
+
+A guest access is decoded into a gfn and an ``is_private`` bit as ``spec/kvm-uapi.md`` section
+5.2 says for the VM type, then looked up in the VM's NPT. A miss (or an entry of the wrong kind,
+or a write through a read-only entry) takes :func:`faultin`, which follows
+``kvm_mmu_faultin_pfn`` (section 5.3) step by step: the attribute mismatch check, the no-slot
+case, guest_memfd for private (and gmem-only) slots, the slot's HVA for shared ones. Failures are
+reported the way KVM reports them: :class:`MemoryFault` carries the errno ``KVM_RUN`` fails with
+and the ``memory_fault`` exit KVM prepared; :class:`MmioAccess` means the access is emulated as
+MMIO and exits to user space.
+
+:func:`faultin_run` is the batched form the bulk guest operations use: it resolves the first page
+exactly as :func:`faultin` does and then, for the rest of the run that shares its slot, its
+attribute and its backing, allocates and maps all missing pages at once.
+"""
+from errno import EFAULT
+
+import numpy as np
+
+from sevcore import uapi as U
+from sevcore.errors import SigBus
+from sevcore.hostmem import PAGE_SHIFT
+from sevcore.npt import NPT_DIRTY_LOG, NPT_PRIVATE, NPT_WRITABLE, Npt
+
+MISS = Npt.MISS
+
+#: The GPA bit that marks a TDX access shared (GPAW 48: bit 47).
+TDX_SHARED_BIT = 47
+
+
+class MemoryFault(Exception):
+    """KVM_RUN fails with ``errno`` after kvm_prepare_memory_fault_exit(gpa, 4096, private)."""
+
+    def __init__(self, errno, gpa, private, why):
+        super().__init__(why)
+        self.errno, self.gpa, self.private, self.why = errno, gpa, private, why
+
+    @property
+    def flags(self):
+        return U.KVM_MEMORY_EXIT_FLAG_PRIVATE if self.private else 0
+
+
+class MmioAccess(Exception):
+    """The access hits no memory (no slot, or a write to a read-only slot): emulated MMIO."""
+
+    def __init__(self, gpa):
+        super().__init__(f"MMIO at gpa {gpa:#x}")
+        self.gpa = gpa
+
+
+def decode_gpa(vm, gpa):
+    """The guest physical address an access reaches and how: ``(gpa, is_private, encrypted)``.
+
+    SEV/SEV-ES: the C-bit selects the guest's key, never a private fault. SNP: the C-bit makes
+    the access private (and encrypted). TDX: a clear shared bit makes it private. SW_PROTECTED:
+    private follows the gfn's attribute. DEFAULT: shared, plaintext.
+    """
+    t = vm.type
+    if t in (U.KVM_X86_SEV_VM, U.KVM_X86_SEV_ES_VM, U.KVM_X86_SNP_VM):
+        c = 1 << vm.host.c_bit
+        enc = bool(gpa & c)
+        gpa &= ~c
+        return gpa, enc and t == U.KVM_X86_SNP_VM, enc
+    if t == U.KVM_X86_TDX_VM:
+        s = 1 << TDX_SHARED_BIT
+        private = not gpa & s
+        return gpa & ~s, private, False
+    if t == U.KVM_X86_SW_PROTECTED_VM:
+        return gpa, vm.mem_is_private(gpa >> PAGE_SHIFT), False
+    return gpa, False, False
+
+
+def entry_serves(flags, private, write):
+    """Whether a present NPT entry with ``flags`` serves this access without a fault."""
+    return bool(flags & NPT_PRIVATE) == private and (not write or flags & NPT_WRITABLE)
+
+
+def _gmem_only(slot):
+    f = slot.gmem_file
+    return f is not None and f.flags & U.GUEST_MEMFD_FLAG_MMAP
+
+
+def faultin(vm, gfn, private, write):
+    """kvm_mmu_faultin_pfn for one page: the ``(pfn, npt_flags)`` to install.
+
+    Raises MemoryFault (EFAULT, EIO ...) or MmioAccess exactly where KVM would."""
+    gpa = gfn << PAGE_SHIFT
+    # 2. Attribute mismatch, before the memslot is looked at.
+    if private != vm.mem_is_private(gfn):
+        raise MemoryFault(EFAULT, gpa, private,
+                          "private access to a shared gfn" if private
+                          else "shared access to a private gfn")
+    slot = vm.gfn_to_memslot(gfn) if gfn <= vm.max_gfn else None
+    # 3. No slot: private accesses may not be emulated as MMIO.
+    if slot is None:
+        if private:
+            raise MemoryFault(EFAULT, gpa, True, "private access with no memslot")
+        raise MmioAccess(gpa)
+    flags = 0 if slot.flags & U.KVM_MEM_READONLY else NPT_WRITABLE
+    if slot.dirty_bitmap is not None:
+        flags |= NPT_DIRTY_LOG
+    # 5. Private or gmem-only: guest_memfd.
+    if private or _gmem_only(slot):
+        if not slot.flags & U.KVM_MEM_GUEST_MEMFD:
+            raise MemoryFault(EFAULT, gpa, private, "private access to a slot without gmem")
+        file = slot.gmem_file
+        if file is None:
+            raise MemoryFault(EFAULT, gpa, private, "the slot's guest_memfd was closed")
+        err, pfn = file.get_pfn(slot, gfn)
+        if err:
+            raise MemoryFault(err, gpa, private, "kvm_gmem_get_pfn failed")
+        return pfn, flags | (NPT_PRIVATE if private else 0)
+    # 6. Shared: the slot's HVA, through the VMM's page tables.
+    if write and slot.flags & U.KVM_MEM_READONLY:
+        raise MmioAccess(gpa)
+    hva = slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT)
+    try:
+        pfn = vm.kvm.hva_to_pfn(hva, write=write)
+    except (OSError, SigBus) as e:
+        raise MemoryFault(EFAULT, gpa, False, f"hva {hva:#x} cannot be faulted in: {e}") from None
+    return pfn, flags
+
+
+def translate(vm, gfn, private, write):
+    """The host pfn and NPT flags serving an access to ``gfn``, faulting it in if needed."""
+    hit = vm.npt.lookup(gfn) if gfn <= vm.max_gfn else None
+    if hit is not None and entry_serves(hit[1], private, write):
+        return hit
+    pfn, flags = faultin(vm, gfn, private, write)
+    vm.npt.map(gfn, pfn, flags)
+    return pfn, flags
+
+
+def faultin_run(vm, gfn, npages, private, write):
+    """Fault in ``gfn`` (raising as :func:`faultin`) and the pages after it that share its
+    slot, attribute and backing, up to ``npages`` in all. Returns how many were resolved."""
+    pfn, flags = faultin(vm, gfn, private, write)
+    vm.npt.map(gfn, pfn, flags)
+    slot = vm.gfn_to_memslot(gfn)
+    end = min(gfn + npages, slot.end_gfn)
+    if vm.has_private_mem:
+        end = vm.private.run_end(gfn, end)
+    if end - gfn <= 1:
+        return 1
+    rest = np.arange(gfn + 1, end, dtype=np.uint64)
+    pfns, eflags = vm.npt.lookup_batch(rest, with_flags=True)
+    need = pfns == MISS
+    need |= (eflags & NPT_PRIVATE != 0) != private
+    if write:
+        need |= eflags & NPT_WRITABLE == 0
+    todo = rest[need]
+    if len(todo) == 0:
+        return end - gfn
+    offsets = todo - np.uint64(slot.base_gfn)
+    if private or _gmem_only(slot):
+        new = slot.gmem_file.get_pfns(slot, offsets)
+    else:
+        new = vm.kvm.hva_range_to_pfns(slot.userspace_addr + ((gfn + 1 - slot.base_gfn)
+                                                             << PAGE_SHIFT), end - gfn - 1)
+        if new is None:        # not one anonymous mapping: page by page
+            for i, g in enumerate(todo.tolist()):
+                try:
+                    translate(vm, g, private, write)
+                except (MemoryFault, MmioAccess):
+                    return g - gfn
+            return end - gfn
+        new = new[todo - np.uint64(gfn + 1)]
+    map_runs(vm.npt, todo, new, flags)
+    return end - gfn
+
+
+def map_runs(npt, gfns, pfns, flags):
+    """Install ``gfns[i] -> pfns[i]``, one call per run that is contiguous in both."""
+    if len(gfns) == 0:
+        return
+    gfns = np.asarray(gfns, dtype=np.uint64)
+    pfns = np.asarray(pfns, dtype=np.uint64)
+    brk = np.flatnonzero((np.diff(gfns) != 1) | (np.diff(pfns) != 1)) + 1
+    starts = np.concatenate(([0], brk))
+    ends = np.concatenate((brk, [len(gfns)]))
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        npt.map(int(gfns[s]), int(pfns[s]), flags, npages=e - s)
