@@ -240,6 +240,11 @@ class Kvm:
         self.write(hva, bytes([byte]) * size)
 
 
+#: kvm_get_allowed_disable_exits without mitigate_smt_rsb and without MWAIT passthrough.
+KVM_ALLOWED_DISABLE_EXITS = (U.KVM_X86_DISABLE_EXITS_PAUSE | U.KVM_X86_DISABLE_EXITS_HLT
+                             | U.KVM_X86_DISABLE_EXITS_CSTATE)
+
+
 def _gmem_flags(vm):
     flags = U.GUEST_MEMFD_FLAG_MMAP
     if vm is None or not vm.has_private_mem:
@@ -277,6 +282,7 @@ def check_extension(host, vm, cap):
         U.KVM_CAP_X86_USER_SPACE_MSR: 1,
         U.KVM_CAP_X86_MSR_FILTER: 1,
         U.KVM_CAP_ENFORCE_PV_FEATURE_CPUID: 1,
+        U.KVM_CAP_X86_DISABLE_EXITS: KVM_ALLOWED_DISABLE_EXITS,
         U.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM: 1,
         U.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM: 1,
     }

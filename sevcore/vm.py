@@ -13,7 +13,7 @@ from sevcore import uapi as U
 from sevcore.errors import KvmError
 from sevcore.guest_memfd import GuestMemfd
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
-from sevcore.kvm import TASK_SIZE_MAX, check_extension
+from sevcore.kvm import KVM_ALLOWED_DISABLE_EXITS, TASK_SIZE_MAX, check_extension
 from sevcore.msr import MsrFilter
 from sevcore.npt import NPT_DIRTY_LOG, NPT_PRIVATE, Npt
 from sevcore.ranges import RangeSet
@@ -171,7 +171,7 @@ class Vm:
         return 0
 
     def _cap_disable_exits(self, ioctl, a):
-        if a[0] & ~U.KVM_X86_DISABLE_VALID_EXITS:
+        if a[0] & ~KVM_ALLOWED_DISABLE_EXITS:
             raise KvmError(EINVAL, ioctl, f"exits {a[0]:#x} cannot be disabled")
         if self.vcpus:
             raise KvmError(EINVAL, ioctl, "exits can only be disabled before vCPUs exist")

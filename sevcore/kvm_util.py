@@ -1,0 +1,71 @@
+"""Helpers named after the KVM selftests' library (tools/testing/selftests/kvm/lib/kvm_util.c),
+so that a selftest ports line by line: ``vm_mem_add``, ``addr_gpa2hva``,
+``vm_guest_mem_fallocate``, ``vm_mem_set_private`` ...
+
+Each helper asserts success the way the library does: a failing ioctl raises its OSError.
+"""
+from sevcore import uapi as U
+from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
+
+
+def vm_mem_add(vm, gpa, slot, npages, flags=0, guest_memfd=None, guest_memfd_offset=0):
+    """Back ``npages`` at ``gpa`` with fresh anonymous VMM memory and add them as memslot
+    ``slot`` (``KVM_SET_USER_MEMORY_REGION2``). With ``KVM_MEM_GUEST_MEMFD`` and no file, a
+    guest_memfd of the region's size is created. Returns the memslot's HVA."""
+    size = npages << PAGE_SHIFT
+    hva = vm.kvm.mmap(size)
+    if flags & U.KVM_MEM_GUEST_MEMFD and guest_memfd is None:
+        guest_memfd = vm.create_guest_memfd(size, 0)
+        guest_memfd_offset = 0
+    vm.set_user_memory_region2(slot, flags, gpa, size, hva, guest_memfd_offset, guest_memfd)
+    return hva
+
+
+def addr_gpa2hva(vm, gpa):
+    """The VMM address that backs ``gpa`` through its memslot (address space 0)."""
+    s = vm.gfn_to_memslot(gpa >> PAGE_SHIFT)
+    if s is None:
+        raise LookupError(f"no memslot covers gpa {gpa:#x}")
+    return s.userspace_addr + (gpa - (s.base_gfn << PAGE_SHIFT))
+
+
+def vm_guest_mem_fallocate(vm, gpa, size, punch_hole):
+    """fallocate() the guest_memfd ranges behind ``[gpa, gpa + size)``, slot by slot, with
+    ``KEEP_SIZE`` (and ``PUNCH_HOLE`` if ``punch_hole``)."""
+    mode = U.FALLOC_FL_KEEP_SIZE | (U.FALLOC_FL_PUNCH_HOLE if punch_hole else 0)
+    end = gpa + size
+    while gpa < end:
+        s = vm.gfn_to_memslot(gpa >> PAGE_SHIFT)
+        if s is None or not s.flags & U.KVM_MEM_GUEST_MEMFD or s.gmem_file is None:
+            raise LookupError(f"gpa {gpa:#x} is not backed by a guest_memfd slot")
+        slot_end = s.end_gfn << PAGE_SHIFT
+        n = min(end, slot_end) - gpa
+        offset = (s.gmem_pgoff << PAGE_SHIFT) + (gpa - (s.base_gfn << PAGE_SHIFT))
+        s.gmem_file.fallocate(mode, offset, n)
+        gpa += n
+
+
+def vm_set_memory_attributes(vm, gpa, size, attributes):
+    return vm.set_memory_attributes(gpa, size, attributes, 0)
+
+
+def vm_mem_set_private(vm, gpa, size):
+    return vm.set_memory_attributes(gpa, size, U.KVM_MEMORY_ATTRIBUTE_PRIVATE, 0)
+
+
+def vm_mem_set_shared(vm, gpa, size):
+    return vm.set_memory_attributes(gpa, size, 0, 0)
+
+
+def vm_create_with_vcpus(kvm, type, nr_vcpus, guest_code=None, *args):
+    """A VM of ``type`` with vCPUs 0..nr_vcpus-1, each loaded with ``guest_code(g, *args)``."""
+    vm = kvm.create_vm(type)
+    vcpus = [vm.create_vcpu(i) for i in range(nr_vcpus)]
+    if guest_code is not None:
+        for v in vcpus:
+            v.set_guest_code(guest_code, *args)
+    return vm, vcpus
+
+
+__all__ = ["vm_mem_add", "addr_gpa2hva", "vm_guest_mem_fallocate", "vm_set_memory_attributes",
+           "vm_mem_set_private", "vm_mem_set_shared", "vm_create_with_vcpus", "PAGE_SIZE"]
