@@ -207,8 +207,31 @@ class Kvm:
             map_runs(self._pt, pages[miss], fresh, NPT_WRITABLE)
         return pfns
 
+    def _anon_span(self, hva, size):
+        """``(first page, page count, offset in first page)`` if ``[hva, hva + size)`` lies in
+        one anonymous mapping, else None (the page-by-page path handles it)."""
+        m = self._mapping(hva)
+        if m is None or m.kind != "anon" or hva + size > m.end or size == 0:
+            return None
+        first = hva >> PAGE_SHIFT
+        last = (hva + size - 1) >> PAGE_SHIFT
+        return first, last - first + 1, hva & (PAGE_SIZE - 1)
+
     def read(self, hva, size):
-        """Read VMM memory at ``hva``: what the frames hold (ciphertext for SEV-private pages)."""
+        """Read VMM memory at ``hva``: what the frames hold (ciphertext for SEV-private pages).
+        Untouched anonymous pages read as zeroes and stay unallocated."""
+        span = self._anon_span(hva, size)
+        if span is None:
+            return self._read_pages(hva, size)
+        first, npages, off = span
+        pfns = self._pt.lookup_batch(np.arange(first, first + npages, dtype=np.uint64))
+        hit = np.flatnonzero(pfns != Npt.MISS)
+        pages = np.zeros((npages, PAGE_SIZE), np.uint8)
+        if len(hit):
+            pages[hit] = self.host.mem.frames.reshape(-1, PAGE_SIZE)[pfns[hit]]
+        return pages.reshape(-1)[off:off + size].tobytes()
+
+    def _read_pages(self, hva, size):
         out = bytearray(size)
         pos = 0
         while pos < size:
@@ -224,7 +247,27 @@ class Kvm:
 
     def write(self, hva, data):
         """Write VMM memory at ``hva``, allocating frames on first touch."""
-        data = memoryview(data).cast("B")
+        data = np.frombuffer(memoryview(data).cast("B"), np.uint8)
+        size = len(data)
+        span = self._anon_span(hva, size)
+        if span is None:
+            return self._write_pages(hva, data)
+        first, npages, off = span
+        pfns = self.hva_range_to_pfns(first << PAGE_SHIFT, npages)
+        frames = self.host.mem.frames
+        head = min(PAGE_SIZE - off, size)
+        spa = (int(pfns[0]) << PAGE_SHIFT) + off
+        frames[spa:spa + head] = data[:head]
+        full = (size - head) >> PAGE_SHIFT
+        if full:
+            frames.reshape(-1, PAGE_SIZE)[pfns[1:1 + full]] = \
+                data[head:head + (full << PAGE_SHIFT)].reshape(full, PAGE_SIZE)
+        tail = size - head - (full << PAGE_SHIFT)
+        if tail:
+            spa = int(pfns[-1]) << PAGE_SHIFT
+            frames[spa:spa + tail] = data[size - tail:]
+
+    def _write_pages(self, hva, data):
         pos = 0
         while pos < len(data):
             addr = hva + pos
@@ -232,7 +275,7 @@ class Kvm:
             n = min(PAGE_SIZE - off, len(data) - pos)
             pfn = self.hva_to_pfn(addr, write=True)
             spa = (pfn << PAGE_SHIFT) + off
-            self.host.mem.frames[spa:spa + n] = np.frombuffer(data[pos:pos + n], np.uint8)
+            self.host.mem.frames[spa:spa + n] = data[pos:pos + n]
             pos += n
 
     def fill(self, hva, byte, size):
