@@ -119,6 +119,7 @@ class GuestAssertionError(AssertionError):
     """A guest program's assertion, reported through UCALL_ABORT."""
 
 
+_BULK_OPS = {"fill": 3, "pattern": 4, "check": 5, "stamp": 6, "digest": 7}
 _EXIT = object()      # an operation stopped the run loop with an exit prepared
 _THROW = object()     # an operation ends by raising an exception in the guest
 
@@ -431,8 +432,63 @@ class Vcpu:
         return _EXIT
 
     def _bulk(self, kind, args):
-        from sevcore.guestmem import bulk_access
-        return bulk_access(self, kind, args)
+        """A bulk operation: the C page kernel runs until a page needs the fault path, which
+        maps the rest of that page's run in one batch, and resumes (progress survives exits)."""
+        from sevcore import guestmem as gm
+        vm = self.vm
+        if kind == "bulk":
+            name, gpa, n, arg = args
+            gpas = None
+        else:
+            name, gpas, arg = args
+            gpas = np.asarray(gpas, dtype=np.uint64).reshape(-1)
+            n = len(gpas)
+        op = _BULK_OPS[name]
+        write = op in gm.WRITE_OPS
+        st = self._progress
+        if st is None:
+            st = self._progress = {"done": 0, "check": [0, None],
+                                   "digest": np.zeros(n, np.uint64) if name == "digest" else None}
+        ops = vm.page_ops()
+        out2 = np.zeros(2, np.uint64)
+        while st["done"] < n:
+            done = st["done"]
+            first = gpa + (done << PAGE_SHIFT) if gpas is None else int(gpas[done])
+            if first & (PAGE_SIZE - 1):
+                raise ValueError(f"bulk {name}: gpa {first:#x} is not page aligned")
+            real, private, encrypted = decode_gpa(vm, first)
+            engine = vm.encryption_engine() if encrypted else None
+            gfn = real >> PAGE_SHIFT
+            if gpas is None:
+                call = {"gfn0": gfn, "n": n - done}
+            else:
+                # The whole list shares the first page's C-bit / shared bit.
+                tag = first - real
+                call = {"gfns": (gpas[done:] - np.uint64(tag)) >> np.uint64(PAGE_SHIFT)}
+            out = st["digest"][done:] if name == "digest" else out2 if name == "check" else None
+            k = ops.run(op, private=private, engine=engine, arg=arg, out=out, **call)
+            if name == "check" and k:
+                st["check"][0] += int(out2[0])
+                if st["check"][1] is None and int(out2[1]) != gm.NO_MISMATCH:
+                    st["check"][1] = done + int(out2[1])
+            st["done"] = done + k
+            if st["done"] == n:
+                break
+            g = (gfn + k) if gpas is None else int(call["gfns"][k])
+            _, private, _ = decode_gpa(vm, (g << PAGE_SHIFT) | (first - real))
+            try:
+                if g > vm.max_gfn:
+                    raise MmioAccess(g << PAGE_SHIFT)
+                faultin_run(vm, g, n - st["done"] if gpas is None else 1, private, write)
+            except MmioAccess as e:
+                # Bulk operations are for RAM; the guest sees the failure as an exception.
+                self._throw = RuntimeError(f"bulk {name} reached MMIO at gpa {e.gpa:#x}")
+                return _THROW
+        if name == "check":
+            return st["check"][0], st["check"][1]
+        if name == "digest":
+            return st["digest"]
+        return None
 
     # -- hypercalls ---------------------------------------------------------------------------------
 

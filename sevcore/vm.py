@@ -78,6 +78,8 @@ class Vm:
         self.hlt_in_guest = False
         self.vcpus = []
         self.max_gfn = KVM_MMU_MAX_GFN
+        self._page_ops = None
+        self._page_ops_slots = None
         self.fd = self.host.install_fd(self)
 
     def __repr__(self):
@@ -98,6 +100,9 @@ class Vm:
             if slot.gmem_file is not None:
                 slot.gmem_file.unbind(slot)
         self.memslots.clear()
+        if self._page_ops is not None:
+            self._page_ops.close()
+            self._page_ops = None
         self.npt.close()
 
     @property
@@ -209,6 +214,18 @@ class Vm:
         return vcpu
 
     # -- guest memory ------------------------------------------------------------------------------------
+
+    def page_ops(self):
+        """The C page kernel bound to this VM's NPT and dirty bitmaps (sevcore.guestmem)."""
+        from sevcore.guestmem import GuestPageOps
+        if self._page_ops is None:
+            self._page_ops = GuestPageOps(self.npt, self.host.mem.frames)
+        key = [(s.base_gfn, s.npages, id(s.dirty_bitmap)) for s in self.logging_slots()]
+        if key != self._page_ops_slots:
+            self._page_ops.set_dirty_slots([(s.base_gfn, s.npages, s.dirty_bitmap.words)
+                                            for s in self.logging_slots()])
+            self._page_ops_slots = key
+        return self._page_ops
 
     def has_memslots(self):
         return bool(self.memslots)
