@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 #: The C-core ABI this Python package was written against (csrc/sevcore.h SC_ABI_VERSION).
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 if lib.sc_abi_version() != ABI_VERSION or lib.SC_ABI_VERSION != ABI_VERSION:
     raise ImportError(
@@ -139,9 +139,12 @@ def memcrypt_split(eng, data, out, spas, parts):
                      for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+_AES_IMPLS = {lib.SC_MEM_IMPL_PORTABLE: "portable", lib.SC_MEM_IMPL_AESNI: "aesni",
+              lib.SC_MEM_IMPL_VAES: "vaes"}
+
+
 def memcrypt_impl():
-    return {lib.SC_MEM_IMPL_PORTABLE: "portable", lib.SC_MEM_IMPL_AESNI: "aesni",
-            lib.SC_MEM_IMPL_VAES: "vaes"}[lib.sc_memcrypt_impl()]
+    return _AES_IMPLS[lib.sc_memcrypt_impl()]
 
 
 # --- Bitmaps (csrc/bitmap.h) ------------------------------------------------------------------
@@ -392,3 +395,74 @@ NPT_FLAGS = {
     "DIRTY_LOG": lib.SC_NPT_DIRTY_LOG,
 }
 NPT_FLAGS_MASK = lib.SC_NPT_FLAGS_MASK
+
+
+# --- SEV transport packets (csrc/sevpkt.h) -----------------------------------------------------
+# Buffers go to C as they are (any buffer-protocol object, no copy); sevcore/sevpkt.py checks
+# sizes first and turns the return codes of seal/open into its packet errors.
+
+PKT_HDR_SIZE = lib.SC_SEVPKT_HDR_SIZE
+PKT_IV_SIZE = lib.SC_SEVPKT_IV_SIZE
+PKT_MAC_SIZE = lib.SC_SEVPKT_MAC_SIZE
+PKT_MEASURE_SIZE = lib.SC_SEVPKT_MEASURE_SIZE
+PKT_MAX_LEN = lib.SC_SEVPKT_MAX_LEN
+PKT_CTX = {"SECRET": lib.SC_SEVPKT_CTX_SECRET, "DATA": lib.SC_SEVPKT_CTX_DATA,
+           "VMSA": lib.SC_SEVPKT_CTX_VMSA}
+SHA256_SIZE = lib.SC_SHA256_SIZE
+
+
+def _in(buf, what):
+    return ffi.NULL if buf is None else buffer_ptr(buf, what)
+
+
+def sha256(data):
+    src = buffer_ptr(data, "data")
+    out = ffi.new("uint8_t[]", SHA256_SIZE)
+    check(lib.sc_sha256(src, len(src), out), "sc_sha256")
+    return bytes(ffi.buffer(out))
+
+
+def hmac_sha256(key, data):
+    k, src = buffer_ptr(key, "key"), buffer_ptr(data, "data")
+    out = ffi.new("uint8_t[]", SHA256_SIZE)
+    check(lib.sc_hmac_sha256(k, len(k), src, len(src), out), "sc_hmac_sha256")
+    return bytes(ffi.buffer(out))
+
+
+def aes128_ctr(key, iv, data, out):
+    """CTR-crypt ``data`` into ``out`` (a new bytearray if None; ``data`` for in place). The
+    caller has checked the key and IV lengths. Returns ``(rc, out)``."""
+    src = buffer_ptr(data, "data", writable=out is data)
+    if out is None:
+        out = bytearray(len(src))
+    dst = src if out is data else buffer_ptr(out, "out", True)
+    if len(dst) != len(src):
+        raise ValueError(f"out holds {len(dst)} bytes, data {len(src)}")
+    return lib.sc_aes128_ctr(key, iv, src, len(src), dst), out
+
+
+def sevpkt_seal(tek, tik, ctx, measure, pt, len_per_pkt, n, ivs, hdrs, ct):
+    """sc_sevpkt_seal over buffers whose sizes the caller has checked; returns the C code."""
+    src = buffer_ptr(pt, "plaintext", writable=ct is pt)
+    dst = src if ct is pt else buffer_ptr(ct, "ciphertext out", True)
+    return lib.sc_sevpkt_seal(tek, tik, ctx, _in(measure, "measure"), src, len_per_pkt, n,
+                              buffer_ptr(ivs, "ivs"), buffer_ptr(hdrs, "headers out", True), dst)
+
+
+def sevpkt_open(tek, tik, ctx, measure, hdrs, ct, len_per_pkt, n, pt):
+    """sc_sevpkt_open over checked buffers; returns ``(rc, index of the refused packet)``."""
+    src = buffer_ptr(ct, "ciphertext", writable=pt is ct)
+    dst = src if pt is ct else buffer_ptr(pt, "plaintext out", True)
+    bad = ffi.new("uint64_t *")
+    rc = lib.sc_sevpkt_open(tek, tik, ctx, _in(measure, "measure"), buffer_ptr(hdrs, "headers"),
+                            src, len_per_pkt, n, dst, bad)
+    return rc, bad[0]
+
+
+def sha256_impl():
+    return {lib.SC_SHA256_IMPL_PORTABLE: "portable",
+            lib.SC_SHA256_IMPL_SHANI: "shani"}[lib.sc_sha256_impl()]
+
+
+def aes128_ctr_impl():
+    return _AES_IMPLS[lib.sc_aes128_ctr_impl()]
