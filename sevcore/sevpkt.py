@@ -32,7 +32,7 @@ MAX_LEN = _b.PKT_MAX_LEN
 CTX_SECRET = _b.PKT_CTX["SECRET"]
 CTX_DATA = _b.PKT_CTX["DATA"]
 CTX_VMSA = _b.PKT_CTX["VMSA"]
-KEY_SIZE = 16
+KEY_SIZE = _b.PKT_KEY_SIZE
 
 
 class PacketError(OSError):
@@ -60,22 +60,6 @@ class PacketFlagsError(PacketError):
         self.flags = flags
 
 
-def _nbytes(buf, what):
-    try:
-        return memoryview(buf).nbytes
-    except TypeError:
-        raise TypeError(f"{what} must be a buffer (bytes, bytearray, memoryview, numpy array), "
-                        f"not {type(buf).__name__}") from None
-
-
-def _fixed(buf, size, what):
-    """``buf`` as bytes, which must be exactly ``size`` bytes long."""
-    nbytes = _nbytes(buf, what)
-    if nbytes != size:
-        raise ValueError(f"{what} must be {size} bytes, got {nbytes}")
-    return buf if isinstance(buf, bytes) else memoryview(buf).tobytes()
-
-
 def _ctx(ctx):
     try:
         ctx = operator.index(ctx)
@@ -84,38 +68,6 @@ def _ctx(ctx):
     if not 0 <= ctx <= 255:
         raise ValueError(f"ctx must be a byte (0..255), not {ctx}")
     return ctx
-
-
-def _measure(measure):
-    return None if measure is None else _fixed(measure, MEASURE_SIZE, "measure")
-
-
-def _packet_len(total, n, what):
-    """The length of each of ``n`` packets making up ``total`` bytes, checked as the firmware
-    checks guest_len."""
-    if total % n:
-        raise ValueError(f"{what} holds {total} bytes, not {n} packets of equal length")
-    size = total // n
-    if not size or size % 16 or size > MAX_LEN:
-        raise ValueError(f"packet length {size} must be a non-zero multiple of 16 and at most "
-                         f"{MAX_LEN:#x}")
-    return size
-
-
-def _out(out, size, what):
-    if out is None:
-        return bytearray(size)
-    if _nbytes(out, what) != size:
-        raise ValueError(f"{what} must be {size} bytes, got {_nbytes(out, what)}")
-    return out
-
-
-def _call(fn, *args):
-    try:
-        return fn(*args)
-    except (TypeError, BufferError) as exc:
-        raise TypeError(f"inputs must be contiguous buffers and outputs writable: {exc}") \
-            from None
 
 
 def seal(tek, tik, plaintext, ivs, ctx=CTX_DATA, *, measure=None, out=None):
@@ -128,27 +80,18 @@ def seal(tek, tik, plaintext, ivs, ctx=CTX_DATA, *, measure=None, out=None):
     ciphertext buffer may be ``plaintext`` itself. Raises TypeError or ValueError, before writing
     anything, on bad keys, IVs, lengths or overlapping buffers.
     """
-    tek, tik = _fixed(tek, KEY_SIZE, "tek"), _fixed(tik, KEY_SIZE, "tik")
-    ctx, measure = _ctx(ctx), _measure(measure)
-    niv, total = _nbytes(ivs, "ivs"), _nbytes(plaintext, "plaintext")
-    if niv % IV_SIZE:
-        raise ValueError(f"ivs must be whole 16-byte IVs, got {niv} bytes")
-    n = niv // IV_SIZE
-    if out is not None and (not isinstance(out, tuple) or len(out) != 2):
+    if out is None:
+        hdrs = ct = None
+    elif isinstance(out, tuple) and len(out) == 2:
+        hdrs, ct = out
+    else:
         raise TypeError("out must be None or a (headers, ciphertext) pair")
-    hdrs_out, ct_out = (None, None) if out is None else out
-    if n == 0:
-        if total:
-            raise ValueError(f"no IVs for {total} bytes of plaintext")
-        return _out(hdrs_out, 0, "headers out"), _out(ct_out, 0, "ciphertext out")
-    size = _packet_len(total, n, "plaintext")
-    hdrs = _out(hdrs_out, n * HDR_SIZE, "headers out")
-    ct = _out(ct_out, total, "ciphertext out")
-    rc = _call(_b.sevpkt_seal, tek, tik, ctx, measure, plaintext, size, n, ivs, hdrs, ct)
-    if rc == -errno.EINVAL:
-        raise ValueError("the output buffers overlap the inputs or each other (only the "
-                         "ciphertext may be the plaintext itself)")
-    _b.check(rc, "sc_sevpkt_seal")
+    rc, hdrs, ct = _b.sevpkt_seal(tek, tik, _ctx(ctx), measure, plaintext, ivs, hdrs, ct)
+    if rc:
+        if rc == -errno.EINVAL:
+            raise ValueError("the output buffers overlap the inputs or each other (only the "
+                             "ciphertext may be the plaintext itself)")
+        _b.check(rc, "sc_sevpkt_seal")
     return hdrs, ct
 
 
@@ -161,38 +104,27 @@ def open(tek, tik, headers, ciphertext, ctx=CTX_DATA, *, measure=None, out=None)
     ``ciphertext`` itself. Raises PacketAuthError or PacketFlagsError naming the first refused
     packet, or TypeError/ValueError for bad arguments; in every case nothing is written.
     """
-    tek, tik = _fixed(tek, KEY_SIZE, "tek"), _fixed(tik, KEY_SIZE, "tik")
-    ctx, measure = _ctx(ctx), _measure(measure)
-    nhdr, total = _nbytes(headers, "headers"), _nbytes(ciphertext, "ciphertext")
-    if nhdr % HDR_SIZE:
-        raise ValueError(f"headers must be whole {HDR_SIZE}-byte headers, got {nhdr} bytes")
-    n = nhdr // HDR_SIZE
-    if n == 0:
-        if total:
-            raise ValueError(f"no headers for {total} bytes of ciphertext")
-        return _out(out, 0, "out")
-    size = _packet_len(total, n, "ciphertext")
-    pt = _out(out, total, "out")
-    rc, bad = _call(_b.sevpkt_open, tek, tik, ctx, measure, headers, ciphertext, size, n, pt)
-    if rc == -errno.EBADMSG:
-        raise PacketAuthError(bad)
-    if rc == -errno.EOPNOTSUPP:
-        hdr = memoryview(headers).cast("B")[HDR_SIZE * bad:HDR_SIZE * bad + 4]
-        raise PacketFlagsError(bad, int.from_bytes(hdr, "little"))
-    if rc == -errno.EINVAL:
-        raise ValueError("out overlaps the headers, or the ciphertext without being it")
-    _b.check(rc, "sc_sevpkt_open")
+    rc, bad, pt = _b.sevpkt_open(tek, tik, _ctx(ctx), measure, headers, ciphertext, out)
+    if rc:
+        if rc == -errno.EBADMSG:
+            raise PacketAuthError(bad)
+        if rc == -errno.EOPNOTSUPP:
+            hdr = memoryview(headers).cast("B")[HDR_SIZE * bad:HDR_SIZE * bad + 4]
+            raise PacketFlagsError(bad, int.from_bytes(hdr, "little"))
+        if rc == -errno.EINVAL:
+            raise ValueError("out overlaps the headers, or the ciphertext without being it")
+        _b.check(rc, "sc_sevpkt_open")
     return pt
 
 
 def sha256(data):
     """SHA-256 digest (32 bytes) of a buffer."""
-    return _call(_b.sha256, data)
+    return _b.sha256(data)
 
 
 def hmac_sha256(key, data):
     """HMAC-SHA256 (RFC 2104) of a buffer under a key of any length."""
-    return _call(_b.hmac_sha256, key, data)
+    return _b.hmac_sha256(key, data)
 
 
 def aes128_ctr(key, iv, data, out=None):
@@ -201,8 +133,7 @@ def aes128_ctr(key, iv, data, out=None):
 
     ``out`` (default: a new bytearray) may be ``data`` itself; a partial overlap is a ValueError.
     """
-    key, iv = _fixed(key, KEY_SIZE, "key"), _fixed(iv, IV_SIZE, "iv")
-    rc, out = _call(_b.aes128_ctr, key, iv, data, out)
+    rc, out = _b.aes128_ctr(key, iv, data, out)
     if rc == -errno.EINVAL:
         raise ValueError("out overlaps data without being the same buffer")
     _b.check(rc, "sc_aes128_ctr")
