@@ -56,62 +56,49 @@ void sc_aes_dec_schedule(const uint32_t *w, int nr, uint32_t *dk);
 /* Round keys as the 16-byte blocks the AES-NI and VAES paths load. */
 void sc_aes_serialise(const uint32_t *w, int nr, uint8_t out[15][16]);
 
+/* One block through the T-table cipher (enc) or the equivalent inverse cipher (FIPS-197 5.3.5,
+ * with a schedule from sc_aes_dec_schedule). The two differ only in their tables and in the
+ * direction ShiftRows takes: column c reads rows from columns c, c+d, c+2, c+3d with d = 1
+ * forwards and d = 3 (that is, -1) backwards. Inlined with a constant enc, every index folds. */
+static inline __attribute__((always_inline)) void sc_aes_block(const uint32_t *rk, int nr,
+                                                               const int enc, const uint8_t *in,
+                                                               uint8_t *out)
+{
+    const uint32_t(*t)[256] = enc ? sc_aes_te : sc_aes_td;
+    const uint8_t *sb = enc ? sc_aes_sbox : sc_aes_inv_sbox;
+    const int d = enc ? 1 : 3;
+    uint32_t s[4], u[4];
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; c++)
+        s[c] = sc_load_be32(in + 4 * c) ^ rk[c];
+    for (int r = 1; r < nr; r++) {
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++)
+            u[c] = t[0][s[c] >> 24] ^ t[1][(s[(c + d) & 3] >> 16) & 255] ^
+                   t[2][(s[(c + 2) & 3] >> 8) & 255] ^ t[3][s[(c + 3 * d) & 3] & 255] ^
+                   rk[4 * r + c];
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++)
+            s[c] = u[c];
+    }
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; c++)
+        sc_store_be32(out + 4 * c,
+                      (((uint32_t)sb[s[c] >> 24] << 24) |
+                       ((uint32_t)sb[(s[(c + d) & 3] >> 16) & 255] << 16) |
+                       ((uint32_t)sb[(s[(c + 2) & 3] >> 8) & 255] << 8) |
+                       sb[s[(c + 3 * d) & 3] & 255]) ^
+                          rk[4 * nr + c]);
+}
+
 static inline void sc_aes_encrypt_block(const uint32_t *rk, int nr, const uint8_t *in, uint8_t *out)
 {
-    const uint32_t(*te)[256] = sc_aes_te;
-    const uint8_t *sb = sc_aes_sbox;
-    uint32_t s0 = sc_load_be32(in) ^ rk[0], s1 = sc_load_be32(in + 4) ^ rk[1];
-    uint32_t s2 = sc_load_be32(in + 8) ^ rk[2], s3 = sc_load_be32(in + 12) ^ rk[3];
-    for (int r = 1; r < nr; r++) {
-        const uint32_t *k = rk + 4 * r;
-        uint32_t t0 = te[0][s0 >> 24] ^ te[1][(s1 >> 16) & 255] ^ te[2][(s2 >> 8) & 255] ^
-                      te[3][s3 & 255] ^ k[0];
-        uint32_t t1 = te[0][s1 >> 24] ^ te[1][(s2 >> 16) & 255] ^ te[2][(s3 >> 8) & 255] ^
-                      te[3][s0 & 255] ^ k[1];
-        uint32_t t2 = te[0][s2 >> 24] ^ te[1][(s3 >> 16) & 255] ^ te[2][(s0 >> 8) & 255] ^
-                      te[3][s1 & 255] ^ k[2];
-        uint32_t t3 = te[0][s3 >> 24] ^ te[1][(s0 >> 16) & 255] ^ te[2][(s1 >> 8) & 255] ^
-                      te[3][s2 & 255] ^ k[3];
-        s0 = t0, s1 = t1, s2 = t2, s3 = t3;
-    }
-    const uint32_t *k = rk + 4 * nr;
-#define SC_AES_LAST(a, b, c, d)                                                                   \
-    (((uint32_t)sb[(a) >> 24] << 24) | ((uint32_t)sb[((b) >> 16) & 255] << 16) |                  \
-     ((uint32_t)sb[((c) >> 8) & 255] << 8) | sb[(d) & 255])
-    sc_store_be32(out, SC_AES_LAST(s0, s1, s2, s3) ^ k[0]);
-    sc_store_be32(out + 4, SC_AES_LAST(s1, s2, s3, s0) ^ k[1]);
-    sc_store_be32(out + 8, SC_AES_LAST(s2, s3, s0, s1) ^ k[2]);
-    sc_store_be32(out + 12, SC_AES_LAST(s3, s0, s1, s2) ^ k[3]);
-#undef SC_AES_LAST
+    sc_aes_block(rk, nr, 1, in, out);
 }
 
 static inline void sc_aes_decrypt_block(const uint32_t *dk, int nr, const uint8_t *in, uint8_t *out)
 {
-    const uint32_t(*td)[256] = sc_aes_td;
-    const uint8_t *ib = sc_aes_inv_sbox;
-    uint32_t s0 = sc_load_be32(in) ^ dk[0], s1 = sc_load_be32(in + 4) ^ dk[1];
-    uint32_t s2 = sc_load_be32(in + 8) ^ dk[2], s3 = sc_load_be32(in + 12) ^ dk[3];
-    for (int r = 1; r < nr; r++) {
-        const uint32_t *k = dk + 4 * r;
-        uint32_t t0 = td[0][s0 >> 24] ^ td[1][(s3 >> 16) & 255] ^ td[2][(s2 >> 8) & 255] ^
-                      td[3][s1 & 255] ^ k[0];
-        uint32_t t1 = td[0][s1 >> 24] ^ td[1][(s0 >> 16) & 255] ^ td[2][(s3 >> 8) & 255] ^
-                      td[3][s2 & 255] ^ k[1];
-        uint32_t t2 = td[0][s2 >> 24] ^ td[1][(s1 >> 16) & 255] ^ td[2][(s0 >> 8) & 255] ^
-                      td[3][s3 & 255] ^ k[2];
-        uint32_t t3 = td[0][s3 >> 24] ^ td[1][(s2 >> 16) & 255] ^ td[2][(s1 >> 8) & 255] ^
-                      td[3][s0 & 255] ^ k[3];
-        s0 = t0, s1 = t1, s2 = t2, s3 = t3;
-    }
-    const uint32_t *k = dk + 4 * nr;
-#define SC_AES_LAST(a, b, c, d)                                                                   \
-    (((uint32_t)ib[(a) >> 24] << 24) | ((uint32_t)ib[((b) >> 16) & 255] << 16) |                  \
-     ((uint32_t)ib[((c) >> 8) & 255] << 8) | ib[(d) & 255])
-    sc_store_be32(out, SC_AES_LAST(s0, s3, s2, s1) ^ k[0]);
-    sc_store_be32(out + 4, SC_AES_LAST(s1, s0, s3, s2) ^ k[1]);
-    sc_store_be32(out + 8, SC_AES_LAST(s2, s1, s0, s3) ^ k[2]);
-    sc_store_be32(out + 12, SC_AES_LAST(s3, s2, s1, s0) ^ k[3]);
-#undef SC_AES_LAST
+    sc_aes_block(dk, nr, 0, in, out);
 }
 
 #ifdef SC_X86
@@ -137,29 +124,19 @@ SC_NI_TARGET static inline void sc_ni_load_keys(const uint8_t (*keys)[16], int n
         k[r] = _mm_loadu_si128((const __m128i *)keys[r]);
 }
 
-/* Rounds 1..nr of `ways` blocks that the caller has already whitened with k[0]. */
+/* Rounds 1..nr of `ways` blocks that the caller has already whitened with k[0]; enc and ways
+ * are constants where this is inlined, so the choice of instruction folds away. */
 SC_NI_TARGET static SC_ALWAYS_INLINE void sc_ni_rounds(__m128i *b, const __m128i *k, const int nr,
                                                       const int enc, const int ways)
 {
-    if (enc) {
 #pragma GCC unroll 14
-        for (int r = 1; r < nr; r++)
-#pragma GCC unroll 8
-            for (int i = 0; i < ways; i++)
-                b[i] = _mm_aesenc_si128(b[i], k[r]);
+    for (int r = 1; r < nr; r++)
 #pragma GCC unroll 8
         for (int i = 0; i < ways; i++)
-            b[i] = _mm_aesenclast_si128(b[i], k[nr]);
-    } else {
-#pragma GCC unroll 14
-        for (int r = 1; r < nr; r++)
+            b[i] = enc ? _mm_aesenc_si128(b[i], k[r]) : _mm_aesdec_si128(b[i], k[r]);
 #pragma GCC unroll 8
-            for (int i = 0; i < ways; i++)
-                b[i] = _mm_aesdec_si128(b[i], k[r]);
-#pragma GCC unroll 8
-        for (int i = 0; i < ways; i++)
-            b[i] = _mm_aesdeclast_si128(b[i], k[nr]);
-    }
+    for (int i = 0; i < ways; i++)
+        b[i] = enc ? _mm_aesenclast_si128(b[i], k[nr]) : _mm_aesdeclast_si128(b[i], k[nr]);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -184,25 +161,15 @@ SC_VZ_TARGET static inline void sc_vz_load_keys(const uint8_t (*keys)[16], int n
 SC_VZ_TARGET static SC_ALWAYS_INLINE void sc_vz_rounds(__m512i *b, const __m512i *k, const int nr,
                                                       const int enc, const int ways)
 {
-    if (enc) {
 #pragma GCC unroll 14
-        for (int r = 1; r < nr; r++)
-#pragma GCC unroll 8
-            for (int i = 0; i < ways; i++)
-                b[i] = _mm512_aesenc_epi128(b[i], k[r]);
+    for (int r = 1; r < nr; r++)
 #pragma GCC unroll 8
         for (int i = 0; i < ways; i++)
-            b[i] = _mm512_aesenclast_epi128(b[i], k[nr]);
-    } else {
-#pragma GCC unroll 14
-        for (int r = 1; r < nr; r++)
+            b[i] = enc ? _mm512_aesenc_epi128(b[i], k[r]) : _mm512_aesdec_epi128(b[i], k[r]);
 #pragma GCC unroll 8
-            for (int i = 0; i < ways; i++)
-                b[i] = _mm512_aesdec_epi128(b[i], k[r]);
-#pragma GCC unroll 8
-        for (int i = 0; i < ways; i++)
-            b[i] = _mm512_aesdeclast_epi128(b[i], k[nr]);
-    }
+    for (int i = 0; i < ways; i++)
+        b[i] = enc ? _mm512_aesenclast_epi128(b[i], k[nr])
+                   : _mm512_aesdeclast_epi128(b[i], k[nr]);
 }
 #endif /* SC_X86 */
 

@@ -447,6 +447,12 @@ def _packets(unit_bytes, unit, units, noun, total, what):
     return n, size
 
 
+def _session(tek, tik, measure):
+    """The keys and the optional MEASURE of a batch, sizes checked."""
+    return (_sized(tek, PKT_KEY_SIZE, "tek"), _sized(tik, PKT_KEY_SIZE, "tik"),
+            ffi.NULL if measure is None else _sized(measure, PKT_MEASURE_SIZE, "measure"))
+
+
 def sha256(data):
     src = _in(data, "data")
     out = ffi.new("uint8_t[]", SHA256_SIZE)
@@ -476,8 +482,7 @@ def sevpkt_seal(tek, tik, ctx, measure, pt, ivs, hdrs, ct):
     """Seal one packet per 16-byte IV of ``ivs``, cut evenly from ``pt``, into ``hdrs`` and
     ``ct`` (new bytearrays where None; ``ct`` may be ``pt``). Sizes are checked (ValueError)
     before C runs. Returns ``(rc, hdrs, ct)``."""
-    k1, k2 = _sized(tek, PKT_KEY_SIZE, "tek"), _sized(tik, PKT_KEY_SIZE, "tik")
-    m = ffi.NULL if measure is None else _sized(measure, PKT_MEASURE_SIZE, "measure")
+    k1, k2, m = _session(tek, tik, measure)
     src = buffer_ptr(pt, "plaintext", True) if ct is pt else _in(pt, "plaintext")
     iv = _in(ivs, "ivs")
     n, size = _packets(len(iv), PKT_IV_SIZE, "ivs", "IV", len(src), "plaintext")
@@ -494,8 +499,7 @@ def sevpkt_open(tek, tik, ctx, measure, hdrs, ct, pt):
     """Open one packet per 52-byte header of ``hdrs`` from ``ct`` into ``pt`` (a new bytearray
     if None; may be ``ct``). Sizes are checked (ValueError) before C runs. Returns
     ``(rc, index of the refused packet, pt)``."""
-    k1, k2 = _sized(tek, PKT_KEY_SIZE, "tek"), _sized(tik, PKT_KEY_SIZE, "tik")
-    m = ffi.NULL if measure is None else _sized(measure, PKT_MEASURE_SIZE, "measure")
+    k1, k2, m = _session(tek, tik, measure)
     src = buffer_ptr(ct, "ciphertext", True) if pt is ct else _in(ct, "ciphertext")
     ph = _in(hdrs, "headers")
     n, size = _packets(len(ph), PKT_HDR_SIZE, "headers", "header", len(src), "ciphertext")
