@@ -259,6 +259,7 @@ static void hmac_key_init(struct hmac_key *k, const uint8_t *key, size_t len)
         lanes_update(&s, key, NULL, len);
         lanes_final(&s, d);
         memcpy(block, d[0], 32);
+        wipe(d, sizeof(d));
     } else if (len) {
         memcpy(block, key, len);
     }
