@@ -412,7 +412,7 @@ def test_bad_seal_arguments(args, kwargs, exc, match):
     ((TEK, TIK, bytes(52), P, 2, None, bytearray(63)), ValueError, "out must be 64"),
 ])
 def test_bad_open_arguments(args, exc, match):
-    """Bad header and ciphertext sizes and outputs raise ValueError before anything is written."""
+    """Bad header and ciphertext sizes and a wrong-sized out raise ValueError."""
     names = ("tek", "tik", "headers", "ciphertext", "ctx", "measure", "out")
     kwargs = dict(zip(names, args))
     kwargs.setdefault("out", None)
