@@ -21,7 +21,7 @@ static uint32_t detect(void)
     if (!__get_cpuid(1, &a, &b, &c, &d))
         return 0;
     int aes = (c >> 25) & 1, pclmul = (c >> 1) & 1, sse41 = (c >> 19) & 1;
-    int popcnt = (c >> 23) & 1, osxsave = (c >> 27) & 1;
+    int popcnt = (c >> 23) & 1, osxsave = (c >> 27) & 1, ssse3 = (c >> 9) & 1;
     if (aes && pclmul && sse41)
         f |= SC_CPU_AESNI;
     uint32_t b7 = 0, c7 = 0, d7 = 0;
@@ -31,7 +31,8 @@ static uint32_t detect(void)
     int bmi1 = (b7 >> 3) & 1;
     if (popcnt && bmi1)
         f |= SC_CPU_POPCNT;
-    if ((b7 >> 29) & 1)
+    /* The SHA-NI kernels also shuffle with SSSE3 and blend with SSE4.1. */
+    if (((b7 >> 29) & 1) && ssse3 && sse41)
         f |= SC_CPU_SHANI;
     /* zmm use needs the OS to save opmask, upper-256 and hi-16 zmm state (XCR0 bits 5-7)
      * besides SSE and AVX state (bits 1-2). */

@@ -1,23 +1,21 @@
 /*
  * SEV memory encryption engine: AES-128-XEX with an SPA tweak table, and XTS-AES-256 with one
  * 4 KiB data unit per page. Three implementations of each, chosen per call from the active CPU
- * features (csrc/cpu.c): a portable T-table AES, AES-NI on xmm registers, and VAES on zmm
- * registers (four blocks per instruction). All three are checked against each other and against
- * sevcore/_reference/memcrypt.py by the tests.
- *
- * The portable AES is table-based and therefore not constant-time. That is acceptable here: the
- * engine simulates hardware, it does not protect real secrets.
+ * features (csrc/cpu.c) on top of the shared AES of csrc/aes.h: portable T-table AES, AES-NI on
+ * xmm registers, and VAES on zmm registers (four blocks per instruction). All three are checked
+ * against each other and against sevcore/_reference/memcrypt.py by the tests.
  */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "aes.h"
 #include "memcrypt.h"
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define SC_X86 1
-#endif
+_Static_assert((int)SC_AES_PORTABLE == (int)SC_MEM_IMPL_PORTABLE &&
+                   (int)SC_AES_AESNI == (int)SC_MEM_IMPL_AESNI &&
+                   (int)SC_AES_VAES == (int)SC_MEM_IMPL_VAES,
+               "sc_memcrypt_impl reports sc_aes_impl");
 
 #define PAGE 4096
 #define BLOCKS_PER_PAGE (PAGE / 16)
@@ -34,174 +32,6 @@ struct sc_memcrypt {
     int mode;
     int rounds;
 };
-
-/* ---------------------------------------------------------------------------------------------
- * Portable AES (FIPS-197). The S-box and the round tables are computed at load time from the
- * field arithmetic rather than typed in, so there is no table to get wrong.
- */
-
-static uint8_t SBOX[256], INV_SBOX[256];
-static uint32_t TE[4][256], TD[4][256];
-
-static inline uint32_t ror32(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
-static inline uint8_t rol8(uint8_t x, int n) { return (uint8_t)((x << n) | (x >> (8 - n))); }
-static inline uint8_t xtime(uint8_t x) { return (uint8_t)((x << 1) ^ ((x >> 7) * 0x1b)); }
-
-static uint8_t gmul(uint8_t a, uint8_t b)
-{
-    uint8_t p = 0;
-    while (b) {
-        if (b & 1)
-            p ^= a;
-        a = xtime(a);
-        b >>= 1;
-    }
-    return p;
-}
-
-__attribute__((constructor)) static void aes_tables_init(void)
-{
-    /* Walk the multiplicative group with generator 3: p runs over 3^k and q over 3^-k, so q is
-     * the inverse of p; the S-box is the affine map of the inverse (FIPS-197 5.1.1). */
-    uint8_t p = 1, q = 1;
-    do {
-        p = (uint8_t)(p ^ xtime(p));
-        q ^= (uint8_t)(q << 1);
-        q ^= (uint8_t)(q << 2);
-        q ^= (uint8_t)(q << 4);
-        if (q & 0x80)
-            q ^= 0x09;
-        SBOX[p] = (uint8_t)(q ^ rol8(q, 1) ^ rol8(q, 2) ^ rol8(q, 3) ^ rol8(q, 4) ^ 0x63);
-    } while (p != 1);
-    SBOX[0] = 0x63;
-    for (int i = 0; i < 256; i++)
-        INV_SBOX[SBOX[i]] = (uint8_t)i;
-    for (int i = 0; i < 256; i++) {
-        uint8_t s = SBOX[i], v = INV_SBOX[i];
-        uint32_t te = ((uint32_t)gmul(s, 2) << 24) | ((uint32_t)s << 16) | ((uint32_t)s << 8) |
-                      gmul(s, 3);
-        uint32_t td = ((uint32_t)gmul(v, 14) << 24) | ((uint32_t)gmul(v, 9) << 16) |
-                      ((uint32_t)gmul(v, 13) << 8) | gmul(v, 11);
-        for (int r = 0; r < 4; r++) {
-            TE[r][i] = r ? ror32(te, 8 * r) : te;
-            TD[r][i] = r ? ror32(td, 8 * r) : td;
-        }
-    }
-}
-
-static inline uint32_t be32(const uint8_t *p)
-{
-    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
-}
-
-static inline void put_be32(uint8_t *p, uint32_t v)
-{
-    p[0] = (uint8_t)(v >> 24);
-    p[1] = (uint8_t)(v >> 16);
-    p[2] = (uint8_t)(v >> 8);
-    p[3] = (uint8_t)v;
-}
-
-static inline uint32_t sub_word(uint32_t w)
-{
-    return ((uint32_t)SBOX[w >> 24] << 24) | ((uint32_t)SBOX[(w >> 16) & 255] << 16) |
-           ((uint32_t)SBOX[(w >> 8) & 255] << 8) | SBOX[w & 255];
-}
-
-/* FIPS-197 5.2 key expansion; nk = 4 or 8 words. Returns the number of rounds. */
-static int aes_expand(const uint8_t *key, int nk, uint32_t *w)
-{
-    int nr = nk + 6, total = 4 * (nr + 1);
-    uint32_t rcon = 1;
-    for (int i = 0; i < nk; i++)
-        w[i] = be32(key + 4 * i);
-    for (int i = nk; i < total; i++) {
-        uint32_t t = w[i - 1];
-        if (i % nk == 0) {
-            t = sub_word(ror32(t, 24)) ^ (rcon << 24);
-            rcon = xtime((uint8_t)rcon);
-        } else if (nk > 6 && i % nk == 4) {
-            t = sub_word(t);
-        }
-        w[i] = w[i - nk] ^ t;
-    }
-    return nr;
-}
-
-/* The equivalent inverse cipher's schedule (FIPS-197 5.3.5): reversed, with InvMixColumns applied
- * to the middle round keys. Serialised, it is exactly what AES-NI's aesdec expects. */
-static void aes_dec_schedule(const uint32_t *w, int nr, uint32_t *dk)
-{
-    for (int r = 0; r <= nr; r++) {
-        for (int c = 0; c < 4; c++) {
-            uint32_t k = w[4 * (nr - r) + c];
-            if (r > 0 && r < nr)
-                k = TD[0][SBOX[k >> 24]] ^ TD[1][SBOX[(k >> 16) & 255]] ^
-                    TD[2][SBOX[(k >> 8) & 255]] ^ TD[3][SBOX[k & 255]];
-            dk[4 * r + c] = k;
-        }
-    }
-}
-
-static void aes_encrypt_block(const uint32_t *rk, int nr, const uint8_t *in, uint8_t *out)
-{
-    uint32_t s0 = be32(in) ^ rk[0], s1 = be32(in + 4) ^ rk[1];
-    uint32_t s2 = be32(in + 8) ^ rk[2], s3 = be32(in + 12) ^ rk[3];
-    for (int r = 1; r < nr; r++) {
-        const uint32_t *k = rk + 4 * r;
-        uint32_t t0 = TE[0][s0 >> 24] ^ TE[1][(s1 >> 16) & 255] ^ TE[2][(s2 >> 8) & 255] ^
-                      TE[3][s3 & 255] ^ k[0];
-        uint32_t t1 = TE[0][s1 >> 24] ^ TE[1][(s2 >> 16) & 255] ^ TE[2][(s3 >> 8) & 255] ^
-                      TE[3][s0 & 255] ^ k[1];
-        uint32_t t2 = TE[0][s2 >> 24] ^ TE[1][(s3 >> 16) & 255] ^ TE[2][(s0 >> 8) & 255] ^
-                      TE[3][s1 & 255] ^ k[2];
-        uint32_t t3 = TE[0][s3 >> 24] ^ TE[1][(s0 >> 16) & 255] ^ TE[2][(s1 >> 8) & 255] ^
-                      TE[3][s2 & 255] ^ k[3];
-        s0 = t0, s1 = t1, s2 = t2, s3 = t3;
-    }
-    const uint32_t *k = rk + 4 * nr;
-#define LAST(a, b, c, d)                                                                          \
-    (((uint32_t)SBOX[(a) >> 24] << 24) | ((uint32_t)SBOX[((b) >> 16) & 255] << 16) |             \
-     ((uint32_t)SBOX[((c) >> 8) & 255] << 8) | SBOX[(d) & 255])
-    put_be32(out, LAST(s0, s1, s2, s3) ^ k[0]);
-    put_be32(out + 4, LAST(s1, s2, s3, s0) ^ k[1]);
-    put_be32(out + 8, LAST(s2, s3, s0, s1) ^ k[2]);
-    put_be32(out + 12, LAST(s3, s0, s1, s2) ^ k[3]);
-#undef LAST
-}
-
-static void aes_decrypt_block(const uint32_t *dk, int nr, const uint8_t *in, uint8_t *out)
-{
-    uint32_t s0 = be32(in) ^ dk[0], s1 = be32(in + 4) ^ dk[1];
-    uint32_t s2 = be32(in + 8) ^ dk[2], s3 = be32(in + 12) ^ dk[3];
-    for (int r = 1; r < nr; r++) {
-        const uint32_t *k = dk + 4 * r;
-        uint32_t t0 = TD[0][s0 >> 24] ^ TD[1][(s3 >> 16) & 255] ^ TD[2][(s2 >> 8) & 255] ^
-                      TD[3][s1 & 255] ^ k[0];
-        uint32_t t1 = TD[0][s1 >> 24] ^ TD[1][(s0 >> 16) & 255] ^ TD[2][(s3 >> 8) & 255] ^
-                      TD[3][s2 & 255] ^ k[1];
-        uint32_t t2 = TD[0][s2 >> 24] ^ TD[1][(s1 >> 16) & 255] ^ TD[2][(s0 >> 8) & 255] ^
-                      TD[3][s3 & 255] ^ k[2];
-        uint32_t t3 = TD[0][s3 >> 24] ^ TD[1][(s2 >> 16) & 255] ^ TD[2][(s1 >> 8) & 255] ^
-                      TD[3][s0 & 255] ^ k[3];
-        s0 = t0, s1 = t1, s2 = t2, s3 = t3;
-    }
-    const uint32_t *k = dk + 4 * nr;
-#define LAST(a, b, c, d)                                                                          \
-    (((uint32_t)INV_SBOX[(a) >> 24] << 24) | ((uint32_t)INV_SBOX[((b) >> 16) & 255] << 16) |     \
-     ((uint32_t)INV_SBOX[((c) >> 8) & 255] << 8) | INV_SBOX[(d) & 255])
-    put_be32(out, LAST(s0, s3, s2, s1) ^ k[0]);
-    put_be32(out + 4, LAST(s1, s0, s3, s2) ^ k[1]);
-    put_be32(out + 8, LAST(s2, s1, s0, s3) ^ k[2]);
-    put_be32(out + 12, LAST(s3, s2, s1, s0) ^ k[3]);
-#undef LAST
-}
-
-static void serialise(const uint32_t *w, int nr, uint8_t out[15][16])
-{
-    for (int i = 0; i < 4 * (nr + 1); i++)
-        put_be32(&out[i / 4][4 * (i % 4)], w[i]);
-}
 
 /* ---------------------------------------------------------------------------------------------
  * Tweaks.
@@ -272,9 +102,9 @@ static void xex_page_portable(const sc_memcrypt *e, int enc, const uint8_t *src,
         for (int b = 0; b < 16; b++)
             blk[b] = src[16 * j + b] ^ e->inpage16[j][b] ^ tw[b];
         if (enc)
-            aes_encrypt_block(e->rk_enc, e->rounds, blk, blk);
+            sc_aes_encrypt_block(e->rk_enc, e->rounds, blk, blk);
         else
-            aes_decrypt_block(e->rk_dec, e->rounds, blk, blk);
+            sc_aes_decrypt_block(e->rk_dec, e->rounds, blk, blk);
         for (int b = 0; b < 16; b++)
             dst[16 * j + b] = blk[b] ^ e->inpage16[j][b] ^ tw[b];
     }
@@ -286,7 +116,7 @@ static void xts_page_portable(const sc_memcrypt *e, int enc, const uint8_t *src,
     uint8_t t[16] = {0}, blk[16];
     uint64_t pfn = spa >> 12, lo, hi;
     memcpy(t, &pfn, 8);
-    aes_encrypt_block(e->rk_tweak, e->rounds, t, t);
+    sc_aes_encrypt_block(e->rk_tweak, e->rounds, t, t);
     load_le128(t, &lo, &hi);
     for (int j = 0; j < BLOCKS_PER_PAGE; j++) {
         memcpy(t, &lo, 8);
@@ -294,9 +124,9 @@ static void xts_page_portable(const sc_memcrypt *e, int enc, const uint8_t *src,
         for (int b = 0; b < 16; b++)
             blk[b] = src[16 * j + b] ^ t[b];
         if (enc)
-            aes_encrypt_block(e->rk_enc, e->rounds, blk, blk);
+            sc_aes_encrypt_block(e->rk_enc, e->rounds, blk, blk);
         else
-            aes_decrypt_block(e->rk_dec, e->rounds, blk, blk);
+            sc_aes_decrypt_block(e->rk_dec, e->rounds, blk, blk);
         for (int b = 0; b < 16; b++)
             dst[16 * j + b] = blk[b] ^ t[b];
         gf128_mul_x(&lo, &hi);
@@ -308,7 +138,7 @@ static void xts_page_portable(const sc_memcrypt *e, int enc, const uint8_t *src,
  * AES-NI on xmm: eight independent blocks in flight hide the four-cycle aesenc latency.
  */
 
-#define NI_TARGET __attribute__((target("aes,sse4.1,pclmul")))
+#define NI_TARGET SC_NI_TARGET
 #define NI_WAYS 8
 
 /* Multiply a 128-bit tweak by x^k (1 <= k <= 56), IEEE 1619 little-endian convention: each
@@ -325,16 +155,8 @@ NI_TARGET static inline __m128i ni_mul_xk(__m128i t, const int k)
 
 NI_TARGET static inline __m128i ni_mul_x(__m128i t) { return ni_mul_xk(t, 1); }
 
-NI_TARGET static inline __m128i ni_encrypt1(const __m128i *k, int nr, __m128i b)
-{
-    b = _mm_xor_si128(b, k[0]);
-    for (int r = 1; r < nr; r++)
-        b = _mm_aesenc_si128(b, k[r]);
-    return _mm_aesenclast_si128(b, k[nr]);
-}
-
 /* Always inlined with constant nr and enc so that the rounds unroll (see vz_blocks). */
-NI_TARGET static inline __attribute__((always_inline)) void
+NI_TARGET static SC_ALWAYS_INLINE void
 ni_blocks(const __m128i *k, const int nr, const int enc, const uint8_t *src, uint8_t *dst,
           const __m128i *t)
 {
@@ -343,39 +165,20 @@ ni_blocks(const __m128i *k, const int nr, const int enc, const uint8_t *src, uin
     for (int i = 0; i < NI_WAYS; i++)
         b[i] = _mm_xor_si128(_mm_xor_si128(_mm_loadu_si128((const __m128i *)src + i), t[i]),
                              k[0]);
-    if (enc) {
-#pragma GCC unroll 14
-        for (int r = 1; r < nr; r++)
-#pragma GCC unroll 8
-            for (int i = 0; i < NI_WAYS; i++)
-                b[i] = _mm_aesenc_si128(b[i], k[r]);
-#pragma GCC unroll 8
-        for (int i = 0; i < NI_WAYS; i++)
-            b[i] = _mm_aesenclast_si128(b[i], k[nr]);
-    } else {
-#pragma GCC unroll 14
-        for (int r = 1; r < nr; r++)
-#pragma GCC unroll 8
-            for (int i = 0; i < NI_WAYS; i++)
-                b[i] = _mm_aesdec_si128(b[i], k[r]);
-#pragma GCC unroll 8
-        for (int i = 0; i < NI_WAYS; i++)
-            b[i] = _mm_aesdeclast_si128(b[i], k[nr]);
-    }
+    sc_ni_rounds(b, k, nr, enc, NI_WAYS);
 #pragma GCC unroll 8
     for (int i = 0; i < NI_WAYS; i++)
         _mm_storeu_si128((__m128i *)dst + i, _mm_xor_si128(b[i], t[i]));
 }
 
-NI_TARGET static inline __attribute__((always_inline)) void
+NI_TARGET static SC_ALWAYS_INLINE void
 xex_page_aesni_body(const sc_memcrypt *e, const int enc, const uint8_t *src, uint8_t *dst,
                     uint64_t spa)
 {
     enum { NR = 10 }; /* XEX is AES-128 */
     __m128i k[NR + 1], t[NI_WAYS];
     const uint8_t(*keys)[16] = enc ? e->ek : e->dk;
-    for (int r = 0; r <= NR; r++)
-        k[r] = _mm_loadu_si128((const __m128i *)keys[r]);
+    sc_ni_load_keys(keys, NR, k);
     __m128i tp = _mm_set1_epi32((int)xex_page_tweak(e, spa));
     for (int j = 0; j < BLOCKS_PER_PAGE; j += NI_WAYS) {
 #pragma GCC unroll 8
@@ -394,18 +197,16 @@ NI_TARGET static void xex_page_aesni(const sc_memcrypt *e, int enc, const uint8_
         xex_page_aesni_body(e, 0, src, dst, spa);
 }
 
-NI_TARGET static inline __attribute__((always_inline)) void
+NI_TARGET static SC_ALWAYS_INLINE void
 xts_page_aesni_body(const sc_memcrypt *e, const int enc, const uint8_t *src, uint8_t *dst,
                     uint64_t spa)
 {
     enum { NR = 14 }; /* XTS here is always AES-256 */
     __m128i k[NR + 1], tk[NR + 1], t[NI_WAYS];
     const uint8_t(*keys)[16] = enc ? e->ek : e->dk;
-    for (int r = 0; r <= NR; r++) {
-        k[r] = _mm_loadu_si128((const __m128i *)keys[r]);
-        tk[r] = _mm_loadu_si128((const __m128i *)e->tk[r]);
-    }
-    __m128i cur = ni_encrypt1(tk, NR, _mm_set_epi64x(0, (long long)(spa >> 12)));
+    sc_ni_load_keys(keys, NR, k);
+    sc_ni_load_keys(e->tk, NR, tk);
+    __m128i cur = sc_ni_encrypt1(tk, NR, _mm_set_epi64x(0, (long long)(spa >> 12)));
     for (int j = 0; j < BLOCKS_PER_PAGE; j += NI_WAYS) {
         /* Independent multiplies from one base keep the tweak chain off the critical path. */
         t[0] = cur;
@@ -430,14 +231,8 @@ NI_TARGET static void xts_page_aesni(const sc_memcrypt *e, int enc, const uint8_
  * VAES on zmm: each instruction runs AES on four blocks; VZ_WAYS registers in flight.
  */
 
-#define VZ_TARGET                                                                                  \
-    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,vaes,vpclmulqdq,aes,pclmul")))
+#define VZ_TARGET SC_VZ_TARGET
 #define VZ_WAYS 8
-
-VZ_TARGET static inline __m512i vz_xor3(__m512i a, __m512i b, __m512i c)
-{
-    return _mm512_ternarylogic_epi64(a, b, c, 0x96);
-}
 
 /* Multiply each 128-bit lane by x^k (1 <= k <= 56): the k bits shifted out of the top fold back
  * through a carry-less multiply by 0x87, whose product (< 2^(k+8)) stays in the low qword. Every
@@ -448,56 +243,32 @@ VZ_TARGET static inline __m512i vz_mul_xk(__m512i v, const int k)
     __m512i carry = _mm512_bslli_epi128(sr, 8);
     __m512i top = _mm512_bsrli_epi128(sr, 8);
     __m512i red = _mm512_clmulepi64_epi128(top, _mm512_set1_epi64(0x87), 0x00);
-    return vz_xor3(_mm512_slli_epi64(v, k), carry, red);
+    return sc_vz_xor3(_mm512_slli_epi64(v, k), carry, red);
 }
 
 /* Always inlined with constant nr and enc, so that every round unrolls and the round keys stay
  * in registers (11 or 15 keys + 8 data + 8 tweaks fit the 32 zmm registers). */
-VZ_TARGET static inline __attribute__((always_inline)) void
+VZ_TARGET static SC_ALWAYS_INLINE void
 vz_blocks(const __m512i *k, const int nr, const int enc, const uint8_t *src, uint8_t *dst,
           const __m512i *t)
 {
     __m512i b[VZ_WAYS];
 #pragma GCC unroll 8
     for (int i = 0; i < VZ_WAYS; i++)
-        b[i] = vz_xor3(_mm512_loadu_si512((const void *)(src + 64 * i)), t[i], k[0]);
-    if (enc) {
-#pragma GCC unroll 14
-        for (int r = 1; r < nr; r++)
-#pragma GCC unroll 8
-            for (int i = 0; i < VZ_WAYS; i++)
-                b[i] = _mm512_aesenc_epi128(b[i], k[r]);
-#pragma GCC unroll 8
-        for (int i = 0; i < VZ_WAYS; i++)
-            b[i] = _mm512_aesenclast_epi128(b[i], k[nr]);
-    } else {
-#pragma GCC unroll 14
-        for (int r = 1; r < nr; r++)
-#pragma GCC unroll 8
-            for (int i = 0; i < VZ_WAYS; i++)
-                b[i] = _mm512_aesdec_epi128(b[i], k[r]);
-#pragma GCC unroll 8
-        for (int i = 0; i < VZ_WAYS; i++)
-            b[i] = _mm512_aesdeclast_epi128(b[i], k[nr]);
-    }
+        b[i] = sc_vz_xor3(_mm512_loadu_si512((const void *)(src + 64 * i)), t[i], k[0]);
+    sc_vz_rounds(b, k, nr, enc, VZ_WAYS);
 #pragma GCC unroll 8
     for (int i = 0; i < VZ_WAYS; i++)
         _mm512_storeu_si512((void *)(dst + 64 * i), _mm512_xor_si512(b[i], t[i]));
 }
 
-VZ_TARGET static void vz_load_keys(const uint8_t (*keys)[16], int nr, __m512i *k)
-{
-    for (int r = 0; r <= nr; r++)
-        k[r] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)keys[r]));
-}
-
-VZ_TARGET static inline __attribute__((always_inline)) void
+VZ_TARGET static SC_ALWAYS_INLINE void
 xex_run_vaes_body(const sc_memcrypt *e, const int enc, const uint8_t *src, uint8_t *dst,
                   const uint64_t *spas, uint64_t spa0, size_t n)
 {
     enum { NR = 10 }; /* XEX is AES-128 */
     __m512i k[NR + 1], t[VZ_WAYS];
-    vz_load_keys(enc ? e->ek : e->dk, NR, k);
+    sc_vz_load_keys(enc ? e->ek : e->dk, NR, k);
     for (size_t p = 0; p < n; p++) {
         uint64_t spa = spas ? spas[p] : spa0 + (uint64_t)p * PAGE;
         __m512i tp = _mm512_set1_epi32((int)xex_page_tweak(e, spa));
@@ -522,25 +293,24 @@ VZ_TARGET static void xex_run_vaes(const sc_memcrypt *e, int enc, const uint8_t 
         xex_run_vaes_body(e, 0, src, dst, spas, spa0, n);
 }
 
-VZ_TARGET static inline __attribute__((always_inline)) void
+VZ_TARGET static SC_ALWAYS_INLINE void
 xts_run_vaes_body(const sc_memcrypt *e, const int enc, const uint8_t *src, uint8_t *dst,
                   const uint64_t *spas, uint64_t spa0, size_t n)
 {
     enum { NR = 14 }; /* XTS here is always AES-256 */
     __m512i k[NR + 1], t[VZ_WAYS];
     __m128i tk[NR + 1];
-    vz_load_keys(enc ? e->ek : e->dk, NR, k);
-    for (int r = 0; r <= NR; r++)
-        tk[r] = _mm_loadu_si128((const __m128i *)e->tk[r]);
+    sc_vz_load_keys(enc ? e->ek : e->dk, NR, k);
+    sc_ni_load_keys(e->tk, NR, tk);
     /* T0 of the next page is computed one page ahead: its 14 dependent rounds then overlap the
      * current page's work instead of stalling the start of the next. */
     __m128i t0_next =
-        ni_encrypt1(tk, NR, _mm_set_epi64x(0, (long long)((spas ? spas[0] : spa0) >> 12)));
+        sc_ni_encrypt1(tk, NR, _mm_set_epi64x(0, (long long)((spas ? spas[0] : spa0) >> 12)));
     for (size_t p = 0; p < n; p++) {
         __m128i t0 = t0_next;
         if (p + 1 < n) {
             uint64_t next = spas ? spas[p + 1] : spa0 + (uint64_t)(p + 1) * PAGE;
-            t0_next = ni_encrypt1(tk, NR, _mm_set_epi64x(0, (long long)(next >> 12)));
+            t0_next = sc_ni_encrypt1(tk, NR, _mm_set_epi64x(0, (long long)(next >> 12)));
         }
         __m128i t1 = ni_mul_x(t0), t2 = ni_mul_x(t1), t3 = ni_mul_x(t2);
         __m512i cur = _mm512_inserti32x4(_mm512_castsi128_si512(t0), t1, 1);
@@ -573,16 +343,7 @@ VZ_TARGET static void xts_run_vaes(const sc_memcrypt *e, int enc, const uint8_t 
  * Dispatch and the exported API.
  */
 
-int sc_memcrypt_impl(void)
-{
-#ifdef SC_X86
-    if (SC_HAS(SC_CPU_VAES | SC_CPU_AVX512 | SC_CPU_AESNI))
-        return SC_MEM_IMPL_VAES;
-    if (SC_HAS(SC_CPU_AESNI))
-        return SC_MEM_IMPL_AESNI;
-#endif
-    return SC_MEM_IMPL_PORTABLE;
-}
+int sc_memcrypt_impl(void) { return sc_aes_impl(); }
 
 void sc_memcrypt_page(const sc_memcrypt *e, int enc, const uint8_t *src, uint8_t *dst,
                       uint64_t spa)
@@ -693,17 +454,17 @@ int sc_memcrypt_new(int mode, const uint8_t *key, size_t key_len, const uint32_t
     memset(e, 0, sizeof(*e));
     e->mode = mode;
     if (mode == SC_MEM_AES128_XEX) {
-        e->rounds = aes_expand(key, 4, e->rk_enc);
+        e->rounds = sc_aes_expand(key, 4, e->rk_enc);
         memcpy(e->tweak_table, tweak_table, sizeof(e->tweak_table));
         xex_tables(e);
     } else {
-        e->rounds = aes_expand(key, 8, e->rk_enc);
-        aes_expand(key + 32, 8, e->rk_tweak);
-        serialise(e->rk_tweak, e->rounds, e->tk);
+        e->rounds = sc_aes_expand(key, 8, e->rk_enc);
+        sc_aes_expand(key + 32, 8, e->rk_tweak);
+        sc_aes_serialise(e->rk_tweak, e->rounds, e->tk);
     }
-    aes_dec_schedule(e->rk_enc, e->rounds, e->rk_dec);
-    serialise(e->rk_enc, e->rounds, e->ek);
-    serialise(e->rk_dec, e->rounds, e->dk);
+    sc_aes_dec_schedule(e->rk_enc, e->rounds, e->rk_dec);
+    sc_aes_serialise(e->rk_enc, e->rounds, e->ek);
+    sc_aes_serialise(e->rk_dec, e->rounds, e->dk);
     *out = e;
     return 0;
 }

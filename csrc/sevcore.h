@@ -15,7 +15,7 @@
 enum {
     /* Bumped whenever a signature or struct in any csrc header changes; sevcore/_bindings.py
      * refuses to load a module whose value differs from the one it was written for. */
-    SC_ABI_VERSION = 4,
+    SC_ABI_VERSION = 5,
 
     /* CPU features the kernels dispatch on (a bit mask). */
     SC_CPU_AESNI = 1,      /* AES-NI + PCLMULQDQ + SSE4.1 */
@@ -23,7 +23,7 @@ enum {
     SC_CPU_VAES = 4,       /* VAES + VPCLMULQDQ on zmm (requires SC_CPU_AVX512) */
     SC_CPU_POPCNT = 8,     /* POPCNT + BMI1 (tzcnt) */
     SC_CPU_VPOPCNTDQ = 16, /* AVX512_VPOPCNTDQ (requires SC_CPU_AVX512) */
-    SC_CPU_SHANI = 32,     /* SHA extensions */
+    SC_CPU_SHANI = 32,     /* SHA extensions + SSSE3 + SSE4.1 */
 };
 
 int sc_abi_version(void);

@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 #: The C-core ABI this Python package was written against (csrc/sevcore.h SC_ABI_VERSION).
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 if lib.sc_abi_version() != ABI_VERSION or lib.SC_ABI_VERSION != ABI_VERSION:
     raise ImportError(
@@ -42,10 +42,11 @@ def buffer_ptr(buf, what, writable=False):
     """A ``char[]`` over any buffer-protocol object, without copying it."""
     try:
         return ffi.from_buffer(_CHAR_ARRAY, buf, writable)
-    except TypeError as exc:
+    except (TypeError, BufferError, ValueError) as exc:
+        # TypeError: not a buffer; BufferError: read-only; ValueError: not contiguous.
         kind = "a writable buffer" if writable else "a buffer"
-        raise TypeError(f"{what} must be {kind} (bytes, bytearray, memoryview, numpy array), "
-                        f"not {type(buf).__name__}") from exc
+        raise TypeError(f"{what} must be {kind} (bytes, bytearray, memoryview, contiguous numpy "
+                        f"array), not {type(buf).__name__} ({exc})") from exc
 
 
 def overlaps_buffers(a, b):
@@ -139,9 +140,12 @@ def memcrypt_split(eng, data, out, spas, parts):
                      for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+_AES_IMPLS = {lib.SC_MEM_IMPL_PORTABLE: "portable", lib.SC_MEM_IMPL_AESNI: "aesni",
+              lib.SC_MEM_IMPL_VAES: "vaes"}
+
+
 def memcrypt_impl():
-    return {lib.SC_MEM_IMPL_PORTABLE: "portable", lib.SC_MEM_IMPL_AESNI: "aesni",
-            lib.SC_MEM_IMPL_VAES: "vaes"}[lib.sc_memcrypt_impl()]
+    return _AES_IMPLS[lib.sc_memcrypt_impl()]
 
 
 # --- Bitmaps (csrc/bitmap.h) ------------------------------------------------------------------
@@ -392,3 +396,125 @@ NPT_FLAGS = {
     "DIRTY_LOG": lib.SC_NPT_DIRTY_LOG,
 }
 NPT_FLAGS_MASK = lib.SC_NPT_FLAGS_MASK
+
+
+# --- SEV transport packets (csrc/sevpkt.h) -----------------------------------------------------
+# Each buffer is converted once (no copy), and its cdata length is what the size checks read:
+# a one-page call is dominated by this layer, not by the C time. Return codes go back to
+# sevcore/sevpkt.py, which turns them into its packet errors.
+
+PKT_HDR_SIZE = lib.SC_SEVPKT_HDR_SIZE
+PKT_IV_SIZE = lib.SC_SEVPKT_IV_SIZE
+PKT_MAC_SIZE = lib.SC_SEVPKT_MAC_SIZE
+PKT_MEASURE_SIZE = lib.SC_SEVPKT_MEASURE_SIZE
+PKT_MAX_LEN = lib.SC_SEVPKT_MAX_LEN
+PKT_KEY_SIZE = 16
+PKT_CTX = {"SECRET": lib.SC_SEVPKT_CTX_SECRET, "DATA": lib.SC_SEVPKT_CTX_DATA,
+           "VMSA": lib.SC_SEVPKT_CTX_VMSA}
+SHA256_SIZE = lib.SC_SHA256_SIZE
+
+
+def _sized(buf, size, what, writable=False):
+    """``buffer_ptr`` of a buffer that must hold exactly ``size`` bytes; an input that is a
+    ``bytes`` object goes to C as it is (cffi passes its data pointer, the cheapest way)."""
+    ptr = buf if type(buf) is bytes and not writable else buffer_ptr(buf, what, writable)
+    if len(ptr) != size:
+        raise ValueError(f"{what} must be {size} bytes, got {len(ptr)}")
+    return ptr
+
+
+def _in(buf, what):
+    """An input buffer for C: a ``bytes`` object as it is, anything else through buffer_ptr."""
+    return buf if type(buf) is bytes else buffer_ptr(buf, what)
+
+
+def _packets(unit_bytes, unit, units, noun, total, what):
+    """(count, length) of the packets: one per ``unit``-byte ``noun`` of ``units``, and ``total``
+    bytes of ``what`` cut evenly, each length checked as the firmware checks guest_len."""
+    if unit_bytes % unit:
+        raise ValueError(f"{units} must be whole {unit}-byte {noun}s, got {unit_bytes} bytes")
+    n = unit_bytes // unit
+    if not n:
+        if total:
+            raise ValueError(f"no {noun}s for {total} bytes of {what}")
+        return 0, 16
+    if total % n:
+        raise ValueError(f"{what} holds {total} bytes, not {n} packets of equal length")
+    size = total // n
+    if not size or size % 16 or size > PKT_MAX_LEN:
+        raise ValueError(f"packet length {size} must be a non-zero multiple of 16 and at most "
+                         f"{PKT_MAX_LEN:#x}")
+    return n, size
+
+
+def _session(tek, tik, measure):
+    """The keys and the optional MEASURE of a batch, sizes checked."""
+    return (_sized(tek, PKT_KEY_SIZE, "tek"), _sized(tik, PKT_KEY_SIZE, "tik"),
+            ffi.NULL if measure is None else _sized(measure, PKT_MEASURE_SIZE, "measure"))
+
+
+def sha256(data):
+    src = _in(data, "data")
+    out = ffi.new("uint8_t[]", SHA256_SIZE)
+    check(lib.sc_sha256(src, len(src), out), "sc_sha256")
+    return bytes(ffi.buffer(out))
+
+
+def hmac_sha256(key, data):
+    k, src = _in(key, "key"), _in(data, "data")
+    out = ffi.new("uint8_t[]", SHA256_SIZE)
+    check(lib.sc_hmac_sha256(k, len(k), src, len(src), out), "sc_hmac_sha256")
+    return bytes(ffi.buffer(out))
+
+
+def aes128_ctr(key, iv, data, out):
+    """CTR-crypt ``data`` into ``out`` (a new bytearray if None; ``data`` for in place).
+    Returns ``(rc, out)``."""
+    k, i = _sized(key, PKT_KEY_SIZE, "key"), _sized(iv, PKT_IV_SIZE, "iv")
+    src = buffer_ptr(data, "data", True) if out is data else _in(data, "data")
+    if out is None:
+        out = bytearray(len(src))
+    dst = src if out is data else _sized(out, len(src), "out", True)
+    return lib.sc_aes128_ctr(k, i, src, len(src), dst), out
+
+
+def sevpkt_seal(tek, tik, ctx, measure, pt, ivs, hdrs, ct):
+    """Seal one packet per 16-byte IV of ``ivs``, cut evenly from ``pt``, into ``hdrs`` and
+    ``ct`` (new bytearrays where None; ``ct`` may be ``pt``). Sizes are checked (ValueError)
+    before C runs. Returns ``(rc, hdrs, ct)``."""
+    k1, k2, m = _session(tek, tik, measure)
+    src = buffer_ptr(pt, "plaintext", True) if ct is pt else _in(pt, "plaintext")
+    iv = _in(ivs, "ivs")
+    n, size = _packets(len(iv), PKT_IV_SIZE, "ivs", "IV", len(src), "plaintext")
+    if hdrs is None:
+        hdrs = bytearray(n * PKT_HDR_SIZE)
+    if ct is None:
+        ct = bytearray(len(src))
+    ph = _sized(hdrs, n * PKT_HDR_SIZE, "headers out", True)
+    pc = src if ct is pt else _sized(ct, len(src), "ciphertext out", True)
+    return lib.sc_sevpkt_seal(k1, k2, ctx, m, src, size, n, iv, ph, pc), hdrs, ct
+
+
+def sevpkt_open(tek, tik, ctx, measure, hdrs, ct, pt):
+    """Open one packet per 52-byte header of ``hdrs`` from ``ct`` into ``pt`` (a new bytearray
+    if None; may be ``ct``). Sizes are checked (ValueError) before C runs. Returns
+    ``(rc, index of the refused packet, pt)``."""
+    k1, k2, m = _session(tek, tik, measure)
+    src = buffer_ptr(ct, "ciphertext", True) if pt is ct else _in(ct, "ciphertext")
+    ph = _in(hdrs, "headers")
+    n, size = _packets(len(ph), PKT_HDR_SIZE, "headers", "header", len(src), "ciphertext")
+    if pt is None:
+        pt = bytearray(len(src))
+    dst = src if pt is ct else _sized(pt, len(src), "out", True)
+    bad = ffi.new("uint64_t *")
+    rc = lib.sc_sevpkt_open(k1, k2, ctx, m, ph, src, size, n, dst, bad)
+    return rc, bad[0], pt
+
+
+def sha256_impl():
+    return {lib.SC_SHA256_IMPL_PORTABLE: "portable",
+            lib.SC_SHA256_IMPL_SHANI: "shani"}[lib.sc_sha256_impl()]
+
+
+def aes128_ctr_impl():
+    return _AES_IMPLS[lib.sc_aes128_ctr_impl()]

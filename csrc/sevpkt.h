@@ -1,0 +1,81 @@
+/*
+ * SEV transport packets: the crypto of LAUNCH_SECRET, SEND_UPDATE_DATA and RECEIVE_UPDATE_DATA
+ * (spec/sev-firmware.md sections 5.4, 5.11, 5.14, 7.5, 7.6; [FW] sev_channel.c,
+ * ccp_direct_cipher.c). Every packet is encrypted with AES-128-CTR under the session TEK and
+ * authenticated encrypt-then-MAC with HMAC-SHA256 under the TIK:
+ *
+ *   CT     = AES-128-CTR(TEK, IV, PT)       IV = the whole 16-byte initial counter block,
+ *                                           incremented as a 128-bit big-endian integer
+ *   AAD    = ctx || LE32(flags) || IV || LE32(len) || LE32(len)            (29 bytes)
+ *   MAC    = HMAC-SHA256(TIK, AAD || CT [|| MEASURE])
+ *   header = LE32(flags) || IV || MAC                                      (52 bytes)
+ *
+ * ctx is 0x02 for SEND/RECEIVE_UPDATE_* and 0x01 for LAUNCH_SECRET, whose MAC input ends with the
+ * 32-byte launch MEASURE (API >= 0.17). The firmware never produces flags other than 0 and refuses
+ * COMPRESSED, so sealing writes 0 and opening refuses any other value.
+ *
+ * The batched calls take n packets of one length (the TEK and TIK are the same for a whole
+ * session): the HMAC key's inner and outer states are computed once per call, and two packets
+ * are hashed at a time, interleaved, on SHA-NI (its rounds are latency bound). Nothing is
+ * allocated.
+ */
+#ifndef SEVCORE_SEVPKT_H
+#define SEVCORE_SEVPKT_H
+
+#include "sevcore.h"
+
+/* cdef:begin */
+enum {
+    SC_SHA256_SIZE = 32,
+    SC_SEVPKT_HDR_SIZE = 52,
+    SC_SEVPKT_IV_SIZE = 16,
+    SC_SEVPKT_MAC_SIZE = 32,
+    SC_SEVPKT_AAD_SIZE = 29,
+    SC_SEVPKT_MEASURE_SIZE = 32,
+    /* The firmware's limit on guest_len/trans_len ([FW] SEV_SCRATCH_BUF_LEN = 0x5000). */
+    SC_SEVPKT_MAX_LEN = 20480,
+    /* MAC context bytes ([FW] SEV_CHANNEL_CTX_*); VMSA is defined but unused by the firmware. */
+    SC_SEVPKT_CTX_SECRET = 1,
+    SC_SEVPKT_CTX_DATA = 2,
+    SC_SEVPKT_CTX_VMSA = 3,
+
+    /* Which implementation the SHA-256 calls take with the current CPU features. */
+    SC_SHA256_IMPL_PORTABLE = 0,
+    SC_SHA256_IMPL_SHANI = 1,
+};
+
+/* One-shot primitives. msg/src may be NULL when their length is 0. */
+int sc_sha256(const uint8_t *msg, size_t len, uint8_t digest[32]);
+/* Keys longer than 64 bytes are hashed first (RFC 2104). */
+int sc_hmac_sha256(const uint8_t *key, size_t key_len, const uint8_t *msg, size_t len,
+                   uint8_t mac[32]);
+/* Any length; dst == src (in place) is fine, a partial overlap is -EINVAL. */
+int sc_aes128_ctr(const uint8_t key[16], const uint8_t iv[16], const uint8_t *src, size_t len,
+                  uint8_t *dst);
+
+/* Seal n packets of len_per_pkt bytes: packet i is pt[i * len ...], its IV ivs[16 * i ...], and
+ * it is written as hdrs[52 * i ...] and ct[i * len ...]. measure is NULL or 32 bytes appended to
+ * every MAC input. -EINVAL, before any byte is written, for a NULL key or buffer, a length that
+ * is 0, not a multiple of 16 or above SC_SEVPKT_MAX_LEN, sizes that overflow, or output buffers
+ * overlapping inputs (ct == pt, in place, is fine). n == 0 checks the length and does nothing. */
+int sc_sevpkt_seal(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
+                   const uint8_t *measure, const uint8_t *pt, size_t len_per_pkt, size_t n,
+                   const uint8_t *ivs, uint8_t *hdrs, uint8_t *ct);
+
+/* Open n packets sealed as above. Every packet is judged, in order, before anything is written:
+ * its MAC (recomputed over ctx, the header's flags and IV, and len_per_pkt as both AAD lengths;
+ * compared in constant time), then its flags. The first packet that fails makes the call return
+ * -EBADMSG (MAC mismatch; the firmware's BAD_MEASUREMENT) or -EOPNOTSUPP (nonzero flags; the
+ * firmware refuses COMPRESSED after the MAC check) with *bad_index (if not NULL) set to its index
+ * and pt untouched. Otherwise every packet is decrypted into pt (pt == ct is fine). Argument
+ * errors as sc_sevpkt_seal. */
+int sc_sevpkt_open(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
+                   const uint8_t *measure, const uint8_t *hdrs, const uint8_t *ct,
+                   size_t len_per_pkt, size_t n, uint8_t *pt, uint64_t *bad_index);
+
+int sc_sha256_impl(void);
+/* The AES-128-CTR path, as SC_MEM_IMPL_* (csrc/memcrypt.h). */
+int sc_aes128_ctr_impl(void);
+/* cdef:end */
+
+#endif
