@@ -1,4 +1,4 @@
-"""Command-buffer layouts: sizes and offsets of include/linux/psp-sev.h and the firmware's structs."""
+"""Command-buffer layouts: the sizes and offsets of include/linux/psp-sev.h and the firmware."""
 import pytest
 
 from sevcore.psp import layout as L

@@ -53,7 +53,7 @@ def test_partial_write_changes_only_written_blocks(host):
 
 
 def test_other_asid_and_other_spa_read_garbage(host):
-    """A page written under one ASID reads as garbage under another, or when moved to another SPA."""
+    """A page written under one ASID reads as garbage under another, or moved to another SPA."""
     spa = pages(host, 2)
     umc = host.umc
     umc.install_key(3, KEY_A)
