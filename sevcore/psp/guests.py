@@ -91,6 +91,17 @@ class GuestCommands:
             return U.SEV_RET_INVALID_GUEST, None
         return U.SEV_RET_SUCCESS, g
 
+    def _gates(self, g, state, vmsa):
+        """The guest's side of every data command, in the firmware's order: the guest state, an
+        SEV-ES guest for the VMSA variants, an ASID bound (ACTIVE or PENDING)."""
+        if g.state != state:
+            return U.SEV_RET_INVALID_GUEST_STATE
+        if vmsa and not g.es:
+            return U.SEV_RET_UNSUPPORTED
+        if not g.bound:
+            return U.SEV_RET_INACTIVE
+        return U.SEV_RET_SUCCESS
+
     def _transition(self, g, cmd):
         g.state = TRANSITIONS[(g.state, cmd)]
 
@@ -98,7 +109,7 @@ class GuestCommands:
         major, minor = (policy >> 16) & 0xFF, (policy >> 24) & 0xFF
         return (self.api_major, self.api_minor) >= (major, minor)
 
-    def _guest_range(self, g, addr, size):
+    def _guest_range(self, addr, size):
         """Guest memory at a C-bit address: the SPA, or None outside host memory."""
         spa = self._addr(addr)
         return spa if self._valid(spa, size) else None
@@ -224,13 +235,29 @@ class GuestCommands:
             return U.SEV_RET_POLICY_FAILURE
         return U.SEV_RET_SUCCESS
 
-    def _new_context(self, g, shared_handle):
-        """The common tail of LAUNCH_START and RECEIVE_START: VEK (fresh or shared), handle,
-        ES, OEK. Returns the status; on success ``g`` has its handle."""
-        if shared_handle == 0:
+    def _server_channel(self, g, session_address, session_len, dh_address, dh_len):
+        """Read the session and the peer's DH certificate (each length checked before its copy,
+        in the firmware's order) and open the server side of the channel."""
+        if session_len != X.SESSION_SIZE:
+            return U.SEV_RET_INVALID_LEN
+        session = self._read_blob(session_address, X.SESSION_SIZE)
+        if session is None:
+            return U.SEV_RET_INVALID_ADDRESS
+        if dh_len != C.CERT_SIZE:
+            return U.SEV_RET_INVALID_LEN
+        dh = self._read_blob(dh_address, C.CERT_SIZE)
+        if dh is None:
+            return U.SEV_RET_INVALID_ADDRESS
+        return self._open_server(g, dh, session, g.policy)
+
+    def _start_context(self, g, f, state):
+        """The common tail of LAUNCH_START and RECEIVE_START: VEK (fresh, or shared with
+        ``f.handle``), handle, ES, OEK; then the guest exists in ``state``, the platform is
+        WORKING and ``f.handle`` is written back."""
+        if f.handle == 0:
             g.vek_seed = self._rng(32)
         else:
-            shared = self._guests.get(shared_handle)
+            shared = self._guests.get(f.handle)
             if shared is None:
                 return U.SEV_RET_INVALID_GUEST
             if g.policy != shared.policy or shared.policy & U.SEV_POLICY_MASK_NOKS:
@@ -244,13 +271,11 @@ class GuestCommands:
                 return U.SEV_RET_UNSUPPORTED
             g.es = True
         g.oek = self._rng(32)
-        g.handle = handle
-        return U.SEV_RET_SUCCESS
-
-    def _commit_context(self, g, state):
-        g.state = state
-        self._guests[g.handle] = g
+        g.handle, g.state = handle, state
+        self._guests[handle] = g
         self.state = WORKING
+        f.handle = handle
+        return U.SEV_RET_SUCCESS
 
     def _read_blob(self, addr, size):
         spa = self._addr(addr)
@@ -264,42 +289,22 @@ class GuestCommands:
         if self.state not in (INIT, WORKING):
             return U.SEV_RET_INVALID_PLATFORM_STATE
         g = Guest(0, f.policy)
+        status = U.SEV_RET_SUCCESS
         if f.dh_cert_address:
-            if f.session_len != X.SESSION_SIZE:
-                return U.SEV_RET_INVALID_LEN
-            session = self._read_blob(f.session_address, X.SESSION_SIZE)
-            if session is None:
-                return U.SEV_RET_INVALID_ADDRESS
-            if f.dh_cert_len != C.CERT_SIZE:
-                return U.SEV_RET_INVALID_LEN
-            dh = self._read_blob(f.dh_cert_address, C.CERT_SIZE)
-            if dh is None:
-                return U.SEV_RET_INVALID_ADDRESS
-            status = self._open_server(g, dh, session, f.policy)
-            if status:
-                return status
-        status = self._new_context(g, f.handle)
-        if status:
-            return status
-        self._commit_context(g, LUPDATE)
-        f.handle = g.handle
-        return U.SEV_RET_SUCCESS
+            status = self._server_channel(g, f.session_address, f.session_len,
+                                          f.dh_cert_address, f.dh_cert_len)
+        return status or self._start_context(g, f, LUPDATE)
 
     def _launch_update_checks(self, f, vmsa):
         status, g = self._working_guest(f.handle)
+        status = status or self._gates(g, LUPDATE, vmsa)
         if status:
             return status, None
-        if g.state != LUPDATE:
-            return U.SEV_RET_INVALID_GUEST_STATE, None
-        if vmsa and not g.es:
-            return U.SEV_RET_UNSUPPORTED, None
-        if not g.bound:
-            return U.SEV_RET_INACTIVE, None
         if f.address % 16:
             return U.SEV_RET_INVALID_ADDRESS, None
         if f.len % 16 or f.len == 0:
             return U.SEV_RET_INVALID_LEN, None
-        if self._guest_range(g, f.address, f.len) is None:
+        if self._guest_range(f.address, f.len) is None:
             return U.SEV_RET_INVALID_ADDRESS, None
         return U.SEV_RET_SUCCESS, g
 
@@ -336,12 +341,9 @@ class GuestCommands:
             return status
         if g.state != LUPDATE:
             return U.SEV_RET_INVALID_GUEST_STATE
-        if f.len < X.MEASURE_SIZE:
-            f.len = X.MEASURE_SIZE
-            return U.SEV_RET_INVALID_LEN
-        addr = self._addr(f.address)
-        if not self._valid(addr, X.MEASURE_SIZE):
-            return U.SEV_RET_INVALID_ADDRESS
+        status, addr = self._output(f, X.MEASURE_SIZE)
+        if status:
+            return status
         digest = g.sha.digest()
         mnonce = self._rng(16)
         measure = X.measurement(g.tik, self.api_major, self.api_minor, self.build, g.policy,
@@ -368,7 +370,7 @@ class GuestCommands:
             return U.SEV_RET_INACTIVE
         header = self._read_blob(f.hdr_address, X.HEADER_SIZE)
         trans = self._read_blob(f.trans_address, f.trans_len)
-        dst = self._guest_range(g, f.guest_address, f.guest_len)
+        dst = self._guest_range(f.guest_address, f.guest_len)
         if header is None or trans is None or dst is None:
             return U.SEV_RET_INVALID_ADDRESS
         flags, iv, mac = X.split_header(header)
@@ -409,18 +411,14 @@ class GuestCommands:
             return status
         if g.state not in (LSECRET, RUNNING, SUPDATE, SENT):
             return U.SEV_RET_INVALID_GUEST_STATE
-        size = 0xD0
-        if f.len < size:
-            f.len = size
-            return U.SEV_RET_INVALID_LEN
-        addr = self._addr(f.address)
-        if not self._valid(addr, size):
-            return U.SEV_RET_INVALID_ADDRESS
+        status, addr = self._output(f, 0xD0)
+        if status:
+            return status
         signed = bytes(f.mnonce) + g.launch_digest + X.le32(g.policy)
         sig = C.ecdsa_value(self._identity.pek, C.ALGO_ECDSA_SHA256, signed)
         report = (signed + X.le32(C.USAGE_PEK) + X.le32(C.ALGO_ECDSA_SHA256) + bytes(4) + sig)
         self._write(addr, report)
-        f.len = size
+        f.len = len(report)
         return U.SEV_RET_SUCCESS
 
     # -- debug ----------------------------------------------------------------------------------------
@@ -568,22 +566,24 @@ class GuestCommands:
         g = self._guests.get(f.handle)
         if g is None:
             return U.SEV_RET_INVALID_GUEST, None
-        if g.state != SUPDATE:
-            return U.SEV_RET_INVALID_GUEST_STATE, None
-        if vmsa and not g.es:
-            return U.SEV_RET_UNSUPPORTED, None
-        if not g.bound:
-            return U.SEV_RET_INACTIVE, None
+        status = self._gates(g, SUPDATE, vmsa)
+        if status:
+            return status, None
         if (f.guest_len == 0 or f.guest_len > SCRATCH or f.guest_len % 16 or f.trans_len == 0
                 or f.trans_len < f.guest_len):
             return U.SEV_RET_INVALID_LEN, None
+        return self._transport_addresses(f, f.guest_len), g
+
+    def _transport_addresses(self, f, trans_len):
+        """The last checks of SEND/RECEIVE_UPDATE: a 16-byte aligned guest address
+        (INVALID_ADDRESS), then the guest, packet and header ranges inside host memory."""
         if f.guest_address % 16:
-            return U.SEV_RET_INVALID_ADDRESS, None
-        if (self._guest_range(g, f.guest_address, f.guest_len) is None
-                or not self._valid(self._addr(f.trans_address), f.guest_len)
-                or not self._valid(self._addr(f.hdr_address), X.HEADER_SIZE)):
-            return U.SEV_RET_INVALID_ADDRESS, None
-        return U.SEV_RET_SUCCESS, g
+            return U.SEV_RET_INVALID_ADDRESS
+        if not (self._valid(self._addr(f.guest_address), f.guest_len)
+                and self._valid(self._addr(f.trans_address), trans_len)
+                and self._valid(self._addr(f.hdr_address), X.HEADER_SIZE)):
+            return U.SEV_RET_INVALID_ADDRESS
+        return U.SEV_RET_SUCCESS
 
     def _send_update(self, f, vmsa):
         status, g = self._send_update_checks(f, vmsa)
@@ -635,45 +635,21 @@ class GuestCommands:
         if self.state not in (INIT, WORKING):
             return U.SEV_RET_INVALID_PLATFORM_STATE
         g = Guest(0, f.policy)
-        if f.session_len != X.SESSION_SIZE:
-            return U.SEV_RET_INVALID_LEN
-        session = self._read_blob(f.session_address, X.SESSION_SIZE)
-        if session is None:
-            return U.SEV_RET_INVALID_ADDRESS
-        if f.pdh_cert_len != C.CERT_SIZE:
-            return U.SEV_RET_INVALID_LEN
-        dh = self._read_blob(f.pdh_cert_address, C.CERT_SIZE)
-        if dh is None:
-            return U.SEV_RET_INVALID_ADDRESS
-        status = self._open_server(g, dh, session, f.policy) or self._new_context(g, f.handle)
-        if status:
-            return status
-        self._commit_context(g, RUPDATE)
-        f.handle = g.handle
-        return U.SEV_RET_SUCCESS
+        return (self._server_channel(g, f.session_address, f.session_len, f.pdh_cert_address,
+                                     f.pdh_cert_len)
+                or self._start_context(g, f, RUPDATE))
 
     def _receive_update_checks(self, f, vmsa):
         """The checks of ``sev_mcmd_receive_update`` before the header is read: (status,
         guest)."""
         status, g = self._working_guest(f.handle)
+        status = status or self._gates(g, RUPDATE, vmsa)
         if status:
             return status, None
-        if g.state != RUPDATE:
-            return U.SEV_RET_INVALID_GUEST_STATE, None
-        if vmsa and not g.es:
-            return U.SEV_RET_UNSUPPORTED, None
-        if not g.bound:
-            return U.SEV_RET_INACTIVE, None
         if (f.trans_len == 0 or f.trans_len > SCRATCH or f.guest_len == 0
                 or f.guest_len != f.trans_len or f.guest_len % 16 or f.hdr_len < X.HEADER_SIZE):
             return U.SEV_RET_INVALID_LEN, None
-        if f.guest_address % 16:
-            return U.SEV_RET_INVALID_ADDRESS, None
-        if (self._guest_range(g, f.guest_address, f.guest_len) is None
-                or not self._valid(self._addr(f.trans_address), f.trans_len)
-                or not self._valid(self._addr(f.hdr_address), X.HEADER_SIZE)):
-            return U.SEV_RET_INVALID_ADDRESS, None
-        return U.SEV_RET_SUCCESS, g
+        return self._transport_addresses(f, f.trans_len), g
 
     def _receive_update(self, f, vmsa):
         status, g = self._receive_update_checks(f, vmsa)

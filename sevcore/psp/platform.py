@@ -133,6 +133,24 @@ class PlatformCommands:
     def _nv_key(self):
         return kdf(self._chip_unique_key(), "sevcore-persistent-store", b"", 32)
 
+    def _output(self, f, size):
+        """The length-query protocol of an output buffer (``f.address``, ``f.len``): ``len`` too
+        short is INVALID_LEN with ``f.len = size``; outside memory INVALID_ADDRESS; else
+        (SUCCESS, the buffer's SPA)."""
+        if f.len < size:
+            f.len = size
+            return U.SEV_RET_INVALID_LEN, None
+        spa = self._addr(f.address)
+        if not self._valid(spa, size):
+            return U.SEV_RET_INVALID_ADDRESS, None
+        return U.SEV_RET_SUCCESS, spa
+
+    def _commit_identity(self, ident):
+        """Persist a renewed identity (SPI or the INIT_EX NV area) and make it the live one."""
+        self._store_save(self._nv, ident)
+        self._identity = ident
+        return U.SEV_RET_SUCCESS
+
     # -- ASIDs -----------------------------------------------------------------------------------
 
     def _asid_in_range(self, asid):
@@ -249,25 +267,19 @@ class PlatformCommands:
         self._gen_oca(ident)
         self._gen_pek(ident)
         self._gen_pdh(ident)
-        self._store_save(self._nv, ident)
-        self._identity = ident
-        return U.SEV_RET_SUCCESS
+        return self._commit_identity(ident)
 
     def _cmd_pek_csr(self, f):
         if self.state not in (INIT, WORKING):
             return U.SEV_RET_INVALID_PLATFORM_STATE
-        if f.len >= C.CERT_SIZE:
-            addr = self._addr(f.address)
-            if not self._valid(addr, C.CERT_SIZE):
-                return U.SEV_RET_INVALID_ADDRESS
-            csr = C.new_cert(C.pubkey_of(self._identity.pek_cert))
-            csr[:C.BODY_SIZE] = self._identity.pek_cert[:C.BODY_SIZE]
-            self._write(addr, csr)
-            status = U.SEV_RET_SUCCESS
-        else:
-            status = U.SEV_RET_INVALID_LEN
+        status, spa = self._output(f, C.CERT_SIZE)
+        if status:
+            return status
+        csr = C.new_cert(C.pubkey_of(self._identity.pek_cert))
+        csr[:C.BODY_SIZE] = self._identity.pek_cert[:C.BODY_SIZE]
+        self._write(spa, csr)
         f.len = C.CERT_SIZE
-        return status
+        return U.SEV_RET_SUCCESS
 
     def _cmd_pek_cert_import(self, f):
         if self.state != INIT:
@@ -298,9 +310,7 @@ class PlatformCommands:
         ident = self._identity.copy()
         ident.pek_cert, ident.oca_cert, ident.oca, ident.ext_owned = pek, oca, None, True
         self._gen_pdh(ident)
-        self._store_save(self._nv, ident)
-        self._identity = ident
-        return U.SEV_RET_SUCCESS
+        return self._commit_identity(ident)
 
     def _cmd_pdh_cert_export(self, f):
         if self.state not in (INIT, WORKING):
@@ -324,9 +334,7 @@ class PlatformCommands:
             return U.SEV_RET_INVALID_PLATFORM_STATE
         ident = self._identity.copy()
         self._gen_pdh(ident)
-        self._store_save(self._nv, ident)
-        self._identity = ident
-        return U.SEV_RET_SUCCESS
+        return self._commit_identity(ident)
 
     def _cmd_df_flush(self, _):
         # No platform-state check in the firmware (mcmd_df_flush_common).
@@ -348,13 +356,10 @@ class PlatformCommands:
         return U.SEV_RET_BAD_SIGNATURE
 
     def _cmd_get_id(self, f):
-        if f.len < ID_SIZE:
-            f.len = ID_SIZE
-            return U.SEV_RET_INVALID_LEN
-        addr = self._addr(f.address)
-        if not self._valid(addr, ID_SIZE):
-            return U.SEV_RET_INVALID_ADDRESS
-        self._write(addr, self.get_id_bytes())
+        status, spa = self._output(f, ID_SIZE)
+        if status:
+            return status
+        self._write(spa, self.get_id_bytes())
         f.len = ID_SIZE
         return U.SEV_RET_SUCCESS
 

@@ -68,6 +68,10 @@ _BATCH = {U.SEV_CMD_SEND_UPDATE_DATA, U.SEV_CMD_RECEIVE_UPDATE_DATA}
 _ENTRY, _STATUS = L.sev_rb_cmd_ptr_entry, L.sev_rb_status_entry
 
 
+def _flag(bit, doc):
+    return property(lambda self: bool(self.value & bit), doc=doc)
+
+
 @dataclass
 class RbHead:
     """The firmware's head register, decoded."""
@@ -82,29 +86,12 @@ class RbHead:
     def hi_index(self):
         return (self.value >> 16) & 0xFF
 
-    @property
-    def lo_running(self):
-        return bool(self.value & HEAD_LO_RUNNING)
-
-    @property
-    def hi_running(self):
-        return bool(self.value & HEAD_HI_RUNNING)
-
-    @property
-    def all_empty(self):
-        return bool(self.value & HEAD_ALL_EMPTY)
-
-    @property
-    def cmd_done(self):
-        return bool(self.value & HEAD_CMD_DONE)
-
-    @property
-    def paused(self):
-        return bool(self.value & HEAD_PAUSED)
-
-    @property
-    def q_free(self):
-        return bool(self.value & HEAD_Q_FREE)
+    lo_running = _flag(HEAD_LO_RUNNING, "the low-priority queue runs")
+    hi_running = _flag(HEAD_HI_RUNNING, "the high-priority queue runs")
+    all_empty = _flag(HEAD_ALL_EMPTY, "interrupt status: both queues empty")
+    cmd_done = _flag(HEAD_CMD_DONE, "interrupt status: an INT_COMPLETE command finished")
+    paused = _flag(HEAD_PAUSED, "interrupt status: a queue paused on an error")
+    q_free = _flag(HEAD_Q_FREE, "interrupt status: a queue fell below its threshold")
 
 
 class _Config:
