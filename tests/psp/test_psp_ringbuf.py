@@ -203,3 +203,19 @@ def test_overlapping_batch_falls_back_to_exact_order():
     calls = count_batches(host)
     rb.kick()
     assert [rb.status(i) for i in idx] == [OK, OK] and calls == []
+
+
+def test_queue_depth_and_empty_interrupt_status():
+    """With a threshold and the queue's interrupt enable, a queue holding fewer commands than the
+    threshold raises the q_free status; int_on_empty raises all_empty when both are empty."""
+    from sevcore.psp.ring import CTL_LO_QUEUE_EMPTY_INT, CTL_RUN
+    host = ready()
+    rb = RingBuffer(host.psp, low_threshold=4, int_on_empty=True)
+    for _ in range(8):
+        rb.enqueue(U.SEV_CMD_NOP, 0)
+    head = rb.kick(CTL_RUN)                      # the enable bit is off: no q_free status
+    assert head.all_empty and not head.q_free
+    rb.enqueue(U.SEV_CMD_NOP, 0)
+    head = rb.kick(CTL_RUN | CTL_LO_QUEUE_EMPTY_INT)
+    assert head.q_free and head.all_empty
+    assert host.psp._rb.interrupts >= 2
