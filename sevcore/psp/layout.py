@@ -38,15 +38,26 @@ class Layout:
         return f"<Layout {self.name} ({self.size} bytes)>"
 
     def pack(self, **values):
-        """The struct's bytes; fields not given are zero."""
+        """The struct's bytes; fields not given are zero. A value of the wrong type is TypeError,
+        one that does not fit its field ValueError."""
         unknown = set(values) - set(self.offsets)
         if unknown:
             raise TypeError(f"{self.name} has no field(s) {sorted(unknown)}")
         args = []
         for fname, fmt in self.fields:
+            size = struct.calcsize("<" + fmt)
             v = values.get(fname)
             if v is None:
-                v = bytes(struct.calcsize(fmt)) if fmt.endswith("s") else 0
+                v = bytes(size) if fmt.endswith("s") else 0
+            elif fmt.endswith("s"):
+                if not isinstance(v, (bytes, bytearray)):
+                    raise TypeError(f"{self.name}.{fname} must be bytes")
+                if len(v) != size:
+                    raise ValueError(f"{self.name}.{fname} must be {size} bytes")
+            elif not isinstance(v, int):
+                raise TypeError(f"{self.name}.{fname} must be an int, not {type(v).__name__}")
+            elif not 0 <= v < 1 << (8 * size):
+                raise ValueError(f"{self.name}.{fname} = {v:#x} does not fit {8 * size} bits")
             args.append(v)
         return self._struct.pack(*args)
 

@@ -102,5 +102,13 @@ def test_pack_unpack_view():
     assert f.len == 7 and f.buf[0x10] == 7
     with pytest.raises(TypeError):
         L.sev_data_launch_measure.pack(nope=1)
+    with pytest.raises(TypeError):
+        L.sev_data_launch_measure.pack(handle="1")
+    with pytest.raises(ValueError):
+        L.sev_data_launch_measure.pack(len=1 << 32)
+    with pytest.raises(ValueError):
+        L.sev_data_launch_measure.pack(address=-1)
+    with pytest.raises(ValueError):
+        L.sev_data_attestation_report.pack(mnonce=b"short")
     with pytest.raises(AttributeError):
         f.nope = 1
