@@ -17,6 +17,8 @@ from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE, HostMemory
 from sevcore.memcrypt import default_tweak_table
 from sevcore.mmu import map_runs
 from sevcore.npt import NPT_WRITABLE, Npt
+from sevcore.psp import Psp
+from sevcore.umc import MemoryController
 
 #: Where the VMM's mmap() places mappings, and x86-64's user address limit (access_ok).
 HVA_BASE = 0x7f0000000000
@@ -27,13 +29,16 @@ ALL_VM_TYPES = (U.KVM_X86_DEFAULT_VM, U.KVM_X86_SW_PROTECTED_VM, U.KVM_X86_SEV_V
 
 
 class Host:
-    """One simulated machine: frames, memory-engine tweak table, fd table and /dev/kvm."""
+    """One simulated machine: frames, memory-engine tweak table, memory controller (``umc``), SEV
+    firmware (``psp``), fd table and /dev/kvm."""
 
     def __init__(self, seed=0, memory_size=None, vm_types=ALL_VM_TYPES, c_bit=51):
         self.seed = seed
         self.mem = HostMemory() if memory_size is None else HostMemory(memory_size)
         self.tweak_table = default_tweak_table(seed)
         self.c_bit = c_bit
+        self.umc = MemoryController(self)       # per-ASID keys in front of the frames
+        self.psp = Psp(self)                    # the SEV firmware; keys are made at INIT
         self.supported_vm_types = 0
         for t in vm_types:
             if not 0 <= t < 32:

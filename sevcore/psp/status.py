@@ -1,0 +1,35 @@
+"""Firmware status codes and the exception a failed command raises in the typed layer."""
+import errno
+import os
+
+from sevcore import uapi
+
+#: status value -> its kernel name (SEV_RET_INAVLID_CONFIG keeps the kernel's spelling).
+STATUS_NAMES = {}
+for _name in dir(uapi):
+    if _name.startswith("SEV_RET_") and _name != "SEV_RET_INVALID_CONFIG":
+        STATUS_NAMES[getattr(uapi, _name)] = _name
+
+#: command id -> its name (SEV_CMD_*).
+COMMAND_NAMES = {getattr(uapi, n): n for n in dir(uapi) if n.startswith("SEV_CMD_")}
+
+
+def status_name(status):
+    return STATUS_NAMES.get(status, f"SEV_RET_{status:#x}")
+
+
+def command_name(cmd):
+    return COMMAND_NAMES.get(cmd, f"SEV_CMD_{cmd:#x}")
+
+
+class PspError(OSError):
+    """A firmware command failed: ``status`` is the firmware's SEV_RET_* code, ``command`` the
+    SEV_CMD_* name. The errno is EIO, which is what the kernel's PSP driver returns for any
+    non-zero firmware status (drivers/crypto/ccp/sev-dev.c)."""
+
+    def __init__(self, command, status):
+        self.command = command_name(command) if isinstance(command, int) else command
+        self.status = status
+        self.status_name = status_name(status)
+        super().__init__(errno.EIO, f"{os.strerror(errno.EIO)}: firmware status {status:#x} "
+                                    f"({self.status_name})", self.command)
