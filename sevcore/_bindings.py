@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 #: The C-core ABI this Python package was written against (csrc/sevcore.h SC_ABI_VERSION).
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 if lib.sc_abi_version() != ABI_VERSION or lib.SC_ABI_VERSION != ABI_VERSION:
     raise ImportError(
@@ -518,3 +518,79 @@ def sha256_impl():
 
 def aes128_ctr_impl():
     return _AES_IMPLS[lib.sc_aes128_ctr_impl()]
+
+
+# --- Guest page access (csrc/guest.h) -----------------------------------------------------------
+# C checks every argument (sizes included: each buffer goes with its length); these wrappers only
+# make typed views of the caller's buffers, without copying, and return C's code. A gfn list is
+# passed whole: its length is the page count.
+
+GUEST_OPS = {name: getattr(lib, "SC_GUEST_OP_" + name)
+             for name in ("READ", "WRITE", "FILL", "PATTERN", "CHECK", "STAMP", "DIGEST")}
+GUEST_PAGE_SIZE = lib.SC_GUEST_PAGE_SIZE
+
+
+def guest_ctx(frames):
+    """A zeroed ``struct sc_guest_ctx`` over host memory ``frames`` (a writable buffer). Returns
+    ``(ctx, frames_view)``; the view must outlive every call made with ``ctx``."""
+    ctx = ffi.new("struct sc_guest_ctx *")
+    view = buffer_ptr(frames, "frames", writable=True)
+    ctx.frames = ffi.cast("uint8_t *", view)
+    ctx.frames_size = len(view)
+    return ctx, view
+
+
+def guest_slots(slots):
+    """A ``struct sc_guest_slot[]`` for ``(base_gfn, npages, words)`` triples; returns
+    ``(array, views)``, the views to be kept alive with the array. ``words`` must hold the slot's
+    ``bitmap_words(npages)`` words (C cannot see a bitmap's length)."""
+    arr = ffi.new("struct sc_guest_slot[]", len(slots))
+    views = []
+    for i, (base_gfn, npages, words) in enumerate(slots):
+        view = _u64_array(words, f"slot {i} dirty bitmap", writable=True)
+        if npages < 0 or len(view) < bitmap_words(npages):
+            raise ValueError(f"slot {i}: {len(view)} bitmap words cannot hold {npages} pages")
+        arr[i].base_gfn, arr[i].npages, arr[i].dirty_bitmap = base_gfn, npages, view
+        views.append(view)
+    return arr, views
+
+
+def guest_pages(ctx, op, gfns, gfn0, n, arg, buf, out):
+    """``sc_guest_pages`` on ``gfns`` (a uint64 buffer: all of it) or, if None, ``n`` pages from
+    ``gfn0``. ``buf`` and ``out`` may be None. Returns C's code."""
+    if gfns is not None:
+        g = _u64_array(gfns, "gfns", writable=False)
+        n = len(g)
+    else:
+        g = ffi.NULL
+    if buf is None:
+        b, bsize = ffi.NULL, 0
+    else:
+        b = buffer_ptr(buf, "buf", writable=op == lib.SC_GUEST_OP_READ)
+        bsize = len(b)
+    if out is None:
+        o, olen = ffi.NULL, 0
+    else:
+        o = _u64_array(out, "out", writable=True)
+        olen = len(o)
+    return lib.sc_guest_pages(ctx, op, g, gfn0, n, arg, b, bsize, o, olen)
+
+
+def guest_pattern(seed, gfn):
+    """The PATTERN page of ``gfn`` under ``seed`` as bytes."""
+    page = bytearray(GUEST_PAGE_SIZE)
+    lib.sc_guest_pattern(seed, gfn, ffi.from_buffer(_CHAR_ARRAY, page, True))
+    return bytes(page)
+
+
+def guest_digest(page):
+    """The DIGEST (XXH3-64) of one 4096-byte page."""
+    p = buffer_ptr(page, "page")
+    if len(p) != GUEST_PAGE_SIZE:
+        raise ValueError(f"a page is {GUEST_PAGE_SIZE} bytes, got {len(p)}")
+    return lib.sc_guest_digest(p)
+
+
+def guest_impl():
+    return {lib.SC_GUEST_IMPL_PORTABLE: "portable",
+            lib.SC_GUEST_IMPL_AVX512: "avx512"}[lib.sc_guest_impl()]
