@@ -1,0 +1,160 @@
+"""Bulk guest-memory access: a guest touching many pages per C call through its nested page table.
+
+The C kernel (csrc/guest.h) is the fast path of a guest access: it walks the pages in order and
+stops in front of the first one that would fault (not present, the other kind of mapping than the
+access, or read-only for a write), returning how many it completed. The model resolves that fault
+and calls again from there:
+
+>>> ops = GuestPageOps(vm.npt, host.mem.frames)
+>>> done = 0
+>>> while done < npages:
+...     done += ops.run(GUEST_OP_FILL, gfn0=gfn + done, n=npages - done, arg=0x5a5a5a5a5a5a5a5a)
+...     if done < npages:
+...         fault_in(gfn + done)                   # the model's NPT fault path (maps a batch)
+
+An encrypted access (``engine=``, an SEV guest's C-bit access) decrypts on reads and encrypts on
+writes at each page's SPA, so the frames hold ciphertext. Writes through NPT_DIRTY_LOG entries set
+the gfn's bit in the dirty bitmap of its slot (:meth:`GuestPageOps.set_dirty_slots`).
+"""
+import errno
+
+import numpy as np
+
+from sevcore import _bindings as _b
+from sevcore.npt import GFN_LIMIT, _gfn_array
+
+GUEST_OP_READ = _b.GUEST_OPS["READ"]
+GUEST_OP_WRITE = _b.GUEST_OPS["WRITE"]
+GUEST_OP_FILL = _b.GUEST_OPS["FILL"]
+GUEST_OP_PATTERN = _b.GUEST_OPS["PATTERN"]
+GUEST_OP_CHECK = _b.GUEST_OPS["CHECK"]
+GUEST_OP_STAMP = _b.GUEST_OPS["STAMP"]
+GUEST_OP_DIGEST = _b.GUEST_OPS["DIGEST"]
+#: The ops that store into guest pages (and so need writable entries and mark pages dirty).
+WRITE_OPS = frozenset({GUEST_OP_WRITE, GUEST_OP_FILL, GUEST_OP_PATTERN, GUEST_OP_STAMP})
+PAGE_SIZE = _b.GUEST_PAGE_SIZE
+#: What CHECK reports in ``out[1]`` when every page matched.
+NO_MISMATCH = 2**64 - 1
+
+_OP_NAMES = {v: k for k, v in _b.GUEST_OPS.items()}
+
+
+def pattern(seed, gfn):
+    """The 4096 bytes GUEST_OP_PATTERN writes to ``gfn`` with ``arg=seed`` (csrc/guest.h)."""
+    return _b.guest_pattern(seed, gfn)
+
+
+def digest(page):
+    """What GUEST_OP_DIGEST reports for a page holding ``page`` (4096 bytes): its XXH3-64."""
+    return _b.guest_digest(page)
+
+
+def implementation():
+    """Which C path the page loops take with the active CPU features: 'avx512' or 'portable'."""
+    return _b.guest_impl()
+
+
+class GuestPageOps:
+    """Page ops of one guest: its Npt, and the host memory its entries point into."""
+
+    def __init__(self, npt, frames):
+        """``npt``: the guest's :class:`sevcore.npt.Npt`; ``frames``: host physical memory as a
+        writable buffer (``host.mem.frames``), SPA 0 at its first byte."""
+        self._npt = npt
+        self._frames = frames
+        self._ctx, self._frames_view = _b.guest_ctx(frames)
+        self._slots = ([], None, [])   # (triples as given, C array, C views of the bitmaps)
+
+    def close(self):
+        """Drop the views of ``frames`` and of the slot bitmaps, so their memory can be unmapped."""
+        with self._npt._lock:
+            if self._frames_view is not None:
+                _b.ffi.release(self._frames_view)
+                self._frames_view = None
+                self._ctx.nslots = 0
+                self._slots = ([], None, [])
+
+    def set_dirty_slots(self, slots):
+        """The memslots with dirty logging on, as ``(base_gfn, npages, words)`` with ``words`` a
+        uint64 numpy array of at least ``ceil(npages / 64)`` words in the KVM_GET_DIRTY_LOG
+        layout. They must be sorted by ``base_gfn`` and disjoint (checked by every :meth:`run`).
+        The arrays are kept referenced until the next call."""
+        triples = [(int(base), int(npages), words) for base, npages, words in slots]
+        arr, views = _b.guest_slots(triples)
+        with self._npt._lock:
+            self._ctx.slots = arr if triples else _b.ffi.NULL
+            self._ctx.nslots = len(triples)
+            self._slots = (triples, arr, views)
+
+    def run(self, op, gfns=None, gfn0=0, n=None, *, private=False, engine=None, arg=0, buf=None,
+            out=None):
+        """Perform ``op`` on the pages ``gfns`` (integers) or, if None, ``n`` pages from ``gfn0``;
+        returns how many pages were completed (``n``, or the index of the first page that
+        faults). ``buf`` holds ``n * 4096`` bytes for READ (writable) and WRITE; ``out`` is a uint64
+        array of ``n`` words for DIGEST, of 2 for CHECK (mismatching pages, index of the first or
+        :data:`NO_MISMATCH`). ``private``: the access is private (served by NPT_PRIVATE entries
+        only); ``engine``: a :class:`sevcore.memcrypt.MemoryEngine` for an encrypted access.
+
+        Raises ValueError, having written nothing, for bad arguments (also for a write through an
+        NPT_DIRTY_LOG entry outside every dirty slot), and ``OSError(EFAULT)`` if an entry to be
+        used maps a frame outside ``frames``.
+        """
+        if gfns is not None:
+            gfns = _gfn_array(gfns).reshape(-1)
+            if n is not None:
+                if not 0 <= n <= gfns.size:
+                    raise ValueError(f"n = {n} pages, but gfns holds {gfns.size}")
+                gfns = gfns[:n]
+            n = gfns.size
+        elif n is None:
+            raise ValueError("give gfns, or gfn0 and n")
+        if engine is None:
+            eng = _b.ffi.NULL
+        else:
+            eng = engine._eng
+            if eng is None:
+                raise ValueError("MemoryEngine is closed")
+        with self._npt._lock:
+            ctx = self._ctx
+            if self._frames_view is None:
+                raise ValueError("operation on a closed GuestPageOps")
+            ctx.npt = self._npt._p()
+            ctx.eng = eng
+            ctx.private_access = 1 if private else 0
+            try:
+                rc = _b.guest_pages(ctx, op, gfns, gfn0, n, arg, buf, out)
+            except OverflowError:
+                raise ValueError("gfn0, n and arg must be unsigned 64-bit integers") from None
+        if rc < 0:
+            self._refused(rc, op, gfns, gfn0, n, buf, out)
+        return rc
+
+    def _refused(self, rc, op, gfns, gfn0, n, buf, out):
+        """Raise the precise error for a refused call (runs only on the error path)."""
+        if rc != -errno.EINVAL:
+            _b.check(rc, "sc_guest_pages")
+        name = _OP_NAMES.get(op)
+        if name is None:
+            raise ValueError(f"unknown guest op {op!r}")
+        if op in (GUEST_OP_READ, GUEST_OP_WRITE):
+            size = 0 if buf is None else memoryview(buf).nbytes
+            if size < n * PAGE_SIZE:
+                raise ValueError(f"{name} of {n} pages needs a buf of {n * PAGE_SIZE} bytes, "
+                                 f"got {size}")
+        if op in (GUEST_OP_CHECK, GUEST_OP_DIGEST):
+            need = 2 if op == GUEST_OP_CHECK else n
+            have = 0 if out is None else np.asarray(out).size
+            if have < need:
+                raise ValueError(f"{name} needs an out array of {need} uint64 words, got {have}")
+        if gfns is None and (gfn0 < 0 or gfn0 + n > GFN_LIMIT):
+            raise ValueError(f"gfns {gfn0:#x}+{n} run past the guest space [0, {GFN_LIMIT:#x})")
+        if gfns is not None and gfns.size and int(gfns.max()) >= GFN_LIMIT:
+            raise ValueError(f"gfns must be in [0, {GFN_LIMIT:#x})")
+        triples = self._slots[0]
+        for (b0, n0, _), (b1, n1, _) in zip(triples, triples[1:]):
+            if b1 < b0 + n0:
+                raise ValueError(f"dirty slots {b0:#x}+{n0:#x} and {b1:#x}+{n1:#x} are not "
+                                 "sorted and disjoint")
+        raise ValueError("sc_guest_pages refused the call: empty or out-of-range dirty slot, "
+                         "buf or out overlapping frames or gfns, or a write through an "
+                         "NPT_DIRTY_LOG entry in no dirty slot")
