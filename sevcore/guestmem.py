@@ -70,7 +70,7 @@ class GuestPageOps:
         with self._npt._lock:
             if self._frames_view is not None:
                 _b.ffi.release(self._frames_view)
-                self._frames_view = None
+                self._frames_view = self._frames = None
                 self._ctx.nslots = 0
                 self._slots = ([], None, [])
 

@@ -18,6 +18,7 @@ from sevcore.guestmem import (
     GUEST_OP_STAMP, GUEST_OP_WRITE, NO_MISMATCH, PAGE_SIZE, WRITE_OPS, GuestPageOps, digest,
     implementation, pattern,
 )
+from sevcore.hostmem import HostMemory
 from sevcore.memcrypt import AES128_XEX, AES256_XTS, MemoryEngine
 from sevcore.npt import GFN_LIMIT, NPT_DIRTY_LOG, NPT_PRIVATE, NPT_WRITABLE, Npt
 
@@ -360,6 +361,48 @@ def test_zero_pages_do_nothing_but_check_reports_no_mismatch():
         g.close()
 
 
+@pytest.mark.parametrize("op", [GUEST_OP_READ, GUEST_OP_WRITE, GUEST_OP_FILL, GUEST_OP_PATTERN])
+@pytest.mark.parametrize("misalign", [0, 8])
+def test_large_calls_match_the_same_pages_in_small_calls(op, misalign):
+    """A call of more than 4096 pages (streaming stores where frames or buf allow) leaves the
+    memory, buffer and dirty bits that calls of 1000 pages leave, logged pages included."""
+    n = 4700
+    pfns = np.random.default_rng(1).permutation(n)
+    data = np.random.default_rng(2).integers(0, 256, n * PAGE_SIZE + 64, dtype=np.uint8)
+    results = []
+    with Npt() as npt:
+        for gfn, pfn in enumerate(pfns.tolist()):
+            npt.map(gfn, pfn, W | (DL if gfn % 7 == 3 else 0))
+        for chunk in (n, 1000):
+            backing = data.copy()
+            frames = backing[misalign:misalign + n * PAGE_SIZE]
+            buf = np.zeros(n * PAGE_SIZE + 64, np.uint8)[misalign:misalign + n * PAGE_SIZE]
+            if op == GUEST_OP_WRITE:
+                buf[:] = data[::-1][:buf.size]
+            words = np.zeros((n + 63) // 64, np.uint64)
+            ops = GuestPageOps(npt, frames)
+            ops.set_dirty_slots([(0, n, words)])
+            for lo in range(0, n, chunk):
+                hi = min(n, lo + chunk)
+                assert ops.run(op, gfn0=lo, n=hi - lo, arg=0xC0FFEE,
+                               buf=buf[lo * PAGE_SIZE:hi * PAGE_SIZE]) == hi - lo
+            ops.close()
+            results.append((frames.copy(), buf.copy(), words.copy()))
+    (fa, ba, wa), (fb, bb, wb) = results
+    assert np.array_equal(fa, fb) and np.array_equal(ba, bb) and np.array_equal(wa, wb)
+    logged = np.unpackbits(wa.view(np.uint8), bitorder="little")[:n]
+    assert np.flatnonzero(logged).tolist() == (
+        list(range(3, n, 7)) if op in WRITE_OPS else [])
+    if op == GUEST_OP_PATTERN:
+        assert frame_of(fa, pfns[4321]) == pattern(0xC0FFEE, 4321)
+    elif op == GUEST_OP_READ:
+        assert ba[4321 * PAGE_SIZE:4322 * PAGE_SIZE].tobytes() == frame_of(fa, pfns[4321])
+
+
+def frame_of(frames, pfn):
+    return frames[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE].tobytes()
+
+
 # --- dirty logging --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("op", OPS)
@@ -588,3 +631,16 @@ def test_unsorted_slots_and_closed_objects_are_refused():
             g.ops.run(GUEST_OP_FILL, gfn0=0x1000, n=1)
     finally:
         g.close()
+
+
+def test_close_lets_host_memory_be_unmapped():
+    """After GuestPageOps.close the host frames are no longer exported, so HostMemory can close."""
+    mem = HostMemory(size=4 << 20)
+    with Npt() as npt:
+        pfn = int(mem.alloc(1)[0])
+        npt.map(7, pfn, W)
+        ops = GuestPageOps(npt, mem.frames)
+        assert ops.run(GUEST_OP_FILL, gfn0=7, n=1, arg=3) == 1
+        assert mem.frame(pfn)[:8].tobytes() == (3).to_bytes(8, "little")
+        ops.close()
+    mem.close()
