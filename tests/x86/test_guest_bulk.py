@@ -1,0 +1,136 @@
+"""Bulk guest operations (g.fill, write_pattern, check_pattern, stamp, stamp_pages, digest):
+executed by the C page kernel through the NPT, with the fault path resolving whole runs."""
+from errno import EFAULT
+
+import numpy as np
+import pytest
+
+import sevcore
+from sevcore import guestmem
+from sevcore.kvm_util import vm_mem_add, vm_mem_set_private
+from sevcore.uapi import *
+
+GPA = 1 << 32
+NPAGES = 1024
+
+
+def create(type=KVM_X86_DEFAULT_VM, flags=0):
+    vm = sevcore.Kvm().create_vm(type)
+    vm_mem_add(vm, 0, 0, 16)
+    hva = vm_mem_add(vm, GPA, 1, NPAGES, flags)
+    return vm, hva
+
+
+def run_ops(vm, *ops):
+    """Run a guest that performs ``ops`` (functions of g) and syncs each result."""
+    def guest(g):
+        for op in ops:
+            r = yield op(g)
+            yield g.sync(r)
+    v = vm.create_vcpu(len(vm.vcpus))
+    v.set_guest_code(guest)
+    out = []
+    for _ in ops:
+        run = v.run()
+        out.append(v.get_ucall()[1][0])
+    return out
+
+
+def test_fill_reaches_vmm_memory():
+    """A shared fill is what the VMM then reads through the slot's HVA."""
+    vm, hva = create()
+    run_ops(vm, lambda g: g.fill(GPA + 4096, NPAGES - 2, 0x0102030405060708))
+    mem = vm.kvm.read(hva, NPAGES * 4096)
+    assert mem[:4096] == bytes(4096)
+    assert mem[4096:-4096] == (0x0102030405060708).to_bytes(8, "little") * ((NPAGES - 2) * 512)
+    assert mem[-4096:] == bytes(4096)
+
+
+def test_pattern_check_and_digest():
+    """write_pattern then check_pattern finds no mismatch; a VMM write to one page is found
+    at its index; digests match the host-side digest of the pages."""
+    vm, hva = create()
+    r = run_ops(vm, lambda g: g.write_pattern(GPA, NPAGES, 99),
+                lambda g: g.check_pattern(GPA, NPAGES, 99))
+    assert r[1] == (0, None)
+    vm.kvm.write(hva + 37 * 4096 + 100, b"\xff")
+    vm.kvm.write(hva + 700 * 4096, b"\xff")
+    mism, digests = run_ops(vm, lambda g: g.check_pattern(GPA, NPAGES, 99),
+                            lambda g: g.digest(GPA, 4))
+    assert mism == (2, 37)
+    for i in range(4):
+        assert int(digests[i]) == guestmem.digest(vm.kvm.read(hva + i * 4096, 4096))
+    assert vm.kvm.read(hva + 5 * 4096, 4096) == guestmem.pattern(99, (GPA >> 12) + 5)
+
+
+def test_bulk_writes_are_dirty_logged():
+    """stamp_pages dirties exactly its pages in a logging slot; check/digest dirty nothing."""
+    vm, hva = create(flags=KVM_MEM_LOG_DIRTY_PAGES)
+    pages = [3, 64, 65, 1000]
+    run_ops(vm, lambda g: g.digest(GPA, NPAGES))
+    assert not vm.get_dirty_log(1).any()
+    run_ops(vm, lambda g: g.stamp_pages([GPA + p * 4096 for p in pages], 7))
+    log = vm.get_dirty_log(1)
+    assert [i for i in range(NPAGES) if int(log[i // 64]) >> (i % 64) & 1] == pages
+    for p in pages:
+        assert vm.kvm.read(hva + p * 4096, 8) == (7).to_bytes(8, "little")
+
+
+def test_private_fill_goes_to_guest_memfd():
+    """On a SW_PROTECTED VM a fill over a half-private range lands in guest_memfd for the
+    private half and in VMM memory for the shared half."""
+    vm = sevcore.Kvm().create_vm(KVM_X86_SW_PROTECTED_VM)
+    vm_mem_add(vm, 0, 0, 16)
+    hva = vm_mem_add(vm, GPA, 1, NPAGES, KVM_MEM_GUEST_MEMFD)
+    vm_mem_set_private(vm, GPA, NPAGES // 2 * 4096)
+    run_ops(vm, lambda g: g.fill(GPA, NPAGES, 0x5a5a5a5a5a5a5a5a))
+    assert vm.kvm.read(hva, NPAGES // 2 * 4096) == bytes(NPAGES // 2 * 4096)
+    assert vm.kvm.read(hva + NPAGES // 2 * 4096, 4096) == b"\x5a" * 4096
+    gmem = vm.memslots[(0, 1)].gmem_file
+    assert len(gmem.pages) == NPAGES // 2
+    r = run_ops(vm, lambda g: g.digest(GPA, 1))
+    assert int(r[0][0]) == guestmem.digest(b"\x5a" * 4096)
+
+
+def test_bulk_fault_resumes_where_it_stopped():
+    """A bulk fill that hits a private page without gmem fails KVM_RUN with EFAULT at that
+    page; after user space fixes it, the next KVM_RUN finishes the fill."""
+    vm = sevcore.Kvm().create_vm(KVM_X86_SW_PROTECTED_VM)
+    vm_mem_add(vm, 0, 0, 16)
+    hva = vm_mem_add(vm, GPA, 1, 64)
+    vm_mem_set_private(vm, GPA + 40 * 4096, 4096)
+
+    def guest(g):
+        yield g.fill(GPA, 64, 0x1111111111111111)
+        yield g.done()
+    v = vm.create_vcpu(0)
+    v.set_guest_code(guest)
+    with pytest.raises(OSError) as e:
+        v.run()
+    assert e.value.errno == EFAULT
+    assert v.kvm_run.memory_fault.gpa == GPA + 40 * 4096
+    assert vm.kvm.read(hva + 39 * 4096, 8) == b"\x11" * 8
+    assert vm.kvm.read(hva + 41 * 4096, 8) == bytes(8)
+    vm.set_memory_attributes(GPA + 40 * 4096, 4096, 0)
+    assert v.run().ucall == ("done", ())
+    assert vm.kvm.read(hva, 64 * 4096) == b"\x11" * (64 * 4096)
+
+
+def test_bulk_into_mmio_aborts_guest():
+    """A bulk operation that runs off guest RAM reaches the guest as an exception (abort)."""
+    vm, hva = create()
+    def guest(g):
+        yield g.fill(GPA, NPAGES + 1, 1)
+    v = vm.create_vcpu(0)
+    v.set_guest_code(guest)
+    v.run()
+    with pytest.raises(AssertionError, match="MMIO"):
+        v.get_ucall()
+
+
+def test_bulk_argument_errors():
+    """Unaligned bulk gpas are refused before anything runs."""
+    vm, hva = create()
+    g = sevcore.guest.Guest(None)
+    with pytest.raises(ValueError):
+        g.fill(GPA + 1, 1, 0)
