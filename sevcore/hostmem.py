@@ -33,6 +33,11 @@ class HostMemory:
         self.nframes = size >> PAGE_SHIFT
         self._mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
                              | MAP_NORESERVE)
+        # Frames are handed out in ascending runs, so transparent huge pages back them densely:
+        # one kernel fault per 2 MiB instead of per 4 KiB on first touch (numpy's large arrays
+        # get the same). Freed frames are still returned 4 KiB at a time (MADV_DONTNEED).
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            self._mm.madvise(mmap.MADV_HUGEPAGE)
         #: The whole physical address space as bytes; ``frames[spa:spa + n]`` is what the bus holds.
         self.frames = np.frombuffer(self._mm, dtype=np.uint8)
         self._lock = threading.Lock()
