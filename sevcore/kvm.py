@@ -12,6 +12,7 @@ from errno import EFAULT, EINVAL, ENOMEM
 import numpy as np
 
 from sevcore import uapi as U
+from sevcore.costmodel import SimClock
 from sevcore.errors import KvmError
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE, HostMemory
 from sevcore.memcrypt import default_tweak_table
@@ -30,7 +31,7 @@ ALL_VM_TYPES = (U.KVM_X86_DEFAULT_VM, U.KVM_X86_SW_PROTECTED_VM, U.KVM_X86_SEV_V
 
 class Host:
     """One simulated machine: frames, memory-engine tweak table, memory controller (``umc``), SEV
-    firmware (``psp``), fd table and /dev/kvm."""
+    firmware (``psp``), simulated time (``clock``, see sevcore.costmodel), fd table and /dev/kvm."""
 
     def __init__(self, seed=0, memory_size=None, vm_types=ALL_VM_TYPES, c_bit=51):
         self.seed = seed
@@ -39,6 +40,7 @@ class Host:
         self.c_bit = c_bit
         self.umc = MemoryController(self)       # per-ASID keys in front of the frames
         self.psp = Psp(self)                    # the SEV firmware; keys are made at INIT
+        self.clock = SimClock()                 # simulated time, advanced by modelled costs
         self.supported_vm_types = 0
         for t in vm_types:
             if not 0 <= t < 32:

@@ -1,0 +1,548 @@
+"""The migration stream: a framed, versioned, checksummed sequence of typed records.
+
+Layout (docs/migration-stream.md has every field; integers are big-endian, as QEMUFile's):
+
+    header   magic "SEVMIG\\r\\n" (8) | be16 version | be16 flags | be32 CRC-32 of the 12 bytes before
+    record   be16 type | be16 reserved (0) | be32 payload_len | be32 head_crc | payload | be32 crc
+    ...
+    END      the last record: be64 number of records before it
+
+The checksums run: ``head_crc = crc32(frame head, running)``, ``crc = crc32(payload, head_crc)``,
+and ``crc`` becomes the running value, seeded with the header's CRC. So a flipped bit anywhere, a
+dropped, duplicated or reordered record is refused at the first frame it touches, and a corrupt
+length is caught (by the head CRC) before it is used to read anything.
+
+>>> w = StreamWriter(channel)                       # writes the header
+>>> w.sev_session(policy, pdh, session); w.encrypted_page(gfn, hdr, ct); w.end()
+>>> for rec in StreamReader(channel): ...           # records, each verified before it is yielded
+
+A reader yields a record only after its checksum and layout are verified and raises a
+``StreamError`` subclass (errors.py) at the first bad byte: nothing after that point is handed
+on. ``read_all()`` returns the records only if the stream is complete up to a valid END, so a
+target that wants all or nothing gets it.
+"""
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+
+from sevcore.migration.errors import (BadMagic, BadRecord, ChecksumMismatch, StreamTruncated,
+                                      UnsupportedFlags, UnsupportedVersion)
+
+MAGIC = b"SEVMIG\r\n"
+VERSION = 1
+#: Header flags: the stream carries pages of an encrypted guest; private pages travel through the
+#: in-guest migration helper rather than the PSP.
+FLAG_ENCRYPTED = 1 << 0
+FLAG_HELPER = 1 << 1
+KNOWN_FLAGS = FLAG_ENCRYPTED | FLAG_HELPER
+
+PAGE_SIZE = 4096
+#: Largest payload a reader accepts (refused as BadRecord before any allocation).
+MAX_PAYLOAD = 1 << 24
+
+HEADER = struct.Struct(">8sHHI")
+FRAME = struct.Struct(">HHII")            # type, reserved, payload_len, head_crc
+_CRC = struct.Struct(">I")
+HEADER_SIZE = HEADER.size                 # 16
+FRAME_OVERHEAD = FRAME.size + _CRC.size   # 16
+
+_U32 = struct.Struct(">I")
+_GFN = struct.Struct(">Q")
+_GFN_SEQ = struct.Struct(">QQ")
+_ZERO = struct.Struct(">QI")
+_ITER = struct.Struct(">IIQ")
+_HDR_LEN = struct.Struct(">QI")           # gfn, hdr_len (encrypted page)
+
+#: ITERATION flags: the source stopped the guest; what follows is the stop-and-copy.
+ITER_STOP = 1 << 0
+MAX_GFN = (1 << 64) - 1
+
+
+# -- records -----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """Migration parameters, a JSON object (the first record)."""
+    params: dict
+    TYPE = 1
+
+
+@dataclass(frozen=True, slots=True)
+class SevSession:
+    """What SEND_START produced, as QEMU sends it: policy, the source's PDH, the 128-byte session."""
+    policy: int
+    pdh: bytes
+    session: bytes
+    TYPE = 2
+
+
+@dataclass(frozen=True, slots=True)
+class SharedPage:
+    """A shared (plaintext) page of guest frame ``gfn``."""
+    gfn: int
+    data: bytes
+    TYPE = 3
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptedPage:
+    """A SEND_UPDATE_DATA packet of ``gfn``: the 52-byte header and the ciphertext."""
+    gfn: int
+    hdr: bytes
+    trans: bytes
+    TYPE = 4
+
+
+@dataclass(frozen=True, slots=True)
+class HelperPage:
+    """A page sealed by the in-guest migration helper: an opaque AEAD packet and its sequence
+    number, which the target's helper checks."""
+    gfn: int
+    seq: int
+    packet: bytes
+    TYPE = 5
+
+
+@dataclass(frozen=True, slots=True)
+class ZeroPages:
+    """``npages`` zero pages from ``gfn`` (QEMU's duplicate pages)."""
+    gfn: int
+    npages: int
+    TYPE = 6
+
+
+@dataclass(frozen=True, slots=True)
+class Iteration:
+    """A dirty-sync marker: pre-copy pass ``iteration`` begins with ``dirty_pages`` to send; with
+    ``stop`` the guest is paused and what follows is the stop-and-copy (downtime)."""
+    iteration: int
+    dirty_pages: int
+    stop: bool = False
+    TYPE = 7
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuState:
+    """The state of vCPU ``vcpu_id`` (opaque to the stream: registers, or a VMSA packet)."""
+    vcpu_id: int
+    data: bytes
+    TYPE = 8
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """The last record; ``nrecords`` is how many records came before it."""
+    nrecords: int
+    TYPE = 9
+
+
+RECORD_TYPES = {cls.TYPE: cls for cls in (Setup, SevSession, SharedPage, EncryptedPage,
+                                          HelperPage, ZeroPages, Iteration, VcpuState, End)}
+TYPE_NAMES = {t: cls.__name__ for t, cls in RECORD_TYPES.items()}
+PAGE_RECORDS = (SharedPage.TYPE, EncryptedPage.TYPE, HelperPage.TYPE)
+
+
+# -- statistics --------------------------------------------------------------------------------------
+
+class StreamStats:
+    """Bytes and records per record type and per phase, counted identically by writer and reader.
+
+    Phases: ``setup`` (header and records before the first ITERATION), ``precopy`` (after an
+    ITERATION without stop), ``downtime`` (from an ITERATION with stop). QEMU has no setup bytes,
+    so ``precopy_bytes`` includes them, and ``transferred = precopy_bytes + downtime_bytes``.
+    """
+
+    def __init__(self):
+        self.header_bytes = 0
+        self.records = dict.fromkeys(TYPE_NAMES.values(), 0)
+        self.bytes = dict.fromkeys(TYPE_NAMES.values(), 0)
+        self.phase = "setup"
+        self.phase_bytes = {"setup": 0, "precopy": 0, "downtime": 0}
+        self.normal = 0             # pages sent whole (shared, encrypted, helper)
+        self.duplicate = 0          # zero pages
+
+    def _header(self, n):
+        self.header_bytes += n
+        self.phase_bytes[self.phase] += n
+
+    def _record(self, rtype, nbytes, rec_pages=0, zero_pages=0, stop=None):
+        if stop is not None:
+            self.phase = "downtime" if stop or self.phase == "downtime" else "precopy"
+        name = TYPE_NAMES[rtype]
+        self.records[name] += 1
+        self.bytes[name] += nbytes
+        self.phase_bytes[self.phase] += nbytes
+        self.normal += rec_pages
+        self.duplicate += zero_pages
+
+    @property
+    def transferred(self):
+        return sum(self.phase_bytes.values())
+
+    @property
+    def nrecords(self):
+        return sum(self.records.values())
+
+    def qemu(self):
+        """The byte and page counters as QEMU's query-migrate names them."""
+        return {"transferred": self.transferred,
+                "precopy-bytes": self.phase_bytes["setup"] + self.phase_bytes["precopy"],
+                "downtime-bytes": self.phase_bytes["downtime"],
+                "normal": self.normal, "normal-bytes": self.normal * PAGE_SIZE,
+                "duplicate": self.duplicate}
+
+    def __eq__(self, other):
+        return isinstance(other, StreamStats) and vars(self) == vars(other)
+
+    def __repr__(self):
+        return f"StreamStats({self.qemu()}, records={self.records})"
+
+
+# -- writer ------------------------------------------------------------------------------------------
+
+def _view(b):
+    """A flat byte view of any buffer (bytes, bytearray, memoryview, numpy array)."""
+    return b if type(b) is bytes else memoryview(b).cast("B")
+
+
+def _u32_len(b, what):
+    n = memoryview(b).nbytes
+    if n > 0xFFFFFFFF:
+        raise ValueError(f"{what} of {n} bytes does not fit a be32 length")
+    return n
+
+
+def _check_int(v, lo, hi, what):
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(f"{what} must be an int in [{lo}, {hi}], not {v!r}")
+
+
+class StreamWriter:
+    """Writes a migration stream to a channel (anything with ``send(bytes)``).
+
+    The header goes out at construction. Records are buffered and sent in chunks of about
+    ``flush_size`` bytes; ``end()`` writes END and flushes. Arguments are checked (TypeError,
+    ValueError) before anything of the record is buffered. ``stats`` counts what was written.
+    """
+
+    def __init__(self, channel, flags=0, *, version=VERSION, flush_size=1 << 20):
+        if flags & ~KNOWN_FLAGS and version == VERSION:
+            raise ValueError(f"unknown stream flags {flags & ~KNOWN_FLAGS:#x}")
+        self.channel = channel
+        self.flush_size = flush_size
+        self.stats = StreamStats()
+        self.ended = False
+        head = HEADER.pack(MAGIC, version, flags, 0)[:12]
+        self._crc = zlib.crc32(head)
+        self._buf = bytearray(head + _CRC.pack(self._crc))
+        self.stats._header(HEADER_SIZE)
+
+    def _frame(self, rtype, parts, **count):
+        if self.ended:
+            raise ValueError("the stream has ended")
+        n = sum(map(len, parts))
+        if n > MAX_PAYLOAD:
+            raise ValueError(f"{TYPE_NAMES[rtype]} payload of {n} bytes exceeds {MAX_PAYLOAD}")
+        head = FRAME.pack(rtype, 0, n, 0)[:8]
+        crc = zlib.crc32(head, self._crc)
+        buf = self._buf
+        buf += head
+        buf += _CRC.pack(crc)
+        for p in parts:
+            crc = zlib.crc32(p, crc)
+            buf += p
+        buf += _CRC.pack(crc)
+        self._crc = crc
+        self.stats._record(rtype, n + FRAME_OVERHEAD, **count)
+        if len(buf) >= self.flush_size:
+            self.flush()
+
+    def flush(self):
+        """Send what is buffered."""
+        if self._buf:
+            self.channel.send(self._buf)
+            self._buf = bytearray()
+
+    def setup(self, params):
+        """SETUP: a JSON-serialisable dict of migration parameters."""
+        if not isinstance(params, dict):
+            raise TypeError(f"params must be a dict, not {type(params).__name__}")
+        self._frame(Setup.TYPE, [json.dumps(params, sort_keys=True).encode()])
+
+    def sev_session(self, policy, pdh, session):
+        """SEV_SESSION: be32 policy, be32 pdh_len, PDH, be32 session_len, session (QEMU's order)."""
+        _check_int(policy, 0, 0xFFFFFFFF, "policy")
+        pdh, session = bytes(pdh), bytes(session)
+        self._frame(SevSession.TYPE, [_U32.pack(policy), _U32.pack(_u32_len(pdh, "pdh")), pdh,
+                                      _U32.pack(_u32_len(session, "session")), session])
+
+    def shared_page(self, gfn, data):
+        """SHARED_PAGE: be64 gfn, the 4096 plaintext bytes."""
+        _check_int(gfn, 0, MAX_GFN, "gfn")
+        data = _view(data)
+        if len(data) != PAGE_SIZE:
+            raise ValueError(f"a shared page is {PAGE_SIZE} bytes, not {len(data)}")
+        self._frame(SharedPage.TYPE, [_GFN.pack(gfn), data], rec_pages=1)
+
+    def encrypted_page(self, gfn, hdr, trans):
+        """ENCRYPTED_PAGE: be64 gfn, then what QEMU sends per page: be32 hdr_len, header (52),
+        be32 trans_len, ciphertext (4096)."""
+        _check_int(gfn, 0, MAX_GFN, "gfn")
+        hdr, trans = _view(hdr), _view(trans)
+        tl = _u32_len(trans, "trans")
+        if tl == 0:
+            raise ValueError("an encrypted page needs a non-empty ciphertext")
+        self._frame(EncryptedPage.TYPE, [_HDR_LEN.pack(gfn, _u32_len(hdr, "hdr")), hdr,
+                                         _U32.pack(tl), trans], rec_pages=1)
+
+    def encrypted_pages(self, gfns, hdrs, trans):
+        """ENCRYPTED_PAGE records for a batch: ``hdrs`` is ``n * 52`` bytes and ``trans`` is
+        ``n * 4096`` bytes (what a batch of SEND_UPDATE_DATA wrote)."""
+        gfns = list(gfns)
+        n = len(gfns)
+        h, t = memoryview(_view(hdrs)), memoryview(_view(trans))
+        if h.nbytes != 52 * n or t.nbytes != PAGE_SIZE * n:
+            raise ValueError(f"{n} pages need {52 * n} header and {PAGE_SIZE * n} ciphertext "
+                             f"bytes, not {h.nbytes} and {t.nbytes}")
+        for i, gfn in enumerate(gfns):
+            self.encrypted_page(gfn, h[52 * i:52 * i + 52], t[PAGE_SIZE * i:PAGE_SIZE * (i + 1)])
+
+    def helper_page(self, gfn, seq, packet):
+        """HELPER_PAGE: be64 gfn, be64 sequence number, the helper's AEAD packet."""
+        _check_int(gfn, 0, MAX_GFN, "gfn")
+        _check_int(seq, 0, MAX_GFN, "seq")
+        packet = _view(packet)
+        if len(packet) == 0:
+            raise ValueError("a helper packet cannot be empty")
+        self._frame(HelperPage.TYPE, [_GFN_SEQ.pack(gfn, seq), packet], rec_pages=1)
+
+    def zero_pages(self, gfn, npages=1):
+        """ZERO_PAGES: be64 gfn, be32 npages (>= 1)."""
+        _check_int(gfn, 0, MAX_GFN, "gfn")
+        _check_int(npages, 1, 0xFFFFFFFF, "npages")
+        self._frame(ZeroPages.TYPE, [_ZERO.pack(gfn, npages)], zero_pages=npages)
+
+    def iteration(self, iteration, dirty_pages, stop=False):
+        """ITERATION: be32 iteration, be32 flags (bit 0: guest stopped), be64 dirty pages."""
+        _check_int(iteration, 0, 0xFFFFFFFF, "iteration")
+        _check_int(dirty_pages, 0, MAX_GFN, "dirty_pages")
+        self._frame(Iteration.TYPE, [_ITER.pack(iteration, ITER_STOP if stop else 0,
+                                                dirty_pages)], stop=bool(stop))
+
+    def vcpu_state(self, vcpu_id, data):
+        """VCPU_STATE: be32 vcpu_id, the opaque state."""
+        _check_int(vcpu_id, 0, 0xFFFFFFFF, "vcpu_id")
+        self._frame(VcpuState.TYPE, [_U32.pack(vcpu_id), bytes(data)])
+
+    def end(self):
+        """END: be64 count of the records before it; flushes. Nothing can be written after."""
+        self._frame(End.TYPE, [_GFN.pack(self.stats.nrecords)])
+        self.ended = True
+        self.flush()
+
+
+# -- reader ------------------------------------------------------------------------------------------
+
+class StreamReader:
+    """Reads and verifies a migration stream from a channel (anything with ``recv_into``).
+
+    Iterating yields records (Setup, SevSession, SharedPage, ...) until END, each only after its
+    checksums and layout are verified. The first problem raises its StreamError subclass and
+    every later call raises it again: nothing from the bad point on is delivered. ``stats`` counts
+    what was accepted; ``version`` and ``flags`` are the header's once read.
+    """
+
+    def __init__(self, channel, *, buffer_size=1 << 20):
+        self.channel = channel
+        self._buf = bytearray(buffer_size)
+        self._pos = self._end = 0
+        self.offset = 0             # stream offset of _buf[_pos]
+        self.stats = StreamStats()
+        self.version = self.flags = None
+        self.ended = False
+        self._crc = None
+        self._error = None
+        self._index = 0
+
+    # buffering
+
+    def _fill(self, n, what):
+        """Make ``n`` bytes available at ``_pos``; raise StreamTruncated at the end of input."""
+        while self._end - self._pos < n:
+            if len(self._buf) - self._pos < n:          # compact, and grow if still too small
+                rem = self._end - self._pos
+                if len(self._buf) < n:
+                    self._buf.extend(bytes(n - len(self._buf)))
+                self._buf[:rem] = self._buf[self._pos:self._end]
+                self._pos, self._end = 0, rem
+            got = self.channel.recv_into(memoryview(self._buf)[self._end:])
+            if got == 0:
+                have = self._end - self._pos
+                raise StreamTruncated(f"the stream ended before END: {what} needs {n} bytes, "
+                                      f"only {have} arrived", self.offset, self._index_or_none())
+            self._end += got
+
+    def _take(self, n):
+        start = self._pos
+        self._pos += n
+        self.offset += n
+        return start
+
+    def _index_or_none(self):
+        return None if self._crc is None else self._index
+
+    def _fail(self, exc):
+        self._error = exc
+        raise exc
+
+    # header and records
+
+    def read_header(self):
+        """Read and check the stream header (magic, version, flags, CRC); idempotent."""
+        if self._crc is not None:
+            return
+        if self._error:
+            raise self._error
+        try:
+            self._fill(8, "the magic")
+            magic = bytes(self._buf[self._pos:self._pos + 8])
+            if magic != MAGIC:
+                raise BadMagic(f"not a sevcore migration stream: magic {magic!r}, expected "
+                               f"{MAGIC!r}", 0)
+            self._fill(HEADER_SIZE, "the stream header")
+            _, version, flags, crc = HEADER.unpack_from(self._buf, self._pos)
+            if version != VERSION:
+                raise UnsupportedVersion(f"stream format version {version}; this reader "
+                                         f"implements version {VERSION} only", version, 8)
+            want = zlib.crc32(memoryview(self._buf)[self._pos:self._pos + 12])
+            if crc != want:
+                raise ChecksumMismatch(f"stream header CRC {crc:#010x}, computed {want:#010x}",
+                                       12)
+            if flags & ~KNOWN_FLAGS:
+                raise UnsupportedFlags(f"unknown stream header flags {flags & ~KNOWN_FLAGS:#x}",
+                                       10)
+        except Exception as e:
+            self._fail(e)
+        self._take(HEADER_SIZE)
+        self.version, self.flags, self._crc = version, flags, crc
+        self.stats._header(HEADER_SIZE)
+
+    def read(self):
+        """The next verified record, or None after END. Raises a StreamError subclass."""
+        if self._error:
+            raise self._error
+        if self.ended:
+            return None
+        self.read_header()
+        try:
+            rec, nbytes, count = self._read_record()
+        except Exception as e:
+            self._fail(e)
+        self.stats._record(rec.TYPE, nbytes, **count)
+        self._index += 1
+        if rec.TYPE == End.TYPE:
+            self.ended = True
+        return rec
+
+    def _read_record(self):
+        start_off = self.offset
+        self._fill(FRAME.size, "a record's frame head")
+        rtype, reserved, n, head_crc = FRAME.unpack_from(self._buf, self._pos)
+        mv = memoryview(self._buf)
+        crc = zlib.crc32(mv[self._pos:self._pos + 8], self._crc)
+        if crc != head_crc:
+            raise ChecksumMismatch(f"frame head CRC {head_crc:#010x}, computed {crc:#010x} "
+                                   "(corrupted, or a record was lost or reordered)",
+                                   start_off, self._index)
+        if rtype not in RECORD_TYPES:
+            raise BadRecord(f"unknown record type {rtype}", start_off, self._index)
+        name = TYPE_NAMES[rtype]
+        if reserved:
+            raise BadRecord(f"{name}: reserved field is {reserved:#x}, not 0", start_off,
+                            self._index)
+        if n > MAX_PAYLOAD:
+            raise BadRecord(f"{name}: payload of {n} bytes exceeds {MAX_PAYLOAD}", start_off,
+                            self._index)
+        self._fill(FRAME_OVERHEAD + n, f"a {name} record")
+        mv = memoryview(self._buf)
+        p = self._pos + FRAME.size
+        crc = zlib.crc32(mv[p:p + n], crc)
+        (got,) = _CRC.unpack_from(self._buf, p + n)
+        if crc != got:
+            raise ChecksumMismatch(f"{name} record CRC {got:#010x}, computed {crc:#010x}",
+                                   start_off, self._index)
+        try:
+            rec, count = _decode(rtype, mv[p:p + n], self._index)
+        except BadRecord as e:
+            raise BadRecord(f"{name}: {e.args[0]}", start_off, self._index) from None
+        self._take(FRAME_OVERHEAD + n)
+        self._crc = crc
+        return rec, FRAME_OVERHEAD + n, count
+
+    def __iter__(self):
+        while (rec := self.read()) is not None:
+            yield rec
+
+    def read_all(self):
+        """Every record up to and including END, or the StreamError of the first bad byte (then
+        no record is returned at all)."""
+        return list(self)
+
+
+def _need(ok, message):
+    if not ok:
+        raise BadRecord(message)
+
+
+def _decode(rtype, mv, index):
+    """Decode one verified payload; returns ``(record, counts for StreamStats)``."""
+    n = mv.nbytes
+    if rtype == EncryptedPage.TYPE:
+        _need(n >= 16, f"payload of {n} bytes is shorter than 16")
+        gfn, hl = _HDR_LEN.unpack_from(mv, 0)
+        _need(n >= 16 + hl, f"hdr_len {hl} runs past the payload ({n} bytes)")
+        (tl,) = _U32.unpack_from(mv, 12 + hl)
+        _need(tl > 0 and n == 16 + hl + tl, f"trans_len {tl} does not match the payload "
+                                             f"({n} bytes with hdr_len {hl})")
+        return EncryptedPage(gfn, bytes(mv[12:12 + hl]), bytes(mv[16 + hl:])), {"rec_pages": 1}
+    if rtype == SharedPage.TYPE:
+        _need(n == 8 + PAGE_SIZE, f"payload is {n} bytes, not {8 + PAGE_SIZE}")
+        return SharedPage(_GFN.unpack_from(mv)[0], bytes(mv[8:])), {"rec_pages": 1}
+    if rtype == HelperPage.TYPE:
+        _need(n > 16, f"payload of {n} bytes has no packet")
+        gfn, seq = _GFN_SEQ.unpack_from(mv)
+        return HelperPage(gfn, seq, bytes(mv[16:])), {"rec_pages": 1}
+    if rtype == ZeroPages.TYPE:
+        _need(n == _ZERO.size, f"payload is {n} bytes, not {_ZERO.size}")
+        gfn, npages = _ZERO.unpack(mv)
+        _need(npages >= 1, "npages is 0")
+        return ZeroPages(gfn, npages), {"zero_pages": npages}
+    if rtype == Iteration.TYPE:
+        _need(n == _ITER.size, f"payload is {n} bytes, not {_ITER.size}")
+        it, flags, dirty = _ITER.unpack(mv)
+        _need(not flags & ~ITER_STOP, f"unknown flags {flags:#x}")
+        stop = bool(flags & ITER_STOP)
+        return Iteration(it, dirty, stop), {"stop": stop}
+    if rtype == SevSession.TYPE:
+        _need(n >= 12, f"payload of {n} bytes is shorter than 12")
+        policy, pl = struct.unpack_from(">II", mv)
+        _need(n >= 12 + pl, f"pdh_len {pl} runs past the payload ({n} bytes)")
+        (sl,) = _U32.unpack_from(mv, 8 + pl)
+        _need(n == 12 + pl + sl, f"session_len {sl} does not match the payload ({n} bytes)")
+        return SevSession(policy, bytes(mv[8:8 + pl]), bytes(mv[12 + pl:])), {}
+    if rtype == Setup.TYPE:
+        try:
+            params = json.loads(bytes(mv).decode())
+        except (UnicodeDecodeError, ValueError) as e:
+            raise BadRecord(f"parameters are not JSON ({e})") from None
+        _need(isinstance(params, dict), "parameters are not a JSON object")
+        return Setup(params), {}
+    if rtype == VcpuState.TYPE:
+        _need(n >= 4, f"payload of {n} bytes is shorter than 4")
+        return VcpuState(_U32.unpack_from(mv)[0], bytes(mv[4:])), {}
+    # END
+    _need(n == 8, f"payload is {n} bytes, not 8")
+    (count,) = _GFN.unpack(mv)
+    _need(count == index, f"END counts {count} records before it, the stream had {index}")
+    return End(count), {}
