@@ -106,6 +106,10 @@ class Kvm:
         self._starts = []        # their start addresses, for bisect
         self._pt = Npt()         # hva page -> host pfn for anonymous memory
         self._next_hva = HVA_BASE
+        #: The VMM process's RLIMIT_MEMLOCK in bytes (None: unlimited) and CAP_IPC_LOCK, which
+        #: bound SEV's page pinning (sev_pin_memory). The selftests run as root.
+        self.rlimit_memlock = None
+        self.cap_ipc_lock = True
 
     def __new__(cls, host=None):
         # sevcore.Kvm() makes a Host and returns that host's /dev/kvm.

@@ -69,3 +69,82 @@ def vm_create_with_vcpus(kvm, type, nr_vcpus, guest_code=None, *args):
 
 __all__ = ["vm_mem_add", "addr_gpa2hva", "vm_guest_mem_fallocate", "vm_set_memory_attributes",
            "vm_mem_set_private", "vm_mem_set_shared", "vm_create_with_vcpus", "PAGE_SIZE"]
+
+
+# -- SEV (tools/testing/selftests/kvm/lib/x86/sev.c) -------------------------------------------------
+
+def vm_sev_ioctl(vm, cmd, **fields):
+    """KVM_MEMORY_ENCRYPT_OP, asserting success (a failure raises its OSError)."""
+    return vm.memory_encrypt_op(cmd, **fields)
+
+
+def sev_vm_init(vm):
+    """Legacy ``KVM_SEV_INIT`` (NULL data) on a DEFAULT VM, ``KVM_SEV_INIT2`` otherwise."""
+    if vm.type == U.KVM_X86_DEFAULT_VM:
+        return vm.memory_encrypt_op(U.KVM_SEV_INIT, data=None)
+    return vm.memory_encrypt_op(U.KVM_SEV_INIT2)
+
+
+def sev_es_vm_init(vm):
+    """As sev_vm_init, with ``KVM_SEV_ES_INIT`` for a DEFAULT VM."""
+    if vm.type == U.KVM_X86_DEFAULT_VM:
+        return vm.memory_encrypt_op(U.KVM_SEV_ES_INIT, data=None)
+    return vm.memory_encrypt_op(U.KVM_SEV_INIT2)
+
+
+def sev_vm_launch(vm, policy):
+    """LAUNCH_START, GUEST_STATUS == LAUNCH_UPDATE, then REG_REGION and LAUNCH_UPDATE_DATA of
+    every memslot (the selftest library encrypts its protected pages: here all of guest RAM),
+    and LAUNCH_UPDATE_VMSA for an SEV-ES policy."""
+    vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_START, policy=policy)
+    st = vm.memory_encrypt_op(U.KVM_SEV_GUEST_STATUS)
+    assert st.policy == policy and st.state == U.SEV_GUEST_STATE_LAUNCH_UPDATE, st
+    for s in sorted(vm.memslots.values(), key=lambda s: s.base_gfn):
+        size = s.npages << PAGE_SHIFT
+        vm.memory_encrypt_reg_region(s.userspace_addr, size)
+        vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_UPDATE_DATA, uaddr=s.userspace_addr, len=size)
+    if policy & U.SEV_POLICY_ES:
+        vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_UPDATE_VMSA)
+
+
+def vm_sev_launch(vm, policy, measurement=None):
+    """sev_vm_launch, LAUNCH_MEASURE (state LAUNCH_SECRET), LAUNCH_FINISH (state RUNNING).
+    ``measurement``, a bytearray, receives the 48-byte MEASURE || MNONCE."""
+    sev_vm_launch(vm, policy)
+    buf = vm.kvm.mmap(PAGE_SIZE)
+    vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_MEASURE, uaddr=buf, len=256)
+    if measurement is not None:
+        measurement[:] = vm.kvm.read(buf, 48)
+    st = vm.memory_encrypt_op(U.KVM_SEV_GUEST_STATUS)
+    assert st.state == U.SEV_GUEST_STATE_LAUNCH_SECRET, st
+    vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_FINISH)
+    st = vm.memory_encrypt_op(U.KVM_SEV_GUEST_STATUS)
+    assert st.state == U.SEV_GUEST_STATE_RUNNING, st
+
+
+def vm_sev_create_with_one_vcpu(kvm, type, guest_code=None, *args, npages=16):
+    """A VM of ``type`` (SEV or SEV-ES) initialised with INIT2, one memslot of ``npages`` at
+    gpa 0, and vCPU 0 running ``guest_code``. Returns ``(vm, vcpu)``."""
+    vm = kvm.create_vm(type)
+    vm.memory_encrypt_op(U.KVM_SEV_INIT2)
+    vm_mem_add(vm, 0, 0, npages)
+    vcpu = vm.create_vcpu(0)
+    if guest_code is not None:
+        vcpu.set_guest_code(guest_code, *args)
+    return vm, vcpu
+
+
+def sev_encrypt_memory(vm, dst_hva, src_hva, size):
+    """KVM_SEV_DBG_ENCRYPT of ``size`` bytes of plaintext at ``src_hva`` into guest memory."""
+    return vm.memory_encrypt_op(U.KVM_SEV_DBG_ENCRYPT, src_uaddr=src_hva, dst_uaddr=dst_hva,
+                                len=size)
+
+
+def sev_decrypt_memory(vm, dst_hva, src_hva, size):
+    """KVM_SEV_DBG_DECRYPT of ``size`` bytes of guest memory at ``src_hva``."""
+    return vm.memory_encrypt_op(U.KVM_SEV_DBG_DECRYPT, src_uaddr=src_hva, dst_uaddr=dst_hva,
+                                len=size)
+
+
+__all__ += ["vm_sev_ioctl", "sev_vm_init", "sev_es_vm_init", "sev_vm_launch", "vm_sev_launch",
+            "vm_sev_create_with_one_vcpu", "sev_encrypt_memory", "sev_decrypt_memory"]

@@ -51,12 +51,12 @@ class MmioAccess(Exception):
 def decode_gpa(vm, gpa):
     """The guest physical address an access reaches and how: ``(gpa, is_private, encrypted)``.
 
-    SEV/SEV-ES: the C-bit selects the guest's key, never a private fault. SNP: the C-bit makes
+    SEV/SEV-ES (also a DEFAULT VM after the legacy KVM_SEV_INIT): the C-bit selects the guest's key, never a private fault. SNP: the C-bit makes
     the access private (and encrypted). TDX: a clear shared bit makes it private. SW_PROTECTED:
     private follows the gfn's attribute. DEFAULT: shared, plaintext.
     """
     t = vm.type
-    if t in (U.KVM_X86_SEV_VM, U.KVM_X86_SEV_ES_VM, U.KVM_X86_SNP_VM):
+    if t in (U.KVM_X86_SEV_VM, U.KVM_X86_SEV_ES_VM, U.KVM_X86_SNP_VM) or vm.sev.active:
         c = 1 << vm.host.c_bit
         enc = bool(gpa & c)
         gpa &= ~c

@@ -24,6 +24,8 @@ from sevcore.msr import (MSR_OK, MSR_RET_FILTERED, MSR_TYPE_R, MSR_TYPE_W, PV_HC
 from sevcore.npt import NPT_DIRTY_LOG
 
 U64 = (1 << 64) - 1
+#: VMCB exit code of a failed VMRUN (SVM_EXIT_ERR, -1), KVM's fail_entry reason.
+SVM_EXIT_ERR = (1 << 64) - 1
 #: The port the selftests' ucalls use (UCALL_PIO_PORT).
 UCALL_PIO_PORT = 0x1000
 
@@ -98,7 +100,7 @@ class KvmRun:
     selftest ucall of a ``KVM_EXIT_IO`` exit: ``(cmd, values)``."""
 
     __slots__ = ("exit_reason", "immediate_exit", "hypercall", "memory_fault", "msr", "mmio",
-                 "io", "internal", "ucall")
+                 "io", "internal", "ucall", "fail_entry_reason")
 
     def __init__(self):
         self.exit_reason = U.KVM_EXIT_UNKNOWN
@@ -110,6 +112,7 @@ class KvmRun:
         self.io = IoExit()
         self.internal = InternalError()
         self.ucall = None
+        self.fail_entry_reason = 0
 
     def __repr__(self):
         return f"<kvm_run exit_reason={self.exit_reason}>"
@@ -173,6 +176,10 @@ class Vcpu:
         self._throw = None       # or an exception to raise in it
         self._complete = None    # complete_userspace_io callback
         self._finished = False
+        #: SEV-ES: the VMSA page (an SPA) and whether LAUNCH_UPDATE_VMSA encrypted it.
+        self.vmsa_spa = None
+        self.guest_state_protected = False
+        self.guest_debug = 0
         self.fd = vm.host.install_fd(self)
 
     def __repr__(self):
@@ -272,6 +279,13 @@ class Vcpu:
         vm = self.vm
         if vm.sev_need_init:
             raise KvmError(EINVAL, ioctl, "SEV VM has not been initialised (KVM_SEV_INIT2)")
+        if vm.sev.active and self._sev_entry_fails():
+            # VMRUN of a guest whose firmware context was SENT (SEND_FINISH) or has no key:
+            # the entry fails (SVM_EXIT_ERR) and KVM reports KVM_EXIT_FAIL_ENTRY.
+            run = self.kvm_run
+            run.exit_reason = U.KVM_EXIT_FAIL_ENTRY
+            run.fail_entry_reason = SVM_EXIT_ERR
+            return run
         if self._code is None:
             raise ValueError("no guest program: call vcpu.set_guest_code(fn, ...) first")
         run = self.kvm_run
@@ -308,6 +322,13 @@ class Vcpu:
             self._op = None
             if result is not _THROW:
                 self._send = result
+
+    def _sev_entry_fails(self):
+        vm = self.vm
+        psp = vm.host.psp
+        g = psp._guests.get(vm.sev.handle)
+        return g is None or g.state == U.SEV_GUEST_STATE_SENT or \
+            not vm.host.umc.has_key(vm.sev.asid)
 
     def _next_op(self):
         """Resume the generator with the last result; a ucall exit when it ends or raises."""

@@ -64,6 +64,8 @@ class Vm:
         self.sev_need_init = type in (U.KVM_X86_SEV_VM, U.KVM_X86_SEV_ES_VM, U.KVM_X86_SNP_VM)
         self.dead = False
         self.closed = False
+        from sevcore.sev import SevInfo
+        self.sev = SevInfo()               # struct kvm_sev_info (sevcore.sev)
         self._refs = 1                     # the VM fd itself
         self.memslots = {}                 # (as_id, id) -> Memslot
         self._as_index = [[] for _ in range(self.nr_memslot_as_ids)]   # sorted by base_gfn
@@ -96,6 +98,8 @@ class Vm:
             self._destroy()
 
     def _destroy(self):
+        from sevcore.sev import vm_destroy
+        vm_destroy(self)
         for slot in list(self.memslots.values()):
             if slot.gmem_file is not None:
                 slot.gmem_file.unbind(slot)
@@ -152,7 +156,45 @@ class Vm:
             U.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: self._cap_manual_dirty_log,
             U.KVM_CAP_X86_USER_SPACE_MSR: self._cap_user_space_msr,
             U.KVM_CAP_X86_DISABLE_EXITS: self._cap_disable_exits,
+            U.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM: self._cap_copy_enc_context,
+            U.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM: self._cap_move_enc_context,
         }
+
+    def _cap_copy_enc_context(self, ioctl, a):
+        from sevcore.sev import copy_enc_context_from
+        return copy_enc_context_from(self, ioctl, a[0])
+
+    def _cap_move_enc_context(self, ioctl, a):
+        from sevcore.sev import move_enc_context_from
+        return move_enc_context_from(self, ioctl, a[0])
+
+    # -- SEV (sevcore.sev) -----------------------------------------------------------------------------
+
+    def memory_encrypt_op(self, id, data=True, sev_fd=None, **fields):
+        """Mirrors ``KVM_MEMORY_ENCRYPT_OP``: ``id`` is the ``KVM_SEV_*`` command, ``fields``
+        its ``struct kvm_sev_*`` (zero when not given; ``data=None`` is a NULL pointer, ``id``
+        None a NULL argp), ``sev_fd`` an fd of /dev/sev (default: one the host opens). Returns
+        the struct as KVM wrote it back with ``error``; raises SevError (EIO, ``fw_error``) for a
+        firmware failure, KvmError otherwise."""
+        from sevcore.sev import memory_encrypt_op
+        return memory_encrypt_op(self, id, data, sev_fd, fields)
+
+    def memory_encrypt_reg_region(self, addr, size):
+        """Mirrors ``KVM_MEMORY_ENCRYPT_REG_REGION``: pin ``[addr, addr + size)`` until
+        UNREG or VM destroy. ENOTTY (not SEV), EINVAL (mirror, bad range), ENOMEM (rlimit)."""
+        from sevcore.sev import reg_region
+        return reg_region(self, addr, size)
+
+    def memory_encrypt_unreg_region(self, addr, size):
+        """Mirrors ``KVM_MEMORY_ENCRYPT_UNREG_REGION``: EINVAL (mirror, no such region),
+        ENOTTY (not SEV)."""
+        from sevcore.sev import unreg_region
+        return unreg_region(self, addr, size)
+
+    @property
+    def sev_guest(self):
+        """sev_guest(kvm): INIT succeeded, or the VM is a mirror or a move destination."""
+        return self.sev.active
 
     def _cap_exit_hypercall(self, ioctl, a):
         if a[0] & ~U.KVM_EXIT_HYPERCALL_VALID_MASK:
@@ -232,7 +274,10 @@ class Vm:
 
     def encryption_engine(self):
         """The memory engine keyed for this VM's ASID, used for encrypted (C-bit) guest
-        accesses; None while no SEV context is active (accesses are then plaintext)."""
+        accesses; None while no SEV context is active (accesses are then plaintext). A mirror
+        uses its owner's ASID, hence the same key."""
+        if self.sev.active and self.sev.asid and self.host.umc.has_key(self.sev.asid):
+            return self.host.umc.engine(self.sev.asid)
         return None
 
     def mark_page_dirty(self, gfn):

@@ -1,0 +1,907 @@
+"""KVM's SEV layer (``arch/x86/kvm/svm/sev.c``): KVM_MEMORY_ENCRYPT_OP, REG/UNREG_REGION, ASIDs,
+mirror VMs and intra-host moves, over the simulated firmware (``host.psp``).
+
+``vm.memory_encrypt_op(KVM_SEV_LAUNCH_START, policy=0, dh_uaddr=hva, dh_len=2084, ...)`` takes
+the fields of the command's ``struct kvm_sev_*``; user buffers are HVAs in the VMM
+(``kvm.read``/``kvm.write``). It returns a :class:`SevCmd` holding the struct as KVM wrote it
+back, plus ``error`` (``kvm_sev_cmd.error``, the firmware status). ``data=None`` is a NULL data
+pointer. A firmware failure raises :class:`SevError` (errno EIO, ``fw_error``, ``out``); every
+other refusal raises KvmError with the kernel's errno, in the kernel's order
+(``spec/kvm-uapi.md`` sections 7 and 8).
+
+Guest pages handed to the firmware are pinned (``sev_pin_memory``) and passed by SPA: with the
+C-bit for SEND/RECEIVE_UPDATE_DATA (``| sev_me_mask``), without for the others
+(``__sme_page_pa`` with host SME off). Blobs are copied into kernel buffers (a bounce area of
+host frames) first, as ``psp_copy_user_blob`` does.
+"""
+import threading
+from errno import EBADF, EBUSY, EFAULT, EINVAL, EIO, ENOMEM, ENOTTY, EPERM
+
+from sevcore import uapi as U
+from sevcore.errors import KvmError
+from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
+from sevcore.psp import layout as L
+from sevcore.psp.api import _alloc_contiguous
+from sevcore.psp.platform import TMR_SIZE
+from sevcore.psp.status import status_name
+
+IOCTL = "KVM_MEMORY_ENCRYPT_OP"
+INT_MAX = (1 << 31) - 1
+ULONG_MAX = (1 << 64) - 1
+#: kvm_sev_info.vmsa_features KVM can offer (sev_supported_vmsa_features): DebugSwap only.
+SEV_SUPPORTED_VMSA_FEATURES = U.SVM_SEV_FEAT_DEBUG_SWAP
+VMSA_SIZE = PAGE_SIZE
+_BOUNCE_PAGES = 32
+
+#: struct kvm_sev_* field names (pads omitted; they are never checked) and their defaults.
+STRUCTS = {
+    "init": dict(vmsa_features=0, flags=0, ghcb_version=0),
+    "launch_start": dict(handle=0, policy=0, dh_uaddr=0, dh_len=0, session_uaddr=0,
+                         session_len=0),
+    "launch_update_data": dict(uaddr=0, len=0),
+    "launch_secret": dict(hdr_uaddr=0, hdr_len=0, guest_uaddr=0, guest_len=0, trans_uaddr=0,
+                          trans_len=0),
+    "launch_measure": dict(uaddr=0, len=0),
+    "guest_status": dict(handle=0, policy=0, state=0),
+    "dbg": dict(src_uaddr=0, dst_uaddr=0, len=0),
+    "attestation_report": dict(mnonce=bytes(16), uaddr=0, len=0),
+    "send_start": dict(policy=0, pdh_cert_uaddr=0, pdh_cert_len=0, plat_certs_uaddr=0,
+                       plat_certs_len=0, amd_certs_uaddr=0, amd_certs_len=0, session_uaddr=0,
+                       session_len=0),
+    "send_update_data": dict(hdr_uaddr=0, hdr_len=0, guest_uaddr=0, guest_len=0,
+                             trans_uaddr=0, trans_len=0),
+    "receive_start": dict(handle=0, policy=0, pdh_uaddr=0, pdh_len=0, session_uaddr=0,
+                          session_len=0),
+}
+STRUCTS["receive_update_data"] = STRUCTS["send_update_data"]
+
+#: Ids a mirror VM may issue (sev_mem_enc_ioctl, is_cmd_allowed_from_mirror).
+MIRROR_CMDS = (U.KVM_SEV_LAUNCH_UPDATE_VMSA, U.KVM_SEV_GUEST_STATUS, U.KVM_SEV_DBG_DECRYPT,
+               U.KVM_SEV_DBG_ENCRYPT)
+
+_migration_lock = threading.Lock()
+
+
+class SevError(KvmError):
+    """A firmware command behind KVM_MEMORY_ENCRYPT_OP failed: errno EIO, as KVM returns;
+    ``fw_error`` is the SEV_RET_* status (``kvm_sev_cmd.error``), ``out`` the struct as KVM
+    wrote it back (length queries fill in lengths)."""
+
+    def __init__(self, fw_error, out=None, err=EIO, ioctl=IOCTL):
+        self.fw_error = fw_error
+        self.fw_error_name = status_name(fw_error)
+        self.out = out
+        super().__init__(err, ioctl, f"firmware status {fw_error:#x} {self.fw_error_name}")
+
+
+class SevCmd:
+    """The command's struct after KVM_MEMORY_ENCRYPT_OP, plus ``id`` and ``error``."""
+
+    def __init__(self, id, fields, error=0):
+        self.id = id
+        self.error = error
+        self.__dict__.update(fields)
+
+    def __repr__(self):
+        return f"SevCmd({self.__dict__!r})"
+
+
+class SevDev:
+    """An open /dev/sev (the PSP driver's misc device); only its identity matters to KVM."""
+
+    def __init__(self, host):
+        self.host = host
+        self.fd = host.install_fd(self)
+
+    def close(self):
+        self.host.release_fd(self.fd)
+
+
+def open_sev_dev(host):
+    """open("/dev/sev"): a SevDev fd number."""
+    return SevDev(host).fd
+
+
+class SevInfo:
+    """struct kvm_sev_info."""
+
+    def __init__(self):
+        self.active = self.es_active = self.snp_active = False
+        self.asid = self.handle = self.fd = self.policy = 0
+        self.vmsa_features = self.ghcb_version = 0
+        self.pages_locked = 0
+        self.regions = []                  # [(addr, size, pfns)]
+        self.enc_context_owner = None
+        self.mirror_vms = []
+        self.migration_in_progress = False
+
+
+class Asids:
+    """The SEV ASID space of one host (sev_asid_bitmap, sev_reclaim_asid_bitmap)."""
+
+    def __init__(self, psp):
+        self.psp = psp
+        self.max_sev_asid = psp.max_sev_asid
+        self.min_sev_asid = psp.min_sev_asid
+        self.used = set()
+        self.reclaim = set()
+        self.flushes = 0
+
+    @property
+    def es_enabled(self):
+        return self.min_sev_asid > 1
+
+    def range(self, es):
+        return (1, self.min_sev_asid - 1) if es else (self.min_sev_asid, self.max_sev_asid)
+
+    def new(self, es, ioctl):
+        """sev_asid_new: lowest free ASID of the range, recycling once (WBINVD + DF_FLUSH)."""
+        lo, hi = self.range(es)
+        if lo > hi:
+            raise KvmError(ENOTTY, ioctl, "empty ASID range")
+        for attempt in (0, 1):
+            asid = next((a for a in range(lo, hi + 1) if a not in self.used), None)
+            if asid is not None:
+                self.used.add(asid)
+                return asid
+            if attempt or not self._recycle():
+                break
+        raise KvmError(EBUSY, ioctl, "no free ASID")
+
+    def _recycle(self):
+        """__sev_recycle_asids: flush and make the reclaimed ASIDs free again."""
+        if not self.reclaim:
+            return False
+        self.psp.wbinvd()
+        self.psp.df_flush()
+        self.flushes += 1
+        self.used -= self.reclaim
+        self.reclaim.clear()
+        return True
+
+    def free(self, asid):
+        """sev_asid_free: reusable only after the next recycle."""
+        self.reclaim.add(asid)
+
+
+def host_asids(host):
+    a = getattr(host, "_sev_asids", None)
+    if a is None or a.psp is not host.psp:
+        a = host._sev_asids = Asids(host.psp)
+    return a
+
+
+class _Bounce:
+    """Kernel buffers (kmalloc) for one command: bump allocation in contiguous host frames."""
+
+    def __init__(self, host):
+        base = getattr(host, "_sev_bounce", None)
+        if base is None:
+            base = host._sev_bounce = _alloc_contiguous(host.mem, _BOUNCE_PAGES)
+        self.host, self.base, self.off = host, base, 0
+
+    def reserve(self, size):
+        spa = self.base + self.off
+        self.off += max((size + 15) & ~15, 16)
+        if self.off > _BOUNCE_PAGES * PAGE_SIZE:
+            raise MemoryError("SEV bounce area exhausted")
+        return spa
+
+    def page(self):
+        self.off = (self.off + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        return self.reserve(PAGE_SIZE)
+
+    def put(self, data):
+        spa = self.reserve(len(data))
+        self.host.umc.write(spa, bytes(data), 0)
+        return spa
+
+    def get(self, spa, size):
+        return self.host.umc.read(spa, size, 0)
+
+
+def sev_guest(vm):
+    return vm.sev.active
+
+
+def is_mirror(vm):
+    return vm.sev.enc_context_owner is not None
+
+
+# -- the dispatcher ------------------------------------------------------------------------------------
+
+def memory_encrypt_op(vm, id, data, sev_fd, fields):
+    """sev_mem_enc_ioctl."""
+    vm._enter(IOCTL)
+    if id is None:
+        return 0                                   # NULL argp: QEMU's probe
+    if not isinstance(id, int) or not 0 <= id < 1 << 32:
+        raise TypeError(f"id must be a u32, not {id!r}")
+    sev = vm.sev
+    if is_mirror(vm) and id not in MIRROR_CMDS:
+        raise KvmError(EINVAL, IOCTL, f"command {id} not allowed on a mirror VM")
+    if sev.snp_active and id < U.KVM_SEV_SNP_LAUNCH_START:
+        raise KvmError(EPERM, IOCTL, f"command {id} not allowed on an SNP guest")
+    entry = _HANDLERS.get(id)
+    if id == U.KVM_SEV_ES_INIT and not host_asids(vm.host).es_enabled:
+        raise KvmError(ENOTTY, IOCTL, "SEV-ES is disabled")
+    if entry is None:
+        raise KvmError(EINVAL, IOCTL, f"unknown or unimplemented command {id}")
+    handler, struct = entry
+    params = None
+    if struct is not None and data is not None:
+        unknown = set(fields) - set(STRUCTS[struct])
+        if unknown:
+            raise TypeError(f"kvm_sev_{struct} has no field(s) {sorted(unknown)}")
+        params = dict(STRUCTS[struct], **fields)
+    elif fields:
+        raise TypeError("fields given with a NULL data pointer or for a command without data")
+    out = SevCmd(id, params or {})
+    cmd = _Cmd(vm, out, sev_fd if sev_fd is not None else _default_sev_fd(vm.host))
+    try:
+        handler(cmd, params)
+    except SevError as e:
+        e.out = out
+        raise
+    return out
+
+
+def _default_sev_fd(host):
+    """The selftests pass ``open_sev_dev_path_or_exit()`` with every command."""
+    fd = getattr(host, "_sev_fd", None)
+    if fd is None or not isinstance(host.fget(fd), SevDev):
+        fd = host._sev_fd = open_sev_dev(host)
+    return fd
+
+
+class _Cmd:
+    """One KVM_MEMORY_ENCRYPT_OP in flight: the VM, the written-back struct, argp->sev_fd."""
+
+    def __init__(self, vm, out, sev_fd):
+        self.vm, self.out, self.sev_fd = vm, out, sev_fd
+        self.host = vm.host
+        self.kvm = vm.kvm
+        self.sev = vm.sev
+        self.buf = _Bounce(vm.host)
+
+    def fail(self, err, why):
+        raise KvmError(err, IOCTL, why)
+
+    def need_sev(self, es=False):
+        if not (self.sev.es_active if es else self.sev.active):
+            self.fail(ENOTTY, "not an SEV-ES guest" if es else "not an SEV guest")
+
+    def fw(self, cmd, layout, fd=None, check=True, **fields):
+        """sev_issue_cmd / sev_issue_cmd_external_user: the command through ``fd`` (sev->fd
+        by default; ``fd=False``: the kernel's own call, sev_do_cmd). Returns (status, the buffer
+        as the firmware left it)."""
+        fd = self.sev.fd if fd is None else fd
+        if fd is not False and not isinstance(self.host.fget(fd), SevDev):
+            self.fail(EBADF, "sev_fd is not /dev/sev")
+        spa = self.buf.reserve(layout.size) if layout is not None else 0
+        if layout is not None:
+            self.host.umc.write(spa, layout.pack(**fields), 0)
+        status = self.host.psp.command(cmd, spa)
+        f = layout.view(bytearray(self.buf.get(spa, layout.size))) if layout else None
+        self.out.error = status
+        if status and check:
+            raise SevError(status, self.out)
+        return status, f
+
+    def copy_in(self, uaddr, size):
+        try:
+            return self.kvm.read(uaddr, size)
+        except OSError:
+            self.fail(EFAULT, f"cannot read user memory at {uaddr:#x}")
+
+    def copy_out(self, uaddr, data):
+        try:
+            self.kvm.write(uaddr, data)
+        except OSError:
+            self.fail(EFAULT, f"cannot write user memory at {uaddr:#x}")
+
+    def blob(self, uaddr, size):
+        """psp_copy_user_blob into a kernel buffer: its SPA."""
+        if not uaddr or not size:
+            self.fail(EINVAL, "blob address or length is 0")
+        if size > U.SEV_FW_BLOB_MAX_SIZE:
+            self.fail(EINVAL, f"blob of {size} bytes > SEV_FW_BLOB_MAX_SIZE")
+        return self.buf.put(self.copy_in(uaddr, size))
+
+    def writeback(self, params, **changed):
+        params.update(changed)
+        self.out.__dict__.update(params)
+
+    def pin(self, uaddr, ulen, write):
+        return pin_memory(self.vm, uaddr, ulen, write, IOCTL)
+
+    def unpin(self, pfns):
+        self.sev.pages_locked -= len(pfns)
+
+
+# -- pinning ---------------------------------------------------------------------------------------------
+
+def pin_memory(vm, uaddr, ulen, write, ioctl):
+    """sev_pin_memory: the pfns of ``[uaddr, uaddr + ulen)``, counted in pages_locked."""
+    sev = vm.sev
+    if ulen == 0 or uaddr + ulen - 1 > ULONG_MAX or uaddr < 0 or ulen < 0:
+        raise KvmError(EINVAL, ioctl, "empty or wrapping range")
+    first, last = uaddr >> PAGE_SHIFT, (uaddr + ulen - 1) >> PAGE_SHIFT
+    npages = last - first + 1
+    if npages > INT_MAX:
+        raise KvmError(EINVAL, ioctl, "too many pages")
+    locked = sev.pages_locked + npages
+    if locked > vm.host.mem.nframes:
+        raise KvmError(EINVAL, ioctl, "more pages than RAM")
+    kvm = vm.kvm
+    limit = getattr(kvm, "rlimit_memlock", None)
+    if limit is not None and locked > limit >> PAGE_SHIFT and not getattr(kvm, "cap_ipc_lock",
+                                                                           False):
+        raise KvmError(ENOMEM, ioctl, "RLIMIT_MEMLOCK exceeded")
+    pfns = []
+    try:
+        for p in range(first, last + 1):
+            pfns.append(kvm.hva_to_pfn(p << PAGE_SHIFT, write=write))
+    except Exception:
+        raise KvmError(ENOMEM, ioctl, "could not pin every page") from None
+    sev.pages_locked = locked
+    return pfns
+
+
+def _runs(pfns):
+    """(index, count) of the runs of physically contiguous pages (get_num_contig_pages)."""
+    i = 0
+    while i < len(pfns):
+        j = i + 1
+        while j < len(pfns) and pfns[j] == pfns[j - 1] + 1:
+            j += 1
+        yield i, j - i
+        i = j
+
+
+def reg_region(vm, addr, size):
+    """KVM_MEMORY_ENCRYPT_REG_REGION (sev_mem_enc_register_region)."""
+    ioctl = "KVM_MEMORY_ENCRYPT_REG_REGION"
+    vm._enter(ioctl)
+    if not sev_guest(vm):
+        raise KvmError(ENOTTY, ioctl, "not an SEV guest")
+    if is_mirror(vm):
+        raise KvmError(EINVAL, ioctl, "mirror VM")
+    if addr > ULONG_MAX or size > ULONG_MAX:
+        raise KvmError(EINVAL, ioctl, "addr or size above ULONG_MAX")
+    pfns = pin_memory(vm, addr, size, True, ioctl)
+    vm.sev.regions.append((addr, size, pfns))
+    return 0
+
+
+def unreg_region(vm, addr, size):
+    """KVM_MEMORY_ENCRYPT_UNREG_REGION (sev_mem_enc_unregister_region)."""
+    ioctl = "KVM_MEMORY_ENCRYPT_UNREG_REGION"
+    vm._enter(ioctl)
+    if is_mirror(vm):
+        raise KvmError(EINVAL, ioctl, "mirror VM")
+    if not sev_guest(vm):
+        raise KvmError(ENOTTY, ioctl, "not an SEV guest")
+    for i, (a, s, pfns) in enumerate(vm.sev.regions):
+        if (a, s) == (addr, size):
+            del vm.sev.regions[i]
+            vm.sev.pages_locked -= len(pfns)
+            return 0
+    raise KvmError(EINVAL, ioctl, "no region with that addr and size")
+
+
+# -- initialisation -----------------------------------------------------------------------------------
+
+def _platform_init(host):
+    """sev_platform_init: INIT (with SEV-ES and a TMR when ES is possible), then WBINVD and
+    DF_FLUSH for the first launch. Returns the firmware status."""
+    psp = host.psp
+    from sevcore.psp.platform import UNINIT
+    if psp.state != UNINIT:
+        return 0
+    if host_asids(host).es_enabled:
+        base = _alloc_contiguous(host.mem, 2 * TMR_SIZE // PAGE_SIZE)
+        tmr = (base + TMR_SIZE - 1) & ~(TMR_SIZE - 1)
+        buf = _Bounce(host)
+        spa = buf.put(L.sev_data_init.pack(flags=U.SEV_INIT_FLAGS_SEV_ES, tmr_address=tmr,
+                                           tmr_len=TMR_SIZE))
+    else:
+        buf = _Bounce(host)
+        spa = buf.put(L.sev_data_init.pack())
+    status = psp.command(U.SEV_CMD_INIT, spa)
+    if status:
+        return status
+    psp.wbinvd()
+    return psp.command(U.SEV_CMD_DF_FLUSH, 0)
+
+
+def _guest_init(c, params, vm_type):
+    """__sev_guest_init."""
+    vm, sev = c.vm, c.sev
+    es = vm_type != U.KVM_X86_SEV_VM
+    snp = vm_type == U.KVM_X86_SNP_VM
+    valid = SEV_SUPPORTED_VMSA_FEATURES if es else 0
+    if vm.vcpus:
+        c.fail(EINVAL, "vCPUs already created")
+    if params["flags"]:
+        c.fail(EINVAL, "flags must be 0")
+    if params["vmsa_features"] & ~valid:
+        c.fail(EINVAL, f"vmsa_features {params['vmsa_features']:#x} not in {valid:#x}")
+    ghcb = params["ghcb_version"]
+    if ghcb > U.GHCB_VERSION_MAX or (not es and ghcb != 0):
+        c.fail(EINVAL, f"ghcb_version {ghcb} invalid")
+    if es and ghcb == 0:
+        ghcb = U.GHCB_VERSION_DEFAULT
+    if snp and ghcb < 2:
+        c.fail(EINVAL, "SNP needs GHCB version 2")
+    if sev.active:
+        c.fail(EINVAL, "SEV already active")
+    asids = host_asids(vm.host)
+    asid = asids.new(es, IOCTL)
+    status = _platform_init(vm.host)
+    if status:
+        asids.used.discard(asid)
+        c.out.error = status
+        raise SevError(status, c.out)
+    sev.active, sev.es_active, sev.snp_active = True, es, snp
+    sev.vmsa_features = params["vmsa_features"] | (U.SVM_SEV_FEAT_SNP_ACTIVE if snp else 0)
+    sev.ghcb_version = ghcb
+    sev.asid = asid
+    vm.sev_need_init = False
+
+
+def _cmd_init(es):
+    def handler(c, params):
+        if c.vm.type != U.KVM_X86_DEFAULT_VM:
+            c.fail(EINVAL, "legacy INIT needs a KVM_X86_DEFAULT_VM")
+        _guest_init(c, dict(STRUCTS["init"], ghcb_version=1 if es else 0),
+                    U.KVM_X86_SEV_ES_VM if es else U.KVM_X86_SEV_VM)
+    return handler
+
+
+def _cmd_init2(c, params):
+    vm = c.vm
+    if not vm.sev_need_init:
+        c.fail(EINVAL, "INIT2 needs a fresh SEV, SEV-ES or SNP VM")
+    if vm.type not in (U.KVM_X86_SEV_VM, U.KVM_X86_SEV_ES_VM, U.KVM_X86_SNP_VM):
+        c.fail(EINVAL, "not an SEV VM type")
+    if params is None:
+        c.fail(EFAULT, "NULL data")
+    _guest_init(c, params, vm.type)
+
+
+# -- launch --------------------------------------------------------------------------------------------
+
+def _params(c, params):
+    c.need_sev()
+    if params is None:
+        c.fail(EFAULT, "NULL data")
+    return params
+
+
+def _bind_asid(c, handle):
+    """sev_bind_asid; on failure the new context is decommissioned."""
+    status, _ = c.fw(U.SEV_CMD_ACTIVATE, L.sev_data_activate, fd=False, check=False,
+                     handle=handle,
+                     asid=c.sev.asid)
+    if status:
+        c.host.psp.command(U.SEV_CMD_DECOMMISSION,
+                           c.buf.put(L.sev_data_decommission.pack(handle=handle)))
+        raise SevError(status, c.out)
+
+
+def _start(c, params, cmd, layout, handle, **blobs):
+    """The common tail of LAUNCH_START and RECEIVE_START."""
+    _, f = c.fw(cmd, layout, fd=c.sev_fd, handle=handle, policy=params["policy"], **blobs)
+    _bind_asid(c, f.handle)
+    c.writeback(params, handle=f.handle)
+    c.sev.handle, c.sev.fd, c.sev.policy = f.handle, c.sev_fd, params["policy"]
+
+
+def _cmd_launch_start(c, params):
+    p = _params(c, params)
+    dh = c.blob(p["dh_uaddr"], p["dh_len"]) if p["dh_uaddr"] else 0
+    sess = c.blob(p["session_uaddr"], p["session_len"]) if p["session_uaddr"] else 0
+    _start(c, p, U.SEV_CMD_LAUNCH_START, L.sev_data_launch_start, 0, dh_cert_address=dh,
+           dh_cert_len=p["dh_len"] if dh else 0, session_address=sess,
+           session_len=p["session_len"] if sess else 0)
+
+
+def _cmd_launch_update_data(c, params):
+    p = _params(c, params)
+    uaddr, size = p["uaddr"], p["len"]
+    pfns = c.pin(uaddr, size, True)
+    try:
+        vaddr = uaddr
+        for i, n in _runs(pfns):
+            off = vaddr & (PAGE_SIZE - 1)
+            length = min(n * PAGE_SIZE - off, size)
+            c.fw(U.SEV_CMD_LAUNCH_UPDATE_DATA, L.sev_data_launch_update_data,
+                 handle=c.sev.handle, address=(pfns[i] << PAGE_SHIFT) + off, len=length)
+            size -= length
+            vaddr += length
+    finally:
+        c.unpin(pfns)
+
+
+def build_vmsa(vcpu, sev_features):
+    """The 4 KiB VMSA KVM would build from this vCPU (sev_es_sync_vmsa), from what the model
+    has: the architectural reset state at the VMSA offsets of the APM (table B-4): DR7 0x400 at
+    0x160, DR6 0xffff0ff0 at 0x168, RFLAGS 2 at 0x170, RIP 0xfff0 at 0x178, CS selector 0xf000
+    and base 0xffff0000 at 0x010/0x018, EFER at 0xd0 (SVME), sev_features at 0x3b0, XCR0 1 at
+    0x3e8; and, in the reserved area at 0x3f0, the vCPU id (u32) so each vCPU's page differs."""
+    v = bytearray(VMSA_SIZE)
+
+    def put(off, value, size=8):
+        v[off:off + size] = value.to_bytes(size, "little")
+    put(0x010, 0xf000, 2)
+    put(0x018, 0xffff0000)
+    put(0x0d0, 1 << 12)
+    put(0x160, 0x400)
+    put(0x168, 0xffff0ff0)
+    put(0x170, 2)
+    put(0x178, 0xfff0)
+    put(0x3b0, sev_features)
+    put(0x3e8, 1)
+    put(0x3f0, vcpu.vcpu_id, 4)
+    return bytes(v)
+
+
+def _cmd_launch_update_vmsa(c, params):
+    c.need_sev(es=True)
+    for vcpu in c.vm.vcpus:
+        if getattr(vcpu, "guest_debug", 0):
+            c.fail(EINVAL, f"vCPU {vcpu.vcpu_id} has guest_debug set")
+        if vcpu.guest_state_protected:
+            c.fail(EINVAL, f"vCPU {vcpu.vcpu_id} state is already protected")
+        if vcpu.vmsa_spa is None:
+            (pfn,) = c.host.mem.alloc(1)
+            vcpu.vmsa_spa = int(pfn) << PAGE_SHIFT
+        c.host.umc.write(vcpu.vmsa_spa, build_vmsa(vcpu, c.sev.vmsa_features), 0)
+        c.fw(U.SEV_CMD_LAUNCH_UPDATE_VMSA, L.sev_data_launch_update_vmsa, handle=c.sev.handle,
+             address=vcpu.vmsa_spa, len=VMSA_SIZE)
+        vcpu.guest_state_protected = True
+
+
+def _blob_out(c, p, cmd, layout, **extra):
+    """LAUNCH_MEASURE and GET_ATTESTATION_REPORT: ``len == 0`` queries the length."""
+    blob = 0
+    if p["len"] and p["uaddr"]:
+        if p["len"] > U.SEV_FW_BLOB_MAX_SIZE:
+            c.fail(EINVAL, "len > SEV_FW_BLOB_MAX_SIZE")
+        blob = c.buf.reserve(p["len"])
+    fields = dict(handle=c.sev.handle, address=blob, len=p["len"] if blob else 0)
+    if p["len"]:
+        fields.update(extra)
+    status, f = c.fw(cmd, layout, check=False, **fields)
+    if p["len"]:
+        if status:
+            raise SevError(status, c.out)
+        if blob:
+            c.copy_out(p["uaddr"], c.buf.get(blob, p["len"]))
+    c.writeback(p, len=f.len)
+    if status:
+        raise SevError(status, c.out)
+
+
+def _cmd_launch_measure(c, params):
+    _blob_out(c, _params(c, params), U.SEV_CMD_LAUNCH_MEASURE, L.sev_data_launch_measure)
+
+
+def _cmd_attestation(c, params):
+    p = _params(c, params)
+    if not isinstance(p["mnonce"], (bytes, bytearray)) or len(p["mnonce"]) != 16:
+        raise TypeError("mnonce must be 16 bytes")
+    _blob_out(c, p, U.SEV_CMD_ATTESTATION_REPORT, L.sev_data_attestation_report,
+              mnonce=bytes(p["mnonce"]))
+
+
+def _cmd_launch_secret(c, params):
+    p = _params(c, params)
+    pfns = c.pin(p["guest_uaddr"], p["guest_len"], True)
+    try:
+        if any(b != a + 1 for a, b in zip(pfns, pfns[1:])):
+            c.fail(EINVAL, "guest pages are not physically contiguous")
+        trans = c.blob(p["trans_uaddr"], p["trans_len"])
+        hdr = c.blob(p["hdr_uaddr"], p["hdr_len"])
+        c.fw(U.SEV_CMD_LAUNCH_UPDATE_SECRET, L.sev_data_launch_secret, handle=c.sev.handle,
+             hdr_address=hdr, hdr_len=p["hdr_len"],
+             guest_address=(pfns[0] << PAGE_SHIFT) + (p["guest_uaddr"] & (PAGE_SIZE - 1)),
+             guest_len=p["guest_len"], trans_address=trans, trans_len=p["trans_len"])
+    finally:
+        c.unpin(pfns)
+
+
+def _handle_cmd(cmd, layout):
+    def handler(c, params):
+        c.need_sev()
+        c.fw(cmd, layout, handle=c.sev.handle)
+    return handler
+
+
+def _cmd_guest_status(c, params):
+    c.need_sev()
+    _, f = c.fw(U.SEV_CMD_GUEST_STATUS, L.sev_data_guest_status, handle=c.sev.handle)
+    if params is None:
+        c.fail(EFAULT, "NULL data")
+    c.writeback(params, handle=c.sev.handle, policy=f.policy, state=f.state)
+
+
+# -- debug -----------------------------------------------------------------------------------------------
+
+def _cmd_dbg(encrypt):
+    def handler(c, params):
+        """sev_dbg_crypt. Every chunk goes through a kernel bounce page: the source rounded out
+        to 16 bytes for decrypt, a read-modify-write of the destination's 16-byte blocks for
+        encrypt; chunks also stop at the destination's page end (see docs/fidelity.md)."""
+        p = _params(c, params)
+        src, dst, size = p["src_uaddr"], p["dst_uaddr"], p["len"]
+        if not size or src + size - 1 > ULONG_MAX:
+            c.fail(EINVAL, "len is 0 or the source wraps")
+        if not dst:
+            c.fail(EINVAL, "dst_uaddr is 0")
+        while size:
+            s_off, d_off = src & (PAGE_SIZE - 1), dst & (PAGE_SIZE - 1)
+            n = min(PAGE_SIZE - s_off, PAGE_SIZE - d_off, size)
+            (sp,) = c.pin(src & ~(PAGE_SIZE - 1), PAGE_SIZE, False)
+            try:
+                (dp,) = c.pin(dst & ~(PAGE_SIZE - 1), PAGE_SIZE, True)
+            except KvmError:
+                c.unpin([sp])
+                raise
+            try:
+                c.buf.off = 0
+                if encrypt:
+                    _dbg_encrypt_chunk(c, src, (dp << PAGE_SHIFT) + d_off, n)
+                else:
+                    _dbg_decrypt_chunk(c, (sp << PAGE_SHIFT) + s_off, dst, n)
+            finally:
+                c.unpin([sp, dp])
+            src, dst, size = src + n, dst + n, size - n
+    return handler
+
+
+def _dbg_fw(c, cmd, src_pa, dst_pa, size):
+    c.fw(cmd, L.sev_data_dbg, handle=c.sev.handle, src_addr=src_pa, dst_addr=dst_pa, len=size)
+
+
+def _dbg_decrypt_chunk(c, src_pa, dst_uaddr, n):
+    off = src_pa & 15
+    page = c.buf.page()
+    _dbg_fw(c, U.SEV_CMD_DBG_DECRYPT, src_pa - off, page, (n + off + 15) & ~15)
+    c.copy_out(dst_uaddr, c.buf.get(page + off, n))
+
+
+def _dbg_encrypt_chunk(c, src_uaddr, dst_pa, n):
+    data = c.copy_in(src_uaddr, n)
+    off = dst_pa & 15
+    length = (n + off + 15) & ~15
+    page = c.buf.page()
+    if off or n % 16:
+        _dbg_fw(c, U.SEV_CMD_DBG_DECRYPT, dst_pa - off, page, length)
+    c.host.umc.write(page + off, data, 0)
+    _dbg_fw(c, U.SEV_CMD_DBG_ENCRYPT, page, dst_pa - off, length)
+
+
+# -- send and receive -------------------------------------------------------------------------------
+
+def _cmd_send_start(c, params):
+    p = _params(c, params)
+    if not p["session_len"]:
+        _, f = c.fw(U.SEV_CMD_SEND_START, L.sev_data_send_start, check=False,
+                    handle=c.sev.handle)
+        c.writeback(p, session_len=f.session_len)
+        if c.out.error:
+            raise SevError(c.out.error, c.out)
+        return
+    if (not p["pdh_cert_uaddr"] or not p["pdh_cert_len"] or not p["session_uaddr"]
+            or p["session_len"] > U.SEV_FW_BLOB_MAX_SIZE):
+        c.fail(EINVAL, "pdh_cert or session missing or session too long")
+    session = c.buf.reserve(p["session_len"])
+    pdh = c.blob(p["pdh_cert_uaddr"], p["pdh_cert_len"])
+    plat = c.blob(p["plat_certs_uaddr"], p["plat_certs_len"])
+    amd = c.blob(p["amd_certs_uaddr"], p["amd_certs_len"])
+    _, f = c.fw(U.SEV_CMD_SEND_START, L.sev_data_send_start, handle=c.sev.handle,
+                pdh_cert_address=pdh, pdh_cert_len=p["pdh_cert_len"], plat_certs_address=plat,
+                plat_certs_len=p["plat_certs_len"], amd_certs_address=amd,
+                amd_certs_len=p["amd_certs_len"], session_address=session,
+                session_len=p["session_len"])
+    c.copy_out(p["session_uaddr"], c.buf.get(session, p["session_len"]))
+    c.writeback(p, policy=f.policy, session_len=f.session_len)
+
+
+def _one_page(c, p):
+    if p["guest_len"] > PAGE_SIZE or (p["guest_uaddr"] & (PAGE_SIZE - 1)) + p["guest_len"] > \
+            PAGE_SIZE:
+        c.fail(EINVAL, "guest range crosses a page")
+
+
+def _cmd_send_update_data(c, params):
+    p = _params(c, params)
+    if not p["trans_len"] or not p["hdr_len"]:
+        _, f = c.fw(U.SEV_CMD_SEND_UPDATE_DATA, L.sev_data_send_update_data, check=False,
+                    handle=c.sev.handle)
+        c.writeback(p, hdr_len=f.hdr_len, trans_len=f.trans_len)
+        if c.out.error:
+            raise SevError(c.out.error, c.out)
+        return
+    if not p["trans_uaddr"] or not p["guest_uaddr"] or not p["guest_len"] or not p["hdr_uaddr"]:
+        c.fail(EINVAL, "an address or guest_len is 0")
+    _one_page(c, p)
+    (pfn,) = c.pin(p["guest_uaddr"], p["guest_len"], False)
+    try:
+        hdr, trans = c.buf.reserve(p["hdr_len"]), c.buf.reserve(p["trans_len"])
+        gpa = (pfn << PAGE_SHIFT) + (p["guest_uaddr"] & (PAGE_SIZE - 1))
+        c.fw(U.SEV_CMD_SEND_UPDATE_DATA, L.sev_data_send_update_data, handle=c.sev.handle,
+             hdr_address=hdr, hdr_len=p["hdr_len"], guest_address=gpa | 1 << c.host.c_bit,
+             guest_len=p["guest_len"], trans_address=trans, trans_len=p["trans_len"])
+        c.copy_out(p["trans_uaddr"], c.buf.get(trans, p["trans_len"]))
+        c.copy_out(p["hdr_uaddr"], c.buf.get(hdr, p["hdr_len"]))
+    finally:
+        c.unpin([pfn])
+
+
+def _cmd_receive_start(c, params):
+    p = _params(c, params)
+    if not p["pdh_uaddr"] or not p["pdh_len"] or not p["session_uaddr"] or not p["session_len"]:
+        c.fail(EINVAL, "pdh or session missing")
+    pdh = c.blob(p["pdh_uaddr"], p["pdh_len"])
+    sess = c.blob(p["session_uaddr"], p["session_len"])
+    _start(c, p, U.SEV_CMD_RECEIVE_START, L.sev_data_receive_start, p["handle"],
+           pdh_cert_address=pdh, pdh_cert_len=p["pdh_len"], session_address=sess,
+           session_len=p["session_len"])
+
+
+def _cmd_receive_update_data(c, params):
+    if not sev_guest(c.vm):
+        c.fail(EINVAL, "not an SEV guest")
+    p = _params(c, params)
+    if not all(p[k] for k in ("hdr_uaddr", "hdr_len", "guest_uaddr", "guest_len",
+                              "trans_uaddr", "trans_len")):
+        c.fail(EINVAL, "an address or length is 0")
+    _one_page(c, p)
+    hdr = c.blob(p["hdr_uaddr"], p["hdr_len"])
+    trans = c.blob(p["trans_uaddr"], p["trans_len"])
+    (pfn,) = c.pin(p["guest_uaddr"], p["guest_len"], True)
+    try:
+        gpa = (pfn << PAGE_SHIFT) + (p["guest_uaddr"] & (PAGE_SIZE - 1))
+        c.fw(U.SEV_CMD_RECEIVE_UPDATE_DATA, L.sev_data_receive_update_data,
+             handle=c.sev.handle, hdr_address=hdr, hdr_len=p["hdr_len"],
+             guest_address=gpa | 1 << c.host.c_bit, guest_len=p["guest_len"],
+             trans_address=trans, trans_len=p["trans_len"])
+    finally:
+        c.unpin([pfn])
+
+
+_HANDLERS = {
+    U.KVM_SEV_INIT: (_cmd_init(False), None),
+    U.KVM_SEV_ES_INIT: (_cmd_init(True), None),
+    U.KVM_SEV_INIT2: (_cmd_init2, "init"),
+    U.KVM_SEV_LAUNCH_START: (_cmd_launch_start, "launch_start"),
+    U.KVM_SEV_LAUNCH_UPDATE_DATA: (_cmd_launch_update_data, "launch_update_data"),
+    U.KVM_SEV_LAUNCH_UPDATE_VMSA: (_cmd_launch_update_vmsa, None),
+    U.KVM_SEV_LAUNCH_SECRET: (_cmd_launch_secret, "launch_secret"),
+    U.KVM_SEV_LAUNCH_MEASURE: (_cmd_launch_measure, "launch_measure"),
+    U.KVM_SEV_LAUNCH_FINISH: (_handle_cmd(U.SEV_CMD_LAUNCH_FINISH, L.sev_data_launch_finish),
+                              None),
+    U.KVM_SEV_GUEST_STATUS: (_cmd_guest_status, "guest_status"),
+    U.KVM_SEV_DBG_DECRYPT: (_cmd_dbg(False), "dbg"),
+    U.KVM_SEV_DBG_ENCRYPT: (_cmd_dbg(True), "dbg"),
+    U.KVM_SEV_GET_ATTESTATION_REPORT: (_cmd_attestation, "attestation_report"),
+    U.KVM_SEV_SEND_START: (_cmd_send_start, "send_start"),
+    U.KVM_SEV_SEND_UPDATE_DATA: (_cmd_send_update_data, "send_update_data"),
+    U.KVM_SEV_SEND_FINISH: (_handle_cmd(U.SEV_CMD_SEND_FINISH, L.sev_data_send_finish), None),
+    U.KVM_SEV_SEND_CANCEL: (_handle_cmd(U.SEV_CMD_SEND_CANCEL, L.sev_data_send_cancel), None),
+    U.KVM_SEV_RECEIVE_START: (_cmd_receive_start, "receive_start"),
+    U.KVM_SEV_RECEIVE_UPDATE_DATA: (_cmd_receive_update_data, "receive_update_data"),
+    U.KVM_SEV_RECEIVE_FINISH: (_handle_cmd(U.SEV_CMD_RECEIVE_FINISH,
+                                           L.sev_data_receive_finish), None),
+}
+
+
+# -- mirrors and moves -------------------------------------------------------------------------------
+
+def _source(dst, ioctl, fd_or_vm):
+    from sevcore.vm import Vm
+    src = dst.host.fget(fd_or_vm)
+    if not isinstance(src, Vm):
+        raise KvmError(EBADF, ioctl, "source is not a KVM VM fd")
+    return src
+
+
+def _lock_two(dst, src, ioctl):
+    """sev_lock_two_vms."""
+    if dst is src:
+        raise KvmError(EINVAL, ioctl, "source and destination are the same VM")
+    with _migration_lock:
+        if dst.sev.migration_in_progress:
+            raise KvmError(EBUSY, ioctl, "destination is migrating")
+        if src.sev.migration_in_progress:
+            raise KvmError(EBUSY, ioctl, "source is migrating")
+        dst.sev.migration_in_progress = src.sev.migration_in_progress = True
+
+
+def _unlock_two(dst, src):
+    with _migration_lock:
+        dst.sev.migration_in_progress = src.sev.migration_in_progress = False
+
+
+def copy_enc_context_from(dst, ioctl, fd_or_vm):
+    """sev_vm_copy_enc_context_from: ``dst`` becomes a mirror sharing the source's ASID."""
+    src = _source(dst, ioctl, fd_or_vm)
+    _lock_two(dst, src, ioctl)
+    try:
+        if sev_guest(dst) or not sev_guest(src) or is_mirror(src) or dst.vcpus:
+            raise KvmError(EINVAL, ioctl, "destination is SEV or has vCPUs, or the source is "
+                                          "not SEV or is a mirror")
+        src._get()
+        s, d = src.sev, dst.sev
+        s.mirror_vms.append(dst)
+        d.enc_context_owner = src
+        d.active, d.asid, d.fd, d.es_active, d.handle = True, s.asid, s.fd, s.es_active, s.handle
+        d.regions, d.mirror_vms = [], []
+        dst.sev_need_init = False
+    finally:
+        _unlock_two(dst, src)
+    return 0
+
+
+def move_enc_context_from(dst, ioctl, fd_or_vm):
+    """sev_vm_move_enc_context_from: the whole context moves, the source VM dies."""
+    src = _source(dst, ioctl, fd_or_vm)
+    _lock_two(dst, src, ioctl)
+    try:
+        if dst.type != src.type or sev_guest(dst) or not sev_guest(src):
+            raise KvmError(EINVAL, ioctl, "VM types differ, destination is SEV or source is not")
+        s, d = src.sev, dst.sev
+        if s.es_active:
+            if len(src.vcpus) != len(dst.vcpus):
+                raise KvmError(EINVAL, ioctl, "SEV-ES needs the same number of vCPUs")
+            if not all(v.guest_state_protected for v in src.vcpus):
+                raise KvmError(EINVAL, ioctl, "a source vCPU's VMSA is not encrypted")
+        for k in ("asid", "handle", "pages_locked", "enc_context_owner", "es_active",
+                  "vmsa_features", "regions", "fd", "policy", "ghcb_version", "snp_active"):
+            setattr(d, k, getattr(s, k))
+        d.active = True
+        d.mirror_vms, s.mirror_vms = s.mirror_vms, []
+        for m in d.mirror_vms:
+            dst._get()
+            m.sev.enc_context_owner = dst
+            src._put()
+        owner = d.enc_context_owner
+        if owner is not None:
+            owner.sev.mirror_vms[owner.sev.mirror_vms.index(src)] = dst
+        s.asid = s.handle = s.pages_locked = 0
+        s.active = s.es_active = False
+        s.enc_context_owner = None
+        s.regions = []
+        if d.es_active:
+            for dv, sv in zip(dst.vcpus, src.vcpus):
+                dv.vmsa_spa, dv.guest_state_protected = sv.vmsa_spa, True
+                sv.vmsa_spa, sv.guest_state_protected = None, False
+        dst.sev_need_init = False
+        src.dead = True
+    finally:
+        _unlock_two(dst, src)
+    return 0
+
+
+def vm_destroy(vm):
+    """sev_vm_destroy."""
+    sev = vm.sev
+    if not sev.active:
+        return
+    owner = sev.enc_context_owner
+    if owner is not None:
+        owner.sev.mirror_vms.remove(vm)
+        sev.active = False
+        owner._put()
+        return
+    sev.regions.clear()
+    psp, c_buf = vm.host.psp, _Bounce(vm.host)
+    if sev.handle:
+        psp.command(U.SEV_CMD_DEACTIVATE, c_buf.put(L.sev_data_deactivate.pack(handle=sev.handle)))
+        psp.command(U.SEV_CMD_DECOMMISSION,
+                    c_buf.put(L.sev_data_decommission.pack(handle=sev.handle)))
+    host_asids(vm.host).free(sev.asid)
+    sev.active = False

@@ -1,0 +1,115 @@
+"""Port of tools/testing/selftests/kvm/x86/sev_init2_tests.c (spec/selftest-cases.md G), plus
+the legacy INIT rules."""
+from errno import EINVAL
+
+import pytest
+
+import sevcore
+from sevcore.sev import SEV_SUPPORTED_VMSA_FEATURES
+from sevcore.uapi import *
+
+
+@pytest.fixture
+def kvm():
+    return sevcore.Kvm()
+
+
+def init2(kvm, type, **fields):
+    vm = kvm.create_vm(type)
+    return vm, vm.memory_encrypt_op(KVM_SEV_INIT2, **fields)
+
+
+def init2_errno(kvm, type, **fields):
+    vm = kvm.create_vm(type)
+    with pytest.raises(OSError) as e:
+        vm.memory_encrypt_op(KVM_SEV_INIT2, **fields)
+    assert not vm.sev_guest
+    return e.value.errno
+
+
+@pytest.mark.parametrize("type", [KVM_X86_SEV_VM, KVM_X86_SEV_ES_VM, KVM_X86_SNP_VM])
+def test_init2_ok(kvm, type):
+    """INIT2 with a zeroed struct succeeds and clears need_init; SNP defaults to GHCB 2."""
+    vm, out = init2(kvm, type)
+    assert out.error == SEV_RET_SUCCESS and vm.sev_guest and not vm.sev_need_init
+    assert vm.sev.ghcb_version == (0 if type == KVM_X86_SEV_VM else 2)
+
+
+@pytest.mark.parametrize("type", [KVM_X86_DEFAULT_VM, KVM_X86_SW_PROTECTED_VM])
+def test_init2_needs_sev_type(kvm, type):
+    """INIT2 on a VM type without need_init is EINVAL."""
+    assert init2_errno(kvm, type) == EINVAL
+
+
+@pytest.mark.parametrize("type", [KVM_X86_SEV_VM, KVM_X86_SEV_ES_VM, KVM_X86_SNP_VM])
+def test_init2_flags(kvm, type):
+    """Every flags bit is EINVAL."""
+    for i in range(32):
+        assert init2_errno(kvm, type, flags=1 << i) == EINVAL
+
+
+def test_init2_features(kvm):
+    """A plain SEV VM supports no VMSA feature; SEV-ES supports exactly DebugSwap."""
+    for i in range(64):
+        assert init2_errno(kvm, KVM_X86_SEV_VM, vmsa_features=1 << i) == EINVAL
+        if 1 << i & SEV_SUPPORTED_VMSA_FEATURES:
+            vm, _ = init2(kvm, KVM_X86_SEV_ES_VM, vmsa_features=1 << i)
+            assert vm.sev.vmsa_features == SVM_SEV_FEAT_DEBUG_SWAP
+        else:
+            assert init2_errno(kvm, KVM_X86_SEV_ES_VM, vmsa_features=1 << i) == EINVAL
+
+
+def test_init2_checks(kvm):
+    """vCPUs, a bad GHCB version, a second INIT2 and a NULL struct are refused."""
+    vm = kvm.create_vm(KVM_X86_SEV_VM)
+    vm.create_vcpu(0)
+    with pytest.raises(OSError) as e:
+        vm.memory_encrypt_op(KVM_SEV_INIT2)
+    assert e.value.errno == EINVAL
+    assert init2_errno(kvm, KVM_X86_SEV_VM, ghcb_version=1) == EINVAL
+    assert init2_errno(kvm, KVM_X86_SEV_ES_VM, ghcb_version=3) == EINVAL
+    assert init2_errno(kvm, KVM_X86_SNP_VM, ghcb_version=1) == EINVAL
+    assert init2_errno(kvm, KVM_X86_SEV_VM, data=None) == 14          # EFAULT
+    vm, _ = init2(kvm, KVM_X86_SEV_VM)
+    with pytest.raises(OSError) as e:
+        vm.memory_encrypt_op(KVM_SEV_INIT2)
+    assert e.value.errno == EINVAL
+
+
+def test_legacy_init_rules(kvm):
+    """Legacy INIT/ES_INIT work only on DEFAULT VMs, ignore data, and run once."""
+    vm = kvm.create_vm(KVM_X86_SEV_VM)
+    for cmd in (KVM_SEV_INIT, KVM_SEV_ES_INIT):
+        with pytest.raises(OSError) as e:
+            vm.memory_encrypt_op(cmd, data=None)
+        assert e.value.errno == EINVAL
+    vm = kvm.create_vm(KVM_X86_DEFAULT_VM)
+    vm.memory_encrypt_op(KVM_SEV_ES_INIT, data=None)
+    assert vm.sev.es_active and vm.sev.ghcb_version == 1 and vm.type == KVM_X86_DEFAULT_VM
+    lo, hi = 1, kvm.host.psp.min_sev_asid - 1
+    assert lo <= vm.sev.asid <= hi
+    with pytest.raises(OSError) as e:
+        vm.memory_encrypt_op(KVM_SEV_INIT, data=None)
+    assert e.value.errno == EINVAL
+    assert vm.memory_encrypt_op(None) == 0          # NULL argp: the probe
+
+
+def test_asid_recycling():
+    """Freed ASIDs are reused only after a WBINVD + DF_FLUSH recycle when the range runs out."""
+    host = sevcore.Host()
+    host.psp = type(host.psp)(host, max_sev_asid=4, min_sev_asid=3)
+    kvm = host.kvm
+    vms = [kvm.create_vm(KVM_X86_SEV_VM) for _ in range(3)]
+    for vm in vms[:2]:
+        vm.memory_encrypt_op(KVM_SEV_INIT2)
+        vm.memory_encrypt_op(KVM_SEV_LAUNCH_START, policy=0)
+    assert [vm.sev.asid for vm in vms[:2]] == [3, 4]
+    with pytest.raises(OSError) as e:
+        vms[2].memory_encrypt_op(KVM_SEV_INIT2)
+    assert e.value.errno == 16                      # EBUSY
+    vms[0].close()
+    asids = sevcore.sev.host_asids(host)
+    assert asids.reclaim == {3} and asids.flushes == 0
+    vms[2].memory_encrypt_op(KVM_SEV_INIT2)
+    vms[2].memory_encrypt_op(KVM_SEV_LAUNCH_START, policy=0)
+    assert vms[2].sev.asid == 3 and asids.flushes == 1 and not asids.reclaim
