@@ -7,11 +7,10 @@ a batch of equally sized packets with the calling convention of the batched C ke
 ``sevcore.sevpkt`` (``seal(tek, tik, plaintext, ivs, ctx)`` / ``open(tek, tik, headers,
 ciphertext, ctx)``), so that swapping the implementation is a change to this module alone.
 """
-import hashlib
 import hmac
 
-from sevcore.psp.crypto import (CTX_DATA, HEADER_SIZE, aes128_ctr, le32, packet_header,
-                                split_header)
+from sevcore import sevpkt
+from sevcore.psp.crypto import CTX_DATA, HEADER_SIZE, le32, split_header
 
 
 class BadPacketMac(ValueError):
@@ -22,11 +21,6 @@ class BadPacketMac(ValueError):
         self.index = index
 
 
-def _mac(tik, ctx, flags, iv, ct):
-    n = le32(len(ct))
-    return hmac.new(tik, bytes([ctx]) + le32(flags) + iv + n + n + ct, hashlib.sha256).digest()
-
-
 def _seal_packets(tek, tik, plaintext, ivs, ctx=CTX_DATA):
     """Seal ``len(ivs) // 16`` packets cut evenly from ``plaintext``; returns ``(headers,
     ciphertext)``, 52 header bytes per packet and ciphertext as long as the plaintext."""
@@ -35,30 +29,31 @@ def _seal_packets(tek, tik, plaintext, ivs, ctx=CTX_DATA):
     pt = memoryview(plaintext).cast("B")
     if n == 0 or len(ivs) % 16 or pt.nbytes % n:
         raise ValueError("plaintext must split into len(ivs) // 16 equal packets")
-    size = pt.nbytes // n
-    headers, cts = [], []
-    for i in range(n):
-        iv = ivs[16 * i:16 * i + 16]
-        ct = aes128_ctr(tek, iv, pt[size * i:size * (i + 1)])
-        cts.append(ct)
-        headers.append(packet_header(0, iv, _mac(tik, ctx, 0, iv, ct)))
-    return b"".join(headers), b"".join(cts)
+    hdrs, ct = sevpkt.seal(tek, tik, pt, ivs, ctx)
+    return bytes(hdrs), bytes(ct)
 
 
 def _open_packets(tek, tik, headers, ciphertext, ctx=CTX_DATA):
     """Verify and decrypt ``len(headers) // 52`` packets; raises BadPacketMac for the first packet
-    whose MAC is wrong, before decrypting anything."""
+    whose MAC is wrong, before decrypting anything. Packets with flags 0 take the batched C
+    kernel; the firmware refuses COMPRESSED before this point, and other flag bits (covered by
+    the MAC, ignored by the firmware) take the per-packet path."""
     headers = bytes(headers)
     n = len(headers) // HEADER_SIZE
     ct = memoryview(ciphertext).cast("B")
     if n == 0 or len(headers) % HEADER_SIZE or ct.nbytes % n:
         raise ValueError("ciphertext must split into len(headers) // 52 equal packets")
+    split = [split_header(headers[HEADER_SIZE * i:HEADER_SIZE * (i + 1)]) for i in range(n)]
+    if not any(flags for flags, _, _ in split):
+        try:
+            return bytes(sevpkt.open(tek, tik, headers, ct, ctx))
+        except sevpkt.PacketAuthError as e:
+            raise BadPacketMac(e.index) from None
     size = ct.nbytes // n
-    parts = []
-    for i in range(n):
-        flags, iv, mac = split_header(headers[HEADER_SIZE * i:HEADER_SIZE * (i + 1)])
+    for i, (flags, iv, mac) in enumerate(split):
         c = bytes(ct[size * i:size * (i + 1)])
-        if not hmac.compare_digest(_mac(tik, ctx, flags, iv, c), mac):
+        aad = bytes([ctx]) + le32(flags) + iv + le32(size) + le32(size)
+        if not hmac.compare_digest(sevpkt.hmac_sha256(tik, aad + c), mac):
             raise BadPacketMac(i)
-        parts.append((iv, c))
-    return b"".join(aes128_ctr(tek, iv, c) for iv, c in parts)
+    return b"".join(bytes(sevpkt.aes128_ctr(tek, iv, ct[size * i:size * (i + 1)]))
+                    for i, (_, iv, _) in enumerate(split))
