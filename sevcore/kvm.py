@@ -202,20 +202,21 @@ class Kvm:
         self._pt.map(page, int(pfn), NPT_WRITABLE)
         return int(pfn)
 
-    def hva_range_to_pfns(self, hva, npages):
-        """The frames behind ``npages`` pages of anonymous memory from ``hva``, allocating the
-        untouched ones in one batch; None if the range is not inside one anonymous mapping."""
-        m = self._mapping(hva)
-        if m is None or m.kind != "anon" or hva + (npages << PAGE_SHIFT) > m.end:
+    def anon_pfns(self, pages):
+        """The frames behind the VMM pages ``pages`` (hva >> 12, a uint64 array) of one
+        anonymous mapping, allocating the untouched ones in one batch; None if the pages are
+        not all inside one anonymous mapping."""
+        lo, hi = int(pages.min()), int(pages.max())
+        m = self._mapping(lo << PAGE_SHIFT)
+        if m is None or m.kind != "anon" or (hi + 1) << PAGE_SHIFT > m.end:
             return None
-        first = hva >> PAGE_SHIFT
-        pages = np.arange(first, first + npages, dtype=np.uint64)
         pfns = self._pt.lookup_batch(pages)
         miss = np.flatnonzero(pfns == Npt.MISS)
         if len(miss):
-            fresh = self.host.mem.alloc(len(miss))
-            pfns[miss] = fresh
-            map_runs(self._pt, pages[miss], fresh, NPT_WRITABLE)
+            want = np.unique(pages[miss])
+            fresh = self.host.mem.alloc(len(want))
+            map_runs(self._pt, want, fresh, NPT_WRITABLE)
+            pfns[miss] = fresh[np.searchsorted(want, pages[miss])]
         return pfns
 
     def _anon_span(self, hva, size):
@@ -264,7 +265,7 @@ class Kvm:
         if span is None:
             return self._write_pages(hva, data)
         first, npages, off = span
-        pfns = self.hva_range_to_pfns(first << PAGE_SHIFT, npages)
+        pfns = self.anon_pfns(np.arange(first, first + npages, dtype=np.uint64))
         frames = self.host.mem.frames
         head = min(PAGE_SIZE - off, size)
         spa = (int(pfns[0]) << PAGE_SHIFT) + off

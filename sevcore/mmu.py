@@ -9,9 +9,9 @@ reported the way KVM reports them: :class:`MemoryFault` carries the errno ``KVM_
 and the ``memory_fault`` exit KVM prepared; :class:`MmioAccess` means the access is emulated as
 MMIO and exits to user space.
 
-:func:`faultin_run` is the batched form the bulk guest operations use: it resolves the first page
-exactly as :func:`faultin` does and then, for the rest of the run that shares its slot, its
-attribute and its backing, allocates and maps all missing pages at once.
+:func:`faultin_pages` is the batched form the page kernel's callers use: it resolves the first
+page exactly as :func:`faultin` does and then, for the other pages of the access that share its
+slot, its attribute and its backing, allocates and maps all missing ones at once.
 """
 from errno import EFAULT
 
@@ -131,42 +131,37 @@ def translate(vm, gfn, private, write):
     return pfn, flags
 
 
-def faultin_run(vm, gfn, npages, private, write):
-    """Fault in ``gfn`` (raising as :func:`faultin`) and the pages after it that share its
-    slot, attribute and backing, up to ``npages`` in all. Returns how many were resolved."""
-    pfn, flags = faultin(vm, gfn, private, write)
-    vm.npt.map(gfn, pfn, flags)
-    slot = vm.gfn_to_memslot(gfn)
-    end = min(gfn + npages, slot.end_gfn)
+def faultin_pages(vm, gfns, private, write):
+    """Fault in ``gfns[0]`` (raising as :func:`faultin`), then, in one batch, every later gfn of
+    ``gfns`` that shares its slot, its attribute and its backing and is not yet mapped for this
+    access. ``gfns`` is a uint64 array: a run (``np.arange``) or any list of pages."""
+    g0 = int(gfns[0])
+    pfn, flags = faultin(vm, g0, private, write)
+    vm.npt.map(g0, pfn, flags)
+    slot = vm.gfn_to_memslot(g0)
+    rest = gfns[1:]
+    keep = (rest >= np.uint64(slot.base_gfn)) & (rest < np.uint64(slot.end_gfn))
     if vm.has_private_mem:
-        end = vm.private.run_end(gfn, end)
-    if end - gfn <= 1:
-        return 1
-    rest = np.arange(gfn + 1, end, dtype=np.uint64)
+        keep &= vm.private.contains_array(rest) == private
+    rest = rest[keep]
+    if len(rest) == 0:
+        return
     pfns, eflags = vm.npt.lookup_batch(rest, with_flags=True)
     need = pfns == MISS
     need |= (eflags & NPT_PRIVATE != 0) != private
     if write:
         need |= eflags & NPT_WRITABLE == 0
-    todo = rest[need]
+    todo = np.unique(rest[need])
     if len(todo) == 0:
-        return end - gfn
+        return
     offsets = todo - np.uint64(slot.base_gfn)
     if private or _gmem_only(slot):
         new = slot.gmem_file.get_pfns(slot, offsets)
     else:
-        new = vm.kvm.hva_range_to_pfns(slot.userspace_addr + ((gfn + 1 - slot.base_gfn)
-                                                             << PAGE_SHIFT), end - gfn - 1)
-        if new is None:        # not one anonymous mapping: page by page
-            for i, g in enumerate(todo.tolist()):
-                try:
-                    translate(vm, g, private, write)
-                except (MemoryFault, MmioAccess):
-                    return g - gfn
-            return end - gfn
-        new = new[todo - np.uint64(gfn + 1)]
+        new = vm.kvm.anon_pfns((slot.userspace_addr >> PAGE_SHIFT) + offsets)
+        if new is None:
+            return             # not one anonymous mapping: each page takes faultin itself
     map_runs(vm.npt, todo, new, flags)
-    return end - gfn
 
 
 def map_runs(npt, gfns, pfns, flags):

@@ -5,6 +5,8 @@ guest declared shared: both change by ranges, so they are stored as ranges, not 
 """
 import bisect
 
+import numpy as np
+
 
 class RangeSet:
     """Sorted disjoint ``[start, end)`` ranges with range add/remove and queries."""
@@ -99,11 +101,12 @@ class RangeSet:
             i += 1
         return out
 
-    def run_end(self, x, limit):
-        """The end (at most ``limit``) of the run from ``x`` whose members are all in the set
-        if ``x`` is, or all outside it if ``x`` is not."""
-        i = bisect.bisect_right(self._starts, x) - 1
-        if i >= 0 and x < self._ends[i]:
-            return min(self._ends[i], limit)
-        nxt = self._starts[i + 1] if i + 1 < len(self._starts) else limit
-        return min(nxt, limit)
+    def contains_array(self, xs):
+        """Membership of each element of the integer array ``xs`` (a bool array)."""
+        xs = np.asarray(xs)
+        starts = np.asarray(self._starts, dtype=xs.dtype)
+        ends = np.asarray(self._ends, dtype=xs.dtype)
+        i = np.searchsorted(starts, xs, side="right").astype(np.int64) - 1
+        inside = i >= 0
+        inside[inside] = xs[inside] < ends[i[inside]]
+        return inside

@@ -9,7 +9,7 @@ with the exit described in ``vcpu.kvm_run``; it raises ``OSError(EFAULT/EIO/...)
 (``spec/kvm-uapi.md`` section 5.4). What user space writes into ``kvm_run`` before the next
 ``run()`` (``hypercall.ret``, ``msr.data``/``msr.error``, ``mmio.data``) completes the exit.
 """
-from errno import EBADF, EEXIST, EFAULT, EINTR, EINVAL, EIO
+from errno import EBADF, EINTR, EINVAL, EIO
 
 import numpy as np
 
@@ -17,8 +17,7 @@ from sevcore import uapi as U
 from sevcore.errors import KvmError
 from sevcore.guest import (UCALL_ABORT, UCALL_DONE, Guest, GuestException, Op)
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
-from sevcore.mmu import (MemoryFault, MmioAccess, decode_gpa, faultin_run, entry_serves,
-                         translate)
+from sevcore.mmu import MemoryFault, MmioAccess, decode_gpa, faultin_pages, translate
 from sevcore.msr import (MSR_OK, MSR_RET_FILTERED, MSR_TYPE_R, MSR_TYPE_W, PV_HC_FEATURE,
                          MsrState, msr_exit_reason)
 from sevcore.npt import NPT_DIRTY_LOG
@@ -326,7 +325,7 @@ class Vcpu:
     def _sev_entry_fails(self):
         vm = self.vm
         psp = vm.host.psp
-        g = psp._guests.get(vm.sev.handle)
+        g = psp.guest(vm.sev.handle)
         return g is None or g.state == U.SEV_GUEST_STATE_SENT or \
             not vm.host.umc.has_key(vm.sev.asid)
 
@@ -395,47 +394,68 @@ class Vcpu:
     # -- memory ---------------------------------------------------------------------------------------
 
     def _access(self, gpa, size, data):
-        """A guest read (data None) or write of [gpa, gpa + size), page by page; progress is
-        kept across exits so a retried access resumes where it stopped."""
-        vm = self.vm
+        """A guest read (data None) or write of [gpa, gpa + size). Whole pages go to the C page
+        kernel, partial pages (and MMIO) are handled here; progress is kept across exits so a
+        retried access resumes where it stopped."""
+        from sevcore import guestmem as gm
         if self._progress is None:
             self._progress = {"pos": 0, "buf": bytearray(size) if data is None else None}
         st = self._progress
         write = data is not None
-        frames = vm.host.mem.frames
         while st["pos"] < size:
             pos = st["pos"]
             addr = gpa + pos
             off = addr & (PAGE_SIZE - 1)
             n = min(PAGE_SIZE - off, size - pos)
-            real, private, encrypted = decode_gpa(vm, addr)
-            gfn = real >> PAGE_SHIFT
+            if off == 0 and size - pos >= PAGE_SIZE:
+                npages = (size - pos) >> PAGE_SHIFT
+                span = slice(pos, pos + (npages << PAGE_SHIFT))
+                buf = memoryview(data)[span] if write else memoryview(st["buf"])[span]
+                done = [0]
+                try:
+                    self._page_kernel(gm.GUEST_OP_WRITE if write else gm.GUEST_OP_READ, addr,
+                                      npages, done, buf=buf)
+                except MmioAccess as e:
+                    return self._mmio(st, e.gpa, data, pos + (done[0] << PAGE_SHIFT), 8)
+                finally:
+                    st["pos"] = pos + (done[0] << PAGE_SHIFT)
+                continue
             try:
-                pfn, flags = translate(vm, gfn, private, write)
-            except MmioAccess:
-                return self._mmio(st, real, data, pos, min(n, 8))
-            spa = (pfn << PAGE_SHIFT) + off
-            engine = vm.encryption_engine() if encrypted else None
-            if engine is None:
-                if write:
-                    frames[spa:spa + n] = np.frombuffer(data, np.uint8, n, pos)
-                else:
-                    st["buf"][pos:pos + n] = frames[spa:spa + n].tobytes()
-            else:
-                base = pfn << PAGE_SHIFT
-                page = engine.decrypt_page(frames[base:base + PAGE_SIZE], base)
-                if write:
-                    page = bytearray(page)
-                    page[off:off + n] = data[pos:pos + n]
-                    engine.encrypt_page(bytes(page), base, out=frames[base:base + PAGE_SIZE])
-                else:
-                    st["buf"][pos:pos + n] = bytes(page[off:off + n])
-            if write and flags & NPT_DIRTY_LOG:
-                vm.mark_page_dirty(gfn)
+                self._access_partial(addr, off, n, data, pos, st["buf"])
+            except MmioAccess as e:
+                return self._mmio(st, e.gpa + off, data, pos, min(n, 8))
             st["pos"] = pos + n
         return None if write else bytes(st["buf"])
 
+    def _access_partial(self, addr, off, n, data, pos, buf):
+        """Bytes [off, off + n) of one page, through the NPT (and the key for C-bit accesses)."""
+        vm = self.vm
+        write = data is not None
+        real, private, encrypted = decode_gpa(vm, addr)
+        gfn = real >> PAGE_SHIFT
+        pfn, flags = translate(vm, gfn, private, write)
+        frames = vm.host.mem.frames
+        base = pfn << PAGE_SHIFT
+        engine = vm.encryption_engine() if encrypted else None
+        if engine is None:
+            if write:
+                frames[base + off:base + off + n] = np.frombuffer(data, np.uint8, n, pos)
+            else:
+                buf[pos:pos + n] = frames[base + off:base + off + n].tobytes()
+        else:
+            page = engine.decrypt_page(frames[base:base + PAGE_SIZE], base)
+            if write:
+                page = bytearray(page)
+                page[off:off + n] = data[pos:pos + n]
+                engine.encrypt_page(bytes(page), base, out=frames[base:base + PAGE_SIZE])
+            else:
+                buf[pos:pos + n] = bytes(page[off:off + n])
+        if write and flags & NPT_DIRTY_LOG:
+            vm.mark_page_dirty(gfn)
+
     def _mmio(self, st, gpa, data, pos, n):
+        """KVM_EXIT_MMIO for ``n`` bytes at ``gpa`` (C-bit / shared bit stripped); the read
+        data user space supplies completes the access on the next KVM_RUN."""
         run = self.kvm_run
         run.exit_reason = U.KVM_EXIT_MMIO
         run.mmio.phys_addr = gpa
@@ -452,59 +472,74 @@ class Vcpu:
         self._complete = complete
         return _EXIT
 
-    def _bulk(self, kind, args):
-        """A bulk operation: the C page kernel runs until a page needs the fault path, which
-        maps the rest of that page's run in one batch, and resumes (progress survives exits)."""
+    def _page_kernel(self, op, first_gpa, n, done, *, gpas=None, arg=0, buf=None, out=None,
+                     on_chunk=None):
+        """Run the C page kernel over ``n`` pages from ``first_gpa`` (or the page-aligned list
+        ``gpas``), from page ``done[0]`` on (``out``: CHECK's two words, or DIGEST's word per
+        page), faulting in the pages it stops at in batches
+        (:func:`sevcore.mmu.faultin_pages`). ``done[0]`` always holds the pages completed, also
+        when MemoryFault or MmioAccess propagates. ``on_chunk(start, k)`` sees each kernel
+        call's result (CHECK accumulates its ``out`` there)."""
         from sevcore import guestmem as gm
         vm = self.vm
+        write = op in gm.WRITE_OPS
+        ops = vm.page_ops()
+        while done[0] < n:
+            start = done[0]
+            first = first_gpa + (start << PAGE_SHIFT) if gpas is None else int(gpas[start])
+            if first & (PAGE_SIZE - 1):
+                raise ValueError(f"bulk access: gpa {first:#x} is not page aligned")
+            real, private, encrypted = decode_gpa(vm, first)
+            tag = first - real             # the C-bit or shared bit, common to the access
+            engine = vm.encryption_engine() if encrypted else None
+            if gpas is None:
+                gfns = np.arange(real >> PAGE_SHIFT, (real >> PAGE_SHIFT) + n - start,
+                                 dtype=np.uint64)
+            else:
+                gfns = (gpas[start:] - np.uint64(tag)) >> np.uint64(PAGE_SHIFT)
+            page_buf = None if buf is None else buf[start << PAGE_SHIFT:]
+            k = ops.run(op, gfns=gfns, private=private, engine=engine, arg=arg, buf=page_buf,
+                        out=out[start:] if op == gm.GUEST_OP_DIGEST else out)
+            if on_chunk is not None:
+                on_chunk(start, k)
+            done[0] = start + k
+            if done[0] == n:
+                return
+            g = int(gfns[k])
+            if g > vm.max_gfn:
+                raise MmioAccess(g << PAGE_SHIFT)
+            _, private, _ = decode_gpa(vm, (g << PAGE_SHIFT) | tag)
+            faultin_pages(vm, gfns[k:], private, write)
+
+    def _bulk(self, kind, args):
+        """A bulk operation: the C page kernel over all its pages (progress survives exits)."""
+        from sevcore import guestmem as gm
         if kind == "bulk":
             name, gpa, n, arg = args
             gpas = None
         else:
             name, gpas, arg = args
-            gpas = np.asarray(gpas, dtype=np.uint64).reshape(-1)
+            gpa, gpas = 0, np.asarray(gpas, dtype=np.uint64).reshape(-1)
             n = len(gpas)
-        op = _BULK_OPS[name]
-        write = op in gm.WRITE_OPS
         st = self._progress
         if st is None:
-            st = self._progress = {"done": 0, "check": [0, None],
+            st = self._progress = {"done": [0], "check": [0, None],
                                    "digest": np.zeros(n, np.uint64) if name == "digest" else None}
-        ops = vm.page_ops()
-        out2 = np.zeros(2, np.uint64)
-        while st["done"] < n:
-            done = st["done"]
-            first = gpa + (done << PAGE_SHIFT) if gpas is None else int(gpas[done])
-            if first & (PAGE_SIZE - 1):
-                raise ValueError(f"bulk {name}: gpa {first:#x} is not page aligned")
-            real, private, encrypted = decode_gpa(vm, first)
-            engine = vm.encryption_engine() if encrypted else None
-            gfn = real >> PAGE_SHIFT
-            if gpas is None:
-                call = {"gfn0": gfn, "n": n - done}
-            else:
-                # The whole list shares the first page's C-bit / shared bit.
-                tag = first - real
-                call = {"gfns": (gpas[done:] - np.uint64(tag)) >> np.uint64(PAGE_SHIFT)}
-            out = st["digest"][done:] if name == "digest" else out2 if name == "check" else None
-            k = ops.run(op, private=private, engine=engine, arg=arg, out=out, **call)
+        out = st["digest"] if name == "digest" else np.zeros(2, np.uint64) \
+            if name == "check" else None
+
+        def on_chunk(start, k):
             if name == "check" and k:
-                st["check"][0] += int(out2[0])
-                if st["check"][1] is None and int(out2[1]) != gm.NO_MISMATCH:
-                    st["check"][1] = done + int(out2[1])
-            st["done"] = done + k
-            if st["done"] == n:
-                break
-            g = (gfn + k) if gpas is None else int(call["gfns"][k])
-            _, private, _ = decode_gpa(vm, (g << PAGE_SHIFT) | (first - real))
-            try:
-                if g > vm.max_gfn:
-                    raise MmioAccess(g << PAGE_SHIFT)
-                faultin_run(vm, g, n - st["done"] if gpas is None else 1, private, write)
-            except MmioAccess as e:
-                # Bulk operations are for RAM; the guest sees the failure as an exception.
-                self._throw = RuntimeError(f"bulk {name} reached MMIO at gpa {e.gpa:#x}")
-                return _THROW
+                st["check"][0] += int(out[0])
+                if st["check"][1] is None and int(out[1]) != gm.NO_MISMATCH:
+                    st["check"][1] = start + int(out[1])
+        try:
+            self._page_kernel(_BULK_OPS[name], gpa, n, st["done"], gpas=gpas, arg=arg, out=out,
+                              on_chunk=on_chunk)
+        except MmioAccess as e:
+            # Bulk operations are for RAM; the guest sees the failure as an exception.
+            self._throw = RuntimeError(f"bulk {name} reached MMIO at gpa {e.gpa:#x}")
+            return _THROW
         if name == "check":
             return st["check"][0], st["check"][1]
         if name == "digest":
@@ -582,7 +617,7 @@ class Vcpu:
         def complete():
             self._op = None
             if run.msr.error:
-                self._fail_op(safe, (U.GP_VECTOR, 0), f"RDMSR {index:#x}")
+                self._complete_with(self._deliver_gp(safe, (U.GP_VECTOR, 0), f"RDMSR {index:#x}"))
             else:
                 v = run.msr.data & U64
                 self._send = (0, v) if safe else v
@@ -602,7 +637,7 @@ class Vcpu:
         def complete():
             self._op = None
             if run.msr.error:
-                self._fail_op(safe, U.GP_VECTOR, f"WRMSR {index:#x}")
+                self._complete_with(self._deliver_gp(safe, U.GP_VECTOR, f"WRMSR {index:#x}"))
             else:
                 self._send = 0 if safe else None
         self._complete = complete
@@ -616,8 +651,7 @@ class Vcpu:
         self._throw = GuestException(U.GP_VECTOR, what)
         return _THROW
 
-    def _fail_op(self, safe, safe_result, what):
-        if safe:
-            self._send = safe_result
-        else:
-            self._throw = GuestException(U.GP_VECTOR, what)
+    def _complete_with(self, result):
+        """Finish the pending instruction from a completion callback with ``result``."""
+        if result is not _THROW:
+            self._send = result

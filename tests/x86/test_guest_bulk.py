@@ -134,3 +134,34 @@ def test_bulk_argument_errors():
     g = sevcore.guest.Guest(None)
     with pytest.raises(ValueError):
         g.fill(GPA + 1, 1, 0)
+
+
+def test_multi_page_access_stops_at_mmio_and_resumes():
+    """A g.write of whole pages that runs off its slot writes the pages before the hole, exits
+    MMIO at the hole's first bytes, and resumes there on the next KVM_RUN."""
+    vm, hva = create()
+    data = bytes(range(256)) * 16 * 3
+
+    def guest(g):
+        yield g.write(GPA + (NPAGES - 2) * 4096, data)
+        yield g.done()
+    v = vm.create_vcpu(0)
+    v.set_guest_code(guest)
+    run = v.run()
+    assert (run.exit_reason, run.mmio.phys_addr, run.mmio.is_write, run.mmio.len) == \
+        (KVM_EXIT_MMIO, GPA + NPAGES * 4096, 1, 8)
+    assert bytes(run.mmio.data) == data[8192:8200]
+    assert vm.kvm.read(hva + (NPAGES - 2) * 4096, 8192) == data[:8192]
+    for _ in range(4096 // 8 - 1):
+        assert v.run().exit_reason == KVM_EXIT_MMIO
+    assert v.run().ucall == ("done", ())
+
+
+def test_digest_of_two_pages_resumes_at_the_right_word():
+    """A digest that faults between its pages writes each page's digest at its own index."""
+    vm, hva = create()
+    vm.kvm.write(hva + 4096, b"x" * 4096)
+    # The first digest maps page 0 only, so the second one stops after page 0 to fault page 1.
+    r = run_ops(vm, lambda g: g.digest(GPA, 1), lambda g: g.digest(GPA, 2))
+    assert [int(d) for d in r[1]] == [guestmem.digest(bytes(4096)),
+                                      guestmem.digest(b"x" * 4096)]
