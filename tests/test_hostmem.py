@@ -1,7 +1,6 @@
 """Host physical memory (sevcore.hostmem): lazily backed frames, zeroed allocation, release."""
 import errno
 
-import numpy as np
 import pytest
 
 from sevcore.hostmem import FIRST_PFN, PAGE_SIZE, HostMemory

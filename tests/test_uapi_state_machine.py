@@ -8,7 +8,7 @@ access (zero after a punch-hole or on a fresh page).
 """
 import numpy as np
 from hypothesis import settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import sevcore
 from sevcore.uapi import *

@@ -2,7 +2,6 @@
 executed by the C page kernel through the NPT, with the fault path resolving whole runs."""
 from errno import EFAULT
 
-import numpy as np
 import pytest
 
 import sevcore
@@ -31,7 +30,7 @@ def run_ops(vm, *ops):
     v.set_guest_code(guest)
     out = []
     for _ in ops:
-        run = v.run()
+        v.run()
         out.append(v.get_ucall()[1][0])
     return out
 

@@ -39,7 +39,7 @@ def linux_guest_boot(g, ram_pages):
 
 def run_until_ucall(vcpu, tracker):
     while True:
-        run = vcpu.run()
+        vcpu.run()
         if tracker.handle_exit(vcpu):
             continue
         return vcpu.get_ucall()

@@ -37,7 +37,6 @@ def test_private_access_memslot_deleted():
     """A private access after its gmem slot is deleted fails KVM_RUN with EFAULT and a private
     memory-fault exit for the page."""
     vm = create_vm(KVM_X86_SW_PROTECTED_VM)
-    kvm = vm.kvm
     vcpu = vm.create_vcpu(0)
     vcpu.set_guest_code(guest_repeatedly_read)
     vm_mem_add(vm, EXITS_TEST_GPA, EXITS_TEST_SLOT, 1, KVM_MEM_GUEST_MEMFD)
@@ -54,7 +53,6 @@ def test_private_access_after_mapping_then_delete():
     """Pages already mapped from guest_memfd are zapped by the deletion, so the next access
     exits instead of reading a stale mapping."""
     vm = create_vm(KVM_X86_SW_PROTECTED_VM)
-    kvm = vm.kvm
     vm_mem_add(vm, EXITS_TEST_GPA, EXITS_TEST_SLOT, 1, KVM_MEM_GUEST_MEMFD)
     vm_mem_set_private(vm, EXITS_TEST_GPA, PAGE_SIZE)
 
@@ -89,7 +87,6 @@ def test_private_access_memslot_not_private():
     """A private access to a slot without guest_memfd fails with EFAULT and a private
     memory-fault exit."""
     vm = create_vm(KVM_X86_SW_PROTECTED_VM)
-    kvm = vm.kvm
     vcpu = vm.create_vcpu(0)
     vcpu.set_guest_code(guest_repeatedly_read)
     vm_mem_add(vm, EXITS_TEST_GPA, EXITS_TEST_SLOT, 1, 0)
