@@ -25,6 +25,12 @@ def create_vm(type, host=None):
     return vm
 
 
+def assert_memory_fault(run, flags, gpa):
+    """The exit kvm_prepare_memory_fault_exit leaves: page-aligned gpa, size 4096."""
+    assert (run.exit_reason, run.memory_fault.flags, run.memory_fault.gpa,
+            run.memory_fault.size) == (KVM_EXIT_MEMORY_FAULT, flags, gpa, PAGE_SIZE)
+
+
 def run_expect_memory_fault(vcpu, err=EFAULT):
     with pytest.raises(OSError) as e:
         vcpu.run()
@@ -43,10 +49,7 @@ def test_private_access_memslot_deleted():
     vm_mem_set_private(vm, EXITS_TEST_GPA, PAGE_SIZE)
     vm.set_user_memory_region2(EXITS_TEST_SLOT, KVM_MEM_GUEST_MEMFD, EXITS_TEST_GPA, 0, 0)
     run = run_expect_memory_fault(vcpu)
-    assert run.exit_reason == KVM_EXIT_MEMORY_FAULT
-    assert run.memory_fault.flags == KVM_MEMORY_EXIT_FLAG_PRIVATE
-    assert run.memory_fault.gpa == EXITS_TEST_GPA
-    assert run.memory_fault.size == PAGE_SIZE
+    assert_memory_fault(run, KVM_MEMORY_EXIT_FLAG_PRIVATE, EXITS_TEST_GPA)
 
 
 def test_private_access_after_mapping_then_delete():
@@ -68,8 +71,7 @@ def test_private_access_after_mapping_then_delete():
     vm.set_user_memory_region2(EXITS_TEST_SLOT, KVM_MEM_GUEST_MEMFD, EXITS_TEST_GPA, 0, 0)
     assert vm.npt.lookup(EXITS_TEST_GPA >> 12) is None
     run = run_expect_memory_fault(vcpu)
-    assert (run.exit_reason, run.memory_fault.flags, run.memory_fault.gpa) == \
-        (KVM_EXIT_MEMORY_FAULT, KVM_MEMORY_EXIT_FLAG_PRIVATE, EXITS_TEST_GPA)
+    assert_memory_fault(run, KVM_MEMORY_EXIT_FLAG_PRIVATE, EXITS_TEST_GPA)
 
 
 def test_run_without_memslots_is_an_emulation_error():
@@ -92,10 +94,7 @@ def test_private_access_memslot_not_private():
     vm_mem_add(vm, EXITS_TEST_GPA, EXITS_TEST_SLOT, 1, 0)
     vm_mem_set_private(vm, EXITS_TEST_GPA, PAGE_SIZE)
     run = run_expect_memory_fault(vcpu)
-    assert run.exit_reason == KVM_EXIT_MEMORY_FAULT
-    assert run.memory_fault.flags == KVM_MEMORY_EXIT_FLAG_PRIVATE
-    assert run.memory_fault.gpa == EXITS_TEST_GPA
-    assert run.memory_fault.size == PAGE_SIZE
+    assert_memory_fault(run, KVM_MEMORY_EXIT_FLAG_PRIVATE, EXITS_TEST_GPA)
 
 
 def test_fault_retried_after_user_space_fixes_it():
@@ -145,8 +144,7 @@ def test_shared_access_bad_hva_faults_efault():
     vcpu = vm.create_vcpu(0)
     vcpu.set_guest_code(guest_repeatedly_read)
     run = run_expect_memory_fault(vcpu)
-    assert (run.exit_reason, run.memory_fault.flags, run.memory_fault.gpa) == \
-        (KVM_EXIT_MEMORY_FAULT, 0, EXITS_TEST_GPA)
+    assert_memory_fault(run, 0, EXITS_TEST_GPA)
 
 
 class TestSnpAccessMismatch:
