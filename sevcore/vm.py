@@ -290,12 +290,16 @@ class Vm:
         """The slots with a dirty bitmap, sorted by base gfn."""
         return [s for s in self._as_index[0] if s.dirty_bitmap is not None]
 
-    def _dirty_log_slot(self, ioctl, slot):
+    def _dirty_log_slot(self, ioctl, slot, first_page=0):
+        """The logging slot ``(as_id << 16) | id``: EINVAL for a bad number (then, for CLEAR, an
+        unaligned ``first_page``), ENOENT for a slot that does not exist or does not log."""
         if not isinstance(slot, int) or not 0 <= slot < 1 << 32:
             raise TypeError(f"slot must be a u32, got {slot!r}")
         as_id, id = slot >> 16, slot & 0xffff
         if as_id >= self.nr_memslot_as_ids or id >= U.KVM_USER_MEM_SLOTS:
             raise KvmError(EINVAL, ioctl, f"slot {as_id}:{id} out of range")
+        if first_page & 63:
+            raise KvmError(EINVAL, ioctl, "first_page must be a multiple of 64")
         s = self.memslots.get((as_id, id))
         if s is None or s.dirty_bitmap is None:
             raise KvmError(ENOENT, ioctl, f"slot {as_id}:{id} does not exist or is not logging")
@@ -308,11 +312,10 @@ class Vm:
         ioctl = "KVM_GET_DIRTY_LOG"
         self._enter(ioctl)
         s = self._dirty_log_slot(ioctl, slot)
-        nwords = (s.npages + 63) // 64
-        if self.manual_dirty_log_protect & U.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
-            return s.dirty_bitmap.words[:nwords].copy()
-        out = s.dirty_bitmap.words[:nwords].copy()
-        s.dirty_bitmap.words[:nwords] = 0
+        words = s.dirty_bitmap.words[:(s.npages + 63) // 64]
+        out = words.copy()
+        if not self.manual_dirty_log_protect & U.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+            words[:] = 0
         return out
 
     def clear_dirty_log(self, slot, first_page, num_pages, bitmap):
@@ -320,14 +323,7 @@ class Vm:
         i = first_page + i) from the slot's log, with kvm_clear_dirty_log_protect's checks."""
         ioctl = "KVM_CLEAR_DIRTY_LOG"
         self._enter(ioctl)
-        if not isinstance(slot, int) or not 0 <= slot < 1 << 32:
-            raise TypeError(f"slot must be a u32, got {slot!r}")
-        as_id, id = slot >> 16, slot & 0xffff
-        if as_id >= self.nr_memslot_as_ids or id >= U.KVM_USER_MEM_SLOTS:
-            raise KvmError(EINVAL, ioctl, f"slot {as_id}:{id} out of range")
-        if first_page & 63:
-            raise KvmError(EINVAL, ioctl, "first_page must be a multiple of 64")
-        s = self._dirty_log_slot(ioctl, slot)
+        s = self._dirty_log_slot(ioctl, slot, first_page)
         n = s.npages
         if first_page > n or num_pages > n - first_page or \
                 (num_pages < n - first_page and num_pages & 63):
