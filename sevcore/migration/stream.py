@@ -298,15 +298,21 @@ class StreamWriter:
 
     def encrypted_pages(self, gfns, hdrs, trans):
         """ENCRYPTED_PAGE records for a batch: ``hdrs`` is ``n * 52`` bytes and ``trans`` is
-        ``n * 4096`` bytes (what a batch of SEND_UPDATE_DATA wrote)."""
+        ``n * 4096`` bytes (what a batch of SEND_UPDATE_DATA wrote). Every argument is checked
+        before the first record is buffered."""
         gfns = list(gfns)
         n = len(gfns)
         h, t = memoryview(_view(hdrs)), memoryview(_view(trans))
         if h.nbytes != 52 * n or t.nbytes != PAGE_SIZE * n:
             raise ValueError(f"{n} pages need {52 * n} header and {PAGE_SIZE * n} ciphertext "
                              f"bytes, not {h.nbytes} and {t.nbytes}")
+        for gfn in gfns:
+            _check_int(gfn, 0, MAX_GFN, "gfn")
+        trans_len = _U32.pack(PAGE_SIZE)
         for i, gfn in enumerate(gfns):
-            self.encrypted_page(gfn, h[52 * i:52 * i + 52], t[PAGE_SIZE * i:PAGE_SIZE * (i + 1)])
+            self._frame(EncryptedPage.TYPE, [_HDR_LEN.pack(gfn, 52), h[52 * i:52 * i + 52],
+                                             trans_len, t[PAGE_SIZE * i:PAGE_SIZE * (i + 1)]],
+                        rec_pages=1)
 
     def helper_page(self, gfn, seq, packet):
         """HELPER_PAGE: be64 gfn, be64 sequence number, the helper's AEAD packet."""
