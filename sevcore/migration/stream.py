@@ -43,11 +43,11 @@ MAX_PAYLOAD = 1 << 24
 
 HEADER = struct.Struct(">8sHHI")
 FRAME = struct.Struct(">HHII")            # type, reserved, payload_len, head_crc
-_CRC = struct.Struct(">I")
+_U32 = struct.Struct(">I")                # lengths, ids and the CRC-32 trailers
 HEADER_SIZE = HEADER.size                 # 16
-FRAME_OVERHEAD = FRAME.size + _CRC.size   # 16
+FRAME_OVERHEAD = FRAME.size + _U32.size   # 16
 
-_U32 = struct.Struct(">I")
+_U32X2 = struct.Struct(">II")             # policy, pdh_len (SEV session)
 _GFN = struct.Struct(">Q")
 _GFN_SEQ = struct.Struct(">QQ")
 _ZERO = struct.Struct(">QI")
@@ -235,7 +235,7 @@ class StreamWriter:
         self.ended = False
         head = HEADER.pack(MAGIC, version, flags, 0)[:12]
         self._crc = zlib.crc32(head)
-        self._buf = bytearray(head + _CRC.pack(self._crc))
+        self._buf = bytearray(head + _U32.pack(self._crc))
         self.stats._header(HEADER_SIZE)
 
     def _frame(self, rtype, parts, **count):
@@ -248,11 +248,11 @@ class StreamWriter:
         crc = zlib.crc32(head, self._crc)
         buf = self._buf
         buf += head
-        buf += _CRC.pack(crc)
+        buf += _U32.pack(crc)
         for p in parts:
             crc = zlib.crc32(p, crc)
             buf += p
-        buf += _CRC.pack(crc)
+        buf += _U32.pack(crc)
         self._crc = crc
         self.stats._record(rtype, n + FRAME_OVERHEAD, **count)
         if len(buf) >= self.flush_size:
@@ -474,7 +474,7 @@ class StreamReader:
         mv = memoryview(self._buf)
         p = self._pos + FRAME.size
         crc = zlib.crc32(mv[p:p + n], crc)
-        (got,) = _CRC.unpack_from(self._buf, p + n)
+        (got,) = _U32.unpack_from(self._buf, p + n)
         if crc != got:
             raise ChecksumMismatch(f"{name} record CRC {got:#010x}, computed {crc:#010x}",
                                    start_off, self._index)
@@ -532,7 +532,7 @@ def _decode(rtype, mv, index):
         return Iteration(it, dirty, stop), {"stop": stop}
     if rtype == SevSession.TYPE:
         _need(n >= 12, f"payload of {n} bytes is shorter than 12")
-        policy, pl = struct.unpack_from(">II", mv)
+        policy, pl = _U32X2.unpack_from(mv)
         _need(n >= 12 + pl, f"pdh_len {pl} runs past the payload ({n} bytes)")
         (sl,) = _U32.unpack_from(mv, 8 + pl)
         _need(n == 12 + pl + sl, f"session_len {sl} does not match the payload ({n} bytes)")
