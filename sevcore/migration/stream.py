@@ -43,11 +43,11 @@ MAX_PAYLOAD = 1 << 24
 
 HEADER = struct.Struct(">8sHHI")
 FRAME = struct.Struct(">HHII")            # type, reserved, payload_len, head_crc
-_CRC = struct.Struct(">I")
+_U32 = struct.Struct(">I")                # lengths, ids and the CRC-32 trailers
 HEADER_SIZE = HEADER.size                 # 16
-FRAME_OVERHEAD = FRAME.size + _CRC.size   # 16
+FRAME_OVERHEAD = FRAME.size + _U32.size   # 16
 
-_U32 = struct.Struct(">I")
+_U32X2 = struct.Struct(">II")             # policy, pdh_len (SEV session)
 _GFN = struct.Struct(">Q")
 _GFN_SEQ = struct.Struct(">QQ")
 _ZERO = struct.Struct(">QI")
@@ -235,7 +235,7 @@ class StreamWriter:
         self.ended = False
         head = HEADER.pack(MAGIC, version, flags, 0)[:12]
         self._crc = zlib.crc32(head)
-        self._buf = bytearray(head + _CRC.pack(self._crc))
+        self._buf = bytearray(head + _U32.pack(self._crc))
         self.stats._header(HEADER_SIZE)
 
     def _frame(self, rtype, parts, **count):
@@ -248,11 +248,11 @@ class StreamWriter:
         crc = zlib.crc32(head, self._crc)
         buf = self._buf
         buf += head
-        buf += _CRC.pack(crc)
+        buf += _U32.pack(crc)
         for p in parts:
             crc = zlib.crc32(p, crc)
             buf += p
-        buf += _CRC.pack(crc)
+        buf += _U32.pack(crc)
         self._crc = crc
         self.stats._record(rtype, n + FRAME_OVERHEAD, **count)
         if len(buf) >= self.flush_size:
@@ -298,15 +298,21 @@ class StreamWriter:
 
     def encrypted_pages(self, gfns, hdrs, trans):
         """ENCRYPTED_PAGE records for a batch: ``hdrs`` is ``n * 52`` bytes and ``trans`` is
-        ``n * 4096`` bytes (what a batch of SEND_UPDATE_DATA wrote)."""
+        ``n * 4096`` bytes (what a batch of SEND_UPDATE_DATA wrote). Every argument is checked
+        before the first record is buffered."""
         gfns = list(gfns)
         n = len(gfns)
         h, t = memoryview(_view(hdrs)), memoryview(_view(trans))
         if h.nbytes != 52 * n or t.nbytes != PAGE_SIZE * n:
             raise ValueError(f"{n} pages need {52 * n} header and {PAGE_SIZE * n} ciphertext "
                              f"bytes, not {h.nbytes} and {t.nbytes}")
+        for gfn in gfns:
+            _check_int(gfn, 0, MAX_GFN, "gfn")
+        trans_len = _U32.pack(PAGE_SIZE)
         for i, gfn in enumerate(gfns):
-            self.encrypted_page(gfn, h[52 * i:52 * i + 52], t[PAGE_SIZE * i:PAGE_SIZE * (i + 1)])
+            self._frame(EncryptedPage.TYPE, [_HDR_LEN.pack(gfn, 52), h[52 * i:52 * i + 52],
+                                             trans_len, t[PAGE_SIZE * i:PAGE_SIZE * (i + 1)]],
+                        rec_pages=1)
 
     def helper_page(self, gfn, seq, packet):
         """HELPER_PAGE: be64 gfn, be64 sequence number, the helper's AEAD packet."""
@@ -468,7 +474,7 @@ class StreamReader:
         mv = memoryview(self._buf)
         p = self._pos + FRAME.size
         crc = zlib.crc32(mv[p:p + n], crc)
-        (got,) = _CRC.unpack_from(self._buf, p + n)
+        (got,) = _U32.unpack_from(self._buf, p + n)
         if crc != got:
             raise ChecksumMismatch(f"{name} record CRC {got:#010x}, computed {crc:#010x}",
                                    start_off, self._index)
@@ -526,7 +532,7 @@ def _decode(rtype, mv, index):
         return Iteration(it, dirty, stop), {"stop": stop}
     if rtype == SevSession.TYPE:
         _need(n >= 12, f"payload of {n} bytes is shorter than 12")
-        policy, pl = struct.unpack_from(">II", mv)
+        policy, pl = _U32X2.unpack_from(mv)
         _need(n >= 12 + pl, f"pdh_len {pl} runs past the payload ({n} bytes)")
         (sl,) = _U32.unpack_from(mv, 8 + pl)
         _need(n == 12 + pl + sl, f"session_len {sl} does not match the payload ({n} bytes)")

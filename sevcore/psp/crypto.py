@@ -6,7 +6,8 @@ the session blob of ``sev_channel.c`` (``create_session``/``establish_channel``)
 measurement of ``sev_guest.c`` (``sev_guest_measure``) and the packet MAC of
 ``sev_channel_hmac``/``aesctr_hmac256_*``. AES-128-CTR is the standard mode with the 16-byte IV as
 the initial counter block, incremented as a 128-bit big-endian number (OpenSSL
-``EVP_aes_128_ctr``, which interoperates with the firmware).
+``EVP_aes_128_ctr``, which interoperates with the firmware); it runs on the C kernel of
+``sevcore.sevpkt``, the same one that seals and opens the transport packets.
 """
 import hashlib
 import hmac
@@ -14,6 +15,8 @@ import struct
 
 from Crypto.Cipher import AES
 from Crypto.PublicKey import ECC
+
+from sevcore import sevpkt
 
 #: Channel context bytes ([FW] sev_channel.h).
 CTX_SECRET = 0x01
@@ -56,8 +59,8 @@ def hmac256(key, *parts):
 
 
 def aes128_ctr(key, iv, data):
-    """AES-128-CTR with ``iv`` as the whole initial counter block."""
-    return AES.new(key, AES.MODE_CTR, nonce=b"", initial_value=iv).encrypt(data)
+    """AES-128-CTR with ``iv`` as the whole initial counter block (``sevpkt.aes128_ctr``)."""
+    return bytes(sevpkt.aes128_ctr(key, iv, data))
 
 
 # -- key agreement -----------------------------------------------------------------------------

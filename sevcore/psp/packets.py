@@ -10,7 +10,7 @@ ciphertext, ctx)``), so that swapping the implementation is a change to this mod
 import hmac
 
 from sevcore import sevpkt
-from sevcore.psp.crypto import CTX_DATA, HEADER_SIZE, le32, split_header
+from sevcore.psp.crypto import CTX_DATA, HEADER_SIZE, aes128_ctr, packet_mac, split_header
 
 
 class BadPacketMac(ValueError):
@@ -50,10 +50,8 @@ def _open_packets(tek, tik, headers, ciphertext, ctx=CTX_DATA):
         except sevpkt.PacketAuthError as e:
             raise BadPacketMac(e.index) from None
     size = ct.nbytes // n
-    for i, (flags, iv, mac) in enumerate(split):
-        c = bytes(ct[size * i:size * (i + 1)])
-        aad = bytes([ctx]) + le32(flags) + iv + le32(size) + le32(size)
-        if not hmac.compare_digest(sevpkt.hmac_sha256(tik, aad + c), mac):
+    packets = [ct[size * i:size * (i + 1)] for i in range(n)]
+    for i, ((flags, iv, mac), c) in enumerate(zip(split, packets)):
+        if not hmac.compare_digest(packet_mac(tik, ctx, flags, iv, size, size, c), mac):
             raise BadPacketMac(i)
-    return b"".join(bytes(sevpkt.aes128_ctr(tek, iv, ct[size * i:size * (i + 1)]))
-                    for i, (_, iv, _) in enumerate(split))
+    return b"".join(aes128_ctr(tek, iv, c) for (_, iv, _), c in zip(split, packets))

@@ -283,6 +283,19 @@ def test_writer_checks_arguments_before_buffering():
         StreamWriter(a, flags=0x100)
 
 
+def test_encrypted_pages_bad_gfn_buffers_nothing():
+    """A bad gfn anywhere in a batch is a ValueError before any record of the batch is buffered."""
+    a, b = inprocess_pair()
+    w = StreamWriter(a)
+    before = w.stats.transferred
+    with pytest.raises(ValueError, match="gfn"):
+        w.encrypted_pages([1, 2, -1], bytes(3 * 52), bytes(3 * PAGE))
+    assert w.stats.transferred == before and w.stats.nrecords == 0
+    w.encrypted_pages([1, 2], bytes(2 * 52), bytes(2 * PAGE))
+    w.end()
+    assert [r.gfn for r in StreamReader(b).read_all()[:-1]] == [1, 2]
+
+
 def test_numpy_pages_are_accepted():
     """Pages held in numpy arrays are written as their bytes."""
     a, b = inprocess_pair()
