@@ -13,7 +13,7 @@ from sevcore.psp import crypto as X
 from sevcore.psp import layout as L
 from sevcore.psp.api import Packet
 
-from conftest import ES_ASID, SEV_ASID, Launched, _Rng, blob, migration_pair, pages, raw, \
+from psputil import ES_ASID, SEV_ASID, Launched, _Rng, blob, migration_pair, pages, raw, \
     ready, snapshot
 
 OK = U.SEV_RET_SUCCESS
