@@ -413,100 +413,6 @@ ALWAYS_INLINE int emit_bits(struct scan *s, uint64_t w, uint64_t base, word_fn w
     return 1;
 }
 
-/* The interior-word stage of a scan: advances *wi towards lw over whole words; false when out
- * filled up. NULL in the scalar builds, which do all words in the plain loop. */
-typedef int (*block_fn)(struct scan *s, uint64_t *wi, uint64_t lw);
-
-#ifdef SC_BITMAP_X86
-/* Align so each zmm load is one cache line, then visit only the non-zero words of each line. */
-TARGET_AVX512 static int iter_blocks_avx512(struct scan *s, uint64_t *wip, uint64_t lw)
-{
-    const uint64_t *map = s->map;
-    uint64_t wi = *wip;
-    int ok = 1;
-    for (; wi < lw && ((uintptr_t)(map + wi) & 63); wi++)
-        if (map[wi] && !(ok = emit_bits(s, map[wi], wi * 64, word_indices_bmi)))
-            goto out;
-    for (; wi + 8 <= lw; wi += 8) {
-        __m512i v = _mm512_load_si512(map + wi);
-        unsigned nz = _mm512_test_epi64_mask(v, v);
-        while (nz) {
-            uint64_t k = wi + (uint64_t)__builtin_ctz(nz);
-            nz &= nz - 1;
-            if (!(ok = emit_bits(s, map[k], k * 64, word_indices_bmi)))
-                goto out;
-        }
-    }
-out:
-    *wip = wi;
-    return ok;
-}
-#endif
-
-ALWAYS_INLINE int64_t iter_set_body(struct scan *s, uint64_t *pos, uint64_t end,
-                                    block_fn blocks, word_fn word)
-{
-    const uint64_t *map = s->map;
-    uint64_t start = *pos, fw = start / 64, lw = (end - 1) / 64;
-    uint64_t w = map[fw] & first_word_mask(start);
-    if (fw == lw)
-        w &= last_word_mask(end);
-    if (!emit_bits(s, w, fw * 64, word))
-        goto full;
-    if (fw == lw)
-        goto done;
-    uint64_t wi = fw + 1;
-    if (blocks && !blocks(s, &wi, lw))
-        goto full;
-    for (; wi < lw; wi++)
-        if (map[wi] && !emit_bits(s, map[wi], wi * 64, word))
-            goto full;
-    if (!emit_bits(s, map[lw] & last_word_mask(end), lw * 64, word))
-        goto full;
-done:
-    *pos = end;
-    return (int64_t)s->n;
-full:
-    *pos = s->resume;
-    return (int64_t)s->n;
-}
-
-static int64_t iter_set_portable(struct scan *s, uint64_t *pos, uint64_t end)
-{
-    return iter_set_body(s, pos, end, NULL, word_indices_portable);
-}
-
-#ifdef SC_BITMAP_X86
-TARGET_SCALAR static int64_t iter_set_scalar(struct scan *s, uint64_t *pos, uint64_t end)
-{
-    return iter_set_body(s, pos, end, NULL, word_indices_bmi);
-}
-
-TARGET_AVX512 static int64_t iter_set_avx512(struct scan *s, uint64_t *pos, uint64_t end)
-{
-    return iter_set_body(s, pos, end, iter_blocks_avx512, word_indices_bmi);
-}
-#endif
-
-int64_t sc_bitmap_iter_set(const uint64_t *map, uint64_t nbits, uint64_t *pos, uint64_t end,
-                           uint64_t *out, uint64_t cap)
-{
-    if (bad_map(map, nbits) || pos == NULL || out == NULL || cap == 0)
-        return -EINVAL;
-    if (*pos > end || end > nbits)
-        return -ERANGE;
-    if (*pos == end)
-        return 0;
-    struct scan s = {map, out, cap, 0, 0};
-#ifdef SC_BITMAP_X86
-    if (SC_HAS(SC_CPU_AVX512 | SC_CPU_POPCNT))
-        return iter_set_avx512(&s, pos, end);
-    if (SC_HAS(SC_CPU_POPCNT))
-        return iter_set_scalar(&s, pos, end);
-#endif
-    return iter_set_portable(&s, pos, end);
-}
-
 /*
  * Take the bits of *p selected by mask if they fit in room output slots. With room >= 64 any
  * word fits, so it is a plain exchange, as kvm_get_dirty_log_protect() (virt/kvm/kvm_main.c)
@@ -538,36 +444,58 @@ ALWAYS_INLINE int take_bits(uint64_t *p, uint64_t mask, uint64_t room, uint64_t 
     return 1;
 }
 
-/* Harvest the word wi under mask; false (with s->resume set) if its bits do not fit. */
-ALWAYS_INLINE int harvest_word(struct scan *s, uint64_t wi, uint64_t mask, uint64_t resume,
-                               word_fn word)
+/*
+ * iter_set and harvest are one scan that differs only in what it does with a word: iter_set
+ * reads it, harvest takes it (take_bits). `take` is a constant wherever the helpers below are
+ * inlined, so each scan compiles to its own loop with no test of it at run time.
+ */
+
+/* A word's zero test. The harvest reads with relaxed loads, racing benignly with concurrent
+ * setters exactly as KVM's own "if (!dirty_bitmap[i]) continue;" does: a word seen as zero
+ * keeps its new bits for the next harvest. */
+ALWAYS_INLINE uint64_t peek_word(const struct scan *s, uint64_t wi, const int take)
 {
+    return take ? __atomic_load_n(s->map + wi, __ATOMIC_RELAXED) : s->map[wi];
+}
+
+/* Report (and with take, clear) the bits of word wi under mask; false once out is full, with
+ * s->resume at the first bit not reported. A word is taken whole or not at all, so a harvest
+ * resumes at the word's first bit in the mask. */
+ALWAYS_INLINE int visit_word(struct scan *s, uint64_t wi, uint64_t mask, const int take,
+                             word_fn word)
+{
+    if (!take)
+        return emit_bits(s, s->map[wi] & mask, wi * 64, word);
     uint64_t got;
     if (!take_bits((uint64_t *)s->map + wi, mask, s->cap - s->n, &got)) {
-        s->resume = resume;
+        s->resume = wi * 64 + (uint64_t)__builtin_ctzll(mask);
         return 0;
     }
     emit_bits(s, got, wi * 64, word); /* cannot fill up: take_bits checked the room */
     return 1;
 }
 
+/* The interior-word stage of a scan: advances *wi towards lw over whole words; false when out
+ * filled up. NULL in the scalar builds, which do all words in the plain loop. */
+typedef int (*block_fn)(struct scan *s, uint64_t *wi, uint64_t lw);
+
 #ifdef SC_BITMAP_X86
-TARGET_AVX512 static int harvest_blocks_avx512(struct scan *s, uint64_t *wip, uint64_t lw)
+/* Align so each zmm load is one cache line, then visit only the non-zero words of each line. */
+ALWAYS_INLINE TARGET_AVX512 int scan_blocks_avx512(struct scan *s, uint64_t *wip, uint64_t lw,
+                                                   const int take)
 {
-    uint64_t *map = (uint64_t *)s->map;
     uint64_t wi = *wip;
     int ok = 1;
-    for (; wi < lw && ((uintptr_t)(map + wi) & 63); wi++)
-        if (__atomic_load_n(map + wi, __ATOMIC_RELAXED) &&
-            !(ok = harvest_word(s, wi, ALL_ONES, wi * 64, word_indices_bmi)))
+    for (; wi < lw && ((uintptr_t)(s->map + wi) & 63); wi++)
+        if (peek_word(s, wi, take) && !(ok = visit_word(s, wi, ALL_ONES, take, word_indices_bmi)))
             goto out;
     for (; wi + 8 <= lw; wi += 8) {
-        __m512i v = _mm512_load_si512(map + wi);
+        __m512i v = _mm512_load_si512(s->map + wi);
         unsigned nz = _mm512_test_epi64_mask(v, v);
         while (nz) {
             uint64_t k = wi + (uint64_t)__builtin_ctz(nz);
             nz &= nz - 1;
-            if (!(ok = harvest_word(s, k, ALL_ONES, k * 64, word_indices_bmi)))
+            if (!(ok = visit_word(s, k, ALL_ONES, take, word_indices_bmi)))
                 goto out;
         }
     }
@@ -575,61 +503,73 @@ out:
     *wip = wi;
     return ok;
 }
+
+TARGET_AVX512 static int iter_blocks_avx512(struct scan *s, uint64_t *wip, uint64_t lw)
+{
+    return scan_blocks_avx512(s, wip, lw, 0);
+}
+
+TARGET_AVX512 static int harvest_blocks_avx512(struct scan *s, uint64_t *wip, uint64_t lw)
+{
+    return scan_blocks_avx512(s, wip, lw, 1);
+}
 #endif
 
-ALWAYS_INLINE int64_t harvest_body(struct scan *s, uint64_t *pos, uint64_t end,
-                                   block_fn blocks, word_fn word)
+ALWAYS_INLINE int64_t scan_body(struct scan *s, uint64_t *pos, uint64_t end, const int take,
+                                block_fn blocks, word_fn word)
 {
-    uint64_t *map = (uint64_t *)s->map;
     uint64_t start = *pos, fw = start / 64, lw = (end - 1) / 64;
     uint64_t fm = first_word_mask(start);
     if (fw == lw)
         fm &= last_word_mask(end);
-    if (!harvest_word(s, fw, fm, start, word))
+    if (!visit_word(s, fw, fm, take, word))
         goto full;
     if (fw == lw)
         goto done;
     uint64_t wi = fw + 1;
-    /* The zero tests are plain loads, racing benignly with concurrent setters exactly as KVM's
-     * own "if (!dirty_bitmap[i]) continue;" does: a word seen as zero keeps its new bits for the
-     * next harvest. */
     if (blocks && !blocks(s, &wi, lw))
         goto full;
     for (; wi < lw; wi++)
-        if (__atomic_load_n(map + wi, __ATOMIC_RELAXED) &&
-            !harvest_word(s, wi, ALL_ONES, wi * 64, word))
+        if (peek_word(s, wi, take) && !visit_word(s, wi, ALL_ONES, take, word))
             goto full;
-    if (!harvest_word(s, lw, last_word_mask(end), lw * 64, word))
+    if (!visit_word(s, lw, last_word_mask(end), take, word))
         goto full;
 done:
     *pos = end;
     return (int64_t)s->n;
 full:
+    /* Only a harvest can stop with nothing written: reading stops at cap >= 1 items, taking
+     * stops before the first word that does not fit. */
     if (s->n == 0)
         return -ENOSPC; /* nothing taken; *pos untouched */
     *pos = s->resume;
     return (int64_t)s->n;
 }
 
-static int64_t harvest_portable(struct scan *s, uint64_t *pos, uint64_t end)
+/* One function per ISA, each holding both scans, each scan with its constant `take`. */
+static int64_t scan_portable(struct scan *s, uint64_t *pos, uint64_t end, int take)
 {
-    return harvest_body(s, pos, end, NULL, word_indices_portable);
+    return take ? scan_body(s, pos, end, 1, NULL, word_indices_portable)
+                : scan_body(s, pos, end, 0, NULL, word_indices_portable);
 }
 
 #ifdef SC_BITMAP_X86
-TARGET_SCALAR static int64_t harvest_scalar(struct scan *s, uint64_t *pos, uint64_t end)
+TARGET_SCALAR static int64_t scan_scalar(struct scan *s, uint64_t *pos, uint64_t end, int take)
 {
-    return harvest_body(s, pos, end, NULL, word_indices_bmi);
+    return take ? scan_body(s, pos, end, 1, NULL, word_indices_bmi)
+                : scan_body(s, pos, end, 0, NULL, word_indices_bmi);
 }
 
-TARGET_AVX512 static int64_t harvest_avx512(struct scan *s, uint64_t *pos, uint64_t end)
+TARGET_AVX512 static int64_t scan_avx512(struct scan *s, uint64_t *pos, uint64_t end, int take)
 {
-    return harvest_body(s, pos, end, harvest_blocks_avx512, word_indices_bmi);
+    return take ? scan_body(s, pos, end, 1, harvest_blocks_avx512, word_indices_bmi)
+                : scan_body(s, pos, end, 0, iter_blocks_avx512, word_indices_bmi);
 }
 #endif
 
-int64_t sc_bitmap_harvest(uint64_t *map, uint64_t nbits, uint64_t *pos, uint64_t end,
-                          uint64_t *out, uint64_t cap)
+/* The argument checks and the dispatch of both scans. */
+static int64_t scan(const uint64_t *map, uint64_t nbits, uint64_t *pos, uint64_t end,
+                    uint64_t *out, uint64_t cap, int take)
 {
     if (bad_map(map, nbits) || pos == NULL || out == NULL || cap == 0)
         return -EINVAL;
@@ -640,11 +580,23 @@ int64_t sc_bitmap_harvest(uint64_t *map, uint64_t nbits, uint64_t *pos, uint64_t
     struct scan s = {map, out, cap, 0, 0};
 #ifdef SC_BITMAP_X86
     if (SC_HAS(SC_CPU_AVX512 | SC_CPU_POPCNT))
-        return harvest_avx512(&s, pos, end);
+        return scan_avx512(&s, pos, end, take);
     if (SC_HAS(SC_CPU_POPCNT))
-        return harvest_scalar(&s, pos, end);
+        return scan_scalar(&s, pos, end, take);
 #endif
-    return harvest_portable(&s, pos, end);
+    return scan_portable(&s, pos, end, take);
+}
+
+int64_t sc_bitmap_iter_set(const uint64_t *map, uint64_t nbits, uint64_t *pos, uint64_t end,
+                           uint64_t *out, uint64_t cap)
+{
+    return scan(map, nbits, pos, end, out, cap, 0);
+}
+
+int64_t sc_bitmap_harvest(uint64_t *map, uint64_t nbits, uint64_t *pos, uint64_t end,
+                          uint64_t *out, uint64_t cap)
+{
+    return scan(map, nbits, pos, end, out, cap, 1);
 }
 
 /*

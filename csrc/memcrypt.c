@@ -409,22 +409,32 @@ static int crypt_pages(const sc_memcrypt *e, int enc, const uint8_t *src, size_t
     return 0;
 }
 
-int sc_memcrypt_pages(const sc_memcrypt *e, int enc, const uint8_t *src, size_t src_size,
-                      uint8_t *dst, size_t dst_size, const uint64_t *spas, size_t nspas)
+/* The SPA list of the per-page form: one address per page. An empty list becomes NULL, the run
+ * form with zero pages, which performs the same buffer checks and never reads spas[0] (the VAES
+ * XTS path computes the first tweak ahead of its page loop). */
+static int spa_list(size_t src_size, const uint64_t *spas, size_t nspas, const uint64_t **list)
 {
     if (nspas != src_size / PAGE || (nspas && !spas))
         return -EINVAL;
-    /* No pages: the run form with zero pages performs the same buffer checks. */
-    return crypt_pages(e, enc, src, src_size, dst, dst_size, nspas ? spas : NULL, 0);
+    *list = nspas ? spas : NULL;
+    return 0;
+}
+
+int sc_memcrypt_pages(const sc_memcrypt *e, int enc, const uint8_t *src, size_t src_size,
+                      uint8_t *dst, size_t dst_size, const uint64_t *spas, size_t nspas)
+{
+    const uint64_t *list;
+    int rc = spa_list(src_size, spas, nspas, &list);
+    return rc ? rc : crypt_pages(e, enc, src, src_size, dst, dst_size, list, 0);
 }
 
 int sc_memcrypt_check_pages(const sc_memcrypt *e, const uint8_t *src, size_t src_size,
                             const uint8_t *dst, size_t dst_size, const uint64_t *spas,
                             size_t nspas)
 {
-    if (nspas != src_size / PAGE || (nspas && !spas))
-        return -EINVAL;
-    return crypt_check(e, src, src_size, dst, dst_size, nspas ? spas : NULL, 0);
+    const uint64_t *list;
+    int rc = spa_list(src_size, spas, nspas, &list);
+    return rc ? rc : crypt_check(e, src, src_size, dst, dst_size, list, 0);
 }
 
 int sc_memcrypt_run(const sc_memcrypt *e, int enc, const uint8_t *src, size_t src_size,
