@@ -480,6 +480,9 @@ static inline uint32_t load_le32(const uint8_t *p)
     return p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
 }
 
+/* sev_packet_header_t.flags bit 0; the only flag the firmware knows, and refuses. */
+#define PKT_FLAG_COMPRESSED 1u
+
 /* [FW] send_receive_update_aad_t: context byte, flags, IV, uncompressed and transport sizes (the
  * firmware's size_t is 4 bytes on the PSP). */
 static void make_aad(uint8_t aad[AAD], uint8_t ctx, uint32_t flags, const uint8_t iv[16],
@@ -607,7 +610,7 @@ int sc_sevpkt_open(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
             const uint8_t *h = hdrs + HDR * (i + l);
             if (differ(mac[l], h + 20, MACLEN))
                 rc = -EBADMSG;
-            else if (load_le32(h))
+            else if (load_le32(h) & PKT_FLAG_COMPRESSED)
                 rc = -EOPNOTSUPP;
             if (rc && bad_index)
                 *bad_index = i + l;

@@ -12,7 +12,8 @@
  *
  * ctx is 0x02 for SEND/RECEIVE_UPDATE_* and 0x01 for LAUNCH_SECRET, whose MAC input ends with the
  * 32-byte launch MEASURE (API >= 0.17). The firmware never produces flags other than 0 and refuses
- * COMPRESSED, so sealing writes 0 and opening refuses any other value.
+ * only COMPRESSED (bit 0), so sealing writes 0 and opening refuses COMPRESSED; other flag bits
+ * are covered by the MAC and otherwise ignored, as the firmware ignores them.
  *
  * The batched calls take n packets of one length (the TEK and TIK are the same for a whole
  * session): the HMAC key's inner and outer states are computed once per call, and two packets
@@ -65,8 +66,8 @@ int sc_sevpkt_seal(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
 /* Open n packets sealed as above. Every packet is judged, in order, before anything is written:
  * its MAC (recomputed over ctx, the header's flags and IV, and len_per_pkt as both AAD lengths;
  * compared in constant time), then its flags. The first packet that fails makes the call return
- * -EBADMSG (MAC mismatch; the firmware's BAD_MEASUREMENT) or -EOPNOTSUPP (nonzero flags; the
- * firmware refuses COMPRESSED after the MAC check) with *bad_index (if not NULL) set to its index
+ * -EBADMSG (MAC mismatch; the firmware's BAD_MEASUREMENT) or -EOPNOTSUPP (COMPRESSED set; the
+ * firmware's UNSUPPORTED) with *bad_index (if not NULL) set to its index
  * and pt untouched. Otherwise every packet is decrypted into pt (pt == ct is fine). Argument
  * errors as sc_sevpkt_seal. */
 int sc_sevpkt_open(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,

@@ -52,11 +52,11 @@ class PacketAuthError(PacketError):
 
 
 class PacketFlagsError(PacketError):
-    """A packet's header flags are not 0 (errno EOPNOTSUPP; the firmware refuses COMPRESSED)."""
+    """A packet's header has COMPRESSED set (errno EOPNOTSUPP; the firmware's UNSUPPORTED)."""
 
     def __init__(self, index, flags):
-        super().__init__(errno.EOPNOTSUPP, index, f"header flags {flags:#x} are not supported "
-                                                  "(the firmware refuses COMPRESSED)")
+        super().__init__(errno.EOPNOTSUPP, index, f"header flags {flags:#x} ask for COMPRESSED, "
+                                                  "which the firmware refuses")
         self.flags = flags
 
 

@@ -68,7 +68,8 @@ class BadPacket(Exception):
 
 
 def open_packets(tek, tik, hdrs, ct, ctx=CTX_DATA, measure=None):
-    """Plaintext of the packets, or BadPacket for the first one whose MAC, then flags, fail."""
+    """Plaintext of the packets, or BadPacket for the first one whose MAC, then COMPRESSED flag,
+    fail."""
     hdrs, ct = bytes(hdrs), bytes(ct)
     n = len(hdrs) // HDR_SIZE
     size = len(ct) // n
@@ -78,7 +79,7 @@ def open_packets(tek, tik, hdrs, ct, ctx=CTX_DATA, measure=None):
         want = packet_mac(tik, ctx, flags, iv, ct[i * size:(i + 1) * size], measure)
         if not hmac.compare_digest(want, mac):
             raise BadPacket("mac", i)
-        if flags:
+        if flags & 1:                         # COMPRESSED
             raise BadPacket("flags", i)
     return b"".join(aes128_ctr(tek, hdrs[HDR_SIZE * i + 4:HDR_SIZE * i + 20],
                                ct[i * size:(i + 1) * size]) for i in range(n))

@@ -9,6 +9,7 @@ host's memory controller (``host.umc``) with the guest's ASID.
 """
 import hashlib
 
+from sevcore import sevpkt
 from sevcore import uapi as U
 from sevcore.psp import certs as C
 from sevcore.psp import crypto as X
@@ -373,14 +374,14 @@ class GuestCommands:
         dst = self._guest_range(f.guest_address, f.guest_len)
         if header is None or trans is None or dst is None:
             return U.SEV_RET_INVALID_ADDRESS
-        flags, iv, mac = X.split_header(header)
-        expect = X.packet_mac(g.tik, X.CTX_SECRET, flags, iv, f.guest_len, f.trans_len, trans,
-                              g.measure)
-        if expect != mac:
+        try:
+            plain = _open_packets(g.tek, g.tik, header, trans, X.CTX_SECRET,
+                                  measure=g.measure)
+        except BadPacketMac:
             return U.SEV_RET_BAD_MEASUREMENT
-        if flags & X.COMPRESSED:
+        except sevpkt.PacketFlagsError:
             return U.SEV_RET_UNSUPPORTED
-        self.host.umc.write(dst, X.aes128_ctr(g.tek, iv, trans), g.asid)
+        self.host.umc.write(dst, plain, g.asid)
         return U.SEV_RET_SUCCESS
 
     def _finish(self, f, state, cmd):

@@ -7,10 +7,9 @@ a batch of equally sized packets with the calling convention of the batched C ke
 ``sevcore.sevpkt`` (``seal(tek, tik, plaintext, ivs, ctx)`` / ``open(tek, tik, headers,
 ciphertext, ctx)``), so that swapping the implementation is a change to this module alone.
 """
-import hmac
 
 from sevcore import sevpkt
-from sevcore.psp.crypto import CTX_DATA, HEADER_SIZE, aes128_ctr, packet_mac, split_header
+from sevcore.psp.crypto import CTX_DATA, HEADER_SIZE
 
 
 class BadPacketMac(ValueError):
@@ -33,25 +32,16 @@ def _seal_packets(tek, tik, plaintext, ivs, ctx=CTX_DATA):
     return bytes(hdrs), bytes(ct)
 
 
-def _open_packets(tek, tik, headers, ciphertext, ctx=CTX_DATA):
-    """Verify and decrypt ``len(headers) // 52`` packets; raises BadPacketMac for the first packet
-    whose MAC is wrong, before decrypting anything. Packets with flags 0 take the batched C
-    kernel; the firmware refuses COMPRESSED before this point, and other flag bits (covered by
-    the MAC, ignored by the firmware) take the per-packet path."""
+def _open_packets(tek, tik, headers, ciphertext, ctx=CTX_DATA, measure=None):
+    """Verify and decrypt ``len(headers) // 52`` packets: BadPacketMac for the first packet whose
+    MAC is wrong, sevpkt.PacketFlagsError for COMPRESSED, before anything is decrypted.
+    ``measure``: LAUNCH_SECRET's launch measurement, bound into the MAC."""
     headers = bytes(headers)
     n = len(headers) // HEADER_SIZE
     ct = memoryview(ciphertext).cast("B")
     if n == 0 or len(headers) % HEADER_SIZE or ct.nbytes % n:
         raise ValueError("ciphertext must split into len(headers) // 52 equal packets")
-    split = [split_header(headers[HEADER_SIZE * i:HEADER_SIZE * (i + 1)]) for i in range(n)]
-    if not any(flags for flags, _, _ in split):
-        try:
-            return bytes(sevpkt.open(tek, tik, headers, ct, ctx))
-        except sevpkt.PacketAuthError as e:
-            raise BadPacketMac(e.index) from None
-    size = ct.nbytes // n
-    packets = [ct[size * i:size * (i + 1)] for i in range(n)]
-    for i, ((flags, iv, mac), c) in enumerate(zip(split, packets)):
-        if not hmac.compare_digest(packet_mac(tik, ctx, flags, iv, size, size, c), mac):
-            raise BadPacketMac(i)
-    return b"".join(aes128_ctr(tek, iv, c) for (_, iv, _), c in zip(split, packets))
+    try:
+        return bytes(sevpkt.open(tek, tik, headers, ct, ctx, measure=measure))
+    except sevpkt.PacketAuthError as e:
+        raise BadPacketMac(e.index) from None
