@@ -86,6 +86,15 @@ class Guest:
         """Bulk: :meth:`stamp` on a list of page-aligned GPAs (e.g. a random dirty set)."""
         return Op("bulk_list", ("stamp", gpas, _u64(value, "value")))
 
+    def write_pattern_pages(self, gpas, seed):
+        """Bulk: :meth:`write_pattern` on a list of page-aligned GPAs."""
+        return Op("bulk_list", ("pattern", gpas, _u64(seed, "seed")))
+
+    def check_pattern_pages(self, gpas, seed):
+        """Bulk: :meth:`check_pattern` on a list of page-aligned GPAs; returns the mismatch count
+        and the list index of the first mismatch (None if all match)."""
+        return Op("bulk_list", ("check", gpas, _u64(seed, "seed")))
+
     def digest(self, gpa, npages):
         """Bulk: a 64-bit hash of each page's contents (a numpy uint64 array)."""
         return Op("bulk", ("digest", _page_gpa(gpa), _size(npages), 0))
