@@ -44,7 +44,7 @@ from sevcore import uapi as U
 from sevcore.costmodel import CostModel, SimClock
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.migration import stream as S
-from sevcore.migration.errors import StreamError
+from sevcore.migration.errors import PeerClosed, StreamError, StreamTruncated
 from sevcore.migration.machine import SLOT, GuestError, Machine
 from sevcore.migration.stats import IterationStats, MigrationStats
 from sevcore.migration.workload import GuestConfig
@@ -220,12 +220,14 @@ class Source:
             self._stop_and_copy()
             st.status = "completed"
         except BaseException as e:
+            if isinstance(e, (PeerClosed, StreamTruncated)):
+                e = self._target_error() or e       # the target's reason, if it gave one
             st.status = "failed"
             st.error = f"{type(e).__name__}: {e}"
             self._abort()
             if isinstance(e, MigrationError):
                 e.stats = st
-                raise
+                raise e
             if isinstance(e, (StreamError, OSError, GuestError, ValueError)):
                 raise MigrationError(f"migration failed: {st.error}", st) from e
             raise
@@ -235,6 +237,18 @@ class Source:
             st.guest_ticks = self.m.ticks
         self._resumed()
         return st
+
+    def _target_error(self):
+        """After the target closed: the TargetFailed its ERROR message describes, if it sent
+        one before closing (reading stops at the end of its stream)."""
+        reader = getattr(self, "reader", None)
+        try:
+            while reader is not None and (rec := reader.read()) is not None:
+                if isinstance(rec, S.Setup) and rec.params.get("kind") == "error":
+                    return TargetFailed(f"target: {rec.params.get('message', '')}")
+        except (StreamError, OSError, ValueError):
+            pass
+        return None
 
     def _abort(self):
         """Undo what the source did: SEND_CANCEL (the guest is RUNNING again), logging off, the
@@ -348,7 +362,7 @@ class Source:
 
     def _send_pass(self, k, gfns, stop):
         p, st, m = self.params, self.stats, self.m
-        it = IterationStats(k, m.host.clock.now_ns, stop=stop)
+        it = IterationStats(k, m.host.clock.now_ns, pages=len(gfns), stop=stop)
         st.iterations.append(it)
         bytes0 = self.writer.stats.transferred
         self.writer.iteration(k, len(gfns), stop=stop)
