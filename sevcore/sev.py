@@ -324,7 +324,7 @@ class _Cmd:
 def pin_memory(vm, uaddr, ulen, write, ioctl):
     """sev_pin_memory: the pfns of ``[uaddr, uaddr + ulen)``, counted in pages_locked."""
     sev = vm.sev
-    if ulen == 0 or uaddr + ulen - 1 > ULONG_MAX or uaddr < 0 or ulen < 0:
+    if ulen == 0 or _wraps(uaddr, ulen) or uaddr < 0 or ulen < 0:
         raise KvmError(EINVAL, ioctl, "empty or wrapping range")
     first, last = uaddr >> PAGE_SHIFT, (uaddr + ulen - 1) >> PAGE_SHIFT
     npages = last - first + 1
@@ -346,6 +346,12 @@ def pin_memory(vm, uaddr, ulen, write, ioctl):
         raise KvmError(ENOMEM, ioctl, "could not pin every page") from None
     sev.pages_locked = locked
     return pfns
+
+
+def _wraps(addr, size):
+    """``addr + size < addr`` in 64-bit arithmetic: a range that ends exactly at 2^64 wraps
+    too (sev_pin_memory, sev_dbg_crypt)."""
+    return addr + size > ULONG_MAX
 
 
 def _runs(pfns):
@@ -440,7 +446,7 @@ def _guest_init(c, params, vm_type):
     asid = asids.new(es, IOCTL)
     status = _platform_init(vm.host)
     if status:
-        asids.used.discard(asid)
+        asids.free(asid)                      # sev_asid_free: reusable after the next flush
         c.out.error = status
         raise SevError(status, c.out)
     sev.active, sev.es_active, sev.snp_active = True, es, snp
@@ -636,7 +642,7 @@ def _cmd_dbg(encrypt):
         encrypt; chunks also stop at the destination's page end (see docs/fidelity.md)."""
         p = _params(c, params)
         src, dst, size = p["src_uaddr"], p["dst_uaddr"], p["len"]
-        if not size or src + size - 1 > ULONG_MAX:
+        if not size or _wraps(src, size):
             c.fail(EINVAL, "len is 0 or the source wraps")
         if not dst:
             c.fail(EINVAL, "dst_uaddr is 0")

@@ -193,6 +193,7 @@ def test_regions():
     assert vm.sev.pages_locked == 4
     kvm.rlimit_memlock, kvm.cap_ipc_lock = 8 * 4096, False
     table = [((hva, 0), EINVAL), ((hva, 1 << 64), EINVAL), (((1 << 64) - 4096, 8192), EINVAL),
+             (((1 << 64) - 4096, 4096), EINVAL),         # ends at 2^64: uaddr + ulen wraps
              ((hva, 5 * 4096), ENOMEM), ((0x1000, 4096), ENOMEM)]
     for (addr, size), err in table:
         with pytest.raises(OSError) as e:
