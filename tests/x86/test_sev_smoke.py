@@ -10,7 +10,7 @@ import pytest
 
 import sevcore
 from sevcore.errors import NotModelled
-from sevcore.guest import VmmCommunicationException
+from sevcore.guest import GuestException, VmmCommunicationException
 from sevcore.kvm_util import (addr_gpa2hva, sev_vm_launch, vm_mem_add, vm_sev_create_with_one_vcpu,
                               vm_sev_launch, vm_vcpu_add)
 from sevcore.sev import SevError
@@ -736,3 +736,31 @@ def test_set_xcrs_checks(xcrs, flags):
     vcpu.set_cpuid2([e for e in vcpu.get_cpuid2() if e["function"] != 0xd])
     with pytest.raises(OSError):
         vcpu.set_xcrs([(0, 3)])
+
+
+def test_xsave_in_a_plain_guest_writes_only_what_rfbm_asks():
+    """Outside SEV-ES the guest's XSAVE saves the KVM_SET_XSAVE state: RFBM is EDX:EAX & XCR0,
+    the bytes of components not saved and the rest of the header keep their old contents,
+    XSTATE_BV[i] = XINUSE[i] for each saved i; an unaligned area is #GP."""
+    kvm = sevcore.Kvm()
+    vm = kvm.create_vm(KVM_X86_DEFAULT_VM)
+    hva = vm_mem_add(vm, 0, 0, 4)
+    vcpu = vm_vcpu_add(vm, 0)
+    xsave = host_xsave()
+    vcpu.set_xsave(xsave)
+    vcpu.set_xcrs([(0, XFEATURE_MASK_FP | XFEATURE_MASK_SSE)])
+
+    def guest(g):
+        yield g.xsave(0x1000, XFEATURE_MASK_X87_AVX)
+        try:
+            yield g.xsave(0x1008, XFEATURE_MASK_X87_AVX)
+        except GuestException as e:
+            yield g.sync(e.vector)
+    vcpu.set_guest_code(guest)
+    kvm.write(hva + 0x1000, b"\xee" * 4096)
+    vcpu.run()
+    assert vcpu.get_ucall() == ("sync", (GP_VECTOR,))
+    area = kvm.read(hva + 0x1000, 4096)
+    assert area[:416] == xsave[:416] and area[416:512] == b"\xee" * 96
+    assert struct.unpack_from("<Q", area, 512)[0] == 0xeeeeeeeeeeeeeeef
+    assert area[520:] == b"\xee" * (4096 - 520)
