@@ -386,5 +386,6 @@ def check_extension(host, vm, cap):
         U.KVM_CAP_X86_DISABLE_EXITS: KVM_ALLOWED_DISABLE_EXITS,
         U.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM: 1,
         U.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM: 1,
+        U.KVM_CAP_XCRS: 1,
     }
     return table.get(cap, 0)
