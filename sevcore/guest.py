@@ -17,11 +17,13 @@ message, as a selftest's ``GUEST_ASSERT`` does. ``rdmsr``/``wrmsr`` raise :class
 inside the guest on #GP; ``rdmsr_safe``/``wrmsr_safe`` return the vector instead, like the
 selftests' helpers.
 
-Bulk operations (``fill``, ``write_pattern``, ``check_pattern``, ``stamp``, ``digest``) touch
-many pages in one operation, executed in C through the NPT.
+Bulk operations (``fill``, ``write_pattern``, ``check_pattern``, ``stamp``, ``digest``, and the
+gather/scatter ``read_pages``/``write_pages``) touch many pages in one operation, executed in C
+through the NPT.
 """
 from typing import NamedTuple
 
+from sevcore.hostmem import PAGE_SIZE
 from sevcore.uapi import GP_VECTOR
 
 UCALL_SYNC = "sync"
@@ -84,7 +86,21 @@ class Guest:
 
     def stamp_pages(self, gpas, value):
         """Bulk: :meth:`stamp` on a list of page-aligned GPAs (e.g. a random dirty set)."""
-        return Op("bulk_list", ("stamp", gpas, _u64(value, "value")))
+        return Op("bulk_list", ("stamp", gpas, _u64(value, "value"), None))
+
+    def read_pages(self, gpas):
+        """Bulk gather: the pages at the page-aligned ``gpas`` (with the C-bit / shared bit as
+        :meth:`read` takes it, the same for all), as a ``(len(gpas), 4096)`` uint8 numpy array."""
+        return Op("bulk_list", ("read", gpas, 0, None))
+
+    def write_pages(self, gpas, data):
+        """Bulk scatter: page ``i`` of ``data`` (``len(gpas) * 4096`` bytes, any buffer; read when
+        the operation runs, not copied) to the page-aligned ``gpas[i]``."""
+        view = memoryview(data).cast("B")
+        if view.nbytes != len(gpas) * PAGE_SIZE:
+            raise ValueError(f"write_pages of {len(gpas)} pages needs {len(gpas) * PAGE_SIZE} "
+                             f"bytes, got {view.nbytes}")
+        return Op("bulk_list", ("write", gpas, 0, view))
 
     def digest(self, gpa, npages):
         """Bulk: a 64-bit hash of each page's contents (a numpy uint64 array)."""
