@@ -88,19 +88,18 @@ class Guest:
         """Bulk: :meth:`stamp` on a list of page-aligned GPAs (e.g. a random dirty set)."""
         return Op("bulk_list", ("stamp", gpas, _u64(value, "value"), None))
 
-    def read_pages(self, gpas):
+    def read_pages(self, gpas, out=None):
         """Bulk gather: the pages at the page-aligned ``gpas`` (with the C-bit / shared bit as
-        :meth:`read` takes it, the same for all), as a ``(len(gpas), 4096)`` uint8 numpy array."""
-        return Op("bulk_list", ("read", gpas, 0, None))
+        :meth:`read` takes it, the same for all), as a ``(len(gpas), 4096)`` uint8 numpy array,
+        or into ``out`` (a writable buffer of ``len(gpas) * 4096`` bytes), which is returned."""
+        if out is not None:
+            _page_buffer(out, len(gpas), "read_pages", writable=True)
+        return Op("bulk_list", ("read", gpas, 0, out))
 
     def write_pages(self, gpas, data):
         """Bulk scatter: page ``i`` of ``data`` (``len(gpas) * 4096`` bytes, any buffer; read when
         the operation runs, not copied) to the page-aligned ``gpas[i]``."""
-        view = memoryview(data).cast("B")
-        if view.nbytes != len(gpas) * PAGE_SIZE:
-            raise ValueError(f"write_pages of {len(gpas)} pages needs {len(gpas) * PAGE_SIZE} "
-                             f"bytes, got {view.nbytes}")
-        return Op("bulk_list", ("write", gpas, 0, view))
+        return Op("bulk_list", ("write", gpas, 0, _page_buffer(data, len(gpas), "write_pages")))
 
     def digest(self, gpa, npages):
         """Bulk: a 64-bit hash of each page's contents (a numpy uint64 array)."""
@@ -159,6 +158,17 @@ def _size(n):
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"size must be a non-negative int, got {n!r}")
     return n
+
+
+def _page_buffer(buf, npages, what, writable=False):
+    """``buf`` as a flat byte view, checked to hold exactly ``npages`` pages."""
+    view = memoryview(buf).cast("B")
+    if view.nbytes != npages * PAGE_SIZE:
+        raise ValueError(f"{what} of {npages} pages needs {npages * PAGE_SIZE} bytes, got "
+                         f"{view.nbytes}")
+    if writable and view.readonly:
+        raise ValueError(f"{what} needs a writable buffer")
+    return view
 
 
 def _page_gpa(gpa):

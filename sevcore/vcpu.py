@@ -525,12 +525,12 @@ class Vcpu:
         if st is None:
             st = self._progress = {"done": [0], "check": [0, None],
                                    "digest": np.zeros(n, np.uint64) if name == "digest" else None,
-                                   "read": np.empty((n, PAGE_SIZE), np.uint8)
-                                   if name == "read" else None}
+                                   "read": (np.empty((n, PAGE_SIZE), np.uint8) if buf is None
+                                            else buf) if name == "read" else None}
         out = st["digest"] if name == "digest" else np.zeros(2, np.uint64) \
             if name == "check" else None
         if name == "read":
-            buf = st["read"].reshape(-1)
+            buf = np.frombuffer(st["read"], np.uint8)
 
         def on_chunk(start, k):
             if name == "check" and k:
