@@ -231,8 +231,25 @@ def test_write_pages_fault_resumes_where_it_stopped(rng):
         assert vm.kvm.read(hva + p * 4096, 4096) == data[i].tobytes()
 
 
-def test_write_pages_needs_a_page_per_gpa():
-    """write_pages refuses data that is not exactly one page per gpa before anything runs."""
+def test_read_pages_into_a_given_buffer(rng):
+    """read_pages(out=) fills and returns the caller's buffer, so a guest reuses its memory."""
+    vm, hva = create()
+    content = rng.integers(0, 256, (4, 4096), np.uint8)
+    vm.kvm.write(hva, content)
+    out = np.zeros((8, 4096), np.uint8)
+    view = out[2:4]
+    got, = run_ops(vm, lambda g: g.read_pages([GPA + 3 * 4096, GPA], view))
+    assert got is view
+    assert np.array_equal(out[2:4], content[[3, 0]]) and not out[4:].any()
+
+
+def test_page_buffers_must_hold_a_page_per_gpa():
+    """write_pages and read_pages(out=) refuse a buffer that is not exactly one page per gpa,
+    or a read-only one, before anything runs."""
     g = sevcore.guest.Guest(None)
     with pytest.raises(ValueError, match="8192"):
         g.write_pages([0, 4096], bytes(4096))
+    with pytest.raises(ValueError, match="4096"):
+        g.read_pages([0], bytearray(100))
+    with pytest.raises(ValueError, match="writable"):
+        g.read_pages([0], bytes(4096))
