@@ -85,7 +85,8 @@ class HelperLayout:
     """The helper's pages at the top of guest RAM ``[0, mem_size)``, from the bottom up:
 
     - ``mailbox_pages`` shared pages at ``mailbox_gfn``: one 64-byte slot per helper vCPU, then
-      the request table (:data:`ENTRY`, 48 bytes per packet, ``batch_pages`` entries);
+      from the page ``entries_gfn`` the request table (:data:`ENTRY`, 48 bytes per packet,
+      ``batch_pages`` entries);
     - ``batch_pages`` shared pages at ``buffer_gfn``: packet ``i``'s ciphertext in page ``i``;
     - the private key page ``key_gfn`` and the private state page ``state_gfn`` (the last page).
 
@@ -97,6 +98,7 @@ class HelperLayout:
     vcpus: int = 1
     mailbox_gfn: int = field(init=False)
     mailbox_pages: int = field(init=False)
+    entries_gfn: int = field(init=False)
     buffer_gfn: int = field(init=False)
     key_gfn: int = field(init=False)
     state_gfn: int = field(init=False)
@@ -109,8 +111,9 @@ class HelperLayout:
         if self.mem_size % PAGE_SIZE:
             raise ValueError(f"mem_size {self.mem_size:#x} is not a multiple of 4096")
         end = self.mem_size >> PAGE_SHIFT
-        mailbox_pages = -(-(self.vcpus * SLOT_SIZE + self.batch_pages * ENTRY.itemsize)
-                          // PAGE_SIZE)
+        # The table starts on a page of its own, so a whole batch's table is whole pages.
+        slot_pages = -(-self.vcpus * SLOT_SIZE // PAGE_SIZE)
+        mailbox_pages = slot_pages + -(-self.batch_pages * ENTRY.itemsize // PAGE_SIZE)
         first = end - 2 - self.batch_pages - mailbox_pages
         if first < 1:
             raise ValueError(f"a guest of {end} pages has no room for the helper's "
@@ -118,6 +121,7 @@ class HelperLayout:
         set_ = object.__setattr__
         set_(self, "mailbox_gfn", first)
         set_(self, "mailbox_pages", mailbox_pages)
+        set_(self, "entries_gfn", first + slot_pages)
         set_(self, "buffer_gfn", first + mailbox_pages)
         set_(self, "key_gfn", end - 2)
         set_(self, "state_gfn", end - 1)
@@ -153,7 +157,7 @@ class HelperLayout:
         return (self.mailbox_gfn << PAGE_SHIFT) + vcpu * SLOT_SIZE
 
     def entry_gpa(self, i):
-        return (self.mailbox_gfn << PAGE_SHIFT) + self.vcpus * SLOT_SIZE + i * ENTRY.itemsize
+        return (self.entries_gfn << PAGE_SHIFT) + i * ENTRY.itemsize
 
     def buffer_gpas(self, lo, hi):
         """The gpas of buffer pages ``[lo, hi)`` (a uint64 array)."""

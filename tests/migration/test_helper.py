@@ -169,16 +169,17 @@ def test_layout_sits_at_the_top_of_guest_ram():
     """for_guest places mailbox, packet buffer, key and state pages, in that order, at the top
     of RAM; the shared ranges cover mailbox and buffer, the private gfns are key and state."""
     lay = HelperLayout.for_guest(NPAGES * 4096)
-    # 1 slot of 64 bytes + 256 entries of 48 bytes -> 4 pages.
-    assert (lay.mailbox_gfn, lay.mailbox_pages, lay.buffer_gfn, lay.key_gfn, lay.state_gfn) == \
-        (NPAGES - 262, 4, NPAGES - 258, NPAGES - 2, NPAGES - 1)
+    # A page for the slot, then 256 entries of 48 bytes in 3 pages.
+    assert (lay.mailbox_gfn, lay.mailbox_pages, lay.entries_gfn, lay.buffer_gfn, lay.key_gfn,
+            lay.state_gfn) == (NPAGES - 262, 4, NPAGES - 261, NPAGES - 258, NPAGES - 2,
+                               NPAGES - 1)
     assert lay.first_gfn == lay.mailbox_gfn and lay.end_gfn == NPAGES
     assert lay.shared_ranges() == [(NPAGES - 262, NPAGES - 2)]
     assert lay.private_gfns().tolist() == [NPAGES - 2, NPAGES - 1]
     assert ENTRY.itemsize == 48 and PACKET_SIZE == 4128
-    lay4 = HelperLayout.for_guest(NPAGES * 4096, batch_pages=16, vcpus=4)
-    assert lay4.mailbox_pages == 1 and lay4.buffer_gfn == lay4.mailbox_gfn + 1
-    assert lay4 == HelperLayout(NPAGES * 4096, 16, 4)
+    lay4 = HelperLayout.for_guest(NPAGES * 4096, batch_pages=16, vcpus=65)
+    assert (lay4.mailbox_pages, lay4.entries_gfn) == (3, lay4.mailbox_gfn + 2)
+    assert lay4 == HelperLayout(NPAGES * 4096, 16, 65)
 
 
 @pytest.mark.parametrize("args", [(4096 * 100 + 1,), (4096 * 200,), (0,), (NPAGES * 4096, 0),
