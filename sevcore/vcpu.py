@@ -523,14 +523,16 @@ class Vcpu:
             n = len(gpas)
         st = self._progress
         if st is None:
-            st = self._progress = {"done": [0], "check": [0, None],
-                                   "digest": np.zeros(n, np.uint64) if name == "digest" else None,
-                                   "read": (np.empty((n, PAGE_SIZE), np.uint8) if buf is None
-                                            else buf) if name == "read" else None}
-        out = st["digest"] if name == "digest" else np.zeros(2, np.uint64) \
+            result = None                  # what DIGEST and READ return, filled across exits
+            if name == "digest":
+                result = np.zeros(n, np.uint64)
+            elif name == "read":
+                result = np.empty((n, PAGE_SIZE), np.uint8) if buf is None else buf
+            st = self._progress = {"done": [0], "check": [0, None], "result": result}
+        out = st["result"] if name == "digest" else np.zeros(2, np.uint64) \
             if name == "check" else None
         if name == "read":
-            buf = np.frombuffer(st["read"], np.uint8)
+            buf = np.frombuffer(st["result"], np.uint8)
 
         def on_chunk(start, k):
             if name == "check" and k:
@@ -546,9 +548,7 @@ class Vcpu:
             return _THROW
         if name == "check":
             return st["check"][0], st["check"][1]
-        if name in ("digest", "read"):
-            return st[name]
-        return None
+        return st["result"]
 
     # -- hypercalls ---------------------------------------------------------------------------------
 
