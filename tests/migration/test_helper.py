@@ -408,10 +408,29 @@ def test_a_target_with_another_key_refuses_every_packet():
     tracker.setup([mig.dst_vcpu])
     mig.dst_vcpu.set_guest_code(source_guest, LAYOUT, mig.c_bit)
     assert run_until_sync(mig.dst_vcpu, tracker) == ("ready",)
+    before = mig.dst_frames(DATA)
     with MigrationHelper(mig.dst, LAYOUT) as dst:
         with pytest.raises(HelperPacketError) as e:
             dst.open(batch.gfns, batch.seqs, batch.packets)
     assert (e.value.index, e.value.reason) == (0, "auth")
+    assert mig.dst_frames(DATA) == before
+
+
+def test_the_counter_travels_with_the_state_page(mig):
+    """Sent again after the last OPEN, the state page leaves the target's counter at the
+    source's, numbers sealed but never delivered included: the target never issues them again,
+    and every packet of the migration is a replay from then on."""
+    with MigrationHelper(mig.src, LAYOUT) as src:
+        batch = src.seal(DATA)
+        src.seal(DATA[:5])                                  # sealed, never sent
+    with MigrationHelper(mig.dst, LAYOUT) as dst:
+        dst.open(batch.gfns, batch.seqs, batch.packets)
+        mig.psp_move([LAYOUT.state_gfn])
+        with pytest.raises(HelperPacketError) as e:
+            dst.open(batch.gfns[-1:], batch.seqs[-1:], batch.packets[-1:])
+        assert e.value.reason == "replay"
+        assert dst.seal(DATA[:2]).seqs.tolist() == [NDATA + 5, NDATA + 6]
+    assert mig.finish() == (0, None)
 
 
 @pytest.mark.parametrize("which", ["key", "state", "mailbox", "beyond"])
