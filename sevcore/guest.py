@@ -23,11 +23,13 @@ intercept (a hypercall, an intercepted MSR, a ucall's port I/O, MMIO) raises
 :class:`VmmCommunicationException` (#VC) in it instead; an exception the program does not catch,
 or the program's end, is a triple fault: ``KVM_EXIT_SHUTDOWN``.
 
-Bulk operations (``fill``, ``write_pattern``, ``check_pattern``, ``stamp``, ``digest``) touch
-many pages in one operation, executed in C through the NPT.
+Bulk operations (``fill``, ``write_pattern``, ``check_pattern``, ``stamp``, ``digest``, and the
+gather/scatter ``read_pages``/``write_pages``) touch many pages in one operation, executed in C
+through the NPT.
 """
 from typing import NamedTuple
 
+from sevcore.hostmem import PAGE_SIZE
 from sevcore.uapi import GP_VECTOR, X86_TRAP_VC
 
 UCALL_SYNC = "sync"
@@ -99,16 +101,29 @@ class Guest:
 
     def stamp_pages(self, gpas, value):
         """Bulk: :meth:`stamp` on a list of page-aligned GPAs (e.g. a random dirty set)."""
-        return Op("bulk_list", ("stamp", gpas, _u64(value, "value")))
+        return Op("bulk_list", ("stamp", gpas, _u64(value, "value"), None))
+
+    def read_pages(self, gpas, out=None):
+        """Bulk gather: the pages at the page-aligned ``gpas`` (with the C-bit / shared bit as
+        :meth:`read` takes it, the same for all), as a ``(len(gpas), 4096)`` uint8 numpy array,
+        or into ``out`` (a writable buffer of ``len(gpas) * 4096`` bytes), which is returned."""
+        if out is not None:
+            _page_buffer(out, len(gpas), "read_pages", writable=True)
+        return Op("bulk_list", ("read", gpas, 0, out))
+
+    def write_pages(self, gpas, data):
+        """Bulk scatter: page ``i`` of ``data`` (``len(gpas) * 4096`` bytes, any buffer; read when
+        the operation runs, not copied) to the page-aligned ``gpas[i]``."""
+        return Op("bulk_list", ("write", gpas, 0, _page_buffer(data, len(gpas), "write_pages")))
 
     def write_pattern_pages(self, gpas, seed):
         """Bulk: :meth:`write_pattern` on a list of page-aligned GPAs."""
-        return Op("bulk_list", ("pattern", gpas, _u64(seed, "seed")))
+        return Op("bulk_list", ("pattern", gpas, _u64(seed, "seed"), None))
 
     def check_pattern_pages(self, gpas, seed):
         """Bulk: :meth:`check_pattern` on a list of page-aligned GPAs; returns the mismatch count
         and the list index of the first mismatch (None if all match)."""
-        return Op("bulk_list", ("check", gpas, _u64(seed, "seed")))
+        return Op("bulk_list", ("check", gpas, _u64(seed, "seed"), None))
 
     def digest(self, gpa, npages):
         """Bulk: a 64-bit hash of each page's contents (a numpy uint64 array)."""
@@ -185,6 +200,17 @@ def _size(n):
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"size must be a non-negative int, got {n!r}")
     return n
+
+
+def _page_buffer(buf, npages, what, writable=False):
+    """``buf`` as a flat byte view, checked to hold exactly ``npages`` pages."""
+    view = memoryview(buf).cast("B")
+    if view.nbytes != npages * PAGE_SIZE:
+        raise ValueError(f"{what} of {npages} pages needs {npages * PAGE_SIZE} bytes, got "
+                         f"{view.nbytes}")
+    if writable and view.readonly:
+        raise ValueError(f"{what} needs a writable buffer")
+    return view
 
 
 def _page_gpa(gpa):

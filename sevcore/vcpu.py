@@ -136,7 +136,7 @@ class GuestAssertionError(AssertionError):
     """A guest program's assertion, reported through UCALL_ABORT."""
 
 
-_BULK_OPS = {"fill": 3, "pattern": 4, "check": 5, "stamp": 6, "digest": 7}
+_BULK_OPS = {"read": 1, "write": 2, "fill": 3, "pattern": 4, "check": 5, "stamp": 6, "digest": 7}
 _EXIT = object()      # an operation stopped the run loop with an exit prepared
 _THROW = object()     # an operation ends by raising an exception in the guest
 _NOT_HW = object()    # an MSR access the hardware does not handle by itself
@@ -742,17 +742,23 @@ class Vcpu:
         from sevcore import guestmem as gm
         if kind == "bulk":
             name, gpa, n, arg = args
-            gpas = None
+            gpas = buf = None
         else:
-            name, gpas, arg = args
+            name, gpas, arg, buf = args
             gpa, gpas = 0, np.asarray(gpas, dtype=np.uint64).reshape(-1)
             n = len(gpas)
         st = self._progress
         if st is None:
-            st = self._progress = {"done": [0], "check": [0, None],
-                                   "digest": np.zeros(n, np.uint64) if name == "digest" else None}
-        out = st["digest"] if name == "digest" else np.zeros(2, np.uint64) \
+            result = None                  # what DIGEST and READ return, filled across exits
+            if name == "digest":
+                result = np.zeros(n, np.uint64)
+            elif name == "read":
+                result = np.empty((n, PAGE_SIZE), np.uint8) if buf is None else buf
+            st = self._progress = {"done": [0], "check": [0, None], "result": result}
+        out = st["result"] if name == "digest" else np.zeros(2, np.uint64) \
             if name == "check" else None
+        if name == "read":
+            buf = np.frombuffer(st["result"], np.uint8)
 
         def on_chunk(start, k):
             if name == "check" and k:
@@ -760,17 +766,15 @@ class Vcpu:
                 if st["check"][1] is None and int(out[1]) != gm.NO_MISMATCH:
                     st["check"][1] = start + int(out[1])
         try:
-            self._page_kernel(_BULK_OPS[name], gpa, n, st["done"], gpas=gpas, arg=arg, out=out,
-                              on_chunk=on_chunk)
+            self._page_kernel(_BULK_OPS[name], gpa, n, st["done"], gpas=gpas, arg=arg, buf=buf,
+                              out=out, on_chunk=on_chunk)
         except MmioAccess as e:
             # Bulk operations are for RAM; the guest sees the failure as an exception.
             self._throw = RuntimeError(f"bulk {name} reached MMIO at gpa {e.gpa:#x}")
             return _THROW
         if name == "check":
             return st["check"][0], st["check"][1]
-        if name == "digest":
-            return st["digest"]
-        return None
+        return st["result"]
 
     # -- SEV-ES: the GHCB, SEV_STATUS, XSAVE -------------------------------------------------------
 
