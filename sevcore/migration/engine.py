@@ -45,6 +45,7 @@ from sevcore.costmodel import CostModel, SimClock
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.migration import stream as S
 from sevcore.migration.errors import PeerClosed, StreamError, StreamTruncated
+from sevcore.migration.helper import PACKET_SIZE, HelperPacketError, MigrationHelper
 from sevcore.migration.machine import SLOT, GuestError, Machine
 from sevcore.migration.stats import IterationStats, MigrationStats
 from sevcore.migration.workload import GuestConfig
@@ -55,6 +56,7 @@ SEV_PACKET_HEADER = 52
 #: Stream bytes of one page by record type (frame + gfn + payload), for the pipeline model.
 ENCRYPTED_PAGE_BYTES = 4180
 SHARED_PAGE_BYTES = 4120
+HELPER_PAGE_BYTES = S.FRAME_OVERHEAD + 16 + PACKET_SIZE
 
 
 class MigrationError(RuntimeError):
@@ -116,6 +118,13 @@ def charge_psp_pages(cost, clock, npages, ring_buffer):
     if ring_buffer:
         return cost.psp_batch(clock, npages, npages * PAGE_SIZE)
     return cost.psp_commands(clock, npages, PAGE_SIZE)
+
+
+def charge_helper_pages(cost, clock, npages, vcpus, exits):
+    """The helper sealing or opening ``npages`` on ``vcpus`` vCPUs in ``exits`` vCPU runs,
+    plus the VMM's copy of the packets through the shared buffer."""
+    return (cost.helper_seal(clock, npages, vcpus) + cost.exit_roundtrip(clock, exits)
+            + cost.host_copy(clock, npages * PACKET_SIZE))
 
 
 def charge_shared_pages(cost, clock, npages):
@@ -199,6 +208,8 @@ class Source:
         self.stats = MigrationStats(params.path, guest_pages=machine.npages,
                                     cost_model=params.to_dict()["cost"])
         self.samples = []            # (simulated ms, pages still to send) for plots
+        self.helper = None
+        self.layout = machine.config.helper_layout
         self._sent_start = False
         self._logging = False
         self._bufs = None
@@ -212,6 +223,9 @@ class Source:
         st = self.stats
         self.t0 = self.m.host.clock.now_ns
         try:
+            if self.params.path == "helper" and self.layout is None:
+                raise MigrationError("the helper path needs a guest booted with a migration "
+                                     "helper (GuestConfig.helper_vcpus >= 1)")
             if not self.m.tracker.migration_ready:
                 raise NotMigrationReady("the guest has not set KVM_MIGRATION_READY in "
                                         "MSR_KVM_MIGRATION_CONTROL: refusing to migrate")
@@ -228,7 +242,8 @@ class Source:
             if isinstance(e, MigrationError):
                 e.stats = st
                 raise e
-            if isinstance(e, (StreamError, OSError, GuestError, ValueError)):
+            if isinstance(e, (StreamError, OSError, GuestError, ValueError,
+                              HelperPacketError)):
                 raise MigrationError(f"migration failed: {st.error}", st) from e
             raise
         finally:
@@ -263,10 +278,18 @@ class Source:
             self._sent_start = False
         if self._logging:
             self._set_logging(False)
+        self._close_helper()
         try:
             self.channel.close()
         except OSError:
             pass
+
+    def _close_helper(self):
+        if self.helper is not None:
+            c = self.helper.counters
+            self.stats.helper_requests = c.requests
+            self.helper.close()
+            self.helper = None
 
     def _set_logging(self, on):
         m = self.m
@@ -295,6 +318,10 @@ class Source:
         self.tl.batch(lambda c: 0, S.FRAME_OVERHEAD + 12 + len(src_pdh) + len(self._session),
                       lambda c: self.cost.psp_command(c, 0))       # RECEIVE_START
         self.stats.count_psp("RECEIVE_START")
+        if p.path == "helper":
+            self.helper = MigrationHelper(self.vm, self.layout, m.config.helper_vcpus)
+            self._packets = np.empty((p.batch_pages, PACKET_SIZE), np.uint8)
+            self._send_psp(self.layout.private_gfns())     # the key, before any packet
         self._set_logging(True)
         self.stats.setup_ns = self.m.host.clock.now_ns - self.t0
 
@@ -315,8 +342,14 @@ class Source:
 
     # -- pre-copy ---------------------------------------------------------------------------------------
 
+    @property
+    def _end_gfn(self):
+        """Pages the passes cover: all but the helper's (its shared pages are transient, its
+        private ones go by the PSP at the start and the end)."""
+        return self.m.npages if self.layout is None else self.layout.first_gfn
+
     def _all_gfns(self):
-        return np.arange(self.m.npages, dtype=np.uint64)
+        return np.arange(self._end_gfn, dtype=np.uint64)
 
     def _precopy(self):
         p, st = self.params, self.stats
@@ -353,8 +386,10 @@ class Source:
         self.cost.dirty_sync(m.host.clock, m.config.mem_size)
         self.stats.dirty_sync_count += 1
         dirty = _dirty_gfns(self.vm, m.npages)
+        dirty = dirty[dirty < self._end_gfn]
         now = self._shared_now()
-        changed = np.flatnonzero(now != self._shared_mask).astype(np.uint64)
+        changed = np.flatnonzero(now[:self._end_gfn] != self._shared_mask[:self._end_gfn])
+        changed = changed.astype(np.uint64)
         self._shared_mask = now
         if len(changed):
             dirty = np.union1d(dirty, changed)
@@ -405,6 +440,26 @@ class Source:
             self._send_shared(gfns[shared], it)
 
     def _send_private(self, gfns):
+        if self.helper is not None:
+            self._send_helper(gfns)
+        else:
+            self._send_psp(gfns)
+
+    def _send_helper(self, gfns):
+        """The helper path: the helper seals the pages in the guest; HELPER_PAGE records."""
+        n, h = len(gfns), self.helper
+        exits0 = h.counters.exits
+        b = h.seal(gfns, packets=self._packets[:n])
+        exits = h.counters.exits - exits0
+        for i in range(n):
+            self.writer.helper_page(int(b.gfns[i]), int(b.seqs[i]), b.packets[i])
+        vcpus = self.m.config.helper_vcpus
+        self.tl.batch(lambda c: charge_helper_pages(self.cost, c, n, vcpus, exits),
+                      n * HELPER_PAGE_BYTES,
+                      lambda c: charge_helper_pages(self.cost, c, n, vcpus, exits))
+        self.stats.helper_packets += n
+
+    def _send_psp(self, gfns):
         """The PSP path: SEND_UPDATE_DATA per page; one ENCRYPTED_PAGE per page."""
         n = len(gfns)
         hdrs, trans = self._psp_send(gfns)
@@ -455,6 +510,9 @@ class Source:
         stop_ns = m.host.clock.now_ns
         dirty = np.union1d(self._final_dirty, self._sync())
         self._send_pass(len(st.iterations), dirty, stop=True)
+        if self.helper is not None:
+            self._send_psp(self.layout.private_gfns())     # the state, after the last packet
+            self.tl.drain()
         self.writer.setup({"kind": "shared_ranges",
                            "ranges": [list(r) for r in m.tracker.shared_ranges(0, m.npages)]})
         for vcpu in m.vcpus:
@@ -469,6 +527,7 @@ class Source:
         self.cost.psp_command(m.host.clock, 0)
         st.count_psp("SEND_FINISH")
         self._set_logging(False)
+        self._close_helper()
         self.writer.end()
         self.tl.target_work(lambda c: self.cost.psp_command(c, 0))      # RECEIVE_FINISH
         st.count_psp("RECEIVE_FINISH")
@@ -501,8 +560,10 @@ class Target:
     def __init__(self, kvm, channel):
         self.kvm, self.channel = kvm, channel
         self.m = None
+        self.helper = None
         self.result = None
-        self.received = {"encrypted": 0, "shared": 0, "zero": 0}
+        self.received = {"encrypted": 0, "shared": 0, "zero": 0, "helper": 0}
+        self._pending = []
 
     def run(self):
         """Receive, apply, finish and resume; raises on any failure after telling the source
@@ -522,12 +583,18 @@ class Target:
             self.writer.flush()
         except (StreamError, OSError):
             pass
+        self._close_helper()
         if self.m is not None:
             self.m.vm.close()
         try:
             self.channel.close()
         except OSError:
             pass
+
+    def _close_helper(self):
+        if self.helper is not None:
+            self.helper.close()
+            self.helper = None
 
     def _reply(self, kind, **fields):
         self.writer.setup({"kind": kind, **fields})
@@ -550,8 +617,18 @@ class Target:
         if not isinstance(rec, S.SevSession):
             raise StreamError(f"expected SEV_SESSION, got {type(rec).__name__}")
         self._receive_start(rec)
+        if self.reader.flags & S.FLAG_HELPER:
+            if cfg.helper_layout is None:
+                raise StreamError("a helper-path stream for a guest without a helper")
+            self.helper = MigrationHelper(m.vm, cfg.helper_layout, cfg.helper_vcpus)
         ready = False
         for rec in self.reader:
+            if isinstance(rec, S.HelperPage):
+                self._pending.append(rec)
+                if len(self._pending) >= self.params.batch_pages:
+                    self._open_pending()
+                continue
+            self._open_pending()
             if isinstance(rec, S.EncryptedPage):
                 self._receive_encrypted([rec])
             elif isinstance(rec, (S.SharedPage, S.ZeroPages)):
@@ -574,9 +651,31 @@ class Target:
             raise StreamError("END before the source declared the copy complete")
         m.vm.memory_encrypt_op(U.KVM_SEV_RECEIVE_FINISH)
         self.cost.psp_command(self.clock, 0)
+        self._close_helper()
         checked, bad, first_bad = m.run_until("resumed")
         self.result = {"checked": checked, "bad": bad, "first_bad": first_bad}
         self._reply("resumed", **self.result)
+
+    def _open_pending(self):
+        """Hand the buffered HELPER_PAGE records to the target's helper in one request."""
+        recs, self._pending = self._pending, []
+        if not recs:
+            return
+        if self.helper is None:
+            raise StreamError("HELPER_PAGE records in a stream without the helper flag")
+        n = len(recs)
+        gfns = np.array([r.gfn for r in recs], np.uint64)
+        seqs = np.array([r.seq for r in recs], np.uint64)
+        if any(len(r.packet) != PACKET_SIZE for r in recs):
+            raise StreamError(f"a helper packet is not {PACKET_SIZE} bytes")
+        for g in gfns:
+            self._gfn_hva(int(g))
+        packets = np.frombuffer(b"".join(r.packet for r in recs), np.uint8).reshape(n, -1)
+        exits0 = self.helper.counters.exits
+        self.helper.open(gfns, seqs, packets)
+        charge_helper_pages(self.cost, self.clock, n, self.m.config.helper_vcpus,
+                            self.helper.counters.exits - exits0)
+        self.received["helper"] += n
 
     def _receive_start(self, rec):
         kvm, vm = self.kvm, self.m.vm

@@ -12,7 +12,7 @@ gfn 0                       header (private): magic, seed, ticks so far
 1 .. 1 + JOURNAL_PAGES      journal (private): pages dirtied at each tick, u32 per tick
 next ``shared_pages``       shared pages (bounce buffers), reported with MAP_GPA_RANGE
 the rest up to ``reserved``  data pages (private), all written at boot
-top ``reserved`` pages      kept out of the workload (the migration helper's region)
+top ``reserved`` pages      the migration helper's pages, if it has one (``helper_vcpus``)
 ==========================  ===========================================================
 
 Each tick the program reads the TSC (the Host's simulated clock), works out how many page writes
@@ -53,7 +53,7 @@ class GuestConfig:
     dirty_pages_per_s: float = 2_500.0
     hot_fraction: float = 0.1
     seed: int = 1
-    reserved_pages: int = 0
+    helper_vcpus: int = 0
     c_bit: int = 51
 
     def __post_init__(self):
@@ -69,6 +69,8 @@ class GuestConfig:
             raise WorkloadError(f"dirty_pages_per_s must be >= 0, not {self.dirty_pages_per_s}")
         if not 0 < self.hot_fraction <= 1:
             raise WorkloadError(f"hot_fraction must be in (0, 1], not {self.hot_fraction}")
+        if self.helper_vcpus < 0:
+            raise WorkloadError(f"helper_vcpus must be >= 0, not {self.helper_vcpus}")
         if self.nr_vcpus < 1:
             raise WorkloadError(f"nr_vcpus must be >= 1, not {self.nr_vcpus}")
         if self.vm_type != U.KVM_X86_SEV_VM:
@@ -88,6 +90,23 @@ class GuestConfig:
     @property
     def shared_pages(self):
         return self.shared_size >> PAGE_SHIFT
+
+    @property
+    def helper_layout(self):
+        """Where the migration helper lives (sevcore.migration.helper), or None without one."""
+        if not self.helper_vcpus:
+            return None
+        from sevcore.migration.helper import HelperLayout
+        try:
+            return HelperLayout.for_guest(self.mem_size, vcpus=self.helper_vcpus)
+        except ValueError as e:
+            raise WorkloadError(str(e)) from None
+
+    @property
+    def reserved_pages(self):
+        """Pages at the top of RAM the workload leaves to the migration helper."""
+        h = self.helper_layout
+        return 0 if h is None else self.npages - h.first_gfn
 
     @property
     def layout(self):
@@ -222,6 +241,9 @@ def _boot(g, cfg, lay, c):
                                 lay.shared_pages, U.KVM_MAP_GPA_RANGE_DECRYPTED)
         assert ret == 0, f"MAP_GPA_RANGE of the shared pages returned {ret}"
         yield g.write_pattern(lay.shared_gfn << PAGE_SHIFT, lay.shared_pages, 0)
+    if cfg.helper_vcpus:
+        from sevcore.migration.helper import helper_boot
+        yield from helper_boot(g, cfg.helper_layout, cfg.c_bit)
     yield g.write(c, _HEADER.pack(MAGIC, cfg.seed, 0))
     yield g.wrmsr(U.MSR_KVM_MIGRATION_CONTROL, U.KVM_MIGRATION_READY)
     yield g.sync("ready")
