@@ -220,11 +220,8 @@ def _config(args, cost, kvm, dirty_rate=None, path="psp"):
 
 
 def _helper_config(path, mem_size, cost):
-    """Guest configuration the helper path needs (its reserved region), none for the PSP."""
-    if path != "helper":
-        return {}
-    from sevcore.migration.helper_path import helper_guest_config
-    return helper_guest_config(mem_size, cost.helper_vcpus)
+    """The helper path's guest boots a migration helper with the cost model's helper vCPUs."""
+    return {"helper_vcpus": cost.helper_vcpus} if path == "helper" else {}
 
 
 def _params(args, cost, path):
