@@ -16,7 +16,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 #: The C-core ABI this Python package was written against (csrc/sevcore.h SC_ABI_VERSION).
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 if lib.sc_abi_version() != ABI_VERSION or lib.SC_ABI_VERSION != ABI_VERSION:
     raise ImportError(
@@ -518,6 +518,21 @@ def sha256_impl():
 
 def aes128_ctr_impl():
     return _AES_IMPLS[lib.sc_aes128_ctr_impl()]
+
+
+# --- CRC-32 (csrc/crc32.h) ------------------------------------------------------------------------
+
+_CRC32_IMPLS = {lib.SC_CRC32_IMPL_PORTABLE: "portable", lib.SC_CRC32_IMPL_CLMUL: "clmul"}
+
+
+def crc32(data, value):
+    """zlib's crc32 of any contiguous buffer, continued from ``value``."""
+    src = _in(data, "data")
+    return check(lib.sc_crc32(value, src, len(src)), "sc_crc32")
+
+
+def crc32_impl():
+    return _CRC32_IMPLS[lib.sc_crc32_impl()]
 
 
 # --- Guest page access (csrc/guest.h) -----------------------------------------------------------
