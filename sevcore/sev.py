@@ -20,6 +20,7 @@ from errno import EBADF, EBUSY, EFAULT, EINVAL, EIO, ENOMEM, ENOTTY, EPERM
 import numpy as np
 
 from sevcore import uapi as U
+from sevcore.arrays import u64_array
 from sevcore.errors import KvmError
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.psp import layout as L
@@ -929,26 +930,9 @@ class _PageBatch:
         return status, g
 
 
-def _page_uaddrs(guest_uaddrs):
-    """The guest_uaddr of each ioctl as a uint64 array (TypeError/ValueError if they are not
-    u64 values)."""
-    arr = np.asarray(guest_uaddrs)
-    if arr.size == 0 and arr.ndim == 1:
-        return np.empty(0, np.uint64)
-    if arr.dtype == object:
-        if any(not isinstance(v, int) or not 0 <= v <= ULONG_MAX for v in arr.reshape(-1)):
-            raise ValueError("guest_uaddrs must be u64 values")
-        arr = arr.astype(np.uint64)
-    if arr.dtype.kind not in "iu" or arr.ndim > 1:
-        raise TypeError(f"guest_uaddrs must be a sequence of ints, not {arr.dtype} {arr.shape}")
-    if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
-        raise ValueError("guest_uaddrs must be u64 values")
-    return arr.astype(np.uint64).reshape(-1)
-
-
 def send_update_data_pages(vm, guest_uaddrs, out=None):
     """n KVM_SEV_SEND_UPDATE_DATA ioctls of whole pages (see Vm.sev_send_update_data_pages)."""
-    uaddrs = _page_uaddrs(guest_uaddrs)
+    uaddrs = u64_array(guest_uaddrs, "guest_uaddrs")
     n = len(uaddrs)
     hdrs, trans = (None, None) if out is None else out
     if hdrs is None:
@@ -974,7 +958,7 @@ def send_update_data_pages(vm, guest_uaddrs, out=None):
 def receive_update_data_pages(vm, guest_uaddrs, hdrs, trans):
     """n KVM_SEV_RECEIVE_UPDATE_DATA ioctls of whole pages (see
     Vm.sev_receive_update_data_pages)."""
-    uaddrs = _page_uaddrs(guest_uaddrs)
+    uaddrs = u64_array(guest_uaddrs, "guest_uaddrs")
     n = len(uaddrs)
     h, t = packet_rows(hdrs, n, "hdrs"), packet_rows(trans, n, "trans")
     if not n:

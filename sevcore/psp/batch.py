@@ -21,6 +21,7 @@ import numpy as np
 
 from sevcore import sevpkt
 from sevcore import uapi as U
+from sevcore.arrays import byte_rows, u64_array
 from sevcore.psp import crypto as X
 from sevcore.psp.status import PspError
 
@@ -31,15 +32,7 @@ _SEND, _RECEIVE = U.SEV_CMD_SEND_UPDATE_DATA, U.SEV_CMD_RECEIVE_UPDATE_DATA
 def packet_rows(buf, n, what):
     """``buf`` (n packets' worth of one buffer) as a C-contiguous ``(n, size)`` uint8 array: a
     view when it already is one, else one copy. ValueError if it does not split evenly."""
-    arr = np.asarray(buf) if isinstance(buf, np.ndarray) else \
-        np.frombuffer(memoryview(buf).cast("B"), np.uint8)
-    if arr.dtype != np.uint8:
-        raise TypeError(f"{what} must hold bytes (uint8), not {arr.dtype}")
-    if arr.ndim == 2 and arr.shape[0] == n:
-        return np.ascontiguousarray(arr)
-    if arr.size % max(n, 1) or (n == 0 and arr.size):
-        raise ValueError(f"{what} of {arr.size} bytes does not split into {n} equal packets")
-    return np.ascontiguousarray(arr).reshape(n, arr.size // n if n else 0)
+    return np.ascontiguousarray(byte_rows(buf, n, what))
 
 
 def first(mask):
@@ -105,7 +98,7 @@ class UpdatePages:
     def _page_spas(self, guest_addresses):
         """The SPAs of page-aligned guest addresses (the C-bit stripped) and the index of the
         first outside host memory (INVALID_ADDRESS), or n."""
-        addrs = np.asarray(guest_addresses, dtype=np.uint64).reshape(-1)
+        addrs = u64_array(guest_addresses, "guest_addresses")
         spas = addrs & ~np.uint64(1 << self.host.c_bit)
         if np.any(spas & np.uint64(PAGE - 1)):
             raise ValueError("guest addresses must be page aligned: the batch moves whole pages")
