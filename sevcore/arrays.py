@@ -33,7 +33,9 @@ def byte_rows(buf, n, what):
                                                                  np.uint8)
     if arr.dtype != np.uint8:
         raise TypeError(f"{what} must hold bytes (uint8), not {arr.dtype}")
-    if arr.ndim == 2 and arr.shape[0] == n:
+    if arr.ndim == 2:
+        if arr.shape[0] != n:
+            raise ValueError(f"{what} has {arr.shape[0]} rows, not {n}")
         return arr
     flat = arr.reshape(-1)
     if (flat.size % n if n else flat.size):

@@ -20,12 +20,12 @@ from errno import EBADF, EBUSY, EFAULT, EINVAL, EIO, ENOMEM, ENOTTY, EPERM
 import numpy as np
 
 from sevcore import uapi as U
-from sevcore.arrays import u64_array
+from sevcore.arrays import byte_rows, u64_array
 from sevcore.errors import KvmError
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.psp import layout as L
 from sevcore.psp.api import _alloc_contiguous
-from sevcore.psp.batch import first, out_rows, packet_rows
+from sevcore.psp.batch import first, out_rows
 from sevcore.psp.crypto import HEADER_SIZE as L_HDR
 from sevcore.psp.platform import TMR_SIZE
 from sevcore.psp.status import status_name
@@ -960,7 +960,7 @@ def receive_update_data_pages(vm, guest_uaddrs, hdrs, trans):
     Vm.sev_receive_update_data_pages)."""
     uaddrs = u64_array(guest_uaddrs, "guest_uaddrs")
     n = len(uaddrs)
-    h, t = packet_rows(hdrs, n, "hdrs"), packet_rows(trans, n, "trans")
+    h, t = byte_rows(hdrs, n, "hdrs"), byte_rows(trans, n, "trans")
     if not n:
         return
     b = _PageBatch(vm, False, uaddrs, h.shape[1], t.shape[1])
@@ -968,7 +968,7 @@ def receive_update_data_pages(vm, guest_uaddrs, hdrs, trans):
     psp = vm.host.psp
     # The firmware's verdict on each packet does not depend on where it goes, so it is known
     # before pinning; page p (the first refused) is still pinned, as its ioctl pins it.
-    p, fw_status, plain = psp._open_pages(g, np.ascontiguousarray(h[:k, :L_HDR]), t[:k])
+    p, fw_status, plain = psp._open_pages(g, h[:k, :L_HDR], t[:k])
     pfns, exc = b.pin(min(k, p + 1))
     done = min(len(pfns), p)
     if done:

@@ -29,12 +29,6 @@ PAGE = 4096
 _SEND, _RECEIVE = U.SEV_CMD_SEND_UPDATE_DATA, U.SEV_CMD_RECEIVE_UPDATE_DATA
 
 
-def packet_rows(buf, n, what):
-    """``buf`` (n packets' worth of one buffer) as a C-contiguous ``(n, size)`` uint8 array: a
-    view when it already is one, else one copy. ValueError if it does not split evenly."""
-    return np.ascontiguousarray(byte_rows(buf, n, what))
-
-
 def first(mask):
     """Index of the first True of a boolean array, or its length."""
     hit = np.flatnonzero(mask)
@@ -72,14 +66,18 @@ class UpdatePages:
             hdrs = np.empty((n, X.HEADER_SIZE), np.uint8)
         if trans is None:
             trans = np.empty((n, PAGE), np.uint8)
-        self.host.umc.read_pages(spas, g.asid, out=trans)
-        return sevpkt.seal(g.tek, g.tik, trans, self._rng(16 * n), out=(hdrs, trans))
+        if isinstance(trans, np.ndarray) and not trans.flags.c_contiguous:
+            plain = self.host.umc.read_pages(spas, g.asid)      # then sealed into the rows
+        else:
+            plain = self.host.umc.read_pages(spas, g.asid, out=trans)
+        return sevpkt.seal(g.tek, g.tik, plain, self._rng(16 * n), out=(hdrs, trans))
 
     def _open_pages(self, g, hdrs, trans):
         """RECEIVE_UPDATE_DATA's judgement of packets in order (COMPRESSED, then the MAC, as
         ``sev_mcmd_receive_update``): ``(count, status, plaintext)`` for the leading packets that
         pass, the status of the first that does not (SUCCESS if all pass) and their plaintext.
-        ``hdrs`` and ``trans`` are ``(n, 52)`` and ``(n, 4096)`` C-contiguous arrays."""
+        ``hdrs`` and ``trans`` are ``(n, 52)`` and ``(n, 4096)`` uint8 arrays, rows strided or
+        not (a stream record's columns are read in place)."""
         n = len(hdrs)
         ok = first(hdrs[:, 0] & X.COMPRESSED) if n else 0
         status = U.SEV_RET_UNSUPPORTED if ok < n else U.SEV_RET_SUCCESS
@@ -140,15 +138,14 @@ class UpdatePages:
         written, it and later ones were not."""
         spas, bad = self._page_spas(guest_addresses)
         n = len(spas)
-        h, t = packet_rows(hdrs, n, "hdrs"), packet_rows(trans, n, "trans")
+        h, t = byte_rows(hdrs, n, "hdrs"), byte_rows(trans, n, "trans")
         if not n:
             return
         status, g = self._pages_gate(False, handle, h.shape[1], t.shape[1])
         if status:
             self._pages_refused(status)
             raise PspError(_RECEIVE, status, index=0)
-        done, status, plain = self._open_pages(g, np.ascontiguousarray(h[:bad, :X.HEADER_SIZE]),
-                                               t[:bad])
+        done, status, plain = self._open_pages(g, h[:bad, :X.HEADER_SIZE], t[:bad])
         if done:
             self._write_pages(g, spas[:done], plain)
         if done < bad:
@@ -158,11 +155,19 @@ class UpdatePages:
 
 
 def out_rows(buf, n, size):
-    """A writable ``(n, size)`` uint8 view of an output buffer of exactly ``n * size`` bytes."""
+    """A writable ``(n, size)`` uint8 view of an output buffer: ``n * size`` contiguous bytes, or
+    an ``(n, size)`` uint8 array whose rows are contiguous and at least ``size`` bytes apart
+    (the columns of a migration stream record, say)."""
     arr = buf if isinstance(buf, np.ndarray) else np.frombuffer(memoryview(buf).cast("B"),
                                                                  np.uint8)
-    if arr.dtype != np.uint8 or arr.size != n * size or not arr.flags.c_contiguous:
-        raise ValueError(f"an output buffer for {n} pages must be {n * size} contiguous bytes")
-    if not arr.flags.writeable:
+    if (arr.dtype == np.uint8 and arr.ndim == 2 and arr.shape == (n, size)
+            and arr.strides[1] == 1 and arr.strides[0] >= size):
+        rows = arr
+    elif arr.dtype == np.uint8 and arr.size == n * size and arr.flags.c_contiguous:
+        rows = arr.reshape(n, size)
+    else:
+        raise ValueError(f"an output buffer for {n} pages must be {n * size} contiguous bytes "
+                         f"or {n} rows of {size}")
+    if not rows.flags.writeable:
         raise ValueError("output buffers must be writable")
-    return arr.reshape(n, size)
+    return rows

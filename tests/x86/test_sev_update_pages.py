@@ -10,7 +10,7 @@ import pytest
 
 import sevcore
 from sevcore.errors import KvmError
-from sevcore.kvm_util import vm_mem_add, vm_sev_launch
+from sevcore.kvm_util import sev_receive_start, sev_send_start, vm_mem_add, vm_sev_launch
 from sevcore.psp import RingBuffer
 from sevcore.sev import SevError
 from sevcore.uapi import *
@@ -25,7 +25,7 @@ class Pair:
     RECEIVE_UPDATE (after RECEIVE_START) on another; user buffers for the one-page ioctls are
     mapped and touched up front, so that both ways of migrating allocate the same frames."""
 
-    def __init__(self, seed=3, npages=NPAGES, receive=True):
+    def __init__(self, seed=3, npages=NPAGES):
         self.src = sevcore.Host(seed=seed).kvm
         self.dst = sevcore.Host(seed=seed + 1).kvm
         self.vm = self.src.create_vm(KVM_X86_SEV_VM)
@@ -41,29 +41,10 @@ class Pair:
             kvm.write(kvm.tbuf, bytes(5 * P))
         self.tvm = self.dst.create_vm(KVM_X86_SEV_VM)
         self.tvm.memory_encrypt_op(KVM_SEV_INIT2)            # the target platform's INIT
-        chain = self.dst.host.psp.export_cert_chain()
-        blobs = {}
-        for name, blob in (("pdh_cert", chain.pdh), ("plat_certs", chain.plat_certs),
-                           ("amd_certs", chain.amd_certs)):
-            blobs[name + "_uaddr"] = self._put(self.src, blob)
-            blobs[name + "_len"] = len(blob)
-        session = self.src.mmap(P)
-        self.vm.memory_encrypt_op(KVM_SEV_SEND_START, session_uaddr=session, session_len=128,
-                                  **blobs)
+        session = sev_send_start(self.vm, self.dst.host.psp.export_cert_chain())
         self.thva = vm_mem_add(self.tvm, 0, 0, npages)
         self.tuaddrs = self.thva + P * np.arange(npages, dtype=np.uint64)
-        if receive:
-            pdh = self.src.host.psp.pdh_cert_export().pdh_cert
-            self.tvm.memory_encrypt_op(KVM_SEV_RECEIVE_START, pdh_uaddr=self._put(self.dst, pdh),
-                                       pdh_len=len(pdh), session_len=128,
-                                       session_uaddr=self._put(self.dst,
-                                                               self.src.read(session, 128)))
-
-    @staticmethod
-    def _put(kvm, blob):
-        hva = kvm.mmap(len(blob))
-        kvm.write(hva, blob)
-        return hva
+        sev_receive_start(self.tvm, 0, self.src.host.psp.pdh_cert_export().pdh_cert, session)
 
     def received(self, npages=NPAGES):
         """Per target page: None while its frame holds only zeroes as the host sees it (nothing
@@ -511,3 +492,26 @@ def test_batch_and_ioctls_interleave():
     h1, t1, _ = ioctl_send(q.vm, q.src, q.uaddrs[:5])
     h2, t2 = packets(q, q.uaddrs[5:])
     assert (h1 + h2, t1 + t2) == whole
+
+
+def test_stream_record_views_in_and_strided_rows_out():
+    """The batch reads the strided columns of a stream record in place (header rows longer than
+    52 bytes included) and writes packets into strided rows of a caller's table: the same bytes
+    and pages as contiguous buffers."""
+    from sevcore.migration import StreamReader, StreamWriter, inprocess_pair
+    p, q = Pair(), Pair()
+    table = np.zeros((NPAGES, 8 + 60 + 4 + P), np.uint8)
+    hdrs, trans = table[:, 8:60], table[:, 72:]
+    got = p.vm.sev_send_update_data_pages(p.uaddrs, out=(hdrs, trans))
+    assert got[0] is hdrs and got[1] is trans
+    assert (hdrs.tobytes(), trans.tobytes()) == packets(q)
+    assert not table[:, :8].any() and not table[:, 60:72].any()
+    a, b = inprocess_pair(capacity=1 << 24)
+    w = StreamWriter(a)
+    w.encrypted_batch(np.arange(NPAGES)[::-1], np.pad(hdrs, ((0, 0), (0, 8)))[::-1],
+                      trans[::-1])
+    w.end()
+    rec = StreamReader(b).read()
+    assert rec.hdr_len == 60 and not rec.hdrs.flags.c_contiguous
+    p.tvm.sev_receive_update_data_pages(p.tuaddrs[rec.gfns], rec.hdrs, rec.trans)
+    assert p.received() == p.pages()
