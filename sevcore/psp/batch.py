@@ -83,7 +83,8 @@ class UpdatePages:
         status = U.SEV_RET_UNSUPPORTED if ok < n else U.SEV_RET_SUCCESS
         while ok:
             try:
-                return ok, status, sevpkt.open(g.tek, g.tik, hdrs[:ok], trans[:ok])
+                plain = np.empty(ok * trans.shape[1], np.uint8)
+                return ok, status, sevpkt.open(g.tek, g.tik, hdrs[:ok], trans[:ok], out=plain)
             except sevpkt.PacketAuthError as bad:
                 ok, status = bad.index, U.SEV_RET_BAD_MEASUREMENT
         return 0, status, None
