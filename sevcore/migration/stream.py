@@ -52,6 +52,7 @@ PAGE_SIZE = 4096
 MAX_PAYLOAD = 1 << 24
 #: Pages per batch record the writer makes by default (about 1 MiB of encrypted pages).
 BATCH_PAGES = 256
+_SMALL = 1 << 16              # bytes below which zlib computes a CRC (see _crc)
 
 HEADER = struct.Struct(">8sHHI")
 FRAME = struct.Struct(">HHII")            # type, reserved, payload_len, head_crc
@@ -292,9 +293,11 @@ def _u32_len(b, what):
 
 
 def _crc(data, crc):
-    """The running CRC-32 over ``data``: zlib's call for a few bytes (the lighter call), the C
-    kernel (sevcore.checksum, the same CRC) for more."""
-    return zlib.crc32(data, crc) if len(data) < 256 else crc32(data, crc)
+    """The running CRC-32 over ``data``: zlib's for up to a few pages, the C kernel
+    (sevcore.checksum, the same CRC at several times the speed) for more. The C call releases
+    the GIL, which pays for a batch payload but, for one page, mostly hands the GIL to the
+    other end's thread and waits to get it back."""
+    return zlib.crc32(data, crc) if len(data) < _SMALL else crc32(data, crc)
 
 
 def _check_int(v, lo, hi, what):
@@ -495,7 +498,7 @@ class StreamWriter:
         crc = zlib.crc32(head, self._crc)
         self._buf += head
         self._buf += _U32.pack(crc)
-        crc = crc32(payload, crc)
+        crc = _crc(payload, crc)
         if n < self.flush_size // 4:
             self._buf += memoryview(payload)
         else:
@@ -543,7 +546,7 @@ class StreamReader:
     what was accepted; ``version`` and ``flags`` are the header's once read.
     """
 
-    def __init__(self, channel, *, buffer_size=1 << 18):
+    def __init__(self, channel, *, buffer_size=1 << 20):
         self.channel = channel
         self._buf = bytearray(buffer_size)
         self._pos = self._end = 0
