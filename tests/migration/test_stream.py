@@ -5,6 +5,8 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sevcore.migration import (BadMagic, BadRecord, ChecksumMismatch, PeerClosed, StreamError, StreamReader,
                                StreamTimeout, StreamTruncated, StreamWriter, UnsupportedFlags,
@@ -464,3 +466,58 @@ def test_empty_batch_writes_nothing():
     """A batch of no pages is no record."""
     recs, w = written(lambda w: (w.encrypted_batch([], b"", b""), w.shared_batch([], b"")))
     assert recs == [] and w.stats.nrecords == 1
+
+
+def _batch_payload(rtype, count, lens, body, exact, flip):
+    """A batch payload of ``rtype``: ``count``, the lengths ``lens`` (hdr_len and trans_len, or
+    packet_len) and ``body``; with ``exact`` the body is cut to the size the head says and every
+    page gets the lengths; ``flip`` (an offset or None) then flips one bit."""
+    hl, tl = lens
+    head = 8 if rtype == S.HelperPages.TYPE else 4
+    stride = {S.EncryptedPages.TYPE: 16 + hl + tl, S.SharedPages.TYPE: 8 + PAGE,
+              S.HelperPages.TYPE: 16 + hl}[rtype]
+    if exact:
+        body = (body or b"\1") * (count * stride // max(1, len(body)) + 1)
+        body = body[:count * stride]
+    p = bytearray(struct.pack(">I", count) + (struct.pack(">I", hl) if head == 8 else b"") + body)
+    if rtype == S.EncryptedPages.TYPE:
+        for i in range(count if exact else 1):
+            off = 4 + i * stride
+            if len(p) >= off + 16 + hl:
+                p[off + 8:off + 12] = struct.pack(">I", hl)
+                p[off + 12 + hl:off + 16 + hl] = struct.pack(">I", tl)
+    if flip is not None and p:
+        p[flip % len(p)] ^= 1 << (flip % 8)
+    return bytes(p)
+
+
+@settings(max_examples=400, deadline=None)
+@given(rtype=st.sampled_from(S.BATCH_RECORDS), count=st.integers(0, 4),
+       lens=st.tuples(st.integers(0, 70), st.integers(0, 70)), body=st.binary(max_size=300),
+       exact=st.booleans(), flip=st.none() | st.integers(0, 1 << 20))
+def test_any_well_checksummed_batch_payload_is_a_record_or_bad_record(rtype, count, lens, body,
+                                                                       exact, flip):
+    """Whatever a checksummed batch payload holds, the reader returns a record whose arrays add
+    up to it (and that writes back to the very same payload), or BadRecord; never another
+    error."""
+    payload = _batch_payload(rtype, count, lens, body, exact, flip)
+    h = header()
+    blob, _ = frame(rtype, payload, zlib.crc32(h[:12]))
+    r = StreamReader(source(h + blob))
+    try:
+        rec = r.read()
+    except BadRecord:
+        return
+    assert len(rec) == count >= 1
+    a, b = inprocess_pair(capacity=1 << 20)
+    w = StreamWriter(a)
+    if rtype == S.EncryptedPages.TYPE:
+        w.encrypted_batch(rec.gfns, rec.hdrs, rec.trans)
+    elif rtype == S.SharedPages.TYPE:
+        w.shared_batch(rec.gfns, rec.data)
+    else:
+        w.helper_batch(rec.gfns, rec.seqs, rec.packets)
+    w.flush()
+    out = bytearray(1 << 20)
+    n = b.recv_into(out)
+    assert bytes(out[16 + 12:n - 4]) == payload
