@@ -13,6 +13,11 @@ Guest pages handed to the firmware are pinned (``sev_pin_memory``) and passed by
 C-bit for SEND/RECEIVE_UPDATE_DATA (``| sev_me_mask``), without for the others
 (``__sme_page_pa`` with host SME off). Blobs are copied into kernel buffers (a bounce area of
 host frames) first, as ``psp_copy_user_blob`` does.
+
+``send_update_data_pages``/``receive_update_data_pages`` (``vm.sev_send_update_data_pages`` ...)
+are a sevcore extension: n whole-page SEND/RECEIVE_UPDATE_DATA ioctls in one call, exactly
+equivalent to those ioctls in order (docs/fidelity.md), over the firmware's batched steps
+(sevcore/psp/batch.py).
 """
 import threading
 from errno import EBADF, EBUSY, EFAULT, EINVAL, EIO, ENOMEM, ENOTTY, EPERM
