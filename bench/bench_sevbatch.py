@@ -8,8 +8,12 @@ opening the packets and writing the plaintext through the guest key; the peer is
 ``sevpkt.open`` + the engine's encryption of the pages. The batched ioctls add KVM's checks, the
 page pins, the firmware's state checks, the DRBG's IVs and the gather/scatter. Target: within
 1.5x of the peer. The one-page ioctl loop is timed beside them (fewer pages, the same per-page
-rate), and the batched receive is also fed the strided views a stream reader hands on.
+rate), and the batched receive is also fed the strided views a stream reader hands on. The last
+group runs the whole PSP path of a migration (batched SEND, the stream over the in-process
+channel, batched RECEIVE) against its cryptography alone.
 """
+import threading
+
 import numpy as np
 import pytest
 
@@ -19,6 +23,7 @@ from sevcore import sevpkt
 from sevcore.kvm_util import sev_receive_start, sev_send_start, vm_mem_add, vm_sev_launch
 from sevcore.memcrypt import MemoryEngine
 from sevcore.migration import StreamReader, StreamWriter, inprocess_pair
+from sevcore.migration.stream import EncryptedPages
 from sevcore.uapi import (KVM_SEV_INIT2, KVM_SEV_RECEIVE_UPDATE_DATA, KVM_SEV_SEND_UPDATE_DATA,
                           KVM_X86_SEV_VM)
 
@@ -173,3 +178,49 @@ def test_receive_one_ioctl_per_page(benchmark, mig):
     benchmark.pedantic(per_page_ioctls, (mig.tvm, kvm, KVM_SEV_RECEIVE_UPDATE_DATA,
                                          mig.tuaddrs[:1].repeat(SINGLE), hdr, trans), rounds=3)
     mig.check_target()
+
+
+def pipeline(mig, call=1024):
+    """The PSP path of a migration: batched SEND on a source thread, ENCRYPTED_PAGES records
+    through the in-process channel, batched RECEIVE of each record on this thread."""
+    a, b = inprocess_pair(timeout=60)
+
+    def source():
+        w = StreamWriter(a)
+        for lo in range(0, N, call):
+            hdrs, trans = mig.vm.sev_send_update_data_pages(mig.uaddrs[lo:lo + call])
+            w.encrypted_batch(np.arange(lo, lo + call), hdrs, trans)
+        w.end()
+    t = threading.Thread(target=source)
+    t.start()
+    n = 0
+    for rec in StreamReader(b):
+        if isinstance(rec, EncryptedPages):
+            mig.tvm.sev_receive_update_data_pages(mig.tuaddrs[rec.gfns], rec.hdrs, rec.trans)
+            n += len(rec)
+    t.join()
+    return n
+
+
+@pytest.mark.benchmark(group=f"PSP path end to end, {N} pages")
+def test_pipeline_send_stream_receive(benchmark, mig):
+    """Batched SEND -> stream (in process, writer and reader threads) -> batched RECEIVE."""
+    per_item(benchmark, N, "pages")
+    assert benchmark.pedantic(pipeline, (mig,), rounds=10, warmup_rounds=1) == N
+    mig.check_target()
+
+
+@pytest.mark.benchmark(group=f"PSP path end to end, {N} pages")
+def test_pipeline_peer_raw_crypto(benchmark, mig):
+    """Peer: the cryptography alone, one thread: decrypt + seal + open + encrypt of the pages."""
+    umc, g, asid = mig.src.host.umc, mig.g, mig.vm.sev.asid
+    eng = MemoryEngine(mig.dst.host.umc.mode, bytes(16), mig.dst.host.tweak_table)
+    buf, hdrs = np.empty((N, PAGE), np.uint8), np.empty((N, 52), np.uint8)
+
+    def raw():
+        umc.read_pages(mig.spas, asid, out=buf)
+        sevpkt.seal(g.tek, g.tik, buf, mig.ivs, out=(hdrs, buf))
+        sevpkt.open(g.tek, g.tik, hdrs, buf, out=buf)
+        return eng.encrypt_pages(buf, mig.tspas, out=buf)
+    per_item(benchmark, N, "pages")
+    assert len(benchmark.pedantic(raw, rounds=10, warmup_rounds=1)) == N
