@@ -11,12 +11,14 @@ def u64_array(values, what):
     arr = np.asarray(values)
     if arr.size == 0 and arr.ndim == 1:
         return np.empty(0, np.uint64)
-    if arr.dtype == object:
-        if any(not isinstance(v, int) or isinstance(v, bool) for v in arr.reshape(-1)):
+    if not isinstance(values, np.ndarray) and arr.dtype.kind in "fO":
+        # Python ints above 2**63 next to others make numpy choose float64 or object.
+        items = arr.reshape(-1).tolist() if arr.dtype == object else list(values)
+        if any(not isinstance(v, int) or isinstance(v, bool) for v in items):
             raise TypeError(f"{what} must be ints")
-        if any(not 0 <= v <= U64_MAX for v in arr.reshape(-1)):
+        if any(not 0 <= v <= U64_MAX for v in items):
             raise ValueError(f"{what} must be u64 values")
-        arr = arr.astype(np.uint64)
+        arr = np.array(items, dtype=np.uint64).reshape(arr.shape)
     if arr.dtype.kind not in "iu" or arr.ndim != 1:
         raise TypeError(f"{what} must be a sequence of ints, not {arr.dtype} of shape "
                         f"{arr.shape}")

@@ -210,6 +210,15 @@ class CostModel:
         return clock.advance(self.psp_command_latency_ns + nbytes * NS_PER_S / self.psp_bytes_per_s,
                              "psp")
 
+    def psp_commands(self, clock, ncommands, nbytes_each=0):
+        """``ncommands`` mailbox commands one after another, each moving ``nbytes_each``: the
+        same as that many :meth:`psp_command` charges, in one step."""
+        _count(ncommands, "ncommands")
+        _count(nbytes_each, "nbytes_each")
+        return clock.advance(ncommands * (self.psp_command_latency_ns
+                                          + nbytes_each * NS_PER_S / self.psp_bytes_per_s),
+                             "psp")
+
     def psp_batch(self, clock, ncommands, nbytes=0):
         """``ncommands`` commands through ring-buffer mode moving ``nbytes`` in all: the mailbox
         latency once per queue of ``psp_ring_entries``, ``psp_ring_entry_ns`` per command, and the

@@ -26,3 +26,8 @@ class SigBus(Exception):
         super().__init__(f"SIGBUS at hva {hva:#x}: {reason}")
         self.hva = hva
         self.reason = reason
+
+
+class NotModelled(NotImplementedError):
+    """The kernel would handle this, but the simulator does not model it (the message says
+    what); raised from the call that reached it, so a test never sees an invented result."""

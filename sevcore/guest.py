@@ -17,12 +17,20 @@ message, as a selftest's ``GUEST_ASSERT`` does. ``rdmsr``/``wrmsr`` raise :class
 inside the guest on #GP; ``rdmsr_safe``/``wrmsr_safe`` return the vector instead, like the
 selftests' helpers.
 
-Bulk operations (``fill``, ``write_pattern``, ``check_pattern``, ``stamp``, ``digest``) touch
-many pages in one operation, executed in C through the NPT.
+An SEV-ES guest (its VMSA encrypted by LAUNCH_UPDATE_VMSA) talks to the host only through the
+GHCB: ``wrmsr(MSR_AMD64_SEV_ES_GHCB, ...)`` and ``vmgexit()``. Every operation that would need an
+intercept (a hypercall, an intercepted MSR, a ucall's port I/O, MMIO) raises
+:class:`VmmCommunicationException` (#VC) in it instead; an exception the program does not catch,
+or the program's end, is a triple fault: ``KVM_EXIT_SHUTDOWN``.
+
+Bulk operations (``fill``, ``write_pattern``, ``check_pattern``, ``stamp``, ``digest``, and the
+gather/scatter ``read_pages``/``write_pages``) touch many pages in one operation, executed in C
+through the NPT.
 """
 from typing import NamedTuple
 
-from sevcore.uapi import GP_VECTOR
+from sevcore.hostmem import PAGE_SIZE
+from sevcore.uapi import GP_VECTOR, X86_TRAP_VC
 
 UCALL_SYNC = "sync"
 UCALL_DONE = "done"
@@ -35,6 +43,15 @@ class GuestException(Exception):
     def __init__(self, vector, what):
         super().__init__(f"vector {vector} on {what}")
         self.vector = vector
+
+
+class VmmCommunicationException(GuestException):
+    """#VC: an SEV-ES guest executed an instruction the hypervisor would have to intercept;
+    ``exit_code`` is the SVM exit code a #VC handler would put in the GHCB."""
+
+    def __init__(self, exit_code, what):
+        super().__init__(X86_TRAP_VC, what)
+        self.exit_code = exit_code
 
 
 class Op(NamedTuple):
@@ -84,7 +101,29 @@ class Guest:
 
     def stamp_pages(self, gpas, value):
         """Bulk: :meth:`stamp` on a list of page-aligned GPAs (e.g. a random dirty set)."""
-        return Op("bulk_list", ("stamp", gpas, _u64(value, "value")))
+        return Op("bulk_list", ("stamp", gpas, _u64(value, "value"), None))
+
+    def read_pages(self, gpas, out=None):
+        """Bulk gather: the pages at the page-aligned ``gpas`` (with the C-bit / shared bit as
+        :meth:`read` takes it, the same for all), as a ``(len(gpas), 4096)`` uint8 numpy array,
+        or into ``out`` (a writable buffer of ``len(gpas) * 4096`` bytes), which is returned."""
+        if out is not None:
+            _page_buffer(out, len(gpas), "read_pages", writable=True)
+        return Op("bulk_list", ("read", gpas, 0, out))
+
+    def write_pages(self, gpas, data):
+        """Bulk scatter: page ``i`` of ``data`` (``len(gpas) * 4096`` bytes, any buffer; read when
+        the operation runs, not copied) to the page-aligned ``gpas[i]``."""
+        return Op("bulk_list", ("write", gpas, 0, _page_buffer(data, len(gpas), "write_pages")))
+
+    def write_pattern_pages(self, gpas, seed):
+        """Bulk: :meth:`write_pattern` on a list of page-aligned GPAs."""
+        return Op("bulk_list", ("pattern", gpas, _u64(seed, "seed"), None))
+
+    def check_pattern_pages(self, gpas, seed):
+        """Bulk: :meth:`check_pattern` on a list of page-aligned GPAs; returns the mismatch count
+        and the list index of the first mismatch (None if all match)."""
+        return Op("bulk_list", ("check", gpas, _u64(seed, "seed"), None))
 
     def digest(self, gpa, npages):
         """Bulk: a 64-bit hash of each page's contents (a numpy uint64 array)."""
@@ -95,6 +134,10 @@ class Guest:
     def hypercall(self, nr, a0=0, a1=0, a2=0, a3=0):
         """VMMCALL with ``nr`` in RAX and a0-a3 in RBX, RCX, RDX, RSI; returns RAX."""
         return Op("hypercall", tuple(_u64(v, "hypercall argument") for v in (nr, a0, a1, a2, a3)))
+
+    def cpuid(self, function, index=0):
+        """CPUID with EAX = ``function``, ECX = ``index``; returns ``(eax, ebx, ecx, edx)``."""
+        return Op("cpuid", (_u32(function, "CPUID function"), _u32(index, "CPUID index")))
 
     def rdmsr(self, index):
         """RDMSR; a #GP raises :class:`GuestException` in the guest."""
@@ -111,6 +154,20 @@ class Guest:
     def wrmsr_safe(self, index, value):
         """WRMSR returning the vector: 0, or GP_VECTOR on #GP."""
         return Op("wrmsr", (_u32(index), _u64(value, "value"), True))
+
+    def vmgexit(self):
+        """VMGEXIT (``rep; vmmcall``): hand the GHCB MSR's request (or the GHCB page) to the
+        hypervisor. Outside an SEV-ES guest it is a VMMCALL with RAX 0."""
+        return Op("vmgexit", ())
+
+    def xsave(self, gpa, rfbm):
+        """XSAVE to the 64-byte aligned ``gpa`` with EDX:EAX = ``rfbm`` (masked by XCR0)."""
+        return Op("xsave", (_u64(gpa, "gpa"), _u64(rfbm, "rfbm")))
+
+    def shutdown(self):
+        """Load an empty IDT and execute UD2: the #UD cannot be delivered and the CPU shuts
+        down (a triple fault)."""
+        return Op("shutdown", ())
 
     # -- ucalls -------------------------------------------------------------------------------------
 
@@ -133,9 +190,9 @@ def _u64(v, what):
     return v
 
 
-def _u32(v):
+def _u32(v, what="MSR index"):
     if not isinstance(v, int) or not 0 <= v < 1 << 32:
-        raise ValueError(f"MSR index must be a u32, got {v!r}")
+        raise ValueError(f"{what} must be a u32, got {v!r}")
     return v
 
 
@@ -145,6 +202,17 @@ def _size(n):
     return n
 
 
+def _page_buffer(buf, npages, what, writable=False):
+    """``buf`` as a flat byte view, checked to hold exactly ``npages`` pages."""
+    view = memoryview(buf).cast("B")
+    if view.nbytes != npages * PAGE_SIZE:
+        raise ValueError(f"{what} of {npages} pages needs {npages * PAGE_SIZE} bytes, got "
+                         f"{view.nbytes}")
+    if writable and view.readonly:
+        raise ValueError(f"{what} needs a writable buffer")
+    return view
+
+
 def _page_gpa(gpa):
     gpa = _u64(gpa, "gpa")
     if gpa & 0xfff:
@@ -152,5 +220,5 @@ def _page_gpa(gpa):
     return gpa
 
 
-__all__ = ["Guest", "GuestException", "Op", "UCALL_SYNC", "UCALL_DONE", "UCALL_ABORT",
-           "GP_VECTOR"]
+__all__ = ["Guest", "GuestException", "VmmCommunicationException", "Op", "UCALL_SYNC",
+           "UCALL_DONE", "UCALL_ABORT", "GP_VECTOR"]

@@ -206,9 +206,7 @@ class Kvm:
         """The frames behind the VMM pages ``pages`` (hva >> 12, a uint64 array) of one
         anonymous mapping, allocating the untouched ones in one batch; None if the pages are
         not all inside one anonymous mapping."""
-        lo, hi = int(pages.min()), int(pages.max())
-        m = self._mapping(lo << PAGE_SHIFT)
-        if m is None or m.kind != "anon" or (hi + 1) << PAGE_SHIFT > m.end:
+        if self.anon_span_pages(pages) is None:
             return None
         pfns = self._pt.lookup_batch(pages)
         miss = np.flatnonzero(pfns == Npt.MISS)
@@ -335,6 +333,54 @@ class Kvm:
             self.host.mem.frames[spa:spa + n] = data[pos:pos + n]
             pos += n
 
+    def read_pages(self, hvas, out=None):
+        """Gather whole VMM pages: page ``i`` of the result is the page at ``hvas[i]`` (page
+        aligned, all in one anonymous mapping), as an ``(n, 4096)`` uint8 array (``out`` if
+        given). Untouched pages read as zeroes and stay unallocated; ValueError otherwise."""
+        pages, n = self._page_list(hvas)
+        if out is None:
+            out = np.empty((n, PAGE_SIZE), np.uint8)
+        elif out.shape != (n, PAGE_SIZE) or out.dtype != np.uint8:
+            raise ValueError(f"out must be a ({n}, {PAGE_SIZE}) uint8 array")
+        if n:
+            if self.anon_span_pages(pages) is None:
+                raise ValueError("read_pages: pages must lie in one anonymous mapping")
+            pfns = self._pt.lookup_batch(pages)
+            miss = pfns == Npt.MISS
+            np.take(self.host.mem.frames.reshape(-1, PAGE_SIZE), np.where(miss, 0, pfns),
+                    axis=0, out=out)
+            out[miss] = 0
+        return out
+
+    def write_pages(self, hvas, data):
+        """Scatter whole VMM pages: ``data`` (``n * 4096`` bytes) to the pages at ``hvas`` (page
+        aligned, one anonymous mapping), allocating frames on first touch. Every argument is
+        checked before anything is written (ValueError)."""
+        pages, n = self._page_list(hvas)
+        data = np.frombuffer(memoryview(data).cast("B"), np.uint8)
+        if data.size != n * PAGE_SIZE:
+            raise ValueError(f"{n} pages need {n * PAGE_SIZE} bytes, not {data.size}")
+        if n:
+            if self.anon_span_pages(pages) is None:
+                raise ValueError("write_pages: pages must lie in one anonymous mapping")
+            pfns = self.anon_pfns(pages)
+            self.host.mem.frames.reshape(-1, PAGE_SIZE)[pfns] = data.reshape(n, PAGE_SIZE)
+
+    def anon_span_pages(self, pages):
+        """The anonymous mapping holding all VMM pages ``pages`` (hva >> 12), or None."""
+        lo, hi = int(pages.min()), int(pages.max())
+        m = self._mapping(lo << PAGE_SHIFT)
+        if m is None or m.kind != "anon" or (hi + 1) << PAGE_SHIFT > m.end:
+            return None
+        return m
+
+    @staticmethod
+    def _page_list(hvas):
+        hvas = np.asarray(hvas, dtype=np.uint64).reshape(-1)
+        if len(hvas) and np.any(hvas & np.uint64(PAGE_SIZE - 1)):
+            raise ValueError("page lists take page-aligned HVAs")
+        return hvas >> np.uint64(PAGE_SHIFT), len(hvas)
+
     def fill(self, hva, byte, size):
         """memset() of VMM memory."""
         self.write(hva, bytes([byte]) * size)
@@ -385,5 +431,6 @@ def check_extension(host, vm, cap):
         U.KVM_CAP_X86_DISABLE_EXITS: KVM_ALLOWED_DISABLE_EXITS,
         U.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM: 1,
         U.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM: 1,
+        U.KVM_CAP_XCRS: 1,
     }
     return table.get(cap, 0)

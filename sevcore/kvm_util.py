@@ -57,10 +57,20 @@ def vm_mem_set_shared(vm, gpa, size):
     return vm.set_memory_attributes(gpa, size, 0, 0)
 
 
+def vm_vcpu_add(vm, vcpu_id):
+    """vm_arch_vcpu_add: ``KVM_CREATE_VCPU`` (the vCPU gets KVM_GET_SUPPORTED_CPUID's entries),
+    then ``vcpu_init_xcrs``: XCR0 = the supported XCR0 (``KVM_SET_XCRS``)."""
+    from sevcore.fpu import SUPPORTED_XCR0
+    vcpu = vm.create_vcpu(vcpu_id)
+    vcpu.set_xcrs([(U.XCR_XFEATURE_ENABLED_MASK, SUPPORTED_XCR0)])
+    return vcpu
+
+
 def vm_create_with_vcpus(kvm, type, nr_vcpus, guest_code=None, *args):
-    """A VM of ``type`` with vCPUs 0..nr_vcpus-1, each loaded with ``guest_code(g, *args)``."""
+    """A VM of ``type`` with vCPUs 0..nr_vcpus-1 (:func:`vm_vcpu_add`), each loaded with
+    ``guest_code(g, *args)``."""
     vm = kvm.create_vm(type)
-    vcpus = [vm.create_vcpu(i) for i in range(nr_vcpus)]
+    vcpus = [vm_vcpu_add(vm, i) for i in range(nr_vcpus)]
     if guest_code is not None:
         for v in vcpus:
             v.set_guest_code(guest_code, *args)
@@ -68,7 +78,8 @@ def vm_create_with_vcpus(kvm, type, nr_vcpus, guest_code=None, *args):
 
 
 __all__ = ["vm_mem_add", "addr_gpa2hva", "vm_guest_mem_fallocate", "vm_set_memory_attributes",
-           "vm_mem_set_private", "vm_mem_set_shared", "vm_create_with_vcpus", "PAGE_SIZE"]
+           "vm_mem_set_private", "vm_mem_set_shared", "vm_vcpu_add", "vm_create_with_vcpus",
+           "PAGE_SIZE"]
 
 
 # -- SEV (tools/testing/selftests/kvm/lib/x86/sev.c) -------------------------------------------------
@@ -128,7 +139,7 @@ def vm_sev_create_with_one_vcpu(kvm, type, guest_code=None, *args, npages=16):
     vm = kvm.create_vm(type)
     vm.memory_encrypt_op(U.KVM_SEV_INIT2)
     vm_mem_add(vm, 0, 0, npages)
-    vcpu = vm.create_vcpu(0)
+    vcpu = vm_vcpu_add(vm, 0)
     if guest_code is not None:
         vcpu.set_guest_code(guest_code, *args)
     return vm, vcpu

@@ -144,6 +144,9 @@ _ARCH = {
 }
 
 
+U64_MASK = (1 << 64) - 1
+
+
 class MsrState:
     """A vCPU's MSRs as KVM emulates them."""
 
@@ -156,6 +159,11 @@ class MsrState:
         feature = PV_MSR_FEATURE[index]
         return self.vcpu.guest_pv_has(feature)
 
+    def _tsc_now(self):
+        """The host TSC: the Host's simulated clock, one tick per nanosecond (a 1 GHz TSC), so a
+        guest measures simulated time, as a workload that dirties memory at a rate must."""
+        return int(self.vcpu.vm.host.clock.now_ns)
+
     def get(self, index):
         """kvm_get_msr_common and the vendor handler: ``(ret, value)``."""
         if index in PV_MSR_FEATURE:
@@ -164,6 +172,8 @@ class MsrState:
             return MSR_OK, self.values[index]
         if index == U.MSR_IA32_FLUSH_CMD:
             return MSR_RET_UNSUPPORTED, 0        # write-only command MSR
+        if index == U.MSR_IA32_TSC:
+            return MSR_OK, (self._tsc_now() + self.values[index]) & U64_MASK
         if index in _ARCH:
             return MSR_OK, self.values[index]
         return MSR_RET_UNSUPPORTED, 0
@@ -186,6 +196,8 @@ class MsrState:
                 return MSR_RET_INVALID
         elif mask is not None and value & ~mask:
             return MSR_RET_INVALID
+        if index == U.MSR_IA32_TSC:
+            value = (value - self._tsc_now()) & U64_MASK       # kept as the TSC offset
         self.values[index] = value
         return MSR_OK
 

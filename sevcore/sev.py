@@ -342,7 +342,7 @@ def _blob_size(size):
 def pin_memory(vm, uaddr, ulen, write, ioctl):
     """sev_pin_memory: the pfns of ``[uaddr, uaddr + ulen)``, counted in pages_locked."""
     sev = vm.sev
-    if ulen == 0 or uaddr + ulen - 1 > ULONG_MAX or uaddr < 0 or ulen < 0:
+    if ulen == 0 or _wraps(uaddr, ulen) or uaddr < 0 or ulen < 0:
         raise KvmError(EINVAL, ioctl, "empty or wrapping range")
     first, last = uaddr >> PAGE_SHIFT, (uaddr + ulen - 1) >> PAGE_SHIFT
     npages = last - first + 1
@@ -371,6 +371,12 @@ def _lock_limit(vm, npages, ioctl):
                                                                            False):
         raise KvmError(ENOMEM, ioctl, "RLIMIT_MEMLOCK exceeded")
     return locked
+
+
+def _wraps(addr, size):
+    """``addr + size < addr`` in 64-bit arithmetic: a range that ends exactly at 2^64 wraps
+    too (sev_pin_memory, sev_dbg_crypt)."""
+    return addr + size > ULONG_MAX
 
 
 def _runs(pfns):
@@ -465,7 +471,7 @@ def _guest_init(c, params, vm_type):
     asid = asids.new(es, IOCTL)
     status = _platform_init(vm.host)
     if status:
-        asids.used.discard(asid)
+        asids.free(asid)                      # sev_asid_free: reusable after the next flush
         c.out.error = status
         raise SevError(status, c.out)
     sev.active, sev.es_active, sev.snp_active = True, es, snp
@@ -549,12 +555,21 @@ def _cmd_launch_update_data(c, params):
         c.unpin(pfns)
 
 
+#: Offsets of the general-purpose registers in struct sev_es_save_area (APM vol. 2 table B-4;
+#: arch/x86/include/asm/svm.h).
+VMSA_REGS = {"rflags": 0x170, "rip": 0x178, "rsp": 0x1d8, "rax": 0x1f8, "rcx": 0x308,
+             "rdx": 0x310, "rbx": 0x318, "rbp": 0x328, "rsi": 0x330, "rdi": 0x338,
+             **{f"r{i}": 0x340 + 8 * (i - 8) for i in range(8, 16)}}
+
+
 def build_vmsa(vcpu, sev_features):
-    """The 4 KiB VMSA KVM would build from this vCPU (sev_es_sync_vmsa), from what the model
-    has: the architectural reset state at the VMSA offsets of the APM (table B-4): DR7 0x400 at
-    0x160, DR6 0xffff0ff0 at 0x168, RFLAGS 2 at 0x170, RIP 0xfff0 at 0x178, CS selector 0xf000
-    and base 0xffff0000 at 0x010/0x018, EFER at 0xd0 (SVME), sev_features at 0x3b0, XCR0 1 at
-    0x3e8; and, in the reserved area at 0x3f0, the vCPU id (u32) so each vCPU's page differs."""
+    """The 4 KiB VMSA ``sev_es_sync_vmsa`` builds for this vCPU: the VMCB save area as reset
+    left it (CS selector 0xf000 and base 0xffff0000 at 0x010/0x018, EFER.SVME at 0xd0, DR7 0x400
+    at 0x160), then the registers of KVM_SET_REGS, DR6 (0xffff0ff0), XCR0 (0x3e8) and
+    sev_features (0x3b0); for VM types other than KVM_X86_DEFAULT_VM also the x87/SSE/AVX state
+    of KVM_SET_XSAVE (legacy ES_INIT skips it, to keep older measurements). The reserved bytes
+    at 0x3f0 carry the vCPU id (u32), so each vCPU's page differs."""
+    from sevcore import fpu
     v = bytearray(VMSA_SIZE)
 
     def put(off, value, size=8):
@@ -564,11 +579,13 @@ def build_vmsa(vcpu, sev_features):
     put(0x0d0, 1 << 12)
     put(0x160, 0x400)
     put(0x168, 0xffff0ff0)
-    put(0x170, 2)
-    put(0x178, 0xfff0)
-    put(0x3b0, sev_features)
-    put(0x3e8, 1)
+    for name, off in VMSA_REGS.items():
+        put(off, vcpu.regs[name])
+    put(fpu.VMSA_SEV_FEATURES, sev_features)
+    put(fpu.VMSA_XCR0, vcpu.xcr0)
     put(0x3f0, vcpu.vcpu_id, 4)
+    if vcpu.vm.type != U.KVM_X86_DEFAULT_VM:
+        fpu.sync_vmsa(v, vcpu.fpu)
     return bytes(v)
 
 
@@ -585,6 +602,7 @@ def _cmd_launch_update_vmsa(c, params):
         c.host.umc.write(vcpu.vmsa_spa, build_vmsa(vcpu, c.sev.vmsa_features), 0)
         c.fw(U.SEV_CMD_LAUNCH_UPDATE_VMSA, L.sev_data_launch_update_vmsa, handle=c.sev.handle,
              address=vcpu.vmsa_spa, len=VMSA_SIZE)
+        vcpu.fpu_confidential = True          # fpstate_set_confidential
         vcpu.guest_state_protected = True
 
 
@@ -661,7 +679,7 @@ def _cmd_dbg(encrypt):
         encrypt; chunks also stop at the destination's page end (see docs/fidelity.md)."""
         p = _params(c, params)
         src, dst, size = p["src_uaddr"], p["dst_uaddr"], p["len"]
-        if not size or src + size - 1 > ULONG_MAX:
+        if not size or _wraps(src, size):
             c.fail(EINVAL, "len is 0 or the source wraps")
         if not dst:
             c.fail(EINVAL, "dst_uaddr is 0")
@@ -879,17 +897,19 @@ class _PageBatch:
         return exc
 
     def user_checks(self):
-        """The index of the first page the handler refuses before pinning (an address or a
-        length of 0, a range crossing a page, a blob above SEV_FW_BLOB_MAX_SIZE), or n."""
+        """The index of the first page refused before anything is pinned (an address or a
+        length of 0, a range crossing a page, a blob above SEV_FW_BLOB_MAX_SIZE, a range that
+        wraps, which sev_pin_memory checks first), or n."""
         u = self.uaddrs
         bad = (u == 0) | (u & np.uint64(PAGE_SIZE - 1) != 0)
+        bad |= u > np.uint64(ULONG_MAX - PAGE_SIZE)
         if not self.send and (not self.hdr_len or not self.trans_len
                               or max(self.hdr_len, self.trans_len) > U.SEV_FW_BLOB_MAX_SIZE):
             bad[:] = True
         return first(bad)
 
     def user_error(self, i):
-        """The KvmError the handler raises for page ``i`` before pinning, in its order."""
+        """The KvmError page ``i``'s ioctl raises before pinning, in the kernel's order."""
         if not self.uaddrs[i] or not self.hdr_len or not self.trans_len:
             return KvmError(EINVAL, IOCTL, self.zero_msg)
         if self.uaddrs[i] & np.uint64(PAGE_SIZE - 1):
@@ -899,6 +919,8 @@ class _PageBatch:
                 _blob_size(size)
             except KvmError as exc:
                 return exc
+        if _wraps(int(self.uaddrs[i]), PAGE_SIZE):
+            return KvmError(EINVAL, IOCTL, "empty or wrapping range")
         raise AssertionError("page passes the handler's checks")
 
     def pin(self, count):
@@ -1064,9 +1086,13 @@ def move_enc_context_from(dst, ioctl, fd_or_vm):
         s.enc_context_owner = None
         s.regions = []
         if d.es_active:
+            # The VMSA and the GHCB MSR move; the destination's FPU state is not made
+            # confidential (sev_migrate_from sets only guest_state_protected).
             for dv, sv in zip(dst.vcpus, src.vcpus):
-                dv.vmsa_spa, dv.guest_state_protected = sv.vmsa_spa, True
-                sv.vmsa_spa, sv.guest_state_protected = None, False
+                dv.vmsa_spa, dv.guest_state_protected, dv.ghcb_gpa = sv.vmsa_spa, True, \
+                    sv.ghcb_gpa
+                sv.vmsa_spa, sv.guest_state_protected, sv.ghcb_gpa = None, False, \
+                    U.INVALID_PAGE
         dst.sev_need_init = False
         src.dead = True
     finally:

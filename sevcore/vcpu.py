@@ -8,14 +8,21 @@ with the exit described in ``vcpu.kvm_run``; it raises ``OSError(EFAULT/EIO/...)
 ``KVM_RUN`` fails, leaving ``KVM_EXIT_MEMORY_FAULT`` in ``kvm_run`` for memory faults
 (``spec/kvm-uapi.md`` section 5.4). What user space writes into ``kvm_run`` before the next
 ``run()`` (``hypercall.ret``, ``msr.data``/``msr.error``, ``mmio.data``) completes the exit.
+
+An SEV-ES vCPU runs from its encrypted VMSA: it has the GHCB MSR and VMGEXIT (the GHCB MSR
+protocol of ``sev_handle_vmgexit_msr_protocol``), SEV_STATUS, and #VC instead of every intercept;
+the register ioctls are refused once its state is protected (``docs/fidelity.md``, "SEV-ES
+guests").
 """
 from errno import EBADF, EINTR, EINVAL, EIO
 
 import numpy as np
 
+from sevcore import fpu
 from sevcore import uapi as U
-from sevcore.errors import KvmError
-from sevcore.guest import (UCALL_ABORT, UCALL_DONE, Guest, GuestException, Op)
+from sevcore.errors import KvmError, NotModelled
+from sevcore.guest import (UCALL_ABORT, UCALL_DONE, Guest, GuestException, Op,
+                           VmmCommunicationException)
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.mmu import MemoryFault, MmioAccess, decode_gpa, faultin_pages, translate
 from sevcore.msr import (MSR_OK, MSR_RET_FILTERED, MSR_TYPE_R, MSR_TYPE_W, PV_HC_FEATURE,
@@ -94,12 +101,19 @@ class InternalError(_Struct):
         self.suberror, self.ndata, self.data = 0, 0, []
 
 
+class SystemEvent(_Struct):
+    __slots__ = ("type", "ndata", "data")
+
+    def __init__(self):
+        self.type, self.ndata, self.data = 0, 0, [0] * 16
+
+
 class KvmRun:
     """struct kvm_run: the shared page KVM_RUN reports exits in. ``ucall`` is the decoded
     selftest ucall of a ``KVM_EXIT_IO`` exit: ``(cmd, values)``."""
 
     __slots__ = ("exit_reason", "immediate_exit", "hypercall", "memory_fault", "msr", "mmio",
-                 "io", "internal", "ucall", "fail_entry_reason")
+                 "io", "internal", "ucall", "fail_entry_reason", "system_event")
 
     def __init__(self):
         self.exit_reason = U.KVM_EXIT_UNKNOWN
@@ -112,6 +126,7 @@ class KvmRun:
         self.internal = InternalError()
         self.ucall = None
         self.fail_entry_reason = 0
+        self.system_event = SystemEvent()
 
     def __repr__(self):
         return f"<kvm_run exit_reason={self.exit_reason}>"
@@ -121,14 +136,42 @@ class GuestAssertionError(AssertionError):
     """A guest program's assertion, reported through UCALL_ABORT."""
 
 
-_BULK_OPS = {"fill": 3, "pattern": 4, "check": 5, "stamp": 6, "digest": 7}
+_BULK_OPS = {"read": 1, "write": 2, "fill": 3, "pattern": 4, "check": 5, "stamp": 6, "digest": 7}
 _EXIT = object()      # an operation stopped the run loop with an exit prepared
 _THROW = object()     # an operation ends by raising an exception in the guest
+_NOT_HW = object()    # an MSR access the hardware does not handle by itself
+
+#: The SVM exit code of each intercepted guest operation (a ucall is an OUT to its port).
+_VC_EXIT_CODE = {"cpuid": U.SVM_EXIT_CPUID, "hypercall": U.SVM_EXIT_VMMCALL,
+                 "ucall": U.SVM_EXIT_IOIO}
+
+#: GHCB_HV_FT_SUPPORTED (arch/x86/kvm/svm/sev.c): what KVM answers a hypervisor-feature request.
+GHCB_HV_FT_SUPPORTED = U.GHCB_HV_FT_SNP | U.GHCB_HV_FT_SNP_AP_CREATION
+
+
+def _access_state(size, data):
+    return {"pos": 0, "buf": bytearray(size) if data is None else None}
+
+
+def _set_bits(value, field, mask, pos):
+    """set_ghcb_msr_bits: replace the ``mask`` field at ``pos`` of ``value``."""
+    return (value & ~(mask << pos)) | ((field & mask) << pos)
 
 
 def _s64(v):
     v &= U64
     return v - (1 << 64) if v >> 63 else v
+
+
+#: struct kvm_regs, in the kernel's order.
+KVM_REGS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
+            "r12", "r13", "r14", "r15", "rip", "rflags")
+
+
+def _reset_regs():
+    regs = dict.fromkeys(KVM_REGS, 0)
+    regs.update(rip=0xfff0, rflags=0x2, rdx=0x600)
+    return regs
 
 
 def default_cpuid(host):
@@ -143,7 +186,13 @@ def default_cpuid(host):
     kvm_sig = [int.from_bytes(b"KVMKVMKVM\0\0\0"[i:i + 4], "little") for i in (0, 4, 8)]
     return [
         e(0x0, 0x10, auth[0], auth[2], auth[1]),
-        e(0x1, 0x00a10f11, 0, 1 << 31, 0x178bfbff),
+        # ECX: XSAVE (26), AVX (28), hypervisor (31).
+        e(0x1, 0x00a10f11, 0, 1 << 26 | 1 << 28 | 1 << 31, 0x178bfbff),
+        # XSAVE: the supported XCR0 and its area size; the YMM component's size and offset.
+        e(0xd, fpu.SUPPORTED_XCR0, fpu.xstate_size(fpu.SUPPORTED_XCR0),
+          fpu.xstate_size(fpu.SUPPORTED_XCR0), 0, index=0, flags=U.KVM_CPUID_FLAG_SIGNIFCANT_INDEX),
+        e(0xd, fpu.XSAVE_YMM_SIZE, fpu.XSAVE_YMM_OFFSET, index=2,
+          flags=U.KVM_CPUID_FLAG_SIGNIFCANT_INDEX),
         e(0x80000000, 0x80000021, auth[0], auth[2], auth[1]),
         e(0x80000001, 0, 0, 1 << 2, 1 << 29 | 1 << 20),
         e(0x80000008, 0x3030, 0, 0, 0),
@@ -179,6 +228,22 @@ class Vcpu:
         self.vmsa_spa = None
         self.guest_state_protected = False
         self.guest_debug = 0
+        #: struct kvm_regs as KVM holds it (kvm_vcpu_reset: RIP 0xfff0, RFLAGS 2, RDX 0x600
+        #: before any CPUID is set), XCR0 (FP only) and the FPU image (sevcore.fpu).
+        self.regs = _reset_regs()
+        self.xcr0 = U.XFEATURE_MASK_FP
+        self.fpu = fpu.reset_image()
+        #: fpstate_set_confidential: KVM no longer holds the FPU state (LAUNCH_UPDATE_VMSA).
+        self.fpu_confidential = False
+        #: The VMCB's GHCB MSR. An SEV-ES vCPU comes out of RESET with the SEV_INFO response
+        #: (sev_es_init_vmcb / sev_es_vcpu_reset).
+        sev = vm.sev
+        self.ghcb_gpa = U.GHCB_MSR_SEV_INFO(sev.ghcb_version, U.GHCB_VERSION_MIN,
+                                            vm.host.c_bit) if sev.es_active else 0
+        #: SEV-ES: the VMSA still holds the state that shut down, so every VMRUN shuts down again.
+        self.in_shutdown = False
+        #: SEV-ES: what ended the guest program (None: it returned) when it triple-faulted.
+        self.guest_exception = None
         self.fd = vm.host.install_fd(self)
 
     def __repr__(self):
@@ -226,8 +291,11 @@ class Vcpu:
         return [dict(e) for e in self.cpuid]
 
     def cpuid_entry(self, function, index=0):
+        """kvm_find_cpuid_entry_index: the index counts only for leaves flagged
+        KVM_CPUID_FLAG_SIGNIFCANT_INDEX."""
         for e in self.cpuid:
-            if e["function"] == function and e["index"] == index:
+            if e["function"] == function and (
+                    not e["flags"] & U.KVM_CPUID_FLAG_SIGNIFCANT_INDEX or e["index"] == index):
                 return e
         return None
 
@@ -246,6 +314,113 @@ class Vcpu:
             self.pv_enforce = bool(a[0])
             return 0
         raise KvmError(EINVAL, ioctl, f"capability {cap} cannot be enabled on a vCPU")
+
+    # -- registers and FPU state -------------------------------------------------------------------
+
+    def _state_ioctl(self, ioctl):
+        """The check of every register ioctl on a VM type with protected state: once the VMSA is
+        encrypted KVM has nothing to read or write (EINVAL)."""
+        self._enter(ioctl)
+        if self.vm.has_protected_state and self.guest_state_protected:
+            raise KvmError(EINVAL, ioctl, "guest state is protected")
+
+    def get_regs(self):
+        """Mirrors ``KVM_GET_REGS``: the ``struct kvm_regs`` fields as a dict; EINVAL once the
+        state of an SEV-ES/SNP-type VM is protected (a legacy ES_INIT VM reads KVM's stale
+        copy)."""
+        self._state_ioctl("KVM_GET_REGS")
+        return dict(self.regs)
+
+    def set_regs(self, **regs):
+        """Mirrors ``KVM_SET_REGS`` with ``struct kvm_regs`` field names (the others keep their
+        values, as a read-modify-write would); EINVAL once the state is protected."""
+        ioctl = "KVM_SET_REGS"
+        unknown = set(regs) - set(KVM_REGS)
+        if unknown:
+            raise TypeError(f"struct kvm_regs has no field(s) {sorted(unknown)}")
+        for k, v in regs.items():
+            if not isinstance(v, int) or not 0 <= v <= U64:
+                raise ValueError(f"{k} must be a u64")
+        self._state_ioctl(ioctl)
+        self.regs.update(regs)
+        return 0
+
+    def get_xsave(self):
+        """Mirrors ``KVM_GET_XSAVE``: the 4096-byte ``struct kvm_xsave``. Once the FPU state is
+        confidential: EINVAL on an SEV-ES/SNP-type VM, zeros (and success) on a legacy one."""
+        ioctl = "KVM_GET_XSAVE"
+        self._enter(ioctl)
+        if self.fpu_confidential:
+            if self.vm.has_protected_state:
+                raise KvmError(EINVAL, ioctl, "FPU state is confidential")
+            return bytes(fpu.XSAVE_SIZE)
+        return bytes(self.fpu)
+
+    def set_xsave(self, region):
+        """Mirrors ``KVM_SET_XSAVE``: ``region`` is the 4096-byte ``struct kvm_xsave``. EINVAL for
+        XSTATE_BV bits outside the supported XCR0, a compacted header, reserved header bytes or
+        MXCSR bits. Once the FPU state is confidential: EINVAL on an SEV-ES/SNP-type VM, ignored
+        on a legacy one."""
+        ioctl = "KVM_SET_XSAVE"
+        region = bytes(region)
+        if len(region) != fpu.XSAVE_SIZE:
+            raise ValueError(f"struct kvm_xsave is {fpu.XSAVE_SIZE} bytes, not {len(region)}")
+        self._enter(ioctl)
+        if self.fpu_confidential:
+            if self.vm.has_protected_state:
+                raise KvmError(EINVAL, ioctl, "FPU state is confidential")
+            return 0
+        why = fpu.check_uabi(region, fpu.SUPPORTED_XCR0)
+        if why:
+            raise KvmError(EINVAL, ioctl, why)
+        self.fpu = fpu.copy_uabi(region)
+        return 0
+
+    def get_xcrs(self):
+        """Mirrors ``KVM_GET_XCRS``: ``[(xcr, value)]`` (XCR0 only); EINVAL once the state is
+        protected."""
+        self._state_ioctl("KVM_GET_XCRS")
+        return [(U.XCR_XFEATURE_ENABLED_MASK, self.xcr0)]
+
+    def set_xcrs(self, xcrs, flags=0):
+        """Mirrors ``KVM_SET_XCRS``: ``xcrs`` are ``(xcr, value)`` pairs; the first XCR0 entry is
+        set as ``__kvm_set_xcr`` allows (FP set, YMM only with SSE, nothing beyond the guest's
+        CPUID 0xD), the others are ignored. EINVAL when protected, for more than KVM_MAX_XCRS
+        entries, nonzero flags or a refused XCR0."""
+        ioctl = "KVM_SET_XCRS"
+        xcrs = [tuple(x) for x in xcrs]
+        self._state_ioctl(ioctl)
+        if len(xcrs) > U.KVM_MAX_XCRS or flags:
+            raise KvmError(EINVAL, ioctl, "too many XCRs or nonzero flags")
+        for xcr, value in xcrs:
+            if xcr == U.XCR_XFEATURE_ENABLED_MASK:
+                why = self._check_xcr0(value)
+                if why:
+                    raise KvmError(EINVAL, ioctl, why)
+                self.xcr0 = value
+                break
+        return 0
+
+    def _check_xcr0(self, xcr0):
+        """__kvm_set_xcr for XCR0: the reason it is refused, or None."""
+        if not xcr0 & U.XFEATURE_MASK_FP:
+            return "XCR0 without FP"
+        if xcr0 & U.XFEATURE_MASK_YMM and not xcr0 & U.XFEATURE_MASK_SSE:
+            return "XCR0 has YMM without SSE"
+        leaf = self.cpuid_entry(0xd, 0)
+        guest_supported = ((leaf["eax"] | leaf["edx"] << 32) & fpu.SUPPORTED_XCR0) if leaf else 0
+        if xcr0 & ~(guest_supported | U.XFEATURE_MASK_FP):
+            return f"XCR0 {xcr0:#x} beyond the guest's CPUID {guest_supported:#x}"
+        return None
+
+    def _kvm_cpuid(self, function, index):
+        """kvm_cpuid: the entry's registers, zeros for a leaf the guest has not got (an AMD
+        vendor string gets no out-of-range fallback); CPUID 0xD.0 EBX follows XCR0."""
+        e = self.cpuid_entry(function, index)
+        if e is None:
+            return 0, 0, 0, 0
+        ebx = fpu.xstate_size(self.xcr0) if (function, index) == (0xd, 0) else e["ebx"]
+        return e["eax"], ebx, e["ecx"], e["edx"]
 
     # -- the guest -------------------------------------------------------------------------------------
 
@@ -279,12 +454,18 @@ class Vcpu:
         if vm.sev_need_init:
             raise KvmError(EINVAL, ioctl, "SEV VM has not been initialised (KVM_SEV_INIT2)")
         if vm.sev.active and self._sev_entry_fails():
-            # VMRUN of a guest whose firmware context was SENT (SEND_FINISH) or has no key:
-            # the entry fails (SVM_EXIT_ERR) and KVM reports KVM_EXIT_FAIL_ENTRY.
+            # VMRUN of a guest whose firmware context was SENT (SEND_FINISH) or has no key, or
+            # of an SEV-ES vCPU whose VMSA never went through LAUNCH_UPDATE_VMSA: the entry
+            # fails (SVM_EXIT_ERR) and KVM reports KVM_EXIT_FAIL_ENTRY.
             run = self.kvm_run
             run.exit_reason = U.KVM_EXIT_FAIL_ENTRY
             run.fail_entry_reason = SVM_EXIT_ERR
             return run
+        if self.in_shutdown:
+            # shutdown_interception did not INIT an SEV-ES vCPU: VMRUN resumes the VMSA that
+            # triple-faulted, and it faults again.
+            self.kvm_run.exit_reason = U.KVM_EXIT_SHUTDOWN
+            return self.kvm_run
         if self._code is None:
             raise ValueError("no guest program: call vcpu.set_guest_code(fn, ...) first")
         run = self.kvm_run
@@ -327,7 +508,8 @@ class Vcpu:
         psp = vm.host.psp
         g = psp.guest(vm.sev.handle)
         return g is None or g.state == U.SEV_GUEST_STATE_SENT or \
-            not vm.host.umc.has_key(vm.sev.asid)
+            not vm.host.umc.has_key(vm.sev.asid) or \
+            (vm.sev.es_active and not self.guest_state_protected)
 
     def _next_op(self):
         """Resume the generator with the last result; a ucall exit when it ends or raises."""
@@ -351,16 +533,39 @@ class Vcpu:
                 send, self._send = self._send, None
                 op = self._gen.send(send)
         except StopIteration:
-            self._finished = True
-            return self._ucall_exit(UCALL_DONE, ())
+            return self._guest_ended(None)
         except Exception as e:             # a guest assert or any guest error: UCALL_ABORT
-            self._finished = True
-            msg = str(e) or type(e).__name__
-            return self._ucall_exit(UCALL_ABORT, (f"{type(e).__name__}: {msg}",))
+            return self._guest_ended(e)
         if not isinstance(op, Op):
-            self._finished = True
-            return self._ucall_exit(UCALL_ABORT, (f"guest yielded {op!r}, not a g.* operation",))
+            return self._guest_ended(TypeError(f"guest yielded {op!r}, not a g.* operation"))
         return op
+
+    def _guest_ended(self, exc):
+        """The program returned (``exc`` None) or raised: GUEST_DONE or UCALL_ABORT. An SEV-ES
+        guest cannot make a ucall, so its end is a triple fault."""
+        self._finished = True
+        if self.guest_state_protected:
+            self.guest_exception = exc
+            return self._shutdown()
+        if exc is None:
+            return self._ucall_exit(UCALL_DONE, ())
+        msg = str(exc) or type(exc).__name__
+        return self._ucall_exit(UCALL_ABORT, (f"{type(exc).__name__}: {msg}",))
+
+    def _shutdown(self):
+        """shutdown_interception: KVM_EXIT_SHUTDOWN. Any other vCPU gets INIT, which restarts the
+        guest program (the model's reset vector) with the reset registers; an SEV-ES vCPU's
+        encrypted VMSA cannot be reinitialised, so it stays in shutdown."""
+        self._op = None
+        if self.guest_state_protected:
+            self.in_shutdown = True
+        else:
+            self._gen = None
+            self._finished = False
+            self._send = self._throw = None
+            self.regs = _reset_regs()
+        self.kvm_run.exit_reason = U.KVM_EXIT_SHUTDOWN
+        return _EXIT
 
     def _ucall_exit(self, cmd, values):
         run = self.kvm_run
@@ -380,27 +585,45 @@ class Vcpu:
             return self._access(args[0], len(args[1]), args[1])
         if kind in ("bulk", "bulk_list"):
             return self._bulk(kind, args)
-        if kind == "hypercall":
-            return self._hypercall(*args)
         if kind == "rdmsr":
             return self._rdmsr(*args)
         if kind == "wrmsr":
             return self._wrmsr(*args)
+        if kind == "xsave":
+            return self._xsave(*args)
+        if kind == "vmgexit":
+            return self._vmgexit()
+        if kind == "shutdown":
+            return self._shutdown()
+        if self.guest_state_protected:
+            # Intercepted instructions raise #VC in an SEV-ES guest.
+            return self._vc(_VC_EXIT_CODE[kind], kind)
+        if kind == "cpuid":
+            return self._kvm_cpuid(*args)
+        if kind == "hypercall":
+            return self._hypercall(*args)
         if kind == "ucall":
             self._op = None          # the OUT completes before user space sees the exit
             return self._ucall_exit(*args)
         raise ValueError(f"unknown guest operation {kind!r}")
 
+    def _vc(self, exit_code, what, safe=False, safe_result=None):
+        """#VC for the current instruction of an SEV-ES guest."""
+        return self._deliver(safe, safe_result,
+                             VmmCommunicationException(exit_code, what))
+
     # -- memory ---------------------------------------------------------------------------------------
 
-    def _access(self, gpa, size, data):
+    def _access(self, gpa, size, data, st=None):
         """A guest read (data None) or write of [gpa, gpa + size). Whole pages go to the C page
         kernel, partial pages (and MMIO) are handled here; progress is kept across exits so a
-        retried access resumes where it stopped."""
+        retried access resumes where it stopped (in ``self._progress``, or in ``st``, a
+        :func:`_access_state`, for an instruction that makes several accesses)."""
         from sevcore import guestmem as gm
-        if self._progress is None:
-            self._progress = {"pos": 0, "buf": bytearray(size) if data is None else None}
-        st = self._progress
+        if st is None:
+            if self._progress is None:
+                self._progress = _access_state(size, data)
+            st = self._progress
         write = data is not None
         while st["pos"] < size:
             pos = st["pos"]
@@ -455,7 +678,10 @@ class Vcpu:
 
     def _mmio(self, st, gpa, data, pos, n):
         """KVM_EXIT_MMIO for ``n`` bytes at ``gpa`` (C-bit / shared bit stripped); the read
-        data user space supplies completes the access on the next KVM_RUN."""
+        data user space supplies completes the access on the next KVM_RUN. KVM cannot decode an
+        SEV-ES guest's instruction: the MMIO SPTE's reserved bits reflect the #NPF as #VC."""
+        if self.guest_state_protected:
+            return self._vc(U.SVM_EXIT_NPF, f"MMIO at gpa {gpa:#x}")
         run = self.kvm_run
         run.exit_reason = U.KVM_EXIT_MMIO
         run.mmio.phys_addr = gpa
@@ -516,17 +742,23 @@ class Vcpu:
         from sevcore import guestmem as gm
         if kind == "bulk":
             name, gpa, n, arg = args
-            gpas = None
+            gpas = buf = None
         else:
-            name, gpas, arg = args
+            name, gpas, arg, buf = args
             gpa, gpas = 0, np.asarray(gpas, dtype=np.uint64).reshape(-1)
             n = len(gpas)
         st = self._progress
         if st is None:
-            st = self._progress = {"done": [0], "check": [0, None],
-                                   "digest": np.zeros(n, np.uint64) if name == "digest" else None}
-        out = st["digest"] if name == "digest" else np.zeros(2, np.uint64) \
+            result = None                  # what DIGEST and READ return, filled across exits
+            if name == "digest":
+                result = np.zeros(n, np.uint64)
+            elif name == "read":
+                result = np.empty((n, PAGE_SIZE), np.uint8) if buf is None else buf
+            st = self._progress = {"done": [0], "check": [0, None], "result": result}
+        out = st["result"] if name == "digest" else np.zeros(2, np.uint64) \
             if name == "check" else None
+        if name == "read":
+            buf = np.frombuffer(st["result"], np.uint8)
 
         def on_chunk(start, k):
             if name == "check" and k:
@@ -534,17 +766,131 @@ class Vcpu:
                 if st["check"][1] is None and int(out[1]) != gm.NO_MISMATCH:
                     st["check"][1] = start + int(out[1])
         try:
-            self._page_kernel(_BULK_OPS[name], gpa, n, st["done"], gpas=gpas, arg=arg, out=out,
-                              on_chunk=on_chunk)
+            self._page_kernel(_BULK_OPS[name], gpa, n, st["done"], gpas=gpas, arg=arg, buf=buf,
+                              out=out, on_chunk=on_chunk)
         except MmioAccess as e:
             # Bulk operations are for RAM; the guest sees the failure as an exception.
             self._throw = RuntimeError(f"bulk {name} reached MMIO at gpa {e.gpa:#x}")
             return _THROW
         if name == "check":
             return st["check"][0], st["check"][1]
-        if name == "digest":
-            return st["digest"]
+        return st["result"]
+
+    # -- SEV-ES: the GHCB, SEV_STATUS, XSAVE -------------------------------------------------------
+
+    def _vmsa(self):
+        """The VMSA as VMRUN sees it: the page decrypted with the guest's key."""
+        return self.vm.host.umc.read(self.vmsa_spa, PAGE_SIZE, self.vm.sev.asid)
+
+    def _vmgexit(self):
+        """VMGEXIT (sev_handle_vmgexit): the GHCB MSR protocol when the MSR's low 12 bits hold a
+        request; no GHCB (0): straight back to the guest. Outside SEV-ES: VMMCALL."""
+        if not self.guest_state_protected:
+            return self._hypercall(0, 0, 0, 0, 0)
+        ghcb = self.ghcb_gpa
+        if ghcb & U.GHCB_MSR_INFO_MASK:
+            return self._ghcb_msr_protocol(ghcb)
+        if ghcb == 0:
+            return None
+        raise NotModelled(f"VMGEXIT through a GHCB page (gpa {ghcb:#x}); only the GHCB MSR "
+                          "protocol is simulated")
+
+    def _ghcb_msr_protocol(self, ghcb):
+        """sev_handle_vmgexit_msr_protocol: answer SEV_INFO, CPUID and hypervisor-feature
+        requests in the MSR; AP reset hold halts (no in-kernel local APIC: an exit); TERM_REQ,
+        and the SNP-only requests from a non-SNP guest, end in KVM_EXIT_SYSTEM_EVENT SEV_TERM
+        with the MSR in data[0]; anything else leaves the MSR as it is."""
+        vm = self.vm
+        info = ghcb & U.GHCB_MSR_INFO_MASK
+        if info == U.GHCB_MSR_SEV_INFO_REQ:
+            self.ghcb_gpa = U.GHCB_MSR_SEV_INFO(vm.sev.ghcb_version, U.GHCB_VERSION_MIN,
+                                                vm.host.c_bit)
+        elif info == U.GHCB_MSR_CPUID_REQ:
+            # The CPUID intercept with RAX = function, RCX = 0; the register asked for goes in
+            # GHCBData[63:32], GHCBData[31:12] stay.
+            fn = (ghcb >> U.GHCB_MSR_CPUID_FUNC_POS) & U.GHCB_MSR_CPUID_FUNC_MASK
+            reg = (ghcb >> U.GHCB_MSR_CPUID_REG_POS) & U.GHCB_MSR_CPUID_REG_MASK
+            value = self._kvm_cpuid(fn, 0)[reg]
+            ghcb = _set_bits(ghcb, value, U.GHCB_MSR_CPUID_VALUE_MASK, U.GHCB_MSR_CPUID_VALUE_POS)
+            self.ghcb_gpa = _set_bits(ghcb, U.GHCB_MSR_CPUID_RESP, U.GHCB_MSR_INFO_MASK,
+                                      U.GHCB_MSR_INFO_POS)
+        elif info == U.GHCB_MSR_AP_RESET_HOLD_REQ:
+            ghcb = _set_bits(ghcb, 0, U.GHCB_MSR_AP_RESET_HOLD_RESULT_MASK,
+                             U.GHCB_MSR_AP_RESET_HOLD_RESULT_POS)
+            self.ghcb_gpa = _set_bits(ghcb, U.GHCB_MSR_AP_RESET_HOLD_RESP, U.GHCB_MSR_INFO_MASK,
+                                      U.GHCB_MSR_INFO_POS)
+            self._op = None
+            self.kvm_run.exit_reason = U.KVM_EXIT_AP_RESET_HOLD
+            return _EXIT
+        elif info == U.GHCB_MSR_HV_FT_REQ:
+            ghcb = _set_bits(ghcb, GHCB_HV_FT_SUPPORTED, U.GHCB_MSR_HV_FT_MASK,
+                             U.GHCB_MSR_HV_FT_POS)
+            self.ghcb_gpa = _set_bits(ghcb, U.GHCB_MSR_HV_FT_RESP, U.GHCB_MSR_INFO_MASK,
+                                      U.GHCB_MSR_INFO_POS)
+        elif info == U.GHCB_MSR_TERM_REQ or info in (
+                U.GHCB_MSR_PREF_GPA_REQ, U.GHCB_MSR_REG_GPA_REQ, U.GHCB_MSR_PSC_REQ):
+            if vm.sev.snp_active and info != U.GHCB_MSR_TERM_REQ:
+                raise NotModelled(f"SNP GHCB MSR request {info:#x}")
+            run = self.kvm_run
+            run.exit_reason = U.KVM_EXIT_SYSTEM_EVENT
+            run.system_event.type = U.KVM_SYSTEM_EVENT_SEV_TERM
+            run.system_event.ndata = 1
+            run.system_event.data[0] = ghcb
+            self._op = None
+            return _EXIT
         return None
+
+    def _sev_status(self):
+        """MSR_AMD64_SEV (SEV_STATUS), which the CPU answers for an SEV guest: SEV enabled, and
+        for SEV-ES also ES enabled with the VMSA's SEV_FEATURES from bit 2 on (SNPActive is bit
+        2, DebugSwap bit 7, as msr-index.h numbers them)."""
+        if not self.guest_state_protected:
+            return U.MSR_AMD64_SEV_ENABLED
+        vmsa = self._vmsa()
+        features = int.from_bytes(vmsa[fpu.VMSA_SEV_FEATURES:fpu.VMSA_SEV_FEATURES + 8], "little")
+        return (U.MSR_AMD64_SEV_ENABLED | U.MSR_AMD64_SEV_ES_ENABLED | features << 2) & U64
+
+    def _sev_msr(self, index, value, safe):
+        """An RDMSR (``value`` None) or WRMSR the hardware handles for an SEV guest:
+        SEV_STATUS (read-only), and an SEV-ES guest's GHCB MSR. _NOT_HW for any other."""
+        if not self.vm.sev.active:
+            return _NOT_HW
+        if index == U.MSR_AMD64_SEV:
+            if value is not None:
+                return self._deliver_gp(safe, U.GP_VECTOR, f"WRMSR {index:#x}")
+            status = self._sev_status()
+            return (0, status) if safe else status
+        if index == U.MSR_AMD64_SEV_ES_GHCB and self.guest_state_protected:
+            if value is None:
+                return (0, self.ghcb_gpa) if safe else self.ghcb_gpa
+            self.ghcb_gpa = value
+            return 0 if safe else None
+        return _NOT_HW
+
+    def _xsave(self, gpa, rfbm):
+        """XSAVE of the guest's live state (for SEV-ES the state VMRUN loaded from the VMSA)
+        with RFBM = ``rfbm`` & XCR0: a read-modify-write of the area, as XSAVE leaves the bytes
+        of components it does not save and the rest of the header alone."""
+        if gpa & 63:
+            return self._deliver_gp(False, None, f"XSAVE to unaligned gpa {gpa:#x}")
+        if self.guest_state_protected:
+            img, xinuse, xcr0 = fpu.vmsa_state(self._vmsa())
+        else:
+            img, xinuse, xcr0 = self.fpu, fpu.xstate_bv(self.fpu), self.xcr0
+        rfbm &= xcr0
+        n = fpu.xsave_span(rfbm)
+        st = self._progress
+        if st is None:
+            st = self._progress = {"read": _access_state(n, None), "write": None}
+        if st["write"] is None:
+            mem = self._access(gpa, n, None, st["read"])
+            if mem is _EXIT or mem is _THROW:
+                return mem
+            mem = bytearray(mem)
+            fpu.xsave(mem, img, xinuse, rfbm)
+            st["write"] = dict(_access_state(n, mem), data=bytes(mem))
+        done = self._access(gpa, n, st["write"]["data"], st["write"])
+        return done if done is _EXIT or done is _THROW else None
 
     # -- hypercalls ---------------------------------------------------------------------------------
 
@@ -604,6 +950,11 @@ class Vcpu:
         return run
 
     def _rdmsr(self, index, safe):
+        hw = self._sev_msr(index, None, safe)
+        if hw is not _NOT_HW:
+            return hw
+        if self.guest_state_protected:
+            return self._vc(U.SVM_EXIT_MSR, f"RDMSR {index:#x}", safe, (U.X86_TRAP_VC, 0))
         ret = MSR_RET_FILTERED if not self._msr_allowed(index, MSR_TYPE_R) else None
         value = 0
         if ret is None:
@@ -625,6 +976,11 @@ class Vcpu:
         return _EXIT
 
     def _wrmsr(self, index, value, safe):
+        hw = self._sev_msr(index, value, safe)
+        if hw is not _NOT_HW:
+            return hw
+        if self.guest_state_protected:
+            return self._vc(U.SVM_EXIT_MSR, f"WRMSR {index:#x}", safe, U.X86_TRAP_VC)
         ret = MSR_RET_FILTERED if not self._msr_allowed(index, MSR_TYPE_W) else None
         if ret is None:
             ret = self.msrs.set(index, value)
@@ -644,11 +1000,15 @@ class Vcpu:
         return _EXIT
 
     def _deliver_gp(self, safe, safe_result, what):
-        """#GP for the current instruction: the *_safe forms return the vector, the others
-        raise GuestException in the guest."""
+        """#GP for the current instruction."""
+        return self._deliver(safe, safe_result, GuestException(U.GP_VECTOR, what))
+
+    def _deliver(self, safe, safe_result, exc):
+        """An exception for the current instruction: the *_safe forms return ``safe_result``
+        (the vector), the others raise ``exc`` in the guest."""
         if safe:
             return safe_result
-        self._throw = GuestException(U.GP_VECTOR, what)
+        self._throw = exc
         return _THROW
 
     def _complete_with(self, result):

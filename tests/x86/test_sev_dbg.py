@@ -66,9 +66,11 @@ def test_sev_dbg_nodbg_refused():
 
 
 @pytest.mark.parametrize("fields", [
-    dict(len=0), dict(src_uaddr=(1 << 64) - 8, len=16), dict(dst_uaddr=0, len=16)])
+    dict(len=0), dict(src_uaddr=(1 << 64) - 8, len=16), dict(src_uaddr=(1 << 64) - 16, len=16),
+    dict(dst_uaddr=0, len=16)])
 def test_sev_dbg_bad_arguments(fields):
-    """Zero length, a wrapping source and a NULL destination are EINVAL; memory is unchanged."""
+    """Zero length, a wrapping source (one ending exactly at 2^64 included) and a NULL
+    destination are EINVAL; memory is unchanged."""
     kvm, vm, data = setup(KVM_X86_SEV_VM, 0)
     before, locked = kvm.read(data, 2 * P), vm.sev.pages_locked
     args = dict(src_uaddr=data, dst_uaddr=kvm.mmap(P), len=16)

@@ -1,11 +1,11 @@
 """Port of tools/testing/selftests/kvm/x86/sev_init2_tests.c (spec/selftest-cases.md G), plus
 the legacy INIT rules."""
-from errno import EINVAL
+from errno import EINVAL, EIO
 
 import pytest
 
 import sevcore
-from sevcore.sev import SEV_SUPPORTED_VMSA_FEATURES
+from sevcore.sev import SEV_SUPPORTED_VMSA_FEATURES, SevError
 from sevcore.uapi import *
 
 
@@ -113,3 +113,28 @@ def test_asid_recycling():
     vms[2].memory_encrypt_op(KVM_SEV_INIT2)
     vms[2].memory_encrypt_op(KVM_SEV_LAUNCH_START, policy=0)
     assert vms[2].sev.asid == 3 and asids.flushes == 1 and not asids.reclaim
+
+
+def test_init2_platform_init_failure_reclaims_the_asid(monkeypatch):
+    """If the platform INIT behind INIT2 fails, the ioctl is EIO with the firmware status in
+    ``error``, the VM stays uninitialised, and its ASID goes to the reclaim set
+    (sev_asid_free), reusable only after the next flush."""
+    host = sevcore.Host()
+    kvm = host.kvm
+    psp = host.psp
+    real = psp.command
+
+    def failing_init(cmd, spa=0):
+        return SEV_RET_HWSEV_RET_UNSAFE if cmd == SEV_CMD_INIT else real(cmd, spa)
+    monkeypatch.setattr(psp, "command", failing_init)
+    vm = kvm.create_vm(KVM_X86_SEV_VM)
+    with pytest.raises(SevError) as e:
+        vm.memory_encrypt_op(KVM_SEV_INIT2)
+    assert e.value.errno == EIO and e.value.out.error == SEV_RET_HWSEV_RET_UNSAFE
+    assert vm.sev_need_init and not vm.sev.active
+    asids = sevcore.sev.host_asids(host)
+    lo, _ = asids.range(False)
+    assert asids.reclaim == {lo} and lo in asids.used
+    monkeypatch.setattr(psp, "command", real)
+    vm.memory_encrypt_op(KVM_SEV_INIT2)
+    assert vm.sev.asid == lo + 1

@@ -271,7 +271,8 @@ def _with(uaddrs, at, value):
 
 
 PER_PAGE = [("zero", lambda p, u: 0, EINVAL), ("unaligned", lambda p, u: u + 8, EINVAL),
-            ("unmapped", lambda p, u: HOLE, ENOMEM)]
+            ("unmapped", lambda p, u: HOLE, ENOMEM),
+            ("ends_at_2^64", lambda p, u: (1 << 64) - P, EINVAL)]
 
 
 @pytest.mark.parametrize("at", [0, 9])

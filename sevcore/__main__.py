@@ -1,0 +1,6 @@
+"""python -m sevcore: the ``sevcore`` command (sevcore.cli)."""
+import sys
+
+from sevcore.cli import main
+
+sys.exit(main())

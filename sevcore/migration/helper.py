@@ -1,0 +1,521 @@
+"""The in-guest migration helper: the building block of the helper migration path.
+
+A mirror VM (``KVM_CAP_VM_COPY_ENC_CONTEXT_FROM``) shares the guest's ASID, so its vCPUs read and
+write the guest's private pages in plaintext through the C-bit. Those vCPUs run
+:func:`migration_helper`, a guest program that re-encrypts pages under a *transport key* the
+guest made at boot (:func:`helper_boot`) and keeps in a private page. The host talks to it only
+through shared pages (a mailbox and a packet buffer) and sees only sealed packets:
+
+    source guest memory --(C-bit read)--> helper: SEAL --(shared buffer)--> VMM --> stream
+    stream --> VMM --(shared buffer)--> helper: OPEN --(C-bit write)--> target guest memory
+
+>>> layout = HelperLayout.for_guest(mem_size)                 # top of guest RAM
+>>> # the guest runs `yield from helper_boot(g, layout, c_bit)` once at boot
+>>> src = MigrationHelper(vm, layout)
+>>> batch = src.seal(gfns)                                   # HelperBatch(gfns, seqs, packets)
+>>> dst = MigrationHelper(target_vm, layout)                 # after RECEIVE_START and after the
+>>> dst.open(batch.gfns, batch.seqs, batch.packets)          # private_gfns() came by the PSP
+
+A packet is ``MAC (32) || ciphertext (4096)``: AES-128-CTR then HMAC-SHA256 (the SEV packet
+construction, on sevcore.sevpkt's batched C kernel) under subkeys derived from the transport key,
+with the initial counter block made of the page's sequence number and gfn, so the MAC covers
+both. The source helper numbers pages from a counter in its private state page; the target
+helper accepts only strictly increasing numbers above its own counter. A replayed, reordered,
+swapped or altered packet is refused, which the PSP path cannot do: RECEIVE_UPDATE_DATA binds a
+packet to nothing but the session's TEK/TIK (spec/sev-firmware.md 5.14, 7.6).
+docs/migration-helper.md has the layout, the request protocol and the threat model.
+"""
+import os
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sevcore import sevpkt
+from sevcore import uapi as U
+from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
+from sevcore.kvm_util import addr_gpa2hva
+from sevcore.psp.crypto import kdf
+
+#: Transport key: 32 random bytes made in the guest; the AEAD subkeys are derived from it.
+KEY_SIZE = 32
+MAC_SIZE = sevpkt.MAC_SIZE
+#: One packet: the MAC, then the page's ciphertext.
+PACKET_SIZE = MAC_SIZE + PAGE_SIZE
+#: The MAC context byte of helper packets. The SEV channel uses 0x01-0x04 (spec/sev-firmware.md
+#: 7.4-7.6), so a helper MAC can never pass for a firmware one, or the reverse.
+HELPER_CTX = 0x48
+#: Labels of the SP 800-108 KDF (the firmware's, sevcore.psp.crypto.kdf) deriving the subkeys.
+TEK_LABEL = "sevcore-helper-tek"
+TIK_LABEL = "sevcore-helper-tik"
+
+KEY_MAGIC = b"SCMHKEY1"
+STATE_MAGIC = b"SCMHSTA1"
+_KEY = struct.Struct("<8s32s")           # key page: magic, transport key
+_STATE = struct.Struct("<8sQ")           # state page: magic, next sequence number
+
+#: Mailbox slot of one helper vCPU (64 bytes, little-endian). The host writes the request
+#: (cmd, lo, hi, req; the rest zero); the helper rewrites the slot with cmd = 0 and its result.
+_SLOT = struct.Struct("<4IQQQ3I12x")     # cmd, lo, hi, 0, req | ack, index, status, reason, done
+_REQ = struct.Struct("<4IQ")             # the request half
+SLOT_SIZE = _SLOT.size
+#: The request's page table in the mailbox, one entry per packet of the batch.
+ENTRY = np.dtype([("gfn", "<u8"), ("seq", "<u8"), ("mac", "u1", MAC_SIZE)])
+
+CMD_NONE, CMD_SEAL, CMD_OPEN = 0, 1, 2
+STATUS_OK, STATUS_REFUSED = 0, 1
+#: Why the helper refused a packet: the reason codes of the mailbox and their meaning.
+REASONS = {
+    1: ("replay", "sequence number not above the last one accepted (a replayed or reordered "
+                  "packet)"),
+    2: ("auth", "MAC mismatch: not the helper's seal of this page under this (gfn, seq) and "
+                "transport key (altered, swapped or under another key)"),
+    3: ("range", "gfn outside the guest's RAM below the helper's pages"),
+    4: ("key", "the helper's key page holds no transport key"),
+    5: ("state", "the helper's state page is not initialised"),
+    6: ("request", "malformed mailbox request"),
+}
+_CODE = {name: code for code, (name, _) in REASONS.items()}
+
+
+# -- where the helper lives ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HelperLayout:
+    """The helper's pages at the top of guest RAM ``[0, mem_size)``, from the bottom up:
+
+    - ``mailbox_pages`` shared pages at ``mailbox_gfn``: one 64-byte slot per helper vCPU, then
+      from the page ``entries_gfn`` the request table (:data:`ENTRY`, 48 bytes per packet,
+      ``batch_pages`` entries);
+    - ``batch_pages`` shared pages at ``buffer_gfn``: packet ``i``'s ciphertext in page ``i``;
+    - the private key page ``key_gfn`` and the private state page ``state_gfn`` (the last page).
+
+    The shared pages are transient (the engine does not migrate them); the private ones travel
+    by the PSP path (:meth:`private_gfns`). The guest's own pages are ``[0, first_gfn)``.
+    """
+    mem_size: int
+    batch_pages: int = 256
+    vcpus: int = 1
+    mailbox_gfn: int = field(init=False)
+    mailbox_pages: int = field(init=False)
+    entries_gfn: int = field(init=False)
+    buffer_gfn: int = field(init=False)
+    key_gfn: int = field(init=False)
+    state_gfn: int = field(init=False)
+
+    def __post_init__(self):
+        for name in ("mem_size", "batch_pages", "vcpus"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.mem_size % PAGE_SIZE:
+            raise ValueError(f"mem_size {self.mem_size:#x} is not a multiple of 4096")
+        end = self.mem_size >> PAGE_SHIFT
+        # The table starts on a page of its own, so a whole batch's table is whole pages.
+        slot_pages = -(-self.vcpus * SLOT_SIZE // PAGE_SIZE)
+        mailbox_pages = slot_pages + -(-self.batch_pages * ENTRY.itemsize // PAGE_SIZE)
+        first = end - 2 - self.batch_pages - mailbox_pages
+        if first < 1:
+            raise ValueError(f"a guest of {end} pages has no room for the helper's "
+                             f"{end - first} pages")
+        set_ = object.__setattr__
+        set_(self, "mailbox_gfn", first)
+        set_(self, "mailbox_pages", mailbox_pages)
+        set_(self, "entries_gfn", first + slot_pages)
+        set_(self, "buffer_gfn", first + mailbox_pages)
+        set_(self, "key_gfn", end - 2)
+        set_(self, "state_gfn", end - 1)
+
+    @classmethod
+    def for_guest(cls, mem_size, batch_pages=256, vcpus=1):
+        """The layout for a guest of ``mem_size`` bytes of RAM from gpa 0, with a packet buffer
+        of ``batch_pages`` pages and mailbox slots for ``vcpus`` helper vCPUs."""
+        return cls(mem_size, batch_pages, vcpus)
+
+    @property
+    def first_gfn(self):
+        """The helper's lowest page: the guest's own pages are below it."""
+        return self.mailbox_gfn
+
+    @property
+    def end_gfn(self):
+        return self.mem_size >> PAGE_SHIFT
+
+    def private_gfns(self):
+        """The helper's private pages (key, state), which the PSP path carries: before the first
+        OPEN on the target, and again after the last one (docs/migration-helper.md). The helper
+        writes the state page through the mirror, whose slots keep no dirty log, so the
+        guest's dirty log never shows it: send it regardless."""
+        return np.array([self.key_gfn, self.state_gfn], np.uint64)
+
+    def shared_ranges(self):
+        """The helper's shared pages as ``[(start_gfn, end_gfn)]``: mailbox and packet buffer,
+        reported shared at boot and never migrated."""
+        return [(self.mailbox_gfn, self.key_gfn)]
+
+    def slot_gpa(self, vcpu):
+        return (self.mailbox_gfn << PAGE_SHIFT) + vcpu * SLOT_SIZE
+
+    def entry_gpa(self, i):
+        return (self.entries_gfn << PAGE_SHIFT) + i * ENTRY.itemsize
+
+    def buffer_gpas(self, lo, hi):
+        """The gpas of buffer pages ``[lo, hi)`` (a uint64 array)."""
+        return (np.arange(lo, hi, dtype=np.uint64) + np.uint64(self.buffer_gfn)) << \
+            np.uint64(PAGE_SHIFT)
+
+
+# -- guest side -----------------------------------------------------------------------------------------
+
+def helper_boot(g, layout, c_bit):
+    """Guest sub-program (``yield from`` it at boot): make the transport key from the guest's
+    randomness and store it in the private key page (C-bit), initialise the private state page,
+    and report the mailbox and packet buffer shared with ``KVM_HC_MAP_GPA_RANGE``."""
+    c = 1 << c_bit
+    key = os.urandom(KEY_SIZE)
+    yield g.write(layout.key_gfn << PAGE_SHIFT | c, _KEY.pack(KEY_MAGIC, key).ljust(PAGE_SIZE,
+                                                                                    b"\0"))
+    yield g.write(layout.state_gfn << PAGE_SHIFT | c, _STATE.pack(STATE_MAGIC, 0).ljust(
+        PAGE_SIZE, b"\0"))
+    for start, end in layout.shared_ranges():
+        ret = yield g.hypercall(U.KVM_HC_MAP_GPA_RANGE, start << PAGE_SHIFT, end - start,
+                                U.KVM_MAP_GPA_RANGE_DECRYPTED | U.KVM_MAP_GPA_RANGE_PAGE_SZ_4K)
+        assert ret == 0, f"MAP_GPA_RANGE of the helper's shared pages returned {ret}"
+
+
+def migration_helper(g, layout, c_bit):
+    """The helper's guest program, one per mirror vCPU: forever, read this vCPU's mailbox slot,
+    serve the request, write the result into the slot and exit with a ucall (``g.sync``)."""
+    c = 1 << c_bit
+    slot = layout.slot_gpa(g.vcpu_id)
+    assert g.vcpu_id < layout.vcpus, f"no mailbox slot for helper vCPU {g.vcpu_id}"
+    keys = {}
+    # The helper's working memory: one batch of pages, reused by every request.
+    scratch = np.empty((layout.batch_pages, PAGE_SIZE), np.uint8)
+    while True:
+        cmd, lo, hi, _, req = _REQ.unpack((yield g.read(slot, _REQ.size)))
+        status, index, reason, done = yield from _serve(g, layout, c, keys, scratch, cmd, lo,
+                                                        hi)
+        yield g.write(slot, _SLOT.pack(CMD_NONE, lo, hi, 0, req, req, index, status, reason,
+                                       done))
+        yield g.sync(req)
+
+
+def _serve(g, layout, c, keys, scratch, cmd, lo, hi):
+    """One request over packets [lo, hi): ``(status, index, reason, pages done)``."""
+    if cmd not in (CMD_SEAL, CMD_OPEN) or not lo <= hi <= layout.batch_pages:
+        return _refused(lo, "request", 0)
+    n = hi - lo
+    ent = np.frombuffer(bytearray((yield g.read(layout.entry_gpa(lo), n * ENTRY.itemsize))),
+                        ENTRY)
+    gfns = ent["gfn"]
+    magic, key = _KEY.unpack_from((yield g.read(layout.key_gfn << PAGE_SHIFT | c, _KEY.size)))
+    if magic != KEY_MAGIC:
+        return _refused(lo, "key", 0)
+    magic, next_seq = _STATE.unpack((yield g.read(layout.state_gfn << PAGE_SHIFT | c,
+                                                  _STATE.size)))
+    if magic != STATE_MAGIC:
+        return _refused(lo, "state", 0)
+    if key not in keys:
+        keys.clear()
+        keys[key] = kdf(key, TEK_LABEL, b"", 16), kdf(key, TIK_LABEL, b"", 16)
+    tek, tik = keys[key]
+    out_of_range = np.flatnonzero(gfns >= np.uint64(layout.first_gfn))
+    bad = int(out_of_range[0]) if len(out_of_range) else n
+    state_gpa = layout.state_gfn << PAGE_SHIFT | c
+    if cmd == CMD_SEAL:
+        if bad < n:
+            return _refused(lo + bad, "range", 0)
+        if n == 0:
+            return STATUS_OK, 0, 0, 0
+        # Claim the numbers before sealing: whatever happens next, none is used twice.
+        yield g.write(state_gpa, _STATE.pack(STATE_MAGIC, next_seq + n))
+        seqs = np.arange(next_seq, next_seq + n, dtype=np.uint64)
+        pages = yield g.read_pages(gfns << np.uint64(PAGE_SHIFT) | np.uint64(c), scratch[:n])
+        hdrs, _ = sevpkt.seal(tek, tik, pages, packet_ivs(gfns, seqs), HELPER_CTX,
+                              out=(None, pages))
+        ent["seq"] = seqs
+        ent["mac"] = np.frombuffer(hdrs, np.uint8).reshape(n, sevpkt.HDR_SIZE)[:, -MAC_SIZE:]
+        yield g.write(layout.entry_gpa(lo), ent)
+        yield g.write_pages(layout.buffer_gpas(lo, hi), pages)
+        return STATUS_OK, 0, 0, n
+    seqs = ent["seq"]
+    fresh = np.empty(n, bool)
+    if n:
+        fresh[0] = seqs[0] >= np.uint64(next_seq)
+        fresh[1:] = seqs[1:] > seqs[:-1]
+    stale = np.flatnonzero(~fresh)
+    replay = int(stale[0]) if len(stale) else n
+    m, reason = (bad, "range") if bad <= replay else (replay, "replay")
+    if m:
+        pages = yield g.read_pages(layout.buffer_gpas(lo, lo + m), scratch[:m])
+        hdrs = np.zeros((m, sevpkt.HDR_SIZE), np.uint8)
+        hdrs[:, 4:4 + sevpkt.IV_SIZE] = packet_ivs(gfns[:m], seqs[:m]).reshape(m, -1)
+        hdrs[:, -MAC_SIZE:] = ent["mac"][:m]
+        try:
+            sevpkt.open(tek, tik, hdrs, pages, HELPER_CTX, out=pages)
+        except sevpkt.PacketAuthError as e:
+            m, reason = e.index, "auth"
+            if m:
+                sevpkt.open(tek, tik, hdrs[:m], pages[:m], HELPER_CTX, out=pages[:m])
+    if m:
+        yield g.write_pages(gfns[:m] << np.uint64(PAGE_SHIFT) | np.uint64(c), pages[:m])
+        yield g.write(state_gpa, _STATE.pack(STATE_MAGIC, int(seqs[m - 1]) + 1))
+    if m < n:
+        return _refused(lo + m, reason, m)
+    return STATUS_OK, 0, 0, n
+
+
+def _refused(index, reason, done):
+    return STATUS_REFUSED, index, _CODE[reason], done
+
+
+def packet_ivs(gfns, seqs):
+    """The AES-CTR initial counter blocks of packets (gfn, seq): ``BE64(seq) || BE64(gfn << 8)``,
+    ``16 * n`` bytes. The MAC covers the IV, so it binds both; the low byte leaves room for a
+    page's 256 counter increments, so distinct (gfn, seq) pairs never share keystream."""
+    ivs = np.empty((len(gfns), 2), ">u8")
+    ivs[:, 0] = seqs
+    ivs[:, 1] = np.asarray(gfns, np.uint64) << np.uint64(8)
+    return ivs.view(np.uint8).reshape(-1)
+
+
+# -- host side --------------------------------------------------------------------------------------------
+
+class HelperPacketError(Exception):
+    """The helper refused packet ``index`` of a request (and every packet after it) for
+    ``reason``, one of the names in :data:`REASONS`: "replay", "auth", "range", "key", "state"
+    or "request". On OPEN the packets before ``index`` were written; at and after it, nothing."""
+
+    def __init__(self, op, index, reason, gfn=None):
+        what = REASONS[_CODE[reason]][1]
+        where = f" (gfn {gfn:#x})" if gfn is not None else ""
+        super().__init__(f"migration helper refused {op} at packet {index}{where}: {reason}: "
+                         f"{what}")
+        self.op, self.index, self.reason, self.gfn = op, index, reason, gfn
+
+
+@dataclass(frozen=True)
+class HelperBatch:
+    """Sealed pages: ``packets[i]`` (``PACKET_SIZE`` bytes) is page ``gfns[i]`` with sequence
+    number ``seqs[i]``, as the stream's HELPER_PAGE record carries them."""
+    gfns: np.ndarray
+    seqs: np.ndarray
+    packets: np.ndarray
+
+    def __len__(self):
+        return len(self.gfns)
+
+
+@dataclass
+class HelperCounters:
+    """What the cost model charges: ``requests`` (mailbox batches, each split among the
+    vCPUs), ``exits`` (vCPU runs: one entry and one exit each), and pages sealed and opened by
+    each helper vCPU (the longest of them is the batch's critical path)."""
+    requests: int = 0
+    exits: int = 0
+    sealed: list = field(default_factory=list)
+    opened: list = field(default_factory=list)
+
+
+class MigrationHelper:
+    """The VMM's side of the helper of one SEV guest ``vm``: a mirror VM over the same memory
+    running :func:`migration_helper` on ``nr_vcpus`` vCPUs. The guest must have run
+    :func:`helper_boot` with ``layout`` (on a target, its private pages come by the PSP), and
+    ``vm`` must have its SEV context (after LAUNCH_START or RECEIVE_START): the mirror copies
+    the handle and ASID when it is created.
+
+    The VMM reads and writes only the helper's shared pages, through its own mapping of them.
+    Raises ValueError for a layout or VM the helper cannot serve, OSError from the ioctls."""
+
+    def __init__(self, vm, layout, nr_vcpus=1):
+        if not isinstance(layout, HelperLayout):
+            raise TypeError("layout must be a HelperLayout")
+        if not isinstance(nr_vcpus, int) or not 1 <= nr_vcpus <= layout.vcpus:
+            raise ValueError(f"nr_vcpus must be in [1, {layout.vcpus}] (the layout's mailbox "
+                             f"slots), got {nr_vcpus!r}")
+        if not vm.sev.active or vm.sev.es_active:
+            raise ValueError("the migration helper serves SEV guests (not SEV-ES, not plain VMs)")
+        slots = sorted((s for s in vm.memslots.values() if s.as_id == 0),
+                       key=lambda s: s.base_gfn)
+        if any(s.flags & U.KVM_MEM_GUEST_MEMFD for s in slots):
+            raise ValueError("the migration helper needs guest memory in VMM mappings, not "
+                             "guest_memfd")
+        self.vm, self.layout, self.nr_vcpus = vm, layout, nr_vcpus
+        self.counters = HelperCounters(sealed=[0] * nr_vcpus, opened=[0] * nr_vcpus)
+        self._req = 0
+        self._mirror = mirror = vm.kvm.create_vm(U.KVM_X86_DEFAULT_VM)
+        try:
+            mirror.enable_cap(U.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM, vm.fd)
+            for s in slots:
+                mirror.set_user_memory_region2(s.id, s.flags & U.KVM_MEM_READONLY,
+                                               s.base_gfn << PAGE_SHIFT, s.npages << PAGE_SHIFT,
+                                               s.userspace_addr)
+            self._vcpus = [mirror.create_vcpu(i) for i in range(nr_vcpus)]
+            for v in self._vcpus:
+                v.set_guest_code(migration_helper, layout, vm.host.c_bit)
+            self._shared = _SharedPages(vm, layout)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        """Destroy the mirror VM (its vCPUs first); the guest is untouched."""
+        mirror, self._mirror = getattr(self, "_mirror", None), None
+        if mirror is None:
+            return
+        for v in getattr(self, "_vcpus", []):
+            v.close()
+        mirror.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    def seal(self, gfns, packets=None):
+        """Have the helper seal the private pages ``gfns`` (any number; batches of
+        ``layout.batch_pages``). Returns a :class:`HelperBatch` whose ``packets`` is
+        ``packets`` if given (a writable ``(n, PACKET_SIZE)`` uint8 array, reused by a caller
+        that seals batch after batch). Raises HelperPacketError ("range", "key", "state")
+        naming the first page refused."""
+        gfns = _u64_array(gfns, "gfns")
+        n = len(gfns)
+        if packets is None:
+            packets = np.empty((n, PACKET_SIZE), np.uint8)
+        elif not isinstance(packets, np.ndarray) or packets.dtype != np.uint8 or \
+                packets.shape != (n, PACKET_SIZE) or not packets.flags.writeable:
+            raise ValueError(f"packets must be a writable ({n}, {PACKET_SIZE}) uint8 array")
+        out = HelperBatch(gfns.copy(), np.empty(n, np.uint64), packets)
+        lay, shared = self.layout, self._shared
+        for s in range(0, n, lay.batch_pages):
+            e = min(n, s + lay.batch_pages)
+            ent = np.zeros(e - s, ENTRY)
+            ent["gfn"] = gfns[s:e]
+            shared.write(lay.entry_gpa(0), ent.view(np.uint8))
+            self._request(CMD_SEAL, s, e, gfns)
+            ent = shared.read(lay.entry_gpa(0), (e - s) * ENTRY.itemsize).view(ENTRY)
+            out.seqs[s:e] = ent["seq"]
+            out.packets[s:e, :MAC_SIZE] = ent["mac"]
+            for i, pages in shared.pages(lay.buffer_gfn, e - s):
+                out.packets[s + i:s + i + len(pages), MAC_SIZE:] = pages
+        return out
+
+    def open(self, gfns, seqs, packets):
+        """Have the helper open ``packets`` (``(n, PACKET_SIZE)`` uint8) of pages ``gfns`` with
+        sequence numbers ``seqs`` and write them into the guest's private pages. Raises
+        HelperPacketError ("replay", "auth", "range", "key", "state") naming the first packet
+        refused: the packets before it are written, it and the rest are not."""
+        gfns, seqs = _u64_array(gfns, "gfns"), _u64_array(seqs, "seqs")
+        packets = np.asarray(packets)
+        n = len(gfns)
+        if len(seqs) != n or packets.dtype != np.uint8 or packets.shape != (n, PACKET_SIZE):
+            raise ValueError(f"{n} gfns need {n} seqs and a ({n}, {PACKET_SIZE}) uint8 packet "
+                             f"array, got {len(seqs)} and {packets.shape} {packets.dtype}")
+        lay, shared = self.layout, self._shared
+        for s in range(0, n, lay.batch_pages):
+            e = min(n, s + lay.batch_pages)
+            ent = np.empty(e - s, ENTRY)
+            ent["gfn"], ent["seq"], ent["mac"] = gfns[s:e], seqs[s:e], packets[s:e, :MAC_SIZE]
+            shared.write(lay.entry_gpa(0), ent.view(np.uint8))
+            for i, pages in shared.pages(lay.buffer_gfn, e - s):
+                pages[...] = packets[s + i:s + i + len(pages), MAC_SIZE:]
+            self._request(CMD_OPEN, s, e, gfns)
+
+    def _request(self, cmd, s, e, gfns):
+        """One mailbox request over packets [s, e) of the caller's arrays, split in contiguous
+        runs among the vCPUs, which run in order (so sequence numbers follow the index). The
+        batch is not empty."""
+        op = "SEAL" if cmd == CMD_SEAL else "OPEN"
+        c = self.counters
+        c.requests += 1
+        n = e - s
+        per = -(-n // self.nr_vcpus)
+        for j, vcpu in enumerate(self._vcpus):
+            lo, hi = j * per, min(n, (j + 1) * per)
+            if lo >= n:
+                break
+            self._req += 1
+            slot = self.layout.slot_gpa(j)
+            self._shared.write(slot, _SLOT.pack(cmd, lo, hi, 0, self._req, 0, 0, 0, 0, 0))
+            vcpu.run()
+            c.exits += 1
+            ucall = vcpu.get_ucall()
+            if ucall is None or ucall[0] != "sync":
+                raise RuntimeError(f"migration helper vCPU {j}: unexpected exit "
+                                   f"{vcpu.kvm_run.exit_reason} ({ucall})")
+            _, _, _, _, _, ack, index, status, reason, done = _SLOT.unpack(
+                self._shared.read(slot, SLOT_SIZE))
+            if ack != self._req:
+                raise RuntimeError(f"migration helper vCPU {j} did not answer request "
+                                   f"{self._req}")
+            (c.sealed if cmd == CMD_SEAL else c.opened)[j] += done
+            if status != STATUS_OK:
+                if reason not in REASONS:
+                    raise RuntimeError(f"migration helper vCPU {j}: unknown reason {reason}")
+                gfn = int(gfns[s + index]) if index < n else None
+                raise HelperPacketError(op, s + index, REASONS[reason][0], gfn)
+
+
+class _SharedPages:
+    """The VMM's own mapping of the helper's shared pages (mailbox and packet buffer), by gpa:
+    the frames behind their HVAs in the VMM's anonymous memory, found once, in runs of
+    contiguous frames, so that an access is a slice copy per run."""
+
+    def __init__(self, vm, layout):
+        start, end = layout.shared_ranges()[0]
+        hva = addr_gpa2hva(vm, start << PAGE_SHIFT)
+        if addr_gpa2hva(vm, (end - 1) << PAGE_SHIFT) != hva + ((end - 1 - start) << PAGE_SHIFT):
+            raise ValueError("the helper's shared pages must lie in one memslot")
+        pfns = vm.kvm.anon_pfns(np.arange(hva >> PAGE_SHIFT, (hva >> PAGE_SHIFT) + end - start,
+                                          dtype=np.uint64))
+        if pfns is None:
+            raise ValueError("the helper's shared pages must be anonymous VMM memory")
+        self.gpa, self.pfns, self._host = start << PAGE_SHIFT, pfns, vm.host
+        cut = (np.flatnonzero(np.diff(pfns.astype(np.int64)) != 1) + 1).tolist()
+        #: (first byte, end byte, first frame) of each run, in bytes from ``gpa``
+        self._runs = [(a << PAGE_SHIFT, b << PAGE_SHIFT, int(pfns[a]))
+                      for a, b in zip([0] + cut, cut + [len(pfns)])]
+
+    def _spans(self, gpa, size):
+        """``(offset, frames view)`` pieces of the bytes ``[gpa, gpa + size)``."""
+        frames = self._host.mem.frames
+        off = gpa - self.gpa
+        for a, b, pfn in self._runs:
+            lo, hi = max(off, a), min(off + size, b)
+            if lo < hi:
+                spa = (pfn << PAGE_SHIFT) + lo - a
+                yield lo - off, frames[spa:spa + hi - lo]
+
+    def read(self, gpa, size):
+        out = np.empty(size, np.uint8)
+        for pos, view in self._spans(gpa, size):
+            out[pos:pos + len(view)] = view
+        return out
+
+    def write(self, gpa, data):
+        data = np.frombuffer(data, np.uint8)
+        for pos, view in self._spans(gpa, len(data)):
+            view[...] = data[pos:pos + len(view)]
+
+    def pages(self, gfn, npages):
+        """``(index, (k, 4096) frames view)`` pieces of the pages ``[gfn, gfn + npages)``."""
+        for pos, view in self._spans(gfn << PAGE_SHIFT, npages << PAGE_SHIFT):
+            yield pos >> PAGE_SHIFT, view.reshape(-1, PAGE_SIZE)
+
+
+def _u64_array(a, what):
+    a = np.asarray(a)
+    if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+        raise TypeError(f"{what} must be a 1-D array of integers")
+    if a.size and a.dtype.kind == "i" and int(a.min()) < 0:
+        raise ValueError(f"{what} must not be negative")
+    return np.ascontiguousarray(a, np.uint64)
+
+
+__all__ = ["ENTRY", "HELPER_CTX", "KEY_SIZE", "PACKET_SIZE", "REASONS", "HelperBatch",
+           "HelperCounters", "HelperLayout", "HelperPacketError", "MigrationHelper",
+           "helper_boot", "migration_helper", "packet_ivs"]

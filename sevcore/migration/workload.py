@@ -1,0 +1,275 @@
+"""The guest the migration engine moves: a program that touches its memory, tells the VMM which
+pages it shares, dirties pages at a rate of simulated time, and checks its memory after a move.
+
+Everything the program needs to continue lives in guest memory, as it must for a migrated guest:
+nothing is carried in the generator across a move. The target starts the same program (the
+guest's code is part of its image) and it finds its place from memory.
+
+Guest memory (one memslot at GPA 0, gfns):
+
+==========================  ===========================================================
+gfn 0                       header (private): magic, seed, ticks so far
+1 .. 1 + JOURNAL_PAGES      journal (private): pages dirtied at each tick, u32 per tick
+next ``shared_pages``       shared pages (bounce buffers), reported with MAP_GPA_RANGE
+the rest up to ``reserved``  data pages (private), all written at boot
+top ``reserved`` pages      the migration helper's pages, if it has one (``helper_vcpus``)
+==========================  ===========================================================
+
+Each tick the program reads the TSC (the Host's simulated clock), works out how many page writes
+``dirty_pages_per_s`` allows for the time since the last tick, picks them from its working set
+with a generator seeded by ``(seed, tick)``, rewrites each with its ``(gfn, tick)`` pattern and
+appends the count to the journal. Replaying the journal tells which tick wrote each page last,
+so after a migration the program checks every page against the pattern it must hold, with no
+per-page bookkeeping in memory.
+"""
+import struct
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from sevcore import uapi as U
+from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
+
+MAGIC = b"SEVWKLD1"
+JOURNAL_PAGES = 8
+JOURNAL_TICKS = JOURNAL_PAGES * PAGE_SIZE // 4
+_HEADER = struct.Struct("<8sQQ")         # magic, seed, ticks
+WORKLOADS = ("idle", "random", "hotset")
+
+
+class WorkloadError(ValueError):
+    """A guest configuration the workload cannot run."""
+
+
+@dataclass(frozen=True)
+class GuestConfig:
+    """What a VMM needs to start the guest on either Host; travels in the SETUP record."""
+    mem_size: int = 256 << 20
+    nr_vcpus: int = 1
+    vm_type: int = U.KVM_X86_SEV_VM
+    policy: int = 0
+    shared_size: int = 1 << 20
+    workload: str = "random"
+    dirty_pages_per_s: float = 2_500.0
+    hot_fraction: float = 0.1
+    seed: int = 1
+    helper_vcpus: int = 0
+    c_bit: int = 51
+
+    def __post_init__(self):
+        if self.mem_size % PAGE_SIZE or self.mem_size <= 0:
+            raise WorkloadError(f"mem_size must be a positive multiple of 4096, not "
+                                f"{self.mem_size}")
+        if self.shared_size % PAGE_SIZE or self.shared_size < 0:
+            raise WorkloadError(f"shared_size must be a multiple of 4096, not {self.shared_size}")
+        if self.workload not in WORKLOADS:
+            raise WorkloadError(f"workload must be one of {', '.join(WORKLOADS)}, not "
+                                f"{self.workload!r}")
+        if not self.dirty_pages_per_s >= 0:
+            raise WorkloadError(f"dirty_pages_per_s must be >= 0, not {self.dirty_pages_per_s}")
+        if not 0 < self.hot_fraction <= 1:
+            raise WorkloadError(f"hot_fraction must be in (0, 1], not {self.hot_fraction}")
+        if self.helper_vcpus < 0:
+            raise WorkloadError(f"helper_vcpus must be >= 0, not {self.helper_vcpus}")
+        if self.nr_vcpus < 1:
+            raise WorkloadError(f"nr_vcpus must be >= 1, not {self.nr_vcpus}")
+        if self.vm_type != U.KVM_X86_SEV_VM:
+            raise WorkloadError(f"the workload runs KVM_X86_SEV_VM guests, not type "
+                                f"{self.vm_type}: an SEV-ES guest would need the GHCB page "
+                                f"protocol for its exits, which is not modelled "
+                                f"(docs/fidelity.md)")
+        if self.layout.data_pages < 1:
+            raise WorkloadError(f"a {self.mem_size >> 20} MiB guest leaves no data pages after "
+                                f"its header, journal, {self.shared_pages} shared and "
+                                f"{self.reserved_pages} reserved pages")
+
+    @property
+    def npages(self):
+        return self.mem_size >> PAGE_SHIFT
+
+    @property
+    def shared_pages(self):
+        return self.shared_size >> PAGE_SHIFT
+
+    @property
+    def helper_layout(self):
+        """Where the migration helper lives (sevcore.migration.helper), or None without one."""
+        if not self.helper_vcpus:
+            return None
+        from sevcore.migration.helper import HelperLayout
+        try:
+            return HelperLayout.for_guest(self.mem_size, vcpus=self.helper_vcpus)
+        except ValueError as e:
+            raise WorkloadError(str(e)) from None
+
+    @property
+    def reserved_pages(self):
+        """Pages at the top of RAM the workload leaves to the migration helper."""
+        h = self.helper_layout
+        return 0 if h is None else self.npages - h.first_gfn
+
+    @property
+    def layout(self):
+        return Layout(self.npages, self.shared_pages, self.reserved_pages)
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise WorkloadError(f"unknown guest configuration keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the workload keeps things, in gfns (see the module docstring)."""
+    npages: int
+    shared_pages: int
+    reserved_pages: int
+
+    header_gfn = 0
+    journal_gfn = 1
+
+    @property
+    def shared_gfn(self):
+        return 1 + JOURNAL_PAGES
+
+    @property
+    def data_gfn(self):
+        return self.shared_gfn + self.shared_pages
+
+    @property
+    def end_gfn(self):
+        """First gfn the workload does not use (the reserved region starts here)."""
+        return self.npages - self.reserved_pages
+
+    @property
+    def data_pages(self):
+        return self.end_gfn - self.data_gfn
+
+    def working_set(self, workload, hot_fraction):
+        """The gfns a dirtying tick picks from: shared and data pages, or for ``hotset`` the
+        first ``hot_fraction`` of them."""
+        ws = np.arange(self.shared_gfn, self.end_gfn, dtype=np.uint64)
+        if workload == "hotset":
+            ws = ws[:max(1, int(len(ws) * hot_fraction))]
+        return ws
+
+
+def tick_gfns(seed, tick, n, working_set):
+    """The ``n`` gfns (with repeats) that tick ``tick`` writes: a pure function of its inputs."""
+    rng = np.random.default_rng((seed, tick))
+    return working_set[rng.integers(0, len(working_set), n)]
+
+
+def last_writer(cfg, counts):
+    """For every gfn, the tick that wrote it last (0: boot), replaying the journal ``counts``
+    (pages written at ticks 1, 2, ...)."""
+    lay = cfg.layout
+    ws = lay.working_set(cfg.workload, cfg.hot_fraction)
+    gen = np.zeros(lay.npages, np.uint32)
+    for tick, n in enumerate(counts, start=1):
+        if n:
+            gen[tick_gfns(cfg.seed, tick, int(n), ws)] = tick
+    return gen
+
+
+def _split(gfns, lay, c):
+    """``[(gpas, index)]`` for the private pages of ``gfns`` (with the C-bit) and the shared
+    ones (without): one bulk operation takes pages of one kind. ``index`` maps back to
+    positions in ``gfns``."""
+    gfns = np.asarray(gfns, np.uint64)
+    shared = (gfns >= lay.shared_gfn) & (gfns < lay.data_gfn)
+    out = []
+    for sel, tag in ((~shared, c), (shared, 0)):
+        index = np.flatnonzero(sel)
+        if len(index):
+            out.append(((gfns[index] << np.uint64(PAGE_SHIFT)) | np.uint64(tag), index))
+    return out
+
+
+def workload_main(g, cfg_dict):
+    """vCPU 0: boot (or find its place after a move), then dirty pages tick by tick.
+
+    Ucalls: ``("ready",)`` once booted and migration-ready; ``("resumed", checked, bad,
+    first_bad_gfn)`` after a move, having checked every page; ``("tick", tick, n)`` after
+    each tick, ``n`` pages written (0 for a tick with nothing to do)."""
+    cfg = GuestConfig.from_dict(cfg_dict)
+    lay = cfg.layout
+    c = 1 << cfg.c_bit
+    head = yield g.read(c, _HEADER.size)
+    magic, seed, ticks = _HEADER.unpack(head)
+    if magic != MAGIC:
+        yield from _boot(g, cfg, lay, c)
+        ticks = 0
+    else:
+        yield from _check_after_move(g, cfg, lay, c, ticks)
+    ws = lay.working_set(cfg.workload, cfg.hot_fraction)
+    rate = 0.0 if cfg.workload == "idle" else cfg.dirty_pages_per_s
+    last = yield g.rdmsr(U.MSR_IA32_TSC)
+    carry = 0.0
+    while True:
+        now = yield g.rdmsr(U.MSR_IA32_TSC)
+        carry += rate * max(0, now - last) / 1e9
+        last = now
+        n = min(int(carry), 1 << 24)
+        carry -= n
+        if n == 0 or ticks >= JOURNAL_TICKS:
+            yield g.sync("tick", ticks, 0)
+            continue
+        ticks += 1
+        for gpas, _ in _split(tick_gfns(cfg.seed, ticks, n, ws), lay, c):
+            yield g.write_pattern_pages(gpas, ticks)
+        # The journal entry, then the header: a tick counts only once its entry is written.
+        yield g.write((lay.journal_gfn << PAGE_SHIFT) + 4 * (ticks - 1) | c,
+                      struct.pack("<I", n))
+        yield g.write(c, _HEADER.pack(MAGIC, cfg.seed, ticks))
+        yield g.sync("tick", ticks, n)
+
+
+def _boot(g, cfg, lay, c):
+    """Write every page, report the shared ones, zero the journal and declare readiness."""
+    yield g.fill(lay.journal_gfn << PAGE_SHIFT | c, JOURNAL_PAGES, 0)
+    if lay.data_pages:
+        yield g.write_pattern(lay.data_gfn << PAGE_SHIFT | c, lay.data_pages, 0)
+    if lay.shared_pages:
+        ret = yield g.hypercall(U.KVM_HC_MAP_GPA_RANGE, lay.shared_gfn << PAGE_SHIFT,
+                                lay.shared_pages, U.KVM_MAP_GPA_RANGE_DECRYPTED)
+        assert ret == 0, f"MAP_GPA_RANGE of the shared pages returned {ret}"
+        yield g.write_pattern(lay.shared_gfn << PAGE_SHIFT, lay.shared_pages, 0)
+    if cfg.helper_vcpus:
+        from sevcore.migration.helper import helper_boot
+        yield from helper_boot(g, cfg.helper_layout, cfg.c_bit)
+    yield g.write(c, _HEADER.pack(MAGIC, cfg.seed, 0))
+    yield g.wrmsr(U.MSR_KVM_MIGRATION_CONTROL, U.KVM_MIGRATION_READY)
+    yield g.sync("ready")
+
+
+def _check_after_move(g, cfg, lay, c, ticks):
+    """Replay the journal and check every page holds the pattern of the tick that wrote it."""
+    raw = b""
+    if ticks:
+        raw = yield g.read(lay.journal_gfn << PAGE_SHIFT | c, 4 * ticks)
+    gen = last_writer(cfg, np.frombuffer(raw, "<u4"))
+    gfns = np.arange(lay.shared_gfn, lay.end_gfn, dtype=np.uint64)
+    gen = gen[lay.shared_gfn:lay.end_gfn]
+    bad, first_bad, checked = 0, None, 0
+    for tick in np.unique(gen):
+        which = gfns[gen == tick]
+        for gpas, index in _split(which, lay, c):
+            nbad, first = yield g.check_pattern_pages(gpas, int(tick))
+            checked += len(gpas)
+            bad += nbad
+            if first is not None and (first_bad is None or int(which[index[first]]) < first_bad):
+                first_bad = int(which[index[first]])
+    yield g.sync("resumed", checked, bad, first_bad)
+
+
+def idle_vcpu(g):
+    """The other vCPUs: halt until woken (they hold no state the workload needs)."""
+    while True:
+        yield g.sync("idle")

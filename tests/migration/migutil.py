@@ -1,0 +1,110 @@
+"""Helpers for the engine tests: small launched guests and a man-in-the-middle that re-frames
+the stream (so a change reaches the target with valid CRCs, as an attacker on the wire can)."""
+import threading
+
+import numpy as np
+
+import sevcore
+from sevcore.migration import stream as S
+from sevcore.migration.machine import Machine
+from sevcore.migration.transport import inprocess_pair
+from sevcore.migration.workload import GuestConfig
+
+SMALL = dict(mem_size=2 << 20, shared_size=64 << 10)
+
+
+def launched(**cfg):
+    """A booted, migration-ready guest on a fresh Host, and a second Host for the target."""
+    kvm = sevcore.Kvm()
+    m = Machine.launch(kvm, GuestConfig(**{**SMALL, **cfg}))
+    return m, sevcore.Kvm()
+
+
+def memory_snapshot(m):
+    """Every byte of the guest's memory as the host sees it (ciphertext for private pages)."""
+    return m.kvm.read(m.hva, m.config.mem_size)
+
+
+def guest_state(m):
+    from sevcore.uapi import KVM_SEV_GUEST_STATUS
+    return m.vm.memory_encrypt_op(KVM_SEV_GUEST_STATUS).state
+
+
+class Proxy:
+    """Sits between source and target: records source -> target go through ``transform(index,
+    record, writer)`` (which writes what the target should see, or raises to cut the stream);
+    bytes target -> source pass unchanged. Use ``proxy.source_end`` and ``proxy.target_end``."""
+
+    def __init__(self, transform, timeout=20):
+        self.source_end, self._a = inprocess_pair(timeout=timeout)
+        self._b, self.target_end = inprocess_pair(timeout=timeout)
+        self.transform = transform
+        self.errors = []
+        for fn in (self._forward, self._backward):
+            threading.Thread(target=self._guard(fn), daemon=True).start()
+
+    def _guard(self, fn):
+        def run():
+            try:
+                fn()
+            except BaseException as e:
+                self.errors.append(e)
+                for end in (self._a, self._b):
+                    try:
+                        end.close()
+                    except Exception:
+                        pass
+        return run
+
+    def _forward(self):
+        reader = S.StreamReader(self._a)
+        reader.read_header()
+        writer = S.StreamWriter(self._b, reader.flags)
+        for i, rec in enumerate(reader):
+            self.transform(i, rec, writer)
+            writer.flush()
+            if isinstance(rec, S.End):
+                break
+
+    def _backward(self):
+        buf = bytearray(1 << 16)
+        while True:
+            n = self._b.recv_into(buf)
+            if n == 0:
+                self._a.close()
+                return
+            self._a.send(buf[:n])
+
+
+def rewrite(writer, rec):
+    """Write ``rec`` (a record read from a stream) unchanged."""
+    if isinstance(rec, S.Setup):
+        writer.setup(rec.params)
+    elif isinstance(rec, S.SevSession):
+        writer.sev_session(rec.policy, rec.pdh, rec.session)
+    elif isinstance(rec, S.EncryptedPage):
+        writer.encrypted_page(rec.gfn, rec.hdr, rec.trans)
+    elif isinstance(rec, S.SharedPage):
+        writer.shared_page(rec.gfn, rec.data)
+    elif isinstance(rec, S.HelperPage):
+        writer.helper_page(rec.gfn, rec.seq, rec.packet)
+    elif isinstance(rec, S.ZeroPages):
+        writer.zero_pages(rec.gfn, rec.npages)
+    elif isinstance(rec, S.Iteration):
+        writer.iteration(rec.iteration, rec.dirty_pages, rec.stop)
+    elif isinstance(rec, S.VcpuState):
+        writer.vcpu_state(rec.vcpu_id, rec.data)
+    elif isinstance(rec, S.End):
+        writer.end()
+    else:
+        raise TypeError(type(rec))
+
+
+def flip(data, bit):
+    b = bytearray(data)
+    b[bit // 8] ^= 1 << (bit % 8)
+    return bytes(b)
+
+
+def digest_all(m):
+    return np.frombuffer(memory_snapshot(m), np.uint8).sum()
