@@ -15,10 +15,10 @@
 enum {
     /* Bumped whenever a signature or struct in any csrc header changes; sevcore/_bindings.py
      * refuses to load a module whose value differs from the one it was written for. */
-    SC_ABI_VERSION = 6,
+    SC_ABI_VERSION = 7,
 
     /* CPU features the kernels dispatch on (a bit mask). */
-    SC_CPU_AESNI = 1,      /* AES-NI + PCLMULQDQ + SSE4.1 */
+    SC_CPU_AESNI = 1,      /* AES-NI + PCLMULQDQ + SSE4.1 (also the CRC-32 folding path) */
     SC_CPU_AVX512 = 2,     /* AVX-512 F/BW/VL/DQ with OS-enabled zmm state */
     SC_CPU_VAES = 4,       /* VAES + VPCLMULQDQ on zmm (requires SC_CPU_AVX512) */
     SC_CPU_POPCNT = 8,     /* POPCNT + BMI1 (tzcnt) */

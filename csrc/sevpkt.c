@@ -524,33 +524,56 @@ static int overlap(const void *a, size_t alen, const void *b, size_t blen)
     return alen && blen && pa < pb + blen && pb < pa + alen;
 }
 
-/* The checks both directions share; sets *bytes to n * len. */
+/* Do n rows of alen bytes every astride bytes from a and n rows of blen bytes every bstride
+ * from b share a byte? Exact for equal strides (a migration stream's record interleaves
+ * headers and ciphertext at one stride: each lies in the other's gap), else by the extents. */
+static int rows_overlap(const void *a, size_t astride, size_t alen, const void *b,
+                        size_t bstride, size_t blen, size_t n)
+{
+    if (!n || !overlap(a, (n - 1) * astride + alen, b, (n - 1) * bstride + blen))
+        return 0;
+    if (n == 1)
+        return 1;
+    if (astride != bstride)
+        return 1;
+    uintptr_t pa = (uintptr_t)a, pb = (uintptr_t)b;
+    size_t d = pb >= pa ? (pb - pa) % astride : (astride - (pa - pb) % astride) % astride;
+    return !(alen <= d && d + blen <= astride);
+}
+
+/* The checks both directions share. Rows of headers and ciphertext may be strided (a stride
+ * at least the row's length, and no overflow); the plaintext is contiguous. */
 static int check_batch(const uint8_t *tek, const uint8_t *tik, size_t len, size_t n,
-                       const uint8_t *hdrs, const uint8_t *ct, const uint8_t *pt, size_t *bytes)
+                       const uint8_t *hdrs, size_t hdr_stride, const uint8_t *ct,
+                       size_t ct_stride, const uint8_t *pt)
 {
     if (!tek || !tik || !len || len % 16 || len > SC_SEVPKT_MAX_LEN)
         return -EINVAL;
     if (!n)
-        return *bytes = 0, 0;
+        return 0;
     if (n > SIZE_MAX / SC_SEVPKT_MAX_LEN || !hdrs || !ct || !pt)
         return -EINVAL;
-    *bytes = n * len;
+    if (hdr_stride < HDR || ct_stride < len || n - 1 > (SIZE_MAX - len) / ct_stride ||
+        n - 1 > (SIZE_MAX - HDR) / hdr_stride)
+        return -EINVAL;
     /* In place is fine (CTR reads each block before writing it); any other overlap is not. */
-    if (pt != ct && overlap(pt, *bytes, ct, *bytes))
+    if (pt == ct ? ct_stride != len : rows_overlap(pt, len, len, ct, ct_stride, len, n))
         return -EINVAL;
     return 0;
 }
 
-int sc_sevpkt_seal(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
-                   const uint8_t *measure, const uint8_t *pt, size_t len, size_t n,
-                   const uint8_t *ivs, uint8_t *hdrs, uint8_t *ct)
+int sc_sevpkt_seal_rows(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
+                        const uint8_t *measure, const uint8_t *pt, size_t len, size_t n,
+                        const uint8_t *ivs, uint8_t *hdrs, size_t hdr_stride, uint8_t *ct,
+                        size_t ct_stride)
 {
-    size_t bytes;
-    int rc = check_batch(tek, tik, len, n, hdrs, ct, pt, &bytes);
+    int rc = check_batch(tek, tik, len, n, hdrs, hdr_stride, ct, ct_stride, pt);
     if (rc || !n)
         return rc;
-    if (!ivs || overlap(hdrs, n * HDR, pt, bytes) || overlap(hdrs, n * HDR, ct, bytes) ||
-        overlap(hdrs, n * HDR, ivs, n * 16) || overlap(ct, bytes, ivs, n * 16))
+    if (!ivs || rows_overlap(hdrs, hdr_stride, HDR, pt, len, len, n) ||
+        rows_overlap(hdrs, hdr_stride, HDR, ct, ct_stride, len, n) ||
+        rows_overlap(hdrs, hdr_stride, HDR, ivs, 16, 16, n) ||
+        rows_overlap(ct, ct_stride, len, ivs, 16, 16, n))
         return -EINVAL;
     struct ctr_key ck;
     struct hmac_key hk;
@@ -565,13 +588,13 @@ int sc_sevpkt_seal(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
         int lanes = n - i >= 2 ? 2 : 1;
         for (int l = 0; l < lanes; l++) {
             const uint8_t *iv = ivs + 16 * (i + l);
-            ctr_crypt(&ck, iv, pt + (i + l) * len, ct + (i + l) * len, len);
+            ctr_crypt(&ck, iv, pt + (i + l) * len, ct + (i + l) * ct_stride, len);
             make_aad(aad[l], ctx, 0, iv, len);
         }
-        packet_macs(&hk, lanes, aad, ct + i * len, ct + (i + 1) * len, len,
+        packet_macs(&hk, lanes, aad, ct + i * ct_stride, ct + (i + lanes - 1) * ct_stride, len,
                     measure ? meas : NULL, mac);
         for (int l = 0; l < lanes; l++) {
-            uint8_t *h = hdrs + HDR * (i + l);
+            uint8_t *h = hdrs + hdr_stride * (i + l);
             put_le32(h, 0);
             memcpy(h + 4, aad[l] + 5, 16);
             memcpy(h + 20, mac[l], MACLEN);
@@ -582,15 +605,22 @@ int sc_sevpkt_seal(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
     return 0;
 }
 
-int sc_sevpkt_open(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
-                   const uint8_t *measure, const uint8_t *hdrs, const uint8_t *ct, size_t len,
-                   size_t n, uint8_t *pt, uint64_t *bad_index)
+int sc_sevpkt_seal(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
+                   const uint8_t *measure, const uint8_t *pt, size_t len, size_t n,
+                   const uint8_t *ivs, uint8_t *hdrs, uint8_t *ct)
 {
-    size_t bytes;
-    int rc = check_batch(tek, tik, len, n, hdrs, ct, pt, &bytes);
+    return sc_sevpkt_seal_rows(tek, tik, ctx, measure, pt, len, n, ivs, hdrs, HDR, ct, len);
+}
+
+int sc_sevpkt_open_rows(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
+                        const uint8_t *measure, const uint8_t *hdrs, size_t hdr_stride,
+                        const uint8_t *ct, size_t ct_stride, size_t len, size_t n, uint8_t *pt,
+                        uint64_t *bad_index)
+{
+    int rc = check_batch(tek, tik, len, n, hdrs, hdr_stride, ct, ct_stride, pt);
     if (rc || !n)
         return rc;
-    if (overlap(pt, bytes, hdrs, n * HDR))
+    if (rows_overlap(pt, len, len, hdrs, hdr_stride, HDR, n))
         return -EINVAL;
     struct hmac_key hk;
     uint8_t meas[SC_SEVPKT_MEASURE_SIZE], aad[2][AAD], mac[2][32];
@@ -601,13 +631,13 @@ int sc_sevpkt_open(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
     for (size_t i = 0; i < n && !rc; i += 2) {
         int lanes = n - i >= 2 ? 2 : 1;
         for (int l = 0; l < lanes; l++) {
-            const uint8_t *h = hdrs + HDR * (i + l);
+            const uint8_t *h = hdrs + hdr_stride * (i + l);
             make_aad(aad[l], ctx, load_le32(h), h + 4, len);
         }
-        packet_macs(&hk, lanes, aad, ct + i * len, ct + (i + 1) * len, len,
+        packet_macs(&hk, lanes, aad, ct + i * ct_stride, ct + (i + lanes - 1) * ct_stride, len,
                     measure ? meas : NULL, mac);
         for (int l = 0; l < lanes && !rc; l++) {
-            const uint8_t *h = hdrs + HDR * (i + l);
+            const uint8_t *h = hdrs + hdr_stride * (i + l);
             if (differ(mac[l], h + 20, MACLEN))
                 rc = -EBADMSG;
             else if (load_le32(h) & PKT_FLAG_COMPRESSED)
@@ -623,9 +653,17 @@ int sc_sevpkt_open(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
     struct ctr_key ck;
     ctr_key_init(&ck, tek);
     for (size_t i = 0; i < n; i++)
-        ctr_crypt(&ck, hdrs + HDR * i + 4, ct + i * len, pt + i * len, len);
+        ctr_crypt(&ck, hdrs + hdr_stride * i + 4, ct + i * ct_stride, pt + i * len, len);
     wipe(&ck, sizeof(ck));
     return 0;
+}
+
+int sc_sevpkt_open(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
+                   const uint8_t *measure, const uint8_t *hdrs, const uint8_t *ct, size_t len,
+                   size_t n, uint8_t *pt, uint64_t *bad_index)
+{
+    return sc_sevpkt_open_rows(tek, tik, ctx, measure, hdrs, HDR, ct, len, len, n, pt,
+                               bad_index);
 }
 
 /* ---------------------------------------------------------------------------------------------

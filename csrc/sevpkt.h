@@ -74,6 +74,20 @@ int sc_sevpkt_open(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
                    const uint8_t *measure, const uint8_t *hdrs, const uint8_t *ct,
                    size_t len_per_pkt, size_t n, uint8_t *pt, uint64_t *bad_index);
 
+/* The same with strided rows: packet i's header is at hdrs + i * hdr_stride and its ciphertext
+ * at ct + i * ct_stride (strides at least 52 and len_per_pkt), as in a migration stream's batch
+ * record, where headers and ciphertext interleave; the plaintext stays contiguous. Outputs must
+ * not share a byte with inputs or each other (checked exactly for rows of one stride); in place
+ * (ct == pt) needs ct_stride == len_per_pkt. Otherwise as above. */
+int sc_sevpkt_seal_rows(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
+                        const uint8_t *measure, const uint8_t *pt, size_t len_per_pkt, size_t n,
+                        const uint8_t *ivs, uint8_t *hdrs, size_t hdr_stride, uint8_t *ct,
+                        size_t ct_stride);
+int sc_sevpkt_open_rows(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
+                        const uint8_t *measure, const uint8_t *hdrs, size_t hdr_stride,
+                        const uint8_t *ct, size_t ct_stride, size_t len_per_pkt, size_t n,
+                        uint8_t *pt, uint64_t *bad_index);
+
 int sc_sha256_impl(void);
 /* The AES-128-CTR path, as SC_MEM_IMPL_* (csrc/memcrypt.h). */
 int sc_aes128_ctr_impl(void);

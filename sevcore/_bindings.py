@@ -7,6 +7,8 @@ negative return code into an exception in one place, :func:`check`.
 import errno as _errno
 import os
 
+import numpy as np
+
 try:
     from sevcore._native import ffi, lib
 except ImportError as exc:  # pragma: no cover - exercised only on a broken install
@@ -16,7 +18,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 #: The C-core ABI this Python package was written against (csrc/sevcore.h SC_ABI_VERSION).
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 if lib.sc_abi_version() != ABI_VERSION or lib.SC_ABI_VERSION != ABI_VERSION:
     raise ImportError(
@@ -478,10 +480,38 @@ def aes128_ctr(key, iv, data, out):
     return lib.sc_aes128_ctr(k, i, src, len(src), dst), out
 
 
+def _strided_rows(buf):
+    """``(rows, row length)`` of a 2-D array whose rows are not back to back (a column of a
+    table, such as a stream record's headers), else None: such rows go to C as a pointer and a
+    stride instead of one buffer."""
+    if isinstance(buf, np.ndarray) and buf.ndim == 2 and not buf.flags.c_contiguous:
+        return buf.shape
+    return None
+
+
+def _rows(buf, n, size, what, writable=False):
+    """``(pointer, stride)`` of ``n`` rows of ``size`` bytes: strided rows of a uint8 array in
+    place (each row contiguous, rows at least ``size`` apart), or one buffer of ``n * size``."""
+    if _strided_rows(buf) is None:
+        return _sized(buf, n * size, what, writable), size
+    if (buf.dtype != np.uint8 or buf.shape != (n, size) or buf.strides[1] != 1
+            or buf.strides[0] < size):
+        raise ValueError(f"{what} must be {n} rows of {size} bytes, each contiguous and at least "
+                         f"{size} bytes apart, not {buf.dtype} {buf.shape} strides {buf.strides}")
+    if writable and not buf.flags.writeable:
+        raise TypeError(f"{what} must be a writable buffer")
+    return ffi.cast("uint8_t *", buf.__array_interface__["data"][0]), buf.strides[0]
+
+
+def _nbytes(buf, what):
+    shape = _strided_rows(buf)
+    return shape[0] * shape[1] if shape is not None else len(_in(buf, what))
+
+
 def sevpkt_seal(tek, tik, ctx, measure, pt, ivs, hdrs, ct):
     """Seal one packet per 16-byte IV of ``ivs``, cut evenly from ``pt``, into ``hdrs`` and
-    ``ct`` (new bytearrays where None; ``ct`` may be ``pt``). Sizes are checked (ValueError)
-    before C runs. Returns ``(rc, hdrs, ct)``."""
+    ``ct`` (new bytearrays where None; ``ct`` may be ``pt``; either may be strided rows). Sizes
+    are checked (ValueError) before C runs. Returns ``(rc, hdrs, ct)``."""
     k1, k2, m = _session(tek, tik, measure)
     src = buffer_ptr(pt, "plaintext", True) if ct is pt else _in(pt, "plaintext")
     iv = _in(ivs, "ivs")
@@ -490,24 +520,25 @@ def sevpkt_seal(tek, tik, ctx, measure, pt, ivs, hdrs, ct):
         hdrs = bytearray(n * PKT_HDR_SIZE)
     if ct is None:
         ct = bytearray(len(src))
-    ph = _sized(hdrs, n * PKT_HDR_SIZE, "headers out", True)
-    pc = src if ct is pt else _sized(ct, len(src), "ciphertext out", True)
-    return lib.sc_sevpkt_seal(k1, k2, ctx, m, src, size, n, iv, ph, pc), hdrs, ct
+    ph, hs = _rows(hdrs, n, PKT_HDR_SIZE, "headers out", True)
+    pc, cs = (src, size) if ct is pt else _rows(ct, n, size, "ciphertext out", True)
+    return lib.sc_sevpkt_seal_rows(k1, k2, ctx, m, src, size, n, iv, ph, hs, pc, cs), hdrs, ct
 
 
 def sevpkt_open(tek, tik, ctx, measure, hdrs, ct, pt):
     """Open one packet per 52-byte header of ``hdrs`` from ``ct`` into ``pt`` (a new bytearray
-    if None; may be ``ct``). Sizes are checked (ValueError) before C runs. Returns
-    ``(rc, index of the refused packet, pt)``."""
+    if None; may be ``ct``); headers and ciphertext may be strided rows. Sizes are checked
+    (ValueError) before C runs. Returns ``(rc, index of the refused packet, pt)``."""
     k1, k2, m = _session(tek, tik, measure)
-    src = buffer_ptr(ct, "ciphertext", True) if pt is ct else _in(ct, "ciphertext")
-    ph = _in(hdrs, "headers")
-    n, size = _packets(len(ph), PKT_HDR_SIZE, "headers", "header", len(src), "ciphertext")
+    n, size = _packets(_nbytes(hdrs, "headers"), PKT_HDR_SIZE, "headers", "header",
+                       _nbytes(ct, "ciphertext"), "ciphertext")
+    ph, hs = _rows(hdrs, n, PKT_HDR_SIZE, "headers")
+    src, cs = _rows(ct, n, size, "ciphertext", pt is ct)
     if pt is None:
-        pt = bytearray(len(src))
-    dst = src if pt is ct else _sized(pt, len(src), "out", True)
+        pt = bytearray(n * size)
+    dst = src if pt is ct else _sized(pt, n * size, "out", True)
     bad = ffi.new("uint64_t *")
-    rc = lib.sc_sevpkt_open(k1, k2, ctx, m, ph, src, size, n, dst, bad)
+    rc = lib.sc_sevpkt_open_rows(k1, k2, ctx, m, ph, hs, src, cs, size, n, dst, bad)
     return rc, bad[0], pt
 
 
@@ -518,6 +549,21 @@ def sha256_impl():
 
 def aes128_ctr_impl():
     return _AES_IMPLS[lib.sc_aes128_ctr_impl()]
+
+
+# --- CRC-32 (csrc/crc32.h) ------------------------------------------------------------------------
+
+_CRC32_IMPLS = {lib.SC_CRC32_IMPL_PORTABLE: "portable", lib.SC_CRC32_IMPL_CLMUL: "clmul"}
+
+
+def crc32(data, value):
+    """zlib's crc32 of any contiguous buffer, continued from ``value``."""
+    src = _in(data, "data")
+    return check(lib.sc_crc32(value, src, len(src)), "sc_crc32")
+
+
+def crc32_impl():
+    return _CRC32_IMPLS[lib.sc_crc32_impl()]
 
 
 # --- Guest page access (csrc/guest.h) -----------------------------------------------------------

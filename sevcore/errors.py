@@ -7,7 +7,10 @@ import os
 
 
 class KvmError(OSError):
-    """An ioctl on a simulated KVM fd failed with ``errno``; ``ioctl`` names it."""
+    """An ioctl on a simulated KVM fd failed with ``errno``; ``ioctl`` names it. ``index`` is
+    None, or for a batched call the position of the ioctl that failed."""
+
+    index = None
 
     def __init__(self, err, ioctl, detail=None):
         msg = os.strerror(err) if detail is None else f"{os.strerror(err)} ({detail})"

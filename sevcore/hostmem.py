@@ -48,8 +48,12 @@ class HostMemory:
 
     # -- allocation -------------------------------------------------------------------------------
 
-    def alloc(self, n=1):
-        """Allocate ``n`` zeroed frames; returns their pfns (uint64 array, ascending runs)."""
+    def alloc(self, n=1, *, singly=False):
+        """Allocate ``n`` zeroed frames; returns their pfns (uint64 array, ascending runs).
+
+        ``singly``: the frames ``n`` calls of ``alloc(1)`` would return, in that order (reused
+        frames then come in descending runs), for batched paths that must allocate exactly as a
+        page-at-a-time loop does."""
         if not isinstance(n, (int, np.integer)) or n < 0:
             raise ValueError(f"frame count must be a non-negative int, got {n!r}")
         n = int(n)
@@ -64,7 +68,8 @@ class HostMemory:
             while got < reuse:
                 chunk = self._free[-1]
                 take = min(len(chunk), reuse - got)
-                out[got:got + take] = chunk[len(chunk) - take:]
+                tail = chunk[len(chunk) - take:]
+                out[got:got + take] = tail[::-1] if singly else tail
                 if take == len(chunk):
                     self._free.pop()
                 else:

@@ -217,6 +217,51 @@ class Kvm:
             pfns[miss] = fresh[np.searchsorted(want, pages[miss])]
         return pfns
 
+    def hva_to_pfns(self, hvas, write):
+        """``hva_to_pfn`` of each page-aligned HVA of ``hvas`` (a uint64 array), in order, as a
+        loop of single calls would resolve them: untouched anonymous pages get frames in the
+        order such a loop allocates them. Returns ``(pfns, error)``: the frames of the leading
+        pages that resolved, and the exception the next page raised (None when all did); the
+        pages after a failure are not touched."""
+        hvas = np.asarray(hvas, dtype=np.uint64)
+        pfns = np.full(len(hvas), Npt.MISS, dtype=np.uint64)
+        if not len(hvas):
+            return pfns, None
+        starts = np.array(self._starts, dtype=np.uint64)
+        ends = np.array([m.end for m in self._maps], dtype=np.uint64)
+        which = np.searchsorted(starts, hvas, side="right").astype(np.intp) - 1
+        anon_map = np.array([m.kind == "anon" for m in self._maps] + [False])
+        inside = (which >= 0) & (hvas < ends[which] if len(ends) else False)
+        anon = inside & anon_map[np.where(inside, which, -1)]
+        pages = hvas >> np.uint64(PAGE_SHIFT)
+        pfns[anon] = self._pt.lookup_batch(pages[anon])
+        pos = 0
+        # Pages outside anonymous memory (guest_memfd mappings, holes) go one at a time.
+        for p in [*np.flatnonzero(~anon).tolist(), len(hvas)]:
+            self._fill_anon(pages, pfns, pos, p)
+            if p == len(hvas):
+                break
+            try:
+                pfns[p] = self.hva_to_pfn(int(hvas[p]), write=write)
+            except Exception as exc:          # noqa: BLE001 - handed to the caller as is
+                return pfns[:p], exc
+            pos = p + 1
+        return pfns, None
+
+    def _fill_anon(self, pages, pfns, lo, hi):
+        """Frames for the untouched anonymous pages among ``pages[lo:hi]``, allocated in the
+        order of first appearance (a repeated page gets the frame its first use allocated)."""
+        miss = lo + np.flatnonzero(pfns[lo:hi] == Npt.MISS)
+        if not len(miss):
+            return
+        uniq, first = np.unique(pages[miss], return_index=True)
+        order = np.argsort(first, kind="stable")
+        fresh = self.host.mem.alloc(len(uniq), singly=True)
+        map_runs(self._pt, uniq[order], fresh, NPT_WRITABLE)
+        by_page = np.empty_like(fresh)
+        by_page[order] = fresh
+        pfns[miss] = by_page[np.searchsorted(uniq, pages[miss])]
+
     def _anon_span(self, hva, size):
         """``(first page, page count, offset in first page)`` if ``[hva, hva + size)`` lies in
         one anonymous mapping, else None (the page-by-page path handles it)."""

@@ -157,5 +157,35 @@ def sev_decrypt_memory(vm, dst_hva, src_hva, size):
                                 len=size)
 
 
+def _user_blob(kvm, blob):
+    hva = kvm.mmap(max(len(blob), 1))
+    kvm.write(hva, blob)
+    return hva
+
+
+def sev_send_start(vm, chain):
+    """KVM_SEV_SEND_START towards the platform whose certificates are ``chain`` (a
+    ``sevcore.psp.CertChain``); returns the 128-byte session for the target. The guest is then
+    in SEND_UPDATE."""
+    kvm = vm.kvm
+    fields = {}
+    for name, blob in (("pdh_cert", chain.pdh), ("plat_certs", chain.plat_certs),
+                       ("amd_certs", chain.amd_certs)):
+        fields[name + "_uaddr"], fields[name + "_len"] = _user_blob(kvm, blob), len(blob)
+    session = kvm.mmap(PAGE_SIZE)
+    vm.memory_encrypt_op(U.KVM_SEV_SEND_START, session_uaddr=session, session_len=128, **fields)
+    return kvm.read(session, 128)
+
+
+def sev_receive_start(vm, policy, pdh, session):
+    """KVM_SEV_RECEIVE_START with the source platform's PDH and SEND_START's ``session``; the
+    new guest is then in RECEIVE_UPDATE."""
+    kvm = vm.kvm
+    return vm.memory_encrypt_op(U.KVM_SEV_RECEIVE_START, policy=policy,
+                                pdh_uaddr=_user_blob(kvm, pdh), pdh_len=len(pdh),
+                                session_uaddr=_user_blob(kvm, session), session_len=len(session))
+
+
 __all__ += ["vm_sev_ioctl", "sev_vm_init", "sev_es_vm_init", "sev_vm_launch", "vm_sev_launch",
-            "vm_sev_create_with_one_vcpu", "sev_encrypt_memory", "sev_decrypt_memory"]
+            "vm_sev_create_with_one_vcpu", "sev_encrypt_memory", "sev_decrypt_memory",
+            "sev_send_start", "sev_receive_start"]

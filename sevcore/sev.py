@@ -13,15 +13,25 @@ Guest pages handed to the firmware are pinned (``sev_pin_memory``) and passed by
 C-bit for SEND/RECEIVE_UPDATE_DATA (``| sev_me_mask``), without for the others
 (``__sme_page_pa`` with host SME off). Blobs are copied into kernel buffers (a bounce area of
 host frames) first, as ``psp_copy_user_blob`` does.
+
+``send_update_data_pages``/``receive_update_data_pages`` (``vm.sev_send_update_data_pages`` ...)
+are a sevcore extension: n whole-page SEND/RECEIVE_UPDATE_DATA ioctls in one call, exactly
+equivalent to those ioctls in order (docs/fidelity.md), over the firmware's batched steps
+(sevcore/psp/batch.py).
 """
 import threading
 from errno import EBADF, EBUSY, EFAULT, EINVAL, EIO, ENOMEM, ENOTTY, EPERM
 
+import numpy as np
+
 from sevcore import uapi as U
+from sevcore.arrays import byte_rows, u64_array
 from sevcore.errors import KvmError
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.psp import layout as L
 from sevcore.psp.api import _alloc_contiguous
+from sevcore.psp.batch import first, out_rows
+from sevcore.psp.crypto import HEADER_SIZE as L_HDR
 from sevcore.psp.platform import TMR_SIZE
 from sevcore.psp.status import status_name
 
@@ -217,11 +227,7 @@ def memory_encrypt_op(vm, id, data, sev_fd, fields):
         return 0                                   # NULL argp: QEMU's probe
     if not isinstance(id, int) or not 0 <= id < 1 << 32:
         raise TypeError(f"id must be a u32, not {id!r}")
-    sev = vm.sev
-    if is_mirror(vm) and id not in MIRROR_CMDS:
-        raise KvmError(EINVAL, IOCTL, f"command {id} not allowed on a mirror VM")
-    if sev.snp_active and id < U.KVM_SEV_SNP_LAUNCH_START:
-        raise KvmError(EPERM, IOCTL, f"command {id} not allowed on an SNP guest")
+    _command_allowed(vm, id)
     entry = _HANDLERS.get(id)
     if id == U.KVM_SEV_ES_INIT and not host_asids(vm.host).es_enabled:
         raise KvmError(ENOTTY, IOCTL, "SEV-ES is disabled")
@@ -244,6 +250,14 @@ def memory_encrypt_op(vm, id, data, sev_fd, fields):
         e.out = out
         raise
     return out
+
+
+def _command_allowed(vm, id):
+    """sev_mem_enc_ioctl's refusals before it looks up the command: mirror VMs, SNP guests."""
+    if is_mirror(vm) and id not in MIRROR_CMDS:
+        raise KvmError(EINVAL, IOCTL, f"command {id} not allowed on a mirror VM")
+    if vm.sev.snp_active and id < U.KVM_SEV_SNP_LAUNCH_START:
+        raise KvmError(EPERM, IOCTL, f"command {id} not allowed on an SNP guest")
 
 
 def _default_sev_fd(host):
@@ -304,8 +318,7 @@ class _Cmd:
         """psp_copy_user_blob into a kernel buffer: its SPA."""
         if not uaddr or not size:
             self.fail(EINVAL, "blob address or length is 0")
-        if size > U.SEV_FW_BLOB_MAX_SIZE:
-            self.fail(EINVAL, f"blob of {size} bytes > SEV_FW_BLOB_MAX_SIZE")
+        _blob_size(size)
         return self.buf.put(self.copy_in(uaddr, size))
 
     def writeback(self, params, **changed):
@@ -319,6 +332,11 @@ class _Cmd:
         self.sev.pages_locked -= len(pfns)
 
 
+def _blob_size(size):
+    if size > U.SEV_FW_BLOB_MAX_SIZE:
+        raise KvmError(EINVAL, IOCTL, f"blob of {size} bytes > SEV_FW_BLOB_MAX_SIZE")
+
+
 # -- pinning ---------------------------------------------------------------------------------------------
 
 def pin_memory(vm, uaddr, ulen, write, ioctl):
@@ -328,16 +346,8 @@ def pin_memory(vm, uaddr, ulen, write, ioctl):
         raise KvmError(EINVAL, ioctl, "empty or wrapping range")
     first, last = uaddr >> PAGE_SHIFT, (uaddr + ulen - 1) >> PAGE_SHIFT
     npages = last - first + 1
-    if npages > INT_MAX:
-        raise KvmError(EINVAL, ioctl, "too many pages")
-    locked = sev.pages_locked + npages
-    if locked > vm.host.mem.nframes:
-        raise KvmError(EINVAL, ioctl, "more pages than RAM")
+    locked = _lock_limit(vm, npages, ioctl)
     kvm = vm.kvm
-    limit = getattr(kvm, "rlimit_memlock", None)
-    if limit is not None and locked > limit >> PAGE_SHIFT and not getattr(kvm, "cap_ipc_lock",
-                                                                           False):
-        raise KvmError(ENOMEM, ioctl, "RLIMIT_MEMLOCK exceeded")
     pfns = []
     try:
         for p in range(first, last + 1):
@@ -346,6 +356,21 @@ def pin_memory(vm, uaddr, ulen, write, ioctl):
         raise KvmError(ENOMEM, ioctl, "could not pin every page") from None
     sev.pages_locked = locked
     return pfns
+
+
+def _lock_limit(vm, npages, ioctl):
+    """sev_pin_memory's limits on pinning ``npages`` more: the new pages_locked."""
+    if npages > INT_MAX:
+        raise KvmError(EINVAL, ioctl, "too many pages")
+    locked = vm.sev.pages_locked + npages
+    if locked > vm.host.mem.nframes:
+        raise KvmError(EINVAL, ioctl, "more pages than RAM")
+    kvm = vm.kvm
+    limit = getattr(kvm, "rlimit_memlock", None)
+    if limit is not None and locked > limit >> PAGE_SHIFT and not getattr(kvm, "cap_ipc_lock",
+                                                                           False):
+        raise KvmError(ENOMEM, ioctl, "RLIMIT_MEMLOCK exceeded")
+    return locked
 
 
 def _wraps(addr, size):
@@ -728,10 +753,15 @@ def _cmd_send_start(c, params):
     c.writeback(p, policy=f.policy, session_len=f.session_len)
 
 
+_CROSSES = "guest range crosses a page"
+_SEND_ZERO = "an address or guest_len is 0"
+_RECEIVE_ZERO = "an address or length is 0"
+
+
 def _one_page(c, p):
     if p["guest_len"] > PAGE_SIZE or (p["guest_uaddr"] & (PAGE_SIZE - 1)) + p["guest_len"] > \
             PAGE_SIZE:
-        c.fail(EINVAL, "guest range crosses a page")
+        c.fail(EINVAL, _CROSSES)
 
 
 def _cmd_send_update_data(c, params):
@@ -744,7 +774,7 @@ def _cmd_send_update_data(c, params):
             raise SevError(c.out.error, c.out)
         return
     if not p["trans_uaddr"] or not p["guest_uaddr"] or not p["guest_len"] or not p["hdr_uaddr"]:
-        c.fail(EINVAL, "an address or guest_len is 0")
+        c.fail(EINVAL, _SEND_ZERO)
     _one_page(c, p)
     (pfn,) = c.pin(p["guest_uaddr"], p["guest_len"], False)
     try:
@@ -776,7 +806,7 @@ def _cmd_receive_update_data(c, params):
     p = _params(c, params)
     if not all(p[k] for k in ("hdr_uaddr", "hdr_len", "guest_uaddr", "guest_len",
                               "trans_uaddr", "trans_len")):
-        c.fail(EINVAL, "an address or length is 0")
+        c.fail(EINVAL, _RECEIVE_ZERO)
     _one_page(c, p)
     hdr = c.blob(p["hdr_uaddr"], p["hdr_len"])
     trans = c.blob(p["trans_uaddr"], p["trans_len"])
@@ -815,6 +845,168 @@ _HANDLERS = {
     U.KVM_SEV_RECEIVE_FINISH: (_handle_cmd(U.SEV_CMD_RECEIVE_FINISH,
                                            L.sev_data_receive_finish), None),
 }
+
+
+# -- whole-page batches of SEND/RECEIVE_UPDATE_DATA (a sevcore extension) ------------------------
+
+class _PageBatch:
+    """n whole-page SEND or RECEIVE_UPDATE_DATA ioctls run as one: the checks every one of them
+    makes alike are made once, the per-page ones are vectorised, and a refusal is raised as the
+    ioctl of page ``index`` would raise it (``err.index``). The user buffers of the ioctls are
+    the batch's arrays, so their addresses are reported as 0 and can never fault."""
+
+    def __init__(self, vm, send, uaddrs, hdr_len, trans_len):
+        self.vm, self.send, self.uaddrs = vm, send, uaddrs
+        self.id = U.KVM_SEV_SEND_UPDATE_DATA if send else U.KVM_SEV_RECEIVE_UPDATE_DATA
+        self.hdr_len, self.trans_len = hdr_len, trans_len
+        self.zero_msg = _SEND_ZERO if send else _RECEIVE_ZERO
+        self.psp = vm.host.psp
+
+    def start(self):
+        """Everything before the pages are pinned: ``(k, guest)``, ``k`` the first page the
+        handler refuses before pinning (or n); a refusal of the whole batch is raised here."""
+        try:
+            self.begin()
+        except KvmError as exc:
+            raise self.at(0, exc) from None
+        k = self.user_checks()
+        if k == 0:
+            raise self.at(0, self.user_error(0))
+        status, g = self.gate()
+        if status:
+            self.refuse_first(status)
+        return k, g
+
+    def begin(self):
+        """sev_mem_enc_ioctl up to the handler, and the handler's first checks."""
+        vm = self.vm
+        vm._enter(IOCTL)
+        _command_allowed(vm, self.id)
+        c = _Cmd(vm, SevCmd(self.id, {}), _default_sev_fd(vm.host))
+        if not self.send and not sev_guest(vm):
+            c.fail(EINVAL, "not an SEV guest")
+        c.need_sev()
+
+    def at(self, index, exc):
+        exc.index = index
+        if isinstance(exc, SevError):
+            exc.out = SevCmd(self.id, dict(hdr_uaddr=0, hdr_len=self.hdr_len,
+                                           guest_uaddr=int(self.uaddrs[index]),
+                                           guest_len=PAGE_SIZE, trans_uaddr=0,
+                                           trans_len=self.trans_len), exc.fw_error)
+        return exc
+
+    def user_checks(self):
+        """The index of the first page refused before anything is pinned (an address or a
+        length of 0, a range crossing a page, a blob above SEV_FW_BLOB_MAX_SIZE, a range that
+        wraps, which sev_pin_memory checks first), or n."""
+        u = self.uaddrs
+        bad = (u == 0) | (u & np.uint64(PAGE_SIZE - 1) != 0)
+        bad |= u > np.uint64(ULONG_MAX - PAGE_SIZE)
+        if not self.send and (not self.hdr_len or not self.trans_len
+                              or max(self.hdr_len, self.trans_len) > U.SEV_FW_BLOB_MAX_SIZE):
+            bad[:] = True
+        return first(bad)
+
+    def user_error(self, i):
+        """The KvmError page ``i``'s ioctl raises before pinning, in the kernel's order."""
+        if not self.uaddrs[i] or not self.hdr_len or not self.trans_len:
+            return KvmError(EINVAL, IOCTL, self.zero_msg)
+        if self.uaddrs[i] & np.uint64(PAGE_SIZE - 1):
+            return KvmError(EINVAL, IOCTL, _CROSSES)
+        for size in (self.hdr_len, self.trans_len):
+            try:
+                _blob_size(size)
+            except KvmError as exc:
+                return exc
+        if _wraps(int(self.uaddrs[i]), PAGE_SIZE):
+            return KvmError(EINVAL, IOCTL, "empty or wrapping range")
+        raise AssertionError("page passes the handler's checks")
+
+    def pin(self, count):
+        """sev_pin_memory of one page at each of the first ``count`` addresses, each undone
+        before the next (pages_locked ends as it was): (their pfns, or fewer, and the error of
+        the first that did not pin)."""
+        try:
+            _lock_limit(self.vm, 1, IOCTL)
+        except KvmError as exc:
+            return np.empty(0, np.uint64), exc
+        pfns, exc = self.vm.kvm.hva_to_pfns(self.uaddrs[:count], write=not self.send)
+        if exc is not None:
+            exc = KvmError(ENOMEM, IOCTL, "could not pin every page")
+        return pfns, exc
+
+    def refuse_first(self, status):
+        """The first ioctl fails after pinning its page: /dev/sev gone (EBADF), or the firmware
+        refuses the command (every later one would refuse alike)."""
+        _, exc = self.pin(1)
+        if exc is not None:
+            raise self.at(0, exc)
+        if not isinstance(self.vm.host.fget(self.vm.sev.fd), SevDev):
+            raise self.at(0, KvmError(EBADF, IOCTL, "sev_fd is not /dev/sev"))
+        self.psp._pages_refused(status)
+        raise self.at(0, SevError(status))
+
+    def gate(self):
+        """The firmware's verdict on the first command (and so on every one), or 0 when the
+        commands can run; a missing /dev/sev counts as a refusal."""
+        status, g = self.psp._pages_gate(self.send, self.vm.sev.handle, self.hdr_len,
+                                         self.trans_len)
+        if not isinstance(self.vm.host.fget(self.vm.sev.fd), SevDev):
+            status = status or -1
+        return status, g
+
+
+def send_update_data_pages(vm, guest_uaddrs, out=None):
+    """n KVM_SEV_SEND_UPDATE_DATA ioctls of whole pages (see Vm.sev_send_update_data_pages)."""
+    uaddrs = u64_array(guest_uaddrs, "guest_uaddrs")
+    n = len(uaddrs)
+    hdrs, trans = (None, None) if out is None else out
+    if hdrs is None:
+        hdrs = np.empty((n, L_HDR), np.uint8)
+    if trans is None:
+        trans = np.empty((n, PAGE_SIZE), np.uint8)
+    h, t = out_rows(hdrs, n, L_HDR), out_rows(trans, n, PAGE_SIZE)
+    if not n:
+        return hdrs, trans
+    b = _PageBatch(vm, True, uaddrs, L_HDR, PAGE_SIZE)
+    k, g = b.start()
+    pfns, exc = b.pin(k)
+    m = len(pfns)
+    if m:
+        vm.host.psp._seal_pages(g, pfns << np.uint64(PAGE_SHIFT), h[:m], t[:m])
+    if m < n:
+        exc = b.at(m, exc if exc is not None else b.user_error(m))
+        exc.hdrs, exc.trans = h[:m], t[:m]
+        raise exc
+    return hdrs, trans
+
+
+def receive_update_data_pages(vm, guest_uaddrs, hdrs, trans):
+    """n KVM_SEV_RECEIVE_UPDATE_DATA ioctls of whole pages (see
+    Vm.sev_receive_update_data_pages)."""
+    uaddrs = u64_array(guest_uaddrs, "guest_uaddrs")
+    n = len(uaddrs)
+    h, t = byte_rows(hdrs, n, "hdrs"), byte_rows(trans, n, "trans")
+    if not n:
+        return
+    b = _PageBatch(vm, False, uaddrs, h.shape[1], t.shape[1])
+    k, g = b.start()
+    psp = vm.host.psp
+    # The firmware's verdict on each packet does not depend on where it goes, so it is known
+    # before pinning; page p (the first refused) is still pinned, as its ioctl pins it.
+    p, fw_status, plain = psp._open_pages(g, h[:k, :L_HDR], t[:k])
+    pfns, exc = b.pin(min(k, p + 1))
+    done = min(len(pfns), p)
+    if done:
+        psp._write_pages(g, pfns[:done] << np.uint64(PAGE_SHIFT),
+                         memoryview(plain)[:done * PAGE_SIZE])
+    if exc is not None:
+        raise b.at(len(pfns), exc)
+    if p < k:
+        raise b.at(p, SevError(fw_status))
+    if k < n:
+        raise b.at(k, b.user_error(k))
 
 
 # -- mirrors and moves -------------------------------------------------------------------------------

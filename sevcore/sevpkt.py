@@ -77,8 +77,10 @@ def seal(tek, tik, plaintext, ivs, ctx=CTX_DATA, *, measure=None, out=None):
     Mirrors the packet crypto of SEND_UPDATE_DATA (``ctx=CTX_DATA``) and of a guest owner's
     LAUNCH_SECRET (``ctx=CTX_SECRET`` with the launch ``measure``). ``out`` is None or a pair of
     writable buffers (either may be None) of ``n * 52`` and ``len(plaintext)`` bytes; the
-    ciphertext buffer may be ``plaintext`` itself. Raises TypeError or ValueError, before writing
-    anything, on bad keys, IVs, lengths or overlapping buffers.
+    ciphertext buffer may be ``plaintext`` itself. Either output may also be an ``(n, 52)`` /
+    ``(n, len)`` uint8 array whose rows are strided (the columns of a migration stream record),
+    written in place. Raises TypeError or ValueError, before writing anything, on bad keys,
+    IVs, lengths or overlapping buffers.
     """
     if out is None:
         hdrs = ct = None
@@ -100,8 +102,9 @@ def open(tek, tik, headers, ciphertext, ctx=CTX_DATA, *, measure=None, out=None)
 
     Mirrors the packet checks of RECEIVE_UPDATE_DATA (``ctx=CTX_DATA``) and LAUNCH_SECRET
     (``ctx=CTX_SECRET`` with ``measure``): packets are judged in order, MAC first (constant-time
-    compare), then flags. ``out`` is None or a writable buffer of ``len(ciphertext)`` bytes, or
-    ``ciphertext`` itself. Raises PacketAuthError or PacketFlagsError naming the first refused
+    compare), then flags. ``headers`` and ``ciphertext`` may be ``(n, 52)`` / ``(n, len)`` uint8
+    arrays with strided rows, read in place. ``out`` is None or a writable buffer of
+    ``n * len`` bytes, or ``ciphertext`` itself. Raises PacketAuthError or PacketFlagsError naming the first refused
     packet, or TypeError/ValueError for bad arguments; in every case nothing is written.
     """
     rc, bad, pt = _b.sevpkt_open(tek, tik, _ctx(ctx), measure, headers, ciphertext, out)
@@ -109,7 +112,10 @@ def open(tek, tik, headers, ciphertext, ctx=CTX_DATA, *, measure=None, out=None)
         if rc == -errno.EBADMSG:
             raise PacketAuthError(bad)
         if rc == -errno.EOPNOTSUPP:
-            hdr = memoryview(headers).cast("B")[HDR_SIZE * bad:HDR_SIZE * bad + 4]
+            if getattr(headers, "ndim", 1) == 2:
+                hdr = bytes(headers[bad][:4])
+            else:
+                hdr = memoryview(headers).cast("B")[HDR_SIZE * bad:HDR_SIZE * bad + 4]
             raise PacketFlagsError(bad, int.from_bytes(hdr, "little"))
         if rc == -errno.EINVAL:
             raise ValueError("out overlaps the headers, or the ciphertext without being it")

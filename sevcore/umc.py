@@ -147,29 +147,54 @@ class MemoryController:
 
     def read_pages(self, spas, asid=0, out=None):
         """The pages at ``spas`` (page aligned) as ``asid`` sees them, ``len(spas) * 4096`` bytes
-        in one buffer: one gather and one engine call for the whole batch."""
+        in one buffer (``out``, a writable buffer of that size, or a new uint8 array): one
+        gather and one in-place engine call for the whole batch."""
         pfns = self._pfns(spas)
-        frames2d = self._frames2d()
-        gathered = frames2d[pfns.astype(np.intp)].reshape(-1)
+        if out is None:
+            dst = np.empty((pfns.size, PAGE_SIZE), np.uint8)
+            out = dst.reshape(-1)
+        else:
+            dst = np.frombuffer(memoryview(out).cast("B"), np.uint8)
+            if dst.size != pfns.size * PAGE_SIZE:
+                raise ValueError(f"out holds {dst.size} bytes, not {pfns.size} pages")
+            dst = dst.reshape(-1, PAGE_SIZE)
         eng = self.engine(asid)
-        if eng is None:
-            if out is None:
-                return bytearray(gathered)
-            memoryview(out).cast("B")[:] = gathered
+        run = _run_start(pfns)
+        if eng is not None and run is not None:
+            # One run of frames: decrypt straight from them, no gather.
+            spa = run << PAGE_SHIFT
+            eng.decrypt_run(self.host.mem.frames[spa:spa + dst.size], spa, out=out)
             return out
-        return eng.decrypt_pages(gathered, pfns << np.uint64(PAGE_SHIFT),
-                                 out=gathered if out is None else out)
+        # pfns were checked by _pfns: 'clip' only spares numpy its buffered bounds check.
+        np.take(self._frames2d(), pfns.astype(np.intp), axis=0, out=dst, mode="clip")
+        if eng is not None:
+            eng.decrypt_pages(out, pfns << np.uint64(PAGE_SHIFT), out=out)
+        return out
 
-    def write_pages(self, spas, data, asid=0):
-        """Store ``len(spas)`` pages of ``data`` at ``spas`` through the key of ``asid``."""
+    def write_pages(self, spas, data, asid=0, *, in_place=False):
+        """Store ``len(spas)`` pages of ``data`` at ``spas`` through the key of ``asid``, as
+        that many page writes in order would (a page given twice keeps the later data).
+        ``in_place``: encrypt ``data`` itself (writable, its plaintext is then gone) rather
+        than a copy."""
         pfns = self._pfns(spas)
         buf = np.frombuffer(memoryview(data).cast("B"), np.uint8)
         if buf.size != pfns.size * PAGE_SIZE:
             raise ValueError(f"{buf.size} bytes for {pfns.size} pages")
         eng = self.engine(asid)
+        run = _run_start(pfns)
+        if eng is not None and run is not None:
+            # One run of frames: encrypt straight into them, no scatter.
+            spa = run << PAGE_SHIFT
+            eng.encrypt_run(buf, spa, out=self.host.mem.frames[spa:spa + buf.size])
+            return
         if eng is not None:
-            buf = np.frombuffer(eng.encrypt_pages(buf, pfns << np.uint64(PAGE_SHIFT)), np.uint8)
-        self._frames2d()[pfns.astype(np.intp)] = buf.reshape(-1, PAGE_SIZE)
+            buf = np.frombuffer(eng.encrypt_pages(buf, pfns << np.uint64(PAGE_SHIFT),
+                                                  out=buf if in_place else None), np.uint8)
+        rows = buf.reshape(-1, PAGE_SIZE)
+        last = _last_of_each(pfns)
+        if last is not None:
+            pfns, rows = pfns[last], rows[last]
+        self._frames2d()[pfns.astype(np.intp)] = rows
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -190,6 +215,25 @@ class MemoryController:
             raise TypeError("spa and size must be integers")
         if spa < 0 or size < 0 or spa + size > self.host.mem.size:
             raise ValueError(f"SPA range [{spa:#x}, {spa + size:#x}) outside host memory")
+
+
+def _run_start(pfns):
+    """The first pfn if ``pfns`` are consecutive ascending frames (a run the engine can work on
+    in place), else None."""
+    if pfns.size < 2 or int(pfns[-1]) - int(pfns[0]) != pfns.size - 1:
+        return int(pfns[0]) if pfns.size == 1 else None
+    return int(pfns[0]) if np.all(np.diff(pfns) == 1) else None
+
+
+def _last_of_each(pfns):
+    """Indices of the last occurrence of each pfn, in order, or None if none repeats (numpy
+    does not define which of repeated fancy-index assignments wins)."""
+    if pfns.size < 2:
+        return None
+    uniq, first_rev = np.unique(pfns[::-1], return_index=True)
+    if uniq.size == pfns.size:
+        return None
+    return np.sort(pfns.size - 1 - first_rev)
 
 
 def _page_span(spa, size):

@@ -191,6 +191,28 @@ class Vm:
         from sevcore.sev import unreg_region
         return unreg_region(self, addr, size)
 
+    def sev_send_update_data_pages(self, guest_uaddrs, out=None):
+        """``len(guest_uaddrs)`` ``KVM_SEV_SEND_UPDATE_DATA`` ioctls of whole pages in one call
+        (a sevcore extension; docs/psp.md): page ``i`` from ``guest_uaddrs[i]`` with
+        ``hdr_len`` 52 and ``guest_len = trans_len = 4096``, the same checks, errnos, firmware
+        statuses, IVs and bytes as those ioctls in order. Returns ``(hdrs, trans)``: ``(n, 52)``
+        and ``(n, 4096)`` uint8 arrays, or the ``out`` pair (writable, contiguous, 52n and
+        4096n bytes) filled. A refusal of page ``i`` raises what its ioctl raises (SevError with
+        ``fw_error`` and ``out``, or KvmError) with ``index = i`` and the packets of pages
+        ``0..i-1`` in ``hdrs``/``trans`` of the exception."""
+        from sevcore.sev import send_update_data_pages
+        return send_update_data_pages(self, guest_uaddrs, out)
+
+    def sev_receive_update_data_pages(self, guest_uaddrs, hdrs, trans):
+        """``len(guest_uaddrs)`` ``KVM_SEV_RECEIVE_UPDATE_DATA`` ioctls of whole pages in one
+        call (a sevcore extension; docs/psp.md): packet ``i`` (row ``i`` of ``hdrs``, whose
+        length is ``hdr_len``, and of ``trans``, ``trans_len``) into the page at
+        ``guest_uaddrs[i]`` with ``guest_len`` 4096. A refusal of page ``i`` raises what its
+        ioctl raises with ``index = i``: pages ``0..i-1`` are written, page ``i`` and later
+        ones are not."""
+        from sevcore.sev import receive_update_data_pages
+        return receive_update_data_pages(self, guest_uaddrs, hdrs, trans)
+
     @property
     def sev_guest(self):
         """sev_guest(kvm): INIT succeeded, or the VM is a mirror or a move destination."""

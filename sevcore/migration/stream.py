@@ -16,6 +16,12 @@ length is caught (by the head CRC) before it is used to read anything.
 >>> w.sev_session(policy, pdh, session); w.encrypted_page(gfn, hdr, ct); w.end()
 >>> for rec in StreamReader(channel): ...           # records, each verified before it is yielded
 
+Batch records (ENCRYPTED_PAGES, SHARED_PAGES, HELPER_PAGES) carry many pages in one frame: the
+writer builds the payload with numpy in one pass (``w.encrypted_batch(gfns, hdrs, trans)``) and
+the reader hands on an object of numpy views into a buffer of its own (``rec.gfns``,
+``rec.hdrs``, ``rec.trans``), with no per-page Python work on either side. CRCs run in C
+(sevcore.checksum).
+
 A reader yields a record only after its checksum and layout are verified and raises a
 ``StreamError`` subclass (errors.py) at the first bad byte: nothing after that point is handed
 on. ``read_all()`` returns the records only if the stream is complete up to a valid END, so a
@@ -26,6 +32,10 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+import numpy as np
+
+from sevcore.arrays import byte_rows, u64_array
+from sevcore.checksum import crc32
 from sevcore.migration.errors import (BadMagic, BadRecord, ChecksumMismatch, StreamTruncated,
                                       UnsupportedFlags, UnsupportedVersion)
 
@@ -40,9 +50,13 @@ KNOWN_FLAGS = FLAG_ENCRYPTED | FLAG_HELPER
 PAGE_SIZE = 4096
 #: Largest payload a reader accepts (refused as BadRecord before any allocation).
 MAX_PAYLOAD = 1 << 24
+#: Pages per batch record the writer makes by default (about 1 MiB of encrypted pages).
+BATCH_PAGES = 256
+_SMALL = 1 << 16              # bytes below which zlib computes a CRC (see _crc)
 
 HEADER = struct.Struct(">8sHHI")
 FRAME = struct.Struct(">HHII")            # type, reserved, payload_len, head_crc
+_HEAD = struct.Struct(">HHI")             # the part head_crc covers
 _U32 = struct.Struct(">I")                # lengths, ids and the CRC-32 trailers
 HEADER_SIZE = HEADER.size                 # 16
 FRAME_OVERHEAD = FRAME.size + _U32.size   # 16
@@ -137,10 +151,75 @@ class End:
     TYPE = 9
 
 
+class _Batch:
+    """A batch record as the reader hands it on: numpy views of one payload buffer that the
+    record owns (the reader never reuses it), read-only, without a copy per page. ``gfns`` is a
+    uint64 array. Iterating yields the equivalent single-page records (copies; for tests and
+    tools, not for hot paths)."""
+
+    __slots__ = ()
+    FIELDS = ()
+
+    def __init__(self, *columns):
+        for name, column in zip(self.FIELDS, columns, strict=True):
+            setattr(self, name, column)
+
+    def __len__(self):
+        return len(self.gfns)
+
+    def __iter__(self):
+        columns = (getattr(self, f) for f in self.FIELDS)
+        return map(self.SINGLE, *(c.tolist() if c.ndim == 1 else map(bytes, c) for c in columns))
+
+    def __eq__(self, other):
+        return type(other) is type(self) and all(
+            np.array_equal(getattr(self, f), getattr(other, f)) for f in self.FIELDS)
+
+    def __repr__(self):
+        sizes = ", ".join(f"{f}={getattr(self, f).shape}" for f in self.FIELDS)
+        return f"{type(self).__name__}(n={len(self)}, {sizes})"
+
+
+class EncryptedPages(_Batch):
+    """ENCRYPTED_PAGES: SEND_UPDATE_DATA packets of ``len(gfns)`` pages; ``hdrs`` and ``trans``
+    are ``(n, hdr_len)`` and ``(n, trans_len)`` uint8 views (every page of a record has the same
+    two lengths)."""
+    __slots__ = FIELDS = ("gfns", "hdrs", "trans")
+    TYPE, SINGLE = 10, EncryptedPage
+
+    @property
+    def hdr_len(self):
+        return self.hdrs.shape[1]
+
+    @property
+    def trans_len(self):
+        return self.trans.shape[1]
+
+
+class SharedPages(_Batch):
+    """SHARED_PAGES: ``len(gfns)`` plaintext pages; ``data`` is an ``(n, 4096)`` uint8 view."""
+    __slots__ = FIELDS = ("gfns", "data")
+    TYPE, SINGLE = 11, SharedPage
+
+
+class HelperPages(_Batch):
+    """HELPER_PAGES: ``len(gfns)`` migration-helper packets of one length; ``seqs`` is a uint64
+    array, ``packets`` an ``(n, packet_len)`` uint8 view."""
+    __slots__ = FIELDS = ("gfns", "seqs", "packets")
+    TYPE, SINGLE = 12, HelperPage
+
+    @property
+    def packet_len(self):
+        return self.packets.shape[1]
+
+
 RECORD_TYPES = {cls.TYPE: cls for cls in (Setup, SevSession, SharedPage, EncryptedPage,
-                                          HelperPage, ZeroPages, Iteration, VcpuState, End)}
+                                          HelperPage, ZeroPages, Iteration, VcpuState, End,
+                                          EncryptedPages, SharedPages, HelperPages)}
 TYPE_NAMES = {t: cls.__name__ for t, cls in RECORD_TYPES.items()}
-PAGE_RECORDS = (SharedPage.TYPE, EncryptedPage.TYPE, HelperPage.TYPE)
+PAGE_RECORDS = (SharedPage.TYPE, EncryptedPage.TYPE, HelperPage.TYPE, EncryptedPages.TYPE,
+                SharedPages.TYPE, HelperPages.TYPE)
+BATCH_RECORDS = (EncryptedPages.TYPE, SharedPages.TYPE, HelperPages.TYPE)
 
 
 # -- statistics --------------------------------------------------------------------------------------
@@ -213,24 +292,47 @@ def _u32_len(b, what):
     return n
 
 
+def _crc(data, crc):
+    """The running CRC-32 over ``data``: zlib's for up to a few pages, the C kernel
+    (sevcore.checksum, the same CRC at several times the speed) for more. The C call releases
+    the GIL, which pays for a batch payload but, for one page, mostly hands the GIL to the
+    other end's thread and waits to get it back."""
+    return zlib.crc32(data, crc) if len(data) < _SMALL else crc32(data, crc)
+
+
 def _check_int(v, lo, hi, what):
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
         raise ValueError(f"{what} must be an int in [{lo}, {hi}], not {v!r}")
+
+
+def _columns(buf, head, stride, n):
+    """``column(offset, dtype or width)``: one field of each of ``n`` rows of ``stride`` bytes
+    after ``head`` bytes of ``buf``, as a strided ``(n,)`` view of that dtype or ``(n, width)``
+    bytes; a view of a read-only buffer is read-only."""
+    def column(offset, kind):
+        if isinstance(kind, int):
+            return np.ndarray((n, kind), np.uint8, buf, head + offset, (stride, 1))
+        return np.ndarray((n,), kind, buf, head + offset, (stride,))
+    return column
 
 
 class StreamWriter:
     """Writes a migration stream to a channel (anything with ``send(bytes)``).
 
     The header goes out at construction. Records are buffered and sent in chunks of about
-    ``flush_size`` bytes; ``end()`` writes END and flushes. Arguments are checked (TypeError,
+    ``flush_size`` bytes (a large batch payload goes out as it is); ``end()`` writes END and
+    flushes. A batch call writes records of at most ``batch_pages`` pages. Arguments are checked (TypeError,
     ValueError) before anything of the record is buffered. ``stats`` counts what was written.
     """
 
-    def __init__(self, channel, flags=0, *, version=VERSION, flush_size=1 << 20):
+    def __init__(self, channel, flags=0, *, version=VERSION, flush_size=1 << 20,
+                 batch_pages=BATCH_PAGES):
         if flags & ~KNOWN_FLAGS and version == VERSION:
             raise ValueError(f"unknown stream flags {flags & ~KNOWN_FLAGS:#x}")
+        _check_int(batch_pages, 1, 1 << 20, "batch_pages")
         self.channel = channel
         self.flush_size = flush_size
+        self.batch_pages = batch_pages
         self.stats = StreamStats()
         self.ended = False
         head = HEADER.pack(MAGIC, version, flags, 0)[:12]
@@ -244,13 +346,13 @@ class StreamWriter:
         n = sum(map(len, parts))
         if n > MAX_PAYLOAD:
             raise ValueError(f"{TYPE_NAMES[rtype]} payload of {n} bytes exceeds {MAX_PAYLOAD}")
-        head = FRAME.pack(rtype, 0, n, 0)[:8]
+        head = _HEAD.pack(rtype, 0, n)
         crc = zlib.crc32(head, self._crc)
         buf = self._buf
         buf += head
         buf += _U32.pack(crc)
         for p in parts:
-            crc = zlib.crc32(p, crc)
+            crc = _crc(p, crc)
             buf += p
         buf += _U32.pack(crc)
         self._crc = crc
@@ -323,6 +425,91 @@ class StreamWriter:
             raise ValueError("a helper packet cannot be empty")
         self._frame(HelperPage.TYPE, [_GFN_SEQ.pack(gfn, seq), packet], rec_pages=1)
 
+    # -- batch records: one frame per record, the payload built by numpy in one pass ----------
+
+    def encrypted_batch(self, gfns, hdrs, trans):
+        """ENCRYPTED_PAGES: ``be32 npages``, then per page ``be64 gfn`` and QEMU's bytes
+        ``be32 hdr_len, header, be32 trans_len, ciphertext``. ``hdrs`` and ``trans`` are ``n``
+        rows of one length each (2-D uint8 arrays, any strides, or flat buffers that split
+        evenly). As many records as ``batch_pages`` and MAX_PAYLOAD need; everything is checked
+        (TypeError, ValueError) before the first is buffered."""
+        g = u64_array(gfns, "gfns")
+        h, t = byte_rows(hdrs, len(g), "hdrs"), byte_rows(trans, len(g), "trans")
+        hl, tl = h.shape[1], t.shape[1]
+        if len(g) and not tl:
+            raise ValueError("encrypted pages need a non-empty ciphertext")
+        for lo, n, buf, col in self._batches(len(g), 4, 16 + hl + tl):
+            col(0, ">u8")[:] = g[lo:lo + n]
+            col(8, ">u4")[:] = hl
+            col(12, hl)[:] = h[lo:lo + n]
+            col(12 + hl, ">u4")[:] = tl
+            col(16 + hl, tl)[:] = t[lo:lo + n]
+            self._frame_payload(EncryptedPages.TYPE, buf, n)
+
+    def shared_batch(self, gfns, data):
+        """SHARED_PAGES: ``be32 npages``, then per page ``be64 gfn`` and 4096 plaintext bytes;
+        ``data`` is ``n`` pages (an ``(n, 4096)`` uint8 array or ``n * 4096`` bytes)."""
+        g = u64_array(gfns, "gfns")
+        d = byte_rows(data, len(g), "data")
+        if len(g) and d.shape[1] != PAGE_SIZE:
+            raise ValueError(f"shared pages are {PAGE_SIZE} bytes, not {d.shape[1]}")
+        for lo, n, buf, col in self._batches(len(g), 4, 8 + PAGE_SIZE):
+            col(0, ">u8")[:] = g[lo:lo + n]
+            col(8, PAGE_SIZE)[:] = d[lo:lo + n]
+            self._frame_payload(SharedPages.TYPE, buf, n)
+
+    def helper_batch(self, gfns, seqs, packets):
+        """HELPER_PAGES: ``be32 npages, be32 packet_len``, then per page ``be64 gfn, be64 seq``
+        and the packet; the packets are ``n`` rows of one (non-zero) length."""
+        g, q = u64_array(gfns, "gfns"), u64_array(seqs, "seqs")
+        if len(q) != len(g):
+            raise ValueError(f"{len(g)} gfns but {len(q)} sequence numbers")
+        p = byte_rows(packets, len(g), "packets")
+        pl = p.shape[1]
+        if len(g) and not pl:
+            raise ValueError("a helper packet cannot be empty")
+        for lo, n, buf, col in self._batches(len(g), 8, 16 + pl):
+            _U32.pack_into(buf, 4, pl)
+            col(0, ">u8")[:] = g[lo:lo + n]
+            col(8, ">u8")[:] = q[lo:lo + n]
+            col(16, pl)[:] = p[lo:lo + n]
+            self._frame_payload(HelperPages.TYPE, buf, n)
+
+    def _batches(self, npages, head, stride):
+        """Payload buffers for ``npages`` pages of ``stride`` bytes after a ``head``-byte record
+        head that starts with be32 npages: ``(first page, count, buffer, column)``, where
+        ``column(offset, dtype or width)`` views one field of every page of the buffer."""
+        if self.ended:
+            raise ValueError("the stream has ended")
+        per = min(self.batch_pages, (MAX_PAYLOAD - head) // stride)
+        if per < 1 or stride > 0xFFFFFFFF:
+            raise ValueError(f"a page of {stride} bytes does not fit a record")
+        for lo in range(0, npages, per):
+            n = min(per, npages - lo)
+            buf = np.empty(head + n * stride, np.uint8)
+            _U32.pack_into(buf, 0, n)
+            yield lo, n, buf, _columns(buf, head, stride, n)
+
+    def _frame_payload(self, rtype, payload, npages):
+        """Frame a batch payload: small ones go through the buffer, large ones are sent as they
+        are, between the buffered frame head and the trailer."""
+        n = payload.nbytes
+        head = _HEAD.pack(rtype, 0, n)
+        crc = zlib.crc32(head, self._crc)
+        self._buf += head
+        self._buf += _U32.pack(crc)
+        crc = _crc(payload, crc)
+        if n < self.flush_size // 4:
+            self._buf += memoryview(payload)
+        else:
+            self.flush()
+            self.channel.send(payload)
+        self._buf += _U32.pack(crc)
+        self._crc = crc
+        self.stats._record(rtype, n + FRAME_OVERHEAD, rec_pages=npages)
+        if len(self._buf) >= self.flush_size:
+            self.flush()
+
     def zero_pages(self, gfn, npages=1):
         """ZERO_PAGES: be64 gfn, be32 npages (>= 1)."""
         _check_int(gfn, 0, MAX_GFN, "gfn")
@@ -370,11 +557,14 @@ class StreamReader:
         self._crc = None
         self._error = None
         self._index = 0
+        self._lean = False          # the last record was a batch record
 
     # buffering
 
-    def _fill(self, n, what):
-        """Make ``n`` bytes available at ``_pos``; raise StreamTruncated at the end of input."""
+    def _fill(self, n, what, exact=False):
+        """Make ``n`` bytes available at ``_pos``; raise StreamTruncated at the end of input.
+        ``exact``: receive no more than that (after a batch record the next frame head is
+        read alone, so the next batch's payload goes straight into its own buffer)."""
         while self._end - self._pos < n:
             if len(self._buf) - self._pos < n:          # compact, and grow if still too small
                 rem = self._end - self._pos
@@ -382,7 +572,8 @@ class StreamReader:
                     self._buf.extend(bytes(n - len(self._buf)))
                 self._buf[:rem] = self._buf[self._pos:self._end]
                 self._pos, self._end = 0, rem
-            got = self.channel.recv_into(memoryview(self._buf)[self._end:])
+            stop = self._pos + n if exact else len(self._buf)
+            got = self.channel.recv_into(memoryview(self._buf)[self._end:stop])
             if got == 0:
                 have = self._end - self._pos
                 raise StreamTruncated(f"the stream ended before END: {what} needs {n} bytes, "
@@ -453,7 +644,7 @@ class StreamReader:
 
     def _read_record(self):
         start_off = self.offset
-        self._fill(FRAME.size, "a record's frame head")
+        self._fill(FRAME.size, "a record's frame head", exact=self._lean)
         rtype, reserved, n, head_crc = FRAME.unpack_from(self._buf, self._pos)
         mv = memoryview(self._buf)
         crc = zlib.crc32(mv[self._pos:self._pos + 8], self._crc)
@@ -470,21 +661,50 @@ class StreamReader:
         if n > MAX_PAYLOAD:
             raise BadRecord(f"{name}: payload of {n} bytes exceeds {MAX_PAYLOAD}", start_off,
                             self._index)
-        self._fill(FRAME_OVERHEAD + n, f"a {name} record")
-        mv = memoryview(self._buf)
-        p = self._pos + FRAME.size
-        crc = zlib.crc32(mv[p:p + n], crc)
-        (got,) = _U32.unpack_from(self._buf, p + n)
+        self._lean = rtype in BATCH_RECORDS
+        if self._lean:
+            payload = self._payload(n, name)
+        else:
+            self._fill(FRAME_OVERHEAD + n, f"a {name} record")
+            p = self._pos + FRAME.size
+            payload = memoryview(self._buf)[p:p + n + 4]
+        crc = _crc(payload[:n], crc)
+        (got,) = _U32.unpack_from(payload, n)
         if crc != got:
             raise ChecksumMismatch(f"{name} record CRC {got:#010x}, computed {crc:#010x}",
                                    start_off, self._index)
         try:
-            rec, count = _decode(rtype, mv[p:p + n], self._index)
+            if self._lean:
+                payload.flags.writeable = False
+                rec, count = _decode_batch(rtype, payload[:n])
+            else:
+                rec, count = _decode(rtype, payload[:n], self._index)
         except BadRecord as e:
             raise BadRecord(f"{name}: {e.args[0]}", start_off, self._index) from None
-        self._take(FRAME_OVERHEAD + n)
+        if not self._lean:
+            self._take(FRAME_OVERHEAD + n)
         self._crc = crc
         return rec, FRAME_OVERHEAD + n, count
+
+    def _payload(self, n, name):
+        """The payload and trailer of the batch record whose frame head is at ``_pos``, in a
+        buffer of its own (the record's views keep it): what is already buffered is copied,
+        the rest received straight into it."""
+        own = np.empty(n + 4, np.uint8)
+        p = self._pos + FRAME.size
+        have = min(self._end - p, n + 4)
+        own[:have] = memoryview(self._buf)[p:p + have]
+        view = memoryview(own)
+        while have < n + 4:
+            got = self.channel.recv_into(view[have:])
+            if got == 0:
+                raise StreamTruncated(f"the stream ended before END: a {name} record needs "
+                                      f"{FRAME_OVERHEAD + n} bytes, only {FRAME.size + have} "
+                                      "arrived", self.offset, self._index)
+            have += got
+        self._pos = min(self._end, p + n + 4)
+        self.offset += FRAME_OVERHEAD + n
+        return own
 
     def __iter__(self):
         while (rec := self.read()) is not None:
@@ -499,6 +719,42 @@ class StreamReader:
 def _need(ok, message):
     if not ok:
         raise BadRecord(message)
+
+
+def _decode_batch(rtype, arr):
+    """Decode a verified batch payload (a read-only uint8 array the record then owns)."""
+    n = arr.size
+    head = 8 if rtype == HelperPages.TYPE else 4
+    _need(n >= head, f"payload of {n} bytes is shorter than {head}")
+    (count,) = _U32.unpack_from(arr, 0)
+    _need(count >= 1, "npages is 0")
+    if rtype == EncryptedPages.TYPE:
+        _need(n >= 20, f"payload of {n} bytes is shorter than one page's head (20)")
+        (hl,) = _U32.unpack_from(arr, 12)
+        _need(n >= 20 + hl, f"hdr_len {hl} runs past the payload ({n} bytes)")
+        (tl,) = _U32.unpack_from(arr, 16 + hl)
+        stride = 16 + hl + tl
+        _need(tl > 0 and n == 4 + count * stride,
+              f"{count} pages of hdr_len {hl} and trans_len {tl} do not make the payload "
+              f"({n} bytes)")
+        col = _columns(arr, 4, stride, count)
+        _need(bool(np.all(col(8, ">u4") == hl) and np.all(col(12 + hl, ">u4") == tl)),
+              "the pages of a record must have equal hdr_len and equal trans_len")
+        rec = EncryptedPages(col(0, ">u8").astype(np.uint64), col(12, hl), col(16 + hl, tl))
+    elif rtype == SharedPages.TYPE:
+        stride = 8 + PAGE_SIZE
+        _need(n == 4 + count * stride, f"{count} pages need {4 + count * stride} bytes, not {n}")
+        col = _columns(arr, 4, stride, count)
+        rec = SharedPages(col(0, ">u8").astype(np.uint64), col(8, PAGE_SIZE))
+    else:
+        (pl,) = _U32.unpack_from(arr, 4)
+        stride = 16 + pl
+        _need(pl > 0 and n == 8 + count * stride,
+              f"{count} packets of {pl} bytes do not make the payload ({n} bytes)")
+        col = _columns(arr, 8, stride, count)
+        rec = HelperPages(col(0, ">u8").astype(np.uint64), col(8, ">u8").astype(np.uint64),
+                          col(16, pl))
+    return rec, {"rec_pages": count}
 
 
 def _decode(rtype, mv, index):

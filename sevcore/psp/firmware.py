@@ -19,6 +19,7 @@ from sevcore import uapi as U
 from sevcore.psp import amd_root
 from sevcore.psp import layout as L
 from sevcore.psp.api import TypedApi
+from sevcore.psp.batch import UpdatePages
 from sevcore.psp.crypto import Drbg
 from sevcore.psp.guests import GuestCommands
 from sevcore.psp.platform import DIRTY, UNINIT, PlatformCommands
@@ -70,7 +71,7 @@ COMMANDS = {
 }
 
 
-class Psp(PlatformCommands, GuestCommands, RingBufferMode, TypedApi):
+class Psp(PlatformCommands, GuestCommands, RingBufferMode, UpdatePages, TypedApi):
     """The SEV firmware (PSP) of one Host.
 
     ``command(cmd_id, buf_spa)`` is the raw mailbox; the typed methods (``launch_start``,

@@ -559,21 +559,27 @@ class GuestCommands:
 
     def _send_update_checks(self, f, vmsa):
         """The checks of ``sev_mcmd_send_update`` up to the first memory access: (status,
-        guest). ``hdr_len`` < 52 is the length query and comes before the handle."""
+        guest)."""
+        status, g = self._send_update_gate(f.handle, f.hdr_len, f.guest_len, f.trans_len, vmsa)
+        return status or self._transport_addresses(f, f.guest_len), g
+
+    def _send_update_gate(self, handle, hdr_len, guest_len, trans_len, vmsa):
+        """``sev_mcmd_send_update``'s checks before the addresses: (status, guest). ``hdr_len``
+        < 52 is the length query and comes before the handle."""
         if self.state != WORKING:
             return U.SEV_RET_INVALID_PLATFORM_STATE, None
-        if f.hdr_len < X.HEADER_SIZE:
+        if hdr_len < X.HEADER_SIZE:
             return U.SEV_RET_INVALID_LEN, None
-        g = self._guests.get(f.handle)
+        g = self._guests.get(handle)
         if g is None:
             return U.SEV_RET_INVALID_GUEST, None
         status = self._gates(g, SUPDATE, vmsa)
         if status:
             return status, None
-        if (f.guest_len == 0 or f.guest_len > SCRATCH or f.guest_len % 16 or f.trans_len == 0
-                or f.trans_len < f.guest_len):
+        if (guest_len == 0 or guest_len > SCRATCH or guest_len % 16 or trans_len == 0
+                or trans_len < guest_len):
             return U.SEV_RET_INVALID_LEN, None
-        return self._transport_addresses(f, f.guest_len), g
+        return U.SEV_RET_SUCCESS, g
 
     def _transport_addresses(self, f, trans_len):
         """The last checks of SEND/RECEIVE_UPDATE: a 16-byte aligned guest address
@@ -643,14 +649,20 @@ class GuestCommands:
     def _receive_update_checks(self, f, vmsa):
         """The checks of ``sev_mcmd_receive_update`` before the header is read: (status,
         guest)."""
-        status, g = self._working_guest(f.handle)
+        status, g = self._receive_update_gate(f.handle, f.hdr_len, f.guest_len, f.trans_len,
+                                              vmsa)
+        return status or self._transport_addresses(f, f.trans_len), g
+
+    def _receive_update_gate(self, handle, hdr_len, guest_len, trans_len, vmsa):
+        """``sev_mcmd_receive_update``'s checks before the addresses: (status, guest)."""
+        status, g = self._working_guest(handle)
         status = status or self._gates(g, RUPDATE, vmsa)
         if status:
             return status, None
-        if (f.trans_len == 0 or f.trans_len > SCRATCH or f.guest_len == 0
-                or f.guest_len != f.trans_len or f.guest_len % 16 or f.hdr_len < X.HEADER_SIZE):
+        if (trans_len == 0 or trans_len > SCRATCH or guest_len == 0 or guest_len != trans_len
+                or guest_len % 16 or hdr_len < X.HEADER_SIZE):
             return U.SEV_RET_INVALID_LEN, None
-        return self._transport_addresses(f, f.trans_len), g
+        return U.SEV_RET_SUCCESS, g
 
     def _receive_update(self, f, vmsa):
         status, g = self._receive_update_checks(f, vmsa)

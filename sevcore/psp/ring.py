@@ -30,14 +30,16 @@ headers, packets and guest pages do not overlap one another, are executed as one
 gather of the guest pages through the memory controller, one call to the packet cipher, one
 scatter. The result is byte for byte that of running them one at a time (the same checks, the
 same IVs from the DRBG stream, the same status entries and head updates); anything else runs
-one command at a time.
+one command at a time. The batch's work steps are those of the batched typed entries
+(``sevcore/psp/batch.py``).
 """
 from dataclasses import dataclass
+
+import numpy as np
 
 from sevcore import uapi as U
 from sevcore.psp import crypto as X
 from sevcore.psp import layout as L
-from sevcore.psp.packets import BadPacketMac, _open_packets, _seal_packets
 
 PAGE = 4096
 ENTRIES = PAGE // L.sev_rb_cmd_ptr_entry.size          # 256
@@ -265,19 +267,25 @@ class RingBufferMode:
         if len(run) < 2 or not self._rb_disjoint(run):
             return 0
         umc = self.host.umc
+        guest_spas = np.array([self._addr(f.guest_address) for _, _, f in run], np.uint64)
         if send:
-            plain = umc.read_pages([self._addr(f.guest_address) for _, _, f in run], guest.asid)
-            headers, ct = _seal_packets(guest.tek, guest.tik, plain, self._rng(16 * len(run)))
+            headers, ct = self._seal_pages(guest, guest_spas)
             umc.write_pages([self._addr(f.trans_address) for _, _, f in run], ct, 0)
             for k, (_, spa, f) in enumerate(run):
-                self._write(self._addr(f.hdr_address), headers[52 * k:52 * (k + 1)])
+                self._write(self._addr(f.hdr_address), headers[k])
                 f.hdr_len = X.HEADER_SIZE
                 self._write(spa, f.buf)
         else:
-            run, plain = self._rb_open(guest, run)
-            if len(run) < 2:
+            headers = np.frombuffer(b"".join(self._read(self._addr(f.hdr_address), X.HEADER_SIZE)
+                                             for _, _, f in run), np.uint8).reshape(-1, 52)
+            cts = umc.read_pages([self._addr(f.trans_address) for _, _, f in run], 0)
+            # The leading packets that pass run here; the first refused one is left to run
+            # alone, so that its status and the queue's pause are exact.
+            done, _, plain = self._open_pages(guest, headers, cts.reshape(-1, PAGE))
+            if not done:
                 return 0
-            umc.write_pages([self._addr(f.guest_address) for _, _, f in run], plain, guest.asid)
+            run = run[:done]
+            self._write_pages(guest, guest_spas[:done], plain)
         for k, (flags, _, _) in enumerate(run):
             if k:
                 self._rb_prologue()
@@ -285,26 +293,6 @@ class RingBufferMode:
             self._rb_post(queue, U.SEV_RET_SUCCESS, flags)
             self._rb_interrupt()
         return len(run)
-
-    def _rb_open(self, g, run):
-        """(run, plaintext) for the leading packets of a RECEIVE run that are uncompressed and
-        carry a good MAC; the first bad one is left to run alone, so that its status and the
-        queue's pause are exact."""
-        headers = []
-        for _, _, f in run:
-            header = self._read(self._addr(f.hdr_address), X.HEADER_SIZE)
-            if X.split_header(header)[0] & X.COMPRESSED:
-                break
-            headers.append(header)
-        run = run[:len(headers)]
-        cts = self.host.umc.read_pages([self._addr(f.trans_address) for _, _, f in run], 0)
-        while len(run) >= 2:
-            try:
-                return run, _open_packets(g.tek, g.tik, b"".join(headers), cts)
-            except BadPacketMac as bad:
-                run, headers = run[:bad.index], headers[:bad.index]
-                cts = cts[:PAGE * bad.index]
-        return run, None
 
     def _rb_disjoint(self, run):
         """True if no range one command of the run writes meets a range another reads or writes,

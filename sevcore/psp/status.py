@@ -25,11 +25,14 @@ def command_name(cmd):
 class PspError(OSError):
     """A firmware command failed: ``status`` is the firmware's SEV_RET_* code, ``command`` the
     SEV_CMD_* name. The errno is EIO, which is what the kernel's PSP driver returns for any
-    non-zero firmware status (drivers/crypto/ccp/sev-dev.c)."""
+    non-zero firmware status (drivers/crypto/ccp/sev-dev.c). ``index`` is None, or for a batch
+    (``send_update_data_pages`` ...) the position of the command that failed."""
 
-    def __init__(self, command, status):
+    def __init__(self, command, status, index=None):
         self.command = command_name(command) if isinstance(command, int) else command
         self.status = status
         self.status_name = status_name(status)
+        self.index = index
+        where = "" if index is None else f" at page {index} of the batch"
         super().__init__(errno.EIO, f"{os.strerror(errno.EIO)}: firmware status {status:#x} "
-                                    f"({self.status_name})", self.command)
+                                    f"({self.status_name}){where}", self.command)

@@ -252,6 +252,90 @@ def test_in_place_seal_and_open(path, rng):
     assert bytes(data) == ref.aes128_ctr(TEK, IV, plain[:100])
 
 
+def table(n, size, gap=8, seed=0):
+    """An interleaved record table: per row ``gap`` bytes, a header, 4 bytes, a packet; returns
+    the table and its (n, 52) and (n, size) column views (strided, not contiguous)."""
+    stride = gap + 52 + 4 + size
+    t = np.full((n, stride), SENT, np.uint8)
+    return t, t[:, gap:gap + 52], t[:, gap + 56:gap + 56 + size]
+
+
+@settings(max_examples=20)
+@given(blocks=st.integers(1, 64), n=st.integers(1, 5), gap=st.integers(0, 40),
+       seed=st.integers(0, 2**32 - 1))
+def test_strided_rows_equal_contiguous(blocks, n, gap, seed):
+    """Sealing into the interleaved columns of a table writes the very packets a contiguous call
+    does and leaves the other bytes alone; opening from them gives the plaintext back."""
+    rng = np.random.default_rng(seed)
+    tek, tik = rng.bytes(16), rng.bytes(16)
+    pt, ivs = rng.bytes(n * 16 * blocks), rng.bytes(16 * n)
+    want = ref.seal(tek, tik, pt, ivs, sevpkt.CTX_DATA, None)
+    for name in every_path():
+        t, h, c = table(n, 16 * blocks, gap)
+        assert sevpkt.seal(tek, tik, pt, ivs, out=(h, c)) == (h, c)
+        assert (h.tobytes(), c.tobytes()) == want, name
+        assert not np.any(t[:, :gap] != SENT) and not np.any(t[:, gap + 52:gap + 56] != SENT)
+        assert bytes(sevpkt.open(tek, tik, h, c)) == pt, name
+
+
+def test_strided_rows_refusals_name_the_packet(path, rng):
+    """A bad MAC in strided rows is refused at its index; so is COMPRESSED (with a valid MAC
+    over the flags), its flags reported."""
+    pt, ivs = rng.bytes(3 * 64), rng.bytes(48)
+    t, h, c = table(3, 64)
+    sevpkt.seal(TEK, TIK, pt, ivs, out=(h, c))
+    c[1, 7] ^= 1
+    with pytest.raises(sevpkt.PacketAuthError) as e:
+        sevpkt.open(TEK, TIK, h, c)
+    assert e.value.index == 1
+    c[1, 7] ^= 1
+    hdrs, ct = sevpkt.seal(TEK, TIK, pt, ivs)
+    h[:] = np.frombuffer(hdrs, np.uint8).reshape(3, 52)
+    h[2, 0] |= 1
+    h[2, 20:] = np.frombuffer(ref.packet_mac(TIK, sevpkt.CTX_DATA, 1, h[2, 4:20].tobytes(),
+                                             c[2].tobytes()), np.uint8)
+    with pytest.raises(sevpkt.PacketFlagsError) as e:
+        sevpkt.open(TEK, TIK, h, c)
+    assert (e.value.index, e.value.flags) == (2, 1)
+
+
+def test_strided_rows_bad_shapes_and_overlaps():
+    """Strided rows of the wrong shape, overlapping rows, a read-only output or outputs that
+    meet the inputs are refused before anything is written."""
+    t, h, c = table(2, 64)
+    pt, ivs = bytes(128), bytes(32)
+    with pytest.raises(ValueError, match="rows"):
+        sevpkt.seal(TEK, TIK, pt, ivs, out=(t[:, :52], t[:, 60:124][:, ::2]))
+    with pytest.raises(ValueError, match="52-byte"):
+        sevpkt.open(TEK, TIK, h[:, :51], c)
+    view = np.lib.stride_tricks.as_strided(c, c.shape, c.strides, writeable=False)
+    with pytest.raises(TypeError, match="writable"):
+        sevpkt.seal(TEK, TIK, pt, ivs, out=(h, view))
+    with pytest.raises(ValueError, match="overlap"):
+        sevpkt.seal(TEK, TIK, pt, ivs, out=(t[:, 0:52], t[:, 40:104]))
+    with pytest.raises(ValueError, match="overlap"):
+        sevpkt.open(TEK, TIK, h, c, out=t.reshape(-1)[:128])
+    assert not np.any(t != SENT)
+
+
+def test_raw_rows_overlap_is_exact_for_one_stride():
+    """sc_sevpkt_seal_rows accepts interleaved header and ciphertext rows of one stride, and
+    refuses rows that meet, strides below the row length, and in place with a stride."""
+    buf = z(4 * 200)
+    pt = bytes(2 * 64)
+
+    def rows(h_off, h_stride, c_off, c_stride, src=pt):
+        return lib.sc_sevpkt_seal_rows(TEK, TIK, 2, ffi.NULL, src, 64, 2, IV * 2, buf + h_off,
+                                       h_stride, buf + c_off, c_stride)
+    assert rows(0, 200, 60, 200) == 0
+    assert rows(136, 200, 0, 200) == 0                # header after the packet in each row
+    assert rows(0, 200, 51, 200) == -errno.EINVAL     # meets the header
+    assert rows(0, 200, 180, 200) == -errno.EINVAL    # runs into the next row's header
+    assert rows(0, 51, 200, 200) == -errno.EINVAL     # header stride below 52
+    assert rows(0, 200, 60, 63) == -errno.EINVAL      # ciphertext stride below its length
+    assert rows(0, 200, 300, 100, src=buf + 300) == -errno.EINVAL    # in place, strided
+
+
 def test_empty_batch_is_a_no_op():
     """No IVs and no plaintext (or no headers and no ciphertext) is valid and returns empties."""
     assert sevpkt.seal(TEK, TIK, b"", b"") == (bytearray(), bytearray())

@@ -5,6 +5,8 @@ import zlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sevcore.migration import (BadMagic, BadRecord, ChecksumMismatch, PeerClosed, StreamError, StreamReader,
                                StreamTimeout, StreamTruncated, StreamWriter, UnsupportedFlags,
@@ -26,6 +28,9 @@ def write_sample(w, rng=None):
     w.shared_page(0x200, b(PAGE))
     w.zero_pages(0x300, 16)
     w.helper_page(0x400, 7, b(PAGE + 28))
+    w.encrypted_batch([0x500, 0x501, 0x502], b(3 * 52), b(3 * PAGE))
+    w.shared_batch([0x600, 0x601], b(2 * PAGE))
+    w.helper_batch([0x700, 0x701], [9, 10], b(2 * (PAGE + 28)))
     w.iteration(1, 1, stop=True)
     w.encrypted_page(0x100, b(52), b(PAGE))
     w.vcpu_state(0, b(512))
@@ -43,9 +48,15 @@ def expected_sample():
     recs += [S.EncryptedPage(0x101, hdrs[:52], cts[:PAGE]),
              S.EncryptedPage(0x102, hdrs[52:], cts[PAGE:])]
     recs += [S.SharedPage(0x200, b(PAGE)), S.ZeroPages(0x300, 16),
-             S.HelperPage(0x400, 7, b(PAGE + 28)), S.Iteration(1, 1, True),
+             S.HelperPage(0x400, 7, b(PAGE + 28))]
+    rows = lambda n, size: np.frombuffer(b(n * size), np.uint8).reshape(n, size)  # noqa: E731
+    u64 = lambda *v: np.array(v, np.uint64)  # noqa: E731
+    recs += [S.EncryptedPages(u64(0x500, 0x501, 0x502), rows(3, 52), rows(3, PAGE)),
+             S.SharedPages(u64(0x600, 0x601), rows(2, PAGE)),
+             S.HelperPages(u64(0x700, 0x701), u64(9, 10), rows(2, PAGE + 28))]
+    recs += [S.Iteration(1, 1, True),
              S.EncryptedPage(0x100, b(52), b(PAGE)), S.VcpuState(0, b(512)),
-             S.VcpuState(1, b(512)), S.End(13)]
+             S.VcpuState(1, b(512)), S.End(16)]
     return recs
 
 
@@ -114,12 +125,15 @@ def test_byte_accounting_is_exact(pair):
     enc = 16 + 8 + 4 + 52 + 4 + PAGE                 # 4,180 per encrypted page record
     setup_json = len(b'{"path": "psp", "ram_size": 1073741824, "vcpus": 2}')
     setup = 16 + (16 + setup_json) + (16 + 12 + 2084 + 128)
-    precopy = 32 + 3 * enc + (16 + 8 + PAGE) + (16 + 12) + (16 + 16 + PAGE + 28)
+    batches = (16 + 4 + 3 * (8 + 4 + 52 + 4 + PAGE)) + (16 + 4 + 2 * (8 + PAGE)) + \
+        (16 + 8 + 2 * (16 + PAGE + 28))
+    precopy = 32 + 3 * enc + (16 + 8 + PAGE) + (16 + 12) + (16 + 16 + PAGE + 28) + batches
     downtime = 32 + enc + 2 * (16 + 4 + 512) + (16 + 8)
     q = r.stats.qemu()
     assert q == {"transferred": setup + precopy + downtime, "precopy-bytes": setup + precopy,
-                 "downtime-bytes": downtime, "normal": 6, "normal-bytes": 6 * PAGE,
+                 "downtime-bytes": downtime, "normal": 13, "normal-bytes": 13 * PAGE,
                  "duplicate": 16}
+    assert r.stats.records["EncryptedPages"] == r.stats.records["HelperPages"] == 1
     assert w.stats == r.stats
     assert r.stats.bytes["EncryptedPage"] == 4 * enc
     assert r.stats.records["EncryptedPage"] == 4 and r.stats.records["End"] == 1
@@ -225,6 +239,23 @@ def test_unknown_header_flags_are_refused():
     (S.Setup.TYPE, b"[1]", 0, "not a JSON object"),
     (S.Setup.TYPE, b"\xff", 0, "not JSON"),
     (S.End.TYPE, struct.pack(">Q", 5), 0, "END counts 5 records"),
+    (S.EncryptedPages.TYPE, b"\0\0", 0, "shorter than 4"),
+    (S.EncryptedPages.TYPE, struct.pack(">I", 0), 0, "npages is 0"),
+    (S.EncryptedPages.TYPE, struct.pack(">IQ", 1, 5), 0, "shorter than one page's head"),
+    (S.EncryptedPages.TYPE, struct.pack(">IQI", 1, 5, 9999) + bytes(60), 0, "hdr_len 9999"),
+    (S.EncryptedPages.TYPE, struct.pack(">IQI", 2, 5, 52) + bytes(52) + struct.pack(">I", 16)
+     + bytes(16), 0, "2 pages of hdr_len 52 and trans_len 16"),
+    (S.EncryptedPages.TYPE, struct.pack(">IQI", 1, 5, 52) + bytes(52) + struct.pack(">I", 0),
+     0, "trans_len 0"),
+    (S.EncryptedPages.TYPE, struct.pack(">I", 2) + struct.pack(">QI", 5, 4) + bytes(4)
+     + struct.pack(">I", 16) + bytes(16) + struct.pack(">QI", 6, 8) + bytes(4)
+     + struct.pack(">I", 12) + bytes(16), 0, "equal hdr_len"),
+    (S.SharedPages.TYPE, struct.pack(">I", 2) + bytes(2 * (8 + PAGE) - 1), 0,
+     "2 pages need 8212 bytes"),
+    (S.HelperPages.TYPE, struct.pack(">I", 1), 0, "shorter than 8"),
+    (S.HelperPages.TYPE, struct.pack(">II", 1, 0) + bytes(16), 0, "1 packets of 0 bytes"),
+    (S.HelperPages.TYPE, struct.pack(">II", 2, 32) + bytes(2 * 48 + 1), 0,
+     "2 packets of 32 bytes"),
 ])
 def test_well_checksummed_but_bad_records(rtype, payload, reserved, text):
     """Records with valid CRCs but an unknown type or inconsistent layout are BadRecord."""
@@ -306,3 +337,187 @@ def test_numpy_pages_are_accepted():
     w.end()
     recs = StreamReader(b).read_all()
     assert recs[0].data == page.tobytes() and recs[2].trans == bytes([1]) * PAGE
+
+
+# -- batch records ---------------------------------------------------------------------------------
+
+def written(fn, **kw):
+    """The records a writer function produces, read back, and the writer."""
+    a, b = inprocess_pair(capacity=1 << 26)
+    w = StreamWriter(a, **kw)
+    fn(w)
+    w.end()
+    return StreamReader(b).read_all()[:-1], w
+
+
+def test_batch_views_share_one_read_only_buffer():
+    """A batch record's arrays are read-only views into one buffer of its own (no copy per
+    page); gfns are uint64; iterating gives the single-page records."""
+    rng = np.random.default_rng(1)
+    hdrs, trans = rng.bytes(4 * 52), rng.bytes(4 * PAGE)
+    (rec,), _ = written(lambda w: w.encrypted_batch([7, 3, 9, 1 << 40], hdrs, trans))
+    assert isinstance(rec, S.EncryptedPages) and len(rec) == 4
+    assert rec.gfns.dtype == np.uint64 and rec.gfns.tolist() == [7, 3, 9, 1 << 40]
+    assert rec.hdrs.shape == (4, 52) and rec.trans.shape == (4, PAGE)
+    assert (rec.hdr_len, rec.trans_len) == (52, PAGE)
+    assert np.may_share_memory(rec.hdrs, rec.trans) and rec.trans.base is rec.hdrs.base
+    assert not rec.hdrs.flags.writeable and not rec.trans.flags.writeable
+    assert list(rec) == [S.EncryptedPage(g, hdrs[52 * i:52 * (i + 1)],
+                                         trans[PAGE * i:PAGE * (i + 1)])
+                         for i, g in enumerate([7, 3, 9, 1 << 40])]
+
+
+def test_batch_payload_is_qemus_bytes_per_page():
+    """ENCRYPTED_PAGES carries be32 npages, then per page be64 gfn and QEMU's be32 hdr_len,
+    header, be32 trans_len, ciphertext."""
+    a, b = inprocess_pair()
+    w = StreamWriter(a)
+    hdrs, trans = bytes(range(104)), bytes(2 * PAGE)
+    w.encrypted_batch([0x1234, 0x99], hdrs, trans)
+    w.flush()
+    buf = bytearray(1 << 15)
+    n = b.recv_into(buf)
+    payload = bytes(buf[16 + 12:n - 4])
+    page = lambda g, h: struct.pack(">QI", g, 52) + h + struct.pack(">I", PAGE) + bytes(PAGE)  # noqa: E731
+    assert payload == struct.pack(">I", 2) + page(0x1234, hdrs[:52]) + page(0x99, hdrs[52:])
+
+
+def test_batches_split_by_batch_pages_and_count_pages_as_singles():
+    """A batch call makes records of at most batch_pages pages; page counters match what the
+    single-page records of the same pages count."""
+    rng = np.random.default_rng(2)
+    g = np.arange(10, dtype=np.uint64)
+    h, t, d = rng.bytes(520), rng.bytes(10 * PAGE), rng.bytes(10 * PAGE)
+    p = rng.bytes(10 * 64)
+
+    def batches(w):
+        w.encrypted_batch(g, h, t)
+        w.shared_batch(g, d)
+        w.helper_batch(g, g + 5, p)
+
+    def singles(w):
+        for i in range(10):
+            w.encrypted_page(i, h[52 * i:52 * (i + 1)], t[PAGE * i:PAGE * (i + 1)])
+        for i in range(10):
+            w.shared_page(i, d[PAGE * i:PAGE * (i + 1)])
+        for i in range(10):
+            w.helper_page(i, i + 5, p[64 * i:64 * (i + 1)])
+    recs, wb = written(batches, batch_pages=4)
+    assert [len(r) for r in recs] == [4, 4, 2] * 3
+    flat, ws = written(singles)
+    assert [x for r in recs for x in r] == flat
+    qb, qs = wb.stats.qemu(), ws.stats.qemu()
+    assert qb["normal"] == qs["normal"] == 30 and qb["normal-bytes"] == qs["normal-bytes"]
+    assert wb.stats.records["EncryptedPages"] == 3 and ws.stats.records["EncryptedPage"] == 10
+
+
+def test_batch_larger_than_max_payload_is_split():
+    """A batch that does not fit MAX_PAYLOAD in one record becomes several that do."""
+    n = S.MAX_PAYLOAD // (16 + 52 + PAGE) + 5
+    (a, b), w = written(lambda w: w.encrypted_batch(np.arange(n), np.zeros((n, 52), np.uint8),
+                                                    np.zeros((n, PAGE), np.uint8)),
+                        batch_pages=1 << 20)
+    assert len(a) + len(b) == n and len(b) == 5
+    assert w.stats.bytes["EncryptedPages"] <= 2 * (S.MAX_PAYLOAD + 16)
+
+
+def test_batch_views_forward_without_gathering():
+    """A reader's batch (strided views) can be written again as it is, and reads back equal."""
+    rng = np.random.default_rng(4)
+    (rec,), _ = written(lambda w: w.encrypted_batch([1, 2, 3], rng.bytes(3 * 60),
+                                                    rng.bytes(3 * 2048)))
+    assert (rec.hdr_len, rec.trans_len) == (60, 2048)
+    (again,), _ = written(lambda w: w.encrypted_batch(rec.gfns, rec.hdrs, rec.trans))
+    assert again == rec
+
+
+@pytest.mark.parametrize("call", [
+    lambda w: w.encrypted_batch([1, -2], bytes(104), bytes(2 * PAGE)),
+    lambda w: w.encrypted_batch([1, 2], bytes(103), bytes(2 * PAGE)),
+    lambda w: w.encrypted_batch([1, 2], bytes(104), b""),
+    lambda w: w.encrypted_batch([1, 1 << 64], bytes(104), bytes(2 * PAGE)),
+    lambda w: w.shared_batch([1, 2], bytes(2 * PAGE - 2)),
+    lambda w: w.helper_batch([1, 2], [3], bytes(64)),
+    lambda w: w.helper_batch([1, 2], [3, 4], b""),
+    lambda w: w.encrypted_batch([1], bytes(52), bytes(S.MAX_PAYLOAD)),
+], ids=["negative gfn", "hdrs split", "empty ct", "gfn too big", "shared size", "seqs",
+        "empty packet", "page too big"])
+def test_batch_arguments_are_checked_before_anything_is_buffered(call):
+    """Bad batch arguments are ValueError (TypeError for non-ints) with nothing written."""
+    a, _ = inprocess_pair()
+    w = StreamWriter(a)
+    with pytest.raises((ValueError, TypeError)):
+        call(w)
+    assert w.stats.nrecords == 0 and bytes(w._buf) == bytes(w._buf[:16])
+    with pytest.raises(TypeError):
+        w.shared_batch([1.5], bytes(PAGE))
+
+
+def test_truncated_inside_a_batch_names_it():
+    """A stream cut inside a batch payload is StreamTruncated naming the record and its size."""
+    blob, ends = sample_blob()
+    cut = ends[8] + 5000                     # inside the ENCRYPTED_PAGES record (#9)
+    got, err, _ = read_until_error(blob[:cut])
+    assert len(got) == 9 and err.record == 9
+    assert f"EncryptedPages record needs {16 + 4 + 3 * 4164} bytes" in str(err)
+
+
+def test_empty_batch_writes_nothing():
+    """A batch of no pages is no record."""
+    recs, w = written(lambda w: (w.encrypted_batch([], b"", b""), w.shared_batch([], b"")))
+    assert recs == [] and w.stats.nrecords == 1
+
+
+def _batch_payload(rtype, count, lens, body, exact, flip):
+    """A batch payload of ``rtype``: ``count``, the lengths ``lens`` (hdr_len and trans_len, or
+    packet_len) and ``body``; with ``exact`` the body is cut to the size the head says and every
+    page gets the lengths; ``flip`` (an offset or None) then flips one bit."""
+    hl, tl = lens
+    head = 8 if rtype == S.HelperPages.TYPE else 4
+    stride = {S.EncryptedPages.TYPE: 16 + hl + tl, S.SharedPages.TYPE: 8 + PAGE,
+              S.HelperPages.TYPE: 16 + hl}[rtype]
+    if exact:
+        body = (body or b"\1") * (count * stride // max(1, len(body)) + 1)
+        body = body[:count * stride]
+    p = bytearray(struct.pack(">I", count) + (struct.pack(">I", hl) if head == 8 else b"") + body)
+    if rtype == S.EncryptedPages.TYPE:
+        for i in range(count if exact else 1):
+            off = 4 + i * stride
+            if len(p) >= off + 16 + hl:
+                p[off + 8:off + 12] = struct.pack(">I", hl)
+                p[off + 12 + hl:off + 16 + hl] = struct.pack(">I", tl)
+    if flip is not None and p:
+        p[flip % len(p)] ^= 1 << (flip % 8)
+    return bytes(p)
+
+
+@settings(max_examples=400, deadline=None)
+@given(rtype=st.sampled_from(S.BATCH_RECORDS), count=st.integers(0, 4),
+       lens=st.tuples(st.integers(0, 70), st.integers(0, 70)), body=st.binary(max_size=300),
+       exact=st.booleans(), flip=st.none() | st.integers(0, 1 << 20))
+def test_any_well_checksummed_batch_payload_is_a_record_or_bad_record(rtype, count, lens, body,
+                                                                       exact, flip):
+    """Whatever a checksummed batch payload holds, the reader returns a record whose arrays add
+    up to it (and that writes back to the very same payload), or BadRecord; never another
+    error."""
+    payload = _batch_payload(rtype, count, lens, body, exact, flip)
+    h = header()
+    blob, _ = frame(rtype, payload, zlib.crc32(h[:12]))
+    r = StreamReader(source(h + blob))
+    try:
+        rec = r.read()
+    except BadRecord:
+        return
+    assert len(rec) == count >= 1
+    a, b = inprocess_pair(capacity=1 << 20)
+    w = StreamWriter(a)
+    if rtype == S.EncryptedPages.TYPE:
+        w.encrypted_batch(rec.gfns, rec.hdrs, rec.trans)
+    elif rtype == S.SharedPages.TYPE:
+        w.shared_batch(rec.gfns, rec.data)
+    else:
+        w.helper_batch(rec.gfns, rec.seqs, rec.packets)
+    w.flush()
+    out = bytearray(1 << 20)
+    n = b.recv_into(out)
+    assert bytes(out[16 + 12:n - 4]) == payload

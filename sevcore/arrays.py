@@ -1,0 +1,45 @@
+"""Argument conversion shared by the batched calls (KVM's page batches, the firmware's, the
+migration stream's batch records): lists of u64 values and buffers of n equal rows."""
+import numpy as np
+
+U64_MAX = (1 << 64) - 1
+
+
+def u64_array(values, what):
+    """``values`` (a sequence of ints or an integer array) as a flat uint64 array; TypeError
+    for anything else, ValueError for a value outside [0, 2**64)."""
+    arr = np.asarray(values)
+    if arr.size == 0 and arr.ndim == 1:
+        return np.empty(0, np.uint64)
+    if not isinstance(values, np.ndarray) and arr.dtype.kind in "fO":
+        # Python ints above 2**63 next to others make numpy choose float64 or object.
+        items = arr.reshape(-1).tolist() if arr.dtype == object else list(values)
+        if any(not isinstance(v, int) or isinstance(v, bool) for v in items):
+            raise TypeError(f"{what} must be ints")
+        if any(not 0 <= v <= U64_MAX for v in items):
+            raise ValueError(f"{what} must be u64 values")
+        arr = np.array(items, dtype=np.uint64).reshape(arr.shape)
+    if arr.dtype.kind not in "iu" or arr.ndim != 1:
+        raise TypeError(f"{what} must be a sequence of ints, not {arr.dtype} of shape "
+                        f"{arr.shape}")
+    if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
+        raise ValueError(f"{what} must be u64 values")
+    return arr.astype(np.uint64, copy=False)
+
+
+def byte_rows(buf, n, what):
+    """``buf`` as ``n`` rows of one length: a 2-D uint8 array with ``n`` rows as it is (any
+    strides), or any buffer of ``n * length`` bytes viewed ``(n, length)``. TypeError for
+    elements that are not bytes, ValueError if the bytes do not split into ``n`` rows."""
+    arr = buf if isinstance(buf, np.ndarray) else np.frombuffer(memoryview(buf).cast("B"),
+                                                                 np.uint8)
+    if arr.dtype != np.uint8:
+        raise TypeError(f"{what} must hold bytes (uint8), not {arr.dtype}")
+    if arr.ndim == 2:
+        if arr.shape[0] != n:
+            raise ValueError(f"{what} has {arr.shape[0]} rows, not {n}")
+        return arr
+    flat = arr.reshape(-1)
+    if (flat.size % n if n else flat.size):
+        raise ValueError(f"{what} of {flat.size} bytes does not split into {n} equal rows")
+    return flat.reshape(n, flat.size // n if n else 0)
