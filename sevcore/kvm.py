@@ -357,7 +357,8 @@ class Kvm:
         aligned, one anonymous mapping), allocating frames on first touch. Every argument is
         checked before anything is written (ValueError)."""
         pages, n = self._page_list(hvas)
-        data = np.frombuffer(memoryview(data).cast("B"), np.uint8)
+        data = data.reshape(-1) if isinstance(data, np.ndarray) and data.dtype == np.uint8 \
+            else np.frombuffer(memoryview(data).cast("B"), np.uint8)
         if data.size != n * PAGE_SIZE:
             raise ValueError(f"{n} pages need {n * PAGE_SIZE} bytes, not {data.size}")
         if n:

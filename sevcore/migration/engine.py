@@ -53,10 +53,9 @@ from sevcore.sev import SevError
 
 PATHS = ("psp", "helper")
 SEV_PACKET_HEADER = 52
-#: Stream bytes of one page by record type (frame + gfn + payload), for the pipeline model.
+#: Stream bytes of one ENCRYPTED_PAGE record: the downtime estimate's per-page size before any
+#: page has been measured.
 ENCRYPTED_PAGE_BYTES = 4180
-SHARED_PAGE_BYTES = 4120
-HELPER_PAGE_BYTES = S.FRAME_OVERHEAD + 16 + PACKET_SIZE
 
 
 class MigrationError(RuntimeError):
@@ -212,7 +211,6 @@ class Source:
         self.layout = machine.config.helper_layout
         self._sent_start = False
         self._logging = False
-        self._bufs = None
 
     # -- driver ----------------------------------------------------------------------------------
 
@@ -446,57 +444,52 @@ class Source:
             self._send_psp(gfns)
 
     def _send_helper(self, gfns):
-        """The helper path: the helper seals the pages in the guest; HELPER_PAGE records."""
+        """The helper path: the helper seals the pages in the guest; HELPER_PAGES records."""
         n, h = len(gfns), self.helper
         exits0 = h.counters.exits
         b = h.seal(gfns, packets=self._packets[:n])
         exits = h.counters.exits - exits0
-        for i in range(n):
-            self.writer.helper_page(int(b.gfns[i]), int(b.seqs[i]), b.packets[i])
+        nbytes = self._written(lambda w: w.helper_batch(b.gfns, b.seqs, b.packets))
         vcpus = self.m.config.helper_vcpus
-        self.tl.batch(lambda c: charge_helper_pages(self.cost, c, n, vcpus, exits),
-                      n * HELPER_PAGE_BYTES,
+        self.tl.batch(lambda c: charge_helper_pages(self.cost, c, n, vcpus, exits), nbytes,
                       lambda c: charge_helper_pages(self.cost, c, n, vcpus, exits))
         self.stats.helper_packets += n
 
     def _send_psp(self, gfns):
-        """The PSP path: SEND_UPDATE_DATA per page; one ENCRYPTED_PAGE per page."""
+        """The PSP path: KVM_SEV_SEND_UPDATE_DATA of each page (the batched form, the same as
+        one ioctl per page); ENCRYPTED_PAGES records with QEMU's bytes per page."""
         n = len(gfns)
-        hdrs, trans = self._psp_send(gfns)
-        self.writer.encrypted_pages([int(g) for g in gfns], hdrs, trans)
+        hdrs, trans = self.vm.sev_send_update_data_pages(self.m.gfn_hvas(gfns))
+        nbytes = self._written(lambda w: w.encrypted_batch(gfns, hdrs, trans))
         ring = self.params.ring_buffer
-        self.tl.batch(lambda c: charge_psp_pages(self.cost, c, n, ring),
-                      n * ENCRYPTED_PAGE_BYTES,
+        self.tl.batch(lambda c: charge_psp_pages(self.cost, c, n, ring), nbytes,
                       lambda c: charge_psp_pages(self.cost, c, n, ring))
         self.stats.count_psp("SEND_UPDATE_DATA", n)
         self.stats.count_psp("RECEIVE_UPDATE_DATA", n)
 
-    def _psp_send(self, gfns):
-        """KVM_SEV_SEND_UPDATE_DATA of each page: (52 * n header bytes, 4096 * n ciphertext)."""
-        kvm, vm = self.kvm, self.vm
-        if self._bufs is None:
-            self._bufs = (kvm.mmap(PAGE_SIZE), kvm.mmap(PAGE_SIZE))
-        hdr, trans = self._bufs
-        hdrs, cts = bytearray(), bytearray()
-        for hva in self.m.gfn_hvas(gfns):
-            vm.memory_encrypt_op(U.KVM_SEV_SEND_UPDATE_DATA, hdr_uaddr=hdr, hdr_len=52,
-                                 guest_uaddr=int(hva), guest_len=PAGE_SIZE, trans_uaddr=trans,
-                                 trans_len=PAGE_SIZE)
-            hdrs += kvm.read(hdr, 52)
-            cts += kvm.read(trans, PAGE_SIZE)
-        return bytes(hdrs), bytes(cts)
+    def _written(self, write):
+        """Run ``write(writer)``; the stream bytes it produced."""
+        before = self.writer.stats.transferred
+        write(self.writer)
+        return self.writer.stats.transferred - before
 
     def _send_shared(self, gfns, it):
-        """Shared pages in plaintext from the VMM's mapping; zero pages as ZERO_PAGES."""
+        """Shared pages in plaintext from the VMM's mapping; runs of zero pages as
+        ZERO_PAGES (QEMU's duplicate pages)."""
         data = self.kvm.read_pages(self.m.gfn_hvas(gfns))
         zero = ~data.any(axis=1)
-        for g in gfns[zero]:
-            self.writer.zero_pages(int(g), 1)
-        for i in np.flatnonzero(~zero):
-            self.writer.shared_page(int(gfns[i]), data[i])
         n, nz = len(gfns), int(zero.sum())
-        self.tl.batch(lambda c: charge_shared_pages(self.cost, c, n),
-                      (n - nz) * SHARED_PAGE_BYTES + nz * (S.FRAME_OVERHEAD + 12),
+
+        def write(w):
+            if nz:
+                zg = gfns[zero]
+                cut = np.flatnonzero(np.diff(zg) != 1) + 1
+                for run in np.split(zg, cut):
+                    w.zero_pages(int(run[0]), len(run))
+            if nz < n:
+                w.shared_batch(gfns[~zero], data[~zero])
+        nbytes = self._written(write)
+        self.tl.batch(lambda c: charge_shared_pages(self.cost, c, n), nbytes,
                       lambda c: charge_shared_pages(self.cost, c, n))
         it.shared_pages += n
         self.stats.shared_pages += n - nz
@@ -629,10 +622,18 @@ class Target:
                     self._open_pending()
                 continue
             self._open_pending()
-            if isinstance(rec, S.EncryptedPage):
-                self._receive_encrypted([rec])
-            elif isinstance(rec, (S.SharedPage, S.ZeroPages)):
-                self._receive_shared(rec)
+            if isinstance(rec, S.HelperPages):
+                self._open(rec.gfns, rec.seqs, rec.packets)
+            elif isinstance(rec, S.EncryptedPages):
+                self._receive_encrypted(rec.gfns, rec.hdrs, rec.trans)
+            elif isinstance(rec, S.EncryptedPage):
+                self._receive_encrypted([rec.gfn], _row(rec.hdr), _row(rec.trans))
+            elif isinstance(rec, S.SharedPages):
+                self._receive_shared(rec.gfns, rec.data)
+            elif isinstance(rec, S.SharedPage):
+                self._receive_shared([rec.gfn], _row(rec.data))
+            elif isinstance(rec, S.ZeroPages):
+                self._receive_zero(rec)
             elif isinstance(rec, S.Iteration):
                 pass
             elif isinstance(rec, S.VcpuState):
@@ -657,25 +658,26 @@ class Target:
         self._reply("resumed", **self.result)
 
     def _open_pending(self):
-        """Hand the buffered HELPER_PAGE records to the target's helper in one request."""
+        """Hand the buffered single HELPER_PAGE records to the target's helper at once."""
         recs, self._pending = self._pending, []
-        if not recs:
-            return
+        if recs:
+            if any(len(r.packet) != PACKET_SIZE for r in recs):
+                raise StreamError(f"a helper packet is not {PACKET_SIZE} bytes")
+            self._open([r.gfn for r in recs], [r.seq for r in recs],
+                       np.stack([_row(r.packet)[0] for r in recs]))
+
+    def _open(self, gfns, seqs, packets):
+        """The target's helper opens the packets into the guest's private pages."""
         if self.helper is None:
-            raise StreamError("HELPER_PAGE records in a stream without the helper flag")
-        n = len(recs)
-        gfns = np.array([r.gfn for r in recs], np.uint64)
-        seqs = np.array([r.seq for r in recs], np.uint64)
-        if any(len(r.packet) != PACKET_SIZE for r in recs):
-            raise StreamError(f"a helper packet is not {PACKET_SIZE} bytes")
-        for g in gfns:
-            self._gfn_hva(int(g))
-        packets = np.frombuffer(b"".join(r.packet for r in recs), np.uint8).reshape(n, -1)
+            raise StreamError("helper packets in a stream without the helper flag")
+        gfns = self._check_gfns(gfns)
+        if packets.shape[1] != PACKET_SIZE:
+            raise StreamError(f"helper packets of {packets.shape[1]} bytes, not {PACKET_SIZE}")
         exits0 = self.helper.counters.exits
-        self.helper.open(gfns, seqs, packets)
-        charge_helper_pages(self.cost, self.clock, n, self.m.config.helper_vcpus,
+        self.helper.open(gfns, np.asarray(seqs, np.uint64), packets)
+        charge_helper_pages(self.cost, self.clock, len(gfns), self.m.config.helper_vcpus,
                             self.helper.counters.exits - exits0)
-        self.received["helper"] += n
+        self.received["helper"] += len(gfns)
 
     def _receive_start(self, rec):
         kvm, vm = self.kvm, self.m.vm
@@ -686,38 +688,38 @@ class Target:
                              pdh_len=len(rec.pdh), session_uaddr=sess,
                              session_len=len(rec.session))
         self.cost.psp_command(self.clock, 0)
-        self._bufs = (kvm.mmap(PAGE_SIZE), kvm.mmap(PAGE_SIZE))
 
-    def _gfn_hva(self, gfn):
-        if not 0 <= gfn < self.m.npages:
-            raise StreamError(f"page gfn {gfn:#x} is outside the guest's "
+    def _check_gfns(self, gfns):
+        """The gfns as a uint64 array; StreamError for a page outside the guest's memory."""
+        gfns = np.asarray(gfns, np.uint64)
+        if len(gfns) and int(gfns.max()) >= self.m.npages:
+            raise StreamError(f"page gfn {int(gfns.max()):#x} is outside the guest's "
                               f"{self.m.npages} pages")
-        return self.m.hva + (gfn << PAGE_SHIFT)
+        return gfns
 
-    def _receive_encrypted(self, recs):
-        kvm, vm = self.kvm, self.m.vm
-        hdr, trans = self._bufs
-        for r in recs:
-            hva = self._gfn_hva(r.gfn)
-            kvm.write(hdr, r.hdr)
-            kvm.write(trans, r.trans)
-            vm.memory_encrypt_op(U.KVM_SEV_RECEIVE_UPDATE_DATA, hdr_uaddr=hdr,
-                                 hdr_len=len(r.hdr), guest_uaddr=hva, guest_len=PAGE_SIZE,
-                                 trans_uaddr=trans, trans_len=len(r.trans))
-        charge_psp_pages(self.cost, self.clock, len(recs), self.params.ring_buffer)
-        self.received["encrypted"] += len(recs)
+    def _receive_encrypted(self, gfns, hdrs, trans):
+        """KVM_SEV_RECEIVE_UPDATE_DATA of each packet (the batched form)."""
+        gfns = self._check_gfns(gfns)
+        self.m.vm.sev_receive_update_data_pages(self.m.gfn_hvas(gfns), hdrs, trans)
+        charge_psp_pages(self.cost, self.clock, len(gfns), self.params.ring_buffer)
+        self.received["encrypted"] += len(gfns)
 
-    def _receive_shared(self, rec):
-        if isinstance(rec, S.ZeroPages):
-            hvas = [self._gfn_hva(g) for g in range(rec.gfn, rec.gfn + rec.npages)]
-            self.kvm.write_pages(hvas, bytes(PAGE_SIZE * rec.npages))
-            self.received["zero"] += rec.npages
-            n = rec.npages
-        else:
-            self.kvm.write_pages([self._gfn_hva(rec.gfn)], rec.data)
-            self.received["shared"] += 1
-            n = 1
-        charge_shared_pages(self.cost, self.clock, n)
+    def _receive_shared(self, gfns, data):
+        gfns = self._check_gfns(gfns)
+        self.kvm.write_pages(self.m.gfn_hvas(gfns), data)
+        charge_shared_pages(self.cost, self.clock, len(gfns))
+        self.received["shared"] += len(gfns)
+
+    def _receive_zero(self, rec):
+        gfns = self._check_gfns(np.arange(rec.gfn, rec.gfn + rec.npages, dtype=np.uint64))
+        self.kvm.write_pages(self.m.gfn_hvas(gfns), np.zeros(len(gfns) * PAGE_SIZE, np.uint8))
+        charge_shared_pages(self.cost, self.clock, len(gfns))
+        self.received["zero"] += len(gfns)
+
+
+def _row(data):
+    """One record's bytes as a 1-row uint8 array, the shape the batched calls take."""
+    return np.frombuffer(data, np.uint8).reshape(1, -1)
 
 
 # -- in one process --------------------------------------------------------------------------------

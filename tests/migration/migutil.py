@@ -60,8 +60,12 @@ class Proxy:
         reader = S.StreamReader(self._a)
         reader.read_header()
         writer = S.StreamWriter(self._b, reader.flags)
-        for i, rec in enumerate(reader):
-            self.transform(i, rec, writer)
+        i = 0
+        for rec in reader:
+            # Batch records go on as their single-page records, so a transform sees pages.
+            for one in (rec if isinstance(rec, S._Batch) else (rec,)):
+                self.transform(i, one, writer)
+                i += 1
             writer.flush()
             if isinstance(rec, S.End):
                 break
