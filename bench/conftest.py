@@ -9,3 +9,12 @@ import pytest
 @pytest.fixture
 def rng():
     return np.random.default_rng(1121)
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage():
+    """Free each benchmark's Hosts before the next one: a Host's frames and its VMs reference
+    each other, and multi-GiB guests left to the cyclic collector add up."""
+    yield
+    import gc
+    gc.collect()
