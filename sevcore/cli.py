@@ -130,7 +130,8 @@ def plot_remaining(results, path):
                     drawstyle="steps-post")
         ax.axvline(stats.total_ns / 1e9, ls=":", lw=0.8,
                    color=ax.lines[-1].get_color() if ax.lines else None)
-    ax.set_xlabel("simulated time (s)")
+    ax.set_xscale("log")        # the paths differ by orders of magnitude
+    ax.set_xlabel("simulated time (s, log scale)")
     ax.set_ylabel("pages left in the current pass")
     ax.set_title("Live migration of an SEV guest: pages remaining")
     ax.legend()
