@@ -348,10 +348,13 @@ def pin_memory(vm, uaddr, ulen, write, ioctl):
     npages = last - first + 1
     locked = _lock_limit(vm, npages, ioctl)
     kvm = vm.kvm
-    pfns = []
     try:
-        for p in range(first, last + 1):
-            pfns.append(kvm.hva_to_pfn(p << PAGE_SHIFT, write=write))
+        # One anonymous mapping (the usual guest RAM): fault in every page in one batch.
+        batch = kvm.anon_pfns(np.arange(first, last + 1, dtype=np.uint64))
+        if batch is not None:
+            pfns = batch.tolist()
+        else:
+            pfns = [kvm.hva_to_pfn(p << PAGE_SHIFT, write=write) for p in range(first, last + 1)]
     except Exception:
         raise KvmError(ENOMEM, ioctl, "could not pin every page") from None
     sev.pages_locked = locked
