@@ -81,22 +81,15 @@ def transfer(make_pair, write, pages, total):
     return n
 
 
+@pytest.mark.parametrize("records", ["single", "batch"])
 @pytest.mark.parametrize("transport", list(PAIRS))
-def test_stream_single_records(benchmark, pages, transport):
-    """Writer and reader of N ENCRYPTED_PAGE records over one transport."""
+def test_stream(benchmark, pages, transport, records):
+    """Writer and reader of N pages over one transport, as N ENCRYPTED_PAGE records or as
+    ENCRYPTED_PAGES batch records."""
     benchmark.group = f"migration stream, {N} encrypted pages"
     per_item(benchmark, N, "pages")
-    n = benchmark.pedantic(transfer, (PAIRS[transport], write_singles, pages, N), rounds=5,
-                           iterations=1, warmup_rounds=1)
-    assert n == N
-
-
-@pytest.mark.parametrize("transport", list(PAIRS))
-def test_stream_batch_records(benchmark, pages, transport):
-    """Writer and reader of N pages as ENCRYPTED_PAGES records over one transport."""
-    benchmark.group = f"migration stream, {N} encrypted pages"
-    per_item(benchmark, N, "pages")
-    n = benchmark.pedantic(transfer, (PAIRS[transport], write_batches, pages, N), rounds=5,
+    write = write_singles if records == "single" else write_batches
+    n = benchmark.pedantic(transfer, (PAIRS[transport], write, pages, N), rounds=5,
                            iterations=1, warmup_rounds=1)
     assert n == N
 

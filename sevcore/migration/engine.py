@@ -33,7 +33,6 @@ its Host's clock, plus a network stage and a target stage in a three-stage pipel
 batch in flight between stages, so the slowest stage sets the pace. The guest reads its TSC from
 the source clock, so it dirties pages at its rate of simulated time.
 """
-import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,15 +40,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sevcore import uapi as U
+from sevcore.bitmap import Bitmap
 from sevcore.costmodel import CostModel, SimClock
-from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
+from sevcore.hostmem import PAGE_SIZE
 from sevcore.migration import stream as S
 from sevcore.migration.errors import PeerClosed, StreamError, StreamTruncated
 from sevcore.migration.helper import PACKET_SIZE, HelperPacketError, MigrationHelper
 from sevcore.migration.machine import SLOT, GuestError, Machine
 from sevcore.migration.stats import IterationStats, MigrationStats
 from sevcore.migration.workload import GuestConfig
-from sevcore.sev import SevError
 
 PATHS = ("psp", "helper")
 SEV_PACKET_HEADER = 52
@@ -189,14 +188,32 @@ def _message(reader, what):
 
 def _dirty_gfns(vm, npages):
     """KVM_GET_DIRTY_LOG of the guest's slot, as sorted gfns (the log is cleared)."""
-    words = vm.get_dirty_log(SLOT)
-    bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:npages]
-    return np.flatnonzero(bits).astype(np.uint64)
+    return Bitmap.from_words(vm.get_dirty_log(SLOT), npages).set_indices()
+
+
+# -- both ends ---------------------------------------------------------------------------------------
+
+class _End:
+    """What the source and the target tear down alike: the migration helper and the channel."""
+    helper = None
+
+    def _close_helper(self):
+        if self.helper is not None:
+            self.helper.close()
+            self.helper = None
+
+    def _close(self):
+        """Close the helper and the channel (telling the peer we are gone)."""
+        self._close_helper()
+        try:
+            self.channel.close()
+        except OSError:
+            pass
 
 
 # -- the source ------------------------------------------------------------------------------------
 
-class Source:
+class Source(_End):
     """The source VMM's migration of ``machine`` over ``channel``."""
 
     def __init__(self, machine, channel, params=MigrationParams(), progress=None):
@@ -207,7 +224,6 @@ class Source:
         self.stats = MigrationStats(params.path, guest_pages=machine.npages,
                                     cost_model=params.to_dict()["cost"])
         self.samples = []            # (simulated ms, pages still to send) for plots
-        self.helper = None
         self.layout = machine.config.helper_layout
         self._sent_start = False
         self._logging = False
@@ -276,18 +292,7 @@ class Source:
             self._sent_start = False
         if self._logging:
             self._set_logging(False)
-        self._close_helper()
-        try:
-            self.channel.close()
-        except OSError:
-            pass
-
-    def _close_helper(self):
-        if self.helper is not None:
-            c = self.helper.counters
-            self.stats.helper_requests = c.requests
-            self.helper.close()
-            self.helper = None
+        self._close()
 
     def _set_logging(self, on):
         m = self.m
@@ -373,10 +378,7 @@ class Source:
         self._final_dirty = dirty
 
     def _shared_now(self):
-        mask = np.zeros(self.m.npages, bool)
-        for s, e in self.m.tracker.shared_ranges(0, self.m.npages):
-            mask[s:e] = True
-        return mask
+        return self.m.tracker.shared.contains_array(np.arange(self.m.npages))
 
     def _sync(self):
         """A dirty-log sync: the dirtied gfns, plus pages whose shared/private state changed."""
@@ -405,8 +407,8 @@ class Source:
         for b in range(nb):
             batch = gfns[b * p.batch_pages:(b + 1) * p.batch_pages]
             self._send_batch(batch, it)
-            self.samples.append((m.host.clock.now_ns - self.t0, len(gfns) - (b + 1) *
-                                 p.batch_pages if b + 1 < nb else 0, k))
+            self.samples.append((m.host.clock.now_ns - self.t0,
+                                 max(0, len(gfns) - (b + 1) * p.batch_pages), k))
             if not stop and (b + 1) % every == 0:
                 self._guest_tick()
             if self.progress:
@@ -414,10 +416,8 @@ class Source:
                                "pages": len(gfns), "sent": min(len(gfns),
                                                                (b + 1) * p.batch_pages),
                                "sim_ms": (m.host.clock.now_ns - self.t0) / 1e6})
-        if not stop and nb % every:
-            self._guest_tick()
-        if not stop and nb == 0:
-            self._guest_tick()
+        if not stop and (nb == 0 or nb % every):
+            self._guest_tick()              # the guest runs at least once per pass, at its end
         self.writer.flush()
         if stop:
             self.tl.drain()
@@ -449,6 +449,7 @@ class Source:
         exits0 = h.counters.exits
         b = h.seal(gfns, packets=self._packets[:n])
         exits = h.counters.exits - exits0
+        self.stats.helper_requests = h.counters.requests
         nbytes = self._written(lambda w: w.helper_batch(b.gfns, b.seqs, b.packets))
         vcpus = self.m.config.helper_vcpus
         self.tl.batch(lambda c: charge_helper_pages(self.cost, c, n, vcpus, exits), nbytes,
@@ -546,14 +547,13 @@ class Source:
 
 # -- the target ------------------------------------------------------------------------------------
 
-class Target:
+class Target(_End):
     """The target VMM: builds the incoming guest on ``kvm``'s Host from the stream on
     ``channel``. :meth:`run` returns the running :class:`Machine`."""
 
     def __init__(self, kvm, channel):
         self.kvm, self.channel = kvm, channel
         self.m = None
-        self.helper = None
         self.result = None
         self.received = {"encrypted": 0, "shared": 0, "zero": 0, "helper": 0}
         self._pending = []
@@ -576,18 +576,9 @@ class Target:
             self.writer.flush()
         except (StreamError, OSError):
             pass
-        self._close_helper()
+        self._close()                       # the helper's mirror goes before its owner VM
         if self.m is not None:
             self.m.vm.close()
-        try:
-            self.channel.close()
-        except OSError:
-            pass
-
-    def _close_helper(self):
-        if self.helper is not None:
-            self.helper.close()
-            self.helper = None
 
     def _reply(self, kind, **fields):
         self.writer.setup({"kind": kind, **fields})

@@ -13,7 +13,7 @@ import numpy as np
 from sevcore import owner
 from sevcore import uapi as U
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
-from sevcore.migration.workload import JOURNAL_PAGES, GuestConfig, idle_vcpu, workload_main
+from sevcore.migration.workload import JOURNAL_PAGES, idle_vcpu, workload_main
 from sevcore.vmm import SharedPagesTracker
 
 SLOT = 0

@@ -1,8 +1,7 @@
 """Helpers for the engine tests: small launched guests and a man-in-the-middle that re-frames
 the stream (so a change reaches the target with valid CRCs, as an attacker on the wire can)."""
+import dataclasses
 import threading
-
-import numpy as np
 
 import sevcore
 from sevcore.migration import stream as S
@@ -110,5 +109,18 @@ def flip(data, bit):
     return bytes(b)
 
 
-def digest_all(m):
-    return np.frombuffer(memory_snapshot(m), np.uint8).sum()
+def swapped(a, b, keep=("gfn",)):
+    """Records ``a`` and ``b`` with their payloads exchanged and the ``keep`` fields (the page,
+    and for helper packets its sequence number) left in place."""
+    return (dataclasses.replace(b, **{k: getattr(a, k) for k in keep}),
+            dataclasses.replace(a, **{k: getattr(b, k) for k in keep}))
+
+
+def assert_runs_on(m, before=None):
+    """The source guest is RUNNING (its memory as ``before``, if given) and runs another tick."""
+    from sevcore.uapi import SEV_GUEST_STATE_RUNNING
+    assert guest_state(m) == SEV_GUEST_STATE_RUNNING
+    if before is not None:
+        assert memory_snapshot(m) == before
+    m.host.clock.advance(1e6, "test")
+    m.tick()

@@ -12,17 +12,10 @@ from sevcore.uapi import (KVM_EXIT_FAIL_ENTRY, SEV_GUEST_STATE_RUNNING, SEV_GUES
                           SEV_POLICY_MASK_NOSEND)
 
 import sevcore
-from migutil import SMALL, Proxy, flip, guest_state, launched, memory_snapshot, rewrite
+from migutil import (SMALL, Proxy, assert_runs_on, flip, guest_state, launched,
+                     memory_snapshot, rewrite, swapped)
 
 FAST = MigrationParams(max_iterations=4, timeout_s=20)
-
-
-def assert_source_intact(m, before):
-    """The source guest is RUNNING, its memory as before, and it runs another tick."""
-    assert guest_state(m) == SEV_GUEST_STATE_RUNNING
-    assert memory_snapshot(m) == before
-    m.host.clock.advance(1e6, "test")
-    m.tick()
 
 
 def test_idle_guest_moves_intact_and_source_never_runs_again():
@@ -95,7 +88,7 @@ def test_nosend_policy_is_refused_by_the_firmware():
     with pytest.raises(MigrationError) as e:
         migrate(m, dst, FAST)
     assert "POLICY_FAILURE" in str(e.value)
-    assert_source_intact(m, before)
+    assert_runs_on(m, before)
 
 
 def _through(transform):
@@ -122,7 +115,7 @@ def test_flipped_bit_in_a_packet_is_refused_by_the_target_psp():
     assert "BAD_MEASUREMENT" in str(e.value)
     assert e.value.stats.status == "cancelled"
     assert e.value.stats.psp_commands.get("SEND_CANCEL") == 1
-    assert_source_intact(m, before)
+    assert_runs_on(m, before)
 
 
 def test_flipped_bit_on_the_wire_fails_the_stream_crc():
@@ -144,7 +137,7 @@ def test_flipped_bit_on_the_wire_fails_the_stream_crc():
     with pytest.raises(MigrationError) as e:
         migrate(m, dst, FAST, channel_pair=(a, b))
     assert "ChecksumMismatch" in str(e.value)
-    assert_source_intact(m, before)
+    assert_runs_on(m, before)
 
 
 def test_truncated_stream_is_refused_and_source_cancels():
@@ -159,7 +152,7 @@ def test_truncated_stream_is_refused_and_source_cancels():
     proxy, pair = _through(cut)
     with pytest.raises(MigrationError):
         migrate(m, dst, FAST, channel_pair=pair)
-    assert_source_intact(m, before)
+    assert_runs_on(m, before)
 
 
 def test_psp_path_accepts_a_replayed_packet_and_the_guest_finds_it():
@@ -191,9 +184,8 @@ def test_psp_path_accepts_swapped_packets_and_the_guest_finds_them():
         if isinstance(rec, S.EncryptedPage) and rec.gfn in (100, 101):
             held.append(rec)
             if len(held) == 2:
-                a, b = held
-                rewrite(w, S.EncryptedPage(a.gfn, b.hdr, b.trans))
-                rewrite(w, S.EncryptedPage(b.gfn, a.hdr, a.trans))
+                for r in swapped(*held):
+                    rewrite(w, r)
             return
         rewrite(w, rec)
     _, pair = _through(swap)
@@ -251,9 +243,8 @@ def _helper_attack(kind):
         elif kind == "swap" and rec.gfn in (70, 71):
             held.append(rec)
             if len(held) == 2:
-                a, b = held
-                rewrite(w, S.HelperPage(a.gfn, a.seq, b.packet))
-                rewrite(w, S.HelperPage(b.gfn, b.seq, a.packet))
+                for r in swapped(*held, keep=("gfn", "seq")):
+                    rewrite(w, r)
             return
         rewrite(w, rec)
     return tamper
@@ -278,10 +269,4 @@ def test_helper_path_refuses_tampered_packets_and_source_cancels(kind, reason):
     after = memory_snapshot(m)
     own, key = lay.first_gfn * 4096, slice(lay.key_gfn * 4096, lay.state_gfn * 4096)
     assert after[:own] == before[:own] and after[key] == before[key]
-    assert_state_running_and_ticks(m)
-
-
-def assert_state_running_and_ticks(m):
-    assert guest_state(m) == SEV_GUEST_STATE_RUNNING
-    m.host.clock.advance(1e6, "test")
-    m.tick()
+    assert_runs_on(m)

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sevcore.migration import (BadMagic, BadRecord, ChecksumMismatch, PeerClosed, StreamError, StreamReader,
-                               StreamTimeout, StreamTruncated, StreamWriter, UnsupportedFlags,
+from sevcore.migration import (BadMagic, BadRecord, ChecksumMismatch, StreamError, StreamReader,
+                               StreamTruncated, StreamWriter, UnsupportedFlags,
                                UnsupportedVersion, inprocess_pair)
 from sevcore.migration import stream as S
 
