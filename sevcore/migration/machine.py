@@ -14,6 +14,7 @@ from sevcore import owner
 from sevcore import uapi as U
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.migration.workload import JOURNAL_PAGES, idle_vcpu, workload_main
+from sevcore.vcpu import GuestAssertionError
 from sevcore.vmm import SharedPagesTracker
 
 SLOT = 0
@@ -117,9 +118,10 @@ class Machine:
                 continue
             if run.exit_reason != U.KVM_EXIT_IO:
                 raise GuestError(f"unexpected exit {run.exit_reason} from vCPU 0")
-            kind, values = vcpu.get_ucall()
-            if kind == "abort":
-                raise GuestError(f"guest abort: {values[0] if values else ''}")
+            try:
+                kind, values = vcpu.get_ucall()
+            except GuestAssertionError as e:             # UCALL_ABORT
+                raise GuestError(f"guest abort: {e}") from None
             if kind == "sync" and values and values[0] in names:
                 return values[1:]
             if kind == "done":

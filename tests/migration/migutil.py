@@ -39,20 +39,25 @@ class Proxy:
         self._b, self.target_end = inprocess_pair(timeout=timeout)
         self.transform = transform
         self.errors = []
-        for fn in (self._forward, self._backward):
-            threading.Thread(target=self._guard(fn), daemon=True).start()
+        # A forward failure ends only the stream to the target (its reader sees the end): the
+        # target then reports and closes, and the backward thread carries the report to the
+        # source before closing the source's side, so the source reads what the target said.
+        threading.Thread(target=self._guard(self._forward, self._b._tx.close_writer),
+                         daemon=True).start()
+        threading.Thread(target=self._guard(self._backward, self._close_both),
+                         daemon=True).start()
 
-    def _guard(self, fn):
+    def _close_both(self):
+        for end in (self._a, self._b):
+            end.close()
+
+    def _guard(self, fn, on_error):
         def run():
             try:
                 fn()
             except BaseException as e:
                 self.errors.append(e)
-                for end in (self._a, self._b):
-                    try:
-                        end.close()
-                    except Exception:
-                        pass
+                on_error()
         return run
 
     def _forward(self):

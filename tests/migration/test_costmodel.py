@@ -160,3 +160,14 @@ def test_host_has_its_own_clock():
     assert a.clock.now_ns == 0 and a.clock is not b.clock
     CostModel().exit_roundtrip(a.clock)
     assert b.clock.now_ns == 0 and a.clock.now_ns == 2_000
+
+
+def test_psp_commands_equals_that_many_single_commands(cost, clock):
+    """psp_commands(n, b) charges exactly n psp_command(b) charges, in one step."""
+    singles = SimClock()
+    for _ in range(7):
+        cost.psp_command(singles, PAGE)
+    assert cost.psp_commands(clock, 7, PAGE) == pytest.approx(singles.now_ns)
+    assert clock.spent == pytest.approx(singles.spent)
+    with pytest.raises(ValueError):
+        cost.psp_commands(clock, -1, PAGE)
