@@ -2,7 +2,6 @@
 simulated time, and the cases of the page flow the end-to-end tests do not reach."""
 import io
 
-import numpy as np
 import pytest
 
 import sevcore
