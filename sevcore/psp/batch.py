@@ -15,7 +15,9 @@ raises PspError with ``index = i`` after pages ``0..i-1`` took effect, as ``i`` 
 have, and nothing of page ``i`` or later.
 
 The work steps (``_seal_pages``, ``_open_pages``, ``_write_pages``) are shared by the typed
-entries here, KVM's batched ioctls (``sevcore.sev``) and the ring-buffer batch path (ring.py).
+entries here, KVM's batched ioctls (``sevcore.sev``) and the ring-buffer batch path (ring.py);
+the single RECEIVE_UPDATE_DATA/VMSA command judges its one packet with ``_open_pages`` too, so
+the order of its checks is written once.
 """
 import numpy as np
 
@@ -76,8 +78,8 @@ class UpdatePages:
         """RECEIVE_UPDATE_DATA's judgement of packets in order (COMPRESSED, then the MAC, as
         ``sev_mcmd_receive_update``): ``(count, status, plaintext)`` for the leading packets that
         pass, the status of the first that does not (SUCCESS if all pass) and their plaintext.
-        ``hdrs`` and ``trans`` are ``(n, 52)`` and ``(n, 4096)`` uint8 arrays, rows strided or
-        not (a stream record's columns are read in place)."""
+        ``hdrs`` and ``trans`` are ``(n, 52)`` and ``(n, trans_len)`` uint8 arrays, rows strided
+        or not (a stream record's columns are read in place)."""
         n = len(hdrs)
         ok = first(hdrs[:, 0] & X.COMPRESSED) if n else 0
         status = U.SEV_RET_UNSUPPORTED if ok < n else U.SEV_RET_SUCCESS

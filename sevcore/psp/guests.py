@@ -9,6 +9,8 @@ host's memory controller (``host.umc``) with the guest's ASID.
 """
 import hashlib
 
+import numpy as np
+
 from sevcore import sevpkt
 from sevcore import uapi as U
 from sevcore.psp import certs as C
@@ -668,16 +670,13 @@ class GuestCommands:
         status, g = self._receive_update_checks(f, vmsa)
         if status:
             return status
-        header = self._read(self._addr(f.hdr_address), X.HEADER_SIZE)
-        if X.split_header(header)[0] & X.COMPRESSED:
-            return U.SEV_RET_UNSUPPORTED
-        ct = self._read(self._addr(f.trans_address), f.trans_len)
-        try:
-            plain = bytearray(_open_packets(g.tek, g.tik, header, ct))
-        except BadPacketMac:
-            return U.SEV_RET_BAD_MEASUREMENT
+        header = np.frombuffer(self._read(self._addr(f.hdr_address), X.HEADER_SIZE), np.uint8)
+        ct = np.frombuffer(self._read(self._addr(f.trans_address), f.trans_len), np.uint8)
+        done, status, plain = self._open_pages(g, header.reshape(1, -1), ct.reshape(1, -1))
+        if not done:
+            return status
         if vmsa:
-            status = self._es_setup_vmsa(g, plain)
+            status = self._es_setup_vmsa(g, memoryview(plain))
             if status:
                 return status
         self.host.umc.write(self._addr(f.guest_address), plain, g.asid)
