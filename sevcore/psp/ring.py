@@ -247,6 +247,7 @@ class RingBufferMode:
         rb = self._rb
         send = cmd_id == U.SEV_CMD_SEND_UPDATE_DATA
         layout = L.sev_data_send_update_data if send else L.sev_data_receive_update_data
+        checks = self._send_update_checks if send else self._receive_update_checks
         index, tail = rb.index(queue), rb.tail_index(queue)
         run, guest = [], None
         while index != tail:
@@ -255,11 +256,10 @@ class RingBufferMode:
             if entry["cmd_id"] != cmd_id or not self._valid(spa, layout.size):
                 break
             f = layout.view(bytearray(self._read(spa, layout.size)))
-            checks = self._send_update_checks if send else self._receive_update_checks
+            # The command's own checks; RECEIVE's also make trans_len equal guest_len.
             status, g = checks(f, False)
             if (status or (guest is not None and g is not guest) or f.guest_len != PAGE
-                    or f.guest_address % PAGE or f.trans_address % PAGE
-                    or (not send and f.trans_len != PAGE)):
+                    or f.guest_address % PAGE or f.trans_address % PAGE):
                 break
             guest = g
             run.append((entry["cmd_flags"], spa, f))
@@ -276,8 +276,9 @@ class RingBufferMode:
                 f.hdr_len = X.HEADER_SIZE
                 self._write(spa, f.buf)
         else:
-            headers = np.frombuffer(b"".join(self._read(self._addr(f.hdr_address), X.HEADER_SIZE)
-                                             for _, _, f in run), np.uint8).reshape(-1, 52)
+            headers = b"".join(self._read(self._addr(f.hdr_address), X.HEADER_SIZE)
+                               for _, _, f in run)
+            headers = np.frombuffer(headers, np.uint8).reshape(-1, X.HEADER_SIZE)
             cts = umc.read_pages([self._addr(f.trans_address) for _, _, f in run], 0)
             # The leading packets that pass run here; the first refused one is left to run
             # alone, so that its status and the queue's pause are exact.
@@ -301,9 +302,10 @@ class RingBufferMode:
         spans = [(p, p + PAGE) for q in (LOW, HIGH) if rb.size[q]
                  for p in (rb.cmd[q], rb.status[q])]
         for _, spa, f in run:
-            spans += [(spa, spa + 52), (self._addr(f.hdr_address), self._addr(f.hdr_address) + 52),
-                      (self._addr(f.trans_address), self._addr(f.trans_address) + PAGE),
-                      (self._addr(f.guest_address), self._addr(f.guest_address) + PAGE)]
+            spans.append((spa, spa + len(f.buf)))
+            for addr, size in ((f.hdr_address, X.HEADER_SIZE), (f.trans_address, PAGE),
+                               (f.guest_address, PAGE)):
+                spans.append((self._addr(addr), self._addr(addr) + size))
         spans.sort()
         return all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
 
