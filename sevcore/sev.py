@@ -30,7 +30,7 @@ from sevcore.errors import KvmError
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.psp import layout as L
 from sevcore.psp.api import _alloc_contiguous
-from sevcore.psp.batch import first, out_rows
+from sevcore.psp.batch import first, packet_rows
 from sevcore.psp.crypto import HEADER_SIZE as L_HDR
 from sevcore.psp.platform import TMR_SIZE
 from sevcore.psp.status import status_name
@@ -964,12 +964,7 @@ def send_update_data_pages(vm, guest_uaddrs, out=None):
     """n KVM_SEV_SEND_UPDATE_DATA ioctls of whole pages (see Vm.sev_send_update_data_pages)."""
     uaddrs = u64_array(guest_uaddrs, "guest_uaddrs")
     n = len(uaddrs)
-    hdrs, trans = (None, None) if out is None else out
-    if hdrs is None:
-        hdrs = np.empty((n, L_HDR), np.uint8)
-    if trans is None:
-        trans = np.empty((n, PAGE_SIZE), np.uint8)
-    h, t = out_rows(hdrs, n, L_HDR), out_rows(trans, n, PAGE_SIZE)
+    hdrs, trans, h, t = packet_rows(out, n)
     if not n:
         return hdrs, trans
     b = _PageBatch(vm, True, uaddrs, L_HDR, PAGE_SIZE)

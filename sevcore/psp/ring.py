@@ -40,6 +40,7 @@ import numpy as np
 from sevcore import uapi as U
 from sevcore.psp import crypto as X
 from sevcore.psp import layout as L
+from sevcore.psp.batch import packet_rows
 
 PAGE = 4096
 ENTRIES = PAGE // L.sev_rb_cmd_ptr_entry.size          # 256
@@ -269,7 +270,8 @@ class RingBufferMode:
         umc = self.host.umc
         guest_spas = np.array([self._addr(f.guest_address) for _, _, f in run], np.uint64)
         if send:
-            headers, ct = self._seal_pages(guest, guest_spas)
+            _, _, headers, ct = packet_rows(None, len(run))
+            self._seal_pages(guest, guest_spas, headers, ct)
             umc.write_pages([self._addr(f.trans_address) for _, _, f in run], ct, 0)
             for k, (_, spa, f) in enumerate(run):
                 self._write(self._addr(f.hdr_address), headers[k])
