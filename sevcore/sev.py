@@ -342,8 +342,7 @@ def _blob_size(size):
 def pin_memory(vm, uaddr, ulen, write, ioctl):
     """sev_pin_memory: the pfns of ``[uaddr, uaddr + ulen)``, counted in pages_locked."""
     sev = vm.sev
-    if ulen == 0 or _wraps(uaddr, ulen) or uaddr < 0 or ulen < 0:
-        raise KvmError(EINVAL, ioctl, "empty or wrapping range")
+    _pin_range(uaddr, ulen, ioctl)
     first, last = uaddr >> PAGE_SHIFT, (uaddr + ulen - 1) >> PAGE_SHIFT
     npages = last - first + 1
     locked = _lock_limit(vm, npages, ioctl)
@@ -359,6 +358,12 @@ def pin_memory(vm, uaddr, ulen, write, ioctl):
         raise KvmError(ENOMEM, ioctl, "could not pin every page") from None
     sev.pages_locked = locked
     return pfns
+
+
+def _pin_range(uaddr, ulen, ioctl):
+    """sev_pin_memory's first check: an empty or wrapping range is EINVAL."""
+    if ulen == 0 or _wraps(uaddr, ulen) or uaddr < 0 or ulen < 0:
+        raise KvmError(EINVAL, ioctl, "empty or wrapping range")
 
 
 def _lock_limit(vm, npages, ioctl):
@@ -761,14 +766,27 @@ _SEND_ZERO = "an address or guest_len is 0"
 _RECEIVE_ZERO = "an address or length is 0"
 
 
-def _one_page(c, p):
-    if p["guest_len"] > PAGE_SIZE or (p["guest_uaddr"] & (PAGE_SIZE - 1)) + p["guest_len"] > \
-            PAGE_SIZE:
-        c.fail(EINVAL, _CROSSES)
+def _update_data_params(c, params, send):
+    """The prologue of sev_send_update_data and sev_receive_update_data: RECEIVE refuses a VM
+    that is not SEV with EINVAL (the kernel's quirk), then ``_params`` as every command."""
+    if not send and not sev_guest(c.vm):
+        c.fail(EINVAL, "not an SEV guest")
+    return _params(c, params)
+
+
+def _update_data_checks(send, guest_uaddr, guest_len, hdr_len, trans_len, buffers=True):
+    """What sev_send_update_data and sev_receive_update_data check before copying or pinning
+    anything (EINVAL): every address and length non-zero (``buffers``: hdr_uaddr and
+    trans_uaddr), then a guest range inside one page. SEND's lengths are non-zero by then
+    (zero ones were its length query), so one test serves both."""
+    if not (buffers and guest_uaddr and guest_len and hdr_len and trans_len):
+        raise KvmError(EINVAL, IOCTL, _SEND_ZERO if send else _RECEIVE_ZERO)
+    if guest_len > PAGE_SIZE or (guest_uaddr & (PAGE_SIZE - 1)) + guest_len > PAGE_SIZE:
+        raise KvmError(EINVAL, IOCTL, _CROSSES)
 
 
 def _cmd_send_update_data(c, params):
-    p = _params(c, params)
+    p = _update_data_params(c, params, True)
     if not p["trans_len"] or not p["hdr_len"]:
         _, f = c.fw(U.SEV_CMD_SEND_UPDATE_DATA, L.sev_data_send_update_data, check=False,
                     handle=c.sev.handle)
@@ -776,9 +794,8 @@ def _cmd_send_update_data(c, params):
         if c.out.error:
             raise SevError(c.out.error, c.out)
         return
-    if not p["trans_uaddr"] or not p["guest_uaddr"] or not p["guest_len"] or not p["hdr_uaddr"]:
-        c.fail(EINVAL, _SEND_ZERO)
-    _one_page(c, p)
+    _update_data_checks(True, p["guest_uaddr"], p["guest_len"], p["hdr_len"], p["trans_len"],
+                        p["hdr_uaddr"] and p["trans_uaddr"])
     (pfn,) = c.pin(p["guest_uaddr"], p["guest_len"], False)
     try:
         hdr, trans = c.buf.reserve(p["hdr_len"]), c.buf.reserve(p["trans_len"])
@@ -804,13 +821,9 @@ def _cmd_receive_start(c, params):
 
 
 def _cmd_receive_update_data(c, params):
-    if not sev_guest(c.vm):
-        c.fail(EINVAL, "not an SEV guest")
-    p = _params(c, params)
-    if not all(p[k] for k in ("hdr_uaddr", "hdr_len", "guest_uaddr", "guest_len",
-                              "trans_uaddr", "trans_len")):
-        c.fail(EINVAL, _RECEIVE_ZERO)
-    _one_page(c, p)
+    p = _update_data_params(c, params, False)
+    _update_data_checks(False, p["guest_uaddr"], p["guest_len"], p["hdr_len"], p["trans_len"],
+                        p["hdr_uaddr"] and p["trans_uaddr"])
     hdr = c.blob(p["hdr_uaddr"], p["hdr_len"])
     trans = c.blob(p["trans_uaddr"], p["trans_len"])
     (pfn,) = c.pin(p["guest_uaddr"], p["guest_len"], True)
@@ -862,7 +875,6 @@ class _PageBatch:
         self.vm, self.send, self.uaddrs = vm, send, uaddrs
         self.id = U.KVM_SEV_SEND_UPDATE_DATA if send else U.KVM_SEV_RECEIVE_UPDATE_DATA
         self.hdr_len, self.trans_len = hdr_len, trans_len
-        self.zero_msg = _SEND_ZERO if send else _RECEIVE_ZERO
         self.psp = vm.host.psp
 
     def start(self):
@@ -886,9 +898,7 @@ class _PageBatch:
         vm._enter(IOCTL)
         _command_allowed(vm, self.id)
         c = _Cmd(vm, SevCmd(self.id, {}), _default_sev_fd(vm.host))
-        if not self.send and not sev_guest(vm):
-            c.fail(EINVAL, "not an SEV guest")
-        c.need_sev()
+        _update_data_params(c, {}, self.send)
 
     def at(self, index, exc):
         exc.index = index
@@ -912,18 +922,18 @@ class _PageBatch:
         return first(bad)
 
     def user_error(self, i):
-        """The KvmError page ``i``'s ioctl raises before pinning, in the kernel's order."""
-        if not self.uaddrs[i] or not self.hdr_len or not self.trans_len:
-            return KvmError(EINVAL, IOCTL, self.zero_msg)
-        if self.uaddrs[i] & np.uint64(PAGE_SIZE - 1):
-            return KvmError(EINVAL, IOCTL, _CROSSES)
-        for size in (self.hdr_len, self.trans_len):
-            try:
-                _blob_size(size)
-            except KvmError as exc:
-                return exc
-        if _wraps(int(self.uaddrs[i]), PAGE_SIZE):
-            return KvmError(EINVAL, IOCTL, "empty or wrapping range")
+        """The KvmError page ``i``'s ioctl raises before pinning, in the kernel's order: the
+        handler's checks (the batch's arrays are its header and packet buffers), RECEIVE's blob
+        sizes as it copies them in (an array cannot fault), sev_pin_memory's range check."""
+        uaddr = int(self.uaddrs[i])
+        try:
+            _update_data_checks(self.send, uaddr, PAGE_SIZE, self.hdr_len, self.trans_len)
+            if not self.send:
+                _blob_size(self.hdr_len)
+                _blob_size(self.trans_len)
+            _pin_range(uaddr, PAGE_SIZE, IOCTL)
+        except KvmError as exc:
+            return exc
         raise AssertionError("page passes the handler's checks")
 
     def pin(self, count):
