@@ -290,8 +290,9 @@ class _Cmd:
         by default; ``fd=False``: the kernel's own call, sev_do_cmd). Returns (status, the buffer
         as the firmware left it)."""
         fd = self.sev.fd if fd is None else fd
-        if fd is not False and not isinstance(self.host.fget(fd), SevDev):
-            self.fail(EBADF, "sev_fd is not /dev/sev")
+        exc = _sev_fd_error(self.host, fd) if fd is not False else None
+        if exc is not None:
+            raise exc
         spa = self.buf.reserve(layout.size) if layout is not None else 0
         if layout is not None:
             self.host.umc.write(spa, layout.pack(**fields), 0)
@@ -330,6 +331,13 @@ class _Cmd:
 
     def unpin(self, pfns):
         self.sev.pages_locked -= len(pfns)
+
+
+def _sev_fd_error(host, fd):
+    """sev_issue_cmd_external_user's refusal of an fd that is not /dev/sev (EBADF), or None."""
+    if isinstance(host.fget(fd), SevDev):
+        return None
+    return KvmError(EBADF, IOCTL, "sev_fd is not /dev/sev")
 
 
 def _blob_size(size):
@@ -887,9 +895,11 @@ class _PageBatch:
         k = self.user_checks()
         if k == 0:
             raise self.at(0, self.user_error(0))
-        status, g = self.gate()
-        if status:
-            self.refuse_first(status)
+        status, g = self.psp._pages_gate(self.send, self.vm.sev.handle, self.hdr_len,
+                                         self.trans_len)
+        fd_error = _sev_fd_error(self.vm.host, self.vm.sev.fd)
+        if status or fd_error is not None:
+            self.refuse_first(status, fd_error)
         return k, g
 
     def begin(self):
@@ -949,25 +959,16 @@ class _PageBatch:
             exc = KvmError(ENOMEM, IOCTL, "could not pin every page")
         return pfns, exc
 
-    def refuse_first(self, status):
-        """The first ioctl fails after pinning its page: /dev/sev gone (EBADF), or the firmware
-        refuses the command (every later one would refuse alike)."""
+    def refuse_first(self, status, fd_error):
+        """The first ioctl fails after pinning its page: /dev/sev gone (``fd_error``), or the
+        firmware refuses the command (``status``; every later one would refuse alike)."""
         _, exc = self.pin(1)
-        if exc is not None:
-            raise self.at(0, exc)
-        if not isinstance(self.vm.host.fget(self.vm.sev.fd), SevDev):
-            raise self.at(0, KvmError(EBADF, IOCTL, "sev_fd is not /dev/sev"))
-        self.psp._pages_refused(status)
-        raise self.at(0, SevError(status))
-
-    def gate(self):
-        """The firmware's verdict on the first command (and so on every one), or 0 when the
-        commands can run; a missing /dev/sev counts as a refusal."""
-        status, g = self.psp._pages_gate(self.send, self.vm.sev.handle, self.hdr_len,
-                                         self.trans_len)
-        if not isinstance(self.vm.host.fget(self.vm.sev.fd), SevDev):
-            status = status or -1
-        return status, g
+        if exc is None:
+            exc = fd_error
+        if exc is None:
+            self.psp._pages_refused(status)
+            exc = SevError(status)
+        raise self.at(0, exc)
 
 
 def send_update_data_pages(vm, guest_uaddrs, out=None):
