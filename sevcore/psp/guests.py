@@ -498,9 +498,8 @@ class GuestCommands:
         return status, pdh, chain
 
     def _validate_domain(self, f, pdh, chain):
-        """``validate_domain``: OCA (self-signed) -> PEK -> PDH, and the OCA must be ours."""
-        if f.plat_certs_len != C.CHAIN_SIZE or f.pdh_cert_len != C.CERT_SIZE:
-            return U.SEV_RET_INVALID_LEN, None, None
+        """``validate_domain``: OCA (self-signed) -> PEK -> PDH, and the OCA must be ours. The
+        chain is the one ``validate_platform`` read, else read here (lengths checked first)."""
         if chain is None:
             status, pdh, chain = self._target_chain(f)
             if status:
