@@ -41,6 +41,7 @@ from sevcore import uapi as U
 from sevcore.psp import crypto as X
 from sevcore.psp import layout as L
 from sevcore.psp.batch import packet_rows
+from sevcore.psp.status import PspError
 
 PAGE = 4096
 ENTRIES = PAGE // L.sev_rb_cmd_ptr_entry.size          # 256
@@ -157,9 +158,9 @@ class RingBufferMode:
         """The x86 writes the control and tail registers and rings the doorbell; the firmware runs
         queued commands until the queues are empty or paused. Returns ``(status, head)``:
         status is None while the mode continues, EXIT_RING_BUFFER when this write ended it."""
-        rb = self._rb
-        if rb is None or not rb.enabled:
+        if not self.rb_enabled:
             raise RuntimeError("ring-buffer mode is not on (RING_BUFFER first)")
+        rb = self._rb
         rb.control, rb.tail = control, tail
         while True:
             if (rb.control & CTL_RUN) != CTL_RUN:
@@ -342,7 +343,6 @@ class RingBuffer:
         psp.host.mem.write(buf, f)
         status = psp.command(U.SEV_CMD_RING_BUFFER, buf)
         if status:
-            from sevcore.psp.status import PspError
             raise PspError(U.SEV_CMD_RING_BUFFER, status)
 
     def _buffer(self, size):
