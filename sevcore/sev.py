@@ -443,19 +443,14 @@ def _platform_init(host):
     """sev_platform_init: INIT (with SEV-ES and a TMR when ES is possible), then WBINVD and
     DF_FLUSH for the first launch. Returns the firmware status."""
     psp = host.psp
-    from sevcore.psp.platform import UNINIT
-    if psp.state != UNINIT:
+    if psp.state != U.SEV_STATE_UNINIT:
         return 0
+    fields = {}
     if host_asids(host).es_enabled:
         base = _alloc_contiguous(host.mem, 2 * TMR_SIZE // PAGE_SIZE)
         tmr = (base + TMR_SIZE - 1) & ~(TMR_SIZE - 1)
-        buf = _Bounce(host)
-        spa = buf.put(L.sev_data_init.pack(flags=U.SEV_INIT_FLAGS_SEV_ES, tmr_address=tmr,
-                                           tmr_len=TMR_SIZE))
-    else:
-        buf = _Bounce(host)
-        spa = buf.put(L.sev_data_init.pack())
-    status = psp.command(U.SEV_CMD_INIT, spa)
+        fields = dict(flags=U.SEV_INIT_FLAGS_SEV_ES, tmr_address=tmr, tmr_len=TMR_SIZE)
+    status = psp.command(U.SEV_CMD_INIT, _Bounce(host).put(L.sev_data_init.pack(**fields)))
     if status:
         return status
     psp.wbinvd()
