@@ -30,7 +30,7 @@ from sevcore.errors import KvmError
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.psp import layout as L
 from sevcore.psp.api import _alloc_contiguous
-from sevcore.psp.batch import first, out_rows
+from sevcore.psp.batch import first, packet_rows
 from sevcore.psp.crypto import HEADER_SIZE as L_HDR
 from sevcore.psp.platform import TMR_SIZE
 from sevcore.psp.status import status_name
@@ -290,8 +290,9 @@ class _Cmd:
         by default; ``fd=False``: the kernel's own call, sev_do_cmd). Returns (status, the buffer
         as the firmware left it)."""
         fd = self.sev.fd if fd is None else fd
-        if fd is not False and not isinstance(self.host.fget(fd), SevDev):
-            self.fail(EBADF, "sev_fd is not /dev/sev")
+        exc = _sev_fd_error(self.host, fd) if fd is not False else None
+        if exc is not None:
+            raise exc
         spa = self.buf.reserve(layout.size) if layout is not None else 0
         if layout is not None:
             self.host.umc.write(spa, layout.pack(**fields), 0)
@@ -332,6 +333,13 @@ class _Cmd:
         self.sev.pages_locked -= len(pfns)
 
 
+def _sev_fd_error(host, fd):
+    """sev_issue_cmd_external_user's refusal of an fd that is not /dev/sev (EBADF), or None."""
+    if isinstance(host.fget(fd), SevDev):
+        return None
+    return KvmError(EBADF, IOCTL, "sev_fd is not /dev/sev")
+
+
 def _blob_size(size):
     if size > U.SEV_FW_BLOB_MAX_SIZE:
         raise KvmError(EINVAL, IOCTL, f"blob of {size} bytes > SEV_FW_BLOB_MAX_SIZE")
@@ -342,8 +350,7 @@ def _blob_size(size):
 def pin_memory(vm, uaddr, ulen, write, ioctl):
     """sev_pin_memory: the pfns of ``[uaddr, uaddr + ulen)``, counted in pages_locked."""
     sev = vm.sev
-    if ulen == 0 or _wraps(uaddr, ulen) or uaddr < 0 or ulen < 0:
-        raise KvmError(EINVAL, ioctl, "empty or wrapping range")
+    _pin_range(uaddr, ulen, ioctl)
     first, last = uaddr >> PAGE_SHIFT, (uaddr + ulen - 1) >> PAGE_SHIFT
     npages = last - first + 1
     locked = _lock_limit(vm, npages, ioctl)
@@ -359,6 +366,12 @@ def pin_memory(vm, uaddr, ulen, write, ioctl):
         raise KvmError(ENOMEM, ioctl, "could not pin every page") from None
     sev.pages_locked = locked
     return pfns
+
+
+def _pin_range(uaddr, ulen, ioctl):
+    """sev_pin_memory's first check: an empty or wrapping range is EINVAL."""
+    if ulen == 0 or _wraps(uaddr, ulen) or uaddr < 0 or ulen < 0:
+        raise KvmError(EINVAL, ioctl, "empty or wrapping range")
 
 
 def _lock_limit(vm, npages, ioctl):
@@ -430,19 +443,14 @@ def _platform_init(host):
     """sev_platform_init: INIT (with SEV-ES and a TMR when ES is possible), then WBINVD and
     DF_FLUSH for the first launch. Returns the firmware status."""
     psp = host.psp
-    from sevcore.psp.platform import UNINIT
-    if psp.state != UNINIT:
+    if psp.state != U.SEV_STATE_UNINIT:
         return 0
+    fields = {}
     if host_asids(host).es_enabled:
         base = _alloc_contiguous(host.mem, 2 * TMR_SIZE // PAGE_SIZE)
         tmr = (base + TMR_SIZE - 1) & ~(TMR_SIZE - 1)
-        buf = _Bounce(host)
-        spa = buf.put(L.sev_data_init.pack(flags=U.SEV_INIT_FLAGS_SEV_ES, tmr_address=tmr,
-                                           tmr_len=TMR_SIZE))
-    else:
-        buf = _Bounce(host)
-        spa = buf.put(L.sev_data_init.pack())
-    status = psp.command(U.SEV_CMD_INIT, spa)
+        fields = dict(flags=U.SEV_INIT_FLAGS_SEV_ES, tmr_address=tmr, tmr_len=TMR_SIZE)
+    status = psp.command(U.SEV_CMD_INIT, _Bounce(host).put(L.sev_data_init.pack(**fields)))
     if status:
         return status
     psp.wbinvd()
@@ -761,14 +769,27 @@ _SEND_ZERO = "an address or guest_len is 0"
 _RECEIVE_ZERO = "an address or length is 0"
 
 
-def _one_page(c, p):
-    if p["guest_len"] > PAGE_SIZE or (p["guest_uaddr"] & (PAGE_SIZE - 1)) + p["guest_len"] > \
-            PAGE_SIZE:
-        c.fail(EINVAL, _CROSSES)
+def _update_data_params(c, params, send):
+    """The prologue of sev_send_update_data and sev_receive_update_data: RECEIVE refuses a VM
+    that is not SEV with EINVAL (the kernel's quirk), then ``_params`` as every command."""
+    if not send and not sev_guest(c.vm):
+        c.fail(EINVAL, "not an SEV guest")
+    return _params(c, params)
+
+
+def _update_data_checks(send, guest_uaddr, guest_len, hdr_len, trans_len, buffers=True):
+    """What sev_send_update_data and sev_receive_update_data check before copying or pinning
+    anything (EINVAL): every address and length non-zero (``buffers``: hdr_uaddr and
+    trans_uaddr), then a guest range inside one page. SEND's lengths are non-zero by then
+    (zero ones were its length query), so one test serves both."""
+    if not (buffers and guest_uaddr and guest_len and hdr_len and trans_len):
+        raise KvmError(EINVAL, IOCTL, _SEND_ZERO if send else _RECEIVE_ZERO)
+    if guest_len > PAGE_SIZE or (guest_uaddr & (PAGE_SIZE - 1)) + guest_len > PAGE_SIZE:
+        raise KvmError(EINVAL, IOCTL, _CROSSES)
 
 
 def _cmd_send_update_data(c, params):
-    p = _params(c, params)
+    p = _update_data_params(c, params, True)
     if not p["trans_len"] or not p["hdr_len"]:
         _, f = c.fw(U.SEV_CMD_SEND_UPDATE_DATA, L.sev_data_send_update_data, check=False,
                     handle=c.sev.handle)
@@ -776,9 +797,8 @@ def _cmd_send_update_data(c, params):
         if c.out.error:
             raise SevError(c.out.error, c.out)
         return
-    if not p["trans_uaddr"] or not p["guest_uaddr"] or not p["guest_len"] or not p["hdr_uaddr"]:
-        c.fail(EINVAL, _SEND_ZERO)
-    _one_page(c, p)
+    _update_data_checks(True, p["guest_uaddr"], p["guest_len"], p["hdr_len"], p["trans_len"],
+                        p["hdr_uaddr"] and p["trans_uaddr"])
     (pfn,) = c.pin(p["guest_uaddr"], p["guest_len"], False)
     try:
         hdr, trans = c.buf.reserve(p["hdr_len"]), c.buf.reserve(p["trans_len"])
@@ -804,13 +824,9 @@ def _cmd_receive_start(c, params):
 
 
 def _cmd_receive_update_data(c, params):
-    if not sev_guest(c.vm):
-        c.fail(EINVAL, "not an SEV guest")
-    p = _params(c, params)
-    if not all(p[k] for k in ("hdr_uaddr", "hdr_len", "guest_uaddr", "guest_len",
-                              "trans_uaddr", "trans_len")):
-        c.fail(EINVAL, _RECEIVE_ZERO)
-    _one_page(c, p)
+    p = _update_data_params(c, params, False)
+    _update_data_checks(False, p["guest_uaddr"], p["guest_len"], p["hdr_len"], p["trans_len"],
+                        p["hdr_uaddr"] and p["trans_uaddr"])
     hdr = c.blob(p["hdr_uaddr"], p["hdr_len"])
     trans = c.blob(p["trans_uaddr"], p["trans_len"])
     (pfn,) = c.pin(p["guest_uaddr"], p["guest_len"], True)
@@ -862,7 +878,6 @@ class _PageBatch:
         self.vm, self.send, self.uaddrs = vm, send, uaddrs
         self.id = U.KVM_SEV_SEND_UPDATE_DATA if send else U.KVM_SEV_RECEIVE_UPDATE_DATA
         self.hdr_len, self.trans_len = hdr_len, trans_len
-        self.zero_msg = _SEND_ZERO if send else _RECEIVE_ZERO
         self.psp = vm.host.psp
 
     def start(self):
@@ -875,9 +890,11 @@ class _PageBatch:
         k = self.user_checks()
         if k == 0:
             raise self.at(0, self.user_error(0))
-        status, g = self.gate()
-        if status:
-            self.refuse_first(status)
+        status, g = self.psp._pages_gate(self.send, self.vm.sev.handle, self.hdr_len,
+                                         self.trans_len)
+        fd_error = _sev_fd_error(self.vm.host, self.vm.sev.fd)
+        if status or fd_error is not None:
+            self.refuse_first(status, fd_error)
         return k, g
 
     def begin(self):
@@ -886,9 +903,7 @@ class _PageBatch:
         vm._enter(IOCTL)
         _command_allowed(vm, self.id)
         c = _Cmd(vm, SevCmd(self.id, {}), _default_sev_fd(vm.host))
-        if not self.send and not sev_guest(vm):
-            c.fail(EINVAL, "not an SEV guest")
-        c.need_sev()
+        _update_data_params(c, {}, self.send)
 
     def at(self, index, exc):
         exc.index = index
@@ -912,18 +927,18 @@ class _PageBatch:
         return first(bad)
 
     def user_error(self, i):
-        """The KvmError page ``i``'s ioctl raises before pinning, in the kernel's order."""
-        if not self.uaddrs[i] or not self.hdr_len or not self.trans_len:
-            return KvmError(EINVAL, IOCTL, self.zero_msg)
-        if self.uaddrs[i] & np.uint64(PAGE_SIZE - 1):
-            return KvmError(EINVAL, IOCTL, _CROSSES)
-        for size in (self.hdr_len, self.trans_len):
-            try:
-                _blob_size(size)
-            except KvmError as exc:
-                return exc
-        if _wraps(int(self.uaddrs[i]), PAGE_SIZE):
-            return KvmError(EINVAL, IOCTL, "empty or wrapping range")
+        """The KvmError page ``i``'s ioctl raises before pinning, in the kernel's order: the
+        handler's checks (the batch's arrays are its header and packet buffers), RECEIVE's blob
+        sizes as it copies them in (an array cannot fault), sev_pin_memory's range check."""
+        uaddr = int(self.uaddrs[i])
+        try:
+            _update_data_checks(self.send, uaddr, PAGE_SIZE, self.hdr_len, self.trans_len)
+            if not self.send:
+                _blob_size(self.hdr_len)
+                _blob_size(self.trans_len)
+            _pin_range(uaddr, PAGE_SIZE, IOCTL)
+        except KvmError as exc:
+            return exc
         raise AssertionError("page passes the handler's checks")
 
     def pin(self, count):
@@ -939,37 +954,23 @@ class _PageBatch:
             exc = KvmError(ENOMEM, IOCTL, "could not pin every page")
         return pfns, exc
 
-    def refuse_first(self, status):
-        """The first ioctl fails after pinning its page: /dev/sev gone (EBADF), or the firmware
-        refuses the command (every later one would refuse alike)."""
+    def refuse_first(self, status, fd_error):
+        """The first ioctl fails after pinning its page: /dev/sev gone (``fd_error``), or the
+        firmware refuses the command (``status``; every later one would refuse alike)."""
         _, exc = self.pin(1)
-        if exc is not None:
-            raise self.at(0, exc)
-        if not isinstance(self.vm.host.fget(self.vm.sev.fd), SevDev):
-            raise self.at(0, KvmError(EBADF, IOCTL, "sev_fd is not /dev/sev"))
-        self.psp._pages_refused(status)
-        raise self.at(0, SevError(status))
-
-    def gate(self):
-        """The firmware's verdict on the first command (and so on every one), or 0 when the
-        commands can run; a missing /dev/sev counts as a refusal."""
-        status, g = self.psp._pages_gate(self.send, self.vm.sev.handle, self.hdr_len,
-                                         self.trans_len)
-        if not isinstance(self.vm.host.fget(self.vm.sev.fd), SevDev):
-            status = status or -1
-        return status, g
+        if exc is None:
+            exc = fd_error
+        if exc is None:
+            self.psp._pages_refused(status)
+            exc = SevError(status)
+        raise self.at(0, exc)
 
 
 def send_update_data_pages(vm, guest_uaddrs, out=None):
     """n KVM_SEV_SEND_UPDATE_DATA ioctls of whole pages (see Vm.sev_send_update_data_pages)."""
     uaddrs = u64_array(guest_uaddrs, "guest_uaddrs")
     n = len(uaddrs)
-    hdrs, trans = (None, None) if out is None else out
-    if hdrs is None:
-        hdrs = np.empty((n, L_HDR), np.uint8)
-    if trans is None:
-        trans = np.empty((n, PAGE_SIZE), np.uint8)
-    h, t = out_rows(hdrs, n, L_HDR), out_rows(trans, n, PAGE_SIZE)
+    hdrs, trans, h, t = packet_rows(out, n)
     if not n:
         return hdrs, trans
     b = _PageBatch(vm, True, uaddrs, L_HDR, PAGE_SIZE)

@@ -341,12 +341,12 @@ class TypedApi:
     def send_update_data(self, handle, guest_address, guest_len):
         """SEND_UPDATE_DATA of guest memory -> Packet."""
         return self._api_send_update(U.SEV_CMD_SEND_UPDATE_DATA, L.sev_data_send_update_data,
-                                 handle, guest_address, guest_len)
+                                     handle, guest_address, guest_len)
 
     def send_update_vmsa(self, handle, guest_address, guest_len=4096):
         """SEND_UPDATE_VMSA (firmware layout) -> Packet."""
         return self._api_send_update(U.SEV_CMD_SEND_UPDATE_VMSA, L.sev_data_send_update_vmsa,
-                                 handle, guest_address, guest_len)
+                                     handle, guest_address, guest_len)
 
     def receive_start(self, policy, pdh_cert, session, handle=0):
         """RECEIVE_START with the sender's PDH and SEND_START's session -> the new handle."""
@@ -367,12 +367,12 @@ class TypedApi:
     def receive_update_data(self, handle, packet, guest_address):
         """RECEIVE_UPDATE_DATA of a Packet into guest memory at ``guest_address``."""
         self._api_receive_update(U.SEV_CMD_RECEIVE_UPDATE_DATA, L.sev_data_receive_update_data,
-                             handle, packet, guest_address)
+                                 handle, packet, guest_address)
 
     def receive_update_vmsa(self, handle, packet, guest_address):
         """RECEIVE_UPDATE_VMSA of a Packet (SEV-ES)."""
         self._api_receive_update(U.SEV_CMD_RECEIVE_UPDATE_VMSA, L.sev_data_receive_update_vmsa,
-                             handle, packet, guest_address)
+                                 handle, packet, guest_address)
 
 
 def _no_buffer(cmd, doc):

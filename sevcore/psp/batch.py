@@ -15,7 +15,9 @@ raises PspError with ``index = i`` after pages ``0..i-1`` took effect, as ``i`` 
 have, and nothing of page ``i`` or later.
 
 The work steps (``_seal_pages``, ``_open_pages``, ``_write_pages``) are shared by the typed
-entries here, KVM's batched ioctls (``sevcore.sev``) and the ring-buffer batch path (ring.py).
+entries here, KVM's batched ioctls (``sevcore.sev``) and the ring-buffer batch path (ring.py);
+the single RECEIVE_UPDATE_DATA/VMSA command judges its one packet with ``_open_pages`` too, so
+the order of its checks is written once.
 """
 import numpy as np
 
@@ -55,17 +57,12 @@ class UpdatePages:
         if status == U.SEV_RET_EXIT_RING_BUFFER:
             self._rb_disable()
 
-    def _seal_pages(self, g, spas, hdrs=None, trans=None):
+    def _seal_pages(self, g, spas, hdrs, trans):
         """SEND_UPDATE_DATA's work for whole pages at ``spas`` (page-aligned SPAs): read them
-        with the guest's key, seal each under 16 fresh DRBG bytes drawn in page order. Returns
-        ``(hdrs, trans)``: 52 and 4096 bytes per page, into the given writable buffers or new
-        ``(n, 52)`` and ``(n, 4096)`` arrays (``trans`` holds the plaintext before it is
-        encrypted in place)."""
+        with the guest's key, seal each under 16 fresh DRBG bytes drawn in page order, into
+        ``hdrs`` and ``trans``, writable rows of 52 and 4096 bytes per page (``packet_rows``;
+        ``trans`` holds the plaintext before it is encrypted in place)."""
         n = len(spas)
-        if hdrs is None:
-            hdrs = np.empty((n, X.HEADER_SIZE), np.uint8)
-        if trans is None:
-            trans = np.empty((n, PAGE), np.uint8)
         if isinstance(trans, np.ndarray) and not trans.flags.c_contiguous:
             plain = self.host.umc.read_pages(spas, g.asid)      # then sealed into the rows
         else:
@@ -76,8 +73,8 @@ class UpdatePages:
         """RECEIVE_UPDATE_DATA's judgement of packets in order (COMPRESSED, then the MAC, as
         ``sev_mcmd_receive_update``): ``(count, status, plaintext)`` for the leading packets that
         pass, the status of the first that does not (SUCCESS if all pass) and their plaintext.
-        ``hdrs`` and ``trans`` are ``(n, 52)`` and ``(n, 4096)`` uint8 arrays, rows strided or
-        not (a stream record's columns are read in place)."""
+        ``hdrs`` and ``trans`` are ``(n, 52)`` and ``(n, trans_len)`` uint8 arrays, rows strided
+        or not (a stream record's columns are read in place)."""
         n = len(hdrs)
         ok = first(hdrs[:, 0] & X.COMPRESSED) if n else 0
         status = U.SEV_RET_UNSUPPORTED if ok < n else U.SEV_RET_SUCCESS
@@ -112,12 +109,7 @@ class UpdatePages:
         ``index`` (pages before it were sent, their packets in ``hdrs``/``trans`` of the error)."""
         spas, bad = self._page_spas(guest_addresses)
         n = len(spas)
-        hdrs, trans = (None, None) if out is None else out
-        if hdrs is None:
-            hdrs = np.empty((n, X.HEADER_SIZE), np.uint8)
-        if trans is None:
-            trans = np.empty((n, PAGE), np.uint8)
-        h, t = out_rows(hdrs, n, X.HEADER_SIZE), out_rows(trans, n, PAGE)
+        hdrs, trans, h, t = packet_rows(out, n)
         if not n:
             return hdrs, trans
         status, g = self._pages_gate(True, handle, X.HEADER_SIZE, PAGE)
@@ -153,6 +145,18 @@ class UpdatePages:
             raise PspError(_RECEIVE, status, index=done)
         if bad < n:
             raise PspError(_RECEIVE, U.SEV_RET_INVALID_ADDRESS, index=bad)
+
+
+def packet_rows(out, n):
+    """``(hdrs, trans, h, t)`` for a batched SEND of ``n`` pages: the buffers it returns, the
+    ``out`` pair (either may be None) or new ``(n, 52)`` and ``(n, 4096)`` uint8 arrays, and
+    their writable rows (``out_rows``)."""
+    hdrs, trans = (None, None) if out is None else out
+    if hdrs is None:
+        hdrs = np.empty((n, X.HEADER_SIZE), np.uint8)
+    if trans is None:
+        trans = np.empty((n, PAGE), np.uint8)
+    return hdrs, trans, out_rows(hdrs, n, X.HEADER_SIZE), out_rows(trans, n, PAGE)
 
 
 def out_rows(buf, n, size):

@@ -127,7 +127,7 @@ class Psp(PlatformCommands, GuestCommands, RingBufferMode, UpdatePages, TypedApi
         Mirrors the kernel's ``sev_do_cmd``. While ring-buffer mode is on, writing a command to
         the mailbox leaves ring-buffer mode instead: the command is not run and the status is
         EXIT_RING_BUFFER (``sev_uapp`` main loop)."""
-        if self._rb is not None and self._rb.enabled:
+        if self.rb_enabled:
             self._rb_disable()
             return U.SEV_RET_EXIT_RING_BUFFER
         return self._dispatch(cmd, buf_spa)

@@ -9,6 +9,8 @@ host's memory controller (``host.umc``) with the guest's ASID.
 """
 import hashlib
 
+import numpy as np
+
 from sevcore import sevpkt
 from sevcore import uapi as U
 from sevcore.psp import certs as C
@@ -496,9 +498,8 @@ class GuestCommands:
         return status, pdh, chain
 
     def _validate_domain(self, f, pdh, chain):
-        """``validate_domain``: OCA (self-signed) -> PEK -> PDH, and the OCA must be ours."""
-        if f.plat_certs_len != C.CHAIN_SIZE or f.pdh_cert_len != C.CERT_SIZE:
-            return U.SEV_RET_INVALID_LEN, None, None
+        """``validate_domain``: OCA (self-signed) -> PEK -> PDH, and the OCA must be ours. The
+        chain is the one ``validate_platform`` read, else read here (lengths checked first)."""
         if chain is None:
             status, pdh, chain = self._target_chain(f)
             if status:
@@ -668,16 +669,13 @@ class GuestCommands:
         status, g = self._receive_update_checks(f, vmsa)
         if status:
             return status
-        header = self._read(self._addr(f.hdr_address), X.HEADER_SIZE)
-        if X.split_header(header)[0] & X.COMPRESSED:
-            return U.SEV_RET_UNSUPPORTED
-        ct = self._read(self._addr(f.trans_address), f.trans_len)
-        try:
-            plain = bytearray(_open_packets(g.tek, g.tik, header, ct))
-        except BadPacketMac:
-            return U.SEV_RET_BAD_MEASUREMENT
+        header = np.frombuffer(self._read(self._addr(f.hdr_address), X.HEADER_SIZE), np.uint8)
+        ct = np.frombuffer(self._read(self._addr(f.trans_address), f.trans_len), np.uint8)
+        done, status, plain = self._open_pages(g, header.reshape(1, -1), ct.reshape(1, -1))
+        if not done:
+            return status
         if vmsa:
-            status = self._es_setup_vmsa(g, plain)
+            status = self._es_setup_vmsa(g, memoryview(plain))
             if status:
                 return status
         self.host.umc.write(self._addr(f.guest_address), plain, g.asid)

@@ -1,11 +1,11 @@
 """Migration packets: AES-128-CTR under the TEK, then HMAC-SHA256 under the TIK (encrypt-then-MAC).
 
-This is the one place SEND_UPDATE_* and RECEIVE_UPDATE_* turn guest plaintext into transport
-packets and back ([FW] ``sev_mcmd_send_update``/``sev_mcmd_receive_update``,
-``aesctr_hmac256_encrypt``/``_decrypt``; spec/sev-firmware.md section 7.6). Both functions take
-a batch of equally sized packets with the calling convention of the batched C kernel
-``sevcore.sevpkt`` (``seal(tek, tik, plaintext, ivs, ctx)`` / ``open(tek, tik, headers,
-ciphertext, ctx)``), so that swapping the implementation is a change to this module alone.
+The bytes-in, bytes-out form of the batched C kernel ``sevcore.sevpkt`` for the commands that
+move one packet: SEND_UPDATE_* seals with ``_seal_packets`` and LAUNCH_SECRET opens with
+``_open_packets`` ([FW] ``sev_mcmd_send_update``/``sev_mcmd_launch_secret``,
+``aesctr_hmac256_encrypt``/``_decrypt``; spec/sev-firmware.md section 7.6). RECEIVE_UPDATE_*
+judges its packets with ``Psp._open_pages`` (sevcore/psp/batch.py), which calls ``sevpkt`` on
+arrays, so that one command and a batch share the firmware's order of checks.
 """
 
 from sevcore import sevpkt

@@ -40,6 +40,8 @@ import numpy as np
 from sevcore import uapi as U
 from sevcore.psp import crypto as X
 from sevcore.psp import layout as L
+from sevcore.psp.batch import packet_rows
+from sevcore.psp.status import PspError
 
 PAGE = 4096
 ENTRIES = PAGE // L.sev_rb_cmd_ptr_entry.size          # 256
@@ -156,9 +158,9 @@ class RingBufferMode:
         """The x86 writes the control and tail registers and rings the doorbell; the firmware runs
         queued commands until the queues are empty or paused. Returns ``(status, head)``:
         status is None while the mode continues, EXIT_RING_BUFFER when this write ended it."""
-        rb = self._rb
-        if rb is None or not rb.enabled:
+        if not self.rb_enabled:
             raise RuntimeError("ring-buffer mode is not on (RING_BUFFER first)")
+        rb = self._rb
         rb.control, rb.tail = control, tail
         while True:
             if (rb.control & CTL_RUN) != CTL_RUN:
@@ -247,6 +249,7 @@ class RingBufferMode:
         rb = self._rb
         send = cmd_id == U.SEV_CMD_SEND_UPDATE_DATA
         layout = L.sev_data_send_update_data if send else L.sev_data_receive_update_data
+        checks = self._send_update_checks if send else self._receive_update_checks
         index, tail = rb.index(queue), rb.tail_index(queue)
         run, guest = [], None
         while index != tail:
@@ -255,11 +258,10 @@ class RingBufferMode:
             if entry["cmd_id"] != cmd_id or not self._valid(spa, layout.size):
                 break
             f = layout.view(bytearray(self._read(spa, layout.size)))
-            checks = self._send_update_checks if send else self._receive_update_checks
+            # The command's own checks; RECEIVE's also make trans_len equal guest_len.
             status, g = checks(f, False)
             if (status or (guest is not None and g is not guest) or f.guest_len != PAGE
-                    or f.guest_address % PAGE or f.trans_address % PAGE
-                    or (not send and f.trans_len != PAGE)):
+                    or f.guest_address % PAGE or f.trans_address % PAGE):
                 break
             guest = g
             run.append((entry["cmd_flags"], spa, f))
@@ -269,15 +271,17 @@ class RingBufferMode:
         umc = self.host.umc
         guest_spas = np.array([self._addr(f.guest_address) for _, _, f in run], np.uint64)
         if send:
-            headers, ct = self._seal_pages(guest, guest_spas)
+            _, _, headers, ct = packet_rows(None, len(run))
+            self._seal_pages(guest, guest_spas, headers, ct)
             umc.write_pages([self._addr(f.trans_address) for _, _, f in run], ct, 0)
             for k, (_, spa, f) in enumerate(run):
                 self._write(self._addr(f.hdr_address), headers[k])
                 f.hdr_len = X.HEADER_SIZE
                 self._write(spa, f.buf)
         else:
-            headers = np.frombuffer(b"".join(self._read(self._addr(f.hdr_address), X.HEADER_SIZE)
-                                             for _, _, f in run), np.uint8).reshape(-1, 52)
+            headers = b"".join(self._read(self._addr(f.hdr_address), X.HEADER_SIZE)
+                               for _, _, f in run)
+            headers = np.frombuffer(headers, np.uint8).reshape(-1, X.HEADER_SIZE)
             cts = umc.read_pages([self._addr(f.trans_address) for _, _, f in run], 0)
             # The leading packets that pass run here; the first refused one is left to run
             # alone, so that its status and the queue's pause are exact.
@@ -301,9 +305,10 @@ class RingBufferMode:
         spans = [(p, p + PAGE) for q in (LOW, HIGH) if rb.size[q]
                  for p in (rb.cmd[q], rb.status[q])]
         for _, spa, f in run:
-            spans += [(spa, spa + 52), (self._addr(f.hdr_address), self._addr(f.hdr_address) + 52),
-                      (self._addr(f.trans_address), self._addr(f.trans_address) + PAGE),
-                      (self._addr(f.guest_address), self._addr(f.guest_address) + PAGE)]
+            spans.append((spa, spa + len(f.buf)))
+            for addr, size in ((f.hdr_address, X.HEADER_SIZE), (f.trans_address, PAGE),
+                               (f.guest_address, PAGE)):
+                spans.append((self._addr(addr), self._addr(addr) + size))
         spans.sort()
         return all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
 
@@ -338,7 +343,6 @@ class RingBuffer:
         psp.host.mem.write(buf, f)
         status = psp.command(U.SEV_CMD_RING_BUFFER, buf)
         if status:
-            from sevcore.psp.status import PspError
             raise PspError(U.SEV_CMD_RING_BUFFER, status)
 
     def _buffer(self, size):

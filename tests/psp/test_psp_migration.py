@@ -272,7 +272,8 @@ def test_receive_checks_change_nothing():
 
 def test_sev_es_vmsa_migrates_with_its_checksum():
     """SEND_UPDATE_VMSA checks the VMSA's TMR checksum (a VMSA changed behind the firmware's back
-    is INVALID_PARAM); RECEIVE_UPDATE_VMSA gives the target its own checksum block."""
+    is INVALID_PARAM); RECEIVE_UPDATE_VMSA gives the target its own checksum block, and only to
+    a packet whose MAC holds."""
     es = U.SEV_POLICY_MASK_ES
     src_host, dst_host = ready(seed=61, es=True), ready(seed=62, es=True)
     h = src_host.psp.launch_start(es)
@@ -289,6 +290,12 @@ def test_sev_es_vmsa_migrates_with_its_checksum():
     dst_host.psp.activate(dh, ES_ASID)
     pkt = src_host.psp.send_update_vmsa(h, vmsa_spa)
     where = pages(dst_host, 1)
+    bad = bytearray(pkt.header)
+    bad[30] ^= 1
+    with pytest.raises(PspError) as exc:
+        dst_host.psp.receive_update_vmsa(dh, Packet(bytes(bad), pkt.ciphertext), where)
+    assert exc.value.status == U.SEV_RET_BAD_MEASUREMENT
+    assert not dst_host.psp.guest(dh).vmsa_blocks and dst_host.mem.read(where, 4096) == bytes(4096)
     dst_host.psp.receive_update_vmsa(dh, pkt, where)
     got = dst_host.umc.read(where, 4096, ES_ASID)
     assert got[:0x388] == vmsa[:0x380] + bytes(8) and got[0x390:] == vmsa[0x390:]

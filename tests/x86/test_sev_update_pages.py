@@ -4,15 +4,18 @@ defines it: the same ioctls one page at a time, on a host built from the same se
 result, refusal (errno, firmware status, message, index), page written, frame allocated and DRBG
 draw must be the same."""
 from errno import EBADF, EINVAL, EIO, ENOMEM, ENOTTY, EPERM
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import sevcore
 from sevcore.errors import KvmError
 from sevcore.kvm_util import sev_receive_start, sev_send_start, vm_mem_add, vm_sev_launch
 from sevcore.psp import RingBuffer
-from sevcore.sev import SevError
+from sevcore.sev import SevError, _PageBatch
 from sevcore.uapi import *
 
 P = 4096
@@ -293,6 +296,26 @@ def test_receive_per_page_refusals(name, value, err, at):
         lambda p: _with(p.tuaddrs, at, value(p, int(p.tuaddrs[at]))))
     assert exc[1] == err and exc[3] == at
     assert got[:at] == pages[:at] and got[at:] == [None] * (NPAGES - at)
+
+
+@given(uaddrs=st.lists(st.sampled_from([0, P, 3 * P, P + 8, (1 << 64) - P, (1 << 64) - 2 * P]),
+                      min_size=1, max_size=6),
+       send=st.booleans(), hdr_len=st.sampled_from([0, 40, 52, 0x4000, 0x4001]),
+       trans_len=st.sampled_from([0, P, 0x4001]))
+def test_vectorised_filter_stops_where_the_handlers_checks_refuse(uaddrs, send, hdr_len,
+                                                                  trans_len):
+    """The batch's vectorised pre-pin filter stops at the first page that the one-page
+    handler's checks refuse (a KvmError), and every page before it passes them."""
+    if send:
+        hdr_len, trans_len = 52, P                  # a batched SEND's fixed lengths
+    vm = SimpleNamespace(host=SimpleNamespace(psp=None))
+    b = _PageBatch(vm, send, np.array(uaddrs, np.uint64), hdr_len, trans_len)
+    k = b.user_checks()
+    for i in range(k):
+        with pytest.raises(AssertionError, match="passes the handler's checks"):
+            b.user_error(i)
+    if k < len(uaddrs):
+        assert isinstance(b.user_error(k), KvmError)
 
 
 def test_guest_memfd_page_that_sigbuses_is_enomem():
