@@ -142,12 +142,6 @@ def packet_header(flags, iv, mac):
     return le32(flags) + bytes(iv) + bytes(mac)
 
 
-def split_header(header):
-    """(flags, iv, mac) of a 52-byte packet header."""
-    h = bytes(header)
-    return _LE32.unpack_from(h)[0], h[4:20], h[20:52]
-
-
 # -- deterministic randomness -------------------------------------------------------------------
 
 class Drbg:
