@@ -695,8 +695,8 @@ int64_t sc_bitmap_iter_runs(const uint64_t *map, uint64_t nbits, uint64_t *pos, 
  * would read words already overwritten. */
 static int bad_alias(const uint64_t *dst, const uint64_t *src, uint64_t nw)
 {
-    uintptr_t d = (uintptr_t)dst, s = (uintptr_t)src, len = (uintptr_t)(nw * sizeof(uint64_t));
-    return d != s && d < s + len && s < d + len;
+    size_t len = (size_t)(nw * sizeof(uint64_t));
+    return dst != src && sc_overlaps(dst, len, src, len);
 }
 
 enum wordop { OP_AND, OP_OR, OP_ANDNOT };
