@@ -367,24 +367,12 @@ static inline uint64_t word_indices_portable(uint64_t *out, uint64_t w, uint64_t
 TARGET_SCALAR static inline uint64_t word_indices_bmi(uint64_t *out, uint64_t w, uint64_t base)
 {
     uint64_t n = (uint64_t)_mm_popcnt_u64(w);
-    while (w) {
-        out[0] = base + _tzcnt_u64(w);
-        w = _blsr_u64(w);
-        out[1] = base + _tzcnt_u64(w);
-        w = _blsr_u64(w);
-        out[2] = base + _tzcnt_u64(w);
-        w = _blsr_u64(w);
-        out[3] = base + _tzcnt_u64(w);
-        w = _blsr_u64(w);
-        out[4] = base + _tzcnt_u64(w);
-        w = _blsr_u64(w);
-        out[5] = base + _tzcnt_u64(w);
-        w = _blsr_u64(w);
-        out[6] = base + _tzcnt_u64(w);
-        w = _blsr_u64(w);
-        out[7] = base + _tzcnt_u64(w);
-        w = _blsr_u64(w);
-        out += 8;
+    for (; w; out += 8) {
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; k++) {
+            out[k] = base + _tzcnt_u64(w);
+            w = _blsr_u64(w);
+        }
     }
     return n;
 }
