@@ -296,6 +296,12 @@ int64_t sc_bitmap_find_next_zero(const uint64_t *map, uint64_t nbits, uint64_t s
  * bitmap_clear() in lib/bitmap.c do word by word).
  */
 
+/* Set (or clear) the bits of *w under mask. */
+ALWAYS_INLINE void fill_word(uint64_t *w, uint64_t mask, int set)
+{
+    *w = set ? *w | mask : *w & ~mask;
+}
+
 ALWAYS_INLINE int64_t fill_range(uint64_t *map, uint64_t nbits, uint64_t start, uint64_t n,
                                  int set)
 {
@@ -308,13 +314,12 @@ ALWAYS_INLINE int64_t fill_range(uint64_t *map, uint64_t nbits, uint64_t start, 
     uint64_t end = start + n, fw = start / 64, lw = (end - 1) / 64;
     uint64_t fm = first_word_mask(start), lm = last_word_mask(end);
     if (fw == lw) {
-        fm &= lm;
-        map[fw] = set ? map[fw] | fm : map[fw] & ~fm;
+        fill_word(map + fw, fm & lm, set);
         return 0;
     }
-    map[fw] = set ? map[fw] | fm : map[fw] & ~fm;
+    fill_word(map + fw, fm, set);
     memset(map + fw + 1, set ? 0xff : 0, (lw - fw - 1) * sizeof(uint64_t));
-    map[lw] = set ? map[lw] | lm : map[lw] & ~lm;
+    fill_word(map + lw, lm, set);
     return 0;
 }
 
@@ -367,24 +372,12 @@ static inline uint64_t word_indices_portable(uint64_t *out, uint64_t w, uint64_t
 TARGET_SCALAR static inline uint64_t word_indices_bmi(uint64_t *out, uint64_t w, uint64_t base)
 {
     uint64_t n = (uint64_t)_mm_popcnt_u64(w);
-    while (w) {
-        out[0] = base + _tzcnt_u64(w);
-        w = _blsr_u64(w);
-        out[1] = base + _tzcnt_u64(w);
-        w = _blsr_u64(w);
-        out[2] = base + _tzcnt_u64(w);
-        w = _blsr_u64(w);
-        out[3] = base + _tzcnt_u64(w);
-        w = _blsr_u64(w);
-        out[4] = base + _tzcnt_u64(w);
-        w = _blsr_u64(w);
-        out[5] = base + _tzcnt_u64(w);
-        w = _blsr_u64(w);
-        out[6] = base + _tzcnt_u64(w);
-        w = _blsr_u64(w);
-        out[7] = base + _tzcnt_u64(w);
-        w = _blsr_u64(w);
-        out += 8;
+    for (; w; out += 8) {
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; k++) {
+            out[k] = base + _tzcnt_u64(w);
+            w = _blsr_u64(w);
+        }
     }
     return n;
 }
@@ -695,11 +688,24 @@ int64_t sc_bitmap_iter_runs(const uint64_t *map, uint64_t nbits, uint64_t *pos, 
  * would read words already overwritten. */
 static int bad_alias(const uint64_t *dst, const uint64_t *src, uint64_t nw)
 {
-    uintptr_t d = (uintptr_t)dst, s = (uintptr_t)src, len = (uintptr_t)(nw * sizeof(uint64_t));
-    return d != s && d < s + len && s < d + len;
+    size_t len = (size_t)(nw * sizeof(uint64_t));
+    return dst != src && sc_overlaps(dst, len, src, len);
 }
 
 enum wordop { OP_AND, OP_OR, OP_ANDNOT };
+
+/* One word of the result; op is a constant wherever this is inlined, so the switch folds away. */
+ALWAYS_INLINE uint64_t combine(enum wordop op, uint64_t a, uint64_t b)
+{
+    switch (op) {
+    case OP_AND:
+        return a & b;
+    case OP_OR:
+        return a | b;
+    default:
+        return a & ~b;
+    }
+}
 
 ALWAYS_INLINE int64_t wordop(uint64_t *dst, const uint64_t *a, const uint64_t *b,
                              uint64_t nbits, enum wordop op)
@@ -709,26 +715,11 @@ ALWAYS_INLINE int64_t wordop(uint64_t *dst, const uint64_t *a, const uint64_t *b
     uint64_t nw = SC_BITMAP_WORDS(nbits), full = nbits / 64;
     if (bad_alias(dst, a, nw) || bad_alias(dst, b, nw))
         return -EINVAL;
-    switch (op) {
-    case OP_AND:
-        for (uint64_t i = 0; i < full; i++)
-            dst[i] = a[i] & b[i];
-        break;
-    case OP_OR:
-        for (uint64_t i = 0; i < full; i++)
-            dst[i] = a[i] | b[i];
-        break;
-    case OP_ANDNOT:
-        for (uint64_t i = 0; i < full; i++)
-            dst[i] = a[i] & ~b[i];
-        break;
-    }
+    for (uint64_t i = 0; i < full; i++)
+        dst[i] = combine(op, a[i], b[i]);
     if (full < nw) {
         uint64_t m = last_word_mask(nbits);
-        uint64_t v = op == OP_AND ? a[full] & b[full]
-                     : op == OP_OR ? a[full] | b[full]
-                                   : a[full] & ~b[full];
-        dst[full] = (dst[full] & ~m) | (v & m);
+        dst[full] = (dst[full] & ~m) | (combine(op, a[full], b[full]) & m);
     }
     return 0;
 }

@@ -50,12 +50,24 @@ static uint32_t crc_portable(uint32_t c, const uint8_t *p, size_t len)
 }
 
 #ifdef HAVE_CLMUL
+#define CLMUL_TARGET __attribute__((target("pclmul,sse4.1")))
+
+/* Carry a 128-bit lane forward over the distance kk is made for (512 bits: k1k2, 128: k3k4):
+ * each 64-bit half is multiplied by its constant, and the products are added to the 16 bytes
+ * found there. */
+CLMUL_TARGET static inline __m128i fold(__m128i x, __m128i kk, __m128i next)
+{
+    __m128i lo = _mm_clmulepi64_si128(x, kk, 0x00), hi = _mm_clmulepi64_si128(x, kk, 0x11);
+    return _mm_xor_si128(_mm_xor_si128(hi, lo), next);
+}
+
+static inline __m128i load(const uint8_t *p) { return _mm_loadu_si128((const __m128i *)p); }
+
 /* Fold len bytes (len >= 64, a multiple of 16) into the register c. The constants are those of
  * the paper's appendix for the reflected polynomial: x^(4*128+32) and x^(4*128-32) mod P for
  * folding four lanes, x^(128+32) and x^(128-32) for one, x^64 for 64 to 32 bits, and Barrett's
  * P and floor(x^64 / P), each bit-reflected and shifted left by one. */
-__attribute__((target("pclmul,sse4.1")))
-static uint32_t crc_clmul(uint32_t c, const uint8_t *p, size_t len)
+CLMUL_TARGET static uint32_t crc_clmul(uint32_t c, const uint8_t *p, size_t len)
 {
     const __m128i k1k2 = _mm_set_epi64x(0x1c6e41596, 0x154442bd4);
     const __m128i k3k4 = _mm_set_epi64x(0x0ccaa009e, 0x1751997d0);
@@ -63,43 +75,18 @@ static uint32_t crc_clmul(uint32_t c, const uint8_t *p, size_t len)
     const __m128i poly = _mm_set_epi64x(0x1f7011641, 0x1db710641);
     const __m128i low32 = _mm_setr_epi32(~0, 0, ~0, 0);
 
-    __m128i x1 = _mm_loadu_si128((const __m128i *)(p + 0x00));
-    __m128i x2 = _mm_loadu_si128((const __m128i *)(p + 0x10));
-    __m128i x3 = _mm_loadu_si128((const __m128i *)(p + 0x20));
-    __m128i x4 = _mm_loadu_si128((const __m128i *)(p + 0x30));
-    x1 = _mm_xor_si128(x1, _mm_cvtsi32_si128((int)c));
-    p += 64;
-    len -= 64;
-    while (len >= 64) {
-        __m128i t1 = _mm_clmulepi64_si128(x1, k1k2, 0x00);
-        __m128i t2 = _mm_clmulepi64_si128(x2, k1k2, 0x00);
-        __m128i t3 = _mm_clmulepi64_si128(x3, k1k2, 0x00);
-        __m128i t4 = _mm_clmulepi64_si128(x4, k1k2, 0x00);
-        x1 = _mm_clmulepi64_si128(x1, k1k2, 0x11);
-        x2 = _mm_clmulepi64_si128(x2, k1k2, 0x11);
-        x3 = _mm_clmulepi64_si128(x3, k1k2, 0x11);
-        x4 = _mm_clmulepi64_si128(x4, k1k2, 0x11);
-        x1 = _mm_xor_si128(_mm_xor_si128(x1, t1), _mm_loadu_si128((const __m128i *)(p + 0x00)));
-        x2 = _mm_xor_si128(_mm_xor_si128(x2, t2), _mm_loadu_si128((const __m128i *)(p + 0x10)));
-        x3 = _mm_xor_si128(_mm_xor_si128(x3, t3), _mm_loadu_si128((const __m128i *)(p + 0x20)));
-        x4 = _mm_xor_si128(_mm_xor_si128(x4, t4), _mm_loadu_si128((const __m128i *)(p + 0x30)));
-        p += 64;
-        len -= 64;
+    __m128i x1 = _mm_xor_si128(load(p), _mm_cvtsi32_si128((int)c));
+    __m128i x2 = load(p + 0x10), x3 = load(p + 0x20), x4 = load(p + 0x30);
+    for (p += 64, len -= 64; len >= 64; p += 64, len -= 64) {
+        x1 = fold(x1, k1k2, load(p));
+        x2 = fold(x2, k1k2, load(p + 0x10));
+        x3 = fold(x3, k1k2, load(p + 0x20));
+        x4 = fold(x4, k1k2, load(p + 0x30));
     }
     /* Four lanes into one, then the remaining 16-byte blocks. */
-    const __m128i *rest[3] = {&x2, &x3, &x4};
-    for (int i = 0; i < 3; i++) {
-        __m128i t = _mm_clmulepi64_si128(x1, k3k4, 0x00);
-        x1 = _mm_clmulepi64_si128(x1, k3k4, 0x11);
-        x1 = _mm_xor_si128(_mm_xor_si128(x1, *rest[i]), t);
-    }
-    while (len >= 16) {
-        __m128i t = _mm_clmulepi64_si128(x1, k3k4, 0x00);
-        x1 = _mm_clmulepi64_si128(x1, k3k4, 0x11);
-        x1 = _mm_xor_si128(_mm_xor_si128(x1, _mm_loadu_si128((const __m128i *)p)), t);
-        p += 16;
-        len -= 16;
-    }
+    x1 = fold(fold(fold(x1, k3k4, x2), k3k4, x3), k3k4, x4);
+    for (; len >= 16; p += 16, len -= 16)
+        x1 = fold(x1, k3k4, load(p));
     /* 128 -> 64 bits. */
     __m128i t = _mm_clmulepi64_si128(x1, k3k4, 0x10);
     x1 = _mm_xor_si128(_mm_srli_si128(x1, 8), t);
@@ -129,7 +116,7 @@ int64_t sc_crc32(uint32_t crc, const uint8_t *buf, size_t len)
         return -EINVAL;
     uint32_t c = ~crc;
 #ifdef HAVE_CLMUL
-    if (len >= 64 && SC_HAS(SC_CPU_AESNI)) {
+    if (len >= 64 && sc_crc32_impl() == SC_CRC32_IMPL_CLMUL) {
         size_t chunk = len & ~(size_t)15;
         c = crc_clmul(c, buf, chunk);
         buf += chunk;

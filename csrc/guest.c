@@ -295,12 +295,6 @@ static int op_writes(int op)
            op == SC_GUEST_OP_STAMP;
 }
 
-static int overlaps(const void *a, size_t alen, const void *b, size_t blen)
-{
-    uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
-    return alen && blen && x < y + blen && y < x + alen;
-}
-
 static int misaligned(const void *p) { return ((uintptr_t)p & 7) != 0; }
 
 static int check_slots(const struct sc_guest_slot *slots, size_t nslots)
@@ -335,16 +329,16 @@ static int check_args(const struct sc_guest_ctx *ctx, int op, const uint64_t *gf
         size_t bytes = (size_t)n * PAGE;
         if ((bytes && !buf) || buf_size < bytes)
             return -EINVAL;
-        if (overlaps(buf, bytes, ctx->frames, ctx->frames_size) ||
-            overlaps(buf, bytes, gfns, gfns_bytes))
+        if (sc_overlaps(buf, bytes, ctx->frames, ctx->frames_size) ||
+            sc_overlaps(buf, bytes, gfns, gfns_bytes))
             return -EINVAL;
     }
     if (op == SC_GUEST_OP_CHECK || op == SC_GUEST_OP_DIGEST) {
         size_t words = op == SC_GUEST_OP_CHECK ? 2 : (size_t)n;
         if ((words && !out) || out_len < words || misaligned(out))
             return -EINVAL;
-        if (overlaps(out, words * 8, ctx->frames, ctx->frames_size) ||
-            overlaps(out, words * 8, gfns, gfns_bytes))
+        if (sc_overlaps(out, words * 8, ctx->frames, ctx->frames_size) ||
+            sc_overlaps(out, words * 8, gfns, gfns_bytes))
             return -EINVAL;
     }
     if (gfns) {

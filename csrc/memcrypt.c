@@ -372,7 +372,7 @@ static int crypt_check(const sc_memcrypt *e, const uint8_t *src, size_t src_size
     if (!e || src_size % PAGE || dst_size != src_size || (n && (!src || !dst)))
         return -EINVAL;
     /* Partial overlap would read blocks already overwritten; in place (src == dst) is fine. */
-    if (src != dst && n && src < dst + src_size && dst < src + src_size)
+    if (src != dst && sc_overlaps(src, src_size, dst, dst_size))
         return -EINVAL;
     if (spas) {
         uint64_t bad = 0;

@@ -503,16 +503,12 @@ int sc_npt_lookup(const struct sc_npt *npt, uint64_t gfn, uint64_t *out_entry)
  * queue busy, few enough that the entry pointers of two blocks stay in L1. */
 #define LOOKUP_BLOCK 64
 
-/* Turn leaf entries into the outputs of sc_npt_lookup_batch: a miss (entry 0) becomes
- * SC_NPT_MISS by arithmetic rather than a branch, so hits and misses can mix freely. */
+/* A leaf entry's pfn as sc_npt_lookup_batch reports it: a miss (entry 0) becomes SC_NPT_MISS by
+ * arithmetic rather than a branch, so hits and misses can mix freely. Its flags are
+ * sc_npt_entry_flags(), which gives 0 for a miss. */
 static inline uint64_t entry_to_pfn(uint64_t e)
 {
     return (e >> SC_NPT_PFN_SHIFT) | ((e & SC_NPT_PRESENT) - 1);
-}
-
-static inline uint64_t entry_to_flags(uint64_t e)
-{
-    return e & (((uint64_t)1 << SC_NPT_PFN_SHIFT) - 1);
 }
 
 /* Whether gfns[0..m) is gfns[0], gfns[0] + 1, ... and inside the address space. Random gfns
@@ -545,7 +541,7 @@ static inline uint64_t lookup_run(const struct sc_npt *npt, struct sc_npt_cursor
         }
         if (flags) {
             for (uint64_t x = 0; x < k; x++)
-                flags[j + x] = entry_to_flags(leaf[i + x]);
+                flags[j + x] = sc_npt_entry_flags(leaf[i + x]);
         }
     }
     return hits;
@@ -577,7 +573,7 @@ static inline uint64_t lookup_read(const uint64_t *const *slot, uint64_t m, uint
     }
     if (flags) {
         for (uint64_t j = 0; j < m; j++)
-            flags[j] = entry_to_flags(*slot[j]);
+            flags[j] = sc_npt_entry_flags(*slot[j]);
     }
     return hits;
 }

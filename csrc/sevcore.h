@@ -39,4 +39,14 @@ extern uint32_t sc_cpu_features_active;
 
 #define SC_HAS(f) ((sc_cpu_features_active & (f)) == (f))
 
+/* Internal: do the byte ranges [a, a + alen) and [b, b + blen) share a byte? An empty range
+ * shares none. The kernels refuse outputs that partially overlap their inputs with it. Compared
+ * as integers: relational operators on pointers into different objects are undefined (C11
+ * 6.5.8p5). */
+static inline int sc_overlaps(const void *a, size_t alen, const void *b, size_t blen)
+{
+    uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
+    return alen && blen && x < y + blen && y < x + alen;
+}
+
 #endif

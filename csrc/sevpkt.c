@@ -518,19 +518,13 @@ static int differ(const uint8_t *a, const uint8_t *b, size_t n)
     return d != 0;
 }
 
-static int overlap(const void *a, size_t alen, const void *b, size_t blen)
-{
-    const uint8_t *pa = a, *pb = b;
-    return alen && blen && pa < pb + blen && pb < pa + alen;
-}
-
 /* Do n rows of alen bytes every astride bytes from a and n rows of blen bytes every bstride
  * from b share a byte? Exact for equal strides (a migration stream's record interleaves
  * headers and ciphertext at one stride: each lies in the other's gap), else by the extents. */
 static int rows_overlap(const void *a, size_t astride, size_t alen, const void *b,
                         size_t bstride, size_t blen, size_t n)
 {
-    if (!n || !overlap(a, (n - 1) * astride + alen, b, (n - 1) * bstride + blen))
+    if (!n || !sc_overlaps(a, (n - 1) * astride + alen, b, (n - 1) * bstride + blen))
         return 0;
     if (n == 1)
         return 1;
@@ -701,7 +695,7 @@ int sc_aes128_ctr(const uint8_t key[16], const uint8_t iv[16], const uint8_t *sr
 {
     if (!key || !iv || (len && (!src || !dst)))
         return -EINVAL;
-    if (src != dst && overlap(src, len, dst, len))
+    if (src != dst && sc_overlaps(src, len, dst, len))
         return -EINVAL;
     struct ctr_key k;
     ctr_key_init(&k, key);

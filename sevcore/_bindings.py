@@ -173,7 +173,7 @@ def _u64_array(buf, what, writable):
         raise ValueError(f"{what} must be one-dimensional and contiguous")
     if writable and mv.readonly:
         raise ValueError(f"{what} must be writable")
-    arr = ffi.from_buffer("uint64_t[]", buf, require_writable=writable)
+    arr = ffi.from_buffer(_U64_ARRAY, buf, require_writable=writable)
     if int(ffi.cast("uintptr_t", arr)) % 8:
         raise ValueError(f"{what} must be 8-byte aligned")
     return arr
@@ -298,8 +298,6 @@ def bitmap_read_pass(words):
 # Raw calls: scalars go to C unchecked (C answers -EINVAL, which negative tests rely on); buffers
 # are checked here. Argument validation with friendly errors lives in sevcore/npt.py.
 
-_U64 = "uint64_t[]"
-
 
 def _u64_ptr(arr, what, n, writable=False):
     """A ``uint64_t *`` over a C-contiguous uint64 numpy array of at least ``n`` elements."""
@@ -312,7 +310,7 @@ def _u64_ptr(arr, what, n, writable=False):
         raise ValueError(f"{what} holds {arr.size} elements, needs {n}")
     if n == 0:
         return ffi.NULL
-    return ffi.from_buffer(_U64, arr, require_writable=writable)
+    return ffi.from_buffer(_U64_ARRAY, arr, require_writable=writable)
 
 
 def npt_create(limit_bytes=None):
