@@ -96,11 +96,13 @@ def test_xex_matches_reference(key, table, spas, seed):
     """XEX agrees with the reference on random keys, tables, SPAs and data, on every path."""
     data = np.random.default_rng(seed).bytes(PAGE_SIZE * len(spas))
     want = ref.xex_encrypt_pages(key, table, data, spas)
+    plain = ref.xex_decrypt_pages(key, table, data, spas)     # the data read as ciphertext
     for name in PATHS:
         with cpu.restricted(dict(_PATHS)[name]):
             eng = MemoryEngine(AES128_XEX, key, table)
             assert bytes(eng.encrypt_pages(data, spas)) == want, name
             assert bytes(eng.decrypt_pages(want, spas)) == data, name
+            assert bytes(eng.decrypt_pages(data, spas)) == plain, name
 
 
 @settings(max_examples=25)
@@ -112,11 +114,13 @@ def test_xts_matches_reference_and_openssl(key, spas, seed):
     data = np.random.default_rng(seed).bytes(PAGE_SIZE * len(spas))
     want = openssl_xts(key, data, spas)
     assert ref.xts_encrypt_pages(key, data, spas) == want
+    plain = ref.xts_decrypt_pages(key, data, spas)            # the data read as ciphertext
     for name in PATHS:
         with cpu.restricted(dict(_PATHS)[name]):
             eng = MemoryEngine(AES256_XTS, key)
             assert bytes(eng.encrypt_pages(data, spas)) == want, name
             assert bytes(eng.decrypt_pages(want, spas)) == data, name
+            assert bytes(eng.decrypt_pages(data, spas)) == plain, name
 
 
 @pytest.mark.parametrize("mode,key_len", [(AES128_XEX, 16), (AES256_XTS, 64)])
