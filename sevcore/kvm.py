@@ -234,9 +234,9 @@ class Kvm:
         inside = (which >= 0) & (hvas < ends[which] if len(ends) else False)
         anon = inside & anon_map[np.where(inside, which, -1)]
         pages = hvas >> np.uint64(PAGE_SHIFT)
-        pfns[anon] = self._pt.lookup_batch(pages[anon])
         pos = 0
-        # Pages outside anonymous memory (guest_memfd mappings, holes) go one at a time.
+        # Pages outside anonymous memory (guest_memfd mappings, holes) go one at a time, the
+        # anonymous runs between them in one batch each.
         for p in [*np.flatnonzero(~anon).tolist(), len(hvas)]:
             self._fill_anon(pages, pfns, pos, p)
             if p == len(hvas):
@@ -249,18 +249,24 @@ class Kvm:
         return pfns, None
 
     def _fill_anon(self, pages, pfns, lo, hi):
-        """Frames for the untouched anonymous pages among ``pages[lo:hi]``, allocated in the
-        order of first appearance (a repeated page gets the frame its first use allocated)."""
-        miss = lo + np.flatnonzero(pfns[lo:hi] == Npt.MISS)
+        """``pfns[lo:hi]``: the frames behind the anonymous pages ``pages[lo:hi]``, looked up
+        now (an earlier run may have allocated some), the untouched ones allocated in the order
+        of first appearance (a repeated page gets the frame its first use allocated)."""
+        if lo == hi:
+            return
+        got = pfns[lo:hi]
+        self._pt.lookup_batch(pages[lo:hi], out=got)
+        miss = np.flatnonzero(got == Npt.MISS)
         if not len(miss):
             return
-        uniq, first = np.unique(pages[miss], return_index=True)
+        want = pages[lo:hi][miss]
+        uniq, first = np.unique(want, return_index=True)
         order = np.argsort(first, kind="stable")
         fresh = self.host.mem.alloc(len(uniq), singly=True)
         map_runs(self._pt, uniq[order], fresh, NPT_WRITABLE)
         by_page = np.empty_like(fresh)
         by_page[order] = fresh
-        pfns[miss] = by_page[np.searchsorted(uniq, pages[miss])]
+        got[miss] = by_page[np.searchsorted(uniq, want)]
 
     def _anon_span(self, hva, size):
         """``(first page, page count, offset in first page)`` if ``[hva, hva + size)`` lies in
