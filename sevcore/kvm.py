@@ -16,7 +16,7 @@ from sevcore.costmodel import SimClock
 from sevcore.errors import KvmError
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE, HostMemory
 from sevcore.memcrypt import default_tweak_table
-from sevcore.mmu import map_runs
+from sevcore.mmu import map_runs, sorted_unique
 from sevcore.npt import NPT_WRITABLE, Npt
 from sevcore.psp import Psp
 from sevcore.umc import MemoryController
@@ -211,7 +211,7 @@ class Kvm:
         pfns = self._pt.lookup_batch(pages)
         miss = np.flatnonzero(pfns == Npt.MISS)
         if len(miss):
-            want = np.unique(pages[miss])
+            want = sorted_unique(pages[miss])
             fresh = self.host.mem.alloc(len(want))
             map_runs(self._pt, want, fresh, NPT_WRITABLE)
             pfns[miss] = fresh[np.searchsorted(want, pages[miss])]

@@ -151,7 +151,7 @@ def faultin_pages(vm, gfns, private, write):
     need |= (eflags & NPT_PRIVATE != 0) != private
     if write:
         need |= eflags & NPT_WRITABLE == 0
-    todo = np.unique(rest[need])
+    todo = sorted_unique(rest[need])
     if len(todo) == 0:
         return
     offsets = todo - np.uint64(slot.base_gfn)
@@ -162,6 +162,20 @@ def faultin_pages(vm, gfns, private, write):
         if new is None:
             return             # not one anonymous mapping: each page takes faultin itself
     map_runs(vm.npt, todo, new, flags)
+
+
+def sorted_unique(values):
+    """``np.unique(values)`` of a 1-D integer array, by sorting; an array that is already
+    strictly increasing (a run, or pages a fault left unmapped in order) is returned as is.
+    On the 262144 pages of a 1 GiB fault batch, NumPy 2.4's ``np.unique`` (a hash table, then
+    a sort) takes ~0.2 s, a sort ~10 ms."""
+    if len(values) < 2 or (values[1:] > values[:-1]).all():
+        return values
+    s = np.sort(values)
+    keep = np.empty(len(s), bool)
+    keep[0] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]
 
 
 def map_runs(npt, gfns, pfns, flags):
