@@ -271,12 +271,37 @@ class Kvm:
     def _anon_span(self, hva, size):
         """``(first page, page count, offset in first page)`` if ``[hva, hva + size)`` lies in
         one anonymous mapping, else None (the page-by-page path handles it)."""
-        m = self._mapping(hva)
-        if m is None or m.kind != "anon" or hva + size > m.end or size == 0:
+        if size == 0:
             return None
-        first = hva >> PAGE_SHIFT
-        last = (hva + size - 1) >> PAGE_SHIFT
+        first, last = hva >> PAGE_SHIFT, (hva + size - 1) >> PAGE_SHIFT
+        if self._anon_mapping(first, last) is None:
+            return None
         return first, last - first + 1, hva & (PAGE_SIZE - 1)
+
+    def _anon_mapping(self, first, last):
+        """The anonymous mapping holding the VMM pages ``first..last`` (hva >> 12), or None."""
+        m = self._mapping(first << PAGE_SHIFT)
+        if m is None or m.kind != "anon" or (last + 1) << PAGE_SHIFT > m.end:
+            return None
+        return m
+
+    def _gather(self, pages, out, zeroed=False):
+        """``out[i]`` = the VMM page ``pages[i]`` (all in one anonymous mapping), ``out`` an
+        ``(n, 4096)`` uint8 array (``zeroed``: already all zero). Untouched pages read as
+        zeroes and stay unallocated."""
+        pfns = self._pt.lookup_batch(pages)
+        hit = pfns != Npt.MISS
+        frames = self.host.mem.frames.reshape(-1, PAGE_SIZE)
+        if hit.all():
+            # Every index is a frame: mode="clip" skips the temporary copy of ``out`` that
+            # mode="raise" gathers through (7x slower for a 64 MiB batch).
+            np.take(frames, pfns.astype(np.intp), axis=0, out=out, mode="clip")
+            return out
+        if not zeroed:
+            out[~hit] = 0
+        rows = np.flatnonzero(hit)
+        out[rows] = frames[pfns[rows]]
+        return out
 
     def read(self, hva, size):
         """Read VMM memory at ``hva``: what the frames hold (ciphertext for SEV-private pages).
@@ -285,11 +310,9 @@ class Kvm:
         if span is None:
             return self._read_pages(hva, size)
         first, npages, off = span
-        pfns = self._pt.lookup_batch(np.arange(first, first + npages, dtype=np.uint64))
-        hit = np.flatnonzero(pfns != Npt.MISS)
-        pages = np.zeros((npages, PAGE_SIZE), np.uint8)
-        if len(hit):
-            pages[hit] = self.host.mem.frames.reshape(-1, PAGE_SIZE)[pfns[hit]]
+        # np.zeros: the rows of untouched pages are never written (the kernel's zero page).
+        pages = self._gather(np.arange(first, first + npages, dtype=np.uint64),
+                             np.zeros((npages, PAGE_SIZE), np.uint8), zeroed=True)
         return pages.reshape(-1)[off:off + size].tobytes()
 
     def _read_pages(self, hva, size):
@@ -351,11 +374,7 @@ class Kvm:
         if n:
             if self.anon_span_pages(pages) is None:
                 raise ValueError("read_pages: pages must lie in one anonymous mapping")
-            pfns = self._pt.lookup_batch(pages)
-            miss = pfns == Npt.MISS
-            np.take(self.host.mem.frames.reshape(-1, PAGE_SIZE), np.where(miss, 0, pfns),
-                    axis=0, out=out)
-            out[miss] = 0
+            self._gather(pages, out)
         return out
 
     def write_pages(self, hvas, data):
@@ -368,18 +387,14 @@ class Kvm:
         if data.size != n * PAGE_SIZE:
             raise ValueError(f"{n} pages need {n * PAGE_SIZE} bytes, not {data.size}")
         if n:
-            if self.anon_span_pages(pages) is None:
-                raise ValueError("write_pages: pages must lie in one anonymous mapping")
             pfns = self.anon_pfns(pages)
+            if pfns is None:
+                raise ValueError("write_pages: pages must lie in one anonymous mapping")
             self.host.mem.frames.reshape(-1, PAGE_SIZE)[pfns] = data.reshape(n, PAGE_SIZE)
 
     def anon_span_pages(self, pages):
         """The anonymous mapping holding all VMM pages ``pages`` (hva >> 12), or None."""
-        lo, hi = int(pages.min()), int(pages.max())
-        m = self._mapping(lo << PAGE_SHIFT)
-        if m is None or m.kind != "anon" or (hi + 1) << PAGE_SHIFT > m.end:
-            return None
-        return m
+        return self._anon_mapping(int(pages.min()), int(pages.max()))
 
     @staticmethod
     def _page_list(hvas):
