@@ -700,8 +700,8 @@ class Vcpu:
 
     def _page_kernel(self, op, first_gpa, n, done, *, gpas=None, arg=0, buf=None, out=None,
                      on_chunk=None):
-        """Run the C page kernel over ``n`` pages from ``first_gpa`` (or the page-aligned list
-        ``gpas``), from page ``done[0]`` on (``out``: CHECK's two words, or DIGEST's word per
+        """Run the C page kernel over ``n`` pages from the page-aligned ``first_gpa`` (or the
+        page-aligned list ``gpas``), from page ``done[0]`` on (``out``: CHECK's two words, or DIGEST's word per
         page), faulting in the pages it stops at in batches
         (:func:`sevcore.mmu.faultin_pages`). ``done[0]`` always holds the pages completed, also
         when MemoryFault or MmioAccess propagates. ``on_chunk(start, k)`` sees each kernel
@@ -713,8 +713,6 @@ class Vcpu:
         while done[0] < n:
             start = done[0]
             first = first_gpa + (start << PAGE_SHIFT) if gpas is None else int(gpas[start])
-            if first & (PAGE_SIZE - 1):
-                raise ValueError(f"bulk access: gpa {first:#x} is not page aligned")
             real, private, encrypted = decode_gpa(vm, first)
             tag = first - real             # the C-bit or shared bit, common to the access
             engine = vm.encryption_engine() if encrypted else None
@@ -744,9 +742,8 @@ class Vcpu:
             name, gpa, n, arg = args
             gpas = buf = None
         else:
-            name, gpas, arg, buf = args
-            gpa, gpas = 0, np.asarray(gpas, dtype=np.uint64).reshape(-1)
-            n = len(gpas)
+            name, gpas, arg, buf = args       # gpas: page aligned (sevcore.guest._page_gpas)
+            gpa, n = 0, len(gpas)
         st = self._progress
         if st is None:
             result = None                  # what DIGEST and READ return, filled across exits
