@@ -746,22 +746,28 @@ class Vcpu:
             gpa, n = 0, len(gpas)
         st = self._progress
         if st is None:
-            result = None                  # what DIGEST and READ return, filled across exits
+            result = None                  # what the operation returns, filled across exits
             if name == "digest":
                 result = np.zeros(n, np.uint64)
             elif name == "read":
                 result = np.empty((n, PAGE_SIZE), np.uint8) if buf is None else buf
-            st = self._progress = {"done": [0], "check": [0, None], "result": result}
-        out = st["result"] if name == "digest" else np.zeros(2, np.uint64) \
-            if name == "check" else None
-        if name == "read":
-            buf = np.frombuffer(st["result"], np.uint8)
+            elif name == "check":
+                result = [0, None]         # mismatching pages, index of the first
+            st = self._progress = {"done": [0], "result": result}
+        result = st["result"]
+        out = on_chunk = None
+        if name == "digest":
+            out = result
+        elif name == "read":
+            buf = np.frombuffer(result, np.uint8)
+        elif name == "check":
+            out = np.zeros(2, np.uint64)
 
-        def on_chunk(start, k):
-            if name == "check" and k:
-                st["check"][0] += int(out[0])
-                if st["check"][1] is None and int(out[1]) != gm.NO_MISMATCH:
-                    st["check"][1] = start + int(out[1])
+            def on_chunk(start, k):
+                if k:
+                    result[0] += int(out[0])
+                    if result[1] is None and int(out[1]) != gm.NO_MISMATCH:
+                        result[1] = start + int(out[1])
         try:
             self._page_kernel(_BULK_OPS[name], gpa, n, st["done"], gpas=gpas, arg=arg, buf=buf,
                               out=out, on_chunk=on_chunk)
@@ -769,9 +775,7 @@ class Vcpu:
             # Bulk operations are for RAM; the guest sees the failure as an exception.
             self._throw = RuntimeError(f"bulk {name} reached MMIO at gpa {e.gpa:#x}")
             return _THROW
-        if name == "check":
-            return st["check"][0], st["check"][1]
-        return st["result"]
+        return tuple(result) if name == "check" else result
 
     # -- SEV-ES: the GHCB, SEV_STATUS, XSAVE -------------------------------------------------------
 

@@ -261,6 +261,32 @@ def test_write_pages_fault_resumes_where_it_stopped(rng):
         assert vm.kvm.read(hva + p * 4096, 4096) == data[i].tobytes()
 
 
+def test_check_pattern_counts_across_a_failed_run():
+    """A check_pattern stopped by a memory fault resumes on the next KVM_RUN with the
+    mismatches before the fault still counted, and the first one's index kept."""
+    vm = sevcore.Kvm().create_vm(KVM_X86_SW_PROTECTED_VM)
+    vm_mem_add(vm, 0, 0, 16)
+    hva = vm_mem_add(vm, GPA, 1, 64)
+
+    def guest(g):
+        yield g.write_pattern(GPA, 64, 5)
+        yield g.sync()
+        r = yield g.check_pattern(GPA, 64, 5)
+        yield g.sync(r)
+    v = vm.create_vcpu(0)
+    v.set_guest_code(guest)
+    v.run()
+    for page in (10, 12, 50):
+        vm.kvm.write(hva + page * 4096, b"\xff")
+    vm_mem_set_private(vm, GPA + 40 * 4096, 4096)
+    with pytest.raises(OSError) as e:
+        v.run()
+    assert e.value.errno == EFAULT and v.kvm_run.memory_fault.gpa == GPA + 40 * 4096
+    vm.set_memory_attributes(GPA + 40 * 4096, 4096, 0)
+    v.run()
+    assert v.get_ucall()[1] == ((3, 10),)
+
+
 def test_read_pages_into_a_given_buffer(rng):
     """read_pages(out=) fills and returns the caller's buffer, so a guest reuses its memory."""
     vm, hva = create()
