@@ -66,6 +66,28 @@ def test_guest_tsc_follows_simulated_clock():
     assert vcpu.get_ucall()[1] == (1000,)
 
 
+def test_guest_tsc_counts_on_from_a_written_value():
+    """A TSC write sets an offset, not a value: the TSC goes on counting simulated time from
+    what was written, and each vCPU keeps its own offset."""
+    kvm = sevcore.Kvm()
+
+    def guest(g, value):
+        yield g.wrmsr(MSR_IA32_TSC, value)
+        yield g.sync()
+        now = yield g.rdmsr(MSR_IA32_TSC)
+        yield g.sync(now)
+    vm, (a, b) = vm_create_with_vcpus(kvm, KVM_X86_DEFAULT_VM, 2, guest, 1000)
+    vm_mem_add(vm, 0, 0, 4)
+    b.set_guest_code(guest, 1 << 40)
+    kvm.host.clock.advance(7_000, "test")
+    a.run()
+    b.run()
+    kvm.host.clock.advance(300, "test")
+    a.run()
+    b.run()
+    assert a.get_ucall()[1] == (1300,) and b.get_ucall()[1] == ((1 << 40) + 300,)
+
+
 def test_pattern_page_lists():
     """write_pattern_pages / check_pattern_pages act on exactly the listed pages."""
     kvm = sevcore.Kvm()
