@@ -16,7 +16,7 @@ from sevcore.costmodel import SimClock
 from sevcore.errors import KvmError
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE, HostMemory
 from sevcore.memcrypt import default_tweak_table
-from sevcore.mmu import map_runs, sorted_unique
+from sevcore.mmu import sorted_unique
 from sevcore.npt import NPT_WRITABLE, Npt
 from sevcore.psp import Psp
 from sevcore.umc import MemoryController
@@ -213,7 +213,7 @@ class Kvm:
         if len(miss):
             want = sorted_unique(pages[miss])
             fresh = self.host.mem.alloc(len(want))
-            map_runs(self._pt, want, fresh, NPT_WRITABLE)
+            self._pt.map_runs(want, fresh, NPT_WRITABLE)
             pfns[miss] = fresh[np.searchsorted(want, pages[miss])]
         return pfns
 
@@ -263,7 +263,7 @@ class Kvm:
         uniq, first = np.unique(want, return_index=True)
         order = np.argsort(first, kind="stable")
         fresh = self.host.mem.alloc(len(uniq), singly=True)
-        map_runs(self._pt, uniq[order], fresh, NPT_WRITABLE)
+        self._pt.map_runs(uniq[order], fresh, NPT_WRITABLE)
         by_page = np.empty_like(fresh)
         by_page[order] = fresh
         got[miss] = by_page[np.searchsorted(uniq, want)]

@@ -161,7 +161,7 @@ def faultin_pages(vm, gfns, private, write):
         new = vm.kvm.anon_pfns((slot.userspace_addr >> PAGE_SHIFT) + offsets)
         if new is None:
             return             # not one anonymous mapping: each page takes faultin itself
-    map_runs(vm.npt, todo, new, flags)
+    vm.npt.map_runs(todo, new, flags)
 
 
 def sorted_unique(values):
@@ -176,16 +176,3 @@ def sorted_unique(values):
     keep[0] = True
     np.not_equal(s[1:], s[:-1], out=keep[1:])
     return s[keep]
-
-
-def map_runs(npt, gfns, pfns, flags):
-    """Install ``gfns[i] -> pfns[i]``, one call per run that is contiguous in both."""
-    if len(gfns) == 0:
-        return
-    gfns = np.asarray(gfns, dtype=np.uint64)
-    pfns = np.asarray(pfns, dtype=np.uint64)
-    brk = np.flatnonzero((np.diff(gfns) != 1) | (np.diff(pfns) != 1)) + 1
-    starts = np.concatenate(([0], brk))
-    ends = np.concatenate((brk, [len(gfns)]))
-    for s, e in zip(starts.tolist(), ends.tolist()):
-        npt.map(int(gfns[s]), int(pfns[s]), flags, npages=e - s)
