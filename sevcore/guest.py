@@ -29,6 +29,9 @@ through the NPT.
 """
 from typing import NamedTuple
 
+import numpy as np
+
+from sevcore.arrays import u64_array
 from sevcore.hostmem import PAGE_SIZE
 from sevcore.uapi import GP_VECTOR, X86_TRAP_VC
 
@@ -101,12 +104,13 @@ class Guest:
 
     def stamp_pages(self, gpas, value):
         """Bulk: :meth:`stamp` on a list of page-aligned GPAs (e.g. a random dirty set)."""
-        return Op("bulk_list", ("stamp", gpas, _u64(value, "value"), None))
+        return Op("bulk_list", ("stamp", _page_gpas(gpas), _u64(value, "value"), None))
 
     def read_pages(self, gpas, out=None):
         """Bulk gather: the pages at the page-aligned ``gpas`` (with the C-bit / shared bit as
         :meth:`read` takes it, the same for all), as a ``(len(gpas), 4096)`` uint8 numpy array,
         or into ``out`` (a writable buffer of ``len(gpas) * 4096`` bytes), which is returned."""
+        gpas = _page_gpas(gpas)
         if out is not None:
             _page_buffer(out, len(gpas), "read_pages", writable=True)
         return Op("bulk_list", ("read", gpas, 0, out))
@@ -114,16 +118,17 @@ class Guest:
     def write_pages(self, gpas, data):
         """Bulk scatter: page ``i`` of ``data`` (``len(gpas) * 4096`` bytes, any buffer; read when
         the operation runs, not copied) to the page-aligned ``gpas[i]``."""
+        gpas = _page_gpas(gpas)
         return Op("bulk_list", ("write", gpas, 0, _page_buffer(data, len(gpas), "write_pages")))
 
     def write_pattern_pages(self, gpas, seed):
         """Bulk: :meth:`write_pattern` on a list of page-aligned GPAs."""
-        return Op("bulk_list", ("pattern", gpas, _u64(seed, "seed"), None))
+        return Op("bulk_list", ("pattern", _page_gpas(gpas), _u64(seed, "seed"), None))
 
     def check_pattern_pages(self, gpas, seed):
         """Bulk: :meth:`check_pattern` on a list of page-aligned GPAs; returns the mismatch count
         and the list index of the first mismatch (None if all match)."""
-        return Op("bulk_list", ("check", gpas, _u64(seed, "seed"), None))
+        return Op("bulk_list", ("check", _page_gpas(gpas), _u64(seed, "seed"), None))
 
     def digest(self, gpa, npages):
         """Bulk: a 64-bit hash of each page's contents (a numpy uint64 array)."""
@@ -218,6 +223,16 @@ def _page_gpa(gpa):
     if gpa & 0xfff:
         raise ValueError(f"bulk operations take a page-aligned gpa, got {gpa:#x}")
     return gpa
+
+
+def _page_gpas(gpas):
+    """A list of gpas as a uint64 array, every one page aligned."""
+    gpas = u64_array(gpas, "gpas")
+    bad = np.flatnonzero(gpas & np.uint64(0xfff))
+    if len(bad):
+        raise ValueError(f"bulk operations take page-aligned gpas, got {int(gpas[bad[0]]):#x} "
+                         f"at index {int(bad[0])}")
+    return gpas
 
 
 __all__ = ["Guest", "GuestException", "VmmCommunicationException", "Op", "UCALL_SYNC",

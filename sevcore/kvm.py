@@ -16,7 +16,7 @@ from sevcore.costmodel import SimClock
 from sevcore.errors import KvmError
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE, HostMemory
 from sevcore.memcrypt import default_tweak_table
-from sevcore.mmu import map_runs
+from sevcore.mmu import sorted_unique
 from sevcore.npt import NPT_WRITABLE, Npt
 from sevcore.psp import Psp
 from sevcore.umc import MemoryController
@@ -211,9 +211,9 @@ class Kvm:
         pfns = self._pt.lookup_batch(pages)
         miss = np.flatnonzero(pfns == Npt.MISS)
         if len(miss):
-            want = np.unique(pages[miss])
+            want = sorted_unique(pages[miss])
             fresh = self.host.mem.alloc(len(want))
-            map_runs(self._pt, want, fresh, NPT_WRITABLE)
+            self._pt.map_runs(want, fresh, NPT_WRITABLE)
             pfns[miss] = fresh[np.searchsorted(want, pages[miss])]
         return pfns
 
@@ -234,9 +234,9 @@ class Kvm:
         inside = (which >= 0) & (hvas < ends[which] if len(ends) else False)
         anon = inside & anon_map[np.where(inside, which, -1)]
         pages = hvas >> np.uint64(PAGE_SHIFT)
-        pfns[anon] = self._pt.lookup_batch(pages[anon])
         pos = 0
-        # Pages outside anonymous memory (guest_memfd mappings, holes) go one at a time.
+        # Pages outside anonymous memory (guest_memfd mappings, holes) go one at a time, the
+        # anonymous runs between them in one batch each.
         for p in [*np.flatnonzero(~anon).tolist(), len(hvas)]:
             self._fill_anon(pages, pfns, pos, p)
             if p == len(hvas):
@@ -249,28 +249,59 @@ class Kvm:
         return pfns, None
 
     def _fill_anon(self, pages, pfns, lo, hi):
-        """Frames for the untouched anonymous pages among ``pages[lo:hi]``, allocated in the
-        order of first appearance (a repeated page gets the frame its first use allocated)."""
-        miss = lo + np.flatnonzero(pfns[lo:hi] == Npt.MISS)
+        """``pfns[lo:hi]``: the frames behind the anonymous pages ``pages[lo:hi]``, looked up
+        now (an earlier run may have allocated some), the untouched ones allocated in the order
+        of first appearance (a repeated page gets the frame its first use allocated)."""
+        if lo == hi:
+            return
+        got = pfns[lo:hi]
+        self._pt.lookup_batch(pages[lo:hi], out=got)
+        miss = np.flatnonzero(got == Npt.MISS)
         if not len(miss):
             return
-        uniq, first = np.unique(pages[miss], return_index=True)
+        want = pages[lo:hi][miss]
+        uniq, first = np.unique(want, return_index=True)
         order = np.argsort(first, kind="stable")
         fresh = self.host.mem.alloc(len(uniq), singly=True)
-        map_runs(self._pt, uniq[order], fresh, NPT_WRITABLE)
+        self._pt.map_runs(uniq[order], fresh, NPT_WRITABLE)
         by_page = np.empty_like(fresh)
         by_page[order] = fresh
-        pfns[miss] = by_page[np.searchsorted(uniq, pages[miss])]
+        got[miss] = by_page[np.searchsorted(uniq, want)]
 
     def _anon_span(self, hva, size):
         """``(first page, page count, offset in first page)`` if ``[hva, hva + size)`` lies in
         one anonymous mapping, else None (the page-by-page path handles it)."""
-        m = self._mapping(hva)
-        if m is None or m.kind != "anon" or hva + size > m.end or size == 0:
+        if size == 0:
             return None
-        first = hva >> PAGE_SHIFT
-        last = (hva + size - 1) >> PAGE_SHIFT
+        first, last = hva >> PAGE_SHIFT, (hva + size - 1) >> PAGE_SHIFT
+        if self._anon_mapping(first, last) is None:
+            return None
         return first, last - first + 1, hva & (PAGE_SIZE - 1)
+
+    def _anon_mapping(self, first, last):
+        """The anonymous mapping holding the VMM pages ``first..last`` (hva >> 12), or None."""
+        m = self._mapping(first << PAGE_SHIFT)
+        if m is None or m.kind != "anon" or (last + 1) << PAGE_SHIFT > m.end:
+            return None
+        return m
+
+    def _gather(self, pages, out, zeroed=False):
+        """``out[i]`` = the VMM page ``pages[i]`` (all in one anonymous mapping), ``out`` an
+        ``(n, 4096)`` uint8 array (``zeroed``: already all zero). Untouched pages read as
+        zeroes and stay unallocated."""
+        pfns = self._pt.lookup_batch(pages)
+        hit = pfns != Npt.MISS
+        frames = self.host.mem.frames.reshape(-1, PAGE_SIZE)
+        if hit.all():
+            # Every index is a frame: mode="clip" skips the temporary copy of ``out`` that
+            # mode="raise" gathers through (7x slower for a 64 MiB batch).
+            np.take(frames, pfns.astype(np.intp), axis=0, out=out, mode="clip")
+            return out
+        if not zeroed:
+            out[~hit] = 0
+        rows = np.flatnonzero(hit)
+        out[rows] = frames[pfns[rows]]
+        return out
 
     def read(self, hva, size):
         """Read VMM memory at ``hva``: what the frames hold (ciphertext for SEV-private pages).
@@ -279,11 +310,9 @@ class Kvm:
         if span is None:
             return self._read_pages(hva, size)
         first, npages, off = span
-        pfns = self._pt.lookup_batch(np.arange(first, first + npages, dtype=np.uint64))
-        hit = np.flatnonzero(pfns != Npt.MISS)
-        pages = np.zeros((npages, PAGE_SIZE), np.uint8)
-        if len(hit):
-            pages[hit] = self.host.mem.frames.reshape(-1, PAGE_SIZE)[pfns[hit]]
+        # np.zeros: the rows of untouched pages are never written (the kernel's zero page).
+        pages = self._gather(np.arange(first, first + npages, dtype=np.uint64),
+                             np.zeros((npages, PAGE_SIZE), np.uint8), zeroed=True)
         return pages.reshape(-1)[off:off + size].tobytes()
 
     def _read_pages(self, hva, size):
@@ -345,11 +374,7 @@ class Kvm:
         if n:
             if self.anon_span_pages(pages) is None:
                 raise ValueError("read_pages: pages must lie in one anonymous mapping")
-            pfns = self._pt.lookup_batch(pages)
-            miss = pfns == Npt.MISS
-            np.take(self.host.mem.frames.reshape(-1, PAGE_SIZE), np.where(miss, 0, pfns),
-                    axis=0, out=out)
-            out[miss] = 0
+            self._gather(pages, out)
         return out
 
     def write_pages(self, hvas, data):
@@ -362,18 +387,14 @@ class Kvm:
         if data.size != n * PAGE_SIZE:
             raise ValueError(f"{n} pages need {n * PAGE_SIZE} bytes, not {data.size}")
         if n:
-            if self.anon_span_pages(pages) is None:
-                raise ValueError("write_pages: pages must lie in one anonymous mapping")
             pfns = self.anon_pfns(pages)
+            if pfns is None:
+                raise ValueError("write_pages: pages must lie in one anonymous mapping")
             self.host.mem.frames.reshape(-1, PAGE_SIZE)[pfns] = data.reshape(n, PAGE_SIZE)
 
     def anon_span_pages(self, pages):
         """The anonymous mapping holding all VMM pages ``pages`` (hva >> 12), or None."""
-        lo, hi = int(pages.min()), int(pages.max())
-        m = self._mapping(lo << PAGE_SHIFT)
-        if m is None or m.kind != "anon" or (hi + 1) << PAGE_SHIFT > m.end:
-            return None
-        return m
+        return self._anon_mapping(int(pages.min()), int(pages.max()))
 
     @staticmethod
     def _page_list(hvas):

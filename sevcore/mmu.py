@@ -151,7 +151,7 @@ def faultin_pages(vm, gfns, private, write):
     need |= (eflags & NPT_PRIVATE != 0) != private
     if write:
         need |= eflags & NPT_WRITABLE == 0
-    todo = np.unique(rest[need])
+    todo = sorted_unique(rest[need])
     if len(todo) == 0:
         return
     offsets = todo - np.uint64(slot.base_gfn)
@@ -161,17 +161,18 @@ def faultin_pages(vm, gfns, private, write):
         new = vm.kvm.anon_pfns((slot.userspace_addr >> PAGE_SHIFT) + offsets)
         if new is None:
             return             # not one anonymous mapping: each page takes faultin itself
-    map_runs(vm.npt, todo, new, flags)
+    vm.npt.map_runs(todo, new, flags)
 
 
-def map_runs(npt, gfns, pfns, flags):
-    """Install ``gfns[i] -> pfns[i]``, one call per run that is contiguous in both."""
-    if len(gfns) == 0:
-        return
-    gfns = np.asarray(gfns, dtype=np.uint64)
-    pfns = np.asarray(pfns, dtype=np.uint64)
-    brk = np.flatnonzero((np.diff(gfns) != 1) | (np.diff(pfns) != 1)) + 1
-    starts = np.concatenate(([0], brk))
-    ends = np.concatenate((brk, [len(gfns)]))
-    for s, e in zip(starts.tolist(), ends.tolist()):
-        npt.map(int(gfns[s]), int(pfns[s]), flags, npages=e - s)
+def sorted_unique(values):
+    """``np.unique(values)`` of a 1-D integer array, by sorting; an array that is already
+    strictly increasing (a run, or pages a fault left unmapped in order) is returned as is.
+    On the 262144 pages of a 1 GiB fault batch, NumPy 2.4's ``np.unique`` (a hash table, then
+    a sort) takes ~0.2 s, a sort ~10 ms."""
+    if len(values) < 2 or (values[1:] > values[:-1]).all():
+        return values
+    s = np.sort(values)
+    keep = np.empty(len(s), bool)
+    keep[0] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]

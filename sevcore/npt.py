@@ -129,6 +129,28 @@ class Npt:
         with self._lock:
             _b.npt_map(self._p(), gfn, pfn, flags, npages)
 
+    def map_runs(self, gfns, pfns, flags):
+        """Map ``gfns[i]`` to ``pfns[i]`` (integer arrays of one length) with ``flags``: one
+        :meth:`map` per run contiguous in both, checked once for the whole batch and under one
+        hold of the lock (a fault batch of scattered pages is one run per page). Raises
+        ValueError with nothing mapped; an ``OSError(ENOMEM)`` keeps the runs before it."""
+        gfns = _gfn_array(gfns).reshape(-1)
+        pfns = np.ascontiguousarray(pfns, dtype=np.uint64).reshape(-1)
+        flags = _flags(flags, "flags")
+        if gfns.shape != pfns.shape:
+            raise ValueError(f"{gfns.size} gfns but {pfns.size} pfns")
+        if not gfns.size:
+            return
+        if int(gfns.max()) >= GFN_LIMIT or int(pfns.max()) >= PFN_LIMIT:
+            raise ValueError(f"gfns must lie in [0, {GFN_LIMIT:#x}), pfns in [0, {PFN_LIMIT:#x})")
+        brk = np.flatnonzero((np.diff(gfns) != 1) | (np.diff(pfns) != 1)) + 1
+        starts = np.concatenate(([0], brk))
+        lens = np.diff(np.concatenate((starts, [gfns.size])))
+        with self._lock:
+            npt = self._p()
+            for gfn, pfn, n in zip(gfns[starts].tolist(), pfns[starts].tolist(), lens.tolist()):
+                _b.npt_map(npt, gfn, pfn, flags, n)
+
     def unmap(self, gfn, npages=1):
         """Remove every mapping in gfn..gfn+npages-1; returns how many there were."""
         gfn, npages = _range(gfn, npages)

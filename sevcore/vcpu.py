@@ -700,8 +700,8 @@ class Vcpu:
 
     def _page_kernel(self, op, first_gpa, n, done, *, gpas=None, arg=0, buf=None, out=None,
                      on_chunk=None):
-        """Run the C page kernel over ``n`` pages from ``first_gpa`` (or the page-aligned list
-        ``gpas``), from page ``done[0]`` on (``out``: CHECK's two words, or DIGEST's word per
+        """Run the C page kernel over ``n`` pages from the page-aligned ``first_gpa`` (or the
+        page-aligned list ``gpas``), from page ``done[0]`` on (``out``: CHECK's two words, or DIGEST's word per
         page), faulting in the pages it stops at in batches
         (:func:`sevcore.mmu.faultin_pages`). ``done[0]`` always holds the pages completed, also
         when MemoryFault or MmioAccess propagates. ``on_chunk(start, k)`` sees each kernel
@@ -713,8 +713,6 @@ class Vcpu:
         while done[0] < n:
             start = done[0]
             first = first_gpa + (start << PAGE_SHIFT) if gpas is None else int(gpas[start])
-            if first & (PAGE_SIZE - 1):
-                raise ValueError(f"bulk access: gpa {first:#x} is not page aligned")
             real, private, encrypted = decode_gpa(vm, first)
             tag = first - real             # the C-bit or shared bit, common to the access
             engine = vm.encryption_engine() if encrypted else None
@@ -744,27 +742,32 @@ class Vcpu:
             name, gpa, n, arg = args
             gpas = buf = None
         else:
-            name, gpas, arg, buf = args
-            gpa, gpas = 0, np.asarray(gpas, dtype=np.uint64).reshape(-1)
-            n = len(gpas)
+            name, gpas, arg, buf = args       # gpas: page aligned (sevcore.guest._page_gpas)
+            gpa, n = 0, len(gpas)
         st = self._progress
         if st is None:
-            result = None                  # what DIGEST and READ return, filled across exits
+            result = None                  # what the operation returns, filled across exits
             if name == "digest":
                 result = np.zeros(n, np.uint64)
             elif name == "read":
                 result = np.empty((n, PAGE_SIZE), np.uint8) if buf is None else buf
-            st = self._progress = {"done": [0], "check": [0, None], "result": result}
-        out = st["result"] if name == "digest" else np.zeros(2, np.uint64) \
-            if name == "check" else None
-        if name == "read":
-            buf = np.frombuffer(st["result"], np.uint8)
+            elif name == "check":
+                result = [0, None]         # mismatching pages, index of the first
+            st = self._progress = {"done": [0], "result": result}
+        result = st["result"]
+        out = on_chunk = None
+        if name == "digest":
+            out = result
+        elif name == "read":
+            buf = np.frombuffer(result, np.uint8)
+        elif name == "check":
+            out = np.zeros(2, np.uint64)
 
-        def on_chunk(start, k):
-            if name == "check" and k:
-                st["check"][0] += int(out[0])
-                if st["check"][1] is None and int(out[1]) != gm.NO_MISMATCH:
-                    st["check"][1] = start + int(out[1])
+            def on_chunk(start, k):
+                if k:
+                    result[0] += int(out[0])
+                    if result[1] is None and int(out[1]) != gm.NO_MISMATCH:
+                        result[1] = start + int(out[1])
         try:
             self._page_kernel(_BULK_OPS[name], gpa, n, st["done"], gpas=gpas, arg=arg, buf=buf,
                               out=out, on_chunk=on_chunk)
@@ -772,9 +775,7 @@ class Vcpu:
             # Bulk operations are for RAM; the guest sees the failure as an exception.
             self._throw = RuntimeError(f"bulk {name} reached MMIO at gpa {e.gpa:#x}")
             return _THROW
-        if name == "check":
-            return st["check"][0], st["check"][1]
-        return st["result"]
+        return tuple(result) if name == "check" else result
 
     # -- SEV-ES: the GHCB, SEV_STATUS, XSAVE -------------------------------------------------------
 

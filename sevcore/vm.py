@@ -284,10 +284,11 @@ class Vm:
         from sevcore.guestmem import GuestPageOps
         if self._page_ops is None:
             self._page_ops = GuestPageOps(self.npt, self.host.mem.frames)
-        key = [(s.base_gfn, s.npages, id(s.dirty_bitmap)) for s in self.logging_slots()]
+        slots = self.logging_slots()
+        key = [(s.base_gfn, s.npages, id(s.dirty_bitmap)) for s in slots]
         if key != self._page_ops_slots:
             self._page_ops.set_dirty_slots([(s.base_gfn, s.npages, s.dirty_bitmap.words)
-                                            for s in self.logging_slots()])
+                                            for s in slots])
             self._page_ops_slots = key
         return self._page_ops
 

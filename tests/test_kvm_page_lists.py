@@ -1,11 +1,16 @@
 """VMM page gather/scatter (Kvm.read_pages / write_pages), the live guest TSC, and the list
 forms of the pattern operations."""
+from errno import EFAULT
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sevcore
 from sevcore.kvm_util import vm_mem_add, vm_create_with_vcpus
-from sevcore.uapi import KVM_X86_DEFAULT_VM, MSR_IA32_TSC
+from sevcore.uapi import (GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
+                          KVM_X86_DEFAULT_VM, MSR_IA32_TSC)
 
 PAGE = 4096
 
@@ -61,6 +66,28 @@ def test_guest_tsc_follows_simulated_clock():
     assert vcpu.get_ucall()[1] == (1000,)
 
 
+def test_guest_tsc_counts_on_from_a_written_value():
+    """A TSC write sets an offset, not a value: the TSC goes on counting simulated time from
+    what was written, and each vCPU keeps its own offset."""
+    kvm = sevcore.Kvm()
+
+    def guest(g, value):
+        yield g.wrmsr(MSR_IA32_TSC, value)
+        yield g.sync()
+        now = yield g.rdmsr(MSR_IA32_TSC)
+        yield g.sync(now)
+    vm, (a, b) = vm_create_with_vcpus(kvm, KVM_X86_DEFAULT_VM, 2, guest, 1000)
+    vm_mem_add(vm, 0, 0, 4)
+    b.set_guest_code(guest, 1 << 40)
+    kvm.host.clock.advance(7_000, "test")
+    a.run()
+    b.run()
+    kvm.host.clock.advance(300, "test")
+    a.run()
+    b.run()
+    assert a.get_ucall()[1] == (1300,) and b.get_ucall()[1] == ((1 << 40) + 300,)
+
+
 def test_pattern_page_lists():
     """write_pattern_pages / check_pattern_pages act on exactly the listed pages."""
     kvm = sevcore.Kvm()
@@ -81,3 +108,41 @@ def test_pattern_page_lists():
         vcpu.run()
         results.append(vcpu.get_ucall()[1][0])
     assert results == [(2, 3), (0, None), (1, 0)]
+
+
+def _vmm_with_history():
+    """A VMM with an anonymous mapping (some pages touched), a shared guest_memfd mapping, a
+    hole, and freed frames waiting in the allocator (so reuse order matters)."""
+    kvm = sevcore.Kvm()
+    spare = kvm.mmap(8 * PAGE)
+    kvm.write(spare, bytes(8 * PAGE))
+    anon = kvm.mmap(16 * PAGE)
+    kvm.write(anon + 5 * PAGE, b"x")
+    vm = kvm.create_vm(KVM_X86_DEFAULT_VM)
+    gmem = vm.create_guest_memfd(4 * PAGE, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
+    shared = gmem.mmap(4 * PAGE)
+    kvm.munmap(spare, 8 * PAGE)
+    hvas = [anon + i * PAGE for i in range(16)] + [shared + i * PAGE for i in range(4)]
+    return kvm, hvas + [shared + 5 * PAGE]          # the last one is unmapped
+
+
+@settings(max_examples=60)
+@given(st.lists(st.integers(0, 20), max_size=24))
+def test_hva_to_pfns_allocates_as_a_loop_of_hva_to_pfn(picks):
+    """hva_to_pfns gives the frames, allocation order and stopping point of a hva_to_pfn loop."""
+    batch, hvas = _vmm_with_history()
+    loop, _ = _vmm_with_history()
+    pfns, err = batch.hva_to_pfns(np.array([hvas[i] for i in picks], np.uint64), write=True)
+    want, want_err = [], None
+    for i in picks:
+        try:
+            want.append(loop.hva_to_pfn(hvas[i], write=True))
+        except OSError as e:
+            want_err = e
+            break
+    assert pfns.tolist() == want
+    assert (err is None) == (want_err is None)
+    if err is not None:
+        assert err.errno == want_err.errno == EFAULT
+    assert batch.host.mem.allocated == loop.host.mem.allocated
+    assert [a.tolist() for a in batch._pt.items()] == [a.tolist() for a in loop._pt.items()]

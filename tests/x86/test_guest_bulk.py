@@ -137,6 +137,36 @@ def test_bulk_argument_errors():
         g.fill(GPA + 1, 1, 0)
 
 
+def test_bulk_list_argument_errors():
+    """Page lists are refused unless every gpa is a page-aligned u64, before anything runs."""
+    g = sevcore.guest.Guest(None)
+    for make in (lambda gpas: g.stamp_pages(gpas, 1), lambda gpas: g.read_pages(gpas),
+                 lambda gpas: g.write_pages(gpas, bytes(4096 * len(gpas))),
+                 lambda gpas: g.write_pattern_pages(gpas, 1),
+                 lambda gpas: g.check_pattern_pages(gpas, 1)):
+        with pytest.raises(ValueError, match="index 1"):
+            make([GPA, GPA + 4096 + 8])
+        with pytest.raises(ValueError):
+            make([GPA, -4096])
+        with pytest.raises(TypeError):
+            make([GPA, 4096.0])
+
+
+def test_unaligned_page_list_aborts_the_guest():
+    """A guest passing an unaligned gpa in a page list gets the ValueError (UCALL_ABORT), and
+    no page is written."""
+    vm, hva = create()
+
+    def guest(g):
+        yield g.write_pages([GPA, GPA + 4096 + 1], bytes([7]) * 8192)
+    v = vm.create_vcpu(0)
+    v.set_guest_code(guest)
+    v.run()
+    with pytest.raises(AssertionError, match="page-aligned"):
+        v.get_ucall()
+    assert vm.kvm.read(hva, 2 * 4096) == bytes(2 * 4096)
+
+
 def test_multi_page_access_stops_at_mmio_and_resumes():
     """A g.write of whole pages that runs off its slot writes the pages before the hole, exits
     MMIO at the hole's first bytes, and resumes there on the next KVM_RUN."""
@@ -229,6 +259,32 @@ def test_write_pages_fault_resumes_where_it_stopped(rng):
     assert v.run().ucall == ("done", ())
     for i, p in enumerate(pages):
         assert vm.kvm.read(hva + p * 4096, 4096) == data[i].tobytes()
+
+
+def test_check_pattern_counts_across_a_failed_run():
+    """A check_pattern stopped by a memory fault resumes on the next KVM_RUN with the
+    mismatches before the fault still counted, and the first one's index kept."""
+    vm = sevcore.Kvm().create_vm(KVM_X86_SW_PROTECTED_VM)
+    vm_mem_add(vm, 0, 0, 16)
+    hva = vm_mem_add(vm, GPA, 1, 64)
+
+    def guest(g):
+        yield g.write_pattern(GPA, 64, 5)
+        yield g.sync()
+        r = yield g.check_pattern(GPA, 64, 5)
+        yield g.sync(r)
+    v = vm.create_vcpu(0)
+    v.set_guest_code(guest)
+    v.run()
+    for page in (10, 12, 50):
+        vm.kvm.write(hva + page * 4096, b"\xff")
+    vm_mem_set_private(vm, GPA + 40 * 4096, 4096)
+    with pytest.raises(OSError) as e:
+        v.run()
+    assert e.value.errno == EFAULT and v.kvm_run.memory_fault.gpa == GPA + 40 * 4096
+    vm.set_memory_attributes(GPA + 40 * 4096, 4096, 0)
+    v.run()
+    assert v.get_ucall()[1] == ((3, 10),)
 
 
 def test_read_pages_into_a_given_buffer(rng):
