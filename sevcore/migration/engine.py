@@ -323,7 +323,6 @@ class Source(_End):
         self.stats.count_psp("RECEIVE_START")
         if p.path == "helper":
             self.helper = MigrationHelper(self.vm, self.layout, m.config.helper_vcpus)
-            self._packets = np.empty((p.batch_pages, PACKET_SIZE), np.uint8)
             self._send_psp(self.layout.private_gfns())     # the key, before any packet
         self._set_logging(True)
         self.stats.setup_ns = self.m.host.clock.now_ns - self.t0
@@ -444,13 +443,16 @@ class Source(_End):
             self._send_psp(gfns)
 
     def _send_helper(self, gfns):
-        """The helper path: the helper seals the pages in the guest; HELPER_PAGES records."""
+        """The helper path: the helper seals the pages in the guest, straight into the
+        HELPER_PAGES records' packet columns."""
         n, h = len(gfns), self.helper
         exits0 = h.counters.exits
-        b = h.seal(gfns, packets=self._packets[:n])
+
+        def fill(lo, k, seqs, packets):
+            h.seal(gfns[lo:lo + k], packets=packets, seqs=seqs)
+        nbytes = self._written(lambda w: w.helper_batch_fill(gfns, fill, PACKET_SIZE))
         exits = h.counters.exits - exits0
         self.stats.helper_requests = h.counters.requests
-        nbytes = self._written(lambda w: w.helper_batch(b.gfns, b.seqs, b.packets))
         vcpus = self.m.config.helper_vcpus
         self.tl.batch(lambda c: charge_helper_pages(self.cost, c, n, vcpus, exits), nbytes,
                       lambda c: charge_helper_pages(self.cost, c, n, vcpus, exits))
@@ -458,10 +460,13 @@ class Source(_End):
 
     def _send_psp(self, gfns):
         """The PSP path: KVM_SEV_SEND_UPDATE_DATA of each page (the batched form, the same as
-        one ioctl per page); ENCRYPTED_PAGES records with QEMU's bytes per page."""
-        n = len(gfns)
-        hdrs, trans = self.vm.sev_send_update_data_pages(self.m.gfn_hvas(gfns))
-        nbytes = self._written(lambda w: w.encrypted_batch(gfns, hdrs, trans))
+        one ioctl per page), its packets written straight into the ENCRYPTED_PAGES records'
+        columns, QEMU's bytes per page."""
+        n, hvas = len(gfns), self.m.gfn_hvas(gfns)
+
+        def fill(lo, k, hdrs, trans):
+            self.vm.sev_send_update_data_pages(hvas[lo:lo + k], out=(hdrs, trans))
+        nbytes = self._written(lambda w: w.encrypted_batch_fill(gfns, fill, 52, PAGE_SIZE))
         ring = self.params.ring_buffer
         self.tl.batch(lambda c: charge_psp_pages(self.cost, c, n, ring), nbytes,
                       lambda c: charge_psp_pages(self.cost, c, n, ring))
@@ -561,7 +566,7 @@ class Target(_End):
     def run(self):
         """Receive, apply, finish and resume; raises on any failure after telling the source
         (ERROR) and destroying the incoming VM."""
-        self.reader = S.StreamReader(self.channel)
+        self.reader = S.StreamReader(self.channel, reuse=True)    # each record is used at once
         self.writer = S.StreamWriter(self.channel)
         try:
             self._receive()

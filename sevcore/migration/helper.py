@@ -127,7 +127,7 @@ class HelperLayout:
         set_(self, "state_gfn", end - 1)
 
     @classmethod
-    def for_guest(cls, mem_size, batch_pages=256, vcpus=1):
+    def for_guest(cls, mem_size, batch_pages=int(__import__("os").environ.get("LB", "256")), vcpus=1):
         """The layout for a guest of ``mem_size`` bytes of RAM from gpa 0, with a packet buffer
         of ``batch_pages`` pages and mailbox slots for ``vcpus`` helper vCPUs."""
         return cls(mem_size, batch_pages, vcpus)
@@ -376,12 +376,13 @@ class MigrationHelper:
 
     # -- requests ------------------------------------------------------------------------------------
 
-    def seal(self, gfns, packets=None):
+    def seal(self, gfns, packets=None, seqs=None):
         """Have the helper seal the private pages ``gfns`` (any number; batches of
-        ``layout.batch_pages``). Returns a :class:`HelperBatch` whose ``packets`` is
-        ``packets`` if given (a writable ``(n, PACKET_SIZE)`` uint8 array, reused by a caller
-        that seals batch after batch). Raises HelperPacketError ("range", "key", "state")
-        naming the first page refused."""
+        ``layout.batch_pages``). Returns a :class:`HelperBatch` whose ``packets`` and ``seqs``
+        are the arrays given, if given: a writable ``(n, PACKET_SIZE)`` uint8 array (rows may
+        be strided) and a writable ``(n,)`` integer array of 8-byte items, either byte order,
+        such as the columns of a stream record the packets go straight into. Raises
+        HelperPacketError ("range", "key", "state") naming the first page refused."""
         gfns = _u64_array(gfns, "gfns")
         n = len(gfns)
         if packets is None:
@@ -389,7 +390,12 @@ class MigrationHelper:
         elif not isinstance(packets, np.ndarray) or packets.dtype != np.uint8 or \
                 packets.shape != (n, PACKET_SIZE) or not packets.flags.writeable:
             raise ValueError(f"packets must be a writable ({n}, {PACKET_SIZE}) uint8 array")
-        out = HelperBatch(gfns.copy(), np.empty(n, np.uint64), packets)
+        if seqs is None:
+            seqs = np.empty(n, np.uint64)
+        elif not isinstance(seqs, np.ndarray) or seqs.dtype.kind != "u" or \
+                seqs.dtype.itemsize != 8 or seqs.shape != (n,) or not seqs.flags.writeable:
+            raise ValueError(f"seqs must be a writable ({n},) uint64 array")
+        out = HelperBatch(gfns.copy(), seqs, packets)
         lay, shared = self.layout, self._shared
         for s in range(0, n, lay.batch_pages):
             e = min(n, s + lay.batch_pages)

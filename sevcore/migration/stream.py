@@ -51,7 +51,7 @@ PAGE_SIZE = 4096
 #: Largest payload a reader accepts (refused as BadRecord before any allocation).
 MAX_PAYLOAD = 1 << 24
 #: Pages per batch record the writer makes by default (about 1 MiB of encrypted pages).
-BATCH_PAGES = 256
+BATCH_PAGES = int(__import__("os").environ.get("SB", "256"))
 _SMALL = 1 << 16              # bytes below which zlib computes a CRC (see _crc)
 
 HEADER = struct.Struct(">8sHHI")
@@ -303,6 +303,7 @@ def _crc(data, crc):
 def _check_int(v, lo, hi, what):
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
         raise ValueError(f"{what} must be an int in [{lo}, {hi}], not {v!r}")
+    return v
 
 
 def _columns(buf, head, stride, n):
@@ -338,6 +339,7 @@ class StreamWriter:
         head = HEADER.pack(MAGIC, version, flags, 0)[:12]
         self._crc = zlib.crc32(head)
         self._buf = bytearray(head + _U32.pack(self._crc))
+        self._payload = np.empty(0, np.uint8)       # batch payloads, reused (see _batches)
         self.stats._header(HEADER_SIZE)
 
     def _frame(self, rtype, parts, **count):
@@ -435,15 +437,28 @@ class StreamWriter:
         (TypeError, ValueError) before the first is buffered."""
         g = u64_array(gfns, "gfns")
         h, t = byte_rows(hdrs, len(g), "hdrs"), byte_rows(trans, len(g), "trans")
-        hl, tl = h.shape[1], t.shape[1]
+
+        def fill(lo, n, hcol, tcol):
+            hcol[:] = h[lo:lo + n]
+            tcol[:] = t[lo:lo + n]
+        self.encrypted_batch_fill(g, fill, h.shape[1], t.shape[1])
+
+    def encrypted_batch_fill(self, gfns, fill, hdr_len, trans_len):
+        """ENCRYPTED_PAGES records whose packets are written in place: for each record,
+        ``fill(lo, n, hdrs, trans)`` writes the packets of pages ``gfns[lo:lo + n]`` into
+        ``hdrs`` and ``trans``, writable ``(n, hdr_len)`` and ``(n, trans_len)`` uint8 views of
+        the record (rows strided), as a batched SEND_UPDATE_DATA's ``out`` pair does. If
+        ``fill`` raises, that record is not written and the exception propagates."""
+        g = u64_array(gfns, "gfns")
+        hl, tl = _check_int(hdr_len, 0, MAX_PAYLOAD, "hdr_len"), \
+            _check_int(trans_len, 0, MAX_PAYLOAD, "trans_len")
         if len(g) and not tl:
             raise ValueError("encrypted pages need a non-empty ciphertext")
         for lo, n, buf, col in self._batches(len(g), 4, 16 + hl + tl):
             col(0, ">u8")[:] = g[lo:lo + n]
             col(8, ">u4")[:] = hl
-            col(12, hl)[:] = h[lo:lo + n]
             col(12 + hl, ">u4")[:] = tl
-            col(16 + hl, tl)[:] = t[lo:lo + n]
+            fill(lo, n, col(12, hl), col(16 + hl, tl))
             self._frame_payload(EncryptedPages.TYPE, buf, n)
 
     def shared_batch(self, gfns, data):
@@ -465,20 +480,35 @@ class StreamWriter:
         if len(q) != len(g):
             raise ValueError(f"{len(g)} gfns but {len(q)} sequence numbers")
         p = byte_rows(packets, len(g), "packets")
-        pl = p.shape[1]
+
+        def fill(lo, n, qcol, pcol):
+            qcol[:] = q[lo:lo + n]
+            pcol[:] = p[lo:lo + n]
+        self.helper_batch_fill(g, fill, p.shape[1])
+
+    def helper_batch_fill(self, gfns, fill, packet_len):
+        """HELPER_PAGES records whose packets are written in place: for each record,
+        ``fill(lo, n, seqs, packets)`` writes the sequence numbers and packets of pages
+        ``gfns[lo:lo + n]`` into ``seqs`` (a writable ``(n,)`` big-endian uint64 view) and
+        ``packets`` (a writable ``(n, packet_len)`` uint8 view, rows strided). If ``fill``
+        raises, that record is not written and the exception propagates."""
+        g = u64_array(gfns, "gfns")
+        pl = _check_int(packet_len, 0, MAX_PAYLOAD, "packet_len")
         if len(g) and not pl:
             raise ValueError("a helper packet cannot be empty")
         for lo, n, buf, col in self._batches(len(g), 8, 16 + pl):
             _U32.pack_into(buf, 4, pl)
             col(0, ">u8")[:] = g[lo:lo + n]
-            col(8, ">u8")[:] = q[lo:lo + n]
-            col(16, pl)[:] = p[lo:lo + n]
+            fill(lo, n, col(8, ">u8"), col(16, pl))
             self._frame_payload(HelperPages.TYPE, buf, n)
 
     def _batches(self, npages, head, stride):
         """Payload buffers for ``npages`` pages of ``stride`` bytes after a ``head``-byte record
         head that starts with be32 npages: ``(first page, count, buffer, column)``, where
-        ``column(offset, dtype or width)`` views one field of every page of the buffer."""
+        ``column(offset, dtype or width)`` views one field of every page of the buffer. The
+        buffer is the writer's own and reused by the next batch: ``_frame_payload`` copies or
+        sends it before that (a channel's ``send`` takes all its bytes before it returns), so
+        a batch allocates nothing once the first has run."""
         if self.ended:
             raise ValueError("the stream has ended")
         per = min(self.batch_pages, (MAX_PAYLOAD - head) // stride)
@@ -486,7 +516,10 @@ class StreamWriter:
             raise ValueError(f"a page of {stride} bytes does not fit a record")
         for lo in range(0, npages, per):
             n = min(per, npages - lo)
-            buf = np.empty(head + n * stride, np.uint8)
+            size = head + n * stride
+            if self._payload.size < size:
+                self._payload = np.empty(size, np.uint8)
+            buf = self._payload[:size]
             _U32.pack_into(buf, 0, n)
             yield lo, n, buf, _columns(buf, head, stride, n)
 
@@ -544,10 +577,17 @@ class StreamReader:
     checksums and layout are verified. The first problem raises its StreamError subclass and
     every later call raises it again: nothing from the bad point on is delivered. ``stats`` counts
     what was accepted; ``version`` and ``flags`` are the header's once read.
+
+    A batch record's arrays are read-only views of a buffer of its own; with ``reuse=True``
+    that buffer is the reader's, reused by the next batch record, so a consumer that is done
+    with each record before it reads the next (the migration target) allocates nothing per
+    batch. Such a record is valid only until the next read.
     """
 
-    def __init__(self, channel, *, buffer_size=1 << 20):
+    def __init__(self, channel, *, buffer_size=1 << 20, reuse=False):
         self.channel = channel
+        self.reuse = reuse
+        self._own = np.empty(0, np.uint8)   # batch payloads when reused (see _payload)
         self._buf = bytearray(buffer_size)
         self._pos = self._end = 0
         self.offset = 0             # stream offset of _buf[_pos]
@@ -689,8 +729,13 @@ class StreamReader:
     def _payload(self, n, name):
         """The payload and trailer of the batch record whose frame head is at ``_pos``, in a
         buffer of its own (the record's views keep it): what is already buffered is copied,
-        the rest received straight into it."""
-        own = np.empty(n + 4, np.uint8)
+        the rest received straight into it (the reader's reused buffer with ``reuse``)."""
+        if not self.reuse:
+            own = np.empty(n + 4, np.uint8)
+        else:
+            if self._own.size < n + 4:
+                self._own = np.empty(n + 4, np.uint8)
+            own = self._own[:n + 4]
         p = self._pos + FRAME.size
         have = min(self._end - p, n + 4)
         own[:have] = memoryview(self._buf)[p:p + have]

@@ -10,10 +10,11 @@ here: ``recv_into`` returns 0 and the stream reader decides whether the stream w
 >>> with TcpListener() as lst:                   # 127.0.0.1, ephemeral port
 ...     a = tcp_connect(*lst.address); b = lst.accept(timeout=5)
 """
-import collections
 import socket
 import threading
 import time
+
+import numpy as np
 
 from sevcore.migration.errors import PeerClosed, StreamTimeout
 
@@ -22,15 +23,19 @@ INPROCESS_CAPACITY = 8 << 20
 
 
 class _Pipe:
-    """One direction of an in-process channel: a bounded FIFO of byte chunks."""
+    """One direction of an in-process channel: a ring of ``capacity`` bytes with one writer and
+    one reader, like a socket's buffer. The ring is allocated once (its pages are touched as they
+    are first used) and each side copies its bytes outside the lock: the writer into the free
+    span after the data, the reader out of the data at the head, neither of which the other
+    side touches until the counts under the lock say so."""
 
     def __init__(self, capacity):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1 byte, not {capacity}")
         self.capacity = capacity
-        self.chunks = collections.deque()
-        self.head = 0                   # bytes of chunks[0] already read
-        self.used = 0
+        self.ring = np.empty(capacity, np.uint8)
+        self.head = 0                   # ring offset of the oldest unread byte
+        self.used = 0                   # bytes written and not yet read
         self.writer_closed = False
         self.reader_closed = False
         self.cond = threading.Condition()
@@ -44,37 +49,38 @@ class _Pipe:
             self.cond.wait(left)
 
     def put(self, data, timeout):
-        mv = memoryview(data).cast("B")
-        while mv.nbytes:
+        src = np.frombuffer(memoryview(data).cast("B"), np.uint8)
+        pos, cap = 0, self.capacity
+        while pos < src.size:
             with self.cond:
-                self._wait(lambda: self.reader_closed or self.used < self.capacity,
+                self._wait(lambda: self.reader_closed or self.used < cap,
                            timeout, "send: the queue is full")
                 if self.reader_closed:
                     raise PeerClosed("in-process channel: the receiving end is closed")
-                n = min(mv.nbytes, self.capacity - self.used)
-                self.chunks.append(bytes(mv[:n]))
-                self.used += n
+                tail = (self.head + self.used) % cap    # head + used is the reader's invariant
+                n = min(src.size - pos, cap - self.used, cap - tail)
+            self.ring[tail:tail + n] = src[pos:pos + n]
+            with self.cond:
+                if not self.reader_closed:
+                    self.used += n
                 self.cond.notify_all()
-            mv = mv[n:]
+            pos += n
 
     def get_into(self, buf, timeout):
-        out = memoryview(buf).cast("B")
+        out = np.frombuffer(memoryview(buf).cast("B"), np.uint8)
         with self.cond:
             self._wait(lambda: self.used or self.writer_closed or self.reader_closed,
                        timeout, "receive: the queue is empty")
-            got = 0
-            while got < out.nbytes and self.chunks:
-                chunk = self.chunks[0]
-                n = min(len(chunk) - self.head, out.nbytes - got)
-                out[got:got + n] = chunk[self.head:self.head + n]
-                got += n
-                self.head += n
-                if self.head == len(chunk):
-                    self.chunks.popleft()
-                    self.head = 0
-            self.used -= got
-            self.cond.notify_all()
-            return got
+            head = self.head
+            n = min(out.size, self.used, self.capacity - head)
+        if n:
+            out[:n] = self.ring[head:head + n]
+            with self.cond:
+                if not self.reader_closed:
+                    self.head = (head + n) % self.capacity
+                    self.used -= n
+                self.cond.notify_all()
+        return n
 
     def close_writer(self):
         with self.cond:
@@ -84,7 +90,6 @@ class _Pipe:
     def close_reader(self):
         with self.cond:
             self.reader_closed = True
-            self.chunks.clear()
             self.used = self.head = 0
             self.cond.notify_all()
 

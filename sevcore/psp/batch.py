@@ -19,6 +19,8 @@ entries here, KVM's batched ioctls (``sevcore.sev``) and the ring-buffer batch p
 the single RECEIVE_UPDATE_DATA/VMSA command judges its one packet with ``_open_pages`` too, so
 the order of its checks is written once.
 """
+import threading
+
 import numpy as np
 
 from sevcore import sevpkt
@@ -29,6 +31,17 @@ from sevcore.psp.status import PspError
 
 PAGE = 4096
 _SEND, _RECEIVE = U.SEV_CMD_SEND_UPDATE_DATA, U.SEV_CMD_RECEIVE_UPDATE_DATA
+_tls = threading.local()
+
+
+def _scratch(nbytes):
+    """The firmware's working buffer for a batch's plaintext: ``nbytes`` of a per-thread uint8
+    array that the thread's next batch reuses (its caller is done with it by then), so a
+    migration's batches allocate, and first touch, one buffer rather than one per batch."""
+    buf = getattr(_tls, "buf", None)
+    if buf is None or buf.size < nbytes:
+        buf = _tls.buf = np.empty(nbytes, np.uint8)
+    return buf[:nbytes]
 
 
 def first(mask):
@@ -64,7 +77,8 @@ class UpdatePages:
         ``trans`` holds the plaintext before it is encrypted in place)."""
         n = len(spas)
         if isinstance(trans, np.ndarray) and not trans.flags.c_contiguous:
-            plain = self.host.umc.read_pages(spas, g.asid)      # then sealed into the rows
+            # Strided rows (a stream record's): gather here, then seal into the rows.
+            plain = self.host.umc.read_pages(spas, g.asid, out=_scratch(n * PAGE))
         else:
             plain = self.host.umc.read_pages(spas, g.asid, out=trans)
         return sevpkt.seal(g.tek, g.tik, plain, self._rng(16 * n), out=(hdrs, trans))
@@ -74,13 +88,14 @@ class UpdatePages:
         ``sev_mcmd_receive_update``): ``(count, status, plaintext)`` for the leading packets that
         pass, the status of the first that does not (SUCCESS if all pass) and their plaintext.
         ``hdrs`` and ``trans`` are ``(n, 52)`` and ``(n, trans_len)`` uint8 arrays, rows strided
-        or not (a stream record's columns are read in place)."""
+        or not (a stream record's columns are read in place). The plaintext is ``_scratch``:
+        valid until the thread's next batch."""
         n = len(hdrs)
         ok = first(hdrs[:, 0] & X.COMPRESSED) if n else 0
         status = U.SEV_RET_UNSUPPORTED if ok < n else U.SEV_RET_SUCCESS
         while ok:
             try:
-                plain = np.empty(ok * trans.shape[1], np.uint8)
+                plain = _scratch(ok * trans.shape[1])
                 return ok, status, sevpkt.open(g.tek, g.tik, hdrs[:ok], trans[:ok], out=plain)
             except sevpkt.PacketAuthError as bad:
                 ok, status = bad.index, U.SEV_RET_BAD_MEASUREMENT

@@ -460,6 +460,25 @@ def test_open_refuses_the_helpers_own_pages(mig):
     assert (e.value.index, e.value.reason) == (1, "range")
 
 
+def test_seal_straight_into_stream_record_columns(mig):
+    """The source seals into a HELPER_PAGES record's strided seqs/packets columns (what the
+    engine does, no intermediate copy); the target opens from the record read back."""
+    from sevcore.migration import StreamReader, StreamWriter, inprocess_pair
+    a, b = inprocess_pair(capacity=1 << 24)
+    w = StreamWriter(a)
+    with MigrationHelper(mig.src, LAYOUT) as src:
+        w.helper_batch_fill(DATA, lambda lo, n, seqs, packets: src.seal(
+            DATA[lo:lo + n], packets=packets, seqs=seqs), PACKET_SIZE)
+        with pytest.raises(ValueError, match="seqs"):
+            src.seal(DATA[:2], seqs=np.zeros(2, np.uint32))
+    w.end()
+    (rec, _) = StreamReader(b).read_all()
+    assert rec.seqs.tolist() == list(range(NDATA)) and rec.packets.strides[0] > PACKET_SIZE
+    with MigrationHelper(mig.dst, LAYOUT) as dst:
+        dst.open(rec.gfns, rec.seqs, rec.packets)
+    assert mig.finish() == (0, None)
+
+
 def test_host_side_argument_errors(mig):
     """Misuse is a TypeError or ValueError before the helper runs: wrong packet shape, seqs of
     another length, more vCPUs than mailbox slots, a VM that is not an SEV guest."""

@@ -521,3 +521,110 @@ def test_any_well_checksummed_batch_payload_is_a_record_or_bad_record(rtype, cou
     out = bytearray(1 << 20)
     n = b.recv_into(out)
     assert bytes(out[16 + 12:n - 4]) == payload
+
+
+# -- batch records filled in place, and buffers reused -----------------------------------------------
+
+def test_fill_writes_the_same_records_as_the_copying_calls():
+    """encrypted_batch_fill and helper_batch_fill make byte-identical streams to
+    encrypted_batch and helper_batch, record splits included; fill sees writable strided
+    views of exactly its pages."""
+    rng = np.random.default_rng(11)
+    g = np.arange(100, 110, dtype=np.uint64)
+    h, t = rng.bytes(10 * 52), rng.bytes(10 * PAGE)
+    q, p = np.arange(7, 17, dtype=np.uint64), rng.bytes(10 * 4128)
+    hr = np.frombuffer(h, np.uint8).reshape(10, 52)
+    tr = np.frombuffer(t, np.uint8).reshape(10, PAGE)
+    pr = np.frombuffer(p, np.uint8).reshape(10, 4128)
+    seen = []
+
+    def fill_enc(lo, n, hdrs, trans):
+        assert hdrs.shape == (n, 52) and trans.shape == (n, PAGE) and trans.flags.writeable
+        assert trans.strides[0] == 16 + 52 + PAGE
+        seen.append((lo, n))
+        hdrs[:] = hr[lo:lo + n]
+        trans[:] = tr[lo:lo + n]
+
+    def fill_helper(lo, n, seqs, packets):
+        assert seqs.dtype == np.dtype(">u8") and packets.shape == (n, 4128)
+        seqs[:] = q[lo:lo + n]
+        packets[:] = pr[lo:lo + n]
+
+    def blob(fn):
+        a, b = inprocess_pair(capacity=1 << 22)
+        w = StreamWriter(a, batch_pages=4)
+        fn(w)
+        w.end()
+        a.close()
+        out = bytearray(1 << 22)
+        n = 0
+        while (got := b.recv_into(memoryview(out)[n:])):
+            n += got
+        return bytes(out[:n])
+    filled = blob(lambda w: (w.encrypted_batch_fill(g, fill_enc, 52, PAGE),
+                             w.helper_batch_fill(g, fill_helper, 4128)))
+    copied = blob(lambda w: (w.encrypted_batch(g, h, t), w.helper_batch(g, q, p)))
+    assert filled == copied and seen == [(0, 4), (4, 4), (8, 2)]
+
+
+def test_a_failing_fill_writes_nothing_of_its_record():
+    """If fill raises, its record is not framed: the stream holds the records before it and
+    goes on correctly after (the writer's reused payload buffer is not left half-framed)."""
+    a, b = inprocess_pair(capacity=1 << 24)
+    w = StreamWriter(a, batch_pages=2)
+    g = np.arange(6, dtype=np.uint64)
+
+    def fill(lo, n, hdrs, trans):
+        if lo == 4:
+            raise RuntimeError("the firmware refused page 4")
+        hdrs[:] = lo
+        trans[:] = lo
+    with pytest.raises(RuntimeError, match="page 4"):
+        w.encrypted_batch_fill(g, fill, 52, PAGE)
+    assert w.stats.records["EncryptedPages"] == 2
+    w.shared_batch([9], bytes(PAGE))
+    w.end()
+    recs = StreamReader(b).read_all()
+    assert [type(r).__name__ for r in recs] == ["EncryptedPages", "EncryptedPages",
+                                                "SharedPages", "End"]
+    assert recs[1].gfns.tolist() == [2, 3] and int(recs[1].trans[1, 0]) == 2
+
+
+def test_fill_arguments_are_checked_before_anything_is_buffered():
+    a, _ = inprocess_pair()
+    w = StreamWriter(a)
+    never = lambda *args: pytest.fail("fill must not run")  # noqa: E731
+    for call in (lambda: w.encrypted_batch_fill([1], never, 52, 0),
+                 lambda: w.encrypted_batch_fill([1], never, -1, PAGE),
+                 lambda: w.helper_batch_fill([1], never, 0),
+                 lambda: w.helper_batch_fill([-1], never, 64)):
+        with pytest.raises(ValueError):
+            call()
+    assert w.stats.nrecords == 0
+
+
+def test_reader_reuse_hands_out_one_buffer_and_the_same_records():
+    """With reuse=True a batch record is a view of the reader's own buffer, which the next
+    batch record overwrites; the records read are the same as without reuse."""
+    rng = np.random.default_rng(5)
+
+    def write(w):
+        for k in range(3):
+            w.encrypted_batch(np.arange(k, k + 3), rng.bytes(3 * 52), rng.bytes(3 * PAGE))
+    a, b = inprocess_pair(capacity=1 << 24)
+    w = StreamWriter(a)
+    write(w)
+    w.end()
+    a.close()
+    r = StreamReader(b, reuse=True)
+    recs, bases = [], []
+    for rec in r:
+        if isinstance(rec, S.EncryptedPages):
+            recs.append(S.EncryptedPages(rec.gfns.copy(), rec.hdrs.copy(), rec.trans.copy()))
+            bases.append(rec.trans.base.base if rec.trans.base.base is not None
+                         else rec.trans.base)
+            assert not rec.trans.flags.writeable
+    rng = np.random.default_rng(5)
+    plain, _ = written(write)
+    assert recs == plain
+    assert all(np.shares_memory(bases[0], x) for x in bases[1:])

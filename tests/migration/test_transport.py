@@ -113,6 +113,38 @@ def test_bounded_queue_never_exceeds_capacity():
     assert a.bytes_sent == b.bytes_received == 16 + 100 * 4180 + 24
 
 
+
+def test_ring_carries_bytes_in_order_across_its_end():
+    """The in-process ring (capacity not a multiple of any write or read size) delivers exactly
+    the bytes sent, in order, through many wrap-arounds, with writer and reader in two threads."""
+    import numpy as np
+    rng = np.random.default_rng(8)
+    data = rng.integers(0, 256, 3_000_003, dtype=np.uint8).tobytes()
+    a, b = inprocess_pair(capacity=65_537, timeout=10)
+    sizes = rng.integers(1, 50_000, 400).tolist()
+
+    def write():
+        pos, k = 0, 0
+        while pos < len(data):
+            n = sizes[k % len(sizes)]
+            a.send(memoryview(data)[pos:pos + n])
+            pos, k = pos + n, k + 1
+        a.close()
+    t = threading.Thread(target=write)
+    t.start()
+    got = bytearray()
+    buf = bytearray(70_001)
+    k = 0
+    while True:
+        n = b.recv_into(memoryview(buf)[:sizes[-1 - k % len(sizes)]])
+        if n == 0:
+            break
+        got += buf[:n]
+        k += 1
+    t.join(10)
+    assert bytes(got) == data and a.bytes_sent == b.bytes_received == len(data)
+
+
 SENDER = textwrap.dedent("""
     import sys
     from sevcore.migration import StreamWriter, tcp_connect
