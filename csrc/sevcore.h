@@ -15,7 +15,7 @@
 enum {
     /* Bumped whenever a signature or struct in any csrc header changes; sevcore/_bindings.py
      * refuses to load a module whose value differs from the one it was written for. */
-    SC_ABI_VERSION = 7,
+    SC_ABI_VERSION = 8,
 
     /* CPU features the kernels dispatch on (a bit mask). */
     SC_CPU_AESNI = 1,      /* AES-NI + PCLMULQDQ + SSE4.1 (also the CRC-32 folding path) */

@@ -18,7 +18,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 #: The C-core ABI this Python package was written against (csrc/sevcore.h SC_ABI_VERSION).
-ABI_VERSION = 7
+ABI_VERSION = 8
 
 if lib.sc_abi_version() != ABI_VERSION or lib.SC_ABI_VERSION != ABI_VERSION:
     raise ImportError(
@@ -563,6 +563,17 @@ def crc32(data, value):
 def crc32_impl():
     return _CRC32_IMPLS[lib.sc_crc32_impl()]
 
+
+
+# --- Host memory (csrc/hostmem.h) ------------------------------------------------------------------
+
+def populate_write(buf, offset, length):
+    """Fault in ``length`` bytes of the writable buffer ``buf`` from ``offset`` (page aligned),
+    contents unchanged (MADV_POPULATE_WRITE). OSError(EINVAL) where the kernel lacks it."""
+    if offset < 0 or length < 0 or offset + length > len(buf):
+        raise ValueError(f"range [{offset}, {offset + length}) outside a {len(buf)}-byte buffer")
+    p = ffi.cast("uint8_t *", ffi.from_buffer(_CHAR_ARRAY, buf, require_writable=True))
+    return check(lib.sc_populate_write(p + offset, length), "sc_populate_write")
 
 # --- Guest page access (csrc/guest.h) -----------------------------------------------------------
 # C checks every argument (sizes included: each buffer goes with its length); these wrappers only

@@ -6,6 +6,7 @@ or released with MADV_DONTNEED when it was freed), as the kernel's page allocato
 pages to user space and guest_memfd. What a frame holds is what the memory bus holds: plaintext for
 host and shared pages, ciphertext for pages written through an SEV key.
 """
+import contextlib
 import errno
 import mmap
 import sys
@@ -21,6 +22,8 @@ DEFAULT_SIZE = 1 << 40
 # Python < 3.12's mmap module does not export MAP_NORESERVE; without it the kernel's overcommit
 # heuristic refuses a reservation larger than RAM. 0x4000 is its value on Linux (asm-generic/mman.h).
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
+#: Bytes of frames ``populating`` faults in per call (each call releases the GIL).
+POPULATE_CHUNK = 4 << 20
 
 
 class HostMemory:
@@ -45,6 +48,7 @@ class HostMemory:
         self._free = []          # chunks (uint64 arrays) of freed pfns, reused before fresh ones
         self._nfree = 0
         self.allocated = 0       # frames currently handed out
+        self._populater = None   # the populating() thread, if one runs
 
     # -- allocation -------------------------------------------------------------------------------
 
@@ -80,6 +84,30 @@ class HostMemory:
             self._next += fresh
             self.allocated += n
         return out
+
+    @contextlib.contextmanager
+    def populating(self, pfns):
+        """While inside, a background thread faults in the frames ``pfns`` (allocated ones, in
+        the order given, contiguous runs a chunk at a time) with MADV_POPULATE_WRITE, so that the
+        thread that writes them first (a migration target storing the incoming guest's pages)
+        does not take the host's page faults itself. Nothing the model sees changes: frames,
+        contents and allocation are the same; on exit the thread stops where it is. Nested use,
+        or a kernel without MADV_POPULATE_WRITE, makes it do nothing."""
+        pfns = np.asarray(pfns, dtype=np.uint64).reshape(-1)
+        if len(pfns) and (int(pfns.min()) < FIRST_PFN or int(pfns.max()) >= self._next):
+            raise ValueError("populating() of a frame that was never allocated")
+        if self._populater is not None or not len(pfns):
+            yield self
+            return
+        pop = _Populater(self, pfns)
+        self._populater = pop
+        pop.start()
+        try:
+            yield self
+        finally:
+            pop.stop.set()
+            pop.join()
+            self._populater = None
 
     def free(self, pfns):
         """Return frames to the allocator; their memory goes back to the OS (MADV_DONTNEED)."""
@@ -124,3 +152,33 @@ class HostMemory:
     def close(self):
         self.frames = None
         self._mm.close()
+
+
+class _Populater(threading.Thread):
+    """HostMemory.populating's thread. It stops for good at the first error (no
+    MADV_POPULATE_WRITE, or no memory): the frames are then faulted in where they are written,
+    as without it."""
+
+    def __init__(self, mem, pfns):
+        super().__init__(name="sevcore-hostmem-populate", daemon=True)
+        self.mem = mem
+        cut = (np.flatnonzero(np.diff(pfns.astype(np.int64)) != 1) + 1).tolist()
+        self.runs = [(int(pfns[a]), b - a) for a, b in zip([0] + cut, cut + [len(pfns)])]
+        self.stop = threading.Event()
+        self.populated = 0              # frames faulted in so far
+        self.error = None
+
+    def run(self):
+        from sevcore._bindings import populate_write
+        chunk = POPULATE_CHUNK >> PAGE_SHIFT
+        for first, n in self.runs:
+            for lo in range(0, n, chunk):
+                if self.stop.is_set():
+                    return
+                k = min(chunk, n - lo)
+                try:
+                    populate_write(self.mem.frames, (first + lo) << PAGE_SHIFT, k << PAGE_SHIFT)
+                except OSError as e:
+                    self.error = e
+                    return
+                self.populated += k

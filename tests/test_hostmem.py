@@ -66,3 +66,51 @@ def test_a_large_host_costs_only_what_is_touched():
     assert (60 << 20) < grown < (80 << 20)
     mem.free(pfns)
     assert _rss_bytes() - before < (16 << 20)     # MADV_DONTNEED gave the frames back
+
+
+def _resident_pages(mem, first, n):
+    """How many of the frames [first, first + n) are resident (mincore)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    vec = (ctypes.c_ubyte * n)()
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mem._mm)) + (first << 12)
+    assert libc.mincore(ctypes.c_void_p(base), ctypes.c_size_t(n << 12), vec) == 0
+    return sum(v & 1 for v in vec)
+
+
+def test_populating_faults_frames_in_without_changing_them():
+    """populating(pfns) makes the given frames resident from another thread; their contents,
+    the allocator and the frames not given are unchanged."""
+    import time
+    mem = HostMemory(1 << 30)
+    pfns = mem.alloc(3000)
+    mem.frame(pfns[5])[:4] = [1, 2, 3, 4]
+    other = mem.alloc(500)
+    before = (mem.allocated, mem._next)
+    with mem.populating(pfns[:2048]) as m:
+        deadline = time.monotonic() + 10
+        while m._populater.populated < 2048 and m._populater.error is None \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pop = m._populater
+    if pop.error is not None:                       # a kernel without MADV_POPULATE_WRITE
+        assert pop.error.errno == errno.EINVAL
+        return
+    assert pop.populated == 2048 and mem._populater is None
+    assert _resident_pages(mem, int(pfns[0]), 2048) == 2048
+    assert _resident_pages(mem, int(other[0]), 500) == 0
+    assert bytes(mem.frame(pfns[5])[:5]) == bytes([1, 2, 3, 4, 0])
+    assert not mem.frame(pfns[2047]).any() and (mem.allocated, mem._next) == before
+
+
+def test_populating_refuses_frames_never_allocated_and_nests_as_a_no_op():
+    mem = HostMemory(1 << 30)
+    pfns = mem.alloc(10)
+    with pytest.raises(ValueError, match="never allocated"):
+        with mem.populating([int(pfns[-1]) + 1]):
+            pass
+    with mem.populating(pfns) as m:
+        outer = m._populater
+        with mem.populating(pfns):
+            assert mem._populater is outer
+    assert mem._populater is None

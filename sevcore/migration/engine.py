@@ -610,6 +610,21 @@ class Target(_End):
             if cfg.helper_layout is None:
                 raise StreamError("a helper-path stream for a guest without a helper")
             self.helper = MigrationHelper(m.vm, cfg.helper_layout, cfg.helper_vcpus)
+        # The host OS's page faults on the incoming guest's frames (pinned, never written) are
+        # taken by another thread ahead of the stores (HostMemory.populating); the model is
+        # unchanged.
+        with kvm.host.mem.populating(m.frames()):
+            self._receive_records()
+        m.vm.memory_encrypt_op(U.KVM_SEV_RECEIVE_FINISH)
+        self.cost.psp_command(self.clock, 0)
+        self._close_helper()
+        checked, bad, first_bad = m.run_until("resumed")
+        self.result = {"checked": checked, "bad": bad, "first_bad": first_bad}
+        self._reply("resumed", **self.result)
+
+    def _receive_records(self):
+        """The records after RECEIVE_START, up to END: pages, vCPU state, the shared ranges."""
+        m = self.m
         ready = False
         for rec in self.reader:
             if isinstance(rec, S.HelperPage):
@@ -646,12 +661,6 @@ class Target(_End):
                 raise StreamError(f"unexpected {type(rec).__name__} record")
         if not ready:
             raise StreamError("END before the source declared the copy complete")
-        m.vm.memory_encrypt_op(U.KVM_SEV_RECEIVE_FINISH)
-        self.cost.psp_command(self.clock, 0)
-        self._close_helper()
-        checked, bad, first_bad = m.run_until("resumed")
-        self.result = {"checked": checked, "bad": bad, "first_bad": first_bad}
-        self._reply("resumed", **self.result)
 
     def _open_pending(self):
         """Hand the buffered single HELPER_PAGE records to the target's helper at once."""

@@ -106,6 +106,11 @@ class Machine:
         vm.memory_encrypt_reg_region(m.hva, config.mem_size)
         return m
 
+    def frames(self):
+        """The host frames behind guest RAM, in gfn order (the region is pinned: all exist)."""
+        first = self.hva >> PAGE_SHIFT
+        return self.kvm.anon_pfns(np.arange(first, first + self.npages, dtype=np.uint64))
+
     # -- running ---------------------------------------------------------------------------------------
 
     def run_until(self, *names):

@@ -48,3 +48,27 @@ def test_unknown_feature_name_is_refused():
     with pytest.raises(ValueError, match="unknown CPU feature"):
         cpu.restrict({"avx1024"})
     assert cpu.active() == before
+
+
+def test_populate_write_contract():
+    """sc_populate_write: 0 for an empty range, -EINVAL for an unaligned one, and the bytes of a
+    populated range unchanged."""
+    import errno
+    import mmap
+
+    import numpy as np
+    from sevcore import _bindings as b
+    mm = mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    a = np.frombuffer(mm, np.uint8)
+    a[4096:4100] = 9
+    assert b.populate_write(a, 0, 0) == 0
+    with pytest.raises(OSError) as e:
+        b.populate_write(a, 1, 4096)
+    assert e.value.errno == errno.EINVAL
+    with pytest.raises(ValueError):
+        b.populate_write(a, 0, 2 << 20)
+    try:
+        b.populate_write(a, 0, 1 << 20)
+    except OSError as e:                       # a kernel before 5.14
+        assert e.errno == errno.EINVAL
+    assert a[4096:4100].tolist() == [9] * 4 and not a[:4096].any()
