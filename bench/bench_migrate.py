@@ -65,33 +65,42 @@ def test_migrate(benchmark, path):
     benchmark.extra_info["simulated_total_ms"] = st.total_ns / 1e6
 
 
-def test_raw_crypto_peer(benchmark):
-    """Engine decrypt + seal + open + engine encrypt of the guest's pages, 256 at a time."""
-    benchmark.group = GROUP
-    m = guest("psp")
-    host, asid = m.host, m.vm.sev.asid
-    gfns = np.arange(m.npages, dtype=np.uint64)
-    spas = np.array([m.kvm.hva_to_pfn(int(h), False) for h in m.gfn_hvas(gfns)],
-                    np.uint64) << np.uint64(12)
-    dst = guest("psp")          # another Host, another key: where the pages land
-    dst_spas = np.array([dst.kvm.hva_to_pfn(int(h), False) for h in dst.gfn_hvas(gfns)],
-                        np.uint64) << np.uint64(12)
-    dst_asid = dst.vm.sev.asid
+def guest_spas(m):
+    """The SPAs of every page of ``m``'s guest, in gfn order."""
+    hvas = m.gfn_hvas(np.arange(m.npages, dtype=np.uint64))
+    return np.array([m.kvm.hva_to_pfn(int(h), False) for h in hvas], np.uint64) << np.uint64(12)
+
+
+def crypto_pass(src, dst_umc, dst_spas, dst_asid):
+    """What a migration's cryptography is, without the migration: the source guest's pages
+    decrypted by the engine, sealed and opened as SEV packets, and encrypted by the engine with
+    another key into ``dst_spas``, BATCH pages at a time. Returns the function that runs it."""
+    host, asid, spas = src.host, src.vm.sev.asid, guest_spas(src)
     tek, tik = bytes(range(16)), bytes(range(16, 32))
     ivs = np.random.default_rng(3).bytes(16 * BATCH)
     plain = np.empty(BATCH * 4096, np.uint8)
 
-    def run():
-        for s in range(0, len(gfns), BATCH):
-            e = min(len(gfns), s + BATCH)
+    def run(dst_spas=dst_spas):
+        for s in range(0, len(spas), BATCH):
+            e = min(len(spas), s + BATCH)
             pt = host.umc.read_pages(spas[s:e], asid, out=plain[:(e - s) * 4096])
             hdrs, ct = sevpkt.seal(tek, tik, pt, ivs[:16 * (e - s)])
             out = sevpkt.open(tek, tik, hdrs, ct)
-            dst.host.umc.write_pages(dst_spas[s:e], out, dst_asid)
+            dst_umc.write_pages(dst_spas[s:e], out, dst_asid)
+    return run, spas
+
+
+def test_raw_crypto_peer(benchmark):
+    """Engine decrypt + seal + open + engine encrypt of the guest's pages, 256 at a time."""
+    benchmark.group = GROUP
+    m = guest("psp")
+    dst = guest("psp")          # another Host, another key: where the pages land
+    dst_spas, dst_asid = guest_spas(dst), dst.vm.sev.asid
+    run, spas = crypto_pass(m, dst.host.umc, dst_spas, dst_asid)
     benchmark.pedantic(run, rounds=3, warmup_rounds=1)
-    per_item(benchmark, len(gfns), "page")
+    per_item(benchmark, len(spas), "page")
     assert dst.host.umc.read(int(dst_spas[-1]), 4096, dst_asid) == \
-        host.umc.read(int(spas[-1]), 4096, asid)
+        m.host.umc.read(int(spas[-1]), 4096, m.vm.sev.asid)
 
 
 def test_raw_crypto_fresh_target_peer(benchmark):
@@ -100,29 +109,15 @@ def test_raw_crypto_fresh_target_peer(benchmark):
     the floor a migration cannot go under on this machine, first touch included."""
     benchmark.group = GROUP
     m = guest("psp")
-    host, asid = m.host, m.vm.sev.asid
-    gfns = np.arange(m.npages, dtype=np.uint64)
-    spas = np.array([m.kvm.hva_to_pfn(int(h), False) for h in m.gfn_hvas(gfns)],
-                    np.uint64) << np.uint64(12)
-    tek, tik = bytes(range(16)), bytes(range(16, 32))
-    ivs = np.random.default_rng(3).bytes(16 * BATCH)
-    plain = np.empty(BATCH * 4096, np.uint8)
     holder = {}
 
     def setup():
         holder["dst"] = dst = sevcore.Host()
         dst.umc.install_key(1, bytes(range(32, 48)))
-        return (dst, dst.mem.alloc(len(gfns)) << np.uint64(12)), {}
-
-    def run(dst, dst_spas):
-        for s in range(0, len(gfns), BATCH):
-            e = min(len(gfns), s + BATCH)
-            pt = host.umc.read_pages(spas[s:e], asid, out=plain[:(e - s) * 4096])
-            hdrs, ct = sevpkt.seal(tek, tik, pt, ivs[:16 * (e - s)])
-            out = sevpkt.open(tek, tik, hdrs, ct)
-            dst.umc.write_pages(dst_spas[s:e], out, 1)
-    benchmark.pedantic(run, setup=setup, rounds=1)
-    per_item(benchmark, len(gfns), "page")
+        holder["run"], _ = crypto_pass(m, dst.umc, None, 1)
+        return (dst.mem.alloc(m.npages) << np.uint64(12),), {}
+    benchmark.pedantic(lambda dst_spas: holder["run"](dst_spas), setup=setup, rounds=1)
+    per_item(benchmark, m.npages, "page")
 
 
 def test_first_touch_peer(benchmark):
