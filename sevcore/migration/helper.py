@@ -127,7 +127,7 @@ class HelperLayout:
         set_(self, "state_gfn", end - 1)
 
     @classmethod
-    def for_guest(cls, mem_size, batch_pages=int(__import__("os").environ.get("LB", "256")), vcpus=1):
+    def for_guest(cls, mem_size, batch_pages=256, vcpus=1):
         """The layout for a guest of ``mem_size`` bytes of RAM from gpa 0, with a packet buffer
         of ``batch_pages`` pages and mailbox slots for ``vcpus`` helper vCPUs."""
         return cls(mem_size, batch_pages, vcpus)

@@ -51,7 +51,7 @@ PAGE_SIZE = 4096
 #: Largest payload a reader accepts (refused as BadRecord before any allocation).
 MAX_PAYLOAD = 1 << 24
 #: Pages per batch record the writer makes by default (about 1 MiB of encrypted pages).
-BATCH_PAGES = int(__import__("os").environ.get("SB", "256"))
+BATCH_PAGES = 256
 _SMALL = 1 << 16              # bytes below which zlib computes a CRC (see _crc)
 
 HEADER = struct.Struct(">8sHHI")
