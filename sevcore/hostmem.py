@@ -14,6 +14,8 @@ import threading
 
 import numpy as np
 
+from sevcore.arrays import runs
+
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
 #: Frames below 1 MiB are never handed out (real hosts keep them for firmware and the kernel).
@@ -117,10 +119,8 @@ class HostMemory:
         if int(pfns[0]) < FIRST_PFN or int(pfns[-1]) >= self._next:
             raise ValueError("free() of a frame that was never allocated")
         # One madvise per contiguous run.
-        breaks = np.flatnonzero(np.diff(pfns) != 1) + 1
-        for run in np.split(pfns, breaks):
-            self._mm.madvise(mmap.MADV_DONTNEED, int(run[0]) << PAGE_SHIFT,
-                             len(run) << PAGE_SHIFT)
+        for i, n in runs(pfns):
+            self._mm.madvise(mmap.MADV_DONTNEED, int(pfns[i]) << PAGE_SHIFT, n << PAGE_SHIFT)
         with self._lock:
             self._free.append(pfns)
             self._nfree += len(pfns)
@@ -162,8 +162,7 @@ class _Populater(threading.Thread):
     def __init__(self, mem, pfns):
         super().__init__(name="sevcore-hostmem-populate", daemon=True)
         self.mem = mem
-        cut = (np.flatnonzero(np.diff(pfns.astype(np.int64)) != 1) + 1).tolist()
-        self.runs = [(int(pfns[a]), b - a) for a, b in zip([0] + cut, cut + [len(pfns)])]
+        self.runs = [(int(pfns[i]), n) for i, n in runs(pfns)]
         self.stop = threading.Event()
         self.populated = 0              # frames faulted in so far
         self.error = None

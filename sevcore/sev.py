@@ -25,7 +25,7 @@ from errno import EBADF, EBUSY, EFAULT, EINVAL, EIO, ENOMEM, ENOTTY, EPERM
 import numpy as np
 
 from sevcore import uapi as U
-from sevcore.arrays import byte_rows, u64_array
+from sevcore.arrays import byte_rows, runs, u64_array
 from sevcore.errors import KvmError
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.psp import layout as L
@@ -395,17 +395,6 @@ def _wraps(addr, size):
     return addr + size > ULONG_MAX
 
 
-def _runs(pfns):
-    """(index, count) of the runs of physically contiguous pages (get_num_contig_pages)."""
-    i = 0
-    while i < len(pfns):
-        j = i + 1
-        while j < len(pfns) and pfns[j] == pfns[j - 1] + 1:
-            j += 1
-        yield i, j - i
-        i = j
-
-
 def reg_region(vm, addr, size):
     """KVM_MEMORY_ENCRYPT_REG_REGION (sev_mem_enc_register_region)."""
     ioctl = "KVM_MEMORY_ENCRYPT_REG_REGION"
@@ -555,7 +544,8 @@ def _cmd_launch_update_data(c, params):
     pfns = c.pin(uaddr, size, True)
     try:
         vaddr = uaddr
-        for i, n in _runs(pfns):
+        # One command per run of physically contiguous pages (get_num_contig_pages).
+        for i, n in runs(pfns):
             off = vaddr & (PAGE_SIZE - 1)
             length = min(n * PAGE_SIZE - off, size)
             c.fw(U.SEV_CMD_LAUNCH_UPDATE_DATA, L.sev_data_launch_update_data,

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sevcore import uapi as U
+from sevcore.arrays import runs
 from sevcore.bitmap import Bitmap
 from sevcore.costmodel import CostModel, SimClock
 from sevcore.hostmem import PAGE_SIZE
@@ -489,9 +490,8 @@ class Source(_End):
         def write(w):
             if nz:
                 zg = gfns[zero]
-                cut = np.flatnonzero(np.diff(zg) != 1) + 1
-                for run in np.split(zg, cut):
-                    w.zero_pages(int(run[0]), len(run))
+                for i, k in runs(zg):
+                    w.zero_pages(int(zg[i]), k)
             if nz < n:
                 w.shared_batch(gfns[~zero], data[~zero])
         nbytes = self._written(write)

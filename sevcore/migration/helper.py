@@ -33,6 +33,7 @@ import numpy as np
 
 from sevcore import sevpkt
 from sevcore import uapi as U
+from sevcore.arrays import runs
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm_util import addr_gpa2hva
 from sevcore.psp.crypto import kdf
@@ -481,10 +482,9 @@ class _SharedPages:
         if pfns is None:
             raise ValueError("the helper's shared pages must be anonymous VMM memory")
         self.gpa, self.pfns, self._host = start << PAGE_SHIFT, pfns, vm.host
-        cut = (np.flatnonzero(np.diff(pfns.astype(np.int64)) != 1) + 1).tolist()
         #: (first byte, end byte, first frame) of each run, in bytes from ``gpa``
-        self._runs = [(a << PAGE_SHIFT, b << PAGE_SHIFT, int(pfns[a]))
-                      for a, b in zip([0] + cut, cut + [len(pfns)])]
+        self._runs = [(a << PAGE_SHIFT, (a + n) << PAGE_SHIFT, int(pfns[a]))
+                      for a, n in runs(pfns)]
 
     def _spans(self, gpa, size):
         """``(offset, frames view)`` pieces of the bytes ``[gpa, gpa + size)``."""
