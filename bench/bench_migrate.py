@@ -115,9 +115,12 @@ def test_raw_crypto_fresh_target_peer(benchmark):
         holder["dst"] = dst = sevcore.Host()
         dst.umc.install_key(1, bytes(range(32, 48)))
         holder["run"], _ = crypto_pass(m, dst.umc, None, 1)
-        return (dst.mem.alloc(m.npages) << np.uint64(12),), {}
+        holder["spas"] = dst.mem.alloc(m.npages) << np.uint64(12)
+        return (holder["spas"],), {}
     benchmark.pedantic(lambda dst_spas: holder["run"](dst_spas), setup=setup, rounds=1)
     per_item(benchmark, m.npages, "page")
+    assert holder["dst"].umc.read(int(holder["spas"][-1]), 4096, 1) == \
+        m.host.umc.read(int(guest_spas(m)[-1]), 4096, m.vm.sev.asid)
 
 
 def test_first_touch_peer(benchmark):

@@ -5,8 +5,8 @@
  * so the host kernel takes a page fault (and, on a virtual machine, the hypervisor backs the
  * page) inside the loop that decrypts and stores the pages. madvise(MADV_POPULATE_WRITE)
  * (Linux 5.14) faults a range in as writable without changing what it holds; called from
- * another thread on the frames the allocator hands out next, it takes that cost off the
- * storing thread.
+ * another thread on the frames about to be stored to (HostMemory.populating), it takes that
+ * cost off the storing thread.
  */
 #ifndef SEVCORE_HOSTMEM_H
 #define SEVCORE_HOSTMEM_H

@@ -564,7 +564,6 @@ def crc32_impl():
     return _CRC32_IMPLS[lib.sc_crc32_impl()]
 
 
-
 # --- Host memory (csrc/hostmem.h) ------------------------------------------------------------------
 
 def populate_write(buf, offset, length):
@@ -574,6 +573,7 @@ def populate_write(buf, offset, length):
         raise ValueError(f"range [{offset}, {offset + length}) outside a {len(buf)}-byte buffer")
     p = ffi.cast("uint8_t *", ffi.from_buffer(_CHAR_ARRAY, buf, require_writable=True))
     return check(lib.sc_populate_write(p + offset, length), "sc_populate_write")
+
 
 # --- Guest page access (csrc/guest.h) -----------------------------------------------------------
 # C checks every argument (sizes included: each buffer goes with its length); these wrappers only
