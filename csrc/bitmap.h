@@ -78,47 +78,20 @@ int64_t sc_bitmap_read_pass(const uint64_t *words, uint64_t nwords, uint64_t *fo
 /* cdef:end */
 
 /*
- * Inline single-bit helpers for other C kernels (not part of the cffi cdef). No bounds checks:
- * the caller has validated i < nbits.
+ * The inline single-bit helper other C kernels use (not part of the cffi cdef). No bounds
+ * check: the caller has validated i < nbits.
  */
 #define SC_BITMAP_WORDS(nbits) (((uint64_t)(nbits) + 63) / 64)
 
-static inline bool sc_bitmap_test_bit(const uint64_t *map, uint64_t i)
-{
-    return (map[i / 64] >> (i % 64)) & 1;
-}
-
-static inline void sc_bitmap_set_bit(uint64_t *map, uint64_t i)
-{
-    map[i / 64] |= (uint64_t)1 << (i % 64);
-}
-
-static inline void sc_bitmap_clear_bit(uint64_t *map, uint64_t i)
-{
-    map[i / 64] &= ~((uint64_t)1 << (i % 64));
-}
-
 /*
- * Atomic variants for a bitmap that another thread harvests concurrently: KVM marks a page
- * dirty with the atomic set_bit_le() (mark_page_dirty_in_slot() in virt/kvm/kvm_main.c)
- * precisely because the dirty-log reader exchanges words under it. Relaxed ordering is
- * enough for the bit itself; a caller that publishes data with the bit orders that itself.
+ * Atomic, for a bitmap that another thread harvests concurrently: KVM marks a page dirty with
+ * the atomic set_bit_le() (mark_page_dirty_in_slot() in virt/kvm/kvm_main.c) precisely because
+ * the dirty-log reader exchanges words under it. Relaxed ordering is enough for the bit itself;
+ * a caller that publishes data with the bit orders that itself.
  */
 static inline void sc_bitmap_set_bit_atomic(uint64_t *map, uint64_t i)
 {
     __atomic_fetch_or(&map[i / 64], (uint64_t)1 << (i % 64), __ATOMIC_RELAXED);
-}
-
-static inline void sc_bitmap_clear_bit_atomic(uint64_t *map, uint64_t i)
-{
-    __atomic_fetch_and(&map[i / 64], ~((uint64_t)1 << (i % 64)), __ATOMIC_RELAXED);
-}
-
-/* Returns whether the bit was already set, so a caller counts each newly dirtied page once. */
-static inline bool sc_bitmap_test_and_set_bit_atomic(uint64_t *map, uint64_t i)
-{
-    uint64_t m = (uint64_t)1 << (i % 64);
-    return (__atomic_fetch_or(&map[i / 64], m, __ATOMIC_RELAXED) & m) != 0;
 }
 
 #endif
