@@ -32,6 +32,7 @@ from sevcore.psp import layout as L
 from sevcore.psp.api import _alloc_contiguous
 from sevcore.psp.batch import first, packet_rows
 from sevcore.psp.crypto import HEADER_SIZE as L_HDR
+from sevcore.psp.guests import VMSA_SIZE
 from sevcore.psp.platform import TMR_SIZE
 from sevcore.psp.status import status_name
 
@@ -40,7 +41,6 @@ INT_MAX = (1 << 31) - 1
 ULONG_MAX = (1 << 64) - 1
 #: kvm_sev_info.vmsa_features KVM can offer (sev_supported_vmsa_features): DebugSwap only.
 SEV_SUPPORTED_VMSA_FEATURES = U.SVM_SEV_FEAT_DEBUG_SWAP
-VMSA_SIZE = PAGE_SIZE
 _BOUNCE_PAGES = 32
 
 #: struct kvm_sev_* field names (pads omitted; they are never checked) and their defaults.

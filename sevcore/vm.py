@@ -70,7 +70,6 @@ class Vm:
         self.memslots = {}                 # (as_id, id) -> Memslot
         self._as_index = [[] for _ in range(self.nr_memslot_as_ids)]   # sorted by base_gfn
         self._as_keys = [[] for _ in range(self.nr_memslot_as_ids)]    # their base_gfns
-        self.nr_memslot_pages = 0
         self.private = RangeSet()          # gfns whose attributes hold KVM_MEMORY_ATTRIBUTE_PRIVATE
         self.npt = Npt()
         self.hypercall_exit_enabled = 0
@@ -477,7 +476,6 @@ class Vm:
             fail(EINVAL, "slot extends beyond the largest mappable gfn")
         if change == "create":
             self._install(new)
-            self.nr_memslot_pages += npages
         elif change == "move":
             self._zap_gfns(old.base_gfn, old.npages)
             self._remove(old)
@@ -534,7 +532,6 @@ class Vm:
         if slot.gmem_file is not None:
             slot.gmem_file.unbind(slot)
         self._remove(slot)
-        self.nr_memslot_pages -= slot.npages
 
     def gfn_to_memslot(self, gfn, as_id=0):
         """The slot of address space ``as_id`` holding ``gfn``, or None."""

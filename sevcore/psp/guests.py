@@ -25,7 +25,7 @@ SUPDATE = U.SEV_GUEST_STATE_SEND_UPDATE
 RUPDATE = U.SEV_GUEST_STATE_RECEIVE_UPDATE
 SENT = U.SEV_GUEST_STATE_SENT
 
-SCRATCH = 0x5000                    # SEV_SCRATCH_BUF_LEN: most data one transport command moves
+SCRATCH = sevpkt.MAX_LEN            # SEV_SCRATCH_BUF_LEN (0x5000): most one transport command moves
 VMSA_SIZE = 4096
 VMSA_CRC_SIZE = 0xFC0               # the checksum covers the VMSA up to here ([FW] sev_es.h)
 VMSA_CRC_PADDR = 0x388              # vmcb_save_area_t.crc_paddr (0x380: 8 zero bytes)
