@@ -224,7 +224,7 @@ class Source(_End):
         self.vm, self.kvm = machine.vm, machine.kvm
         self.stats = MigrationStats(params.path, guest_pages=machine.npages,
                                     cost_model=params.to_dict()["cost"])
-        self.samples = []            # (simulated ms, pages still to send) for plots
+        self.samples = []            # (simulated ns, pages still to send, iteration)
         self.layout = machine.config.helper_layout
         self._sent_start = False
         self._logging = False
@@ -467,7 +467,8 @@ class Source(_End):
 
         def fill(lo, k, hdrs, trans):
             self.vm.sev_send_update_data_pages(hvas[lo:lo + k], out=(hdrs, trans))
-        nbytes = self._written(lambda w: w.encrypted_batch_fill(gfns, fill, 52, PAGE_SIZE))
+        nbytes = self._written(lambda w: w.encrypted_batch_fill(gfns, fill, SEV_PACKET_HEADER,
+                                                                   PAGE_SIZE))
         ring = self.params.ring_buffer
         self.tl.batch(lambda c: charge_psp_pages(self.cost, c, n, ring), nbytes,
                       lambda c: charge_psp_pages(self.cost, c, n, ring))
@@ -560,7 +561,6 @@ class Target(_End):
         self.kvm, self.channel = kvm, channel
         self.m = None
         self.result = None
-        self.received = {"encrypted": 0, "shared": 0, "zero": 0, "helper": 0}
         self._pending = []
 
     def run(self):
@@ -682,7 +682,6 @@ class Target(_End):
         self.helper.open(gfns, np.asarray(seqs, np.uint64), packets)
         charge_helper_pages(self.cost, self.clock, len(gfns), self.m.config.helper_vcpus,
                             self.helper.counters.exits - exits0)
-        self.received["helper"] += len(gfns)
 
     def _receive_start(self, rec):
         kvm, vm = self.kvm, self.m.vm
@@ -707,19 +706,16 @@ class Target(_End):
         gfns = self._check_gfns(gfns)
         self.m.vm.sev_receive_update_data_pages(self.m.gfn_hvas(gfns), hdrs, trans)
         charge_psp_pages(self.cost, self.clock, len(gfns), self.params.ring_buffer)
-        self.received["encrypted"] += len(gfns)
 
     def _receive_shared(self, gfns, data):
         gfns = self._check_gfns(gfns)
         self.kvm.write_pages(self.m.gfn_hvas(gfns), data)
         charge_shared_pages(self.cost, self.clock, len(gfns))
-        self.received["shared"] += len(gfns)
 
     def _receive_zero(self, rec):
         gfns = self._check_gfns(np.arange(rec.gfn, rec.gfn + rec.npages, dtype=np.uint64))
         self.kvm.write_pages(self.m.gfn_hvas(gfns), np.zeros(len(gfns) * PAGE_SIZE, np.uint8))
         charge_shared_pages(self.cost, self.clock, len(gfns))
-        self.received["zero"] += len(gfns)
 
 
 def _row(data):

@@ -33,7 +33,7 @@ import numpy as np
 
 from sevcore import sevpkt
 from sevcore import uapi as U
-from sevcore.arrays import runs
+from sevcore.arrays import runs, u64_array
 from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm_util import addr_gpa2hva
 from sevcore.psp.crypto import kdf
@@ -514,12 +514,7 @@ class _SharedPages:
 
 
 def _u64_array(a, what):
-    a = np.asarray(a)
-    if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
-        raise TypeError(f"{what} must be a 1-D array of integers")
-    if a.size and a.dtype.kind == "i" and int(a.min()) < 0:
-        raise ValueError(f"{what} must not be negative")
-    return np.ascontiguousarray(a, np.uint64)
+    return np.ascontiguousarray(u64_array(a, what))
 
 
 __all__ = ["ENTRY", "HELPER_CTX", "KEY_SIZE", "PACKET_SIZE", "REASONS", "HelperBatch",

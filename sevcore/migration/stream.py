@@ -217,8 +217,6 @@ RECORD_TYPES = {cls.TYPE: cls for cls in (Setup, SevSession, SharedPage, Encrypt
                                           HelperPage, ZeroPages, Iteration, VcpuState, End,
                                           EncryptedPages, SharedPages, HelperPages)}
 TYPE_NAMES = {t: cls.__name__ for t, cls in RECORD_TYPES.items()}
-PAGE_RECORDS = (SharedPage.TYPE, EncryptedPage.TYPE, HelperPage.TYPE, EncryptedPages.TYPE,
-                SharedPages.TYPE, HelperPages.TYPE)
 BATCH_RECORDS = (EncryptedPages.TYPE, SharedPages.TYPE, HelperPages.TYPE)
 
 

@@ -7,6 +7,7 @@ from sevcore.migration import stream as S
 from sevcore.migration.engine import (MigrationError, MigrationParams, NotMigrationReady,
                                       TargetFailed, migrate)
 from sevcore.migration.machine import Machine
+from sevcore.migration.stats import QEMU_RAM_KEYS
 from sevcore.migration.workload import GuestConfig
 from sevcore.uapi import (KVM_EXIT_FAIL_ENTRY, SEV_GUEST_STATE_RUNNING, SEV_GUEST_STATE_SENT,
                           SEV_POLICY_MASK_NOSEND)
@@ -32,6 +33,7 @@ def test_idle_guest_moves_intact_and_source_never_runs_again():
     r.target.host.clock.advance(1e6, "test")
     r.target.tick()
     q = st.query_migrate()
+    assert tuple(q["ram"]) == QEMU_RAM_KEYS
     assert q["ram"]["total"] == m.config.mem_size and q["ram"]["remaining"] == 0
     assert q["ram"]["transferred"] == st.stream["transferred"] > m.config.mem_size
     assert q["sev"]["psp-commands"]["SEND_UPDATE_DATA"] == st.private_pages
