@@ -657,22 +657,13 @@ class Vcpu:
         real, private, encrypted = decode_gpa(vm, addr)
         gfn = real >> PAGE_SHIFT
         pfn, flags = translate(vm, gfn, private, write)
-        frames = vm.host.mem.frames
-        base = pfn << PAGE_SHIFT
-        engine = vm.encryption_engine() if encrypted else None
-        if engine is None:
-            if write:
-                frames[base + off:base + off + n] = np.frombuffer(data, np.uint8, n, pos)
-            else:
-                buf[pos:pos + n] = frames[base + off:base + off + n].tobytes()
+        spa = (pfn << PAGE_SHIFT) + off
+        # The memory controller patches a partial encrypted page (decrypt, patch, encrypt).
+        asid = vm.sev.asid if encrypted and vm.encryption_engine() is not None else 0
+        if write:
+            vm.host.umc.write(spa, memoryview(data)[pos:pos + n], asid)
         else:
-            page = engine.decrypt_page(frames[base:base + PAGE_SIZE], base)
-            if write:
-                page = bytearray(page)
-                page[off:off + n] = data[pos:pos + n]
-                engine.encrypt_page(bytes(page), base, out=frames[base:base + PAGE_SIZE])
-            else:
-                buf[pos:pos + n] = bytes(page[off:off + n])
+            buf[pos:pos + n] = vm.host.umc.read(spa, n, asid)
         if write and flags & NPT_DIRTY_LOG:
             vm.mark_page_dirty(gfn)
 
