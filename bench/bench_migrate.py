@@ -12,7 +12,7 @@ never-touched frames, as the target must, so that the host OS's first touch of t
 virtual machine, the hypervisor backing them: several microseconds a page when the memory has
 not been used lately) is in the floor; and the first touch alone is timed as a third.
 
-Memory: the 4 GiB migration runs in a subprocess and reports its peak RSS growth (VmHWM) over
+Memory: a migration of the same size runs in a subprocess and reports its peak RSS growth (VmHWM) over
 the guest size; target <= 2.3x for source and target together.
 
     pytest bench/bench_migrate.py --benchmark-enable               # 256 MiB

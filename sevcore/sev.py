@@ -355,15 +355,18 @@ def pin_memory(vm, uaddr, ulen, write, ioctl):
     npages = last - first + 1
     locked = _lock_limit(vm, npages, ioctl)
     kvm = vm.kvm
+    pages = np.arange(first, last + 1, dtype=np.uint64)
     try:
-        # One anonymous mapping (the usual guest RAM): fault in every page in one batch.
-        batch = kvm.anon_pfns(np.arange(first, last + 1, dtype=np.uint64))
-        if batch is not None:
-            pfns = batch.tolist()
-        else:
-            pfns = [kvm.hva_to_pfn(p << PAGE_SHIFT, write=write) for p in range(first, last + 1)]
+        # One anonymous mapping (the usual guest RAM): fault in every page in one batch; else
+        # hva_to_pfns, which resolves them as a page-by-page loop would, in batches.
+        pfns = kvm.anon_pfns(pages)
+        if pfns is None:
+            pfns, exc = kvm.hva_to_pfns(pages << np.uint64(PAGE_SHIFT), write)
+            if exc is not None:
+                raise exc
     except Exception:
         raise KvmError(ENOMEM, ioctl, "could not pin every page") from None
+    pfns = pfns.tolist()
     sev.pages_locked = locked
     return pfns
 
