@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from sevcore import _bindings as _b
-from sevcore.bitmap import Bitmap
+from sevcore.core.bitmap import Bitmap
 
 NBITS = 1 << 28
 DENSITIES = {"0.1%": 0.001, "10%": 0.10, "50%": 0.50}

@@ -1,4 +1,4 @@
-"""Bulk guest-memory ops (sevcore.guestmem) on a 1 GiB guest against numpy moving the same bytes,
+"""Bulk guest-memory ops (sevcore.core.pages) on a 1 GiB guest against numpy moving the same bytes,
 against a C read pass (the DRAM floor for the read-only ops), and against the page-by-page
 reference on a few pages, same run.
 
@@ -19,13 +19,13 @@ import pytest
 from benchutil import per_item
 from sevcore import _bindings as _b
 from sevcore._reference import guest as ref
-from sevcore.guestmem import (
+from sevcore.core.pages import (
     GUEST_OP_CHECK, GUEST_OP_DIGEST, GUEST_OP_FILL, GUEST_OP_PATTERN, GUEST_OP_READ, NO_MISMATCH,
     PAGE_SIZE, GuestPageOps, digest, pattern,
 )
-from sevcore.hostmem import HostMemory
-from sevcore.memcrypt import AES128_XEX, MemoryEngine
-from sevcore.npt import NPT_WRITABLE, Npt
+from sevcore.hw.hostmem import HostMemory
+from sevcore.core.memcrypt import AES128_XEX, MemoryEngine
+from sevcore.core.npt import NPT_WRITABLE, Npt
 
 NPAGES = 1 << 18             # 1 GiB
 RUN = 512

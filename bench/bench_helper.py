@@ -15,11 +15,12 @@ import pytest
 
 from benchutil import per_item
 import sevcore
-from sevcore import guestmem, sevpkt
-from sevcore.kvm_util import vm_sev_create_with_one_vcpu, vm_sev_launch
+from sevcore.core import pages as guestmem
+from sevcore.core import sevpkt
+from sevcore.vmm.kvm_util import vm_sev_create_with_one_vcpu, vm_sev_launch
 from sevcore.migration.helper import PACKET_SIZE, HelperLayout, MigrationHelper, helper_boot
 from sevcore.uapi import KVM_X86_SEV_VM
-from sevcore.vmm import SharedPagesTracker
+from sevcore.vmm.shared_pages import SharedPagesTracker
 
 BATCH = 256
 NPAGES = 4096                 # 16 MiB of data pages, sealed 256 at a time

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import sevcore
-from sevcore.kvm_util import vm_mem_add
+from sevcore.vmm.kvm_util import vm_mem_add
 from sevcore.uapi import *
 
 from benchutil import per_item
@@ -126,7 +126,7 @@ SPARSE = textwrap.dedent("""
     import time
     import numpy as np
     import sevcore
-    from sevcore.kvm_util import vm_mem_add
+    from sevcore.vmm.kvm_util import vm_mem_add
     from sevcore.uapi import *
 
     def status(field):

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from benchutil import per_item
 from sevcore import _bindings as _b
 from sevcore._reference import memcrypt as ref
-from sevcore.memcrypt import AES128_XEX, AES256_XTS, PAGE_SIZE, MemoryEngine
+from sevcore.core.memcrypt import AES128_XEX, AES256_XTS, PAGE_SIZE, MemoryEngine
 
 HOT = 1024          # 4 MiB: stays in L2/L3
 DRAM = 16384        # 64 MiB: streams from DRAM

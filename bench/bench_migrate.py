@@ -29,7 +29,7 @@ import pytest
 
 import sevcore
 from benchutil import per_item
-from sevcore import sevpkt
+from sevcore.core import sevpkt
 from sevcore.migration.engine import MigrationParams, migrate
 from sevcore.migration.machine import Machine
 from sevcore.migration.workload import GuestConfig

@@ -5,7 +5,7 @@ Run: ``pytest bench/bench_npt.py --benchmark-enable`` (add ``-k 4gib`` for the s
 Guests are fully mapped, in runs of 512 pages (one leaf table each) placed at shuffled host
 frames, from a fixed seed. Each lookup group times 1M lookups of the same keys by every peer:
 
-* ``npt``: :meth:`sevcore.npt.Npt.lookup_batch`, allocating its output or filling ``out=``;
+* ``npt``: :meth:`sevcore.core.npt.Npt.lookup_batch`, allocating its output or filling ``out=``;
 * ``numpy_fancy`` / ``numpy_take``: a gather from a flat gfn-indexed pfn array (the
   memory-hungry alternative: 8 bytes per guest page, mapped or not): ``flat[idx]`` and
   ``np.take(flat, idx, out=o)``, with the default ``mode="raise"`` and with ``mode="clip"``,
@@ -22,7 +22,7 @@ The map and zap groups time one table operation over 2^20 pages against a dict d
 import numpy as np
 import pytest
 
-from sevcore.npt import NPT_PRESENT, NPT_PRIVATE, NPT_WRITABLE, Npt
+from sevcore.core.npt import NPT_PRESENT, NPT_PRIVATE, NPT_WRITABLE, Npt
 
 NLOOKUPS = 1 << 20
 RUN = 512

@@ -13,8 +13,8 @@ import pytest
 
 import sevcore
 from benchutil import per_item
-from sevcore import owner
-from sevcore.memcrypt import AES128_XEX, MemoryEngine
+from sevcore.vmm import owner
+from sevcore.core.memcrypt import AES128_XEX, MemoryEngine
 
 SIZE = 256 << 20
 ASID = 200

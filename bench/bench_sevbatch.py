@@ -19,9 +19,9 @@ import pytest
 
 import sevcore
 from benchutil import per_item
-from sevcore import sevpkt
-from sevcore.kvm_util import sev_receive_start, sev_send_start, vm_mem_add, vm_sev_launch
-from sevcore.memcrypt import MemoryEngine
+from sevcore.core import sevpkt
+from sevcore.vmm.kvm_util import sev_receive_start, sev_send_start, vm_mem_add, vm_sev_launch
+from sevcore.core.memcrypt import MemoryEngine
 from sevcore.migration import StreamReader, StreamWriter, inprocess_pair
 from sevcore.migration.stream import EncryptedPages
 from sevcore.uapi import (KVM_SEV_INIT2, KVM_SEV_RECEIVE_UPDATE_DATA, KVM_SEV_SEND_UPDATE_DATA,

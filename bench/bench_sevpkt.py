@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from benchutil import per_item
-from sevcore import sevpkt
+from sevcore.core import sevpkt
 from sevcore._reference import sevpkt as ref
 
 PAGE = 4096

@@ -6,7 +6,7 @@
     sevcore migrate --to 127.0.0.1:4444     # source process
     sevcore sweep --dirty-rates 0,2500,10000 --plot sweep.png
 
-Times are simulated (the declared cost model, ``sevcore.costmodel``) except "wall", which is
+Times are simulated (the declared cost model, ``sevcore.hw.costmodel``) except "wall", which is
 how long this machine took to do the work for real.
 """
 import argparse
@@ -16,7 +16,7 @@ import sys
 import time
 
 import sevcore
-from sevcore.costmodel import CostModel, CostModelError
+from sevcore.hw.costmodel import CostModel, CostModelError
 from sevcore.migration.engine import PATHS, MigrationError, MigrationParams, migrate
 from sevcore.migration.machine import Machine
 from sevcore.migration.workload import WORKLOADS, GuestConfig, WorkloadError

@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 
-from sevcore import cpu
-from sevcore.memcrypt import AES128_XEX, AES256_XTS, PAGE_SIZE, MemoryEngine, implementation
+from sevcore.core import cpu
+from sevcore.core.memcrypt import AES128_XEX, AES256_XTS, PAGE_SIZE, MemoryEngine, implementation
 
 
 def _rate(fn, npages, repeat=5):

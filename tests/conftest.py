@@ -13,7 +13,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 def pytest_report_header(config):
-    from sevcore import cpu
+    from sevcore.core import cpu
 
     return f"sevcore C core: detected {sorted(cpu.detected())}, active {sorted(cpu.active())}"
 

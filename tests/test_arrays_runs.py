@@ -1,9 +1,9 @@
-"""sevcore.arrays.runs against the obvious loop."""
+"""sevcore.core.arrays.runs against the obvious loop."""
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sevcore.arrays import runs
+from sevcore.core.arrays import runs
 
 
 def runs_by_loop(values):

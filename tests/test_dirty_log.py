@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import sevcore
-from sevcore.kvm_util import vm_mem_add
+from sevcore.vmm.kvm_util import vm_mem_add
 from sevcore.uapi import *
 
 GPA = 0x10000000

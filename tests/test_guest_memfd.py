@@ -6,7 +6,7 @@ import pytest
 
 import sevcore
 from sevcore.errors import SigBus
-from sevcore.guest_memfd import MAP_PRIVATE, MAP_SHARED
+from sevcore.kvm.guest_memfd import MAP_PRIVATE, MAP_SHARED
 from sevcore.uapi import *
 
 P = PAGE_SIZE

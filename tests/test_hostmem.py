@@ -1,9 +1,9 @@
-"""Host physical memory (sevcore.hostmem): lazily backed frames, zeroed allocation, release."""
+"""Host physical memory (sevcore.hw.hostmem): lazily backed frames, zeroed allocation, release."""
 import errno
 
 import pytest
 
-from sevcore.hostmem import FIRST_PFN, PAGE_SIZE, HostMemory
+from sevcore.hw.hostmem import FIRST_PFN, PAGE_SIZE, HostMemory
 
 
 def test_frames_are_zero_and_distinct():

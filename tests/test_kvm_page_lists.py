@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sevcore
-from sevcore.kvm_util import vm_mem_add, vm_create_with_vcpus
+from sevcore.vmm.kvm_util import vm_mem_add, vm_create_with_vcpus
 from sevcore.uapi import (GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP,
                           KVM_X86_DEFAULT_VM, MSR_IA32_TSC)
 

@@ -5,8 +5,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from sevcore.mmu import sorted_unique
-from sevcore.npt import NPT_WRITABLE, Npt
+from sevcore.kvm.mmu import sorted_unique
+from sevcore.core.npt import NPT_WRITABLE, Npt
 
 
 @given(hnp.arrays(np.uint64, st.integers(0, 40), elements=st.integers(0, 50)))

@@ -1,9 +1,9 @@
-"""RangeSet (sevcore.ranges) against a plain Python set."""
+"""RangeSet (sevcore.core.ranges) against a plain Python set."""
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from sevcore.ranges import RangeSet
+from sevcore.core.ranges import RangeSet
 
 span = st.tuples(st.integers(0, 200), st.integers(0, 40)).map(lambda t: (t[0], t[0] + t[1]))
 

@@ -146,7 +146,7 @@ class UapiMachine(RuleBasedStateMachine):
         for gfn, pfn, f in zip(np.asarray(gfns).tolist(), np.asarray(pfns).tolist(),
                                np.asarray(flags).tolist()):
             p = gfn - (BASE_GPA >> 12)
-            assert bool(f & sevcore.npt.NPT_PRIVATE) == self.private[p]
+            assert bool(f & sevcore.core.npt.NPT_PRIVATE) == self.private[p]
             assert (pfn in gmem_pfns) == self.private[p]
 
 

@@ -1,6 +1,6 @@
-"""A slow, obviously correct bitmap backed by a Python ``set``: the oracle for sevcore.bitmap.
+"""A slow, obviously correct bitmap backed by a Python ``set``: the oracle for sevcore.core.bitmap.
 
-Same method names and results as :class:`sevcore.bitmap.Bitmap`, with plain Python values
+Same method names and results as :class:`sevcore.core.bitmap.Bitmap`, with plain Python values
 (lists, tuples, ints) where the fast class returns numpy arrays. No word layout, no tail bits,
 no C: every answer follows from the definition over the set of set bits.
 """

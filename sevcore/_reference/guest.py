@@ -1,4 +1,4 @@
-"""A slow, obviously correct twin of :class:`sevcore.guestmem.GuestPageOps` (the test oracle for
+"""A slow, obviously correct twin of :class:`sevcore.core.pages.GuestPageOps` (the test oracle for
 csrc/guest.c).
 
 Page by page: ``Npt.lookup``, the fault checks, numpy copies of the frames,
@@ -13,7 +13,7 @@ import operator
 
 import numpy as np
 
-from sevcore.npt import NPT_DIRTY_LOG, NPT_PRIVATE, NPT_WRITABLE
+from sevcore.core.npt import NPT_DIRTY_LOG, NPT_PRIVATE, NPT_WRITABLE
 
 PAGE_SIZE = 4096
 GFN_LIMIT = 1 << 36
@@ -115,7 +115,7 @@ def xxh3_64(data):
 
 
 class GuestPageOps:
-    """Same constructor and methods as sevcore.guestmem.GuestPageOps; the dirty bits it sets are
+    """Same constructor and methods as sevcore.core.pages.GuestPageOps; the dirty bits it sets are
     in :attr:`dirty` (one set of gfns per slot) instead of the slots' words."""
 
     def __init__(self, npt, frames):

@@ -1,4 +1,4 @@
-"""A slow, obviously correct twin of :class:`sevcore.npt.Npt` backed by a dict gfn -> (pfn, flags).
+"""A slow, obviously correct twin of :class:`sevcore.core.npt.Npt` backed by a dict gfn -> (pfn, flags).
 
 The test oracle for csrc/npt.c: same methods, same results, same exceptions for bad arguments.
 Its :attr:`Npt.table_bytes` is what a radix table that holds exactly the tables its mappings need
@@ -8,7 +8,7 @@ import operator
 
 import numpy as np
 
-from sevcore.npt import GFN_LIMIT, NPT_FLAGS_MASK, NPT_PRESENT, PFN_LIMIT
+from sevcore.core.npt import GFN_LIMIT, NPT_FLAGS_MASK, NPT_PRESENT, PFN_LIMIT
 
 TABLE_BYTES = 4096
 MISS = 2**64 - 1

@@ -28,7 +28,7 @@ Until SEND_FINISH any failure on either side, the target going away included, en
 KVM_SEV_SEND_CANCEL on the source: its guest is RUNNING again with its memory unchanged.
 
 Two kinds of time: everything is computed for real (wall time), and each modelled hardware cost
-advances simulated time by :class:`sevcore.costmodel.CostModel`. The source keeps the timeline:
+advances simulated time by :class:`sevcore.hw.costmodel.CostModel`. The source keeps the timeline:
 its Host's clock, plus a network stage and a target stage in a three-stage pipeline with one
 batch in flight between stages, so the slowest stage sets the pace. The guest reads its TSC from
 the source clock, so it dirties pages at its rate of simulated time.
@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sevcore import uapi as U
-from sevcore.arrays import runs
-from sevcore.bitmap import Bitmap
-from sevcore.costmodel import CostModel, SimClock
-from sevcore.hostmem import PAGE_SIZE
+from sevcore.core.arrays import runs
+from sevcore.core.bitmap import Bitmap
+from sevcore.hw.costmodel import CostModel, SimClock
+from sevcore.hw.hostmem import PAGE_SIZE
 from sevcore.migration import stream as S
 from sevcore.migration.errors import PeerClosed, StreamError, StreamTruncated
 from sevcore.migration.helper import PACKET_SIZE, HelperPacketError, MigrationHelper

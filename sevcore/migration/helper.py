@@ -17,7 +17,7 @@ through shared pages (a mailbox and a packet buffer) and sees only sealed packet
 >>> dst.open(batch.gfns, batch.seqs, batch.packets)          # private_gfns() came by the PSP
 
 A packet is ``MAC (32) || ciphertext (4096)``: AES-128-CTR then HMAC-SHA256 (the SEV packet
-construction, on sevcore.sevpkt's batched C kernel) under subkeys derived from the transport key,
+construction, on sevcore.core.sevpkt's batched C kernel) under subkeys derived from the transport key,
 with the initial counter block made of the page's sequence number and gfn, so the MAC covers
 both. The source helper numbers pages from a counter in its private state page; the target
 helper accepts only strictly increasing numbers above its own counter. A replayed, reordered,
@@ -31,11 +31,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sevcore import sevpkt
+from sevcore.core import sevpkt
 from sevcore import uapi as U
-from sevcore.arrays import runs, u64_array
-from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
-from sevcore.kvm_util import addr_gpa2hva
+from sevcore.core.arrays import runs, u64_array
+from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
+from sevcore.vmm.kvm_util import addr_gpa2hva
 from sevcore.psp.crypto import kdf
 
 #: Transport key: 32 random bytes made in the guest; the AEAD subkeys are derived from it.

@@ -10,12 +10,12 @@ import json
 
 import numpy as np
 
-from sevcore import owner
+from sevcore.vmm import owner
 from sevcore import uapi as U
-from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
+from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.migration.workload import JOURNAL_PAGES, idle_vcpu, workload_main
-from sevcore.vcpu import GuestAssertionError
-from sevcore.vmm import SharedPagesTracker
+from sevcore.kvm.vcpu import GuestAssertionError
+from sevcore.vmm.shared_pages import SharedPagesTracker
 
 SLOT = 0
 

@@ -20,7 +20,7 @@ Batch records (ENCRYPTED_PAGES, SHARED_PAGES, HELPER_PAGES) carry many pages in 
 writer builds the payload with numpy in one pass (``w.encrypted_batch(gfns, hdrs, trans)``) and
 the reader hands on an object of numpy views into a buffer of its own (``rec.gfns``,
 ``rec.hdrs``, ``rec.trans``), with no per-page Python work on either side. CRCs run in C
-(sevcore.checksum).
+(sevcore.core.checksum).
 
 A reader yields a record only after its checksum and layout are verified and raises a
 ``StreamError`` subclass (errors.py) at the first bad byte: nothing after that point is handed
@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sevcore.arrays import byte_rows, u64_array
-from sevcore.checksum import crc32
+from sevcore.core.arrays import byte_rows, u64_array
+from sevcore.core.checksum import crc32
 from sevcore.migration.errors import (BadMagic, BadRecord, ChecksumMismatch, StreamTruncated,
                                       UnsupportedFlags, UnsupportedVersion)
 
@@ -292,7 +292,7 @@ def _u32_len(b, what):
 
 def _crc(data, crc):
     """The running CRC-32 over ``data``: zlib's for up to a few pages, the C kernel
-    (sevcore.checksum, the same CRC at several times the speed) for more. The C call releases
+    (sevcore.core.checksum, the same CRC at several times the speed) for more. The C call releases
     the GIL, which pays for a batch payload but, for one page, mostly hands the GIL to the
     other end's thread and waits to get it back."""
     return zlib.crc32(data, crc) if len(data) < _SMALL else crc32(data, crc)

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from sevcore import uapi as U
-from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
+from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 
 MAGIC = b"SEVWKLD1"
 JOURNAL_PAGES = 8

@@ -146,24 +146,12 @@ class _Scratch:
         return spa
 
 
-def _alloc_contiguous(mem, npages):
-    held = []
-    for _ in range(64):
-        pfns = mem.alloc(npages)
-        if np.all(np.diff(pfns.astype(np.int64)) == 1):
-            if held:
-                mem.free(np.concatenate(held))
-            return int(pfns[0]) << 12
-        held.append(pfns)
-    raise MemoryError("no contiguous scratch area for the PSP")
-
-
 class TypedApi:
     """Mixin of Psp: the typed command methods."""
 
     def _area(self):
         if self._scratch is None:
-            self._scratch = _alloc_contiguous(self.host.mem, SCRATCH_PAGES)
+            self._scratch = self.host.mem.alloc_contiguous(SCRATCH_PAGES)
         return _Scratch(self, self._scratch)
 
     def _issue(self, cmd, layout, scratch=None, **fields):

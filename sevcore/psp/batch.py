@@ -4,7 +4,7 @@ The firmware has no batched migration command: each page is one mailbox command 
 ring-buffer entry). What a batch of them does is nevertheless fixed by the single command, so
 the model runs a batch in one pass when it can prove the result identical: the guest-level
 checks once, then one gather of the guest pages through the memory controller, one call to the
-packet cipher (``sevcore.sevpkt``) and one scatter.
+packet cipher (``sevcore.core.sevpkt``) and one scatter.
 
 ``psp.send_update_data_pages(handle, guest_addresses)`` is exactly ``n`` SEND_UPDATE_DATA
 commands, page ``i`` from ``guest_addresses[i]`` with ``guest_len = trans_len = 4096`` and
@@ -15,7 +15,7 @@ raises PspError with ``index = i`` after pages ``0..i-1`` took effect, as ``i`` 
 have, and nothing of page ``i`` or later.
 
 The work steps (``_seal_pages``, ``_open_pages``, ``_write_pages``) are shared by the typed
-entries here, KVM's batched ioctls (``sevcore.sev``) and the ring-buffer batch path (ring.py);
+entries here, KVM's batched ioctls (``sevcore.kvm.sev``) and the ring-buffer batch path (ring.py);
 the single RECEIVE_UPDATE_DATA/VMSA command judges its one packet with ``_open_pages`` too, so
 the order of its checks is written once.
 """
@@ -23,9 +23,9 @@ import threading
 
 import numpy as np
 
-from sevcore import sevpkt
+from sevcore.core import sevpkt
 from sevcore import uapi as U
-from sevcore.arrays import byte_rows, u64_array
+from sevcore.core.arrays import byte_rows, u64_array
 from sevcore.psp import crypto as X
 from sevcore.psp.status import PspError
 

@@ -7,7 +7,7 @@ measurement of ``sev_guest.c`` (``sev_guest_measure``) and the packet MAC of
 ``sev_channel_hmac``/``aesctr_hmac256_*``. AES-128-CTR is the standard mode with the 16-byte IV as
 the initial counter block, incremented as a 128-bit big-endian number (OpenSSL
 ``EVP_aes_128_ctr``, which interoperates with the firmware); it runs on the C kernel of
-``sevcore.sevpkt``, the same one that seals and opens the transport packets.
+``sevcore.core.sevpkt``, the same one that seals and opens the transport packets.
 """
 import hashlib
 import hmac
@@ -16,7 +16,7 @@ import struct
 from Crypto.Cipher import AES
 from Crypto.PublicKey import ECC
 
-from sevcore import sevpkt
+from sevcore.core import sevpkt
 
 #: Channel context bytes ([FW] sev_channel.h).
 CTX_SECRET = 0x01

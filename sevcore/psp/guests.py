@@ -11,7 +11,7 @@ import hashlib
 
 import numpy as np
 
-from sevcore import sevpkt
+from sevcore.core import sevpkt
 from sevcore import uapi as U
 from sevcore.psp import certs as C
 from sevcore.psp import crypto as X

@@ -1,6 +1,6 @@
 """Migration packets: AES-128-CTR under the TEK, then HMAC-SHA256 under the TIK (encrypt-then-MAC).
 
-The bytes-in, bytes-out form of the batched C kernel ``sevcore.sevpkt`` for the commands that
+The bytes-in, bytes-out form of the batched C kernel ``sevcore.core.sevpkt`` for the commands that
 move one packet: SEND_UPDATE_* seals with ``_seal_packets`` and LAUNCH_SECRET opens with
 ``_open_packets`` ([FW] ``sev_mcmd_send_update``/``sev_mcmd_launch_secret``,
 ``aesctr_hmac256_encrypt``/``_decrypt``; spec/sev-firmware.md section 7.6). RECEIVE_UPDATE_*
@@ -8,7 +8,7 @@ judges its packets with ``Psp._open_pages`` (sevcore/psp/batch.py), which calls 
 arrays, so that one command and a batch share the firmware's order of checks.
 """
 
-from sevcore import sevpkt
+from sevcore.core import sevpkt
 from sevcore.psp.crypto import CTX_DATA, HEADER_SIZE
 
 

@@ -1,4 +1,4 @@
-"""Bitmaps in the KVM dirty-log layout: sevcore.bitmap.Bitmap and its C kernels (csrc/bitmap.c).
+"""Bitmaps in the KVM dirty-log layout: sevcore.core.bitmap.Bitmap and its C kernels (csrc/bitmap.c).
 
 Known small cases pin the layout and the edges (bit 0, the 63/64 word boundary, a partial last
 word, empty and full maps); hypothesis compares every kernel with the set-based reference in
@@ -15,9 +15,9 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, r
                                  run_state_machine_as_test)
 
 from sevcore import _bindings as _b
-from sevcore import cpu
+from sevcore.core import cpu
 from sevcore._reference.bitmap import Bitmap as RefBitmap
-from sevcore.bitmap import MAX_NBITS, Bitmap
+from sevcore.core.bitmap import MAX_NBITS, Bitmap
 
 ffi, lib = _b.ffi, _b.lib
 

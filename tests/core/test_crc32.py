@@ -1,4 +1,4 @@
-"""CRC-32 (sevcore.checksum, csrc/crc32.c) against zlib.crc32, the reference, on both C paths:
+"""CRC-32 (sevcore.core.checksum, csrc/crc32.c) against zlib.crc32, the reference, on both C paths:
 every length around the folding path's block sizes, any alignment, continued values."""
 import zlib
 
@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sevcore import checksum, cpu
+from sevcore.core import checksum
+from sevcore.core import cpu
 
 PATHS = ["portable"] + (["clmul"] if "aesni" in cpu.detected() else [])
 

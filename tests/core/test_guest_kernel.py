@@ -1,4 +1,4 @@
-"""The bulk guest-memory kernel (csrc/guest.c through sevcore.guestmem.GuestPageOps) against known
+"""The bulk guest-memory kernel (csrc/guest.c through sevcore.core.pages.GuestPageOps) against known
 answers and against the page-by-page reference (sevcore/_reference/guest.py), on every CPU path."""
 import ctypes
 import ctypes.util
@@ -10,17 +10,17 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from sevcore import cpu
+from sevcore.core import cpu
 from sevcore._bindings import ffi, lib
 from sevcore._reference import guest as ref
-from sevcore.guestmem import (
+from sevcore.core.pages import (
     GUEST_OP_CHECK, GUEST_OP_DIGEST, GUEST_OP_FILL, GUEST_OP_PATTERN, GUEST_OP_READ,
     GUEST_OP_STAMP, GUEST_OP_WRITE, NO_MISMATCH, PAGE_SIZE, WRITE_OPS, GuestPageOps, digest,
     implementation, pattern,
 )
-from sevcore.hostmem import HostMemory
-from sevcore.memcrypt import AES128_XEX, AES256_XTS, MemoryEngine
-from sevcore.npt import GFN_LIMIT, NPT_DIRTY_LOG, NPT_PRIVATE, NPT_WRITABLE, Npt
+from sevcore.hw.hostmem import HostMemory
+from sevcore.core.memcrypt import AES128_XEX, AES256_XTS, MemoryEngine
+from sevcore.core.npt import GFN_LIMIT, NPT_DIRTY_LOG, NPT_PRIVATE, NPT_WRITABLE, Npt
 
 OPS = [GUEST_OP_READ, GUEST_OP_WRITE, GUEST_OP_FILL, GUEST_OP_PATTERN, GUEST_OP_CHECK,
        GUEST_OP_STAMP, GUEST_OP_DIGEST]

@@ -1,4 +1,4 @@
-"""The SEV memory encryption engine (sevcore.memcrypt) against known answers, OpenSSL and the
+"""The SEV memory encryption engine (sevcore.core.memcrypt) against known answers, OpenSSL and the
 slow reference in sevcore._reference.memcrypt, on every implementation path."""
 import pathlib
 import re
@@ -9,9 +9,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sevcore import cpu
+from sevcore.core import cpu
 from sevcore._reference import memcrypt as ref
-from sevcore.memcrypt import (AES128_XEX, AES256_XTS, PAGE_SIZE, MemoryEngine,
+from sevcore.core.memcrypt import (AES128_XEX, AES256_XTS, PAGE_SIZE, MemoryEngine,
                               default_tweak_table, implementation)
 
 DATA = pathlib.Path(__file__).resolve().parent.parent / "data"

@@ -6,7 +6,8 @@ import sys
 import pytest
 
 import sevcore
-from sevcore import _bindings, cpu
+from sevcore import _bindings
+from sevcore.core import cpu
 
 
 def test_abi_version_matches():

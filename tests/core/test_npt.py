@@ -1,4 +1,4 @@
-"""The nested page table (csrc/npt.c through sevcore.npt.Npt) against known cases and against the
+"""The nested page table (csrc/npt.c through sevcore.core.npt.Npt) against known cases and against the
 dict-backed reference (sevcore/_reference/npt.py)."""
 import errno
 import gc
@@ -11,7 +11,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from sevcore import _bindings as _b
 from sevcore._reference.npt import Npt as RefNpt
-from sevcore.npt import (
+from sevcore.core.npt import (
     GFN_LIMIT, NPT_ACCESSED, NPT_DIRTY, NPT_DIRTY_LOG, NPT_FLAGS_MASK, NPT_PRESENT, NPT_PRIVATE,
     NPT_WRITABLE, PFN_LIMIT, Npt,
 )

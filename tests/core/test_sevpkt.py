@@ -1,4 +1,4 @@
-"""SEV transport-packet crypto (sevcore.sevpkt, csrc/sevpkt.c) against the spec's check values,
+"""SEV transport-packet crypto (sevcore.core.sevpkt, csrc/sevpkt.c) against the spec's check values,
 published SHA-256/HMAC/CTR vectors, OpenSSL and the reference in sevcore._reference.sevpkt, on
 every implementation path."""
 import errno
@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sevcore import _bindings as _b
-from sevcore import cpu, sevpkt
+from sevcore.core import cpu
+from sevcore.core import sevpkt
 from sevcore._reference import sevpkt as ref
 
 DATA = pathlib.Path(__file__).resolve().parent.parent / "data"

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from sevcore import Host
-from sevcore.costmodel import CostModel, CostModelError, SimClock
+from sevcore.hw.costmodel import CostModel, CostModelError, SimClock
 
 PAGE = 4096
 

@@ -2,7 +2,7 @@
 faults. Every failure must end with SEND_CANCEL and a source guest that runs on, unchanged."""
 import pytest
 
-from sevcore.costmodel import CostModel
+from sevcore.hw.costmodel import CostModel
 from sevcore.migration import stream as S
 from sevcore.migration.engine import (MigrationError, MigrationParams, NotMigrationReady,
                                       TargetFailed, migrate)

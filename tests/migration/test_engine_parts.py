@@ -5,9 +5,9 @@ import io
 import pytest
 
 import sevcore
-from sevcore import owner
+from sevcore.vmm import owner
 from sevcore.cli import Progress
-from sevcore.costmodel import CostModel, SimClock
+from sevcore.hw.costmodel import CostModel, SimClock
 from sevcore.migration import stream as S
 from sevcore.migration.engine import MigrationParams, TargetFailed, Timeline, migrate
 from sevcore.migration.machine import GuestError, LaunchError, Machine

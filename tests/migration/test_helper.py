@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 
 import sevcore
-from sevcore import guestmem
+from sevcore.core import pages as guestmem
 from sevcore._reference import sevpkt as ref
-from sevcore.kvm_util import (addr_gpa2hva, sev_decrypt_memory, vm_mem_add,
+from sevcore.vmm.kvm_util import (addr_gpa2hva, sev_decrypt_memory, vm_mem_add,
                               vm_sev_create_with_one_vcpu, vm_sev_launch)
 from sevcore.migration.helper import (ENTRY, HELPER_CTX, PACKET_SIZE, HelperLayout,
                                       HelperPacketError, MigrationHelper, helper_boot,
                                       packet_ivs)
 from sevcore.psp.crypto import kdf
 from sevcore.uapi import *
-from sevcore.vmm import SharedPagesTracker
+from sevcore.vmm.shared_pages import SharedPagesTracker
 
 NPAGES = 1024                   # 4 MiB of guest RAM; the helper takes its top 262 pages
 DATA_GFN, NDATA = 16, 48        # the pages the tests move

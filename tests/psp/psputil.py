@@ -2,7 +2,7 @@
 between test folders)."""
 
 import sevcore
-from sevcore import owner
+from sevcore.vmm import owner
 from sevcore import uapi as U
 
 

@@ -1,9 +1,9 @@
-"""The firmware's packet functions on the batched C kernel (sevcore.sevpkt)."""
+"""The firmware's packet functions on the batched C kernel (sevcore.core.sevpkt)."""
 import os
 
 import pytest
 
-from sevcore import sevpkt
+from sevcore.core import sevpkt
 from sevcore.psp.crypto import packet_header
 from sevcore.psp.packets import BadPacketMac, _open_packets, _seal_packets
 

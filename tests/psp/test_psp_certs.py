@@ -5,9 +5,9 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from sevcore import owner
+from sevcore.vmm import owner
 from sevcore import uapi as U
-from sevcore.owner import CertChainError
+from sevcore.vmm.owner import CertChainError
 from sevcore.psp import PspError
 from sevcore.psp import certs as C
 from sevcore.psp import layout as L

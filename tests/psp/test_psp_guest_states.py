@@ -2,7 +2,7 @@
 AMD-ASPFW sev_guest.c state_tbl_sev and the sev_mcmd.c handlers)."""
 import pytest
 
-from sevcore import owner
+from sevcore.vmm import owner
 from sevcore import uapi as U
 from sevcore.psp import crypto as X
 from sevcore.psp import layout as L

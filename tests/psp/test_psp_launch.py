@@ -8,7 +8,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
-from sevcore import owner
+from sevcore.vmm import owner
 from sevcore import uapi as U
 from sevcore.psp import PspError
 from sevcore.psp import certs as C

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from sevcore import owner
+from sevcore.vmm import owner
 from sevcore import uapi as U
 from sevcore.psp import PspError
 from sevcore.psp import amd_root

@@ -39,7 +39,7 @@ def issue(host, cmd):
                    pdh_cert_len=C.CERT_SIZE, cert_chain_address=buf + C.CERT_SIZE,
                    cert_chain_len=C.CHAIN_SIZE)[0]
     if cmd == U.SEV_CMD_PEK_CERT_IMPORT:
-        from sevcore import owner
+        from sevcore.vmm import owner
         key, oca = owner.new_oca(lambda n: b"\x07" * n)
         if host.psp.state == U.SEV_STATE_UNINIT:
             pek = bytes(C.CERT_SIZE)

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 import sevcore
-from sevcore.memcrypt import AES256_XTS
-from sevcore.umc import MemoryController
+from sevcore.core.memcrypt import AES256_XTS
+from sevcore.hw.umc import MemoryController
 
 P = 4096
 KEY_A, KEY_B = bytes(range(16)), bytes(range(16, 32))

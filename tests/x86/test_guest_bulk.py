@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import sevcore
-from sevcore import guestmem
-from sevcore.kvm_util import (addr_gpa2hva, vm_mem_add, vm_mem_set_private,
+from sevcore.core import pages as guestmem
+from sevcore.vmm.kvm_util import (addr_gpa2hva, vm_mem_add, vm_mem_set_private,
                               vm_sev_create_with_one_vcpu, vm_sev_launch)
 from sevcore.uapi import *
 
@@ -132,14 +132,14 @@ def test_bulk_into_mmio_aborts_guest():
 def test_bulk_argument_errors():
     """Unaligned bulk gpas are refused before anything runs."""
     vm, hva = create()
-    g = sevcore.guest.Guest(None)
+    g = sevcore.kvm.guest.Guest(None)
     with pytest.raises(ValueError):
         g.fill(GPA + 1, 1, 0)
 
 
 def test_bulk_list_argument_errors():
     """Page lists are refused unless every gpa is a page-aligned u64, before anything runs."""
-    g = sevcore.guest.Guest(None)
+    g = sevcore.kvm.guest.Guest(None)
     for make in (lambda gpas: g.stamp_pages(gpas, 1), lambda gpas: g.read_pages(gpas),
                  lambda gpas: g.write_pages(gpas, bytes(4096 * len(gpas))),
                  lambda gpas: g.write_pattern_pages(gpas, 1),
@@ -302,7 +302,7 @@ def test_read_pages_into_a_given_buffer(rng):
 def test_page_buffers_must_hold_a_page_per_gpa():
     """write_pages and read_pages(out=) refuse a buffer that is not exactly one page per gpa,
     or a read-only one, before anything runs."""
-    g = sevcore.guest.Guest(None)
+    g = sevcore.kvm.guest.Guest(None)
     with pytest.raises(ValueError, match="8192"):
         g.write_pages([0, 4096], bytes(4096))
     with pytest.raises(ValueError, match="4096"):

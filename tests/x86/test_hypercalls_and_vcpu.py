@@ -4,7 +4,7 @@ from errno import EBADF, EEXIST, EINTR, EINVAL, EIO
 import pytest
 
 import sevcore
-from sevcore.kvm_util import vm_mem_add
+from sevcore.vmm.kvm_util import vm_mem_add
 from sevcore.uapi import *
 
 U64 = (1 << 64) - 1

@@ -1,11 +1,11 @@
 """The guest's live-migration interface seen from the VMM: MAP_GPA_RANGE reports and
-MSR_KVM_MIGRATION_CONTROL, kept by sevcore.vmm.SharedPagesTracker (spec/kvm-uapi.md 6.5-6.8)."""
+MSR_KVM_MIGRATION_CONTROL, kept by sevcore.vmm.shared_pages.SharedPagesTracker (spec/kvm-uapi.md 6.5-6.8)."""
 import pytest
 
 import sevcore
-from sevcore.kvm_util import vm_mem_add
+from sevcore.vmm.kvm_util import vm_mem_add
 from sevcore.uapi import *
-from sevcore.vmm import SharedPagesTracker
+from sevcore.vmm.shared_pages import SharedPagesTracker
 
 RAM_PAGES = 1 << 20          # a 4 GiB guest: the tracker keeps ranges, never pages
 BSS_DECRYPTED = (0x1234000, 5)

@@ -7,7 +7,7 @@ memslots' HVAs that it only ever sees the shared data.
 import pytest
 
 import sevcore
-from sevcore.kvm_util import (addr_gpa2hva, vm_create_with_vcpus, vm_guest_mem_fallocate,
+from sevcore.vmm.kvm_util import (addr_gpa2hva, vm_create_with_vcpus, vm_guest_mem_fallocate,
                               vm_set_memory_attributes)
 from sevcore.uapi import *
 

@@ -5,7 +5,7 @@ from errno import EFAULT
 import pytest
 
 import sevcore
-from sevcore.kvm_util import vm_mem_add, vm_mem_set_private
+from sevcore.vmm.kvm_util import vm_mem_add, vm_mem_set_private
 from sevcore.uapi import *
 
 EXITS_TEST_GPA = 0xc0000000

@@ -5,9 +5,9 @@ from errno import EINVAL, EIO
 import pytest
 
 import sevcore
-from sevcore.kvm_util import (addr_gpa2hva, sev_decrypt_memory, sev_encrypt_memory,
+from sevcore.vmm.kvm_util import (addr_gpa2hva, sev_decrypt_memory, sev_encrypt_memory,
                               vm_sev_create_with_one_vcpu, vm_sev_launch)
-from sevcore.sev import SevError
+from sevcore.kvm.sev import SevError
 from sevcore.uapi import *
 
 P = 4096

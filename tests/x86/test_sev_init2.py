@@ -5,7 +5,7 @@ from errno import EINVAL, EIO
 import pytest
 
 import sevcore
-from sevcore.sev import SEV_SUPPORTED_VMSA_FEATURES, SevError
+from sevcore.kvm.sev import SEV_SUPPORTED_VMSA_FEATURES, SevError
 from sevcore.uapi import *
 
 
@@ -108,7 +108,7 @@ def test_asid_recycling():
         vms[2].memory_encrypt_op(KVM_SEV_INIT2)
     assert e.value.errno == 16                      # EBUSY
     vms[0].close()
-    asids = sevcore.sev.host_asids(host)
+    asids = host.kvm_sev.asids
     assert asids.reclaim == {3} and asids.flushes == 0
     vms[2].memory_encrypt_op(KVM_SEV_INIT2)
     vms[2].memory_encrypt_op(KVM_SEV_LAUNCH_START, policy=0)
@@ -132,7 +132,7 @@ def test_init2_platform_init_failure_reclaims_the_asid(monkeypatch):
         vm.memory_encrypt_op(KVM_SEV_INIT2)
     assert e.value.errno == EIO and e.value.out.error == SEV_RET_HWSEV_RET_UNSAFE
     assert vm.sev_need_init and not vm.sev.active
-    asids = sevcore.sev.host_asids(host)
+    asids = host.kvm_sev.asids
     lo, _ = asids.range(False)
     assert asids.reclaim == {lo} and lo in asids.used
     monkeypatch.setattr(psp, "command", real)

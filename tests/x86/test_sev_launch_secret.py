@@ -3,16 +3,16 @@ it together: the owner checks the platform's certificate chain and makes a launc
 PDH; the VMM issues LAUNCH_START with it, LAUNCH_UPDATE_DATA (and LAUNCH_UPDATE_VMSA for SEV-ES)
 and LAUNCH_MEASURE; the owner verifies the measurement and packages a secret bound to it; the VMM
 injects it with KVM_SEV_LAUNCH_SECRET and finishes; the guest finds the secret in plaintext behind
-its C-bit while the VMM sees ciphertext (sevcore.owner; spec/sev-firmware.md, spec/kvm-uapi.md
+its C-bit while the VMM sees ciphertext (sevcore.vmm.owner; spec/sev-firmware.md, spec/kvm-uapi.md
 7.6)."""
 from errno import EIO
 
 import pytest
 
 import sevcore
-from sevcore import owner
-from sevcore.kvm_util import addr_gpa2hva, vm_mem_add, vm_vcpu_add
-from sevcore.sev import SevError, build_vmsa
+from sevcore.vmm import owner
+from sevcore.vmm.kvm_util import addr_gpa2hva, vm_mem_add, vm_vcpu_add
+from sevcore.kvm.sev import SevError, build_vmsa
 from sevcore.uapi import *
 
 NPAGES = 16

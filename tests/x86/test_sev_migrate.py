@@ -5,7 +5,7 @@ from errno import EBADF, EINVAL, EIO
 import pytest
 
 import sevcore
-from sevcore.kvm_util import addr_gpa2hva, sev_es_vm_init, sev_vm_init, sev_vm_launch, vm_mem_add
+from sevcore.vmm.kvm_util import addr_gpa2hva, sev_es_vm_init, sev_vm_init, sev_vm_launch, vm_mem_add
 from sevcore.uapi import *
 
 NR_VCPUS = 4
@@ -163,7 +163,7 @@ def _move_copy(kvm, order):
     move(dst3, dst2)
     assert dst3_mirror.sev.enc_context_owner is dst3
     assert dst3.sev.mirror_vms == [dst3_mirror]
-    asids = sevcore.sev.host_asids(kvm.host)
+    asids = kvm.host.kvm_sev.asids
     asid = dst3.sev.asid
     for name in order:
         vms[name].close()
@@ -189,4 +189,4 @@ def test_source_lives_while_mirror_exists(kvm):
     mirror.memory_encrypt_op(KVM_SEV_GUEST_STATUS)
     mirror.close()
     assert not sev_vm.alive and not kvm.host.umc.has_key(asid)
-    assert asid in sevcore.sev.host_asids(kvm.host).reclaim
+    assert asid in kvm.host.kvm_sev.asids.reclaim

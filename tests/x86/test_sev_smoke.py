@@ -10,10 +10,10 @@ import pytest
 
 import sevcore
 from sevcore.errors import NotModelled
-from sevcore.guest import GuestException, VmmCommunicationException
-from sevcore.kvm_util import (addr_gpa2hva, sev_vm_launch, vm_mem_add, vm_sev_create_with_one_vcpu,
+from sevcore.kvm.guest import GuestException, VmmCommunicationException
+from sevcore.vmm.kvm_util import (addr_gpa2hva, sev_vm_launch, vm_mem_add, vm_sev_create_with_one_vcpu,
                               vm_sev_launch, vm_vcpu_add)
-from sevcore.sev import SevError
+from sevcore.kvm.sev import SevError
 from sevcore.uapi import *
 
 GPA = 0x3000

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 import sevcore
 from sevcore.errors import KvmError
-from sevcore.kvm_util import sev_receive_start, sev_send_start, vm_mem_add, vm_sev_launch
+from sevcore.vmm.kvm_util import sev_receive_start, sev_send_start, vm_mem_add, vm_sev_launch
 from sevcore.psp import RingBuffer
-from sevcore.sev import SevError, _PageBatch
+from sevcore.kvm.sev import SevError, _PageBatch
 from sevcore.uapi import *
 
 P = 4096
@@ -322,7 +322,7 @@ def test_guest_memfd_page_that_sigbuses_is_enomem():
     """A page of a private guest_memfd mapping cannot be pinned (SIGBUS): ENOMEM at its index."""
     def prepare(p):
         gmem = p.vm.create_guest_memfd(4 * P, 0)
-        p.gmem_hva = p.src.mmap(4 * P, _kind="gmem", _file=gmem)
+        p.gmem_hva = p.src.map_file(4 * P, gmem, 0)
     hdrs, trans, exc, _ = both_send(lambda q: _with(q.uaddrs, 4, q.gmem_hva), prepare)
     assert exc[1] == ENOMEM and exc[3] == 4
 

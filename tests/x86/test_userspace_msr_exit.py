@@ -5,7 +5,7 @@ from errno import EINVAL
 import pytest
 
 import sevcore
-from sevcore.kvm_util import vm_mem_add
+from sevcore.vmm.kvm_util import vm_mem_add
 from sevcore.uapi import *
 
 MSR_NON_EXISTENT = 0x474f4f00
@@ -259,6 +259,6 @@ def test_unknown_msr_without_user_exits_gp():
 
 def test_x2apic_msrs_bypass_filter():
     """x2APIC MSRs (0x800-0x8ff) are never filtered."""
-    from sevcore.msr import MSR_TYPE_R, MsrFilter
+    from sevcore.kvm.msr import MSR_TYPE_R, MsrFilter
     f = MsrFilter.from_user(KVM_MSR_FILTER_DEFAULT_DENY, [(KVM_MSR_FILTER_READ, 1, 0x10, DENY)])
     assert f.allowed(0x830, MSR_TYPE_R) and not f.allowed(0x10, MSR_TYPE_R)

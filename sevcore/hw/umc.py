@@ -13,15 +13,15 @@ this object, as the real firmware does through ``copy_{to,from}_x86_encrypted``
 >>> umc.read(spa, 6, asid=5)                # b"secret"
 >>> umc.read(spa, 6, asid=0)                # the ciphertext as the host sees it
 
-The engine works on whole pages (``sevcore.memcrypt``). Both modes encrypt 16-byte blocks
+The engine works on whole pages (``sevcore.core.memcrypt``). Both modes encrypt 16-byte blocks
 independently once the page's tweak is fixed, so ``encrypt(decrypt(page))`` returns every block a
 write does not touch to the exact bytes it had: a partial write is a read-modify-write of its pages
 that changes only the written blocks, as the hardware's block-granular writes do.
 """
 import numpy as np
 
-from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
-from sevcore.memcrypt import AES128_XEX, AES256_XTS, MemoryEngine
+from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
+from sevcore.core.memcrypt import AES128_XEX, AES256_XTS, MemoryEngine
 
 _KEY_LEN = {AES128_XEX: 16, AES256_XTS: 64}
 

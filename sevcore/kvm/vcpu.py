@@ -1,7 +1,7 @@
 """A vCPU fd: ``KVM_RUN`` over a guest program, with the exits KVM gives user space.
 
-``vcpu.run()`` resumes the guest program (:mod:`sevcore.guest`) and performs its operations as
-KVM would: memory accesses through the NPT and the fault path (:mod:`sevcore.mmu`), hypercalls
+``vcpu.run()`` resumes the guest program (:mod:`sevcore.kvm.guest`) and performs its operations as
+KVM would: memory accesses through the NPT and the fault path (:mod:`sevcore.kvm.mmu`), hypercalls
 (``____kvm_emulate_hypercall``), RDMSR/WRMSR (in-kernel emulation, the MSR filter, user-space
 exits), and ucalls (``KVM_EXIT_IO``). It returns when the kernel would return to user space,
 with the exit described in ``vcpu.kvm_run``; it raises ``OSError(EFAULT/EIO/...)`` where
@@ -18,16 +18,16 @@ from errno import EBADF, EINTR, EINVAL, EIO
 
 import numpy as np
 
-from sevcore import fpu
+from sevcore.kvm import fpu
 from sevcore import uapi as U
 from sevcore.errors import KvmError, NotModelled
-from sevcore.guest import (UCALL_ABORT, UCALL_DONE, Guest, GuestException, Op,
+from sevcore.kvm.guest import (UCALL_ABORT, UCALL_DONE, Guest, GuestException, Op,
                            VmmCommunicationException)
-from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
-from sevcore.mmu import MemoryFault, MmioAccess, decode_gpa, faultin_pages, translate
-from sevcore.msr import (MSR_OK, MSR_RET_FILTERED, MSR_TYPE_R, MSR_TYPE_W, PV_HC_FEATURE,
+from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
+from sevcore.kvm.mmu import MemoryFault, MmioAccess, decode_gpa, faultin_pages, translate
+from sevcore.kvm.msr import (MSR_OK, MSR_RET_FILTERED, MSR_TYPE_R, MSR_TYPE_W, PV_HC_FEATURE,
                          MsrState, msr_exit_reason)
-from sevcore.npt import NPT_DIRTY_LOG
+from sevcore.core.npt import NPT_DIRTY_LOG
 
 U64 = (1 << 64) - 1
 #: VMCB exit code of a failed VMRUN (SVM_EXIT_ERR, -1), KVM's fail_entry reason.
@@ -204,7 +204,7 @@ def default_cpuid(host):
 
 
 class Vcpu:
-    """A vCPU fd. Created by :meth:`sevcore.vm.Vm.create_vcpu`."""
+    """A vCPU fd. Created by :meth:`sevcore.kvm.vm.Vm.create_vcpu`."""
 
     def __init__(self, vm, vcpu_id):
         self.vm = vm
@@ -229,7 +229,7 @@ class Vcpu:
         self.guest_state_protected = False
         self.guest_debug = 0
         #: struct kvm_regs as KVM holds it (kvm_vcpu_reset: RIP 0xfff0, RFLAGS 2, RDX 0x600
-        #: before any CPUID is set), XCR0 (FP only) and the FPU image (sevcore.fpu).
+        #: before any CPUID is set), XCR0 (FP only) and the FPU image (sevcore.kvm.fpu).
         self.regs = _reset_regs()
         self.xcr0 = U.XFEATURE_MASK_FP
         self.fpu = fpu.reset_image()
@@ -425,7 +425,7 @@ class Vcpu:
     # -- the guest -------------------------------------------------------------------------------------
 
     def set_guest_code(self, fn, *args):
-        """Load a guest program: ``fn(g, *args)`` is a generator function (sevcore.guest)."""
+        """Load a guest program: ``fn(g, *args)`` is a generator function (sevcore.kvm.guest)."""
         self._code = (fn, args)
         self._gen = None
         self._op = self._progress = self._complete = self._throw = self._send = None
@@ -619,7 +619,7 @@ class Vcpu:
         kernel, partial pages (and MMIO) are handled here; progress is kept across exits so a
         retried access resumes where it stopped (in ``self._progress``, or in ``st``, a
         :func:`_access_state`, for an instruction that makes several accesses)."""
-        from sevcore import guestmem as gm
+        from sevcore.core import pages as gm
         if st is None:
             if self._progress is None:
                 self._progress = _access_state(size, data)
@@ -694,10 +694,10 @@ class Vcpu:
         """Run the C page kernel over ``n`` pages from the page-aligned ``first_gpa`` (or the
         page-aligned list ``gpas``), from page ``done[0]`` on (``out``: CHECK's two words, or DIGEST's word per
         page), faulting in the pages it stops at in batches
-        (:func:`sevcore.mmu.faultin_pages`). ``done[0]`` always holds the pages completed, also
+        (:func:`sevcore.kvm.mmu.faultin_pages`). ``done[0]`` always holds the pages completed, also
         when MemoryFault or MmioAccess propagates. ``on_chunk(start, k)`` sees each kernel
         call's result (CHECK accumulates its ``out`` there)."""
-        from sevcore import guestmem as gm
+        from sevcore.core import pages as gm
         vm = self.vm
         write = op in gm.WRITE_OPS
         ops = vm.page_ops()
@@ -728,12 +728,12 @@ class Vcpu:
 
     def _bulk(self, kind, args):
         """A bulk operation: the C page kernel over all its pages (progress survives exits)."""
-        from sevcore import guestmem as gm
+        from sevcore.core import pages as gm
         if kind == "bulk":
             name, gpa, n, arg = args
             gpas = buf = None
         else:
-            name, gpas, arg, buf = args       # gpas: page aligned (sevcore.guest._page_gpas)
+            name, gpas, arg, buf = args       # gpas: page aligned (sevcore.kvm.guest._page_gpas)
             gpa, n = 0, len(gpas)
         st = self._progress
         if st is None:

@@ -31,8 +31,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from sevcore.arrays import u64_array
-from sevcore.hostmem import PAGE_SIZE
+from sevcore.core.arrays import u64_array
+from sevcore.hw.hostmem import PAGE_SIZE
 from sevcore.uapi import GP_VECTOR, X86_TRAP_VC
 
 UCALL_SYNC = "sync"

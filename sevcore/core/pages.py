@@ -21,7 +21,7 @@ import errno
 import numpy as np
 
 from sevcore import _bindings as _b
-from sevcore.npt import GFN_LIMIT, _gfn_array
+from sevcore.core.npt import GFN_LIMIT, _gfn_array
 
 GUEST_OP_READ = _b.GUEST_OPS["READ"]
 GUEST_OP_WRITE = _b.GUEST_OPS["WRITE"]
@@ -58,7 +58,7 @@ class GuestPageOps:
     """Page ops of one guest: its Npt, and the host memory its entries point into."""
 
     def __init__(self, npt, frames):
-        """``npt``: the guest's :class:`sevcore.npt.Npt`; ``frames``: host physical memory as a
+        """``npt``: the guest's :class:`sevcore.core.npt.Npt`; ``frames``: host physical memory as a
         writable buffer (``host.mem.frames``), SPA 0 at its first byte."""
         self._npt = npt
         self._frames = frames
@@ -93,7 +93,7 @@ class GuestPageOps:
         faults). ``buf`` holds ``n * 4096`` bytes for READ (writable) and WRITE; ``out`` is a uint64
         array of ``n`` words for DIGEST, of 2 for CHECK (mismatching pages, index of the first or
         :data:`NO_MISMATCH`). ``private``: the access is private (served by NPT_PRIVATE entries
-        only); ``engine``: a :class:`sevcore.memcrypt.MemoryEngine` for an encrypted access.
+        only); ``engine``: a :class:`sevcore.core.memcrypt.MemoryEngine` for an encrypted access.
 
         Raises ValueError, having written nothing, for bad arguments (also for a write through an
         NPT_DIRTY_LOG entry outside every dirty slot), and ``OSError(EFAULT)`` if an entry to be

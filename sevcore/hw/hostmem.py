@@ -14,7 +14,7 @@ import threading
 
 import numpy as np
 
-from sevcore.arrays import runs
+from sevcore.core.arrays import runs
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -53,6 +53,20 @@ class HostMemory:
         self._populater = None   # the populating() thread, if one runs
 
     # -- allocation -------------------------------------------------------------------------------
+
+    def alloc_contiguous(self, npages):
+        """``npages`` physically contiguous zeroed frames (firmware buffers, bounce areas);
+        returns the SPA of the first. MemoryError if 64 tries find no contiguous run."""
+        held = []
+        for _ in range(64):
+            pfns = self.alloc(npages)
+            if np.all(np.diff(pfns.astype(np.int64)) == 1):
+                if held:
+                    self.free(np.concatenate(held))
+                return int(pfns[0]) << PAGE_SHIFT
+            held.append(pfns)
+        self.free(np.concatenate(held))
+        raise MemoryError(f"no {npages} contiguous host frames")
 
     def alloc(self, n=1, *, singly=False):
         """Allocate ``n`` zeroed frames; returns their pfns (uint64 array, ascending runs).

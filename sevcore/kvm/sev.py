@@ -25,11 +25,10 @@ from errno import EBADF, EBUSY, EFAULT, EINVAL, EIO, ENOMEM, ENOTTY, EPERM
 import numpy as np
 
 from sevcore import uapi as U
-from sevcore.arrays import byte_rows, runs, u64_array
+from sevcore.core.arrays import byte_rows, runs, u64_array
 from sevcore.errors import KvmError
-from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
+from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.psp import layout as L
-from sevcore.psp.api import _alloc_contiguous
 from sevcore.psp.batch import first, packet_rows
 from sevcore.psp.crypto import HEADER_SIZE as L_HDR
 from sevcore.psp.guests import VMSA_SIZE
@@ -174,21 +173,42 @@ class Asids:
         self.reclaim.add(asid)
 
 
-def host_asids(host):
-    a = getattr(host, "_sev_asids", None)
-    if a is None or a.psp is not host.psp:
-        a = host._sev_asids = Asids(host.psp)
-    return a
+class KvmSev:
+    """kvm_amd's SEV state of one host (``host.kvm_sev``): the ASID space, the kernel buffers
+    the commands bounce blobs through, and the /dev/sev fd the selftests pass with every
+    command."""
+
+    def __init__(self, host):
+        self.host = host
+        self._asids = None
+        self._bounce = None
+        self._sev_fd = None
+
+    @property
+    def asids(self):
+        """The ASID space of ``host.psp`` (made again if the Host's PSP was replaced)."""
+        if self._asids is None or self._asids.psp is not self.host.psp:
+            self._asids = Asids(self.host.psp)
+        return self._asids
+
+    def bounce_base(self):
+        """The SPA of the kernel buffer area, allocated on first use."""
+        if self._bounce is None:
+            self._bounce = self.host.mem.alloc_contiguous(_BOUNCE_PAGES)
+        return self._bounce
+
+    def sev_fd(self):
+        """The selftests pass ``open_sev_dev_path_or_exit()`` with every command."""
+        if self._sev_fd is None or not isinstance(self.host.fget(self._sev_fd), SevDev):
+            self._sev_fd = open_sev_dev(self.host)
+        return self._sev_fd
 
 
 class _Bounce:
     """Kernel buffers (kmalloc) for one command: bump allocation in contiguous host frames."""
 
     def __init__(self, host):
-        base = getattr(host, "_sev_bounce", None)
-        if base is None:
-            base = host._sev_bounce = _alloc_contiguous(host.mem, _BOUNCE_PAGES)
-        self.host, self.base, self.off = host, base, 0
+        self.host, self.base, self.off = host, host.kvm_sev.bounce_base(), 0
 
     def reserve(self, size):
         spa = self.base + self.off
@@ -229,7 +249,7 @@ def memory_encrypt_op(vm, id, data, sev_fd, fields):
         raise TypeError(f"id must be a u32, not {id!r}")
     _command_allowed(vm, id)
     entry = _HANDLERS.get(id)
-    if id == U.KVM_SEV_ES_INIT and not host_asids(vm.host).es_enabled:
+    if id == U.KVM_SEV_ES_INIT and not vm.host.kvm_sev.asids.es_enabled:
         raise KvmError(ENOTTY, IOCTL, "SEV-ES is disabled")
     if entry is None:
         raise KvmError(EINVAL, IOCTL, f"unknown or unimplemented command {id}")
@@ -243,7 +263,7 @@ def memory_encrypt_op(vm, id, data, sev_fd, fields):
     elif fields:
         raise TypeError("fields given with a NULL data pointer or for a command without data")
     out = SevCmd(id, params or {})
-    cmd = _Cmd(vm, out, sev_fd if sev_fd is not None else _default_sev_fd(vm.host))
+    cmd = _Cmd(vm, out, sev_fd if sev_fd is not None else vm.host.kvm_sev.sev_fd())
     try:
         handler(cmd, params)
     except SevError as e:
@@ -258,14 +278,6 @@ def _command_allowed(vm, id):
         raise KvmError(EINVAL, IOCTL, f"command {id} not allowed on a mirror VM")
     if vm.sev.snp_active and id < U.KVM_SEV_SNP_LAUNCH_START:
         raise KvmError(EPERM, IOCTL, f"command {id} not allowed on an SNP guest")
-
-
-def _default_sev_fd(host):
-    """The selftests pass ``open_sev_dev_path_or_exit()`` with every command."""
-    fd = getattr(host, "_sev_fd", None)
-    if fd is None or not isinstance(host.fget(fd), SevDev):
-        fd = host._sev_fd = open_sev_dev(host)
-    return fd
 
 
 class _Cmd:
@@ -438,8 +450,8 @@ def _platform_init(host):
     if psp.state != U.SEV_STATE_UNINIT:
         return 0
     fields = {}
-    if host_asids(host).es_enabled:
-        base = _alloc_contiguous(host.mem, 2 * TMR_SIZE // PAGE_SIZE)
+    if host.kvm_sev.asids.es_enabled:
+        base = host.mem.alloc_contiguous(2 * TMR_SIZE // PAGE_SIZE)
         tmr = (base + TMR_SIZE - 1) & ~(TMR_SIZE - 1)
         fields = dict(flags=U.SEV_INIT_FLAGS_SEV_ES, tmr_address=tmr, tmr_len=TMR_SIZE)
     status = psp.command(U.SEV_CMD_INIT, _Bounce(host).put(L.sev_data_init.pack(**fields)))
@@ -470,7 +482,7 @@ def _guest_init(c, params, vm_type):
         c.fail(EINVAL, "SNP needs GHCB version 2")
     if sev.active:
         c.fail(EINVAL, "SEV already active")
-    asids = host_asids(vm.host)
+    asids = vm.host.kvm_sev.asids
     asid = asids.new(es, IOCTL)
     status = _platform_init(vm.host)
     if status:
@@ -573,7 +585,7 @@ def build_vmsa(vcpu, sev_features):
     sev_features (0x3b0); for VM types other than KVM_X86_DEFAULT_VM also the x87/SSE/AVX state
     of KVM_SET_XSAVE (legacy ES_INIT skips it, to keep older measurements). The reserved bytes
     at 0x3f0 carry the vCPU id (u32), so each vCPU's page differs."""
-    from sevcore import fpu
+    from sevcore.kvm import fpu
     v = bytearray(VMSA_SIZE)
 
     def put(off, value, size=8):
@@ -895,7 +907,7 @@ class _PageBatch:
         vm = self.vm
         vm._enter(IOCTL)
         _command_allowed(vm, self.id)
-        c = _Cmd(vm, SevCmd(self.id, {}), _default_sev_fd(vm.host))
+        c = _Cmd(vm, SevCmd(self.id, {}), vm.host.kvm_sev.sev_fd())
         _update_data_params(c, {}, self.send)
 
     def at(self, index, exc):
@@ -1009,7 +1021,7 @@ def receive_update_data_pages(vm, guest_uaddrs, hdrs, trans):
 # -- mirrors and moves -------------------------------------------------------------------------------
 
 def _source(dst, ioctl, fd_or_vm):
-    from sevcore.vm import Vm
+    from sevcore.kvm.vm import Vm
     src = dst.host.fget(fd_or_vm)
     if not isinstance(src, Vm):
         raise KvmError(EBADF, ioctl, "source is not a KVM VM fd")
@@ -1114,5 +1126,5 @@ def vm_destroy(vm):
         psp.command(U.SEV_CMD_DEACTIVATE, c_buf.put(L.sev_data_deactivate.pack(handle=sev.handle)))
         psp.command(U.SEV_CMD_DECOMMISSION,
                     c_buf.put(L.sev_data_decommission.pack(handle=sev.handle)))
-    host_asids(vm.host).free(sev.asid)
+    vm.host.kvm_sev.asids.free(sev.asid)
     sev.active = False

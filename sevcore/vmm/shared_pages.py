@@ -8,8 +8,8 @@ MSR filter). :class:`SharedPagesTracker` is the VMM code that sets this up and k
 the shared gfns as ranges (never one entry per page) and the migration-ready flag.
 """
 from sevcore import uapi as U
-from sevcore.hostmem import PAGE_SHIFT
-from sevcore.ranges import RangeSet
+from sevcore.hw.hostmem import PAGE_SHIFT
+from sevcore.core.ranges import RangeSet
 
 MAP_GPA_RANGE_PAGE_SZ_MASK = 0xf
 #: Valid page-size codes in attrs bits 3:0 (4K, 2M, 1G).

@@ -1,90 +1,21 @@
-"""A simulated host and its /dev/kvm.
+"""The VMM process's address space (``struct mm_struct``): host virtual addresses (HVAs).
 
-``Host`` is one machine: host physical memory, the memory encryption engine's tweak table, a file
-descriptor table and ``/dev/kvm`` (a :class:`Kvm`). ``Kvm`` is the VMM's handle on ``/dev/kvm``
-and also the VMM process's address space: ``kvm.mmap(length)`` returns a host virtual address
-(HVA) range that is backed lazily by host frames, as anonymous memory is.
+``mm.mmap(length)`` returns a page-aligned HVA range backed lazily by host frames, as anonymous
+memory is; ``map_file`` maps a guest_memfd's pages, each access faulting through the file.
+Reads and writes of VMM memory see what the frames hold: ciphertext for SEV-private pages.
 """
 import bisect
-import itertools
 from errno import EFAULT, EINVAL, ENOMEM
 
 import numpy as np
 
-from sevcore import uapi as U
-from sevcore.costmodel import SimClock
-from sevcore.errors import KvmError
-from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE, HostMemory
-from sevcore.memcrypt import default_tweak_table
-from sevcore.mmu import sorted_unique
-from sevcore.npt import NPT_WRITABLE, Npt
-from sevcore.psp import Psp
-from sevcore.umc import MemoryController
+from sevcore.core.npt import NPT_WRITABLE, Npt
+from sevcore.core.arrays import sorted_unique
+from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 
 #: Where the VMM's mmap() places mappings, and x86-64's user address limit (access_ok).
 HVA_BASE = 0x7f0000000000
 TASK_SIZE_MAX = 0x7ffffffff000
-
-ALL_VM_TYPES = (U.KVM_X86_DEFAULT_VM, U.KVM_X86_SW_PROTECTED_VM, U.KVM_X86_SEV_VM,
-                U.KVM_X86_SEV_ES_VM, U.KVM_X86_SNP_VM, U.KVM_X86_TDX_VM)
-
-
-class Host:
-    """One simulated machine: frames, memory-engine tweak table, memory controller (``umc``), SEV
-    firmware (``psp``), simulated time (``clock``, see sevcore.costmodel), fd table and /dev/kvm."""
-
-    def __init__(self, seed=0, memory_size=None, vm_types=ALL_VM_TYPES, c_bit=51):
-        self.seed = seed
-        self.mem = HostMemory() if memory_size is None else HostMemory(memory_size)
-        self.tweak_table = default_tweak_table(seed)
-        self.c_bit = c_bit
-        self.umc = MemoryController(self)       # per-ASID keys in front of the frames
-        self.psp = Psp(self)                    # the SEV firmware; keys are made at INIT
-        self.clock = SimClock()                 # simulated time, advanced by modelled costs
-        self.supported_vm_types = 0
-        for t in vm_types:
-            if not 0 <= t < 32:
-                raise ValueError(f"VM type {t} out of range")
-            self.supported_vm_types |= 1 << t
-        self._fds = {}
-        self._next_fd = itertools.count(3)
-        self.kvm = Kvm(self)
-
-    # -- file descriptors ---------------------------------------------------------------------------
-
-    def install_fd(self, obj):
-        """Give ``obj`` a file descriptor number, as open() would."""
-        fd = next(self._next_fd)
-        self._fds[fd] = obj
-        return fd
-
-    def release_fd(self, fd):
-        self._fds.pop(fd, None)
-
-    def fget(self, fd_or_file):
-        """The open file behind ``fd_or_file`` (an fd number or a file object), or None (EBADF)."""
-        if isinstance(fd_or_file, (int, np.integer)) and not isinstance(fd_or_file, bool):
-            return self._fds.get(int(fd_or_file))
-        fd = getattr(fd_or_file, "fd", None)
-        if fd is not None and self._fds.get(fd) is fd_or_file:
-            return fd_or_file
-        return None
-
-    def memfd_create(self, name="memfd"):
-        """An ordinary memfd (not a guest_memfd): a file that KVM must refuse as guest_memfd."""
-        return PlainFile(self, name)
-
-
-class PlainFile:
-    """Any file that is not a KVM object (a memfd, a regular file)."""
-
-    def __init__(self, host, name):
-        self.host = host
-        self.name = name
-        self.fd = host.install_fd(self)
-
-    def close(self):
-        self.host.release_fd(self.fd)
 
 
 class _Mapping:
@@ -94,47 +25,26 @@ class _Mapping:
         self.start, self.end, self.kind, self.file, self.pgoff = start, end, kind, file, pgoff
 
 
-class Kvm:
-    """The VMM's /dev/kvm fd, and the VMM process's virtual address space."""
+class Mm:
+    """A VMM process's address space: anonymous mappings and file (guest_memfd) mappings."""
 
-    def __init__(self, host=None):
-        if host is None:
-            return  # __new__ returned the kvm of a new Host, already initialised
+    def __init__(self, host):
         self.host = host
-        self.fd = host.install_fd(self)
         self._maps = []          # sorted by start
         self._starts = []        # their start addresses, for bisect
         self._pt = Npt()         # hva page -> host pfn for anonymous memory
         self._next_hva = HVA_BASE
-        #: The VMM process's RLIMIT_MEMLOCK in bytes (None: unlimited) and CAP_IPC_LOCK, which
-        #: bound SEV's page pinning (sev_pin_memory). The selftests run as root.
-        self.rlimit_memlock = None
-        self.cap_ipc_lock = True
 
-    def __new__(cls, host=None):
-        # sevcore.Kvm() makes a Host and returns that host's /dev/kvm.
-        if host is None:
-            return Host().kvm
-        return super().__new__(cls)
-
-    # -- /dev/kvm ioctls ------------------------------------------------------------------------------
-
-    def check_extension(self, cap):
-        """Mirrors ``KVM_CHECK_EXTENSION`` on /dev/kvm."""
-        return check_extension(self.host, None, cap)
-
-    def create_vm(self, type=U.KVM_X86_DEFAULT_VM):
-        """Mirrors ``KVM_CREATE_VM``; raises EINVAL for an unsupported type."""
-        from sevcore.vm import Vm
-        if not isinstance(type, int) or type < 0 or type >= 32 or \
-                not self.host.supported_vm_types & (1 << type):
-            raise KvmError(EINVAL, "KVM_CREATE_VM", f"VM type {type} not supported")
-        return Vm(self, type)
-
-    # -- the VMM's address space --------------------------------------------------------------------
-
-    def mmap(self, length, *, _kind="anon", _file=None, _pgoff=0):
+    def mmap(self, length):
         """Anonymous memory for the VMM: a page-aligned, zero-filled HVA range, lazily backed."""
+        return self._map(length, "anon", None, 0)
+
+    def map_file(self, length, file, pgoff):
+        """A shared mapping of ``file`` (a guest_memfd) from page ``pgoff``: each access faults
+        through ``file.host_fault(index, hva)``. The file checks its own mmap rules first."""
+        return self._map(length, "gmem", file, pgoff)
+
+    def _map(self, length, kind, file, pgoff):
         if not isinstance(length, int) or length <= 0:
             raise OSError(EINVAL, "mmap: length must be a positive int")
         length = (length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
@@ -143,7 +53,7 @@ class Kvm:
             raise OSError(ENOMEM, "mmap: VMM address space exhausted")
         # A guard page between mappings catches overruns as EFAULT.
         self._next_hva = hva + length + PAGE_SIZE
-        m = _Mapping(hva, hva + length, _kind, _file, _pgoff)
+        m = _Mapping(hva, hva + length, kind, file, pgoff)
         i = bisect.bisect_left(self._starts, hva)
         self._maps.insert(i, m)
         self._starts.insert(i, hva)
@@ -407,52 +317,3 @@ class Kvm:
         """memset() of VMM memory."""
         self.write(hva, bytes([byte]) * size)
 
-
-#: kvm_get_allowed_disable_exits without mitigate_smt_rsb and without MWAIT passthrough.
-KVM_ALLOWED_DISABLE_EXITS = (U.KVM_X86_DISABLE_EXITS_PAUSE | U.KVM_X86_DISABLE_EXITS_HLT
-                             | U.KVM_X86_DISABLE_EXITS_CSTATE)
-
-
-def _gmem_flags(vm):
-    flags = U.GUEST_MEMFD_FLAG_MMAP
-    if vm is None or not vm.has_private_mem:
-        flags |= U.GUEST_MEMFD_FLAG_INIT_SHARED
-    return flags
-
-
-def check_extension(host, vm, cap):
-    """KVM_CHECK_EXTENSION on /dev/kvm (vm None) or on a VM fd."""
-    private = vm is not None and vm.has_private_mem
-    table = {
-        U.KVM_CAP_USER_MEMORY: 1,
-        U.KVM_CAP_USER_MEMORY2: 1,
-        U.KVM_CAP_NR_MEMSLOTS: U.KVM_USER_MEM_SLOTS,
-        U.KVM_CAP_NR_VCPUS: 2,
-        U.KVM_CAP_MAX_VCPUS: 4096,
-        U.KVM_CAP_MAX_VCPU_ID: 4096,
-        U.KVM_CAP_CHECK_EXTENSION_VM: 1,
-        U.KVM_CAP_ENABLE_CAP_VM: 1,
-        U.KVM_CAP_VM_TYPES: host.supported_vm_types,
-        U.KVM_CAP_READONLY_MEM: 1 if vm is None else int(not vm.has_protected_state),
-        U.KVM_CAP_MULTI_ADDRESS_SPACE: (U.KVM_ADDRESS_SPACE_NUM if vm is None
-                                        else vm.nr_memslot_as_ids),
-        U.KVM_CAP_X86_SMM: 1 if vm is None else int(vm.type not in (
-            U.KVM_X86_SEV_ES_VM, U.KVM_X86_SNP_VM, U.KVM_X86_TDX_VM)),
-        U.KVM_CAP_SYNC_REGS: 0 if vm is not None and vm.has_protected_state else 0x7,
-        U.KVM_CAP_GUEST_MEMFD: 1,
-        U.KVM_CAP_GUEST_MEMFD_FLAGS: _gmem_flags(vm),
-        U.KVM_CAP_MEMORY_ATTRIBUTES: (U.KVM_MEMORY_ATTRIBUTE_PRIVATE
-                                      if vm is None or private else 0),
-        U.KVM_CAP_MEMORY_FAULT_INFO: 1,
-        U.KVM_CAP_PRE_FAULT_MEMORY: 1,
-        U.KVM_CAP_EXIT_HYPERCALL: U.KVM_EXIT_HYPERCALL_VALID_MASK,
-        U.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: U.KVM_DIRTY_LOG_MANUAL_CAPS,
-        U.KVM_CAP_X86_USER_SPACE_MSR: 1,
-        U.KVM_CAP_X86_MSR_FILTER: 1,
-        U.KVM_CAP_ENFORCE_PV_FEATURE_CPUID: 1,
-        U.KVM_CAP_X86_DISABLE_EXITS: KVM_ALLOWED_DISABLE_EXITS,
-        U.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM: 1,
-        U.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM: 1,
-        U.KVM_CAP_XCRS: 1,
-    }
-    return table.get(cap, 0)

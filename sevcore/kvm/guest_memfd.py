@@ -14,8 +14,8 @@ import numpy as np
 
 from sevcore import uapi as U
 from sevcore.errors import SigBus
-from sevcore.hostmem import PAGE_SHIFT, PAGE_SIZE
-from sevcore.npt import NPT_PRIVATE
+from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
+from sevcore.core.npt import NPT_PRIVATE
 
 MAP_SHARED = _mmap.MAP_SHARED
 MAP_PRIVATE = _mmap.MAP_PRIVATE
@@ -29,7 +29,7 @@ def _fs_error(err, op, detail):
 
 
 class GuestMemfd:
-    """A guest_memfd file. Created by :meth:`sevcore.vm.Vm.create_guest_memfd`."""
+    """A guest_memfd file. Created by :meth:`sevcore.kvm.vm.Vm.create_guest_memfd`."""
 
     def __init__(self, vm, size, flags):
         self.vm = vm
@@ -81,7 +81,7 @@ class GuestMemfd:
             raise _fs_error(EINVAL, "mmap", "guest_memfd mappings must be MAP_SHARED")
         if offset % PAGE_SIZE or length <= 0:
             raise _fs_error(EINVAL, "mmap", "unaligned offset or bad length")
-        return self.vm.kvm.mmap(length, _kind="gmem", _file=self, _pgoff=offset >> PAGE_SHIFT)
+        return self.vm.kvm.map_file(length, self, offset >> PAGE_SHIFT)
 
     def host_fault(self, index, hva):
         """A VMM access through a mapping of this file (kvm_gmem_fault_user_mapping)."""

@@ -57,3 +57,17 @@ def byte_rows(buf, n, what):
     if (flat.size % n if n else flat.size):
         raise ValueError(f"{what} of {flat.size} bytes does not split into {n} equal rows")
     return flat.reshape(n, flat.size // n if n else 0)
+
+
+def sorted_unique(values):
+    """``np.unique(values)`` of a 1-D integer array, by sorting; an array that is already
+    strictly increasing (a run, or pages a fault left unmapped in order) is returned as is.
+    On the 262144 pages of a 1 GiB fault batch, NumPy 2.4's ``np.unique`` (a hash table, then
+    a sort) takes ~0.2 s, a sort ~10 ms."""
+    if len(values) < 2 or (values[1:] > values[:-1]).all():
+        return values
+    s = np.sort(values)
+    keep = np.empty(len(s), bool)
+    keep[0] = True
+    np.not_equal(s[1:], s[:-1], out=keep[1:])
+    return s[keep]

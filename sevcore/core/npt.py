@@ -1,0 +1,281 @@
+"""Nested page tables: a VM's GFN -> (host pfn, flags) map, kept in C as KVM's TDP MMU keeps it.
+
+A 4-level, 512-ary radix table over 36-bit GFNs (48-bit GPAs) whose memory grows with what is
+mapped (csrc/npt.c). Mutations mirror what KVM does to its TDP page tables: a fault installs a
+mapping (:meth:`Npt.map`), an attribute change, a guest_memfd punch-hole or a memslot deletion
+zaps a range (:meth:`Npt.zap_range`), and dirty logging write-protects one
+(:meth:`Npt.protect_range`).
+
+>>> from sevcore.core.npt import Npt, NPT_WRITABLE
+>>> with Npt() as npt:
+...     npt.map(0x100, 0x8000, NPT_WRITABLE, npages=4)
+...     npt.lookup(0x102)                     # (0x8002, NPT_PRESENT | NPT_WRITABLE)
+"""
+import errno
+import operator
+import threading
+
+import numpy as np
+
+from sevcore import _bindings as _b
+
+NPT_PRESENT = _b.NPT_FLAGS["PRESENT"]
+NPT_WRITABLE = _b.NPT_FLAGS["WRITABLE"]
+NPT_ACCESSED = _b.NPT_FLAGS["ACCESSED"]
+NPT_DIRTY = _b.NPT_FLAGS["DIRTY"]
+NPT_PRIVATE = _b.NPT_FLAGS["PRIVATE"]
+NPT_DIRTY_LOG = _b.NPT_FLAGS["DIRTY_LOG"]
+#: Every flag bit an entry may carry.
+NPT_FLAGS_MASK = _b.NPT_FLAGS_MASK
+
+#: GFNs are below this (48-bit guest physical addresses); pfns below PFN_LIMIT.
+GFN_LIMIT = 1 << _b.NPT_GFN_BITS
+PFN_LIMIT = 1 << _b.NPT_PFN_BITS
+
+_PFN_SHIFT = _b.NPT_PFN_SHIFT
+_ENTRY_FLAGS = (1 << _PFN_SHIFT) - 1
+
+
+def _int(value, what):
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}") from None
+
+
+def _range(gfn, npages):
+    gfn, npages = _int(gfn, "gfn"), _int(npages, "npages")
+    if not 0 <= gfn < GFN_LIMIT:
+        raise ValueError(f"gfn {gfn:#x} is outside the guest physical space [0, {GFN_LIMIT:#x})")
+    if npages < 1 or gfn + npages > GFN_LIMIT:
+        raise ValueError(f"npages {npages} must be >= 1 and end by gfn {GFN_LIMIT:#x}")
+    return gfn, npages
+
+
+def _flags(flags, what):
+    flags = _int(flags, what)
+    if flags < 0 or flags & ~NPT_FLAGS_MASK:
+        raise ValueError(f"{what} {flags:#x} has bits outside NPT_FLAGS_MASK {NPT_FLAGS_MASK:#x}")
+    return flags
+
+
+def _gfn_array(gfns):
+    """``gfns`` as a C-contiguous uint64 array (no copy for uint64 or int64 input). Negative
+    values wrap to >= 2**63, which C then rejects as out of range."""
+    a = np.asarray(gfns)
+    if a.dtype.kind not in "iu":
+        if a.size == 0:
+            return np.empty(a.shape, np.uint64)
+        if a.dtype.kind == "O" and all(isinstance(x, int) for x in a.flat):
+            raise ValueError("gfns must be in [0, 2**36)")
+        raise TypeError(f"gfns must be integers, not {a.dtype}")
+    if a.dtype.kind == "i" and a.dtype.itemsize == 8 and a.dtype.isnative:
+        a = a.view(np.uint64)
+    return np.ascontiguousarray(a, dtype=np.uint64)
+
+
+class Npt:
+    """One VM's nested page table. Every call holds the table's lock, so one Npt may be shared
+    between threads; the C table itself (csrc/npt.h) lets only readers run together."""
+
+    #: What :meth:`lookup_batch` returns for a gfn that is not mapped.
+    MISS = _b.NPT_MISS
+    #: Entries fetched from C per step of :meth:`__iter__`.
+    ITER_CHUNK = 4096
+
+    def __init__(self, limit_bytes=None):
+        """An empty table. ``limit_bytes`` caps the table memory, in whole 2 MiB chunks (default:
+        physical RAM); a map needing more raises ``OSError(ENOMEM)`` and changes nothing."""
+        if limit_bytes is not None:
+            limit_bytes = _int(limit_bytes, "limit_bytes")
+            if limit_bytes < 0:
+                raise ValueError("limit_bytes must be >= 0")
+        self._lock = threading.Lock()
+        self._npt = _b.npt_create(limit_bytes)
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def close(self):
+        """Free the C table now; later calls raise ValueError. Closing twice is harmless."""
+        with self._lock:
+            if self._npt is not None:
+                _b.npt_destroy(self._npt)
+                self._npt = None
+
+    @property
+    def closed(self):
+        return self._npt is None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _p(self):
+        if self._npt is None:
+            raise ValueError("operation on a closed Npt")
+        return self._npt
+
+    # -- mutations -------------------------------------------------------------------------------
+
+    def map(self, gfn, pfn, flags, npages=1):
+        """Map gfn..gfn+npages-1 to pfn..pfn+npages-1 with ``flags`` (NPT_PRESENT implied),
+        replacing what was there. All or nothing: raises ``OSError(ENOMEM)`` with no change."""
+        gfn, npages = _range(gfn, npages)
+        pfn, flags = _int(pfn, "pfn"), _flags(flags, "flags")
+        if pfn < 0 or pfn + npages > PFN_LIMIT:
+            raise ValueError(f"pfns {pfn:#x}+{npages} must lie in [0, {PFN_LIMIT:#x})")
+        with self._lock:
+            _b.npt_map(self._p(), gfn, pfn, flags, npages)
+
+    def map_runs(self, gfns, pfns, flags):
+        """Map ``gfns[i]`` to ``pfns[i]`` (integer arrays of one length) with ``flags``: one
+        :meth:`map` per run contiguous in both, checked once for the whole batch and under one
+        hold of the lock (a fault batch of scattered pages is one run per page). Raises
+        ValueError with nothing mapped; an ``OSError(ENOMEM)`` keeps the runs before it."""
+        gfns = _gfn_array(gfns).reshape(-1)
+        pfns = np.ascontiguousarray(pfns, dtype=np.uint64).reshape(-1)
+        flags = _flags(flags, "flags")
+        if gfns.shape != pfns.shape:
+            raise ValueError(f"{gfns.size} gfns but {pfns.size} pfns")
+        if not gfns.size:
+            return
+        if int(gfns.max()) >= GFN_LIMIT or int(pfns.max()) >= PFN_LIMIT:
+            raise ValueError(f"gfns must lie in [0, {GFN_LIMIT:#x}), pfns in [0, {PFN_LIMIT:#x})")
+        brk = np.flatnonzero((np.diff(gfns) != 1) | (np.diff(pfns) != 1)) + 1
+        starts = np.concatenate(([0], brk))
+        lens = np.diff(np.concatenate((starts, [gfns.size])))
+        with self._lock:
+            npt = self._p()
+            for gfn, pfn, n in zip(gfns[starts].tolist(), pfns[starts].tolist(), lens.tolist()):
+                _b.npt_map(npt, gfn, pfn, flags, n)
+
+    def unmap(self, gfn, npages=1):
+        """Remove every mapping in gfn..gfn+npages-1; returns how many there were."""
+        gfn, npages = _range(gfn, npages)
+        with self._lock:
+            return _b.npt_unmap(self._p(), gfn, npages)
+
+    def zap_range(self, gfn, npages, match_flags=0, exclude_flags=0):
+        """Remove the mappings in the range whose flags include all of ``match_flags`` and none of
+        ``exclude_flags``; returns the count. Zapping the private kind is
+        ``match_flags=NPT_PRIVATE``, the shared kind ``exclude_flags=NPT_PRIVATE``."""
+        gfn, npages = _range(gfn, npages)
+        match_flags = _flags(match_flags, "match_flags")
+        exclude_flags = _flags(exclude_flags, "exclude_flags")
+        with self._lock:
+            return _b.npt_zap_range(self._p(), gfn, npages, match_flags, exclude_flags)
+
+    def protect_range(self, gfn, npages, clear_flags=0, set_flags=0):
+        """Clear then set flag bits on every mapping in the range (write-protection for dirty
+        logging); returns how many entries changed. NPT_PRESENT cannot be cleared."""
+        gfn, npages = _range(gfn, npages)
+        clear_flags = _flags(clear_flags, "clear_flags")
+        set_flags = _flags(set_flags, "set_flags")
+        if clear_flags & NPT_PRESENT:
+            raise ValueError("protect_range cannot clear NPT_PRESENT; use zap_range")
+        with self._lock:
+            return _b.npt_protect_range(self._p(), gfn, npages, clear_flags, set_flags)
+
+    # -- lookups ---------------------------------------------------------------------------------
+
+    def lookup(self, gfn):
+        """``(pfn, flags)`` for ``gfn``, or None if it is not mapped."""
+        gfn, _ = _range(gfn, 1)
+        with self._lock:
+            entry = _b.npt_lookup(self._p(), gfn)
+        return None if entry is None else (entry >> _PFN_SHIFT, entry & _ENTRY_FLAGS)
+
+    def lookup_batch(self, gfns, with_flags=False, out=None):
+        """pfns for an integer array of gfns, as uint64 of the same shape with :attr:`MISS` where
+        nothing is mapped; ``with_flags`` returns ``(pfns, flags)`` (flags 0 on a miss).
+        ``out`` (an array, or a pair with ``with_flags``) receives the result instead of new
+        arrays. Raises ValueError if a gfn is negative or >= 2**36 (``out`` is then undefined)."""
+        g = _gfn_array(gfns)
+        if out is None:
+            pfns = np.empty(g.shape, np.uint64)
+            flags = np.empty(g.shape, np.uint64) if with_flags else None
+        else:
+            pfns, flags = out if with_flags else (out, None)
+            for arr in (pfns, flags) if with_flags else (pfns,):
+                if (not isinstance(arr, np.ndarray) or arr.shape != g.shape
+                        or not arr.flags.c_contiguous):
+                    raise ValueError(f"out must be C-contiguous uint64 of shape {g.shape}")
+        with self._lock:
+            npt = self._p()
+            try:
+                _b.npt_lookup_batch(npt, g.reshape(-1), pfns.reshape(-1),
+                                    None if flags is None else flags.reshape(-1))
+            except OSError as exc:
+                if exc.errno == errno.EINVAL:
+                    raise ValueError(f"gfns must be in [0, {GFN_LIMIT:#x})") from None
+                raise
+        return (pfns, flags) if with_flags else pfns
+
+    # -- contents --------------------------------------------------------------------------------
+
+    def count(self):
+        """Number of mapped gfns."""
+        with self._lock:
+            return _b.npt_count(self._p())
+
+    __len__ = count
+
+    def __iter__(self):
+        """``(gfn, pfn, flags)`` for every mapping in gfn order, fetched from C in chunks of
+        :attr:`ITER_CHUNK`. A mutation between chunks is seen from the next gfn on."""
+        gfns = np.empty(self.ITER_CHUNK, np.uint64)
+        entries = np.empty(self.ITER_CHUNK, np.uint64)
+        start = 0
+        while start < GFN_LIMIT:
+            with self._lock:
+                n = _b.npt_next_mapped(self._p(), start, GFN_LIMIT, gfns, entries)
+            chunk = gfns[:n].tolist()
+            for gfn, entry in zip(chunk, entries[:n].tolist()):
+                yield gfn, entry >> _PFN_SHIFT, entry & _ENTRY_FLAGS
+            if n < self.ITER_CHUNK:
+                return
+            start = chunk[-1] + 1
+
+    def items(self, start_gfn=0, end_gfn=None):
+        """The mappings with start_gfn <= gfn < end_gfn (default: to the end) as three uint64
+        arrays ``(gfns, pfns, flags)`` in gfn order."""
+        start_gfn = _int(start_gfn, "start_gfn")
+        end_gfn = GFN_LIMIT if end_gfn is None else _int(end_gfn, "end_gfn")
+        if not 0 <= start_gfn <= GFN_LIMIT or not 0 <= end_gfn <= GFN_LIMIT:
+            raise ValueError(f"start_gfn and end_gfn must lie in [0, {GFN_LIMIT:#x}]")
+        with self._lock:
+            npt = self._p()
+            cap = _b.npt_count(npt)
+            gfns = np.empty(cap, np.uint64)
+            entries = np.empty(cap, np.uint64)
+            n = _b.npt_next_mapped(npt, start_gfn, end_gfn, gfns, entries)
+        entries = entries[:n]
+        return gfns[:n], entries >> np.uint64(_PFN_SHIFT), entries & np.uint64(_ENTRY_FLAGS)
+
+    # -- memory ----------------------------------------------------------------------------------
+
+    def _stats(self):
+        with self._lock:
+            return _b.npt_stats(self._p())
+
+    @property
+    def table_bytes(self):
+        """Bytes of page tables in use (4 KiB per table, root included; 0 when empty)."""
+        return self._stats()["table_bytes"]
+
+    @property
+    def reserved_bytes(self):
+        """Bytes of 2 MiB chunks the tables are carved from (one empty chunk is kept spare)."""
+        return self._stats()["reserved_bytes"]
+
+    @property
+    def limit_bytes(self):
+        return self._stats()["limit_bytes"]
+
+    def __repr__(self):
+        if self._npt is None:
+            return "<Npt closed>"
+        s = self._stats()
+        return f"<Npt {s['present']} mappings, {s['table_bytes']} table bytes>"

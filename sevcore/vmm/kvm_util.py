@@ -1,0 +1,191 @@
+"""Helpers named after the KVM selftests' library (tools/testing/selftests/kvm/lib/kvm_util.c),
+so that a selftest ports line by line: ``vm_mem_add``, ``addr_gpa2hva``,
+``vm_guest_mem_fallocate``, ``vm_mem_set_private`` ...
+
+Each helper asserts success the way the library does: a failing ioctl raises its OSError.
+"""
+from sevcore import uapi as U
+from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
+
+
+def vm_mem_add(vm, gpa, slot, npages, flags=0, guest_memfd=None, guest_memfd_offset=0):
+    """Back ``npages`` at ``gpa`` with fresh anonymous VMM memory and add them as memslot
+    ``slot`` (``KVM_SET_USER_MEMORY_REGION2``). With ``KVM_MEM_GUEST_MEMFD`` and no file, a
+    guest_memfd of the region's size is created. Returns the memslot's HVA."""
+    size = npages << PAGE_SHIFT
+    hva = vm.kvm.mmap(size)
+    if flags & U.KVM_MEM_GUEST_MEMFD and guest_memfd is None:
+        guest_memfd = vm.create_guest_memfd(size, 0)
+        guest_memfd_offset = 0
+    vm.set_user_memory_region2(slot, flags, gpa, size, hva, guest_memfd_offset, guest_memfd)
+    return hva
+
+
+def addr_gpa2hva(vm, gpa):
+    """The VMM address that backs ``gpa`` through its memslot (address space 0)."""
+    s = vm.gfn_to_memslot(gpa >> PAGE_SHIFT)
+    if s is None:
+        raise LookupError(f"no memslot covers gpa {gpa:#x}")
+    return s.userspace_addr + (gpa - (s.base_gfn << PAGE_SHIFT))
+
+
+def vm_guest_mem_fallocate(vm, gpa, size, punch_hole):
+    """fallocate() the guest_memfd ranges behind ``[gpa, gpa + size)``, slot by slot, with
+    ``KEEP_SIZE`` (and ``PUNCH_HOLE`` if ``punch_hole``)."""
+    mode = U.FALLOC_FL_KEEP_SIZE | (U.FALLOC_FL_PUNCH_HOLE if punch_hole else 0)
+    end = gpa + size
+    while gpa < end:
+        s = vm.gfn_to_memslot(gpa >> PAGE_SHIFT)
+        if s is None or not s.flags & U.KVM_MEM_GUEST_MEMFD or s.gmem_file is None:
+            raise LookupError(f"gpa {gpa:#x} is not backed by a guest_memfd slot")
+        slot_end = s.end_gfn << PAGE_SHIFT
+        n = min(end, slot_end) - gpa
+        offset = (s.gmem_pgoff << PAGE_SHIFT) + (gpa - (s.base_gfn << PAGE_SHIFT))
+        s.gmem_file.fallocate(mode, offset, n)
+        gpa += n
+
+
+def vm_set_memory_attributes(vm, gpa, size, attributes):
+    return vm.set_memory_attributes(gpa, size, attributes, 0)
+
+
+def vm_mem_set_private(vm, gpa, size):
+    return vm.set_memory_attributes(gpa, size, U.KVM_MEMORY_ATTRIBUTE_PRIVATE, 0)
+
+
+def vm_mem_set_shared(vm, gpa, size):
+    return vm.set_memory_attributes(gpa, size, 0, 0)
+
+
+def vm_vcpu_add(vm, vcpu_id):
+    """vm_arch_vcpu_add: ``KVM_CREATE_VCPU`` (the vCPU gets KVM_GET_SUPPORTED_CPUID's entries),
+    then ``vcpu_init_xcrs``: XCR0 = the supported XCR0 (``KVM_SET_XCRS``)."""
+    from sevcore.kvm.fpu import SUPPORTED_XCR0
+    vcpu = vm.create_vcpu(vcpu_id)
+    vcpu.set_xcrs([(U.XCR_XFEATURE_ENABLED_MASK, SUPPORTED_XCR0)])
+    return vcpu
+
+
+def vm_create_with_vcpus(kvm, type, nr_vcpus, guest_code=None, *args):
+    """A VM of ``type`` with vCPUs 0..nr_vcpus-1 (:func:`vm_vcpu_add`), each loaded with
+    ``guest_code(g, *args)``."""
+    vm = kvm.create_vm(type)
+    vcpus = [vm_vcpu_add(vm, i) for i in range(nr_vcpus)]
+    if guest_code is not None:
+        for v in vcpus:
+            v.set_guest_code(guest_code, *args)
+    return vm, vcpus
+
+
+__all__ = ["vm_mem_add", "addr_gpa2hva", "vm_guest_mem_fallocate", "vm_set_memory_attributes",
+           "vm_mem_set_private", "vm_mem_set_shared", "vm_vcpu_add", "vm_create_with_vcpus",
+           "PAGE_SIZE"]
+
+
+# -- SEV (tools/testing/selftests/kvm/lib/x86/sev.c) -------------------------------------------------
+
+def vm_sev_ioctl(vm, cmd, **fields):
+    """KVM_MEMORY_ENCRYPT_OP, asserting success (a failure raises its OSError)."""
+    return vm.memory_encrypt_op(cmd, **fields)
+
+
+def sev_vm_init(vm):
+    """Legacy ``KVM_SEV_INIT`` (NULL data) on a DEFAULT VM, ``KVM_SEV_INIT2`` otherwise."""
+    if vm.type == U.KVM_X86_DEFAULT_VM:
+        return vm.memory_encrypt_op(U.KVM_SEV_INIT, data=None)
+    return vm.memory_encrypt_op(U.KVM_SEV_INIT2)
+
+
+def sev_es_vm_init(vm):
+    """As sev_vm_init, with ``KVM_SEV_ES_INIT`` for a DEFAULT VM."""
+    if vm.type == U.KVM_X86_DEFAULT_VM:
+        return vm.memory_encrypt_op(U.KVM_SEV_ES_INIT, data=None)
+    return vm.memory_encrypt_op(U.KVM_SEV_INIT2)
+
+
+def sev_vm_launch(vm, policy):
+    """LAUNCH_START, GUEST_STATUS == LAUNCH_UPDATE, then REG_REGION and LAUNCH_UPDATE_DATA of
+    every memslot (the selftest library encrypts its protected pages: here all of guest RAM),
+    and LAUNCH_UPDATE_VMSA for an SEV-ES policy."""
+    vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_START, policy=policy)
+    st = vm.memory_encrypt_op(U.KVM_SEV_GUEST_STATUS)
+    assert st.policy == policy and st.state == U.SEV_GUEST_STATE_LAUNCH_UPDATE, st
+    for s in sorted(vm.memslots.values(), key=lambda s: s.base_gfn):
+        size = s.npages << PAGE_SHIFT
+        vm.memory_encrypt_reg_region(s.userspace_addr, size)
+        vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_UPDATE_DATA, uaddr=s.userspace_addr, len=size)
+    if policy & U.SEV_POLICY_ES:
+        vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_UPDATE_VMSA)
+
+
+def vm_sev_launch(vm, policy, measurement=None):
+    """sev_vm_launch, LAUNCH_MEASURE (state LAUNCH_SECRET), LAUNCH_FINISH (state RUNNING).
+    ``measurement``, a bytearray, receives the 48-byte MEASURE || MNONCE."""
+    sev_vm_launch(vm, policy)
+    buf = vm.kvm.mmap(PAGE_SIZE)
+    vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_MEASURE, uaddr=buf, len=256)
+    if measurement is not None:
+        measurement[:] = vm.kvm.read(buf, 48)
+    st = vm.memory_encrypt_op(U.KVM_SEV_GUEST_STATUS)
+    assert st.state == U.SEV_GUEST_STATE_LAUNCH_SECRET, st
+    vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_FINISH)
+    st = vm.memory_encrypt_op(U.KVM_SEV_GUEST_STATUS)
+    assert st.state == U.SEV_GUEST_STATE_RUNNING, st
+
+
+def vm_sev_create_with_one_vcpu(kvm, type, guest_code=None, *args, npages=16):
+    """A VM of ``type`` (SEV or SEV-ES) initialised with INIT2, one memslot of ``npages`` at
+    gpa 0, and vCPU 0 running ``guest_code``. Returns ``(vm, vcpu)``."""
+    vm = kvm.create_vm(type)
+    vm.memory_encrypt_op(U.KVM_SEV_INIT2)
+    vm_mem_add(vm, 0, 0, npages)
+    vcpu = vm_vcpu_add(vm, 0)
+    if guest_code is not None:
+        vcpu.set_guest_code(guest_code, *args)
+    return vm, vcpu
+
+
+def sev_encrypt_memory(vm, dst_hva, src_hva, size):
+    """KVM_SEV_DBG_ENCRYPT of ``size`` bytes of plaintext at ``src_hva`` into guest memory."""
+    return vm.memory_encrypt_op(U.KVM_SEV_DBG_ENCRYPT, src_uaddr=src_hva, dst_uaddr=dst_hva,
+                                len=size)
+
+
+def sev_decrypt_memory(vm, dst_hva, src_hva, size):
+    """KVM_SEV_DBG_DECRYPT of ``size`` bytes of guest memory at ``src_hva``."""
+    return vm.memory_encrypt_op(U.KVM_SEV_DBG_DECRYPT, src_uaddr=src_hva, dst_uaddr=dst_hva,
+                                len=size)
+
+
+def _user_blob(kvm, blob):
+    hva = kvm.mmap(max(len(blob), 1))
+    kvm.write(hva, blob)
+    return hva
+
+
+def sev_send_start(vm, chain):
+    """KVM_SEV_SEND_START towards the platform whose certificates are ``chain`` (a
+    ``sevcore.psp.CertChain``); returns the 128-byte session for the target. The guest is then
+    in SEND_UPDATE."""
+    kvm = vm.kvm
+    fields = {}
+    for name, blob in (("pdh_cert", chain.pdh), ("plat_certs", chain.plat_certs),
+                       ("amd_certs", chain.amd_certs)):
+        fields[name + "_uaddr"], fields[name + "_len"] = _user_blob(kvm, blob), len(blob)
+    session = kvm.mmap(PAGE_SIZE)
+    vm.memory_encrypt_op(U.KVM_SEV_SEND_START, session_uaddr=session, session_len=128, **fields)
+    return kvm.read(session, 128)
+
+
+def sev_receive_start(vm, policy, pdh, session):
+    """KVM_SEV_RECEIVE_START with the source platform's PDH and SEND_START's ``session``; the
+    new guest is then in RECEIVE_UPDATE."""
+    kvm = vm.kvm
+    return vm.memory_encrypt_op(U.KVM_SEV_RECEIVE_START, policy=policy,
+                                pdh_uaddr=_user_blob(kvm, pdh), pdh_len=len(pdh),
+                                session_uaddr=_user_blob(kvm, session), session_len=len(session))
+
+
+__all__ += ["vm_sev_ioctl", "sev_vm_init", "sev_es_vm_init", "sev_vm_launch", "vm_sev_launch",
+            "vm_sev_create_with_one_vcpu", "sev_encrypt_memory", "sev_decrypt_memory",
+            "sev_send_start", "sev_receive_start"]
