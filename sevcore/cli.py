@@ -19,6 +19,7 @@ import sevcore
 from sevcore.hw.costmodel import CostModel, CostModelError
 from sevcore.migration.engine import PATHS, MigrationError, MigrationParams, migrate
 from sevcore.migration.machine import Machine
+from sevcore.migration.remote import send_to, serve
 from sevcore.migration.workload import WORKLOADS, GuestConfig, WorkloadError
 
 DEFAULT_RATES = "0,1000,2000,4000,8000,16000"
@@ -288,7 +289,6 @@ def _write_json(path, obj):
 
 
 def _listen(args):
-    from sevcore.migration.remote import serve
 
     def listening(addr):
         print(f"listening on {addr[0]}:{addr[1]}", file=sys.stderr, flush=True)
@@ -307,7 +307,6 @@ def _listen(args):
 
 
 def _send(args, cost):
-    from sevcore.migration.remote import send_to
     host, _, port = args.to.rpartition(":")
     if not host or not port.isdigit():
         raise SystemExit(f"sevcore: --to wants HOST:PORT, not {args.to!r}")

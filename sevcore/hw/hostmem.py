@@ -14,6 +14,7 @@ import threading
 
 import numpy as np
 
+from sevcore._bindings import populate_write
 from sevcore.core.arrays import runs
 
 PAGE_SIZE = 4096
@@ -182,7 +183,6 @@ class _Populater(threading.Thread):
         self.error = None
 
     def run(self):
-        from sevcore._bindings import populate_write
         chunk = POPULATE_CHUNK >> PAGE_SHIFT
         for first, n in self.runs:
             for lo in range(0, n, chunk):

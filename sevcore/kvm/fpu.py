@@ -14,6 +14,7 @@ back out of a VMSA the way VMRUN loads it, and ``xsave`` is what the guest's XSA
 import struct
 
 from sevcore import uapi as U
+from sevcore.hw import vmsa as V
 
 XSAVE_SIZE = U.KVM_XSAVE_SIZE
 #: Byte offsets in the standard XSAVE layout.
@@ -32,22 +33,6 @@ MXCSR_DEFAULT = 0x1f80
 MXCSR_FEATURE_MASK = 0x0002ffff
 #: XCR0 bits KVM_GET_SUPPORTED_CPUID offers (leaf 0xD.0 EAX): kvm_caps.supported_xcr0.
 SUPPORTED_XCR0 = U.XFEATURE_MASK_FP | U.XFEATURE_MASK_SSE | U.XFEATURE_MASK_YMM
-
-#: The FPU area of struct sev_es_save_area (arch/x86/include/asm/svm.h).
-VMSA_XCR0 = 0x3e8
-VMSA_SEV_FEATURES = 0x3b0
-VMSA_X87_DP = 0x400
-VMSA_MXCSR = 0x408
-VMSA_X87_FTW = 0x40c
-VMSA_X87_FSW = 0x40e
-VMSA_X87_FCW = 0x410
-VMSA_X87_FOP = 0x412
-VMSA_X87_DS = 0x414
-VMSA_X87_CS = 0x416
-VMSA_X87_RIP = 0x418
-VMSA_FPREG_X87 = 0x420
-VMSA_FPREG_XMM = 0x470
-VMSA_FPREG_YMM = 0x570
 
 _LEGACY = struct.Struct("<HHHHQQII")      # FCW FSW FTW(+rsvd) FOP FIP FDP MXCSR MXCSR_MASK
 
@@ -118,16 +103,16 @@ def sync_vmsa(vmsa, img):
     one by one (x87_ds and x87_cs 0), each ST register split into its low 8 bytes and its 2-byte
     exponent in separate arrays, XMM as is, and YMM only if its XSTATE_BV bit is set (else 0)."""
     fcw, fsw, ftw, fop, fip, fdp, mxcsr, _ = _LEGACY.unpack_from(img, 0)
-    struct.pack_into("<QIHHHHHHQ", vmsa, VMSA_X87_DP, fdp, mxcsr, ftw, fsw, fcw, fop, 0, 0, fip)
+    struct.pack_into("<QIHHHHHHQ", vmsa, V.X87_DP, fdp, mxcsr, ftw, fsw, fcw, fop, 0, 0, fip)
     for i in range(8):
         s = XSAVE_ST_OFFSET + 16 * i
-        vmsa[VMSA_FPREG_X87 + 8 * i:VMSA_FPREG_X87 + 8 * i + 8] = img[s:s + 8]
-        vmsa[VMSA_FPREG_X87 + 64 + 2 * i:VMSA_FPREG_X87 + 66 + 2 * i] = img[s + 8:s + 10]
-    vmsa[VMSA_FPREG_XMM:VMSA_FPREG_XMM + _XMM_SIZE] = \
+        vmsa[V.FPREG_X87 + 8 * i:V.FPREG_X87 + 8 * i + 8] = img[s:s + 8]
+        vmsa[V.FPREG_X87 + 64 + 2 * i:V.FPREG_X87 + 66 + 2 * i] = img[s + 8:s + 10]
+    vmsa[V.FPREG_XMM:V.FPREG_XMM + _XMM_SIZE] = \
         img[XSAVE_XMM_OFFSET:XSAVE_XMM_OFFSET + _XMM_SIZE]
     ymm = img[XSAVE_YMM_OFFSET:XSAVE_YMM_OFFSET + XSAVE_YMM_SIZE] \
         if xstate_bv(img) & U.XFEATURE_MASK_YMM else bytes(XSAVE_YMM_SIZE)
-    vmsa[VMSA_FPREG_YMM:VMSA_FPREG_YMM + XSAVE_YMM_SIZE] = ymm
+    vmsa[V.FPREG_YMM:V.FPREG_YMM + XSAVE_YMM_SIZE] = ymm
 
 
 def vmsa_state(vmsa):
@@ -135,22 +120,22 @@ def vmsa_state(vmsa):
     use when it differs from its initial configuration (the VMSA carries no XINUSE); MXCSR_MASK
     is the CPU's."""
     vmsa = bytes(vmsa)
-    fdp, mxcsr, ftw, fsw, fcw, fop, _, _, fip = struct.unpack_from("<QIHHHHHHQ", vmsa, VMSA_X87_DP)
+    fdp, mxcsr, ftw, fsw, fcw, fop, _, _, fip = struct.unpack_from("<QIHHHHHHQ", vmsa, V.X87_DP)
     img = bytearray(XSAVE_SIZE)
     _LEGACY.pack_into(img, 0, fcw, fsw, ftw, fop, fip, fdp, mxcsr, MXCSR_FEATURE_MASK)
     for i in range(8):
         s = XSAVE_ST_OFFSET + 16 * i
-        img[s:s + 8] = vmsa[VMSA_FPREG_X87 + 8 * i:VMSA_FPREG_X87 + 8 * i + 8]
-        img[s + 8:s + 10] = vmsa[VMSA_FPREG_X87 + 64 + 2 * i:VMSA_FPREG_X87 + 66 + 2 * i]
-    xmm = vmsa[VMSA_FPREG_XMM:VMSA_FPREG_XMM + _XMM_SIZE]
-    ymm = vmsa[VMSA_FPREG_YMM:VMSA_FPREG_YMM + XSAVE_YMM_SIZE]
+        img[s:s + 8] = vmsa[V.FPREG_X87 + 8 * i:V.FPREG_X87 + 8 * i + 8]
+        img[s + 8:s + 10] = vmsa[V.FPREG_X87 + 64 + 2 * i:V.FPREG_X87 + 66 + 2 * i]
+    xmm = vmsa[V.FPREG_XMM:V.FPREG_XMM + _XMM_SIZE]
+    ymm = vmsa[V.FPREG_YMM:V.FPREG_YMM + XSAVE_YMM_SIZE]
     img[XSAVE_XMM_OFFSET:XSAVE_XMM_OFFSET + _XMM_SIZE] = xmm
     img[XSAVE_YMM_OFFSET:XSAVE_YMM_OFFSET + XSAVE_YMM_SIZE] = ymm
     x87_init = (fcw, fsw, ftw, fop, fip, fdp) == (FCW_DEFAULT, 0, 0, 0, 0, 0) and \
         not any(img[XSAVE_ST_OFFSET:XSAVE_XMM_OFFSET])
     xinuse = (0 if x87_init else U.XFEATURE_MASK_FP) | \
         (U.XFEATURE_MASK_SSE if any(xmm) else 0) | (U.XFEATURE_MASK_YMM if any(ymm) else 0)
-    xcr0 = int.from_bytes(vmsa[VMSA_XCR0:VMSA_XCR0 + 8], "little")
+    xcr0 = int.from_bytes(vmsa[V.XCR0:V.XCR0 + 8], "little")
     return img, xinuse, xcr0
 
 

@@ -13,6 +13,7 @@ from errno import EFAULT, EINVAL
 
 from sevcore import uapi as U
 from sevcore.errors import KvmError
+from sevcore.kvm.kvm_run import EXIT, NOT_HW
 
 #: Return codes of the in-kernel MSR handlers (arch/x86/kvm/x86.h).
 MSR_OK = 0
@@ -209,3 +210,75 @@ def msr_exit_reason(ret):
     if ret == MSR_RET_UNSUPPORTED:
         return U.KVM_MSR_EXIT_REASON_UNKNOWN
     return U.KVM_MSR_EXIT_REASON_INVAL
+
+
+class MsrVcpu:
+    """Mixin of Vcpu: RDMSR and WRMSR in KVM_RUN (kvm_emulate_rdmsr/wrmsr): what the hardware
+    answers for an SEV guest, then the filter, KVM's emulation and the user-space exit."""
+
+    def _msr_allowed(self, index, type):
+        f = self.vm.msr_filter
+        return f is None or f.allowed(index, type)
+
+    def _msr_user_exit(self, exit_reason, index, data, ret):
+        """kvm_msr_user_space: exit if user space asked for this reason, else None."""
+        reason = msr_exit_reason(ret)
+        if not self.vm.user_space_msr_mask & reason:
+            return None
+        run = self.kvm_run
+        run.exit_reason = exit_reason
+        run.msr.error = 0
+        run.msr.reason = reason
+        run.msr.index = index
+        run.msr.data = data
+        return run
+
+    def _rdmsr(self, index, safe):
+        hw = self._sev_msr(index, None, safe)
+        if hw is not NOT_HW:
+            return hw
+        if self.guest_state_protected:
+            return self._vc(U.SVM_EXIT_MSR, f"RDMSR {index:#x}", safe, (U.X86_TRAP_VC, 0))
+        ret = MSR_RET_FILTERED if not self._msr_allowed(index, MSR_TYPE_R) else None
+        value = 0
+        if ret is None:
+            ret, value = self.msrs.get(index)
+        if ret == MSR_OK:
+            return (0, value) if safe else value
+        run = self._msr_user_exit(U.KVM_EXIT_X86_RDMSR, index, 0, ret)
+        if run is None:
+            return self._deliver_gp(safe, (U.GP_VECTOR, 0), f"RDMSR {index:#x}")
+
+        def complete():
+            self._op = None
+            if run.msr.error:
+                self._complete_with(self._deliver_gp(safe, (U.GP_VECTOR, 0), f"RDMSR {index:#x}"))
+            else:
+                v = run.msr.data & U64_MASK
+                self._send = (0, v) if safe else v
+        self._complete = complete
+        return EXIT
+
+    def _wrmsr(self, index, value, safe):
+        hw = self._sev_msr(index, value, safe)
+        if hw is not NOT_HW:
+            return hw
+        if self.guest_state_protected:
+            return self._vc(U.SVM_EXIT_MSR, f"WRMSR {index:#x}", safe, U.X86_TRAP_VC)
+        ret = MSR_RET_FILTERED if not self._msr_allowed(index, MSR_TYPE_W) else None
+        if ret is None:
+            ret = self.msrs.set(index, value)
+        if ret == MSR_OK:
+            return 0 if safe else None
+        run = self._msr_user_exit(U.KVM_EXIT_X86_WRMSR, index, value, ret)
+        if run is None:
+            return self._deliver_gp(safe, U.GP_VECTOR, f"WRMSR {index:#x}")
+
+        def complete():
+            self._op = None
+            if run.msr.error:
+                self._complete_with(self._deliver_gp(safe, U.GP_VECTOR, f"WRMSR {index:#x}"))
+            else:
+                self._send = 0 if safe else None
+        self._complete = complete
+        return EXIT

@@ -25,13 +25,12 @@ from errno import EBADF, EBUSY, EFAULT, EINVAL, EIO, ENOMEM, ENOTTY, EPERM
 import numpy as np
 
 from sevcore import uapi as U
-from sevcore.core.arrays import byte_rows, runs, u64_array
+from sevcore.core.arrays import runs
 from sevcore.errors import KvmError
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
+from sevcore.hw.vmsa import VMSA_SIZE
+from sevcore.kvm.sev_es import build_vmsa
 from sevcore.psp import layout as L
-from sevcore.psp.batch import first, packet_rows
-from sevcore.psp.crypto import HEADER_SIZE as L_HDR
-from sevcore.psp.guests import VMSA_SIZE
 from sevcore.psp.platform import TMR_SIZE
 from sevcore.psp.status import status_name
 
@@ -571,40 +570,6 @@ def _cmd_launch_update_data(c, params):
         c.unpin(pfns)
 
 
-#: Offsets of the general-purpose registers in struct sev_es_save_area (APM vol. 2 table B-4;
-#: arch/x86/include/asm/svm.h).
-VMSA_REGS = {"rflags": 0x170, "rip": 0x178, "rsp": 0x1d8, "rax": 0x1f8, "rcx": 0x308,
-             "rdx": 0x310, "rbx": 0x318, "rbp": 0x328, "rsi": 0x330, "rdi": 0x338,
-             **{f"r{i}": 0x340 + 8 * (i - 8) for i in range(8, 16)}}
-
-
-def build_vmsa(vcpu, sev_features):
-    """The 4 KiB VMSA ``sev_es_sync_vmsa`` builds for this vCPU: the VMCB save area as reset
-    left it (CS selector 0xf000 and base 0xffff0000 at 0x010/0x018, EFER.SVME at 0xd0, DR7 0x400
-    at 0x160), then the registers of KVM_SET_REGS, DR6 (0xffff0ff0), XCR0 (0x3e8) and
-    sev_features (0x3b0); for VM types other than KVM_X86_DEFAULT_VM also the x87/SSE/AVX state
-    of KVM_SET_XSAVE (legacy ES_INIT skips it, to keep older measurements). The reserved bytes
-    at 0x3f0 carry the vCPU id (u32), so each vCPU's page differs."""
-    from sevcore.kvm import fpu
-    v = bytearray(VMSA_SIZE)
-
-    def put(off, value, size=8):
-        v[off:off + size] = value.to_bytes(size, "little")
-    put(0x010, 0xf000, 2)
-    put(0x018, 0xffff0000)
-    put(0x0d0, 1 << 12)
-    put(0x160, 0x400)
-    put(0x168, 0xffff0ff0)
-    for name, off in VMSA_REGS.items():
-        put(off, vcpu.regs[name])
-    put(fpu.VMSA_SEV_FEATURES, sev_features)
-    put(fpu.VMSA_XCR0, vcpu.xcr0)
-    put(0x3f0, vcpu.vcpu_id, 4)
-    if vcpu.vm.type != U.KVM_X86_DEFAULT_VM:
-        fpu.sync_vmsa(v, vcpu.fpu)
-    return bytes(v)
-
-
 def _cmd_launch_update_vmsa(c, params):
     c.need_sev(es=True)
     for vcpu in c.vm.vcpus:
@@ -871,159 +836,11 @@ _HANDLERS = {
 }
 
 
-# -- whole-page batches of SEND/RECEIVE_UPDATE_DATA (a sevcore extension) ------------------------
-
-class _PageBatch:
-    """n whole-page SEND or RECEIVE_UPDATE_DATA ioctls run as one: the checks every one of them
-    makes alike are made once, the per-page ones are vectorised, and a refusal is raised as the
-    ioctl of page ``index`` would raise it (``err.index``). The user buffers of the ioctls are
-    the batch's arrays, so their addresses are reported as 0 and can never fault."""
-
-    def __init__(self, vm, send, uaddrs, hdr_len, trans_len):
-        self.vm, self.send, self.uaddrs = vm, send, uaddrs
-        self.id = U.KVM_SEV_SEND_UPDATE_DATA if send else U.KVM_SEV_RECEIVE_UPDATE_DATA
-        self.hdr_len, self.trans_len = hdr_len, trans_len
-        self.psp = vm.host.psp
-
-    def start(self):
-        """Everything before the pages are pinned: ``(k, guest)``, ``k`` the first page the
-        handler refuses before pinning (or n); a refusal of the whole batch is raised here."""
-        try:
-            self.begin()
-        except KvmError as exc:
-            raise self.at(0, exc) from None
-        k = self.user_checks()
-        if k == 0:
-            raise self.at(0, self.user_error(0))
-        status, g = self.psp._pages_gate(self.send, self.vm.sev.handle, self.hdr_len,
-                                         self.trans_len)
-        fd_error = _sev_fd_error(self.vm.host, self.vm.sev.fd)
-        if status or fd_error is not None:
-            self.refuse_first(status, fd_error)
-        return k, g
-
-    def begin(self):
-        """sev_mem_enc_ioctl up to the handler, and the handler's first checks."""
-        vm = self.vm
-        vm._enter(IOCTL)
-        _command_allowed(vm, self.id)
-        c = _Cmd(vm, SevCmd(self.id, {}), vm.host.kvm_sev.sev_fd())
-        _update_data_params(c, {}, self.send)
-
-    def at(self, index, exc):
-        exc.index = index
-        if isinstance(exc, SevError):
-            exc.out = SevCmd(self.id, dict(hdr_uaddr=0, hdr_len=self.hdr_len,
-                                           guest_uaddr=int(self.uaddrs[index]),
-                                           guest_len=PAGE_SIZE, trans_uaddr=0,
-                                           trans_len=self.trans_len), exc.fw_error)
-        return exc
-
-    def user_checks(self):
-        """The index of the first page refused before anything is pinned (an address or a
-        length of 0, a range crossing a page, a blob above SEV_FW_BLOB_MAX_SIZE, a range that
-        wraps, which sev_pin_memory checks first), or n."""
-        u = self.uaddrs
-        bad = (u == 0) | (u & np.uint64(PAGE_SIZE - 1) != 0)
-        bad |= u > np.uint64(ULONG_MAX - PAGE_SIZE)
-        if not self.send and (not self.hdr_len or not self.trans_len
-                              or max(self.hdr_len, self.trans_len) > U.SEV_FW_BLOB_MAX_SIZE):
-            bad[:] = True
-        return first(bad)
-
-    def user_error(self, i):
-        """The KvmError page ``i``'s ioctl raises before pinning, in the kernel's order: the
-        handler's checks (the batch's arrays are its header and packet buffers), RECEIVE's blob
-        sizes as it copies them in (an array cannot fault), sev_pin_memory's range check."""
-        uaddr = int(self.uaddrs[i])
-        try:
-            _update_data_checks(self.send, uaddr, PAGE_SIZE, self.hdr_len, self.trans_len)
-            if not self.send:
-                _blob_size(self.hdr_len)
-                _blob_size(self.trans_len)
-            _pin_range(uaddr, PAGE_SIZE, IOCTL)
-        except KvmError as exc:
-            return exc
-        raise AssertionError("page passes the handler's checks")
-
-    def pin(self, count):
-        """sev_pin_memory of one page at each of the first ``count`` addresses, each undone
-        before the next (pages_locked ends as it was): (their pfns, or fewer, and the error of
-        the first that did not pin)."""
-        try:
-            _lock_limit(self.vm, 1, IOCTL)
-        except KvmError as exc:
-            return np.empty(0, np.uint64), exc
-        pfns, exc = self.vm.kvm.hva_to_pfns(self.uaddrs[:count], write=not self.send)
-        if exc is not None:
-            exc = KvmError(ENOMEM, IOCTL, "could not pin every page")
-        return pfns, exc
-
-    def refuse_first(self, status, fd_error):
-        """The first ioctl fails after pinning its page: /dev/sev gone (``fd_error``), or the
-        firmware refuses the command (``status``; every later one would refuse alike)."""
-        _, exc = self.pin(1)
-        if exc is None:
-            exc = fd_error
-        if exc is None:
-            self.psp._pages_refused(status)
-            exc = SevError(status)
-        raise self.at(0, exc)
-
-
-def send_update_data_pages(vm, guest_uaddrs, out=None):
-    """n KVM_SEV_SEND_UPDATE_DATA ioctls of whole pages (see Vm.sev_send_update_data_pages)."""
-    uaddrs = u64_array(guest_uaddrs, "guest_uaddrs")
-    n = len(uaddrs)
-    hdrs, trans, h, t = packet_rows(out, n)
-    if not n:
-        return hdrs, trans
-    b = _PageBatch(vm, True, uaddrs, L_HDR, PAGE_SIZE)
-    k, g = b.start()
-    pfns, exc = b.pin(k)
-    m = len(pfns)
-    if m:
-        vm.host.psp._seal_pages(g, pfns << np.uint64(PAGE_SHIFT), h[:m], t[:m])
-    if m < n:
-        exc = b.at(m, exc if exc is not None else b.user_error(m))
-        exc.hdrs, exc.trans = h[:m], t[:m]
-        raise exc
-    return hdrs, trans
-
-
-def receive_update_data_pages(vm, guest_uaddrs, hdrs, trans):
-    """n KVM_SEV_RECEIVE_UPDATE_DATA ioctls of whole pages (see
-    Vm.sev_receive_update_data_pages)."""
-    uaddrs = u64_array(guest_uaddrs, "guest_uaddrs")
-    n = len(uaddrs)
-    h, t = byte_rows(hdrs, n, "hdrs"), byte_rows(trans, n, "trans")
-    if not n:
-        return
-    b = _PageBatch(vm, False, uaddrs, h.shape[1], t.shape[1])
-    k, g = b.start()
-    psp = vm.host.psp
-    # The firmware's verdict on each packet does not depend on where it goes, so it is known
-    # before pinning; page p (the first refused) is still pinned, as its ioctl pins it.
-    p, fw_status, plain = psp._open_pages(g, h[:k, :L_HDR], t[:k])
-    pfns, exc = b.pin(min(k, p + 1))
-    done = min(len(pfns), p)
-    if done:
-        psp._write_pages(g, pfns[:done] << np.uint64(PAGE_SHIFT),
-                         memoryview(plain)[:done * PAGE_SIZE])
-    if exc is not None:
-        raise b.at(len(pfns), exc)
-    if p < k:
-        raise b.at(p, SevError(fw_status))
-    if k < n:
-        raise b.at(k, b.user_error(k))
-
-
 # -- mirrors and moves -------------------------------------------------------------------------------
 
 def _source(dst, ioctl, fd_or_vm):
-    from sevcore.kvm.vm import Vm
     src = dst.host.fget(fd_or_vm)
-    if not isinstance(src, Vm):
+    if type(src) is not type(dst):
         raise KvmError(EBADF, ioctl, "source is not a KVM VM fd")
     return src
 

@@ -16,18 +16,18 @@ guests").
 """
 from errno import EBADF, EINTR, EINVAL, EIO
 
-import numpy as np
-
-from sevcore.kvm import fpu
 from sevcore import uapi as U
-from sevcore.errors import KvmError, NotModelled
+from sevcore.errors import KvmError
+from sevcore.hw.hostmem import PAGE_SIZE
+from sevcore.kvm import fpu
+from sevcore.kvm.access import GuestAccess
 from sevcore.kvm.guest import (UCALL_ABORT, UCALL_DONE, Guest, GuestException, Op,
-                           VmmCommunicationException)
-from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
-from sevcore.kvm.mmu import MemoryFault, MmioAccess, decode_gpa, faultin_pages, translate
-from sevcore.kvm.msr import (MSR_OK, MSR_RET_FILTERED, MSR_TYPE_R, MSR_TYPE_W, PV_HC_FEATURE,
-                         MsrState, msr_exit_reason)
-from sevcore.core.npt import NPT_DIRTY_LOG
+                               VmmCommunicationException)
+from sevcore.kvm.hypercall import HypercallVcpu
+from sevcore.kvm.kvm_run import EXIT, THROW, KvmRun
+from sevcore.kvm.mmu import MemoryFault
+from sevcore.kvm.msr import MsrState, MsrVcpu
+from sevcore.kvm.sev_es import SevEsVcpu
 
 U64 = (1 << 64) - 1
 #: VMCB exit code of a failed VMRUN (SVM_EXIT_ERR, -1), KVM's fail_entry reason.
@@ -45,123 +45,14 @@ KVM_SUPPORTED_PV_FEATURES = sum(1 << b for b in (
     U.KVM_FEATURE_ASYNC_PF_INT, U.KVM_FEATURE_MSI_EXT_DEST_ID, U.KVM_FEATURE_STEAL_TIME))
 
 
-# -- struct kvm_run ------------------------------------------------------------------------------
-
-class _Struct:
-    __slots__ = ()
-
-    def __repr__(self):
-        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__)
-        return f"{type(self).__name__}({fields})"
-
-
-class Hypercall(_Struct):
-    __slots__ = ("nr", "args", "ret", "flags")
-
-    def __init__(self):
-        self.nr, self.args, self.ret, self.flags = 0, [0] * 6, 0, 0
-
-    @property
-    def longmode(self):
-        return self.flags & U.KVM_EXIT_HYPERCALL_LONG_MODE
-
-
-class MemoryFaultInfo(_Struct):
-    __slots__ = ("flags", "gpa", "size")
-
-    def __init__(self):
-        self.flags, self.gpa, self.size = 0, 0, 0
-
-
-class MsrExit(_Struct):
-    __slots__ = ("error", "reason", "index", "data")
-
-    def __init__(self):
-        self.error, self.reason, self.index, self.data = 0, 0, 0, 0
-
-
-class MmioExit(_Struct):
-    __slots__ = ("phys_addr", "data", "len", "is_write")
-
-    def __init__(self):
-        self.phys_addr, self.data, self.len, self.is_write = 0, bytearray(8), 0, 0
-
-
-class IoExit(_Struct):
-    __slots__ = ("direction", "size", "port", "count")
-
-    def __init__(self):
-        self.direction, self.size, self.port, self.count = 0, 0, 0, 0
-
-
-class InternalError(_Struct):
-    __slots__ = ("suberror", "ndata", "data")
-
-    def __init__(self):
-        self.suberror, self.ndata, self.data = 0, 0, []
-
-
-class SystemEvent(_Struct):
-    __slots__ = ("type", "ndata", "data")
-
-    def __init__(self):
-        self.type, self.ndata, self.data = 0, 0, [0] * 16
-
-
-class KvmRun:
-    """struct kvm_run: the shared page KVM_RUN reports exits in. ``ucall`` is the decoded
-    selftest ucall of a ``KVM_EXIT_IO`` exit: ``(cmd, values)``."""
-
-    __slots__ = ("exit_reason", "immediate_exit", "hypercall", "memory_fault", "msr", "mmio",
-                 "io", "internal", "ucall", "fail_entry_reason", "system_event")
-
-    def __init__(self):
-        self.exit_reason = U.KVM_EXIT_UNKNOWN
-        self.immediate_exit = 0
-        self.hypercall = Hypercall()
-        self.memory_fault = MemoryFaultInfo()
-        self.msr = MsrExit()
-        self.mmio = MmioExit()
-        self.io = IoExit()
-        self.internal = InternalError()
-        self.ucall = None
-        self.fail_entry_reason = 0
-        self.system_event = SystemEvent()
-
-    def __repr__(self):
-        return f"<kvm_run exit_reason={self.exit_reason}>"
-
-
 class GuestAssertionError(AssertionError):
     """A guest program's assertion, reported through UCALL_ABORT."""
 
 
-_BULK_OPS = {"read": 1, "write": 2, "fill": 3, "pattern": 4, "check": 5, "stamp": 6, "digest": 7}
-_EXIT = object()      # an operation stopped the run loop with an exit prepared
-_THROW = object()     # an operation ends by raising an exception in the guest
-_NOT_HW = object()    # an MSR access the hardware does not handle by itself
 
 #: The SVM exit code of each intercepted guest operation (a ucall is an OUT to its port).
 _VC_EXIT_CODE = {"cpuid": U.SVM_EXIT_CPUID, "hypercall": U.SVM_EXIT_VMMCALL,
                  "ucall": U.SVM_EXIT_IOIO}
-
-#: GHCB_HV_FT_SUPPORTED (arch/x86/kvm/svm/sev.c): what KVM answers a hypervisor-feature request.
-GHCB_HV_FT_SUPPORTED = U.GHCB_HV_FT_SNP | U.GHCB_HV_FT_SNP_AP_CREATION
-
-
-def _access_state(size, data):
-    return {"pos": 0, "buf": bytearray(size) if data is None else None}
-
-
-def _set_bits(value, field, mask, pos):
-    """set_ghcb_msr_bits: replace the ``mask`` field at ``pos`` of ``value``."""
-    return (value & ~(mask << pos)) | ((field & mask) << pos)
-
-
-def _s64(v):
-    v &= U64
-    return v - (1 << 64) if v >> 63 else v
-
 
 #: struct kvm_regs, in the kernel's order.
 KVM_REGS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
@@ -203,7 +94,7 @@ def default_cpuid(host):
     ]
 
 
-class Vcpu:
+class Vcpu(GuestAccess, SevEsVcpu, MsrVcpu, HypercallVcpu):
     """A vCPU fd. Created by :meth:`sevcore.kvm.vm.Vm.create_vcpu`."""
 
     def __init__(self, vm, vcpu_id):
@@ -486,7 +377,7 @@ class Vcpu:
         while True:
             if self._op is None:
                 op = self._next_op()
-                if op is _EXIT:
+                if op is EXIT:
                     return run
                 self._op, self._progress = op, None
             try:
@@ -497,10 +388,10 @@ class Vcpu:
                 run.memory_fault.gpa = f.gpa
                 run.memory_fault.size = PAGE_SIZE
                 raise KvmError(f.errno, ioctl, f.why) from None
-            if result is _EXIT:
+            if result is EXIT:
                 return run
             self._op = None
-            if result is not _THROW:
+            if result is not THROW:
                 self._send = result
 
     def _sev_entry_fails(self):
@@ -516,7 +407,7 @@ class Vcpu:
         run = self.kvm_run
         if self._finished:
             run.exit_reason = U.KVM_EXIT_HLT
-            return _EXIT
+            return EXIT
         if self._gen is None:
             fn, args = self._code
             self._gen = fn(Guest(self), *args)
@@ -565,7 +456,7 @@ class Vcpu:
             self._send = self._throw = None
             self.regs = _reset_regs()
         self.kvm_run.exit_reason = U.KVM_EXIT_SHUTDOWN
-        return _EXIT
+        return EXIT
 
     def _ucall_exit(self, cmd, values):
         run = self.kvm_run
@@ -575,7 +466,7 @@ class Vcpu:
         run.ucall = (cmd, tuple(values))
         if cmd == UCALL_DONE:
             self._finished = True
-        return _EXIT
+        return EXIT
 
     def _execute(self, op):
         kind, args = op
@@ -612,384 +503,7 @@ class Vcpu:
         return self._deliver(safe, safe_result,
                              VmmCommunicationException(exit_code, what))
 
-    # -- memory ---------------------------------------------------------------------------------------
-
-    def _access(self, gpa, size, data, st=None):
-        """A guest read (data None) or write of [gpa, gpa + size). Whole pages go to the C page
-        kernel, partial pages (and MMIO) are handled here; progress is kept across exits so a
-        retried access resumes where it stopped (in ``self._progress``, or in ``st``, a
-        :func:`_access_state`, for an instruction that makes several accesses)."""
-        from sevcore.core import pages as gm
-        if st is None:
-            if self._progress is None:
-                self._progress = _access_state(size, data)
-            st = self._progress
-        write = data is not None
-        while st["pos"] < size:
-            pos = st["pos"]
-            addr = gpa + pos
-            off = addr & (PAGE_SIZE - 1)
-            n = min(PAGE_SIZE - off, size - pos)
-            if off == 0 and size - pos >= PAGE_SIZE:
-                npages = (size - pos) >> PAGE_SHIFT
-                span = slice(pos, pos + (npages << PAGE_SHIFT))
-                buf = memoryview(data)[span] if write else memoryview(st["buf"])[span]
-                done = [0]
-                try:
-                    self._page_kernel(gm.GUEST_OP_WRITE if write else gm.GUEST_OP_READ, addr,
-                                      npages, done, buf=buf)
-                except MmioAccess as e:
-                    return self._mmio(st, e.gpa, data, pos + (done[0] << PAGE_SHIFT), 8)
-                finally:
-                    st["pos"] = pos + (done[0] << PAGE_SHIFT)
-                continue
-            try:
-                self._access_partial(addr, off, n, data, pos, st["buf"])
-            except MmioAccess as e:
-                return self._mmio(st, e.gpa + off, data, pos, min(n, 8))
-            st["pos"] = pos + n
-        return None if write else bytes(st["buf"])
-
-    def _access_partial(self, addr, off, n, data, pos, buf):
-        """Bytes [off, off + n) of one page, through the NPT (and the key for C-bit accesses)."""
-        vm = self.vm
-        write = data is not None
-        real, private, encrypted = decode_gpa(vm, addr)
-        gfn = real >> PAGE_SHIFT
-        pfn, flags = translate(vm, gfn, private, write)
-        spa = (pfn << PAGE_SHIFT) + off
-        # The memory controller patches a partial encrypted page (decrypt, patch, encrypt).
-        asid = vm.sev.asid if encrypted and vm.encryption_engine() is not None else 0
-        if write:
-            vm.host.umc.write(spa, memoryview(data)[pos:pos + n], asid)
-        else:
-            buf[pos:pos + n] = vm.host.umc.read(spa, n, asid)
-        if write and flags & NPT_DIRTY_LOG:
-            vm.mark_page_dirty(gfn)
-
-    def _mmio(self, st, gpa, data, pos, n):
-        """KVM_EXIT_MMIO for ``n`` bytes at ``gpa`` (C-bit / shared bit stripped); the read
-        data user space supplies completes the access on the next KVM_RUN. KVM cannot decode an
-        SEV-ES guest's instruction: the MMIO SPTE's reserved bits reflect the #NPF as #VC."""
-        if self.guest_state_protected:
-            return self._vc(U.SVM_EXIT_NPF, f"MMIO at gpa {gpa:#x}")
-        run = self.kvm_run
-        run.exit_reason = U.KVM_EXIT_MMIO
-        run.mmio.phys_addr = gpa
-        run.mmio.len = n
-        run.mmio.is_write = int(data is not None)
-        run.mmio.data = bytearray(8)
-        if data is not None:
-            run.mmio.data[:n] = data[pos:pos + n]
-
-        def complete():
-            if data is None:
-                st["buf"][pos:pos + n] = bytes(run.mmio.data[:n])
-            st["pos"] = pos + n
-        self._complete = complete
-        return _EXIT
-
-    def _page_kernel(self, op, first_gpa, n, done, *, gpas=None, arg=0, buf=None, out=None,
-                     on_chunk=None):
-        """Run the C page kernel over ``n`` pages from the page-aligned ``first_gpa`` (or the
-        page-aligned list ``gpas``), from page ``done[0]`` on (``out``: CHECK's two words, or DIGEST's word per
-        page), faulting in the pages it stops at in batches
-        (:func:`sevcore.kvm.mmu.faultin_pages`). ``done[0]`` always holds the pages completed, also
-        when MemoryFault or MmioAccess propagates. ``on_chunk(start, k)`` sees each kernel
-        call's result (CHECK accumulates its ``out`` there)."""
-        from sevcore.core import pages as gm
-        vm = self.vm
-        write = op in gm.WRITE_OPS
-        ops = vm.page_ops()
-        while done[0] < n:
-            start = done[0]
-            first = first_gpa + (start << PAGE_SHIFT) if gpas is None else int(gpas[start])
-            real, private, encrypted = decode_gpa(vm, first)
-            tag = first - real             # the C-bit or shared bit, common to the access
-            engine = vm.encryption_engine() if encrypted else None
-            if gpas is None:
-                gfns = np.arange(real >> PAGE_SHIFT, (real >> PAGE_SHIFT) + n - start,
-                                 dtype=np.uint64)
-            else:
-                gfns = (gpas[start:] - np.uint64(tag)) >> np.uint64(PAGE_SHIFT)
-            page_buf = None if buf is None else buf[start << PAGE_SHIFT:]
-            k = ops.run(op, gfns=gfns, private=private, engine=engine, arg=arg, buf=page_buf,
-                        out=out[start:] if op == gm.GUEST_OP_DIGEST else out)
-            if on_chunk is not None:
-                on_chunk(start, k)
-            done[0] = start + k
-            if done[0] == n:
-                return
-            g = int(gfns[k])
-            if g > vm.max_gfn:
-                raise MmioAccess(g << PAGE_SHIFT)
-            _, private, _ = decode_gpa(vm, (g << PAGE_SHIFT) | tag)
-            faultin_pages(vm, gfns[k:], private, write)
-
-    def _bulk(self, kind, args):
-        """A bulk operation: the C page kernel over all its pages (progress survives exits)."""
-        from sevcore.core import pages as gm
-        if kind == "bulk":
-            name, gpa, n, arg = args
-            gpas = buf = None
-        else:
-            name, gpas, arg, buf = args       # gpas: page aligned (sevcore.kvm.guest._page_gpas)
-            gpa, n = 0, len(gpas)
-        st = self._progress
-        if st is None:
-            result = None                  # what the operation returns, filled across exits
-            if name == "digest":
-                result = np.zeros(n, np.uint64)
-            elif name == "read":
-                result = np.empty((n, PAGE_SIZE), np.uint8) if buf is None else buf
-            elif name == "check":
-                result = [0, None]         # mismatching pages, index of the first
-            st = self._progress = {"done": [0], "result": result}
-        result = st["result"]
-        out = on_chunk = None
-        if name == "digest":
-            out = result
-        elif name == "read":
-            buf = np.frombuffer(result, np.uint8)
-        elif name == "check":
-            out = np.zeros(2, np.uint64)
-
-            def on_chunk(start, k):
-                if k:
-                    result[0] += int(out[0])
-                    if result[1] is None and int(out[1]) != gm.NO_MISMATCH:
-                        result[1] = start + int(out[1])
-        try:
-            self._page_kernel(_BULK_OPS[name], gpa, n, st["done"], gpas=gpas, arg=arg, buf=buf,
-                              out=out, on_chunk=on_chunk)
-        except MmioAccess as e:
-            # Bulk operations are for RAM; the guest sees the failure as an exception.
-            self._throw = RuntimeError(f"bulk {name} reached MMIO at gpa {e.gpa:#x}")
-            return _THROW
-        return tuple(result) if name == "check" else result
-
-    # -- SEV-ES: the GHCB, SEV_STATUS, XSAVE -------------------------------------------------------
-
-    def _vmsa(self):
-        """The VMSA as VMRUN sees it: the page decrypted with the guest's key."""
-        return self.vm.host.umc.read(self.vmsa_spa, PAGE_SIZE, self.vm.sev.asid)
-
-    def _vmgexit(self):
-        """VMGEXIT (sev_handle_vmgexit): the GHCB MSR protocol when the MSR's low 12 bits hold a
-        request; no GHCB (0): straight back to the guest. Outside SEV-ES: VMMCALL."""
-        if not self.guest_state_protected:
-            return self._hypercall(0, 0, 0, 0, 0)
-        ghcb = self.ghcb_gpa
-        if ghcb & U.GHCB_MSR_INFO_MASK:
-            return self._ghcb_msr_protocol(ghcb)
-        if ghcb == 0:
-            return None
-        raise NotModelled(f"VMGEXIT through a GHCB page (gpa {ghcb:#x}); only the GHCB MSR "
-                          "protocol is simulated")
-
-    def _ghcb_msr_protocol(self, ghcb):
-        """sev_handle_vmgexit_msr_protocol: answer SEV_INFO, CPUID and hypervisor-feature
-        requests in the MSR; AP reset hold halts (no in-kernel local APIC: an exit); TERM_REQ,
-        and the SNP-only requests from a non-SNP guest, end in KVM_EXIT_SYSTEM_EVENT SEV_TERM
-        with the MSR in data[0]; anything else leaves the MSR as it is."""
-        vm = self.vm
-        info = ghcb & U.GHCB_MSR_INFO_MASK
-        if info == U.GHCB_MSR_SEV_INFO_REQ:
-            self.ghcb_gpa = U.GHCB_MSR_SEV_INFO(vm.sev.ghcb_version, U.GHCB_VERSION_MIN,
-                                                vm.host.c_bit)
-        elif info == U.GHCB_MSR_CPUID_REQ:
-            # The CPUID intercept with RAX = function, RCX = 0; the register asked for goes in
-            # GHCBData[63:32], GHCBData[31:12] stay.
-            fn = (ghcb >> U.GHCB_MSR_CPUID_FUNC_POS) & U.GHCB_MSR_CPUID_FUNC_MASK
-            reg = (ghcb >> U.GHCB_MSR_CPUID_REG_POS) & U.GHCB_MSR_CPUID_REG_MASK
-            value = self._kvm_cpuid(fn, 0)[reg]
-            ghcb = _set_bits(ghcb, value, U.GHCB_MSR_CPUID_VALUE_MASK, U.GHCB_MSR_CPUID_VALUE_POS)
-            self.ghcb_gpa = _set_bits(ghcb, U.GHCB_MSR_CPUID_RESP, U.GHCB_MSR_INFO_MASK,
-                                      U.GHCB_MSR_INFO_POS)
-        elif info == U.GHCB_MSR_AP_RESET_HOLD_REQ:
-            ghcb = _set_bits(ghcb, 0, U.GHCB_MSR_AP_RESET_HOLD_RESULT_MASK,
-                             U.GHCB_MSR_AP_RESET_HOLD_RESULT_POS)
-            self.ghcb_gpa = _set_bits(ghcb, U.GHCB_MSR_AP_RESET_HOLD_RESP, U.GHCB_MSR_INFO_MASK,
-                                      U.GHCB_MSR_INFO_POS)
-            self._op = None
-            self.kvm_run.exit_reason = U.KVM_EXIT_AP_RESET_HOLD
-            return _EXIT
-        elif info == U.GHCB_MSR_HV_FT_REQ:
-            ghcb = _set_bits(ghcb, GHCB_HV_FT_SUPPORTED, U.GHCB_MSR_HV_FT_MASK,
-                             U.GHCB_MSR_HV_FT_POS)
-            self.ghcb_gpa = _set_bits(ghcb, U.GHCB_MSR_HV_FT_RESP, U.GHCB_MSR_INFO_MASK,
-                                      U.GHCB_MSR_INFO_POS)
-        elif info == U.GHCB_MSR_TERM_REQ or info in (
-                U.GHCB_MSR_PREF_GPA_REQ, U.GHCB_MSR_REG_GPA_REQ, U.GHCB_MSR_PSC_REQ):
-            if vm.sev.snp_active and info != U.GHCB_MSR_TERM_REQ:
-                raise NotModelled(f"SNP GHCB MSR request {info:#x}")
-            run = self.kvm_run
-            run.exit_reason = U.KVM_EXIT_SYSTEM_EVENT
-            run.system_event.type = U.KVM_SYSTEM_EVENT_SEV_TERM
-            run.system_event.ndata = 1
-            run.system_event.data[0] = ghcb
-            self._op = None
-            return _EXIT
-        return None
-
-    def _sev_status(self):
-        """MSR_AMD64_SEV (SEV_STATUS), which the CPU answers for an SEV guest: SEV enabled, and
-        for SEV-ES also ES enabled with the VMSA's SEV_FEATURES from bit 2 on (SNPActive is bit
-        2, DebugSwap bit 7, as msr-index.h numbers them)."""
-        if not self.guest_state_protected:
-            return U.MSR_AMD64_SEV_ENABLED
-        vmsa = self._vmsa()
-        features = int.from_bytes(vmsa[fpu.VMSA_SEV_FEATURES:fpu.VMSA_SEV_FEATURES + 8], "little")
-        return (U.MSR_AMD64_SEV_ENABLED | U.MSR_AMD64_SEV_ES_ENABLED | features << 2) & U64
-
-    def _sev_msr(self, index, value, safe):
-        """An RDMSR (``value`` None) or WRMSR the hardware handles for an SEV guest:
-        SEV_STATUS (read-only), and an SEV-ES guest's GHCB MSR. _NOT_HW for any other."""
-        if not self.vm.sev.active:
-            return _NOT_HW
-        if index == U.MSR_AMD64_SEV:
-            if value is not None:
-                return self._deliver_gp(safe, U.GP_VECTOR, f"WRMSR {index:#x}")
-            status = self._sev_status()
-            return (0, status) if safe else status
-        if index == U.MSR_AMD64_SEV_ES_GHCB and self.guest_state_protected:
-            if value is None:
-                return (0, self.ghcb_gpa) if safe else self.ghcb_gpa
-            self.ghcb_gpa = value
-            return 0 if safe else None
-        return _NOT_HW
-
-    def _xsave(self, gpa, rfbm):
-        """XSAVE of the guest's live state (for SEV-ES the state VMRUN loaded from the VMSA)
-        with RFBM = ``rfbm`` & XCR0: a read-modify-write of the area, as XSAVE leaves the bytes
-        of components it does not save and the rest of the header alone."""
-        if gpa & 63:
-            return self._deliver_gp(False, None, f"XSAVE to unaligned gpa {gpa:#x}")
-        if self.guest_state_protected:
-            img, xinuse, xcr0 = fpu.vmsa_state(self._vmsa())
-        else:
-            img, xinuse, xcr0 = self.fpu, fpu.xstate_bv(self.fpu), self.xcr0
-        rfbm &= xcr0
-        n = fpu.xsave_span(rfbm)
-        st = self._progress
-        if st is None:
-            st = self._progress = {"read": _access_state(n, None), "write": None}
-        if st["write"] is None:
-            mem = self._access(gpa, n, None, st["read"])
-            if mem is _EXIT or mem is _THROW:
-                return mem
-            mem = bytearray(mem)
-            fpu.xsave(mem, img, xinuse, rfbm)
-            st["write"] = dict(_access_state(n, mem), data=bytes(mem))
-        done = self._access(gpa, n, st["write"]["data"], st["write"])
-        return done if done is _EXIT or done is _THROW else None
-
-    # -- hypercalls ---------------------------------------------------------------------------------
-
-    def _hypercall(self, nr, a0, a1, a2, a3):
-        """____kvm_emulate_hypercall (64-bit mode, CPL 0)."""
-        vm = self.vm
-        if nr in PV_HC_FEATURE and not self.guest_pv_has(PV_HC_FEATURE[nr]):
-            return -U.KVM_ENOSYS
-        if nr == U.KVM_HC_MAP_GPA_RANGE:
-            if not vm.hypercall_exit_enabled & (1 << U.KVM_HC_MAP_GPA_RANGE):
-                return -U.KVM_ENOSYS
-            gfn = a0 >> PAGE_SHIFT
-            if a0 & (PAGE_SIZE - 1) or a1 == 0 or (gfn + a1) & U64 <= gfn:
-                return -U.KVM_EINVAL
-            run = self.kvm_run
-            run.exit_reason = U.KVM_EXIT_HYPERCALL
-            hc = run.hypercall
-            hc.nr = nr
-            hc.args[0], hc.args[1], hc.args[2] = a0, a1, a2
-            hc.ret = 0
-            hc.flags = U.KVM_EXIT_HYPERCALL_LONG_MODE
-
-            def complete():        # complete_hypercall_exit
-                self._op = None
-                self._send = _s64(run.hypercall.ret)
-            self._complete = complete
-            return _EXIT
-        if nr in (U.KVM_HC_KICK_CPU, U.KVM_HC_SCHED_YIELD, U.KVM_HC_VAPIC_POLL_IRQ):
-            return 0
-        if nr == U.KVM_HC_SEND_IPI:
-            # kvm_pv_send_ipi: bitmap a0 (low) / a1 (high) of APIC ids from a2; returns the
-            # number of vCPUs the IPI reached.
-            ids = {v.vcpu_id for v in vm.vcpus}
-            bits = a0 | (a1 << 64)
-            return sum(1 for i in range(128) if bits >> i & 1 and (a2 + i) in ids)
-        if nr == U.KVM_HC_CLOCK_PAIRING:
-            return -U.KVM_EOPNOTSUPP      # no stable TSC-based kvmclock is simulated
-        return -U.KVM_ENOSYS
-
-    # -- MSRs ---------------------------------------------------------------------------------------
-
-    def _msr_allowed(self, index, type):
-        f = self.vm.msr_filter
-        return f is None or f.allowed(index, type)
-
-    def _msr_user_exit(self, exit_reason, index, data, ret):
-        """kvm_msr_user_space: exit if user space asked for this reason, else None."""
-        reason = msr_exit_reason(ret)
-        if not self.vm.user_space_msr_mask & reason:
-            return None
-        run = self.kvm_run
-        run.exit_reason = exit_reason
-        run.msr.error = 0
-        run.msr.reason = reason
-        run.msr.index = index
-        run.msr.data = data
-        return run
-
-    def _rdmsr(self, index, safe):
-        hw = self._sev_msr(index, None, safe)
-        if hw is not _NOT_HW:
-            return hw
-        if self.guest_state_protected:
-            return self._vc(U.SVM_EXIT_MSR, f"RDMSR {index:#x}", safe, (U.X86_TRAP_VC, 0))
-        ret = MSR_RET_FILTERED if not self._msr_allowed(index, MSR_TYPE_R) else None
-        value = 0
-        if ret is None:
-            ret, value = self.msrs.get(index)
-        if ret == MSR_OK:
-            return (0, value) if safe else value
-        run = self._msr_user_exit(U.KVM_EXIT_X86_RDMSR, index, 0, ret)
-        if run is None:
-            return self._deliver_gp(safe, (U.GP_VECTOR, 0), f"RDMSR {index:#x}")
-
-        def complete():
-            self._op = None
-            if run.msr.error:
-                self._complete_with(self._deliver_gp(safe, (U.GP_VECTOR, 0), f"RDMSR {index:#x}"))
-            else:
-                v = run.msr.data & U64
-                self._send = (0, v) if safe else v
-        self._complete = complete
-        return _EXIT
-
-    def _wrmsr(self, index, value, safe):
-        hw = self._sev_msr(index, value, safe)
-        if hw is not _NOT_HW:
-            return hw
-        if self.guest_state_protected:
-            return self._vc(U.SVM_EXIT_MSR, f"WRMSR {index:#x}", safe, U.X86_TRAP_VC)
-        ret = MSR_RET_FILTERED if not self._msr_allowed(index, MSR_TYPE_W) else None
-        if ret is None:
-            ret = self.msrs.set(index, value)
-        if ret == MSR_OK:
-            return 0 if safe else None
-        run = self._msr_user_exit(U.KVM_EXIT_X86_WRMSR, index, value, ret)
-        if run is None:
-            return self._deliver_gp(safe, U.GP_VECTOR, f"WRMSR {index:#x}")
-
-        def complete():
-            self._op = None
-            if run.msr.error:
-                self._complete_with(self._deliver_gp(safe, U.GP_VECTOR, f"WRMSR {index:#x}"))
-            else:
-                self._send = 0 if safe else None
-        self._complete = complete
-        return _EXIT
+    # -- exceptions in the guest -------------------------------------------------------------------
 
     def _deliver_gp(self, safe, safe_result, what):
         """#GP for the current instruction."""
@@ -1001,9 +515,9 @@ class Vcpu:
         if safe:
             return safe_result
         self._throw = exc
-        return _THROW
+        return THROW
 
     def _complete_with(self, result):
         """Finish the pending instruction from a completion callback with ``result``."""
-        if result is not _THROW:
+        if result is not THROW:
             self._send = result

@@ -11,7 +11,13 @@ import numpy as np
 
 from sevcore import uapi as U
 from sevcore.errors import KvmError
+from sevcore.core.bitmap import Bitmap
+from sevcore.core.pages import GuestPageOps
+from sevcore.kvm.sev import (SevInfo, copy_enc_context_from, memory_encrypt_op,
+                             move_enc_context_from, reg_region, unreg_region, vm_destroy)
+from sevcore.kvm.sev_pages import receive_update_data_pages, send_update_data_pages
 from sevcore.kvm.guest_memfd import GuestMemfd
+from sevcore.kvm.vcpu import Vcpu, default_cpuid
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm.caps import KVM_ALLOWED_DISABLE_EXITS, check_extension
 from sevcore.kvm.mm import TASK_SIZE_MAX
@@ -65,7 +71,6 @@ class Vm:
         self.sev_need_init = type in (U.KVM_X86_SEV_VM, U.KVM_X86_SEV_ES_VM, U.KVM_X86_SNP_VM)
         self.dead = False
         self.closed = False
-        from sevcore.kvm.sev import SevInfo
         self.sev = SevInfo()               # struct kvm_sev_info (sevcore.kvm.sev)
         self._refs = 1                     # the VM fd itself
         self.memslots = {}                 # (as_id, id) -> Memslot
@@ -98,7 +103,6 @@ class Vm:
             self._destroy()
 
     def _destroy(self):
-        from sevcore.kvm.sev import vm_destroy
         vm_destroy(self)
         for slot in list(self.memslots.values()):
             if slot.gmem_file is not None:
@@ -161,11 +165,9 @@ class Vm:
         }
 
     def _cap_copy_enc_context(self, ioctl, a):
-        from sevcore.kvm.sev import copy_enc_context_from
         return copy_enc_context_from(self, ioctl, a[0])
 
     def _cap_move_enc_context(self, ioctl, a):
-        from sevcore.kvm.sev import move_enc_context_from
         return move_enc_context_from(self, ioctl, a[0])
 
     # -- SEV (sevcore.kvm.sev) -----------------------------------------------------------------------------
@@ -176,19 +178,16 @@ class Vm:
         None a NULL argp), ``sev_fd`` an fd of /dev/sev (default: one the host opens). Returns
         the struct as KVM wrote it back with ``error``; raises SevError (EIO, ``fw_error``) for a
         firmware failure, KvmError otherwise."""
-        from sevcore.kvm.sev import memory_encrypt_op
         return memory_encrypt_op(self, id, data, sev_fd, fields)
 
     def memory_encrypt_reg_region(self, addr, size):
         """Mirrors ``KVM_MEMORY_ENCRYPT_REG_REGION``: pin ``[addr, addr + size)`` until
         UNREG or VM destroy. ENOTTY (not SEV), EINVAL (mirror, bad range), ENOMEM (rlimit)."""
-        from sevcore.kvm.sev import reg_region
         return reg_region(self, addr, size)
 
     def memory_encrypt_unreg_region(self, addr, size):
         """Mirrors ``KVM_MEMORY_ENCRYPT_UNREG_REGION``: EINVAL (mirror, no such region),
         ENOTTY (not SEV)."""
-        from sevcore.kvm.sev import unreg_region
         return unreg_region(self, addr, size)
 
     def sev_send_update_data_pages(self, guest_uaddrs, out=None):
@@ -200,7 +199,6 @@ class Vm:
         4096n bytes) filled. A refusal of page ``i`` raises what its ioctl raises (SevError with
         ``fw_error`` and ``out``, or KvmError) with ``index = i`` and the packets of pages
         ``0..i-1`` in ``hdrs``/``trans`` of the exception."""
-        from sevcore.kvm.sev import send_update_data_pages
         return send_update_data_pages(self, guest_uaddrs, out)
 
     def sev_receive_update_data_pages(self, guest_uaddrs, hdrs, trans):
@@ -210,7 +208,6 @@ class Vm:
         ``guest_uaddrs[i]`` with ``guest_len`` 4096. A refusal of page ``i`` raises what its
         ioctl raises with ``index = i``: pages ``0..i-1`` are written, page ``i`` and later
         ones are not."""
-        from sevcore.kvm.sev import receive_update_data_pages
         return receive_update_data_pages(self, guest_uaddrs, hdrs, trans)
 
     @property
@@ -263,7 +260,6 @@ class Vm:
     def create_vcpu(self, vcpu_id):
         """Mirrors ``KVM_CREATE_VCPU``: EINVAL for an id >= KVM_MAX_VCPU_IDS or too many vCPUs,
         EEXIST for an id in use. The vCPU starts with KVM_GET_SUPPORTED_CPUID's entries."""
-        from sevcore.kvm.vcpu import Vcpu, default_cpuid
         ioctl = "KVM_CREATE_VCPU"
         self._enter(ioctl)
         if not isinstance(vcpu_id, int) or not 0 <= vcpu_id < U.KVM_MAX_VCPU_IDS:
@@ -281,7 +277,6 @@ class Vm:
 
     def page_ops(self):
         """The C page kernel bound to this VM's NPT and dirty bitmaps (sevcore.core.pages)."""
-        from sevcore.core.pages import GuestPageOps
         if self._page_ops is None:
             self._page_ops = GuestPageOps(self.npt, self.host.mem.frames)
         slots = self.logging_slots()
@@ -492,7 +487,6 @@ class Vm:
     def _update_dirty_logging(self, new, old):
         """Allocate or drop the slot's dirty bitmap and mark its NPT entries: a write through
         an entry with NPT_DIRTY_LOG is logged (KVM write-protects instead; same observable)."""
-        from sevcore.core.bitmap import Bitmap
         logging = new.flags & U.KVM_MEM_LOG_DIRTY_PAGES
         if logging and new.dirty_bitmap is None:
             new.dirty_bitmap = Bitmap(max(new.npages, 1))

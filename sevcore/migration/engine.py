@@ -49,6 +49,7 @@ from sevcore.migration.errors import PeerClosed, StreamError, StreamTruncated
 from sevcore.migration.helper import PACKET_SIZE, HelperPacketError, MigrationHelper
 from sevcore.migration.machine import SLOT, GuestError, Machine
 from sevcore.migration.stats import IterationStats, MigrationStats
+from sevcore.migration.transport import inprocess_pair
 from sevcore.migration.workload import GuestConfig
 
 PATHS = ("psp", "helper")
@@ -737,7 +738,6 @@ class MigrationResult:
 def migrate(machine, target_kvm, params=MigrationParams(), progress=None, channel_pair=None):
     """Migrate ``machine`` to a new guest on ``target_kvm``'s Host, in this process (the target
     runs in a thread). Returns MigrationResult; raises MigrationError after cancelling."""
-    from sevcore.migration.transport import inprocess_pair
     a, b = channel_pair or inprocess_pair(timeout=params.timeout_s)
     target = Target(target_kvm, b)
     failure = []

@@ -29,6 +29,7 @@ import numpy as np
 
 from sevcore import uapi as U
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
+from sevcore.migration.helper import HelperLayout, helper_boot
 
 MAGIC = b"SEVWKLD1"
 JOURNAL_PAGES = 8
@@ -96,7 +97,6 @@ class GuestConfig:
         """Where the migration helper lives (sevcore.migration.helper), or None without one."""
         if not self.helper_vcpus:
             return None
-        from sevcore.migration.helper import HelperLayout
         try:
             return HelperLayout.for_guest(self.mem_size, vcpus=self.helper_vcpus)
         except ValueError as e:
@@ -242,7 +242,6 @@ def _boot(g, cfg, lay, c):
         assert ret == 0, f"MAP_GPA_RANGE of the shared pages returned {ret}"
         yield g.write_pattern(lay.shared_gfn << PAGE_SHIFT, lay.shared_pages, 0)
     if cfg.helper_vcpus:
-        from sevcore.migration.helper import helper_boot
         yield from helper_boot(g, cfg.helper_layout, cfg.c_bit)
     yield g.write(c, _HEADER.pack(MAGIC, cfg.seed, 0))
     yield g.wrmsr(U.MSR_KVM_MIGRATION_CONTROL, U.KVM_MIGRATION_READY)

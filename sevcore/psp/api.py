@@ -8,7 +8,6 @@ both see the same firmware. Guest memory is passed by system physical address (`
 """
 from dataclasses import dataclass
 
-import numpy as np
 
 from sevcore import uapi as U
 from sevcore.psp import amd_root

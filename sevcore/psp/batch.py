@@ -15,9 +15,10 @@ raises PspError with ``index = i`` after pages ``0..i-1`` took effect, as ``i`` 
 have, and nothing of page ``i`` or later.
 
 The work steps (``_seal_pages``, ``_open_pages``, ``_write_pages``) are shared by the typed
-entries here, KVM's batched ioctls (``sevcore.kvm.sev``) and the ring-buffer batch path (ring.py);
-the single RECEIVE_UPDATE_DATA/VMSA command judges its one packet with ``_open_pages`` too, so
-the order of its checks is written once.
+entries here, the ring-buffer batch path (ring.py) and, through a :class:`PageSession`
+(``psp.page_session``), KVM's batched ioctls (``sevcore.kvm.sev_pages``), which make the kernel's
+checks and pin pages between the firmware's steps; the single RECEIVE_UPDATE_DATA/VMSA command
+judges its one packet with ``_open_pages`` too, so the order of its checks is written once.
 """
 import threading
 
@@ -50,8 +51,44 @@ def first(mask):
     return int(hit[0]) if len(hit) else len(mask)
 
 
+class PageSession:
+    """A run of whole-page SEND_UPDATE_DATA or RECEIVE_UPDATE_DATA commands of one guest, taken
+    step by step by a caller that works between the firmware's steps (KVM pins each page
+    between the checks and the copy). ``status`` is what the first command answers before it
+    touches memory (every later one would answer alike); the steps run only when it is
+    SUCCESS."""
+
+    def __init__(self, psp, send, handle, hdr_len, trans_len):
+        self.psp, self.send = psp, send
+        self.status, self._guest = psp._pages_gate(send, handle, hdr_len, trans_len)
+
+    def refuse(self):
+        """The side effect of the first command's refusal (a mailbox write in ring-buffer mode
+        ends ring-buffer mode)."""
+        self.psp._pages_refused(self.status)
+
+    def seal(self, spas, hdrs, trans):
+        """SEND_UPDATE_DATA's work for the whole pages at ``spas`` into ``hdrs``/``trans``
+        (``packet_rows``)."""
+        return self.psp._seal_pages(self._guest, spas, hdrs, trans)
+
+    def open(self, hdrs, trans):
+        """RECEIVE_UPDATE_DATA's judgement of the packets: ``(count, status, plaintext)`` for
+        the leading packets that pass (see ``UpdatePages._open_pages``)."""
+        return self.psp._open_pages(self._guest, hdrs, trans)
+
+    def write(self, spas, plain):
+        """RECEIVE_UPDATE_DATA's last step: the plaintext into the pages at ``spas``."""
+        self.psp._write_pages(self._guest, spas, plain)
+
+
 class UpdatePages:
     """Mixin of Psp: batched whole-page SEND/RECEIVE_UPDATE_DATA."""
+
+    def page_session(self, send, handle, hdr_len, trans_len):
+        """A :class:`PageSession` of SEND (``send``) or RECEIVE_UPDATE_DATA commands of the
+        guest ``handle`` with these header and packet lengths."""
+        return PageSession(self, send, handle, hdr_len, trans_len)
 
     # -- the steps ------------------------------------------------------------------------------
 

@@ -207,8 +207,9 @@ def _body_status(cert):
     return OK
 
 
-def _verify(signer, value, message):
-    """Verify one signature value made by ``signer`` (a sev_cert_pubkey_t)."""
+def verify_signature(signer, value, message):
+    """Verify one signature value made by ``signer`` (a sev_cert_pubkey_t): SUCCESS, or the
+    status the firmware reports for a bad signature."""
     algo = key_algo(signer)
     h = hash_for(algo).new(message)
     if algo in _RSA:
@@ -248,7 +249,7 @@ def validate_sig(cert, signer):
             return BAD_SIG
         if algo != key_algo(signer) or usage != key_usage(signer):
             continue
-        status = _verify(signer, value, body)
+        status = verify_signature(signer, value, body)
         if status not in (OK, BAD_SIG):
             return status
     return status

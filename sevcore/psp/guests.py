@@ -13,6 +13,7 @@ import numpy as np
 
 from sevcore.core import sevpkt
 from sevcore import uapi as U
+from sevcore.hw import vmsa as V
 from sevcore.psp import certs as C
 from sevcore.psp import crypto as X
 from sevcore.psp.packets import BadPacketMac, _open_packets, _seal_packets
@@ -26,9 +27,6 @@ RUPDATE = U.SEV_GUEST_STATE_RECEIVE_UPDATE
 SENT = U.SEV_GUEST_STATE_SENT
 
 SCRATCH = sevpkt.MAX_LEN            # SEV_SCRATCH_BUF_LEN (0x5000): most one transport command moves
-VMSA_SIZE = 4096
-VMSA_CRC_SIZE = 0xFC0               # the checksum covers the VMSA up to here ([FW] sev_es.h)
-VMSA_CRC_PADDR = 0x388              # vmcb_save_area_t.crc_paddr (0x380: 8 zero bytes)
 POLICY_RESERVED = 0xFFC0            # bits 6-15 MBZ
 GUEST_COUNT_MAX = 1024
 CRC_BLOCK = 16                      # TMR checksum-pool block (size assumed)
@@ -323,13 +321,13 @@ class GuestCommands:
     def _cmd_launch_update_vmsa(self, f):
         """``sev_mcmd_launch_update_vmsa``: length first, then as LAUNCH_UPDATE_DATA, with the
         SEV-ES checksum set up after the VMSA is measured and before it is encrypted."""
-        if f.len != VMSA_SIZE:
+        if f.len != V.VMSA_SIZE:
             return U.SEV_RET_INVALID_LEN
         status, g = self._launch_update_checks(f, True)
         if status:
             return status
         spa = self._addr(f.address)
-        vmsa = bytearray(self._read(spa, VMSA_SIZE))
+        vmsa = bytearray(self._read(spa, V.VMSA_SIZE))
         g.sha.update(vmsa)
         status = self._es_setup_vmsa(g, vmsa)
         if status:
@@ -713,7 +711,7 @@ class GuestCommands:
     def _es_validate_vmsa(self, g, vmsa):
         """``sev_es_validate_vmsa``: non-zero (some failure) unless the checksum block the VMSA
         names is one of this guest's and matches."""
-        block = int.from_bytes(vmsa[VMSA_CRC_PADDR:VMSA_CRC_PADDR + 8], "little")
+        block = int.from_bytes(vmsa[V.CRC_PADDR:V.CRC_PADDR + 8], "little")
         if not g.vmsa_blocks or block not in g.vmsa_blocks:
             return U.SEV_RET_INVALID_ADDRESS
         if self._tmr_crc.get(block) != _vmsa_checksum(vmsa):
@@ -729,4 +727,4 @@ TMR_POOL_BLOCKS = (1 << 19) // CRC_BLOCK
 def _vmsa_checksum(vmsa):
     """The firmware keeps a CRC64 of the first 0xFC0 bytes in the TMR. The TMR is invisible to
     the host, so any collision-free digest models it; BLAKE2b-64 is used."""
-    return hashlib.blake2b(bytes(vmsa[:VMSA_CRC_SIZE]), digest_size=8).digest()
+    return hashlib.blake2b(bytes(vmsa[:V.CRC_SIZE]), digest_size=8).digest()

@@ -6,6 +6,7 @@ Each helper asserts success the way the library does: a failing ioctl raises its
 """
 from sevcore import uapi as U
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
+from sevcore.kvm.fpu import SUPPORTED_XCR0
 
 
 def vm_mem_add(vm, gpa, slot, npages, flags=0, guest_memfd=None, guest_memfd_offset=0):
@@ -60,7 +61,6 @@ def vm_mem_set_shared(vm, gpa, size):
 def vm_vcpu_add(vm, vcpu_id):
     """vm_arch_vcpu_add: ``KVM_CREATE_VCPU`` (the vCPU gets KVM_GET_SUPPORTED_CPUID's entries),
     then ``vcpu_init_xcrs``: XCR0 = the supported XCR0 (``KVM_SET_XCRS``)."""
-    from sevcore.kvm.fpu import SUPPORTED_XCR0
     vcpu = vm.create_vcpu(vcpu_id)
     vcpu.set_xcrs([(U.XCR_XFEATURE_ENABLED_MASK, SUPPORTED_XCR0)])
     return vcpu

@@ -150,7 +150,7 @@ def verify_attestation_report(report, pek_cert):
         return False
     signer = C.ec_pubkey(C.USAGE_PEK, C.ALGO_ECDSA_SHA256,
                          C.ec_point_of(C.pubkey_of(pek_cert)).pointQ)
-    return C._verify(signer, report[0x40:0x40 + 144], report[:0x34]) == U.SEV_RET_SUCCESS
+    return C.verify_signature(signer, report[0x40:0x40 + 144], report[:0x34]) == U.SEV_RET_SUCCESS
 
 
 def verify_cert_chain(chain, ark_key_id=amd_root.ARK_KEY_ID):

@@ -12,7 +12,8 @@ import pytest
 import sevcore
 from sevcore.vmm import owner
 from sevcore.vmm.kvm_util import addr_gpa2hva, vm_mem_add, vm_vcpu_add
-from sevcore.kvm.sev import SevError, build_vmsa
+from sevcore.kvm.sev import SevError
+from sevcore.kvm.sev_es import build_vmsa
 from sevcore.uapi import *
 
 NPAGES = 16

@@ -15,7 +15,8 @@ import sevcore
 from sevcore.errors import KvmError
 from sevcore.vmm.kvm_util import sev_receive_start, sev_send_start, vm_mem_add, vm_sev_launch
 from sevcore.psp import RingBuffer
-from sevcore.kvm.sev import SevError, _PageBatch
+from sevcore.kvm.sev import SevError
+from sevcore.kvm.sev_pages import _PageBatch
 from sevcore.uapi import *
 
 P = 4096

@@ -1,0 +1,174 @@
+"""A guest's memory accesses in KVM_RUN: single accesses through the NPT and the fault path,
+MMIO exits, and bulk operations over many pages in the C page kernel (sevcore.core.pages)."""
+import numpy as np
+
+from sevcore import uapi as U
+from sevcore.core import pages as gm
+from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
+from sevcore.kvm.kvm_run import EXIT, THROW
+from sevcore.kvm.mmu import MmioAccess, decode_gpa, faultin_pages, translate
+from sevcore.core.npt import NPT_DIRTY_LOG
+
+_BULK_OPS = {"read": gm.GUEST_OP_READ, "write": gm.GUEST_OP_WRITE, "fill": gm.GUEST_OP_FILL,
+             "pattern": gm.GUEST_OP_PATTERN, "check": gm.GUEST_OP_CHECK,
+             "stamp": gm.GUEST_OP_STAMP, "digest": gm.GUEST_OP_DIGEST}
+
+
+def access_state(size, data):
+    """The progress of one access that survives exits: bytes done, and the read buffer."""
+    return {"pos": 0, "buf": bytearray(size) if data is None else None}
+
+
+class GuestAccess:
+    """Mixin of Vcpu: the guest's reads, writes and bulk page operations."""
+
+    def _access(self, gpa, size, data, st=None):
+        """A guest read (data None) or write of [gpa, gpa + size). Whole pages go to the C page
+        kernel, partial pages (and MMIO) are handled here; progress is kept across exits so a
+        retried access resumes where it stopped (in ``self._progress``, or in ``st``, a
+        :func:`_access_state`, for an instruction that makes several accesses)."""
+        if st is None:
+            if self._progress is None:
+                self._progress = access_state(size, data)
+            st = self._progress
+        write = data is not None
+        while st["pos"] < size:
+            pos = st["pos"]
+            addr = gpa + pos
+            off = addr & (PAGE_SIZE - 1)
+            n = min(PAGE_SIZE - off, size - pos)
+            if off == 0 and size - pos >= PAGE_SIZE:
+                npages = (size - pos) >> PAGE_SHIFT
+                span = slice(pos, pos + (npages << PAGE_SHIFT))
+                buf = memoryview(data)[span] if write else memoryview(st["buf"])[span]
+                done = [0]
+                try:
+                    self._page_kernel(gm.GUEST_OP_WRITE if write else gm.GUEST_OP_READ, addr,
+                                      npages, done, buf=buf)
+                except MmioAccess as e:
+                    return self._mmio(st, e.gpa, data, pos + (done[0] << PAGE_SHIFT), 8)
+                finally:
+                    st["pos"] = pos + (done[0] << PAGE_SHIFT)
+                continue
+            try:
+                self._access_partial(addr, off, n, data, pos, st["buf"])
+            except MmioAccess as e:
+                return self._mmio(st, e.gpa + off, data, pos, min(n, 8))
+            st["pos"] = pos + n
+        return None if write else bytes(st["buf"])
+
+    def _access_partial(self, addr, off, n, data, pos, buf):
+        """Bytes [off, off + n) of one page, through the NPT (and the key for C-bit accesses)."""
+        vm = self.vm
+        write = data is not None
+        real, private, encrypted = decode_gpa(vm, addr)
+        gfn = real >> PAGE_SHIFT
+        pfn, flags = translate(vm, gfn, private, write)
+        spa = (pfn << PAGE_SHIFT) + off
+        # The memory controller patches a partial encrypted page (decrypt, patch, encrypt).
+        asid = vm.sev.asid if encrypted and vm.encryption_engine() is not None else 0
+        if write:
+            vm.host.umc.write(spa, memoryview(data)[pos:pos + n], asid)
+        else:
+            buf[pos:pos + n] = vm.host.umc.read(spa, n, asid)
+        if write and flags & NPT_DIRTY_LOG:
+            vm.mark_page_dirty(gfn)
+
+    def _mmio(self, st, gpa, data, pos, n):
+        """KVM_EXIT_MMIO for ``n`` bytes at ``gpa`` (C-bit / shared bit stripped); the read
+        data user space supplies completes the access on the next KVM_RUN. KVM cannot decode an
+        SEV-ES guest's instruction: the MMIO SPTE's reserved bits reflect the #NPF as #VC."""
+        if self.guest_state_protected:
+            return self._vc(U.SVM_EXIT_NPF, f"MMIO at gpa {gpa:#x}")
+        run = self.kvm_run
+        run.exit_reason = U.KVM_EXIT_MMIO
+        run.mmio.phys_addr = gpa
+        run.mmio.len = n
+        run.mmio.is_write = int(data is not None)
+        run.mmio.data = bytearray(8)
+        if data is not None:
+            run.mmio.data[:n] = data[pos:pos + n]
+
+        def complete():
+            if data is None:
+                st["buf"][pos:pos + n] = bytes(run.mmio.data[:n])
+            st["pos"] = pos + n
+        self._complete = complete
+        return EXIT
+
+    def _page_kernel(self, op, first_gpa, n, done, *, gpas=None, arg=0, buf=None, out=None,
+                     on_chunk=None):
+        """Run the C page kernel over ``n`` pages from the page-aligned ``first_gpa`` (or the
+        page-aligned list ``gpas``), from page ``done[0]`` on (``out``: CHECK's two words, or DIGEST's word per
+        page), faulting in the pages it stops at in batches
+        (:func:`sevcore.kvm.mmu.faultin_pages`). ``done[0]`` always holds the pages completed, also
+        when MemoryFault or MmioAccess propagates. ``on_chunk(start, k)`` sees each kernel
+        call's result (CHECK accumulates its ``out`` there)."""
+        vm = self.vm
+        write = op in gm.WRITE_OPS
+        ops = vm.page_ops()
+        while done[0] < n:
+            start = done[0]
+            first = first_gpa + (start << PAGE_SHIFT) if gpas is None else int(gpas[start])
+            real, private, encrypted = decode_gpa(vm, first)
+            tag = first - real             # the C-bit or shared bit, common to the access
+            engine = vm.encryption_engine() if encrypted else None
+            if gpas is None:
+                gfns = np.arange(real >> PAGE_SHIFT, (real >> PAGE_SHIFT) + n - start,
+                                 dtype=np.uint64)
+            else:
+                gfns = (gpas[start:] - np.uint64(tag)) >> np.uint64(PAGE_SHIFT)
+            page_buf = None if buf is None else buf[start << PAGE_SHIFT:]
+            k = ops.run(op, gfns=gfns, private=private, engine=engine, arg=arg, buf=page_buf,
+                        out=out[start:] if op == gm.GUEST_OP_DIGEST else out)
+            if on_chunk is not None:
+                on_chunk(start, k)
+            done[0] = start + k
+            if done[0] == n:
+                return
+            g = int(gfns[k])
+            if g > vm.max_gfn:
+                raise MmioAccess(g << PAGE_SHIFT)
+            _, private, _ = decode_gpa(vm, (g << PAGE_SHIFT) | tag)
+            faultin_pages(vm, gfns[k:], private, write)
+
+    def _bulk(self, kind, args):
+        """A bulk operation: the C page kernel over all its pages (progress survives exits)."""
+        if kind == "bulk":
+            name, gpa, n, arg = args
+            gpas = buf = None
+        else:
+            name, gpas, arg, buf = args       # gpas: page aligned (sevcore.kvm.guest._page_gpas)
+            gpa, n = 0, len(gpas)
+        st = self._progress
+        if st is None:
+            result = None                  # what the operation returns, filled across exits
+            if name == "digest":
+                result = np.zeros(n, np.uint64)
+            elif name == "read":
+                result = np.empty((n, PAGE_SIZE), np.uint8) if buf is None else buf
+            elif name == "check":
+                result = [0, None]         # mismatching pages, index of the first
+            st = self._progress = {"done": [0], "result": result}
+        result = st["result"]
+        out = on_chunk = None
+        if name == "digest":
+            out = result
+        elif name == "read":
+            buf = np.frombuffer(result, np.uint8)
+        elif name == "check":
+            out = np.zeros(2, np.uint64)
+
+            def on_chunk(start, k):
+                if k:
+                    result[0] += int(out[0])
+                    if result[1] is None and int(out[1]) != gm.NO_MISMATCH:
+                        result[1] = start + int(out[1])
+        try:
+            self._page_kernel(_BULK_OPS[name], gpa, n, st["done"], gpas=gpas, arg=arg, buf=buf,
+                              out=out, on_chunk=on_chunk)
+        except MmioAccess as e:
+            # Bulk operations are for RAM; the guest sees the failure as an exception.
+            self._throw = RuntimeError(f"bulk {name} reached MMIO at gpa {e.gpa:#x}")
+            return THROW
+        return tuple(result) if name == "check" else result

@@ -1,0 +1,53 @@
+"""Hypercalls in KVM_RUN (``____kvm_emulate_hypercall``, arch/x86/kvm/x86.c), with
+KVM_HC_MAP_GPA_RANGE forwarded to user space as KVM_EXIT_HYPERCALL."""
+from sevcore import uapi as U
+from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
+from sevcore.kvm.kvm_run import EXIT
+from sevcore.kvm.msr import PV_HC_FEATURE
+
+U64 = (1 << 64) - 1
+
+
+def _s64(v):
+    v &= U64
+    return v - (1 << 64) if v >> 63 else v
+
+
+class HypercallVcpu:
+    """Mixin of Vcpu: VMMCALL."""
+
+    def _hypercall(self, nr, a0, a1, a2, a3):
+        """____kvm_emulate_hypercall (64-bit mode, CPL 0)."""
+        vm = self.vm
+        if nr in PV_HC_FEATURE and not self.guest_pv_has(PV_HC_FEATURE[nr]):
+            return -U.KVM_ENOSYS
+        if nr == U.KVM_HC_MAP_GPA_RANGE:
+            if not vm.hypercall_exit_enabled & (1 << U.KVM_HC_MAP_GPA_RANGE):
+                return -U.KVM_ENOSYS
+            gfn = a0 >> PAGE_SHIFT
+            if a0 & (PAGE_SIZE - 1) or a1 == 0 or (gfn + a1) & U64 <= gfn:
+                return -U.KVM_EINVAL
+            run = self.kvm_run
+            run.exit_reason = U.KVM_EXIT_HYPERCALL
+            hc = run.hypercall
+            hc.nr = nr
+            hc.args[0], hc.args[1], hc.args[2] = a0, a1, a2
+            hc.ret = 0
+            hc.flags = U.KVM_EXIT_HYPERCALL_LONG_MODE
+
+            def complete():        # complete_hypercall_exit
+                self._op = None
+                self._send = _s64(run.hypercall.ret)
+            self._complete = complete
+            return EXIT
+        if nr in (U.KVM_HC_KICK_CPU, U.KVM_HC_SCHED_YIELD, U.KVM_HC_VAPIC_POLL_IRQ):
+            return 0
+        if nr == U.KVM_HC_SEND_IPI:
+            # kvm_pv_send_ipi: bitmap a0 (low) / a1 (high) of APIC ids from a2; returns the
+            # number of vCPUs the IPI reached.
+            ids = {v.vcpu_id for v in vm.vcpus}
+            bits = a0 | (a1 << 64)
+            return sum(1 for i in range(128) if bits >> i & 1 and (a2 + i) in ids)
+        if nr == U.KVM_HC_CLOCK_PAIRING:
+            return -U.KVM_EOPNOTSUPP      # no stable TSC-based kvmclock is simulated
+        return -U.KVM_ENOSYS
