@@ -56,3 +56,20 @@ class PeerClosed(StreamError):
 
 class StreamTimeout(StreamError):
     """No progress on the channel within the configured timeout."""
+
+
+class MigrationError(RuntimeError):
+    """A migration did not complete. The source guest runs on, unchanged (after SEND_CANCEL if
+    SEND_START had succeeded). ``stats`` holds what was measured up to the failure."""
+
+    def __init__(self, message, stats=None):
+        super().__init__(message)
+        self.stats = stats
+
+
+class NotMigrationReady(MigrationError):
+    """The guest has not set KVM_MIGRATION_READY in MSR_KVM_MIGRATION_CONTROL."""
+
+
+class TargetFailed(MigrationError):
+    """The target refused the stream or failed while applying it (its message is included)."""

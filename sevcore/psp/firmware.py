@@ -22,8 +22,10 @@ from sevcore.psp.api import TypedApi
 from sevcore.psp.batch import UpdatePages
 from sevcore.psp.crypto import Drbg
 from sevcore.psp.guests import GuestCommands
+from sevcore.psp.launch import LaunchCommands
 from sevcore.psp.platform import DIRTY, UNINIT, PlatformCommands
 from sevcore.psp.ring import RingBufferMode
+from sevcore.psp.send_receive import SendReceiveCommands
 
 IN, OUT, INOUT, INOUT_ERR, IGNORE = range(5)
 
@@ -71,7 +73,8 @@ COMMANDS = {
 }
 
 
-class Psp(PlatformCommands, GuestCommands, RingBufferMode, UpdatePages, TypedApi):
+class Psp(PlatformCommands, GuestCommands, LaunchCommands, SendReceiveCommands, RingBufferMode,
+          UpdatePages, TypedApi):
     """The SEV firmware (PSP) of one Host.
 
     ``command(cmd_id, buf_spa)`` is the raw mailbox; the typed methods (``launch_start``,

@@ -1,0 +1,179 @@
+"""The target VMM's side of a migration: it creates the guest from the SETUP record, receives
+its pages by either path, and resumes it after RECEIVE_FINISH (docs/migration.md)."""
+import numpy as np
+
+from sevcore import uapi as U
+from sevcore.hw.hostmem import PAGE_SIZE
+from sevcore.migration import stream as S
+from sevcore.migration.end import _End, _row
+from sevcore.migration.errors import StreamError
+from sevcore.migration.helper import PACKET_SIZE, MigrationHelper
+from sevcore.migration.machine import Machine
+from sevcore.migration.params import MigrationParams
+from sevcore.migration.timeline import charge_helper_pages, charge_psp_pages, charge_shared_pages
+from sevcore.migration.workload import GuestConfig
+
+
+class Target(_End):
+    """The target VMM: builds the incoming guest on ``kvm``'s Host from the stream on
+    ``channel``. :meth:`run` returns the running :class:`Machine`."""
+
+    def __init__(self, kvm, channel):
+        self.kvm, self.channel = kvm, channel
+        self.m = None
+        self.result = None
+        self._pending = []
+
+    def run(self):
+        """Receive, apply, finish and resume; raises on any failure after telling the source
+        (ERROR) and destroying the incoming VM."""
+        self.reader = S.StreamReader(self.channel, reuse=True)    # each record is used at once
+        self.writer = S.StreamWriter(self.channel)
+        try:
+            self._receive()
+        except BaseException as e:
+            self._fail(e)
+            raise
+        return self.m
+
+    def _fail(self, e):
+        try:
+            self.writer.setup({"kind": "error", "message": f"{type(e).__name__}: {e}"})
+            self.writer.flush()
+        except (StreamError, OSError):
+            pass
+        self._close()                       # the helper's mirror goes before its owner VM
+        if self.m is not None:
+            self.m.vm.close()
+
+    def _reply(self, kind, **fields):
+        self.writer.setup({"kind": kind, **fields})
+        self.writer.flush()
+
+    def _receive(self):
+        kvm = self.kvm
+        rec = self.reader.read()
+        if not isinstance(rec, S.Setup) or rec.params.get("kind") != "migrate":
+            raise StreamError("the stream does not start with the migration's SETUP")
+        cfg = GuestConfig.from_dict(rec.params["guest"])
+        self.params = MigrationParams.from_dict(rec.params["params"])
+        self.cost = self.params.cost
+        self.clock = kvm.host.clock
+        self.m = m = Machine.incoming(kvm, cfg)
+        chain = kvm.host.psp.export_cert_chain()
+        self._reply("hello", pdh=chain.pdh.hex(), plat_certs=chain.plat_certs.hex(),
+                    amd_certs=chain.amd_certs.hex())
+        rec = self.reader.read()
+        if not isinstance(rec, S.SevSession):
+            raise StreamError(f"expected SEV_SESSION, got {type(rec).__name__}")
+        self._receive_start(rec)
+        if self.reader.flags & S.FLAG_HELPER:
+            if cfg.helper_layout is None:
+                raise StreamError("a helper-path stream for a guest without a helper")
+            self.helper = MigrationHelper(m.vm, cfg.helper_layout, cfg.helper_vcpus)
+        # The host OS's page faults on the incoming guest's frames (pinned, never written) are
+        # taken by another thread ahead of the stores (HostMemory.populating); the model is
+        # unchanged.
+        with kvm.host.mem.populating(m.frames()):
+            self._receive_records()
+        m.vm.memory_encrypt_op(U.KVM_SEV_RECEIVE_FINISH)
+        self.cost.psp_command(self.clock, 0)
+        self._close_helper()
+        checked, bad, first_bad = m.run_until("resumed")
+        self.result = {"checked": checked, "bad": bad, "first_bad": first_bad}
+        self._reply("resumed", **self.result)
+
+    def _receive_records(self):
+        """The records after RECEIVE_START, up to END: pages, vCPU state, the shared ranges."""
+        m = self.m
+        ready = False
+        for rec in self.reader:
+            if isinstance(rec, S.HelperPage):
+                self._pending.append(rec)
+                if len(self._pending) >= self.params.batch_pages:
+                    self._open_pending()
+                continue
+            self._open_pending()
+            if isinstance(rec, S.HelperPages):
+                self._open(rec.gfns, rec.seqs, rec.packets)
+            elif isinstance(rec, S.EncryptedPages):
+                self._receive_encrypted(rec.gfns, rec.hdrs, rec.trans)
+            elif isinstance(rec, S.EncryptedPage):
+                self._receive_encrypted([rec.gfn], _row(rec.hdr), _row(rec.trans))
+            elif isinstance(rec, S.SharedPages):
+                self._receive_shared(rec.gfns, rec.data)
+            elif isinstance(rec, S.SharedPage):
+                self._receive_shared([rec.gfn], _row(rec.data))
+            elif isinstance(rec, S.ZeroPages):
+                self._receive_zero(rec)
+            elif isinstance(rec, S.Iteration):
+                pass
+            elif isinstance(rec, S.VcpuState):
+                m.load_vcpu_state(rec.vcpu_id, rec.data)
+            elif isinstance(rec, S.Setup) and rec.params.get("kind") == "shared_ranges":
+                for s, e in rec.params["ranges"]:
+                    m.tracker.shared.add(int(s), int(e))
+            elif isinstance(rec, S.Setup) and rec.params.get("kind") == "complete":
+                self._reply("ready", time_spent=dict(self.clock.spent))
+                ready = True
+            elif isinstance(rec, S.End):
+                break
+            else:
+                raise StreamError(f"unexpected {type(rec).__name__} record")
+        if not ready:
+            raise StreamError("END before the source declared the copy complete")
+
+    def _open_pending(self):
+        """Hand the buffered single HELPER_PAGE records to the target's helper at once."""
+        recs, self._pending = self._pending, []
+        if recs:
+            if any(len(r.packet) != PACKET_SIZE for r in recs):
+                raise StreamError(f"a helper packet is not {PACKET_SIZE} bytes")
+            self._open([r.gfn for r in recs], [r.seq for r in recs],
+                       np.stack([_row(r.packet)[0] for r in recs]))
+
+    def _open(self, gfns, seqs, packets):
+        """The target's helper opens the packets into the guest's private pages."""
+        if self.helper is None:
+            raise StreamError("helper packets in a stream without the helper flag")
+        gfns = self._check_gfns(gfns)
+        if packets.shape[1] != PACKET_SIZE:
+            raise StreamError(f"helper packets of {packets.shape[1]} bytes, not {PACKET_SIZE}")
+        exits0 = self.helper.counters.exits
+        self.helper.open(gfns, np.asarray(seqs, np.uint64), packets)
+        charge_helper_pages(self.cost, self.clock, len(gfns), self.m.config.helper_vcpus,
+                            self.helper.counters.exits - exits0)
+
+    def _receive_start(self, rec):
+        kvm, vm = self.kvm, self.m.vm
+        pdh, sess = kvm.mmap(max(PAGE_SIZE, len(rec.pdh))), kvm.mmap(PAGE_SIZE)
+        kvm.write(pdh, rec.pdh)
+        kvm.write(sess, rec.session)
+        vm.memory_encrypt_op(U.KVM_SEV_RECEIVE_START, policy=rec.policy, pdh_uaddr=pdh,
+                             pdh_len=len(rec.pdh), session_uaddr=sess,
+                             session_len=len(rec.session))
+        self.cost.psp_command(self.clock, 0)
+
+    def _check_gfns(self, gfns):
+        """The gfns as a uint64 array; StreamError for a page outside the guest's memory."""
+        gfns = np.asarray(gfns, np.uint64)
+        if len(gfns) and int(gfns.max()) >= self.m.npages:
+            raise StreamError(f"page gfn {int(gfns.max()):#x} is outside the guest's "
+                              f"{self.m.npages} pages")
+        return gfns
+
+    def _receive_encrypted(self, gfns, hdrs, trans):
+        """KVM_SEV_RECEIVE_UPDATE_DATA of each packet (the batched form)."""
+        gfns = self._check_gfns(gfns)
+        self.m.vm.sev_receive_update_data_pages(self.m.gfn_hvas(gfns), hdrs, trans)
+        charge_psp_pages(self.cost, self.clock, len(gfns), self.params.ring_buffer)
+
+    def _receive_shared(self, gfns, data):
+        gfns = self._check_gfns(gfns)
+        self.kvm.write_pages(self.m.gfn_hvas(gfns), data)
+        charge_shared_pages(self.cost, self.clock, len(gfns))
+
+    def _receive_zero(self, rec):
+        gfns = self._check_gfns(np.arange(rec.gfn, rec.gfn + rec.npages, dtype=np.uint64))
+        self.kvm.write_pages(self.m.gfn_hvas(gfns), np.zeros(len(gfns) * PAGE_SIZE, np.uint8))
+        charge_shared_pages(self.cost, self.clock, len(gfns))
