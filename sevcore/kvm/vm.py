@@ -13,8 +13,8 @@ from sevcore import uapi as U
 from sevcore.errors import KvmError
 from sevcore.core.bitmap import Bitmap
 from sevcore.core.pages import GuestPageOps
-from sevcore.kvm.sev import (SevInfo, copy_enc_context_from, memory_encrypt_op,
-                             move_enc_context_from, reg_region, unreg_region, vm_destroy)
+from sevcore.kvm.sev import SevInfo, memory_encrypt_op, reg_region, unreg_region
+from sevcore.kvm.sev_mirror import copy_enc_context_from, move_enc_context_from, vm_destroy
 from sevcore.kvm.sev_pages import receive_update_data_pages, send_update_data_pages
 from sevcore.kvm.guest_memfd import GuestMemfd
 from sevcore.kvm.vcpu import Vcpu, default_cpuid

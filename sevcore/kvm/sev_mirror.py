@@ -1,0 +1,124 @@
+"""Sharing and moving an SEV context between VMs (arch/x86/kvm/svm/sev.c): mirror VMs
+(``KVM_CAP_VM_COPY_ENC_CONTEXT_FROM``, ``sev_vm_copy_enc_context_from``), intra-host moves
+(``KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM``, ``sev_vm_move_enc_context_from``), and the SEV part of a
+VM's destruction (``sev_vm_destroy``)."""
+import threading
+from errno import EBADF, EBUSY, EINVAL
+
+from sevcore import uapi as U
+from sevcore.errors import KvmError
+from sevcore.kvm.sev import _Bounce, is_mirror, sev_guest
+from sevcore.psp import layout as L
+
+#: Taken by a move or a mirror on both VMs, as ``sev_lock_two_vms`` takes the VMs'
+#: migration_in_progress flags.
+_migration_lock = threading.Lock()
+
+
+def _source(dst, ioctl, fd_or_vm):
+    src = dst.host.fget(fd_or_vm)
+    if type(src) is not type(dst):
+        raise KvmError(EBADF, ioctl, "source is not a KVM VM fd")
+    return src
+
+
+def _lock_two(dst, src, ioctl):
+    """sev_lock_two_vms."""
+    if dst is src:
+        raise KvmError(EINVAL, ioctl, "source and destination are the same VM")
+    with _migration_lock:
+        if dst.sev.migration_in_progress:
+            raise KvmError(EBUSY, ioctl, "destination is migrating")
+        if src.sev.migration_in_progress:
+            raise KvmError(EBUSY, ioctl, "source is migrating")
+        dst.sev.migration_in_progress = src.sev.migration_in_progress = True
+
+
+def _unlock_two(dst, src):
+    with _migration_lock:
+        dst.sev.migration_in_progress = src.sev.migration_in_progress = False
+
+
+def copy_enc_context_from(dst, ioctl, fd_or_vm):
+    """sev_vm_copy_enc_context_from: ``dst`` becomes a mirror sharing the source's ASID."""
+    src = _source(dst, ioctl, fd_or_vm)
+    _lock_two(dst, src, ioctl)
+    try:
+        if sev_guest(dst) or not sev_guest(src) or is_mirror(src) or dst.vcpus:
+            raise KvmError(EINVAL, ioctl, "destination is SEV or has vCPUs, or the source is "
+                                          "not SEV or is a mirror")
+        src._get()
+        s, d = src.sev, dst.sev
+        s.mirror_vms.append(dst)
+        d.enc_context_owner = src
+        d.active, d.asid, d.fd, d.es_active, d.handle = True, s.asid, s.fd, s.es_active, s.handle
+        d.regions, d.mirror_vms = [], []
+        dst.sev_need_init = False
+    finally:
+        _unlock_two(dst, src)
+    return 0
+
+
+def move_enc_context_from(dst, ioctl, fd_or_vm):
+    """sev_vm_move_enc_context_from: the whole context moves, the source VM dies."""
+    src = _source(dst, ioctl, fd_or_vm)
+    _lock_two(dst, src, ioctl)
+    try:
+        if dst.type != src.type or sev_guest(dst) or not sev_guest(src):
+            raise KvmError(EINVAL, ioctl, "VM types differ, destination is SEV or source is not")
+        s, d = src.sev, dst.sev
+        if s.es_active:
+            if len(src.vcpus) != len(dst.vcpus):
+                raise KvmError(EINVAL, ioctl, "SEV-ES needs the same number of vCPUs")
+            if not all(v.guest_state_protected for v in src.vcpus):
+                raise KvmError(EINVAL, ioctl, "a source vCPU's VMSA is not encrypted")
+        for k in ("asid", "handle", "pages_locked", "enc_context_owner", "es_active",
+                  "vmsa_features", "regions", "fd", "policy", "ghcb_version", "snp_active"):
+            setattr(d, k, getattr(s, k))
+        d.active = True
+        d.mirror_vms, s.mirror_vms = s.mirror_vms, []
+        for m in d.mirror_vms:
+            dst._get()
+            m.sev.enc_context_owner = dst
+            src._put()
+        owner = d.enc_context_owner
+        if owner is not None:
+            owner.sev.mirror_vms[owner.sev.mirror_vms.index(src)] = dst
+        s.asid = s.handle = s.pages_locked = 0
+        s.active = s.es_active = False
+        s.enc_context_owner = None
+        s.regions = []
+        if d.es_active:
+            # The VMSA and the GHCB MSR move; the destination's FPU state is not made
+            # confidential (sev_migrate_from sets only guest_state_protected).
+            for dv, sv in zip(dst.vcpus, src.vcpus):
+                dv.vmsa_spa, dv.guest_state_protected, dv.ghcb_gpa = sv.vmsa_spa, True, \
+                    sv.ghcb_gpa
+                sv.vmsa_spa, sv.guest_state_protected, sv.ghcb_gpa = None, False, \
+                    U.INVALID_PAGE
+        dst.sev_need_init = False
+        src.dead = True
+    finally:
+        _unlock_two(dst, src)
+    return 0
+
+
+def vm_destroy(vm):
+    """sev_vm_destroy."""
+    sev = vm.sev
+    if not sev.active:
+        return
+    owner = sev.enc_context_owner
+    if owner is not None:
+        owner.sev.mirror_vms.remove(vm)
+        sev.active = False
+        owner._put()
+        return
+    sev.regions.clear()
+    psp, c_buf = vm.host.psp, _Bounce(vm.host)
+    if sev.handle:
+        psp.command(U.SEV_CMD_DEACTIVATE, c_buf.put(L.sev_data_deactivate.pack(handle=sev.handle)))
+        psp.command(U.SEV_CMD_DECOMMISSION,
+                    c_buf.put(L.sev_data_decommission.pack(handle=sev.handle)))
+    vm.host.kvm_sev.asids.free(sev.asid)
+    sev.active = False
