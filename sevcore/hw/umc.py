@@ -62,6 +62,10 @@ class MemoryController:
     def has_key(self, asid):
         return asid == 0 or asid in self._engines
 
+    def keyed_asids(self):
+        """The ASIDs whose slots hold a key, ascending."""
+        return sorted(self._engines)
+
     def engine(self, asid):
         """The MemoryEngine of ``asid``, or None for ASID 0 (no encryption)."""
         _check_asid(asid, zero_ok=True)

@@ -141,10 +141,12 @@ class Vcpu(GuestAccess, SevEsVcpu, MsrVcpu, HypercallVcpu):
         return f"<Vcpu {self.vcpu_id} of {self.vm!r}>"
 
     def close(self):
-        """Close the vCPU fd (the VM keeps the vCPU, as KVM does, until it is destroyed)."""
+        """Close the vCPU fd: its reference on the VM goes (kvm_vcpu_release), and the VM keeps
+        the vCPU, as KVM does, until the VM is destroyed."""
         if not self.closed:
             self.closed = True
             self.vm.host.release_fd(self.fd)
+            self.vm._put()
 
     def _enter(self, ioctl):
         if self.closed:

@@ -115,11 +115,12 @@ class Vm:
 
     @property
     def alive(self):
-        """True while any reference (the VM fd, a guest_memfd, a mirror) keeps the VM."""
+        """True while any reference (the VM fd, a vCPU fd, a guest_memfd, a mirror) keeps the
+        VM."""
         return self._refs > 0
 
     def close(self):
-        """Close the VM fd. The VM lives on while its guest_memfd files are open."""
+        """Close the VM fd. The VM lives on while its vCPU fds or guest_memfd files are open."""
         if self.closed:
             return
         self.closed = True
@@ -271,6 +272,7 @@ class Vm:
         vcpu = Vcpu(self, vcpu_id)
         vcpu.set_cpuid2(default_cpuid(self.host))
         self.vcpus.append(vcpu)
+        self._get()                        # the vCPU fd pins the VM (kvm_get_kvm)
         return vcpu
 
     # -- guest memory ------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from sevcore.migration.machine import Machine
 from sevcore.migration.params import MigrationParams
 from sevcore.migration.timeline import charge_helper_pages, charge_psp_pages, charge_shared_pages
 from sevcore.migration.workload import GuestConfig
+from sevcore.vmm.kvm_util import kvm_vm_free
 
 
 class Target(_End):
@@ -44,7 +45,7 @@ class Target(_End):
             pass
         self._close()                       # the helper's mirror goes before its owner VM
         if self.m is not None:
-            self.m.vm.close()
+            kvm_vm_free(self.m.vm)          # its vCPU fds too: each one pins the VM
 
     def _reply(self, kind, **fields):
         self.writer.setup({"kind": kind, **fields})

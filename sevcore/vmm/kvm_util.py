@@ -66,6 +66,14 @@ def vm_vcpu_add(vm, vcpu_id):
     return vcpu
 
 
+def kvm_vm_free(vm):
+    """kvm_vm_free: close every vCPU fd, then the VM fd. The VM is destroyed when nothing else
+    (a guest_memfd, a mirror) holds it."""
+    for vcpu in vm.vcpus:
+        vcpu.close()
+    vm.close()
+
+
 def vm_create_with_vcpus(kvm, type, nr_vcpus, guest_code=None, *args):
     """A VM of ``type`` with vCPUs 0..nr_vcpus-1 (:func:`vm_vcpu_add`), each loaded with
     ``guest_code(g, *args)``."""

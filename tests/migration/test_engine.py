@@ -118,6 +118,7 @@ def test_flipped_bit_in_a_packet_is_refused_by_the_target_psp():
     assert e.value.stats.status == "cancelled"
     assert e.value.stats.psp_commands.get("SEND_CANCEL") == 1
     assert_runs_on(m, before)
+    assert dst.host.umc.keyed_asids() == []     # the target destroyed its guest (vCPUs too)
 
 
 def test_flipped_bit_on_the_wire_fails_the_stream_crc():

@@ -190,3 +190,39 @@ def test_dead_and_closed():
     with pytest.raises(OSError) as e:
         v.run()
     assert e.value.errno == EBADF
+
+
+def test_an_open_vcpu_fd_keeps_its_vm_alive():
+    """Closing the VM fd while a vCPU fd is open leaves the VM whole: the vCPU still runs on its
+    memslots (kvm_vm_ioctl_create_vcpu takes a VM reference that kvm_vcpu_release drops)."""
+    vm = create()
+    v = vm.create_vcpu(0)
+
+    def guest(g):
+        yield g.write(0x1000, b"still here")
+        yield g.sync((yield g.read(0x1000, 10)))
+    v.set_guest_code(guest)
+    vm.close()
+    assert vm.alive
+    assert v.run().ucall == ("sync", (b"still here",))
+    v.close()
+    assert not vm.alive
+
+
+def test_an_sev_vm_keeps_its_asid_while_a_vcpu_fd_is_open():
+    """The SEV context (ASID, key) of a VM whose fd is closed lives until its last vCPU fd is
+    closed."""
+    from sevcore.vmm.kvm_util import vm_sev_create_with_one_vcpu, vm_sev_launch
+
+    def guest(g):
+        yield g.write(0x1000 | 1 << 51, b"secret")
+        yield g.sync((yield g.read(0x1000 | 1 << 51, 6)))
+    kvm = sevcore.Kvm()
+    vm, v = vm_sev_create_with_one_vcpu(kvm, KVM_X86_SEV_VM, guest)
+    vm_sev_launch(vm, 0)
+    asid = vm.sev.asid
+    vm.close()
+    assert kvm.host.umc.has_key(asid)
+    assert v.run().ucall == ("sync", (b"secret",))
+    v.close()
+    assert not vm.alive and not kvm.host.umc.has_key(asid)

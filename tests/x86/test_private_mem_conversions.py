@@ -7,8 +7,8 @@ memslots' HVAs that it only ever sees the shared data.
 import pytest
 
 import sevcore
-from sevcore.vmm.kvm_util import (addr_gpa2hva, vm_create_with_vcpus, vm_guest_mem_fallocate,
-                              vm_set_memory_attributes)
+from sevcore.vmm.kvm_util import (addr_gpa2hva, kvm_vm_free, vm_create_with_vcpus,
+                                  vm_guest_mem_fallocate, vm_set_memory_attributes)
 from sevcore.uapi import *
 
 BASE_DATA_SLOT = 10
@@ -197,7 +197,7 @@ def test_mem_conversions_and_gmem_outlives_vm(nr_vcpus, nr_memslots):
     live = list(vcpus)
     while live:
         live = [v for v in live if step(v)]
-    vm.close()
+    kvm_vm_free(vm)
     memfd.fallocate(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, 0, memfd_size)
     memfd.fallocate(FALLOC_FL_KEEP_SIZE, 0, memfd_size)
     assert vm.alive

@@ -5,7 +5,8 @@ from errno import EBADF, EINVAL, EIO
 import pytest
 
 import sevcore
-from sevcore.vmm.kvm_util import addr_gpa2hva, sev_es_vm_init, sev_vm_init, sev_vm_launch, vm_mem_add
+from sevcore.vmm.kvm_util import (addr_gpa2hva, kvm_vm_free, sev_es_vm_init, sev_vm_init,
+                                  sev_vm_launch, vm_mem_add)
 from sevcore.uapi import *
 
 NR_VCPUS = 4
@@ -166,7 +167,7 @@ def _move_copy(kvm, order):
     asids = kvm.host.kvm_sev.asids
     asid = dst3.sev.asid
     for name in order:
-        vms[name].close()
+        kvm_vm_free(vms[name])
     assert asid in asids.reclaim and all(not vm.alive for vm in vms.values())
 
 
@@ -184,9 +185,9 @@ def test_source_lives_while_mirror_exists(kvm):
     mirror = aux_vm_create(kvm, False)
     copy(mirror, sev_vm)
     asid = sev_vm.sev.asid
-    sev_vm.close()
+    kvm_vm_free(sev_vm)
     assert sev_vm.alive and kvm.host.umc.has_key(asid)
     mirror.memory_encrypt_op(KVM_SEV_GUEST_STATUS)
-    mirror.close()
+    kvm_vm_free(mirror)
     assert not sev_vm.alive and not kvm.host.umc.has_key(asid)
     assert asid in kvm.host.kvm_sev.asids.reclaim
