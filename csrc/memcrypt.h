@@ -5,7 +5,7 @@
  *   SC_MEM_AES128_XEX  the SEV/SEV-ES engine as reverse-engineered by Wilke et al., "SEVurity"
  *                      (IEEE S&P 2020): C = AES-128_K(P ^ T(p)) ^ T(p), where T(p) is the XOR over
  *                      the set bits i >= 4 of the block's SPA p of t[i] repeated four times
- *                      (spec/sev-firmware.md section 9).
+ *                      (section III of the paper).
  *   SC_MEM_AES256_XTS  IEEE 1619 XTS-AES-256, one 4096-byte data unit per page, tweak = SPA >> 12
  *                      as a 16-byte little-endian number; byte-identical to OpenSSL aes-256-xts.
  *

@@ -1,6 +1,6 @@
 /*
  * SEV transport packets: the crypto of LAUNCH_SECRET, SEND_UPDATE_DATA and RECEIVE_UPDATE_DATA
- * (spec/sev-firmware.md sections 5.4, 5.11, 5.14, 7.5, 7.6; [FW] sev_channel.c,
+ * ([FW] AMD-ASPFW sev_mcmd.c launch_secret/send_update/receive_update, sev_channel.c,
  * ccp_direct_cipher.c). Every packet is encrypted with AES-128-CTR under the session TEK and
  * authenticated encrypt-then-MAC with HMAC-SHA256 under the TIK:
  *

@@ -1,5 +1,5 @@
 """KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG and KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2
-(spec/kvm-uapi.md section 9)."""
+(virt/kvm/kvm_main.c: kvm_get_dirty_log_protect, kvm_clear_dirty_log_protect)."""
 from errno import EINVAL, ENOENT
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Port of tools/testing/selftests/kvm/guest_memfd_test.c (spec/selftest-cases.md section A),
+"""Port of tools/testing/selftests/kvm/guest_memfd_test.c,
 run for every VM type in KVM_CAP_VM_TYPES and every supported flag set."""
 import errno
 
@@ -52,7 +52,8 @@ def expect_errno(err, fn, *args):
 
 
 def test_flags_walk_every_bit(vm):
-    """A.1: each single flag bit is accepted iff KVM_CAP_GUEST_MEMFD_FLAGS has it, else EINVAL."""
+    """test_guest_memfd_flags: each single flag bit is accepted iff KVM_CAP_GUEST_MEMFD_FLAGS
+    has it, else EINVAL."""
     valid = vm.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS)
     private = vm.type in (KVM_X86_SW_PROTECTED_VM, KVM_X86_SNP_VM, KVM_X86_TDX_VM)
     assert valid == (GUEST_MEMFD_FLAG_MMAP if private
@@ -66,7 +67,7 @@ def test_flags_walk_every_bit(vm):
 
 
 def test_several_files(vm_flags):
-    """A.2: files have their own sizes and inodes."""
+    """test_create_guest_memfd_multiple: files have their own sizes and inodes."""
     vm, flags = vm_flags
     fd1 = vm.create_guest_memfd(P, flags)
     fd2 = vm.create_guest_memfd(2 * P, flags)
@@ -75,14 +76,14 @@ def test_several_files(vm_flags):
 
 
 def test_invalid_sizes(vm_flags):
-    """A.3: sizes 1..P-1 (and 0) are EINVAL."""
+    """test_create_guest_memfd_invalid_sizes: sizes 1..P-1 (and 0) are EINVAL."""
     vm, flags = vm_flags
     for size in [0, 1, 2, P // 2, P - 1, P + 1]:
         expect_errno(errno.EINVAL, vm.create_guest_memfd, size, flags)
 
 
 def test_no_read_or_write(vm_flags):
-    """A.5: read, write, pread and pwrite fail with EINVAL."""
+    """test_file_read_write: read, write, pread and pwrite fail with EINVAL."""
     vm, flags = vm_flags
     fd = vm.create_guest_memfd(4 * P, flags)
     expect_errno(errno.EINVAL, fd.read, P)
@@ -93,7 +94,8 @@ def test_no_read_or_write(vm_flags):
 
 
 def test_mmap_rules(vm_flags):
-    """A.6-A.8: no MMAP flag: ENODEV; MAP_PRIVATE: EINVAL; private pages SIGBUS on touch."""
+    """test_mmap_not_supported, test_mmap_cow, test_fault_private: no MMAP flag: ENODEV;
+    MAP_PRIVATE: EINVAL; private pages SIGBUS on touch."""
     vm, flags = vm_flags
     fd = vm.create_guest_memfd(4 * P, flags)
     if not flags & GUEST_MEMFD_FLAG_MMAP:
@@ -123,7 +125,8 @@ def shared_gmem(request):
 
 
 def test_shared_mmap_and_punch(shared_gmem):
-    """A.9: an INIT_SHARED mapping reads back what was written; a punched page reads zero."""
+    """test_mmap_supported: an INIT_SHARED mapping reads back what was written; a punched page
+    reads zero."""
     vm, fd = shared_gmem
     hva = fd.mmap(4 * P, MAP_SHARED)
     vm.kvm.fill(hva, 0xaa, 4 * P)
@@ -137,7 +140,8 @@ def test_shared_mmap_and_punch(shared_gmem):
 
 
 def test_faults_past_end_of_file(shared_gmem):
-    """A.10: a mapping longer than the file SIGBUSes past the end; the file part holds data."""
+    """test_fault_overflow: a mapping longer than the file SIGBUSes past the end; the file part
+    holds data."""
     vm, fd = shared_gmem
     hva = fd.mmap(16 * P, MAP_SHARED)
     with pytest.raises(SigBus):
@@ -148,25 +152,25 @@ def test_faults_past_end_of_file(shared_gmem):
 
 
 def test_file_size(vm_flags):
-    """A.14: st_size is the size, st_blksize the page size."""
+    """test_file_size: st_size is the size, st_blksize the page size."""
     vm, flags = vm_flags
     st = vm.create_guest_memfd(4 * P, flags).fstat()
     assert st.st_size == 4 * P and st.st_blksize == P
 
 
 @pytest.mark.parametrize("mode,off,length,ok", [
-    (KEEP, 0, 4 * P, True),                 # A.15
-    (PUNCH, P - 1, P, False),               # A.16
-    (KEEP, 4 * P, P, False),                # A.17
+    (KEEP, 0, 4 * P, True),
+    (PUNCH, P - 1, P, False),
+    (KEEP, 4 * P, P, False),
     (KEEP, 5 * P, P, False),
-    (PUNCH, 4 * P, P, True),                # A.18
+    (PUNCH, 4 * P, P, True),
     (PUNCH, 5 * P, P, True),
-    (PUNCH, P, P - 1, False),               # A.19
-    (PUNCH, P, P, True),                    # A.20
+    (PUNCH, P, P - 1, False),
+    (PUNCH, P, P, True),
     (KEEP, P, P, True),
 ])
 def test_fallocate_table(vm_flags, mode, off, length, ok):
-    """A.15-A.20: the fallocate table of a 4-page file."""
+    """test_fallocate: the fallocate table of a 4-page file, in the selftest's order."""
     vm, flags = vm_flags
     fd = vm.create_guest_memfd(4 * P, flags)
     if ok:
@@ -178,7 +182,7 @@ def test_fallocate_table(vm_flags, mode, off, length, ok):
 @pytest.mark.parametrize("off,length", [(0, 1), (0, P - 1), (0, P + 1), (1, 1), (1, P - 1),
                                         (1, P), (1, P + 1), (P, 1), (P, P - 1), (P, P + 1)])
 def test_invalid_punch_ranges(vm_flags, off, length):
-    """A.21: unaligned punch ranges are EINVAL."""
+    """test_invalid_punch_hole: unaligned punch ranges are EINVAL."""
     vm, flags = vm_flags
     expect_errno(errno.EINVAL, vm.create_guest_memfd(4 * P, flags).fallocate, PUNCH, off, length)
 
@@ -206,7 +210,8 @@ def test_allocate_and_punch_move_host_frames(vm):
 
 
 def test_guest_memfd_keeps_the_vm_alive():
-    """C.6: closing the VM fd keeps the VM while a guest_memfd is open; fallocate still works."""
+    """x86/private_mem_conversions_test.c, end of test_mem_conversions: closing the VM fd keeps
+    the VM while a guest_memfd is open; fallocate still works."""
     vm = sevcore.Kvm().create_vm(KVM_X86_SW_PROTECTED_VM)
     fd = vm.create_guest_memfd(4 * P)
     vm.close()

@@ -1,6 +1,7 @@
-"""Port of tools/testing/selftests/kvm/set_memory_region_test.c (spec/selftest-cases.md section B,
-items 1-6), plus the memslot checks of spec/kvm-uapi.md section 3.3 and the memory-attribute
-checks of section 4, each with its errno and with nothing changed by a refused call."""
+"""Port of tools/testing/selftests/kvm/set_memory_region_test.c (the tests of the same names),
+plus the memslot checks of kvm_set_memory_region and the memory-attribute checks of
+kvm_vm_ioctl_set_mem_attributes (virt/kvm/kvm_main.c), each with its errno and with nothing
+changed by a refused call."""
 import errno
 
 import pytest
@@ -30,7 +31,7 @@ def kvm():
 
 
 def test_invalid_memory_region_flags(kvm):
-    """B.1: every unsupported flag bit, and GUEST_MEMFD through v1, is EINVAL."""
+    """Every unsupported flag bit, and GUEST_MEMFD through v1, is EINVAL."""
     vm_type = (KVM_X86_SW_PROTECTED_VM if kvm.check_extension(KVM_CAP_VM_TYPES)
                & (1 << KVM_X86_SW_PROTECTED_VM) else KVM_X86_DEFAULT_VM)
     vm = kvm.create_vm(vm_type)
@@ -48,7 +49,7 @@ def test_invalid_memory_region_flags(kvm):
 
 
 def test_log_dirty_and_readonly_refused_on_gmem_slots(kvm):
-    """B.2-B.3: LOG_DIRTY or READONLY together with GUEST_MEMFD is EINVAL."""
+    """test_invalid_memory_region_flags: LOG_DIRTY or READONLY with GUEST_MEMFD is EINVAL."""
     vm = kvm.create_vm(KVM_X86_SW_PROTECTED_VM)
     gmem = vm.create_guest_memfd(MB2)
     for extra in (KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY):
@@ -58,7 +59,7 @@ def test_log_dirty_and_readonly_refused_on_gmem_slots(kvm):
 
 
 def test_add_max_memory_regions(kvm):
-    """B.4: KVM_CAP_NR_MEMSLOTS slots fit; the next slot id is EINVAL."""
+    """KVM_CAP_NR_MEMSLOTS slots fit; the next slot id is EINVAL."""
     vm = kvm.create_vm(KVM_X86_DEFAULT_VM)
     n = kvm.check_extension(KVM_CAP_NR_MEMSLOTS)
     assert n == 32764
@@ -70,7 +71,7 @@ def test_add_max_memory_regions(kvm):
 
 
 def test_add_private_memory_region(kvm):
-    """B.5: non-gmem fds, another VM's gmem and unaligned offsets are refused; offset 0 works."""
+    """Non-gmem fds, another VM's gmem and unaligned offsets are refused; offset 0 works."""
     vm = kvm.create_vm(KVM_X86_SW_PROTECTED_VM)
     region = dict(slot=10, flags=KVM_MEM_GUEST_MEMFD, guest_phys_addr=G, memory_size=MB2,
                   userspace_addr=0)
@@ -96,7 +97,7 @@ def test_add_private_memory_region(kvm):
 
 
 def test_add_overlapping_private_memory_regions(kvm):
-    """B.6: guest_memfd ranges and GPA ranges may not overlap another slot's: EEXIST."""
+    """guest_memfd ranges and GPA ranges may not overlap another slot's: EEXIST."""
     vm = kvm.create_vm(KVM_X86_SW_PROTECTED_VM)
     g = vm.create_guest_memfd(5 * MB2)
     F = KVM_MEM_GUEST_MEMFD
@@ -191,7 +192,7 @@ def test_gmem_slot_cannot_change_and_rebinds_after_delete(kvm):
     assert vm.set_user_memory_region2(2, F, 2 * G, MB2, 0, 0, g) == 0
 
 
-# --- memory attributes (spec/kvm-uapi.md section 4) ----------------------------------------------------------
+# --- memory attributes (kvm_vm_ioctl_set_mem_attributes, virt/kvm/kvm_main.c) --------------------------------
 
 @pytest.mark.parametrize("t,supported", [(KVM_X86_DEFAULT_VM, 0), (KVM_X86_SW_PROTECTED_VM, 8),
                                          (KVM_X86_SEV_VM, 0), (KVM_X86_SEV_ES_VM, 0),

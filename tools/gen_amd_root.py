@@ -1,7 +1,7 @@
 """Generate the simulated AMD root of trust: an ARK and an ASK (RSA-4096), as sevcore ships them.
 
 Every simulated host's CEK is signed by one simulated ASK, which is signed by one simulated ARK,
-as AMD's are (spec/sev-firmware.md section 2.2). RSA-4096 key generation takes seconds, so the
+as AMD's are (SEV API #55766, "Summary of Keys"). RSA-4096 key generation takes seconds, so the
 result is generated once by this script and shipped in ``sevcore/psp/_amd_root_data.py``; the
 test ``tests/psp/test_psp_amd_root.py::test_generator_reproduces_shipped_root`` (marked slow)
 runs it again and compares the bytes.

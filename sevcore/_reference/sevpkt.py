@@ -1,6 +1,6 @@
 """Slow, obviously correct twin of the C transport-packet crypto (test oracle).
 
-Written straight from spec/sev-firmware.md sections 7.5 and 7.6 with hashlib/hmac for SHA-256 and
+Written straight from AMD-ASPFW's formula (sev_channel_hmac) with hashlib/hmac for SHA-256 and
 HMAC-SHA256 and pycryptodome's AES-CTR (the whole 16-byte IV as the initial counter block);
 nothing here is shared with csrc/sevpkt.c.
 """

@@ -10,7 +10,7 @@ SPA decrypts to garbage: the properties that make SEND/RECEIVE re-encryption nec
 >>> ct = eng.encrypt_pages(data, spas)            # data: n * 4096 bytes, spas: n page-aligned SPAs
 >>> eng.decrypt_pages(ct, spas, out=ct)           # in place
 
-Modes (see ``docs/fidelity.md`` and ``spec/sev-firmware.md`` section 9):
+Modes (see ``docs/fidelity.md`` and ``docs/sources.md``):
 
 ``AES128_XEX``
     The SEV / SEV-ES engine: ``C = AES-128_K(P ^ T(p)) ^ T(p)``, ``T(p)`` the XOR over the set bits

@@ -2,7 +2,7 @@
 
 Each packet (one page, or any 16-byte multiple up to 0x5000 bytes) is encrypted with AES-128-CTR
 under the session TEK and authenticated encrypt-then-MAC with HMAC-SHA256 under the TIK
-(spec/sev-firmware.md sections 7.5 and 7.6):
+(AMD-ASPFW ``sev_channel_hmac``, ``aesctr_hmac256_encrypt``):
 
     CT     = AES-128-CTR(TEK, IV, PT)        (IV: the whole initial counter block, big-endian)
     MAC    = HMAC-SHA256(TIK, ctx || LE32(flags) || IV || LE32(len) || LE32(len) || CT [|| MEASURE])

@@ -50,14 +50,14 @@ class CostModel:
         50_000.0,
         "Fixed cost of one PSP mailbox command (doorbell, firmware dispatch, completion "
         "interrupt, the driver's wake-up), on top of its per-byte cost. ASSUMPTION: no per-command "
-        "latency is published (spec/sev-firmware.md section 11, 'Not found'); OpenAnolis bug 8572 "
+        "latency is published (none was found; docs/sources.md); OpenAnolis bug 8572 "
         "only says the x86-PSP communication is 'time-consuming', which motivated ring-buffer mode.",
         unit="ns")
     psp_bytes_per_s: float = _param(
         8e6,
         "PSP data rate of a guest-data command. Source: ~8 MB/s for LAUNCH_UPDATE_DATA, the only "
-        "published PSP bulk rate (enarx-keepldr PR #252; PR #248: +32 MiB cost ~4 s), spec "
-        "section 11. ASSUMPTION: SEND_UPDATE_DATA and RECEIVE_UPDATE_DATA (AES-CTR + HMAC instead "
+        "published PSP bulk rate (enarx-keepldr PR #252; PR #248: +32 MiB cost ~4 s). "
+        "ASSUMPTION: SEND_UPDATE_DATA and RECEIVE_UPDATE_DATA (AES-CTR + HMAC instead "
         "of the launch's software SHA-256) run at the same rate.",
         unit="B/s", positive=True)
     psp_ring_entries: int = _param(

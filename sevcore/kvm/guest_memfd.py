@@ -3,7 +3,7 @@
 Its pages are host frames that the VMM cannot map, unless the file was created with
 ``GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED`` on a VM without private memory. Pages
 are allocated (zeroed) on first use: a guest fault, ``fallocate`` or a host fault on a shared
-mapping. Behaviour follows ``spec/kvm-uapi.md`` section 2.
+mapping. Behaviour follows ``kvm_gmem_*`` in ``virt/kvm/guest_memfd.c``.
 """
 import collections
 import itertools

@@ -1,9 +1,9 @@
 """The x86 TDP MMU's fault path for a simulated VM (arch/x86/kvm/mmu/mmu.c).
 
-A guest access is decoded into a gfn and an ``is_private`` bit as ``spec/kvm-uapi.md`` section
-5.2 says for the VM type, then looked up in the VM's NPT. A miss (or an entry of the wrong kind,
+A guest access is decoded into a gfn and an ``is_private`` bit as KVM does for the VM type
+(``kvm_mmu_page_fault``), then looked up in the VM's NPT. A miss (or an entry of the wrong kind,
 or a write through a read-only entry) takes :func:`faultin`, which follows
-``kvm_mmu_faultin_pfn`` (section 5.3) step by step: the attribute mismatch check, the no-slot
+``kvm_mmu_faultin_pfn`` step by step: the attribute mismatch check, the no-slot
 case, guest_memfd for private (and gmem-only) slots, the slot's HVA for shared ones. Failures are
 reported the way KVM reports them: :class:`MemoryFault` carries the errno ``KVM_RUN`` fails with
 and the ``memory_fault`` exit KVM prepared; :class:`MmioAccess` means the access is emulated as

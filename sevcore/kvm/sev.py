@@ -7,7 +7,7 @@ the fields of the command's ``struct kvm_sev_*``; user buffers are HVAs in the V
 back, plus ``error`` (``kvm_sev_cmd.error``, the firmware status). ``data=None`` is a NULL data
 pointer. A firmware failure raises :class:`SevError` (errno EIO, ``fw_error``, ``out``); every
 other refusal raises KvmError with the kernel's errno, in the kernel's order
-(``spec/kvm-uapi.md`` sections 7 and 8).
+(``sev_mem_enc_ioctl`` and the handlers it calls).
 
 Guest pages handed to the firmware are pinned (``sev_pin_memory``) and passed by SPA: with the
 C-bit for SEND/RECEIVE_UPDATE_DATA (``| sev_me_mask``), without for the others

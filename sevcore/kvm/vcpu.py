@@ -6,7 +6,7 @@ KVM would: memory accesses through the NPT and the fault path (:mod:`sevcore.kvm
 exits), and ucalls (``KVM_EXIT_IO``). It returns when the kernel would return to user space,
 with the exit described in ``vcpu.kvm_run``; it raises ``OSError(EFAULT/EIO/...)`` where
 ``KVM_RUN`` fails, leaving ``KVM_EXIT_MEMORY_FAULT`` in ``kvm_run`` for memory faults
-(``spec/kvm-uapi.md`` section 5.4). What user space writes into ``kvm_run`` before the next
+(api.rst, ``KVM_EXIT_MEMORY_FAULT``). What user space writes into ``kvm_run`` before the next
 ``run()`` (``hypercall.ret``, ``msr.data``/``msr.error``, ``mmio.data``) completes the exit.
 
 An SEV-ES vCPU runs from its encrypted VMSA: it has the GHCB MSR and VMGEXIT (the GHCB MSR

@@ -1,6 +1,6 @@
 """A KVM VM fd: memory slots, memory attributes, guest_memfd files, capabilities and its NPT.
 
-Every ioctl runs the kernel's checks in the kernel's order (``spec/kvm-uapi.md`` sections 1-4) and
+Every ioctl runs the kernel's checks in the kernel's order (``virt/kvm/``, ``arch/x86/kvm/``) and
 raises :class:`sevcore.errors.KvmError` with the kernel's errno, naming the ioctl. A refused call
 changes nothing.
 """
@@ -61,7 +61,7 @@ class Vm:
         self.kvm = kvm
         self.host = kvm.host
         self.type = type
-        # spec/kvm-uapi.md 1.3: per-type properties fixed at creation.
+        # kvm_arch_init_vm, svm_vm_init, tdx_vm_init: per-type properties fixed at creation.
         self.has_private_mem = type in (U.KVM_X86_SW_PROTECTED_VM, U.KVM_X86_SNP_VM,
                                         U.KVM_X86_TDX_VM)
         self.has_protected_state = type in (U.KVM_X86_SEV_ES_VM, U.KVM_X86_SNP_VM,

@@ -22,7 +22,7 @@ with the initial counter block made of the page's sequence number and gfn, so th
 both. The source helper numbers pages from a counter in its private state page; the target
 helper accepts only strictly increasing numbers above its own counter. A replayed, reordered,
 swapped or altered packet is refused, which the PSP path cannot do: RECEIVE_UPDATE_DATA binds a
-packet to nothing but the session's TEK/TIK (spec/sev-firmware.md 5.14, 7.6).
+packet to nothing but the session's TEK/TIK (AMD-ASPFW sev_mcmd_receive_update).
 docs/migration-helper.md has the layout, the request protocol and the threat model.
 """
 import os
@@ -43,8 +43,8 @@ KEY_SIZE = 32
 MAC_SIZE = sevpkt.MAC_SIZE
 #: One packet: the MAC, then the page's ciphertext.
 PACKET_SIZE = MAC_SIZE + PAGE_SIZE
-#: The MAC context byte of helper packets. The SEV channel uses 0x01-0x04 (spec/sev-firmware.md
-#: 7.4-7.6), so a helper MAC can never pass for a firmware one, or the reverse.
+#: The MAC context byte of helper packets. The SEV channel uses 0x01-0x04 (AMD-ASPFW
+#: sev_channel.h), so a helper MAC can never pass for a firmware one, or the reverse.
 HELPER_CTX = 0x48
 #: Labels of the SP 800-108 KDF (the firmware's, sevcore.psp.crypto.kdf) deriving the subkeys.
 TEK_LABEL = "sevcore-helper-tek"

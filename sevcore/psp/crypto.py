@@ -1,6 +1,6 @@
 """The SEV firmware's channel cryptography, shared by the firmware and the guest owner's tools.
 
-Everything here follows spec/sev-firmware.md section 7 and the sources it cites: the NIST SP
+Everything here follows the firmware source and the tools that interoperate with it: the NIST SP
 800-108 KDF of AMD-ASPFW ``nist_kdf.c`` (counter and length little-endian, label without its NUL),
 the session blob of ``sev_channel.c`` (``create_session``/``establish_channel``), the launch
 measurement of ``sev_guest.c`` (``sev_guest_measure``) and the packet MAC of

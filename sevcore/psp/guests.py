@@ -5,7 +5,7 @@ themselves are in launch.py and send_receive.py).
 Check order, status codes and effects follow AMD-ASPFW ``sev_mcmd.c`` command by command (the
 handler of each command is named in its docstring), ``sev_guest.c`` (state table, policy check,
 activation, measurement), ``sev_channel.c`` (sessions) and ``sev_es.c`` (VMSA checksums);
-spec/sev-firmware.md sections 4-8 summarise them. Guest memory is only touched through the
+AMD's SEV API (#55766) documents the commands. Guest memory is only touched through the
 host's memory controller (``host.umc``) with the guest's ASID.
 """
 import hashlib

@@ -3,7 +3,7 @@
 The bytes-in, bytes-out form of the batched C kernel ``sevcore.core.sevpkt`` for the commands that
 move one packet: SEND_UPDATE_* seals with ``_seal_packets`` and LAUNCH_SECRET opens with
 ``_open_packets`` ([FW] ``sev_mcmd_send_update``/``sev_mcmd_launch_secret``,
-``aesctr_hmac256_encrypt``/``_decrypt``; spec/sev-firmware.md section 7.6). RECEIVE_UPDATE_*
+``aesctr_hmac256_encrypt``/``_decrypt``; docs/sources.md). RECEIVE_UPDATE_*
 judges its packets with ``Psp._open_pages`` (sevcore/psp/batch.py), which calls ``sevpkt`` on
 arrays, so that one command and a batch share the firmware's order of checks.
 """

@@ -4,7 +4,7 @@ platform state machine, ASID bookkeeping and the platform commands.
 Sources: AMD-ASPFW ``sev_mcmd.c`` (``sev_mcmd_init_common``, ``sev_mcmd_pek_*``,
 ``sev_mcmd_pdh_*``, ``mcmd_df_flush_common``, ``sev_mcmd_get_id``), ``sev_plat.c``
 (``sev_pek_generate``: OCA signs first, then the CEK; ``sev_cek_derive``; ``sev_get_id``),
-``sev_es.c`` (TMR reservation), spec/sev-firmware.md sections 2-3.
+``sev_es.c`` (TMR reservation); AMD SEV API #55766, "Platform Management API".
 """
 import hashlib
 import struct

@@ -1,4 +1,4 @@
-"""The VMM's side of the guest's live-migration interface (spec/kvm-uapi.md sections 6.5-6.8).
+"""The VMM's side of the guest's live-migration interface (hypercalls.rst, msr.rst).
 
 KVM keeps no record of which pages an SEV guest shares: the guest reports them with
 ``KVM_HC_MAP_GPA_RANGE``, which KVM forwards to user space (``KVM_CAP_EXIT_HYPERCALL``), and it

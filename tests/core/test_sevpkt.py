@@ -1,4 +1,4 @@
-"""SEV transport-packet crypto (sevcore.core.sevpkt, csrc/sevpkt.c) against the spec's check values,
+"""SEV transport-packet crypto (sevcore.core.sevpkt, csrc/sevpkt.c) against the check values,
 published SHA-256/HMAC/CTR vectors, OpenSSL and the reference in sevcore._reference.sevpkt, on
 every implementation path."""
 import errno
@@ -51,8 +51,8 @@ def openssl_ctr(key, iv, data):
     return Cipher(algorithms.AES(key), modes.CTR(iv)).encryptor().update(bytes(data))
 
 
-# The spec's self-computed check values (spec/sev-firmware.md 7.5, 7.6): TEK = 00..0f,
-# TIK = 10..1f, IV = 20..2f, 32 zero bytes, MEASURE from the 7.4 worked example.
+# Check values computed from the firmware's formula (AMD-ASPFW sev_channel_hmac; docs/sources.md):
+# TEK = 00..0f, TIK = 10..1f, IV = 20..2f, 32 zero bytes, MEASURE from sev-tool's worked example.
 TEK, TIK, IV = bytes(range(16)), bytes(range(16, 32)), bytes(range(32, 48))
 MEASURE = bytes.fromhex("6faab2daae389bcd3405a05d6cafe33c0414f7bedd0bae19ba5f38b7fd1664ea")
 
@@ -60,7 +60,7 @@ MEASURE = bytes.fromhex("6faab2daae389bcd3405a05d6cafe33c0414f7bedd0bae19ba5f38b
 # --- known answers ------------------------------------------------------------------------------
 
 def test_launch_secret_check_value(path):
-    """A LAUNCH_SECRET packet (ctx 0x01, MEASURE appended) gives the spec's 7.5 CT and MAC."""
+    """A LAUNCH_SECRET packet (ctx 0x01, MEASURE appended) gives the check CT and MAC."""
     hdr, ct = sevpkt.seal(TEK, TIK, bytes(32), IV, ctx=sevpkt.CTX_SECRET, measure=MEASURE)
     assert bytes(ct).hex() == "5be87e2e5b447c944b21c9af7756c0d84ba41c22228e38a802633ef8709fc8f7"
     assert bytes(hdr).hex() == "00000000" + IV.hex() + (
@@ -70,7 +70,7 @@ def test_launch_secret_check_value(path):
 
 
 def test_migration_packet_check_value(path):
-    """A SEND_UPDATE_DATA packet (ctx 0x02) of the same bytes gives the spec's 7.6 MAC."""
+    """A SEND_UPDATE_DATA packet (ctx 0x02) of the same bytes gives the check MAC."""
     hdr, ct = sevpkt.seal(TEK, TIK, bytes(32), IV)
     assert bytes(hdr[20:]).hex() == (
         "fc67a3414b9a638a27ea1a43a24a2003ede74cfcf7fc3d761ffa11d0d590ab77")
@@ -78,7 +78,7 @@ def test_migration_packet_check_value(path):
 
 
 def kdf(key, label, context, nbytes):
-    """spec 7.2: SP 800-108 counter mode with HMAC-SHA256, little-endian counter and length."""
+    """AMD-ASPFW nist_kdf.c: SP 800-108 counter mode, HMAC-SHA256, little-endian counter, length."""
     out = b""
     for i in range(1, (8 * nbytes + 255) // 256 + 1):
         out += sevpkt.hmac_sha256(key, struct.pack("<I", i) + label + b"\0" + context +
@@ -87,7 +87,7 @@ def kdf(key, label, context, nbytes):
 
 
 def test_spec_kdf_session_and_measurement_vectors(path):
-    """HMAC and CTR reproduce the spec's KDF (7.2), session blob (7.3) and MEASURE (7.4)."""
+    """HMAC and CTR reproduce virtee's KDF and session vectors and sev-tool's MEASURE."""
     master = kdf(bytes(16), b"sev-master-secret", bytes(16), 16)
     assert master.hex() == "ab4d269fcc62bedb4511d56c386ce706"
     kek, kik = kdf(master, b"sev-kek", b"", 16), kdf(master, b"sev-kik", b"", 16)
@@ -458,7 +458,8 @@ def test_packets_are_judged_in_order_mac_before_flags(path):
 
 
 def test_packets_are_not_bound_to_their_position(path):
-    """Swapped packets open (the firmware binds no address or sequence number, spec 7.6)."""
+    """Swapped packets open (the firmware binds no address or sequence number,
+    AMD-ASPFW sev_mcmd_receive_update)."""
     hdrs, ct, pt = sealed(n=2)
     swapped_h, swapped_c = hdrs[52:] + hdrs[:52], ct[32:] + ct[:32]
     assert bytes(sevpkt.open(TEK, TIK, swapped_h, swapped_c)) == pt[32:] + pt[:32]

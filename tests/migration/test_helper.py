@@ -1,8 +1,8 @@
 """The in-guest migration helper (sevcore.migration.helper) between two Hosts: a launched SEV guest
 on the source, a target VM set up by the PSP (SEND_START / RECEIVE_START, the helper's private
 pages by SEND_UPDATE_DATA / RECEIVE_UPDATE_DATA), pages sealed by the source helper and opened
-by the target helper; refused packets; and the PSP path's contrast (spec/sev-firmware.md 5.14,
-7.6): the firmware accepts a replayed or swapped packet, the helper does not."""
+by the target helper; refused packets; and the PSP path's contrast (AMD-ASPFW
+sev_mcmd_receive_update): the firmware accepts a replayed or swapped packet, the helper does not."""
 import struct
 
 import numpy as np

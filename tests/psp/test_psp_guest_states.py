@@ -1,5 +1,5 @@
-"""Guest state machine, legal-command matrix and ASID binding (spec/sev-firmware.md section 4,
-AMD-ASPFW sev_guest.c state_tbl_sev and the sev_mcmd.c handlers)."""
+"""Guest state machine, legal-command matrix and ASID binding (AMD SEV API #55766,
+"Guest Management API"; AMD-ASPFW sev_guest.c state_tbl_sev and the sev_mcmd.c handlers)."""
 import pytest
 
 from sevcore.vmm import owner

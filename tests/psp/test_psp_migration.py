@@ -1,6 +1,6 @@
-"""Migration between two hosts through their PSPs (spec/sev-firmware.md sections 5.10-5.15,
-AMD-ASPFW sev_mcmd_send_*/receive_*): target authentication by policy, packets, refusals, the
-SENT and SEND_CANCEL transitions, SEV-ES VMSAs."""
+"""Migration between two hosts through their PSPs (AMD SEV API #55766, "Guest Management API",
+SEND_START to RECEIVE_FINISH; AMD-ASPFW sev_mcmd_send_*/receive_*): target authentication by
+policy, packets, refusals, the SENT and SEND_CANCEL transitions, SEV-ES VMSAs."""
 import os
 
 import pytest

@@ -1,6 +1,6 @@
-"""Platform state machine and platform commands (spec/sev-firmware.md section 3, AMD-ASPFW
-sev_mcmd.c): every platform command in every platform state, INIT's checks, persistence,
-DF_FLUSH's WBINVD rule, the dispatcher."""
+"""Platform state machine and platform commands (AMD SEV API #55766, "Platform Management API";
+AMD-ASPFW sev_mcmd.c, sev_plat.c): every platform command in every platform state, INIT's
+checks, persistence, DF_FLUSH's WBINVD rule, the dispatcher."""
 import pytest
 
 import sevcore
@@ -67,7 +67,7 @@ def issue(host, cmd):
 
 
 UN, IN, WK = U.SEV_STATE_UNINIT, U.SEV_STATE_INIT, U.SEV_STATE_WORKING
-# command -> status in (UNINIT, INIT, WORKING); AMD-ASPFW's checks, not the older spec table.
+# command -> status in (UNINIT, INIT, WORKING); AMD-ASPFW's checks, not the SEV API's table.
 MATRIX = {
     U.SEV_CMD_INIT: (OK, BADP, BADP),
     U.SEV_CMD_INIT_EX: (OK, BADP, BADP),

@@ -1,9 +1,11 @@
-"""Known-answer vectors of the SEV channel cryptography (spec/sev-firmware.md section 7).
+"""Known-answer vectors of the SEV channel cryptography (AMD-ASPFW nist_kdf.c, sev_channel.c,
+sev_guest.c).
 
 Provenance: the KDF and session vectors are virtee/sev's tests (``key.rs``, ``session()``), the
 measurement vector is AMD sev-tool's readme example (and virtee's test), and the LAUNCH_SECRET and
-migration-packet values are the spec's self-computed check values for its formulas (TEK 00..0f,
-TIK 10..1f, IV 20..2f, 32 zero bytes).
+migration-packet values are computed from the firmware's formula (sev_channel_hmac) by an
+independent implementation, not hardware-validated (TEK 00..0f, TIK 10..1f, IV 20..2f, 32 zero
+bytes; docs/sources.md).
 """
 import hashlib
 
@@ -66,7 +68,7 @@ def test_measurement_vector():
 
 
 def test_launch_secret_vector():
-    """LAUNCH_SECRET ciphertext and MAC (context 0x01, bound to MEASURE) of the spec."""
+    """LAUNCH_SECRET ciphertext and MAC (context 0x01, bound to MEASURE): the check values."""
     ct = X.aes128_ctr(TEK, IV, bytes(32))
     assert ct.hex() == "5be87e2e5b447c944b21c9af7756c0d84ba41c22228e38a802633ef8709fc8f7"
     mac = X.packet_mac(TIK, X.CTX_SECRET, 0, IV, 32, 32, ct, MEASURE)
@@ -74,7 +76,7 @@ def test_launch_secret_vector():
 
 
 def test_packet_mac_vector():
-    """A migration packet's MAC (context 0x02) of the spec, through _seal_packets."""
+    """A migration packet's MAC (context 0x02): the check value, through _seal_packets."""
     headers, ct = _seal_packets(TEK, TIK, bytes(32), IV)
     assert ct == X.aes128_ctr(TEK, IV, bytes(32))
     assert headers == bytes(4) + IV + bytes.fromhex(

@@ -1,4 +1,5 @@
-"""KVM_CREATE_VCPU, KVM_RUN's own checks, and hypercall emulation (spec/kvm-uapi.md 6.2-6.4)."""
+"""KVM_CREATE_VCPU, KVM_RUN's own checks, and hypercall emulation (arch/x86/kvm/x86.c:
+____kvm_emulate_hypercall, complete_hypercall_exit; api.rst, KVM_CAP_EXIT_HYPERCALL)."""
 from errno import EBADF, EEXIST, EINTR, EINVAL, EIO
 
 import pytest

@@ -1,4 +1,4 @@
-"""Port of tools/testing/selftests/kvm/x86/kvm_pv_test.c (selftest-cases.md I): with
+"""Port of tools/testing/selftests/kvm/x86/kvm_pv_test.c: with
 KVM_CAP_ENFORCE_PV_FEATURE_CPUID and the PV feature leaf cleared, PV MSRs #GP and PV
 hypercalls return -KVM_ENOSYS."""
 from errno import EINVAL

@@ -1,5 +1,6 @@
 """The guest's live-migration interface seen from the VMM: MAP_GPA_RANGE reports and
-MSR_KVM_MIGRATION_CONTROL, kept by sevcore.vmm.shared_pages.SharedPagesTracker (spec/kvm-uapi.md 6.5-6.8)."""
+MSR_KVM_MIGRATION_CONTROL, kept by sevcore.vmm.shared_pages.SharedPagesTracker
+(Documentation/virt/kvm/x86/hypercalls.rst and msr.rst; arch/x86/kernel/kvm.c)."""
 import pytest
 
 import sevcore

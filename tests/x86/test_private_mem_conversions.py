@@ -1,4 +1,4 @@
-"""Port of tools/testing/selftests/kvm/x86/private_mem_conversions_test.c (selftest-cases.md C).
+"""Port of tools/testing/selftests/kvm/x86/private_mem_conversions_test.c.
 
 The guest converts ranges between shared and private with KVM_HC_MAP_GPA_RANGE; the host
 converts attributes (and allocates or punches guest_memfd) on each exit, and checks through the

@@ -1,5 +1,5 @@
-"""Port of tools/testing/selftests/kvm/x86/private_mem_kvm_exits_test.c (selftest-cases.md D),
-plus the other memory-fault exits of spec/kvm-uapi.md section 5.3."""
+"""Port of tools/testing/selftests/kvm/x86/private_mem_kvm_exits_test.c,
+plus the other memory-fault exits of kvm_mmu_faultin_pfn (arch/x86/kvm/mmu/mmu.c)."""
 from errno import EFAULT
 
 import pytest

@@ -1,4 +1,4 @@
-"""Port of tools/testing/selftests/kvm/x86/sev_dbg_test.c (spec/selftest-cases.md H)."""
+"""Port of tools/testing/selftests/kvm/x86/sev_dbg_test.c."""
 import random
 from errno import EINVAL, EIO
 

@@ -1,5 +1,5 @@
-"""Port of tools/testing/selftests/kvm/x86/sev_init2_tests.c (spec/selftest-cases.md G), plus
-the legacy INIT rules."""
+"""Port of tools/testing/selftests/kvm/x86/sev_init2_tests.c, plus the legacy
+INIT rules (sev_guest_init in arch/x86/kvm/svm/sev.c)."""
 from errno import EINVAL, EIO
 
 import pytest

@@ -3,8 +3,8 @@ it together: the owner checks the platform's certificate chain and makes a launc
 PDH; the VMM issues LAUNCH_START with it, LAUNCH_UPDATE_DATA (and LAUNCH_UPDATE_VMSA for SEV-ES)
 and LAUNCH_MEASURE; the owner verifies the measurement and packages a secret bound to it; the VMM
 injects it with KVM_SEV_LAUNCH_SECRET and finishes; the guest finds the secret in plaintext behind
-its C-bit while the VMM sees ciphertext (sevcore.vmm.owner; spec/sev-firmware.md, spec/kvm-uapi.md
-7.6)."""
+its C-bit while the VMM sees ciphertext (sevcore.vmm.owner; AMD SEV API #55766, LAUNCH_START to
+LAUNCH_FINISH; arch/x86/kvm/svm/sev.c, sev_launch_* handlers)."""
 from errno import EIO
 
 import pytest

@@ -1,4 +1,4 @@
-"""Port of tools/testing/selftests/kvm/x86/sev_migrate_tests.c (spec/selftest-cases.md E)."""
+"""Port of tools/testing/selftests/kvm/x86/sev_migrate_tests.c."""
 import threading
 from errno import EBADF, EINVAL, EIO
 

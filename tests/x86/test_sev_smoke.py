@@ -1,4 +1,4 @@
-"""Port of tools/testing/selftests/kvm/x86/sev_smoke_test.c (spec/selftest-cases.md F), with the
+"""Port of tools/testing/selftests/kvm/x86/sev_smoke_test.c, with the
 encryption, launch-protocol and send-state checks, and the SEV-ES vCPU around it: the GHCB MSR
 protocol (sev_handle_vmgexit_msr_protocol), #VC for intercepted instructions, SEV_STATUS, and
 the register ioctls once the VMSA is encrypted."""
@@ -79,7 +79,7 @@ def host_xsave(x87val=math.pi):
     (guest_sev_code, SEV_POLICY_NO_DBG), (guest_sev_code, 0),
     (guest_sev_es_code, SEV_POLICY_ES | SEV_POLICY_NO_DBG), (guest_sev_es_code, SEV_POLICY_ES)])
 def test_sev(guest_code, policy):
-    """F.1-F.4: an SEV guest sees SEV in CPUID and SEV_STATUS and reports done; an SEV-ES guest
+    """An SEV guest sees SEV in CPUID and SEV_STATUS and reports done; an SEV-ES guest
     sees SEV and ES in SEV_STATUS and terminates through the GHCB MSR protocol."""
     kvm = sevcore.Kvm()
     type = KVM_X86_SEV_ES_VM if policy & SEV_POLICY_ES else KVM_X86_SEV_VM
@@ -103,7 +103,7 @@ def guest_shutdown_code(g):
 
 
 def test_sev_es_shutdown():
-    """F.5: a triple fault in an SEV-ES guest is KVM_EXIT_SHUTDOWN; the encrypted VMSA cannot be
+    """A triple fault in an SEV-ES guest is KVM_EXIT_SHUTDOWN; the encrypted VMSA cannot be
     reset, so running the vCPU again shuts down again."""
     kvm = sevcore.Kvm()
     vm, vcpu = vm_sev_create_with_one_vcpu(kvm, KVM_X86_SEV_ES_VM, guest_shutdown_code)
@@ -115,7 +115,7 @@ def test_sev_es_shutdown():
 
 @pytest.mark.parametrize("policy", [0, SEV_POLICY_NO_DBG])
 def test_sync_vmsa(policy):
-    """F.6: LAUNCH_UPDATE_VMSA of an INIT2 VM carries the host's XSAVE state into the VMSA; the
+    """LAUNCH_UPDATE_VMSA of an INIT2 VM carries the host's XSAVE state into the VMSA; the
     guest's first XSAVE to a shared page reproduces the host's buffer."""
     kvm = sevcore.Kvm()
     assert kvm.check_extension(KVM_CAP_XCRS)

@@ -1,4 +1,4 @@
-"""Port of tools/testing/selftests/kvm/x86/userspace_msr_exit_test.c (selftest-cases.md J): MSR
+"""Port of tools/testing/selftests/kvm/x86/userspace_msr_exit_test.c: MSR
 filters and user-space MSR exits, the mechanism MSR_KVM_MIGRATION_CONTROL relies on."""
 from errno import EINVAL
 
