@@ -3,7 +3,7 @@
     pytest bench/bench_bitmap.py --benchmark-enable [--benchmark-columns=min,median,max,rounds]
 
 Inputs are fixed: uniformly random bits at 0.1 %, 10 % and 50 % density from seeded generators
-(the same bitmaps perf-anchors.md §4 measures). Each group puts one job beside its peers:
+(the same bitmaps at every size of the ladder). Each group puts one job beside its peers:
 
 count      Bitmap.count() | np.bitwise_count(words).sum() | C read pass (XOR of every word,
            the DRAM-bandwidth floor any full pass sits on; target: count <= 1.5x of it)

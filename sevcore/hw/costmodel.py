@@ -115,12 +115,12 @@ class CostModel:
         3_460_000.0 / 1024,
         "Harvest-and-clear of the dirty bitmap (KVM_GET_DIRTY_LOG) per GiB of guest. Source: C "
         "AVX-512 harvest-and-clear of a 32 MiB bitmap (a 1 TiB guest) at 0.1% density: 3.46 ms "
-        "(perf-anchors.md section 4, headline 8), scaled linearly.",
+        "on an AMD EPYC Zen 4 core (bench/bench_bitmap.py, harvest 0.1%), scaled linearly.",
         unit="ns/GiB")
     host_copy_bytes_per_s: float = _param(
         12.5e9,
         "Host memory copy (the VMM reading shared pages through its HVA into the stream). Source: "
-        "glibc memcpy of 256 MiB, 12.5 GB/s copied (perf-anchors.md section 0, headline 5).",
+        "glibc memcpy of 256 MiB, 12.5 GB/s copied, measured on an AMD EPYC Zen 4 core (DDR5).",
         unit="B/s", positive=True)
 
     def __post_init__(self):
