@@ -336,8 +336,8 @@ int64_t sc_bitmap_clear_range(uint64_t *map, uint64_t nbits, uint64_t start, uin
 /* ---------------------------------------------------------------------------------------------
  * Streaming scans: iter_set, harvest, iter_runs.
  *
- * Per word they use the ctz / clear-lowest-bit loop, which on this class of machine beats a
- * find_next_bit() loop by 3-5x once words hold several bits (measured on an AMD EPYC Zen 4 core, 10-50 % density). The AVX-512
+ * Per word they use the ctz / clear-lowest-bit loop, which beats a find_next_bit() loop by 3-5x
+ * once words hold several bits (measured on an AMD EPYC Zen 4 core, 10-50 % density). The AVX-512
  * builds test eight words per load and visit only the non-zero ones, which is what pays at
  * dirty-log densities (a sparse log is mostly empty words).
  */

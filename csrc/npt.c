@@ -18,8 +18,8 @@
  * with mmu_topup_memory_caches() before it takes mmu_lock (arch/x86/kvm/mmu/mmu.c).
  *
  * Allocator. Tables come from 2 MiB-aligned chunks obtained with mmap and madvised for
- * transparent huge pages: a random walk touches tables all over the table memory, and on this
- * machine THP took random 4 GiB-guest lookups from 24.5 to 4.8 ns (AMD EPYC Zen 4, batched lookups).
+ * transparent huge pages: a random walk touches tables all over the table memory, and THP took
+ * random 4 GiB-guest lookups from 24.5 to 4.8 ns (AMD EPYC Zen 4, batched lookups).
  * The first 4 KiB of a chunk is its header (free bitmap and per-table counts), so a table finds
  * its header by masking its address, and each chunk holds 511 tables.
  */
