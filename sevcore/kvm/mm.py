@@ -10,6 +10,7 @@ from errno import EFAULT, EINVAL, ENOMEM
 import numpy as np
 
 from sevcore.core.npt import NPT_WRITABLE, Npt
+from sevcore.errors import SigBus
 from sevcore.core.arrays import sorted_unique
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 
@@ -212,6 +213,28 @@ class Mm:
         rows = np.flatnonzero(hit)
         out[rows] = frames[pfns[rows]]
         return out
+
+    def copy_from_user(self, hva, size):
+        """``size`` bytes of VMM memory at ``hva``, read the way the kernel's copy_from_user
+        reads them: a page it cannot read (unmapped, or one that would SIGBUS a user access) is
+        an OSError(EFAULT), which the ioctl returns."""
+        try:
+            return self.read(hva, size)
+        except (OSError, SigBus) as e:
+            raise OSError(EFAULT, f"copy_from_user at {hva:#x}: {e}") from None
+
+    def copy_to_user(self, hva, data):
+        """Write ``data`` to VMM memory at ``hva`` as copy_to_user does: EFAULT where the
+        destination faults. Every page is checked before any byte is written."""
+        size = len(data)
+        page = hva & ~(PAGE_SIZE - 1)
+        try:
+            while page < hva + size:
+                self.hva_to_pfn(page, write=True)
+                page += PAGE_SIZE
+            self.write(hva, data)
+        except (OSError, SigBus) as e:
+            raise OSError(EFAULT, f"copy_to_user at {hva:#x}: {e}") from None
 
     def read(self, hva, size):
         """Read VMM memory at ``hva``: what the frames hold (ciphertext for SEV-private pages).

@@ -313,14 +313,16 @@ class _Cmd:
         return status, f
 
     def copy_in(self, uaddr, size):
+        """copy_from_user: EFAULT where the user buffer faults (SIGBUS mappings included)."""
         try:
-            return self.kvm.read(uaddr, size)
+            return self.kvm.copy_from_user(uaddr, size)
         except OSError:
             self.fail(EFAULT, f"cannot read user memory at {uaddr:#x}")
 
     def copy_out(self, uaddr, data):
+        """copy_to_user: EFAULT where the user buffer faults."""
         try:
-            self.kvm.write(uaddr, data)
+            self.kvm.copy_to_user(uaddr, data)
         except OSError:
             self.fail(EFAULT, f"cannot write user memory at {uaddr:#x}")
 
