@@ -19,6 +19,7 @@ are a sevcore extension: n whole-page SEND/RECEIVE_UPDATE_DATA ioctls in one cal
 equivalent to those ioctls in order (docs/fidelity.md), over the firmware's batched steps
 (sevcore/psp/batch.py).
 """
+import threading
 from errno import EBADF, EBUSY, EFAULT, EINVAL, EIO, ENOMEM, ENOTTY, EPERM
 
 import numpy as np
@@ -38,7 +39,10 @@ INT_MAX = (1 << 31) - 1
 ULONG_MAX = (1 << 64) - 1
 #: kvm_sev_info.vmsa_features KVM can offer (sev_supported_vmsa_features): DebugSwap only.
 SEV_SUPPORTED_VMSA_FEATURES = U.SVM_SEV_FEAT_DEBUG_SWAP
-_BOUNCE_PAGES = 32
+#: Pages of the slab one command's small kernel buffers come from.
+_SLAB_PAGES = 8
+#: The largest kmalloc (KMALLOC_MAX_SIZE: 2^MAX_PAGE_ORDER pages, order 10 on x86-64).
+KMALLOC_MAX_SIZE = PAGE_SIZE << 10
 
 #: struct kvm_sev_* field names (pads omitted; they are never checked) and their defaults.
 STRUCTS = {
@@ -171,14 +175,14 @@ class Asids:
 
 
 class KvmSev:
-    """kvm_amd's SEV state of one host (``host.kvm_sev``): the ASID space, the kernel buffers
-    the commands bounce blobs through, and the /dev/sev fd the selftests pass with every
-    command."""
+    """kvm_amd's SEV state of one host (``host.kvm_sev``): the ASID space, the pool of pages
+    kernel buffers come from, and the /dev/sev fd the selftests pass with every command."""
 
     def __init__(self, host):
         self.host = host
         self._asids = None
-        self._bounce = None
+        self._slabs = []                   # free slabs of _SLAB_PAGES contiguous frames
+        self._lock = threading.Lock()
         self._sev_fd = None
 
     @property
@@ -188,11 +192,16 @@ class KvmSev:
             self._asids = Asids(self.host.psp)
         return self._asids
 
-    def bounce_base(self):
-        """The SPA of the kernel buffer area, allocated on first use."""
-        if self._bounce is None:
-            self._bounce = self.host.mem.alloc_contiguous(_BOUNCE_PAGES)
-        return self._bounce
+    def take_slab(self):
+        """The SPA of a free slab for one command's small buffers (a new one if none is free)."""
+        with self._lock:
+            if self._slabs:
+                return self._slabs.pop()
+        return self.host.mem.alloc_contiguous(_SLAB_PAGES)
+
+    def give_slab(self, spa):
+        with self._lock:
+            self._slabs.append(spa)
 
     def sev_fd(self):
         """The selftests pass ``open_sev_dev_path_or_exit()`` with every command."""
@@ -201,20 +210,38 @@ class KvmSev:
         return self._sev_fd
 
 
-class _Bounce:
-    """Kernel buffers (kmalloc) for one command: bump allocation in contiguous host frames."""
+class KernelBuffers:
+    """The kernel memory one KVM_MEMORY_ENCRYPT_OP allocates (kzalloc, kmalloc, alloc_page),
+    in host frames the firmware can address: small buffers from a slab, larger ones in frames
+    of their own. Everything goes back when the command ends (:meth:`free`); a request the
+    kernel's allocator could never meet (beyond KMALLOC_MAX_SIZE) is ENOMEM."""
 
     def __init__(self, host):
-        self.host, self.base, self.off = host, host.kvm_sev.bounce_base(), 0
+        self.host = host
+        self.base = None                   # the slab, taken at the first small buffer
+        self.off = 0
+        self._large = []                   # pfn arrays of buffers outside the slab
 
     def reserve(self, size):
-        spa = self.base + self.off
-        self.off += max((size + 15) & ~15, 16)
-        if self.off > _BOUNCE_PAGES * PAGE_SIZE:
-            raise MemoryError("SEV bounce area exhausted")
+        """kzalloc(size): the SPA of ``size`` zeroed bytes, 16-byte aligned."""
+        if size > KMALLOC_MAX_SIZE:
+            raise KvmError(ENOMEM, IOCTL, f"kzalloc of {size} bytes")
+        need = max((size + 15) & ~15, 16)
+        if self.off + need <= _SLAB_PAGES * PAGE_SIZE:
+            if self.base is None:
+                self.base = self.host.kvm_sev.take_slab()
+            spa = self.base + self.off
+            self.off += need
+            self.host.mem.frames[spa:spa + need] = 0
+            return spa
+        npages = (size + PAGE_SIZE - 1) >> PAGE_SHIFT
+        spa = self.host.mem.alloc_contiguous(npages)
+        self._large.append(np.arange(spa >> PAGE_SHIFT, (spa >> PAGE_SHIFT) + npages,
+                                     dtype=np.uint64))
         return spa
 
     def page(self):
+        """alloc_page: a page-aligned page."""
         self.off = (self.off + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
         return self.reserve(PAGE_SIZE)
 
@@ -225,6 +252,23 @@ class _Bounce:
 
     def get(self, spa, size):
         return self.host.umc.read(spa, size, 0)
+
+    def mark(self):
+        """Where the slab stands, for :meth:`release` (a request buffer reused in a loop)."""
+        return self.off
+
+    def release(self, mark):
+        """kfree of the slab buffers reserved since ``mark``."""
+        self.off = mark
+
+    def free(self):
+        """Give every buffer back (the end of the command)."""
+        if self._large:
+            self.host.mem.free(np.concatenate(self._large))
+            self._large = []
+        if self.base is not None:
+            self.host.kvm_sev.give_slab(self.base)
+            self.base = None
 
 
 def sev_guest(vm):
@@ -266,6 +310,8 @@ def memory_encrypt_op(vm, id, data, sev_fd, fields):
     except SevError as e:
         e.out = out
         raise
+    finally:
+        cmd.buf.free()
     return out
 
 
@@ -285,7 +331,7 @@ class _Cmd:
         self.host = vm.host
         self.kvm = vm.kvm
         self.sev = vm.sev
-        self.buf = _Bounce(vm.host)
+        self.buf = KernelBuffers(vm.host)
 
     def fail(self, err, why):
         raise KvmError(err, IOCTL, why)
@@ -302,11 +348,13 @@ class _Cmd:
         exc = _sev_fd_error(self.host, fd) if fd is not False else None
         if exc is not None:
             raise exc
+        mark = self.buf.mark()
         spa = self.buf.reserve(layout.size) if layout is not None else 0
         if layout is not None:
             self.host.umc.write(spa, layout.pack(**fields), 0)
         status = self.host.psp.command(cmd, spa)
         f = layout.view(bytearray(self.buf.get(spa, layout.size))) if layout else None
+        self.buf.release(mark)             # the request is on the stack (or kfree'd) after it
         self.out.error = status
         if status and check:
             raise SevError(status, self.out)
@@ -453,7 +501,11 @@ def _platform_init(host):
         base = host.mem.alloc_contiguous(2 * TMR_SIZE // PAGE_SIZE)
         tmr = (base + TMR_SIZE - 1) & ~(TMR_SIZE - 1)
         fields = dict(flags=U.SEV_INIT_FLAGS_SEV_ES, tmr_address=tmr, tmr_len=TMR_SIZE)
-    status = psp.command(U.SEV_CMD_INIT, _Bounce(host).put(L.sev_data_init.pack(**fields)))
+    buf = KernelBuffers(host)
+    try:
+        status = psp.command(U.SEV_CMD_INIT, buf.put(L.sev_data_init.pack(**fields)))
+    finally:
+        buf.free()
     if status:
         return status
     psp.wbinvd()
@@ -674,7 +726,7 @@ def _cmd_dbg(encrypt):
                 c.unpin([sp])
                 raise
             try:
-                c.buf.off = 0
+                c.buf.release(0)
                 if encrypt:
                     _dbg_encrypt_chunk(c, src, (dp << PAGE_SHIFT) + d_off, n)
                 else:

@@ -7,7 +7,7 @@ from errno import EBADF, EBUSY, EINVAL
 
 from sevcore import uapi as U
 from sevcore.errors import KvmError
-from sevcore.kvm.sev import _Bounce, is_mirror, sev_guest
+from sevcore.kvm.sev import KernelBuffers, is_mirror, sev_guest
 from sevcore.psp import layout as L
 
 #: Taken by a move or a mirror on both VMs, as ``sev_lock_two_vms`` takes the VMs'
@@ -115,10 +115,14 @@ def vm_destroy(vm):
         owner._put()
         return
     sev.regions.clear()
-    psp, c_buf = vm.host.psp, _Bounce(vm.host)
+    psp, c_buf = vm.host.psp, KernelBuffers(vm.host)
     if sev.handle:
-        psp.command(U.SEV_CMD_DEACTIVATE, c_buf.put(L.sev_data_deactivate.pack(handle=sev.handle)))
-        psp.command(U.SEV_CMD_DECOMMISSION,
-                    c_buf.put(L.sev_data_decommission.pack(handle=sev.handle)))
+        try:
+            psp.command(U.SEV_CMD_DEACTIVATE,
+                        c_buf.put(L.sev_data_deactivate.pack(handle=sev.handle)))
+            psp.command(U.SEV_CMD_DECOMMISSION,
+                        c_buf.put(L.sev_data_decommission.pack(handle=sev.handle)))
+        finally:
+            c_buf.free()
     vm.host.kvm_sev.asids.free(sev.asid)
     sev.active = False

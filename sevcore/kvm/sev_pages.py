@@ -57,7 +57,10 @@ class _PageBatch:
         vm._enter(IOCTL)
         _command_allowed(vm, self.id)
         c = _Cmd(vm, SevCmd(self.id, {}), vm.host.kvm_sev.sev_fd())
-        _update_data_params(c, {}, self.send)
+        try:
+            _update_data_params(c, {}, self.send)
+        finally:
+            c.buf.free()
 
     def at(self, index, exc):
         exc.index = index

@@ -3,11 +3,12 @@ copy_to_user do: a user address whose page the VMM cannot touch (a private guest
 one past the end of the file, which SIGBUS a user access) is EFAULT from the ioctl, and the
 command changes nothing."""
 import contextlib
-from errno import EFAULT, ENOMEM
+from errno import EFAULT, EIO, ENOMEM
 
 import pytest
 
 import sevcore
+from sevcore.kvm.sev import SevError
 from sevcore.uapi import *
 from sevcore.vmm.kvm_util import (addr_gpa2hva, sev_vm_launch, vm_sev_create_with_one_vcpu,
                                   vm_sev_launch)
@@ -120,3 +121,62 @@ def test_send_start_blobs_in_a_sigbus_mapping_are_efault(which):
             vm.memory_encrypt_op(KVM_SEV_SEND_START, **f)
         assert status(vm) == (SEV_GUEST_STATE_SEND_UPDATE if name == "session"
                               else SEV_GUEST_STATE_RUNNING)
+
+
+# -- kernel buffers: allocated per call, as kzalloc does ---------------------------------------------
+
+def _send_ready():
+    """A guest in SEND_UPDATE and a good page to send, header and packet buffers."""
+    kvm = sevcore.Kvm()
+    vm = launched(kvm)
+    target = sevcore.Kvm()
+    target.host.psp.init()
+    from sevcore.vmm.kvm_util import sev_send_start
+    sev_send_start(vm, target.host.psp.export_cert_chain())
+    return kvm, vm, addr_gpa2hva(vm, 0x4000), kvm.mmap(64 << 20), kvm.mmap(64 << 20)
+
+
+@pytest.mark.parametrize("field", ["hdr_len", "trans_len"])
+def test_send_update_data_with_a_huge_length_is_enomem(field):
+    """A header or packet length beyond what kzalloc can give (KMALLOC_MAX_SIZE) is ENOMEM after
+    the page is pinned (sev_send_update_data), and nothing stays pinned."""
+    kvm, vm, page, hdr, trans = _send_ready()
+    locked = vm.sev.pages_locked
+    f = dict(hdr_uaddr=hdr, hdr_len=52, guest_uaddr=page, guest_len=P, trans_uaddr=trans,
+             trans_len=P)
+    f[field] = 1 << 30
+    with raises_errno(ENOMEM, "KVM_MEMORY_ENCRYPT_OP"):
+        vm.memory_encrypt_op(KVM_SEV_SEND_UPDATE_DATA, **f)
+    assert vm.sev.pages_locked == locked
+    assert status(vm) == SEV_GUEST_STATE_SEND_UPDATE
+    vm.memory_encrypt_op(KVM_SEV_SEND_UPDATE_DATA, **dict(f, **{field: 52 if field == "hdr_len"
+                                                               else P}))
+
+
+def test_send_update_data_with_a_large_length_reaches_the_firmware():
+    """A large but allocatable header length goes to the firmware, which judges it (EIO with its
+    status), and later commands still find kernel buffers."""
+    kvm, vm, page, hdr, trans = _send_ready()
+    f = dict(hdr_uaddr=hdr, hdr_len=52, guest_uaddr=page, guest_len=P, trans_uaddr=trans,
+             trans_len=P)
+    for _ in range(3):
+        try:
+            vm.memory_encrypt_op(KVM_SEV_SEND_UPDATE_DATA, **dict(f, hdr_len=4 << 20))
+        except SevError as e:
+            assert e.errno == EIO and e.fw_error
+    vm.memory_encrypt_op(KVM_SEV_SEND_UPDATE_DATA, **f)
+
+
+def test_launch_update_data_over_thousands_of_discontiguous_runs():
+    """LAUNCH_UPDATE_DATA over a region whose frames form 5,000 runs issues 5,000 firmware
+    commands through one reused request (sev_launch_update_data) and succeeds."""
+    kvm = sevcore.Kvm()
+    vm, _ = vm_sev_create_with_one_vcpu(kvm, KVM_X86_SEV_VM)
+    vm.memory_encrypt_op(KVM_SEV_LAUNCH_START, policy=0)
+    n = 5000
+    a, b = kvm.mmap(n * P), kvm.mmap(n * P)
+    for i in range(n):                 # interleaved first touches: a's frames are every other
+        kvm.write(a + i * P, bytes([i & 0xff]))
+        kvm.write(b + i * P, b"x")
+    vm.memory_encrypt_op(KVM_SEV_LAUNCH_UPDATE_DATA, uaddr=a, len=n * P)
+    assert kvm.read(a, 1) != b"\0" or kvm.read(a + P, 1) != b"\1"     # encrypted in place
