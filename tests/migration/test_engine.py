@@ -13,8 +13,8 @@ from sevcore.uapi import (KVM_EXIT_FAIL_ENTRY, SEV_GUEST_STATE_RUNNING, SEV_GUES
                           SEV_POLICY_MASK_NOSEND)
 
 import sevcore
-from migutil import (SMALL, Proxy, assert_runs_on, flip, guest_state, launched,
-                     memory_snapshot, rewrite, swapped)
+from support.migration import (SMALL, Proxy, assert_runs_on, flip, guest_state, launched,
+                               memory_snapshot, rewrite, swapped)
 
 FAST = MigrationParams(max_iterations=4, timeout_s=20)
 
