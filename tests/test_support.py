@@ -4,9 +4,13 @@ import errno
 
 import pytest
 
+from sevcore.core import cpu
 from sevcore.errors import KvmError
 
 from support import raises_errno
+from support.cpu_paths import BITMAP, CHECKSUM, MEMCRYPT, PAGES, SEVPKT, Kernel, Path
+
+KERNELS = [MEMCRYPT, SEVPKT, CHECKSUM, PAGES, BITMAP]
 
 
 def refuse(err, ioctl="KVM_CREATE_VCPU"):
@@ -41,3 +45,54 @@ def test_raises_errno_lets_other_exceptions_through():
     with pytest.raises(ValueError):
         with raises_errno(errno.EINVAL):
             raise ValueError("not an errno")
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
+def test_every_path_is_collected_and_the_ones_a_cpu_lacks_skip_with_the_reason(kernel):
+    """On a CPU with no optional feature every path is still a parameter: the portable one runs,
+    the others skip naming the features they lack."""
+    params = kernel.params(detected=set())
+    assert [p.id for p in params] == [p.name for p in kernel.paths]
+    *fast, portable = params
+    assert portable.id == "portable" and not portable.marks and kernel.runnable(set()) == [
+        "portable"]
+    for param, path in zip(fast, kernel.paths):
+        mark, = param.marks
+        assert mark.name == "skip"
+        assert mark.kwargs["reason"] == f"{path.name}: CPU lacks {', '.join(sorted(path.needs))}"
+
+
+def test_memcrypt_reasons_name_only_the_missing_features():
+    """A CPU with AES-NI but no AVX-512 runs aesni and skips vaes for avx512 and vaes alone."""
+    params = {p.id: p for p in MEMCRYPT.params(detected={"aesni", "popcnt"})}
+    assert not params["aesni"].marks and not params["portable"].marks
+    assert params["vaes"].marks[0].kwargs["reason"] == "vaes: CPU lacks avx512, vaes"
+
+
+def test_bitmap_avx512_path_uses_what_the_cpu_has():
+    """The bitmap's avx512 path needs AVX-512 only and adds VPOPCNTQ and POPCNT where present."""
+    avx512 = BITMAP.by_name["avx512"]
+    assert avx512.features({"avx512", "popcnt", "aesni"}) == {"avx512", "popcnt"}
+    assert avx512.features({"avx512", "vpopcntdq", "popcnt"}) == {"avx512", "vpopcntdq", "popcnt"}
+    assert BITMAP.missing(avx512, {"popcnt", "vpopcntdq"}) == ["avx512"]
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=lambda k: k.name)
+def test_each_restricts_the_core_to_every_runnable_path_and_restores_it(kernel):
+    """``each`` visits the runnable paths in order, each with the core restricted to its features,
+    and leaves the active features as they were."""
+    before = cpu.active()
+    seen = []
+    for name in kernel.each():
+        assert cpu.active() == kernel.by_name[name].features()
+        seen.append(name)
+    assert seen == kernel.runnable() and seen[-1] == "portable"
+    assert cpu.active() == before
+
+
+def test_restricted_fails_when_the_kernel_reports_another_path():
+    """A path whose kernel reports another implementation fails the check."""
+    liar = Kernel("liar", lambda: "aesni", [Path("portable", set())])
+    with pytest.raises(AssertionError):
+        with liar.restricted("portable"):
+            pass
