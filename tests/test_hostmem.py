@@ -106,6 +106,8 @@ def test_populating_faults_frames_in_without_changing_them():
 
 
 def test_populating_refuses_frames_never_allocated_and_nests_as_a_no_op():
+    """Populating a frame never allocated is a ValueError; populating inside populating keeps
+    the outer populater and ends with none."""
     mem = HostMemory(1 << 30)
     pfns = mem.alloc(10)
     with pytest.raises(ValueError, match="never allocated"):
