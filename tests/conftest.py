@@ -5,7 +5,6 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from support import cpu_paths
-from support.cpu_paths import cpu_path  # noqa: F401  (the fixture, for every test folder)
 
 settings.register_profile("default", deadline=None)
 # The sanitizer build runs every C kernel ~3-10x slower; fewer examples keep CI within budget.
@@ -13,6 +12,9 @@ settings.register_profile("sanitizer", deadline=None, max_examples=40,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("thorough", deadline=None, max_examples=2000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+cpu_path = cpu_paths.cpu_path      # the fixture, for every test folder
 
 
 def pytest_generate_tests(metafunc):
