@@ -4,12 +4,21 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
+from support import cpu_paths
+
 settings.register_profile("default", deadline=None)
 # The sanitizer build runs every C kernel ~3-10x slower; fewer examples keep CI within budget.
 settings.register_profile("sanitizer", deadline=None, max_examples=40,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("thorough", deadline=None, max_examples=2000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+cpu_path = cpu_paths.cpu_path      # the fixture, for every test folder
+
+
+def pytest_generate_tests(metafunc):
+    cpu_paths.generate_tests(metafunc)
 
 
 def pytest_report_header(config):

@@ -19,6 +19,7 @@ def runs_by_loop(values):
 
 @given(st.lists(st.integers(0, 40), max_size=60))
 def test_runs_match_the_loop(values):
+    """Any list of small values splits into the same (start, length) runs as the plain loop."""
     assert runs(np.array(values, np.uint64)) == runs_by_loop(values)
 
 

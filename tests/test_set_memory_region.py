@@ -9,16 +9,11 @@ import pytest
 import sevcore
 from sevcore.uapi import *
 
+from support import raises_errno
+
 P = PAGE_SIZE
 MB2 = 2 << 20
 G = 0xc0000000
-
-
-def expect_errno(err, fn, *args, **kw):
-    with pytest.raises(OSError) as exc:
-        fn(*args, **kw)
-    assert exc.value.errno == err, exc.value
-    return exc.value
 
 
 def slots_of(vm):
@@ -40,11 +35,12 @@ def test_invalid_memory_region_flags(kvm):
         supported |= KVM_MEM_GUEST_MEMFD
     for i in range(32):
         if not supported & (1 << i) or (1 << i) == KVM_MEM_GUEST_MEMFD:
-            e = expect_errno(errno.EINVAL, vm.set_user_memory_region, 0, 1 << i, 0, MB2, 0)
-            assert "KVM_SET_USER_MEMORY_REGION" in str(e)
+            with raises_errno(errno.EINVAL, "KVM_SET_USER_MEMORY_REGION"):
+                vm.set_user_memory_region(0, 1 << i, 0, MB2, 0)
     for i in range(32):
         if not supported & (1 << i):
-            expect_errno(errno.EINVAL, vm.set_user_memory_region2, 0, 1 << i, 0, MB2, 0, 0, 0)
+            with raises_errno(errno.EINVAL):
+                vm.set_user_memory_region2(0, 1 << i, 0, MB2, 0, 0, 0)
     assert vm.memslots == {}
 
 
@@ -53,8 +49,8 @@ def test_log_dirty_and_readonly_refused_on_gmem_slots(kvm):
     vm = kvm.create_vm(KVM_X86_SW_PROTECTED_VM)
     gmem = vm.create_guest_memfd(MB2)
     for extra in (KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY):
-        expect_errno(errno.EINVAL, vm.set_user_memory_region2, 0, extra | KVM_MEM_GUEST_MEMFD,
-                     0, MB2, 0, 0, gmem)
+        with raises_errno(errno.EINVAL):
+            vm.set_user_memory_region2(0, extra | KVM_MEM_GUEST_MEMFD, 0, MB2, 0, 0, gmem)
     assert vm.memslots == {} and gmem.bindings == []
 
 
@@ -66,7 +62,8 @@ def test_add_max_memory_regions(kvm):
     base = kvm.mmap(P)
     for i in range(n):
         vm.set_user_memory_region(i, 0, i * MB2, MB2, base)
-    expect_errno(errno.EINVAL, vm.set_user_memory_region, n, 0, n * MB2, MB2, base)
+    with raises_errno(errno.EINVAL):
+        vm.set_user_memory_region(n, 0, n * MB2, MB2, base)
     assert len(vm.memslots) == n
 
 
@@ -75,25 +72,29 @@ def test_add_private_memory_region(kvm):
     vm = kvm.create_vm(KVM_X86_SW_PROTECTED_VM)
     region = dict(slot=10, flags=KVM_MEM_GUEST_MEMFD, guest_phys_addr=G, memory_size=MB2,
                   userspace_addr=0)
-    expect_errno(errno.EINVAL, vm.set_user_memory_region2, **region, guest_memfd=kvm.fd)
-    expect_errno(errno.EINVAL, vm.set_user_memory_region2, **region, guest_memfd=vm.fd)
+    with raises_errno(errno.EINVAL):
+        vm.set_user_memory_region2(**region, guest_memfd=kvm.fd)
+    with raises_errno(errno.EINVAL):
+        vm.set_user_memory_region2(**region, guest_memfd=vm.fd)
     memfd = kvm.host.memfd_create()
-    expect_errno(errno.EINVAL, vm.set_user_memory_region2, **region, guest_memfd=memfd.fd)
+    with raises_errno(errno.EINVAL):
+        vm.set_user_memory_region2(**region, guest_memfd=memfd.fd)
     vm2 = kvm.create_vm(KVM_X86_SW_PROTECTED_VM)
     g2 = vm2.create_guest_memfd(MB2)
-    expect_errno(errno.EINVAL, vm.set_user_memory_region2, **region, guest_memfd=g2)
+    with raises_errno(errno.EINVAL):
+        vm.set_user_memory_region2(**region, guest_memfd=g2)
     assert vm2.set_user_memory_region2(**region, guest_memfd=g2) == 0
     g2.close()
     vm2.close()
     g = vm.create_guest_memfd(MB2)
     for offset in (1, 2, 511, 2048, P - 1):
-        expect_errno(errno.EINVAL, vm.set_user_memory_region2, **region, guest_memfd=g,
-                     guest_memfd_offset=offset)
+        with raises_errno(errno.EINVAL):
+            vm.set_user_memory_region2(**region, guest_memfd=g, guest_memfd_offset=offset)
     assert vm.memslots == {} and g.bindings == []
     assert vm.set_user_memory_region2(**region, guest_memfd=g, guest_memfd_offset=0) == 0
     # Closed and never-opened fds are EBADF.
-    expect_errno(errno.EBADF, vm.set_user_memory_region2, 11, KVM_MEM_GUEST_MEMFD, 2 * G, MB2, 0,
-                 0, 9999)
+    with raises_errno(errno.EBADF):
+        vm.set_user_memory_region2(11, KVM_MEM_GUEST_MEMFD, 2 * G, MB2, 0, 0, 9999)
 
 
 def test_add_overlapping_private_memory_regions(kvm):
@@ -105,10 +106,14 @@ def test_add_overlapping_private_memory_regions(kvm):
     assert vm.set_user_memory_region2(11, F, 2 * G, 2 * MB2, 0, 2 * MB2, g) == 0
     assert vm.set_user_memory_region2(10, F, G, 0, 0, 0, -1) == 0       # delete
     before = slots_of(vm)
-    expect_errno(errno.EEXIST, vm.set_user_memory_region2, 10, F, G, 2 * MB2, 0, MB2, g)
-    expect_errno(errno.EEXIST, vm.set_user_memory_region2, 10, F, G, 2 * MB2, 0, 3 * MB2, g)
-    expect_errno(errno.EEXIST, vm.set_user_memory_region2, 10, F, 2 * G - MB2, 2 * MB2, 0, 0, g)
-    expect_errno(errno.EEXIST, vm.set_user_memory_region2, 10, F, 2 * G + MB2, 2 * MB2, 0, 0, g)
+    with raises_errno(errno.EEXIST):
+        vm.set_user_memory_region2(10, F, G, 2 * MB2, 0, MB2, g)
+    with raises_errno(errno.EEXIST):
+        vm.set_user_memory_region2(10, F, G, 2 * MB2, 0, 3 * MB2, g)
+    with raises_errno(errno.EEXIST):
+        vm.set_user_memory_region2(10, F, 2 * G - MB2, 2 * MB2, 0, 0, g)
+    with raises_errno(errno.EEXIST):
+        vm.set_user_memory_region2(10, F, 2 * G + MB2, 2 * MB2, 0, 0, g)
     assert slots_of(vm) == before and len(g.bindings) == 1
 
 
@@ -116,7 +121,8 @@ def test_gmem_range_past_end_of_file(kvm):
     """A binding past the end of the guest_memfd is EINVAL and binds nothing."""
     vm = kvm.create_vm(KVM_X86_SW_PROTECTED_VM)
     g = vm.create_guest_memfd(MB2)
-    expect_errno(errno.EINVAL, vm.set_user_memory_region2, 1, KVM_MEM_GUEST_MEMFD, G, MB2, 0, P, g)
+    with raises_errno(errno.EINVAL):
+        vm.set_user_memory_region2(1, KVM_MEM_GUEST_MEMFD, G, MB2, 0, P, g)
     assert g.bindings == [] and vm.memslots == {}
 
 
@@ -134,7 +140,8 @@ def test_gmem_range_past_end_of_file(kvm):
 def test_memslot_checks(kvm, args, why):
     """Each check of kvm_set_memory_region refuses with EINVAL and creates nothing."""
     vm = kvm.create_vm(KVM_X86_SW_PROTECTED_VM)
-    expect_errno(errno.EINVAL, vm.set_user_memory_region2, *args)
+    with raises_errno(errno.EINVAL):
+        vm.set_user_memory_region2(*args)
     assert vm.memslots == {}
 
 
@@ -147,7 +154,8 @@ def test_readonly_slots_by_vm_type(kvm):
     for t in (KVM_X86_SEV_ES_VM, KVM_X86_SNP_VM, KVM_X86_TDX_VM):
         vm = kvm.create_vm(t)
         assert vm.check_extension(KVM_CAP_READONLY_MEM) == 0
-        expect_errno(errno.EINVAL, vm.set_user_memory_region, 0, KVM_MEM_READONLY, 0, P, 0)
+        with raises_errno(errno.EINVAL):
+            vm.set_user_memory_region(0, KVM_MEM_READONLY, 0, P, 0)
 
 
 def test_smm_address_space_by_vm_type(kvm):
@@ -159,7 +167,8 @@ def test_smm_address_space_by_vm_type(kvm):
             assert vm.set_user_memory_region(slot, 0, 0, P, 0) == 0
         else:
             assert t in (KVM_X86_SW_PROTECTED_VM, KVM_X86_SNP_VM, KVM_X86_TDX_VM)
-            expect_errno(errno.EINVAL, vm.set_user_memory_region, slot, 0, 0, P, 0)
+            with raises_errno(errno.EINVAL):
+                vm.set_user_memory_region(slot, 0, 0, P, 0)
 
 
 def test_slot_changes(kvm):
@@ -167,16 +176,20 @@ def test_slot_changes(kvm):
     vm = kvm.create_vm(KVM_X86_DEFAULT_VM)
     hva = kvm.mmap(4 * P)
     vm.set_user_memory_region(5, 0, G, 4 * P, hva)
-    expect_errno(errno.EINVAL, vm.set_user_memory_region, 5, 0, G, 4 * P, hva + P)
-    expect_errno(errno.EINVAL, vm.set_user_memory_region, 5, 0, G, 2 * P, hva)
-    expect_errno(errno.EINVAL, vm.set_user_memory_region, 5, KVM_MEM_READONLY, G, 4 * P, hva)
+    with raises_errno(errno.EINVAL):
+        vm.set_user_memory_region(5, 0, G, 4 * P, hva + P)
+    with raises_errno(errno.EINVAL):
+        vm.set_user_memory_region(5, 0, G, 2 * P, hva)
+    with raises_errno(errno.EINVAL):
+        vm.set_user_memory_region(5, KVM_MEM_READONLY, G, 4 * P, hva)
     assert vm.set_user_memory_region(5, KVM_MEM_LOG_DIRTY_PAGES, G, 4 * P, hva) == 0
     assert vm.memslots[(0, 5)].dirty_bitmap is not None
     assert vm.set_user_memory_region(5, 0, 2 * G, 4 * P, hva) == 0          # move
     assert vm.memslots[(0, 5)].base_gfn == 2 * G >> 12
     assert vm.gfn_to_memslot(G >> 12) is None and vm.gfn_to_memslot(2 * G >> 12).id == 5
     vm.set_user_memory_region(6, 0, G, 4 * P, hva)
-    expect_errno(errno.EEXIST, vm.set_user_memory_region, 6, 0, 2 * G + P, 4 * P, hva)
+    with raises_errno(errno.EEXIST):
+        vm.set_user_memory_region(6, 0, 2 * G + P, 4 * P, hva)
 
 
 def test_gmem_slot_cannot_change_and_rebinds_after_delete(kvm):
@@ -185,8 +198,10 @@ def test_gmem_slot_cannot_change_and_rebinds_after_delete(kvm):
     g = vm.create_guest_memfd(MB2)
     F = KVM_MEM_GUEST_MEMFD
     vm.set_user_memory_region2(1, F, G, MB2, 0, 0, g)
-    expect_errno(errno.EINVAL, vm.set_user_memory_region2, 1, F, 2 * G, MB2, 0, 0, g)
-    expect_errno(errno.EINVAL, vm.set_user_memory_region2, 1, 0, G, MB2, 0)
+    with raises_errno(errno.EINVAL):
+        vm.set_user_memory_region2(1, F, 2 * G, MB2, 0, 0, g)
+    with raises_errno(errno.EINVAL):
+        vm.set_user_memory_region2(1, 0, G, MB2, 0)
     vm.set_user_memory_region2(1, F, G, 0, 0, 0, -1)
     assert g.bindings == []
     assert vm.set_user_memory_region2(2, F, 2 * G, MB2, 0, 0, g) == 0
@@ -203,7 +218,8 @@ def test_memory_attributes_capability(kvm, t, supported):
     vm = kvm.create_vm(t)
     assert vm.check_extension(KVM_CAP_MEMORY_ATTRIBUTES) == supported
     if not supported:
-        expect_errno(errno.EINVAL, vm.set_memory_attributes, G, P, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        with raises_errno(errno.EINVAL):
+            vm.set_memory_attributes(G, P, KVM_MEMORY_ATTRIBUTE_PRIVATE)
     assert vm.set_memory_attributes(G, P, 0) == 0
 
 
@@ -221,8 +237,8 @@ def test_memory_attributes_checks(kvm, address, size, attributes, flags):
     vm = kvm.create_vm(KVM_X86_SW_PROTECTED_VM)
     vm.set_memory_attributes(0, 4 * P, KVM_MEMORY_ATTRIBUTE_PRIVATE)
     before = list(vm.private)
-    e = expect_errno(errno.EINVAL, vm.set_memory_attributes, address, size, attributes, flags)
-    assert "KVM_SET_MEMORY_ATTRIBUTES" in str(e)
+    with raises_errno(errno.EINVAL, "KVM_SET_MEMORY_ATTRIBUTES"):
+        vm.set_memory_attributes(address, size, attributes, flags)
     assert list(vm.private) == before
 
 

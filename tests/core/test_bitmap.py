@@ -3,8 +3,8 @@
 Known small cases pin the layout and the edges (bit 0, the 63/64 word boundary, a partial last
 word, empty and full maps); hypothesis compares every kernel with the set-based reference in
 sevcore/_reference/bitmap.py, directly and through a state machine; raw-binding tables pin the
-errno of each bad argument. Every test runs once per kernel build: whatever the CPU offers
-(AVX-512), scalar POPCNT/BMI only, and the portable C.
+errno of each bad argument. Every test runs once per kernel path: AVX-512 (VPOPCNTQ), scalar
+POPCNT/BMI, and the portable C.
 """
 import errno
 
@@ -15,25 +15,20 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, r
                                  run_state_machine_as_test)
 
 from sevcore import _bindings as _b
-from sevcore.core import cpu
 from sevcore._reference.bitmap import Bitmap as RefBitmap
 from sevcore.core.bitmap import MAX_NBITS, Bitmap
 
+from support.cpu_paths import BITMAP
+
 ffi, lib = _b.ffi, _b.lib
 
-PATHS = {"detected": None, "scalar": {"popcnt"}, "portable": set()}
+pytestmark = pytest.mark.cpu_paths(BITMAP)        # cpu_path: avx512, popcnt, portable
 
 
-@pytest.fixture(params=list(PATHS), autouse=True)
-def kernel_path(request):
-    """Run the test with the named set of CPU features enabled in the C core."""
-    names = PATHS[request.param]
-    if names is None:
-        yield cpu.active()
-        return
-    with cpu.restricted(names) as active:
-        assert active == names & cpu.detected()
-        yield active
+@pytest.fixture(autouse=True)
+def every_path(cpu_path):
+    """Every test of this module runs once on each bitmap path."""
+    return cpu_path
 
 
 def make(nbits, bits, tail=0):

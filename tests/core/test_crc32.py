@@ -8,26 +8,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sevcore.core import checksum
-from sevcore.core import cpu
 
-PATHS = ["portable"] + (["clmul"] if "aesni" in cpu.detected() else [])
+from support.cpu_paths import CHECKSUM
 
-
-@pytest.fixture(params=PATHS)
-def path(request):
-    """Run the test with the C core restricted to one CRC-32 path."""
-    with cpu.restricted(set() if request.param == "portable" else {"aesni"}):
-        assert checksum.implementation() == request.param
-        yield request.param
+pytestmark = pytest.mark.cpu_paths(CHECKSUM)      # cpu_path: clmul, portable
 
 
-def test_check_value(path):
+def test_check_value(cpu_path):
     """The catalogue check value of CRC-32/ISO-HDLC: crc32("123456789") == 0xCBF43926."""
     assert checksum.crc32(b"123456789") == 0xCBF43926
     assert checksum.crc32(b"") == 0 and checksum.crc32(b"", 0x1234) == 0x1234
 
 
-def test_every_length_and_alignment_near_the_block_sizes(path):
+def test_every_length_and_alignment_near_the_block_sizes(cpu_path):
     """Lengths 0..300 and around 4 KiB, at every offset in a 16-byte block, with a running
     value: the same as zlib."""
     data = np.random.default_rng(3).bytes(4300)
@@ -43,14 +36,13 @@ def test_every_length_and_alignment_near_the_block_sizes(path):
 def test_matches_zlib_and_chains(data, value, cut):
     """Any bytes, any running value, any split into two calls: zlib's answer."""
     cut = min(cut, len(data))
-    for p in PATHS:
-        with cpu.restricted(set() if p == "portable" else {"aesni"}):
-            assert checksum.crc32(data, value) == zlib.crc32(data, value)
-            assert checksum.crc32(data[cut:], checksum.crc32(data[:cut], value)) == \
-                zlib.crc32(data, value)
+    for _ in CHECKSUM.each():
+        assert checksum.crc32(data, value) == zlib.crc32(data, value)
+        assert checksum.crc32(data[cut:], checksum.crc32(data[:cut], value)) == \
+            zlib.crc32(data, value)
 
 
-def test_buffers_and_refusals(path):
+def test_buffers_and_refusals(cpu_path):
     """numpy arrays and memoryviews are read in place; a value outside u32 is ValueError, a
     non-buffer TypeError."""
     arr = np.arange(10000, dtype=np.uint8)

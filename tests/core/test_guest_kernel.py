@@ -10,17 +10,19 @@ import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from sevcore.core import cpu
 from sevcore._bindings import ffi, lib
 from sevcore._reference import guest as ref
 from sevcore.core.pages import (
     GUEST_OP_CHECK, GUEST_OP_DIGEST, GUEST_OP_FILL, GUEST_OP_PATTERN, GUEST_OP_READ,
     GUEST_OP_STAMP, GUEST_OP_WRITE, NO_MISMATCH, PAGE_SIZE, WRITE_OPS, GuestPageOps, digest,
-    implementation, pattern,
+    pattern,
 )
 from sevcore.hw.hostmem import HostMemory
 from sevcore.core.memcrypt import AES128_XEX, AES256_XTS, MemoryEngine
 from sevcore.core.npt import GFN_LIMIT, NPT_DIRTY_LOG, NPT_PRIVATE, NPT_WRITABLE, Npt
+
+from support import raises_errno
+from support.cpu_paths import PAGES
 
 OPS = [GUEST_OP_READ, GUEST_OP_WRITE, GUEST_OP_FILL, GUEST_OP_PATTERN, GUEST_OP_CHECK,
        GUEST_OP_STAMP, GUEST_OP_DIGEST]
@@ -32,17 +34,7 @@ ENGINES = {
     "xts": MemoryEngine(AES256_XTS, bytes(range(64))),
 }
 
-# Every implementation this machine can run; the portable one always.
-_PATHS = [("avx512", {"avx512"}), ("portable", set())]
-PATHS = [name for name, feats in _PATHS if feats <= cpu.detected()]
-
-
-@pytest.fixture(params=PATHS)
-def path(request):
-    """Run the test with the C core restricted to one implementation path."""
-    with cpu.restricted(dict(_PATHS)[request.param]):
-        assert implementation() == request.param
-        yield request.param
+pytestmark = pytest.mark.cpu_paths(PAGES)         # cpu_path: avx512, portable
 
 
 class Guest:
@@ -104,7 +96,7 @@ def test_pattern_is_splitmix64_known_answer():
 
 
 @pytest.mark.parametrize("seed, gfn", [(0, 0), (1, 2), (2**64 - 1, GFN_LIMIT - 1), (77, 511)])
-def test_pattern_matches_reference(path, seed, gfn):
+def test_pattern_matches_reference(cpu_path, seed, gfn):
     """C's pattern page is the reference's, on every path."""
     assert pattern(seed, gfn) == ref.pattern(seed, gfn)
 
@@ -126,7 +118,7 @@ XXH3_VECTORS = [
 
 
 @pytest.mark.parametrize("page, expected", XXH3_VECTORS)
-def test_digest_is_xxh3_64_known_answers(path, page, expected):
+def test_digest_is_xxh3_64_known_answers(cpu_path, page, expected):
     """DIGEST of a page is its XXH3-64, in C on every path and in the reference."""
     assert digest(page) == expected
     assert ref.xxh3_64(page) == expected
@@ -142,7 +134,7 @@ def _libxxhash():
     return lib_
 
 
-def test_digest_matches_libxxhash(path, rng):
+def test_digest_matches_libxxhash(cpu_path, rng):
     """On random pages DIGEST equals XXH3_64bits() of the system's libxxhash."""
     xxh = _libxxhash()
     if xxh is None:
@@ -177,7 +169,7 @@ def cases(draw):
         start = draw(st.integers(0, R - 1))
         gfns, n = None, draw(st.integers(1, R - start))
     return dict(
-        path=draw(st.sampled_from(PATHS)), private=private, entries=entries, op=op,
+        path=draw(st.sampled_from(PAGES.runnable())), private=private, entries=entries, op=op,
         engine=draw(st.sampled_from(list(ENGINES))),
         base=draw(st.sampled_from([0, 0x1000, 512 - 7, 512**2 - 13, GFN_LIMIT - R])),
         gfns=gfns, start=start, n=n, arg=draw(st.integers(0, 2**64 - 1)),
@@ -223,7 +215,7 @@ def test_each_op_matches_reference(case):
     ref_out = None if out is None else out.copy()
     kw = dict(private=case["private"], engine=engine, arg=case["arg"])
     try:
-        with cpu.restricted(dict(_PATHS)[case["path"]]):
+        with PAGES.restricted(case["path"]):
             done = g.ops.run(op, **where, buf=buf, out=out, **kw)
         expected = g.ref.run(op, **where, buf=ref_buf, out=ref_out, **kw)
         assert done == expected
@@ -246,7 +238,7 @@ def test_each_op_matches_reference(case):
     ("private entry, shared access", P | W, False),
     ("read-only entry, write", 0, False),
 ])
-def test_stops_in_front_of_the_faulting_page(path, why, flags, private):
+def test_stops_in_front_of_the_faulting_page(cpu_path, why, flags, private):
     """A write stops at the page that faults and touches nothing from it on; a read stops at
     the same page unless the fault is only read-only."""
     own = P if private else 0
@@ -265,7 +257,7 @@ def test_stops_in_front_of_the_faulting_page(path, why, flags, private):
         g.close()
 
 
-def test_fault_and_resume_equals_one_call_on_a_mapped_guest(path):
+def test_fault_and_resume_equals_one_call_on_a_mapped_guest(cpu_path):
     """Faulting pages in where the kernel stops and resuming there leaves the same memory as one
     call over the guest mapped up front."""
     n = 1100  # across two leaf-table boundaries
@@ -296,7 +288,7 @@ def test_fault_and_resume_equals_one_call_on_a_mapped_guest(path):
 # --- ops in detail --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("engine", list(ENGINES))
-def test_pattern_then_check_finds_exactly_the_corrupted_pages(path, engine):
+def test_pattern_then_check_finds_exactly_the_corrupted_pages(cpu_path, engine):
     """CHECK passes on PATTERN's pages, counts every corrupted page without stopping and names
     the first; encrypted pages hold the engine's ciphertext of the pattern at their SPA."""
     eng = ENGINES[engine]
@@ -321,7 +313,7 @@ def test_pattern_then_check_finds_exactly_the_corrupted_pages(path, engine):
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))
-def test_write_read_round_trip_and_stamp_keeps_the_rest(path, engine, rng):
+def test_write_read_round_trip_and_stamp_keeps_the_rest(cpu_path, engine, rng):
     """WRITE then READ returns the data; STAMP changes the first 8 bytes only; FILL repeats the
     word; DIGEST hashes the plaintext."""
     eng = ENGINES[engine]
@@ -406,7 +398,7 @@ def frame_of(frames, pfn):
 # --- dirty logging --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("op", OPS)
-def test_dirty_bits_are_set_exactly_for_written_logged_pages(path, op):
+def test_dirty_bits_are_set_exactly_for_written_logged_pages(cpu_path, op):
     """A write sets the bits of the pages it wrote through DIRTY_LOG entries, in the right slot,
     and no others; a read sets none; bits already set stay set."""
     flags = [W | DL, W, W | DL, W | DL, W, W | DL, W | DL, W]
@@ -616,9 +608,8 @@ def test_unsorted_slots_and_closed_objects_are_refused():
         with pytest.raises(ValueError, match="no dirty slot"):
             g.ops.run(GUEST_OP_FILL, gfn0=0x1000, n=1)
         g.npt.map(0x1001, NFRAMES, W)
-        with pytest.raises(OSError) as exc:
+        with raises_errno(errno.EFAULT):
             g.ops.run(GUEST_OP_READ, gfn0=0x1001, n=1, buf=bytearray(PAGE_SIZE))
-        assert exc.value.errno == errno.EFAULT
         eng = MemoryEngine(AES128_XEX, bytes(16))
         eng.close()
         with pytest.raises(ValueError, match="closed"):

@@ -9,26 +9,15 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sevcore.core import cpu
 from sevcore._reference import memcrypt as ref
 from sevcore.core.memcrypt import (AES128_XEX, AES256_XTS, PAGE_SIZE, MemoryEngine,
-                              default_tweak_table, implementation)
+                                   default_tweak_table)
+
+from support.cpu_paths import MEMCRYPT
 
 DATA = pathlib.Path(__file__).resolve().parent.parent / "data"
 
-# Every implementation this machine can run, slowest last; the portable one always.
-_PATHS = [("vaes", {"vaes", "avx512", "aesni"}), ("aesni", {"aesni"}), ("portable", set())]
-PATHS = [name for name, feats in _PATHS if feats <= cpu.detected()]
-
-
-@pytest.fixture(params=PATHS)
-def path(request):
-    """Run the test with the C core restricted to one implementation path."""
-    name = request.param
-    feats = dict(_PATHS)[name]
-    with cpu.restricted(feats):
-        assert implementation() == name
-        yield name
+pytestmark = pytest.mark.cpu_paths(MEMCRYPT)      # cpu_path: vaes, aesni, portable
 
 
 def openssl_xts(key, data, spas, encrypt=True):
@@ -46,7 +35,7 @@ def page_aligned(max_pfn=(1 << 52) - 1):
 
 # --- known answers ------------------------------------------------------------------------------
 
-def test_xex_with_zero_table_is_aes128_fips197(path):
+def test_xex_with_zero_table_is_aes128_fips197(cpu_path):
     """With an all-zero tweak table XEX is plain AES-128: FIPS-197 appendix C.1."""
     eng = MemoryEngine(AES128_XEX, bytes(range(16)), np.zeros(64, np.uint32))
     pt = bytes.fromhex("00112233445566778899aabbccddeeff") * 256
@@ -56,7 +45,7 @@ def test_xex_with_zero_table_is_aes128_fips197(path):
     assert bytes(eng.decrypt_pages(ct, [0x1234000])) == pt
 
 
-def test_xts_ieee1619_vector_10(path):
+def test_xts_ieee1619_vector_10(cpu_path):
     """The first 512 bytes of a page at SPA 0xff << 12 encrypt as IEEE 1619 vector 10."""
     fields = dict(re.findall(r"^(\w+) = (\w+)$", (DATA / "xts_aes256_ieee1619.txt").read_text(),
                              re.M))
@@ -69,7 +58,7 @@ def test_xts_ieee1619_vector_10(path):
     assert bytes(eng.decrypt_pages(ct, [spa])[:len(ptx)]) == ptx
 
 
-def test_xex_tweak_is_table_entry_repeated_four_times(path):
+def test_xex_tweak_is_table_entry_repeated_four_times(cpu_path):
     """A block whose SPA has one bit i set is masked by t[i] as 4 little-endian bytes x 4."""
     key = bytes(range(16, 32))
     table = np.zeros(64, np.uint32)
@@ -97,12 +86,11 @@ def test_xex_matches_reference(key, table, spas, seed):
     data = np.random.default_rng(seed).bytes(PAGE_SIZE * len(spas))
     want = ref.xex_encrypt_pages(key, table, data, spas)
     plain = ref.xex_decrypt_pages(key, table, data, spas)     # the data read as ciphertext
-    for name in PATHS:
-        with cpu.restricted(dict(_PATHS)[name]):
-            eng = MemoryEngine(AES128_XEX, key, table)
-            assert bytes(eng.encrypt_pages(data, spas)) == want, name
-            assert bytes(eng.decrypt_pages(want, spas)) == data, name
-            assert bytes(eng.decrypt_pages(data, spas)) == plain, name
+    for name in MEMCRYPT.each():
+        eng = MemoryEngine(AES128_XEX, key, table)
+        assert bytes(eng.encrypt_pages(data, spas)) == want, name
+        assert bytes(eng.decrypt_pages(want, spas)) == data, name
+        assert bytes(eng.decrypt_pages(data, spas)) == plain, name
 
 
 @settings(max_examples=25)
@@ -115,16 +103,15 @@ def test_xts_matches_reference_and_openssl(key, spas, seed):
     want = openssl_xts(key, data, spas)
     assert ref.xts_encrypt_pages(key, data, spas) == want
     plain = ref.xts_decrypt_pages(key, data, spas)            # the data read as ciphertext
-    for name in PATHS:
-        with cpu.restricted(dict(_PATHS)[name]):
-            eng = MemoryEngine(AES256_XTS, key)
-            assert bytes(eng.encrypt_pages(data, spas)) == want, name
-            assert bytes(eng.decrypt_pages(want, spas)) == data, name
-            assert bytes(eng.decrypt_pages(data, spas)) == plain, name
+    for name in MEMCRYPT.each():
+        eng = MemoryEngine(AES256_XTS, key)
+        assert bytes(eng.encrypt_pages(data, spas)) == want, name
+        assert bytes(eng.decrypt_pages(want, spas)) == data, name
+        assert bytes(eng.decrypt_pages(data, spas)) == plain, name
 
 
 @pytest.mark.parametrize("mode,key_len", [(AES128_XEX, 16), (AES256_XTS, 64)])
-def test_long_batch_matches_one_page_calls(path, mode, key_len, rng):
+def test_long_batch_matches_one_page_calls(cpu_path, mode, key_len, rng):
     """A batch of many pages equals the same pages encrypted one call at a time."""
     key = rng.bytes(key_len)
     n = 67
@@ -138,7 +125,7 @@ def test_long_batch_matches_one_page_calls(path, mode, key_len, rng):
 
 
 @pytest.mark.parametrize("mode,key_len", [(AES128_XEX, 16), (AES256_XTS, 64)])
-def test_run_equals_pages_at_consecutive_spas(path, mode, key_len, rng):
+def test_run_equals_pages_at_consecutive_spas(cpu_path, mode, key_len, rng):
     """encrypt_run(data, spa) equals encrypt_pages with SPAs spa, spa + 4096, ..."""
     eng = MemoryEngine(mode, rng.bytes(key_len))
     data = rng.bytes(5 * PAGE_SIZE)
@@ -149,7 +136,7 @@ def test_run_equals_pages_at_consecutive_spas(path, mode, key_len, rng):
 
 
 @pytest.mark.parametrize("mode,key_len", [(AES128_XEX, 16), (AES256_XTS, 64)])
-def test_in_place_and_numpy_buffers(path, mode, key_len, rng):
+def test_in_place_and_numpy_buffers(cpu_path, mode, key_len, rng):
     """out=data works in place, and numpy arrays and memoryviews are accepted without copies."""
     eng = MemoryEngine(mode, rng.bytes(key_len))
     data = np.frombuffer(rng.bytes(3 * PAGE_SIZE), np.uint8).copy()
@@ -180,7 +167,7 @@ def test_threads_give_the_same_bytes(threads, rng):
 # --- the properties the simulator relies on ----------------------------------------------------------
 
 @pytest.mark.parametrize("mode,key_len", [(AES128_XEX, 16), (AES256_XTS, 64)])
-def test_same_plaintext_differs_by_spa_key_and_offset(path, mode, key_len, rng):
+def test_same_plaintext_differs_by_spa_key_and_offset(cpu_path, mode, key_len, rng):
     """Identical plaintext at two SPAs, under two keys, or at two offsets encrypts differently."""
     page = bytes(PAGE_SIZE)
     a = MemoryEngine(mode, rng.bytes(key_len))
@@ -193,7 +180,7 @@ def test_same_plaintext_differs_by_spa_key_and_offset(path, mode, key_len, rng):
 
 
 @pytest.mark.parametrize("mode,key_len", [(AES128_XEX, 16), (AES256_XTS, 64)])
-def test_ciphertext_moved_to_another_spa_decrypts_to_garbage(path, mode, key_len, rng):
+def test_ciphertext_moved_to_another_spa_decrypts_to_garbage(cpu_path, mode, key_len, rng):
     """A page copied to another SPA, or read under another key, does not decrypt to its plaintext."""
     eng = MemoryEngine(mode, rng.bytes(key_len))
     other = MemoryEngine(mode, rng.bytes(key_len))
@@ -249,7 +236,7 @@ def test_bad_engine_arguments(kwargs, exc, match):
     (bytes(PAGE_SIZE * 2), [0x1000, 2**64], "spas"),
 ])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_bad_batches_are_refused_before_any_write(path, data, spas, match, threads):
+def test_bad_batches_are_refused_before_any_write(cpu_path, data, spas, match, threads):
     """A bad buffer, count or SPA raises ValueError and leaves out untouched."""
     eng = MemoryEngine(AES128_XEX, bytes(16))
     out = bytearray(SENTINEL[:len(data)])

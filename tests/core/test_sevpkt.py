@@ -12,39 +12,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sevcore import _bindings as _b
-from sevcore.core import cpu
 from sevcore.core import sevpkt
 from sevcore._reference import sevpkt as ref
+
+from support.cpu_paths import SEVPKT
 
 DATA = pathlib.Path(__file__).resolve().parent.parent / "data"
 ffi, lib = _b.ffi, _b.lib
 
-# Every implementation this machine can run; together they take each AES path (vaes, aesni,
-# portable) and each SHA-256 path (shani, portable) at least once.
-_PATHS = [
-    ("vaes+shani", {"vaes", "avx512", "aesni", "shani"}, {"aes": "vaes", "sha256": "shani"}),
-    ("aesni+portable", {"aesni"}, {"aes": "aesni", "sha256": "portable"}),
-    ("portable+shani", {"shani"}, {"aes": "portable", "sha256": "shani"}),
-    ("portable", set(), {"aes": "portable", "sha256": "portable"}),
-]
-PATHS = [name for name, feats, _ in _PATHS if feats <= cpu.detected()]
-FEATS = {name: feats for name, feats, _ in _PATHS}
-IMPLS = {name: impl for name, _, impl in _PATHS}
-
-
-@pytest.fixture(params=PATHS)
-def path(request):
-    """Run the test with the C core restricted to one AES and one SHA-256 path."""
-    with cpu.restricted(FEATS[request.param]):
-        assert sevpkt.implementation() == IMPLS[request.param]
-        yield request.param
-
-
-def every_path():
-    """Yield each path name with the C core restricted to it."""
-    for name in PATHS:
-        with cpu.restricted(FEATS[name]):
-            yield name
+# cpu_path: vaes+shani, aesni+portable, portable+shani, portable (each AES and SHA-256 path)
+pytestmark = pytest.mark.cpu_paths(SEVPKT)
 
 
 def openssl_ctr(key, iv, data):
@@ -59,7 +36,7 @@ MEASURE = bytes.fromhex("6faab2daae389bcd3405a05d6cafe33c0414f7bedd0bae19ba5f38b
 
 # --- known answers ------------------------------------------------------------------------------
 
-def test_launch_secret_check_value(path):
+def test_launch_secret_check_value(cpu_path):
     """A LAUNCH_SECRET packet (ctx 0x01, MEASURE appended) gives the check CT and MAC."""
     hdr, ct = sevpkt.seal(TEK, TIK, bytes(32), IV, ctx=sevpkt.CTX_SECRET, measure=MEASURE)
     assert bytes(ct).hex() == "5be87e2e5b447c944b21c9af7756c0d84ba41c22228e38a802633ef8709fc8f7"
@@ -69,7 +46,7 @@ def test_launch_secret_check_value(path):
         bytes(32)
 
 
-def test_migration_packet_check_value(path):
+def test_migration_packet_check_value(cpu_path):
     """A SEND_UPDATE_DATA packet (ctx 0x02) of the same bytes gives the check MAC."""
     hdr, ct = sevpkt.seal(TEK, TIK, bytes(32), IV)
     assert bytes(hdr[20:]).hex() == (
@@ -86,7 +63,7 @@ def kdf(key, label, context, nbytes):
     return out[:nbytes]
 
 
-def test_spec_kdf_session_and_measurement_vectors(path):
+def test_spec_kdf_session_and_measurement_vectors(cpu_path):
     """HMAC and CTR reproduce virtee's KDF and session vectors and sev-tool's MEASURE."""
     master = kdf(bytes(16), b"sev-master-secret", bytes(16), 16)
     assert master.hex() == "ab4d269fcc62bedb4511d56c386ce706"
@@ -117,19 +94,19 @@ def vectors(kind):
     return out
 
 
-def test_sha256_fips180_vectors(path):
+def test_sha256_fips180_vectors(cpu_path):
     """SHA-256 of the FIPS 180-2 messages (and the empty one) gives the published digests."""
     for v in vectors("sha256"):
         assert sevpkt.sha256(v["msg"]) == v["md"]
 
 
-def test_hmac_sha256_rfc4231_vectors(path):
+def test_hmac_sha256_rfc4231_vectors(cpu_path):
     """HMAC-SHA256 gives RFC 4231 test cases 1-7, long keys hashed first."""
     for v in vectors("hmac"):
         assert sevpkt.hmac_sha256(v["key"], v["msg"])[:len(v["mac"])] == v["mac"]
 
 
-def test_aes128_ctr_sp800_38a_vector(path):
+def test_aes128_ctr_sp800_38a_vector(cpu_path):
     """AES-128-CTR gives SP 800-38A F.5.1, and decrypting is the same operation."""
     (v,) = vectors("ctr")
     assert bytes(sevpkt.aes128_ctr(v["key"], v["iv"], v["pt"])) == v["ct"]
@@ -150,7 +127,7 @@ CTR_LENGTHS = [16, 48, 512, 16 * 37 + 5, 4096]
     "0123456789abcdeffffffffffffffff3",         # ... after 13 blocks (inside a group)
     "00000000000000000000000000000000",
 ], ids=["2^128-1", "2^128-16", "2^64-1", "2^64-3", "2^64-13", "zero"])
-def test_ctr_counter_wraps_as_128_bit_big_endian(path, iv, rng):
+def test_ctr_counter_wraps_as_128_bit_big_endian(cpu_path, iv, rng):
     """The counter carries from the low into the high 64 bits and wraps at 2^128, as OpenSSL's."""
     iv, key = bytes.fromhex(iv), rng.bytes(16)
     for n in CTR_LENGTHS:
@@ -160,7 +137,7 @@ def test_ctr_counter_wraps_as_128_bit_big_endian(path, iv, rng):
         assert bytes(sevpkt.aes128_ctr(key, iv, data)) == want, n
 
 
-def test_ctr_wrap_inside_a_packet(path, rng):
+def test_ctr_wrap_inside_a_packet(cpu_path, rng):
     """A packet whose IV is 2^128 - 2 seals and opens across the wrap like the reference."""
     iv = bytes.fromhex("ff" * 15 + "fe")
     pt = rng.bytes(4096)
@@ -186,7 +163,7 @@ def test_ctr_matches_reference(key, iv, size, seed):
     """AES-128-CTR of any length agrees with pycryptodome on every path, near-wrap IVs included."""
     data = np.random.default_rng(seed).bytes(size)
     want = ref.aes128_ctr(key, iv, data)
-    for name in every_path():
+    for name in SEVPKT.each():
         assert bytes(sevpkt.aes128_ctr(key, iv, data)) == want, name
 
 
@@ -194,7 +171,7 @@ def test_ctr_matches_reference(key, iv, size, seed):
 @given(key=st.binary(max_size=150), msg=st.binary(max_size=300))
 def test_sha256_and_hmac_match_hashlib(key, msg):
     """SHA-256 and HMAC-SHA256 agree with hashlib/hmac for any key and message, on every path."""
-    for name in every_path():
+    for name in SEVPKT.each():
         assert sevpkt.sha256(msg) == ref.sha256(msg), name
         assert sevpkt.hmac_sha256(key, msg) == ref.hmac_sha256(key, msg), name
 
@@ -209,13 +186,13 @@ def test_seal_and_open_match_reference(blocks, n, ctx, with_measure, seed):
     tek, tik, measure = rng.bytes(16), rng.bytes(16), rng.bytes(32) if with_measure else None
     pt, ivs = rng.bytes(n * 16 * blocks), rng.bytes(16 * n)
     want = ref.seal(tek, tik, pt, ivs, ctx, measure)
-    for name in every_path():
+    for name in SEVPKT.each():
         hdrs, ct = sevpkt.seal(tek, tik, pt, ivs, ctx, measure=measure)
         assert (bytes(hdrs), bytes(ct)) == want, name
         assert bytes(sevpkt.open(tek, tik, hdrs, ct, ctx, measure=measure)) == pt, name
 
 
-def test_long_batch_equals_one_packet_calls(path, rng):
+def test_long_batch_equals_one_packet_calls(cpu_path, rng):
     """A batch of 67 pages (odd, so one packet is hashed alone) equals 67 one-packet calls."""
     n = 67
     pt, ivs = rng.bytes(n * 4096), rng.bytes(16 * n)
@@ -227,7 +204,7 @@ def test_long_batch_equals_one_packet_calls(path, rng):
     assert bytes(sevpkt.open(TEK, TIK, hdrs, ct)) == pt
 
 
-def test_largest_packet_and_numpy_inputs(path, rng):
+def test_largest_packet_and_numpy_inputs(cpu_path, rng):
     """A 0x5000-byte packet is accepted, and 2-D numpy plaintext and IV arrays work uncopied."""
     pt = rng.integers(0, 256, (3, sevpkt.MAX_LEN), dtype=np.uint8)
     ivs = rng.integers(0, 256, (3, 16), dtype=np.uint8)
@@ -238,7 +215,7 @@ def test_largest_packet_and_numpy_inputs(path, rng):
     assert np.array_equal(out, pt)
 
 
-def test_in_place_seal_and_open(path, rng):
+def test_in_place_seal_and_open(cpu_path, rng):
     """The ciphertext may be the plaintext buffer (seal) and the plaintext the ciphertext (open)."""
     plain = rng.bytes(4 * 4096)
     ivs = rng.bytes(64)
@@ -271,7 +248,7 @@ def test_strided_rows_equal_contiguous(blocks, n, gap, seed):
     tek, tik = rng.bytes(16), rng.bytes(16)
     pt, ivs = rng.bytes(n * 16 * blocks), rng.bytes(16 * n)
     want = ref.seal(tek, tik, pt, ivs, sevpkt.CTX_DATA, None)
-    for name in every_path():
+    for name in SEVPKT.each():
         t, h, c = table(n, 16 * blocks, gap)
         assert sevpkt.seal(tek, tik, pt, ivs, out=(h, c)) == (h, c)
         assert (h.tobytes(), c.tobytes()) == want, name
@@ -279,7 +256,7 @@ def test_strided_rows_equal_contiguous(blocks, n, gap, seed):
         assert bytes(sevpkt.open(tek, tik, h, c)) == pt, name
 
 
-def test_strided_rows_refusals_name_the_packet(path, rng):
+def test_strided_rows_refusals_name_the_packet(cpu_path, rng):
     """A bad MAC in strided rows is refused at its index; so is COMPRESSED (with a valid MAC
     over the flags), its flags reported."""
     pt, ivs = rng.bytes(3 * 64), rng.bytes(48)
@@ -367,7 +344,7 @@ def refused(hdrs, ct, exc, index, **kw):
 
 @pytest.mark.parametrize("field,start,stop", [
     ("flags", 0, 4), ("iv", 4, 20), ("mac", 20, 52)])
-def test_every_flipped_header_bit_is_refused(path, field, start, stop):
+def test_every_flipped_header_bit_is_refused(cpu_path, field, start, stop):
     """Flipping any bit of a packet's flags, IV or MAC fails its MAC (EBADMSG) with nothing
     written."""
     hdrs, ct, _ = sealed()
@@ -378,7 +355,7 @@ def test_every_flipped_header_bit_is_refused(path, field, start, stop):
         assert err.errno == errno.EBADMSG
 
 
-def test_every_flipped_ciphertext_bit_is_refused(path):
+def test_every_flipped_ciphertext_bit_is_refused(cpu_path):
     """Flipping any bit of a packet's ciphertext fails its MAC with nothing written."""
     hdrs, ct, _ = sealed()
     for bit in range(8 * 32):
@@ -389,7 +366,7 @@ def test_every_flipped_ciphertext_bit_is_refused(path):
 
 @pytest.mark.parametrize("guest_len,trans_len", [(48, 32), (32, 48), (32 ^ 0x100, 32),
                                                  (32, 32 | 1 << 31)])
-def test_mac_over_other_aad_lengths_is_refused(path, guest_len, trans_len):
+def test_mac_over_other_aad_lengths_is_refused(cpu_path, guest_len, trans_len):
     """A MAC computed with either AAD length differing from the packet's length is refused."""
     hdrs, ct, _ = sealed()
     iv = bytes(hdrs[52 + 4:52 + 20])
@@ -398,13 +375,13 @@ def test_mac_over_other_aad_lengths_is_refused(path, guest_len, trans_len):
     refused(hdrs, ct, sevpkt.PacketAuthError, 1)
 
 
-def test_repacked_lengths_are_refused(path):
+def test_repacked_lengths_are_refused(cpu_path):
     """Two 32-byte packets presented as one 64-byte packet (AAD lengths change) are refused."""
     hdrs, ct, _ = sealed(n=2)
     refused(hdrs[:52], ct, sevpkt.PacketAuthError, 0)
 
 
-def test_wrong_context_key_or_measure_is_refused(path):
+def test_wrong_context_key_or_measure_is_refused(cpu_path):
     """Opening with another ctx, TIK or MEASURE than the packet was sealed with fails its MAC."""
     hdrs, ct, _ = sealed(ctx=sevpkt.CTX_SECRET, measure=MEASURE)
     refused(hdrs, ct, sevpkt.PacketAuthError, 0, ctx=sevpkt.CTX_DATA, measure=MEASURE)
@@ -417,7 +394,7 @@ def test_wrong_context_key_or_measure_is_refused(path):
     assert not any(out)
 
 
-def test_first_bad_packet_is_named(path):
+def test_first_bad_packet_is_named(cpu_path):
     """With packets 1 and 3 tampered, the error names packet 1."""
     hdrs, ct, _ = sealed()
     ct[32 * 1] ^= 1
@@ -425,7 +402,7 @@ def test_first_bad_packet_is_named(path):
     refused(hdrs, ct, sevpkt.PacketAuthError, 1)
 
 
-def test_compressed_flag_with_a_valid_mac_is_refused(path):
+def test_compressed_flag_with_a_valid_mac_is_refused(cpu_path):
     """A packet whose MAC covers COMPRESSED is refused with EOPNOTSUPP; other flag bits under a
     valid MAC open, as the firmware ignores them."""
     hdrs, ct, pt = sealed()
@@ -447,7 +424,7 @@ def test_compressed_flag_with_a_valid_mac_is_refused(path):
             ref.open_packets(TEK, TIK, bad, ct)
 
 
-def test_packets_are_judged_in_order_mac_before_flags(path):
+def test_packets_are_judged_in_order_mac_before_flags(cpu_path):
     """Packet 0 with valid MAC but flags set is named before a bad MAC in packet 1."""
     hdrs, ct, _ = sealed()
     iv = bytes(hdrs[4:20])
@@ -457,7 +434,7 @@ def test_packets_are_judged_in_order_mac_before_flags(path):
     refused(hdrs, ct, sevpkt.PacketFlagsError, 0)
 
 
-def test_packets_are_not_bound_to_their_position(path):
+def test_packets_are_not_bound_to_their_position(cpu_path):
     """Swapped packets open (the firmware binds no address or sequence number,
     AMD-ASPFW sev_mcmd_receive_update)."""
     hdrs, ct, pt = sealed(n=2)
@@ -592,7 +569,7 @@ def test_raw_primitives_check_their_arguments():
     assert lib.sc_aes128_ctr(TEK, IV, d + 1, 16, d) == -errno.EINVAL
 
 
-def test_raw_open_reports_the_bad_index_and_accepts_null(path):
+def test_raw_open_reports_the_bad_index_and_accepts_null(cpu_path):
     """sc_sevpkt_open writes the refused packet's index, and works without a bad_index pointer."""
     hdrs, ct, _ = sealed(n=3)
     ct[32 * 2 + 5] ^= 0x80

@@ -13,8 +13,8 @@ from sevcore.uapi import (KVM_EXIT_FAIL_ENTRY, SEV_GUEST_STATE_RUNNING, SEV_GUES
                           SEV_POLICY_MASK_NOSEND)
 
 import sevcore
-from migutil import (SMALL, Proxy, assert_runs_on, flip, guest_state, launched,
-                     memory_snapshot, rewrite, swapped)
+from support.migration import (SMALL, Proxy, assert_runs_on, flip, guest_state, launched,
+                               memory_snapshot, rewrite, swapped)
 
 FAST = MigrationParams(max_iterations=4, timeout_s=20)
 
@@ -159,8 +159,8 @@ def test_truncated_stream_is_refused_and_source_cancels():
 
 
 def test_psp_path_accepts_a_replayed_packet_and_the_guest_finds_it():
-    """The firmware binds a packet to the TEK/TIK only: an old packet replayed in place of a
-    newer one for the same page is accepted. Only the guest's own check finds the stale page."""
+    """The firmware binds a packet to the TEK/TIK only, so an old packet replayed in place of a
+    newer one for the same page is accepted and only the guest's own check finds the stale page."""
     m, dst = launched(workload="hotset", hot_fraction=0.02, dirty_pages_per_s=400)
     first = {}
 

@@ -14,7 +14,7 @@ from sevcore.migration.machine import GuestError, LaunchError, Machine
 from sevcore.migration.workload import GuestConfig, WorkloadError
 from sevcore.uapi import KVM_MAP_GPA_RANGE_DECRYPTED, KVM_X86_SEV_ES_VM
 
-from migutil import SMALL, Proxy, launched, rewrite
+from support.migration import SMALL, Proxy, launched, rewrite
 
 FAST = MigrationParams(max_iterations=4, timeout_s=20)
 

@@ -12,7 +12,7 @@ from sevcore.cli import main
 from sevcore.migration.engine import MigrationError, MigrationParams
 from sevcore.migration.remote import send_to
 
-from migutil import assert_runs_on, launched, memory_snapshot
+from support.migration import assert_runs_on, launched, memory_snapshot
 
 
 def _target_process(tmp_path):

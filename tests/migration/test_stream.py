@@ -591,6 +591,8 @@ def test_a_failing_fill_writes_nothing_of_its_record():
 
 
 def test_fill_arguments_are_checked_before_anything_is_buffered():
+    """An empty ciphertext, a negative header length, an empty helper packet or a negative gfn
+    is a ValueError before the fill function runs or any record is buffered."""
     a, _ = inprocess_pair()
     w = StreamWriter(a)
     never = lambda *args: pytest.fail("fill must not run")  # noqa: E731

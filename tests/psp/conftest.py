@@ -1,7 +1,7 @@
 """Fixtures for the firmware tests; tests marked slow run only when ``-m`` selects them."""
 import pytest
 
-from psputil import ready
+from support.psp import ready
 
 
 def pytest_collection_modifyitems(config, items):

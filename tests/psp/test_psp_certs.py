@@ -12,7 +12,7 @@ from sevcore.psp import PspError
 from sevcore.psp import certs as C
 from sevcore.psp import layout as L
 
-from psputil import _Rng, blob, raw, ready, snapshot
+from support.psp import _Rng, blob, raw, ready, snapshot
 
 OK = U.SEV_RET_SUCCESS
 

@@ -4,7 +4,7 @@ import os
 from sevcore import uapi as U
 from sevcore.psp import layout as L
 
-from psputil import SEV_ASID, Launched, pages, raw, ready, snapshot
+from support.psp import SEV_ASID, Launched, pages, raw, ready, snapshot
 
 OK = U.SEV_RET_SUCCESS
 

@@ -8,7 +8,7 @@ from sevcore.psp import crypto as X
 from sevcore.psp import layout as L
 from sevcore.psp.guests import GUEST_COUNT_MAX
 
-from psputil import SEV_ASID, Launched, blob, pages, raw, ready, snapshot
+from support.psp import SEV_ASID, Launched, blob, pages, raw, ready, snapshot
 
 OK = U.SEV_RET_SUCCESS
 BADG = U.SEV_RET_INVALID_GUEST_STATE

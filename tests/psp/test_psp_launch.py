@@ -15,7 +15,7 @@ from sevcore.psp import certs as C
 from sevcore.psp import crypto as X
 from sevcore.psp import layout as L
 
-from psputil import ES_ASID, SEV_ASID, Launched, _Rng, blob, pages, raw, ready, snapshot
+from support.psp import ES_ASID, SEV_ASID, Launched, _Rng, blob, pages, raw, ready, snapshot
 
 OK = U.SEV_RET_SUCCESS
 ES = U.SEV_POLICY_MASK_ES

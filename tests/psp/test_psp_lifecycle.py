@@ -7,7 +7,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, precon
 from sevcore import uapi as U
 from sevcore.psp import PspError
 
-from psputil import Launched, ready
+from support.psp import Launched, ready
 
 LU, LS, RN, SU, SN = (U.SEV_GUEST_STATE_LAUNCH_UPDATE, U.SEV_GUEST_STATE_LAUNCH_SECRET,
                       U.SEV_GUEST_STATE_RUNNING, U.SEV_GUEST_STATE_SEND_UPDATE,

@@ -13,8 +13,8 @@ from sevcore.psp import crypto as X
 from sevcore.psp import layout as L
 from sevcore.psp.api import Packet
 
-from psputil import ES_ASID, SEV_ASID, Launched, _Rng, blob, migration_pair, pages, raw, \
-    ready, snapshot
+from support.psp import (ES_ASID, SEV_ASID, Launched, _Rng, blob, migration_pair, pages, raw,
+                         ready, snapshot)
 
 OK = U.SEV_RET_SUCCESS
 SEV, DOMAIN = U.SEV_POLICY_MASK_SEV, U.SEV_POLICY_MASK_DOMAIN

@@ -9,7 +9,7 @@ from sevcore.psp import PspError
 from sevcore.psp import certs as C
 from sevcore.psp import layout as L
 
-from psputil import Launched, pages, raw, ready, snapshot
+from support.psp import Launched, pages, raw, ready, snapshot
 
 OK = U.SEV_RET_SUCCESS
 BADP = U.SEV_RET_INVALID_PLATFORM_STATE

@@ -8,7 +8,7 @@ from sevcore.psp import RingBuffer
 from sevcore.psp import layout as L
 from sevcore.psp.ring import CMD_FLAG_CONT_ON_ERROR, CMD_FLAG_INT_COMPLETE
 
-from psputil import SEV_ASID, Launched, pages, raw, ready, snapshot
+from support.psp import SEV_ASID, Launched, pages, raw, ready, snapshot
 
 OK = U.SEV_RET_SUCCESS
 SEND, RECV = U.SEV_CMD_SEND_UPDATE_DATA, U.SEV_CMD_RECEIVE_UPDATE_DATA

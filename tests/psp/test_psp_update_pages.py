@@ -7,7 +7,7 @@ from sevcore import uapi as U
 from sevcore.psp import PspError, RingBuffer
 from sevcore.psp.api import Packet
 
-from psputil import SEV_ASID, migration_pair, pages
+from support.psp import SEV_ASID, migration_pair, pages
 
 N = 6
 

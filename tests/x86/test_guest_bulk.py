@@ -11,6 +11,8 @@ from sevcore.vmm.kvm_util import (addr_gpa2hva, vm_mem_add, vm_mem_set_private,
                               vm_sev_create_with_one_vcpu, vm_sev_launch)
 from sevcore.uapi import *
 
+from support import raises_errno
+
 GPA = 1 << 32
 NPAGES = 1024
 
@@ -106,9 +108,8 @@ def test_bulk_fault_resumes_where_it_stopped():
         yield g.done()
     v = vm.create_vcpu(0)
     v.set_guest_code(guest)
-    with pytest.raises(OSError) as e:
+    with raises_errno(EFAULT):
         v.run()
-    assert e.value.errno == EFAULT
     assert v.kvm_run.memory_fault.gpa == GPA + 40 * 4096
     assert vm.kvm.read(hva + 39 * 4096, 8) == b"\x11" * 8
     assert vm.kvm.read(hva + 41 * 4096, 8) == bytes(8)
@@ -250,9 +251,9 @@ def test_write_pages_fault_resumes_where_it_stopped(rng):
         yield g.done()
     v = vm.create_vcpu(0)
     v.set_guest_code(guest)
-    with pytest.raises(OSError) as e:
+    with raises_errno(EFAULT):
         v.run()
-    assert e.value.errno == EFAULT and v.kvm_run.memory_fault.gpa == GPA + 40 * 4096
+    assert v.kvm_run.memory_fault.gpa == GPA + 40 * 4096
     assert vm.kvm.read(hva + 3 * 4096, 4096) == data[0].tobytes()
     assert vm.kvm.read(hva + 7 * 4096, 4096) == bytes(4096)
     vm.set_memory_attributes(GPA + 40 * 4096, 4096, 0)
@@ -279,9 +280,9 @@ def test_check_pattern_counts_across_a_failed_run():
     for page in (10, 12, 50):
         vm.kvm.write(hva + page * 4096, b"\xff")
     vm_mem_set_private(vm, GPA + 40 * 4096, 4096)
-    with pytest.raises(OSError) as e:
+    with raises_errno(EFAULT):
         v.run()
-    assert e.value.errno == EFAULT and v.kvm_run.memory_fault.gpa == GPA + 40 * 4096
+    assert v.kvm_run.memory_fault.gpa == GPA + 40 * 4096
     vm.set_memory_attributes(GPA + 40 * 4096, 4096, 0)
     v.run()
     assert v.get_ucall()[1] == ((3, 10),)

@@ -8,6 +8,8 @@ import sevcore
 from sevcore.vmm.kvm_util import vm_mem_add
 from sevcore.uapi import *
 
+from support import raises_errno
+
 U64 = (1 << 64) - 1
 
 
@@ -101,9 +103,8 @@ def test_exit_hypercall_cap_checks():
     assert vm.check_extension(KVM_CAP_EXIT_HYPERCALL) == 0x1000
     vm.enable_cap(KVM_CAP_EXIT_HYPERCALL, 0x1000)
     for args, flags in [((0x1001,), 0), ((1 << 11,), 0), ((0x1000,), 1)]:
-        with pytest.raises(OSError) as e:
+        with raises_errno(EINVAL):
             vm.enable_cap(KVM_CAP_EXIT_HYPERCALL, *args, flags=flags)
-        assert e.value.errno == EINVAL
         assert vm.hypercall_exit_enabled == 0x1000
 
 
@@ -111,13 +112,11 @@ def test_create_vcpu_checks():
     """vcpu ids must be below KVM_MAX_VCPU_IDS (EINVAL) and unique (EEXIST)."""
     vm = create()
     vm.create_vcpu(0)
-    with pytest.raises(OSError) as e:
+    with raises_errno(EEXIST, "KVM_CREATE_VCPU"):
         vm.create_vcpu(0)
-    assert e.value.errno == EEXIST and "KVM_CREATE_VCPU" in str(e.value)
     for bad in (KVM_MAX_VCPU_IDS, -1):
-        with pytest.raises(OSError) as e:
+        with raises_errno(EINVAL):
             vm.create_vcpu(bad)
-        assert e.value.errno == EINVAL
     assert [v.vcpu_id for v in vm.vcpus] == [0]
 
 
@@ -127,9 +126,8 @@ def test_run_of_uninitialised_sev_vm_is_einval():
         vm = create(t)
         vcpu = vm.create_vcpu(0)
         vcpu.set_guest_code(lambda g: (yield g.done()))
-        with pytest.raises(OSError) as e:
+        with raises_errno(EINVAL):
             vcpu.run()
-        assert e.value.errno == EINVAL
 
 
 def test_immediate_exit_is_eintr():
@@ -140,9 +138,9 @@ def test_immediate_exit_is_eintr():
     _, run, vcpu = run_hypercall(vm, KVM_HC_MAP_GPA_RANGE, 0, 1, 0)
     run.hypercall.ret = 7
     run.immediate_exit = 1
-    with pytest.raises(OSError) as e:
+    with raises_errno(EINTR):
         vcpu.run()
-    assert e.value.errno == EINTR and run.exit_reason == KVM_EXIT_INTR
+    assert run.exit_reason == KVM_EXIT_INTR
     run.immediate_exit = 0
     assert vcpu.run().ucall == ("sync", (7,))
 
@@ -183,14 +181,12 @@ def test_dead_and_closed():
     v = vm.create_vcpu(0)
     v.set_guest_code(lambda g: (yield g.done()))
     vm.dead = True
-    with pytest.raises(OSError) as e:
+    with raises_errno(EIO):
         v.run()
-    assert e.value.errno == EIO
     vm.dead = False
     v.close()
-    with pytest.raises(OSError) as e:
+    with raises_errno(EBADF):
         v.run()
-    assert e.value.errno == EBADF
 
 
 def test_an_open_vcpu_fd_keeps_its_vm_alive():

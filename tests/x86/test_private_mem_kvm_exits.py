@@ -2,11 +2,12 @@
 plus the other memory-fault exits of kvm_mmu_faultin_pfn (arch/x86/kvm/mmu/mmu.c)."""
 from errno import EFAULT
 
-import pytest
 
 import sevcore
 from sevcore.vmm.kvm_util import vm_mem_add, vm_mem_set_private
 from sevcore.uapi import *
+
+from support import raises_errno
 
 EXITS_TEST_GPA = 0xc0000000
 EXITS_TEST_SLOT = 10
@@ -32,10 +33,8 @@ def assert_memory_fault(run, flags, gpa):
 
 
 def run_expect_memory_fault(vcpu, err=EFAULT):
-    with pytest.raises(OSError) as e:
+    with raises_errno(err, "KVM_RUN"):
         vcpu.run()
-    assert e.value.errno == err
-    assert "KVM_RUN" in str(e.value)
     return vcpu.kvm_run
 
 

@@ -9,6 +9,8 @@ from sevcore.vmm.kvm_util import (addr_gpa2hva, kvm_vm_free, sev_es_vm_init, sev
                                   sev_vm_launch, vm_mem_add)
 from sevcore.uapi import *
 
+from support import raises_errno
+
 NR_VCPUS = 4
 NR_VMS = 3
 
@@ -44,12 +46,6 @@ def copy(dst, src):
     return dst.enable_cap(KVM_CAP_VM_COPY_ENC_CONTEXT_FROM, getattr(src, "fd", src))
 
 
-def errno_of(fn, *args, **kw):
-    with pytest.raises(OSError) as e:
-        fn(*args, **kw)
-    return e.value.errno
-
-
 @pytest.mark.parametrize("es", [False, True])
 def test_sev_migrate_from(kvm, es):
     """A context moves along a chain of VMs; the dead source answers EIO."""
@@ -58,9 +54,12 @@ def test_sev_migrate_from(kvm, es):
     move(dst[0], src)
     for i in range(1, NR_VMS):
         move(dst[i], dst[i - 1])
-    assert errno_of(move, src, dst[-1]) == EIO
-    assert errno_of(src.memory_encrypt_op, KVM_SEV_GUEST_STATUS) == EIO
-    assert errno_of(src.vcpus[0].run) == EIO
+    with raises_errno(EIO):
+        move(src, dst[-1])
+    with raises_errno(EIO):
+        src.memory_encrypt_op(KVM_SEV_GUEST_STATUS)
+    with raises_errno(EIO):
+        src.vcpus[0].run()
     st = dst[-1].memory_encrypt_op(KVM_SEV_GUEST_STATUS)
     assert st.state == SEV_GUEST_STATE_LAUNCH_UPDATE
     for vm in [src] + dst:
@@ -90,18 +89,18 @@ def test_sev_migrate_parameters(kvm):
     """MOVE refuses a non-SEV source, an SEV destination and an ES vCPU mismatch."""
     vm_no_vcpu = aux_vm_create(kvm, False)
     vm_no_sev = aux_vm_create(kvm, True)
-    assert errno_of(move, vm_no_vcpu, vm_no_sev) == EINVAL
+    with raises_errno(EINVAL):
+        move(vm_no_vcpu, vm_no_sev)
     sev_vm = sev_vm_create(kvm, False)
     sev_es_vm = sev_vm_create(kvm, True)
     sev_es_vm_no_vmsa = kvm.create_vm(KVM_X86_DEFAULT_VM)
     sev_es_vm_init(sev_es_vm_no_vmsa)
     sev_es_vm_no_vmsa.create_vcpu(1)
-    assert errno_of(move, sev_vm, sev_es_vm) == EINVAL
-    assert errno_of(move, sev_es_vm, sev_vm) == EINVAL
-    assert errno_of(move, vm_no_vcpu, sev_es_vm) == EINVAL
-    assert errno_of(move, vm_no_vcpu, sev_es_vm_no_vmsa) == EINVAL
-    assert errno_of(move, vm_no_vcpu, 12345) == EBADF
-    assert errno_of(move, vm_no_vcpu, kvm.host.memfd_create()) == EBADF
+    for dst, src, err in [(sev_vm, sev_es_vm, EINVAL), (sev_es_vm, sev_vm, EINVAL),
+                          (vm_no_vcpu, sev_es_vm, EINVAL), (vm_no_vcpu, sev_es_vm_no_vmsa, EINVAL),
+                          (vm_no_vcpu, 12345, EBADF), (vm_no_vcpu, kvm.host.memfd_create(), EBADF)]:
+        with raises_errno(err):
+            move(dst, src)
     assert not vm_no_vcpu.sev_guest and sev_vm.sev_guest and not sev_vm.dead
 
 
@@ -110,9 +109,12 @@ def verify_mirror_allowed_cmds(vm):
         if cmd in (KVM_SEV_LAUNCH_UPDATE_VMSA, KVM_SEV_GUEST_STATUS, KVM_SEV_DBG_DECRYPT,
                    KVM_SEV_DBG_ENCRYPT):
             continue
-        assert errno_of(vm.memory_encrypt_op, cmd, None) == EINVAL, cmd
-    assert errno_of(vm.memory_encrypt_reg_region, 0x7f0000000000, 4096) == EINVAL
-    assert errno_of(vm.memory_encrypt_unreg_region, 0x7f0000000000, 4096) == EINVAL
+        with raises_errno(EINVAL):
+            vm.memory_encrypt_op(cmd, None)
+    with raises_errno(EINVAL):
+        vm.memory_encrypt_reg_region(0x7f0000000000, 4096)
+    with raises_errno(EINVAL):
+        vm.memory_encrypt_unreg_region(0x7f0000000000, 4096)
 
 
 @pytest.mark.parametrize("es", [False, True])
@@ -136,17 +138,19 @@ def test_sev_mirror_parameters(kvm):
     sev_vm = sev_vm_create(kvm, False)
     vm_with_vcpu = aux_vm_create(kvm, True)
     vm_no_vcpu = aux_vm_create(kvm, False)
-    assert errno_of(copy, sev_vm, sev_vm) == EINVAL
-    assert errno_of(copy, vm_no_vcpu, vm_with_vcpu) == EINVAL
-    assert errno_of(copy, vm_with_vcpu, sev_vm) == EINVAL
+    for dst, src in [(sev_vm, sev_vm), (vm_no_vcpu, vm_with_vcpu), (vm_with_vcpu, sev_vm)]:
+        with raises_errno(EINVAL):
+            copy(dst, src)
     sev_es_vm = sev_vm_create(kvm, True)
-    assert errno_of(copy, sev_vm, sev_es_vm) == EINVAL
-    assert errno_of(copy, sev_es_vm, sev_vm) == EINVAL
+    for dst, src in [(sev_vm, sev_es_vm), (sev_es_vm, sev_vm)]:
+        with raises_errno(EINVAL):
+            copy(dst, src)
     mirror = aux_vm_create(kvm, False)
     copy(mirror, sev_vm)
-    assert errno_of(copy, aux_vm_create(kvm, False), mirror) == EINVAL   # mirror of a mirror
-    assert errno_of(mirror.enable_cap, KVM_CAP_VM_COPY_ENC_CONTEXT_FROM, sev_vm.fd, flags=1) \
-        == EINVAL
+    with raises_errno(EINVAL):
+        copy(aux_vm_create(kvm, False), mirror)                  # a mirror of a mirror
+    with raises_errno(EINVAL):
+        mirror.enable_cap(KVM_CAP_VM_COPY_ENC_CONTEXT_FROM, sev_vm.fd, flags=1)
 
 
 def _move_copy(kvm, order):

@@ -4,7 +4,7 @@ protocol (sev_handle_vmgexit_msr_protocol), #VC for intercepted instructions, SE
 the register ioctls once the VMSA is encrypted."""
 import math
 import struct
-from errno import EFAULT, EINVAL, ENOMEM, ENOTTY
+from errno import EBADF, EFAULT, EINVAL, ENOMEM, ENOTTY
 
 import pytest
 
@@ -15,6 +15,8 @@ from sevcore.vmm.kvm_util import (addr_gpa2hva, sev_vm_launch, vm_mem_add, vm_se
                               vm_sev_launch, vm_vcpu_add)
 from sevcore.kvm.sev import SevError
 from sevcore.uapi import *
+
+from support import raises_errno
 
 GPA = 0x3000
 SECRET = b"launch-plaintext"
@@ -207,9 +209,8 @@ def test_launch_states_and_measure_query():
         vm.memory_encrypt_op(KVM_SEV_LAUNCH_MEASURE, len=0)
     assert e.value.fw_error == SEV_RET_INVALID_LEN and e.value.out.len == 48
     assert vm.memory_encrypt_op(KVM_SEV_GUEST_STATUS).state == SEV_GUEST_STATE_LAUNCH_UPDATE
-    with pytest.raises(OSError) as e:
+    with raises_errno(EINVAL):
         vm.memory_encrypt_op(KVM_SEV_LAUNCH_MEASURE, uaddr=kvm.mmap(4096), len=0x4001)
-    assert e.value.errno == EINVAL
     buf = kvm.mmap(4096)
     out = vm.memory_encrypt_op(KVM_SEV_LAUNCH_MEASURE, uaddr=buf, len=48)
     assert out.len == 48 and kvm.read(buf, 48) != bytes(48)
@@ -272,29 +273,24 @@ def test_not_sev_and_fd_errors():
     vm = kvm.create_vm(KVM_X86_SEV_VM)
     for cmd in (KVM_SEV_LAUNCH_START, KVM_SEV_LAUNCH_FINISH, KVM_SEV_GUEST_STATUS,
                 KVM_SEV_DBG_DECRYPT, KVM_SEV_SEND_START, KVM_SEV_LAUNCH_UPDATE_VMSA):
-        with pytest.raises(OSError) as e:
+        with raises_errno(ENOTTY):
             vm.memory_encrypt_op(cmd)
-        assert e.value.errno == ENOTTY, cmd
-    with pytest.raises(OSError) as e:
+    with raises_errno(EINVAL):
         vm.memory_encrypt_op(KVM_SEV_RECEIVE_UPDATE_DATA)
-    assert e.value.errno == EINVAL
     for cmd in (KVM_SEV_SEND_UPDATE_VMSA, KVM_SEV_RECEIVE_UPDATE_VMSA, KVM_SEV_CERT_EXPORT, 23):
-        with pytest.raises(OSError) as e:
+        with raises_errno(EINVAL):
             vm.memory_encrypt_op(cmd)
-        assert e.value.errno == EINVAL
     vm.memory_encrypt_op(KVM_SEV_INIT2)
-    with pytest.raises(OSError) as e:
+    with raises_errno(EBADF):
         vm.memory_encrypt_op(KVM_SEV_LAUNCH_FINISH)
-    assert e.value.errno == 9                       # EBADF
-    with pytest.raises(OSError) as e:
+    with raises_errno(EFAULT):
         vm.memory_encrypt_op(KVM_SEV_LAUNCH_START, data=None)
-    assert e.value.errno == EFAULT
-    with pytest.raises(OSError) as e:
+    with raises_errno(EBADF):
         vm.memory_encrypt_op(KVM_SEV_LAUNCH_START, sev_fd=kvm.host.memfd_create().fd)
-    assert e.value.errno == 9 and vm.sev.handle == 0
-    with pytest.raises(OSError) as e:
+    assert vm.sev.handle == 0
+    with raises_errno(EINVAL):
         vm.memory_encrypt_op(KVM_SEV_LAUNCH_START, dh_uaddr=kvm.mmap(4096), dh_len=0x4001)
-    assert e.value.errno == EINVAL and vm.sev.handle == 0
+    assert vm.sev.handle == 0
     assert vm.create_vcpu(0).run().exit_reason == KVM_EXIT_FAIL_ENTRY   # no key bound yet
 
 
@@ -303,9 +299,8 @@ def test_regions():
     kvm = sevcore.Kvm()
     vm = kvm.create_vm(KVM_X86_SEV_VM)
     hva = kvm.mmap(16 * 4096)
-    with pytest.raises(OSError) as e:
+    with raises_errno(ENOTTY):
         vm.memory_encrypt_reg_region(hva, 4096)
-    assert e.value.errno == ENOTTY
     vm.memory_encrypt_op(KVM_SEV_INIT2)
     vm.memory_encrypt_reg_region(hva + 1, 4096)       # two pages
     vm.memory_encrypt_reg_region(hva + 1, 4096)       # duplicates pin again
@@ -315,13 +310,11 @@ def test_regions():
              (((1 << 64) - 4096, 4096), EINVAL),         # ends at 2^64: uaddr + ulen wraps
              ((hva, 5 * 4096), ENOMEM), ((0x1000, 4096), ENOMEM)]
     for (addr, size), err in table:
-        with pytest.raises(OSError) as e:
+        with raises_errno(err):
             vm.memory_encrypt_reg_region(addr, size)
-        assert e.value.errno == err, (addr, size)
     assert vm.sev.pages_locked == 4 and len(vm.sev.regions) == 2
-    with pytest.raises(OSError) as e:
+    with raises_errno(EINVAL):
         vm.memory_encrypt_unreg_region(hva, 4096)
-    assert e.value.errno == EINVAL
     vm.memory_encrypt_unreg_region(hva + 1, 4096)
     vm.memory_encrypt_unreg_region(hva + 1, 4096)
     assert vm.sev.pages_locked == 0 and not vm.sev.regions
@@ -339,14 +332,12 @@ def test_launch_update_vmsa_once():
     assert all(v.guest_state_protected for v in vcpus)
     vmsa = kvm.host.mem.frames[vcpus[0].vmsa_spa:vcpus[0].vmsa_spa + 4096].tobytes()
     assert vmsa[0x160:0x168] != (0x400).to_bytes(8, "little")     # encrypted
-    with pytest.raises(OSError) as e:
+    with raises_errno(EINVAL):
         vm.memory_encrypt_op(KVM_SEV_LAUNCH_UPDATE_VMSA)
-    assert e.value.errno == EINVAL
     sev = kvm.create_vm(KVM_X86_SEV_VM)
     sev.memory_encrypt_op(KVM_SEV_INIT2)
-    with pytest.raises(OSError) as e:
+    with raises_errno(ENOTTY):
         sev.memory_encrypt_op(KVM_SEV_LAUNCH_UPDATE_VMSA)
-    assert e.value.errno == ENOTTY
 
 
 # -- the SEV-ES vCPU: GHCB MSR protocol, #VC, SEV_STATUS, register ioctls --------------------------
@@ -627,9 +618,8 @@ def test_protected_state_refuses_register_ioctls():
     assert vcpu.get_regs()["rip"] == 0x1234 and vcpu.get_xcrs() == [(0, 7)]
     vm_sev_launch(vm, SEV_POLICY_ES)
     for name, call in state_ioctls(vcpu).items():
-        with pytest.raises(OSError) as e:
+        with raises_errno(EINVAL, name):
             call()
-        assert e.value.errno == EINVAL and e.value.filename == name
     vmsa = kvm.host.umc.read(vcpu.vmsa_spa, 4096, vm.sev.asid)
     assert struct.unpack_from("<Q", vmsa, 0x178)[0] == 0x1234          # RIP
     assert struct.unpack_from("<Q", vmsa, 0x1f8)[0] == 7               # RAX
@@ -674,9 +664,8 @@ def test_move_destination_is_protected_but_its_fpu_is_not_confidential():
     dst.set_user_memory_region2(0, 0, 0, slot.npages << 12, slot.userspace_addr)
     dvcpu = dst.create_vcpu(0)
     dst.enable_cap(KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM, vm.fd)
-    with pytest.raises(OSError) as e:
+    with raises_errno(EINVAL):
         dvcpu.get_regs()
-    assert e.value.errno == EINVAL
     assert len(dvcpu.get_xsave()) == 4096
     assert dvcpu.ghcb_gpa == GHCB_MSR_SEV_INFO(2, 1, kvm.host.c_bit)
     assert vcpu.ghcb_gpa == INVALID_PAGE
@@ -697,9 +686,8 @@ def test_set_xsave_checks(offset, value, why):
     before = vcpu.get_xsave()
     buf = bytearray(host_xsave())
     struct.pack_into("<Q", buf, offset, struct.unpack_from("<Q", buf, offset)[0] | value)
-    with pytest.raises(OSError) as e:
+    with raises_errno(EINVAL):
         vcpu.set_xsave(buf)
-    assert e.value.errno == EINVAL, why
     assert vcpu.get_xsave() == before
     with pytest.raises(ValueError):
         vcpu.set_xsave(bytes(4095))
@@ -728,13 +716,13 @@ def test_set_xcrs_checks(xcrs, flags):
     flags and more than KVM_MAX_XCRS entries are EINVAL; entries for other XCRs are ignored."""
     kvm = sevcore.Kvm()
     vcpu = kvm.create_vm(KVM_X86_DEFAULT_VM).create_vcpu(0)
-    with pytest.raises(OSError) as e:
+    with raises_errno(EINVAL):
         vcpu.set_xcrs(xcrs, flags=flags)
-    assert e.value.errno == EINVAL and vcpu.get_xcrs() == [(0, 1)]
+    assert vcpu.get_xcrs() == [(0, 1)]
     vcpu.set_xcrs([(1, 3), (0, 3), (0, 0)])
     assert vcpu.get_xcrs() == [(0, 3)]
     vcpu.set_cpuid2([e for e in vcpu.get_cpuid2() if e["function"] != 0xd])
-    with pytest.raises(OSError):
+    with raises_errno(EINVAL):
         vcpu.set_xcrs([(0, 3)])
 
 

@@ -2,7 +2,6 @@
 copy_to_user do: a user address whose page the VMM cannot touch (a private guest_memfd page, or
 one past the end of the file, which SIGBUS a user access) is EFAULT from the ioctl, and the
 command changes nothing."""
-import contextlib
 from errno import EFAULT, EIO, ENOMEM
 
 import pytest
@@ -13,14 +12,9 @@ from sevcore.uapi import *
 from sevcore.vmm.kvm_util import (addr_gpa2hva, sev_vm_launch, vm_sev_create_with_one_vcpu,
                                   vm_sev_launch)
 
+from support.errors import raises_errno
+
 P = 4096
-
-
-@contextlib.contextmanager
-def raises_errno(err, name):
-    with pytest.raises(OSError) as e:
-        yield e
-    assert e.value.errno == err and name in str(e.value), e.value
 
 
 def sigbus_hvas(kvm):
@@ -98,10 +92,9 @@ def test_attestation_report_into_a_sigbus_mapping_is_efault(which):
 
 @pytest.mark.parametrize("which", [0, 1], ids=["private", "past-end"])
 def test_send_start_blobs_in_a_sigbus_mapping_are_efault(which):
-    """SEND_START's certificates in, and its session out, through a SIGBUS mapping: EFAULT. A
-    certificate faults before the firmware command (the guest stays RUNNING); the session is
-    copied out after it (sev_send_start), so the guest is then in SEND_UPDATE, as the kernel
-    leaves it."""
+    """SEND_START's certificates in, and its session out, through a SIGBUS mapping: EFAULT, with
+    the guest RUNNING when a certificate faults and in SEND_UPDATE when the session does (it is
+    copied out after the firmware command, as sev_send_start does)."""
     kvm = sevcore.Kvm()
     bad = sigbus_hvas(kvm)[which]
     vm = launched(kvm)

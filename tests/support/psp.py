@@ -1,5 +1,5 @@
-"""Helpers shared by the firmware tests (a module of its own: ``conftest`` names collide
-between test folders)."""
+"""Helpers of the firmware tests: a Host whose PSP is ready, raw mailbox commands, launched
+guests and snapshots of everything a refused command must leave unchanged."""
 
 import sevcore
 from sevcore.vmm import owner
