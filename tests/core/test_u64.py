@@ -1,11 +1,14 @@
-"""sevcore.core.arrays.u64, the one converter of u64 arguments: a negative, out-of-range or
-non-integer value is a ValueError naming the item, never a wrapped value."""
+"""sevcore.core.arrays.u64, the one converter of u64 arguments, and its callers: a negative,
+out-of-range or non-integer value is a ValueError naming the item, never a wrapped value."""
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from sevcore.core.arrays import U64_MAX, NotAnInteger, u64
+from sevcore.core.memcrypt import AES128_XEX, MemoryEngine
+from sevcore.core.npt import GFN_LIMIT, NPT_WRITABLE, Npt
+from sevcore.core.pages import GUEST_OP_FILL, GuestPageOps
 
 
 def by_loop(values, what):
@@ -107,3 +110,65 @@ def test_ndim_is_what_the_caller_takes():
         u64([3], "gpa", ndim=0)
     with pytest.raises(TypeError, match="m must be 2-D integers, not list"):
         u64([1], "m", ndim=2)
+
+
+# --- every caller: a negative item is named, not wrapped ----------------------------------------
+
+def test_npt_batches_name_a_negative_gfn_instead_of_wrapping_it():
+    """Npt.lookup_batch and map_runs refuse a negative gfn of a signed array by its index (they
+    used to view it as a u64 >= 2**63 and report the batch out of range)."""
+    with Npt() as npt:
+        npt.map(0, 5, NPT_WRITABLE, npages=4)
+        for gfns in ([0, 1, -1], np.array([0, 1, -1], np.int64), np.array([0, 1, -1], np.int8)):
+            with pytest.raises(ValueError, match=r"gfns\[2\] = -1 is not a u64"):
+                npt.lookup_batch(gfns)
+            with pytest.raises(ValueError, match=r"gfns\[2\] = -1 is not a u64"):
+                npt.map_runs(gfns, [9, 10, 11], NPT_WRITABLE)
+        with pytest.raises(ValueError, match=r"pfns\[0\] = -9 is not a u64"):
+            npt.map_runs([7], [-9], NPT_WRITABLE)
+        assert npt.lookup_batch(np.array([0, 3], np.int64)).tolist() == [5, 8]
+        assert len(npt) == 4
+
+
+def test_npt_scalars_name_the_argument():
+    """A negative or non-integer scalar of an Npt call is named by its argument."""
+    with Npt() as npt:
+        for call, message in [(lambda: npt.map(-1, 0, 0), "gfn = -1 is not a u64"),
+                              (lambda: npt.map(0, -2, 0), "pfn = -2 is not a u64"),
+                              (lambda: npt.map(0, 0, -1), "flags = -1 is not a u64"),
+                              (lambda: npt.map(0, 0, 0, -5), "npages = -5 is not a u64"),
+                              (lambda: npt.unmap(2**64), "gfn = 18446744073709551616 is not"),
+                              (lambda: npt.lookup(-3), "gfn = -3 is not a u64"),
+                              (lambda: npt.items(-1), "start_gfn = -1 is not a u64"),
+                              (lambda: Npt(limit_bytes=-1), "limit_bytes = -1 is not a u64")]:
+            with pytest.raises(ValueError, match=message):
+                call()
+        with pytest.raises(TypeError, match="gfn = 1.0 is not an integer"):
+            npt.map(1.0, 0, 0)
+
+
+def test_memcrypt_names_a_negative_spa():
+    """encrypt_pages names a negative SPA of a list or a signed array; encrypt_run a negative
+    run SPA."""
+    eng = MemoryEngine(AES128_XEX, bytes(16))
+    for spas in ([0, -4096], np.array([0, -4096], np.int64)):
+        with pytest.raises(ValueError, match=r"spas\[1\] = -4096 is not a u64"):
+            eng.encrypt_pages(bytes(8192), spas)
+    with pytest.raises(ValueError, match="spa = -4096 is not a u64"):
+        eng.encrypt_run(bytes(4096), -4096)
+
+
+def test_guest_page_ops_name_a_negative_gfn():
+    """GuestPageOps.run names a negative gfn of its list by index, and a negative gfn0 or arg."""
+    frames = bytearray(4 * 4096)
+    with Npt() as npt:
+        npt.map(0x10, 0, NPT_WRITABLE, npages=4)
+        ops = GuestPageOps(npt, frames)
+        with pytest.raises(ValueError, match=r"gfns\[1\] = -1 is not a u64"):
+            ops.run(GUEST_OP_FILL, np.array([0x10, -1], np.int64))
+        with pytest.raises(ValueError, match="arg = -1 is not a u64"):
+            ops.run(GUEST_OP_FILL, gfn0=0x10, n=1, arg=-1)
+        with pytest.raises(ValueError, match=rf"gfns\[1\] = {GFN_LIMIT:#x} must be in"):
+            ops.run(GUEST_OP_FILL, [0x10, GFN_LIMIT])
+        assert frames == bytearray(4 * 4096)
+        ops.close()
