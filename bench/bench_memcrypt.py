@@ -197,5 +197,5 @@ def test_raw_c_one_page_call(benchmark):
     src, dst = _b.buffer_ptr(page, "page"), _b.buffer_ptr(out, "out", True)
     fn, handle = _b.lib.sc_memcrypt_run, eng._eng
     per_item(benchmark, 1, "pages")
-    benchmark(fn, handle, 1, src, PAGE_SIZE, dst, PAGE_SIZE, 0x1000)
+    benchmark(fn, handle, 1, src, PAGE_SIZE, dst, PAGE_SIZE, 0x1000, _b.ffi.NULL)
     assert bytes(out) == bytes(eng.encrypt_page(page, 0x1000))

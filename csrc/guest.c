@@ -297,62 +297,77 @@ static int op_writes(int op)
 
 static int misaligned(const void *p) { return ((uintptr_t)p & 7) != 0; }
 
-static int check_slots(const struct sc_guest_slot *slots, size_t nslots)
+static int check_slots(const struct sc_guest_slot *slots, size_t nslots, struct sc_err *err)
 {
     if (nslots && !slots)
-        return -EINVAL;
+        return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
     for (size_t k = 0; k < nslots; k++) {
         const struct sc_guest_slot *s = &slots[k];
-        if (!s->dirty_bitmap || misaligned(s->dirty_bitmap) || s->npages == 0 ||
-            s->base_gfn >= GFN_LIMIT || s->npages > GFN_LIMIT - s->base_gfn)
-            return -EINVAL;
+        if (!s->dirty_bitmap)
+            return sc_refuse(err, EINVAL, SC_ERR_NULL, k, 0, 0, 0);
+        if (misaligned(s->dirty_bitmap))
+            return sc_refuse(err, EINVAL, SC_ERR_MISALIGNED, k, 0, 0, 0);
+        if (s->npages == 0 || s->base_gfn >= GFN_LIMIT || s->npages > GFN_LIMIT - s->base_gfn)
+            return sc_refuse(err, EINVAL, SC_ERR_GUEST_SLOT, k, s->base_gfn, GFN_LIMIT,
+                             s->npages);
+        /* find_slot() binary-searches them, as search_memslots() does. */
         if (k && s->base_gfn < slots[k - 1].base_gfn + slots[k - 1].npages)
-            return -EINVAL;
+            return sc_refuse(err, EINVAL, SC_ERR_GUEST_SLOT_ORDER, k, s->base_gfn,
+                             slots[k - 1].base_gfn + slots[k - 1].npages, s->npages);
     }
     return 0;
 }
 
 static int check_args(const struct sc_guest_ctx *ctx, int op, const uint64_t *gfns, uint64_t gfn0,
                       uint64_t n, const uint8_t *buf, size_t buf_size, const uint64_t *out,
-                      size_t out_len)
+                      size_t out_len, struct sc_err *err)
 {
     if (!ctx || !ctx->npt || !ctx->frames)
-        return -EINVAL;
+        return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
     if (op < SC_GUEST_OP_READ || op > SC_GUEST_OP_DIGEST)
-        return -EINVAL;
+        return sc_refuse(err, EINVAL, SC_ERR_GUEST_OP, 0, (uint64_t)(int64_t)op, 0, 0);
     /* No call can name more pages than the guest space has; this also keeps n * 4096 and
      * n * 8 far from overflowing. */
     if (n > GFN_LIMIT)
-        return -EINVAL;
+        return sc_refuse(err, EINVAL, SC_ERR_GUEST_COUNT, 0, n, GFN_LIMIT, 0);
     size_t gfns_bytes = gfns ? (size_t)n * 8 : 0;
     if (op == SC_GUEST_OP_READ || op == SC_GUEST_OP_WRITE) {
         size_t bytes = (size_t)n * PAGE;
         if ((bytes && !buf) || buf_size < bytes)
-            return -EINVAL;
+            return sc_refuse(err, EINVAL, SC_ERR_GUEST_BUF_SIZE, 0, buf ? buf_size : 0, bytes,
+                             n);
         if (sc_overlaps(buf, bytes, ctx->frames, ctx->frames_size) ||
             sc_overlaps(buf, bytes, gfns, gfns_bytes))
-            return -EINVAL;
+            return sc_refuse(err, EINVAL, SC_ERR_GUEST_BUF_OVERLAP, 0, 0, 0, 0);
     }
     if (op == SC_GUEST_OP_CHECK || op == SC_GUEST_OP_DIGEST) {
         size_t words = op == SC_GUEST_OP_CHECK ? 2 : (size_t)n;
-        if ((words && !out) || out_len < words || misaligned(out))
-            return -EINVAL;
+        if ((words && !out) || out_len < words)
+            return sc_refuse(err, EINVAL, SC_ERR_GUEST_OUT_SIZE, 0, out ? out_len : 0, words,
+                             n);
+        if (misaligned(out))
+            return sc_refuse(err, EINVAL, SC_ERR_MISALIGNED, 0, 0, 0, 0);
         if (sc_overlaps(out, words * 8, ctx->frames, ctx->frames_size) ||
             sc_overlaps(out, words * 8, gfns, gfns_bytes))
-            return -EINVAL;
+            return sc_refuse(err, EINVAL, SC_ERR_GUEST_OUT_OVERLAP, 0, 0, 0, 0);
     }
     if (gfns) {
         if (misaligned(gfns))
-            return -EINVAL;
+            return sc_refuse(err, EINVAL, SC_ERR_MISALIGNED, 0, 0, 0, 0);
+        /* One OR over the list on the way in; which page it was is looked for once it failed. */
         uint64_t any = 0;
         for (uint64_t i = 0; i < n; i++)
             any |= gfns[i];
-        if (any >= GFN_LIMIT)
-            return -EINVAL;
+        if (any >= GFN_LIMIT) {
+            uint64_t i = 0;
+            while (gfns[i] < GFN_LIMIT)
+                i++;
+            return sc_refuse(err, EINVAL, SC_ERR_GUEST_GFN, i, gfns[i], GFN_LIMIT, 0);
+        }
     } else if (gfn0 > GFN_LIMIT || n > GFN_LIMIT - gfn0) {
-        return -EINVAL;
+        return sc_refuse(err, EINVAL, SC_ERR_GUEST_RUN, 0, gfn0, GFN_LIMIT, n);
     }
-    return check_slots(ctx->slots, ctx->nslots);
+    return check_slots(ctx->slots, ctx->nslots, err);
 }
 
 /* The slot holding gfn, or NULL: the hinted slot (the last one used) first, else a binary search
@@ -385,7 +400,7 @@ ALWAYS_INLINE uint64_t gfn_at(const uint64_t *gfns, uint64_t gfn0, uint64_t i)
 
 /* Pass one: the number of pages before the first that faults, after checking each of them. */
 static int64_t first_fault(const struct sc_guest_ctx *ctx, int op, const uint64_t *gfns,
-                           uint64_t gfn0, uint64_t n)
+                           uint64_t gfn0, uint64_t n, struct sc_err *err)
 {
     int writes = op_writes(op);
     uint64_t need = SC_NPT_PRESENT | (writes ? SC_NPT_WRITABLE : 0);
@@ -400,9 +415,11 @@ static int64_t first_fault(const struct sc_guest_ctx *ctx, int op, const uint64_
         if ((entry & need) != need || (entry & SC_NPT_PRIVATE) != priv)
             return (int64_t)i;
         if (sc_npt_entry_pfn(entry) >= nframes)
-            return -EFAULT;
+            return sc_refuse(err, EFAULT, SC_ERR_GUEST_FRAME, i, sc_npt_entry_pfn(entry), nframes,
+                             0);
+        /* Its dirty bit would have nowhere to go (mark_page_dirty_in_slot() needs the slot). */
         if (writes && (entry & SC_NPT_DIRTY_LOG) && !find_slot(ctx, gfn, &hint))
-            return -EINVAL;
+            return sc_refuse(err, EINVAL, SC_ERR_GUEST_UNLOGGED, i, gfn, 0, 0);
     }
     return (int64_t)n;
 }
@@ -502,12 +519,12 @@ static void run_pages(const struct sc_guest_ctx *ctx, int op, const uint64_t *gf
 
 int64_t sc_guest_pages(const struct sc_guest_ctx *ctx, int op, const uint64_t *gfns,
                        uint64_t gfn0, uint64_t n, uint64_t arg, uint8_t *buf, size_t buf_size,
-                       uint64_t *out, size_t out_len)
+                       uint64_t *out, size_t out_len, struct sc_err *err)
 {
-    int rc = check_args(ctx, op, gfns, gfn0, n, buf, buf_size, out, out_len);
+    int rc = check_args(ctx, op, gfns, gfn0, n, buf, buf_size, out, out_len, err);
     if (rc)
         return rc;
-    int64_t done = first_fault(ctx, op, gfns, gfn0, n);
+    int64_t done = first_fault(ctx, op, gfns, gfn0, n, err);
     if (done < 0)
         return done;
     run_pages(ctx, op, gfns, gfn0, (uint64_t)done, arg, buf, out);

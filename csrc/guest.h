@@ -26,18 +26,24 @@
  *
  * Every argument is checked before any byte is written, and so is every page the call would
  * complete: the NPT entries up to the stopping page are read once in a first pass (the table does
- * not change during the call: sevcore/guestmem.py holds the Npt's lock), so a refused call has
+ * not change during the call: sevcore/core/pages.py holds the Npt's lock), so a refused call has
  * written nothing.
  *
- *   -EINVAL  ctx, npt or frames missing; an unknown op; buf or out missing or too small for the op;
- *            a gfn out of range (any of gfns[0..n), or gfn0 + n past 2^36); buf or out
- *            overlapping frames or gfns; a uint64_t pointer that is not 8-byte aligned; slots not
- *            sorted by base_gfn, overlapping, empty, past 2^36 or without a bitmap; a page to be
- *            written through an SC_NPT_DIRTY_LOG entry whose gfn lies in no slot (its dirty bit
- *            would be lost).
- *   -EFAULT  a page to be accessed maps a pfn whose frame lies outside frames_size. The NPT is
- *            installed by the model, so this is a model bug; the call refuses it rather than
- *            touching memory it was not given.
+ *   -EINVAL  ctx, npt or frames missing (SC_ERR_NULL); an unknown op (SC_ERR_GUEST_OP); more
+ *            pages than the guest space (_COUNT); buf or out missing or too small for the op
+ *            (_BUF_SIZE, _OUT_SIZE); buf or out overlapping frames or gfns (_BUF_OVERLAP,
+ *            _OUT_OVERLAP); a uint64_t pointer that is not 8-byte aligned (SC_ERR_MISALIGNED); a
+ *            gfn out of range (_GFN: the first of gfns[0..n) at or past 2^36, with its index;
+ *            _RUN: gfn0 + n past 2^36); a slot empty or past 2^36 (_SLOT) or not after the one
+ *            before it (_SLOT_ORDER), or without a bitmap (SC_ERR_NULL), with the slot's index;
+ *            a page to be written through an SC_NPT_DIRTY_LOG entry whose gfn lies in no slot,
+ *            its dirty bit would be lost (_UNLOGGED, with the page's index).
+ *   -EFAULT  a page to be accessed maps a pfn whose frame lies outside frames_size
+ *            (SC_ERR_GUEST_FRAME, with the page's index). The NPT is installed by the model, so
+ *            this is a model bug; the call refuses it rather than touching memory it was not
+ *            given.
+ *
+ * The reason goes to *err (csrc/sevcore.h), which may be NULL.
  */
 #ifndef SEVCORE_GUEST_H
 #define SEVCORE_GUEST_H
@@ -94,10 +100,11 @@ struct sc_guest_ctx {
 
 /* Perform op on n pages: gfns[i] if gfns is not NULL, else gfn0 + i. Returns the number of pages
  * completed: n, or the index of the first page that faults (see above). buf (READ, WRITE) must
- * hold n * 4096 bytes, out n words (DIGEST) or 2 (CHECK); others ignore them. -EINVAL, -EFAULT. */
+ * hold n * 4096 bytes, out n words (DIGEST) or 2 (CHECK); others ignore them. -EINVAL, -EFAULT,
+ * with the reason in *err. */
 int64_t sc_guest_pages(const struct sc_guest_ctx *ctx, int op, const uint64_t *gfns,
                        uint64_t gfn0, uint64_t n, uint64_t arg, uint8_t *buf, size_t buf_size,
-                       uint64_t *out, size_t out_len);
+                       uint64_t *out, size_t out_len, struct sc_err *err);
 
 /* The PATTERN content of the page at gfn for seed (4096 bytes), so the host can compute what the
  * guest wrote. Word j (little-endian) is K ^ S[j], where S[j] = splitmix64's (j + 1)-th output from

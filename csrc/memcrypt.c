@@ -364,35 +364,58 @@ void sc_memcrypt_page(const sc_memcrypt *e, int enc, const uint8_t *src, uint8_t
     (xts ? xts_page_portable : xex_page_portable)(e, enc, src, dst, spa);
 }
 
-/* Every argument check of a batch, before any byte is written. */
+/* Every argument check of a batch, before any byte is written; the first that fails is the one
+ * reported (csrc/memcrypt.h lists them in order). spas != NULL or nspas != 0: the per-page form;
+ * otherwise a run from spa0. */
 static int crypt_check(const sc_memcrypt *e, const uint8_t *src, size_t src_size,
-                       const uint8_t *dst, size_t dst_size, const uint64_t *spas, uint64_t spa0)
+                       const uint8_t *dst, size_t dst_size, const uint64_t *spas, size_t nspas,
+                       uint64_t spa0, struct sc_err *err)
 {
     size_t n = src_size / PAGE;
-    if (!e || src_size % PAGE || dst_size != src_size || (n && (!src || !dst)))
-        return -EINVAL;
+    if (!e)
+        return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
+    if (src_size % PAGE)
+        return sc_refuse(err, EINVAL, SC_ERR_MEM_PARTIAL_PAGE, 0, src_size, PAGE, 0);
+    if (dst_size != src_size)
+        return sc_refuse(err, EINVAL, SC_ERR_MEM_OUT_SIZE, 0, dst_size, src_size, 0);
+    if (n && (!src || !dst))
+        return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
     /* Partial overlap would read blocks already overwritten; in place (src == dst) is fine. */
     if (src != dst && sc_overlaps(src, src_size, dst, dst_size))
-        return -EINVAL;
-    if (spas) {
+        return sc_refuse(err, EINVAL, SC_ERR_MEM_OVERLAP, 0, 0, 0, 0);
+    if (spas || nspas) {
+        if (nspas != n)
+            return sc_refuse(err, EINVAL, SC_ERR_MEM_SPA_COUNT, 0, nspas, n, 0);
+        if (!spas)
+            return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
+        /* One OR over the list on the way in; which page it was is looked for once it failed. */
         uint64_t bad = 0;
         for (size_t p = 0; p < n; p++)
             bad |= spas[p];
-        if (bad & (PAGE - 1))
-            return -EINVAL;
-    } else if ((spa0 & (PAGE - 1)) || n > (UINT64_C(1) << 52) - (spa0 >> 12)) {
+        if (bad & (PAGE - 1)) {
+            size_t p = 0;
+            while (!(spas[p] & (PAGE - 1)))
+                p++;
+            return sc_refuse(err, EINVAL, SC_ERR_MEM_SPA_UNALIGNED, p, spas[p], PAGE, 0);
+        }
+    } else if (spa0 & (PAGE - 1)) {
+        return sc_refuse(err, EINVAL, SC_ERR_MEM_RUN_UNALIGNED, 0, spa0, PAGE, 0);
+    } else if (n > (UINT64_C(1) << 52) - (spa0 >> 12)) {
         /* A run must end inside the 64-bit physical address space. */
-        return -EINVAL;
+        return sc_refuse(err, EINVAL, SC_ERR_MEM_RUN_END, 0, spa0, 0, n);
     }
     return 0;
 }
 
 static int crypt_pages(const sc_memcrypt *e, int enc, const uint8_t *src, size_t src_size,
-                       uint8_t *dst, size_t dst_size, const uint64_t *spas, uint64_t spa0)
+                       uint8_t *dst, size_t dst_size, const uint64_t *spas, size_t nspas,
+                       uint64_t spa0, struct sc_err *err)
 {
     size_t n = src_size / PAGE;
-    int rc = crypt_check(e, src, src_size, dst, dst_size, spas, spa0);
-    if (rc)
+    int rc = crypt_check(e, src, src_size, dst, dst_size, spas, nspas, spa0, err);
+    /* Zero pages stop here: the VAES XTS path computes the first tweak ahead of its page loop,
+     * so it must never see an empty list. */
+    if (rc || !n)
         return rc;
     int impl = sc_memcrypt_impl();
     int xts = e->mode == SC_MEM_AES256_XTS;
@@ -409,58 +432,48 @@ static int crypt_pages(const sc_memcrypt *e, int enc, const uint8_t *src, size_t
     return 0;
 }
 
-/* The SPA list of the per-page form: one address per page. An empty list becomes NULL, the run
- * form with zero pages, which performs the same buffer checks and never reads spas[0] (the VAES
- * XTS path computes the first tweak ahead of its page loop). */
-static int spa_list(size_t src_size, const uint64_t *spas, size_t nspas, const uint64_t **list)
-{
-    if (nspas != src_size / PAGE || (nspas && !spas))
-        return -EINVAL;
-    *list = nspas ? spas : NULL;
-    return 0;
-}
-
 int sc_memcrypt_pages(const sc_memcrypt *e, int enc, const uint8_t *src, size_t src_size,
-                      uint8_t *dst, size_t dst_size, const uint64_t *spas, size_t nspas)
+                      uint8_t *dst, size_t dst_size, const uint64_t *spas, size_t nspas,
+                      struct sc_err *err)
 {
-    const uint64_t *list;
-    int rc = spa_list(src_size, spas, nspas, &list);
-    return rc ? rc : crypt_pages(e, enc, src, src_size, dst, dst_size, list, 0);
+    return crypt_pages(e, enc, src, src_size, dst, dst_size, spas, nspas, 0, err);
 }
 
 int sc_memcrypt_check_pages(const sc_memcrypt *e, const uint8_t *src, size_t src_size,
                             const uint8_t *dst, size_t dst_size, const uint64_t *spas,
-                            size_t nspas)
+                            size_t nspas, struct sc_err *err)
 {
-    const uint64_t *list;
-    int rc = spa_list(src_size, spas, nspas, &list);
-    return rc ? rc : crypt_check(e, src, src_size, dst, dst_size, list, 0);
+    return crypt_check(e, src, src_size, dst, dst_size, spas, nspas, 0, err);
 }
 
 int sc_memcrypt_run(const sc_memcrypt *e, int enc, const uint8_t *src, size_t src_size,
-                    uint8_t *dst, size_t dst_size, uint64_t spa)
+                    uint8_t *dst, size_t dst_size, uint64_t spa, struct sc_err *err)
 {
-    return crypt_pages(e, enc, src, src_size, dst, dst_size, NULL, spa);
+    return crypt_pages(e, enc, src, src_size, dst, dst_size, NULL, 0, spa, err);
 }
 
 int sc_memcrypt_new(int mode, const uint8_t *key, size_t key_len, const uint32_t *tweak_table,
-                    sc_memcrypt **out)
+                    sc_memcrypt **out, struct sc_err *err)
 {
     if (!out || !key)
-        return -EINVAL;
-    if (mode == SC_MEM_AES128_XEX) {
-        if (key_len != 16 || !tweak_table)
-            return -EINVAL;
-    } else if (mode == SC_MEM_AES256_XTS) {
-        /* Equal halves make XTS degenerate; OpenSSL refuses them too ("xts duplicated keys"). */
-        if (key_len != 64 || tweak_table || !memcmp(key, key + 32, 32))
-            return -EINVAL;
-    } else {
-        return -EINVAL;
-    }
+        return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
+    if (mode != SC_MEM_AES128_XEX && mode != SC_MEM_AES256_XTS)
+        return sc_refuse(err, EINVAL, SC_ERR_MEM_MODE, 0, (uint64_t)(int64_t)mode, 0, 0);
+    size_t need = mode == SC_MEM_AES128_XEX ? 16 : 64;
+    if (key_len != need)
+        return sc_refuse(err, EINVAL, SC_ERR_MEM_KEY_SIZE, 0, key_len, need, 0);
+    if (mode == SC_MEM_AES128_XEX && !tweak_table)
+        return sc_refuse(err, EINVAL, SC_ERR_MEM_XEX_TABLE, 0, 0, 0, 0);
+    /* XTS's tweak is AES_K2(spa >> 12) (IEEE 1619 section 5.1): there is no table to take. */
+    if (mode == SC_MEM_AES256_XTS && tweak_table)
+        return sc_refuse(err, EINVAL, SC_ERR_MEM_XTS_TABLE, 0, 0, 0, 0);
+    /* Equal halves make XTS degenerate; OpenSSL refuses them too ("xts duplicated keys",
+     * crypto/evp/e_aes.c aes_xts_init_key). */
+    if (mode == SC_MEM_AES256_XTS && !memcmp(key, key + 32, 32))
+        return sc_refuse(err, EINVAL, SC_ERR_MEM_XTS_HALVES, 0, 0, 0, 0);
     sc_memcrypt *e = aligned_alloc(64, (sizeof(*e) + 63) & ~(size_t)63);
     if (!e)
-        return -ENOMEM;
+        return sc_refuse(err, ENOMEM, SC_ERR_NONE, 0, 0, 0, 0);
     memset(e, 0, sizeof(*e));
     e->mode = mode;
     if (mode == SC_MEM_AES128_XEX) {

@@ -33,26 +33,30 @@ enum {
 typedef struct sc_memcrypt sc_memcrypt;
 
 /* key_len: 16 for XEX, 64 (data key || tweak key) for XTS. tweak_table: 64 entries for XEX
- * (entries 0-3 are unused: a 16-byte block is the unit), NULL for XTS. */
+ * (entries 0-3 are unused: a 16-byte block is the unit), NULL for XTS. -EINVAL with the reason
+ * in *err (SC_ERR_MEM_MODE, _KEY_SIZE, _XEX_TABLE, _XTS_TABLE, _XTS_HALVES), -ENOMEM. */
 int sc_memcrypt_new(int mode, const uint8_t *key, size_t key_len, const uint32_t *tweak_table,
-                    sc_memcrypt **out);
+                    sc_memcrypt **out, struct sc_err *err);
 void sc_memcrypt_free(sc_memcrypt *eng);
 
 /* Encrypt (encrypt != 0) or decrypt the pages of src into dst; both are size bytes, a whole
  * number of pages. Page i lives at spas[i] (sc_memcrypt_pages) or at spa + i * 4096
  * (sc_memcrypt_run, a contiguous run of host frames). Every argument is checked before any byte
- * is written: -EINVAL for a size that is not whole pages or differs between src and dst, a count
- * mismatch, an unaligned SPA, a run past the 64-bit address space, or src and dst partially
- * overlapping (src == dst, in place, is fine). */
+ * is written, in this order, and a refusal is -EINVAL with the first failed check in *err: src
+ * not whole pages (SC_ERR_MEM_PARTIAL_PAGE), dst of another size (_OUT_SIZE), src and dst
+ * partially overlapping (_OVERLAP; src == dst, in place, is fine), a count mismatch
+ * (_SPA_COUNT), the first unaligned SPA (_SPA_UNALIGNED, with its index), an unaligned run
+ * (_RUN_UNALIGNED) or one past the 64-bit address space (_RUN_END). */
 int sc_memcrypt_pages(const sc_memcrypt *eng, int encrypt, const uint8_t *src, size_t src_size,
-                      uint8_t *dst, size_t dst_size, const uint64_t *spas, size_t nspas);
+                      uint8_t *dst, size_t dst_size, const uint64_t *spas, size_t nspas,
+                      struct sc_err *err);
 /* The argument checks of sc_memcrypt_pages alone, so that a batch split over threads is
  * refused as a whole before any slice is written. */
 int sc_memcrypt_check_pages(const sc_memcrypt *eng, const uint8_t *src, size_t src_size,
                             const uint8_t *dst, size_t dst_size, const uint64_t *spas,
-                            size_t nspas);
+                            size_t nspas, struct sc_err *err);
 int sc_memcrypt_run(const sc_memcrypt *eng, int encrypt, const uint8_t *src, size_t src_size,
-                    uint8_t *dst, size_t dst_size, uint64_t spa);
+                    uint8_t *dst, size_t dst_size, uint64_t spa, struct sc_err *err);
 
 int sc_memcrypt_impl(void);
 /* cdef:end */

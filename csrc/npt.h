@@ -21,6 +21,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "sevcore.h"
+
 /* cdef:begin */
 enum {
     SC_NPT_PRESENT = 1 << 0,
@@ -62,32 +64,46 @@ void sc_npt_destroy(struct sc_npt *npt);
  * default is the machine's physical memory. Lowering it below what is reserved frees nothing. */
 int sc_npt_set_limit(struct sc_npt *npt, uint64_t limit_bytes);
 
+/* The calls below that take a `struct sc_err *err` (which may be NULL) write the reason of an
+ * -EINVAL there (csrc/sevcore.h): a gfn at or past 2^36 (SC_ERR_NPT_GFN), npages 0 or running
+ * past 2^36 (_NPAGES), pfns past 2^40 (_PFN), flag bits outside SC_NPT_FLAGS_MASK (_FLAGS), and
+ * the call-specific ones named with each. -ENOMEM comes with SC_ERR_NONE. */
+
 /* Map gfn..gfn+npages-1 to pfn..pfn+npages-1 with flags (PRESENT implied), overwriting what is
  * there. All or nothing. Returns how many of the gfns were not mapped before; -EINVAL, -ENOMEM. */
 int64_t sc_npt_map(struct sc_npt *npt, uint64_t gfn, uint64_t pfn, uint64_t flags,
-                   uint64_t npages);
+                   uint64_t npages, struct sc_err *err);
+/* Map gfns[i] to pfns[i] for i < n with flags: every pair is checked first (SC_ERR_NPT_GFNS,
+ * SC_ERR_NPT_PFNS, with the index of the first out of range), then each run contiguous in both
+ * is mapped as by sc_npt_map. Returns how many gfns were not mapped before; -EINVAL with nothing
+ * mapped, or -ENOMEM keeping the runs before the one that failed. */
+int64_t sc_npt_map_pairs(struct sc_npt *npt, const uint64_t *gfns, const uint64_t *pfns,
+                         uint64_t n, uint64_t flags, struct sc_err *err);
 /* Remove every entry in gfn..gfn+npages-1; returns how many there were. -EINVAL. */
-int64_t sc_npt_unmap(struct sc_npt *npt, uint64_t gfn, uint64_t npages);
+int64_t sc_npt_unmap(struct sc_npt *npt, uint64_t gfn, uint64_t npages, struct sc_err *err);
 /* Remove the entries in the range whose flags include all of match_flags and none of
  * exclude_flags (0, 0: all); returns the count. -EINVAL. */
 int64_t sc_npt_zap_range(struct sc_npt *npt, uint64_t gfn, uint64_t npages,
-                         uint64_t match_flags, uint64_t exclude_flags);
+                         uint64_t match_flags, uint64_t exclude_flags, struct sc_err *err);
 /* entry = (entry & ~clear_flags) | set_flags for present entries in the range; returns how many
- * changed. PRESENT cannot be cleared (zap instead). -EINVAL. */
+ * changed. PRESENT cannot be cleared (zap instead: SC_ERR_NPT_CLEAR_PRESENT). -EINVAL. */
 int64_t sc_npt_protect_range(struct sc_npt *npt, uint64_t gfn, uint64_t npages,
-                             uint64_t clear_flags, uint64_t set_flags);
+                             uint64_t clear_flags, uint64_t set_flags, struct sc_err *err);
 
 /* The entry for gfn in *out_entry (0 if absent). Returns 1 if present, 0 if not; -EINVAL. */
-int sc_npt_lookup(const struct sc_npt *npt, uint64_t gfn, uint64_t *out_entry);
+int sc_npt_lookup(const struct sc_npt *npt, uint64_t gfn, uint64_t *out_entry,
+                  struct sc_err *err);
 /* out_pfns[i] = pfn of gfns[i] or SC_NPT_MISS; out_flags[i] = its flags or 0 (out_flags may be
- * NULL). Returns the number of hits; -EINVAL if any gfn is out of range (outputs then
- * undefined). */
+ * NULL). Returns the number of hits; -EINVAL if any gfn is out of range, SC_ERR_NPT_GFNS with the
+ * index of the first (outputs then undefined). */
 int64_t sc_npt_lookup_batch(const struct sc_npt *npt, const uint64_t *gfns, uint64_t *out_pfns,
-                            uint64_t *out_flags, uint64_t n);
+                            uint64_t *out_flags, uint64_t n, struct sc_err *err);
 /* Present entries in gfn order from start_gfn up to (not including) end_gfn, at most cap of them,
- * into out_gfns / out_entries; returns how many. Resume from the last gfn + 1. -EINVAL. */
+ * into out_gfns / out_entries; returns how many. Resume from the last gfn + 1. -EINVAL for a
+ * bound past 2^36 (SC_ERR_NPT_BOUND). */
 int64_t sc_npt_next_mapped(const struct sc_npt *npt, uint64_t start_gfn, uint64_t end_gfn,
-                           uint64_t *out_gfns, uint64_t *out_entries, uint64_t cap);
+                           uint64_t *out_gfns, uint64_t *out_entries, uint64_t cap,
+                           struct sc_err *err);
 int64_t sc_npt_count(const struct sc_npt *npt);
 int sc_npt_stats(const struct sc_npt *npt, struct sc_npt_stats *out);
 /* cdef:end */

@@ -535,40 +535,56 @@ static int rows_overlap(const void *a, size_t astride, size_t alen, const void *
     return !(alen <= d && d + blen <= astride);
 }
 
+int sc_sevpkt_check_len(size_t len, struct sc_err *err)
+{
+    /* The firmware's own limits on guest_len/trans_len: a non-zero multiple of 16 (the AES block),
+     * at most its scratch buffer ([FW] SEV_SCRATCH_BUF_LEN). */
+    if (!len || len % 16 || len > SC_SEVPKT_MAX_LEN)
+        return sc_refuse(err, EINVAL, SC_ERR_PKT_LEN, 0, len, SC_SEVPKT_MAX_LEN, 0);
+    return 0;
+}
+
 /* The checks both directions share. Rows of headers and ciphertext may be strided (a stride
  * at least the row's length, and no overflow); the plaintext is contiguous. */
 static int check_batch(const uint8_t *tek, const uint8_t *tik, size_t len, size_t n,
                        const uint8_t *hdrs, size_t hdr_stride, const uint8_t *ct,
-                       size_t ct_stride, const uint8_t *pt)
+                       size_t ct_stride, const uint8_t *pt, struct sc_err *err)
 {
-    if (!tek || !tik || !len || len % 16 || len > SC_SEVPKT_MAX_LEN)
-        return -EINVAL;
-    if (!n)
-        return 0;
-    if (n > SIZE_MAX / SC_SEVPKT_MAX_LEN || !hdrs || !ct || !pt)
-        return -EINVAL;
-    if (hdr_stride < HDR || ct_stride < len || n - 1 > (SIZE_MAX - len) / ct_stride ||
-        n - 1 > (SIZE_MAX - HDR) / hdr_stride)
-        return -EINVAL;
+    if (!tek || !tik)
+        return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
+    int rc = sc_sevpkt_check_len(len, err);
+    if (rc || !n)
+        return rc;
+    if (n > SIZE_MAX / SC_SEVPKT_MAX_LEN)
+        return sc_refuse(err, EINVAL, SC_ERR_PKT_COUNT, 0, n, SIZE_MAX / SC_SEVPKT_MAX_LEN, 0);
+    if (!hdrs || !ct || !pt)
+        return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
+    if (hdr_stride < HDR || n - 1 > (SIZE_MAX - HDR) / hdr_stride)
+        return sc_refuse(err, EINVAL, SC_ERR_PKT_STRIDE, 0, hdr_stride, HDR, n);
+    if (ct_stride < len || n - 1 > (SIZE_MAX - len) / ct_stride)
+        return sc_refuse(err, EINVAL, SC_ERR_PKT_STRIDE, 0, ct_stride, len, n);
     /* In place is fine (CTR reads each block before writing it); any other overlap is not. */
     if (pt == ct ? ct_stride != len : rows_overlap(pt, len, len, ct, ct_stride, len, n))
-        return -EINVAL;
+        return sc_refuse(err, EINVAL, SC_ERR_PKT_CT_OVERLAP, 0, 0, 0, 0);
     return 0;
 }
 
 int sc_sevpkt_seal_rows(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
                         const uint8_t *measure, const uint8_t *pt, size_t len, size_t n,
                         const uint8_t *ivs, uint8_t *hdrs, size_t hdr_stride, uint8_t *ct,
-                        size_t ct_stride)
+                        size_t ct_stride, struct sc_err *err)
 {
-    int rc = check_batch(tek, tik, len, n, hdrs, hdr_stride, ct, ct_stride, pt);
+    int rc = check_batch(tek, tik, len, n, hdrs, hdr_stride, ct, ct_stride, pt, err);
     if (rc || !n)
         return rc;
-    if (!ivs || rows_overlap(hdrs, hdr_stride, HDR, pt, len, len, n) ||
+    if (!ivs)
+        return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
+    if (rows_overlap(hdrs, hdr_stride, HDR, pt, len, len, n) ||
         rows_overlap(hdrs, hdr_stride, HDR, ct, ct_stride, len, n) ||
-        rows_overlap(hdrs, hdr_stride, HDR, ivs, 16, 16, n) ||
-        rows_overlap(ct, ct_stride, len, ivs, 16, 16, n))
-        return -EINVAL;
+        rows_overlap(hdrs, hdr_stride, HDR, ivs, 16, 16, n))
+        return sc_refuse(err, EINVAL, SC_ERR_PKT_HDRS_OVERLAP, 0, 0, 0, 0);
+    if (rows_overlap(ct, ct_stride, len, ivs, 16, 16, n))
+        return sc_refuse(err, EINVAL, SC_ERR_PKT_IVS_OVERLAP, 0, 0, 0, 0);
     struct ctr_key ck;
     struct hmac_key hk;
     uint8_t meas[SC_SEVPKT_MEASURE_SIZE], aad[2][AAD], mac[2][32];
@@ -601,21 +617,21 @@ int sc_sevpkt_seal_rows(const uint8_t tek[16], const uint8_t tik[16], uint8_t ct
 
 int sc_sevpkt_seal(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
                    const uint8_t *measure, const uint8_t *pt, size_t len, size_t n,
-                   const uint8_t *ivs, uint8_t *hdrs, uint8_t *ct)
+                   const uint8_t *ivs, uint8_t *hdrs, uint8_t *ct, struct sc_err *err)
 {
-    return sc_sevpkt_seal_rows(tek, tik, ctx, measure, pt, len, n, ivs, hdrs, HDR, ct, len);
+    return sc_sevpkt_seal_rows(tek, tik, ctx, measure, pt, len, n, ivs, hdrs, HDR, ct, len, err);
 }
 
 int sc_sevpkt_open_rows(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
                         const uint8_t *measure, const uint8_t *hdrs, size_t hdr_stride,
                         const uint8_t *ct, size_t ct_stride, size_t len, size_t n, uint8_t *pt,
-                        uint64_t *bad_index)
+                        struct sc_err *err)
 {
-    int rc = check_batch(tek, tik, len, n, hdrs, hdr_stride, ct, ct_stride, pt);
+    int rc = check_batch(tek, tik, len, n, hdrs, hdr_stride, ct, ct_stride, pt, err);
     if (rc || !n)
         return rc;
     if (rows_overlap(pt, len, len, hdrs, hdr_stride, HDR, n))
-        return -EINVAL;
+        return sc_refuse(err, EINVAL, SC_ERR_PKT_PT_OVERLAP, 0, 0, 0, 0);
     struct hmac_key hk;
     uint8_t meas[SC_SEVPKT_MEASURE_SIZE], aad[2][AAD], mac[2][32];
     hmac_key_init(&hk, tik, 16);
@@ -633,11 +649,9 @@ int sc_sevpkt_open_rows(const uint8_t tek[16], const uint8_t tik[16], uint8_t ct
         for (int l = 0; l < lanes && !rc; l++) {
             const uint8_t *h = hdrs + hdr_stride * (i + l);
             if (differ(mac[l], h + 20, MACLEN))
-                rc = -EBADMSG;
+                rc = sc_refuse(err, EBADMSG, SC_ERR_PKT_MAC, i + l, 0, 0, 0);
             else if (load_le32(h) & PKT_FLAG_COMPRESSED)
-                rc = -EOPNOTSUPP;
-            if (rc && bad_index)
-                *bad_index = i + l;
+                rc = sc_refuse(err, EOPNOTSUPP, SC_ERR_PKT_COMPRESSED, i + l, load_le32(h), 0, 0);
         }
     }
     wipe(&hk, sizeof(hk));
@@ -654,10 +668,9 @@ int sc_sevpkt_open_rows(const uint8_t tek[16], const uint8_t tik[16], uint8_t ct
 
 int sc_sevpkt_open(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
                    const uint8_t *measure, const uint8_t *hdrs, const uint8_t *ct, size_t len,
-                   size_t n, uint8_t *pt, uint64_t *bad_index)
+                   size_t n, uint8_t *pt, struct sc_err *err)
 {
-    return sc_sevpkt_open_rows(tek, tik, ctx, measure, hdrs, HDR, ct, len, len, n, pt,
-                               bad_index);
+    return sc_sevpkt_open_rows(tek, tik, ctx, measure, hdrs, HDR, ct, len, len, n, pt, err);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -691,12 +704,14 @@ int sc_hmac_sha256(const uint8_t *key, size_t key_len, const uint8_t *msg, size_
 }
 
 int sc_aes128_ctr(const uint8_t key[16], const uint8_t iv[16], const uint8_t *src, size_t len,
-                  uint8_t *dst)
+                  uint8_t *dst, struct sc_err *err)
 {
     if (!key || !iv || (len && (!src || !dst)))
-        return -EINVAL;
+        return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
+    /* CTR reads each block before writing it, so in place works; a shifted overlap would read
+     * blocks already written. */
     if (src != dst && sc_overlaps(src, len, dst, len))
-        return -EINVAL;
+        return sc_refuse(err, EINVAL, SC_ERR_CTR_OVERLAP, 0, 0, 0, 0);
     struct ctr_key k;
     ctr_key_init(&k, key);
     ctr_crypt(&k, iv, src, dst, len);

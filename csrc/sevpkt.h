@@ -50,29 +50,39 @@ int sc_sha256(const uint8_t *msg, size_t len, uint8_t digest[32]);
 /* Keys longer than 64 bytes are hashed first (RFC 2104). */
 int sc_hmac_sha256(const uint8_t *key, size_t key_len, const uint8_t *msg, size_t len,
                    uint8_t mac[32]);
-/* Any length; dst == src (in place) is fine, a partial overlap is -EINVAL. */
+/* Any length; dst == src (in place) is fine, a partial overlap is -EINVAL (SC_ERR_CTR_OVERLAP in
+ * *err, which may be NULL). */
 int sc_aes128_ctr(const uint8_t key[16], const uint8_t iv[16], const uint8_t *src, size_t len,
-                  uint8_t *dst);
+                  uint8_t *dst, struct sc_err *err);
+
+/* The firmware's rule for one packet's length: a non-zero multiple of 16, at most
+ * SC_SEVPKT_MAX_LEN. 0, or -EINVAL with SC_ERR_PKT_LEN in *err. The batched calls apply it
+ * first; it is exported so that a caller who must size buffers from the length can apply the
+ * same rule first too. */
+int sc_sevpkt_check_len(size_t len_per_pkt, struct sc_err *err);
 
 /* Seal n packets of len_per_pkt bytes: packet i is pt[i * len ...], its IV ivs[16 * i ...], and
  * it is written as hdrs[52 * i ...] and ct[i * len ...]. measure is NULL or 32 bytes appended to
- * every MAC input. -EINVAL, before any byte is written, for a NULL key or buffer, a length that
- * is 0, not a multiple of 16 or above SC_SEVPKT_MAX_LEN, sizes that overflow, or output buffers
- * overlapping inputs (ct == pt, in place, is fine). n == 0 checks the length and does nothing. */
+ * every MAC input. -EINVAL, before any byte is written, with the reason in *err (which may be
+ * NULL): a NULL key or buffer (SC_ERR_NULL), a length that is 0, not a multiple of 16 or above
+ * SC_SEVPKT_MAX_LEN (SC_ERR_PKT_LEN), sizes that overflow (_COUNT, _STRIDE), or output buffers
+ * overlapping inputs (_CT_OVERLAP, _HDRS_OVERLAP, _IVS_OVERLAP; ct == pt, in place, is fine).
+ * n == 0 checks the length and does nothing. */
 int sc_sevpkt_seal(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
                    const uint8_t *measure, const uint8_t *pt, size_t len_per_pkt, size_t n,
-                   const uint8_t *ivs, uint8_t *hdrs, uint8_t *ct);
+                   const uint8_t *ivs, uint8_t *hdrs, uint8_t *ct, struct sc_err *err);
 
 /* Open n packets sealed as above. Every packet is judged, in order, before anything is written:
  * its MAC (recomputed over ctx, the header's flags and IV, and len_per_pkt as both AAD lengths;
  * compared in constant time), then its flags. The first packet that fails makes the call return
- * -EBADMSG (MAC mismatch; the firmware's BAD_MEASUREMENT) or -EOPNOTSUPP (COMPRESSED set; the
- * firmware's UNSUPPORTED) with *bad_index (if not NULL) set to its index
- * and pt untouched. Otherwise every packet is decrypted into pt (pt == ct is fine). Argument
- * errors as sc_sevpkt_seal. */
+ * -EBADMSG (MAC mismatch; the firmware's BAD_MEASUREMENT; SC_ERR_PKT_MAC) or -EOPNOTSUPP
+ * (COMPRESSED set; the firmware's UNSUPPORTED; SC_ERR_PKT_COMPRESSED with the flags as value),
+ * with its index in *err and pt untouched. Otherwise every packet is decrypted into pt (pt == ct
+ * is fine). Argument errors as sc_sevpkt_seal, and pt overlapping the headers
+ * (SC_ERR_PKT_PT_OVERLAP). */
 int sc_sevpkt_open(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
                    const uint8_t *measure, const uint8_t *hdrs, const uint8_t *ct,
-                   size_t len_per_pkt, size_t n, uint8_t *pt, uint64_t *bad_index);
+                   size_t len_per_pkt, size_t n, uint8_t *pt, struct sc_err *err);
 
 /* The same with strided rows: packet i's header is at hdrs + i * hdr_stride and its ciphertext
  * at ct + i * ct_stride (strides at least 52 and len_per_pkt), as in a migration stream's batch
@@ -82,11 +92,11 @@ int sc_sevpkt_open(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
 int sc_sevpkt_seal_rows(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
                         const uint8_t *measure, const uint8_t *pt, size_t len_per_pkt, size_t n,
                         const uint8_t *ivs, uint8_t *hdrs, size_t hdr_stride, uint8_t *ct,
-                        size_t ct_stride);
+                        size_t ct_stride, struct sc_err *err);
 int sc_sevpkt_open_rows(const uint8_t tek[16], const uint8_t tik[16], uint8_t ctx,
                         const uint8_t *measure, const uint8_t *hdrs, size_t hdr_stride,
                         const uint8_t *ct, size_t ct_stride, size_t len_per_pkt, size_t n,
-                        uint8_t *pt, uint64_t *bad_index);
+                        uint8_t *pt, struct sc_err *err);
 
 int sc_sha256_impl(void);
 /* The AES-128-CTR path, as SC_MEM_IMPL_* (csrc/memcrypt.h). */

@@ -1,13 +1,18 @@
 """The seam between Python and the C core.
 
-This is the only module that imports the generated ``sevcore._native``. Each wrapper checks its
-arguments first (sizes, alignment, dtypes), passes buffers without copying, calls C, and turns a
-negative return code into an exception in one place, :func:`check`.
+This is the only module that imports the generated ``sevcore._native``. Each wrapper checks what
+only Python can see (buffer sizes, alignment, dtypes), passes buffers without copying, calls C,
+and turns a negative return code into an exception in one place: :func:`check` for a bare errno,
+:func:`refused` for a kernel that also says why (``struct sc_err``, csrc/sevcore.h), through the
+one table :data:`REFUSALS`.
 """
 import errno as _errno
 import os
+import threading
 
 import numpy as np
+
+from sevcore.errors import PacketAuthError, PacketFlagsError
 
 try:
     from sevcore._native import ffi, lib
@@ -18,7 +23,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 #: The C-core ABI this Python package was written against (csrc/sevcore.h SC_ABI_VERSION).
-ABI_VERSION = 8
+ABI_VERSION = 9
 
 if lib.sc_abi_version() != ABI_VERSION or lib.SC_ABI_VERSION != ABI_VERSION:
     raise ImportError(
@@ -36,6 +41,135 @@ def check(rc, what):
     return rc
 
 
+# --- Why C refused a call (csrc/sevcore.h struct sc_err) ----------------------------------------
+#
+# Every kernel that takes a ``struct sc_err *`` writes the reason of a refusal there. The struct
+# is one per thread (a C call releases the GIL, so threads refuse calls at the same time), made
+# once, so passing it costs a C call nothing.
+
+class _Err(threading.local):
+    def __init__(self):
+        self.p = ffi.new("struct sc_err *")
+
+
+_err = _Err()
+_GFN_SPACE = "the guest physical space [0, {limit:#x})"
+
+#: ``(errno, reason)`` -> ``(exception, message)``: the one place a C refusal becomes a Python
+#: exception. The message is formatted with the fields of ``struct sc_err`` (index, value, limit,
+#: count) and follows the name of the C call. ValueError is the caller's bad argument; OSError a
+#: refusal no argument of the caller explains (a NULL or misaligned pointer from this module, a
+#: model bug), with C's errno.
+REFUSALS = {
+    (_errno.EINVAL, lib.SC_ERR_NULL): (OSError, "a pointer the call needs is NULL"),
+    (_errno.EINVAL, lib.SC_ERR_MISALIGNED): (OSError, "a uint64 array is not 8-byte aligned"),
+
+    (_errno.EINVAL, lib.SC_ERR_MEM_MODE): (
+        ValueError, "mode {value} is neither AES128_XEX nor AES256_XTS"),
+    (_errno.EINVAL, lib.SC_ERR_MEM_KEY_SIZE): (
+        ValueError, "the mode needs a {limit}-byte key, got {value} bytes"),
+    (_errno.EINVAL, lib.SC_ERR_MEM_XEX_TABLE): (ValueError, "AES128_XEX needs a tweak_table"),
+    (_errno.EINVAL, lib.SC_ERR_MEM_XTS_TABLE): (
+        ValueError, "AES256_XTS takes no tweak_table (its tweak is AES_K2(spa >> 12))"),
+    (_errno.EINVAL, lib.SC_ERR_MEM_XTS_HALVES): (
+        ValueError, "AES256_XTS key halves must differ (IEEE 1619; OpenSSL refuses duplicated "
+                    "XTS keys)"),
+    (_errno.EINVAL, lib.SC_ERR_MEM_PARTIAL_PAGE): (
+        ValueError, "data must be a whole number of {limit}-byte pages, got {value} bytes"),
+    (_errno.EINVAL, lib.SC_ERR_MEM_OUT_SIZE): (ValueError, "out holds {value} bytes, data {limit}"),
+    (_errno.EINVAL, lib.SC_ERR_MEM_OVERLAP): (
+        ValueError, "out overlaps data without being the same buffer"),
+    (_errno.EINVAL, lib.SC_ERR_MEM_SPA_COUNT): (ValueError, "{value} SPAs for {limit} pages"),
+    (_errno.EINVAL, lib.SC_ERR_MEM_SPA_UNALIGNED): (
+        ValueError, "spas[{index}] = {value:#x} is not page aligned"),
+    (_errno.EINVAL, lib.SC_ERR_MEM_RUN_UNALIGNED): (
+        ValueError, "spa {value:#x} is not page aligned"),
+    (_errno.EINVAL, lib.SC_ERR_MEM_RUN_END): (
+        ValueError, "{count} pages from spa {value:#x} run past the address space"),
+
+    (_errno.EINVAL, lib.SC_ERR_GUEST_OP): (ValueError, "unknown guest op {value}"),
+    (_errno.EINVAL, lib.SC_ERR_GUEST_COUNT): (
+        ValueError, "n = {value} pages, more than the guest space holds ({limit:#x})"),
+    (_errno.EINVAL, lib.SC_ERR_GUEST_BUF_SIZE): (
+        ValueError, "the op on {count} pages needs a buf of {limit} bytes, got {value}"),
+    (_errno.EINVAL, lib.SC_ERR_GUEST_BUF_OVERLAP): (
+        ValueError, "buf overlaps the host frames or the gfns"),
+    (_errno.EINVAL, lib.SC_ERR_GUEST_OUT_SIZE): (
+        ValueError, "the op on {count} pages needs an out array of {limit} uint64 words, got "
+                    "{value}"),
+    (_errno.EINVAL, lib.SC_ERR_GUEST_OUT_OVERLAP): (
+        ValueError, "out overlaps the host frames or the gfns"),
+    (_errno.EINVAL, lib.SC_ERR_GUEST_GFN): (
+        ValueError, "gfns[{index}] = {value:#x} must be in [0, {limit:#x})"),
+    (_errno.EINVAL, lib.SC_ERR_GUEST_RUN): (
+        ValueError, "gfns {value:#x}+{count} run past the guest space [0, {limit:#x})"),
+    (_errno.EINVAL, lib.SC_ERR_GUEST_SLOT): (
+        ValueError, "dirty slot {index} ({value:#x}+{count:#x}) is empty or runs past the guest "
+                    "space [0, {limit:#x})"),
+    (_errno.EINVAL, lib.SC_ERR_GUEST_SLOT_ORDER): (
+        ValueError, "dirty slot {index} ({value:#x}+{count:#x}) starts before the slot ahead of "
+                    "it ends ({limit:#x}): slots must be sorted and disjoint"),
+    (_errno.EINVAL, lib.SC_ERR_GUEST_UNLOGGED): (
+        ValueError, "page {index} (gfn {value:#x}) would be written through an NPT_DIRTY_LOG "
+                    "entry in no dirty slot, losing its dirty bit"),
+    (_errno.EFAULT, lib.SC_ERR_GUEST_FRAME): (
+        OSError, "page {index} maps pfn {value:#x}, outside the {limit} host frames"),
+
+    (_errno.EINVAL, lib.SC_ERR_PKT_LEN): (
+        ValueError, "packet length {value} must be a non-zero multiple of 16 and at most "
+                    "{limit:#x}"),
+    (_errno.EINVAL, lib.SC_ERR_PKT_COUNT): (ValueError, "{value} packets are more than {limit}"),
+    (_errno.EINVAL, lib.SC_ERR_PKT_STRIDE): (
+        ValueError, "rows {value} bytes apart cannot hold {limit} bytes each"),
+    (_errno.EINVAL, lib.SC_ERR_PKT_CT_OVERLAP): (
+        ValueError, "the ciphertext overlaps the plaintext without being it (in place needs "
+                    "rows back to back)"),
+    (_errno.EINVAL, lib.SC_ERR_PKT_HDRS_OVERLAP): (
+        ValueError, "the headers out overlap the plaintext, the ciphertext or the IVs"),
+    (_errno.EINVAL, lib.SC_ERR_PKT_IVS_OVERLAP): (
+        ValueError, "the ciphertext out overlaps the IVs"),
+    (_errno.EINVAL, lib.SC_ERR_PKT_PT_OVERLAP): (ValueError, "out overlaps the headers"),
+    (_errno.EBADMSG, lib.SC_ERR_PKT_MAC): (PacketAuthError, None),
+    (_errno.EOPNOTSUPP, lib.SC_ERR_PKT_COMPRESSED): (PacketFlagsError, None),
+    (_errno.EINVAL, lib.SC_ERR_CTR_OVERLAP): (
+        ValueError, "out overlaps data without being the same buffer"),
+
+    (_errno.EINVAL, lib.SC_ERR_NPT_GFN): (ValueError, "gfn {value:#x} is outside " + _GFN_SPACE),
+    (_errno.EINVAL, lib.SC_ERR_NPT_NPAGES): (
+        ValueError, "npages {value} must be >= 1 and at most {limit:#x}, the pages from gfn to "
+                    "the end of the guest physical space"),
+    (_errno.EINVAL, lib.SC_ERR_NPT_PFN): (
+        ValueError, "pfns {value:#x}+{count} must lie in [0, {limit:#x})"),
+    (_errno.EINVAL, lib.SC_ERR_NPT_FLAGS): (
+        ValueError, "flags {value:#x} have bits outside NPT_FLAGS_MASK {limit:#x}"),
+    (_errno.EINVAL, lib.SC_ERR_NPT_CLEAR_PRESENT): (
+        ValueError, "protect_range cannot clear NPT_PRESENT; use zap_range"),
+    (_errno.EINVAL, lib.SC_ERR_NPT_GFNS): (
+        ValueError, "gfns[{index}] = {value:#x} is outside " + _GFN_SPACE),
+    (_errno.EINVAL, lib.SC_ERR_NPT_BOUND): (
+        ValueError, "gfn bound {value:#x} is past the guest physical space [0, {limit:#x}]"),
+    (_errno.EINVAL, lib.SC_ERR_NPT_PFNS): (
+        ValueError, "pfns[{index}] = {value:#x} is outside the host frames [0, {limit:#x})"),
+}
+
+
+def refused(rc, what, err=None):
+    """Raise the exception :data:`REFUSALS` gives for C's ``rc`` (negative) and the reason C
+    wrote to ``err`` (this thread's ``struct sc_err`` by default); an unlisted pair is an
+    ``OSError(-rc)`` naming ``what``, as :func:`check` raises."""
+    e = _err.p if err is None else err
+    kind, text = REFUSALS.get((-rc, e.reason), (None, None))
+    if kind is None:
+        check(rc, what)
+        raise RuntimeError(f"{what} returned {rc}, which is no refusal")
+    if kind is PacketAuthError:
+        raise PacketAuthError(e.index)
+    if kind is PacketFlagsError:
+        raise PacketFlagsError(e.index, e.value)
+    msg = f"{what}: " + text.format(index=e.index, value=e.value, limit=e.limit, count=e.count)
+    raise kind(msg) if kind is ValueError else kind(-rc, msg)
+
+
 _CHAR_ARRAY = ffi.typeof("char[]")
 _U64_ARRAY = ffi.typeof("uint64_t[]")
 
@@ -51,13 +185,29 @@ def buffer_ptr(buf, what, writable=False):
                         f"array), not {type(buf).__name__} ({exc})") from exc
 
 
-def overlaps_buffers(a, b):
-    """True if buffers ``a`` and ``b`` share memory without being the same region."""
-    pa, pb = ffi.from_buffer(_CHAR_ARRAY, a), ffi.from_buffer(_CHAR_ARRAY, b)
-    ia, ib = int(ffi.cast("uintptr_t", pa)), int(ffi.cast("uintptr_t", pb))
-    if ia == ib and len(pa) == len(pb):
-        return False
-    return ia < ib + len(pb) and ib < ia + len(pa)
+_U64_FORMATS = frozenset({"L", "Q", "=Q", "<Q", "@L", "@Q"})  # little-endian hosts only
+
+
+def _words(buf, what, writable=False):
+    """A ``uint64_t[]`` over a 1-D, C-contiguous, 8-byte aligned buffer of native uint64 words
+    (a uint64 numpy array, or any buffer of that format), without copying. This checks the
+    buffer's layout only: what the words mean is the caller's (sevcore.core.arrays.u64 judges
+    values)."""
+    try:
+        mv = memoryview(buf)
+    except TypeError as exc:
+        raise TypeError(f"{what} must be a buffer of uint64 words, not {type(buf).__name__}") \
+            from exc
+    if mv.format not in _U64_FORMATS or mv.itemsize != 8:
+        raise TypeError(f"{what} must hold native uint64 words, not format {mv.format!r}")
+    if mv.ndim != 1 or not mv.c_contiguous:
+        raise ValueError(f"{what} must be one-dimensional and contiguous")
+    if writable and mv.readonly:
+        raise ValueError(f"{what} must be writable")
+    arr = ffi.from_buffer(_U64_ARRAY, buf, require_writable=writable)
+    if int(ffi.cast("uintptr_t", arr)) % 8:
+        raise ValueError(f"{what} must be 8-byte aligned")
+    return arr
 
 
 # --- CPU features -----------------------------------------------------------------------------
@@ -90,10 +240,14 @@ MEM_PAGE_SIZE = lib.SC_MEM_PAGE_SIZE
 
 
 def memcrypt_new(mode, key, tweak_table):
-    """Create a C engine; ``tweak_table`` is a uint32 numpy array of 64 entries or None."""
+    """Create a C engine; ``tweak_table`` is a uint32 numpy array of 64 entries or None. C judges
+    the mode, the key and whether the mode takes a table."""
     out = ffi.new("sc_memcrypt **")
     table = ffi.NULL if tweak_table is None else ffi.from_buffer("uint32_t[]", tweak_table)
-    check(lib.sc_memcrypt_new(mode, key, len(key), table, out), "sc_memcrypt_new")
+    err = _err.p
+    rc = lib.sc_memcrypt_new(mode, key, len(key), table, out, err)
+    if rc:
+        refused(rc, "sc_memcrypt_new", err)
     return ffi.gc(out[0], lib.sc_memcrypt_free)
 
 
@@ -104,13 +258,17 @@ def memcrypt_free(eng):
 
 def memcrypt_pages(eng, encrypt, data, out, spas):
     """Encrypt/decrypt ``data`` into ``out`` (a new bytearray if None; ``data`` for in place),
-    page ``i`` at ``spas[i]`` (contiguous uint64 numpy array). Returns ``(rc, out)``."""
+    page ``i`` at ``spas[i]`` (a contiguous uint64 numpy array). Returns ``out``."""
     src = ffi.from_buffer(_CHAR_ARRAY, data)
     if out is None:
         out = bytearray(len(src))
     dst = src if out is data else ffi.from_buffer(_CHAR_ARRAY, out, True)
-    return lib.sc_memcrypt_pages(eng, encrypt, src, len(src), dst, len(dst),
-                                 ffi.from_buffer(_U64_ARRAY, spas), len(spas)), out
+    err = _err.p
+    rc = lib.sc_memcrypt_pages(eng, encrypt, src, len(src), dst, len(dst),
+                               ffi.from_buffer(_U64_ARRAY, spas), len(spas), err)
+    if rc:
+        refused(rc, "sc_memcrypt_pages", err)
+    return out
 
 
 def memcrypt_run(eng, encrypt, data, out, spa):
@@ -119,27 +277,34 @@ def memcrypt_run(eng, encrypt, data, out, spa):
     if out is None:
         out = bytearray(len(src))
     dst = src if out is data else ffi.from_buffer(_CHAR_ARRAY, out, True)
-    return lib.sc_memcrypt_run(eng, encrypt, src, len(src), dst, len(dst), spa), out
+    if lib.sc_memcrypt_run(eng, encrypt, src, len(src), dst, len(dst), spa, ffi.NULL):
+        # The one-page fast path carries no sc_err. The run's checks read only these arguments
+        # (pointers, sizes, the SPA), never memory, so the same call refuses again, saying why.
+        err = _err.p
+        refused(lib.sc_memcrypt_run(eng, encrypt, src, len(src), dst, len(dst), spa, err),
+                "sc_memcrypt_run", err)
+    return out
 
 
 def memcrypt_split(eng, data, out, spas, parts):
     """Check a whole batch in C, then split it into ``parts`` page-aligned slices for worker
-    threads. Returns ``(rc, out, slices)``; ``slices`` is empty when ``rc`` refuses the batch."""
+    threads. Returns ``(out, slices)``."""
     src = memoryview(data).cast("B")
     if out is None:
         out = bytearray(len(src))
     dst = src if out is data else memoryview(out).cast("B")
+    err = _err.p
     rc = lib.sc_memcrypt_check_pages(eng, ffi.from_buffer(_CHAR_ARRAY, src), len(src),
                                      ffi.from_buffer(_CHAR_ARRAY, dst), len(dst),
-                                     ffi.from_buffer(_U64_ARRAY, spas), len(spas))
+                                     ffi.from_buffer(_U64_ARRAY, spas), len(spas), err)
     if rc:
-        return rc, out, []
+        refused(rc, "sc_memcrypt_check_pages", err)
     npages = len(src) // MEM_PAGE_SIZE
     parts = max(1, min(parts, npages))
     bounds = [npages * i // parts for i in range(parts + 1)]
-    return rc, out, [(src[a * MEM_PAGE_SIZE:b * MEM_PAGE_SIZE],
-                      dst[a * MEM_PAGE_SIZE:b * MEM_PAGE_SIZE], spas[a:b])
-                     for a, b in zip(bounds[:-1], bounds[1:])]
+    return out, [(src[a * MEM_PAGE_SIZE:b * MEM_PAGE_SIZE],
+                  dst[a * MEM_PAGE_SIZE:b * MEM_PAGE_SIZE], spas[a:b])
+                 for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 _AES_IMPLS = {lib.SC_MEM_IMPL_PORTABLE: "portable", lib.SC_MEM_IMPL_AESNI: "aesni",
@@ -157,26 +322,6 @@ def memcrypt_impl():
 # the handle holds enough words, and returns the C count or raises through :func:`check`.
 
 BITMAP_MAX_NBITS = lib.SC_BITMAP_MAX_NBITS
-_U64_FORMATS = frozenset({"L", "Q", "=Q", "<Q", "@L", "@Q"})  # little-endian hosts only
-
-
-def _u64_array(buf, what, writable):
-    """A ``uint64_t[]`` over a 1-D, C-contiguous, 8-byte aligned buffer of 64-bit unsigned words."""
-    try:
-        mv = memoryview(buf)
-    except TypeError as exc:
-        raise TypeError(f"{what} must be a buffer of uint64 words, not {type(buf).__name__}") \
-            from exc
-    if mv.format not in _U64_FORMATS or mv.itemsize != 8:
-        raise TypeError(f"{what} must hold native uint64 words, not format {mv.format!r}")
-    if mv.ndim != 1 or not mv.c_contiguous:
-        raise ValueError(f"{what} must be one-dimensional and contiguous")
-    if writable and mv.readonly:
-        raise ValueError(f"{what} must be writable")
-    arr = ffi.from_buffer(_U64_ARRAY, buf, require_writable=writable)
-    if int(ffi.cast("uintptr_t", arr)) % 8:
-        raise ValueError(f"{what} must be 8-byte aligned")
-    return arr
 
 
 def bitmap_words(nbits):
@@ -188,7 +333,7 @@ def bitmap_map(words, nbits):
     """The handle the bitmap wrappers take: ``words`` (exactly ``bitmap_words(nbits)`` words)."""
     if not 0 <= nbits <= BITMAP_MAX_NBITS:
         raise ValueError(f"nbits must be in [0, {BITMAP_MAX_NBITS}], not {nbits}")
-    arr = _u64_array(words, "bitmap words", writable=True)
+    arr = _words(words, "bitmap words", writable=True)
     if len(arr) != bitmap_words(nbits):
         raise ValueError(f"a {nbits}-bit bitmap needs {bitmap_words(nbits)} words, "
                          f"got {len(arr)}")
@@ -233,7 +378,7 @@ def bitmap_clear_range(map_, nbits, start, n):
 def _scan(fn, name, map_, nbits, pos, end, out):
     """A resumable C scan of [pos, end) into ``out``; returns (count written, next pos)."""
     _need(map_, nbits)
-    o = _u64_array(out, "out", writable=True)
+    o = _words(out, "out", writable=True)
     p = ffi.new("uint64_t *", pos)
     n = check(fn(map_, nbits, p, end, o, len(o)), name)
     return n, p[0]
@@ -247,8 +392,8 @@ def bitmap_iter_set(map_, nbits, pos, end, out):
 def bitmap_iter_runs(map_, nbits, pos, end, starts, lengths):
     """Runs of set bits in [pos, end) into ``starts``/``lengths``; returns (count, next pos)."""
     _need(map_, nbits)
-    s = _u64_array(starts, "starts", writable=True)
-    ln = _u64_array(lengths, "lengths", writable=True)
+    s = _words(starts, "starts", writable=True)
+    ln = _words(lengths, "lengths", writable=True)
     if len(s) != len(ln):
         raise ValueError(f"starts and lengths differ in length ({len(s)} != {len(ln)})")
     p = ffi.new("uint64_t *", pos)
@@ -288,29 +433,16 @@ def bitmap_equal(a, b, nbits):
 
 def bitmap_read_pass(words):
     """XOR of all words of a uint64 buffer: one streaming read pass (the benchmarks' anchor)."""
-    w = _u64_array(words, "words", writable=False)
+    w = _words(words, "words")
     fold = ffi.new("uint64_t *")
     check(lib.sc_bitmap_read_pass(w, len(w), fold), "sc_bitmap_read_pass")
     return fold[0]
 
 
 # --- Nested page tables (csrc/npt.h) -----------------------------------------------------------
-# Raw calls: scalars go to C unchecked (C answers -EINVAL, which negative tests rely on); buffers
-# are checked here. Argument validation with friendly errors lives in sevcore/npt.py.
-
-
-def _u64_ptr(arr, what, n, writable=False):
-    """A ``uint64_t *`` over a C-contiguous uint64 numpy array of at least ``n`` elements."""
-    dt = getattr(arr, "dtype", None)
-    if dt is None or dt.kind != "u" or dt.itemsize != 8 or not dt.isnative:
-        raise TypeError(f"{what} must be a numpy uint64 array")
-    if not arr.flags.c_contiguous:
-        raise ValueError(f"{what} must be C-contiguous")
-    if arr.size < n:
-        raise ValueError(f"{what} holds {arr.size} elements, needs {n}")
-    if n == 0:
-        return ffi.NULL
-    return ffi.from_buffer(_U64_ARRAY, arr, require_writable=writable)
+# Scalars go to C as they are: C judges every range and flag and says which it refused (cffi
+# itself raises OverflowError or TypeError for a value that is no u64, which sevcore/core/npt.py
+# names). Buffers are checked here.
 
 
 def npt_create(limit_bytes=None):
@@ -329,46 +461,71 @@ def npt_destroy(npt):
 
 
 def npt_map(npt, gfn, pfn, flags, npages):
-    return check(lib.sc_npt_map(npt, gfn, pfn, flags, npages), "sc_npt_map")
+    err = _err.p
+    rc = lib.sc_npt_map(npt, gfn, pfn, flags, npages, err)
+    return rc if rc >= 0 else refused(rc, "sc_npt_map", err)
+
+
+def npt_map_pairs(npt, gfns, pfns, flags):
+    """Map ``gfns[i]`` to ``pfns[i]`` (uint64 arrays of one length) run by run; all or nothing
+    but for ENOMEM. Returns how many gfns were newly mapped."""
+    g, p = _words(gfns, "gfns"), _words(pfns, "pfns")
+    if len(g) != len(p):
+        raise ValueError(f"{len(g)} gfns but {len(p)} pfns")
+    err = _err.p
+    rc = lib.sc_npt_map_pairs(npt, g, p, len(g), flags, err)
+    return rc if rc >= 0 else refused(rc, "sc_npt_map_pairs", err)
 
 
 def npt_unmap(npt, gfn, npages):
-    return check(lib.sc_npt_unmap(npt, gfn, npages), "sc_npt_unmap")
+    err = _err.p
+    rc = lib.sc_npt_unmap(npt, gfn, npages, err)
+    return rc if rc >= 0 else refused(rc, "sc_npt_unmap", err)
 
 
 def npt_zap_range(npt, gfn, npages, match_flags, exclude_flags):
-    return check(lib.sc_npt_zap_range(npt, gfn, npages, match_flags, exclude_flags),
-                 "sc_npt_zap_range")
+    err = _err.p
+    rc = lib.sc_npt_zap_range(npt, gfn, npages, match_flags, exclude_flags, err)
+    return rc if rc >= 0 else refused(rc, "sc_npt_zap_range", err)
 
 
 def npt_protect_range(npt, gfn, npages, clear_flags, set_flags):
-    return check(lib.sc_npt_protect_range(npt, gfn, npages, clear_flags, set_flags),
-                 "sc_npt_protect_range")
+    err = _err.p
+    rc = lib.sc_npt_protect_range(npt, gfn, npages, clear_flags, set_flags, err)
+    return rc if rc >= 0 else refused(rc, "sc_npt_protect_range", err)
 
 
 def npt_lookup(npt, gfn):
     """The leaf entry for ``gfn``, or None if it is not mapped."""
     out = ffi.new("uint64_t *")
-    present = check(lib.sc_npt_lookup(npt, gfn, out), "sc_npt_lookup")
-    return out[0] if present else None
+    err = _err.p
+    rc = lib.sc_npt_lookup(npt, gfn, out, err)
+    if rc < 0:
+        refused(rc, "sc_npt_lookup", err)
+    return out[0] if rc else None
 
 
 def npt_lookup_batch(npt, gfns, out_pfns, out_flags=None):
     """Fill ``out_pfns`` (and ``out_flags``) for the uint64 array ``gfns``; returns the hits."""
-    n = gfns.size
-    g = _u64_ptr(gfns, "gfns", n)
-    p = _u64_ptr(out_pfns, "out_pfns", n, writable=True)
-    f = ffi.NULL if out_flags is None else _u64_ptr(out_flags, "out_flags", n, writable=True)
-    return check(lib.sc_npt_lookup_batch(npt, g, p, f, n), "sc_npt_lookup_batch")
+    g = _words(gfns, "gfns")
+    n = len(g)
+    p = _words(out_pfns, "out_pfns", writable=True)
+    f = ffi.NULL if out_flags is None else _words(out_flags, "out_flags", writable=True)
+    if len(p) < n or (out_flags is not None and len(f) < n):
+        raise ValueError(f"out_pfns and out_flags must hold the {n} elements of gfns")
+    err = _err.p
+    rc = lib.sc_npt_lookup_batch(npt, g, p, f, n, err)
+    return rc if rc >= 0 else refused(rc, "sc_npt_lookup_batch", err)
 
 
 def npt_next_mapped(npt, start_gfn, end_gfn, out_gfns, out_entries):
     """Fill the arrays with the mapped gfns in [start_gfn, end_gfn) and their entries, in order,
     as many as fit; returns how many."""
-    cap = min(out_gfns.size, out_entries.size)
-    g = _u64_ptr(out_gfns, "out_gfns", cap, writable=True)
-    e = _u64_ptr(out_entries, "out_entries", cap, writable=True)
-    return check(lib.sc_npt_next_mapped(npt, start_gfn, end_gfn, g, e, cap), "sc_npt_next_mapped")
+    g = _words(out_gfns, "out_gfns", writable=True)
+    e = _words(out_entries, "out_entries", writable=True)
+    err = _err.p
+    rc = lib.sc_npt_next_mapped(npt, start_gfn, end_gfn, g, e, min(len(g), len(e)), err)
+    return rc if rc >= 0 else refused(rc, "sc_npt_next_mapped", err)
 
 
 def npt_count(npt):
@@ -400,8 +557,9 @@ NPT_FLAGS_MASK = lib.SC_NPT_FLAGS_MASK
 
 # --- SEV transport packets (csrc/sevpkt.h) -----------------------------------------------------
 # Each buffer is converted once (no copy), and its cdata length is what the size checks read:
-# a one-page call is dominated by this layer, not by the C time. Return codes go back to
-# sevcore/sevpkt.py, which turns them into its packet errors.
+# a one-page call is dominated by this layer, not by the C time. C judges the packet length, the
+# strides and the overlaps, and a refused packet comes back as PacketAuthError/PacketFlagsError
+# through REFUSALS.
 
 PKT_HDR_SIZE = lib.SC_SEVPKT_HDR_SIZE
 PKT_IV_SIZE = lib.SC_SEVPKT_IV_SIZE
@@ -430,7 +588,7 @@ def _in(buf, what):
 
 def _packets(unit_bytes, unit, units, noun, total, what):
     """(count, length) of the packets: one per ``unit``-byte ``noun`` of ``units``, and ``total``
-    bytes of ``what`` cut evenly, each length checked as the firmware checks guest_len."""
+    bytes of ``what`` cut evenly. The length itself is C's to judge (sc_sevpkt_check_len)."""
     if unit_bytes % unit:
         raise ValueError(f"{units} must be whole {unit}-byte {noun}s, got {unit_bytes} bytes")
     n = unit_bytes // unit
@@ -440,11 +598,16 @@ def _packets(unit_bytes, unit, units, noun, total, what):
         return 0, 16
     if total % n:
         raise ValueError(f"{what} holds {total} bytes, not {n} packets of equal length")
-    size = total // n
-    if not size or size % 16 or size > PKT_MAX_LEN:
-        raise ValueError(f"packet length {size} must be a non-zero multiple of 16 and at most "
-                         f"{PKT_MAX_LEN:#x}")
-    return n, size
+    return n, total // n
+
+
+def _check_len(size):
+    """Refuse a packet length as C does: called before an output buffer sized from it is
+    blamed, so that a bad length is reported as such, as the C call reports it first."""
+    err = _err.p
+    rc = lib.sc_sevpkt_check_len(size, err)
+    if rc:
+        refused(rc, "sc_sevpkt_check_len", err)
 
 
 def _session(tek, tik, measure):
@@ -469,13 +632,17 @@ def hmac_sha256(key, data):
 
 def aes128_ctr(key, iv, data, out):
     """CTR-crypt ``data`` into ``out`` (a new bytearray if None; ``data`` for in place).
-    Returns ``(rc, out)``."""
+    Returns ``out``."""
     k, i = _sized(key, PKT_KEY_SIZE, "key"), _sized(iv, PKT_IV_SIZE, "iv")
     src = buffer_ptr(data, "data", True) if out is data else _in(data, "data")
     if out is None:
         out = bytearray(len(src))
     dst = src if out is data else _sized(out, len(src), "out", True)
-    return lib.sc_aes128_ctr(k, i, src, len(src), dst), out
+    err = _err.p
+    rc = lib.sc_aes128_ctr(k, i, src, len(src), dst, err)
+    if rc:
+        refused(rc, "sc_aes128_ctr", err)
+    return out
 
 
 def _strided_rows(buf):
@@ -509,7 +676,7 @@ def _nbytes(buf, what):
 def sevpkt_seal(tek, tik, ctx, measure, pt, ivs, hdrs, ct):
     """Seal one packet per 16-byte IV of ``ivs``, cut evenly from ``pt``, into ``hdrs`` and
     ``ct`` (new bytearrays where None; ``ct`` may be ``pt``; either may be strided rows). Sizes
-    are checked (ValueError) before C runs. Returns ``(rc, hdrs, ct)``."""
+    are checked (ValueError) before C runs. Returns ``(hdrs, ct)``."""
     k1, k2, m = _session(tek, tik, measure)
     src = buffer_ptr(pt, "plaintext", True) if ct is pt else _in(pt, "plaintext")
     iv = _in(ivs, "ivs")
@@ -518,26 +685,41 @@ def sevpkt_seal(tek, tik, ctx, measure, pt, ivs, hdrs, ct):
         hdrs = bytearray(n * PKT_HDR_SIZE)
     if ct is None:
         ct = bytearray(len(src))
-    ph, hs = _rows(hdrs, n, PKT_HDR_SIZE, "headers out", True)
-    pc, cs = (src, size) if ct is pt else _rows(ct, n, size, "ciphertext out", True)
-    return lib.sc_sevpkt_seal_rows(k1, k2, ctx, m, src, size, n, iv, ph, hs, pc, cs), hdrs, ct
+    try:
+        ph, hs = _rows(hdrs, n, PKT_HDR_SIZE, "headers out", True)
+        pc, cs = (src, size) if ct is pt else _rows(ct, n, size, "ciphertext out", True)
+    except ValueError:
+        _check_len(size)
+        raise
+    err = _err.p
+    rc = lib.sc_sevpkt_seal_rows(k1, k2, ctx, m, src, size, n, iv, ph, hs, pc, cs, err)
+    if rc:
+        refused(rc, "sc_sevpkt_seal", err)
+    return hdrs, ct
 
 
 def sevpkt_open(tek, tik, ctx, measure, hdrs, ct, pt):
     """Open one packet per 52-byte header of ``hdrs`` from ``ct`` into ``pt`` (a new bytearray
     if None; may be ``ct``); headers and ciphertext may be strided rows. Sizes are checked
-    (ValueError) before C runs. Returns ``(rc, index of the refused packet, pt)``."""
+    (ValueError) before C runs; a refused packet raises PacketAuthError or PacketFlagsError with
+    its index. Returns ``pt``."""
     k1, k2, m = _session(tek, tik, measure)
     n, size = _packets(_nbytes(hdrs, "headers"), PKT_HDR_SIZE, "headers", "header",
                        _nbytes(ct, "ciphertext"), "ciphertext")
-    ph, hs = _rows(hdrs, n, PKT_HDR_SIZE, "headers")
-    src, cs = _rows(ct, n, size, "ciphertext", pt is ct)
-    if pt is None:
-        pt = bytearray(n * size)
-    dst = src if pt is ct else _sized(pt, n * size, "out", True)
-    bad = ffi.new("uint64_t *")
-    rc = lib.sc_sevpkt_open_rows(k1, k2, ctx, m, ph, hs, src, cs, size, n, dst, bad)
-    return rc, bad[0], pt
+    try:
+        ph, hs = _rows(hdrs, n, PKT_HDR_SIZE, "headers")
+        src, cs = _rows(ct, n, size, "ciphertext", pt is ct)
+        if pt is None:
+            pt = bytearray(n * size)
+        dst = src if pt is ct else _sized(pt, n * size, "out", True)
+    except ValueError:
+        _check_len(size)
+        raise
+    err = _err.p
+    rc = lib.sc_sevpkt_open_rows(k1, k2, ctx, m, ph, hs, src, cs, size, n, dst, err)
+    if rc:
+        refused(rc, "sc_sevpkt_open", err)
+    return pt
 
 
 def sha256_impl():
@@ -576,9 +758,9 @@ def populate_write(buf, offset, length):
 
 
 # --- Guest page access (csrc/guest.h) -----------------------------------------------------------
-# C checks every argument (sizes included: each buffer goes with its length); these wrappers only
-# make typed views of the caller's buffers, without copying, and return C's code. A gfn list is
-# passed whole: its length is the page count.
+# C checks every argument (sizes included: each buffer goes with its length) and says which one
+# it refused; these wrappers only make typed views of the caller's buffers, without copying. A
+# gfn list is passed whole: its length is the page count.
 
 GUEST_OPS = {name: getattr(lib, "SC_GUEST_OP_" + name)
              for name in ("READ", "WRITE", "FILL", "PATTERN", "CHECK", "STAMP", "DIGEST")}
@@ -602,7 +784,7 @@ def guest_slots(slots):
     arr = ffi.new("struct sc_guest_slot[]", len(slots))
     views = []
     for i, (base_gfn, npages, words) in enumerate(slots):
-        view = _u64_array(words, f"slot {i} dirty bitmap", writable=True)
+        view = _words(words, f"slot {i} dirty bitmap", writable=True)
         if npages < 0 or len(view) < bitmap_words(npages):
             raise ValueError(f"slot {i}: {len(view)} bitmap words cannot hold {npages} pages")
         arr[i].base_gfn, arr[i].npages, arr[i].dirty_bitmap = base_gfn, npages, view
@@ -610,11 +792,15 @@ def guest_slots(slots):
     return arr, views
 
 
+_GUEST_OP_NAMES = {v: k for k, v in GUEST_OPS.items()}
+
+
 def guest_pages(ctx, op, gfns, gfn0, n, arg, buf, out):
     """``sc_guest_pages`` on ``gfns`` (a uint64 buffer: all of it) or, if None, ``n`` pages from
-    ``gfn0``. ``buf`` and ``out`` may be None. Returns C's code."""
+    ``gfn0``. ``buf`` and ``out`` may be None. Returns the pages completed; a refusal raises
+    through REFUSALS."""
     if gfns is not None:
-        g = _u64_array(gfns, "gfns", writable=False)
+        g = _words(gfns, "gfns")
         n = len(g)
     else:
         g = ffi.NULL
@@ -626,9 +812,13 @@ def guest_pages(ctx, op, gfns, gfn0, n, arg, buf, out):
     if out is None:
         o, olen = ffi.NULL, 0
     else:
-        o = _u64_array(out, "out", writable=True)
+        o = _words(out, "out", writable=True)
         olen = len(o)
-    return lib.sc_guest_pages(ctx, op, g, gfn0, n, arg, b, bsize, o, olen)
+    err = _err.p
+    rc = lib.sc_guest_pages(ctx, op, g, gfn0, n, arg, b, bsize, o, olen, err)
+    if rc < 0:
+        refused(rc, f"sc_guest_pages({_GUEST_OP_NAMES.get(op, op)})", err)
+    return rc
 
 
 def guest_pattern(seed, gfn):

@@ -94,6 +94,22 @@ def test_clear_dirty_log_checks(first, num, err):
     assert bits(vm.get_dirty_log(1)) == {3, 100}
 
 
+@pytest.mark.parametrize("bitmap, message", [
+    ([1, -1, 0, 0], r"bitmap\[1\] = -1 is not a u64"),
+    ([0, 0, 2**64, 0], r"bitmap\[2\] = 18446744073709551616 is not a u64"),
+    (np.array([0, 0, 0, -4], np.int64), r"bitmap\[3\] = -4 is not a u64"),
+    ([1.5, 0, 0, 0], r"bitmap\[0\] = 1.5 is not an integer"),
+])
+def test_clear_dirty_log_names_a_word_that_is_no_u64(bitmap, message):
+    """A bitmap word that is no u64 is a ValueError naming it (numpy's uint64 conversion used to
+    raise OverflowError, or wrap a negative), and the log is unchanged."""
+    vm = setup(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+    touch(vm, [3, 100])
+    with pytest.raises(ValueError, match=message):
+        vm.clear_dirty_log(1, 0, NPAGES, bitmap)
+    assert bits(vm.get_dirty_log(1)) == {3, 100}
+
+
 def test_get_dirty_log_checks():
     """GET on a slot that does not log, or does not exist, is ENOENT; a bad slot id EINVAL."""
     vm = setup(logging=False)

@@ -259,7 +259,7 @@ PLANTS = [
     ("sevcore/hw/umc.py", "def f():\n    from sevcore.core import npt\n",
      "without a comment"),
     ("sevcore/kvm/caps.py", "def f(psp):\n    return psp._write\n", "reads private _write"),
-    ("sevcore/core/npt.py", "from sevcore.core import pages\n", "import cycle"),
+    ("sevcore/_bindings.py", "from sevcore.core import npt\n", "import cycle"),
     ("sevcore/kvm/vm.py", "from sevcore import memcrypt\n", "an old name kept for users"),
 ]
 

@@ -1,30 +1,84 @@
 """Argument conversion shared by the batched calls (KVM's page batches, the firmware's, the
-migration stream's batch records): lists of u64 values and buffers of n equal rows."""
+migration stream's batch records): u64 values, one at a time or in arrays, and buffers of n
+equal rows."""
 import numpy as np
 
 U64_MAX = (1 << 64) - 1
+_U64 = np.dtype(np.uint64)
 
 
-def u64_array(values, what):
-    """``values`` (a sequence of ints or an integer array) as a flat uint64 array; TypeError
-    for anything else, ValueError for a value outside [0, 2**64)."""
-    arr = np.asarray(values)
-    if arr.size == 0 and arr.ndim == 1:
-        return np.empty(0, np.uint64)
-    if not isinstance(values, np.ndarray) and arr.dtype.kind in "fO":
-        # Python ints above 2**63 next to others make numpy choose float64 or object.
-        items = arr.reshape(-1).tolist() if arr.dtype == object else list(values)
-        if any(not isinstance(v, int) or isinstance(v, bool) for v in items):
-            raise TypeError(f"{what} must be ints")
-        if any(not 0 <= v <= U64_MAX for v in items):
-            raise ValueError(f"{what} must be u64 values")
-        arr = np.array(items, dtype=np.uint64).reshape(arr.shape)
-    if arr.dtype.kind not in "iu" or arr.ndim != 1:
-        raise TypeError(f"{what} must be a sequence of ints, not {arr.dtype} of shape "
-                        f"{arr.shape}")
-    if arr.dtype.kind == "i" and arr.size and arr.min() < 0:
-        raise ValueError(f"{what} must be u64 values")
-    return arr.astype(np.uint64, copy=False)
+class NotAnInteger(TypeError, ValueError):
+    """A value that should be a u64 is not an integer at all. A ValueError, as every value
+    :func:`u64` refuses is; also a TypeError, which is what these were before it."""
+
+
+def _refuse(what, index, v):
+    """The error for the value ``v`` of ``what`` (at ``index``, None for a scalar)."""
+    name = what if index is None else f"{what}[{index}]"
+    if isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)):
+        return ValueError(f"{name} = {int(v)} is not a u64")
+    return NotAnInteger(f"{name} = {v!r} is not an integer")
+
+
+def u64(values, what, ndim=None):
+    """``values`` as unsigned 64-bit integers: an integer gives an int, anything else (a
+    sequence, an integer array of any shape) a C-contiguous uint64 array of the same shape.
+    ``ndim``, if given, is the number of dimensions the caller takes (0 for an int): anything
+    else is a TypeError.
+
+    The rule, for every item: it must be an integer (not a bool, float or string) in
+    [0, 2**64); the first that is not raises ValueError naming ``what`` and the item, e.g.
+    ``gfns[3] = -1 is not a u64`` (:class:`NotAnInteger` if it is no integer at all). A
+    C-contiguous native uint64 array is returned as it is (no copy); other integer arrays are
+    checked with one vectorised pass (a signed 64-bit array is then viewed, not copied).
+    """
+    if type(values) is int and not ndim and 0 <= values <= U64_MAX:
+        return values
+    got = _u64(values, what)
+    if ndim is not None and (0 if type(got) is int else got.ndim) != ndim:
+        raise TypeError(f"{what} must be {f'{ndim}-D integers' if ndim else 'an int'}, not "
+                        f"{type(values).__name__}")
+    return got
+
+
+def _u64(values, what):
+    if type(values) is int:
+        if 0 <= values <= U64_MAX:
+            return values
+        raise _refuse(what, None, values)
+    if isinstance(values, np.ndarray):
+        if values.dtype == _U64:
+            return values if values.flags.c_contiguous else np.ascontiguousarray(values)
+        arr = values
+    elif isinstance(values, np.integer) and not isinstance(values, np.bool_):
+        return _u64(int(values), what)
+    elif isinstance(values, (str, bytes, bytearray, np.generic)) or \
+            not hasattr(values, "__iter__"):
+        raise _refuse(what, None, values)
+    else:
+        arr = np.asarray(values if hasattr(values, "__len__") else list(values))
+    if arr.size == 0:
+        return np.empty(arr.shape, _U64)
+    kind = arr.dtype.kind
+    if kind == "u":
+        return np.ascontiguousarray(arr, dtype=_U64)
+    if kind == "i":
+        flat = arr.reshape(-1)
+        if flat.min() < 0:
+            i = int(np.argmax(flat < 0))
+            raise _refuse(what, i, flat[i])
+        if arr.dtype.itemsize == 8 and arr.dtype.isnative:
+            return np.ascontiguousarray(arr).view(_U64)
+        return np.ascontiguousarray(arr, dtype=_U64)
+    # Not an integer dtype: a Python list of ints above 2**63 next to others makes numpy choose
+    # object (or float64 with a negative); judge those item by item, as integers.
+    items = arr.reshape(-1).tolist() if kind == "O" or isinstance(values, np.ndarray) \
+        else np.asarray(values, dtype=object).reshape(-1).tolist()
+    for i, v in enumerate(items):
+        if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)) or \
+                not 0 <= v <= U64_MAX:
+            raise _refuse(what, i, v)
+    return np.array(items, dtype=_U64).reshape(arr.shape)
 
 
 def runs(values):

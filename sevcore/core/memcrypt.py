@@ -21,7 +21,6 @@ Modes (see ``docs/fidelity.md`` and ``docs/sources.md``):
     ``spa >> 12`` as 16 little-endian bytes; byte-identical to OpenSSL's ``aes-256-xts``.
 """
 import concurrent.futures
-import errno
 import itertools
 import os
 import threading
@@ -29,14 +28,14 @@ import threading
 import numpy as np
 
 from sevcore import _bindings as _b
+from sevcore.core.arrays import u64
 
 AES128_XEX = _b.lib.SC_MEM_AES128_XEX
 AES256_XTS = _b.lib.SC_MEM_AES256_XTS
 PAGE_SIZE = _b.MEM_PAGE_SIZE
 TWEAK_ENTRIES = _b.lib.SC_MEM_TWEAK_ENTRIES
 
-_MODES = {AES128_XEX: ("AES128_XEX", 16), AES256_XTS: ("AES256_XTS", 64)}
-_MAX_SPA = (1 << 64) - 1
+_MODE_NAMES = {AES128_XEX: "AES128_XEX", AES256_XTS: "AES256_XTS"}
 
 
 def default_tweak_table(seed=0):
@@ -63,27 +62,6 @@ def _as_tweak_table(tweak_table):
     return np.ascontiguousarray(arr.astype(np.uint32))
 
 
-def _as_spas(spas):
-    """SPAs as a contiguous uint64 array, refusing negatives, non-integers and values over 64 bits."""
-    if isinstance(spas, np.ndarray):
-        if spas.dtype == np.uint64:
-            return np.ascontiguousarray(spas).reshape(-1)
-        if spas.size and spas.dtype.kind not in "ui":
-            raise TypeError(f"spas must be integers, not {spas.dtype}")
-        if spas.dtype.kind == "i" and spas.size and spas.min() < 0:
-            raise ValueError("spas must be unsigned 64-bit physical addresses (got a negative)")
-        return np.ascontiguousarray(spas, dtype=np.uint64).reshape(-1)
-    # A Python sequence: numpy would silently turn a mix of large ints into float64, so convert
-    # element by element as integers.
-    vals = list(spas)
-    for v in vals:
-        if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
-            raise TypeError(f"spas must be integers, not {type(v).__name__}")
-        if not 0 <= v <= _MAX_SPA:
-            raise ValueError(f"spas must be unsigned 64-bit physical addresses, got {v:#x}")
-    return np.array(vals, dtype=np.uint64)
-
-
 class MemoryEngine:
     """One key of the memory encryption engine (one ASID's key, or a transport key)."""
 
@@ -91,30 +69,27 @@ class MemoryEngine:
     _pool_lock = threading.Lock()
 
     def __init__(self, mode, key, tweak_table=None):
-        if mode not in _MODES:
-            raise ValueError(f"mode must be AES128_XEX or AES256_XTS, not {mode!r}")
-        name, key_len = _MODES[mode]
+        """Raises TypeError for a key that is not bytes and ValueError for a mode, key length or
+        tweak table the mode does not take (XTS takes none; its key halves must differ)."""
         if not isinstance(key, (bytes, bytearray, memoryview)):
             raise TypeError(f"key must be bytes, not {type(key).__name__}")
         key = bytes(key)
-        if len(key) != key_len:
-            raise ValueError(f"{name} needs a {key_len}-byte key, got {len(key)} bytes")
-        if mode == AES256_XTS:
-            if tweak_table is not None:
-                raise ValueError("AES256_XTS takes no tweak_table (its tweak is AES_K2(spa >> 12))")
-            if key[:32] == key[32:]:
-                raise ValueError("AES256_XTS key halves must differ (IEEE 1619; OpenSSL refuses "
-                                 "duplicated XTS keys)")
-            table = None
+        if tweak_table is not None:
+            table = _as_tweak_table(tweak_table)
+        elif mode == AES128_XEX:
+            table = _as_tweak_table(default_tweak_table(0))
         else:
-            table = _as_tweak_table(default_tweak_table(0) if tweak_table is None
-                                    else tweak_table)
+            table = None
+        try:
+            self._eng = _b.memcrypt_new(mode, key, table)
+        except (TypeError, OverflowError):
+            # cffi refused a mode that is no C int; C judges every int.
+            raise ValueError(f"mode must be AES128_XEX or AES256_XTS, not {mode!r}") from None
         self.mode = mode
         self.tweak_table = table
-        self._eng = _b.memcrypt_new(mode, key, table)
 
     def __repr__(self):
-        return f"<MemoryEngine {_MODES[self.mode][0]}>"
+        return f"<MemoryEngine {_MODE_NAMES[self.mode]}>"
 
     def close(self):
         """Wipe and free the key schedule now; the engine is unusable afterwards."""
@@ -150,12 +125,9 @@ class MemoryEngine:
         # One function per direction, so the one-page fast path has no extra call layer.
         def run(self, data, spa, out=None):
             try:
-                rc, out = _b.memcrypt_run(self._eng, encrypt, data, out, spa)
+                return _b.memcrypt_run(self._eng, encrypt, data, out, spa)
             except (TypeError, BufferError, OverflowError) as exc:
                 self._run_error(exc, spa)
-            if rc:
-                _diagnose(rc, data, out, None, spa)
-            return out
         run.__name__ = f"{verb}_run"
         run.__doc__ = f"{verb.capitalize()} pages at the consecutive SPAs ``spa, spa + 4096, ...``; " \
                       "returns ``out``."
@@ -172,43 +144,38 @@ class MemoryEngine:
     def _pages(self, encrypt, data, spas, out, threads):
         if self._eng is None:
             raise ValueError("MemoryEngine is closed")
-        arr = _as_spas(spas)
+        arr = u64(spas, "spas")
+        if type(arr) is int:
+            raise TypeError("spas must be a sequence of SPAs, not one int")
+        if arr.ndim != 1:
+            arr = arr.reshape(-1)
         if threads != 1:
             return self._pages_threaded(encrypt, data, arr, out, threads)
         try:
-            rc, out = _b.memcrypt_pages(self._eng, encrypt, data, out, arr)
+            return _b.memcrypt_pages(self._eng, encrypt, data, out, arr)
         except (TypeError, BufferError) as exc:
             raise TypeError(f"data and out must be buffers (out writable): {exc}") from None
-        if rc:
-            _diagnose(rc, data, out, arr, None)
-        return out
 
     def _pages_threaded(self, encrypt, data, arr, out, threads):
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive int, not {threads!r}")
         # C checks the whole batch first, so no slice writes while another would be refused.
         try:
-            rc, out, slices = _b.memcrypt_split(self._eng, data, out, arr, threads)
+            out, slices = _b.memcrypt_split(self._eng, data, out, arr, threads)
         except (TypeError, BufferError) as exc:
             raise TypeError(f"data and out must be buffers (out writable): {exc}") from None
-        if rc:
-            _diagnose(rc, data, out, arr, None)
         pool = self._executor()
         jobs = [pool.submit(_b.memcrypt_pages, self._eng, encrypt, s, d, a) for s, d, a in slices]
         for job in jobs:
-            rc, _ = job.result()
-            if rc:
-                _diagnose(rc, data, out, arr, None)
+            job.result()
         return out
 
     def _run_error(self, exc, spa):
         # The fast path lets cffi reject bad arguments; this names what was wrong.
         if self._eng is None:
             raise ValueError("MemoryEngine is closed") from None
-        if isinstance(exc, OverflowError):
-            raise ValueError(f"spa {spa:#x} is not a 64-bit physical address") from None
-        raise TypeError(f"data and out must be buffers (out writable) and spa an int: "
-                        f"{exc}") from None
+        u64(spa, "spa")
+        raise TypeError(f"data and out must be buffers (out writable): {exc}") from None
 
     @classmethod
     def _executor(cls):
@@ -230,33 +197,6 @@ def _pin_worker(cpus, counter):
             os.sched_setaffinity(0, {cpus[next(counter) % len(cpus)]})
         except OSError:
             pass
-
-
-def _diagnose(rc, data, out, spas, spa):
-    """Raise the precise error for a refused call (runs only on the error path)."""
-    if rc != -errno.EINVAL:
-        _b.check(rc, "sc_memcrypt")
-    size = memoryview(data).nbytes
-    if size % PAGE_SIZE:
-        raise ValueError(f"data must be a whole number of {PAGE_SIZE}-byte pages, got {size} bytes")
-    if memoryview(out).nbytes != size:
-        raise ValueError(f"out holds {memoryview(out).nbytes} bytes, data {size}")
-    if out is not data and _b.overlaps_buffers(data, out):
-        raise ValueError("out overlaps data without being the same buffer")
-    npages = size // PAGE_SIZE
-    if spas is not None:
-        if spas.size != npages:
-            raise ValueError(f"{spas.size} SPAs for {npages} pages")
-        bad = np.flatnonzero(spas & np.uint64(PAGE_SIZE - 1))
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(f"spas[{i}] = {int(spas[i]):#x} is not page aligned")
-    else:
-        if spa % PAGE_SIZE:
-            raise ValueError(f"spa {spa:#x} is not page aligned")
-        if (spa >> 12) + npages > 1 << 52:
-            raise ValueError(f"{npages} pages from spa {spa:#x} run past the address space")
-    _b.check(rc, "sc_memcrypt")
 
 
 def implementation():

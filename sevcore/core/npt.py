@@ -11,13 +11,12 @@ zaps a range (:meth:`Npt.zap_range`), and dirty logging write-protects one
 ...     npt.map(0x100, 0x8000, NPT_WRITABLE, npages=4)
 ...     npt.lookup(0x102)                     # (0x8002, NPT_PRESENT | NPT_WRITABLE)
 """
-import errno
-import operator
 import threading
 
 import numpy as np
 
 from sevcore import _bindings as _b
+from sevcore.core.arrays import u64
 
 NPT_PRESENT = _b.NPT_FLAGS["PRESENT"]
 NPT_WRITABLE = _b.NPT_FLAGS["WRITABLE"]
@@ -36,44 +35,6 @@ _PFN_SHIFT = _b.NPT_PFN_SHIFT
 _ENTRY_FLAGS = (1 << _PFN_SHIFT) - 1
 
 
-def _int(value, what):
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{what} must be an int, not {type(value).__name__}") from None
-
-
-def _range(gfn, npages):
-    gfn, npages = _int(gfn, "gfn"), _int(npages, "npages")
-    if not 0 <= gfn < GFN_LIMIT:
-        raise ValueError(f"gfn {gfn:#x} is outside the guest physical space [0, {GFN_LIMIT:#x})")
-    if npages < 1 or gfn + npages > GFN_LIMIT:
-        raise ValueError(f"npages {npages} must be >= 1 and end by gfn {GFN_LIMIT:#x}")
-    return gfn, npages
-
-
-def _flags(flags, what):
-    flags = _int(flags, what)
-    if flags < 0 or flags & ~NPT_FLAGS_MASK:
-        raise ValueError(f"{what} {flags:#x} has bits outside NPT_FLAGS_MASK {NPT_FLAGS_MASK:#x}")
-    return flags
-
-
-def _gfn_array(gfns):
-    """``gfns`` as a C-contiguous uint64 array (no copy for uint64 or int64 input). Negative
-    values wrap to >= 2**63, which C then rejects as out of range."""
-    a = np.asarray(gfns)
-    if a.dtype.kind not in "iu":
-        if a.size == 0:
-            return np.empty(a.shape, np.uint64)
-        if a.dtype.kind == "O" and all(isinstance(x, int) for x in a.flat):
-            raise ValueError("gfns must be in [0, 2**36)")
-        raise TypeError(f"gfns must be integers, not {a.dtype}")
-    if a.dtype.kind == "i" and a.dtype.itemsize == 8 and a.dtype.isnative:
-        a = a.view(np.uint64)
-    return np.ascontiguousarray(a, dtype=np.uint64)
-
-
 class Npt:
     """One VM's nested page table. Every call holds the table's lock, so one Npt may be shared
     between threads; the C table itself (csrc/npt.h) lets only readers run together."""
@@ -87,9 +48,7 @@ class Npt:
         """An empty table. ``limit_bytes`` caps the table memory, in whole 2 MiB chunks (default:
         physical RAM); a map needing more raises ``OSError(ENOMEM)`` and changes nothing."""
         if limit_bytes is not None:
-            limit_bytes = _int(limit_bytes, "limit_bytes")
-            if limit_bytes < 0:
-                raise ValueError("limit_bytes must be >= 0")
+            limit_bytes = u64(limit_bytes, "limit_bytes")
         self._lock = threading.Lock()
         self._npt = _b.npt_create(limit_bytes)
 
@@ -119,80 +78,69 @@ class Npt:
 
     # -- mutations -------------------------------------------------------------------------------
 
+    def _call(self, fn, names, *scalars):
+        """``fn(table, *scalars)`` under the lock. C judges every range and flag; a scalar that
+        is no u64 at all cffi refuses (OverflowError, TypeError), and it is then named."""
+        with self._lock:
+            try:
+                return fn(self._p(), *scalars)
+            except (OverflowError, TypeError):
+                for name, value in zip(names, scalars):
+                    u64(value, name)
+                raise
+
     def map(self, gfn, pfn, flags, npages=1):
         """Map gfn..gfn+npages-1 to pfn..pfn+npages-1 with ``flags`` (NPT_PRESENT implied),
-        replacing what was there. All or nothing: raises ``OSError(ENOMEM)`` with no change."""
-        gfn, npages = _range(gfn, npages)
-        pfn, flags = _int(pfn, "pfn"), _flags(flags, "flags")
-        if pfn < 0 or pfn + npages > PFN_LIMIT:
-            raise ValueError(f"pfns {pfn:#x}+{npages} must lie in [0, {PFN_LIMIT:#x})")
-        with self._lock:
-            _b.npt_map(self._p(), gfn, pfn, flags, npages)
+        replacing what was there. All or nothing: raises ``OSError(ENOMEM)`` with no change, and
+        ValueError naming the gfn, pfn, npages or flags out of range."""
+        self._call(_b.npt_map, ("gfn", "pfn", "flags", "npages"), gfn, pfn, flags, npages)
 
     def map_runs(self, gfns, pfns, flags):
         """Map ``gfns[i]`` to ``pfns[i]`` (integer arrays of one length) with ``flags``: one
         :meth:`map` per run contiguous in both, checked once for the whole batch and under one
         hold of the lock (a fault batch of scattered pages is one run per page). Raises
-        ValueError with nothing mapped; an ``OSError(ENOMEM)`` keeps the runs before it."""
-        gfns = _gfn_array(gfns).reshape(-1)
-        pfns = np.ascontiguousarray(pfns, dtype=np.uint64).reshape(-1)
-        flags = _flags(flags, "flags")
-        if gfns.shape != pfns.shape:
-            raise ValueError(f"{gfns.size} gfns but {pfns.size} pfns")
-        if not gfns.size:
-            return
-        if int(gfns.max()) >= GFN_LIMIT or int(pfns.max()) >= PFN_LIMIT:
-            raise ValueError(f"gfns must lie in [0, {GFN_LIMIT:#x}), pfns in [0, {PFN_LIMIT:#x})")
-        brk = np.flatnonzero((np.diff(gfns) != 1) | (np.diff(pfns) != 1)) + 1
-        starts = np.concatenate(([0], brk))
-        lens = np.diff(np.concatenate((starts, [gfns.size])))
-        with self._lock:
-            npt = self._p()
-            for gfn, pfn, n in zip(gfns[starts].tolist(), pfns[starts].tolist(), lens.tolist()):
-                _b.npt_map(npt, gfn, pfn, flags, n)
+        ValueError naming the first gfn or pfn out of range with nothing mapped; an
+        ``OSError(ENOMEM)`` keeps the runs before it."""
+        gfns = u64(gfns, "gfns")
+        pfns = u64(pfns, "pfns")
+        if type(gfns) is int or type(pfns) is int:
+            raise TypeError("gfns and pfns must be arrays, not one int")
+        gfns, pfns = gfns.reshape(-1), pfns.reshape(-1)
+        self._call(lambda npt, flags: _b.npt_map_pairs(npt, gfns, pfns, flags), ("flags",), flags)
 
     def unmap(self, gfn, npages=1):
         """Remove every mapping in gfn..gfn+npages-1; returns how many there were."""
-        gfn, npages = _range(gfn, npages)
-        with self._lock:
-            return _b.npt_unmap(self._p(), gfn, npages)
+        return self._call(_b.npt_unmap, ("gfn", "npages"), gfn, npages)
 
     def zap_range(self, gfn, npages, match_flags=0, exclude_flags=0):
         """Remove the mappings in the range whose flags include all of ``match_flags`` and none of
         ``exclude_flags``; returns the count. Zapping the private kind is
         ``match_flags=NPT_PRIVATE``, the shared kind ``exclude_flags=NPT_PRIVATE``."""
-        gfn, npages = _range(gfn, npages)
-        match_flags = _flags(match_flags, "match_flags")
-        exclude_flags = _flags(exclude_flags, "exclude_flags")
-        with self._lock:
-            return _b.npt_zap_range(self._p(), gfn, npages, match_flags, exclude_flags)
+        return self._call(_b.npt_zap_range, ("gfn", "npages", "match_flags", "exclude_flags"),
+                          gfn, npages, match_flags, exclude_flags)
 
     def protect_range(self, gfn, npages, clear_flags=0, set_flags=0):
         """Clear then set flag bits on every mapping in the range (write-protection for dirty
         logging); returns how many entries changed. NPT_PRESENT cannot be cleared."""
-        gfn, npages = _range(gfn, npages)
-        clear_flags = _flags(clear_flags, "clear_flags")
-        set_flags = _flags(set_flags, "set_flags")
-        if clear_flags & NPT_PRESENT:
-            raise ValueError("protect_range cannot clear NPT_PRESENT; use zap_range")
-        with self._lock:
-            return _b.npt_protect_range(self._p(), gfn, npages, clear_flags, set_flags)
+        return self._call(_b.npt_protect_range, ("gfn", "npages", "clear_flags", "set_flags"),
+                          gfn, npages, clear_flags, set_flags)
 
     # -- lookups ---------------------------------------------------------------------------------
 
     def lookup(self, gfn):
         """``(pfn, flags)`` for ``gfn``, or None if it is not mapped."""
-        gfn, _ = _range(gfn, 1)
-        with self._lock:
-            entry = _b.npt_lookup(self._p(), gfn)
+        entry = self._call(_b.npt_lookup, ("gfn",), gfn)
         return None if entry is None else (entry >> _PFN_SHIFT, entry & _ENTRY_FLAGS)
 
     def lookup_batch(self, gfns, with_flags=False, out=None):
         """pfns for an integer array of gfns, as uint64 of the same shape with :attr:`MISS` where
         nothing is mapped; ``with_flags`` returns ``(pfns, flags)`` (flags 0 on a miss).
         ``out`` (an array, or a pair with ``with_flags``) receives the result instead of new
-        arrays. Raises ValueError if a gfn is negative or >= 2**36 (``out`` is then undefined)."""
-        g = _gfn_array(gfns)
+        arrays. Raises ValueError naming the first gfn that is negative or >= 2**36 (``out`` is
+        then undefined)."""
+        g = u64(gfns, "gfns")
+        if type(g) is int:
+            raise TypeError("gfns must be an array of gfns, not one int")
         if out is None:
             pfns = np.empty(g.shape, np.uint64)
             flags = np.empty(g.shape, np.uint64) if with_flags else None
@@ -203,14 +151,8 @@ class Npt:
                         or not arr.flags.c_contiguous):
                     raise ValueError(f"out must be C-contiguous uint64 of shape {g.shape}")
         with self._lock:
-            npt = self._p()
-            try:
-                _b.npt_lookup_batch(npt, g.reshape(-1), pfns.reshape(-1),
-                                    None if flags is None else flags.reshape(-1))
-            except OSError as exc:
-                if exc.errno == errno.EINVAL:
-                    raise ValueError(f"gfns must be in [0, {GFN_LIMIT:#x})") from None
-                raise
+            _b.npt_lookup_batch(self._p(), g.reshape(-1), pfns.reshape(-1),
+                                None if flags is None else flags.reshape(-1))
         return (pfns, flags) if with_flags else pfns
 
     # -- contents --------------------------------------------------------------------------------
@@ -241,10 +183,8 @@ class Npt:
     def items(self, start_gfn=0, end_gfn=None):
         """The mappings with start_gfn <= gfn < end_gfn (default: to the end) as three uint64
         arrays ``(gfns, pfns, flags)`` in gfn order."""
-        start_gfn = _int(start_gfn, "start_gfn")
-        end_gfn = GFN_LIMIT if end_gfn is None else _int(end_gfn, "end_gfn")
-        if not 0 <= start_gfn <= GFN_LIMIT or not 0 <= end_gfn <= GFN_LIMIT:
-            raise ValueError(f"start_gfn and end_gfn must lie in [0, {GFN_LIMIT:#x}]")
+        start_gfn = u64(start_gfn, "start_gfn")
+        end_gfn = GFN_LIMIT if end_gfn is None else u64(end_gfn, "end_gfn")
         with self._lock:
             npt = self._p()
             cap = _b.npt_count(npt)

@@ -16,12 +16,8 @@ An encrypted access (``engine=``, an SEV guest's C-bit access) decrypts on reads
 writes at each page's SPA, so the frames hold ciphertext. Writes through NPT_DIRTY_LOG entries set
 the gfn's bit in the dirty bitmap of its slot (:meth:`GuestPageOps.set_dirty_slots`).
 """
-import errno
-
-import numpy as np
-
 from sevcore import _bindings as _b
-from sevcore.core.npt import GFN_LIMIT, _gfn_array
+from sevcore.core.arrays import u64
 
 GUEST_OP_READ = _b.GUEST_OPS["READ"]
 GUEST_OP_WRITE = _b.GUEST_OPS["WRITE"]
@@ -35,8 +31,6 @@ WRITE_OPS = frozenset({GUEST_OP_WRITE, GUEST_OP_FILL, GUEST_OP_PATTERN, GUEST_OP
 PAGE_SIZE = _b.GUEST_PAGE_SIZE
 #: What CHECK reports in ``out[1]`` when every page matched.
 NO_MISMATCH = 2**64 - 1
-
-_OP_NAMES = {v: k for k, v in _b.GUEST_OPS.items()}
 
 
 def pattern(seed, gfn):
@@ -97,10 +91,14 @@ class GuestPageOps:
 
         Raises ValueError, having written nothing, for bad arguments (also for a write through an
         NPT_DIRTY_LOG entry outside every dirty slot), and ``OSError(EFAULT)`` if an entry to be
-        used maps a frame outside ``frames``.
+        used maps a frame outside ``frames``; the message names the argument, page or slot C
+        refused.
         """
         if gfns is not None:
-            gfns = _gfn_array(gfns).reshape(-1)
+            gfns = u64(gfns, "gfns")
+            if type(gfns) is int:
+                raise TypeError("gfns must be a sequence of gfns, not one int")
+            gfns = gfns.reshape(-1)
             if n is not None:
                 if not 0 <= n <= gfns.size:
                     raise ValueError(f"n = {n} pages, but gfns holds {gfns.size}")
@@ -122,39 +120,9 @@ class GuestPageOps:
             ctx.eng = eng
             ctx.private_access = 1 if private else 0
             try:
-                rc = _b.guest_pages(ctx, op, gfns, gfn0, n, arg, buf, out)
-            except OverflowError:
-                raise ValueError("gfn0, n and arg must be unsigned 64-bit integers") from None
-        if rc < 0:
-            self._refused(rc, op, gfns, gfn0, n, buf, out)
-        return rc
-
-    def _refused(self, rc, op, gfns, gfn0, n, buf, out):
-        """Raise the precise error for a refused call (runs only on the error path)."""
-        if rc != -errno.EINVAL:
-            _b.check(rc, "sc_guest_pages")
-        name = _OP_NAMES.get(op)
-        if name is None:
-            raise ValueError(f"unknown guest op {op!r}")
-        if op in (GUEST_OP_READ, GUEST_OP_WRITE):
-            size = 0 if buf is None else memoryview(buf).nbytes
-            if size < n * PAGE_SIZE:
-                raise ValueError(f"{name} of {n} pages needs a buf of {n * PAGE_SIZE} bytes, "
-                                 f"got {size}")
-        if op in (GUEST_OP_CHECK, GUEST_OP_DIGEST):
-            need = 2 if op == GUEST_OP_CHECK else n
-            have = 0 if out is None else np.asarray(out).size
-            if have < need:
-                raise ValueError(f"{name} needs an out array of {need} uint64 words, got {have}")
-        if gfns is None and (gfn0 < 0 or gfn0 + n > GFN_LIMIT):
-            raise ValueError(f"gfns {gfn0:#x}+{n} run past the guest space [0, {GFN_LIMIT:#x})")
-        if gfns is not None and gfns.size and int(gfns.max()) >= GFN_LIMIT:
-            raise ValueError(f"gfns must be in [0, {GFN_LIMIT:#x})")
-        triples = self._slots[0]
-        for (b0, n0, _), (b1, n1, _) in zip(triples, triples[1:]):
-            if b1 < b0 + n0:
-                raise ValueError(f"dirty slots {b0:#x}+{n0:#x} and {b1:#x}+{n1:#x} are not "
-                                 "sorted and disjoint")
-        raise ValueError("sc_guest_pages refused the call: empty or out-of-range dirty slot, "
-                         "buf or out overlapping frames or gfns, or a write through an "
-                         "NPT_DIRTY_LOG entry in no dirty slot")
+                return _b.guest_pages(ctx, op, gfns, gfn0, n, arg, buf, out)
+            except (OverflowError, TypeError):
+                # cffi refused a scalar that is no u64 (or op no int): name it.
+                for value, name in ((gfn0, "gfn0"), (n, "n"), (arg, "arg")):
+                    u64(value, name)
+                raise

@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from sevcore.core.arrays import u64_array
+from sevcore.core.arrays import u64
 from sevcore.hw.hostmem import PAGE_SIZE
 from sevcore.uapi import GP_VECTOR, X86_TRAP_VC
 
@@ -79,32 +79,33 @@ class Guest:
 
     def read(self, gpa, size):
         """Read ``size`` bytes at ``gpa`` (with the C-bit / shared bit as the VM type wants)."""
-        return Op("read", (_u64(gpa, "gpa"), _size(size)))
+        return Op("read", (u64(gpa, "gpa", ndim=0), _size(size)))
 
     def write(self, gpa, data):
         """Write ``data`` at ``gpa``."""
-        return Op("write", (_u64(gpa, "gpa"), bytes(data)))
+        return Op("write", (u64(gpa, "gpa", ndim=0), bytes(data)))
 
     def fill(self, gpa, npages, pattern):
         """Bulk: every 8-byte word of ``npages`` pages from page-aligned ``gpa`` = ``pattern``."""
-        return Op("bulk", ("fill", _page_gpa(gpa), _size(npages), _u64(pattern, "pattern")))
+        return Op("bulk", ("fill", _page_gpa(gpa), _size(npages),
+                           u64(pattern, "pattern", ndim=0)))
 
     def write_pattern(self, gpa, npages, seed):
         """Bulk: write each page's deterministic per-gfn pattern for ``seed``."""
-        return Op("bulk", ("pattern", _page_gpa(gpa), _size(npages), _u64(seed, "seed")))
+        return Op("bulk", ("pattern", _page_gpa(gpa), _size(npages), u64(seed, "seed", ndim=0)))
 
     def check_pattern(self, gpa, npages, seed):
         """Bulk: compare the pages with their ``seed`` pattern; returns the mismatching page
         count and the index of the first (None if all match)."""
-        return Op("bulk", ("check", _page_gpa(gpa), _size(npages), _u64(seed, "seed")))
+        return Op("bulk", ("check", _page_gpa(gpa), _size(npages), u64(seed, "seed", ndim=0)))
 
     def stamp(self, gpa, npages, value):
         """Bulk: write ``value`` in the first 8 bytes of each page (dirties without rewriting)."""
-        return Op("bulk", ("stamp", _page_gpa(gpa), _size(npages), _u64(value, "value")))
+        return Op("bulk", ("stamp", _page_gpa(gpa), _size(npages), u64(value, "value", ndim=0)))
 
     def stamp_pages(self, gpas, value):
         """Bulk: :meth:`stamp` on a list of page-aligned GPAs (e.g. a random dirty set)."""
-        return Op("bulk_list", ("stamp", _page_gpas(gpas), _u64(value, "value"), None))
+        return Op("bulk_list", ("stamp", _page_gpas(gpas), u64(value, "value", ndim=0), None))
 
     def read_pages(self, gpas, out=None):
         """Bulk gather: the pages at the page-aligned ``gpas`` (with the C-bit / shared bit as
@@ -123,12 +124,12 @@ class Guest:
 
     def write_pattern_pages(self, gpas, seed):
         """Bulk: :meth:`write_pattern` on a list of page-aligned GPAs."""
-        return Op("bulk_list", ("pattern", _page_gpas(gpas), _u64(seed, "seed"), None))
+        return Op("bulk_list", ("pattern", _page_gpas(gpas), u64(seed, "seed", ndim=0), None))
 
     def check_pattern_pages(self, gpas, seed):
         """Bulk: :meth:`check_pattern` on a list of page-aligned GPAs; returns the mismatch count
         and the list index of the first mismatch (None if all match)."""
-        return Op("bulk_list", ("check", _page_gpas(gpas), _u64(seed, "seed"), None))
+        return Op("bulk_list", ("check", _page_gpas(gpas), u64(seed, "seed", ndim=0), None))
 
     def digest(self, gpa, npages):
         """Bulk: a 64-bit hash of each page's contents (a numpy uint64 array)."""
@@ -138,7 +139,8 @@ class Guest:
 
     def hypercall(self, nr, a0=0, a1=0, a2=0, a3=0):
         """VMMCALL with ``nr`` in RAX and a0-a3 in RBX, RCX, RDX, RSI; returns RAX."""
-        return Op("hypercall", tuple(_u64(v, "hypercall argument") for v in (nr, a0, a1, a2, a3)))
+        return Op("hypercall", tuple(u64(v, "hypercall argument", ndim=0)
+                                     for v in (nr, a0, a1, a2, a3)))
 
     def cpuid(self, function, index=0):
         """CPUID with EAX = ``function``, ECX = ``index``; returns ``(eax, ebx, ecx, edx)``."""
@@ -150,7 +152,7 @@ class Guest:
 
     def wrmsr(self, index, value):
         """WRMSR; a #GP raises :class:`GuestException` in the guest."""
-        return Op("wrmsr", (_u32(index), _u64(value, "value"), False))
+        return Op("wrmsr", (_u32(index), u64(value, "value", ndim=0), False))
 
     def rdmsr_safe(self, index):
         """RDMSR returning ``(vector, value)``: vector 0, or GP_VECTOR on #GP."""
@@ -158,7 +160,7 @@ class Guest:
 
     def wrmsr_safe(self, index, value):
         """WRMSR returning the vector: 0, or GP_VECTOR on #GP."""
-        return Op("wrmsr", (_u32(index), _u64(value, "value"), True))
+        return Op("wrmsr", (_u32(index), u64(value, "value", ndim=0), True))
 
     def vmgexit(self):
         """VMGEXIT (``rep; vmmcall``): hand the GHCB MSR's request (or the GHCB page) to the
@@ -167,7 +169,7 @@ class Guest:
 
     def xsave(self, gpa, rfbm):
         """XSAVE to the 64-byte aligned ``gpa`` with EDX:EAX = ``rfbm`` (masked by XCR0)."""
-        return Op("xsave", (_u64(gpa, "gpa"), _u64(rfbm, "rfbm")))
+        return Op("xsave", (u64(gpa, "gpa", ndim=0), u64(rfbm, "rfbm", ndim=0)))
 
     def shutdown(self):
         """Load an empty IDT and execute UD2: the #UD cannot be delivered and the CPU shuts
@@ -187,12 +189,6 @@ class Guest:
     def abort(self, message):
         """GUEST_FAIL: report ``message`` to the host as UCALL_ABORT."""
         return Op("ucall", (UCALL_ABORT, (str(message),)))
-
-
-def _u64(v, what):
-    if not isinstance(v, int) or not 0 <= v < 1 << 64:
-        raise ValueError(f"{what} must be a u64, got {v!r}")
-    return v
 
 
 def _u32(v, what="MSR index"):
@@ -219,7 +215,7 @@ def _page_buffer(buf, npages, what, writable=False):
 
 
 def _page_gpa(gpa):
-    gpa = _u64(gpa, "gpa")
+    gpa = u64(gpa, "gpa", ndim=0)
     if gpa & 0xfff:
         raise ValueError(f"bulk operations take a page-aligned gpa, got {gpa:#x}")
     return gpa
@@ -227,7 +223,7 @@ def _page_gpa(gpa):
 
 def _page_gpas(gpas):
     """A list of gpas as a uint64 array, every one page aligned."""
-    gpas = u64_array(gpas, "gpas")
+    gpas = u64(gpas, "gpas", ndim=1)
     bad = np.flatnonzero(gpas & np.uint64(0xfff))
     if len(bad):
         raise ValueError(f"bulk operations take page-aligned gpas, got {int(gpas[bad[0]]):#x} "

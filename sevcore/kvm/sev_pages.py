@@ -12,7 +12,7 @@ from errno import ENOMEM
 import numpy as np
 
 from sevcore import uapi as U
-from sevcore.core.arrays import byte_rows, u64_array
+from sevcore.core.arrays import byte_rows, u64
 from sevcore.errors import KvmError
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm.sev import (IOCTL, ULONG_MAX, SevCmd, SevError, _blob_size, _Cmd,
@@ -125,7 +125,7 @@ class _PageBatch:
 
 def send_update_data_pages(vm, guest_uaddrs, out=None):
     """n KVM_SEV_SEND_UPDATE_DATA ioctls of whole pages (see Vm.sev_send_update_data_pages)."""
-    uaddrs = u64_array(guest_uaddrs, "guest_uaddrs")
+    uaddrs = u64(guest_uaddrs, "guest_uaddrs", ndim=1)
     n = len(uaddrs)
     hdrs, trans, h, t = packet_rows(out, n)
     if not n:
@@ -146,7 +146,7 @@ def send_update_data_pages(vm, guest_uaddrs, out=None):
 def receive_update_data_pages(vm, guest_uaddrs, hdrs, trans):
     """n KVM_SEV_RECEIVE_UPDATE_DATA ioctls of whole pages (see
     Vm.sev_receive_update_data_pages)."""
-    uaddrs = u64_array(guest_uaddrs, "guest_uaddrs")
+    uaddrs = u64(guest_uaddrs, "guest_uaddrs", ndim=1)
     n = len(uaddrs)
     h, t = byte_rows(hdrs, n, "hdrs"), byte_rows(trans, n, "trans")
     if not n:

@@ -22,6 +22,7 @@ from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm.caps import KVM_ALLOWED_DISABLE_EXITS, check_extension
 from sevcore.kvm.mm import TASK_SIZE_MAX
 from sevcore.kvm.msr import MsrFilter
+from sevcore.core.arrays import u64
 from sevcore.core.npt import NPT_DIRTY_LOG, NPT_PRIVATE, Npt
 from sevcore.core.ranges import RangeSet
 
@@ -340,7 +341,8 @@ class Vm:
 
     def clear_dirty_log(self, slot, first_page, num_pages, bitmap):
         """Mirrors ``KVM_CLEAR_DIRTY_LOG``: clear the bits set in ``bitmap`` (uint64 words, bit
-        i = first_page + i) from the slot's log, with kvm_clear_dirty_log_protect's checks."""
+        i = first_page + i) from the slot's log, with kvm_clear_dirty_log_protect's checks.
+        A word that is not a u64 is a ValueError naming it."""
         ioctl = "KVM_CLEAR_DIRTY_LOG"
         self._enter(ioctl)
         s = self._dirty_log_slot(ioctl, slot, first_page)
@@ -349,7 +351,7 @@ class Vm:
                 (num_pages < n - first_page and num_pages & 63):
             raise KvmError(EINVAL, ioctl, "range outside the slot or not whole words")
         nwords = (num_pages + 63) // 64
-        words = np.asarray(bitmap, dtype=np.uint64).reshape(-1)
+        words = np.asarray(u64(bitmap, "bitmap")).reshape(-1)
         if len(words) < nwords:
             raise KvmError(EFAULT, ioctl, "bitmap shorter than num_pages bits")
         if nwords:

@@ -33,7 +33,7 @@ import numpy as np
 
 from sevcore.core import sevpkt
 from sevcore import uapi as U
-from sevcore.core.arrays import runs, u64_array
+from sevcore.core.arrays import runs, u64
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.vmm.kvm_util import addr_gpa2hva
 from sevcore.psp.crypto import kdf
@@ -384,7 +384,7 @@ class MigrationHelper:
         be strided) and a writable ``(n,)`` integer array of 8-byte items, either byte order,
         such as the columns of a stream record the packets go straight into. Raises
         HelperPacketError ("range", "key", "state") naming the first page refused."""
-        gfns = _u64_array(gfns, "gfns")
+        gfns = u64(gfns, "gfns", ndim=1)
         n = len(gfns)
         if packets is None:
             packets = np.empty((n, PACKET_SIZE), np.uint8)
@@ -416,7 +416,7 @@ class MigrationHelper:
         sequence numbers ``seqs`` and write them into the guest's private pages. Raises
         HelperPacketError ("replay", "auth", "range", "key", "state") naming the first packet
         refused: the packets before it are written, it and the rest are not."""
-        gfns, seqs = _u64_array(gfns, "gfns"), _u64_array(seqs, "seqs")
+        gfns, seqs = u64(gfns, "gfns", ndim=1), u64(seqs, "seqs", ndim=1)
         packets = np.asarray(packets)
         n = len(gfns)
         if len(seqs) != n or packets.dtype != np.uint8 or packets.shape != (n, PACKET_SIZE):
@@ -511,10 +511,6 @@ class _SharedPages:
         """``(index, (k, 4096) frames view)`` pieces of the pages ``[gfn, gfn + npages)``."""
         for pos, view in self._spans(gfn << PAGE_SHIFT, npages << PAGE_SHIFT):
             yield pos >> PAGE_SHIFT, view.reshape(-1, PAGE_SIZE)
-
-
-def _u64_array(a, what):
-    return np.ascontiguousarray(u64_array(a, what))
 
 
 __all__ = ["ENTRY", "HELPER_CTX", "KEY_SIZE", "PACKET_SIZE", "REASONS", "HelperBatch",

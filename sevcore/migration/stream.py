@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sevcore.core.arrays import byte_rows, u64_array
+from sevcore.core.arrays import byte_rows, u64
 from sevcore.core.checksum import crc32
 from sevcore.migration.errors import (BadMagic, BadRecord, ChecksumMismatch, StreamTruncated,
                                       UnsupportedFlags, UnsupportedVersion)
@@ -433,7 +433,7 @@ class StreamWriter:
         rows of one length each (2-D uint8 arrays, any strides, or flat buffers that split
         evenly). As many records as ``batch_pages`` and MAX_PAYLOAD need; everything is checked
         (TypeError, ValueError) before the first is buffered."""
-        g = u64_array(gfns, "gfns")
+        g = u64(gfns, "gfns", ndim=1)
         h, t = byte_rows(hdrs, len(g), "hdrs"), byte_rows(trans, len(g), "trans")
 
         def fill(lo, n, hcol, tcol):
@@ -447,7 +447,7 @@ class StreamWriter:
         ``hdrs`` and ``trans``, writable ``(n, hdr_len)`` and ``(n, trans_len)`` uint8 views of
         the record (rows strided), as a batched SEND_UPDATE_DATA's ``out`` pair does. If
         ``fill`` raises, that record is not written and the exception propagates."""
-        g = u64_array(gfns, "gfns")
+        g = u64(gfns, "gfns", ndim=1)
         hl, tl = _check_int(hdr_len, 0, MAX_PAYLOAD, "hdr_len"), \
             _check_int(trans_len, 0, MAX_PAYLOAD, "trans_len")
         if len(g) and not tl:
@@ -462,7 +462,7 @@ class StreamWriter:
     def shared_batch(self, gfns, data):
         """SHARED_PAGES: ``be32 npages``, then per page ``be64 gfn`` and 4096 plaintext bytes;
         ``data`` is ``n`` pages (an ``(n, 4096)`` uint8 array or ``n * 4096`` bytes)."""
-        g = u64_array(gfns, "gfns")
+        g = u64(gfns, "gfns", ndim=1)
         d = byte_rows(data, len(g), "data")
         if len(g) and d.shape[1] != PAGE_SIZE:
             raise ValueError(f"shared pages are {PAGE_SIZE} bytes, not {d.shape[1]}")
@@ -474,7 +474,7 @@ class StreamWriter:
     def helper_batch(self, gfns, seqs, packets):
         """HELPER_PAGES: ``be32 npages, be32 packet_len``, then per page ``be64 gfn, be64 seq``
         and the packet; the packets are ``n`` rows of one (non-zero) length."""
-        g, q = u64_array(gfns, "gfns"), u64_array(seqs, "seqs")
+        g, q = u64(gfns, "gfns", ndim=1), u64(seqs, "seqs", ndim=1)
         if len(q) != len(g):
             raise ValueError(f"{len(g)} gfns but {len(q)} sequence numbers")
         p = byte_rows(packets, len(g), "packets")
@@ -490,7 +490,7 @@ class StreamWriter:
         ``gfns[lo:lo + n]`` into ``seqs`` (a writable ``(n,)`` big-endian uint64 view) and
         ``packets`` (a writable ``(n, packet_len)`` uint8 view, rows strided). If ``fill``
         raises, that record is not written and the exception propagates."""
-        g = u64_array(gfns, "gfns")
+        g = u64(gfns, "gfns", ndim=1)
         pl = _check_int(packet_len, 0, MAX_PAYLOAD, "packet_len")
         if len(g) and not pl:
             raise ValueError("a helper packet cannot be empty")

@@ -26,7 +26,7 @@ import numpy as np
 
 from sevcore.core import sevpkt
 from sevcore import uapi as U
-from sevcore.core.arrays import byte_rows, u64_array
+from sevcore.core.arrays import byte_rows, u64
 from sevcore.psp import crypto as X
 from sevcore.psp.status import PspError
 
@@ -146,7 +146,7 @@ class UpdatePages:
     def _page_spas(self, guest_addresses):
         """The SPAs of page-aligned guest addresses (the C-bit stripped) and the index of the
         first outside host memory (INVALID_ADDRESS), or n."""
-        addrs = u64_array(guest_addresses, "guest_addresses")
+        addrs = u64(guest_addresses, "guest_addresses", ndim=1)
         spas = addrs & ~np.uint64(1 << self.host.c_bit)
         if np.any(spas & np.uint64(PAGE - 1)):
             raise ValueError("guest addresses must be page aligned: the batch moves whole pages")

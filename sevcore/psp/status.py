@@ -23,16 +23,28 @@ def command_name(cmd):
 
 
 class PspError(OSError):
-    """A firmware command failed: ``status`` is the firmware's SEV_RET_* code, ``command`` the
-    SEV_CMD_* name. The errno is EIO, which is what the kernel's PSP driver returns for any
-    non-zero firmware status (drivers/crypto/ccp/sev-dev.c). ``index`` is None, or for a batch
+    """A firmware command failed: ``fw_error`` is the firmware's SEV_RET_* status (the name
+    KVM's ``kvm_sev_cmd.error`` goes by in QEMU, and in :class:`sevcore.kvm.sev.SevError`),
+    ``fw_error_name`` its name, ``command`` the SEV_CMD_* name. The errno is EIO, which is what
+    the kernel's PSP driver returns for any non-zero firmware status
+    (drivers/crypto/ccp/sev-dev.c). ``index`` is None, or for a batch
     (``send_update_data_pages`` ...) the position of the command that failed."""
 
-    def __init__(self, command, status, index=None):
+    def __init__(self, command, fw_error, index=None):
         self.command = command_name(command) if isinstance(command, int) else command
-        self.status = status
-        self.status_name = status_name(status)
+        self.fw_error = fw_error
+        self.fw_error_name = status_name(fw_error)
         self.index = index
         where = "" if index is None else f" at page {index} of the batch"
-        super().__init__(errno.EIO, f"{os.strerror(errno.EIO)}: firmware status {status:#x} "
-                                    f"({self.status_name}){where}", self.command)
+        super().__init__(errno.EIO, f"{os.strerror(errno.EIO)}: firmware status {fw_error:#x} "
+                                    f"({self.fw_error_name}){where}", self.command)
+
+    @property
+    def status(self):
+        """The former name of :attr:`fw_error`, read-only, kept for this release."""
+        return self.fw_error
+
+    @property
+    def status_name(self):
+        """The former name of :attr:`fw_error_name`, read-only, kept for this release."""
+        return self.fw_error_name

@@ -57,12 +57,18 @@ _CERT_FILES = (PDH_FILENAME, PEK_FILENAME, OCA_FILENAME, CEK_FILENAME, ASK_FILEN
 
 
 class CertChainError(ValueError):
-    """A certificate chain failed to verify: ``which`` cert, and the firmware-style ``status``."""
+    """A certificate chain failed to verify: ``which`` cert, and the SEV_RET_* status the
+    firmware would give, ``fw_error`` (as on PspError and SevError)."""
 
-    def __init__(self, which, status):
-        super().__init__(f"{which} certificate: {status_name(status)}")
+    def __init__(self, which, fw_error):
+        super().__init__(f"{which} certificate: {status_name(fw_error)}")
         self.which = which
-        self.status = status
+        self.fw_error = fw_error
+
+    @property
+    def status(self):
+        """The former name of :attr:`fw_error`, read-only, kept for this release."""
+        return self.fw_error
 
 
 @dataclass(frozen=True)

@@ -465,6 +465,7 @@ class Raw:
         self.ctx.frames_size = self.frames.size
         self.ctx.slots = self.slots
         self.ctx.nslots = 1
+        self.err = ffi.new("struct sc_err *")
         self.snapshot = self.state()
 
     def state(self):
@@ -477,69 +478,83 @@ class Raw:
         o = ffi.from_buffer("uint64_t[]", self.out) if out is None else out
         size = 4 * PAGE_SIZE if buf_size is None else buf_size
         return lib.sc_guest_pages(self.ctx if ctx is None else ctx, op, g, gfn0, n, 0x77, b, size,
-                                  o, out_len)
+                                  o, out_len, self.err)
 
 
 def _frames_ptr(r, offset):
     return ffi.cast("uint8_t *", r.ctx.frames) + offset
 
 
+E, F = -errno.EINVAL, -errno.EFAULT
+
 BAD_CALLS = [
-    # (what is wrong, how, expected return)
-    ("no ctx", lambda r: r.call(ctx=ffi.NULL), -errno.EINVAL),
-    ("no npt", lambda r: setattr(r.ctx, "npt", ffi.NULL) or r.call(), -errno.EINVAL),
-    ("no frames", lambda r: setattr(r.ctx, "frames", ffi.NULL) or r.call(), -errno.EINVAL),
-    ("op 0", lambda r: r.call(op=0), -errno.EINVAL),
-    ("op 8", lambda r: r.call(op=8), -errno.EINVAL),
-    ("no buf", lambda r: r.call(buf=ffi.NULL), -errno.EINVAL),
-    ("short buf", lambda r: r.call(buf_size=4 * PAGE_SIZE - 1), -errno.EINVAL),
-    ("short READ buf", lambda r: r.call(op=GUEST_OP_READ, buf_size=PAGE_SIZE), -errno.EINVAL),
-    ("buf in frames", lambda r: r.call(buf=_frames_ptr(r, 15 * PAGE_SIZE)), -errno.EINVAL),
+    # (what is wrong, how, expected return, the reason C gives, the page or slot it names)
+    ("no ctx", lambda r: r.call(ctx=ffi.NULL), E, "NULL", None),
+    ("no npt", lambda r: setattr(r.ctx, "npt", ffi.NULL) or r.call(), E, "NULL", None),
+    ("no frames", lambda r: setattr(r.ctx, "frames", ffi.NULL) or r.call(), E, "NULL", None),
+    ("op 0", lambda r: r.call(op=0), E, "GUEST_OP", None),
+    ("op 8", lambda r: r.call(op=8), E, "GUEST_OP", None),
+    ("no buf", lambda r: r.call(buf=ffi.NULL), E, "GUEST_BUF_SIZE", None),
+    ("short buf", lambda r: r.call(buf_size=4 * PAGE_SIZE - 1), E, "GUEST_BUF_SIZE", None),
+    ("short READ buf", lambda r: r.call(op=GUEST_OP_READ, buf_size=PAGE_SIZE), E,
+     "GUEST_BUF_SIZE", None),
+    ("buf in frames", lambda r: r.call(buf=_frames_ptr(r, 15 * PAGE_SIZE)), E,
+     "GUEST_BUF_OVERLAP", None),
     ("READ buf over gfns", lambda r: r.call(op=GUEST_OP_READ, buf=ffi.cast(
-        "uint8_t *", ffi.from_buffer("uint64_t[]", r.gfns))), -errno.EINVAL),
-    ("no out", lambda r: r.call(op=GUEST_OP_DIGEST, out=ffi.NULL), -errno.EINVAL),
-    ("short DIGEST out", lambda r: r.call(op=GUEST_OP_DIGEST, out_len=3), -errno.EINVAL),
-    ("short CHECK out", lambda r: r.call(op=GUEST_OP_CHECK, out_len=1), -errno.EINVAL),
+        "uint8_t *", ffi.from_buffer("uint64_t[]", r.gfns))), E, "GUEST_BUF_OVERLAP", None),
+    ("no out", lambda r: r.call(op=GUEST_OP_DIGEST, out=ffi.NULL), E, "GUEST_OUT_SIZE", None),
+    ("short DIGEST out", lambda r: r.call(op=GUEST_OP_DIGEST, out_len=3), E, "GUEST_OUT_SIZE",
+     None),
+    ("short CHECK out", lambda r: r.call(op=GUEST_OP_CHECK, out_len=1), E, "GUEST_OUT_SIZE",
+     None),
     ("misaligned out", lambda r: r.call(op=GUEST_OP_CHECK, out=ffi.cast(
         "uint64_t *", ffi.cast("uint8_t *", ffi.from_buffer("uint64_t[]", r.out)) + 4),
-        out_len=2), -errno.EINVAL),
+        out_len=2), E, "MISALIGNED", None),
     ("out in frames", lambda r: r.call(op=GUEST_OP_DIGEST, out=ffi.cast(
-        "uint64_t *", _frames_ptr(r, 8 * PAGE_SIZE))), -errno.EINVAL),
+        "uint64_t *", _frames_ptr(r, 8 * PAGE_SIZE))), E, "GUEST_OUT_OVERLAP", None),
     ("out over gfns", lambda r: r.call(op=GUEST_OP_DIGEST, out=ffi.from_buffer(
-        "uint64_t[]", r.gfns)), -errno.EINVAL),
-    ("gfn >= 2^36", lambda r: r.gfns.__setitem__(3, GFN_LIMIT) or r.call(), -errno.EINVAL),
+        "uint64_t[]", r.gfns)), E, "GUEST_OUT_OVERLAP", None),
+    ("gfn >= 2^36", lambda r: r.gfns.__setitem__(3, GFN_LIMIT) or r.call(), E, "GUEST_GFN", 3),
     ("misaligned gfns", lambda r: r.call(gfns=ffi.cast("uint64_t *", ffi.cast(
-        "uint8_t *", ffi.from_buffer("uint64_t[]", r.gfns)) + 1), n=2), -errno.EINVAL),
-    ("range past 2^36", lambda r: r.call(gfns=ffi.NULL, gfn0=GFN_LIMIT - 1, n=2), -errno.EINVAL),
-    ("n > 2^36", lambda r: r.call(gfns=ffi.NULL, gfn0=0, n=GFN_LIMIT + 1), -errno.EINVAL),
+        "uint8_t *", ffi.from_buffer("uint64_t[]", r.gfns)) + 1), n=2), E, "MISALIGNED", None),
+    ("range past 2^36", lambda r: r.call(gfns=ffi.NULL, gfn0=GFN_LIMIT - 1, n=2), E, "GUEST_RUN",
+     None),
+    ("n > 2^36", lambda r: r.call(gfns=ffi.NULL, gfn0=0, n=GFN_LIMIT + 1), E, "GUEST_COUNT",
+     None),
     ("slots unsorted", lambda r: setattr(r.ctx, "nslots", 2) or setattr(
-        r.slots[1], "base_gfn", 0x10) or r.call(), -errno.EINVAL),
+        r.slots[1], "base_gfn", 0x10) or r.call(), E, "GUEST_SLOT_ORDER", 1),
     ("slots overlap", lambda r: setattr(r.ctx, "nslots", 2) or setattr(
-        r.slots[1], "base_gfn", 0x17) or r.call(), -errno.EINVAL),
-    ("empty slot", lambda r: setattr(r.slots[0], "npages", 0) or r.call(), -errno.EINVAL),
-    ("slot past 2^36", lambda r: setattr(r.slots[0], "npages", GFN_LIMIT) or r.call(),
-     -errno.EINVAL),
+        r.slots[1], "base_gfn", 0x17) or r.call(), E, "GUEST_SLOT_ORDER", 1),
+    ("empty slot", lambda r: setattr(r.slots[0], "npages", 0) or r.call(), E, "GUEST_SLOT", 0),
+    ("slot past 2^36", lambda r: setattr(r.slots[0], "npages", GFN_LIMIT) or r.call(), E,
+     "GUEST_SLOT", 0),
     ("slot without bitmap", lambda r: setattr(r.slots[0], "dirty_bitmap", ffi.NULL) or r.call(),
-     -errno.EINVAL),
-    ("no slots array", lambda r: setattr(r.ctx, "slots", ffi.NULL) or r.call(), -errno.EINVAL),
+     E, "NULL", 0),
+    ("no slots array", lambda r: setattr(r.ctx, "slots", ffi.NULL) or r.call(), E, "NULL", None),
     ("logged write outside every slot", lambda r: setattr(r.slots[0], "base_gfn", 0x15) or r.call(
-        gfns=ffi.NULL, gfn0=0x12, n=3), -errno.EINVAL),
-    ("frame outside host memory", lambda r: r.npt.map(0x11, 16, W) or r.call(), -errno.EFAULT),
+        gfns=ffi.NULL, gfn0=0x12, n=3), E, "GUEST_UNLOGGED", 2),
+    ("frame outside host memory", lambda r: r.npt.map(0x11, 16, W) or r.call(), F,
+     "GUEST_FRAME", 1),
     ("last frame cut short", lambda r: setattr(r.ctx, "frames_size", 8 * PAGE_SIZE - 1) or r.call(
-        op=GUEST_OP_READ), -errno.EFAULT),
+        op=GUEST_OP_READ), F, "GUEST_FRAME", 2),
 ]
 
 
-@pytest.mark.parametrize("what, how, expected", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
-def test_raw_refusals_return_errno_and_write_nothing(what, how, expected):
-    """Each bad argument, or a page that cannot be served safely, is refused with its errno
-    before any frame, buffer, output or dirty bit changes."""
+@pytest.mark.parametrize("what, how, expected, reason, index", BAD_CALLS,
+                         ids=[c[0] for c in BAD_CALLS])
+def test_raw_refusals_return_errno_and_write_nothing(what, how, expected, reason, index):
+    """Each bad argument, or a page that cannot be served safely, is refused with its errno and
+    the reason (and page or slot) C names, before any frame, buffer, output or dirty bit
+    changes."""
     r = Raw()
     try:
         assert r.call() == 4  # the unperturbed call works (on a copy of the state)
         r.frames[:] = np.frombuffer(r.snapshot[0], np.uint8)
         r.words[:] = 0
         assert how(r) == expected
+        assert r.err.reason == getattr(lib, "SC_ERR_" + reason)
+        if index is not None:
+            assert r.err.index == index
         assert r.state() == r.snapshot
     finally:
         r.npt.close()
@@ -578,7 +593,10 @@ def test_reads_through_logged_entries_need_no_slot():
     (dict(op=GUEST_OP_FILL, gfns=[0x1000, GFN_LIMIT]), r"must be in \[0"),
     (dict(op=GUEST_OP_FILL, gfns=[0x1000], n=2), "gfns holds 1"),
     (dict(op=GUEST_OP_FILL, gfns=[1.5]), None),
-    (dict(op=GUEST_OP_FILL, gfn0=-1, n=1), "unsigned 64-bit"),
+    (dict(op=GUEST_OP_FILL, gfn0=-1, n=1), "gfn0 = -1 is not a u64"),
+    (dict(op=GUEST_OP_FILL, gfns=[0x1000, -1]), r"gfns\[1\] = -1 is not a u64"),
+    (dict(op=GUEST_OP_FILL, gfns=np.array([0x1000, 0x1001, -1], np.int64)),
+     r"gfns\[2\] = -1 is not a u64"),
     (dict(op=GUEST_OP_FILL), "give gfns"),
 ])
 def test_friendly_errors_name_the_problem(kw, match):

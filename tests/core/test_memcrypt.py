@@ -232,8 +232,9 @@ def test_bad_engine_arguments(kwargs, exc, match):
     (bytes(PAGE_SIZE * 2 - 1), [0, 0x1000], "whole number"),
     (bytes(PAGE_SIZE * 2), [0x1000], "1 SPAs for 2 pages"),
     (bytes(PAGE_SIZE * 2), [0x1000, 0x2010], r"spas\[1\] = 0x2010 is not page aligned"),
-    (bytes(PAGE_SIZE * 2), [0x1000, -4096], "unsigned 64-bit"),
-    (bytes(PAGE_SIZE * 2), [0x1000, 2**64], "spas"),
+    (bytes(PAGE_SIZE * 2), [0x1000, -4096], r"spas\[1\] = -4096 is not a u64"),
+    (bytes(PAGE_SIZE * 2), np.array([0x1000, -4096]), r"spas\[1\] = -4096 is not a u64"),
+    (bytes(PAGE_SIZE * 2), [0x1000, 2**64], r"spas\[1\] = 18446744073709551616 is not a u64"),
 ])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_bad_batches_are_refused_before_any_write(cpu_path, data, spas, match, threads):
@@ -248,7 +249,7 @@ def test_bad_batches_are_refused_before_any_write(cpu_path, data, spas, match, t
 def test_float_spas_and_bad_buffers_are_type_errors():
     """Float SPAs, a non-buffer and a read-only out raise TypeError."""
     eng = MemoryEngine(AES128_XEX, bytes(16))
-    with pytest.raises(TypeError, match="integers"):
+    with pytest.raises(TypeError, match=r"spas\[0\] = 4096.0 is not an integer"):
         eng.encrypt_pages(bytes(PAGE_SIZE), [4096.0])
     with pytest.raises(TypeError):
         eng.encrypt_pages("x" * PAGE_SIZE, [0])
@@ -272,8 +273,8 @@ def test_partial_overlap_is_refused_and_in_place_allowed():
 
 @pytest.mark.parametrize("spa,exc,match", [
     (0x1010, ValueError, "not page aligned"),
-    (-4096, ValueError, "64-bit physical address"),
-    (2**64, ValueError, "64-bit physical address"),
+    (-4096, ValueError, "spa = -4096 is not a u64"),
+    (2**64, ValueError, "spa = 18446744073709551616 is not a u64"),
     (2**64 - 4096, ValueError, "past the address space"),
     ("4096", TypeError, "spa"),
 ])

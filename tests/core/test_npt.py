@@ -361,48 +361,66 @@ def test_bad_arguments_raise_before_any_change(impl, method, args, exc):
 
 
 EINVAL_CALLS = [
-    ("npt_map", (GFN_LIMIT, 0, 0, 1)),
-    ("npt_map", (0, 0, 0, 0)),
-    ("npt_map", (GFN_LIMIT - 1, 0, 0, 2)),
-    ("npt_map", (0, 0, 0, 2**64 - 1)),
-    ("npt_map", (0, PFN_LIMIT, 0, 1)),
-    ("npt_map", (0, PFN_LIMIT - 1, 0, 2)),
-    ("npt_map", (0, 0, 1 << 3, 1)),
-    ("npt_unmap", (0, 0)),
-    ("npt_unmap", (2**64 - 1, 1)),
-    ("npt_zap_range", (0, 1, 0, 1 << 63)),
-    ("npt_zap_range", (0, 1, 1 << 12, 0)),
-    ("npt_protect_range", (0, 1, NPT_PRESENT, 0)),
-    ("npt_protect_range", (0, 1, 0, 1 << 8)),
-    ("npt_lookup", (GFN_LIMIT,)),
+    ("map", (GFN_LIMIT, 0, 0, 1), "NPT_GFN"),
+    ("map", (0, 0, 0, 0), "NPT_NPAGES"),
+    ("map", (GFN_LIMIT - 1, 0, 0, 2), "NPT_NPAGES"),
+    ("map", (0, 0, 0, 2**64 - 1), "NPT_NPAGES"),
+    ("map", (0, PFN_LIMIT, 0, 1), "NPT_PFN"),
+    ("map", (0, PFN_LIMIT - 1, 0, 2), "NPT_PFN"),
+    ("map", (0, 0, 1 << 3, 1), "NPT_FLAGS"),
+    ("unmap", (0, 0), "NPT_NPAGES"),
+    ("unmap", (2**64 - 1, 1), "NPT_GFN"),
+    ("zap_range", (0, 1, 0, 1 << 63), "NPT_FLAGS"),
+    ("zap_range", (0, 1, 1 << 12, 0), "NPT_FLAGS"),
+    ("protect_range", (0, 1, NPT_PRESENT, 0), "NPT_CLEAR_PRESENT"),
+    ("protect_range", (0, 1, 0, 1 << 8), "NPT_FLAGS"),
+    ("lookup", (GFN_LIMIT, _b.ffi.new("uint64_t *")), "NPT_GFN"),
 ]
 
 
-@pytest.mark.parametrize("func, args", EINVAL_CALLS)
-def test_c_core_rejects_bad_arguments_with_einval(func, args):
-    """The C functions themselves answer bad arguments with -EINVAL and change nothing."""
+@pytest.mark.parametrize("func, args, reason", EINVAL_CALLS)
+def test_c_core_rejects_bad_arguments_with_einval(func, args, reason):
+    """The C functions themselves answer bad arguments with -EINVAL and the reason, and change
+    nothing."""
     with Npt() as table:
         table.map(0, 0, NPT_WRITABLE, npages=600)
         before = snapshot(table)
-        with raises_errno(errno.EINVAL):
-            getattr(_b, func)(table._npt, *args)
+        err = _b.ffi.new("struct sc_err *")
+        assert getattr(_b.lib, "sc_npt_" + func)(table._npt, *args, err) == -errno.EINVAL
+        assert err.reason == getattr(_b.lib, "SC_ERR_" + reason)
         assert snapshot(table) == before
 
 
 def test_c_core_rejects_null_tables_and_bad_iteration_bounds():
-    """The C functions answer a NULL table or an end gfn past 2**36 with -EINVAL instead of
-    crashing."""
+    """The C functions answer a NULL table with OSError(EINVAL) instead of crashing, and an end
+    gfn past 2**36 with a ValueError naming it."""
     buf = np.zeros(4, np.uint64)
     for call in (lambda: _b.npt_count(_b.ffi.NULL), lambda: _b.npt_stats(_b.ffi.NULL),
                  lambda: _b.npt_map(_b.ffi.NULL, 0, 0, 0, 1),
+                 lambda: _b.npt_map_pairs(_b.ffi.NULL, buf, buf, 0),
                  lambda: _b.npt_lookup(_b.ffi.NULL, 0),
                  lambda: _b.npt_lookup_batch(_b.ffi.NULL, buf, buf),
                  lambda: _b.npt_next_mapped(_b.ffi.NULL, 0, 1, buf, buf)):
         with raises_errno(errno.EINVAL):
             call()
     with Npt() as table:
-        with raises_errno(errno.EINVAL):
-            _b.npt_next_mapped(table._npt, 0, GFN_LIMIT + 1, buf, buf)
+        for start, end in ((0, GFN_LIMIT + 1), (GFN_LIMIT + 1, GFN_LIMIT)):
+            with pytest.raises(ValueError, match=f"gfn bound {GFN_LIMIT + 1:#x} is past"):
+                _b.npt_next_mapped(table._npt, start, end, buf, buf)
+
+
+def test_map_pairs_refuses_a_batch_whole_naming_the_pair():
+    """map_runs checks every pair in C before mapping any: the first gfn or pfn out of range is
+    named with its index, and nothing is mapped."""
+    with Npt() as table:
+        gfns = np.array([1, 2, 3, GFN_LIMIT], np.uint64)
+        with pytest.raises(ValueError, match=rf"gfns\[3\] = {GFN_LIMIT:#x} is outside"):
+            table.map_runs(gfns, np.arange(4, dtype=np.uint64), NPT_WRITABLE)
+        with pytest.raises(ValueError, match=rf"pfns\[1\] = {PFN_LIMIT:#x} is outside"):
+            table.map_runs([1, 2], [5, PFN_LIMIT], NPT_WRITABLE)
+        with pytest.raises(ValueError, match=r"gfns\[1\] = -1 is not a u64"):
+            table.map_runs([1, -1], [5, 6], NPT_WRITABLE)
+        assert len(table) == 0
 
 
 # --- memory follows what is mapped ----------------------------------------------------------------

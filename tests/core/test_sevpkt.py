@@ -298,20 +298,27 @@ def test_strided_rows_bad_shapes_and_overlaps():
 
 def test_raw_rows_overlap_is_exact_for_one_stride():
     """sc_sevpkt_seal_rows accepts interleaved header and ciphertext rows of one stride, and
-    refuses rows that meet, strides below the row length, and in place with a stride."""
+    refuses rows that meet, strides below the row length, and in place with a stride, saying
+    which."""
     buf = z(4 * 200)
     pt = bytes(2 * 64)
+    err = ffi.new("struct sc_err *")
 
     def rows(h_off, h_stride, c_off, c_stride, src=pt):
-        return lib.sc_sevpkt_seal_rows(TEK, TIK, 2, ffi.NULL, src, 64, 2, IV * 2, buf + h_off,
-                                       h_stride, buf + c_off, c_stride)
-    assert rows(0, 200, 60, 200) == 0
-    assert rows(136, 200, 0, 200) == 0                # header after the packet in each row
-    assert rows(0, 200, 51, 200) == -errno.EINVAL     # meets the header
-    assert rows(0, 200, 180, 200) == -errno.EINVAL    # runs into the next row's header
-    assert rows(0, 51, 200, 200) == -errno.EINVAL     # header stride below 52
-    assert rows(0, 200, 60, 63) == -errno.EINVAL      # ciphertext stride below its length
-    assert rows(0, 200, 300, 100, src=buf + 300) == -errno.EINVAL    # in place, strided
+        rc = lib.sc_sevpkt_seal_rows(TEK, TIK, 2, ffi.NULL, src, 64, 2, IV * 2, buf + h_off,
+                                     h_stride, buf + c_off, c_stride, err)
+        return rc, (err.reason if rc else 0)
+    EINVAL = -errno.EINVAL
+    assert rows(0, 200, 60, 200) == (0, 0)
+    assert rows(136, 200, 0, 200) == (0, 0)              # header after the packet in each row
+    assert rows(0, 200, 51, 200) == (EINVAL, lib.SC_ERR_PKT_HDRS_OVERLAP)   # meets the header
+    # runs into the next row's header
+    assert rows(0, 200, 180, 200) == (EINVAL, lib.SC_ERR_PKT_HDRS_OVERLAP)
+    assert rows(0, 51, 200, 200) == (EINVAL, lib.SC_ERR_PKT_STRIDE)  # header stride below 52
+    # ciphertext stride below its length
+    assert rows(0, 200, 60, 63) == (EINVAL, lib.SC_ERR_PKT_STRIDE)
+    # in place, strided
+    assert rows(0, 200, 300, 100, src=buf + 300) == (EINVAL, lib.SC_ERR_PKT_CT_OVERLAP)
 
 
 def test_empty_batch_is_a_no_op():
@@ -513,48 +520,58 @@ def z(n):
 
 
 def raw_seal(tek=TEK, tik=TIK, ctx=2, measure=ffi.NULL, pt=P, size=32, n=2, ivs=IV * 2,
-             hdrs="new", ct="new"):
+             hdrs="new", ct="new", err=ffi.NULL):
     hdrs = z(104) if hdrs == "new" else hdrs
     ct = z(64) if ct == "new" else ct
-    return lib.sc_sevpkt_seal(tek, tik, ctx, measure, pt, size, n, ivs, hdrs, ct)
+    return lib.sc_sevpkt_seal(tek, tik, ctx, measure, pt, size, n, ivs, hdrs, ct, err)
 
 
 def raw_open(tek=TEK, tik=TIK, ctx=2, measure=ffi.NULL, hdrs=bytes(104), ct=P, size=32, n=2,
-             pt="new", bad=ffi.NULL):
+             pt="new", err=ffi.NULL):
     pt = z(64) if pt == "new" else pt
-    return lib.sc_sevpkt_open(tek, tik, ctx, measure, hdrs, ct, size, n, pt, bad)
+    return lib.sc_sevpkt_open(tek, tik, ctx, measure, hdrs, ct, size, n, pt, err)
 
 
 _BUF = z(4096)
 _HUGE_N = (1 << 64) // sevpkt.MAX_LEN + 1
 
 
-@pytest.mark.parametrize("call,kwargs", [
-    (raw_seal, dict(tek=ffi.NULL)), (raw_seal, dict(tik=ffi.NULL)),
-    (raw_seal, dict(pt=ffi.NULL)), (raw_seal, dict(ivs=ffi.NULL)),
-    (raw_seal, dict(hdrs=ffi.NULL)), (raw_seal, dict(ct=ffi.NULL)),
-    (raw_seal, dict(size=0)), (raw_seal, dict(size=8)), (raw_seal, dict(size=0x5010)),
-    (raw_seal, dict(size=0, n=0)), (raw_seal, dict(n=_HUGE_N)),
-    (raw_seal, dict(pt=_BUF, ct=_BUF + 16)), (raw_seal, dict(pt=_BUF + 16, ct=_BUF)),
-    (raw_seal, dict(ct=_BUF, hdrs=_BUF + 63)), (raw_seal, dict(pt=_BUF, hdrs=_BUF + 60)),
-    (raw_seal, dict(ivs=_BUF, hdrs=_BUF + 31)), (raw_seal, dict(ivs=_BUF, ct=_BUF + 31)),
-    (raw_open, dict(tek=ffi.NULL)), (raw_open, dict(tik=ffi.NULL)),
-    (raw_open, dict(hdrs=ffi.NULL)), (raw_open, dict(ct=ffi.NULL)), (raw_open, dict(pt=ffi.NULL)),
-    (raw_open, dict(size=0)), (raw_open, dict(size=24)), (raw_open, dict(size=0x5010)),
-    (raw_open, dict(n=_HUGE_N)),
-    (raw_open, dict(ct=_BUF, pt=_BUF + 16)), (raw_open, dict(hdrs=_BUF, pt=_BUF + 100)),
+@pytest.mark.parametrize("call,kwargs,reason", [
+    (raw_seal, dict(tek=ffi.NULL), "NULL"), (raw_seal, dict(tik=ffi.NULL), "NULL"),
+    (raw_seal, dict(pt=ffi.NULL), "NULL"), (raw_seal, dict(ivs=ffi.NULL), "NULL"),
+    (raw_seal, dict(hdrs=ffi.NULL), "NULL"), (raw_seal, dict(ct=ffi.NULL), "NULL"),
+    (raw_seal, dict(size=0), "PKT_LEN"), (raw_seal, dict(size=8), "PKT_LEN"),
+    (raw_seal, dict(size=0x5010), "PKT_LEN"), (raw_seal, dict(size=0, n=0), "PKT_LEN"),
+    (raw_seal, dict(n=_HUGE_N), "PKT_COUNT"),
+    (raw_seal, dict(pt=_BUF, ct=_BUF + 16), "PKT_CT_OVERLAP"),
+    (raw_seal, dict(pt=_BUF + 16, ct=_BUF), "PKT_CT_OVERLAP"),
+    (raw_seal, dict(ct=_BUF, hdrs=_BUF + 63), "PKT_HDRS_OVERLAP"),
+    (raw_seal, dict(pt=_BUF, hdrs=_BUF + 60), "PKT_HDRS_OVERLAP"),
+    (raw_seal, dict(ivs=_BUF, hdrs=_BUF + 31), "PKT_HDRS_OVERLAP"),
+    (raw_seal, dict(ivs=_BUF, ct=_BUF + 31), "PKT_IVS_OVERLAP"),
+    (raw_open, dict(tek=ffi.NULL), "NULL"), (raw_open, dict(tik=ffi.NULL), "NULL"),
+    (raw_open, dict(hdrs=ffi.NULL), "NULL"), (raw_open, dict(ct=ffi.NULL), "NULL"),
+    (raw_open, dict(pt=ffi.NULL), "NULL"),
+    (raw_open, dict(size=0), "PKT_LEN"), (raw_open, dict(size=24), "PKT_LEN"),
+    (raw_open, dict(size=0x5010), "PKT_LEN"), (raw_open, dict(n=_HUGE_N), "PKT_COUNT"),
+    (raw_open, dict(ct=_BUF, pt=_BUF + 16), "PKT_CT_OVERLAP"),
+    (raw_open, dict(hdrs=_BUF, pt=_BUF + 100), "PKT_PT_OVERLAP"),
 ])
-def test_raw_bad_arguments_return_einval(call, kwargs):
+def test_raw_bad_arguments_return_einval(call, kwargs, reason):
     """sc_sevpkt_seal/open return -EINVAL for NULLs, bad lengths, overflowing counts and
-    overlaps, before writing."""
+    overlaps, with the reason, before writing."""
     ffi.memmove(_BUF, bytes([SENT]) * 4096, 4096)
-    assert call(**kwargs) == -errno.EINVAL
+    err = ffi.new("struct sc_err *")
+    assert call(**kwargs, err=err) == -errno.EINVAL
+    assert err.reason == getattr(lib, "SC_ERR_" + reason)
     assert ffi.buffer(_BUF)[:] == bytes([SENT]) * 4096
+    assert call(**kwargs) == -errno.EINVAL          # err may be NULL
 
 
 def test_raw_primitives_check_their_arguments():
     """The one-shot primitives refuse NULL outputs and NULL inputs of non-zero length."""
     d = z(32)
+    err = ffi.new("struct sc_err *")
     assert lib.sc_sha256(ffi.NULL, 0, d) == 0
     assert lib.sc_sha256(ffi.NULL, 1, d) == -errno.EINVAL
     assert lib.sc_sha256(b"x", 1, ffi.NULL) == -errno.EINVAL
@@ -562,18 +579,21 @@ def test_raw_primitives_check_their_arguments():
     assert lib.sc_hmac_sha256(ffi.NULL, 1, b"", 0, d) == -errno.EINVAL
     assert lib.sc_hmac_sha256(b"k", 1, ffi.NULL, 1, d) == -errno.EINVAL
     assert lib.sc_hmac_sha256(b"k", 1, b"m", 1, ffi.NULL) == -errno.EINVAL
-    assert lib.sc_aes128_ctr(TEK, IV, ffi.NULL, 0, ffi.NULL) == 0
-    assert lib.sc_aes128_ctr(ffi.NULL, IV, P, 16, d) == -errno.EINVAL
-    assert lib.sc_aes128_ctr(TEK, ffi.NULL, P, 16, d) == -errno.EINVAL
-    assert lib.sc_aes128_ctr(TEK, IV, P, 16, ffi.NULL) == -errno.EINVAL
-    assert lib.sc_aes128_ctr(TEK, IV, d + 1, 16, d) == -errno.EINVAL
+    assert lib.sc_aes128_ctr(TEK, IV, ffi.NULL, 0, ffi.NULL, ffi.NULL) == 0
+    assert lib.sc_aes128_ctr(ffi.NULL, IV, P, 16, d, ffi.NULL) == -errno.EINVAL
+    assert lib.sc_aes128_ctr(TEK, ffi.NULL, P, 16, d, ffi.NULL) == -errno.EINVAL
+    assert lib.sc_aes128_ctr(TEK, IV, P, 16, ffi.NULL, err) == -errno.EINVAL
+    assert err.reason == lib.SC_ERR_NULL
+    assert lib.sc_aes128_ctr(TEK, IV, d + 1, 16, d, err) == -errno.EINVAL
+    assert err.reason == lib.SC_ERR_CTR_OVERLAP
 
 
 def test_raw_open_reports_the_bad_index_and_accepts_null(cpu_path):
-    """sc_sevpkt_open writes the refused packet's index, and works without a bad_index pointer."""
+    """sc_sevpkt_open names the refused packet's index (and COMPRESSED's flags), and works
+    without an sc_err."""
     hdrs, ct, _ = sealed(n=3)
     ct[32 * 2 + 5] ^= 0x80
-    bad = ffi.new("uint64_t *", 99)
-    assert raw_open(hdrs=bytes(hdrs), ct=bytes(ct), n=3, pt=z(96), bad=bad) == -errno.EBADMSG
-    assert bad[0] == 2
+    err = ffi.new("struct sc_err *", {"index": 99})
+    assert raw_open(hdrs=bytes(hdrs), ct=bytes(ct), n=3, pt=z(96), err=err) == -errno.EBADMSG
+    assert (err.reason, err.index) == (lib.SC_ERR_PKT_MAC, 2)
     assert raw_open(hdrs=bytes(hdrs), ct=bytes(ct), n=3, pt=z(96)) == -errno.EBADMSG

@@ -80,7 +80,7 @@ def test_owner_chain_check_names_the_broken_link():
         fields.update(kw)
         with pytest.raises(CertChainError) as exc:
             owner.verify_cert_chain(type(good)(**fields))
-        assert (exc.value.which, exc.value.status) == (which, status), kw
+        assert (exc.value.which, exc.value.fw_error) == (which, status), kw
     with pytest.raises(CertChainError):
         owner.verify_cert_chain(good, ark_key_id=bytes(16))
 
@@ -104,7 +104,7 @@ def test_take_ownership_with_pek_cert_import():
     owner.verify_cert_chain(after)
     with pytest.raises(PspError) as exc:
         psp.pek_cert_import(owner.sign_pek_csr(psp.pek_csr(), key), oca)
-    assert exc.value.status == U.SEV_RET_ALREADY_OWNED
+    assert exc.value.fw_error == U.SEV_RET_ALREADY_OWNED
     psp.pek_gen()
     assert psp.platform_status().owner == 0 and psp.pdh_cert_export().oca_cert != oca
 

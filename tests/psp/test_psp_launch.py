@@ -240,7 +240,7 @@ def test_launch_secret_refusals_write_nothing():
     host.psp.launch_finish(g.handle)
     with pytest.raises(PspError) as exc:                              # TIK gone at FINISH
         host.psp.launch_secret(g.handle, hdr, ct, target)
-    assert exc.value.status == U.SEV_RET_INVALID_GUEST_STATE
+    assert exc.value.fw_error == U.SEV_RET_INVALID_GUEST_STATE
 
 
 def test_sev_es_launch_measures_vmsa_before_the_checksum_is_written(es_host):

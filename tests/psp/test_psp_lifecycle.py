@@ -22,7 +22,7 @@ def status_of(fn, *args):
     try:
         fn(*args)
     except PspError as e:
-        return e.status
+        return e.fw_error
     return OK
 
 

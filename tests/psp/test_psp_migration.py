@@ -110,7 +110,7 @@ def test_sev_policy_checks_the_receivers_api_version():
     host.psp.launch_finish(h)
     with pytest.raises(PspError) as exc:
         host.psp.send_start(h, chain.pdh, chain.plat_certs, chain.amd_certs)
-    assert exc.value.status == U.SEV_RET_POLICY_FAILURE
+    assert exc.value.fw_error == U.SEV_RET_POLICY_FAILURE
 
 
 def test_domain_policy_needs_the_same_oca():
@@ -119,10 +119,10 @@ def test_domain_policy_needs_the_same_oca():
     chain = dst.psp.export_cert_chain()
     with pytest.raises(PspError) as exc:
         src.psp.send_start(src.handle, chain.pdh, chain.plat_certs)
-    assert exc.value.status == U.SEV_RET_POLICY_FAILURE
+    assert exc.value.fw_error == U.SEV_RET_POLICY_FAILURE
     with pytest.raises(PspError) as exc:
         src.psp.send_start(src.handle, chain.pdh)             # no chain at all
-    assert exc.value.status == U.SEV_RET_INVALID_LEN
+    assert exc.value.fw_error == U.SEV_RET_INVALID_LEN
 
 
 def test_policy_zero_authenticates_nothing_but_the_pdh_shape():
@@ -179,19 +179,19 @@ def test_a_flipped_bit_is_refused_with_nothing_written():
         bad[i] ^= 1
         with pytest.raises(PspError) as exc:
             dst.psp.receive_update_data(handle, Packet(bytes(bad), pkt.ciphertext), where)
-        assert exc.value.status == U.SEV_RET_BAD_MEASUREMENT
+        assert exc.value.fw_error == U.SEV_RET_BAD_MEASUREMENT
     with pytest.raises(PspError) as exc:
         dst.psp.receive_update_data(handle, Packet(pkt.header, bytes(ct_bit)), where)
-    assert exc.value.status == U.SEV_RET_BAD_MEASUREMENT
+    assert exc.value.fw_error == U.SEV_RET_BAD_MEASUREMENT
     flags = bytearray(pkt.header)
     flags[0] |= 2                                      # an unknown flag is MAC'd
     with pytest.raises(PspError) as exc:
         dst.psp.receive_update_data(handle, Packet(bytes(flags), pkt.ciphertext), where)
-    assert exc.value.status == U.SEV_RET_BAD_MEASUREMENT
+    assert exc.value.fw_error == U.SEV_RET_BAD_MEASUREMENT
     flags[0] |= 1
     with pytest.raises(PspError) as exc:
         dst.psp.receive_update_data(handle, Packet(bytes(flags), pkt.ciphertext), where)
-    assert exc.value.status == U.SEV_RET_UNSUPPORTED
+    assert exc.value.fw_error == U.SEV_RET_UNSUPPORTED
     assert snapshot(dst, (where, 4096)) == before
     dst.psp.receive_update_data(handle, pkt, where)
     assert dst.umc.read(where, 4096, SEV_ASID) == src.data[:4096]
@@ -294,7 +294,7 @@ def test_sev_es_vmsa_migrates_with_its_checksum():
     bad[30] ^= 1
     with pytest.raises(PspError) as exc:
         dst_host.psp.receive_update_vmsa(dh, Packet(bytes(bad), pkt.ciphertext), where)
-    assert exc.value.status == U.SEV_RET_BAD_MEASUREMENT
+    assert exc.value.fw_error == U.SEV_RET_BAD_MEASUREMENT
     assert not dst_host.psp.guest(dh).vmsa_blocks and dst_host.mem.read(where, 4096) == bytes(4096)
     dst_host.psp.receive_update_vmsa(dh, pkt, where)
     got = dst_host.umc.read(where, 4096, ES_ASID)
@@ -303,4 +303,4 @@ def test_sev_es_vmsa_migrates_with_its_checksum():
     src_host.umc.write(vmsa_spa + 0x100, b"\x01", ES_ASID)             # rewritten behind it
     with pytest.raises(PspError) as exc:
         src_host.psp.send_update_vmsa(h, vmsa_spa)
-    assert exc.value.status == U.SEV_RET_INVALID_PARAM
+    assert exc.value.fw_error == U.SEV_RET_INVALID_PARAM

@@ -5,9 +5,11 @@ import pytest
 
 import sevcore
 from sevcore import uapi as U
+from sevcore.kvm.sev import SevError
 from sevcore.psp import PspError
 from sevcore.psp import certs as C
 from sevcore.psp import layout as L
+from sevcore.vmm.owner import CertChainError
 
 from support.psp import Launched, pages, raw, ready, snapshot
 
@@ -223,7 +225,7 @@ def test_identity_persists_in_the_init_ex_nv_area():
     host.mem.write(nv + 100, b"\x00")
     with pytest.raises(PspError) as exc:
         psp.init_ex(nv_address=nv)
-    assert exc.value.status == U.SEV_RET_SECURE_DATA_INVALID
+    assert exc.value.fw_error == U.SEV_RET_SECURE_DATA_INVALID
     assert host.mem.read(nv, 32768) == b"\xff" * 32768
     psp.init_ex(nv_address=nv)
     assert psp.pdh_cert_export().pdh_cert != first.pdh_cert
@@ -321,8 +323,24 @@ def test_typed_errors_name_command_and_status():
     with pytest.raises(PspError) as exc:
         host.psp.pek_gen()
     e = exc.value
-    assert e.errno == 5 and e.status == BADP
+    assert e.errno == 5 and e.fw_error == BADP
     assert e.command == "SEV_CMD_PEK_GEN" and "SEV_RET_INVALID_PLATFORM_STATE" in str(e)
+
+
+def test_firmware_status_has_one_name_and_the_old_one_still_reads():
+    """PspError, SevError and CertChainError carry the firmware status as ``fw_error`` (and
+    ``fw_error_name``); PspError's and CertChainError's former ``status`` (and ``status_name``)
+    still read it, and cannot be set."""
+    e = PspError(U.SEV_CMD_PEK_GEN, BADP)
+    s = SevError(BADP)
+    c = CertChainError("PEK", U.SEV_RET_BAD_SIGNATURE)
+    assert e.fw_error == s.fw_error == BADP
+    assert e.fw_error_name == s.fw_error_name == "SEV_RET_INVALID_PLATFORM_STATE"
+    assert (e.status, e.status_name) == (e.fw_error, e.fw_error_name)
+    assert c.fw_error == c.status == U.SEV_RET_BAD_SIGNATURE
+    for obj in (e, c):
+        with pytest.raises(AttributeError):
+            obj.status = 0
 
 
 def test_host_creation_is_cheap():

@@ -50,7 +50,7 @@ def test_send_invalid_address_mid_batch():
     bad[3] = b.host.mem.size
     with pytest.raises(PspError) as e:
         b.psp.send_update_data_pages(b.handle, bad)
-    assert (e.value.status, e.value.index) == (U.SEV_RET_INVALID_ADDRESS, 3)
+    assert (e.value.fw_error, e.value.index) == (U.SEV_RET_INVALID_ADDRESS, 3)
     single = [a.psp.send_update_data(a.handle, s, 4096) for s in addrs(a)[:3]]
     assert bytes(e.value.trans) == b"".join(p.ciphertext for p in single)
     assert a.psp._rng(16) == b.psp._rng(16)
@@ -69,7 +69,7 @@ def test_send_refused_as_a_whole(prepare, status):
     prepare(src)
     with pytest.raises(PspError) as e:
         src.psp.send_update_data_pages(src.handle, addrs(src))
-    assert (e.value.status, e.value.index) == (status, 0) and not src.psp.rb_enabled
+    assert (e.value.fw_error, e.value.index) == (status, 0) and not src.psp.rb_enabled
 
 
 def received(dst, where, n=N):
@@ -111,7 +111,7 @@ def test_receive_mac_flip_and_compressed_at_k(k):
         before = dst.mem.read(where, N * 4096)
         with pytest.raises(PspError) as e:
             dst.psp.receive_update_data_pages(handle, addrs_at(where), hdrs, trans)
-        assert (e.value.status, e.value.index) == (status, k)
+        assert (e.value.fw_error, e.value.index) == (status, k)
         assert received(dst, where)[:k] == [src.data[4096 * i:4096 * (i + 1)] for i in range(k)]
         assert dst.mem.read(where + 4096 * k, (N - k) * 4096) == before[4096 * k:]
 
@@ -125,10 +125,10 @@ def test_receive_lengths_and_addresses():
     for h, t in ((hdrs[:, :40], trans), (hdrs, trans[:, :4080])):
         with pytest.raises(PspError) as e:
             dst.psp.receive_update_data_pages(handle, addrs_at(where), h, t)
-        assert (e.value.status, e.value.index) == (U.SEV_RET_INVALID_LEN, 0)
+        assert (e.value.fw_error, e.value.index) == (U.SEV_RET_INVALID_LEN, 0)
     bad = addrs_at(where)
     bad[2] = dst.mem.size
     with pytest.raises(PspError) as e:
         dst.psp.receive_update_data_pages(handle, bad, np.pad(hdrs, ((0, 0), (0, 8))), trans)
-    assert (e.value.status, e.value.index) == (U.SEV_RET_INVALID_ADDRESS, 2)
+    assert (e.value.fw_error, e.value.index) == (U.SEV_RET_INVALID_ADDRESS, 2)
     assert b"".join(received(dst, where, 2)) == src.data[:2 * 4096]

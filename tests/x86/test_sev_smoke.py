@@ -261,7 +261,7 @@ def test_send_finish_is_final_send_cancel_is_not():
     kvm.host.psp.deactivate(vm.sev.handle)
     with pytest.raises(PspError) as e:
         kvm.host.psp.activate(vm.sev.handle, vm.sev.asid)
-    assert e.value.status in (SEV_RET_INVALID_GUEST_STATE, SEV_RET_DFFLUSH_REQUIRED)
+    assert e.value.fw_error in (SEV_RET_INVALID_GUEST_STATE, SEV_RET_DFFLUSH_REQUIRED)
     assert vcpu.run().exit_reason == KVM_EXIT_FAIL_ENTRY
     assert out.hdr_len == 52
 
