@@ -91,6 +91,13 @@ class MemoryEngine:
     def __repr__(self):
         return f"<MemoryEngine {_MODE_NAMES[self.mode]}>"
 
+    def cdata(self):
+        """The C engine, for another C kernel to encrypt through (the guest page kernels of
+        sevcore.core.pages); ValueError once closed."""
+        if self._eng is None:
+            raise ValueError("MemoryEngine is closed")
+        return self._eng
+
     def close(self):
         """Wipe and free the key schedule now; the engine is unusable afterwards."""
         if self._eng is not None:

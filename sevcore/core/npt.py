@@ -76,6 +76,17 @@ class Npt:
             raise ValueError("operation on a closed Npt")
         return self._npt
 
+    @property
+    def lock(self):
+        """The lock every operation on the table holds; another C kernel that walks the table
+        (the guest page kernels of sevcore.core.pages) holds it too, around :meth:`cdata`."""
+        return self._lock
+
+    def cdata(self):
+        """The C table, for another C kernel to walk while it holds :attr:`lock`; ValueError
+        once closed."""
+        return self._p()
+
     # -- mutations -------------------------------------------------------------------------------
 
     def _call(self, fn, names, *scalars):

@@ -61,7 +61,7 @@ class GuestPageOps:
 
     def close(self):
         """Drop the views of ``frames`` and of the slot bitmaps, so their memory can be unmapped."""
-        with self._npt._lock:
+        with self._npt.lock:
             if self._frames_view is not None:
                 _b.ffi.release(self._frames_view)
                 self._frames_view = self._frames = None
@@ -75,7 +75,7 @@ class GuestPageOps:
         The arrays are kept referenced until the next call."""
         triples = [(int(base), int(npages), words) for base, npages, words in slots]
         arr, views = _b.guest_slots(triples)
-        with self._npt._lock:
+        with self._npt.lock:
             self._ctx.slots = arr if triples else _b.ffi.NULL
             self._ctx.nslots = len(triples)
             self._slots = (triples, arr, views)
@@ -106,17 +106,12 @@ class GuestPageOps:
             n = gfns.size
         elif n is None:
             raise ValueError("give gfns, or gfn0 and n")
-        if engine is None:
-            eng = _b.ffi.NULL
-        else:
-            eng = engine._eng
-            if eng is None:
-                raise ValueError("MemoryEngine is closed")
-        with self._npt._lock:
+        eng = _b.ffi.NULL if engine is None else engine.cdata()
+        with self._npt.lock:
             ctx = self._ctx
             if self._frames_view is None:
                 raise ValueError("operation on a closed GuestPageOps")
-            ctx.npt = self._npt._p()
+            ctx.npt = self._npt.cdata()
             ctx.eng = eng
             ctx.private_access = 1 if private else 0
             try:
