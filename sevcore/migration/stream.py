@@ -50,6 +50,9 @@ KNOWN_FLAGS = FLAG_ENCRYPTED | FLAG_HELPER
 PAGE_SIZE = 4096
 #: Largest payload a reader accepts (refused as BadRecord before any allocation).
 MAX_PAYLOAD = 1 << 24
+#: Deepest nesting of SETUP's JSON (containers, the top object included) that a writer writes
+#: and a reader accepts; deeper is ValueError / BadRecord.
+MAX_JSON_DEPTH = 32
 #: Pages per batch record the writer makes by default (about 1 MiB of encrypted pages).
 BATCH_PAGES = 256
 _SMALL = 1 << 16              # bytes below which zlib computes a CRC (see _crc)
@@ -298,6 +301,22 @@ def _crc(data, crc):
     return zlib.crc32(data, crc) if len(data) < _SMALL else crc32(data, crc)
 
 
+def _json_too_deep(doc, limit=MAX_JSON_DEPTH):
+    """True if ``doc`` nests more than ``limit`` lists and dicts deep. Walks with a stack of its
+    own and stops past ``limit``, so a circular structure is too deep rather than endless."""
+    todo = [(doc, 1)]
+    while todo:
+        v, depth = todo.pop()
+        if isinstance(v, dict):
+            v = v.values()
+        elif not isinstance(v, list):
+            continue
+        if depth > limit:
+            return True
+        todo.extend((x, depth + 1) for x in v)
+    return False
+
+
 def _check_int(v, lo, hi, what):
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
         raise ValueError(f"{what} must be an int in [{lo}, {hi}], not {v!r}")
@@ -370,6 +389,8 @@ class StreamWriter:
         """SETUP: a JSON-serialisable dict of migration parameters."""
         if not isinstance(params, dict):
             raise TypeError(f"params must be a dict, not {type(params).__name__}")
+        if _json_too_deep(params):
+            raise ValueError(f"params nest deeper than {MAX_JSON_DEPTH} lists and dicts")
         self._frame(Setup.TYPE, [json.dumps(params, sort_keys=True).encode()])
 
     def sev_session(self, policy, pdh, session):
@@ -602,13 +623,18 @@ class StreamReader:
     def _fill(self, n, what, exact=False):
         """Make ``n`` bytes available at ``_pos``; raise StreamTruncated at the end of input.
         ``exact``: receive no more than that (after a batch record the next frame head is
-        read alone, so the next batch's payload goes straight into its own buffer)."""
+        read alone, so the next batch's payload goes straight into its own buffer).
+
+        A record larger than the buffer gets a new, larger buffer (``n`` is at most one frame,
+        so at most MAX_PAYLOAD + 16 bytes): the old one is never resized, which a view of it
+        (the caller's, or an exception's traceback) would forbid. Views of ``_buf`` taken
+        before a call are stale after it."""
         while self._end - self._pos < n:
-            if len(self._buf) - self._pos < n:          # compact, and grow if still too small
+            if len(self._buf) - self._pos < n:          # compact, into a larger buffer if need be
                 rem = self._end - self._pos
-                if len(self._buf) < n:
-                    self._buf.extend(bytes(n - len(self._buf)))
-                self._buf[:rem] = self._buf[self._pos:self._end]
+                buf = bytearray(n) if len(self._buf) < n else self._buf
+                buf[:rem] = self._buf[self._pos:self._end]
+                self._buf = buf
                 self._pos, self._end = 0, rem
             stop = self._pos + n if exact else len(self._buf)
             got = self.channel.recv_into(memoryview(self._buf)[self._end:stop])
@@ -837,10 +863,16 @@ def _decode(rtype, mv, index):
         _need(n == 12 + pl + sl, f"session_len {sl} does not match the payload ({n} bytes)")
         return SevSession(policy, bytes(mv[8:8 + pl]), bytes(mv[12 + pl:])), {}
     if rtype == Setup.TYPE:
+        deep = f"parameters nest deeper than {MAX_JSON_DEPTH} lists and objects"
         try:
             params = json.loads(bytes(mv).decode())
+        except RecursionError:
+            # json's C scanner recurses once per level, up to the interpreter's recursion
+            # limit (about 1,000): a document that reaches it is far past MAX_JSON_DEPTH.
+            raise BadRecord(deep) from None
         except (UnicodeDecodeError, ValueError) as e:
             raise BadRecord(f"parameters are not JSON ({e})") from None
+        _need(not _json_too_deep(params), deep)
         _need(isinstance(params, dict), "parameters are not a JSON object")
         return Setup(params), {}
     if rtype == VcpuState.TYPE:
