@@ -1,6 +1,8 @@
 """The migration stream over both transports: round trips of every record type, exact byte
 accounting, and refusal of truncated, corrupted, foreign and other-version streams."""
+import json
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -689,6 +691,56 @@ def test_deeply_nested_setup_is_bad_record():
         assert got == [S.ZeroPages(0, 1)] and err.offset == len(h + ok) and err.record == 1
 
 
+def json_nesting(v):
+    """Lists and dicts nested in a JSON value, the value itself included."""
+    if isinstance(v, (list, dict)):
+        return 1 + max(map(json_nesting, v.values() if isinstance(v, dict) else v), default=0)
+    return 0
+
+
+TRICKY = '[]{}"\\:,a\u00e9'
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(TRICKY),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(TRICKY), inner,
+                                                                max_size=4),
+    max_leaves=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=json_values, ascii_only=st.booleans(), indent=st.sampled_from([None, 0, 2]))
+def test_json_depth_of_valid_json_is_its_nesting(value, ascii_only, indent):
+    """The reader's bracket count gives any JSON text's nesting, strings with brackets, quotes
+    and backslashes included."""
+    text = json.dumps(value, ensure_ascii=ascii_only, indent=indent).encode()
+    assert S._json_depth(text) == S._json_depth(text, chunk=3) == json_nesting(value)
+
+
+def frames():
+    n, f = 0, sys._getframe()
+    while f is not None:
+        n, f = n + 1, f.f_back
+    return n
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["[", "]", "{", "}", '"', "\\", '\\"', '"a"', ":", ",", "1",
+                                 "[" * 40, '"' + "[" * 40 + '"', "\\" * 3]), max_size=60))
+def test_json_depth_bounds_what_json_loads_recurses_through(tokens):
+    """On any text, valid or not, json.loads nests no deeper than the reader's count says: with
+    room for that many levels, and 25 frames for its own calls and its error (fewer than the
+    40 levels a misread string token would add), it never hits the recursion limit."""
+    text = "".join(tokens)
+    depth = S._json_depth(text.encode())
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(frames() + max(depth, 0) + 25)
+    try:
+        json.loads(text)
+    except ValueError:
+        pass
+    finally:
+        sys.setrecursionlimit(limit)
+
+
 def test_setup_at_max_json_depth_round_trips():
     """SETUP nested exactly MAX_JSON_DEPTH containers deep is written and read back equal."""
     params = deep_params(S.MAX_JSON_DEPTH)
@@ -700,13 +752,15 @@ def test_setup_at_max_json_depth_round_trips():
 
 
 def test_writer_refuses_setup_the_reader_would_refuse():
-    """SETUP nested deeper than MAX_JSON_DEPTH, or circular, is ValueError and buffers
-    nothing."""
+    """SETUP nested deeper than MAX_JSON_DEPTH (a little or past the interpreter's recursion
+    limit) or circular is ValueError, and buffers nothing."""
     loop = {}
     loop["self"] = loop
     a, _ = inprocess_pair()
     w = StreamWriter(a)
-    for params in (deep_params(S.MAX_JSON_DEPTH + 1), loop):
-        with pytest.raises(ValueError, match=f"deeper than {S.MAX_JSON_DEPTH}"):
+    for params, text in ((deep_params(S.MAX_JSON_DEPTH + 1), f"deeper than {S.MAX_JSON_DEPTH}"),
+                         (deep_params(5000), f"deeper than {S.MAX_JSON_DEPTH}"),
+                         (loop, "Circular reference")):
+        with pytest.raises(ValueError, match=text):
             w.setup(params)
     assert w.stats.nrecords == 0
