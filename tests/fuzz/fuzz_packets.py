@@ -1,6 +1,6 @@
 """Coverage-guided fuzzing of the SEV transport packets: the 52-byte header (LE32 flags, IV, MAC)
 and its ciphertext, judged by the packet kernel, by LAUNCH_SECRET's opener and by the simulated
-firmware's RECEIVE_UPDATE_DATA.
+firmware's RECEIVE_UPDATE_DATA, one command or a batch of the rows of a stream record.
 
 Contracts:
 
@@ -10,19 +10,24 @@ Contracts:
 * ``sevcore.psp.packets._open_packets`` (LAUNCH_SECRET, context 0x01 with the launch MEASURE):
   BadPacketMac, PacketFlagsError or ValueError; the same verdict as the twin.
 * RECEIVE_UPDATE_DATA through the mailbox of a PSP with a guest in RUPDATE (AMD-ASPFW
-  ``sev_mcmd_receive_update``: lengths, then the MAC, then the flags): a status, never an
-  exception; SUCCESS
-  only for a packet the twin opens, which then sits in guest memory under the guest's key; any
-  other status leaves guest memory as it was.
+  ``sev_mcmd_receive_update``: lengths, then the packet's flags and MAC): a status, never an
+  exception; SUCCESS only for a packet the twin opens, which then sits in guest memory under
+  the guest's key; any other status leaves guest memory as it was.
+* ``Psp.receive_update_data_pages`` (what the migration target does with an ENCRYPTED_PAGES
+  record, whose ``hdr_len`` the stream does not check): returns, or raises PspError whose
+  ``index`` is the first packet refused (lengths: 0; else the first the twin refuses), or
+  ValueError for an address that is not page aligned; exactly the pages before ``index`` are
+  written, each with the twin's plaintext.
 
 Input (big-endian)::
 
-    u8 target (0 kernel, 1 LAUNCH_SECRET opener, 2 RECEIVE_UPDATE_DATA)
+    u8 target (0 kernel, 1 LAUNCH_SECRET opener, 2 RECEIVE_UPDATE_DATA, 3 a batch of them)
     u8 options: bit 0 set each header's MAC right for its flags, IV and ciphertext (so that
        mutations get past the MAC); bit 1 pass the headers and ciphertext as strided rows;
-       bits 2-3 the output (new, in place, caller's buffer)
+       bits 2-3 the output (new, in place, caller's buffer); bits 4-5 the batch's pages - 1
     u8 ctx (kernel), u32 hdr_len, u32 guest_len, u32 trans_len (RECEIVE_UPDATE_DATA's fields),
-    u16 offset of guest_address in its page, u16 header bytes, u16 MEASURE bytes (0: none),
+    u16 offset of guest_address in its page (a batch: 2 bits of page per packet, and bit 15
+       adds 8 bytes to the first address), u16 header bytes, u16 MEASURE bytes (0: none),
     then the header bytes, the MEASURE bytes and the ciphertext
 
     python tests/fuzz/fuzz_packets.py -max_total_time=30 tests/fuzz/corpus/packets
@@ -41,7 +46,7 @@ with atheris.instrument_imports(include=["sevcore"]):
     from sevcore.core import sevpkt
     from sevcore.psp import layout as L
     from sevcore.psp.packets import BadPacketMac, _open_packets
-    from sevcore.psp.status import STATUS_NAMES
+    from sevcore.psp.status import STATUS_NAMES, PspError
 
 import fuzzutil  # noqa: E402 -- this folder's, not instrumented
 
@@ -67,7 +72,7 @@ def unpack(data):
     target, options, ctx, hdr_len, guest_len, trans_len, offset, nh, nm = HEAD.unpack_from(data)
     rest = data[HEAD.size:]
     header, measure, ct = rest[:nh], rest[nh:nh + nm], rest[nh + nm:]
-    return (target % 3, options, ctx, hdr_len, guest_len, trans_len, offset, header,
+    return (target % 4, options, ctx, hdr_len, guest_len, trans_len, offset, header,
             measure or None, ct)
 
 
@@ -203,6 +208,49 @@ def receive(options, hdr_len, guest_len, trans_len, offset, header, ct):
     assert host.umc.read(where, guest_len, t["asid"]) == want[1]
 
 
+def receive_pages(options, hdr_len, trans_len, offset, header, ct):
+    """Psp.receive_update_data_pages of ``n`` rows of ``hdr_len % 128`` header bytes and
+    ``trans_len % 8192`` ciphertext bytes: exactly the pages before the refused one written."""
+    t = target()
+    host, psp = t["host"], t["host"].psp
+    n, hl, tl = (options >> 4 & 3) + 1, hdr_len % 128, trans_len % 8192
+    hdrs = np.frombuffer(header.ljust(n * hl, b"\0")[:n * hl], np.uint8).reshape(n, hl)
+    trans = np.frombuffer(ct.ljust(n * tl, b"\0")[:n * tl], np.uint8).reshape(n, tl)
+    if options & SET_MAC and hl >= 52:
+        hdrs = np.frombuffer(b"".join(set_macs(t["tik"], ref.CTX_DATA, bytes(hdrs[i, :52]),
+                                               bytes(trans[i]), None) + bytes(hdrs[i, 52:])
+                                      for i in range(n)), np.uint8).reshape(n, hl)
+    slots = [offset >> 2 * i & 3 for i in range(n)]
+    addrs = [t["where"] + 4096 * k for k in slots]
+    addrs[0] += 8 * (offset >> 15)
+    area = (t["where"], 4 * 4096)
+    before = host.mem.read(*area)
+    if addrs[0] % 4096:
+        try:
+            psp.receive_update_data_pages(t["handle"], addrs, hdrs, trans)
+        except ValueError:
+            assert host.mem.read(*area) == before
+            return
+        raise AssertionError("an unaligned guest address was taken")
+    verdicts = [twin(t["tek"], t["tik"], bytes(hdrs[i, :52]), bytes(trans[i]), ref.CTX_DATA,
+                     None) for i in range(n)] if hl >= 52 and tl == 4096 else [("lengths",)] * n
+    want = next((i for i, v in enumerate(verdicts) if v[0] != "ok"), n)
+    try:
+        psp.receive_update_data_pages(t["handle"], addrs, hdrs, trans)
+        done = n
+    except PspError as e:
+        done = e.index
+        assert e.status != U.SEV_RET_SUCCESS and e.status in STATUS_NAMES, e.status
+    assert done == want, (done, verdicts)
+    written = {slots[i]: verdicts[i][1] for i in range(done)}     # a later packet wins
+    for k in range(4):
+        page = (t["where"] + 4096 * k, 4096)
+        if k in written:
+            assert host.umc.read(*page, t["asid"]) == written[k], k
+        else:
+            assert host.mem.read(*page) == before[4096 * k:4096 * (k + 1)], k
+
+
 def TestOneInput(data):
     """One input, decoded as the docstring says, checked against its target's contract."""
     fields = unpack(data)
@@ -213,8 +261,10 @@ def TestOneInput(data):
         kernel(options, ctx, header, measure, ct)
     elif which == 1:
         secret(options, header, measure, ct)
-    else:
+    elif which == 2:
         receive(options, hdr_len, guest_len, trans_len, offset, header, ct)
+    else:
+        receive_pages(options, hdr_len, trans_len, offset, header, ct)
 
 
 if __name__ == "__main__":

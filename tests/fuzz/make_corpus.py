@@ -76,6 +76,9 @@ def packet_seeds():
     src = P.target()["src"]
     page = src.psp.send_update_data(src.handle, src.spa, 4096)
     small = src.psp.send_update_data(src.handle, src.spa + 64, 32)
+    rows, trans = (bytes(x) for x in src.psp.send_update_data_pages(
+        src.handle, [src.spa, src.spa + 4096]))
+    long_rows = rows[:52] + bytes(8) + rows[52:] + bytes(8)    # hdr_len 60: what a record may say
     return {
         "kernel": P.pack(0, header=hdrs, ciphertext=ct),
         "kernel-rows-in-place": P.pack(0, P.ROWS | 1 << 2, header=hdrs, ciphertext=ct),
@@ -89,6 +92,10 @@ def packet_seeds():
                              ciphertext=small.ciphertext),
         "receive-32-set-mac": P.pack(2, P.SET_MAC, guest_len=32, trans_len=32,
                                      header=small.header, ciphertext=small.ciphertext),
+        "pages": P.pack(3, 1 << 4, hdr_len=52, trans_len=4096, offset=0b0100, header=rows,
+                        ciphertext=trans),
+        "pages-hdr-len-60-set-mac": P.pack(3, P.SET_MAC | 1 << 4, hdr_len=60, trans_len=4096,
+                                           offset=0b1011, header=long_rows, ciphertext=trans),
     }
 
 
