@@ -67,6 +67,7 @@ def pack(target, options=0, ctx=sevpkt.CTX_DATA, hdr_len=52, guest_len=0, trans_
 
 
 def unpack(data):
+    """The fields of an input (None if it is shorter than its head), target reduced mod 4."""
     if len(data) < HEAD.size:
         return None
     target, options, ctx, hdr_len, guest_len, trans_len, offset, nh, nm = HEAD.unpack_from(data)
@@ -109,7 +110,8 @@ def twin(tek, tik, headers, ct, ctx, measure, empty=False):
 
 
 def strided(buf, n):
-    """``buf`` as ``n`` rows placed 16 bytes apart inside a larger array (a record's layout)."""
+    """``buf`` as ``n`` rows with 16 bytes between them, views of a larger array (as the
+    columns of a stream record are)."""
     size = len(buf) // n
     arr = np.zeros((n, size + 16), np.uint8)
     rows = arr[:, 8:8 + size]

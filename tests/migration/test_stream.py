@@ -716,6 +716,7 @@ def test_json_depth_of_valid_json_is_its_nesting(value, ascii_only, indent):
 
 
 def frames():
+    """How many frames the stack holds (what counts towards the recursion limit)."""
     n, f = 0, sys._getframe()
     while f is not None:
         n, f = n + 1, f.f_back
