@@ -13,7 +13,7 @@ the valid ones (by index into FILES) before the operation runs on the folder::
     0 validate_cert_chain   1 generate_launch_blob   2 LaunchSession.read
     3 calc_measurement_files   4 package_secret_files   5 validate_attestation
 
-    python tests/fuzz/fuzz_owner.py -max_total_time=30 tests/fuzz/corpus/owner
+    python tests/fuzz/fuzz_owner.py -max_total_time=30
 """
 import atexit
 import functools
@@ -47,15 +47,31 @@ _ITEM = struct.Struct(">BH")
 _on_disk = {}               # file name -> the bytes the folder holds, where known
 
 
+def scratch_folder():
+    """A folder of this process's own, named by the pid, in $SEVCORE_FUZZ_SCRATCH (run_fuzz.py's,
+    which it removes), else in /dev/shm where there is one (a file rewrite there costs
+    microseconds, not milliseconds). libFuzzer ends a run without Python's atexit handlers,
+    so the folders of processes that are gone are removed here."""
+    shm = "/dev/shm"
+    parent = pathlib.Path(os.environ.get("SEVCORE_FUZZ_SCRATCH")
+                          or (shm if os.path.isdir(shm) else tempfile.gettempdir()))
+    for old in parent.glob("sevcore-fuzz-owner-*"):
+        pid = old.name.rpartition("-")[2]
+        if pid.isdigit() and not pathlib.Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    folder = parent / f"sevcore-fuzz-owner-{os.getpid()}"
+    folder.mkdir(exist_ok=True)
+    atexit.register(shutil.rmtree, folder, True)
+    return str(folder)
+
+
 @functools.cache
 def launch():
     """One launch by the sev-tool flow (as tests/psp/test_psp_launch.py runs it), set up once:
     ``{file name: bytes}`` of the folder it leaves, and the measurement's inputs."""
     host = psputil.ready()
     psp = host.psp
-    shm = "/dev/shm"         # a file rewrite there costs microseconds, not milliseconds
-    folder = tempfile.mkdtemp(prefix="fuzz-owner-", dir=shm if os.path.isdir(shm) else None)
-    atexit.register(shutil.rmtree, folder, True)
+    folder = scratch_folder()
     owner.write_cert_chain(folder, psp.export_cert_chain())
     rng = psputil._Rng(b"fuzz owner")
     session = owner.generate_launch_blob(folder, POLICY, rng)
@@ -142,4 +158,4 @@ def TestOneInput(data):
 
 
 if __name__ == "__main__":
-    fuzzutil.main(TestOneInput)
+    fuzzutil.main(TestOneInput, "owner")

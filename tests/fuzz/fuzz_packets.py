@@ -30,7 +30,7 @@ Input (big-endian)::
        adds 8 bytes to the first address), u16 header bytes, u16 MEASURE bytes (0: none),
     then the header bytes, the MEASURE bytes and the ciphertext
 
-    python tests/fuzz/fuzz_packets.py -max_total_time=30 tests/fuzz/corpus/packets
+    python tests/fuzz/fuzz_packets.py -max_total_time=30
 """
 import functools
 import pathlib
@@ -270,4 +270,4 @@ def TestOneInput(data):
 
 
 if __name__ == "__main__":
-    fuzzutil.main(TestOneInput)
+    fuzzutil.main(TestOneInput, "packets")

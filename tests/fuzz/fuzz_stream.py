@@ -12,7 +12,7 @@ many bytes each ``recv_into`` delivers, bit 4 ``reuse``; with bit 7 the harness 
 CRC (the header's, then each frame's as its ``payload_len`` says), so that mutations get past
 the checksums to the record decoders.
 
-    python tests/fuzz/fuzz_stream.py -max_total_time=30 tests/fuzz/corpus/stream
+    python tests/fuzz/fuzz_stream.py -max_total_time=30
 """
 import json
 import struct
@@ -141,4 +141,4 @@ def TestOneInput(data):
 
 
 if __name__ == "__main__":
-    fuzzutil.main(TestOneInput)
+    fuzzutil.main(TestOneInput, "stream")

@@ -1,14 +1,16 @@
 """Run every fuzz harness for a bounded time, one after the other (CI's fuzz stage).
 
-Each harness starts from its committed seed corpus; what it adds goes to a scratch folder and
-is dropped. A crash, a contract violation or a hang (an input running longer than libFuzzer's
-``-timeout``) fails the run: the input is printed in base64 and kept in ``--artifacts``, to be
-added under ``tests/fuzz/regressions/<harness>/`` with the fix.
+Each harness starts from its committed seed corpus; what it adds goes to a scratch folder that
+is dropped, with the files the harness works on ($SEVCORE_FUZZ_SCRATCH, see fuzz_owner.py). A
+crash, a contract violation or a hang (an input running longer than libFuzzer's ``-timeout``)
+fails the run: the input is printed in base64 and kept in ``--artifacts``, to be added under
+``tests/fuzz/regressions/<harness>/`` with the fix.
 
     python tests/fuzz/run_fuzz.py --seconds 20 [--artifacts DIR] [harness ...]
 """
 import argparse
 import base64
+import os
 import pathlib
 import re
 import subprocess
@@ -22,13 +24,17 @@ HARNESSES = ("stream", "packets", "owner")
 
 def run(harness, seconds, artifacts):
     """Fuzz one harness; returns (ok, summary line)."""
-    with tempfile.TemporaryDirectory(prefix=f"fuzz-{harness}-") as scratch:
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    with tempfile.TemporaryDirectory(prefix=f"fuzz-{harness}-", dir=shm) as scratch:
         prefix = artifacts / f"{harness}-"
+        found = pathlib.Path(scratch, "found")
+        found.mkdir()
         cmd = [sys.executable, str(HERE / f"fuzz_{harness}.py"), f"-max_total_time={seconds}",
-               "-print_final_stats=1", f"-artifact_prefix={prefix}", scratch,
+               "-print_final_stats=1", f"-artifact_prefix={prefix}", str(found),
                str(HERE / "corpus" / harness)]
         start = time.monotonic()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE)
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE,
+                              env=dict(os.environ, SEVCORE_FUZZ_SCRATCH=scratch))
         took = time.monotonic() - start
     log = [line for line in proc.stderr.splitlines() if not line.startswith("INFO: Instrumenting")]
     stat = dict(re.findall(r"^stat::(\w+):\s+(\d+)", proc.stderr, re.M))
@@ -61,6 +67,8 @@ def main(argv=None):
         passed, summary = run(harness, args.seconds, artifacts)
         print(summary, flush=True)
         ok &= passed
+    if args.artifacts is None and not any(artifacts.iterdir()):
+        artifacts.rmdir()
     return 0 if ok else 1
 
 
