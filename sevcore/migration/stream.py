@@ -50,6 +50,9 @@ KNOWN_FLAGS = FLAG_ENCRYPTED | FLAG_HELPER
 PAGE_SIZE = 4096
 #: Largest payload a reader accepts (refused as BadRecord before any allocation).
 MAX_PAYLOAD = 1 << 24
+#: Deepest nesting of SETUP's JSON (containers, the top object included) that a writer writes
+#: and a reader accepts; deeper is ValueError / BadRecord.
+MAX_JSON_DEPTH = 32
 #: Pages per batch record the writer makes by default (about 1 MiB of encrypted pages).
 BATCH_PAGES = 256
 _SMALL = 1 << 16              # bytes below which zlib computes a CRC (see _crc)
@@ -298,6 +301,27 @@ def _crc(data, crc):
     return zlib.crc32(data, crc) if len(data) < _SMALL else crc32(data, crc)
 
 
+def _json_depth(text, chunk=1 << 20):
+    """How deeply the lists and objects of the JSON ``text`` (bytes) nest, ``[]`` being 1,
+    counted on the brackets outside strings without parsing: two ``bytes.replace`` and a few
+    numpy passes, linear in the text whatever it holds (``chunk`` bounds the int32 scratch).
+    For valid JSON it is the nesting json.loads recurses through; for text json refuses, at
+    least the nesting it reaches before the error (up to there the text is valid, and both
+    read strings alike)."""
+    # Escapes out, pairs first, left to right as JSON reads them: a quote left is a delimiter.
+    text = text.replace(b"\\\\", b"__").replace(b'\\"', b"__")
+    b = np.frombuffer(text, np.uint8)
+    outside = ~np.logical_xor.accumulate(b == ord('"'))
+    folded = b | 0x20                               # "[" -> "{", "]" -> "}"
+    steps = (((folded == ord("{")) & outside).view(np.int8)
+             - ((folded == ord("}")) & outside).view(np.int8))
+    depth = top = 0
+    for lo in range(0, steps.size, chunk):
+        running = np.cumsum(steps[lo:lo + chunk], dtype=np.int32) + depth
+        top, depth = max(top, int(running.max())), int(running[-1])
+    return top
+
+
 def _check_int(v, lo, hi, what):
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
         raise ValueError(f"{what} must be an int in [{lo}, {hi}], not {v!r}")
@@ -370,7 +394,14 @@ class StreamWriter:
         """SETUP: a JSON-serialisable dict of migration parameters."""
         if not isinstance(params, dict):
             raise TypeError(f"params must be a dict, not {type(params).__name__}")
-        self._frame(Setup.TYPE, [json.dumps(params, sort_keys=True).encode()])
+        deep = f"params nest deeper than {MAX_JSON_DEPTH} lists and dicts"
+        try:
+            text = json.dumps(params, sort_keys=True).encode()
+        except RecursionError:      # json's encoder recurses once per level
+            raise ValueError(deep) from None
+        if _json_depth(text) > MAX_JSON_DEPTH:
+            raise ValueError(deep)
+        self._frame(Setup.TYPE, [text])
 
     def sev_session(self, policy, pdh, session):
         """SEV_SESSION: be32 policy, be32 pdh_len, PDH, be32 session_len, session (QEMU's order)."""
@@ -602,13 +633,18 @@ class StreamReader:
     def _fill(self, n, what, exact=False):
         """Make ``n`` bytes available at ``_pos``; raise StreamTruncated at the end of input.
         ``exact``: receive no more than that (after a batch record the next frame head is
-        read alone, so the next batch's payload goes straight into its own buffer)."""
+        read alone, so the next batch's payload goes straight into its own buffer).
+
+        A record larger than the buffer gets a new, larger buffer (``n`` is at most one frame,
+        so at most MAX_PAYLOAD + 16 bytes): the old one is never resized, which a view of it
+        (the caller's, or an exception's traceback) would forbid. Views of ``_buf`` taken
+        before a call are stale after it."""
         while self._end - self._pos < n:
-            if len(self._buf) - self._pos < n:          # compact, and grow if still too small
+            if len(self._buf) - self._pos < n:          # compact, into a larger buffer if need be
                 rem = self._end - self._pos
-                if len(self._buf) < n:
-                    self._buf.extend(bytes(n - len(self._buf)))
-                self._buf[:rem] = self._buf[self._pos:self._end]
+                buf = bytearray(n) if len(self._buf) < n else self._buf
+                buf[:rem] = self._buf[self._pos:self._end]
+                self._buf = buf
                 self._pos, self._end = 0, rem
             stop = self._pos + n if exact else len(self._buf)
             got = self.channel.recv_into(memoryview(self._buf)[self._end:stop])
@@ -837,8 +873,12 @@ def _decode(rtype, mv, index):
         _need(n == 12 + pl + sl, f"session_len {sl} does not match the payload ({n} bytes)")
         return SevSession(policy, bytes(mv[8:8 + pl]), bytes(mv[12 + pl:])), {}
     if rtype == Setup.TYPE:
+        text = bytes(mv)
+        # Checked before json.loads, which recurses once per level.
+        _need(_json_depth(text) <= MAX_JSON_DEPTH,
+              f"parameters nest deeper than {MAX_JSON_DEPTH} lists and objects")
         try:
-            params = json.loads(bytes(mv).decode())
+            params = json.loads(text.decode())
         except (UnicodeDecodeError, ValueError) as e:
             raise BadRecord(f"parameters are not JSON ({e})") from None
         _need(isinstance(params, dict), "parameters are not a JSON object")

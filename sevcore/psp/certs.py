@@ -163,8 +163,9 @@ def key_algo(pubkey):
 
 
 def ec_point_of(pubkey):
-    """The P-384 public key in a sev_cert_pubkey_t, or None if it is not a point on P-384."""
-    if _u32(pubkey, 8) != CURVE_P384:
+    """The P-384 public key in a sev_cert_pubkey_t, or None if it is not a point on P-384 (or
+    too short to hold one)."""
+    if len(pubkey) < 12 + 2 * EC_COORD or _u32(pubkey, 8) != CURVE_P384:
         return None
     qx = int.from_bytes(pubkey[12:12 + EC_COORD], "little")
     qy = int.from_bytes(pubkey[12 + EC_COORD:12 + 2 * EC_COORD], "little")
@@ -298,6 +299,9 @@ class AmdCert:
     """A parsed AMD certificate (``amd_cert_init``)."""
 
     def __init__(self, buf, limit=AMD_CERT_MAX):
+        if len(buf) < AMD_FIXED.size:
+            raise ValueError(f"an AMD certificate of {len(buf)} bytes has no fixed part "
+                             f"({AMD_FIXED.size} bytes)")
         (self.version, self.key_id, self.certifying_id, self.key_usage, _,
          self.pubexp_bits, self.modulus_bits) = AMD_FIXED.unpack_from(buf)
         eb, mb = self.pubexp_bits // 8, self.modulus_bits // 8

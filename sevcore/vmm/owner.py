@@ -15,6 +15,10 @@ the same files as sev-tool (``src/commands.h``):
 ``attestation_report.bin``               an ATTESTATION report to check
 ======================================  =========================================================
 
+A file of a fixed size is read as sev-tool reads it: its first bytes, and one that is shorter is
+ValueError naming it; whatever the files hold, the readers return or raise ValueError
+(CertChainError is one), nothing else (``tests/fuzz/fuzz_owner.py``).
+
 >>> chain = host.psp.export_cert_chain()
 >>> verify_cert_chain(chain)                                  # raises CertChainError
 >>> s = create_launch_session(chain.pdh, policy=0)
@@ -89,9 +93,10 @@ class LaunchSession:
 
     @classmethod
     def read(cls, folder, policy):
-        tk = _read(folder, GUEST_TK_FILENAME)
-        return cls(policy, _read(folder, GUEST_OWNER_DH_FILENAME),
-                   _read(folder, LAUNCH_BLOB_FILENAME), tk[:16], tk[16:32])
+        """The session ``write`` left in ``folder``; ValueError for a file too short."""
+        tk = _read(folder, GUEST_TK_FILENAME, 32)
+        return cls(policy, _read(folder, GUEST_OWNER_DH_FILENAME, C.CERT_SIZE),
+                   _read(folder, LAUNCH_BLOB_FILENAME, X.SESSION_SIZE), tk[:16], tk[16:32])
 
 
 def create_launch_session(pdh_cert, policy, rng=os.urandom):
@@ -150,12 +155,13 @@ def package_secret(tek, tik, secret, measurement, rng=os.urandom, flags=0, api=(
 
 def verify_attestation_report(report, pek_cert):
     """True if the 208-byte ATTESTATION report was signed by the PEK of ``pek_cert``
-    (sev-tool ``validate_attestation``: ECDSA-SHA256 over bytes 0x00-0x33)."""
+    (sev-tool ``validate_attestation``: ECDSA-SHA256 over bytes 0x00-0x33). A PEK without a
+    P-384 key verifies nothing (sev-tool: ``compile_public_key_from_certificate`` fails)."""
     report = bytes(report)
-    if len(report) != 0xD0:
+    pek = C.ec_point_of(C.pubkey_of(pek_cert))
+    if len(report) != 0xD0 or pek is None:
         return False
-    signer = C.ec_pubkey(C.USAGE_PEK, C.ALGO_ECDSA_SHA256,
-                         C.ec_point_of(C.pubkey_of(pek_cert)).pointQ)
+    signer = C.ec_pubkey(C.USAGE_PEK, C.ALGO_ECDSA_SHA256, pek.pointQ)
     return C.verify_signature(signer, report[0x40:0x40 + 144], report[:0x34]) == U.SEV_RET_SUCCESS
 
 
@@ -203,9 +209,15 @@ def _write(folder, name, data):
         f.write(bytes(data))
 
 
-def _read(folder, name):
+def _read(folder, name, size=None):
+    """The bytes of file ``name``; with ``size``, its first ``size`` bytes, and ValueError if it
+    is shorter: sev-tool's ``read_file(name, buf, size) != size`` check (``src/utilities.cpp``
+    ``sev::read_file``, its callers in ``src/commands.cpp``)."""
     with open(os.path.join(folder, name), "rb") as f:
-        return f.read()
+        data = f.read() if size is None else f.read(size)
+    if size is not None and len(data) < size:
+        raise ValueError(f"{name} holds {len(data)} bytes, not the {size} sev-tool reads")
+    return data
 
 
 def write_cert_chain(folder, chain):
@@ -227,7 +239,7 @@ def validate_cert_chain(folder):
 def generate_launch_blob(folder, policy, rng=os.urandom):
     """sev-tool ``generate_launch_blob``: read pdh.cert, write godh.cert, launch_blob.bin and
     tmp_tk.bin. Returns the LaunchSession."""
-    session = create_launch_session(_read(folder, PDH_FILENAME), policy, rng)
+    session = create_launch_session(_read(folder, PDH_FILENAME, C.CERT_SIZE), policy, rng)
     session.write(folder)
     return session
 
@@ -235,7 +247,7 @@ def generate_launch_blob(folder, policy, rng=os.urandom):
 def calc_measurement_files(folder, api_major, api_minor, build, policy, digest, mnonce):
     """sev-tool ``calc_measurement`` with the TIK of tmp_tk.bin: writes
     calc_measurement_out.bin (32 bytes) and calc_measurement_out.txt (hex). Returns it."""
-    tik = _read(folder, GUEST_TK_FILENAME)[16:32]
+    tik = _read(folder, GUEST_TK_FILENAME, 32)[16:32]
     m = calc_measurement(tik, api_major, api_minor, build, policy, digest, mnonce)
     _write(folder, CALC_MEASUREMENT_FILENAME, m)
     _write(folder, CALC_MEASUREMENT_READABLE_FILENAME, m.hex().encode())
@@ -245,10 +257,10 @@ def calc_measurement_files(folder, api_major, api_minor, build, policy, digest, 
 def package_secret_files(folder, rng=os.urandom):
     """sev-tool ``package_secret``: secret.txt, pek.cert (for the API version), tmp_tk.bin and
     calc_measurement_out.bin in; packaged_secret.bin and packaged_secret_header.bin out."""
-    tk = _read(folder, GUEST_TK_FILENAME)
-    pek = _read(folder, PEK_FILENAME)
+    tk = _read(folder, GUEST_TK_FILENAME, 32)
+    pek = _read(folder, PEK_FILENAME, C.CERT_SIZE)
     header, ct = package_secret(tk[:16], tk[16:32], _read(folder, SECRET_FILENAME),
-                                _read(folder, CALC_MEASUREMENT_FILENAME), rng,
+                                _read(folder, CALC_MEASUREMENT_FILENAME, 32), rng,
                                 api=(pek[4], pek[5]))
     _write(folder, PACKAGED_SECRET_FILENAME, ct)
     _write(folder, PACKAGED_SECRET_HEADER_FILENAME, header)
@@ -258,4 +270,4 @@ def package_secret_files(folder, rng=os.urandom):
 def validate_attestation(folder):
     """sev-tool ``validate_attestation``: attestation_report.bin against pek.cert."""
     return verify_attestation_report(_read(folder, ATTESTATION_REPORT_FILENAME),
-                                     _read(folder, PEK_FILENAME))
+                                     _read(folder, PEK_FILENAME, C.CERT_SIZE))

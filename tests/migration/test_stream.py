@@ -1,6 +1,8 @@
 """The migration stream over both transports: round trips of every record type, exact byte
 accounting, and refusal of truncated, corrupted, foreign and other-version streams."""
+import json
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -60,17 +62,21 @@ def expected_sample():
     return recs
 
 
-def sample_blob(**kw):
-    """The sample stream as bytes, and the stream offset at which each record ends."""
-    a, b = inprocess_pair(capacity=1 << 22)
-    w = StreamWriter(a, S.FLAG_ENCRYPTED, **kw)
-    write_sample(w)
+def blob_of(fn, *args, **kw):
+    """The bytes sent by ``fn(StreamWriter(channel, *args, **kw))`` (which ends the stream)."""
+    a, b = inprocess_pair(capacity=1 << 26)
+    fn(StreamWriter(a, *args, **kw))
     a.close()
-    blob = bytearray(b.bytes_received + 1 << 16)
+    blob = bytearray(a.bytes_sent + 1)
     n = 0
     while (got := b.recv_into(memoryview(blob)[n:])):
         n += got
-    blob = bytes(blob[:n])
+    return bytes(blob[:n])
+
+
+def sample_blob(**kw):
+    """The sample stream as bytes, and the stream offset at which each record ends."""
+    blob = blob_of(write_sample, S.FLAG_ENCRYPTED, **kw)
     ends = []
     if kw.get("version", S.VERSION) == S.VERSION:
         r = StreamReader(source(blob))
@@ -630,3 +636,134 @@ def test_reader_reuse_hands_out_one_buffer_and_the_same_records():
     plain, _ = written(write)
     assert recs == plain
     assert all(np.shares_memory(bases[0], x) for x in bases[1:])
+
+
+# -- records larger than the reader's buffer, and limits a hostile peer runs into --------------------
+
+def test_single_record_larger_than_the_reader_buffer_reads_back():
+    """A 2 MiB VCPU_STATE, a 3 MiB HELPER_PAGE and, with a 4 KiB buffer, an ENCRYPTED_PAGE are
+    read back whole, the buffer growing as they need."""
+    rng = np.random.default_rng(11)
+    state, packet, hdr, ct = rng.bytes(2 << 20), rng.bytes(3 << 20), rng.bytes(52), rng.bytes(PAGE)
+
+    def write(w):
+        w.vcpu_state(0, state)
+        w.helper_page(1, 2, packet)
+        w.encrypted_page(3, hdr, ct)
+        w.end()
+    blob = blob_of(write)
+    want = [S.VcpuState(0, state), S.HelperPage(1, 2, packet), S.EncryptedPage(3, hdr, ct),
+            S.End(3)]
+    for size in (1 << 20, 4096):
+        assert StreamReader(source(blob), buffer_size=size).read_all() == want, size
+
+
+def test_record_larger_than_the_buffer_over_a_channel_of_small_reads(pair):
+    """A 2 MiB VCPU_STATE arrives whole over both transports, in however many reads it takes."""
+    state = np.random.default_rng(12).bytes(2 << 20)
+
+    def write(ch):
+        w = StreamWriter(ch)
+        w.vcpu_state(7, state)
+        w.end()
+    pair.write_in_thread(write)
+    assert StreamReader(pair.dst, buffer_size=1 << 16).read_all() == [S.VcpuState(7, state),
+                                                                      S.End(1)]
+    assert pair.join() == []
+
+
+def deep_params(depth):
+    """A SETUP dict nested ``depth`` containers deep (itself included), objects and lists
+    alternating."""
+    doc = []
+    for i in range(depth - 2):
+        doc = {"k": doc} if i % 2 == 0 else [doc]
+    return {"top": doc}
+
+
+def test_deeply_nested_setup_is_bad_record():
+    """SETUP JSON nested deeper than MAX_JSON_DEPTH is BadRecord at its offset, however deep."""
+    h = header()
+    ok, crc = frame(S.ZeroPages.TYPE, struct.pack(">QI", 0, 1), zlib.crc32(h[:12]))
+    for depth in (S.MAX_JSON_DEPTH + 1, 5000, 1 << 20):
+        doc = b'{"a": ' * (depth - 1) + b"[]" + b"}" * (depth - 1)
+        bad, _ = frame(S.Setup.TYPE, doc, crc)
+        got, err, _ = read_until_error(h + ok + bad)
+        assert isinstance(err, BadRecord) and f"deeper than {S.MAX_JSON_DEPTH}" in str(err), depth
+        assert got == [S.ZeroPages(0, 1)] and err.offset == len(h + ok) and err.record == 1
+
+
+def json_nesting(v):
+    """Lists and dicts nested in a JSON value, the value itself included."""
+    if isinstance(v, (list, dict)):
+        return 1 + max(map(json_nesting, v.values() if isinstance(v, dict) else v), default=0)
+    return 0
+
+
+TRICKY = '[]{}"\\:,a\u00e9'
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(TRICKY),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(TRICKY), inner,
+                                                                max_size=4),
+    max_leaves=30)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=json_values, ascii_only=st.booleans(), indent=st.sampled_from([None, 0, 2]))
+def test_json_depth_of_valid_json_is_its_nesting(value, ascii_only, indent):
+    """The reader's bracket count gives any JSON text's nesting, strings with brackets, quotes
+    and backslashes included."""
+    text = json.dumps(value, ensure_ascii=ascii_only, indent=indent).encode()
+    assert S._json_depth(text) == S._json_depth(text, chunk=3) == json_nesting(value)
+
+
+def frames():
+    """How many frames the stack holds (what counts towards the recursion limit)."""
+    n, f = 0, sys._getframe()
+    while f is not None:
+        n, f = n + 1, f.f_back
+    return n
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["[", "]", "{", "}", '"', "\\", '\\"', '"a"', ":", ",", "1",
+                                 "[" * 40, '"' + "[" * 40 + '"', "\\" * 3]), max_size=60))
+def test_json_depth_bounds_what_json_loads_recurses_through(tokens):
+    """On any text, valid or not, json.loads nests no deeper than the reader's count says: with
+    room for that many levels, and 25 frames for its own calls and its error (fewer than the
+    40 levels a misread string token would add), it never hits the recursion limit."""
+    text = "".join(tokens)
+    depth = S._json_depth(text.encode())
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(frames() + max(depth, 0) + 25)
+    try:
+        json.loads(text)
+    except ValueError:
+        pass
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def test_setup_at_max_json_depth_round_trips():
+    """SETUP nested exactly MAX_JSON_DEPTH containers deep is written and read back equal."""
+    params = deep_params(S.MAX_JSON_DEPTH)
+
+    def write(w):
+        w.setup(params)
+        w.end()
+    assert StreamReader(source(blob_of(write))).read_all() == [S.Setup(params), S.End(1)]
+
+
+def test_writer_refuses_setup_the_reader_would_refuse():
+    """SETUP nested deeper than MAX_JSON_DEPTH (a little or past the interpreter's recursion
+    limit) or circular is ValueError, and buffers nothing."""
+    loop = {}
+    loop["self"] = loop
+    a, _ = inprocess_pair()
+    w = StreamWriter(a)
+    for params, text in ((deep_params(S.MAX_JSON_DEPTH + 1), f"deeper than {S.MAX_JSON_DEPTH}"),
+                         (deep_params(5000), f"deeper than {S.MAX_JSON_DEPTH}"),
+                         (loop, "Circular reference")):
+        with pytest.raises(ValueError, match=text):
+            w.setup(params)
+    assert w.stats.nrecords == 0

@@ -85,6 +85,25 @@ def test_owner_chain_check_names_the_broken_link():
         owner.verify_cert_chain(good, ark_key_id=bytes(16))
 
 
+def test_truncated_certificates_are_refused_not_crashed_on():
+    """An AMD certificate shorter than its fixed part is ValueError, so an owner chain check
+    with an empty ASK or ARK is CertChainError; a SEV public key too short to hold a P-384
+    point has none."""
+    good = ready(seed=3).psp.export_cert_chain()
+    for n in (0, 1, C.AMD_FIXED.size - 1):
+        with pytest.raises(ValueError, match="fixed part"):
+            C.AmdCert(good.ask[:n])
+    for kw in (dict(ask=b""), dict(ark=good.ark[:10])):
+        fields = dict(good.__dict__)
+        fields.update(kw)
+        with pytest.raises(CertChainError) as exc:
+            owner.verify_cert_chain(type(good)(**fields))
+        assert (exc.value.which, exc.value.status) == ("ARK/ASK", U.SEV_RET_INVALID_CERTIFICATE)
+    key = C.pubkey_of(good.pdh)
+    assert C.ec_point_of(key) is not None
+    assert all(C.ec_point_of(key[:n]) is None for n in (0, 11, 12, 12 + 2 * C.EC_COORD - 1))
+
+
 def test_take_ownership_with_pek_cert_import():
     """PEK_CSR -> owner signs with its OCA -> PEK_CERT_IMPORT: the platform is externally owned,
     the PEK carries the owner's OCA and the firmware's CEK signatures, the PDH is new; a second

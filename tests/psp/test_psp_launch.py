@@ -84,6 +84,56 @@ def test_attestation_report_verifies_with_cryptography():
     assert not owner.verify_attestation_report(bytes(bad), pek)
 
 
+def test_attestation_against_a_pek_without_a_p384_key_is_false():
+    """A PEK certificate that holds no P-384 point, or is cut short, verifies no report."""
+    host = ready()
+    g = Launched(host, finish=True)
+    rep = host.psp.attestation_report(g.handle, b"\x22" * 16).raw
+    pek = host.psp.pdh_cert_export().pek_cert
+    assert owner.verify_attestation_report(rep, pek)
+    not_on_curve = bytearray(pek)
+    not_on_curve[8 + 12] ^= 1                          # qx
+    for bad in (bytes(not_on_curve), pek[:12], b""):
+        assert owner.verify_attestation_report(rep, bad) is False
+
+
+@pytest.mark.parametrize("operation, name, size", [
+    ("generate_launch_blob", "pdh.cert", 2084),
+    ("LaunchSession.read", "tmp_tk.bin", 32),
+    ("LaunchSession.read", "godh.cert", 2084),
+    ("LaunchSession.read", "launch_blob.bin", 128),
+    ("calc_measurement_files", "tmp_tk.bin", 32),
+    ("package_secret_files", "pek.cert", 2084),
+    ("package_secret_files", "calc_measurement_out.bin", 32),
+    ("validate_attestation", "pek.cert", 2084),
+])
+def test_sev_tool_file_too_short_is_value_error(tmp_path, operation, name, size):
+    """A file shorter than sev-tool reads is ValueError naming it; a longer one is read as
+    sev-tool reads it, its first bytes only."""
+    host = ready()
+    folder = str(tmp_path)
+    owner.write_cert_chain(folder, host.psp.export_cert_chain())
+    rng = _Rng(b"short files")
+    owner.generate_launch_blob(folder, 0, rng)
+    owner.calc_measurement_files(folder, 1, 55, 25, 0, bytes(32), bytes(16))
+    (tmp_path / "secret.txt").write_bytes(b"disk passphrase!")
+    (tmp_path / "attestation_report.bin").write_bytes(bytes(0xD0))
+    calls = {"generate_launch_blob": lambda: owner.generate_launch_blob(folder, 0, rng),
+             "LaunchSession.read": lambda: owner.LaunchSession.read(folder, 0),
+             "calc_measurement_files": lambda: owner.calc_measurement_files(
+                 folder, 1, 55, 25, 0, bytes(32), bytes(16)),
+             "package_secret_files": lambda: owner.package_secret_files(folder, rng),
+             "validate_attestation": lambda: owner.validate_attestation(folder)}
+    path = tmp_path / name
+    full = path.read_bytes()
+    assert len(full) == size
+    path.write_bytes(full + b"tail")
+    calls[operation]()
+    path.write_bytes(full[:size - 1])
+    with pytest.raises(ValueError, match=f"{name} holds {size - 1} bytes"):
+        calls[operation]()
+
+
 def test_measurement_mismatch_is_detected():
     """verify_measurement refuses a wrong digest, policy, firmware version or TIK."""
     host = ready()
