@@ -107,7 +107,7 @@ def test_mmap_rules(vm_flags):
             vm.kvm.write(hva, b"\x01")
         with pytest.raises(SigBus):
             vm.kvm.read(hva, 1)
-        assert fd.pages == {}      # the host never got a private page
+        assert len(fd.page_cache) == 0      # the host never got a private page
 
 
 SHARED_CASES = [t for t in vm_types()
@@ -200,7 +200,7 @@ def test_allocate_and_punch_move_host_frames(vm):
     fd.fallocate(KEEP, 0, 4 * P)
     assert host.mem.allocated - before == 4
     fd.fallocate(PUNCH, P, 2 * P)
-    assert host.mem.allocated - before == 2 and sorted(fd.pages) == [0, 3]
+    assert host.mem.allocated - before == 2 and fd.page_cache.items()[0].tolist() == [0, 3]
     fd.close()
     assert host.mem.allocated == before
 
@@ -216,3 +216,44 @@ def test_guest_memfd_keeps_the_vm_alive():
     assert fd.fallocate(KEEP, 0, 4 * P) == 0
     fd.close()
     assert not vm.alive
+
+
+def test_file_beyond_256_tib():
+    """Pages of a file larger than 2**36 pages are allocated, found and freed on both sides of
+    the 2**36th page, by fallocate and by a guest fault through a slot bound there."""
+    vm = sevcore.Kvm().create_vm(KVM_X86_SW_PROTECTED_VM)
+    host = vm.host
+    before = host.mem.allocated
+    fd = vm.create_guest_memfd(1 << 50)
+    edge = 1 << 48                          # byte offset of page 2**36
+    assert fd.fallocate(KEEP, edge - P, 2 * P) == 0
+    assert fd.page_cache.items()[0].tolist() == [(edge >> 12) - 1, edge >> 12]
+    hva = vm.kvm.mmap(P)
+    vm.set_user_memory_region2(1, KVM_MEM_GUEST_MEMFD, 1 << 32, P, hva, edge + P, fd)
+    vm.set_memory_attributes(1 << 32, P, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    vcpu = vm.create_vcpu(0)
+
+    def guest(g):
+        yield g.write(1 << 32, b"far")
+        yield g.sync((yield g.read(1 << 32, 3)))
+    vcpu.set_guest_code(guest)
+    vcpu.run()
+    assert vcpu.get_ucall() == ("sync", (b"far",))
+    assert fd.page_cache.lookup((edge >> 12) + 1) == vm.npt.lookup(1 << 20)[0]
+    assert host.mem.allocated - before == 3
+    assert fd.fallocate(PUNCH, edge, 1 << 40) == 0
+    assert fd.page_cache.items()[0].tolist() == [(edge >> 12) - 1]
+    fd.close()
+    assert host.mem.allocated == before
+
+
+def test_fallocate_beyond_host_memory_is_enomem():
+    """An allocation larger than the free host frames fails with ENOMEM and allocates nothing."""
+    host = sevcore.Host(memory_size=8 << 20)
+    vm = host.kvm.create_vm(KVM_X86_SW_PROTECTED_VM)
+    fd = vm.create_guest_memfd(1 << 40)
+    fd.fallocate(KEEP, 0, 4 * P)
+    before = host.mem.allocated
+    e = expect_errno(errno.ENOMEM, fd.fallocate, KEEP, 0, 1 << 40)
+    assert "fallocate" in str(e)
+    assert host.mem.allocated == before and len(fd.page_cache) == 4

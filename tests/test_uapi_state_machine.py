@@ -56,7 +56,7 @@ class UapiMachine(RuleBasedStateMachine):
         return result
 
     def snapshot(self):
-        return (list(self.vm.private), self.gmem.pages.copy(),
+        return (list(self.vm.private), [a.tolist() for a in self.gmem.page_cache.items()],
                 self.kvm.read(self.hva, NPAGES * PAGE_SIZE))
 
     # -- rules -------------------------------------------------------------------------------------
@@ -135,14 +135,14 @@ class UapiMachine(RuleBasedStateMachine):
 
     @invariant()
     def host_never_maps_gmem(self):
-        gmem_pfns = set(self.gmem.pages.values())
+        gmem_pfns = set(self.gmem.page_cache.items()[1].tolist())
         _, anon_pfns, _ = self.kvm._pt.items(0, 1 << 36)
         assert gmem_pfns.isdisjoint(set(np.asarray(anon_pfns).tolist()))
 
     @invariant()
     def npt_private_entries_come_from_gmem(self):
         gfns, pfns, flags = self.vm.npt.items(0, 1 << 36)
-        gmem_pfns = set(self.gmem.pages.values())
+        gmem_pfns = set(self.gmem.page_cache.items()[1].tolist())
         for gfn, pfn, f in zip(np.asarray(gfns).tolist(), np.asarray(pfns).tolist(),
                                np.asarray(flags).tolist()):
             p = gfn - (BASE_GPA >> 12)

@@ -3,22 +3,29 @@
 Its pages are host frames that the VMM cannot map, unless the file was created with
 ``GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED`` on a VM without private memory. Pages
 are allocated (zeroed) on first use: a guest fault, ``fallocate`` or a host fault on a shared
-mapping. Behaviour follows ``spec/kvm-uapi.md`` section 2.
+mapping, and kept in a :class:`PageCache` (the C radix, keyed by file page index). Behaviour
+follows kvm_gmem_create, kvm_gmem_fallocate, kvm_gmem_get_pfn and kvm_gmem_release.
 """
 import collections
 import itertools
-from errno import EBADF, EEXIST, EFAULT, EINVAL, EIO, ENODEV, EOPNOTSUPP
+from errno import EBADF, EEXIST, EFAULT, EINVAL, EIO, ENODEV, ENOMEM, EOPNOTSUPP
 import mmap as _mmap
 
 import numpy as np
 
 from sevcore import uapi as U
+from sevcore.core.arrays import sorted_unique
 from sevcore.errors import SigBus
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
-from sevcore.core.npt import NPT_PRIVATE
+from sevcore.core.npt import GFN_LIMIT, NPT_PRIVATE, Npt
 
 MAP_SHARED = _mmap.MAP_SHARED
 MAP_PRIVATE = _mmap.MAP_PRIVATE
+
+#: What :meth:`PageCache.lookup_batch` returns for a page the file does not hold.
+MISS = Npt.MISS
+_WINDOW_SHIFT = GFN_LIMIT.bit_length() - 1       # one radix table keys 2**36 page indexes
+_WINDOW_MASK = GFN_LIMIT - 1
 
 GmemStat = collections.namedtuple("GmemStat", "st_size st_blksize st_ino st_mode")
 _inodes = itertools.count(1)
@@ -26,6 +33,113 @@ _inodes = itertools.count(1)
 
 def _fs_error(err, op, detail):
     return OSError(err, f"{detail}", op)
+
+
+class PageCache:
+    """A guest_memfd's pages (its inode's page cache, ``i_mapping``): file page index -> host
+    pfn, kept in the C radix of :class:`sevcore.core.npt.Npt` as the VMM address space keeps its
+    pages, so that the fault, fallocate and punch paths run as numpy/C batches. One table
+    covers 2**36 pages (256 TiB of file); a larger file gets a table per such window it uses.
+    Each call is one batch; a per-page loop stays in C."""
+
+    def __init__(self):
+        self._tables = {}          # index >> _WINDOW_SHIFT -> Npt
+
+    def __len__(self):
+        return sum(len(t) for t in self._tables.values())
+
+    @property
+    def table_bytes(self):
+        """Bytes of radix tables in use."""
+        return sum(t.table_bytes for t in self._tables.values())
+
+    def lookup(self, index):
+        """The pfn of page ``index``, or None."""
+        t = self._tables.get(index >> _WINDOW_SHIFT)
+        hit = None if t is None else t.lookup(index & _WINDOW_MASK)
+        return None if hit is None else hit[0]
+
+    def lookup_batch(self, index):
+        """The pfns of the pages ``index`` (a uint64 array), :data:`MISS` where none."""
+        index = np.asarray(index, dtype=np.uint64)
+        if not self._tables or not len(index):
+            return np.full(index.shape, MISS, np.uint64)
+        win = index >> np.uint64(_WINDOW_SHIFT)
+        lo, hi = int(win.min()), int(win.max())
+        if lo == hi:
+            t = self._tables.get(lo)
+            if t is None:
+                return np.full(index.shape, MISS, np.uint64)
+            return t.lookup_batch(index & np.uint64(_WINDOW_MASK))
+        out = np.full(index.shape, MISS, np.uint64)
+        for w, t in self._tables.items():
+            sel = win == np.uint64(w)
+            if sel.any():
+                out[sel] = t.lookup_batch(index[sel] & np.uint64(_WINDOW_MASK))
+        return out
+
+    def insert(self, index, pfn):
+        """Insert one page (not present): the single-page fault's path."""
+        t = self._tables.get(index >> _WINDOW_SHIFT)
+        if t is None:
+            t = self._tables[index >> _WINDOW_SHIFT] = Npt()
+        t.map(index & _WINDOW_MASK, pfn, 0)
+
+    def add(self, index, pfns):
+        """Insert pages ``index`` (uint64, not present) with frames ``pfns``."""
+        index = np.asarray(index, dtype=np.uint64)
+        if not len(index):
+            return
+        pfns = np.asarray(pfns, dtype=np.uint64)
+        win = index >> np.uint64(_WINDOW_SHIFT)
+        if (win == win[0]).all():
+            groups = [(int(win[0]), slice(None))]
+        else:
+            groups = [(w, win == np.uint64(w)) for w in np.unique(win).tolist()]
+        for w, sel in groups:
+            t = self._tables.get(w)
+            if t is None:
+                t = self._tables[w] = Npt()
+            t.map_runs(index[sel] & np.uint64(_WINDOW_MASK), pfns[sel], 0)
+
+    def _windows(self, start, end):
+        """``(window, table, first, last + 1)`` for each table holding part of [start, end)."""
+        for w in sorted(self._tables):
+            base = w << _WINDOW_SHIFT
+            lo, hi = max(start, base), min(end, base + (1 << _WINDOW_SHIFT))
+            if lo < hi:
+                yield w, self._tables[w], lo - base, hi - base
+
+    def items(self, start=0, end=None):
+        """``(index, pfns)``: the pages in [start, end) (default: all) as uint64 arrays in
+        index order."""
+        end = (1 << 64) if end is None else end
+        parts = [(t.items(lo, hi), w) for w, t, lo, hi in self._windows(start, end)]
+        if not parts:
+            return np.empty(0, np.uint64), np.empty(0, np.uint64)
+        index = np.concatenate([g + np.uint64(w << _WINDOW_SHIFT) for (g, _, _), w in parts])
+        return index, np.concatenate([p for (_, p, _), _ in parts])
+
+    def remove(self, start, end):
+        """Drop the pages in [start, end); returns their pfns (uint64)."""
+        out = []
+        for w, t, lo, hi in list(self._windows(start, end)):
+            _, pfns, _ = t.items(lo, hi)
+            if len(pfns):
+                t.unmap(lo, hi - lo)
+                out.append(pfns)
+            if not len(t):
+                t.close()
+                del self._tables[w]
+        return np.concatenate(out) if out else np.empty(0, np.uint64)
+
+    def clear(self):
+        """Drop every page; returns their pfns (uint64) and frees the tables."""
+        pfns = self.items()[1]
+        for t in self._tables.values():
+            t.close()
+        self._tables = {}
+        return pfns
 
 
 class GuestMemfd:
@@ -38,7 +152,7 @@ class GuestMemfd:
         self.flags = flags
         self.npages = size >> PAGE_SHIFT
         self.ino = next(_inodes)
-        self.pages = {}            # page index -> host pfn
+        self.page_cache = PageCache()
         self.bindings = []         # [start index, end index, memslot]
         self.closed = False
         self.fd = self.host.install_fd(self)
@@ -111,10 +225,14 @@ class GuestMemfd:
             return 0
         if offset + length > self.size:
             raise _fs_error(EINVAL, "fallocate", "range past the end of the file")
-        missing = [i for i in range(start, end) if i not in self.pages]
-        if missing:
-            pfns = self.host.mem.alloc(len(missing))
-            self.pages.update(zip(missing, (int(p) for p in pfns)))
+        mem = self.host.mem
+        if end - start > mem.free_frames and \
+                end - start - len(self.page_cache.items(start, end)[0]) > mem.free_frames:
+            raise _fs_error(ENOMEM, "fallocate", "host memory exhausted")
+        index = np.arange(start, end, dtype=np.uint64)
+        missing = index[self.page_cache.lookup_batch(index) == MISS]
+        if len(missing):
+            self.page_cache.add(missing, mem.alloc(len(missing)))
         return 0
 
     def close(self):
@@ -128,9 +246,7 @@ class GuestMemfd:
             slot.gmem_file = None
             self.vm._zap_gfns(slot.base_gfn + start - slot.gmem_pgoff, end - start)
         self.bindings = []
-        if self.pages:
-            self.host.mem.free(np.fromiter(self.pages.values(), np.uint64, len(self.pages)))
-            self.pages = {}
+        self.host.mem.free(self.page_cache.clear())
         self.vm._put()
 
     # -- used by KVM ----------------------------------------------------------------------------------
@@ -168,20 +284,20 @@ class GuestMemfd:
         a slot bound to this file, allocating missing pages in one batch. The caller has
         already resolved one page of the slot through :meth:`get_pfn`."""
         index = np.asarray(offsets, dtype=np.uint64) + np.uint64(slot.gmem_pgoff)
-        keys = index.tolist()
-        pages = self.pages
-        missing = [i for i in keys if i not in pages]
-        if missing:
-            fresh = self.host.mem.alloc(len(missing))
-            pages.update(zip(missing, fresh.tolist()))
-        return np.fromiter((pages[i] for i in keys), np.uint64, len(keys))
+        pfns = self.page_cache.lookup_batch(index)
+        miss = np.flatnonzero(pfns == MISS)
+        if len(miss):
+            want = sorted_unique(index[miss])
+            fresh = self.host.mem.alloc(len(want))
+            self.page_cache.add(want, fresh)
+            pfns[miss] = fresh[np.searchsorted(want, index[miss])]
+        return pfns
 
     def _page(self, index):
-        pfn = self.pages.get(index)
+        pfn = self.page_cache.lookup(index)
         if pfn is None:
-            (pfn,) = self.host.mem.alloc(1)
-            pfn = int(pfn)
-            self.pages[index] = pfn
+            pfn = int(self.host.mem.alloc(1)[0])
+            self.page_cache.insert(index, pfn)
         return pfn
 
     def _punch(self, start, end):
@@ -198,13 +314,7 @@ class GuestMemfd:
                     self.vm._zap_gfns(gfn, hi - lo, exclude=NPT_PRIVATE)
                 else:
                     self.vm._zap_gfns(gfn, hi - lo, match=NPT_PRIVATE)
-        if end - start > len(self.pages):
-            gone = [i for i in self.pages if start <= i < end]
-        else:
-            gone = [i for i in range(start, end) if i in self.pages]
-        if gone:
-            self.host.mem.free(np.fromiter((self.pages.pop(i) for i in gone), np.uint64,
-                                           len(gone)))
+        self.host.mem.free(self.page_cache.remove(start, end))
 
     def _check_open(self, op):
         if self.closed:
