@@ -19,7 +19,7 @@ ops = st.lists(st.one_of(
 
 @given(ops)
 def test_page_cache_matches_a_dict(steps):
-    """Any sequence of add, insert, remove and lookups leaves the same pages, in order, as a dict."""
+    """Any sequence of add, insert, remove and lookups leaves the pages a dict holds, in order."""
     cache, oracle, next_pfn = PageCache(), {}, 0x1000
     for op, *args in steps:
         if op == "add":

@@ -197,6 +197,14 @@ class GuestMemfd:
             raise _fs_error(EINVAL, "mmap", "unaligned offset or bad length")
         return self.vm.kvm.map_file(length, self, offset >> PAGE_SHIFT)
 
+    def resident_pfns(self, index):
+        """The frames a VMM mapping of this file has present at pages ``index`` (uint64):
+        :data:`MISS` for a page the file does not hold, past its end, or private (a file
+        without INIT_SHARED cannot be faulted into the VMM: kvm_gmem_fault_user_mapping)."""
+        if not self.flags & U.GUEST_MEMFD_FLAG_INIT_SHARED:
+            return np.full(len(index), MISS, np.uint64)
+        return self.page_cache.lookup_batch(index)
+
     def host_fault(self, index, hva):
         """A VMM access through a mapping of this file (kvm_gmem_fault_user_mapping)."""
         if index >= self.npages:

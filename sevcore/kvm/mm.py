@@ -92,6 +92,23 @@ class Mm:
             return self._maps[i]
         return None
 
+    def pagemap(self, pages):
+        """The frames behind the VMM pages ``pages`` (hva >> 12, a uint64 array) now, as
+        /proc/self/pagemap reports them (pagemap_read, fs/proc/task_mmu.c): ``Npt.MISS`` for
+        a page that is not mapped or not present (untouched anonymous memory, a guest_memfd
+        page the file does not hold). Allocates nothing; one batch per mapping."""
+        pages = np.asarray(pages, dtype=np.uint64)
+        pfns = self._pt.lookup_batch(pages)
+        for m in self._maps:
+            if m.file is None:
+                continue
+            first, last = m.start >> PAGE_SHIFT, m.end >> PAGE_SHIFT
+            sel = np.flatnonzero((pages >= np.uint64(first)) & (pages < np.uint64(last)))
+            if len(sel):
+                index = pages[sel] - np.uint64(first) + np.uint64(m.pgoff)
+                pfns[sel] = m.file.resident_pfns(index)
+        return pfns
+
     def hva_to_pfn(self, hva, write, allocate=True):
         """The host frame behind ``hva`` (what get_user_pages returns), allocating anonymous
         memory on first touch. Returns None for an untouched page when ``allocate`` is False.

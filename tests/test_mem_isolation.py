@@ -1,0 +1,93 @@
+"""A guest never reaches a frame its VM does not own: every path that frees a frame, or takes it
+away from a gfn, first zaps the NPT entries that point at it (kvm_unmap_gfn_range, reached from
+guest_memfd's invalidation, the mmu notifier, memslot updates and attribute changes).
+
+Each test plants a VMM secret where a stale entry would lead and checks the guest cannot see it;
+``stray_npt_entries`` checks every entry against what backs its gfn now.
+"""
+import errno
+
+import numpy as np
+import pytest
+
+import sevcore
+from sevcore.core.npt import NPT_PRESENT, Npt
+from sevcore.uapi import *
+
+from kvmutil import Guest, stray_npt_entries
+
+P = PAGE_SIZE
+GPA = 1 << 32
+GFN = GPA >> PAGE_SHIFT
+SLOT = 10
+SECRET = b"VMM secret, not the guest's"
+PUNCH = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE
+MMAP_SHARED = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED
+MISS = Npt.MISS
+
+
+def vmm_secret(vm):
+    """A fresh VMM page holding SECRET: the first frame freed before this is the one it gets."""
+    hva = vm.kvm.mmap(P)
+    vm.kvm.write(hva, SECRET)
+    return hva
+
+
+def gmem_only_vm(vm_type, flags):
+    """A VM with one 4-page memslot bound to a guest_memfd created with ``flags`` (MMAP: the
+    slot is gmem-only, shared accesses come from the file too)."""
+    vm = sevcore.Host().kvm.create_vm(vm_type)
+    gmem = vm.create_guest_memfd(4 * P, flags)
+    hva = vm.kvm.mmap(4 * P)
+    vm.set_user_memory_region2(SLOT, KVM_MEM_GUEST_MEMFD, GPA, 4 * P, hva, 0, gmem)
+    return vm, gmem, hva
+
+
+def expect_memory_fault(guest, gpa):
+    """The guest's read of ``gpa`` fails KVM_RUN with EFAULT and a shared memory-fault exit (the
+    vCPU then retries that read on every KVM_RUN: call it last)."""
+    with pytest.raises(OSError) as e:
+        guest.read(gpa, len(SECRET))
+    assert e.value.errno == errno.EFAULT
+    run = guest.vcpu.kvm_run
+    assert (run.exit_reason, run.memory_fault.gpa, run.memory_fault.flags) == \
+        (KVM_EXIT_MEMORY_FAULT, gpa, 0)
+
+
+def test_pagemap_reports_present_frames_only():
+    """kvm.pagemap gives the frame behind each VMM page that has one (touched anonymous memory,
+    a page a shared guest_memfd mapping holds) and MISS for the rest, allocating nothing."""
+    vm = sevcore.Host().kvm.create_vm(KVM_X86_DEFAULT_VM)
+    kvm = vm.kvm
+    anon = kvm.mmap(2 * P)
+    kvm.write(anon + P, b"x")
+    shared = vm.create_guest_memfd(2 * P, MMAP_SHARED)
+    private = vm.create_guest_memfd(2 * P, GUEST_MEMFD_FLAG_MMAP)
+    shared_hva, private_hva = shared.mmap(4 * P), private.mmap(2 * P)
+    kvm.write(shared_hva + P, b"y")
+    private.fallocate(FALLOC_FL_KEEP_SIZE, 0, 2 * P)
+    hvas = [anon, anon + P, shared_hva, shared_hva + P, shared_hva + 2 * P, private_hva,
+            private_hva + P, 0x1000]
+    allocated = vm.host.mem.allocated
+    got = kvm.pagemap(np.array(hvas, np.uint64) >> np.uint64(PAGE_SHIFT)).tolist()
+    assert got == [MISS, kvm.hva_to_pfn(anon + P, False), MISS, shared.page_cache.lookup(1),
+                   MISS, MISS, MISS, MISS]
+    assert vm.host.mem.allocated == allocated
+
+
+def test_stray_npt_entries_finds_a_planted_entry():
+    """The ownership check passes on faulted-in entries and reports an entry to another frame,
+    or outside every memslot."""
+    vm, gmem, hva = gmem_only_vm(KVM_X86_SW_PROTECTED_VM, GUEST_MEMFD_FLAG_MMAP)
+    vm.set_user_memory_region2(SLOT + 1, 0, GPA + 8 * P, P, vm.kvm.mmap(P))
+    guest = Guest(vm)
+    guest.write(GPA, b"shared")
+    guest.write(GPA + 8 * P, b"anon")
+    vm.set_memory_attributes(GPA + P, P, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    guest.write(GPA + P, b"private")
+    assert vm.npt.count() == 3 and stray_npt_entries(vm) == []
+    other = vm.kvm.hva_to_pfn(vmm_secret(vm), False)
+    vm.npt.map(GFN + 2, other, 0)
+    vm.npt.map(GFN + 100, other, 0)
+    assert stray_npt_entries(vm) == [(GFN + 2, other, NPT_PRESENT),
+                                     (GFN + 100, other, NPT_PRESENT)]
