@@ -91,3 +91,23 @@ def test_stray_npt_entries_finds_a_planted_entry():
     vm.npt.map(GFN + 100, other, 0)
     assert stray_npt_entries(vm) == [(GFN + 2, other, NPT_PRESENT),
                                      (GFN + 100, other, NPT_PRESENT)]
+
+
+@pytest.mark.parametrize("vm_type,flags", [
+    (KVM_X86_SW_PROTECTED_VM, GUEST_MEMFD_FLAG_MMAP),
+    (KVM_X86_DEFAULT_VM, GUEST_MEMFD_FLAG_MMAP),
+    (KVM_X86_DEFAULT_VM, MMAP_SHARED),
+])
+def test_punch_hole_zaps_shared_guest_memfd_mappings(vm_type, flags):
+    """A punched page mapped by a shared guest access is zapped: the guest sees a fresh zero
+    page, not the VMM memory the freed frame is handed to next."""
+    vm, gmem, _ = gmem_only_vm(vm_type, flags)
+    guest = Guest(vm)
+    guest.write(GPA, b"guest data")
+    gmem.fallocate(PUNCH, 0, P)
+    assert vm.npt.lookup(GFN) is None
+    hva = vmm_secret(vm)
+    assert guest.read(GPA, len(SECRET)) == bytes(len(SECRET))
+    guest.write(GPA, b"X" * len(SECRET))
+    assert vm.kvm.read(hva, len(SECRET)) == SECRET
+    assert stray_npt_entries(vm) == []

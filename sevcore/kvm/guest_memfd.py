@@ -17,7 +17,8 @@ from sevcore import uapi as U
 from sevcore.core.arrays import sorted_unique
 from sevcore.errors import SigBus
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
-from sevcore.core.npt import GFN_LIMIT, NPT_PRIVATE, Npt
+from sevcore.core.npt import GFN_LIMIT, Npt
+from sevcore.kvm.mmu import KVM_FILTER_PRIVATE, KVM_FILTER_SHARED
 
 MAP_SHARED = _mmap.MAP_SHARED
 MAP_PRIVATE = _mmap.MAP_PRIVATE
@@ -250,9 +251,9 @@ class GuestMemfd:
             return
         self.closed = True
         self.host.release_fd(self.fd)
-        for start, end, slot in self.bindings:
+        for _, _, slot in self.bindings:
             slot.gmem_file = None
-            self.vm._zap_gfns(slot.base_gfn + start - slot.gmem_pgoff, end - start)
+        self._invalidate(0, self.npages)
         self.bindings = []
         self.host.mem.free(self.page_cache.clear())
         self.vm._put()
@@ -309,20 +310,22 @@ class GuestMemfd:
         return pfn
 
     def _punch(self, start, end):
+        """kvm_gmem_punch_hole: invalidate the bound gfns' mappings, then free the folios."""
         if start >= end:
             return
-        # Invalidate first (kvm_gmem_invalidate_begin): zap the bound gfns' mappings of the
-        # kind this file serves, then free the folios.
-        shared = bool(self.flags & U.GUEST_MEMFD_FLAG_INIT_SHARED)
+        self._invalidate(start, end)
+        self.host.mem.free(self.page_cache.remove(start, end))
+
+    def _invalidate(self, start, end):
+        """kvm_gmem_invalidate_begin: zap the mappings of the gfns bound to pages [start, end).
+        The filter is kvm_gmem_get_invalidate_filter's (shared for an INIT_SHARED file, else
+        private); only a TDX VM's zap looks at it (:meth:`sevcore.kvm.vm.Vm._zap_gfns`)."""
+        attr_filter = KVM_FILTER_SHARED if self.flags & U.GUEST_MEMFD_FLAG_INIT_SHARED \
+            else KVM_FILTER_PRIVATE
         for s, e, slot in self.bindings:
             lo, hi = max(s, start), min(e, end)
             if lo < hi:
-                gfn = slot.base_gfn + lo - slot.gmem_pgoff
-                if shared:
-                    self.vm._zap_gfns(gfn, hi - lo, exclude=NPT_PRIVATE)
-                else:
-                    self.vm._zap_gfns(gfn, hi - lo, match=NPT_PRIVATE)
-        self.host.mem.free(self.page_cache.remove(start, end))
+                self.vm._zap_gfns(slot.base_gfn + lo - slot.gmem_pgoff, hi - lo, attr_filter)
 
     def _check_open(self, op):
         if self.closed:

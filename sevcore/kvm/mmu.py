@@ -25,6 +25,12 @@ from sevcore.core.npt import NPT_DIRTY_LOG, NPT_PRIVATE, NPT_WRITABLE, Npt
 
 MISS = Npt.MISS
 
+#: enum kvm_gfn_range_filter (include/linux/kvm_host.h): the kind of mapping an invalidation is
+#: about. It selects roots only on a VM with mirrored TDP (:meth:`sevcore.kvm.vm.Vm._zap_gfns`).
+KVM_FILTER_SHARED = 1 << 0
+KVM_FILTER_PRIVATE = 1 << 1
+KVM_FILTER_ALL = KVM_FILTER_SHARED | KVM_FILTER_PRIVATE
+
 #: The GPA bit that marks a TDX access shared (GPAW 48: bit 47).
 TDX_SHARED_BIT = 47
 

@@ -15,6 +15,7 @@ from sevcore.kvm.guest_memfd import GuestMemfd
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm.caps import KVM_ALLOWED_DISABLE_EXITS, check_extension
 from sevcore.kvm.mm import TASK_SIZE_MAX
+from sevcore.kvm.mmu import KVM_FILTER_ALL, KVM_FILTER_PRIVATE, KVM_FILTER_SHARED
 from sevcore.kvm.msr import MsrFilter
 from sevcore.core.npt import NPT_DIRTY_LOG, NPT_PRIVATE, Npt
 from sevcore.core.ranges import RangeSet
@@ -542,14 +543,27 @@ class Vm:
             return index[i]
         return None
 
-    def _zap_gfns(self, gfn, npages, match=0, exclude=0):
-        """Remove stage-2 mappings of ``[gfn, gfn + npages)`` (kvm_mmu_unmap_gfn_range)."""
+    def _zap_gfns(self, gfn, npages, attr_filter=KVM_FILTER_ALL):
+        """Remove stage-2 mappings of ``[gfn, gfn + npages)`` (kvm_unmap_gfn_range).
+
+        ``attr_filter`` (KVM_FILTER_*) picks what goes only on a VM with mirrored TDP, a TDX VM,
+        whose shared mappings live in the direct root and private ones in the mirror root; on
+        any other VM every mapping of the range goes, whatever the filter
+        (kvm_gfn_range_filter_to_root_types, arch/x86/kvm/mmu/tdp_mmu.h). A shared access to a
+        gmem-only slot maps a guest_memfd frame without NPT_PRIVATE, so filtering by the flag
+        there would leave it mapped after the frame is freed."""
         if self.npt.closed or npages <= 0:
             return 0
         lo = max(gfn, 0)
         hi = min(gfn + npages, KVM_MMU_MAX_GFN + 1)
         if lo >= hi:
             return 0
+        match = exclude = 0
+        if self.type == U.KVM_X86_TDX_VM and attr_filter != KVM_FILTER_ALL:
+            if attr_filter == KVM_FILTER_PRIVATE:
+                match = NPT_PRIVATE
+            else:
+                exclude = NPT_PRIVATE
         return self.npt.zap_range(lo, hi - lo, match_flags=match, exclude_flags=exclude)
 
     # -- memory attributes ------------------------------------------------------------------------------
@@ -560,7 +574,8 @@ class Vm:
     def set_memory_attributes(self, address, size, attributes, flags=0):
         """Mirrors ``KVM_SET_MEMORY_ATTRIBUTES``: all of ``[address, address + size)`` or nothing.
 
-        Converting to private zaps the range's shared mappings; to shared, its private ones.
+        A conversion zaps the mappings of the old kind (kvm_arch_pre_set_memory_attributes:
+        every mapping of the range, but on TDX).
         """
         ioctl = "KVM_SET_MEMORY_ATTRIBUTES"
         self._enter(ioctl)
@@ -577,10 +592,10 @@ class Vm:
         if (self.private.covers(start, end) if private else self.private.disjoint(start, end)):
             return 0   # no-op: no zap
         if private:
-            self._zap_gfns(start, end - start, exclude=NPT_PRIVATE)
+            self._zap_gfns(start, end - start, KVM_FILTER_SHARED)
             self.private.add(start, end)
         else:
-            self._zap_gfns(start, end - start, match=NPT_PRIVATE)
+            self._zap_gfns(start, end - start, KVM_FILTER_PRIVATE)
             self.private.remove(start, end)
         return 0
 
