@@ -111,3 +111,23 @@ def test_punch_hole_zaps_shared_guest_memfd_mappings(vm_type, flags):
     guest.write(GPA, b"X" * len(SECRET))
     assert vm.kvm.read(hva, len(SECRET)) == SECRET
     assert stray_npt_entries(vm) == []
+
+
+@pytest.mark.parametrize("vm_type", [KVM_X86_DEFAULT_VM, KVM_X86_SW_PROTECTED_VM])
+def test_munmap_zaps_the_guest_mappings_of_the_range(vm_type):
+    """munmap of a memslot's VMM memory zaps the gfns it backed before the frames are freed
+    (the mmu notifier): the guest's next access to them is a memory fault, the pages outside
+    the range stay mapped, and the freed frames' next owner is out of the guest's reach."""
+    vm = sevcore.Host().kvm.create_vm(vm_type)
+    hva = vm.kvm.mmap(4 * P)
+    vm.set_user_memory_region2(SLOT, 0, GPA, 4 * P, hva)
+    guest = Guest(vm)
+    for i in range(4):
+        guest.write(GPA + i * P, b"guest data")
+    vm.kvm.munmap(hva + P, 2 * P)
+    assert [g - GFN for g in vm.npt.items()[0].tolist()] == [0, 3]
+    assert stray_npt_entries(vm) == []
+    secret = vmm_secret(vm)
+    assert guest.read(GPA + 3 * P, 10) == b"guest data"
+    expect_memory_fault(guest, GPA + P)
+    assert vm.kvm.read(secret, len(SECRET)) == SECRET

@@ -3,6 +3,10 @@
 ``mm.mmap(length)`` returns a page-aligned HVA range backed lazily by host frames, as anonymous
 memory is; ``map_file`` maps a guest_memfd's pages, each access faulting through the file.
 Reads and writes of VMM memory see what the frames hold: ciphertext for SEV-private pages.
+
+Every VM created through this address space registers as its MMU notifier (kvm_init_mmu_notifier):
+before ``munmap`` frees or drops pages, the VMs zap the gfns their memslots map there
+(kvm_mmu_notifier_invalidate_range_start), so no NPT entry outlives the page it maps.
 """
 import bisect
 from errno import EFAULT, EINVAL, ENOMEM
@@ -34,6 +38,23 @@ class Mm:
         self._starts = []        # their start addresses, for bisect
         self._pt = Npt()         # hva page -> host pfn for anonymous memory
         self._next_hva = HVA_BASE
+        self._notifiers = []     # the VMs of this process (their mmu_notifier registrations)
+
+    # -- MMU notifiers -------------------------------------------------------------------------------
+
+    def mmu_notifier_register(self, vm):
+        """mmu_notifier_register: ``vm`` hears of every range of this address space that is
+        unmapped (``vm.mmu_notifier_invalidate_range_start(start, end)``)."""
+        self._notifiers.append(vm)
+
+    def mmu_notifier_unregister(self, vm):
+        if vm in self._notifiers:
+            self._notifiers.remove(vm)
+
+    def _invalidate_range(self, start, end):
+        """mmu_notifier_invalidate_range_start over the HVAs [start, end)."""
+        for vm in self._notifiers:
+            vm.mmu_notifier_invalidate_range_start(start, end)
 
     def mmap(self, length):
         """Anonymous memory for the VMM: a page-aligned, zero-filled HVA range, lazily backed."""
@@ -60,10 +81,12 @@ class Mm:
         return hva
 
     def munmap(self, hva, length):
-        """Unmap ``[hva, hva + length)``; anonymous frames in it go back to the host."""
+        """Unmap ``[hva, hva + length)``: the VMs zap what their memslots map there first, then
+        anonymous frames in it go back to the host."""
         if hva % PAGE_SIZE or length <= 0:
             raise OSError(EINVAL, "munmap: unaligned address or bad length")
         end = hva + ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+        self._invalidate_range(hva, end)
         kept = []
         for m in self._maps:
             if m.end <= hva or m.start >= end:

@@ -84,6 +84,7 @@ class Vm:
         self._page_ops = None
         self._page_ops_slots = None
         self.fd = self.host.install_fd(self)
+        kvm.mmu_notifier_register(self)    # kvm_init_mmu_notifier
 
     def __repr__(self):
         return f"<Vm fd={self.fd} type={self.type}>"
@@ -105,6 +106,7 @@ class Vm:
             if slot.gmem_file is not None:
                 slot.gmem_file.unbind(slot)
         self.memslots.clear()
+        self.kvm.mmu_notifier_unregister(self)
         if self._page_ops is not None:
             self._page_ops.close()
             self._page_ops = None
@@ -565,6 +567,18 @@ class Vm:
             else:
                 exclude = NPT_PRIVATE
         return self.npt.zap_range(lo, hi - lo, match_flags=match, exclude_flags=exclude)
+
+    def mmu_notifier_invalidate_range_start(self, start, end):
+        """kvm_mmu_notifier_invalidate_range_start: the VMM's HVAs [start, end) are being
+        unmapped: zap the gfns of every memslot whose HVA range meets them (KVM_FILTER_SHARED:
+        an HVA maps no private memory, __kvm_handle_hva_range). One zap per memslot."""
+        for slot in self._as_index[0]:
+            base = slot.userspace_addr
+            lo, hi = max(start, base), min(end, base + (slot.npages << PAGE_SHIFT))
+            if lo < hi:
+                first = slot.base_gfn + ((lo - base) >> PAGE_SHIFT)
+                last = slot.base_gfn + ((hi - base + PAGE_SIZE - 1) >> PAGE_SHIFT)
+                self._zap_gfns(first, last - first, KVM_FILTER_SHARED)
 
     # -- memory attributes ------------------------------------------------------------------------------
 
