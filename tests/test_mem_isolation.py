@@ -131,3 +131,24 @@ def test_munmap_zaps_the_guest_mappings_of_the_range(vm_type):
     assert guest.read(GPA + 3 * P, 10) == b"guest data"
     expect_memory_fault(guest, GPA + P)
     assert vm.kvm.read(secret, len(SECRET)) == SECRET
+
+
+def test_punch_hole_zaps_mappings_through_a_vmm_mapping_of_the_file():
+    """A memslot whose HVAs are a VMM mapping of a guest_memfd loses the gfns of a punched page
+    (truncation unmaps it from the VMM: the mmu notifier): the guest then faults a fresh page in
+    through the mapping instead of keeping the freed frame."""
+    vm = sevcore.Host().kvm.create_vm(KVM_X86_DEFAULT_VM)
+    gmem = vm.create_guest_memfd(4 * P, MMAP_SHARED)
+    hva = gmem.mmap(4 * P)
+    vm.set_user_memory_region2(SLOT, 0, GPA, 4 * P, hva)
+    guest = Guest(vm)
+    guest.write(GPA, b"guest data")
+    assert vm.npt.lookup(GFN)[0] == gmem.page_cache.lookup(0)
+    gmem.fallocate(PUNCH, 0, P)
+    assert vm.npt.lookup(GFN) is None
+    secret = vmm_secret(vm)
+    assert guest.read(GPA, len(SECRET)) == bytes(len(SECRET))
+    guest.write(GPA, b"X" * len(SECRET))
+    assert vm.kvm.read(hva, 1) == b"X"
+    assert vm.kvm.read(secret, len(SECRET)) == SECRET
+    assert stray_npt_entries(vm) == []

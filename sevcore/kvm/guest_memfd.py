@@ -310,10 +310,14 @@ class GuestMemfd:
         return pfn
 
     def _punch(self, start, end):
-        """kvm_gmem_punch_hole: invalidate the bound gfns' mappings, then free the folios."""
+        """kvm_gmem_punch_hole: invalidate the bound gfns' mappings and, through the VMM's
+        mappings of the file, the gfns of memslots whose HVAs map these pages (truncation
+        unmaps a mapped folio: truncate_cleanup_folio, mm/truncate.c, and the mmu notifier
+        sees it), then free the folios."""
         if start >= end:
             return
         self._invalidate(start, end)
+        self.vm.kvm.unmap_mapping_range(self, start, end)
         self.host.mem.free(self.page_cache.remove(start, end))
 
     def _invalidate(self, start, end):

@@ -5,7 +5,8 @@ memory is; ``map_file`` maps a guest_memfd's pages, each access faulting through
 Reads and writes of VMM memory see what the frames hold: ciphertext for SEV-private pages.
 
 Every VM created through this address space registers as its MMU notifier (kvm_init_mmu_notifier):
-before ``munmap`` frees or drops pages, the VMs zap the gfns their memslots map there
+before ``munmap`` frees or drops pages, and before a guest_memfd's punch-hole takes pages from
+under a mapping of the file (unmap_mapping_range), the VMs zap the gfns their memslots map there
 (kvm_mmu_notifier_invalidate_range_start), so no NPT entry outlives the page it maps.
 """
 import bisect
@@ -55,6 +56,19 @@ class Mm:
         """mmu_notifier_invalidate_range_start over the HVAs [start, end)."""
         for vm in self._notifiers:
             vm.mmu_notifier_invalidate_range_start(start, end)
+
+    def unmap_mapping_range(self, file, start, end):
+        """unmap_mapping_range: pages [start, end) of ``file`` are about to leave it (a
+        guest_memfd's punch-hole truncating its page cache): invalidate every mapping of them.
+        The mappings themselves stay; a later access faults the page in through the file."""
+        for m in self._maps:
+            if m.file is not file:
+                continue
+            lo = max(start, m.pgoff)
+            hi = min(end, m.pgoff + ((m.end - m.start) >> PAGE_SHIFT))
+            if lo < hi:
+                self._invalidate_range(m.start + ((lo - m.pgoff) << PAGE_SHIFT),
+                                       m.start + ((hi - m.pgoff) << PAGE_SHIFT))
 
     def mmap(self, length):
         """Anonymous memory for the VMM: a page-aligned, zero-filled HVA range, lazily backed."""
