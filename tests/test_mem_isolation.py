@@ -152,3 +152,16 @@ def test_punch_hole_zaps_mappings_through_a_vmm_mapping_of_the_file():
     assert vm.kvm.read(hva, 1) == b"X"
     assert vm.kvm.read(secret, len(SECRET)) == SECRET
     assert stray_npt_entries(vm) == []
+
+
+def test_gmem_only_slot_stays_gmem_only_after_release():
+    """A shared access to a gmem-only slot whose guest_memfd was released is a memory fault
+    (KVM_MEMSLOT_GMEM_ONLY stays), never a read of the VMM memory at the slot's HVA."""
+    vm, gmem, hva = gmem_only_vm(KVM_X86_SW_PROTECTED_VM, GUEST_MEMFD_FLAG_MMAP)
+    vm.kvm.write(hva, SECRET)
+    guest = Guest(vm)
+    guest.write(GPA, b"guest data")
+    gmem.close()
+    assert vm.npt.count() == 0
+    expect_memory_fault(guest, GPA)
+    assert stray_npt_entries(vm) == []

@@ -272,6 +272,9 @@ class GuestMemfd:
         self.bindings.append([start, end, slot])
         slot.gmem_file = self
         slot.gmem_pgoff = start
+        # KVM_MEMSLOT_GMEM_ONLY: shared faults come from the file too, and stay with it (EFAULT)
+        # after it is released.
+        slot.gmem_only = bool(self.flags & U.GUEST_MEMFD_FLAG_MMAP)
         return 0
 
     def unbind(self, slot):

@@ -82,11 +82,6 @@ def entry_serves(flags, private, write):
     return bool(flags & NPT_PRIVATE) == private and (not write or flags & NPT_WRITABLE)
 
 
-def _gmem_only(slot):
-    f = slot.gmem_file
-    return f is not None and f.flags & U.GUEST_MEMFD_FLAG_MMAP
-
-
 def faultin(vm, gfn, private, write):
     """kvm_mmu_faultin_pfn for one page: the ``(pfn, npt_flags)`` to install.
 
@@ -107,12 +102,12 @@ def faultin(vm, gfn, private, write):
     if slot.dirty_bitmap is not None:
         flags |= NPT_DIRTY_LOG
     # 5. Private or gmem-only: guest_memfd.
-    if private or _gmem_only(slot):
+    if private or slot.gmem_only:
         if not slot.flags & U.KVM_MEM_GUEST_MEMFD:
             raise MemoryFault(EFAULT, gpa, private, "private access to a slot without gmem")
         file = slot.gmem_file
         if file is None:
-            raise MemoryFault(EFAULT, gpa, private, "the slot's guest_memfd was closed")
+            raise MemoryFault(EFAULT, gpa, private, "the slot's guest_memfd was released")
         err, pfn = file.get_pfn(slot, gfn)
         if err:
             raise MemoryFault(err, gpa, private, "kvm_gmem_get_pfn failed")
@@ -162,7 +157,7 @@ def faultin_pages(vm, gfns, private, write):
     if len(todo) == 0:
         return
     offsets = todo - np.uint64(slot.base_gfn)
-    if private or _gmem_only(slot):
+    if private or slot.gmem_only:
         new = slot.gmem_file.get_pfns(slot, offsets)
     else:
         new = vm.kvm.anon_pfns((slot.userspace_addr >> PAGE_SHIFT) + offsets)

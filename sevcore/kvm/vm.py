@@ -30,7 +30,7 @@ class Memslot:
     """struct kvm_memory_slot, as far as user space can observe it."""
 
     __slots__ = ("as_id", "id", "base_gfn", "npages", "flags", "userspace_addr", "gmem_file",
-                 "gmem_pgoff", "dirty_bitmap")
+                 "gmem_pgoff", "gmem_only", "dirty_bitmap")
 
     def __init__(self, as_id, id, base_gfn, npages, flags, userspace_addr):
         self.as_id, self.id = as_id, id
@@ -38,6 +38,7 @@ class Memslot:
         self.userspace_addr = userspace_addr
         self.gmem_file = None
         self.gmem_pgoff = 0
+        self.gmem_only = False         # KVM_MEMSLOT_GMEM_ONLY, set by the guest_memfd binding
         self.dirty_bitmap = None
 
     @property
