@@ -154,6 +154,33 @@ def test_punch_hole_zaps_mappings_through_a_vmm_mapping_of_the_file():
     assert stray_npt_entries(vm) == []
 
 
+def test_a_mapping_keeps_a_closed_guest_memfd():
+    """Closing the fd of a guest_memfd the VMM still maps keeps the file, its pages and its
+    bindings (the mapping holds a reference, as a VMA holds its file); unmapping the last piece
+    of the mapping releases it: the frames go back and the gmem-only slot faults with EFAULT."""
+    vm, gmem, _ = gmem_only_vm(KVM_X86_DEFAULT_VM, MMAP_SHARED)
+    host = vm.host
+    before = host.mem.allocated
+    hva = gmem.mmap(4 * P)
+    vm.kvm.write(hva, b"vmm data")
+    guest = Guest(vm)
+    guest.write(GPA + 3 * P, b"guest data")
+    gmem.close()
+    with pytest.raises(OSError) as e:
+        gmem.fallocate(PUNCH, 0, P)
+    assert e.value.errno == errno.EBADF
+    assert vm.kvm.read(hva, 8) == b"vmm data"
+    assert guest.read(GPA, 8) == b"vmm data"
+    assert vm.kvm.read(hva + 3 * P, 10) == b"guest data"
+    vm.kvm.munmap(hva + P, P)                # split: both pieces hold the file
+    vm.kvm.munmap(hva, P)
+    assert not gmem.released and guest.read(GPA + 2 * P, 1) == b"\0"
+    vm.kvm.munmap(hva + 2 * P, 2 * P)
+    assert gmem.released and host.mem.allocated == before
+    assert vm.npt.count() == 0
+    expect_memory_fault(guest, GPA)
+
+
 def test_gmem_only_slot_stays_gmem_only_after_release():
     """A shared access to a gmem-only slot whose guest_memfd was released is a memory fault
     (KVM_MEMSLOT_GMEM_ONLY stays), never a read of the VMM memory at the slot's HVA."""

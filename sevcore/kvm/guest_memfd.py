@@ -155,7 +155,9 @@ class GuestMemfd:
         self.ino = next(_inodes)
         self.page_cache = PageCache()
         self.bindings = []         # [start index, end index, memslot]
-        self.closed = False
+        self.closed = False        # the fd is closed
+        self.released = False      # the last reference is gone (kvm_gmem_release ran)
+        self._refs = 1             # the fd, and each VMM mapping of the file
         self.fd = self.host.install_fd(self)
         vm._get()                  # the file holds a reference on its VM (kvm_get_kvm)
 
@@ -245,12 +247,27 @@ class GuestMemfd:
         return 0
 
     def close(self):
-        """Release the fd. Bound memslots lose their file: their mappings are zapped and later
-        guest faults on them fail with EFAULT. The VM reference is dropped."""
+        """Close the fd. The file lives on while the VMM maps it (a mapping holds a reference,
+        as a VMA holds its file); the last reference releases it (:meth:`fput`)."""
         if self.closed:
             return
         self.closed = True
         self.host.release_fd(self.fd)
+        self.fput()
+
+    def get_file(self):
+        """Take a reference on the file (get_file: a new mapping of it)."""
+        self._refs += 1
+
+    def fput(self):
+        """Drop a reference; the last one releases the file (kvm_gmem_release): bound memslots
+        lose it, their mappings are zapped and later guest faults on them fail with EFAULT; the
+        pages go back to the host (the inode dies with its only file) and the VM reference is
+        dropped."""
+        self._refs -= 1
+        if self._refs:
+            return
+        self.released = True
         for _, _, slot in self.bindings:
             slot.gmem_file = None
         self._invalidate(0, self.npages)
@@ -283,8 +300,8 @@ class GuestMemfd:
 
     def get_pfn(self, slot, gfn):
         """kvm_gmem_get_pfn: the frame for ``gfn`` of ``slot``, allocated on first use.
-        Returns ``(errno, pfn)``: EFAULT if the file was closed, EIO for a stale binding."""
-        if self.closed or slot.gmem_file is not self:
+        Returns ``(errno, pfn)``: EFAULT if the file was released, EIO for a stale binding."""
+        if slot.gmem_file is not self:
             return EFAULT, None
         index = slot.gmem_pgoff + (gfn - slot.base_gfn)
         if not any(s <= index < e and b is slot for s, e, b in self.bindings):

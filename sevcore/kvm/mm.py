@@ -1,8 +1,9 @@
 """The VMM process's address space (``struct mm_struct``): host virtual addresses (HVAs).
 
 ``mm.mmap(length)`` returns a page-aligned HVA range backed lazily by host frames, as anonymous
-memory is; ``map_file`` maps a guest_memfd's pages, each access faulting through the file.
-Reads and writes of VMM memory see what the frames hold: ciphertext for SEV-private pages.
+memory is; ``map_file`` maps a guest_memfd's pages, each access faulting through the file (the
+mapping holds a reference on the file, as a VMA does). Reads and writes of VMM memory see what
+the frames hold: ciphertext for SEV-private pages.
 
 Every VM created through this address space registers as its MMU notifier (kvm_init_mmu_notifier):
 before ``munmap`` frees or drops pages, and before a guest_memfd's punch-hole takes pages from
@@ -76,8 +77,11 @@ class Mm:
 
     def map_file(self, length, file, pgoff):
         """A shared mapping of ``file`` (a guest_memfd) from page ``pgoff``: each access faults
-        through ``file.host_fault(index, hva)``. The file checks its own mmap rules first."""
-        return self._map(length, "gmem", file, pgoff)
+        through ``file.host_fault(index, hva)``. The file checks its own mmap rules first; the
+        mapping holds a reference on it (``file.get_file()``) until it is unmapped."""
+        hva = self._map(length, "gmem", file, pgoff)
+        file.get_file()
+        return hva
 
     def _map(self, length, kind, file, pgoff):
         if not isinstance(length, int) or length <= 0:
@@ -96,12 +100,12 @@ class Mm:
 
     def munmap(self, hva, length):
         """Unmap ``[hva, hva + length)``: the VMs zap what their memslots map there first, then
-        anonymous frames in it go back to the host."""
+        anonymous frames in it go back to the host and file mappings drop their reference."""
         if hva % PAGE_SIZE or length <= 0:
             raise OSError(EINVAL, "munmap: unaligned address or bad length")
         end = hva + ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
         self._invalidate_range(hva, end)
-        kept = []
+        kept, unmapped = [], []
         for m in self._maps:
             if m.end <= hva or m.start >= end:
                 kept.append(m)
@@ -109,13 +113,23 @@ class Mm:
             lo, hi = max(m.start, hva), min(m.end, end)
             if m.kind == "anon":
                 self._drop_anon(lo, hi)
+            pieces = 0
             if m.start < lo:
                 kept.append(_Mapping(m.start, lo, m.kind, m.file, m.pgoff))
+                pieces += 1
             if hi < m.end:
                 kept.append(_Mapping(hi, m.end, m.kind, m.file,
                                      m.pgoff + ((hi - m.start) >> PAGE_SHIFT)))
+                pieces += 1
+            if m.file is not None:
+                if pieces == 2:
+                    m.file.get_file()        # a split mapping: both halves hold the file
+                elif pieces == 0:
+                    unmapped.append(m.file)
         self._maps = sorted(kept, key=lambda x: x.start)
         self._starts = [x.start for x in self._maps]
+        for file in unmapped:
+            file.fput()
 
     def _drop_anon(self, lo, hi):
         gfns, pfns, _ = self._pt.items(lo >> PAGE_SHIFT, hi >> PAGE_SHIFT)

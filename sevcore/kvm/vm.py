@@ -571,8 +571,9 @@ class Vm:
 
     def mmu_notifier_invalidate_range_start(self, start, end):
         """kvm_mmu_notifier_invalidate_range_start: the VMM's HVAs [start, end) are being
-        unmapped: zap the gfns of every memslot whose HVA range meets them (KVM_FILTER_SHARED:
-        an HVA maps no private memory, __kvm_handle_hva_range). One zap per memslot."""
+        unmapped (munmap, or a file truncating pages it maps): zap the gfns of every memslot
+        whose HVA range meets them (KVM_FILTER_SHARED: an HVA maps no private memory,
+        __kvm_handle_hva_range). One zap per memslot."""
         for slot in self._as_index[0]:
             base = slot.userspace_addr
             lo, hi = max(start, base), min(end, base + (slot.npages << PAGE_SHIFT))
