@@ -257,3 +257,49 @@ def test_fallocate_beyond_host_memory_is_enomem():
     e = expect_errno(errno.ENOMEM, fd.fallocate, KEEP, 0, 1 << 40)
     assert "fallocate" in str(e)
     assert host.mem.allocated == before and len(fd.page_cache) == 4
+
+
+ALL_MODES = [0, KEEP, FALLOC_FL_PUNCH_HOLE, PUNCH, KEEP | FALLOC_FL_ZERO_RANGE,
+             FALLOC_FL_COLLAPSE_RANGE, KEEP | FALLOC_FL_NO_HIDE_STALE, 0x100, -1]
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+@pytest.mark.parametrize("off,length", [(0, 0), (P, 0), (0, -P), (-P, P), (-P, 0), (-1, -1)])
+def test_fallocate_bad_range_is_einval_first(vm, mode, off, length):
+    """A negative offset or a length <= 0 is EINVAL whatever the mode: vfs_fallocate (fs/open.c)
+    checks them before any mode check."""
+    fd = vm.create_guest_memfd(4 * P)
+    assert "fallocate" in str(expect_errno(errno.EINVAL, fd.fallocate, mode, off, length))
+    fd.close()
+    expect_errno(errno.EBADF, fd.fallocate, mode, off, length)     # fdget comes first of all
+
+
+@pytest.mark.parametrize("mode,err", [
+    (KEEP, errno.EFBIG), (PUNCH, errno.EFBIG),
+    (0, errno.EFBIG),                               # the VFS allocates; guest_memfd refuses later
+    (KEEP | FALLOC_FL_ZERO_RANGE, errno.EFBIG),
+    (FALLOC_FL_PUNCH_HOLE, errno.EOPNOTSUPP),       # the VFS's own mode checks come first
+    (KEEP | FALLOC_FL_NO_HIDE_STALE, errno.EOPNOTSUPP),
+    (KEEP | FALLOC_FL_COLLAPSE_RANGE, errno.EOPNOTSUPP),
+    (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE | KEEP, errno.EOPNOTSUPP),
+])
+def test_fallocate_past_max_file_size(vm, mode, err):
+    """offset + len beyond MAX_LFS_FILESIZE is EFBIG after vfs_fallocate's mode checks and before
+    kvm_gmem_fallocate's (which refuses the modes the VFS lets through)."""
+    fd = vm.create_guest_memfd(4 * P)
+    expect_errno(err, fd.fallocate, mode, P, MAX_LFS_FILESIZE)
+    expect_errno(err, fd.fallocate, mode, MAX_LFS_FILESIZE - P + 1, P)
+    assert len(fd.page_cache) == 0
+
+
+@pytest.mark.parametrize("args,exc", [((KEEP, 0.0, P), TypeError), ((KEEP, 0, None), TypeError),
+                                      ((True, 0, P), TypeError), ((KEEP, 0, 1 << 63), ValueError),
+                                      ((KEEP, -(1 << 63) - 1, P), ValueError),
+                                      ((1 << 31, 0, P), ValueError)])
+def test_fallocate_arguments_that_are_no_loff_t(vm, args, exc):
+    """An argument that fallocate(2) cannot receive (not an int, or outside int / loff_t) is a
+    TypeError or ValueError, and nothing is allocated."""
+    fd = vm.create_guest_memfd(4 * P)
+    with pytest.raises(exc):
+        fd.fallocate(*args)
+    assert len(fd.page_cache) == 0

@@ -8,7 +8,7 @@ follows kvm_gmem_create, kvm_gmem_fallocate, kvm_gmem_get_pfn and kvm_gmem_relea
 """
 import collections
 import itertools
-from errno import EBADF, EEXIST, EFAULT, EINVAL, EIO, ENODEV, ENOMEM, EOPNOTSUPP
+from errno import EBADF, EEXIST, EFAULT, EFBIG, EINVAL, EIO, ENODEV, ENOMEM, EOPNOTSUPP
 import mmap as _mmap
 
 import numpy as np
@@ -34,6 +34,33 @@ _inodes = itertools.count(1)
 
 def _fs_error(err, op, detail):
     return OSError(err, f"{detail}", op)
+
+
+def _vfs_fallocate(mode, offset, length):
+    """vfs_fallocate's checks (fs/open.c), in its order, before the file's fallocate: EINVAL for
+    a negative offset or a length <= 0, EOPNOTSUPP for an unknown bit or a mix of modes the VFS
+    refuses, EFBIG when offset + len passes MAX_LFS_FILESIZE (the pseudo filesystem's s_maxbytes).
+    Arguments that are no C int / loff_t raise TypeError or ValueError first."""
+    for name, value, bits in (("mode", mode, 32), ("offset", offset, 64), ("len", length, 64)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"fallocate {name} must be an int, not {type(value).__name__}")
+        if not -(1 << (bits - 1)) <= value < 1 << (bits - 1):
+            raise ValueError(f"fallocate {name} {value} is outside a {bits}-bit signed int")
+    if offset < 0 or length <= 0:
+        raise _fs_error(EINVAL, "fallocate", "negative offset or length <= 0")
+    if mode & ~(U.FALLOC_FL_MODE_MASK | U.FALLOC_FL_KEEP_SIZE):
+        raise _fs_error(EOPNOTSUPP, "fallocate", f"unknown mode bits in {mode:#x}")
+    op, keep = mode & U.FALLOC_FL_MODE_MASK, mode & U.FALLOC_FL_KEEP_SIZE
+    if op == U.FALLOC_FL_PUNCH_HOLE:
+        ok = keep
+    elif op in (U.FALLOC_FL_COLLAPSE_RANGE, U.FALLOC_FL_INSERT_RANGE, U.FALLOC_FL_WRITE_ZEROES):
+        ok = not keep
+    else:
+        ok = op in (U.FALLOC_FL_ALLOCATE_RANGE, U.FALLOC_FL_UNSHARE_RANGE, U.FALLOC_FL_ZERO_RANGE)
+    if not ok:
+        raise _fs_error(EOPNOTSUPP, "fallocate", f"mode {mode:#x} refused by the VFS")
+    if offset + length > U.MAX_LFS_FILESIZE:
+        raise _fs_error(EFBIG, "fallocate", "offset + len past MAX_LFS_FILESIZE")
 
 
 class PageCache:
@@ -219,16 +246,19 @@ class GuestMemfd:
     def fallocate(self, mode, offset, length):
         """Allocate (``FALLOC_FL_KEEP_SIZE``) or punch (``| FALLOC_FL_PUNCH_HOLE``) pages.
 
-        Mirrors ``kvm_gmem_fallocate``: EOPNOTSUPP without KEEP_SIZE or with other bits, EINVAL
-        for unaligned ranges or an allocation past the end; punching past the end is allowed.
-        Punching zaps the guest mappings of the range first, so the next access sees zeroes.
+        Mirrors ``fallocate(2)``: EBADF for a closed fd, then vfs_fallocate's checks
+        (:func:`_vfs_fallocate`: EINVAL, EOPNOTSUPP, EFBIG), then ``kvm_gmem_fallocate``'s:
+        EOPNOTSUPP without KEEP_SIZE or with other bits, EINVAL for unaligned ranges or an
+        allocation past the end; punching past the end is allowed. Punching zaps the guest
+        mappings of the range first, so the next access sees zeroes.
         """
         self._check_open("fallocate")
+        _vfs_fallocate(mode, offset, length)
         if not mode & U.FALLOC_FL_KEEP_SIZE:
             raise _fs_error(EOPNOTSUPP, "fallocate", "guest_memfd needs FALLOC_FL_KEEP_SIZE")
         if mode & ~(U.FALLOC_FL_KEEP_SIZE | U.FALLOC_FL_PUNCH_HOLE):
             raise _fs_error(EOPNOTSUPP, "fallocate", f"unsupported mode {mode:#x}")
-        if offset < 0 or length <= 0 or offset % PAGE_SIZE or length % PAGE_SIZE:
+        if offset % PAGE_SIZE or length % PAGE_SIZE:
             raise _fs_error(EINVAL, "fallocate", "offset and length must be page aligned")
         start, end = offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT
         if mode & U.FALLOC_FL_PUNCH_HOLE:
