@@ -148,9 +148,23 @@ GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
 KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
 KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
 
-# fallocate(2) modes (linux/falloc.h)
+# fallocate(2) modes (include/uapi/linux/falloc.h); FALLOC_FL_MODE_MASK is the kernel's own
+# (include/linux/falloc.h): at most one of these modes, plus KEEP_SIZE.
+FALLOC_FL_ALLOCATE_RANGE = 0x00
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_NO_HIDE_STALE = 0x04
+FALLOC_FL_COLLAPSE_RANGE = 0x08
+FALLOC_FL_ZERO_RANGE = 0x10
+FALLOC_FL_INSERT_RANGE = 0x20
+FALLOC_FL_UNSHARE_RANGE = 0x40
+FALLOC_FL_WRITE_ZEROES = 0x80
+FALLOC_FL_MODE_MASK = (FALLOC_FL_ALLOCATE_RANGE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_COLLAPSE_RANGE
+                       | FALLOC_FL_ZERO_RANGE | FALLOC_FL_INSERT_RANGE | FALLOC_FL_UNSHARE_RANGE
+                       | FALLOC_FL_WRITE_ZEROES)
+#: MAX_LFS_FILESIZE on 64-bit: the s_maxbytes of guest_memfd's pseudo filesystem
+#: (pseudo_fs_fill_super, fs/libfs.c), LLONG_MAX.
+MAX_LFS_FILESIZE = (1 << 63) - 1
 
 # --- dirty logging --------------------------------------------------------------------------------------
 

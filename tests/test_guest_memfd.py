@@ -113,7 +113,7 @@ def test_mmap_rules(vm_flags):
             vm.kvm.write(hva, b"\x01")
         with pytest.raises(SigBus):
             vm.kvm.read(hva, 1)
-        assert fd.pages == {}      # the host never got a private page
+        assert len(fd.page_cache) == 0      # the host never got a private page
 
 
 SHARED_CASES = [t for t in vm_types()
@@ -213,7 +213,7 @@ def test_allocate_and_punch_move_host_frames(vm):
     fd.fallocate(KEEP, 0, 4 * P)
     assert host.mem.allocated - before == 4
     fd.fallocate(PUNCH, P, 2 * P)
-    assert host.mem.allocated - before == 2 and sorted(fd.pages) == [0, 3]
+    assert host.mem.allocated - before == 2 and fd.page_cache.items()[0].tolist() == [0, 3]
     fd.close()
     assert host.mem.allocated == before
 
@@ -231,3 +231,94 @@ def test_guest_memfd_keeps_the_vm_alive():
     assert fd.fallocate(KEEP, 0, 4 * P) == 0
     fd.close()
     assert not vm.alive
+
+
+def test_file_beyond_256_tib():
+    """Pages of a file larger than 2**36 pages are allocated, found and freed on both sides of
+    the 2**36th page, by fallocate and by a guest fault through a slot bound there."""
+    vm = sevcore.Kvm().create_vm(KVM_X86_SW_PROTECTED_VM)
+    host = vm.host
+    before = host.mem.allocated
+    fd = vm.create_guest_memfd(1 << 50)
+    edge = 1 << 48                          # byte offset of page 2**36
+    assert fd.fallocate(KEEP, edge - P, 2 * P) == 0
+    assert fd.page_cache.items()[0].tolist() == [(edge >> 12) - 1, edge >> 12]
+    hva = vm.kvm.mmap(P)
+    vm.set_user_memory_region2(1, KVM_MEM_GUEST_MEMFD, 1 << 32, P, hva, edge + P, fd)
+    vm.set_memory_attributes(1 << 32, P, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    vcpu = vm.create_vcpu(0)
+
+    def guest(g):
+        yield g.write(1 << 32, b"far")
+        yield g.sync((yield g.read(1 << 32, 3)))
+    vcpu.set_guest_code(guest)
+    vcpu.run()
+    assert vcpu.get_ucall() == ("sync", (b"far",))
+    assert fd.page_cache.lookup((edge >> 12) + 1) == vm.npt.lookup(1 << 20)[0]
+    assert host.mem.allocated - before == 3
+    assert fd.fallocate(PUNCH, edge, 1 << 40) == 0
+    assert fd.page_cache.items()[0].tolist() == [(edge >> 12) - 1]
+    fd.close()
+    assert host.mem.allocated == before
+
+
+def test_fallocate_beyond_host_memory_is_enomem():
+    """An allocation larger than the free host frames fails with ENOMEM and allocates nothing."""
+    host = sevcore.Host(memory_size=8 << 20)
+    vm = host.kvm.create_vm(KVM_X86_SW_PROTECTED_VM)
+    fd = vm.create_guest_memfd(1 << 40)
+    fd.fallocate(KEEP, 0, 4 * P)
+    before = host.mem.allocated
+    with raises_errno(errno.ENOMEM, "fallocate"):
+        fd.fallocate(KEEP, 0, 1 << 40)
+    assert host.mem.allocated == before and len(fd.page_cache) == 4
+
+
+ALL_MODES = [0, KEEP, FALLOC_FL_PUNCH_HOLE, PUNCH, KEEP | FALLOC_FL_ZERO_RANGE,
+             FALLOC_FL_COLLAPSE_RANGE, KEEP | FALLOC_FL_NO_HIDE_STALE, 0x100, -1]
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+@pytest.mark.parametrize("off,length", [(0, 0), (P, 0), (0, -P), (-P, P), (-P, 0), (-1, -1)])
+def test_fallocate_bad_range_is_einval_first(vm, mode, off, length):
+    """A negative offset or a length <= 0 is EINVAL whatever the mode: vfs_fallocate (fs/open.c)
+    checks them before any mode check."""
+    fd = vm.create_guest_memfd(4 * P)
+    with raises_errno(errno.EINVAL, "fallocate"):
+        fd.fallocate(mode, off, length)
+    fd.close()
+    with raises_errno(errno.EBADF):                                 # fdget comes first of all
+        fd.fallocate(mode, off, length)
+
+
+@pytest.mark.parametrize("mode,err", [
+    (KEEP, errno.EFBIG), (PUNCH, errno.EFBIG),
+    (0, errno.EFBIG),                               # the VFS allocates; guest_memfd refuses later
+    (KEEP | FALLOC_FL_ZERO_RANGE, errno.EFBIG),
+    (FALLOC_FL_PUNCH_HOLE, errno.EOPNOTSUPP),       # the VFS's own mode checks come first
+    (KEEP | FALLOC_FL_NO_HIDE_STALE, errno.EOPNOTSUPP),
+    (KEEP | FALLOC_FL_COLLAPSE_RANGE, errno.EOPNOTSUPP),
+    (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE | KEEP, errno.EOPNOTSUPP),
+])
+def test_fallocate_past_max_file_size(vm, mode, err):
+    """offset + len beyond MAX_LFS_FILESIZE is EFBIG after vfs_fallocate's mode checks and before
+    kvm_gmem_fallocate's (which refuses the modes the VFS lets through)."""
+    fd = vm.create_guest_memfd(4 * P)
+    with raises_errno(err):
+        fd.fallocate(mode, P, MAX_LFS_FILESIZE)
+    with raises_errno(err):
+        fd.fallocate(mode, MAX_LFS_FILESIZE - P + 1, P)
+    assert len(fd.page_cache) == 0
+
+
+@pytest.mark.parametrize("args,exc", [((KEEP, 0.0, P), TypeError), ((KEEP, 0, None), TypeError),
+                                      ((True, 0, P), TypeError), ((KEEP, 0, 1 << 63), ValueError),
+                                      ((KEEP, -(1 << 63) - 1, P), ValueError),
+                                      ((1 << 31, 0, P), ValueError)])
+def test_fallocate_arguments_that_are_no_loff_t(vm, args, exc):
+    """An argument that fallocate(2) cannot receive (not an int, or outside int / loff_t) is a
+    TypeError or ValueError, and nothing is allocated."""
+    fd = vm.create_guest_memfd(4 * P)
+    with pytest.raises(exc):
+        fd.fallocate(*args)
+    assert len(fd.page_cache) == 0

@@ -13,19 +13,13 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 import sevcore
 from sevcore.uapi import *
 
+from kvmutil import Guest
+
 BASE_GPA = 1 << 32
 NPAGES = 48
 GMEM_OFFSET_PAGES = 8          # the slot starts 8 pages into its guest_memfd
 page = st.integers(0, NPAGES - 1)
 value = st.integers(1, (1 << 64) - 1)
-
-
-def interpreter(g, box):
-    """Guest program: performs the operation the host put in ``box``, reports the result."""
-    while True:
-        op = box.pop()
-        result = yield op(g)
-        yield g.sync(result)
 
 
 class UapiMachine(RuleBasedStateMachine):
@@ -37,9 +31,7 @@ class UapiMachine(RuleBasedStateMachine):
         self.hva = self.kvm.mmap(NPAGES * PAGE_SIZE)
         self.vm.set_user_memory_region2(10, KVM_MEM_GUEST_MEMFD, BASE_GPA, NPAGES * PAGE_SIZE,
                                         self.hva, GMEM_OFFSET_PAGES * PAGE_SIZE, self.gmem)
-        self.vcpu = self.vm.create_vcpu(0)
-        self.box = []
-        self.vcpu.set_guest_code(interpreter, self.box)
+        self.guest = Guest(self.vm).do
         # The model.
         self.private = [False] * NPAGES
         self.shared_val = [0] * NPAGES
@@ -47,16 +39,8 @@ class UapiMachine(RuleBasedStateMachine):
 
     # -- helpers -------------------------------------------------------------------------------
 
-    def guest(self, op):
-        self.box.append(op)
-        run = self.vcpu.run()
-        assert run.exit_reason == KVM_EXIT_IO, run.exit_reason
-        cmd, (result,) = self.vcpu.get_ucall()
-        assert cmd == "sync"
-        return result
-
     def snapshot(self):
-        return (list(self.vm.private), self.gmem.pages.copy(),
+        return (list(self.vm.private), [a.tolist() for a in self.gmem.page_cache.items()],
                 self.kvm.read(self.hva, NPAGES * PAGE_SIZE))
 
     # -- rules -------------------------------------------------------------------------------------
@@ -135,14 +119,14 @@ class UapiMachine(RuleBasedStateMachine):
 
     @invariant()
     def host_never_maps_gmem(self):
-        gmem_pfns = set(self.gmem.pages.values())
+        gmem_pfns = set(self.gmem.page_cache.items()[1].tolist())
         _, anon_pfns, _ = self.kvm._pt.items(0, 1 << 36)
         assert gmem_pfns.isdisjoint(set(np.asarray(anon_pfns).tolist()))
 
     @invariant()
     def npt_private_entries_come_from_gmem(self):
         gfns, pfns, flags = self.vm.npt.items(0, 1 << 36)
-        gmem_pfns = set(self.gmem.pages.values())
+        gmem_pfns = set(self.gmem.page_cache.items()[1].tolist())
         for gfn, pfn, f in zip(np.asarray(gfns).tolist(), np.asarray(pfns).tolist(),
                                np.asarray(flags).tolist()):
             p = gfn - (BASE_GPA >> 12)

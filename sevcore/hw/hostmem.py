@@ -55,6 +55,11 @@ class HostMemory:
 
     # -- allocation -------------------------------------------------------------------------------
 
+    @property
+    def free_frames(self):
+        """Frames an :meth:`alloc` can still hand out (freed ones and never-used ones)."""
+        return self.nframes - self._next + self._nfree
+
     def alloc_contiguous(self, npages):
         """``npages`` physically contiguous zeroed frames (firmware buffers, bounce areas);
         returns the SPA of the first. MemoryError if 64 tries find no contiguous run."""
@@ -83,7 +88,7 @@ class HostMemory:
             fresh = n - reuse
             if self._next + fresh > self.nframes:
                 raise OSError(errno.ENOMEM, f"host memory exhausted: {n} frames requested, "
-                                            f"{self.nframes - self._next + self._nfree} free")
+                                            f"{self.free_frames} free")
             out = np.empty(n, dtype=np.uint64)
             got = 0
             while got < reuse:

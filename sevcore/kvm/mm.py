@@ -1,8 +1,14 @@
 """The VMM process's address space (``struct mm_struct``): host virtual addresses (HVAs).
 
 ``mm.mmap(length)`` returns a page-aligned HVA range backed lazily by host frames, as anonymous
-memory is; ``map_file`` maps a guest_memfd's pages, each access faulting through the file.
-Reads and writes of VMM memory see what the frames hold: ciphertext for SEV-private pages.
+memory is; ``map_file`` maps a guest_memfd's pages, each access faulting through the file (the
+mapping holds a reference on the file, as a VMA does). Reads and writes of VMM memory see what
+the frames hold: ciphertext for SEV-private pages.
+
+Every VM created through this address space registers as its MMU notifier (kvm_init_mmu_notifier):
+before ``munmap`` frees or drops pages, and before a guest_memfd's punch-hole takes pages from
+under a mapping of the file (unmap_mapping_range), the VMs zap the gfns their memslots map there
+(kvm_mmu_notifier_invalidate_range_start), so no NPT entry outlives the page it maps.
 """
 import bisect
 from errno import EFAULT, EINVAL, ENOMEM
@@ -35,6 +41,36 @@ class Mm:
         self._starts = []        # their start addresses, for bisect
         self._pt = Npt()         # hva page -> host pfn for anonymous memory
         self._next_hva = HVA_BASE
+        self._notifiers = []     # the VMs of this process (their mmu_notifier registrations)
+
+    # -- MMU notifiers -------------------------------------------------------------------------------
+
+    def mmu_notifier_register(self, vm):
+        """mmu_notifier_register: ``vm`` hears of every range of this address space that is
+        unmapped (``vm.mmu_notifier_invalidate_range_start(start, end)``)."""
+        self._notifiers.append(vm)
+
+    def mmu_notifier_unregister(self, vm):
+        if vm in self._notifiers:
+            self._notifiers.remove(vm)
+
+    def _invalidate_range(self, start, end):
+        """mmu_notifier_invalidate_range_start over the HVAs [start, end)."""
+        for vm in self._notifiers:
+            vm.mmu_notifier_invalidate_range_start(start, end)
+
+    def unmap_mapping_range(self, file, start, end):
+        """unmap_mapping_range: pages [start, end) of ``file`` are about to leave it (a
+        guest_memfd's punch-hole truncating its page cache): invalidate every mapping of them.
+        The mappings themselves stay; a later access faults the page in through the file."""
+        for m in self._maps:
+            if m.file is not file:
+                continue
+            lo = max(start, m.pgoff)
+            hi = min(end, m.pgoff + ((m.end - m.start) >> PAGE_SHIFT))
+            if lo < hi:
+                self._invalidate_range(m.start + ((lo - m.pgoff) << PAGE_SHIFT),
+                                       m.start + ((hi - m.pgoff) << PAGE_SHIFT))
 
     def mmap(self, length):
         """Anonymous memory for the VMM: a page-aligned, zero-filled HVA range, lazily backed."""
@@ -42,8 +78,11 @@ class Mm:
 
     def map_file(self, length, file, pgoff):
         """A shared mapping of ``file`` (a guest_memfd) from page ``pgoff``: each access faults
-        through ``file.host_fault(index, hva)``. The file checks its own mmap rules first."""
-        return self._map(length, "gmem", file, pgoff)
+        through ``file.host_fault(index, hva)``. The file checks its own mmap rules first; the
+        mapping holds a reference on it (``file.get_file()``) until it is unmapped."""
+        hva = self._map(length, "gmem", file, pgoff)
+        file.get_file()
+        return hva
 
     def _map(self, length, kind, file, pgoff):
         if not isinstance(length, int) or length <= 0:
@@ -61,11 +100,13 @@ class Mm:
         return hva
 
     def munmap(self, hva, length):
-        """Unmap ``[hva, hva + length)``; anonymous frames in it go back to the host."""
+        """Unmap ``[hva, hva + length)``: the VMs zap what their memslots map there first, then
+        anonymous frames in it go back to the host and file mappings drop their reference."""
         if hva % PAGE_SIZE or length <= 0:
             raise OSError(EINVAL, "munmap: unaligned address or bad length")
         end = hva + ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
-        kept = []
+        self._invalidate_range(hva, end)
+        kept, unmapped = [], []
         for m in self._maps:
             if m.end <= hva or m.start >= end:
                 kept.append(m)
@@ -73,13 +114,23 @@ class Mm:
             lo, hi = max(m.start, hva), min(m.end, end)
             if m.kind == "anon":
                 self._drop_anon(lo, hi)
+            pieces = 0
             if m.start < lo:
                 kept.append(_Mapping(m.start, lo, m.kind, m.file, m.pgoff))
+                pieces += 1
             if hi < m.end:
                 kept.append(_Mapping(hi, m.end, m.kind, m.file,
                                      m.pgoff + ((hi - m.start) >> PAGE_SHIFT)))
+                pieces += 1
+            if m.file is not None:
+                if pieces == 2:
+                    m.file.get_file()        # a split mapping: both halves hold the file
+                elif pieces == 0:
+                    unmapped.append(m.file)
         self._maps = sorted(kept, key=lambda x: x.start)
         self._starts = [x.start for x in self._maps]
+        for file in unmapped:
+            file.fput()
 
     def _drop_anon(self, lo, hi):
         gfns, pfns, _ = self._pt.items(lo >> PAGE_SHIFT, hi >> PAGE_SHIFT)
@@ -92,6 +143,23 @@ class Mm:
         if i >= 0 and hva < self._maps[i].end:
             return self._maps[i]
         return None
+
+    def pagemap(self, pages):
+        """The frames behind the VMM pages ``pages`` (hva >> 12, a uint64 array) now, as
+        /proc/self/pagemap reports them (pagemap_read, fs/proc/task_mmu.c): ``Npt.MISS`` for
+        a page that is not mapped or not present (untouched anonymous memory, a guest_memfd
+        page the file does not hold). Allocates nothing; one batch per mapping."""
+        pages = np.asarray(pages, dtype=np.uint64)
+        pfns = self._pt.lookup_batch(pages)
+        for m in self._maps:
+            if m.file is None:
+                continue
+            first, last = m.start >> PAGE_SHIFT, m.end >> PAGE_SHIFT
+            sel = np.flatnonzero((pages >= np.uint64(first)) & (pages < np.uint64(last)))
+            if len(sel):
+                index = pages[sel] - np.uint64(first) + np.uint64(m.pgoff)
+                pfns[sel] = m.file.resident_pfns(index)
+        return pfns
 
     def hva_to_pfn(self, hva, write, allocate=True):
         """The host frame behind ``hva`` (what get_user_pages returns), allocating anonymous

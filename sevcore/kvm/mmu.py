@@ -25,6 +25,12 @@ from sevcore.core.npt import NPT_DIRTY_LOG, NPT_PRIVATE, NPT_WRITABLE, Npt
 
 MISS = Npt.MISS
 
+#: enum kvm_gfn_range_filter (include/linux/kvm_host.h): the kind of mapping an invalidation is
+#: about. It selects roots only on a VM with mirrored TDP (:meth:`sevcore.kvm.vm.Vm._zap_gfns`).
+KVM_FILTER_SHARED = 1 << 0
+KVM_FILTER_PRIVATE = 1 << 1
+KVM_FILTER_ALL = KVM_FILTER_SHARED | KVM_FILTER_PRIVATE
+
 #: The GPA bit that marks a TDX access shared (GPAW 48: bit 47).
 TDX_SHARED_BIT = 47
 
@@ -76,11 +82,6 @@ def entry_serves(flags, private, write):
     return bool(flags & NPT_PRIVATE) == private and (not write or flags & NPT_WRITABLE)
 
 
-def _gmem_only(slot):
-    f = slot.gmem_file
-    return f is not None and f.flags & U.GUEST_MEMFD_FLAG_MMAP
-
-
 def faultin(vm, gfn, private, write):
     """kvm_mmu_faultin_pfn for one page: the ``(pfn, npt_flags)`` to install.
 
@@ -101,12 +102,12 @@ def faultin(vm, gfn, private, write):
     if slot.dirty_bitmap is not None:
         flags |= NPT_DIRTY_LOG
     # 5. Private or gmem-only: guest_memfd.
-    if private or _gmem_only(slot):
+    if private or slot.gmem_only:
         if not slot.flags & U.KVM_MEM_GUEST_MEMFD:
             raise MemoryFault(EFAULT, gpa, private, "private access to a slot without gmem")
         file = slot.gmem_file
         if file is None:
-            raise MemoryFault(EFAULT, gpa, private, "the slot's guest_memfd was closed")
+            raise MemoryFault(EFAULT, gpa, private, "the slot's guest_memfd was released")
         err, pfn = file.get_pfn(slot, gfn)
         if err:
             raise MemoryFault(err, gpa, private, "kvm_gmem_get_pfn failed")
@@ -156,7 +157,7 @@ def faultin_pages(vm, gfns, private, write):
     if len(todo) == 0:
         return
     offsets = todo - np.uint64(slot.base_gfn)
-    if private or _gmem_only(slot):
+    if private or slot.gmem_only:
         new = slot.gmem_file.get_pfns(slot, offsets)
     else:
         new = vm.kvm.anon_pfns((slot.userspace_addr >> PAGE_SHIFT) + offsets)

@@ -21,6 +21,7 @@ from sevcore.kvm.vcpu import Vcpu, default_cpuid
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm.caps import KVM_ALLOWED_DISABLE_EXITS, check_extension
 from sevcore.kvm.mm import TASK_SIZE_MAX
+from sevcore.kvm.mmu import KVM_FILTER_ALL, KVM_FILTER_PRIVATE, KVM_FILTER_SHARED
 from sevcore.kvm.msr import MsrFilter
 from sevcore.core.arrays import u64
 from sevcore.core.npt import NPT_DIRTY_LOG, NPT_PRIVATE, Npt
@@ -36,7 +37,7 @@ class Memslot:
     """struct kvm_memory_slot, as far as user space can observe it."""
 
     __slots__ = ("as_id", "id", "base_gfn", "npages", "flags", "userspace_addr", "gmem_file",
-                 "gmem_pgoff", "dirty_bitmap")
+                 "gmem_pgoff", "gmem_only", "dirty_bitmap")
 
     def __init__(self, as_id, id, base_gfn, npages, flags, userspace_addr):
         self.as_id, self.id = as_id, id
@@ -44,6 +45,7 @@ class Memslot:
         self.userspace_addr = userspace_addr
         self.gmem_file = None
         self.gmem_pgoff = 0
+        self.gmem_only = False         # KVM_MEMSLOT_GMEM_ONLY, set by the guest_memfd binding
         self.dirty_bitmap = None
 
     @property
@@ -89,6 +91,7 @@ class Vm:
         self._page_ops = None
         self._page_ops_slots = None
         self.fd = self.host.install_fd(self)
+        kvm.mmu_notifier_register(self)    # kvm_init_mmu_notifier
 
     def __repr__(self):
         return f"<Vm fd={self.fd} type={self.type}>"
@@ -109,6 +112,7 @@ class Vm:
             if slot.gmem_file is not None:
                 slot.gmem_file.unbind(slot)
         self.memslots.clear()
+        self.kvm.mmu_notifier_unregister(self)
         if self._page_ops is not None:
             self._page_ops.close()
             self._page_ops = None
@@ -540,15 +544,41 @@ class Vm:
             return index[i]
         return None
 
-    def _zap_gfns(self, gfn, npages, match=0, exclude=0):
-        """Remove stage-2 mappings of ``[gfn, gfn + npages)`` (kvm_mmu_unmap_gfn_range)."""
+    def _zap_gfns(self, gfn, npages, attr_filter=KVM_FILTER_ALL):
+        """Remove stage-2 mappings of ``[gfn, gfn + npages)`` (kvm_unmap_gfn_range).
+
+        ``attr_filter`` (KVM_FILTER_*) picks what goes only on a VM with mirrored TDP, a TDX VM,
+        whose shared mappings live in the direct root and private ones in the mirror root; on
+        any other VM every mapping of the range goes, whatever the filter
+        (kvm_gfn_range_filter_to_root_types, arch/x86/kvm/mmu/tdp_mmu.h). A shared access to a
+        gmem-only slot maps a guest_memfd frame without NPT_PRIVATE, so filtering by the flag
+        there would leave it mapped after the frame is freed."""
         if self.npt.closed or npages <= 0:
             return 0
         lo = max(gfn, 0)
         hi = min(gfn + npages, KVM_MMU_MAX_GFN + 1)
         if lo >= hi:
             return 0
+        match = exclude = 0
+        if self.type == U.KVM_X86_TDX_VM and attr_filter != KVM_FILTER_ALL:
+            if attr_filter == KVM_FILTER_PRIVATE:
+                match = NPT_PRIVATE
+            else:
+                exclude = NPT_PRIVATE
         return self.npt.zap_range(lo, hi - lo, match_flags=match, exclude_flags=exclude)
+
+    def mmu_notifier_invalidate_range_start(self, start, end):
+        """kvm_mmu_notifier_invalidate_range_start: the VMM's HVAs [start, end) are being
+        unmapped (munmap, or a file truncating pages it maps): zap the gfns of every memslot
+        whose HVA range meets them (KVM_FILTER_SHARED: an HVA maps no private memory,
+        __kvm_handle_hva_range). One zap per memslot."""
+        for slot in self._as_index[0]:
+            base = slot.userspace_addr
+            lo, hi = max(start, base), min(end, base + (slot.npages << PAGE_SHIFT))
+            if lo < hi:
+                first = slot.base_gfn + ((lo - base) >> PAGE_SHIFT)
+                last = slot.base_gfn + ((hi - base + PAGE_SIZE - 1) >> PAGE_SHIFT)
+                self._zap_gfns(first, last - first, KVM_FILTER_SHARED)
 
     # -- memory attributes ------------------------------------------------------------------------------
 
@@ -558,7 +588,8 @@ class Vm:
     def set_memory_attributes(self, address, size, attributes, flags=0):
         """Mirrors ``KVM_SET_MEMORY_ATTRIBUTES``: all of ``[address, address + size)`` or nothing.
 
-        Converting to private zaps the range's shared mappings; to shared, its private ones.
+        A conversion zaps the mappings of the old kind (kvm_arch_pre_set_memory_attributes:
+        every mapping of the range, but on TDX).
         """
         ioctl = "KVM_SET_MEMORY_ATTRIBUTES"
         self._enter(ioctl)
@@ -575,10 +606,10 @@ class Vm:
         if (self.private.covers(start, end) if private else self.private.disjoint(start, end)):
             return 0   # no-op: no zap
         if private:
-            self._zap_gfns(start, end - start, exclude=NPT_PRIVATE)
+            self._zap_gfns(start, end - start, KVM_FILTER_SHARED)
             self.private.add(start, end)
         else:
-            self._zap_gfns(start, end - start, match=NPT_PRIVATE)
+            self._zap_gfns(start, end - start, KVM_FILTER_PRIVATE)
             self.private.remove(start, end)
         return 0
 

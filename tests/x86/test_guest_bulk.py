@@ -90,7 +90,7 @@ def test_private_fill_goes_to_guest_memfd():
     assert vm.kvm.read(hva, NPAGES // 2 * 4096) == bytes(NPAGES // 2 * 4096)
     assert vm.kvm.read(hva + NPAGES // 2 * 4096, 4096) == b"\x5a" * 4096
     gmem = vm.memslots[(0, 1)].gmem_file
-    assert len(gmem.pages) == NPAGES // 2
+    assert len(gmem.page_cache) == NPAGES // 2
     r = run_ops(vm, lambda g: g.digest(GPA, 1))
     assert int(r[0][0]) == guestmem.digest(b"\x5a" * 4096)
 
