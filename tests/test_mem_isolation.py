@@ -77,7 +77,7 @@ def test_pagemap_reports_present_frames_only():
 
 def test_stray_npt_entries_finds_a_planted_entry():
     """The ownership check passes on faulted-in entries and reports an entry to another frame,
-    or outside every memslot."""
+    to the VMM page behind a gmem-only slot, or outside every memslot."""
     vm, gmem, hva = gmem_only_vm(KVM_X86_SW_PROTECTED_VM, GUEST_MEMFD_FLAG_MMAP)
     vm.set_user_memory_region2(SLOT + 1, 0, GPA + 8 * P, P, vm.kvm.mmap(P))
     guest = Guest(vm)
@@ -87,9 +87,12 @@ def test_stray_npt_entries_finds_a_planted_entry():
     guest.write(GPA + P, b"private")
     assert vm.npt.count() == 3 and stray_npt_entries(vm) == []
     other = vm.kvm.hva_to_pfn(vmm_secret(vm), False)
+    behind_hva = vm.kvm.hva_to_pfn(hva + 3 * P, True)   # the VMM page a gmem-only slot skips
     vm.npt.map(GFN + 2, other, 0)
+    vm.npt.map(GFN + 3, behind_hva, 0)
     vm.npt.map(GFN + 100, other, 0)
     assert stray_npt_entries(vm) == [(GFN + 2, other, NPT_PRESENT),
+                                     (GFN + 3, behind_hva, NPT_PRESENT),
                                      (GFN + 100, other, NPT_PRESENT)]
 
 
