@@ -15,11 +15,12 @@ def interpreter(g, box):
 
 
 class Guest:
-    """vCPU 0 of ``vm`` running :func:`interpreter`: each call is one KVM_RUN to the ucall."""
+    """``vcpu`` (default: a new vCPU 0 of ``vm``) running :func:`interpreter`: each call is one
+    KVM_RUN to the ucall."""
 
-    def __init__(self, vm):
+    def __init__(self, vm, vcpu=None):
         self.box = []
-        self.vcpu = vm.create_vcpu(0)
+        self.vcpu = vm.create_vcpu(0) if vcpu is None else vcpu
         self.vcpu.set_guest_code(interpreter, self.box)
 
     def do(self, op):
