@@ -2,7 +2,7 @@
 NPT entry of a VM points at a frame the VM does not own."""
 import numpy as np
 
-from sevcore.core.npt import Npt
+from sevcore.core.npt import NPT_PRIVATE, Npt
 from sevcore.uapi import KVM_EXIT_IO, PAGE_SHIFT
 
 
@@ -15,11 +15,12 @@ def interpreter(g, box):
 
 
 class Guest:
-    """vCPU 0 of ``vm`` running :func:`interpreter`: each call is one KVM_RUN to the ucall."""
+    """``vcpu`` (default: a new vCPU 0 of ``vm``) running :func:`interpreter`: each call is one
+    KVM_RUN to the ucall."""
 
-    def __init__(self, vm):
+    def __init__(self, vm, vcpu=None):
         self.box = []
-        self.vcpu = vm.create_vcpu(0)
+        self.vcpu = vm.create_vcpu(0) if vcpu is None else vcpu
         self.vcpu.set_guest_code(interpreter, self.box)
 
     def do(self, op):
@@ -39,10 +40,12 @@ class Guest:
 
 
 def stray_npt_entries(vm):
-    """The entries ``(gfn, pfn, flags)`` of ``vm``'s NPT that map a gfn to any frame but the ones
-    backing it now: the page at its memslot's HVA (``kvm.pagemap``: VMM anonymous memory or a
-    guest_memfd mapping) or its page of the memslot's bound guest_memfd. An entry outside every
-    memslot is stray too. One batch per memslot, so it can run after every step of a test."""
+    """The entries ``(gfn, pfn, flags)`` of ``vm``'s NPT that map a gfn to any frame but the one
+    backing that kind of access now: for a private entry, or any entry of a gmem-only memslot,
+    the gfn's page of the memslot's bound guest_memfd; for a shared one, the page at the
+    memslot's HVA (``kvm.pagemap``: VMM anonymous memory or a guest_memfd mapping). An entry
+    outside every memslot is stray too. One batch per memslot, so it can run after every step
+    of a test."""
     if vm.npt.closed:
         return []
     gfns, pfns, flags = vm.npt.items()
@@ -54,11 +57,12 @@ def stray_npt_entries(vm):
         if lo == hi:
             continue
         offsets = gfns[lo:hi] - np.uint64(slot.base_gfn)
-        want = pfns[lo:hi]
-        good = vm.kvm.pagemap(np.uint64(slot.userspace_addr >> PAGE_SHIFT) + offsets) == want
+        from_gmem = (flags[lo:hi] & np.uint64(NPT_PRIVATE) != 0) | slot.gmem_only
+        want = np.full(hi - lo, Npt.MISS, np.uint64)
         if slot.gmem_file is not None:
-            index = offsets + np.uint64(slot.gmem_pgoff)
-            good |= slot.gmem_file.page_cache.lookup_batch(index) == want
-        ok[lo:hi] = good & (want != Npt.MISS)
+            want[:] = slot.gmem_file.page_cache.lookup_batch(offsets + np.uint64(slot.gmem_pgoff))
+        want[~from_gmem] = vm.kvm.pagemap(np.uint64(slot.userspace_addr >> PAGE_SHIFT)
+                                          + offsets[~from_gmem])
+        ok[lo:hi] = (want == pfns[lo:hi]) & (want != Npt.MISS)
     bad = ~ok
     return list(zip(gfns[bad].tolist(), pfns[bad].tolist(), flags[bad].tolist()))

@@ -11,8 +11,13 @@ import numpy as np
 import pytest
 
 import sevcore
-from sevcore.core.npt import NPT_PRESENT, Npt
+from sevcore.core.npt import NPT_PRESENT, NPT_PRIVATE, Npt
+from sevcore.kvm.mmu import KVM_FILTER_PRIVATE, KVM_FILTER_SHARED
+from sevcore.migration.engine import MigrationParams, migrate
+from sevcore.migration.machine import Machine
+from sevcore.migration.workload import GuestConfig
 from sevcore.uapi import *
+from sevcore.vmm.kvm_util import vm_sev_create_with_one_vcpu, vm_sev_launch
 
 from kvmutil import Guest, stray_npt_entries
 from support import raises_errno
@@ -77,7 +82,7 @@ def test_pagemap_reports_present_frames_only():
 
 def test_stray_npt_entries_finds_a_planted_entry():
     """The ownership check passes on faulted-in entries and reports an entry to another frame,
-    or outside every memslot."""
+    to the VMM page behind a gmem-only slot, or outside every memslot."""
     vm, gmem, hva = gmem_only_vm(KVM_X86_SW_PROTECTED_VM, GUEST_MEMFD_FLAG_MMAP)
     vm.set_user_memory_region2(SLOT + 1, 0, GPA + 8 * P, P, vm.kvm.mmap(P))
     guest = Guest(vm)
@@ -87,9 +92,12 @@ def test_stray_npt_entries_finds_a_planted_entry():
     guest.write(GPA + P, b"private")
     assert vm.npt.count() == 3 and stray_npt_entries(vm) == []
     other = vm.kvm.hva_to_pfn(vmm_secret(vm), False)
+    behind_hva = vm.kvm.hva_to_pfn(hva + 3 * P, True)   # the VMM page a gmem-only slot skips
     vm.npt.map(GFN + 2, other, 0)
+    vm.npt.map(GFN + 3, behind_hva, 0)
     vm.npt.map(GFN + 100, other, 0)
     assert stray_npt_entries(vm) == [(GFN + 2, other, NPT_PRESENT),
+                                     (GFN + 3, behind_hva, NPT_PRESENT),
                                      (GFN + 100, other, NPT_PRESENT)]
 
 
@@ -191,3 +199,51 @@ def test_gmem_only_slot_stays_gmem_only_after_release():
     assert vm.npt.count() == 0
     expect_memory_fault(guest, GPA)
     assert stray_npt_entries(vm) == []
+
+
+@pytest.mark.parametrize("path", ["psp", "helper"])
+def test_migration_leaves_no_stray_entry(path):
+    """A migration frees no frame under a VM: after it the source (whose helper mirror VM is
+    gone), the target and the source's memslots agree with every NPT entry."""
+    m = Machine.launch(sevcore.Kvm(), GuestConfig(mem_size=2 << 20, shared_size=64 << 10,
+                                                  workload="random", dirty_pages_per_s=200,
+                                                  helper_vcpus=1))
+    r = migrate(m, sevcore.Kvm(), MigrationParams(path=path, max_iterations=3, timeout_s=20))
+    assert r.stats.status == "completed" and r.stats.bad_pages == 0
+    for vm in (m.vm, r.target.vm):
+        assert vm.npt.count() and stray_npt_entries(vm) == []
+
+
+def test_sev_regions_and_vm_teardown_leave_no_stray_entry():
+    """SEV's pinned regions hold no mapping: unregistering one, or munmap under it, leaves
+    every NPT entry on a frame the VM owns; destroying the VM drops its table and its MMU
+    notifier."""
+    vm, vcpu = vm_sev_create_with_one_vcpu(sevcore.Kvm(), KVM_X86_SEV_VM, None, npages=16)
+    vm_sev_launch(vm, 0)
+    hva = vm.memslots[(0, 0)].userspace_addr
+    guest = Guest(vm, vcpu)
+    for i in range(4):
+        guest.write(i * P, b"guest data")
+    vm.memory_encrypt_reg_region(hva, 4 * P)
+    vm.kvm.munmap(hva + 2 * P, 2 * P)
+    assert stray_npt_entries(vm) == []
+    vm.memory_encrypt_unreg_region(hva, 4 * P)
+    assert stray_npt_entries(vm) == [] and vm.npt.count() == 2
+    vm.close()
+    assert vm.npt.closed
+    vm.kvm.munmap(hva, 2 * P)                # the destroyed VM no longer hears of it
+
+
+@pytest.mark.parametrize("vm_type", [KVM_X86_DEFAULT_VM, KVM_X86_SW_PROTECTED_VM, KVM_X86_SNP_VM,
+                                     KVM_X86_TDX_VM])
+def test_invalidation_filter_selects_roots_on_tdx_only(vm_type):
+    """A filtered zap takes every entry of the range on a VM without mirrored TDP, and only the
+    entries of the filtered kind (mirror root: private, direct root: shared) on TDX."""
+    vm = sevcore.Host().kvm.create_vm(vm_type)
+    for attr_filter, kept_flags in ((KVM_FILTER_PRIVATE, 0), (KVM_FILTER_SHARED, NPT_PRIVATE)):
+        vm.npt.map(GFN, 0x1000, 0)
+        vm.npt.map(GFN + 1, 0x1001, NPT_PRIVATE)
+        vm._zap_gfns(GFN, 2, attr_filter)
+        kept = [f & NPT_PRIVATE for f in vm.npt.items()[2].tolist()]
+        assert kept == ([kept_flags] if vm_type == KVM_X86_TDX_VM else [])
+        vm.npt.unmap(GFN, 2)

@@ -1,19 +1,32 @@
-"""A hypothesis state machine over the KVM uAPI of a SW_PROTECTED VM: attributes, guest_memfd
-fallocate, guest accesses through KVM_RUN and VMM accesses through HVAs, against a small
-reference model.
+"""Hypothesis state machines over the KVM uAPI.
 
-Invariants: the host never reaches a guest_memfd page through any HVA; a refused call changes
-nothing; a guest read returns the last value written to that page through the same kind of
-access (zero after a punch-hole or on a fresh page).
+``UapiMachine``: a SW_PROTECTED VM's attributes, guest_memfd fallocate, guest accesses through
+KVM_RUN and VMM accesses through HVAs, against a small reference model. Invariants: the host
+never reaches a guest_memfd page through any HVA; a refused call changes nothing; a guest read
+returns the last value written to that page through the same kind of access (zero after a
+punch-hole or on a fresh page).
+
+``OwnershipMachine``: everything that frees a frame or takes it from a gfn, on a
+SW_PROTECTED or DEFAULT VM with a guest_memfd of each flag set it supports (MMAP included):
+punch-hole, close, VMM mappings of the file, munmap, memslot delete, re-create, move and flag
+changes, attribute conversions, with guest and VMM accesses in between and fresh VMM pages
+holding a secret. Invariants: no NPT entry maps a gfn to a frame other than what backs it now
+(``kvmutil.stray_npt_entries``), and no guest read ever returns the secret.
+
+Both machines check the NPT ownership invariant after every step.
 """
+from errno import EBADF, EFAULT, EIO
+
 import numpy as np
 from hypothesis import settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
+                                 rule)
 
 import sevcore
+from sevcore.errors import SigBus
 from sevcore.uapi import *
 
-from kvmutil import Guest
+from kvmutil import Guest, interpreter, stray_npt_entries
 
 BASE_GPA = 1 << 32
 NPAGES = 48
@@ -124,6 +137,10 @@ class UapiMachine(RuleBasedStateMachine):
         assert gmem_pfns.isdisjoint(set(np.asarray(anon_pfns).tolist()))
 
     @invariant()
+    def npt_maps_only_what_the_vm_owns(self):
+        assert stray_npt_entries(self.vm) == []
+
+    @invariant()
     def npt_private_entries_come_from_gmem(self):
         gfns, pfns, flags = self.vm.npt.items(0, 1 << 36)
         gmem_pfns = set(self.gmem.page_cache.items()[1].tolist())
@@ -136,3 +153,246 @@ class UapiMachine(RuleBasedStateMachine):
 
 UapiMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
 TestUapi = UapiMachine.TestCase
+
+
+P = PAGE_SIZE
+G0 = BASE_GPA >> PAGE_SHIFT
+GMEM_PAGES = 24
+GMEM_SLOT, GMEM_SLOT_PGOFF = 10, 4       # slot 10: guest_memfd pages 4..11 at gfn G0
+PLAIN_SLOT, FILE_PGOFF = 11, 8           # slot 11: anonymous memory or file pages 8..15
+SLOT_PAGES = 8
+PLAIN_BASES = (16, 32)                   # slot 11's two places, in pages from G0
+SPAN = 48                                # guest accesses reach G0..G0+47: slots and holes
+#: Rules that end what the others build (delete, munmap) act on one draw in RARE (closing the
+#: file, on one in two), so that most runs get to fault pages in before they go.
+RARE = 4
+rare = st.integers(0, RARE - 1)
+#: Guest pages (from G0): mostly in the memslots' places, sometimes anywhere.
+guest_page = st.one_of(st.integers(0, SLOT_PAGES - 1),
+                       *(st.integers(b, b + SLOT_PAGES - 1) for b in PLAIN_BASES),
+                       st.integers(0, SPAN - 1))
+SECRET = b"VMM secret page!"
+#: (VM type, guest_memfd flags): each supported flag set of a VM with and without private memory.
+OWNERSHIP_CASES = {
+    "sw_protected": (KVM_X86_SW_PROTECTED_VM, 0),
+    "sw_protected_mmap": (KVM_X86_SW_PROTECTED_VM, GUEST_MEMFD_FLAG_MMAP),
+    "default": (KVM_X86_DEFAULT_VM, 0),
+    "default_mmap": (KVM_X86_DEFAULT_VM, GUEST_MEMFD_FLAG_MMAP),
+    "default_mmap_shared": (KVM_X86_DEFAULT_VM,
+                            GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED),
+}
+
+
+class OwnershipMachine(RuleBasedStateMachine):
+    """Frames freed or moved under a VM with live guest mappings; see the module docstring.
+    ``CASE`` is the VM type and the guest_memfd's flags (one subclass per OWNERSHIP_CASES)."""
+
+    CASE = OWNERSHIP_CASES["sw_protected_mmap"]
+
+    @initialize(fmap=st.booleans(), in_file=rare)
+    def setup(self, fmap, in_file):
+        """The VM, its guest_memfd, perhaps a VMM mapping of the file, both memslots (slot 11
+        mostly in that mapping), and the guest's first write to every page of both."""
+        vm_type, self.flags = self.CASE
+        # A small host: finished examples' hosts wait for the cyclic GC, each holding an
+        # address-space reservation of its memory size.
+        self.kvm = sevcore.Host(memory_size=64 << 20).kvm
+        self.vm = self.kvm.create_vm(vm_type)
+        self.gmem = self.vm.create_guest_memfd(GMEM_PAGES * P, self.flags)
+        self.fmap = None                 # the VMM's mapping of the whole file, if any
+        self.vcpu, self.box, self.next_vcpu = None, [], 0
+        if fmap and self.flags & GUEST_MEMFD_FLAG_MMAP:
+            self.mmap_gmem()
+        self.add_gmem_slot()
+        self.add_plain_slot(bool(in_file))
+        for base in (0, PLAIN_BASES[0]):       # every rule then meets mapped pages
+            self.guest_stamp_slot(base, 1)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def guest(self, op):
+        """Run ``op(g)`` on a vCPU; None if KVM_RUN failed (a memory fault) or exited for
+        another reason (MMIO, no memslots), after which a fresh vCPU takes the next access."""
+        if self.vcpu is None:
+            self.vcpu = self.vm.create_vcpu(self.next_vcpu)
+            self.next_vcpu += 1
+            self.box = []
+            self.vcpu.set_guest_code(interpreter, self.box)
+        self.box.append(op)
+        try:
+            run = self.vcpu.run()
+        except OSError as e:
+            assert e.errno in (EFAULT, EIO), e
+            self.vcpu = None
+            return None
+        if run.exit_reason != KVM_EXIT_IO:
+            self.vcpu = None
+            return None
+        cmd, (result,) = self.vcpu.get_ucall()
+        assert cmd == "sync"
+        return result
+
+    def slot(self, id):
+        return self.vm.memslots.get((0, id))
+
+    def vmm(self, fn, *args):
+        """A VMM access; unmapped HVAs (EFAULT) and private file pages (SIGBUS) are expected."""
+        try:
+            return fn(*args)
+        except OSError as e:
+            assert e.errno == EFAULT, e
+        except SigBus:
+            pass
+        return None
+
+    # -- rules ---------------------------------------------------------------------------------
+
+    @rule(page=guest_page, value=st.integers(1, 1 << 63))
+    def guest_write(self, page, value):
+        self.guest(lambda g: g.write(BASE_GPA + page * P, value.to_bytes(8, "little")))
+
+    @rule(page=guest_page)
+    def guest_read(self, page):
+        got = self.guest(lambda g: g.read(BASE_GPA + page * P, len(SECRET)))
+        assert got != SECRET, f"the guest read a VMM page at gfn G0+{page}"
+
+    @rule(base=st.sampled_from((0,) + PLAIN_BASES), value=st.integers(1, 1 << 63))
+    def guest_stamp_slot(self, base, value):
+        """One bulk write of a memslot's place: the batched fault path maps all its pages (a
+        bulk operation cannot exit for MMIO, so only where a memslot is)."""
+        s = self.vm.gfn_to_memslot(G0 + base)
+        if s is not None and s.base_gfn == G0 + base:
+            self.guest(lambda g: g.stamp(BASE_GPA + base * P, SLOT_PAGES, value))
+
+    @rule(base=st.sampled_from((0,) + PLAIN_BASES))
+    def guest_read_slot(self, base):
+        got = self.guest(lambda g: g.read(BASE_GPA + base * P, SLOT_PAGES * P))
+        for i in range(SLOT_PAGES if got is not None else 0):
+            assert got[i * P:i * P + len(SECRET)] != SECRET, \
+                f"the guest read a VMM page at gfn G0+{base + i}"
+
+    @precondition(lambda self: self.vm.has_private_mem)
+    @rule(start=st.integers(0, SPAN - 1), n=st.integers(1, 8), private=st.booleans())
+    def set_attributes(self, start, n, private):
+        n = min(n, SPAN - start)
+        self.vm.set_memory_attributes(BASE_GPA + start * P, n * P,
+                                      KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0)
+
+    @rule(start=st.one_of(st.integers(GMEM_SLOT_PGOFF, FILE_PGOFF + SLOT_PAGES - 1),
+                          st.integers(0, GMEM_PAGES - 1)), n=st.integers(1, 8),
+          punch=st.booleans())
+    def fallocate(self, start, n, punch):
+        if not punch:
+            n = min(n, GMEM_PAGES - start)
+        mode = FALLOC_FL_KEEP_SIZE | (FALLOC_FL_PUNCH_HOLE if punch else 0)
+        try:
+            self.gmem.fallocate(mode, start * P, n * P)
+        except OSError as e:
+            assert e.errno == EBADF and self.gmem.closed
+
+    @precondition(lambda self: not self.gmem.closed)
+    @rule(draw=st.booleans())
+    def close_gmem(self, draw):
+        if draw:
+            self.gmem.close()
+
+    @precondition(lambda self: self.flags & GUEST_MEMFD_FLAG_MMAP and self.fmap is None
+                  and not self.gmem.closed)
+    @rule()
+    def mmap_gmem(self):
+        self.fmap = self.gmem.mmap(GMEM_PAGES * P)
+
+    @precondition(lambda self: self.fmap is not None)
+    @rule(page=st.integers(0, GMEM_PAGES - 1), n=st.integers(1, GMEM_PAGES), draw=rare)
+    def munmap_gmem(self, page, n, draw):
+        if not draw:
+            self.kvm.munmap(self.fmap + page * P, min(n, GMEM_PAGES - page) * P)
+
+    @precondition(lambda self: self.slot(GMEM_SLOT) is not None)
+    @rule(draw=rare)
+    def delete_gmem_slot(self, draw):
+        if not draw:
+            self.vm.set_user_memory_region2(GMEM_SLOT, KVM_MEM_GUEST_MEMFD, BASE_GPA, 0, 0)
+
+    def gmem_only(self):
+        return bool(self.flags & GUEST_MEMFD_FLAG_MMAP)
+
+    @precondition(lambda self: self.slot(GMEM_SLOT) is None)
+    @rule()
+    def add_gmem_slot(self):
+        hva = self.kvm.mmap(SLOT_PAGES * P)
+        if self.gmem_only():             # VMM memory no access to the slot may reach
+            for i in range(SLOT_PAGES):
+                self.kvm.write(hva + i * P, SECRET)
+        try:
+            self.vm.set_user_memory_region2(GMEM_SLOT, KVM_MEM_GUEST_MEMFD, BASE_GPA,
+                                            SLOT_PAGES * P, hva, GMEM_SLOT_PGOFF * P, self.gmem)
+        except OSError as e:
+            assert e.errno == EBADF and self.gmem.closed
+
+    @precondition(lambda self: self.slot(PLAIN_SLOT) is not None)
+    @rule(draw=rare)
+    def delete_plain_slot(self, draw):
+        if not draw:
+            self.vm.set_user_memory_region2(PLAIN_SLOT, 0, 0, 0, 0)
+
+    @precondition(lambda self: self.slot(PLAIN_SLOT) is None)
+    @rule(in_file=st.booleans())
+    def add_plain_slot(self, in_file):
+        in_file = in_file and self.fmap is not None
+        hva = self.fmap + FILE_PGOFF * P if in_file else self.kvm.mmap(SLOT_PAGES * P)
+        self.vm.set_user_memory_region2(PLAIN_SLOT, 0, BASE_GPA + PLAIN_BASES[0] * P,
+                                        SLOT_PAGES * P, hva)
+
+    @precondition(lambda self: self.slot(PLAIN_SLOT) is not None)
+    @rule(log_dirty=st.booleans())
+    def move_plain_slot(self, log_dirty):
+        s = self.slot(PLAIN_SLOT)
+        base = PLAIN_BASES[1] if s.base_gfn == G0 + PLAIN_BASES[0] else PLAIN_BASES[0]
+        self.vm.set_user_memory_region2(PLAIN_SLOT, 0, BASE_GPA + base * P, SLOT_PAGES * P,
+                                        s.userspace_addr)
+        if log_dirty:                    # then a flags-only change of the moved slot
+            self.vm.set_user_memory_region2(PLAIN_SLOT, KVM_MEM_LOG_DIRTY_PAGES,
+                                            BASE_GPA + base * P, SLOT_PAGES * P,
+                                            s.userspace_addr)
+
+    @rule(id=st.sampled_from([GMEM_SLOT, PLAIN_SLOT]), page=st.integers(0, SLOT_PAGES - 1),
+          n=st.integers(1, SLOT_PAGES), draw=rare)
+    def munmap_slot_memory(self, id, page, n, draw):
+        s = self.slot(id)
+        if s is not None and not draw:
+            self.kvm.munmap(s.userspace_addr + page * P, min(n, SLOT_PAGES - page) * P)
+
+    @rule(id=st.sampled_from([GMEM_SLOT, PLAIN_SLOT]), page=st.integers(0, SLOT_PAGES - 1),
+          write=st.booleans(), value=st.integers(1, 1 << 63))
+    def vmm_access(self, id, page, write, value):
+        s = self.slot(id)
+        if s is None:
+            return
+        hva = s.userspace_addr + page * P
+        if write:
+            data = SECRET if id == GMEM_SLOT and self.gmem_only() else value.to_bytes(8, "little")
+            self.vmm(self.kvm.write, hva, data)
+        else:
+            self.vmm(self.kvm.read, hva, 8)
+
+    @rule()
+    def vmm_secret(self):
+        """The VMM takes a fresh page and puts a secret in it: a frame freed before this is the
+        one it gets, and a guest still mapping that frame would read the secret."""
+        self.kvm.write(self.kvm.mmap(P), SECRET)
+
+    # -- invariants ----------------------------------------------------------------------------
+
+    @invariant()
+    def npt_maps_only_what_the_vm_owns(self):
+        assert stray_npt_entries(self.vm) == []
+
+
+for _name, _case in OWNERSHIP_CASES.items():
+    _machine = type(f"OwnershipMachine_{_name}", (OwnershipMachine,), {"CASE": _case})
+    # The shared-file case has the most ways in (VMM mappings, a memslot inside one): more runs.
+    _examples = 80 if _case[1] & GUEST_MEMFD_FLAG_INIT_SHARED else 40
+    _machine.TestCase.settings = settings(max_examples=_examples, stateful_step_count=40,
+                                          deadline=None)
+    globals()[f"TestOwnership_{_name}"] = _machine.TestCase
