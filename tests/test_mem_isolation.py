@@ -17,9 +17,9 @@ from sevcore.migration.engine import MigrationParams, migrate
 from sevcore.migration.machine import Machine
 from sevcore.migration.workload import GuestConfig
 from sevcore.uapi import *
-from sevcore.vmm.kvm_util import vm_sev_create_with_one_vcpu, vm_sev_launch
+from sevcore.vmm.kvm_util import kvm_vm_free, vm_sev_create_with_one_vcpu, vm_sev_launch
 
-from kvmutil import Guest, stray_npt_entries
+from support.kvm import Guest, stray_npt_entries
 from support import raises_errno
 
 P = PAGE_SIZE
@@ -229,7 +229,7 @@ def test_sev_regions_and_vm_teardown_leave_no_stray_entry():
     assert stray_npt_entries(vm) == []
     vm.memory_encrypt_unreg_region(hva, 4 * P)
     assert stray_npt_entries(vm) == [] and vm.npt.count() == 2
-    vm.close()
+    kvm_vm_free(vm)                          # the vCPU fd too: it holds the VM
     assert vm.npt.closed
     vm.kvm.munmap(hva, 2 * P)                # the destroyed VM no longer hears of it
 

@@ -11,7 +11,7 @@ SW_PROTECTED or DEFAULT VM with a guest_memfd of each flag set it supports (MMAP
 punch-hole, close, VMM mappings of the file, munmap, memslot delete, re-create, move and flag
 changes, attribute conversions, with guest and VMM accesses in between and fresh VMM pages
 holding a secret. Invariants: no NPT entry maps a gfn to a frame other than what backs it now
-(``kvmutil.stray_npt_entries``), and no guest read ever returns the secret.
+(``support.kvm.stray_npt_entries``), and no guest read ever returns the secret.
 
 Both machines check the NPT ownership invariant after every step.
 """
@@ -26,7 +26,7 @@ import sevcore
 from sevcore.errors import SigBus
 from sevcore.uapi import *
 
-from kvmutil import Guest, interpreter, stray_npt_entries
+from support.kvm import Guest, interpreter, stray_npt_entries
 
 BASE_GPA = 1 << 32
 NPAGES = 48
