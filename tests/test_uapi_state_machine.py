@@ -395,4 +395,6 @@ for _name, _case in OWNERSHIP_CASES.items():
     _examples = 80 if _case[1] & GUEST_MEMFD_FLAG_INIT_SHARED else 40
     _machine.TestCase.settings = settings(max_examples=_examples, stateful_step_count=40,
                                           deadline=None)
+    _machine.TestCase.__doc__ = (f"No NPT entry outlives the frame it maps, and no guest read "
+                                 f"returns VMM memory, on a {_name} VM and guest_memfd.")
     globals()[f"TestOwnership_{_name}"] = _machine.TestCase

@@ -346,10 +346,11 @@ class GuestMemfd:
         pfns = self.page_cache.lookup_batch(index)
         miss = np.flatnonzero(pfns == MISS)
         if len(miss):
-            want = sorted_unique(index[miss])
+            missing = index[miss]
+            want = sorted_unique(missing)       # ``missing`` itself when already in order
             fresh = self.host.mem.alloc(len(want))
             self.page_cache.add(want, fresh)
-            pfns[miss] = fresh[np.searchsorted(want, index[miss])]
+            pfns[miss] = fresh if want is missing else fresh[np.searchsorted(want, missing)]
         return pfns
 
     def _page(self, index):
