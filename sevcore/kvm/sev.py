@@ -414,7 +414,10 @@ def pin_memory(vm, uaddr, ulen, write, ioctl):
     npages = last - first + 1
     locked = _lock_limit(vm, npages, ioctl)
     kvm = vm.kvm
-    pages = np.arange(first, last + 1, dtype=np.uint64)
+    # pin_user_pages_fast stops at the first page outside the VMM's mappings and the pin
+    # fails: the pages up to that one are faulted in, and no further page is looked at.
+    pages = np.arange(first, first + min(npages, kvm.mapped_pages(first, npages) + 1),
+                      dtype=np.uint64)
     try:
         # One anonymous mapping (the usual guest RAM): fault in every page in one batch; else
         # hva_to_pfns, which resolves them as a page-by-page loop would, in batches.
