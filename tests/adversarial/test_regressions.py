@@ -7,7 +7,7 @@ import pytest
 
 import sevcore
 from sevcore.uapi import *
-from sevcore.vmm.kvm_util import sev_vm_launch, vm_sev_create_with_one_vcpu
+from sevcore.vmm.kvm_util import sev_vm_launch, vm_sev_create_with_one_vcpu, vm_sev_launch
 
 from advutil import P, attempt, npt_violations, run_guest
 
@@ -61,3 +61,25 @@ def test_pinning_a_huge_range_past_the_mappings_is_enomem_in_bounded_memory(call
     assert out.errno == ENOMEM, out
     assert vm.sev.pages_locked == 16 * len(vm.sev.regions)
     assert peak < 4 << 20, f"{peak} bytes traced for a 16-page mapping"
+
+
+@pytest.mark.parametrize("cmd, fields, exc", [
+    (KVM_SEV_DBG_DECRYPT, dict(len=float(P)), TypeError),
+    (KVM_SEV_DBG_DECRYPT, dict(len=True), TypeError),
+    (KVM_SEV_DBG_ENCRYPT, dict(len=(1 << 32) + 16), ValueError),
+    (KVM_SEV_DBG_ENCRYPT, dict(len=-16), ValueError),
+])
+def test_sev_struct_fields_are_checked_before_the_command_runs(cmd, fields, exc):
+    """A kvm_sev_* field that is no int, or does not fit its __u32/__u64, is TypeError or
+    ValueError before the command runs: the guest's memory and the VMM's are unchanged."""
+    kvm = sevcore.Kvm()
+    vm, _ = vm_sev_create_with_one_vcpu(kvm, KVM_X86_SEV_VM)
+    vm_sev_launch(vm, 0)
+    ram = vm.memslots[(0, 0)].userspace_addr
+    buf = kvm.mmap(2 * P)
+    kvm.write(buf, b"\x77" * 2 * P)
+    before = kvm.read(ram, 16 * P), kvm.read(buf, 2 * P), vm.sev.pages_locked
+    src, dst = (ram, buf) if cmd == KVM_SEV_DBG_DECRYPT else (buf, ram)
+    with pytest.raises(exc):
+        vm.memory_encrypt_op(cmd, src_uaddr=src, dst_uaddr=dst, **fields)
+    assert (kvm.read(ram, 16 * P), kvm.read(buf, 2 * P), vm.sev.pages_locked) == before
