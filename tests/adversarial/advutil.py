@@ -31,6 +31,9 @@ DEFAULT = settings(derandomize=True, deadline=None, max_examples=150, stateful_s
 SLOW = settings(deadline=None, max_examples=400, stateful_step_count=60,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
+#: The one bug the suite finds that is left as it is here: another change fixes it.
+KNOWN_PUNCH_BUG = "guest_memfd punch-hole leaves shared NPT entries (fixed on another branch)"
+
 #: Examples and steps each machine ran in this session (printed at the end of the run).
 STATS = collections.defaultdict(collections.Counter)
 

@@ -9,11 +9,10 @@ import sevcore
 from sevcore.uapi import *
 from sevcore.vmm.kvm_util import sev_vm_launch, vm_sev_create_with_one_vcpu, vm_sev_launch
 
-from advutil import P, attempt, npt_violations, run_guest
+from advutil import KNOWN_PUNCH_BUG, P, attempt, npt_violations, run_guest
 
 
-@pytest.mark.xfail(reason="guest_memfd punch-hole leaves shared NPT entries (fixed on another "
-                          "branch)", strict=False)
+@pytest.mark.xfail(reason=KNOWN_PUNCH_BUG, strict=False)
 def test_punch_hole_in_an_mmap_guest_memfd_zaps_shared_entries():
     """Punching a hole in a GUEST_MEMFD_FLAG_MMAP guest_memfd zaps the shared NPT entries it
     served (kvm_gmem_punch_hole -> kvm_gmem_invalidate_begin zaps every entry of the range on
