@@ -412,6 +412,50 @@ class HostileMemory(Counted, RuleBasedStateMachine):
             assert out.errno in (EFAULT, EIO, EBADF, EINVAL, EINTR, ENOENT) or \
                 isinstance(out.exc, (ValueError, TypeError)), out
 
+    @rule(c=pick, data=st.data(), which=st.sampled_from(
+        ["set_regs", "set_cpuid2", "set_xcrs", "set_xsave", "msr_filter"]),
+        op=st.sampled_from(["rdmsr", "wrmsr", "cpuid", "xsave"]))
+    def vcpu_state(self, c, data, which, op):
+        """A vCPU's register, CPUID, XCR and XSAVE ioctls and the VM's MSR filter with hostile
+        contents, then a guest instruction that reads them."""
+        if not self.vcpus:
+            return
+        vcpu = self.item(self.vcpus, c)
+        anything = st.one_of(hostile_int(0, 1, 0xd, 0x40000001),
+                             st.sampled_from([None, [], {}, b"", "x", (1, 2, 3)]))
+        if which == "set_regs":
+            regs = data.draw(st.dictionaries(st.sampled_from(["rax", "rip", "rsp", "rflags"]),
+                                             hostile_int(0, 2, 0xfff0)), label="regs")
+            self.refusable(vcpu.set_regs, **regs)
+        elif which == "set_cpuid2":
+            entry = st.dictionaries(st.sampled_from(["function", "index", "flags", "eax",
+                                                     "ebx", "ecx", "edx"]), anything)
+            entries = data.draw(st.one_of(st.lists(entry, max_size=3), anything),
+                                label="entries")
+            self.refusable(vcpu.set_cpuid2, entries)
+        elif which == "set_xcrs":
+            xcrs = data.draw(st.one_of(st.lists(st.tuples(hostile_int(0), hostile_int(1, 3, 7)),
+                                                max_size=3), anything), label="xcrs")
+            self.refusable(vcpu.set_xcrs, xcrs, data.draw(hostile_int(0), label="flags"))
+        elif which == "set_xsave":
+            size = data.draw(mostly(4096, 0, 4095, 4097), label="size")
+            region = data.draw(st.binary(min_size=size, max_size=size), label="region")
+            self.refusable(vcpu.set_xsave, region)
+        else:
+            rng = st.one_of(st.tuples(anything, anything, anything, anything),
+                            st.dictionaries(st.sampled_from(["flags", "nmsrs", "base", "bitmap"]),
+                                            anything), anything)
+            self.refusable(vcpu.vm.x86_set_msr_filter, data.draw(hostile_int(0, 1), label="f"),
+                           data.draw(st.one_of(st.lists(rng, max_size=3), anything), label="r"))
+        index = data.draw(hostile_int(0x10, 0xc0000080, 0x4b564d00, 0x1b, 0xd), label="index")
+        value = data.draw(hostile_int(0, 1, U64), label="value")
+        make = {"rdmsr": lambda g: g.rdmsr_safe(index),
+                "wrmsr": lambda g: g.wrmsr_safe(index, value),
+                "cpuid": lambda g: g.cpuid(index, value),
+                "xsave": lambda g: g.xsave(value, index)}[op]
+        out, _ = run_guest(vcpu, make)
+        self.tally(f"guest {op}", out)
+
     # -- foreign fds ------------------------------------------------------------------------------------
 
     @rule(v=pick, g=pick, slot=st.sampled_from(SLOTS))

@@ -52,6 +52,13 @@ STEPS = ("init", "create_vcpu", "launch_start", "launch_update_data", "launch_up
 pick = st.integers(0, 1 << 16)
 
 
+def ghcb_exchange(g, value):
+    """Guest code: write ``value`` to the GHCB MSR and VMGEXIT (an SEV-ES guest's one way to
+    the hypervisor; elsewhere a WRMSR and a VMMCALL)."""
+    yield g.wrmsr_safe(MSR_AMD64_SEV_ES_GHCB, value)
+    return (yield g.vmgexit())
+
+
 class HostileSev(Counted, RuleBasedStateMachine):
     """A VMM that launches and migrates SEV guests and misuses every command on the way."""
 
@@ -155,11 +162,17 @@ class HostileSev(Counted, RuleBasedStateMachine):
         return out
 
     def op(self, vm, id, data=True, sev_fd=None, **fields):
-        """KVM_MEMORY_ENCRYPT_OP as a refusable call."""
-        name = f"SEV {id}"
-        return self.refusable(name, vm.memory_encrypt_op, id, data, sev_fd,
-                              partial=lambda out: self.partial_effect(vm, id, fields, out),
-                              **fields)
+        """KVM_MEMORY_ENCRYPT_OP as a refusable call. What a DBG_DECRYPT shows the host (all
+        of it, or the chunks before one failed) is no longer secret: the owner's policy let
+        the host decrypt the guest."""
+        decrypt = id == KVM_SEV_DBG_DECRYPT
+        before = vmm_memory_digest(self.kvm) if decrypt else None
+        out = self.refusable(f"SEV {id}", vm.memory_encrypt_op, id, data, sev_fd,
+                             partial=lambda out: self.partial_effect(vm, id, fields, out),
+                             **fields)
+        if decrypt and (out.ok or vmm_memory_digest(self.kvm) != before):
+            self.declassified.add(self.context(vm))
+        return out
 
     def partial_effect(self, vm, id, fields, out):
         """Why the kernel may change state before it fails this command (None: it may not).
@@ -472,9 +485,12 @@ class HostileSev(Counted, RuleBasedStateMachine):
     # -- guests ------------------------------------------------------------------------------------------
 
     @rule(c=pick, page=st.integers(0, NPAGES + 2), cbit=st.booleans(),
-          op=st.sampled_from(["write", "read", "mmio", "bulk"]))
-    def guest(self, c, page, cbit, op):
-        """A vCPU's guest writes a marker through its key, reads, or touches MMIO."""
+          op=st.sampled_from(["write", "read", "mmio", "bulk", "ghcb", "hypercall"]),
+          value=hostile_int(GHCB_MSR_SEV_INFO_REQ, GHCB_MSR_CPUID_REQ, GHCB_MSR_TERM_REQ,
+                            1 << 12, wrong_types=False))
+    def guest(self, c, page, cbit, op, value):
+        """A vCPU's guest writes a marker through its key, reads, touches MMIO, or talks to
+        the hypervisor through the GHCB MSR protocol (any value) or a hypercall."""
         vcpu = self.item(self.vcpus, c)
         if vcpu is None:
             return
@@ -490,8 +506,14 @@ class HostileSev(Counted, RuleBasedStateMachine):
             make = lambda g: g.read(gpa, 32)
         elif op == "mmio":
             make = lambda g: g.read((1 << 30) | c_bit, 8)
-        else:
+        elif op == "bulk":
             make = lambda g: g.read_pages([gpa & ~(P - 1)])
+        elif op == "ghcb":
+            if value and not value & GHCB_MSR_INFO_MASK:
+                return      # a GHCB page: not simulated, sevcore says NotModelled (no result)
+            make = lambda g: ghcb_exchange(g, value)
+        else:
+            make = lambda g: g.hypercall(KVM_HC_MAP_GPA_RANGE, gpa, 1, value)
         if marker is not None and cbit and vm.encryption_engine() is not None:
             self.markers.append((marker, self.context(vm)))
         out, _ = run_guest(vcpu, make)
@@ -509,13 +531,11 @@ class HostileSev(Counted, RuleBasedStateMachine):
 
     @rule(v=pick, src=pick, dst=pick, n=hostile_int(16, P, 2 * P))
     def dbg_decrypt(self, v, src, dst, n):
-        """DBG_DECRYPT of guest RAM into a user buffer: allowed by the policy or not; what it
-        shows the host is no longer secret."""
-        vm = self.item(self.vms, v)
-        out = self.op(vm, KVM_SEV_DBG_DECRYPT, src_uaddr=self.ram + (src % NPAGES) * P,
-                      dst_uaddr=self.item(self.addrs, dst), len=n)
-        if out.ok or out.errno == EFAULT:
-            self.declassified.add(self.context(vm))
+        """DBG_DECRYPT of guest RAM into a user buffer of any kind, allowed by the policy or
+        not."""
+        self.op(self.item(self.vms, v), KVM_SEV_DBG_DECRYPT,
+                src_uaddr=self.ram + (src % NPAGES) * P, dst_uaddr=self.item(self.addrs, dst),
+                len=n)
 
     # -- invariants ----------------------------------------------------------------------------------------
 
