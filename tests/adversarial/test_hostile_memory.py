@@ -10,6 +10,7 @@ no NPT entry of any VM points at a host frame the VM does not own.
 from errno import EBADF, EEXIST, EFAULT, EINTR, EINVAL, EIO, ENOENT
 
 import pytest
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, rule,
                                  run_state_machine_as_test)
@@ -57,7 +58,7 @@ class HostileMemory(Counted, RuleBasedStateMachine):
     # -- set-up ---------------------------------------------------------------------------------
 
     @initialize(type=st.sampled_from([KVM_X86_DEFAULT_VM, KVM_X86_SW_PROTECTED_VM]),
-                gmem_flags=st.sampled_from(GMEM_FLAGS), log=st.booleans())
+                gmem_flags=st.sampled_from(GMEM_FLAGS), log=mostly(True, False))
     def setup(self, type, gmem_flags, log):
         """A working VM first (a slot of VMM memory, logging or not, a guest_memfd slot, a slot
         over a VMM mapping of a shared guest_memfd, a vCPU), so that the hostile calls reach
@@ -227,7 +228,7 @@ class HostileMemory(Counted, RuleBasedStateMachine):
         if out.ok:
             self.vcpus.append(out.value)
 
-    @rule(i=pick, what=mostly(None, "vcpu", "vm", "gmem"))
+    @rule(i=pick, what=mostly(None, "vcpu", "vm", "gmem", "gmem"))
     def close(self, i, what):
         """Close a vCPU fd, a VM fd or a guest_memfd fd, in any order (now and then: most
         sequences go on to use them)."""
@@ -344,20 +345,31 @@ class HostileMemory(Counted, RuleBasedStateMachine):
 
     # -- dirty logs ---------------------------------------------------------------------------------
 
+    def logging_slots(self, vm):
+        """The slot numbers and sizes of ``vm``'s logging slots (plausible dirty-log values)."""
+        slots = [(s.as_id << 16 | s.id, s.npages) for s in vm.memslots.values()
+                 if s.dirty_bitmap is not None]
+        return [n for n, _ in slots] or [0], [p for _, p in slots] or [16]
+
     @rule(v=pick, data=st.data())
     def get_dirty_log(self, v, data):
         """KVM_GET_DIRTY_LOG of any slot number."""
         vm = self.vm(v)
-        self.refusable(vm.get_dirty_log, **draw_fields(data, slot=SLOTS))
+        slots, _ = self.logging_slots(vm)
+        self.refusable(vm.get_dirty_log, **draw_fields(data, slot=SLOTS + tuple(slots) * 3))
 
-    @rule(v=pick, data=st.data(),
-          bitmap=st.one_of(st.lists(st.one_of(st.sampled_from([0, 1, U64]), hostile_int()),
-                                    max_size=3),
-                           st.sampled_from(NON_INTS)))
+    @rule(v=pick, data=st.data(), bitmap=st.one_of(
+        st.lists(mostly(1, 0, U64), min_size=1, max_size=2).map(tuple),
+        st.lists(st.one_of(st.sampled_from([0, 1, U64]), hostile_int(wrong_types=False)),
+                 min_size=1, max_size=2),
+        st.lists(st.one_of(st.sampled_from([0, 1]), hostile_int()), max_size=3),
+        st.sampled_from(NON_INTS)))
     def clear_dirty_log(self, v, data, bitmap):
         """KVM_CLEAR_DIRTY_LOG of any range, with bitmap words of any value and type."""
         vm = self.vm(v)
-        a = draw_fields(data, slot=SLOTS, first_page=(0, 64), num_pages=(1, 4, 16, 64))
+        slots, sizes = self.logging_slots(vm)
+        a = draw_fields(data, slot=tuple(slots) * 3 + SLOTS, first_page=(0, 64),
+                        num_pages=tuple(sizes) * 3 + (1, 4, 16, 64))
         slot, first_page, num_pages = a["slot"], a["first_page"], a["num_pages"]
         if not FIXED["dirty log words checked"] and isinstance(bitmap, list):
             # Excluded until the fix is in: a word outside u64 escapes as OverflowError.
@@ -456,6 +468,23 @@ class HostileMemory(Counted, RuleBasedStateMachine):
         out, _ = run_guest(vcpu, make)
         self.tally(f"guest {op}", out)
 
+    @rule(c=pick, write=st.booleans())
+    def guest_touch_all(self, c, write):
+        """The vCPU's guest reads or writes every page of every slot (through its attribute:
+        private or shared), so that the NPT maps as much as it can before the next hostile
+        call frees or moves something."""
+        if not self.vcpus:
+            return
+        vcpu = self.item(self.vcpus, c)
+        for slot in sorted(vcpu.vm.memslots.values(), key=lambda x: (x.as_id, x.id)):
+            if slot.as_id:
+                continue
+            gpas = [(slot.base_gfn + i) << PAGE_SHIFT for i in range(slot.npages)]
+            make = (lambda g: g.write_pages(gpas, bytes(len(gpas) * P))) if write else \
+                (lambda g: g.read_pages(gpas))
+            out, _ = run_guest(vcpu, make)
+            self.tally("guest touch all", out)
+
     # -- foreign fds ------------------------------------------------------------------------------------
 
     @rule(v=pick, g=pick, slot=st.sampled_from(SLOTS))
@@ -490,7 +519,7 @@ class HostileMemory(Counted, RuleBasedStateMachine):
 
 
 TestHostileMemory = HostileMemory.TestCase
-TestHostileMemory.settings = DEFAULT
+TestHostileMemory.settings = settings(DEFAULT, max_examples=200)
 
 
 @pytest.mark.slow

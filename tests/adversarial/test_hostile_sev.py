@@ -16,6 +16,7 @@ from errno import EFAULT
 
 import numpy as np
 import pytest
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, rule,
                                  run_state_machine_as_test)
@@ -565,7 +566,7 @@ class HostileSev(Counted, RuleBasedStateMachine):
 
 
 TestHostileSev = HostileSev.TestCase
-TestHostileSev.settings = DEFAULT
+TestHostileSev.settings = settings(DEFAULT, max_examples=120)
 
 
 @pytest.mark.slow
