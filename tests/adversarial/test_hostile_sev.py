@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, rule,
                                  run_state_machine_as_test)
 
-from sevcore.hw.hostmem import PAGE_SHIFT
 from sevcore.kvm.sev import STRUCTS
 from sevcore.uapi import *
 from sevcore.vmm.kvm_util import sev_receive_start, sev_send_start
@@ -224,8 +223,7 @@ class HostileSev(Counted, RuleBasedStateMachine):
         if g.state == SEV_GUEST_STATE_LAUNCH_UPDATE:
             if not s.regions:
                 return "reg_region"
-            if vm.host.umc.read(vm.kvm.hva_to_pfn(self.ram, False) << PAGE_SHIFT, 16, 0) \
-                    == bytes(range(16)):
+            if self.kvm.read(self.ram, 16) == bytes(range(16)):       # still plaintext
                 return "launch_update_data"
             if s.es_active and not all(v.guest_state_protected for v in vm.vcpus):
                 return "launch_update_vmsa"
