@@ -21,6 +21,16 @@ def pytest_generate_tests(metafunc):
     cpu_paths.generate_tests(metafunc)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow run only when ``-m`` selects them."""
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
 def pytest_report_header(config):
     from sevcore.core import cpu
 

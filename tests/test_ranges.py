@@ -51,3 +51,11 @@ class RangeSetMachine(RuleBasedStateMachine):
 
 TestRangeSet = RangeSetMachine.TestCase
 TestRangeSet.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
+
+
+def test_a_set_of_2_52_integers_compares_and_prints_by_its_ranges():
+    """Equality and repr of a RangeSet go by its ranges, not by its length in integers (which
+    list() would preallocate: a MemoryError for a VM's whole guest physical space)."""
+    a, b = RangeSet([(0, 1 << 52)]), RangeSet([(0, 1 << 52)])
+    assert a == b and a != RangeSet([(0, 1 << 51)])
+    assert repr(a) == f"RangeSet([(0, {1 << 52})])"

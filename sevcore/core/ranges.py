@@ -18,17 +18,19 @@ class RangeSet:
             self.add(s, e)
 
     def __len__(self):
-        """Number of integers in the set."""
+        """Number of integers in the set (not of the ranges iteration yields: ``list(rs)``
+        preallocates this many slots, so take ``list(iter(rs))`` for the ranges)."""
         return sum(e - s for s, e in zip(self._starts, self._ends))
 
     def __iter__(self):
         return iter(list(zip(self._starts, self._ends)))
 
     def __eq__(self, other):
-        return isinstance(other, RangeSet) and list(self) == list(other)
+        return isinstance(other, RangeSet) and (self._starts, self._ends) == (other._starts,
+                                                                              other._ends)
 
     def __repr__(self):
-        return f"RangeSet({list(self)!r})"
+        return f"RangeSet({list(zip(self._starts, self._ends))!r})"
 
     def copy(self):
         out = RangeSet()

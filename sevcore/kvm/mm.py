@@ -161,6 +161,17 @@ class Mm:
                 pfns[sel] = m.file.resident_pfns(index)
         return pfns
 
+    def mapped_pages(self, page, npages):
+        """How many of the VMM pages ``page, page + 1, ...`` (hva >> 12; at most ``npages``)
+        lie in mappings, counted up to the first that does not."""
+        pos, end = page << PAGE_SHIFT, (page + npages) << PAGE_SHIFT
+        while pos < end:
+            m = self._mapping(pos)
+            if m is None:
+                break
+            pos = m.end
+        return (min(pos, end) >> PAGE_SHIFT) - page
+
     def hva_to_pfn(self, hva, write, allocate=True):
         """The host frame behind ``hva`` (what get_user_pages returns), allocating anonymous
         memory on first touch. Returns None for an untouched page when ``allocate`` is False.

@@ -65,6 +65,9 @@ STRUCTS = {
                           session_len=0),
 }
 STRUCTS["receive_update_data"] = STRUCTS["send_update_data"]
+#: The width of the fields above that are not ``*_uaddr`` (__u64) or ``*_len`` (__u32), as
+#: include/uapi/linux/kvm.h declares them; mnonce is __u8[16].
+FIELD_BITS = dict(vmsa_features=64, flags=32, ghcb_version=16, handle=32, policy=32, state=32)
 
 #: Ids a mirror VM may issue (sev_mem_enc_ioctl, is_cmd_allowed_from_mirror).
 MIRROR_CMDS = (U.KVM_SEV_LAUNCH_UPDATE_VMSA, U.KVM_SEV_GUEST_STATUS, U.KVM_SEV_DBG_DECRYPT,
@@ -300,7 +303,7 @@ def memory_encrypt_op(vm, id, data, sev_fd, fields):
         unknown = set(fields) - set(STRUCTS[struct])
         if unknown:
             raise TypeError(f"kvm_sev_{struct} has no field(s) {sorted(unknown)}")
-        params = dict(STRUCTS[struct], **fields)
+        params = dict(STRUCTS[struct], **_checked_fields(struct, fields))
     elif fields:
         raise TypeError("fields given with a NULL data pointer or for a command without data")
     out = SevCmd(id, params or {})
@@ -312,6 +315,24 @@ def memory_encrypt_op(vm, id, data, sev_fd, fields):
         raise
     finally:
         cmd.buf.free()
+    return out
+
+
+def _checked_fields(struct, fields):
+    """The struct fields given, as ints: TypeError for a value that is no integer, ValueError
+    for one its __u16/__u32/__u64 cannot hold, before the command runs (the kernel's
+    copy_from_user of the struct cannot express either)."""
+    out = {}
+    for name, v in fields.items():
+        if name == "mnonce":
+            out[name] = v
+            continue
+        bits = 64 if name.endswith("uaddr") else 32 if name.endswith("len") else FIELD_BITS[name]
+        if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
+            raise TypeError(f"kvm_sev_{struct}.{name} must be an int, not {type(v).__name__}")
+        if not 0 <= v < 1 << bits:
+            raise ValueError(f"kvm_sev_{struct}.{name} = {v} does not fit __u{bits}")
+        out[name] = int(v)
     return out
 
 
@@ -414,7 +435,10 @@ def pin_memory(vm, uaddr, ulen, write, ioctl):
     npages = last - first + 1
     locked = _lock_limit(vm, npages, ioctl)
     kvm = vm.kvm
-    pages = np.arange(first, last + 1, dtype=np.uint64)
+    # pin_user_pages_fast stops at the first page outside the VMM's mappings and the pin
+    # fails: the pages up to that one are faulted in, and no further page is looked at.
+    pages = np.arange(first, first + min(npages, kvm.mapped_pages(first, npages) + 1),
+                      dtype=np.uint64)
     try:
         # One anonymous mapping (the usual guest RAM): fault in every page in one batch; else
         # hva_to_pfns, which resolves them as a page-by-page loop would, in batches.

@@ -183,7 +183,8 @@ class Vm:
         its ``struct kvm_sev_*`` (zero when not given; ``data=None`` is a NULL pointer, ``id``
         None a NULL argp), ``sev_fd`` an fd of /dev/sev (default: one the host opens). Returns
         the struct as KVM wrote it back with ``error``; raises SevError (EIO, ``fw_error``) for a
-        firmware failure, KvmError otherwise."""
+        firmware failure, KvmError otherwise, and TypeError/ValueError before anything runs for
+        a field that is no int or does not fit its __u16/__u32/__u64."""
         return memory_encrypt_op(self, id, data, sev_fd, fields)
 
     def memory_encrypt_reg_region(self, addr, size):
