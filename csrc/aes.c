@@ -105,9 +105,9 @@ int sc_aes_impl(void)
 {
 #ifdef SC_X86
     if (SC_HAS(SC_CPU_VAES | SC_CPU_AVX512 | SC_CPU_AESNI))
-        return SC_AES_VAES;
+        return SC_TIER_AVX512;
     if (SC_HAS(SC_CPU_AESNI))
-        return SC_AES_AESNI;
+        return SC_TIER_AESNI;
 #endif
-    return SC_AES_PORTABLE;
+    return SC_TIER_PORTABLE;
 }

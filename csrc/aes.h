@@ -23,8 +23,7 @@
 #define SC_X86 1
 #endif
 
-/* Which block implementation the active CPU features select (values of SC_MEM_IMPL_*). */
-enum { SC_AES_PORTABLE = 0, SC_AES_AESNI = 1, SC_AES_VAES = 2 };
+/* The tier (SC_TIER_*) whose block implementation the active CPU features select. */
 int sc_aes_impl(void);
 
 /* ---------------------------------------------------------------------------------------------

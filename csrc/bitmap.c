@@ -560,6 +560,17 @@ TARGET_AVX512 static int64_t scan_avx512(struct scan *s, uint64_t *pos, uint64_t
 }
 #endif
 
+int sc_bitmap_impl(void)
+{
+#ifdef SC_BITMAP_X86
+    if (SC_HAS(SC_CPU_AVX512 | SC_CPU_POPCNT))
+        return SC_TIER_AVX512;
+    if (SC_HAS(SC_CPU_POPCNT))
+        return SC_BITMAP_IMPL_POPCNT;
+#endif
+    return SC_TIER_PORTABLE;
+}
+
 /* The argument checks and the dispatch of both scans. */
 static int64_t scan(const uint64_t *map, uint64_t nbits, uint64_t *pos, uint64_t end,
                     uint64_t *out, uint64_t cap, int take)

@@ -105,9 +105,9 @@ int sc_crc32_impl(void)
 {
 #ifdef HAVE_CLMUL
     if (SC_HAS(SC_CPU_AESNI))
-        return SC_CRC32_IMPL_CLMUL;
+        return SC_TIER_AESNI;
 #endif
-    return SC_CRC32_IMPL_PORTABLE;
+    return SC_TIER_PORTABLE;
 }
 
 int64_t sc_crc32(uint32_t crc, const uint8_t *buf, size_t len)
@@ -116,7 +116,7 @@ int64_t sc_crc32(uint32_t crc, const uint8_t *buf, size_t len)
         return -EINVAL;
     uint32_t c = ~crc;
 #ifdef HAVE_CLMUL
-    if (len >= 64 && sc_crc32_impl() == SC_CRC32_IMPL_CLMUL) {
+    if (len >= 64 && sc_crc32_impl() == SC_TIER_AESNI) {
         size_t chunk = len & ~(size_t)15;
         c = crc_clmul(c, buf, chunk);
         buf += chunk;

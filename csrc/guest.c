@@ -264,15 +264,15 @@ int sc_guest_impl(void)
 {
 #ifdef SC_GUEST_X86
     if (SC_HAS(SC_CPU_AVX512))
-        return SC_GUEST_IMPL_AVX512;
+        return SC_TIER_AVX512;
 #endif
-    return SC_GUEST_IMPL_PORTABLE;
+    return SC_TIER_PORTABLE;
 }
 
 static const struct page_kernels *kernels(void)
 {
 #ifdef SC_GUEST_X86
-    if (sc_guest_impl() == SC_GUEST_IMPL_AVX512)
+    if (sc_guest_impl() == SC_TIER_AVX512)
         return &kernels_avx512;
 #endif
     return &kernels_portable;

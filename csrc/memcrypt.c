@@ -12,11 +12,6 @@
 #include "aes.h"
 #include "memcrypt.h"
 
-_Static_assert((int)SC_AES_PORTABLE == (int)SC_MEM_IMPL_PORTABLE &&
-                   (int)SC_AES_AESNI == (int)SC_MEM_IMPL_AESNI &&
-                   (int)SC_AES_VAES == (int)SC_MEM_IMPL_VAES,
-               "sc_memcrypt_impl reports sc_aes_impl");
-
 #define PAGE 4096
 #define BLOCKS_PER_PAGE (PAGE / 16)
 
@@ -351,11 +346,11 @@ void sc_memcrypt_page(const sc_memcrypt *e, int enc, const uint8_t *src, uint8_t
     int impl = sc_memcrypt_impl();
     int xts = e->mode == SC_MEM_AES256_XTS;
 #ifdef SC_X86
-    if (impl == SC_MEM_IMPL_VAES) {
+    if (impl == SC_TIER_AVX512) {
         (xts ? xts_run_vaes : xex_run_vaes)(e, enc, src, dst, NULL, spa, 1);
         return;
     }
-    if (impl == SC_MEM_IMPL_AESNI) {
+    if (impl == SC_TIER_AESNI) {
         (xts ? xts_page_aesni : xex_page_aesni)(e, enc, src, dst, spa);
         return;
     }
@@ -420,7 +415,7 @@ static int crypt_pages(const sc_memcrypt *e, int enc, const uint8_t *src, size_t
     int impl = sc_memcrypt_impl();
     int xts = e->mode == SC_MEM_AES256_XTS;
 #ifdef SC_X86
-    if (impl == SC_MEM_IMPL_VAES) {
+    if (impl == SC_TIER_AVX512) {
         (xts ? xts_run_vaes : xex_run_vaes)(e, enc, src, dst, spas, spa0, n);
         return 0;
     }

@@ -449,11 +449,11 @@ static void ctr_crypt(const struct ctr_key *k, const uint8_t iv[16], const uint8
 {
     uint64_t hi = load_be64(iv), lo = load_be64(iv + 8);
 #ifdef SC_X86
-    if (k->impl == SC_AES_VAES) {
+    if (k->impl == SC_TIER_AVX512) {
         ctr_vaes(k, hi, lo, src, dst, len);
         return;
     }
-    if (k->impl == SC_AES_AESNI) {
+    if (k->impl == SC_TIER_AESNI) {
         ctr_aesni(k, hi, lo, src, dst, len);
         return;
     }

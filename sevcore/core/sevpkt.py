@@ -101,6 +101,9 @@ def aes128_ctr(key, iv, data, out=None):
 
 
 def implementation():
-    """The C paths taken with the active CPU features: ``{'aes': ..., 'sha256': ...}``."""
-    return {"aes": _b.aes128_ctr_impl(), "sha256": _b.sha256_impl()}
+    """The C paths taken with the active CPU features: ``{'aes': ..., 'sha256': ...}``, AES as
+    :func:`sevcore.core.memcrypt.implementation` names it ('vaes' is the avx512 tier), SHA-256
+    'shani' or 'portable'."""
+    aes = _b.aes128_ctr_impl()
+    return {"aes": "vaes" if aes == "avx512" else aes, "sha256": _b.sha256_impl()}
 

@@ -11,7 +11,7 @@ from sevcore.core import checksum
 
 from support.cpu_paths import CHECKSUM
 
-pytestmark = pytest.mark.cpu_paths(CHECKSUM)      # cpu_path: clmul, portable
+pytestmark = pytest.mark.cpu_paths(CHECKSUM)      # cpu_path: avx512, avx2, aesni, portable
 
 
 def test_check_value(cpu_path):

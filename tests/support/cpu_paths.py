@@ -2,22 +2,24 @@
 test once on each.
 
 A kernel picks its path from the active CPU features (``sevcore.core.cpu``), so restricting the
-core to a path's features selects that path. A module names its kernel with a mark::
+core to a path's features selects that path. Paths are named by their tier (avx512, avx2, aesni,
+portable; see ``sevcore.core.cpu``), or by the extra they add (shani, popcnt). A module names its
+kernel with a mark::
 
     pytestmark = pytest.mark.cpu_paths(MEMCRYPT)
 
-    def test_something(cpu_path):       # once per path: cpu_path is "vaes", "aesni", "portable"
+    def test_something(cpu_path):       # once per path: "avx512", "avx2", "aesni", "portable"
         ...
 
 A path this CPU cannot run is still collected, and skipped with the features it lacks
-("vaes: CPU lacks avx512, vaes"), so a run on a smaller CPU shows what it did not test.
+("avx2: CPU lacks avx2, vaes"), so a run on a smaller CPU shows what it did not test.
 """
 import contextlib
 import dataclasses
 
 import pytest
 
-from sevcore.core import checksum, cpu, memcrypt, pages, sevpkt
+from sevcore.core import bitmap, checksum, cpu, memcrypt, pages, sevpkt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,25 +95,29 @@ class Kernel:
                 yield name
 
 
+#: The features of each x86 tier's AES paths (csrc/cpu.c sc_cpu_tier_needs).
+AVX512_AES = {"avx512", "avx2", "vaes", "aesni"}
+AVX2_AES = {"avx2", "vaes", "aesni"}
+
+#: memcrypt.implementation() keeps the name 'vaes' for its avx512 path.
 MEMCRYPT = Kernel("memcrypt", memcrypt.implementation, [
-    Path("vaes", {"vaes", "avx512", "aesni"}),
+    Path("avx512", AVX512_AES, reports="vaes"),
     Path("aesni", {"aesni"}),
     Path("portable", set()),
 ])
 
-#: Together the paths take each AES path (vaes, aesni, portable) and each SHA-256 path (shani,
-#: portable) at least once.
+#: Together the paths take each AES path and each SHA-256 path (shani, portable) at least once.
 SEVPKT = Kernel("sevpkt", sevpkt.implementation, [
-    Path("vaes+shani", {"vaes", "avx512", "aesni", "shani"},
-         reports={"aes": "vaes", "sha256": "shani"}),
+    Path("avx512+shani", AVX512_AES | {"shani"}, reports={"aes": "vaes", "sha256": "shani"}),
     Path("aesni+portable", {"aesni"}, reports={"aes": "aesni", "sha256": "portable"}),
     Path("portable+shani", {"shani"}, reports={"aes": "portable", "sha256": "shani"}),
     Path("portable", set(), reports={"aes": "portable", "sha256": "portable"}),
 ])
 
-#: The folding path uses PCLMULQDQ, which the core detects as part of "aesni".
+#: The xmm folding path uses PCLMULQDQ, which the core detects as part of "aesni"; its
+#: implementation() keeps the name 'clmul'.
 CHECKSUM = Kernel("checksum", checksum.implementation, [
-    Path("clmul", {"aesni"}),
+    Path("aesni", {"aesni"}, reports="clmul"),
     Path("portable", set()),
 ])
 
@@ -121,10 +127,10 @@ PAGES = Kernel("pages", pages.implementation, [
     Path("portable", set()),
 ])
 
-#: csrc/bitmap.c reports no path. Its AVX-512 scans need AVX-512 and POPCNT, its AVX-512 counts
-#: also VPOPCNTQ; the avx512 path takes whichever of them the CPU has, as a plain run does.
-BITMAP = Kernel("bitmap", None, [
-    Path("avx512", {"avx512"}, also={"vpopcntdq", "popcnt"}),
+#: csrc/bitmap.c: the avx512 scans need AVX-512 and POPCNT, and its counts also use VPOPCNTQ
+#: where the CPU has it, as a plain run does.
+BITMAP = Kernel("bitmap", bitmap.implementation, [
+    Path("avx512", {"avx512", "popcnt"}, also={"vpopcntdq"}),
     Path("popcnt", {"popcnt"}),
     Path("portable", set()),
 ])
