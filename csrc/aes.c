@@ -106,6 +106,8 @@ int sc_aes_impl(void)
 #ifdef SC_X86
     if (SC_HAS(SC_CPU_VAES | SC_CPU_AVX512 | SC_CPU_AESNI))
         return SC_TIER_AVX512;
+    if (SC_HAS(SC_CPU_VAES | SC_CPU_AVX2 | SC_CPU_AESNI))
+        return SC_TIER_AVX2;
     if (SC_HAS(SC_CPU_AESNI))
         return SC_TIER_AESNI;
 #endif

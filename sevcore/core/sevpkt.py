@@ -13,7 +13,7 @@ under the session TEK and authenticated encrypt-then-MAC with HMAC-SHA256 under 
 >>> pt = sevpkt.open(tek, tik, hdrs, ct)              # PacketAuthError(index) on a bad MAC
 >>> hdr, ct = sevpkt.seal(tek, tik, secret, iv, ctx=sevpkt.CTX_SECRET, measure=measure)
 
-Batches run in C (csrc/sevpkt.c) with SHA-NI and AES-NI/VAES where the CPU has them; one call
+Batches run in C (csrc/sevpkt.c) with SHA-NI and the AES tier the CPU has; one call
 handles any number of packets of one length.
 """
 import operator

@@ -102,6 +102,7 @@ AVX2_AES = {"avx2", "vaes", "aesni"}
 #: memcrypt.implementation() keeps the name 'vaes' for its avx512 path.
 MEMCRYPT = Kernel("memcrypt", memcrypt.implementation, [
     Path("avx512", AVX512_AES, reports="vaes"),
+    Path("avx2", AVX2_AES),
     Path("aesni", {"aesni"}),
     Path("portable", set()),
 ])
@@ -109,6 +110,7 @@ MEMCRYPT = Kernel("memcrypt", memcrypt.implementation, [
 #: Together the paths take each AES path and each SHA-256 path (shani, portable) at least once.
 SEVPKT = Kernel("sevpkt", sevpkt.implementation, [
     Path("avx512+shani", AVX512_AES | {"shani"}, reports={"aes": "vaes", "sha256": "shani"}),
+    Path("avx2+shani", AVX2_AES | {"shani"}, reports={"aes": "avx2", "sha256": "shani"}),
     Path("aesni+portable", {"aesni"}, reports={"aes": "aesni", "sha256": "portable"}),
     Path("portable+shani", {"shani"}, reports={"aes": "portable", "sha256": "shani"}),
     Path("portable", set(), reports={"aes": "portable", "sha256": "portable"}),

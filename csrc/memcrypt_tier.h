@@ -1,0 +1,130 @@
+/*
+ * The memory engine's vector paths (XEX-128 and XTS-256 over a batch of pages), written once and
+ * included by memcrypt.c once per x86 tier, with
+ *
+ *   TIER   aesni, avx2 or avx512: the vocabulary of csrc/aes.h (sc_TIER_*, SC_TARGET_TIER)
+ *   WAYS   registers in flight (each holds sc_TIER_lanes blocks)
+ *
+ * defined. It defines run_TIER. Not a header of its own: no include guard.
+ *
+ * WAYS registers of independent blocks hide the AES round latency (4 cycles on Zen 3 and 4,
+ * two rounds issued per cycle: AMD's Software Optimization Guide for family 19h, and
+ * perf-anchors measured on Zen 4). Round keys are loaded from the engine, round by round,
+ * instead of being held in registers: with 16 xmm/ymm registers, 15 AES-256 keys plus the data
+ * and tweaks of 8 ways would spill anyway, and a key loaded once feeds WAYS instructions.
+ */
+#define MT_CAT_(a, b) a##_##b
+#define MT_CAT(a, b) MT_CAT_(a, b)
+#define V(op) MT_CAT(MT_CAT(sc, TIER), op)
+#define FN(name) MT_CAT(name, TIER)
+#define TARGET MT_CAT(SC_TARGET, TIER)
+#define VEC V(v)
+#define L V(lanes)
+
+/* `WAYS` registers of blocks from src, each XORed with its tweak t[i], through the cipher
+ * (keys[0..nr], encryption or decryption schedule), XORed with the tweak again, to dst. The
+ * final XOR is folded into the last round key, as the last round ends with AddRoundKey (FIPS-197
+ * 5.1.4, 5.3.4): enclast(b, k ^ t) = enclast(b, k) ^ t. */
+TARGET static SC_ALWAYS_INLINE void FN(blocks)(const uint8_t (*keys)[16], const VEC *kr,
+                                               const int nr, const int enc, const uint8_t *src,
+                                               uint8_t *dst, const VEC *t)
+{
+    VEC b[WAYS];
+    VEC k = V(key)(keys, kr, 0);
+#pragma GCC unroll 16
+    for (int i = 0; i < WAYS; i++)
+        b[i] = V(load)(src + 16 * L * i) ^ t[i] ^ k;
+#pragma GCC unroll 14
+    for (int r = 1; r < nr; r++) {
+        k = V(key)(keys, kr, r);
+#pragma GCC unroll 16
+        for (int i = 0; i < WAYS; i++)
+            b[i] = enc ? V(enc)(b[i], k) : V(dec)(b[i], k);
+    }
+    k = V(key)(keys, kr, nr);
+#pragma GCC unroll 16
+    for (int i = 0; i < WAYS; i++)
+        V(store)(dst + 16 * L * i, enc ? V(enclast)(b[i], k ^ t[i]) : V(declast)(b[i], k ^ t[i]));
+}
+
+TARGET static SC_ALWAYS_INLINE void FN(xex_body)(const sc_memcrypt *e, const int enc,
+                                                 const uint8_t *src, uint8_t *dst,
+                                                 const uint64_t *spas, uint64_t spa0, size_t n)
+{
+    enum { NR = 10 }; /* XEX is AES-128 */
+    const uint8_t(*keys)[16] = enc ? e->ek : e->dk;
+    VEC t[WAYS], kr[NR + 1];
+    V(keys)(keys, NR, kr);
+    for (size_t p = 0; p < n; p++) {
+        uint64_t spa = spas ? spas[p] : spa0 + (uint64_t)p * PAGE;
+        V(u32) zero = {0};
+        VEC tp = (VEC)(zero + xex_page_tweak(e, spa));
+        const uint8_t *s = src + p * PAGE;
+        uint8_t *d = dst + p * PAGE;
+        for (int j = 0; j < BLOCKS_PER_PAGE; j += L * WAYS) {
+#pragma GCC unroll 16
+            for (int i = 0; i < WAYS; i++)
+                t[i] = V(load)(e->inpage16[j + L * i]) ^ tp;
+            FN(blocks)(keys, kr, NR, enc, s + 16 * j, d + 16 * j, t);
+        }
+    }
+}
+
+
+/* XTS: block j of a page has tweak T0 * x^j (IEEE 1619 5.3.1), T0 = AES_K2(page number). Every
+ * tweak of a group is the group's base times a small power of x, so the chain from group to group
+ * is one multiply long; T0 of the next page is computed one page ahead, so that its 14 dependent
+ * rounds overlap this page's work instead of stalling the start of the next. */
+TARGET static SC_ALWAYS_INLINE void FN(xts_body)(const sc_memcrypt *e, const int enc,
+                                                 const uint8_t *src, uint8_t *dst,
+                                                 const uint64_t *spas, uint64_t spa0, size_t n)
+{
+    enum { NR = 14 }; /* XTS here is always AES-256 */
+    _Static_assert(L * WAYS <= 56, "sc_*_mul_xk multiplies by x^k for k <= 56 only");
+    const uint8_t(*keys)[16] = enc ? e->ek : e->dk;
+    VEC t[WAYS], kr[NR + 1];
+    __m128i lane[4];
+    V(keys)(keys, NR, kr);
+    __m128i t0_next = sc_aesni_encrypt1(
+        e->tk, NR, _mm_set_epi64x(0, (long long)((spas ? spas[0] : spa0) >> 12)));
+    for (size_t p = 0; p < n; p++) {
+        lane[0] = t0_next;
+        if (p + 1 < n) {
+            uint64_t next = spas ? spas[p + 1] : spa0 + (uint64_t)(p + 1) * PAGE;
+            t0_next = sc_aesni_encrypt1(e->tk, NR, _mm_set_epi64x(0, (long long)(next >> 12)));
+        }
+        for (int i = 1; i < L; i++)
+            lane[i] = sc_aesni_mul_xk(lane[i - 1], 1);
+        VEC cur = V(from_lanes)(lane);
+        const uint8_t *s = src + p * PAGE;
+        uint8_t *d = dst + p * PAGE;
+        for (int j = 0; j < BLOCKS_PER_PAGE; j += L * WAYS) {
+            t[0] = cur;
+#pragma GCC unroll 16
+            for (int i = 1; i < WAYS; i++)
+                t[i] = V(mul_xk)(cur, L * i);
+            cur = V(mul_xk)(cur, L * WAYS);
+            FN(blocks)(keys, kr, NR, enc, s + 16 * j, d + 16 * j, t);
+        }
+    }
+}
+
+/* The four bodies, each compiled with its mode and direction constant. */
+TARGET static void FN(run)(const sc_memcrypt *e, int enc, const uint8_t *src, uint8_t *dst,
+                           const uint64_t *spas, uint64_t spa0, size_t n)
+{
+    if (e->mode == SC_MEM_AES256_XTS)
+        enc ? FN(xts_body)(e, 1, src, dst, spas, spa0, n)
+            : FN(xts_body)(e, 0, src, dst, spas, spa0, n);
+    else
+        enc ? FN(xex_body)(e, 1, src, dst, spas, spa0, n)
+            : FN(xex_body)(e, 0, src, dst, spas, spa0, n);
+}
+
+#undef MT_CAT_
+#undef MT_CAT
+#undef V
+#undef FN
+#undef TARGET
+#undef VEC
+#undef L
