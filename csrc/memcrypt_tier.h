@@ -7,11 +7,10 @@
  *
  * defined. It defines run_TIER. Not a header of its own: no include guard.
  *
- * WAYS registers of independent blocks hide the AES round latency (4 cycles on Zen 3 and 4,
- * two rounds issued per cycle: AMD's Software Optimization Guide for family 19h, and
- * perf-anchors measured on Zen 4). Round keys are loaded from the engine, round by round,
- * instead of being held in registers: with 16 xmm/ymm registers, 15 AES-256 keys plus the data
- * and tweaks of 8 ways would spill anyway, and a key loaded once feeds WAYS instructions.
+ * WAYS registers of independent blocks hide the AES round latency (4 cycles on Zen 3 and Zen 4,
+ * two rounds issued per cycle: Agner Fog's instruction tables; 8 ways measured best on an AMD
+ * EPYC Zen 4). Round keys come from sc_TIER_key (csrc/tiers.h): resident on zmm, loaded round
+ * by round on the 16-register tiers.
  */
 #define MT_CAT_(a, b) a##_##b
 #define MT_CAT(a, b) MT_CAT_(a, b)

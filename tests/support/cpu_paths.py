@@ -116,9 +116,11 @@ SEVPKT = Kernel("sevpkt", sevpkt.implementation, [
     Path("portable", set(), reports={"aes": "portable", "sha256": "portable"}),
 ])
 
-#: The xmm folding path uses PCLMULQDQ, which the core detects as part of "aesni"; its
-#: implementation() keeps the name 'clmul'.
+#: The folding paths: VPCLMULQDQ (detected with "vaes") on zmm and ymm, and PCLMULQDQ on xmm, which
+#: the core detects as part of "aesni" and whose implementation() keeps the name 'clmul'.
 CHECKSUM = Kernel("checksum", checksum.implementation, [
+    Path("avx512", {"avx512", "vaes"}),
+    Path("avx2", {"avx2", "vaes"}),
     Path("aesni", {"aesni"}, reports="clmul"),
     Path("portable", set()),
 ])
@@ -126,13 +128,15 @@ CHECKSUM = Kernel("checksum", checksum.implementation, [
 #: The bulk page loops of sevcore.core.pages (csrc/guest.c).
 PAGES = Kernel("pages", pages.implementation, [
     Path("avx512", {"avx512"}),
+    Path("avx2", {"avx2"}),
     Path("portable", set()),
 ])
 
 #: csrc/bitmap.c: the avx512 scans need AVX-512 and POPCNT, and its counts also use VPOPCNTQ
-#: where the CPU has it, as a plain run does.
+#: where the CPU has it, as a plain run does; the avx2 path needs AVX2 and POPCNT.
 BITMAP = Kernel("bitmap", bitmap.implementation, [
     Path("avx512", {"avx512", "popcnt"}, also={"vpopcntdq"}),
+    Path("avx2", {"avx2", "popcnt"}),
     Path("popcnt", {"popcnt"}),
     Path("portable", set()),
 ])
