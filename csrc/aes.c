@@ -110,6 +110,9 @@ int sc_aes_impl(void)
         return SC_TIER_AVX2;
     if (SC_HAS(SC_CPU_AESNI))
         return SC_TIER_AESNI;
+#elif defined(SC_ARM)
+    if (SC_HAS(SC_CPU_NEON | SC_CPU_ARMCE))
+        return SC_TIER_ARMCE;
 #endif
     return SC_TIER_PORTABLE;
 }

@@ -22,9 +22,13 @@
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,popcnt,bmi")))
 #define TARGET_AVX2 __attribute__((target("avx2,popcnt,bmi")))
 #define TARGET_SCALAR __attribute__((target("popcnt,bmi")))
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#define SC_BITMAP_ARM 1
 #endif
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
+#define SC_BM_INLINE inline __attribute__((always_inline)) /* after `static` and a target */
 #define ALL_ONES (~(uint64_t)0)
 
 /* The bits of start's word at or above start (BITMAP_FIRST_WORD_MASK, include/linux/bitmap.h). */
@@ -124,7 +128,6 @@ typedef uint64_t bm_avx2_v __attribute__((vector_size(32)));
 typedef uint64_t bm_avx512_v __attribute__((vector_size(64)));
 #define BM_TARGET_avx2 TARGET_AVX2
 #define BM_TARGET_avx512 TARGET_AVX512
-#define SC_BM_INLINE inline __attribute__((always_inline))
 
 /* The bit count of each word of v[0..n) (n <= 4), summed word by word. On zmm, VPOPCNTQ. On
  * ymm, which has no such instruction, the nibble-table count of Mula, Kurz and Lemire ("Faster
@@ -171,11 +174,46 @@ TARGET_AVX2 static SC_BM_INLINE unsigned bm_avx2_nonzero8(const uint64_t *p)
     return ~z & 0xffu;
 }
 
+#define bm_avx2_words word_indices_bmi
+#define bm_avx512_words word_indices_bmi
 #define BM_PART 1
 #define TIER avx2
 #include "bitmap_tier.h"
 #undef TIER
 #define TIER avx512
+#include "bitmap_tier.h"
+#undef TIER
+#undef BM_PART
+#elif defined(SC_BITMAP_ARM)
+/* The neon tier (Advanced SIMD, part of every AArch64 CPU): CNT counts the bits of each byte and
+ * pairwise widening adds (UADDLP) sum them per word; a line is tested for zero words with one
+ * maximum across four ORed registers (UMAXV) before its words are looked at one by one. */
+typedef uint64_t bm_neon_v __attribute__((vector_size(16)));
+#define BM_TARGET_neon
+#define bm_neon_words word_indices_portable
+
+static SC_BM_INLINE bm_neon_v bm_neon_popcnt(const bm_neon_v *v, const int n)
+{
+    uint8x16_t c = vdupq_n_u8(0);
+    for (int k = 0; k < n; k++)
+        c = vaddq_u8(c, vcntq_u8(vreinterpretq_u8_u64((uint64x2_t)v[k])));
+    return (bm_neon_v)vpaddlq_u32(vpaddlq_u16(vpaddlq_u8(c)));
+}
+
+static SC_BM_INLINE unsigned bm_neon_nonzero8(const uint64_t *p)
+{
+    uint64x2_t any = vorrq_u64(vorrq_u64(vld1q_u64(p), vld1q_u64(p + 2)),
+                               vorrq_u64(vld1q_u64(p + 4), vld1q_u64(p + 6)));
+    if (vmaxvq_u32(vreinterpretq_u32_u64(any)) == 0)
+        return 0;
+    unsigned nz = 0;
+    for (int k = 0; k < 8; k++)
+        nz |= (unsigned)(p[k] != 0) << k;
+    return nz;
+}
+
+#define BM_PART 1
+#define TIER neon
 #include "bitmap_tier.h"
 #undef TIER
 #undef BM_PART
@@ -191,6 +229,9 @@ static uint64_t count_words(const uint64_t *w, uint64_t n)
         return count_words_avx2(w, n);
     if (SC_HAS(SC_CPU_POPCNT))
         return count_words_scalar(w, n);
+#elif defined(SC_BITMAP_ARM)
+    if (SC_HAS(SC_CPU_NEON))
+        return count_words_neon(w, n);
 #endif
     return count_words_portable(w, n);
 }
@@ -204,6 +245,9 @@ static uint64_t count_run_starts(const uint64_t *w, uint64_t n, uint64_t prev)
         return count_run_starts_avx2(w, n, prev);
     if (SC_HAS(SC_CPU_POPCNT))
         return count_run_starts_scalar(w, n, prev);
+#elif defined(SC_BITMAP_ARM)
+    if (SC_HAS(SC_CPU_NEON))
+        return count_run_starts_neon(w, n, prev);
 #endif
     return count_run_starts_portable(w, n, prev);
 }
@@ -256,6 +300,11 @@ int64_t sc_bitmap_read_pass(const uint64_t *words, uint64_t nwords, uint64_t *fo
     }
     if (SC_HAS(SC_CPU_AVX2)) {
         *fold = read_pass_avx2(words, nwords);
+        return 0;
+    }
+#elif defined(SC_BITMAP_ARM)
+    if (SC_HAS(SC_CPU_NEON)) {
+        *fold = read_pass_neon(words, nwords);
         return 0;
     }
 #endif
@@ -531,6 +580,12 @@ TARGET_SCALAR static int64_t scan_scalar(struct scan *s, uint64_t *pos, uint64_t
 #include "bitmap_tier.h"
 #undef TIER
 #undef BM_PART
+#elif defined(SC_BITMAP_ARM)
+#define BM_PART 2
+#define TIER neon
+#include "bitmap_tier.h"
+#undef TIER
+#undef BM_PART
 #endif
 
 int sc_bitmap_impl(void)
@@ -542,6 +597,9 @@ int sc_bitmap_impl(void)
         return SC_TIER_AVX2;
     if (SC_HAS(SC_CPU_POPCNT))
         return SC_BITMAP_IMPL_POPCNT;
+#elif defined(SC_BITMAP_ARM)
+    if (SC_HAS(SC_CPU_NEON))
+        return SC_TIER_NEON;
 #endif
     return SC_TIER_PORTABLE;
 }
@@ -564,6 +622,9 @@ static int64_t scan(const uint64_t *map, uint64_t nbits, uint64_t *pos, uint64_t
         return scan_avx2(&s, pos, end, take);
     if (SC_HAS(SC_CPU_POPCNT))
         return scan_scalar(&s, pos, end, take);
+#elif defined(SC_BITMAP_ARM)
+    if (SC_HAS(SC_CPU_NEON))
+        return scan_neon(&s, pos, end, take);
 #endif
     return scan_portable(&s, pos, end, take);
 }

@@ -6,6 +6,7 @@
  *   BM_TARGET_TIER        the tier's target attribute
  *   bm_TIER_popcnt(v, n)  the bit counts of the words of v[0..n), n <= 4, summed word by word
  *   bm_TIER_nonzero8(p)   which of the 8 words of the 64-byte line at p are non-zero, as bits
+ *   bm_TIER_words         the word_fn that writes a word's bit indices (bitmap.c)
  *
  * BM_PART selects the part: 1 the whole-array reductions (count_words_TIER, count_run_starts_TIER,
  * read_pass_TIER), 2 the scans (scan_TIER), which need the scan machinery defined before them.
@@ -18,6 +19,7 @@
 #define TARGET BT_CAT(BM_TARGET, TIER)
 #define VEC V(v)
 #define W (sizeof(VEC) / 8)
+#define BM_WORDS V(words)
 
 #if BM_PART == 1
 /* Unaligned W words; memcpy compiles to one vector load. */
@@ -112,14 +114,14 @@ TARGET static SC_BM_INLINE int FN(scan_blocks)(struct scan *s, uint64_t *wip, ui
     uint64_t wi = *wip;
     int ok = 1;
     for (; wi < lw && ((uintptr_t)(s->map + wi) & 63); wi++)
-        if (peek_word(s, wi, take) && !(ok = visit_word(s, wi, ALL_ONES, take, word_indices_bmi)))
+        if (peek_word(s, wi, take) && !(ok = visit_word(s, wi, ALL_ONES, take, BM_WORDS)))
             goto out;
     for (; wi + 8 <= lw; wi += 8) {
         unsigned nz = V(nonzero8)(s->map + wi);
         while (nz) {
             uint64_t k = wi + (uint64_t)__builtin_ctz(nz);
             nz &= nz - 1;
-            if (!(ok = visit_word(s, k, ALL_ONES, take, word_indices_bmi)))
+            if (!(ok = visit_word(s, k, ALL_ONES, take, BM_WORDS)))
                 goto out;
         }
     }
@@ -140,8 +142,8 @@ TARGET static int FN(harvest_blocks)(struct scan *s, uint64_t *wip, uint64_t lw)
 
 TARGET static int64_t FN(scan)(struct scan *s, uint64_t *pos, uint64_t end, int take)
 {
-    return take ? scan_body(s, pos, end, 1, FN(harvest_blocks), word_indices_bmi)
-                : scan_body(s, pos, end, 0, FN(iter_blocks), word_indices_bmi);
+    return take ? scan_body(s, pos, end, 1, FN(harvest_blocks), BM_WORDS)
+                : scan_body(s, pos, end, 0, FN(iter_blocks), BM_WORDS);
 }
 #endif
 
@@ -152,3 +154,4 @@ TARGET static int64_t FN(scan)(struct scan *s, uint64_t *pos, uint64_t end, int 
 #undef TARGET
 #undef VEC
 #undef W
+#undef BM_WORDS

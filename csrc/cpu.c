@@ -1,8 +1,9 @@
 /*
  * Run-time CPU feature detection. The kernels are compiled with per-function target
- * attributes, so one binary carries every tier's paths (portable, AES-NI on xmm, AVX2 with VAES
- * on ymm, AVX-512 with VAES on zmm); which one runs is chosen here, and can be narrowed (tests
- * and benchmarks force each tier through sc_cpu_restrict).
+ * attributes, so one binary carries every tier's paths (portable; on x86-64 AES-NI on xmm, AVX2
+ * with VAES on ymm, AVX-512 with VAES on zmm; on AArch64 NEON and the Cryptographic Extension);
+ * which one runs is chosen here, from CPUID and XCR0 or from the kernel's AT_HWCAP, and can be
+ * narrowed (tests and benchmarks force each tier through sc_cpu_restrict).
  */
 #include <errno.h>
 
@@ -67,6 +68,27 @@ static uint32_t detect(void)
 }
 
 #define TIERS_HERE (1u << SC_TIER_AESNI | 1u << SC_TIER_AVX2 | 1u << SC_TIER_AVX512)
+#elif defined(__aarch64__)
+#include <sys/auxv.h>
+
+/* The kernel's HWCAP bits for AArch64 (arch/arm64/include/uapi/asm/hwcap.h), named here so that
+ * an older libc's headers do not matter. */
+#define SC_HWCAP_ASIMD (1ul << 1)
+#define SC_HWCAP_AES (1ul << 3)
+#define SC_HWCAP_PMULL (1ul << 4)
+
+static uint32_t detect(void)
+{
+    unsigned long hw = getauxval(AT_HWCAP);
+    uint32_t f = 0;
+    if (hw & SC_HWCAP_ASIMD)
+        f |= SC_CPU_NEON;
+    if ((hw & SC_HWCAP_ASIMD) && (hw & SC_HWCAP_AES) && (hw & SC_HWCAP_PMULL))
+        f |= SC_CPU_ARMCE;
+    return f;
+}
+
+#define TIERS_HERE (1u << SC_TIER_NEON | 1u << SC_TIER_ARMCE)
 #else
 static uint32_t detect(void) { return 0; }
 #define TIERS_HERE 0u
@@ -98,6 +120,8 @@ int64_t sc_cpu_tier_needs(int tier)
         [SC_TIER_AESNI] = SC_CPU_AESNI,
         [SC_TIER_AVX2] = SC_CPU_AVX2 | SC_CPU_VAES | SC_CPU_AESNI,
         [SC_TIER_AVX512] = SC_CPU_AVX512 | SC_CPU_AVX2 | SC_CPU_VAES | SC_CPU_AESNI,
+        [SC_TIER_NEON] = SC_CPU_NEON,
+        [SC_TIER_ARMCE] = SC_CPU_NEON | SC_CPU_ARMCE,
     };
     if (tier < 0 || tier >= (int)(sizeof(needs) / sizeof(needs[0])))
         return -EINVAL;

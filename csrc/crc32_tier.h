@@ -15,6 +15,7 @@
 #define TARGET CR_CAT(SC_TARGET, TIER)
 #define VEC V(v)
 #define L V(lanes)
+#define MT_LANES CR_CAT(SC_LANES, TIER)
 
 /* Each lane of x carried over the distance kk is made for, added to next. */
 TARGET static SC_ALWAYS_INLINE VEC FN(fold_step)(VEC x, VEC kk, VEC next)
@@ -23,16 +24,14 @@ TARGET static SC_ALWAYS_INLINE VEC FN(fold_step)(VEC x, VEC kk, VEC next)
 }
 
 /* Fold the first `len` bytes of p (len >= 16 * L * ACC, a multiple of 16 * L) into one 128-bit
- * lane, starting from the register c: the remainder left for csrc/crc32.c's 16-byte steps and
- * final reduction. */
-TARGET static __m128i FN(fold)(uint32_t c, const uint8_t *p, size_t len)
+ * lane, starting from the register c, and store it to `out`: what remains for crc32.c's
+ * 16-byte steps and final reduction. */
+TARGET static void FN(fold)(uint32_t c, const uint8_t *p, size_t len, uint8_t out[16])
 {
     const VEC far = V(bcast)(fold_k[fold_index(128 * L * ACC)]);
     const VEC near = V(bcast)(fold_k[fold_index(128 * L)]);
-    const __m128i k128 = _mm_loadu_si128((const __m128i *)fold_k[fold_index(128)]);
-    __m128i first[4] = {_mm_cvtsi32_si128((int)c)};
     VEC x[ACC];
-    x[0] = V(load)(p) ^ V(from_lanes)(first);
+    x[0] = V(load)(p) ^ V(from_u32)(c);
 #pragma GCC unroll 8
     for (int i = 1; i < ACC; i++)
         x[i] = V(load)(p + 16 * L * i);
@@ -49,11 +48,17 @@ TARGET static __m128i FN(fold)(uint32_t c, const uint8_t *p, size_t len)
     for (; len >= 16 * L; p += 16 * L, len -= 16 * L)
         x[0] = FN(fold_step)(x[0], near, V(load)(p));
     /* The lanes into one, each carried 128 bits into the next. */
-    __m128i lane[4];
-    V(store)(lane, x[0]);
+    uint8_t lanes[16 * L];
+    V(store)(lanes, x[0]);
+#if MT_LANES > 1
+    const __m128i k128 = _mm_loadu_si128((const __m128i *)fold_k[fold_index(128)]);
+    __m128i acc = _mm_loadu_si128((const __m128i *)lanes);
     for (int i = 1; i < L; i++)
-        lane[0] = fold128(lane[0], k128, lane[i]);
-    return lane[0];
+        acc = fold128(acc, k128, _mm_loadu_si128((const __m128i *)(lanes + 16 * i)));
+    _mm_storeu_si128((__m128i *)out, acc);
+#else
+    memcpy(out, lanes, 16);
+#endif
 }
 
 #undef CR_CAT_
@@ -63,3 +68,4 @@ TARGET static __m128i FN(fold)(uint32_t c, const uint8_t *p, size_t len)
 #undef TARGET
 #undef VEC
 #undef L
+#undef MT_LANES

@@ -23,21 +23,23 @@ TARGET static SC_ALWAYS_INLINE void FN(ctr_blocks)(const uint8_t (*keys)[16], co
     /* Each qword byte-reversed: the lane (hi, lo) becomes the 16 bytes BE(hi) || BE(lo). */
     static const uint8_t rev[16] = {7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8};
     const VEC swap = V(bcast)(rev);
-    VEC b[WAYS], k = V(key)(keys, kr, 0);
+    /* Key 0 whitens here where the ISA's rounds add their key last (key_shift 0). */
+    VEC b[WAYS], k = V(key)(keys, kr, 0), white = V(key_shift) ? (VEC)(k ^ k) : k;
 #pragma GCC unroll 16
     for (int i = 0; i < ways; i++)
-        b[i] = V(shuffle8)((VEC)c[i], swap) ^ k;
+        b[i] = V(shuffle8)((VEC)c[i], swap) ^ white;
 #pragma GCC unroll 10
     for (int r = 1; r < NR; r++) {
-        k = V(key)(keys, kr, r);
+        k = V(key)(keys, kr, r - V(key_shift));
 #pragma GCC unroll 16
         for (int i = 0; i < ways; i++)
             b[i] = V(enc)(b[i], k);
     }
+    VEC kpen = V(key)(keys, kr, NR - 1);
     k = V(key)(keys, kr, NR);
 #pragma GCC unroll 16
     for (int i = 0; i < ways; i++)
-        V(store)(dst + 16 * L * i, V(enclast)(b[i], k ^ V(load)(src + 16 * L * i)));
+        V(store)(dst + 16 * L * i, V(enclast)(b[i], kpen, k ^ V(load)(src + 16 * L * i)));
 }
 
 /* The counter registers for the ways * L blocks from (hi, lo): lane j of register i holds the

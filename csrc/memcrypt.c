@@ -1,9 +1,10 @@
 /*
  * SEV memory encryption engine: AES-128-XEX with an SPA tweak table, and XTS-AES-256 with one
- * 4 KiB data unit per page. A portable T-table path and one vector path per x86 tier (AES-NI on
- * xmm, VAES on ymm, VAES on zmm: csrc/aes.h), the latter written once in csrc/memcrypt_tier.h;
- * the tier is chosen per call from the active CPU features (csrc/cpu.c). All are checked against
- * each other and against sevcore/_reference/memcrypt.py by the tests.
+ * 4 KiB data unit per page. A portable T-table path and one vector path per tier (x86-64: AES-NI
+ * on xmm, VAES on ymm, VAES on zmm; AArch64: the Cryptographic Extension: csrc/tiers.h), written
+ * once in csrc/memcrypt_tier.h; the tier is chosen per call from the active CPU features
+ * (csrc/cpu.c). All are checked against each other and against sevcore/_reference/memcrypt.py by
+ * the tests, and the AArch64 path by tests/kat/kat.c under qemu-aarch64.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -128,7 +129,7 @@ static void xts_page_portable(const sc_memcrypt *e, int enc, const uint8_t *src,
     }
 }
 
-#ifdef SC_X86
+#ifdef SC_VEC
 /* ---------------------------------------------------------------------------------------------
  * The vector paths, one template (csrc/memcrypt_tier.h) per tier. Eight registers in flight:
  * with four-cycle rounds issued two per cycle that is what keeps both AES units busy, and with
@@ -144,11 +145,15 @@ typedef void (*run_fn)(const sc_memcrypt *e, int enc, const uint8_t *src, uint8_
                        const uint64_t *spas, uint64_t spa0, size_t n);
 
 static const run_fn runs[] = {
+#ifdef SC_X86
     [SC_TIER_AESNI] = run_aesni,
     [SC_TIER_AVX2] = run_avx2,
     [SC_TIER_AVX512] = run_avx512,
+#else
+    [SC_TIER_ARMCE] = run_armce,
+#endif
 };
-#endif /* SC_X86 */
+#endif /* SC_VEC */
 
 /* ---------------------------------------------------------------------------------------------
  * Dispatch and the exported API.
@@ -161,7 +166,7 @@ static void crypt_run(const sc_memcrypt *e, int enc, const uint8_t *src, uint8_t
                       const uint64_t *spas, uint64_t spa0, size_t n)
 {
     int xts = e->mode == SC_MEM_AES256_XTS;
-#ifdef SC_X86
+#ifdef SC_VEC
     int tier = sc_memcrypt_impl();
     if (tier != SC_TIER_PORTABLE) {
         runs[tier](e, enc, src, dst, spas, spa0, n);

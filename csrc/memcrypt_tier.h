@@ -34,24 +34,27 @@ TARGET static SC_ALWAYS_INLINE void FN(blocks)(const uint8_t (*keys)[16], const 
                                                const int nr, const int enc, const uint8_t *src,
                                                uint8_t *dst, const VEC *t, const int ways)
 {
+    /* Key 0 whitens here where the ISA's rounds add their key last (key_shift 0). */
     VEC b[16];
-    VEC k = V(key)(keys, kr, 0);
+    VEC k = V(key)(keys, kr, 0), white = V(key_shift) ? (VEC)(k ^ k) : k;
 #pragma GCC unroll 16
     for (int i = 0; i < ways; i++)
-        b[i] = V(load)(src + 16 * L * i) ^ t[i] ^ k;
+        b[i] = V(load)(src + 16 * L * i) ^ t[i] ^ white;
     if (V(regs) < 32)
         __asm__ volatile("" : : "r"(t) : "memory");
 #pragma GCC unroll 14
     for (int r = 1; r < nr; r++) {
-        k = V(key)(keys, kr, r);
+        k = V(key)(keys, kr, r - V(key_shift));
 #pragma GCC unroll 16
         for (int i = 0; i < ways; i++)
             b[i] = enc ? V(enc)(b[i], k) : V(dec)(b[i], k);
     }
+    VEC kpen = V(key)(keys, kr, nr - 1);
     k = V(key)(keys, kr, nr);
 #pragma GCC unroll 16
     for (int i = 0; i < ways; i++)
-        V(store)(dst + 16 * L * i, enc ? V(enclast)(b[i], k ^ t[i]) : V(declast)(b[i], k ^ t[i]));
+        V(store)(dst + 16 * L * i, enc ? V(enclast)(b[i], kpen, k ^ t[i])
+                                       : V(declast)(b[i], kpen, k ^ t[i]));
 }
 
 TARGET static SC_ALWAYS_INLINE void FN(xex_body)(const sc_memcrypt *e, const int enc,
@@ -131,8 +134,8 @@ TARGET static SC_ALWAYS_INLINE void FN(xts_stream)(const sc_memcrypt *e, const i
         size_t m = n - c < CHUNK ? n - c : CHUNK;
         for (size_t i = 0; i < m; i++) {
             uint64_t spa = spas ? spas[c + i] : spa0 + (uint64_t)(c + i) * PAGE;
-            __m128i pfn = _mm_set_epi64x(0, (long long)(spa >> 12));
-            _mm_storeu_si128((__m128i *)t0[i], sc_aesni_encrypt1(e->tk, NR, pfn));
+            uint64_t unit[2] = {spa >> 12, 0}; /* little-endian on x86 and AArch64 Linux */
+            sc_encrypt_block(e->tk, NR, (const uint8_t *)unit, t0[i]);
         }
         memset(t0[m], 0, 16);
         struct FN(stream) st = {0, 0, 0, 0, (const uint8_t(*)[16])t0};
@@ -175,10 +178,9 @@ TARGET static SC_ALWAYS_INLINE void FN(xts_body)(const sc_memcrypt *e, const int
     enum { NR = 14, GROUP = L * WAYS }; /* XTS here is always AES-256 */
     _Static_assert(GROUP <= 56, "sc_*_mul_xk multiplies by x^k for k <= 56 only");
     _Static_assert(BLOCKS_PER_PAGE % GROUP == 0, "a page is whole groups");
-    if (L == 1) {
-        FN(xts_stream)(e, enc, src, dst, spas, spa0, n);
-        return;
-    }
+#if MT_CAT(SC_LANES, TIER) == 1
+    FN(xts_stream)(e, enc, src, dst, spas, spa0, n);
+#else
     const uint8_t(*keys)[16] = enc ? e->ek : e->dk;
     VEC t[WAYS], kr[NR + 1];
     __m128i lane[4];
@@ -205,6 +207,7 @@ TARGET static SC_ALWAYS_INLINE void FN(xts_body)(const sc_memcrypt *e, const int
             FN(blocks)(keys, kr, NR, enc, s + 16 * j, d + 16 * j, t, WAYS);
         }
     }
+#endif
 }
 
 /* The four bodies, each compiled with its mode and direction constant. */

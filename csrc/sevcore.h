@@ -34,6 +34,8 @@ enum {
     SC_CPU_VPOPCNTDQ = 16, /* AVX512_VPOPCNTDQ (requires SC_CPU_AVX512) */
     SC_CPU_SHANI = 32,     /* SHA extensions + SSSE3 + SSE4.1 */
     SC_CPU_AVX2 = 64,      /* AVX + AVX2 with xmm and ymm state saved (XCR0 bits 1-2) */
+    SC_CPU_NEON = 128,     /* AArch64 Advanced SIMD (HWCAP_ASIMD) */
+    SC_CPU_ARMCE = 256,    /* AArch64 AESE/AESD/AESMC/AESIMC and PMULL (HWCAP_AES, _PMULL) */
 
     /* Tiers: the instruction sets a kernel's paths are written for, fastest last. A kernel
      * runs its path of the highest tier whose features (sc_cpu_tier_needs) are active and
@@ -43,6 +45,8 @@ enum {
     SC_TIER_AESNI = 1,     /* x86-64: AES-NI and PCLMULQDQ on xmm */
     SC_TIER_AVX2 = 2,      /* x86-64: AVX2, VAES and VPCLMULQDQ on ymm */
     SC_TIER_AVX512 = 3,    /* x86-64: AVX-512, VAES and VPCLMULQDQ on zmm */
+    SC_TIER_NEON = 4,      /* AArch64: Advanced SIMD */
+    SC_TIER_ARMCE = 5,     /* AArch64: the ARMv8 Cryptographic Extension's AES and PMULL */
 };
 
 /* Why a call was refused (struct sc_err.reason). Each reason comes with one errno, named here;

@@ -2,7 +2,7 @@
  * SEV transport-packet crypto (see sevpkt.h): SHA-256 (FIPS 180-4), HMAC-SHA256 (RFC 2104) and
  * AES-128-CTR (SP 800-38A, the whole 16-byte block as a big-endian counter, as OpenSSL's
  * EVP_aes_128_ctr), each with a portable path and CPU paths chosen per call (csrc/cpu.c):
- * SHA-NI for SHA-256, and for AES one path per x86 tier (csrc/aes.h), written once in
+ * SHA-NI for SHA-256, and for AES one path per tier (csrc/tiers.h), written once in
  * csrc/ctr_tier.h. All paths are checked against each
  * other and against sevcore/_reference/sevpkt.py by the tests.
  */
@@ -344,7 +344,7 @@ static void ctr_portable(const struct ctr_key *k, uint64_t hi, uint64_t lo, cons
     }
 }
 
-#ifdef SC_X86
+#ifdef SC_VEC
 /* The vector paths, one template (csrc/ctr_tier.h) per tier, eight registers in flight as in
  * csrc/memcrypt.c. */
 #define WAYS 8
@@ -363,6 +363,11 @@ static void ctr_crypt(const struct ctr_key *k, const uint8_t iv[16], const uint8
     case SC_TIER_AVX512: ctr_avx512(k, hi, lo, src, dst, len); return;
     case SC_TIER_AVX2: ctr_avx2(k, hi, lo, src, dst, len); return;
     case SC_TIER_AESNI: ctr_aesni(k, hi, lo, src, dst, len); return;
+    }
+#elif defined(SC_ARM)
+    if (k->impl == SC_TIER_ARMCE) {
+        ctr_armce(k, hi, lo, src, dst, len);
+        return;
     }
 #endif
     ctr_portable(k, hi, lo, src, dst, len);

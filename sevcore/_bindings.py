@@ -220,6 +220,8 @@ CPU_FEATURES = {
     "vpopcntdq": lib.SC_CPU_VPOPCNTDQ,
     "shani": lib.SC_CPU_SHANI,
     "avx2": lib.SC_CPU_AVX2,
+    "neon": lib.SC_CPU_NEON,
+    "armce": lib.SC_CPU_ARMCE,
 }
 
 #: The tiers of kernel paths (csrc/sevcore.h SC_TIER_*), fastest first.
@@ -227,6 +229,8 @@ TIERS = {
     "avx512": lib.SC_TIER_AVX512,
     "avx2": lib.SC_TIER_AVX2,
     "aesni": lib.SC_TIER_AESNI,
+    "armce": lib.SC_TIER_ARMCE,
+    "neon": lib.SC_TIER_NEON,
     "portable": lib.SC_TIER_PORTABLE,
 }
 _TIER_NAMES = {v: k for k, v in TIERS.items()}

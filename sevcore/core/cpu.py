@@ -4,7 +4,9 @@ to force a tier.
 A *tier* is the instruction set a kernel's fast path is written for. On x86-64, fastest first:
 ``avx512`` (VAES and VPCLMULQDQ on zmm: Zen 4, Ice Lake and later servers), ``avx2`` (VAES and
 VPCLMULQDQ on ymm: Zen 3, Alder Lake and other client cores without AVX-512), ``aesni`` (AES-NI
-and PCLMULQDQ on xmm: Zen 1/2, Haswell to Skylake) and ``portable`` (plain C, every CPU). Each
+and PCLMULQDQ on xmm: Zen 1/2, Haswell to Skylake) and ``portable`` (plain C, every CPU). On
+AArch64: ``armce`` (the ARMv8 Cryptographic Extension's AES and PMULL: Graviton, Neoverse, Apple
+and most Cortex-A cores), ``neon`` (Advanced SIMD, every AArch64 CPU) and ``portable``. Each
 kernel runs its path of the best tier the active features allow; SHA-NI and POPCNT are extras
 that run beside whichever tier is active.
 
