@@ -8,12 +8,13 @@ those two copies and decryptions, the guest program's steps (about ten operation
 and one vCPU exit per request. The peer is ``sevpkt.seal`` / ``sevpkt.open`` of the same pages,
 256 pages per call, into buffers allocated once (what the helper's caller can do with
 ``seal(packets=)``). Target (issue: migration helper): within 2x of the raw crypto at 256-page
-batches. Rates are pages/s (bench/report.py).
+batches, on every tier (issue: cpu tiers), so both sides run on each tier the CPU has. Rates are
+pages/s (bench/report.py).
 """
 import numpy as np
 import pytest
 
-from benchutil import per_item
+from benchutil import on_tier, per_item, tier_params
 import sevcore
 from sevcore.core import pages as guestmem
 from sevcore.core import sevpkt
@@ -74,21 +75,24 @@ def plaintext(n):
     return np.stack([np.frombuffer(guestmem.pattern(SEED, gfn), np.uint8) for gfn in range(n)])
 
 
+@pytest.mark.parametrize("tier", tier_params())
 @pytest.mark.parametrize("n", SIZES)
-def test_helper_seal(benchmark, guest, n):
+def test_helper_seal(benchmark, guest, n, tier):
     group(benchmark, n)
     helper = guest[0]
     gfns = np.arange(n, dtype=np.uint64)
     packets = np.empty((n, PACKET_SIZE), np.uint8)
     per_item(benchmark, n, "pages")
-    batch = benchmark.pedantic(helper.seal, (gfns, packets), rounds=30 if n == BATCH else 8,
-                               iterations=1, warmup_rounds=1)
+    with on_tier(benchmark, tier):
+        batch = benchmark.pedantic(helper.seal, (gfns, packets),
+                                   rounds=30 if n == BATCH else 8, iterations=1, warmup_rounds=1)
     assert np.all(np.diff(batch.seqs.astype(np.int64)) == 1)
     assert not np.array_equal(batch.packets[:, 32:], plaintext(n))
 
 
+@pytest.mark.parametrize("tier", tier_params())
 @pytest.mark.parametrize("n", SIZES)
-def test_helper_open(benchmark, guest, n):
+def test_helper_open(benchmark, guest, n, tier):
     """Each round opens the same packets after the guest rewound its counter (not timed)."""
     group(benchmark, n)
     helper, vcpu, layout, c_bit = guest
@@ -99,8 +103,9 @@ def test_helper_open(benchmark, guest, n):
         assert run(vcpu) == ("sync", ("reset",))
         return (batch.gfns, batch.seqs, batch.packets), {}
     per_item(benchmark, n, "pages")
-    benchmark.pedantic(helper.open, setup=setup, rounds=30 if n == BATCH else 8,
-                       warmup_rounds=1)
+    with on_tier(benchmark, tier):
+        benchmark.pedantic(helper.open, setup=setup, rounds=30 if n == BATCH else 8,
+                           warmup_rounds=1)
 
     def check(g):
         yield g.sync((yield g.check_pattern(1 << c_bit, n, SEED)))
@@ -114,23 +119,26 @@ def raw_batches(fn, n, *arrays, out):
         fn(TEK, TIK, *(a[s * k:(s + BATCH) * k] for a, k in arrays), out=out)
 
 
+@pytest.mark.parametrize("tier", tier_params())
 @pytest.mark.parametrize("n", SIZES)
-def test_sevpkt_seal(benchmark, n):
+def test_sevpkt_seal(benchmark, n, tier):
     """The peer: sevpkt.seal of the same pages, 256 per call, into buffers allocated once."""
     group(benchmark, n)
     pt = plaintext(n).reshape(-1)
     ivs = np.frombuffer(np.random.default_rng(1).bytes(16 * n), np.uint8)
     out = (np.empty(52 * BATCH, np.uint8), np.empty(BATCH * 4096, np.uint8))
     per_item(benchmark, n, "pages")
-    benchmark.pedantic(raw_batches, (sevpkt.seal, n, (pt, 4096), (ivs, 16)), {"out": out},
-                       rounds=30 if n == BATCH else 8, iterations=1, warmup_rounds=1)
+    with on_tier(benchmark, tier):
+        benchmark.pedantic(raw_batches, (sevpkt.seal, n, (pt, 4096), (ivs, 16)), {"out": out},
+                           rounds=30 if n == BATCH else 8, iterations=1, warmup_rounds=1)
     k = min(n, BATCH)
     assert np.array_equal(sevpkt.open(TEK, TIK, out[0][:52 * k], out[1][:4096 * k]),
                           pt[(n - k) * 4096:])
 
 
+@pytest.mark.parametrize("tier", tier_params())
 @pytest.mark.parametrize("n", SIZES)
-def test_sevpkt_open(benchmark, n):
+def test_sevpkt_open(benchmark, n, tier):
     """The peer: sevpkt.open of the same pages, 256 per call, into one buffer."""
     group(benchmark, n)
     pt = plaintext(n).reshape(-1)
@@ -139,7 +147,8 @@ def test_sevpkt_open(benchmark, n):
     hdrs, ct = np.frombuffer(hdrs, np.uint8), np.frombuffer(ct, np.uint8)
     out = np.empty(BATCH * 4096, np.uint8)
     per_item(benchmark, n, "pages")
-    benchmark.pedantic(raw_batches, (sevpkt.open, n, (hdrs, 52), (ct, 4096)), {"out": out},
-                       rounds=30 if n == BATCH else 8, iterations=1, warmup_rounds=1)
+    with on_tier(benchmark, tier):
+        benchmark.pedantic(raw_batches, (sevpkt.open, n, (hdrs, 52), (ct, 4096)), {"out": out},
+                           rounds=30 if n == BATCH else 8, iterations=1, warmup_rounds=1)
     k = min(n, BATCH)
     assert np.array_equal(out[:4096 * k], pt[(n - k) * 4096:])

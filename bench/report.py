@@ -1,9 +1,22 @@
-"""Print a pytest-benchmark JSON file as a table of median rates with ratios inside each group.
+"""Print a pytest-benchmark JSON file as a table of rates with ratios inside each group.
 
 Usage: python bench/report.py results.json
+
+Each row gives the median rate and the best round's rate (the machine is shared: the best round
+is the one least disturbed), the tier a sevcore row ran on (benchutil.on_tier), and, where the
+row recorded one, its share of the AES-unit limit of its register width (median / best).
 """
 import json
 import sys
+
+
+def rate_of(b, seconds):
+    extra = b.get("extra_info", {})
+    if "openssl_speed_pages_per_s" in extra:
+        return extra["openssl_speed_pages_per_s"], "pages"
+    if "items" in extra:
+        return extra["items"] / seconds, extra.get("unit", "items")
+    return 1 / seconds, "calls"
 
 
 def main(path):
@@ -12,28 +25,26 @@ def main(path):
     for b in data["benchmarks"]:
         groups.setdefault(b["group"] or "", []).append(b)
     machine = data.get("machine_info", {})
-    print(f"# {machine.get('cpu', {}).get('brand_raw', '?')}, "
+    cpus = {b.get("extra_info", {}).get("cpu") for b in data["benchmarks"]} - {None}
+    print(f"# {', '.join(sorted(cpus)) or machine.get('cpu', {}).get('brand_raw', '?')}, "
           f"python {machine.get('python_version', '?')}\n")
     for group, rows in groups.items():
         print(f"## {group}\n")
-        print("| benchmark | median | rate | vs fastest |")
-        print("|---|---|---|---|")
+        print("| benchmark | tier | median | rate (median) | rate (best) | vs fastest | of limit |")
+        print("|---|---|---|---|---|---|---|")
         rated = []
         for b in rows:
-            med = b["stats"]["median"]
+            med, best = b["stats"]["median"], b["stats"]["min"]
+            rate, unit = rate_of(b, med)
+            brate, _ = rate_of(b, best)
             extra = b.get("extra_info", {})
-            if "openssl_speed_pages_per_s" in extra:
-                rate = extra["openssl_speed_pages_per_s"]
-                unit = "pages"
-            elif "items" in extra:
-                rate = extra["items"] / med
-                unit = extra.get("unit", "items")
-            else:
-                rate, unit = 1 / med, "calls"
-            rated.append((b["name"], med, rate, unit))
-        best = max(r[2] for r in rated)
-        for name, med, rate, unit in sorted(rated, key=lambda r: -r[2]):
-            print(f"| {name} | {fmt_time(med)} | {fmt_rate(rate)} {unit}/s | {rate / best:.3f} |")
+            limit = extra.get("limit_pages_per_s")
+            share = f"{rate / limit:.0%} / {brate / limit:.0%}" if limit else ""
+            rated.append((b["name"], extra.get("tier", ""), med, rate, brate, unit, share))
+        top = max(r[3] for r in rated)
+        for name, tier, med, rate, brate, unit, share in sorted(rated, key=lambda r: -r[3]):
+            print(f"| {name} | {tier} | {fmt_time(med)} | {fmt_rate(rate)} {unit}/s | "
+                  f"{fmt_rate(brate)} {unit}/s | {rate / top:.3f} | {share} |")
         print()
 
 

@@ -105,9 +105,14 @@ int sc_aes_impl(void)
 {
 #ifdef SC_X86
     if (SC_HAS(SC_CPU_VAES | SC_CPU_AVX512 | SC_CPU_AESNI))
-        return SC_AES_VAES;
+        return SC_TIER_AVX512;
+    if (SC_HAS(SC_CPU_VAES | SC_CPU_AVX2 | SC_CPU_AESNI))
+        return SC_TIER_AVX2;
     if (SC_HAS(SC_CPU_AESNI))
-        return SC_AES_AESNI;
+        return SC_TIER_AESNI;
+#elif defined(SC_ARM)
+    if (SC_HAS(SC_CPU_NEON | SC_CPU_ARMCE))
+        return SC_TIER_ARMCE;
 #endif
-    return SC_AES_PORTABLE;
+    return SC_TIER_PORTABLE;
 }

@@ -3,10 +3,9 @@
  * (memcrypt.c: XEX-128, XTS-256) and the transport-packet crypto (sevpkt.c: AES-128-CTR).
  * Internal: not part of the cffi cdef.
  *
- * Three implementations of the block rounds, chosen by the callers from the active CPU features
- * (csrc/cpu.c): a portable T-table AES, AES-NI on xmm registers, and VAES on zmm registers
- * (four blocks per instruction). The SIMD round helpers are always inlined so that, called with
- * constant round and way counts, every round unrolls and the round keys stay in registers.
+ * The block rounds come in a portable T-table AES and, on x86-64, one vector vocabulary per tier
+ * (AES-NI on xmm, VAES on ymm and on zmm) that the callers' templates are written in; which runs
+ * is chosen from the active CPU features (csrc/cpu.c).
  *
  * The portable AES is table-based and therefore not constant-time. That is acceptable here: the
  * simulator models hardware and firmware, it does not protect real secrets.
@@ -17,14 +16,9 @@
 #include <stdint.h>
 
 #include "sevcore.h"
+#include "tiers.h"
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#define SC_X86 1
-#endif
-
-/* Which block implementation the active CPU features select (values of SC_MEM_IMPL_*). */
-enum { SC_AES_PORTABLE = 0, SC_AES_AESNI = 1, SC_AES_VAES = 2 };
+/* The tier (SC_TIER_*) whose block implementation the active CPU features select. */
 int sc_aes_impl(void);
 
 /* ---------------------------------------------------------------------------------------------
@@ -101,75 +95,17 @@ static inline void sc_aes_decrypt_block(const uint32_t *dk, int nr, const uint8_
     sc_aes_block(dk, nr, 0, in, out);
 }
 
+
 #ifdef SC_X86
-/* ---------------------------------------------------------------------------------------------
- * AES-NI on xmm. Callers keep several independent blocks in flight to hide the four-cycle
- * aesenc latency.
- */
-
-#define SC_NI_TARGET __attribute__((target("aes,sse4.1,pclmul")))
-#define SC_ALWAYS_INLINE inline __attribute__((always_inline))
-
-SC_NI_TARGET static inline __m128i sc_ni_encrypt1(const __m128i *k, int nr, __m128i b)
+/* One xmm AES encryption of a single block with round keys k[0..nr] (16-byte blocks): the XTS
+ * tweak T0 = AES_K2(data unit number), computed once per page on every tier. */
+SC_TARGET_aesni static SC_ALWAYS_INLINE __m128i sc_aesni_encrypt1(const uint8_t (*k)[16], int nr,
+                                                                 __m128i b)
 {
-    b = _mm_xor_si128(b, k[0]);
+    b = _mm_xor_si128(b, _mm_loadu_si128((const __m128i *)k[0]));
     for (int r = 1; r < nr; r++)
-        b = _mm_aesenc_si128(b, k[r]);
-    return _mm_aesenclast_si128(b, k[nr]);
-}
-
-SC_NI_TARGET static inline void sc_ni_load_keys(const uint8_t (*keys)[16], int nr, __m128i *k)
-{
-    for (int r = 0; r <= nr; r++)
-        k[r] = _mm_loadu_si128((const __m128i *)keys[r]);
-}
-
-/* Rounds 1..nr of `ways` blocks that the caller has already whitened with k[0]; enc and ways
- * are constants where this is inlined, so the choice of instruction folds away. */
-SC_NI_TARGET static SC_ALWAYS_INLINE void sc_ni_rounds(__m128i *b, const __m128i *k, const int nr,
-                                                      const int enc, const int ways)
-{
-#pragma GCC unroll 14
-    for (int r = 1; r < nr; r++)
-#pragma GCC unroll 8
-        for (int i = 0; i < ways; i++)
-            b[i] = enc ? _mm_aesenc_si128(b[i], k[r]) : _mm_aesdec_si128(b[i], k[r]);
-#pragma GCC unroll 8
-    for (int i = 0; i < ways; i++)
-        b[i] = enc ? _mm_aesenclast_si128(b[i], k[nr]) : _mm_aesdeclast_si128(b[i], k[nr]);
-}
-
-/* ---------------------------------------------------------------------------------------------
- * VAES on zmm: each instruction runs AES on four blocks.
- */
-
-#define SC_VZ_TARGET                                                                               \
-    __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,vaes,vpclmulqdq,aes,pclmul")))
-
-SC_VZ_TARGET static inline __m512i sc_vz_xor3(__m512i a, __m512i b, __m512i c)
-{
-    return _mm512_ternarylogic_epi64(a, b, c, 0x96);
-}
-
-SC_VZ_TARGET static inline void sc_vz_load_keys(const uint8_t (*keys)[16], int nr, __m512i *k)
-{
-    for (int r = 0; r <= nr; r++)
-        k[r] = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)keys[r]));
-}
-
-/* Rounds 1..nr of `ways` registers (4 blocks each) already whitened with k[0]. */
-SC_VZ_TARGET static SC_ALWAYS_INLINE void sc_vz_rounds(__m512i *b, const __m512i *k, const int nr,
-                                                      const int enc, const int ways)
-{
-#pragma GCC unroll 14
-    for (int r = 1; r < nr; r++)
-#pragma GCC unroll 8
-        for (int i = 0; i < ways; i++)
-            b[i] = enc ? _mm512_aesenc_epi128(b[i], k[r]) : _mm512_aesdec_epi128(b[i], k[r]);
-#pragma GCC unroll 8
-    for (int i = 0; i < ways; i++)
-        b[i] = enc ? _mm512_aesenclast_epi128(b[i], k[nr])
-                   : _mm512_aesdeclast_epi128(b[i], k[nr]);
+        b = _mm_aesenc_si128(b, _mm_loadu_si128((const __m128i *)k[r]));
+    return _mm_aesenclast_si128(b, _mm_loadu_si128((const __m128i *)k[nr]));
 }
 #endif /* SC_X86 */
 

@@ -1,11 +1,12 @@
 /*
  * Bitmap kernels in the Linux dirty-log layout (see bitmap.h).
  *
- * Three builds of the hot loops live in this one file and are picked at run time through
- * SC_HAS(): an AVX-512 one (VPOPCNTQ for counting, 8-word zero tests to skip empty stretches),
- * a scalar one with POPCNT/TZCNT/BLSR, and a portable one that needs nothing beyond x86-64
- * (or any C11 target). The build has no -march flag, so the fast paths carry target attributes
- * and the shared loop bodies are always_inline so each caller compiles them for its own ISA.
+ * Four builds of the hot loops live in this one file and are picked at run time through
+ * SC_HAS(): AVX-512 and AVX2 ones, written once in csrc/bitmap_tier.h (VPOPCNTQ or a nibble-table
+ * count for counting, 8-word zero tests to skip empty stretches), a scalar one with
+ * POPCNT/TZCNT/BLSR, and a portable one that needs nothing beyond x86-64 (or any C11 target).
+ * The build has no -march flag, so the fast paths carry target attributes and the shared loop
+ * bodies are always_inline so each caller compiles them for its own ISA.
  */
 #include "bitmap.h"
 
@@ -19,10 +20,15 @@
 #define SC_BITMAP_X86 1
 #define TARGET_AVX512 \
     __attribute__((target("avx512f,avx512bw,avx512vl,avx512vpopcntdq,popcnt,bmi")))
+#define TARGET_AVX2 __attribute__((target("avx2,popcnt,bmi")))
 #define TARGET_SCALAR __attribute__((target("popcnt,bmi")))
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#define SC_BITMAP_ARM 1
 #endif
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
+#define SC_BM_INLINE inline __attribute__((always_inline)) /* after `static` and a target */
 #define ALL_ONES (~(uint64_t)0)
 
 /* The bits of start's word at or above start (BITMAP_FIRST_WORD_MASK, include/linux/bitmap.h). */
@@ -117,80 +123,115 @@ TARGET_SCALAR static uint64_t count_run_starts_scalar(const uint64_t *w, uint64_
     return c;
 }
 
-/* 32 words (four zmm) per step with independent accumulators, so the loop is bound by loads and
- * keeps up with DRAM; VPOPCNTQ gives per-lane counts that are summed once at the end. */
-TARGET_AVX512 static uint64_t count_words_avx512(const uint64_t *w, uint64_t n)
-{
-    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
-    uint64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        a0 = _mm512_add_epi64(a0, _mm512_popcnt_epi64(_mm512_loadu_si512(w + i)));
-        a1 = _mm512_add_epi64(a1, _mm512_popcnt_epi64(_mm512_loadu_si512(w + i + 8)));
-        a2 = _mm512_add_epi64(a2, _mm512_popcnt_epi64(_mm512_loadu_si512(w + i + 16)));
-        a3 = _mm512_add_epi64(a3, _mm512_popcnt_epi64(_mm512_loadu_si512(w + i + 24)));
-    }
-    for (; i + 8 <= n; i += 8)
-        a0 = _mm512_add_epi64(a0, _mm512_popcnt_epi64(_mm512_loadu_si512(w + i)));
-    if (i < n) {
-        __mmask8 k = (__mmask8)((1u << (n - i)) - 1);
-        a1 = _mm512_add_epi64(a1, _mm512_popcnt_epi64(_mm512_maskz_loadu_epi64(k, w + i)));
-    }
-    a0 = _mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3));
-    return (uint64_t)_mm512_reduce_add_epi64(a0);
-}
+/* The vector tiers' primitives (csrc/bitmap_tier.h). */
+typedef uint64_t bm_avx2_v __attribute__((vector_size(32)));
+typedef uint64_t bm_avx512_v __attribute__((vector_size(64)));
+#define BM_TARGET_avx2 TARGET_AVX2
+#define BM_TARGET_avx512 TARGET_AVX512
 
-/* Same reduction over run starts; the previous words come from a load shifted by one word. */
-TARGET_AVX512 static uint64_t count_run_starts_avx512(const uint64_t *w, uint64_t n,
-                                                      uint64_t prev)
+/* The bit count of each word of v[0..n) (n <= 4), summed word by word. On zmm, VPOPCNTQ. On
+ * ymm, which has no such instruction, the nibble-table count of Mula, Kurz and Lemire ("Faster
+ * Population Counts Using AVX2 Instructions", The Computer Journal 61(1), 2018): VPSHUFB looks
+ * up the count of each nibble; the byte counts of the n registers (at most 32 each) are added
+ * before one VPSADBW sums the bytes of each word. */
+TARGET_AVX512 static SC_BM_INLINE bm_avx512_v bm_avx512_popcnt(const bm_avx512_v *v, const int n)
 {
-    if (n == 0)
-        return 0;
-    uint64_t c = (uint64_t)__builtin_popcountll(run_starts(w[0], prev));
-    __m512i acc = _mm512_setzero_si512();
-    uint64_t i = 1;
-    for (; i + 8 <= n; i += 8) {
-        __m512i v = _mm512_loadu_si512(w + i);
-        __m512i p = _mm512_loadu_si512(w + i - 1);
-        __m512i s = _mm512_andnot_si512(
-            _mm512_or_si512(_mm512_slli_epi64(v, 1), _mm512_srli_epi64(p, 63)), v);
-        acc = _mm512_add_epi64(acc, _mm512_popcnt_epi64(s));
-    }
-    c += (uint64_t)_mm512_reduce_add_epi64(acc);
-    for (; i < n; i++)
-        c += (uint64_t)__builtin_popcountll(run_starts(w[i], w[i - 1]));
+    bm_avx512_v c = (bm_avx512_v)_mm512_popcnt_epi64((__m512i)v[0]);
+    for (int k = 1; k < n; k++)
+        c += (bm_avx512_v)_mm512_popcnt_epi64((__m512i)v[k]);
     return c;
 }
 
-TARGET_AVX512 static uint64_t read_pass_avx512(const uint64_t *w, uint64_t n)
+TARGET_AVX2 static SC_BM_INLINE bm_avx2_v bm_avx2_popcnt(const bm_avx2_v *v, const int n)
 {
-    __m512i x0 = _mm512_setzero_si512(), x1 = x0, x2 = x0, x3 = x0;
-    uint64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        x0 = _mm512_xor_si512(x0, _mm512_loadu_si512(w + i));
-        x1 = _mm512_xor_si512(x1, _mm512_loadu_si512(w + i + 8));
-        x2 = _mm512_xor_si512(x2, _mm512_loadu_si512(w + i + 16));
-        x3 = _mm512_xor_si512(x3, _mm512_loadu_si512(w + i + 24));
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2,
+                                         1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i nibble = _mm256_set1_epi8(0x0f);
+    __m256i c = _mm256_setzero_si256();
+    for (int k = 0; k < n; k++) {
+        __m256i lo = _mm256_and_si256((__m256i)v[k], nibble);
+        __m256i hi = _mm256_and_si256(_mm256_srli_epi16((__m256i)v[k], 4), nibble);
+        c = _mm256_add_epi8(c, _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo),
+                                               _mm256_shuffle_epi8(lut, hi)));
     }
-    for (; i + 8 <= n; i += 8)
-        x0 = _mm512_xor_si512(x0, _mm512_loadu_si512(w + i));
-    x0 = _mm512_xor_si512(_mm512_xor_si512(x0, x1), _mm512_xor_si512(x2, x3));
-    uint64_t lanes[8], x = 0;
-    _mm512_storeu_si512(lanes, x0);
-    for (int k = 0; k < 8; k++)
-        x ^= lanes[k];
-    for (; i < n; i++)
-        x ^= w[i];
-    return x;
+    return (bm_avx2_v)_mm256_sad_epu8(c, _mm256_setzero_si256());
 }
+
+/* Which words of the 64-byte line at p are non-zero: one zmm test, or two ymm compares. */
+TARGET_AVX512 static SC_BM_INLINE unsigned bm_avx512_nonzero8(const uint64_t *p)
+{
+    __m512i v = _mm512_load_si512(p);
+    return _mm512_test_epi64_mask(v, v);
+}
+
+TARGET_AVX2 static SC_BM_INLINE unsigned bm_avx2_nonzero8(const uint64_t *p)
+{
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i a = _mm256_cmpeq_epi64(_mm256_load_si256((const __m256i *)p), zero);
+    __m256i b = _mm256_cmpeq_epi64(_mm256_load_si256((const __m256i *)p + 1), zero);
+    unsigned z = (unsigned)_mm256_movemask_pd(_mm256_castsi256_pd(a)) |
+                 (unsigned)_mm256_movemask_pd(_mm256_castsi256_pd(b)) << 4;
+    return ~z & 0xffu;
+}
+
+#define bm_avx2_words word_indices_bmi
+#define bm_avx512_words word_indices_bmi
+#define BM_PART 1
+#define TIER avx2
+#include "bitmap_tier.h"
+#undef TIER
+#define TIER avx512
+#include "bitmap_tier.h"
+#undef TIER
+#undef BM_PART
+#elif defined(SC_BITMAP_ARM)
+/* The neon tier (Advanced SIMD, part of every AArch64 CPU): CNT counts the bits of each byte and
+ * pairwise widening adds (UADDLP) sum them per word; a line is tested for zero words with one
+ * maximum across four ORed registers (UMAXV) before its words are looked at one by one. */
+typedef uint64_t bm_neon_v __attribute__((vector_size(16)));
+#define BM_TARGET_neon
+#define bm_neon_words word_indices_portable
+
+static SC_BM_INLINE bm_neon_v bm_neon_popcnt(const bm_neon_v *v, const int n)
+{
+    uint8x16_t c = vdupq_n_u8(0);
+    for (int k = 0; k < n; k++)
+        c = vaddq_u8(c, vcntq_u8(vreinterpretq_u8_u64((uint64x2_t)v[k])));
+    return (bm_neon_v)vpaddlq_u32(vpaddlq_u16(vpaddlq_u8(c)));
+}
+
+static SC_BM_INLINE unsigned bm_neon_nonzero8(const uint64_t *p)
+{
+    uint64x2_t any = vorrq_u64(vorrq_u64(vld1q_u64(p), vld1q_u64(p + 2)),
+                               vorrq_u64(vld1q_u64(p + 4), vld1q_u64(p + 6)));
+    if (vmaxvq_u32(vreinterpretq_u32_u64(any)) == 0)
+        return 0;
+    unsigned nz = 0;
+    for (int k = 0; k < 8; k++)
+        nz |= (unsigned)(p[k] != 0) << k;
+    return nz;
+}
+
+#define BM_PART 1
+#define TIER neon
+#include "bitmap_tier.h"
+#undef TIER
+#undef BM_PART
 #endif
 
+/* VPOPCNTQ on zmm where the CPU has it (an AVX-512 CPU without it counts on ymm). */
 static uint64_t count_words(const uint64_t *w, uint64_t n)
 {
 #ifdef SC_BITMAP_X86
     if (SC_HAS(SC_CPU_AVX512 | SC_CPU_VPOPCNTDQ | SC_CPU_POPCNT))
         return count_words_avx512(w, n);
+    if (SC_HAS(SC_CPU_AVX2 | SC_CPU_POPCNT))
+        return count_words_avx2(w, n);
     if (SC_HAS(SC_CPU_POPCNT))
         return count_words_scalar(w, n);
+#elif defined(SC_BITMAP_ARM)
+    if (SC_HAS(SC_CPU_NEON))
+        return count_words_neon(w, n);
 #endif
     return count_words_portable(w, n);
 }
@@ -200,8 +241,13 @@ static uint64_t count_run_starts(const uint64_t *w, uint64_t n, uint64_t prev)
 #ifdef SC_BITMAP_X86
     if (SC_HAS(SC_CPU_AVX512 | SC_CPU_VPOPCNTDQ | SC_CPU_POPCNT))
         return count_run_starts_avx512(w, n, prev);
+    if (SC_HAS(SC_CPU_AVX2 | SC_CPU_POPCNT))
+        return count_run_starts_avx2(w, n, prev);
     if (SC_HAS(SC_CPU_POPCNT))
         return count_run_starts_scalar(w, n, prev);
+#elif defined(SC_BITMAP_ARM)
+    if (SC_HAS(SC_CPU_NEON))
+        return count_run_starts_neon(w, n, prev);
 #endif
     return count_run_starts_portable(w, n, prev);
 }
@@ -250,6 +296,15 @@ int64_t sc_bitmap_read_pass(const uint64_t *words, uint64_t nwords, uint64_t *fo
 #ifdef SC_BITMAP_X86
     if (SC_HAS(SC_CPU_AVX512)) {
         *fold = read_pass_avx512(words, nwords);
+        return 0;
+    }
+    if (SC_HAS(SC_CPU_AVX2)) {
+        *fold = read_pass_avx2(words, nwords);
+        return 0;
+    }
+#elif defined(SC_BITMAP_ARM)
+    if (SC_HAS(SC_CPU_NEON)) {
+        *fold = read_pass_neon(words, nwords);
         return 0;
     }
 #endif
@@ -472,42 +527,6 @@ ALWAYS_INLINE int visit_word(struct scan *s, uint64_t wi, uint64_t mask, const i
  * filled up. NULL in the scalar builds, which do all words in the plain loop. */
 typedef int (*block_fn)(struct scan *s, uint64_t *wi, uint64_t lw);
 
-#ifdef SC_BITMAP_X86
-/* Align so each zmm load is one cache line, then visit only the non-zero words of each line. */
-ALWAYS_INLINE TARGET_AVX512 int scan_blocks_avx512(struct scan *s, uint64_t *wip, uint64_t lw,
-                                                   const int take)
-{
-    uint64_t wi = *wip;
-    int ok = 1;
-    for (; wi < lw && ((uintptr_t)(s->map + wi) & 63); wi++)
-        if (peek_word(s, wi, take) && !(ok = visit_word(s, wi, ALL_ONES, take, word_indices_bmi)))
-            goto out;
-    for (; wi + 8 <= lw; wi += 8) {
-        __m512i v = _mm512_load_si512(s->map + wi);
-        unsigned nz = _mm512_test_epi64_mask(v, v);
-        while (nz) {
-            uint64_t k = wi + (uint64_t)__builtin_ctz(nz);
-            nz &= nz - 1;
-            if (!(ok = visit_word(s, k, ALL_ONES, take, word_indices_bmi)))
-                goto out;
-        }
-    }
-out:
-    *wip = wi;
-    return ok;
-}
-
-TARGET_AVX512 static int iter_blocks_avx512(struct scan *s, uint64_t *wip, uint64_t lw)
-{
-    return scan_blocks_avx512(s, wip, lw, 0);
-}
-
-TARGET_AVX512 static int harvest_blocks_avx512(struct scan *s, uint64_t *wip, uint64_t lw)
-{
-    return scan_blocks_avx512(s, wip, lw, 1);
-}
-#endif
-
 ALWAYS_INLINE int64_t scan_body(struct scan *s, uint64_t *pos, uint64_t end, const int take,
                                 block_fn blocks, word_fn word)
 {
@@ -553,12 +572,37 @@ TARGET_SCALAR static int64_t scan_scalar(struct scan *s, uint64_t *pos, uint64_t
                 : scan_body(s, pos, end, 0, NULL, word_indices_bmi);
 }
 
-TARGET_AVX512 static int64_t scan_avx512(struct scan *s, uint64_t *pos, uint64_t end, int take)
-{
-    return take ? scan_body(s, pos, end, 1, harvest_blocks_avx512, word_indices_bmi)
-                : scan_body(s, pos, end, 0, iter_blocks_avx512, word_indices_bmi);
-}
+#define BM_PART 2
+#define TIER avx2
+#include "bitmap_tier.h"
+#undef TIER
+#define TIER avx512
+#include "bitmap_tier.h"
+#undef TIER
+#undef BM_PART
+#elif defined(SC_BITMAP_ARM)
+#define BM_PART 2
+#define TIER neon
+#include "bitmap_tier.h"
+#undef TIER
+#undef BM_PART
 #endif
+
+int sc_bitmap_impl(void)
+{
+#ifdef SC_BITMAP_X86
+    if (SC_HAS(SC_CPU_AVX512 | SC_CPU_POPCNT))
+        return SC_TIER_AVX512;
+    if (SC_HAS(SC_CPU_AVX2 | SC_CPU_POPCNT))
+        return SC_TIER_AVX2;
+    if (SC_HAS(SC_CPU_POPCNT))
+        return SC_BITMAP_IMPL_POPCNT;
+#elif defined(SC_BITMAP_ARM)
+    if (SC_HAS(SC_CPU_NEON))
+        return SC_TIER_NEON;
+#endif
+    return SC_TIER_PORTABLE;
+}
 
 /* The argument checks and the dispatch of both scans. */
 static int64_t scan(const uint64_t *map, uint64_t nbits, uint64_t *pos, uint64_t end,
@@ -574,8 +618,13 @@ static int64_t scan(const uint64_t *map, uint64_t nbits, uint64_t *pos, uint64_t
 #ifdef SC_BITMAP_X86
     if (SC_HAS(SC_CPU_AVX512 | SC_CPU_POPCNT))
         return scan_avx512(&s, pos, end, take);
+    if (SC_HAS(SC_CPU_AVX2 | SC_CPU_POPCNT))
+        return scan_avx2(&s, pos, end, take);
     if (SC_HAS(SC_CPU_POPCNT))
         return scan_scalar(&s, pos, end, take);
+#elif defined(SC_BITMAP_ARM)
+    if (SC_HAS(SC_CPU_NEON))
+        return scan_neon(&s, pos, end, take);
 #endif
     return scan_portable(&s, pos, end, take);
 }

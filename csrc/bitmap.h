@@ -26,6 +26,12 @@
 #include <stdint.h>
 
 /* cdef:begin */
+enum {
+    /* What sc_bitmap_impl reports for the scalar POPCNT/TZCNT/BLSR path, which runs beside the
+     * tiers (SC_TIER_*) on a CPU with POPCNT but no vector path. */
+    SC_BITMAP_IMPL_POPCNT = 16,
+};
+
 /* 2^40 bits: one bit per 4 KiB page of the 52-bit physical address space x86-64 allows, i.e.
  * the largest guest any dirty log could describe. Also keeps every count within int64_t. */
 #define SC_BITMAP_MAX_NBITS 0x10000000000ULL
@@ -75,6 +81,10 @@ int64_t sc_bitmap_equal(const uint64_t *a, const uint64_t *b, uint64_t nbits);
 /* Read every word once and XOR them into *fold: the cost of one streaming pass over the array,
  * which the benchmarks use as the memory-bandwidth floor any full-bitmap kernel sits on. */
 int64_t sc_bitmap_read_pass(const uint64_t *words, uint64_t nwords, uint64_t *fold);
+
+/* The path the scans (iter_set, harvest) and counts take with the active CPU features: a tier
+ * (SC_TIER_*) or SC_BITMAP_IMPL_POPCNT. */
+int sc_bitmap_impl(void);
 /* cdef:end */
 
 /*

@@ -13,14 +13,10 @@
 #include "sevcore.h"
 
 /* cdef:begin */
-enum {
-    SC_CRC32_IMPL_PORTABLE = 0,
-    SC_CRC32_IMPL_CLMUL = 1,
-};
-
 /* zlib's crc32(crc, buf, len): the CRC of buf continued from crc (0 for a fresh one), in
  * [0, 2**32), or -EINVAL for a NULL buf with len > 0. */
 int64_t sc_crc32(uint32_t crc, const uint8_t *buf, size_t len);
+/* The tier (SC_TIER_*) a call takes with the active CPU features. */
 int sc_crc32_impl(void);
 /* cdef:end */
 

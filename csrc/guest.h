@@ -74,10 +74,6 @@ enum {
     SC_GUEST_OP_DIGEST = 7,
 
     SC_GUEST_PAGE_SIZE = 4096,
-
-    /* Which implementation the page loops take with the current CPU features (sc_guest_impl). */
-    SC_GUEST_IMPL_PORTABLE = 0,
-    SC_GUEST_IMPL_AVX512 = 1,
 };
 
 /* A memslot with dirty logging on: bit i of dirty_bitmap (the KVM_GET_DIRTY_LOG layout, csrc/
@@ -117,7 +113,7 @@ void sc_guest_pattern(uint64_t seed, uint64_t gfn, uint8_t *page);
  * specification, XXH3_64bits()), so any xxHash library computes the same value. */
 uint64_t sc_guest_digest(const uint8_t *page);
 
-/* Which implementation the FILL/PATTERN/CHECK/DIGEST loops take with the current CPU features. */
+/* The tier (SC_TIER_*) the FILL/PATTERN/CHECK/DIGEST loops take with the active CPU features. */
 int sc_guest_impl(void);
 /* cdef:end */
 

@@ -1,9 +1,10 @@
 /*
  * SEV memory encryption engine: AES-128-XEX with an SPA tweak table, and XTS-AES-256 with one
- * 4 KiB data unit per page. Three implementations of each, chosen per call from the active CPU
- * features (csrc/cpu.c) on top of the shared AES of csrc/aes.h: portable T-table AES, AES-NI on
- * xmm registers, and VAES on zmm registers (four blocks per instruction). All three are checked
- * against each other and against sevcore/_reference/memcrypt.py by the tests.
+ * 4 KiB data unit per page. A portable T-table path and one vector path per tier (x86-64: AES-NI
+ * on xmm, VAES on ymm, VAES on zmm; AArch64: the Cryptographic Extension: csrc/tiers.h), written
+ * once in csrc/memcrypt_tier.h; the tier is chosen per call from the active CPU features
+ * (csrc/cpu.c). All are checked against each other and against sevcore/_reference/memcrypt.py by
+ * the tests, and the AArch64 path by tests/kat/kat.c under qemu-aarch64.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -12,19 +13,14 @@
 #include "aes.h"
 #include "memcrypt.h"
 
-_Static_assert((int)SC_AES_PORTABLE == (int)SC_MEM_IMPL_PORTABLE &&
-                   (int)SC_AES_AESNI == (int)SC_MEM_IMPL_AESNI &&
-                   (int)SC_AES_VAES == (int)SC_MEM_IMPL_VAES,
-               "sc_memcrypt_impl reports sc_aes_impl");
-
 #define PAGE 4096
 #define BLOCKS_PER_PAGE (PAGE / 16)
 
 struct sc_memcrypt {
     /* SIMD-loaded members first, 64-byte aligned (the struct comes from aligned_alloc). */
     uint8_t inpage16[BLOCKS_PER_PAGE][16]; /* XEX: T(16 * j) for block j of a page, x4 expanded */
-    uint8_t ek[15][16];                    /* AES-NI encryption round keys (data key) */
-    uint8_t dk[15][16];                    /* AES-NI decryption round keys (aesimc applied) */
+    uint8_t ek[15][16];                    /* encryption round keys as blocks (data key) */
+    uint8_t dk[15][16];                    /* decryption round keys (aesimc applied) */
     uint8_t tk[15][16];                    /* XTS tweak key, encryption round keys */
     uint32_t rk_enc[60], rk_dec[60], rk_tweak[60]; /* the same schedules as big-endian words */
     uint32_t page_lut[7][256];             /* XEX: contribution of SPA bits 12..63, per byte */
@@ -133,211 +129,31 @@ static void xts_page_portable(const sc_memcrypt *e, int enc, const uint8_t *src,
     }
 }
 
+#ifdef SC_VEC
+/* ---------------------------------------------------------------------------------------------
+ * The vector paths, one template (csrc/memcrypt_tier.h) per tier. Eight registers in flight:
+ * with four-cycle rounds issued two per cycle that is what keeps both AES units busy, and with
+ * the zmm tier's 32 registers its 15 round keys could stay resident too.
+ */
+#define WAYS 8
+#define TEMPLATE "memcrypt_tier.h"
+#include "each_tier.h"
+#undef TEMPLATE
+#undef WAYS
+
+typedef void (*run_fn)(const sc_memcrypt *e, int enc, const uint8_t *src, uint8_t *dst,
+                       const uint64_t *spas, uint64_t spa0, size_t n);
+
+static const run_fn runs[] = {
 #ifdef SC_X86
-/* ---------------------------------------------------------------------------------------------
- * AES-NI on xmm: eight independent blocks in flight hide the four-cycle aesenc latency.
- */
-
-#define NI_TARGET SC_NI_TARGET
-#define NI_WAYS 8
-
-/* Multiply a 128-bit tweak by x^k (1 <= k <= 56), IEEE 1619 little-endian convention: each
- * qword shifts, the low qword's top bits carry into the high qword, and the high qword's top k
- * bits fold back through a carry-less multiply by 0x87 (the product fits the low qword). */
-NI_TARGET static inline __m128i ni_mul_xk(__m128i t, const int k)
-{
-    __m128i sr = _mm_srli_epi64(t, 64 - k);
-    __m128i carry = _mm_slli_si128(sr, 8);
-    __m128i top = _mm_srli_si128(sr, 8);
-    __m128i red = _mm_clmulepi64_si128(top, _mm_set_epi64x(0, 0x87), 0x00);
-    return _mm_xor_si128(_mm_xor_si128(_mm_slli_epi64(t, k), carry), red);
-}
-
-NI_TARGET static inline __m128i ni_mul_x(__m128i t) { return ni_mul_xk(t, 1); }
-
-/* Always inlined with constant nr and enc so that the rounds unroll (see vz_blocks). */
-NI_TARGET static SC_ALWAYS_INLINE void
-ni_blocks(const __m128i *k, const int nr, const int enc, const uint8_t *src, uint8_t *dst,
-          const __m128i *t)
-{
-    __m128i b[NI_WAYS];
-#pragma GCC unroll 8
-    for (int i = 0; i < NI_WAYS; i++)
-        b[i] = _mm_xor_si128(_mm_xor_si128(_mm_loadu_si128((const __m128i *)src + i), t[i]),
-                             k[0]);
-    sc_ni_rounds(b, k, nr, enc, NI_WAYS);
-#pragma GCC unroll 8
-    for (int i = 0; i < NI_WAYS; i++)
-        _mm_storeu_si128((__m128i *)dst + i, _mm_xor_si128(b[i], t[i]));
-}
-
-NI_TARGET static SC_ALWAYS_INLINE void
-xex_page_aesni_body(const sc_memcrypt *e, const int enc, const uint8_t *src, uint8_t *dst,
-                    uint64_t spa)
-{
-    enum { NR = 10 }; /* XEX is AES-128 */
-    __m128i k[NR + 1], t[NI_WAYS];
-    const uint8_t(*keys)[16] = enc ? e->ek : e->dk;
-    sc_ni_load_keys(keys, NR, k);
-    __m128i tp = _mm_set1_epi32((int)xex_page_tweak(e, spa));
-    for (int j = 0; j < BLOCKS_PER_PAGE; j += NI_WAYS) {
-#pragma GCC unroll 8
-        for (int i = 0; i < NI_WAYS; i++)
-            t[i] = _mm_xor_si128(_mm_load_si128((const __m128i *)e->inpage16[j + i]), tp);
-        ni_blocks(k, NR, enc, src + 16 * j, dst + 16 * j, t);
-    }
-}
-
-NI_TARGET static void xex_page_aesni(const sc_memcrypt *e, int enc, const uint8_t *src,
-                                     uint8_t *dst, uint64_t spa)
-{
-    if (enc)
-        xex_page_aesni_body(e, 1, src, dst, spa);
-    else
-        xex_page_aesni_body(e, 0, src, dst, spa);
-}
-
-NI_TARGET static SC_ALWAYS_INLINE void
-xts_page_aesni_body(const sc_memcrypt *e, const int enc, const uint8_t *src, uint8_t *dst,
-                    uint64_t spa)
-{
-    enum { NR = 14 }; /* XTS here is always AES-256 */
-    __m128i k[NR + 1], tk[NR + 1], t[NI_WAYS];
-    const uint8_t(*keys)[16] = enc ? e->ek : e->dk;
-    sc_ni_load_keys(keys, NR, k);
-    sc_ni_load_keys(e->tk, NR, tk);
-    __m128i cur = sc_ni_encrypt1(tk, NR, _mm_set_epi64x(0, (long long)(spa >> 12)));
-    for (int j = 0; j < BLOCKS_PER_PAGE; j += NI_WAYS) {
-        /* Independent multiplies from one base keep the tweak chain off the critical path. */
-        t[0] = cur;
-#pragma GCC unroll 8
-        for (int i = 1; i < NI_WAYS; i++)
-            t[i] = ni_mul_xk(cur, i);
-        cur = ni_mul_xk(cur, NI_WAYS);
-        ni_blocks(k, NR, enc, src + 16 * j, dst + 16 * j, t);
-    }
-}
-
-NI_TARGET static void xts_page_aesni(const sc_memcrypt *e, int enc, const uint8_t *src,
-                                     uint8_t *dst, uint64_t spa)
-{
-    if (enc)
-        xts_page_aesni_body(e, 1, src, dst, spa);
-    else
-        xts_page_aesni_body(e, 0, src, dst, spa);
-}
-
-/* ---------------------------------------------------------------------------------------------
- * VAES on zmm: each instruction runs AES on four blocks; VZ_WAYS registers in flight.
- */
-
-#define VZ_TARGET SC_VZ_TARGET
-#define VZ_WAYS 8
-
-/* Multiply each 128-bit lane by x^k (1 <= k <= 56): the k bits shifted out of the top fold back
- * through a carry-less multiply by 0x87, whose product (< 2^(k+8)) stays in the low qword. Every
- * tweak of a group is computed from one base, so the chain between groups is one step long. */
-VZ_TARGET static inline __m512i vz_mul_xk(__m512i v, const int k)
-{
-    __m512i sr = _mm512_srli_epi64(v, 64 - k);
-    __m512i carry = _mm512_bslli_epi128(sr, 8);
-    __m512i top = _mm512_bsrli_epi128(sr, 8);
-    __m512i red = _mm512_clmulepi64_epi128(top, _mm512_set1_epi64(0x87), 0x00);
-    return sc_vz_xor3(_mm512_slli_epi64(v, k), carry, red);
-}
-
-/* Always inlined with constant nr and enc, so that every round unrolls and the round keys stay
- * in registers (11 or 15 keys + 8 data + 8 tweaks fit the 32 zmm registers). */
-VZ_TARGET static SC_ALWAYS_INLINE void
-vz_blocks(const __m512i *k, const int nr, const int enc, const uint8_t *src, uint8_t *dst,
-          const __m512i *t)
-{
-    __m512i b[VZ_WAYS];
-#pragma GCC unroll 8
-    for (int i = 0; i < VZ_WAYS; i++)
-        b[i] = sc_vz_xor3(_mm512_loadu_si512((const void *)(src + 64 * i)), t[i], k[0]);
-    sc_vz_rounds(b, k, nr, enc, VZ_WAYS);
-#pragma GCC unroll 8
-    for (int i = 0; i < VZ_WAYS; i++)
-        _mm512_storeu_si512((void *)(dst + 64 * i), _mm512_xor_si512(b[i], t[i]));
-}
-
-VZ_TARGET static SC_ALWAYS_INLINE void
-xex_run_vaes_body(const sc_memcrypt *e, const int enc, const uint8_t *src, uint8_t *dst,
-                  const uint64_t *spas, uint64_t spa0, size_t n)
-{
-    enum { NR = 10 }; /* XEX is AES-128 */
-    __m512i k[NR + 1], t[VZ_WAYS];
-    sc_vz_load_keys(enc ? e->ek : e->dk, NR, k);
-    for (size_t p = 0; p < n; p++) {
-        uint64_t spa = spas ? spas[p] : spa0 + (uint64_t)p * PAGE;
-        __m512i tp = _mm512_set1_epi32((int)xex_page_tweak(e, spa));
-        const uint8_t *s = src + p * PAGE;
-        uint8_t *d = dst + p * PAGE;
-        for (int j = 0; j < BLOCKS_PER_PAGE; j += 4 * VZ_WAYS) {
-#pragma GCC unroll 8
-            for (int i = 0; i < VZ_WAYS; i++)
-                t[i] = _mm512_xor_si512(_mm512_load_si512((const void *)e->inpage16[j + 4 * i]),
-                                        tp);
-            vz_blocks(k, NR, enc, s + 16 * j, d + 16 * j, t);
-        }
-    }
-}
-
-VZ_TARGET static void xex_run_vaes(const sc_memcrypt *e, int enc, const uint8_t *src,
-                                   uint8_t *dst, const uint64_t *spas, uint64_t spa0, size_t n)
-{
-    if (enc)
-        xex_run_vaes_body(e, 1, src, dst, spas, spa0, n);
-    else
-        xex_run_vaes_body(e, 0, src, dst, spas, spa0, n);
-}
-
-VZ_TARGET static SC_ALWAYS_INLINE void
-xts_run_vaes_body(const sc_memcrypt *e, const int enc, const uint8_t *src, uint8_t *dst,
-                  const uint64_t *spas, uint64_t spa0, size_t n)
-{
-    enum { NR = 14 }; /* XTS here is always AES-256 */
-    __m512i k[NR + 1], t[VZ_WAYS];
-    __m128i tk[NR + 1];
-    sc_vz_load_keys(enc ? e->ek : e->dk, NR, k);
-    sc_ni_load_keys(e->tk, NR, tk);
-    /* T0 of the next page is computed one page ahead: its 14 dependent rounds then overlap the
-     * current page's work instead of stalling the start of the next. */
-    __m128i t0_next =
-        sc_ni_encrypt1(tk, NR, _mm_set_epi64x(0, (long long)((spas ? spas[0] : spa0) >> 12)));
-    for (size_t p = 0; p < n; p++) {
-        __m128i t0 = t0_next;
-        if (p + 1 < n) {
-            uint64_t next = spas ? spas[p + 1] : spa0 + (uint64_t)(p + 1) * PAGE;
-            t0_next = sc_ni_encrypt1(tk, NR, _mm_set_epi64x(0, (long long)(next >> 12)));
-        }
-        __m128i t1 = ni_mul_x(t0), t2 = ni_mul_x(t1), t3 = ni_mul_x(t2);
-        __m512i cur = _mm512_inserti32x4(_mm512_castsi128_si512(t0), t1, 1);
-        cur = _mm512_inserti32x4(cur, t2, 2);
-        cur = _mm512_inserti32x4(cur, t3, 3);
-        const uint8_t *s = src + p * PAGE;
-        uint8_t *d = dst + p * PAGE;
-        for (int j = 0; j < BLOCKS_PER_PAGE; j += 4 * VZ_WAYS) {
-            t[0] = cur;
-#pragma GCC unroll 8
-            for (int i = 1; i < VZ_WAYS; i++)
-                t[i] = vz_mul_xk(cur, 4 * i);
-            cur = vz_mul_xk(cur, 4 * VZ_WAYS);
-            vz_blocks(k, NR, enc, s + 16 * j, d + 16 * j, t);
-        }
-    }
-}
-
-VZ_TARGET static void xts_run_vaes(const sc_memcrypt *e, int enc, const uint8_t *src,
-                                   uint8_t *dst, const uint64_t *spas, uint64_t spa0, size_t n)
-{
-    if (enc)
-        xts_run_vaes_body(e, 1, src, dst, spas, spa0, n);
-    else
-        xts_run_vaes_body(e, 0, src, dst, spas, spa0, n);
-}
-#endif /* SC_X86 */
+    [SC_TIER_AESNI] = run_aesni,
+    [SC_TIER_AVX2] = run_avx2,
+    [SC_TIER_AVX512] = run_avx512,
+#else
+    [SC_TIER_ARMCE] = run_armce,
+#endif
+};
+#endif /* SC_VEC */
 
 /* ---------------------------------------------------------------------------------------------
  * Dispatch and the exported API.
@@ -345,23 +161,27 @@ VZ_TARGET static void xts_run_vaes(const sc_memcrypt *e, int enc, const uint8_t 
 
 int sc_memcrypt_impl(void) { return sc_aes_impl(); }
 
-void sc_memcrypt_page(const sc_memcrypt *e, int enc, const uint8_t *src, uint8_t *dst,
-                      uint64_t spa)
+/* Pages [0, n) of src to dst, page p at spas[p] (or spa0 + p * 4096), on the active tier. */
+static void crypt_run(const sc_memcrypt *e, int enc, const uint8_t *src, uint8_t *dst,
+                      const uint64_t *spas, uint64_t spa0, size_t n)
 {
-    int impl = sc_memcrypt_impl();
     int xts = e->mode == SC_MEM_AES256_XTS;
-#ifdef SC_X86
-    if (impl == SC_MEM_IMPL_VAES) {
-        (xts ? xts_run_vaes : xex_run_vaes)(e, enc, src, dst, NULL, spa, 1);
-        return;
-    }
-    if (impl == SC_MEM_IMPL_AESNI) {
-        (xts ? xts_page_aesni : xex_page_aesni)(e, enc, src, dst, spa);
+#ifdef SC_VEC
+    int tier = sc_memcrypt_impl();
+    if (tier != SC_TIER_PORTABLE) {
+        runs[tier](e, enc, src, dst, spas, spa0, n);
         return;
     }
 #endif
-    (void)impl;
-    (xts ? xts_page_portable : xex_page_portable)(e, enc, src, dst, spa);
+    for (size_t p = 0; p < n; p++)
+        (xts ? xts_page_portable : xex_page_portable)(e, enc, src + p * PAGE, dst + p * PAGE,
+                                                      spas ? spas[p] : spa0 + (uint64_t)p * PAGE);
+}
+
+void sc_memcrypt_page(const sc_memcrypt *e, int enc, const uint8_t *src, uint8_t *dst,
+                      uint64_t spa)
+{
+    crypt_run(e, enc, src, dst, NULL, spa, 1);
 }
 
 /* Every argument check of a batch, before any byte is written; the first that fails is the one
@@ -413,22 +233,11 @@ static int crypt_pages(const sc_memcrypt *e, int enc, const uint8_t *src, size_t
 {
     size_t n = src_size / PAGE;
     int rc = crypt_check(e, src, src_size, dst, dst_size, spas, nspas, spa0, err);
-    /* Zero pages stop here: the VAES XTS path computes the first tweak ahead of its page loop,
-     * so it must never see an empty list. */
+    /* Zero pages stop here: the vector XTS paths compute the first tweak ahead of their page
+     * loop, so they must never see an empty list. */
     if (rc || !n)
         return rc;
-    int impl = sc_memcrypt_impl();
-    int xts = e->mode == SC_MEM_AES256_XTS;
-#ifdef SC_X86
-    if (impl == SC_MEM_IMPL_VAES) {
-        (xts ? xts_run_vaes : xex_run_vaes)(e, enc, src, dst, spas, spa0, n);
-        return 0;
-    }
-#endif
-    (void)impl;
-    for (size_t p = 0; p < n; p++)
-        sc_memcrypt_page(e, enc, src + p * PAGE, dst + p * PAGE,
-                         spas ? spas[p] : spa0 + (uint64_t)p * PAGE);
+    crypt_run(e, enc, src, dst, spas, spa0, n);
     return 0;
 }
 

@@ -23,11 +23,6 @@ enum {
     SC_MEM_AES256_XTS = 2,
     SC_MEM_PAGE_SIZE = 4096,
     SC_MEM_TWEAK_ENTRIES = 64,
-
-    /* Which implementation a call takes with the current CPU features. */
-    SC_MEM_IMPL_PORTABLE = 0,
-    SC_MEM_IMPL_AESNI = 1,
-    SC_MEM_IMPL_VAES = 2,
 };
 
 typedef struct sc_memcrypt sc_memcrypt;
@@ -58,6 +53,7 @@ int sc_memcrypt_check_pages(const sc_memcrypt *eng, const uint8_t *src, size_t s
 int sc_memcrypt_run(const sc_memcrypt *eng, int encrypt, const uint8_t *src, size_t src_size,
                     uint8_t *dst, size_t dst_size, uint64_t spa, struct sc_err *err);
 
+/* The tier (SC_TIER_*, csrc/sevcore.h) a call takes with the active CPU features. */
 int sc_memcrypt_impl(void);
 /* cdef:end */
 

@@ -21,15 +21,32 @@
 enum {
     /* Bumped whenever a signature or struct in any csrc header changes; sevcore/_bindings.py
      * refuses to load a module whose value differs from the one it was written for. */
-    SC_ABI_VERSION = 9,
+    SC_ABI_VERSION = 10,
 
-    /* CPU features the kernels dispatch on (a bit mask). */
+    /* CPU features the kernels dispatch on (a bit mask). Each is reported only when the OS
+     * also saves the register state it needs (XCR0, read with xgetbv: Intel SDM vol. 1 13.3,
+     * AMD APM vol. 2 11.5.2). */
     SC_CPU_AESNI = 1,      /* AES-NI + PCLMULQDQ + SSE4.1 (also the CRC-32 folding path) */
-    SC_CPU_AVX512 = 2,     /* AVX-512 F/BW/VL/DQ with OS-enabled zmm state */
-    SC_CPU_VAES = 4,       /* VAES + VPCLMULQDQ on zmm (requires SC_CPU_AVX512) */
+    SC_CPU_AVX512 = 2,     /* AVX-512 F/BW/VL/DQ + AVX2, with opmask and zmm state saved */
+    SC_CPU_VAES = 4,       /* VAES + VPCLMULQDQ + AES-NI with ymm state saved: on ymm
+                            * registers with SC_CPU_AVX2, on zmm with SC_CPU_AVX512 */
     SC_CPU_POPCNT = 8,     /* POPCNT + BMI1 (tzcnt) */
     SC_CPU_VPOPCNTDQ = 16, /* AVX512_VPOPCNTDQ (requires SC_CPU_AVX512) */
     SC_CPU_SHANI = 32,     /* SHA extensions + SSSE3 + SSE4.1 */
+    SC_CPU_AVX2 = 64,      /* AVX + AVX2 with xmm and ymm state saved (XCR0 bits 1-2) */
+    SC_CPU_NEON = 128,     /* AArch64 Advanced SIMD (HWCAP_ASIMD) */
+    SC_CPU_ARMCE = 256,    /* AArch64 AESE/AESD/AESMC/AESIMC and PMULL (HWCAP_AES, _PMULL) */
+
+    /* Tiers: the instruction sets a kernel's paths are written for, fastest last. A kernel
+     * runs its path of the highest tier whose features (sc_cpu_tier_needs) are active and
+     * reports it through its *_impl() call. SHA-256 (SHA-NI) and the scalar POPCNT scans are
+     * extras beside the tiers: they run with whatever tier is active. */
+    SC_TIER_PORTABLE = 0,  /* plain C, every target */
+    SC_TIER_AESNI = 1,     /* x86-64: AES-NI and PCLMULQDQ on xmm */
+    SC_TIER_AVX2 = 2,      /* x86-64: AVX2, VAES and VPCLMULQDQ on ymm */
+    SC_TIER_AVX512 = 3,    /* x86-64: AVX-512, VAES and VPCLMULQDQ on zmm */
+    SC_TIER_NEON = 4,      /* AArch64: Advanced SIMD */
+    SC_TIER_ARMCE = 5,     /* AArch64: the ARMv8 Cryptographic Extension's AES and PMULL */
 };
 
 /* Why a call was refused (struct sc_err.reason). Each reason comes with one errno, named here;
@@ -110,6 +127,11 @@ uint32_t sc_cpu_detected(void);
 /* What the kernels use: detected & mask. sc_cpu_restrict(0) forces every portable path. */
 uint32_t sc_cpu_active(void);
 uint32_t sc_cpu_restrict(uint32_t mask);
+/* The features tier needs (SC_CPU_*), or -EOPNOTSUPP for a tier of another architecture,
+ * -EINVAL for no tier at all. */
+int64_t sc_cpu_tier_needs(int tier);
+/* The highest tier the active features allow. */
+int sc_cpu_tier(void);
 /* cdef:end */
 
 /* Internal: the active feature set, read by every dispatching kernel. */

@@ -2,7 +2,8 @@
  * SEV transport-packet crypto (see sevpkt.h): SHA-256 (FIPS 180-4), HMAC-SHA256 (RFC 2104) and
  * AES-128-CTR (SP 800-38A, the whole 16-byte block as a big-endian counter, as OpenSSL's
  * EVP_aes_128_ctr), each with a portable path and CPU paths chosen per call (csrc/cpu.c):
- * SHA-NI for SHA-256, AES-NI or VAES (csrc/aes.h) for AES. All paths are checked against each
+ * SHA-NI for SHA-256, and for AES one path per tier (csrc/tiers.h), written once in
+ * csrc/ctr_tier.h. All paths are checked against each
  * other and against sevcore/_reference/sevpkt.py by the tests.
  */
 #include <errno.h>
@@ -298,7 +299,7 @@ static void hmac_end(const struct hmac_key *k, struct sha_lanes *s, uint8_t (*ma
  */
 
 struct ctr_key {
-    uint8_t ek[15][16]; /* round keys as blocks, for AES-NI and VAES */
+    uint8_t ek[15][16]; /* round keys as blocks, for the vector tiers */
     uint32_t rk[60];    /* the same as big-endian words, for the portable path */
     int impl;
 };
@@ -343,105 +344,14 @@ static void ctr_portable(const struct ctr_key *k, uint64_t hi, uint64_t lo, cons
     }
 }
 
-#ifdef SC_X86
-#define CTR_NI_WAYS 8
-
-/* The counter block as a register: the qwords (hi, lo) byte-reversed each, i.e. the 16 bytes
- * BE(hi) || BE(lo). */
-SC_NI_TARGET static inline __m128i ni_ctr(uint64_t hi, uint64_t lo)
-{
-    const __m128i rev = _mm_set_epi8(8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-    return _mm_shuffle_epi8(_mm_set_epi64x((long long)lo, (long long)hi), rev);
-}
-
-SC_NI_TARGET static void ctr_aesni(const struct ctr_key *key, uint64_t hi, uint64_t lo,
-                                   const uint8_t *src, uint8_t *dst, size_t len)
-{
-    enum { NR = 10 };
-    __m128i k[NR + 1], b[CTR_NI_WAYS];
-    sc_ni_load_keys(key->ek, NR, k);
-    size_t off = 0;
-    for (; len - off >= 16 * CTR_NI_WAYS; off += 16 * CTR_NI_WAYS) {
-#pragma GCC unroll 8
-        for (int i = 0; i < CTR_NI_WAYS; i++) {
-            b[i] = _mm_xor_si128(ni_ctr(hi, lo), k[0]);
-            ctr_advance(&hi, &lo, 1);
-        }
-        sc_ni_rounds(b, k, NR, 1, CTR_NI_WAYS);
-#pragma GCC unroll 8
-        for (int i = 0; i < CTR_NI_WAYS; i++)
-            _mm_storeu_si128((__m128i *)(dst + off) + i,
-                             _mm_xor_si128(b[i], _mm_loadu_si128((const __m128i *)(src + off) + i)));
-    }
-    for (; off < len; off += 16) {
-        __m128i ks = sc_ni_encrypt1(k, NR, ni_ctr(hi, lo));
-        ctr_advance(&hi, &lo, 1);
-        if (len - off >= 16) {
-            _mm_storeu_si128((__m128i *)(dst + off),
-                             _mm_xor_si128(ks, _mm_loadu_si128((const __m128i *)(src + off))));
-        } else {
-            uint8_t t[16];
-            _mm_storeu_si128((__m128i *)t, ks);
-            for (size_t i = 0; i < len - off; i++)
-                dst[off + i] = src[off + i] ^ t[i];
-        }
-    }
-}
-
-#define CTR_VZ_WAYS 8
-
-/* Four consecutive counter blocks from (hi, lo), one per 128-bit lane. */
-SC_VZ_TARGET static inline __m512i vz_ctr4(uint64_t hi, uint64_t lo)
-{
-    const __m512i rev = _mm512_broadcast_i32x4(
-        _mm_set_epi8(8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7));
-    __m512i v;
-    if (lo <= UINT64_MAX - 3) {
-        /* No carry into hi inside these four: add 0..3 to the low qword of each lane. */
-        v = _mm512_add_epi64(_mm512_broadcast_i32x4(_mm_set_epi64x((long long)lo, (long long)hi)),
-                             _mm512_set_epi64(3, 0, 2, 0, 1, 0, 0, 0));
-    } else {
-        uint64_t q[8];
-        for (int j = 0; j < 4; j++) {
-            q[2 * j] = hi, q[2 * j + 1] = lo;
-            ctr_advance(&hi, &lo, 1);
-        }
-        v = _mm512_loadu_si512((const void *)q);
-    }
-    return _mm512_shuffle_epi8(v, rev);
-}
-
-SC_VZ_TARGET static void ctr_vaes(const struct ctr_key *key, uint64_t hi, uint64_t lo,
-                                  const uint8_t *src, uint8_t *dst, size_t len)
-{
-    enum { NR = 10 };
-    __m512i k[NR + 1], b[CTR_VZ_WAYS];
-    sc_vz_load_keys(key->ek, NR, k);
-    size_t off = 0;
-    for (; len - off >= 64 * CTR_VZ_WAYS; off += 64 * CTR_VZ_WAYS) {
-#pragma GCC unroll 8
-        for (int i = 0; i < CTR_VZ_WAYS; i++) {
-            b[i] = _mm512_xor_si512(vz_ctr4(hi, lo), k[0]);
-            ctr_advance(&hi, &lo, 4);
-        }
-        sc_vz_rounds(b, k, NR, 1, CTR_VZ_WAYS);
-#pragma GCC unroll 8
-        for (int i = 0; i < CTR_VZ_WAYS; i++)
-            _mm512_storeu_si512(
-                (void *)(dst + off + 64 * i),
-                _mm512_xor_si512(b[i], _mm512_loadu_si512((const void *)(src + off + 64 * i))));
-    }
-    /* The rest, four blocks at a time; byte masks cover a final partial group. */
-    for (; off < len; off += 64) {
-        size_t n = len - off;
-        __mmask64 m = n >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << n) - 1);
-        __m512i ks = _mm512_xor_si512(vz_ctr4(hi, lo), k[0]);
-        ctr_advance(&hi, &lo, 4);
-        sc_vz_rounds(&ks, k, NR, 1, 1);
-        _mm512_mask_storeu_epi8(dst + off, m,
-                                _mm512_xor_si512(ks, _mm512_maskz_loadu_epi8(m, src + off)));
-    }
-}
+#ifdef SC_VEC
+/* The vector paths, one template (csrc/ctr_tier.h) per tier, eight registers in flight as in
+ * csrc/memcrypt.c. */
+#define WAYS 8
+#define TEMPLATE "ctr_tier.h"
+#include "each_tier.h"
+#undef TEMPLATE
+#undef WAYS
 #endif
 
 static void ctr_crypt(const struct ctr_key *k, const uint8_t iv[16], const uint8_t *src,
@@ -449,12 +359,14 @@ static void ctr_crypt(const struct ctr_key *k, const uint8_t iv[16], const uint8
 {
     uint64_t hi = load_be64(iv), lo = load_be64(iv + 8);
 #ifdef SC_X86
-    if (k->impl == SC_AES_VAES) {
-        ctr_vaes(k, hi, lo, src, dst, len);
-        return;
+    switch (k->impl) {
+    case SC_TIER_AVX512: ctr_avx512(k, hi, lo, src, dst, len); return;
+    case SC_TIER_AVX2: ctr_avx2(k, hi, lo, src, dst, len); return;
+    case SC_TIER_AESNI: ctr_aesni(k, hi, lo, src, dst, len); return;
     }
-    if (k->impl == SC_AES_AESNI) {
-        ctr_aesni(k, hi, lo, src, dst, len);
+#elif defined(SC_ARM)
+    if (k->impl == SC_TIER_ARMCE) {
+        ctr_armce(k, hi, lo, src, dst, len);
         return;
     }
 #endif

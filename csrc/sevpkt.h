@@ -99,7 +99,7 @@ int sc_sevpkt_open_rows(const uint8_t tek[16], const uint8_t tik[16], uint8_t ct
                         uint8_t *pt, struct sc_err *err);
 
 int sc_sha256_impl(void);
-/* The AES-128-CTR path, as SC_MEM_IMPL_* (csrc/memcrypt.h). */
+/* The tier (SC_TIER_*) of the AES-128-CTR path. */
 int sc_aes128_ctr_impl(void);
 /* cdef:end */
 

@@ -23,7 +23,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 #: The C-core ABI this Python package was written against (csrc/sevcore.h SC_ABI_VERSION).
-ABI_VERSION = 9
+ABI_VERSION = 10
 
 if lib.sc_abi_version() != ABI_VERSION or lib.SC_ABI_VERSION != ABI_VERSION:
     raise ImportError(
@@ -219,7 +219,21 @@ CPU_FEATURES = {
     "popcnt": lib.SC_CPU_POPCNT,
     "vpopcntdq": lib.SC_CPU_VPOPCNTDQ,
     "shani": lib.SC_CPU_SHANI,
+    "avx2": lib.SC_CPU_AVX2,
+    "neon": lib.SC_CPU_NEON,
+    "armce": lib.SC_CPU_ARMCE,
 }
+
+#: The tiers of kernel paths (csrc/sevcore.h SC_TIER_*), fastest first.
+TIERS = {
+    "avx512": lib.SC_TIER_AVX512,
+    "avx2": lib.SC_TIER_AVX2,
+    "aesni": lib.SC_TIER_AESNI,
+    "armce": lib.SC_TIER_ARMCE,
+    "neon": lib.SC_TIER_NEON,
+    "portable": lib.SC_TIER_PORTABLE,
+}
+_TIER_NAMES = {v: k for k, v in TIERS.items()}
 
 
 def cpu_detected():
@@ -232,6 +246,23 @@ def cpu_active():
 
 def cpu_restrict(mask):
     return lib.sc_cpu_restrict(mask)
+
+
+def cpu_tier_needs(name):
+    """The feature mask tier ``name`` needs, or None for a tier of another architecture."""
+    rc = lib.sc_cpu_tier_needs(TIERS[name])
+    if rc == -_errno.EOPNOTSUPP:
+        return None
+    return check(rc, "sc_cpu_tier_needs")
+
+
+def cpu_tier():
+    return _TIER_NAMES[lib.sc_cpu_tier()]
+
+
+def tier_name(tier):
+    """The name of an SC_TIER_* value."""
+    return _TIER_NAMES[tier]
 
 
 # --- memory encryption engine (csrc/memcrypt.h) -----------------------------------------------
@@ -307,12 +338,8 @@ def memcrypt_split(eng, data, out, spas, parts):
                  for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-_AES_IMPLS = {lib.SC_MEM_IMPL_PORTABLE: "portable", lib.SC_MEM_IMPL_AESNI: "aesni",
-              lib.SC_MEM_IMPL_VAES: "vaes"}
-
-
 def memcrypt_impl():
-    return _AES_IMPLS[lib.sc_memcrypt_impl()]
+    return _TIER_NAMES[lib.sc_memcrypt_impl()]
 
 
 # --- Bitmaps (csrc/bitmap.h) ------------------------------------------------------------------
@@ -728,13 +755,10 @@ def sha256_impl():
 
 
 def aes128_ctr_impl():
-    return _AES_IMPLS[lib.sc_aes128_ctr_impl()]
+    return _TIER_NAMES[lib.sc_aes128_ctr_impl()]
 
 
 # --- CRC-32 (csrc/crc32.h) ------------------------------------------------------------------------
-
-_CRC32_IMPLS = {lib.SC_CRC32_IMPL_PORTABLE: "portable", lib.SC_CRC32_IMPL_CLMUL: "clmul"}
-
 
 def crc32(data, value):
     """zlib's crc32 of any contiguous buffer, continued from ``value``."""
@@ -743,7 +767,7 @@ def crc32(data, value):
 
 
 def crc32_impl():
-    return _CRC32_IMPLS[lib.sc_crc32_impl()]
+    return _TIER_NAMES[lib.sc_crc32_impl()]
 
 
 # --- Host memory (csrc/hostmem.h) ------------------------------------------------------------------
@@ -836,6 +860,10 @@ def guest_digest(page):
     return lib.sc_guest_digest(p)
 
 
+def bitmap_impl():
+    impl = lib.sc_bitmap_impl()
+    return "popcnt" if impl == lib.SC_BITMAP_IMPL_POPCNT else _TIER_NAMES[impl]
+
+
 def guest_impl():
-    return {lib.SC_GUEST_IMPL_PORTABLE: "portable",
-            lib.SC_GUEST_IMPL_AVX512: "avx512"}[lib.sc_guest_impl()]
+    return _TIER_NAMES[lib.sc_guest_impl()]

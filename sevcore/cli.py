@@ -5,6 +5,7 @@
     sevcore migrate --listen 4444           # target process
     sevcore migrate --to 127.0.0.1:4444     # source process
     sevcore sweep --dirty-rates 0,2500,10000 --plot sweep.png
+    sevcore info                            # the CPU, its tiers and each C kernel's path
 
 Times are simulated (the declared cost model, ``sevcore.hw.costmodel``) except "wall", which is
 how long this machine took to do the work for real.
@@ -16,6 +17,7 @@ import sys
 import time
 
 import sevcore
+from sevcore.core import cpu
 from sevcore.hw.costmodel import CostModel, CostModelError
 from sevcore.migration.engine import PATHS, MigrationError, MigrationParams, migrate
 from sevcore.migration.machine import Machine
@@ -365,6 +367,10 @@ def cmd_sweep(args):
     return 0 if rows else 1
 
 
+def cmd_info(args):
+    return cpu.main(["--tier", args.tier] if args.tier else [])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="sevcore", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -383,6 +389,10 @@ def main(argv=None):
     s.add_argument("--dirty-rates", default=DEFAULT_RATES,
                    help=f"comma-separated pages/s (default {DEFAULT_RATES})")
     s.set_defaults(fn=cmd_sweep)
+    i = sub.add_parser("info", help="the CPU, its tiers and the path each C kernel takes "
+                                    "(paste it into a performance report)")
+    i.add_argument("--tier", help="report with this tier forced (avx512, avx2, aesni, portable)")
+    i.set_defaults(fn=cmd_info)
     args = ap.parse_args(argv)
     return args.fn(args)
 

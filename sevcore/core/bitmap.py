@@ -340,3 +340,9 @@ class Bitmap:
 
     def __isub__(self, other):
         return self.andnot(other, out=self) if isinstance(other, Bitmap) else NotImplemented
+
+
+def implementation():
+    """The C path the scans and counts take with the active CPU features: 'avx512', 'avx2',
+    'popcnt' (scalar POPCNT/TZCNT) or 'portable'."""
+    return _b.bitmap_impl()

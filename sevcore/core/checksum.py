@@ -20,5 +20,7 @@ def crc32(data, value=0):
 
 
 def implementation():
-    """The path the calls take with the active CPU features: 'clmul' or 'portable'."""
-    return _b.crc32_impl()
+    """The path the calls take with the active CPU features: 'avx512' (VPCLMULQDQ on zmm),
+    'avx2' (on ymm), 'clmul' (PCLMULQDQ on xmm: the aesni tier) or 'portable'."""
+    impl = _b.crc32_impl()
+    return "clmul" if impl == "aesni" else impl

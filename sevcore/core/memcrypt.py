@@ -207,5 +207,8 @@ def _pin_worker(cpus, counter):
 
 
 def implementation():
-    """Which C path the engine takes with the active CPU features: 'vaes', 'aesni' or 'portable'."""
-    return _b.memcrypt_impl()
+    """Which C path the engine takes with the active CPU features: 'vaes' (the avx512 tier:
+    VAES on zmm), 'avx2' (VAES on ymm), 'aesni' or 'portable'. ``cpu.kernels()`` names every
+    path by its tier."""
+    impl = _b.memcrypt_impl()
+    return "vaes" if impl == "avx512" else impl

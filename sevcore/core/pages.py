@@ -44,7 +44,8 @@ def digest(page):
 
 
 def implementation():
-    """Which C path the page loops take with the active CPU features: 'avx512' or 'portable'."""
+    """Which C path the page loops take with the active CPU features: 'avx512', 'avx2' or
+    'portable'."""
     return _b.guest_impl()
 
 

@@ -13,7 +13,7 @@ under the session TEK and authenticated encrypt-then-MAC with HMAC-SHA256 under 
 >>> pt = sevpkt.open(tek, tik, hdrs, ct)              # PacketAuthError(index) on a bad MAC
 >>> hdr, ct = sevpkt.seal(tek, tik, secret, iv, ctx=sevpkt.CTX_SECRET, measure=measure)
 
-Batches run in C (csrc/sevpkt.c) with SHA-NI and AES-NI/VAES where the CPU has them; one call
+Batches run in C (csrc/sevpkt.c) with SHA-NI and the AES tier the CPU has; one call
 handles any number of packets of one length.
 """
 import operator
@@ -101,6 +101,9 @@ def aes128_ctr(key, iv, data, out=None):
 
 
 def implementation():
-    """The C paths taken with the active CPU features: ``{'aes': ..., 'sha256': ...}``."""
-    return {"aes": _b.aes128_ctr_impl(), "sha256": _b.sha256_impl()}
+    """The C paths taken with the active CPU features: ``{'aes': ..., 'sha256': ...}``, AES as
+    :func:`sevcore.core.memcrypt.implementation` names it ('vaes' is the avx512 tier), SHA-256
+    'shani' or 'portable'."""
+    aes = _b.aes128_ctr_impl()
+    return {"aes": "vaes" if aes == "avx512" else aes, "sha256": _b.sha256_impl()}
 

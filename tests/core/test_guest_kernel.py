@@ -34,7 +34,7 @@ ENGINES = {
     "xts": MemoryEngine(AES256_XTS, bytes(range(64))),
 }
 
-pytestmark = pytest.mark.cpu_paths(PAGES)         # cpu_path: avx512, portable
+pytestmark = pytest.mark.cpu_paths(PAGES)         # cpu_path: avx512, avx2, portable
 
 
 class Guest:

@@ -17,7 +17,7 @@ from support.cpu_paths import MEMCRYPT
 
 DATA = pathlib.Path(__file__).resolve().parent.parent / "data"
 
-pytestmark = pytest.mark.cpu_paths(MEMCRYPT)      # cpu_path: vaes, aesni, portable
+pytestmark = pytest.mark.cpu_paths(MEMCRYPT)      # cpu_path: avx512, avx2, aesni, portable
 
 
 def openssl_xts(key, data, spas, encrypt=True):

@@ -53,6 +53,96 @@ def test_unknown_feature_name_is_refused():
     assert cpu.active() == before
 
 
+def cpuinfo_flags():
+    """The flags Linux reports for the first CPU (it clears those whose state the OS does not
+    save), or None off Linux/x86."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return None
+
+
+def test_detection_agrees_with_the_kernel_cpu_flags():
+    """Each x86 feature is detected exactly when Linux reports the flags it stands for."""
+    flags = cpuinfo_flags()
+    if flags is None:
+        pytest.skip("no x86 flags line in /proc/cpuinfo")
+    want = {
+        "aesni": {"aes", "pclmulqdq", "sse4_1"} <= flags,
+        "avx2": {"avx", "avx2"} <= flags,
+        "avx512": {"avx2", "avx512f", "avx512dq", "avx512bw", "avx512vl"} <= flags,
+        "vaes": {"vaes", "vpclmulqdq", "aes", "pclmulqdq", "sse4_1", "avx2"} <= flags,
+        "popcnt": {"popcnt", "bmi1"} <= flags,
+        "shani": {"sha_ni", "ssse3", "sse4_1"} <= flags,
+    }
+    want["vpopcntdq"] = want["avx512"] and "avx512_vpopcntdq" in flags
+    assert {name for name, on in want.items() if on} == cpu.detected()
+
+
+def test_tiers_are_the_ones_whose_features_are_detected():
+    """tiers() lists, fastest first, every tier whose features the CPU has, ending with
+    portable; tier() is the first of them until the core is restricted."""
+    have = cpu.tiers()
+    assert have[-1] == "portable" and have == [t for t in cpu.TIERS if t in have]
+    for t in cpu.TIERS:
+        assert (t in have) == (cpu.tier_needs(t) <= cpu.detected())
+    assert cpu.tier() == have[0]
+
+
+@pytest.mark.parametrize("tier", ["avx512", "avx2", "aesni", "portable"])
+def test_forcing_a_tier_runs_every_kernel_at_or_below_it(tier):
+    """cpu.restricted(tier) makes tier() that tier and no kernel reports a faster one; the
+    extras (POPCNT, SHA-NI) stay where the CPU has them."""
+    if tier not in cpu.tiers():
+        pytest.skip(f"{tier}: CPU lacks {', '.join(sorted(cpu.tier_needs(tier) - cpu.detected()))}")
+    rank = {t: i for i, t in enumerate(reversed(cpu.TIERS))}
+    with cpu.restricted(tier) as active:
+        assert cpu.tier() == tier
+        assert active >= cpu.tier_needs(tier) and active >= cpu.detected() & cpu.EXTRAS
+        for kernel, path in cpu.kernels().items():
+            if path in rank:
+                assert rank[path] <= rank[tier], (kernel, path)
+
+
+def test_a_tier_the_cpu_lacks_is_refused_naming_the_features():
+    """Forcing a tier on a CPU without its features is a ValueError naming them, and an unknown
+    tier name is one too; neither changes the active set."""
+    with pytest.raises(ValueError, match="tier avx2 needs avx2, vaes"):
+        cpu.tier_features("avx2", {"aesni", "popcnt"})
+    assert cpu.tier_features("aesni", {"aesni", "avx2", "shani"}) == {"aesni", "shani"}
+    before = cpu.active()
+    with pytest.raises(ValueError, match="unknown tier"):
+        with cpu.restricted("sse9"):
+            pass
+    assert cpu.active() == before
+
+
+@pytest.mark.parametrize("module", ["sevcore.core.cpu", "sevcore.cpu"])
+def test_python_m_cpu_prints_the_cpu_tiers_and_kernels(module):
+    """``python -m sevcore.core.cpu`` (and the old ``sevcore.cpu``) prints the CPU, its tiers
+    and the path of every kernel."""
+    res = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True,
+                         check=True)
+    out = res.stdout
+    assert out.startswith("CPU:") and f"tiers:    {', '.join(cpu.tiers())}" in out
+    for kernel, path in cpu.kernels().items():
+        assert f"  {kernel:<20} {path}" in out
+
+
+def test_python_m_cpu_with_a_forced_tier():
+    """``--tier portable`` reports every tiered kernel on its portable path (SHA-NI and POPCNT,
+    the extras, stay)."""
+    res = subprocess.run([sys.executable, "-m", "sevcore.core.cpu", "--tier", "portable"],
+                         capture_output=True, text=True, check=True)
+    assert "active:   portable" in res.stdout
+    paths = dict(line.split() for line in res.stdout.split("kernels:\n")[1].splitlines())
+    assert set(paths) == set(cpu.kernels())
+    assert all(path in ("portable", "shani", "popcnt") for path in paths.values())
+
+
 def test_populate_write_contract():
     """sc_populate_write: 0 for an empty range, -EINVAL for an unaligned one, and the bytes of a
     populated range unchanged."""

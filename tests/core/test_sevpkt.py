@@ -20,7 +20,8 @@ from support.cpu_paths import SEVPKT
 DATA = pathlib.Path(__file__).resolve().parent.parent / "data"
 ffi, lib = _b.ffi, _b.lib
 
-# cpu_path: vaes+shani, aesni+portable, portable+shani, portable (each AES and SHA-256 path)
+# cpu_path: avx512+shani, avx2+shani, aesni+portable, portable+shani, portable (each AES and
+# SHA-256 path)
 pytestmark = pytest.mark.cpu_paths(SEVPKT)
 
 

@@ -108,3 +108,14 @@ def test_cli_bad_arguments(argv, msg, capsys):
         main(argv)
     err = str(e.value.code) + capsys.readouterr().err
     assert msg in err
+
+
+def test_info_command_prints_the_cpu_report(capsys):
+    """``sevcore info`` prints the CPU report of ``python -m sevcore.core.cpu``, with a forced
+    tier when asked."""
+    from sevcore.core import cpu  # only this test needs it
+
+    assert main(["info"]) == 0
+    assert capsys.readouterr().out.splitlines() == cpu.report()
+    assert main(["info", "--tier", "portable"]) == 0
+    assert "active:   portable" in capsys.readouterr().out

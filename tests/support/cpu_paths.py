@@ -2,22 +2,27 @@
 test once on each.
 
 A kernel picks its path from the active CPU features (``sevcore.core.cpu``), so restricting the
-core to a path's features selects that path. A module names its kernel with a mark::
+core to a path's features selects that path. Paths are named by their tier (avx512, avx2, aesni,
+portable; see ``sevcore.core.cpu``), or by the extra they add (shani, popcnt). A module names its
+kernel with a mark::
 
     pytestmark = pytest.mark.cpu_paths(MEMCRYPT)
 
-    def test_something(cpu_path):       # once per path: cpu_path is "vaes", "aesni", "portable"
+    def test_something(cpu_path):       # once per path: "avx512", "avx2", "aesni", "portable"
         ...
 
 A path this CPU cannot run is still collected, and skipped with the features it lacks
-("vaes: CPU lacks avx512, vaes"), so a run on a smaller CPU shows what it did not test.
+("avx2: CPU lacks avx2, vaes"), so a run on a smaller CPU shows what it did not test. Paths of the
+other architecture (x86-64's on AArch64 and the reverse) are left out: their code is not in the
+build; tests/kat/kat.c checks the AArch64 paths under qemu-aarch64 in CI.
 """
 import contextlib
 import dataclasses
+import platform
 
 import pytest
 
-from sevcore.core import checksum, cpu, memcrypt, pages, sevpkt
+from sevcore.core import bitmap, checksum, cpu, memcrypt, pages, sevpkt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +34,7 @@ class Path:
     needs: frozenset
     also: frozenset = frozenset()
     reports: object = None
+    arch: str = None        #: the machine (platform.machine()) it exists on; None: every one
 
     def __post_init__(self):
         object.__setattr__(self, "needs", frozenset(self.needs))
@@ -46,8 +52,9 @@ class Kernel:
         """``implementation``: the kernel's report of the path it takes, or None."""
         self.name = name
         self.implementation = implementation
+        here = platform.machine()
         self.paths = [dataclasses.replace(p, reports=p.name) if implementation is not None and
-                      p.reports is None else p for p in paths]
+                      p.reports is None else p for p in paths if p.arch in (None, here)]
         self.by_name = {p.name: p for p in self.paths}
 
     def __repr__(self):
@@ -93,39 +100,58 @@ class Kernel:
                 yield name
 
 
+#: The features of each vector tier's AES paths (csrc/cpu.c sc_cpu_tier_needs).
+AVX512_AES = {"avx512", "avx2", "vaes", "aesni"}
+AVX2_AES = {"avx2", "vaes", "aesni"}
+ARMCE = {"neon", "armce"}
+X86, ARM = "x86_64", "aarch64"
+
+#: memcrypt.implementation() keeps the name 'vaes' for its avx512 path.
 MEMCRYPT = Kernel("memcrypt", memcrypt.implementation, [
-    Path("vaes", {"vaes", "avx512", "aesni"}),
-    Path("aesni", {"aesni"}),
+    Path("avx512", AVX512_AES, reports="vaes", arch=X86),
+    Path("avx2", AVX2_AES, arch=X86),
+    Path("aesni", {"aesni"}, arch=X86),
+    Path("armce", ARMCE, arch=ARM),
     Path("portable", set()),
 ])
 
-#: Together the paths take each AES path (vaes, aesni, portable) and each SHA-256 path (shani,
-#: portable) at least once.
+#: Together the paths take each AES path and each SHA-256 path (shani, portable) at least once.
 SEVPKT = Kernel("sevpkt", sevpkt.implementation, [
-    Path("vaes+shani", {"vaes", "avx512", "aesni", "shani"},
-         reports={"aes": "vaes", "sha256": "shani"}),
-    Path("aesni+portable", {"aesni"}, reports={"aes": "aesni", "sha256": "portable"}),
-    Path("portable+shani", {"shani"}, reports={"aes": "portable", "sha256": "shani"}),
+    Path("avx512+shani", AVX512_AES | {"shani"}, reports={"aes": "vaes", "sha256": "shani"},
+         arch=X86),
+    Path("avx2+shani", AVX2_AES | {"shani"}, reports={"aes": "avx2", "sha256": "shani"}, arch=X86),
+    Path("aesni+portable", {"aesni"}, reports={"aes": "aesni", "sha256": "portable"}, arch=X86),
+    Path("portable+shani", {"shani"}, reports={"aes": "portable", "sha256": "shani"}, arch=X86),
+    Path("armce", ARMCE, reports={"aes": "armce", "sha256": "portable"}, arch=ARM),
     Path("portable", set(), reports={"aes": "portable", "sha256": "portable"}),
 ])
 
-#: The folding path uses PCLMULQDQ, which the core detects as part of "aesni".
+#: The folding paths: VPCLMULQDQ (detected with "vaes") on zmm and ymm, and PCLMULQDQ on xmm, which
+#: the core detects as part of "aesni" and whose implementation() keeps the name 'clmul'; PMULL
+#: on AArch64.
 CHECKSUM = Kernel("checksum", checksum.implementation, [
-    Path("clmul", {"aesni"}),
+    Path("avx512", {"avx512", "vaes"}, arch=X86),
+    Path("avx2", {"avx2", "vaes"}, arch=X86),
+    Path("aesni", {"aesni"}, reports="clmul", arch=X86),
+    Path("armce", ARMCE, arch=ARM),
     Path("portable", set()),
 ])
 
-#: The bulk page loops of sevcore.core.pages (csrc/guest.c).
+#: The bulk page loops of sevcore.core.pages (csrc/guest.c). On AArch64 the portable build is
+#: already Advanced SIMD (every AArch64 CPU has it), so there is no other path.
 PAGES = Kernel("pages", pages.implementation, [
-    Path("avx512", {"avx512"}),
+    Path("avx512", {"avx512"}, arch=X86),
+    Path("avx2", {"avx2"}, arch=X86),
     Path("portable", set()),
 ])
 
-#: csrc/bitmap.c reports no path. Its AVX-512 scans need AVX-512 and POPCNT, its AVX-512 counts
-#: also VPOPCNTQ; the avx512 path takes whichever of them the CPU has, as a plain run does.
-BITMAP = Kernel("bitmap", None, [
-    Path("avx512", {"avx512"}, also={"vpopcntdq", "popcnt"}),
-    Path("popcnt", {"popcnt"}),
+#: csrc/bitmap.c: the avx512 scans need AVX-512 and POPCNT, and its counts also use VPOPCNTQ
+#: where the CPU has it, as a plain run does; the avx2 path needs AVX2 and POPCNT.
+BITMAP = Kernel("bitmap", bitmap.implementation, [
+    Path("avx512", {"avx512", "popcnt"}, also={"vpopcntdq"}, arch=X86),
+    Path("avx2", {"avx2", "popcnt"}, arch=X86),
+    Path("popcnt", {"popcnt"}, arch=X86),
+    Path("neon", {"neon"}, arch=ARM),
     Path("portable", set()),
 ])
 
