@@ -46,6 +46,13 @@ def main(path):
             print(f"| {name} | {tier} | {fmt_time(med)} | {fmt_rate(rate)} {unit}/s | "
                   f"{fmt_rate(brate)} {unit}/s | {rate / top:.3f} | {share} |")
         print()
+        for name, extra in ((b["name"], b.get("extra_info", {})) for b in rows):
+            if "ratio_median" in extra:
+                print(f"- {name}: sevcore {fmt_rate(extra['sevcore_pages_per_s'])} pages/s, "
+                      f"OpenSSL EVP {fmt_rate(extra['openssl_evp_pages_per_s'])} pages/s "
+                      f"(medians of the interleaved calls): {extra['ratio_median']:.2f}x, "
+                      f"best calls {extra['ratio_best']:.2f}x")
+        print()
 
 
 def fmt_time(s):

@@ -3,8 +3,8 @@
  * AES-128-CTR (SP 800-38A, the whole 16-byte block as a big-endian counter, as OpenSSL's
  * EVP_aes_128_ctr), each with a portable path and CPU paths chosen per call (csrc/cpu.c):
  * SHA-NI for SHA-256, and for AES one path per tier (csrc/tiers.h), written once in
- * csrc/ctr_tier.h. All paths are checked against each
- * other and against sevcore/_reference/sevpkt.py by the tests.
+ * csrc/ctr_tier.h. All paths are checked against each other and against
+ * sevcore/_reference/sevpkt.py by the tests.
  */
 #include <errno.h>
 #include <string.h>

@@ -31,10 +31,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_configure(config):
+    """SEVCORE_TEST_TIER=<tier> runs the whole suite with the C core forced to that tier (CI runs
+    it once with `portable`, the path every CPU has); a kernel's cpu_path tests still visit each
+    path the CPU has."""
+    tier = os.environ.get("SEVCORE_TEST_TIER")
+    if tier:
+        from sevcore.core import cpu  # only when the variable asks for it
+
+        cpu.restrict(set() if tier == "portable" else tier)
+
+
 def pytest_report_header(config):
     from sevcore.core import cpu
 
-    return f"sevcore C core: detected {sorted(cpu.detected())}, active {sorted(cpu.active())}"
+    return (f"sevcore C core: detected {sorted(cpu.detected())}, active {sorted(cpu.active())}, "
+            f"tier {cpu.tier()}")
 
 
 @pytest.fixture
