@@ -174,10 +174,23 @@ _CHAR_ARRAY = ffi.typeof("char[]")
 _U64_ARRAY = ffi.typeof("uint64_t[]")
 
 
+def _from_buffer(ctype, buf, writable=False):
+    """``ffi.from_buffer``, holding no export of a memoryview.
+
+    A cdata made over a memoryview keeps one of the memoryview's exports until the cdata dies.
+    When a C call refuses, the exception's traceback keeps both alive in a reference cycle,
+    and CPython before 3.12.7 clears such a memoryview with its export still held and then
+    crashes freeing it (python/cpython#77894). A numpy array over the memoryview takes no
+    export of it (numpy releases its view at once), so the cdata is made over that instead."""
+    if type(buf) is memoryview:
+        buf = np.frombuffer(buf, np.uint8)
+    return ffi.from_buffer(ctype, buf, writable)
+
+
 def buffer_ptr(buf, what, writable=False):
     """A ``char[]`` over any buffer-protocol object, without copying it."""
     try:
-        return ffi.from_buffer(_CHAR_ARRAY, buf, writable)
+        return _from_buffer(_CHAR_ARRAY, buf, writable)
     except (TypeError, BufferError, ValueError) as exc:
         # TypeError: not a buffer; BufferError: read-only; ValueError: not contiguous.
         kind = "a writable buffer" if writable else "a buffer"
@@ -204,7 +217,7 @@ def _words(buf, what, writable=False):
         raise ValueError(f"{what} must be one-dimensional and contiguous")
     if writable and mv.readonly:
         raise ValueError(f"{what} must be writable")
-    arr = ffi.from_buffer(_U64_ARRAY, buf, require_writable=writable)
+    arr = _from_buffer(_U64_ARRAY, buf, writable)
     if int(ffi.cast("uintptr_t", arr)) % 8:
         raise ValueError(f"{what} must be 8-byte aligned")
     return arr
@@ -274,7 +287,7 @@ def memcrypt_new(mode, key, tweak_table):
     """Create a C engine; ``tweak_table`` is a uint32 numpy array of 64 entries or None. C judges
     the mode, the key and whether the mode takes a table."""
     out = ffi.new("sc_memcrypt **")
-    table = ffi.NULL if tweak_table is None else ffi.from_buffer("uint32_t[]", tweak_table)
+    table = ffi.NULL if tweak_table is None else _from_buffer("uint32_t[]", tweak_table)
     err = _err.p
     rc = lib.sc_memcrypt_new(mode, key, len(key), table, out, err)
     if rc:
@@ -290,13 +303,13 @@ def memcrypt_free(eng):
 def memcrypt_pages(eng, encrypt, data, out, spas):
     """Encrypt/decrypt ``data`` into ``out`` (a new bytearray if None; ``data`` for in place),
     page ``i`` at ``spas[i]`` (a contiguous uint64 numpy array). Returns ``out``."""
-    src = ffi.from_buffer(_CHAR_ARRAY, data)
+    src = _from_buffer(_CHAR_ARRAY, data)
     if out is None:
         out = bytearray(len(src))
-    dst = src if out is data else ffi.from_buffer(_CHAR_ARRAY, out, True)
+    dst = src if out is data else _from_buffer(_CHAR_ARRAY, out, True)
     err = _err.p
     rc = lib.sc_memcrypt_pages(eng, encrypt, src, len(src), dst, len(dst),
-                               ffi.from_buffer(_U64_ARRAY, spas), len(spas), err)
+                               _from_buffer(_U64_ARRAY, spas), len(spas), err)
     if rc:
         refused(rc, "sc_memcrypt_pages", err)
     return out
@@ -304,10 +317,10 @@ def memcrypt_pages(eng, encrypt, data, out, spas):
 
 def memcrypt_run(eng, encrypt, data, out, spa):
     """As :func:`memcrypt_pages`, for pages at consecutive SPAs from ``spa``."""
-    src = ffi.from_buffer(_CHAR_ARRAY, data)
+    src = _from_buffer(_CHAR_ARRAY, data)
     if out is None:
         out = bytearray(len(src))
-    dst = src if out is data else ffi.from_buffer(_CHAR_ARRAY, out, True)
+    dst = src if out is data else _from_buffer(_CHAR_ARRAY, out, True)
     if lib.sc_memcrypt_run(eng, encrypt, src, len(src), dst, len(dst), spa, ffi.NULL):
         # The one-page fast path carries no sc_err. The run's checks read only these arguments
         # (pointers, sizes, the SPA), never memory, so the same call refuses again, saying why.
@@ -325,9 +338,9 @@ def memcrypt_split(eng, data, out, spas, parts):
         out = bytearray(len(src))
     dst = src if out is data else memoryview(out).cast("B")
     err = _err.p
-    rc = lib.sc_memcrypt_check_pages(eng, ffi.from_buffer(_CHAR_ARRAY, src), len(src),
-                                     ffi.from_buffer(_CHAR_ARRAY, dst), len(dst),
-                                     ffi.from_buffer(_U64_ARRAY, spas), len(spas), err)
+    rc = lib.sc_memcrypt_check_pages(eng, _from_buffer(_CHAR_ARRAY, src), len(src),
+                                     _from_buffer(_CHAR_ARRAY, dst), len(dst),
+                                     _from_buffer(_U64_ARRAY, spas), len(spas), err)
     if rc:
         refused(rc, "sc_memcrypt_check_pages", err)
     npages = len(src) // MEM_PAGE_SIZE
@@ -777,7 +790,7 @@ def populate_write(buf, offset, length):
     contents unchanged (MADV_POPULATE_WRITE). OSError(EINVAL) where the kernel lacks it."""
     if offset < 0 or length < 0 or offset + length > len(buf):
         raise ValueError(f"range [{offset}, {offset + length}) outside a {len(buf)}-byte buffer")
-    p = ffi.cast("uint8_t *", ffi.from_buffer(_CHAR_ARRAY, buf, require_writable=True))
+    p = ffi.cast("uint8_t *", _from_buffer(_CHAR_ARRAY, buf, True))
     return check(lib.sc_populate_write(p + offset, length), "sc_populate_write")
 
 
@@ -848,7 +861,7 @@ def guest_pages(ctx, op, gfns, gfn0, n, arg, buf, out):
 def guest_pattern(seed, gfn):
     """The PATTERN page of ``gfn`` under ``seed`` as bytes."""
     page = bytearray(GUEST_PAGE_SIZE)
-    lib.sc_guest_pattern(seed, gfn, ffi.from_buffer(_CHAR_ARRAY, page, True))
+    lib.sc_guest_pattern(seed, gfn, _from_buffer(_CHAR_ARRAY, page, True))
     return bytes(page)
 
 

@@ -15,15 +15,13 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, rule,
                                  run_state_machine_as_test)
 
-from sevcore.core.npt import NPT_PRIVATE
 from sevcore.hw.hostmem import PAGE_SHIFT
 from sevcore.kvm.guest_memfd import MAP_PRIVATE, MAP_SHARED
 from sevcore.uapi import *
 
-from advutil import (DEFAULT, FIXED, NON_INTS, P, SLOW, U64, Counted,
+from advutil import (DEFAULT, NON_INTS, P, SLOW, U64, Counted,
                      assert_markers_hidden, assert_npt_owned, attempt, diff, draw_fields,
-                     gmem_pages, hostile_int, mostly, new_host, run_guest, vmm_mappings,
-                     world_state)
+                     hostile_int, mostly, new_host, run_guest, world_state)
 
 #: Guest physical addresses the slots are put at (page-aligned, some of them far apart).
 GPAS = (0, 16 * P, 64 * P, 1 << 32, (1 << 32) + 8 * P, (1 << 36) - 4 * P)
@@ -148,27 +146,9 @@ class HostileMemory(Counted, RuleBasedStateMachine):
         self.unmap(start + page * P, npages * P)
 
     def unmap(self, hva, size):
-        """munmap, unless the fix is not in (FIXED["munmap zaps"]) and an NPT entry maps a page
-        of the range through a slot's HVA: munmap would free it under the entry."""
-        if not FIXED["munmap zaps"] and self.npt_maps_hvas(hva, hva + size):
-            return
+        """munmap of any range: an NPT entry through it is zapped first."""
         out = attempt(self.kvm.munmap, hva, size)
         assert out.ok, out
-
-    def npt_maps_hvas(self, lo, hi):
-        for vm in self.vms:
-            if not vm.alive or vm.npt.closed:
-                continue
-            for slot in list(vm.memslots.values()):
-                a = max(lo, slot.userspace_addr)
-                b = min(hi, slot.userspace_addr + (slot.npages << PAGE_SHIFT))
-                if a < b:
-                    g0 = slot.base_gfn + ((a - slot.userspace_addr) >> PAGE_SHIFT)
-                    g1 = slot.base_gfn + ((b - 1 - slot.userspace_addr) >> PAGE_SHIFT) + 1
-                    _, _, flags = vm.npt.items(g0, g1)
-                    if any(not fl & NPT_PRIVATE for fl in flags.tolist()):
-                        return True
-        return False
 
     @rule(v=pick, s=pick, page=st.integers(0, 16), npages=st.integers(1, 8))
     def munmap_slot_memory(self, v, s, page, npages):
@@ -241,9 +221,6 @@ class HostileMemory(Counted, RuleBasedStateMachine):
 
     def close_gmem(self, f):
         """Close a guest_memfd fd (bound to slots, mapped by the VMM, or neither)."""
-        if not FIXED["mapping keeps guest_memfd"] and \
-                any(m[3] is f for m in vmm_mappings(self.kvm)):
-            return      # excluded until the fix is in: close would free pages the VMM maps
         f.close()
 
     @rule(v=pick, data=st.data(), nargs=st.integers(0, 5), fd=pick, on_vcpu=st.booleans())
@@ -311,37 +288,7 @@ class HostileMemory(Counted, RuleBasedStateMachine):
         if (isinstance(length, int) and isinstance(mode, int) and not mode & FALLOC_FL_PUNCH_HOLE
                 and length > 1 << 20 and f.size > 1 << 20):
             return      # allocating gigabytes of frames is the host's OOM, not a uAPI check
-        if self.frees_a_mapped_frame(f, mode, offset, length):
-            return
         self.refusable(f.fallocate, mode, offset, length)
-
-    def frees_a_mapped_frame(self, f, mode, offset, length):
-        """Excluded only where the fix is missing (FIXED["punch zaps every entry"]; the bug's
-        regression test is in test_regressions.py): a punch-hole that frees a frame an
-        NPT entry still maps after the punch's own zap, either a shared entry of a slot bound
-        to a GUEST_MEMFD_FLAG_MMAP file (guest_memfd zaps only the private ones) or an entry
-        through a VMM mapping of the file."""
-        if FIXED["punch zaps every entry"]:
-            return False
-
-        if not all(isinstance(v, int) for v in (mode, offset, length)) or \
-                not mode & FALLOC_FL_PUNCH_HOLE or offset < 0 or length <= 0 or f.closed:
-            return False
-        start, end = offset >> PAGE_SHIFT, (offset + length) >> PAGE_SHIFT
-        freed = {pfn for i, pfn in gmem_pages(f).items() if start <= i < end}
-        shared_file = bool(f.flags & GUEST_MEMFD_FLAG_INIT_SHARED)
-        for vm in self.vms:
-            if not vm.alive or vm.npt.closed:
-                continue
-            gfns, pfns, flags = vm.npt.items(0, 1 << 36)
-            for gfn, pfn, fl in zip(gfns.tolist(), pfns.tolist(), flags.tolist()):
-                if pfn not in freed:
-                    continue
-                slot = vm.gfn_to_memslot(gfn)
-                bound = vm is f.vm and slot is not None and slot.gmem_file is f
-                if not (bound and bool(fl & NPT_PRIVATE) != shared_file):
-                    return True
-        return False
 
     # -- dirty logs ---------------------------------------------------------------------------------
 
@@ -371,9 +318,6 @@ class HostileMemory(Counted, RuleBasedStateMachine):
         a = draw_fields(data, slot=tuple(slots) * 3 + SLOTS, first_page=(0, 64),
                         num_pages=tuple(sizes) * 3 + (1, 4, 16, 64))
         slot, first_page, num_pages = a["slot"], a["first_page"], a["num_pages"]
-        if not FIXED["dirty log words checked"] and isinstance(bitmap, list):
-            # Excluded until the fix is in: a word outside u64 escapes as OverflowError.
-            bitmap = [w % (1 << 64) if isinstance(w, int) else w for w in bitmap]
         self.refusable(vm.clear_dirty_log, slot, first_page, num_pages, bitmap)
 
     # -- guests -------------------------------------------------------------------------------------------

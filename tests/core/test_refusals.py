@@ -4,6 +4,8 @@ argument, page, packet or slot it was."""
 import errno
 import pathlib
 import re
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -171,3 +173,34 @@ def test_refusals_write_nothing_and_leave_npt_as_it_was():
             with pytest.raises(ValueError, match=match):
                 call()
         assert list(table) == before
+
+
+_REFUSED_IN_A_CYCLE = r"""
+import gc
+from sevcore.core.memcrypt import AES256_XTS, MemoryEngine
+eng = MemoryEngine(AES256_XTS, bytes(range(64)))
+
+def refused(call):
+    page = memoryview(bytes(4096)).cast("B")
+    try:
+        call(page)
+    except ValueError as exc:
+        kept = exc        # the frame holds its exception, whose traceback holds the frame
+
+for i in range(300):
+    refused(lambda page: eng.encrypt_run(page, 0x1001))            # unaligned SPA
+    refused(lambda page: eng.encrypt_pages(page, [0x1001]))
+    refused(lambda page: eng.decrypt_pages(page, [0, 0x1000]))     # count mismatch
+gc.collect()
+print("collected")
+"""
+
+
+def test_a_refusal_over_a_memoryview_survives_the_cycle_collector():
+    """A C call refused over memoryviews, its exception kept in a reference cycle, is freed
+    by the collector without crashing CPython (python/cpython#77894: a memoryview cleared with
+    an export still held), because no cdata holds an export of a memoryview."""
+    res = subprocess.run([sys.executable, "-c", _REFUSED_IN_A_CYCLE], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, (res.returncode, res.stderr[-2000:])
+    assert res.stdout.strip() == "collected"
