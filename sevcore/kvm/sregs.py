@@ -434,8 +434,10 @@ class SregsVcpu:
                 raise KvmError(EINVAL, ioctl, "FPU state is confidential")
             return out
         img = self.fpu
-        out.fcw, out.fsw, out.ftwx, out.last_opcode, out.last_ip, out.last_dp = \
-            struct.unpack_from("<HHBxHQQ", img, 0)
+        # fxregs_state's twd is a u16; kvm_fpu's ftwx takes its low byte.
+        out.fcw, out.fsw, twd, out.last_opcode, out.last_ip, out.last_dp = \
+            struct.unpack_from("<HHHHQQ", img, 0)
+        out.ftwx = twd & 0xff
         for i in range(8):
             s = fpu.XSAVE_ST_OFFSET + 16 * i
             out.fpr[i][:] = img[s:s + 16]
@@ -457,8 +459,8 @@ class SregsVcpu:
                 raise KvmError(EINVAL, ioctl, "FPU state is confidential")
             return 0
         img = self.fpu
-        struct.pack_into("<HHB", img, 0, f.fcw, f.fsw, f.ftwx)
-        struct.pack_into("<HQQ", img, 6, f.last_opcode, f.last_ip, f.last_dp)
+        struct.pack_into("<HHHHQQ", img, 0, f.fcw, f.fsw, f.ftwx, f.last_opcode, f.last_ip,
+                         f.last_dp)                # twd (u16) = ftwx
         img[fpu.XSAVE_ST_OFFSET:fpu.XSAVE_ST_OFFSET + 128] = bytes(f.fpr)
         img[fpu.XSAVE_XMM_OFFSET:fpu.XSAVE_XMM_OFFSET + 256] = bytes(f.xmm)
         return 0

@@ -359,10 +359,14 @@ def test_fpu_round_trip(kvm):
     g = vcpu.get_fpu()
     f.mxcsr = 0
     assert bytes(g) == bytes(f)
-    img = vcpu.get_xsave()
-    assert struct.unpack_from("<HH", img, 0) == (0x27f, 0x3800)
+    img = bytearray(vcpu.get_xsave())
+    assert struct.unpack_from("<HHH", img, 0) == (0x27f, 0x3800, 0x80)   # twd's high byte 0
     assert struct.unpack_from("<I", img, 24)[0] == 0x1f80
     assert img[160 + 15 * 16:160 + 16 * 16] == bytes(range(100, 116))
+    img[5] = 0xff                                   # a u16 twd reads back as its low byte
+    img[512] |= XFEATURE_MASK_FP
+    vcpu.set_xsave(img)
+    assert vcpu.get_fpu().ftwx == 0x80
     with pytest.raises(TypeError):
         vcpu.set_fpu(bytes(416))
 
