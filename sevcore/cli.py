@@ -302,8 +302,13 @@ def _listen(args):
         t = serve(args.listen, sevcore.Kvm(), args.bind, on_listening=listening)
     except Exception as e:
         print(f"sevcore: incoming migration failed: {type(e).__name__}: {e}", file=sys.stderr)
+        if args.json:
+            _write_json(args.json, {"incoming": {"status": "failed",
+                                                 "error-desc": f"{type(e).__name__}: {e}"}})
         return 1
     r = t.result
+    if args.json:
+        _write_json(args.json, {"incoming": {"status": "completed", **r}})
     print(f"guest resumed: {r['checked']:,} pages checked, {r['bad']} bad")
     return 0 if r["bad"] == 0 else 1
 
@@ -321,6 +326,8 @@ def _send(args, cost):
     except MigrationError as e:
         bar.done()
         print(f"sevcore: {e}", file=sys.stderr)
+        if args.json and e.stats is not None:       # query-migrate's record of the failure
+            _write_json(args.json, {path: e.stats.to_dict()})
         return 1
     bar.done()
     print(table({path: s.stats.query_migrate()}))

@@ -132,6 +132,14 @@ class Machine:
             if kind == "done":
                 raise GuestError("the workload ended")
 
+    def self_check(self):
+        """Have the guest check its own memory now, as it does after a move: its program starts
+        again from its entry point (it keeps nothing outside memory, so this changes nothing),
+        finds its header and replays its journal. Returns ``(checked, bad, first_bad_gfn)``;
+        raises GuestError if the guest cannot run (a SENT context fails VMRUN)."""
+        self.vcpus[0].set_guest_code(workload_main, self.config.to_dict())
+        return self.run_until("resumed")
+
     def tick(self):
         """Let the guest run one tick at the Host's current simulated time; returns the pages
         it wrote."""

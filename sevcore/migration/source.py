@@ -47,6 +47,7 @@ class Source(_End):
         self.samples = []            # (simulated ns, pages still to send, iteration)
         self.layout = machine.config.helper_layout
         self._sent_start = False
+        self._touched = False        # SEND_START ran: the guest's context was involved
         self._logging = False
 
     # -- driver ----------------------------------------------------------------------------------
@@ -74,6 +75,7 @@ class Source(_End):
             st.status = "failed"
             st.error = f"{type(e).__name__}: {e}"
             self._abort()
+            self._check_source()
             if isinstance(e, MigrationError):
                 e.stats = st
                 raise e
@@ -83,6 +85,10 @@ class Source(_End):
             raise
         finally:
             st.wall_s = time.perf_counter() - wall0
+            if st.status == "failed":                   # the statistics so far
+                st.total_ns = self.m.host.clock.now_ns - self.t0
+                if getattr(self, "writer", None) is not None:
+                    st.stream = self.writer.stats.qemu()
             st.time_spent = dict(self.m.host.clock.spent)
             st.guest_ticks = self.m.ticks
         self._resumed()
@@ -107,13 +113,29 @@ class Source(_End):
             try:
                 self.vm.memory_encrypt_op(U.KVM_SEV_SEND_CANCEL)
                 self.stats.count_psp("SEND_CANCEL")
-                self.stats.status = "cancelled"
+                self.stats.send_cancel = True
             except OSError:
                 pass
             self._sent_start = False
         if self._logging:
             self._set_logging(False)
         self._close()
+
+    def _check_source(self):
+        """After a failure: does the source guest run again, and does its own memory check
+        pass? A guest that never reached SEND_START was never stopped: it is not disturbed."""
+        st = self.stats
+        if not self._touched:
+            st.source_resumed = True
+            return
+        try:
+            checked, bad, first_bad = self.m.self_check()
+        except (GuestError, OSError) as e:
+            st.source_resumed = False
+            st.source_check = {"error": f"{type(e).__name__}: {e}"}
+            return
+        st.source_resumed = True
+        st.source_check = {"checked": int(checked), "bad": int(bad), "first_bad": first_bad}
 
     def _set_logging(self, on):
         m = self.m
@@ -136,7 +158,7 @@ class Source(_End):
         self.tl.control(self.writer.stats.transferred)
         pdh, plat, amd = (bytes.fromhex(hello[k]) for k in ("pdh", "plat_certs", "amd_certs"))
         out = self._send_start(pdh, plat, amd)
-        self._sent_start = True
+        self._sent_start = self._touched = True
         src_pdh = m.host.psp.export_cert_chain().pdh
         self.writer.sev_session(out.policy, src_pdh, self._session)
         self.tl.batch(lambda c: 0, S.FRAME_OVERHEAD + 12 + len(src_pdh) + len(self._session),

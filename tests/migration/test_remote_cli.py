@@ -55,8 +55,35 @@ def test_target_process_killed_mid_copy(tmp_path):
     with pytest.raises(MigrationError) as e:
         send_to("127.0.0.1", port, m, MigrationParams(batch_pages=64, timeout_s=30),
                 progress=kill)
-    assert e.value.stats.status == "cancelled"
+    assert e.value.stats.status == "failed" and e.value.stats.send_cancel
     assert_runs_on(m, before)
+
+
+def test_killed_target_leaves_a_failed_record_with_the_source_guest_checked(tmp_path,
+                                                                             monkeypatch):
+    """``sevcore migrate --to ... --json`` against a target killed mid-copy writes QEMU's
+    failed record: status, error-desc, the statistics so far and the source guest's own
+    check after SEND_CANCEL."""
+    import sevcore.cli as cli  # the progress bar is the hook that kills the target
+    proc, port = _target_process(tmp_path)
+
+    class Killer(cli.Progress):
+        def __call__(self, ev):
+            if ev["sent"] >= 256 and proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+    monkeypatch.setattr(cli, "Progress", Killer)
+    js = tmp_path / "f.json"
+    rc = main(["migrate", "--to", f"127.0.0.1:{port}", "--path", "psp", "--mem", "4M",
+               "--shared", "64K", "--workload", "idle", "--quiet", "--json", str(js)])
+    assert rc == 1
+    d = json.loads(js.read_text())["psp"]
+    assert d["status"] == "failed" and d["error-desc"].split(":")[0] in (
+        "PeerClosed", "StreamTruncated", "TargetFailed")
+    assert d["ram"]["transferred"] > 256 * 4096
+    g = d["source-guest"]
+    assert g["resumed"] is True and g["send-cancel"] is True
+    assert g["check"]["bad"] == 0 and g["check"]["checked"] > 0
 
 
 def test_no_target_listening_is_a_clear_error():
