@@ -162,7 +162,7 @@ def faultin_pages(vm, gfns, private, write):
     keep = (rest >= np.uint64(slot.base_gfn)) & (rest < np.uint64(slot.end_gfn))
     if vm.has_private_mem:
         keep &= vm.private.contains_array(rest) == private
-    if slot.userfault_bitmap:
+    if slot.userfault_bitmap and keep.any():
         keep[keep] = ~userfault_pending(vm, slot, rest[keep])
     rest = rest[keep]
     if len(rest) == 0:

@@ -7,6 +7,7 @@ itself migration-ready. :meth:`Machine.incoming` is the target's: the same VM, m
 not launched: RECEIVE_START will give it its context.
 """
 import json
+from errno import EFAULT
 
 import numpy as np
 
@@ -14,6 +15,7 @@ from sevcore.vmm import owner
 from sevcore import uapi as U
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.migration.workload import JOURNAL_PAGES, idle_vcpu, workload_main
+from sevcore.errors import KvmError
 from sevcore.kvm.vcpu import GuestAssertionError
 from sevcore.vmm.shared_pages import SharedPagesTracker
 
@@ -139,6 +141,19 @@ class Machine:
         raises GuestError if the guest cannot run (a SENT context fails VMRUN)."""
         self.vcpus[0].set_guest_code(workload_main, self.config.to_dict())
         return self.run_until("resumed")
+
+    def tick_or_userfault(self):
+        """One tick, or the page vCPU 0 stopped on: ``(pages written, None)`` or ``(None,
+        gfn)`` when KVM_RUN exits with a KVM Userfault (the operation is retried by the next
+        call). Other failures raise as :meth:`tick`."""
+        try:
+            return self.tick(), None
+        except KvmError as e:
+            run = self.vcpus[0].kvm_run
+            if e.errno != EFAULT or run.exit_reason != U.KVM_EXIT_MEMORY_FAULT or \
+                    not run.memory_fault.flags & U.KVM_MEMORY_EXIT_FLAG_USERFAULT:
+                raise
+            return None, run.memory_fault.gpa >> PAGE_SHIFT
 
     def tick(self):
         """Let the guest run one tick at the Host's current simulated time; returns the pages

@@ -20,6 +20,7 @@ from sevcore.migration.errors import (
 from sevcore.migration.helper import PACKET_SIZE, HelperPacketError, MigrationHelper
 from sevcore.migration.machine import SLOT, GuestError
 from sevcore.migration.params import MigrationParams
+from sevcore.migration.postcopy import PostcopySource
 from sevcore.migration.stats import IterationStats, MigrationStats
 from sevcore.migration.timeline import (
     Timeline,
@@ -48,6 +49,7 @@ class Source(_End):
         self.layout = machine.config.helper_layout
         self._sent_start = False
         self._touched = False        # SEND_START ran: the guest's context was involved
+        self.postcopy_live = False   # the guest runs on the target, pages still owed
         self._logging = False
 
     # -- driver ----------------------------------------------------------------------------------
@@ -66,8 +68,11 @@ class Source(_End):
                 raise NotMigrationReady("the guest has not set KVM_MIGRATION_READY in "
                                         "MSR_KVM_MIGRATION_CONTROL: refusing to migrate")
             self._setup()
-            self._precopy()
-            self._stop_and_copy()
+            if self.params.postcopy:
+                PostcopySource(self).run()
+            else:
+                self._precopy()
+                self._stop_and_copy()
             st.status = "completed"
         except BaseException as e:
             if isinstance(e, (PeerClosed, StreamTruncated)):
@@ -109,7 +114,7 @@ class Source(_End):
     def _abort(self):
         """Undo what the source did: SEND_CANCEL (the guest is RUNNING again), logging off, the
         channel closed so that the target stops too."""
-        if self._sent_start:
+        if self._sent_start and not self.postcopy_live:
             try:
                 self.vm.memory_encrypt_op(U.KVM_SEV_SEND_CANCEL)
                 self.stats.count_psp("SEND_CANCEL")
@@ -125,6 +130,13 @@ class Source(_End):
         """After a failure: does the source guest run again, and does its own memory check
         pass? A guest that never reached SEND_START was never stopped: it is not disturbed."""
         st = self.stats
+        if self.postcopy_live:
+            # The guest ran on the target: its copy here is stale, and running it would fork
+            # the guest. What the target holds is incomplete: the guest is lost.
+            st.source_resumed = False
+            st.source_check = {"error": "post-copy had started: the guest ran on the target, "
+                                        "which lacks pages this side can no longer send"}
+            return
         if not self._touched:
             st.source_resumed = True
             return
@@ -196,8 +208,11 @@ class Source(_End):
     def _all_gfns(self):
         return np.arange(self._end_gfn, dtype=np.uint64)
 
-    def _precopy(self):
+    def _precopy(self, limit=None):
+        """Pre-copy passes until the downtime estimate fits, or ``limit`` passes (the
+        iteration limit by default)."""
         p, st = self.params, self.stats
+        limit = p.max_iterations if limit is None else limit
         dirty = self._all_gfns()
         self._shared_mask = self._shared_now()
         k = 0
@@ -215,7 +230,7 @@ class Source(_End):
                 st.converged = True
                 break
             k += 1
-            if k >= p.max_iterations:
+            if k >= limit:
                 break
         self._final_dirty = dirty
 
@@ -355,10 +370,21 @@ class Source(_End):
         if self.helper is not None:
             self._send_psp(self.layout.private_gfns())     # the state, after the last packet
             self.tl.drain()
+        self._send_device_state()
+        self._hand_over(stop_ns)
+
+    def _send_device_state(self):
+        """What the target needs before its guest runs: the shared ranges and the vCPUs."""
+        m = self.m
         self.writer.setup({"kind": "shared_ranges",
                            "ranges": [list(r) for r in m.tracker.shared_ranges(0, m.npages)]})
         for vcpu in m.vcpus:
             self.writer.vcpu_state(vcpu.vcpu_id, m.vcpu_state(vcpu))
+
+    def _hand_over(self, stop_ns):
+        """The copy is complete: READY, SEND_FINISH, END, RECEIVE_FINISH; the statistics.
+        Returns the target's READY message."""
+        m, st = self.m, self.stats
         self.writer.setup({"kind": "complete"})
         self.writer.flush()
         self.tl.control(0)
@@ -381,6 +407,7 @@ class Source(_End):
         st.target_time_spent = dict(ready.get("time_spent", {}))
         if st.guest_pages_written and st.total_ns:
             st.dirty_pages_rate = st.guest_pages_written / (st.total_ns / 1e9)
+        return ready
 
     def _resumed(self):
         """The target's report of its guest's own memory check (best effort: the migration has

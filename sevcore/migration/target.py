@@ -10,6 +10,7 @@ from sevcore.migration.errors import StreamError
 from sevcore.migration.helper import PACKET_SIZE, MigrationHelper
 from sevcore.migration.machine import Machine
 from sevcore.migration.params import MigrationParams
+from sevcore.migration.postcopy import PostcopyTarget
 from sevcore.migration.timeline import charge_helper_pages, charge_psp_pages, charge_shared_pages
 from sevcore.migration.workload import GuestConfig
 from sevcore.vmm.kvm_util import kvm_vm_free
@@ -24,6 +25,7 @@ class Target(_End):
         self.m = None
         self.result = None
         self._pending = []
+        self.postcopy = None         # PostcopyTarget once the guest runs here with pages owed
 
     def run(self):
         """Receive, apply, finish and resume; raises on any failure after telling the source
@@ -80,7 +82,8 @@ class Target(_End):
         m.vm.memory_encrypt_op(U.KVM_SEV_RECEIVE_FINISH)
         self.cost.psp_command(self.clock, 0)
         self._close_helper()
-        checked, bad, first_bad = m.run_until("resumed")
+        # After post-copy the guest has been running: it checks its memory now, every page in.
+        checked, bad, first_bad = m.self_check() if self.postcopy else m.run_until("resumed")
         self.result = {"checked": checked, "bad": bad, "first_bad": first_bad}
         self._reply("resumed", **self.result)
 
@@ -114,8 +117,20 @@ class Target(_End):
             elif isinstance(rec, S.Setup) and rec.params.get("kind") == "shared_ranges":
                 for s, e in rec.params["ranges"]:
                     m.tracker.shared.add(int(s), int(e))
+            elif isinstance(rec, S.Setup) and rec.params.get("kind") == "postcopy":
+                if self.postcopy is not None:
+                    raise StreamError("a second POSTCOPY record")
+                self.postcopy = PostcopyTarget(self, rec.params)
+            elif isinstance(rec, S.Setup) and rec.params.get("kind") == "pc_step":
+                if self.postcopy is None:
+                    raise StreamError("a post-copy STEP before POSTCOPY")
+                self.postcopy.step(rec.params)
             elif isinstance(rec, S.Setup) and rec.params.get("kind") == "complete":
-                self._reply("ready", time_spent=dict(self.clock.spent))
+                if self.postcopy is not None:
+                    spent, report = self.postcopy.complete()
+                    self._reply("ready", time_spent=spent, postcopy=report)
+                else:
+                    self._reply("ready", time_spent=dict(self.clock.spent))
                 ready = True
             elif isinstance(rec, S.End):
                 break
@@ -142,6 +157,8 @@ class Target(_End):
             raise StreamError(f"helper packets of {packets.shape[1]} bytes, not {PACKET_SIZE}")
         exits0 = self.helper.counters.exits
         self.helper.open(gfns, np.asarray(seqs, np.uint64), packets)
+        if self.postcopy is not None:
+            self.postcopy.received(gfns)
         charge_helper_pages(self.cost, self.clock, len(gfns), self.m.config.helper_vcpus,
                             self.helper.counters.exits - exits0)
 
@@ -167,6 +184,8 @@ class Target(_End):
         """KVM_SEV_RECEIVE_UPDATE_DATA of each packet (the batched form)."""
         gfns = self._check_gfns(gfns)
         self.m.vm.sev_receive_update_data_pages(self.m.gfn_hvas(gfns), hdrs, trans)
+        if self.postcopy is not None:
+            self.postcopy.received(gfns)
         charge_psp_pages(self.cost, self.clock, len(gfns), self.params.ring_buffer)
 
     def _receive_shared(self, gfns, data):

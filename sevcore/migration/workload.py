@@ -192,8 +192,9 @@ def _split(gfns, lay, c):
     return out
 
 
-def workload_main(g, cfg_dict):
-    """vCPU 0: boot (or find its place after a move), then dirty pages tick by tick.
+def workload_main(g, cfg_dict, check=True):
+    """vCPU 0: boot (or find its place after a move, checking every page unless ``check`` is
+    False: a post-copy target checks once the last page is in), then dirty pages tick by tick.
 
     Ucalls: ``("ready",)`` once booted and migration-ready; ``("resumed", checked, bad,
     first_bad_gfn)`` after a move, having checked every page; ``("tick", tick, n)`` after
@@ -206,7 +207,7 @@ def workload_main(g, cfg_dict):
     if magic != MAGIC:
         yield from _boot(g, cfg, lay, c)
         ticks = 0
-    else:
+    elif check:
         yield from _check_after_move(g, cfg, lay, c, ticks)
     ws = lay.working_set(cfg.workload, cfg.hot_fraction)
     rate = 0.0 if cfg.workload == "idle" else cfg.dirty_pages_per_s

@@ -1,0 +1,330 @@
+"""Post-copy: the guest moves to the target after a few pre-copy passes (or none) and runs
+there while the pages it still owes follow, each one on demand when the guest touches it, the
+rest pushed in the background (docs/migration.md, "Post-copy").
+
+The order, after ``postcopy_after`` pre-copy passes (QEMU's postcopy-ram, with the SEV parts
+as the issue's PSP and helper paths)::
+
+    source                                        target
+    the guest stops; its last dirty sync
+    ITERATION STOP, the shared pages dirtied  ->  written as in pre-copy
+    shared ranges, vCPU states, POSTCOPY {owed bitmap}
+                                                  KVM_MEM_USERFAULT on the guest's slot, owed
+                                                  pages marked in its userfault_bitmap
+    STEP 0 {at}                             ->    the guest runs (downtime ends here)
+                                            <-    ACK 0 {want: the page vCPU 0 stopped on}
+    STEP 1: background pages {at}           ->    RECEIVE_UPDATE_DATA / helper OPEN, bits
+                                                  cleared; the guest runs on
+    STEP 2: the wanted page first {at}      ->    ...
+                                            <-    ACK 1, ACK 2 ...
+    (nothing owed)  [helper: its state page by the PSP]
+    SETUP {complete}                        ->    the last tick ends; USERFAULT off
+                                            <-    READY {blocktime ...}
+    KVM_SEV_SEND_FINISH, END                ->    KVM_SEV_RECEIVE_FINISH, the guest's check
+                                            <-    RESUMED
+
+Steps go in lock step with one step in flight (the source sends step k+1 before it reads ACK
+k), so the target's requests reach the source in simulated-time order: the source's timeline
+(sevcore.migration.timeline) has one batch in flight between stages. Each STEP carries ``at``,
+when the timeline has the target done with it; the target's clock (its guest's TSC) follows
+those times, so the guest dirties and stops in the same simulated time as the pipeline. A
+request made at ``at`` reaches the source one network latency later and its page comes back
+after another (CostModel.network_latency_ns); the source charges both before sending it, after
+the step already in flight.
+
+The source's firmware context stays in SUPDATE until the last page (SEND_UPDATE_DATA on
+demand), the target's in RECV (RECEIVE_UPDATE_DATA per page); SEND_FINISH and RECEIVE_FINISH
+come after the last page. On the helper path the source helper seals on demand and the target
+helper opens each page through the mirror, whose slot has no userfault bitmap, while the
+guest's vCPU waits.
+
+Once the guest has run on the target, a failure cannot give it back to the source (its copy
+there is stale): it is reported as the guest lost.
+"""
+import numpy as np
+
+from sevcore import uapi as U
+from sevcore.hw.clock import SimClock
+from sevcore.migration.end import _message
+from sevcore.migration.errors import StreamError
+from sevcore.migration.machine import SLOT
+from sevcore.migration.stats import IterationStats
+from sevcore.migration.workload import workload_main
+
+#: The back-channel and stream messages of post-copy (SETUP records' ``kind``).
+KINDS = ("postcopy", "pc_step")
+
+#: Steps the source may have sent and not seen acknowledged.
+WINDOW = 2
+
+
+def pack_gfns(gfns, npages):
+    """A set of gfns below ``npages`` as the hex of a little-endian bitmap."""
+    mask = np.zeros(npages, bool)
+    mask[np.asarray(gfns, np.int64)] = True
+    return np.packbits(mask, bitorder="little").tobytes().hex()
+
+
+def unpack_gfns(text, npages):
+    """The inverse of :func:`pack_gfns`: a boolean mask of ``npages``; StreamError if the
+    bitmap does not have ``npages`` bits or sets bits past them."""
+    try:
+        raw = np.frombuffer(bytes.fromhex(text), np.uint8)
+    except (TypeError, ValueError):
+        raise StreamError("the post-copy bitmap is not hex") from None
+    if len(raw) != -(-npages // 8):
+        raise StreamError(f"the post-copy bitmap has {len(raw) * 8} bits for {npages} pages")
+    bits = np.unpackbits(raw, bitorder="little").astype(bool)
+    if bits[npages:].any():
+        raise StreamError("the post-copy bitmap marks pages past the guest's memory")
+    return bits[:npages]
+
+
+class PostcopySource:
+    """The source's side of post-copy, driving a :class:`sevcore.migration.source.Source`
+    after its setup."""
+
+    def __init__(self, src):
+        self.s = src
+        self.owed = None             # bool per guest page: not yet sent since the switch
+        self.order = None            # the owed gfns in push order
+        self.cursor = 0
+
+    def run(self):
+        s, st = self.s, self.s.stats
+        st.postcopy, st.postcopy_after = True, s.params.postcopy_after
+        if s.params.postcopy_after:
+            s._precopy(s.params.postcopy_after)
+            if st.converged:                     # as QEMU: no need to switch
+                s._stop_and_copy()
+                return
+        self._switch()
+        self._push()
+        self._finish()
+
+    # -- the switch -------------------------------------------------------------------------
+
+    def _switch(self):
+        s, m, st = self.s, self.s.m, self.s.stats
+        s._guest_tick()                          # the guest runs up to the moment it stops
+        self.stop_ns = m.host.clock.now_ns
+        if st.iterations:
+            dirty = np.union1d(s._final_dirty, s._sync())
+        else:                                    # pure post-copy: every page is owed
+            s._shared_mask = s._shared_now()
+            dirty = s._all_gfns()
+        k = len(st.iterations)
+        it = IterationStats(k, self.stop_ns, pages=len(dirty), stop=True)
+        st.iterations.append(it)
+        bytes0 = s.writer.stats.transferred
+        s.writer.iteration(k, len(dirty), stop=True)
+        shared = s._shared_mask[dirty]
+        shared_bytes = 0
+        if shared.any():
+            shared_bytes = s._written(lambda w: s._send_shared(dirty[shared], it))
+        self.order = dirty[~shared]
+        self.owed = np.zeros(m.npages, bool)
+        self.owed[self.order.astype(np.int64)] = True
+        st.pages_owed = len(self.order)
+        s._send_device_state()
+        s.writer.setup({"kind": "postcopy", "npages": m.npages,
+                        "owed": pack_gfns(self.order, m.npages)})
+        s.writer.flush()
+        s.tl.control(s.writer.stats.transferred - bytes0 - shared_bytes)
+        s.tl.drain()
+        s.postcopy_live = True                   # from here the guest runs on the target
+        at = s.tl.dst.now_ns
+        st.downtime_ns = at - self.stop_ns
+        st.postcopy_start_ns = at - s.t0
+        it.end_ns = m.host.clock.now_ns
+        it.bytes = s.writer.stats.transferred - bytes0
+        self._bytes0 = s.writer.stats.transferred
+        self._marker(0)
+
+    def _marker(self, step):
+        s = self.s
+        s.writer.setup({"kind": "pc_step", "step": step, "at": s.tl.dst.now_ns})
+        s.writer.flush()
+
+    # -- pages ------------------------------------------------------------------------------
+
+    def _push(self):
+        s, st = self.s, self.s.stats
+        unacked, wants, step = [0], [], 1
+        while True:
+            gfns, asked_at = self._next(wants)
+            if gfns is None and not unacked:
+                break
+            if gfns is not None:
+                self._send_step(gfns, asked_at)
+                self._marker(step)
+                unacked.append(step)
+                step += 1
+                if s.progress:
+                    s.progress({"phase": "postcopy", "iteration": len(st.iterations),
+                                "pages": len(self.order),
+                                "sent": st.pages_pushed + st.pages_on_demand,
+                                "sim_ms": (s.m.host.clock.now_ns - s.t0) / 1e6})
+            if len(unacked) >= WINDOW or gfns is None:
+                ack = _message(s.reader, "pc_ack")
+                if ack.get("step") != unacked[0]:
+                    raise StreamError(f"post-copy: ACK of step {ack.get('step')}, expected "
+                                      f"{unacked[0]}")
+                unacked.pop(0)
+                for gfn in ack["want"]:
+                    st.postcopy_requests += 1
+                    wants.append((int(gfn), float(ack["at"])))
+
+    def _next(self, wants):
+        """The next step's pages: those asked for that are still owed (and when the first ask
+        was made), else the next background batch; ``(None, None)`` when nothing is owed."""
+        if wants:
+            asked = np.unique(np.array([g for g, _ in wants], np.uint64))
+            at = min(a for _, a in wants)
+            wants.clear()
+            if int(asked.max()) >= len(self.owed):
+                raise StreamError("post-copy: the target asked for a page outside the guest")
+            asked = asked[self.owed[asked.astype(np.int64)]]
+            if len(asked):
+                return asked, at
+        bp = self.s.params.batch_pages
+        out = []
+        n = 0
+        while n < bp and self.cursor < len(self.order):
+            chunk = self.order[self.cursor:self.cursor + bp - n]
+            self.cursor += len(chunk)
+            chunk = chunk[self.owed[chunk.astype(np.int64)]]
+            out.append(chunk)
+            n += len(chunk)
+        if n == 0:
+            return None, None
+        return np.concatenate(out), None
+
+    def _send_step(self, gfns, asked_at):
+        s, st = self.s, self.s.stats
+        if asked_at is not None:
+            # The request's trip here and the page's trip back, before the source sends it.
+            s.tl.src.advance_to(asked_at, "wait")
+            s.cost.network_latency(s.tl.src, 2)
+            st.pages_on_demand += len(gfns)
+        else:
+            st.pages_pushed += len(gfns)
+        s._send_private(gfns)
+        st.private_pages += len(gfns)
+        self.owed[gfns.astype(np.int64)] = False
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def _finish(self):
+        s, st = self.s, self.s.stats
+        if s.helper is not None:
+            s._send_psp(s.layout.private_gfns())    # the helper's state, after the last packet
+        st.postcopy_bytes = s.writer.stats.transferred - self._bytes0
+        stop_downtime = st.downtime_ns
+        ready = s._hand_over(self.stop_ns)
+        s.postcopy_live = False
+        st.downtime_ns = stop_downtime
+        pc = ready.get("postcopy", {})
+        st.vcpu_blocktime_ns = [float(t) for t in pc.get("vcpu_blocktime_ns", [])]
+        st.vcpu_faults = [int(n) for n in pc.get("vcpu_faults", [])]
+        st.blocktime_ns = float(pc.get("blocktime_ns", 0.0))
+        st.guest_pages_written += int(pc.get("pages_written", 0))
+
+
+class PostcopyTarget:
+    """The target's side of post-copy for a :class:`sevcore.migration.target.Target`, from
+    the POSTCOPY record on: the userfault bitmap, the guest's runs between steps, the
+    requests and the blocktime."""
+
+    def __init__(self, t, params):
+        self.t = t
+        m = self.m = t.m
+        npages = int(params.get("npages", -1))
+        if npages != m.npages:
+            raise StreamError(f"post-copy for {npages} pages, the guest has {m.npages}")
+        self.owed = unpack_gfns(params.get("owed", ""), npages)
+        self.words = np.packbits(self.owed, bitorder="little")
+        self.words = np.concatenate([self.words, np.zeros(-len(self.words) % 8, np.uint8)])
+        self.bitmap = m.kvm.mmap(max(len(self.words), 8))
+        m.kvm.write(self.bitmap, self.words.tobytes())
+        m.vm.set_user_memory_region2(SLOT, U.KVM_MEM_USERFAULT, 0, m.config.mem_size, m.hva,
+                                     userfault_bitmap=self.bitmap)
+        # The guest runs on: no check until the last page is in.
+        m.vcpus[0].set_guest_code(workload_main, m.config.to_dict(), False)
+        self.host_clock = t.clock
+        # The target's own charges go to a scratch clock: the source's timeline holds the
+        # pipeline, and the STEP times drive the Host's clock (the guest's TSC).
+        t.clock = SimClock(t.clock.now_ns)
+        self.spent0 = dict(self.host_clock.spent)
+        self.base = self.at0 = None
+        self.blocked = None          # (gfn, at) of vCPU 0's fault
+        nv = len(m.vcpus)
+        self.blocktime = [0.0] * nv
+        self.faults = [0] * nv
+        self.pages_written = 0
+        self.at = 0.0
+
+    def received(self, gfns):
+        """Pages that arrived: clear their bits (KVM reads the bitmap at each fault)."""
+        g = np.asarray(gfns, np.int64)
+        g = g[self.owed[g]]
+        if not len(g):
+            return
+        self.owed[g] = False
+        lo, hi = int(g.min()) >> 3, (int(g.max()) >> 3) + 1
+        self.words[lo:hi] = np.packbits(self.owed[lo * 8:hi * 8], bitorder="little")
+        self.m.kvm.write(self.bitmap + lo, self.words[lo:hi].tobytes())
+
+    def step(self, params):
+        """A STEP marker: the Host's clock to its time, the guest runs, the ACK goes back."""
+        at = float(params["at"])
+        if self.base is None:
+            self.base, self.at0 = self.host_clock.now_ns, at
+        self.at = at
+        self.host_clock.advance_to(self.base + at - self.at0)
+        want = self._run_guest()
+        self.t._reply("pc_ack", step=params["step"], want=want, at=at)
+
+    def _run_guest(self):
+        """vCPU 0 runs one tick unless it waits for a page; the page it stops on, if any."""
+        if self.blocked is not None:
+            gfn, since = self.blocked
+            if self.owed[gfn]:
+                return []
+            self.blocktime[0] += self.at - since
+            self.blocked = None
+        n, gfn = self.m.tick_or_userfault()
+        if gfn is None:
+            self.pages_written += n
+            return []
+        if not self.owed[gfn]:
+            raise StreamError(f"post-copy: userfault on gfn {gfn:#x}, which has arrived")
+        self.blocked = (gfn, self.at)
+        self.faults[0] += 1
+        return [gfn]
+
+    def complete(self):
+        """Every page is in: the tick in progress ends, USERFAULT goes off, the Host's clock
+        takes the target's own charges back. Returns the report for READY."""
+        if self.owed.any():
+            raise StreamError(f"post-copy complete with {int(self.owed.sum())} pages missing")
+        if self.blocked is not None:
+            self.blocktime[0] += self.at - self.blocked[1]
+            self.blocked = None
+            n, gfn = self.m.tick_or_userfault()
+            if gfn is not None:
+                raise StreamError(f"post-copy: userfault on gfn {gfn:#x} after the last page")
+            self.pages_written += n
+        m = self.m
+        m.vm.set_user_memory_region2(SLOT, 0, 0, m.config.mem_size, m.hva)
+        spent = dict(self.spent0)
+        for k, v in self.t.clock.spent.items():
+            spent[k] = spent.get(k, 0.0) + v
+        self.t.clock = self.host_clock
+        # With only vCPU 0 running the workload, every running vCPU stopped at once is vCPU 0
+        # stopped (QEMU's postcopy-blocktime counts the time all vCPUs wait together).
+        return spent, {"vcpu_blocktime_ns": self.blocktime, "vcpu_faults": self.faults,
+                       "blocktime_ns": self.blocktime[0], "pages_written": self.pages_written}
+
+
+__all__ = ["KINDS", "PostcopySource", "PostcopyTarget", "pack_gfns", "unpack_gfns"]
