@@ -236,11 +236,6 @@ class CostModel:
         _count(nbytes, "nbytes")
         return clock.advance(nbytes * NS_PER_S / self.network_bytes_per_s, "network")
 
-    def network_latency(self, clock, n=1):
-        """``n`` one-way trips across the network (a post-copy request and its page: 2)."""
-        _count(n, "n")
-        return clock.advance(n * self.network_latency_ns, "latency")
-
     def dirty_sync(self, clock, guest_size):
         """One dirty-log harvest over a guest of ``guest_size`` bytes."""
         _count(guest_size, "guest_size")

@@ -28,14 +28,16 @@ Until SEND_FINISH any failure on either side, the target going away included, en
 KVM_SEV_SEND_CANCEL on the source: its guest is RUNNING again with its memory unchanged.
 
 Two kinds of time: everything is computed for real (wall time), and each modelled hardware cost
-advances simulated time by :class:`sevcore.hw.costmodel.CostModel`. The source keeps the timeline:
-its Host's clock, plus a network stage and a target stage in a three-stage pipeline with one
-batch in flight between stages, so the slowest stage sets the pace. The guest reads its TSC from
-the source clock, so it dirties pages at its rate of simulated time.
+advances simulated time by :class:`sevcore.hw.costmodel.CostModel`. The engine describes each
+step's cost and a driver (:mod:`sevcore.migration.driver`) decides when it happens. The default
+keeps the source Host's clock, plus a network stage and a target stage in a three-stage pipeline
+with one batch in flight between stages, so the slowest stage sets the pace. The guest reads its
+TSC from the source clock, so it dirties pages at its rate of simulated time.
 """
 import threading
 from dataclasses import dataclass
 
+from sevcore.migration.driver import ClockDriver, Driver
 from sevcore.migration.errors import MigrationError, NotMigrationReady, TargetFailed
 from sevcore.migration.machine import Machine
 from sevcore.migration.params import PATHS, MigrationParams
@@ -46,7 +48,7 @@ from sevcore.migration.timeline import Timeline
 from sevcore.migration.transport import inprocess_pair
 
 #: The engine's API: ``migrate`` and what it takes, returns and raises; the two ends.
-__all__ = ["PATHS", "MigrationError", "MigrationParams", "MigrationResult", "NotMigrationReady",
+__all__ = ["PATHS", "ClockDriver", "Driver", "MigrationError", "MigrationParams", "MigrationResult", "NotMigrationReady",
            "Source", "Target", "TargetFailed", "Timeline", "migrate"]
 
 
@@ -59,11 +61,14 @@ class MigrationResult:
     samples: list
 
 
-def migrate(machine, target_kvm, params=MigrationParams(), progress=None, channel_pair=None):
+def migrate(machine, target_kvm, params=MigrationParams(), progress=None, channel_pair=None,
+            driver=None, target_clock=None):
     """Migrate ``machine`` to a new guest on ``target_kvm``'s Host, in this process (the target
-    runs in a thread). Returns MigrationResult; raises MigrationError after cancelling."""
+    runs in a thread). ``driver`` keeps simulated time (default: ClockDriver on the source
+    Host's clock); ``target_clock`` takes the target's own charges (default: its Host's).
+    Returns MigrationResult; raises MigrationError after cancelling."""
     a, b = channel_pair or inprocess_pair(timeout=params.timeout_s)
-    target = Target(target_kvm, b)
+    target = Target(target_kvm, b, target_clock)
     failure = []
 
     def run_target():
@@ -73,7 +78,7 @@ def migrate(machine, target_kvm, params=MigrationParams(), progress=None, channe
             failure.append(e)
     th = threading.Thread(target=run_target, name="sevcore-migration-target", daemon=True)
     th.start()
-    src = Source(machine, a, params, progress)
+    src = Source(machine, a, params, progress, driver)
     try:
         stats = src.run()
     finally:

@@ -24,9 +24,9 @@ as the issue's PSP and helper paths)::
                                             <-    RESUMED
 
 Steps go in lock step with one step in flight (the source sends step k+1 before it reads ACK
-k), so the target's requests reach the source in simulated-time order: the source's timeline
-(sevcore.migration.timeline) has one batch in flight between stages. Each STEP carries ``at``,
-when the timeline has the target done with it; the target's clock (its guest's TSC) follows
+k), so the target's requests reach the source in simulated-time order, as the default driver's
+pipeline (sevcore.migration.driver) has one batch in flight between stages. Each STEP carries
+``at``, when the driver has the target done with it; the target's clock (its guest's TSC) follows
 those times, so the guest dirties and stops in the same simulated time as the pipeline. A
 request made at ``at`` reaches the source one network latency later and its page comes back
 after another (CostModel.network_latency_ns); the source charges both before sending it, after
@@ -107,7 +107,7 @@ class PostcopySource:
     def _switch(self):
         s, m, st = self.s, self.s.m, self.s.stats
         s._guest_tick()                          # the guest runs up to the moment it stops
-        self.stop_ns = m.host.clock.now_ns
+        self.stop_ns = s.drv.now_ns()
         if st.iterations:
             dirty = np.union1d(s._final_dirty, s._sync())
         else:                                    # pure post-copy: every page is owed
@@ -130,20 +130,20 @@ class PostcopySource:
         s.writer.setup({"kind": "postcopy", "npages": m.npages,
                         "owed": pack_gfns(self.order, m.npages)})
         s.writer.flush()
-        s.tl.control(s.writer.stats.transferred - bytes0 - shared_bytes)
-        s.tl.drain()
+        s.drv.control(s.writer.stats.transferred - bytes0 - shared_bytes)
+        s.drv.drain()
         s.postcopy_live = True                   # from here the guest runs on the target
-        at = s.tl.dst.now_ns
+        at = s.drv.target_now_ns()
         st.downtime_ns = at - self.stop_ns
         st.postcopy_start_ns = at - s.t0
-        it.end_ns = m.host.clock.now_ns
+        it.end_ns = s.drv.now_ns()
         it.bytes = s.writer.stats.transferred - bytes0
         self._bytes0 = s.writer.stats.transferred
         self._marker(0)
 
     def _marker(self, step):
         s = self.s
-        s.writer.setup({"kind": "pc_step", "step": step, "at": s.tl.dst.now_ns})
+        s.writer.setup({"kind": "pc_step", "step": step, "at": s.drv.target_now_ns()})
         s.writer.flush()
 
     # -- pages ------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ class PostcopySource:
                     s.progress({"phase": "postcopy", "iteration": len(st.iterations),
                                 "pages": len(self.order),
                                 "sent": st.pages_pushed + st.pages_on_demand,
-                                "sim_ms": (s.m.host.clock.now_ns - s.t0) / 1e6})
+                                "sim_ms": (s.drv.now_ns() - s.t0) / 1e6})
             if len(unacked) >= WINDOW or gfns is None:
                 ack = _message(s.reader, "pc_ack")
                 if ack.get("step") != unacked[0]:
@@ -203,9 +203,11 @@ class PostcopySource:
     def _send_step(self, gfns, asked_at):
         s, st = self.s, self.s.stats
         if asked_at is not None:
-            # The request's trip here and the page's trip back, before the source sends it.
-            s.tl.src.advance_to(asked_at, "wait")
-            s.cost.network_latency(s.tl.src, 2)
+            # The request reaches the source one latency after the target asked; the page's
+            # trip back is charged before it leaves (the same arrival time).
+            latency = s.cost.network_latency_ns
+            s.drv.wait_until(asked_at + latency)
+            s.drv.wait_until(s.drv.now_ns() + latency, "latency")
             st.pages_on_demand += len(gfns)
         else:
             st.pages_pushed += len(gfns)
@@ -251,11 +253,12 @@ class PostcopyTarget:
                                      userfault_bitmap=self.bitmap)
         # The guest runs on: no check until the last page is in.
         m.vcpus[0].set_guest_code(workload_main, m.config.to_dict(), False)
-        self.host_clock = t.clock
-        # The target's own charges go to a scratch clock: the source's timeline holds the
+        self.own_clock = t.clock
+        self.guest_clock = m.host.clock
+        # The target's own charges go to a scratch clock: the source's driver holds the
         # pipeline, and the STEP times drive the Host's clock (the guest's TSC).
         t.clock = SimClock(t.clock.now_ns)
-        self.spent0 = dict(self.host_clock.spent)
+        self.spent0 = dict(self.own_clock.spent)
         self.base = self.at0 = None
         self.blocked = None          # (gfn, at) of vCPU 0's fault
         nv = len(m.vcpus)
@@ -279,9 +282,9 @@ class PostcopyTarget:
         """A STEP marker: the Host's clock to its time, the guest runs, the ACK goes back."""
         at = float(params["at"])
         if self.base is None:
-            self.base, self.at0 = self.host_clock.now_ns, at
+            self.base, self.at0 = self.guest_clock.now_ns, at
         self.at = at
-        self.host_clock.advance_to(self.base + at - self.at0)
+        self.guest_clock.advance_to(self.base + at - self.at0)
         want = self._run_guest()
         self.t._reply("pc_ack", step=params["step"], want=want, at=at)
 
@@ -320,7 +323,7 @@ class PostcopyTarget:
         spent = dict(self.spent0)
         for k, v in self.t.clock.spent.items():
             spent[k] = spent.get(k, 0.0) + v
-        self.t.clock = self.host_clock
+        self.t.clock = self.own_clock
         # With only vCPU 0 running the workload, every running vCPU stopped at once is vCPU 0
         # stopped (QEMU's postcopy-blocktime counts the time all vCPUs wait together).
         return spent, {"vcpu_blocktime_ns": self.blocktime, "vcpu_faults": self.faults,

@@ -5,6 +5,7 @@ import time
 import numpy as np
 
 from sevcore import uapi as U
+from sevcore.migration import driver as D
 from sevcore.core.arrays import runs
 from sevcore.hw.hostmem import PAGE_SIZE
 from sevcore.migration import stream as S
@@ -22,12 +23,6 @@ from sevcore.migration.machine import SLOT, GuestError
 from sevcore.migration.params import MigrationParams
 from sevcore.migration.postcopy import PostcopySource
 from sevcore.migration.stats import IterationStats, MigrationStats
-from sevcore.migration.timeline import (
-    Timeline,
-    charge_helper_pages,
-    charge_psp_pages,
-    charge_shared_pages,
-)
 
 #: Stream bytes of one ENCRYPTED_PAGE record: the downtime estimate's per-page size before any
 #: page has been measured.
@@ -38,9 +33,10 @@ SEV_PACKET_HEADER = 52
 class Source(_End):
     """The source VMM's migration of ``machine`` over ``channel``."""
 
-    def __init__(self, machine, channel, params=MigrationParams(), progress=None):
+    def __init__(self, machine, channel, params=MigrationParams(), progress=None, driver=None):
         self.m, self.channel, self.params = machine, channel, params
         self.cost = params.cost
+        self.drv = driver or D.ClockDriver(params.cost, machine.host.clock)
         self.progress = progress
         self.vm, self.kvm = machine.vm, machine.kvm
         self.stats = MigrationStats(params.path, guest_pages=machine.npages,
@@ -59,7 +55,7 @@ class Source(_End):
         ``.stats``) after cancelling, with the source guest running and unchanged."""
         wall0 = time.perf_counter()
         st = self.stats
-        self.t0 = self.m.host.clock.now_ns
+        self.t0 = self.drv.now_ns()
         try:
             if self.params.path == "helper" and self.layout is None:
                 raise MigrationError("the helper path needs a guest booted with a migration "
@@ -94,7 +90,7 @@ class Source(_End):
                 st.total_ns = self.m.host.clock.now_ns - self.t0
                 if getattr(self, "writer", None) is not None:
                     st.stream = self.writer.stats.qemu()
-            st.time_spent = dict(self.m.host.clock.spent)
+            st.time_spent = self.drv.spent()
             st.guest_ticks = self.m.ticks
         self._resumed()
         return st
@@ -162,25 +158,25 @@ class Source(_End):
         self.writer = S.StreamWriter(self.channel, S.FLAG_ENCRYPTED |
                                      (S.FLAG_HELPER if p.path == "helper" else 0))
         self.reader = S.StreamReader(self.channel)
-        self.tl = Timeline(self.cost, m.host.clock)
+        self.drv.start()
         self.writer.setup({"kind": "migrate", "guest": m.config.to_dict(),
                            "params": p.to_dict()})
         self.writer.flush()
         hello = _message(self.reader, "hello")
-        self.tl.control(self.writer.stats.transferred)
+        self.drv.control(self.writer.stats.transferred)
         pdh, plat, amd = (bytes.fromhex(hello[k]) for k in ("pdh", "plat_certs", "amd_certs"))
         out = self._send_start(pdh, plat, amd)
         self._sent_start = self._touched = True
         src_pdh = m.host.psp.export_cert_chain().pdh
         self.writer.sev_session(out.policy, src_pdh, self._session)
-        self.tl.batch(lambda c: 0, S.FRAME_OVERHEAD + 12 + len(src_pdh) + len(self._session),
-                      lambda c: self.cost.psp_command(c, 0))       # RECEIVE_START
+        self.drv.batch(D.NOTHING, S.FRAME_OVERHEAD + 12 + len(src_pdh) + len(self._session),
+                       D.psp_command())                            # RECEIVE_START
         self.stats.count_psp("RECEIVE_START")
         if p.path == "helper":
             self.helper = MigrationHelper(self.vm, self.layout, m.config.helper_vcpus)
             self._send_psp(self.layout.private_gfns())     # the key, before any packet
         self._set_logging(True)
-        self.stats.setup_ns = self.m.host.clock.now_ns - self.t0
+        self.stats.setup_ns = self.drv.now_ns() - self.t0
 
     def _send_start(self, pdh, plat, amd):
         kvm = self.kvm
@@ -192,7 +188,7 @@ class Source(_End):
         session = kvm.mmap(PAGE_SIZE)
         out = self.vm.memory_encrypt_op(U.KVM_SEV_SEND_START, session_uaddr=session,
                                         session_len=128, **args)
-        self.cost.psp_command(self.m.host.clock, 0)
+        self.drv.local(D.psp_command())
         self.stats.count_psp("SEND_START")
         self._session = kvm.read(session, out.session_len)
         return out
@@ -240,7 +236,7 @@ class Source(_End):
     def _sync(self):
         """A dirty-log sync: the dirtied gfns, plus pages whose shared/private state changed."""
         m = self.m
-        self.cost.dirty_sync(m.host.clock, m.config.mem_size)
+        self.drv.local(D.dirty_sync(m.config.mem_size))
         self.stats.dirty_sync_count += 1
         dirty = _dirty_gfns(self.vm, m.npages)
         dirty = dirty[dirty < self._end_gfn]
@@ -254,17 +250,17 @@ class Source(_End):
 
     def _send_pass(self, k, gfns, stop):
         p, st, m = self.params, self.stats, self.m
-        it = IterationStats(k, m.host.clock.now_ns, pages=len(gfns), stop=stop)
+        it = IterationStats(k, self.drv.now_ns(), pages=len(gfns), stop=stop)
         st.iterations.append(it)
         bytes0 = self.writer.stats.transferred
         self.writer.iteration(k, len(gfns), stop=stop)
-        self.tl.control(S.FRAME_OVERHEAD + 16)
+        self.drv.control(S.FRAME_OVERHEAD + 16)
         nb = -(-len(gfns) // p.batch_pages)
         every = max(1, -(-nb // p.guest_runs))
         for b in range(nb):
             batch = gfns[b * p.batch_pages:(b + 1) * p.batch_pages]
             self._send_batch(batch, it)
-            self.samples.append((m.host.clock.now_ns - self.t0,
+            self.samples.append((self.drv.now_ns() - self.t0,
                                  max(0, len(gfns) - (b + 1) * p.batch_pages), k))
             if not stop and (b + 1) % every == 0:
                 self._guest_tick()
@@ -272,13 +268,13 @@ class Source(_End):
                 self.progress({"phase": "stop" if stop else "precopy", "iteration": k,
                                "pages": len(gfns), "sent": min(len(gfns),
                                                                (b + 1) * p.batch_pages),
-                               "sim_ms": (m.host.clock.now_ns - self.t0) / 1e6})
+                               "sim_ms": (self.drv.now_ns() - self.t0) / 1e6})
         if not stop and (nb == 0 or nb % every):
             self._guest_tick()              # the guest runs at least once per pass, at its end
         self.writer.flush()
         if stop:
-            self.tl.drain()
-        it.end_ns = m.host.clock.now_ns
+            self.drv.drain()
+        it.end_ns = self.drv.now_ns()
         it.bytes = self.writer.stats.transferred - bytes0
 
     def _guest_tick(self):
@@ -312,8 +308,8 @@ class Source(_End):
         exits = h.counters.exits - exits0
         self.stats.helper_requests = h.counters.requests
         vcpus = self.m.config.helper_vcpus
-        self.tl.batch(lambda c: charge_helper_pages(self.cost, c, n, vcpus, exits), nbytes,
-                      lambda c: charge_helper_pages(self.cost, c, n, vcpus, exits))
+        work = D.helper_pages(n, vcpus, exits)
+        self.drv.batch(work, nbytes, work)
         self.stats.helper_packets += n
 
     def _send_psp(self, gfns):
@@ -326,9 +322,8 @@ class Source(_End):
             self.vm.sev_send_update_data_pages(hvas[lo:lo + k], out=(hdrs, trans))
         nbytes = self._written(lambda w: w.encrypted_batch_fill(gfns, fill, SEV_PACKET_HEADER,
                                                                    PAGE_SIZE))
-        ring = self.params.ring_buffer
-        self.tl.batch(lambda c: charge_psp_pages(self.cost, c, n, ring), nbytes,
-                      lambda c: charge_psp_pages(self.cost, c, n, ring))
+        work = D.psp_pages(n, self.params.ring_buffer)
+        self.drv.batch(work, nbytes, work)
         self.stats.count_psp("SEND_UPDATE_DATA", n)
         self.stats.count_psp("RECEIVE_UPDATE_DATA", n)
 
@@ -353,8 +348,8 @@ class Source(_End):
             if nz < n:
                 w.shared_batch(gfns[~zero], data[~zero])
         nbytes = self._written(write)
-        self.tl.batch(lambda c: charge_shared_pages(self.cost, c, n), nbytes,
-                      lambda c: charge_shared_pages(self.cost, c, n))
+        work = D.shared_pages(n)
+        self.drv.batch(work, nbytes, work)
         it.shared_pages += n
         self.stats.shared_pages += n - nz
         self.stats.zero_pages += nz
@@ -364,12 +359,12 @@ class Source(_End):
     def _stop_and_copy(self):
         m, st = self.m, self.stats
         self._guest_tick()                      # the guest runs up to the moment it stops
-        stop_ns = m.host.clock.now_ns
+        stop_ns = self.drv.now_ns()
         dirty = np.union1d(self._final_dirty, self._sync())
         self._send_pass(len(st.iterations), dirty, stop=True)
         if self.helper is not None:
             self._send_psp(self.layout.private_gfns())     # the state, after the last packet
-            self.tl.drain()
+            self.drv.drain()
         self._send_device_state()
         self._hand_over(stop_ns)
 
@@ -387,19 +382,19 @@ class Source(_End):
         m, st = self.m, self.stats
         self.writer.setup({"kind": "complete"})
         self.writer.flush()
-        self.tl.control(0)
+        self.drv.control(0)
         ready = _message(self.reader, "ready")
-        self.tl.drain()
+        self.drv.drain()
         self.vm.memory_encrypt_op(U.KVM_SEV_SEND_FINISH)
         self._sent_start = False
-        self.cost.psp_command(m.host.clock, 0)
+        self.drv.local(D.psp_command())
         st.count_psp("SEND_FINISH")
         self._set_logging(False)
         self._close_helper()
         self.writer.end()
-        self.tl.target_work(lambda c: self.cost.psp_command(c, 0))      # RECEIVE_FINISH
+        self.drv.remote(D.psp_command())                                # RECEIVE_FINISH
         st.count_psp("RECEIVE_FINISH")
-        end_ns = m.host.clock.now_ns
+        end_ns = self.drv.now_ns()
         st.downtime_ns = end_ns - stop_ns
         st.total_ns = end_ns - self.t0
         st.remaining = 0

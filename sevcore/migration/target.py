@@ -4,6 +4,7 @@ import numpy as np
 
 from sevcore import uapi as U
 from sevcore.hw.hostmem import PAGE_SIZE
+from sevcore.migration import driver as D
 from sevcore.migration import stream as S
 from sevcore.migration.end import _End, _row
 from sevcore.migration.errors import StreamError
@@ -11,17 +12,18 @@ from sevcore.migration.helper import PACKET_SIZE, MigrationHelper
 from sevcore.migration.machine import Machine
 from sevcore.migration.params import MigrationParams
 from sevcore.migration.postcopy import PostcopyTarget
-from sevcore.migration.timeline import charge_helper_pages, charge_psp_pages, charge_shared_pages
 from sevcore.migration.workload import GuestConfig
 from sevcore.vmm.kvm_util import kvm_vm_free
 
 
 class Target(_End):
     """The target VMM: builds the incoming guest on ``kvm``'s Host from the stream on
-    ``channel``. :meth:`run` returns the running :class:`Machine`."""
+    ``channel``. :meth:`run` returns the running :class:`Machine`. Its own work is charged to
+    ``clock`` (default: its Host's clock); the source's driver keeps the migration's timeline."""
 
-    def __init__(self, kvm, channel):
+    def __init__(self, kvm, channel, clock=None):
         self.kvm, self.channel = kvm, channel
+        self.clock = kvm.host.clock if clock is None else clock
         self.m = None
         self.result = None
         self._pending = []
@@ -49,6 +51,9 @@ class Target(_End):
         if self.m is not None:
             kvm_vm_free(self.m.vm)          # its vCPU fds too: each one pins the VM
 
+    def _charge(self, work):
+        D.charge(self.cost, self.clock, work)
+
     def _reply(self, kind, **fields):
         self.writer.setup({"kind": kind, **fields})
         self.writer.flush()
@@ -61,7 +66,6 @@ class Target(_End):
         cfg = GuestConfig.from_dict(rec.params["guest"])
         self.params = MigrationParams.from_dict(rec.params["params"])
         self.cost = self.params.cost
-        self.clock = kvm.host.clock
         self.m = m = Machine.incoming(kvm, cfg)
         chain = kvm.host.psp.export_cert_chain()
         self._reply("hello", pdh=chain.pdh.hex(), plat_certs=chain.plat_certs.hex(),
@@ -80,7 +84,7 @@ class Target(_End):
         with kvm.host.mem.populating(m.frames()):
             self._receive_records()
         m.vm.memory_encrypt_op(U.KVM_SEV_RECEIVE_FINISH)
-        self.cost.psp_command(self.clock, 0)
+        self._charge(D.psp_command())
         self._close_helper()
         # After post-copy the guest has been running: it checks its memory now, every page in.
         checked, bad, first_bad = m.self_check() if self.postcopy else m.run_until("resumed")
@@ -159,8 +163,8 @@ class Target(_End):
         self.helper.open(gfns, np.asarray(seqs, np.uint64), packets)
         if self.postcopy is not None:
             self.postcopy.received(gfns)
-        charge_helper_pages(self.cost, self.clock, len(gfns), self.m.config.helper_vcpus,
-                            self.helper.counters.exits - exits0)
+        self._charge(D.helper_pages(len(gfns), self.m.config.helper_vcpus,
+                                    self.helper.counters.exits - exits0))
 
     def _receive_start(self, rec):
         kvm, vm = self.kvm, self.m.vm
@@ -170,7 +174,7 @@ class Target(_End):
         vm.memory_encrypt_op(U.KVM_SEV_RECEIVE_START, policy=rec.policy, pdh_uaddr=pdh,
                              pdh_len=len(rec.pdh), session_uaddr=sess,
                              session_len=len(rec.session))
-        self.cost.psp_command(self.clock, 0)
+        self._charge(D.psp_command())
 
     def _check_gfns(self, gfns):
         """The gfns as a uint64 array; StreamError for a page outside the guest's memory."""
@@ -186,14 +190,14 @@ class Target(_End):
         self.m.vm.sev_receive_update_data_pages(self.m.gfn_hvas(gfns), hdrs, trans)
         if self.postcopy is not None:
             self.postcopy.received(gfns)
-        charge_psp_pages(self.cost, self.clock, len(gfns), self.params.ring_buffer)
+        self._charge(D.psp_pages(len(gfns), self.params.ring_buffer))
 
     def _receive_shared(self, gfns, data):
         gfns = self._check_gfns(gfns)
         self.kvm.write_pages(self.m.gfn_hvas(gfns), data)
-        charge_shared_pages(self.cost, self.clock, len(gfns))
+        self._charge(D.shared_pages(len(gfns)))
 
     def _receive_zero(self, rec):
         gfns = self._check_gfns(np.arange(rec.gfn, rec.gfn + rec.npages, dtype=np.uint64))
         self.kvm.write_pages(self.m.gfn_hvas(gfns), np.zeros(len(gfns) * PAGE_SIZE, np.uint8))
-        charge_shared_pages(self.cost, self.clock, len(gfns))
+        self._charge(D.shared_pages(len(gfns)))
