@@ -73,3 +73,8 @@ class NotMigrationReady(MigrationError):
 
 class TargetFailed(MigrationError):
     """The target refused the stream or failed while applying it (its message is included)."""
+
+
+class GuestLost(MigrationError):
+    """Post-copy failed after the guest had run on the target: the source's copy is stale and
+    the target lacks pages, so neither side can run the guest (never reported as success)."""

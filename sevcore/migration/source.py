@@ -11,6 +11,7 @@ from sevcore.hw.hostmem import PAGE_SIZE
 from sevcore.migration import stream as S
 from sevcore.migration.end import _dirty_gfns, _End, _message
 from sevcore.migration.errors import (
+    GuestLost,
     MigrationError,
     NotMigrationReady,
     PeerClosed,
@@ -75,8 +76,13 @@ class Source(_End):
                 e = self._target_error() or e       # the target's reason, if it gave one
             st.status = "failed"
             st.error = f"{type(e).__name__}: {e}"
+            lost = self.postcopy_live
             self._abort()
             self._check_source()
+            if lost:
+                st.guest_lost = True
+                raise GuestLost(f"the guest is lost: post-copy failed after it ran on the "
+                                f"target: {st.error}", st) from e
             if isinstance(e, MigrationError):
                 e.stats = st
                 raise e
@@ -87,7 +93,7 @@ class Source(_End):
         finally:
             st.wall_s = time.perf_counter() - wall0
             if st.status == "failed":                   # the statistics so far
-                st.total_ns = self.m.host.clock.now_ns - self.t0
+                st.total_ns = self.drv.now_ns() - self.t0
                 if getattr(self, "writer", None) is not None:
                     st.stream = self.writer.stats.qemu()
             st.time_spent = self.drv.spent()

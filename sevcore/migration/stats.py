@@ -71,6 +71,7 @@ class MigrationStats:
     #: After a failure: whether the source guest runs again, and its own memory check
     #: (``{"checked", "bad", "first_bad"}``, or ``{"error": ...}`` if it could not run).
     source_resumed: bool = None
+    guest_lost: bool = False         # post-copy failed after the guest ran on the target
     source_check: dict = None
     postcopy: bool = False
     postcopy_after: int = 0          # pre-copy passes before the switch to post-copy
@@ -119,6 +120,7 @@ class MigrationStats:
         if self.status == "failed":
             failed = {"error-desc": self.error, "source-guest": {
                 "resumed": self.source_resumed, "send-cancel": self.send_cancel,
+                "guest-lost": self.guest_lost,
                 "check": self.source_check}}
         return {
             "status": self.status,
