@@ -95,6 +95,10 @@ ROWS = [
     ("guest check", lambda q: "not reported" if q["sev"]["bad-pages"] < 0 else
      f"{q['sev']['verified-pages']:,} pages, {q['sev']['bad-pages']} bad"),
     ("wall time", lambda q: f"{q['sev']['wall-time-s']:,.2f} s"),
+    ("postcopy requests", lambda q: f"{q['ram']['postcopy-requests']:,}"
+     if "postcopy-requests" in q["ram"] else "-"),
+    ("postcopy blocktime", lambda q: _fmt_ms(q["postcopy-blocktime"])
+     if "postcopy-blocktime" in q else "-"),
 ]
 
 
@@ -150,11 +154,11 @@ def plot_sweep(rows, path):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for key, ax, title in (("total-time", axes[0], "total time"),
                            ("downtime", axes[1], "downtime")):
-        for p in sorted({r["path"] for r in rows}):
-            pts = [r for r in rows if r["path"] == p]
+        for p, pc in sorted({(r["path"], r.get("postcopy", False)) for r in rows}):
+            pts = [r for r in rows if (r["path"], r.get("postcopy", False)) == (p, pc)]
             xs = [r["dirty_rate"] for r in pts]
             ys = [r[key] / 1e3 for r in pts]
-            line, = ax.plot(xs, ys, marker="o", label=p)
+            line, = ax.plot(xs, ys, marker="o", label=f"{p} post-copy" if pc else p)
             for r, x, y in zip(pts, xs, ys):
                 if not r["converged"]:
                     ax.plot([x], [y], marker="o", mfc="white", mec=line.get_color(), ms=9)
@@ -198,6 +202,11 @@ def _guest_args(ap):
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="cost-model parameter (repeatable); --list-costs shows them")
     m.add_argument("--list-costs", action="store_true", help="print the cost model and exit")
+    m.add_argument("--postcopy", action="store_true",
+                   help="switch to post-copy after --postcopy-after passes (sweep: compare "
+                        "pre-copy and post-copy)")
+    m.add_argument("--postcopy-after", type=int, default=1, metavar="N",
+                   help="pre-copy passes before post-copy (default 1; 0: pure post-copy)")
     o = ap.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write all statistics as JSON")
     o.add_argument("--plot", metavar="FILE", help="write a plot (PNG; needs matplotlib)")
@@ -228,18 +237,23 @@ def _helper_config(path, mem_size, cost):
     return {"helper_vcpus": cost.helper_vcpus} if path == "helper" else {}
 
 
-def _params(args, cost, path):
-    return MigrationParams(path=path, cost=cost, max_iterations=args.max_iterations,
-                           ring_buffer=args.ring_buffer)
+def _params(args, cost, path, postcopy=None):
+    try:
+        return MigrationParams(path=path, cost=cost, max_iterations=args.max_iterations,
+                               ring_buffer=args.ring_buffer,
+                               postcopy=args.postcopy if postcopy is None else postcopy,
+                               postcopy_after=args.postcopy_after)
+    except ValueError as e:
+        raise SystemExit(f"sevcore: {e}") from None
 
 
-def _one(args, cost, path, dirty_rate=None, label=None):
+def _one(args, cost, path, dirty_rate=None, label=None, postcopy=None):
     """Launch a fresh guest on a fresh source Host and migrate it to a fresh target Host."""
     src = sevcore.Kvm()
     machine = Machine.launch(src, _config(args, cost, src, dirty_rate, path))
     bar = Progress(label or path, enabled=False if args.quiet else None)
     try:
-        r = migrate(machine, sevcore.Kvm(), _params(args, cost, path), progress=bar)
+        r = migrate(machine, sevcore.Kvm(), _params(args, cost, path, postcopy), progress=bar)
     finally:
         bar.done()
     return r
@@ -251,6 +265,7 @@ def cmd_migrate(args):
         for name, value, unit, doc in cost.describe():
             print(f"{name} = {value:g} {unit}\n    {doc}\n")
         return 0
+    _params(args, cost, PATHS[0])          # bad migration options fail before a guest boots
     if args.listen is not None:
         return _listen(args)
     if args.to:
@@ -346,24 +361,26 @@ def cmd_sweep(args):
         raise SystemExit(f"sevcore: --dirty-rates wants numbers, not {args.dirty_rates!r}")
     paths = PATHS if args.path == "both" else (args.path,)
     rows = []
-    for rate in rates:
-        for p in paths:
-            try:
-                st = _one(args, cost, p, dirty_rate=rate, label=f"{p} {rate:g}").stats
-            except MigrationError as e:
-                print(f"sevcore: {p} at {rate:g} pages/s: {e}", file=sys.stderr)
-                continue
-            q = st.query_migrate()
-            rows.append({"path": p, "dirty_rate": rate, "total-time": q["total-time"],
-                         "downtime": q["downtime"], "converged": st.converged,
-                         "iterations": len(st.iterations), "transferred": q["ram"]["transferred"],
-                         "wall_s": st.wall_s, "downtime_limit_ms": cost.downtime_limit_ms})
-    head = f"{'path':>6} {'pages/s':>8} {'total':>12} {'downtime':>12} {'passes':>6} " \
-           f"{'converged':>9} {'MiB sent':>9} {'wall':>7}"
+    modes = (False, True) if args.postcopy else (False,)      # --postcopy compares the two
+    for rate, p, pc in ((r, p, pc) for r in rates for p in paths for pc in modes):
+        try:
+            st = _one(args, cost, p, dirty_rate=rate, label=f"{p} {rate:g}", postcopy=pc).stats
+        except MigrationError as e:
+            print(f"sevcore: {p} at {rate:g} pages/s: {e}", file=sys.stderr)
+            continue
+        q = st.query_migrate()
+        rows.append({"path": p, "postcopy": pc, "blocktime": q.get("postcopy-blocktime", 0.0),
+                     "dirty_rate": rate, "total-time": q["total-time"],
+                     "downtime": q["downtime"], "converged": st.converged,
+                     "iterations": len(st.iterations), "transferred": q["ram"]["transferred"],
+                     "wall_s": st.wall_s, "downtime_limit_ms": cost.downtime_limit_ms})
+    head = f"{'path':>6} {'mode':>5} {'pages/s':>8} {'total':>12} {'downtime':>12} " \
+           f"{'blocktime':>12} {'passes':>6} {'converged':>9} {'MiB sent':>9} {'wall':>7}"
     print(head + "\n" + "-" * len(head))
     for r in rows:
-        print(f"{r['path']:>6} {r['dirty_rate']:>8g} {_fmt_ms(r['total-time']):>12} "
-              f"{_fmt_ms(r['downtime']):>12} {r['iterations']:>6} "
+        print(f"{r['path']:>6} {'post' if r['postcopy'] else 'pre':>5} {r['dirty_rate']:>8g} "
+              f"{_fmt_ms(r['total-time']):>12} {_fmt_ms(r['downtime']):>12} "
+              f"{_fmt_ms(r['blocktime']):>12} {r['iterations']:>6} "
               f"{'yes' if r['converged'] else 'NO':>9} {r['transferred'] / 2**20:>9,.1f} "
               f"{r['wall_s']:>6.1f}s")
     if args.json:

@@ -231,6 +231,8 @@ class PostcopySource:
         st.vcpu_faults = [int(n) for n in pc.get("vcpu_faults", [])]
         st.blocktime_ns = float(pc.get("blocktime_ns", 0.0))
         st.guest_pages_written += int(pc.get("pages_written", 0))
+        if st.total_ns:
+            st.dirty_pages_rate = st.guest_pages_written / (st.total_ns / 1e9)
 
 
 class PostcopyTarget:

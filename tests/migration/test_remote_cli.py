@@ -123,11 +123,31 @@ def test_cli_sweep_table_and_plot(tmp_path, capsys):
     assert png.stat().st_size > 1000
 
 
+def test_cli_postcopy_json_and_sweep_comparison(tmp_path, capsys):
+    """sevcore migrate --postcopy writes QEMU's post-copy keys; sevcore sweep --postcopy runs
+    each rate both ways."""
+    js = tmp_path / "p.json"
+    rc = main(["migrate", "--path", "helper", "--mem", "4M", "--shared", "64K", "--quiet",
+               "--postcopy", "--postcopy-after", "0", "--dirty-rate", "2000", "--json", str(js)])
+    assert rc == 0
+    d = json.loads(js.read_text())["helper"]
+    assert d["status"] == "completed" and d["sev"]["bad-pages"] == 0
+    assert d["ram"]["postcopy-requests"] > 0 and d["postcopy-vcpu-blocktime"][0] > 0
+    assert "postcopy blocktime" in capsys.readouterr().out
+    sj = tmp_path / "s.json"
+    rc = main(["sweep", "--path", "psp", "--mem", "2M", "--shared", "64K", "--quiet",
+               "--dirty-rates", "400", "--max-iterations", "2", "--postcopy", "--json", str(sj)])
+    assert rc == 0
+    rows = json.loads(sj.read_text())
+    assert [r["postcopy"] for r in rows] == [False, True]
+
+
 @pytest.mark.parametrize("argv, msg", [
     (["migrate", "--set", "psp_bytes_per_second=1"], "did you mean psp_bytes_per_s"),
     (["migrate", "--mem", "3000"], "multiple of 4 KiB"),
     (["migrate", "--to", "nohostport", "--mem", "2M"], "HOST:PORT"),
     (["sweep", "--dirty-rates", "1,x"], "numbers"),
+    (["migrate", "--postcopy", "--postcopy-after", "-1", "--mem", "2M"], "postcopy_after"),
 ])
 def test_cli_bad_arguments(argv, msg, capsys):
     """Bad arguments exit with a message naming the problem."""
