@@ -314,7 +314,8 @@ def _listen(args):
                 f.write(str(addr[1]))
             os.replace(args.port_file + ".tmp", args.port_file)
     try:
-        t = serve(args.listen, sevcore.Kvm(), args.bind, on_listening=listening)
+        t = serve(args.listen, sevcore.Kvm(), args.bind, on_listening=listening,
+                  resume=args.resume)
     except Exception as e:
         print(f"sevcore: incoming migration failed: {type(e).__name__}: {e}", file=sys.stderr)
         if args.json:
@@ -337,7 +338,8 @@ def _send(args, cost):
     machine = Machine.launch(src, _config(args, cost, src, path=path))
     bar = Progress(path, enabled=False if args.quiet else None)
     try:
-        s = send_to(host, int(port), machine, _params(args, cost, path), progress=bar)
+        s = send_to(host, int(port), machine, _params(args, cost, path), progress=bar,
+                    resume=args.resume)
     except MigrationError as e:
         bar.done()
         print(f"sevcore: {e}", file=sys.stderr)
@@ -406,6 +408,9 @@ def main(argv=None):
     r.add_argument("--bind", default="127.0.0.1", help="address to listen on")
     r.add_argument("--port-file", help="with --listen: write the port here once listening")
     r.add_argument("--to", metavar="HOST:PORT", help="be the source: migrate to HOST:PORT")
+    r.add_argument("--resume", action="store_true",
+                   help="post-copy: when the connection breaks, pause and continue on a new "
+                        "one (the source connects again, the target listens again)")
     m.set_defaults(fn=cmd_migrate)
     s = sub.add_parser("sweep", help="migrate at several dirty rates, per path")
     _guest_args(s)

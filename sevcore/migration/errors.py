@@ -78,3 +78,8 @@ class TargetFailed(MigrationError):
 class GuestLost(MigrationError):
     """Post-copy failed after the guest had run on the target: the source's copy is stale and
     the target lacks pages, so neither side can run the guest (never reported as success)."""
+
+
+class PostcopyPaused(MigrationError):
+    """The connection broke during post-copy (QEMU's ``postcopy-paused``): both sides keep
+    what they have, nothing is lost; ``resume`` on a new connection continues."""

@@ -46,7 +46,9 @@ import numpy as np
 from sevcore import uapi as U
 from sevcore.hw.clock import SimClock
 from sevcore.migration.end import _message
-from sevcore.migration.errors import StreamError
+from sevcore.migration import stream as S
+from sevcore.migration.errors import (ChecksumMismatch, PeerClosed, StreamError, StreamTimeout,
+                                      StreamTruncated)
 from sevcore.migration.machine import SLOT
 from sevcore.migration.stats import IterationStats
 from sevcore.migration.workload import workload_main
@@ -56,6 +58,10 @@ KINDS = ("postcopy", "pc_step")
 
 #: Steps the source may have sent and not seen acknowledged.
 WINDOW = 2
+
+#: What a broken connection raises: during post-copy both sides pause on these (QEMU's
+#: postcopy-paused) instead of failing.
+CUT = (PeerClosed, StreamTruncated, StreamTimeout, ChecksumMismatch, ConnectionError)
 
 
 def pack_gfns(gfns, npages):
@@ -89,6 +95,8 @@ class PostcopySource:
         self.owed = None             # bool per guest page: not yet sent since the switch
         self.order = None            # the owed gfns in push order
         self.cursor = 0
+        self.unacked, self.wants, self.step = [], [], 0
+        self.streams = []            # the stream statistics of connections before a resume
 
     def run(self):
         s, st = self.s, self.s.stats
@@ -125,6 +133,7 @@ class PostcopySource:
         self.order = dirty[~shared]
         self.owed = np.zeros(m.npages, bool)
         self.owed[self.order.astype(np.int64)] = True
+        self.switch_owed = self.order
         st.pages_owed = len(self.order)
         s._send_device_state()
         s.writer.setup({"kind": "postcopy", "npages": m.npages,
@@ -140,6 +149,39 @@ class PostcopySource:
         it.bytes = s.writer.stats.transferred - bytes0
         self._bytes0 = s.writer.stats.transferred
         self._marker(0)
+        self.unacked, self.step = [0], 1
+
+    def resume(self):
+        """On the Source's new channel: a new stream, RESUME, and the pages the target's
+        RESUME_ACK says it still lacks (those lost in flight are owed again); the page its
+        vCPU waits for goes first. Then the push goes on."""
+        s, st = self.s, self.s.stats
+        st.postcopy_bytes += s.writer.stats.transferred - self._bytes0
+        self.streams.append(s.writer.stats.qemu())
+        s.writer = S.StreamWriter(s.channel, s.stream_flags)
+        s.reader = S.StreamReader(s.channel)
+        s.writer.setup({"kind": "resume"})
+        s.writer.flush()
+        ack = _message(s.reader, "resume_ack")
+        self._bytes0 = 0
+        owed = unpack_gfns(ack.get("owed", ""), s.m.npages)
+        if (owed & ~(self.owed | self._sent_mask())).any():
+            raise StreamError("post-copy resume: the target lacks pages that were never owed")
+        st.pages_resent += int((owed & ~self.owed).sum())
+        self.owed = owed
+        self.order = np.flatnonzero(owed).astype(np.uint64)
+        self.cursor = 0
+        st.postcopy_resumes += 1
+        self.unacked = []
+        self.wants = [(int(g), float(ack["at"])) for g in ack.get("want", [])]
+        self._push()
+        self._finish()
+
+    def _sent_mask(self):
+        """The pages owed at the switch (a resume may owe only those again)."""
+        mask = np.zeros(len(self.owed), bool)
+        mask[self.switch_owed.astype(np.int64)] = True
+        return mask
 
     def _marker(self, step):
         s = self.s
@@ -150,16 +192,16 @@ class PostcopySource:
 
     def _push(self):
         s, st = self.s, self.s.stats
-        unacked, wants, step = [0], [], 1
+        unacked, wants = self.unacked, self.wants
         while True:
             gfns, asked_at = self._next(wants)
             if gfns is None and not unacked:
                 break
             if gfns is not None:
                 self._send_step(gfns, asked_at)
-                self._marker(step)
-                unacked.append(step)
-                step += 1
+                self._marker(self.step)
+                unacked.append(self.step)
+                self.step += 1
                 if s.progress:
                     s.progress({"phase": "postcopy", "iteration": len(st.iterations),
                                 "pages": len(self.order),
@@ -221,11 +263,15 @@ class PostcopySource:
         s, st = self.s, self.s.stats
         if s.helper is not None:
             s._send_psp(s.layout.private_gfns())    # the helper's state, after the last packet
-        st.postcopy_bytes = s.writer.stats.transferred - self._bytes0
+        st.postcopy_bytes += s.writer.stats.transferred - self._bytes0
         stop_downtime = st.downtime_ns
         ready = s._hand_over(self.stop_ns)
         s.postcopy_live = False
         st.downtime_ns = stop_downtime
+        for old in self.streams:                 # the connections before a resume count too
+            for k, v in old.items():
+                if isinstance(v, (int, float)) and isinstance(st.stream.get(k), (int, float)):
+                    st.stream[k] += v
         pc = ready.get("postcopy", {})
         st.vcpu_blocktime_ns = [float(t) for t in pc.get("vcpu_blocktime_ns", [])]
         st.vcpu_faults = [int(n) for n in pc.get("vcpu_faults", [])]
@@ -268,6 +314,7 @@ class PostcopyTarget:
         self.faults = [0] * nv
         self.pages_written = 0
         self.at = 0.0
+        self.done = False            # every page in: a cut now cannot pause
 
     def received(self, gfns):
         """Pages that arrived: clear their bits (KVM reads the bitmap at each fault)."""
@@ -313,6 +360,7 @@ class PostcopyTarget:
         takes the target's own charges back. Returns the report for READY."""
         if self.owed.any():
             raise StreamError(f"post-copy complete with {int(self.owed.sum())} pages missing")
+        self.done = True
         if self.blocked is not None:
             self.blocktime[0] += self.at - self.blocked[1]
             self.blocked = None

@@ -12,6 +12,7 @@ from sevcore.migration import stream as S
 from sevcore.migration.end import _dirty_gfns, _End, _message
 from sevcore.migration.errors import (
     GuestLost,
+    PostcopyPaused,
     MigrationError,
     NotMigrationReady,
     PeerClosed,
@@ -22,7 +23,7 @@ from sevcore.migration.errors import (
 from sevcore.migration.helper import PACKET_SIZE, HelperPacketError, MigrationHelper
 from sevcore.migration.machine import SLOT, GuestError
 from sevcore.migration.params import MigrationParams
-from sevcore.migration.postcopy import PostcopySource
+from sevcore.migration.postcopy import CUT, PostcopySource
 from sevcore.migration.stats import IterationStats, MigrationStats
 
 #: Stream bytes of one ENCRYPTED_PAGE record: the downtime estimate's per-page size before any
@@ -53,11 +54,11 @@ class Source(_End):
 
     def run(self):
         """Migrate; returns MigrationStats (status ``completed``). Raises MigrationError (with
-        ``.stats``) after cancelling, with the source guest running and unchanged."""
-        wall0 = time.perf_counter()
-        st = self.stats
+        ``.stats``) after cancelling, with the source guest running and unchanged; after the
+        post-copy switch, PostcopyPaused (call :meth:`resume`) or GuestLost."""
         self.t0 = self.drv.now_ns()
-        try:
+
+        def body():
             if self.params.path == "helper" and self.layout is None:
                 raise MigrationError("the helper path needs a guest booted with a migration "
                                      "helper (GuestConfig.helper_vcpus >= 1)")
@@ -66,16 +67,38 @@ class Source(_End):
                                         "MSR_KVM_MIGRATION_CONTROL: refusing to migrate")
             self._setup()
             if self.params.postcopy:
-                PostcopySource(self).run()
+                self.pc = PostcopySource(self)
+                self.pc.run()
             else:
                 self._precopy()
                 self._stop_and_copy()
+        return self._guarded(body, time.perf_counter())
+
+    def resume(self, channel):
+        """Continue a paused post-copy on a new ``channel`` (QEMU's ``migrate -r``): the
+        target says which pages it still lacks and those follow. Returns and raises as
+        :meth:`run`; ValueError if the migration is not paused."""
+        if self.stats.status != "postcopy-paused":
+            raise ValueError(f"nothing to resume: the migration is {self.stats.status}")
+        self.channel = channel
+        return self._guarded(self.pc.resume, time.perf_counter() - self.stats.wall_s)
+
+    def _guarded(self, body, wall0):
+        """Run ``body``; on failure pause (a cut during post-copy), report the guest lost
+        (anything else after the switch) or cancel (before it)."""
+        st = self.stats
+        try:
+            body()
             st.status = "completed"
         except BaseException as e:
             if isinstance(e, (PeerClosed, StreamTruncated)):
                 e = self._target_error() or e       # the target's reason, if it gave one
-            st.status = "failed"
             st.error = f"{type(e).__name__}: {e}"
+            if self.postcopy_live and isinstance(e, CUT):
+                st.status = "postcopy-paused"
+                self._close_channel()
+                raise PostcopyPaused(f"post-copy paused, nothing lost: {st.error}", st) from e
+            st.status = "failed"
             lost = self.postcopy_live
             self._abort()
             self._check_source()
@@ -92,7 +115,7 @@ class Source(_End):
             raise
         finally:
             st.wall_s = time.perf_counter() - wall0
-            if st.status == "failed":                   # the statistics so far
+            if st.status != "completed":                # the statistics so far
                 st.total_ns = self.drv.now_ns() - self.t0
                 if getattr(self, "writer", None) is not None:
                     st.stream = self.writer.stats.qemu()
@@ -100,6 +123,12 @@ class Source(_End):
             st.guest_ticks = self.m.ticks
         self._resumed()
         return st
+
+    def _close_channel(self):
+        try:
+            self.channel.close()
+        except OSError:
+            pass
 
     def _target_error(self):
         """After the target closed: the TargetFailed its ERROR message describes, if it sent
@@ -161,8 +190,8 @@ class Source(_End):
 
     def _setup(self):
         m, p = self.m, self.params
-        self.writer = S.StreamWriter(self.channel, S.FLAG_ENCRYPTED |
-                                     (S.FLAG_HELPER if p.path == "helper" else 0))
+        self.stream_flags = S.FLAG_ENCRYPTED | (S.FLAG_HELPER if p.path == "helper" else 0)
+        self.writer = S.StreamWriter(self.channel, self.stream_flags)
         self.reader = S.StreamReader(self.channel)
         self.drv.start()
         self.writer.setup({"kind": "migrate", "guest": m.config.to_dict(),

@@ -41,7 +41,7 @@ class IterationStats:
 class MigrationStats:
     """Everything a migration reports; :meth:`query_migrate` gives QEMU's layout."""
     path: str
-    status: str = "setup"            # setup, active, completed, failed, cancelled
+    status: str = "setup"            # setup, active, completed, failed, postcopy-paused
     error: str = ""
     guest_pages: int = 0
     setup_ns: float = 0.0
@@ -81,6 +81,8 @@ class MigrationStats:
     pages_on_demand: int = 0         # owed pages sent because the target asked
     pages_pushed: int = 0            # owed pages sent by the background push
     pages_owed: int = 0              # pages still owed when the target's guest started
+    pages_resent: int = 0            # pages sent again after a resume (lost in flight)
+    postcopy_resumes: int = 0        # connections after a postcopy-paused
     vcpu_blocktime_ns: list = field(default_factory=list)   # per vCPU, stopped on a fault
     blocktime_ns: float = 0.0        # every vCPU stopped at once
     vcpu_faults: list = field(default_factory=list)         # per vCPU, faults on owed pages
@@ -160,7 +162,8 @@ class MigrationStats:
         return {"after-passes": self.postcopy_after,
                 "start-ms": round(self.postcopy_start_ns / NS_PER_MS, 3),
                 "pages-owed": self.pages_owed, "pages-on-demand": self.pages_on_demand,
-                "pages-pushed": self.pages_pushed, "vcpu-faults": list(self.vcpu_faults),
+                "pages-pushed": self.pages_pushed, "pages-resent": self.pages_resent,
+                "resumes": self.postcopy_resumes, "vcpu-faults": list(self.vcpu_faults),
                 "vcpu-stopped-ms": [round(t / NS_PER_MS, 3) for t in self.vcpu_blocktime_ns]}
 
     def to_dict(self):

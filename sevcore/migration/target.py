@@ -7,11 +7,11 @@ from sevcore.hw.hostmem import PAGE_SIZE
 from sevcore.migration import driver as D
 from sevcore.migration import stream as S
 from sevcore.migration.end import _End, _row
-from sevcore.migration.errors import StreamError
+from sevcore.migration.errors import GuestLost, PostcopyPaused, StreamError
 from sevcore.migration.helper import PACKET_SIZE, MigrationHelper
 from sevcore.migration.machine import Machine
 from sevcore.migration.params import MigrationParams
-from sevcore.migration.postcopy import PostcopyTarget
+from sevcore.migration.postcopy import CUT, PostcopyTarget, pack_gfns
 from sevcore.migration.workload import GuestConfig
 from sevcore.vmm.kvm_util import kvm_vm_free
 
@@ -28,18 +28,59 @@ class Target(_End):
         self.result = None
         self._pending = []
         self.postcopy = None         # PostcopyTarget once the guest runs here with pages owed
+        self.paused = False          # post-copy waits for the source on a new connection
 
     def run(self):
         """Receive, apply, finish and resume; raises on any failure after telling the source
-        (ERROR) and destroying the incoming VM."""
+        (ERROR) and destroying the incoming VM; a cut during post-copy raises PostcopyPaused
+        with the guest kept (call :meth:`resume` or :meth:`give_up`)."""
+        return self._guarded(self._receive)
+
+    def resume(self, channel):
+        """Continue a paused post-copy on a new ``channel``: answer the source's RESUME with
+        the pages still owed and the one vCPU 0 waits for, then receive on. Returns and raises
+        as :meth:`run`; ValueError if nothing is paused."""
+        if not self.paused:
+            raise ValueError("nothing to resume: no post-copy is paused")
+        self.channel, self.paused = channel, False
+        return self._guarded(self._resume)
+
+    def give_up(self):
+        """The source is not coming back: the guest, which lacks pages, is lost; the VM is
+        destroyed. Returns the GuestLost to report."""
+        e = GuestLost("the guest is lost: post-copy paused and the source never came back")
+        self.paused = False
+        self._teardown()                    # the channel is already gone: nobody to tell
+        return e
+
+    def _guarded(self, body):
         self.reader = S.StreamReader(self.channel, reuse=True)    # each record is used at once
         self.writer = S.StreamWriter(self.channel)
         try:
-            self._receive()
+            body()
         except BaseException as e:
+            if self.postcopy is not None and not self.postcopy.done and isinstance(e, CUT):
+                self.paused = True
+                self._pending = []          # not applied: still owed, the source resends
+                try:
+                    self.channel.close()
+                except OSError:
+                    pass
+                raise PostcopyPaused(f"post-copy paused, nothing lost: {type(e).__name__}: "
+                                     f"{e}") from e
             self._fail(e)
             raise
         return self.m
+
+    def _resume(self):
+        rec = self.reader.read()
+        if not isinstance(rec, S.Setup) or rec.params.get("kind") != "resume":
+            raise StreamError("a resumed stream must start with RESUME")
+        pc = self.postcopy
+        self._reply("resume_ack", owed=pack_gfns(np.flatnonzero(pc.owed), self.m.npages),
+                    want=[] if pc.blocked is None else [pc.blocked[0]], at=pc.at)
+        self._receive_records()
+        self._finish()
 
     def _fail(self, e):
         try:
@@ -47,6 +88,9 @@ class Target(_End):
             self.writer.flush()
         except (StreamError, OSError):
             pass
+        self._teardown()
+
+    def _teardown(self):
         self._close()                       # the helper's mirror goes before its owner VM
         if self.m is not None:
             kvm_vm_free(self.m.vm)          # its vCPU fds too: each one pins the VM
@@ -83,6 +127,10 @@ class Target(_End):
         # unchanged.
         with kvm.host.mem.populating(m.frames()):
             self._receive_records()
+        self._finish()
+
+    def _finish(self):
+        m = self.m
         m.vm.memory_encrypt_op(U.KVM_SEV_RECEIVE_FINISH)
         self._charge(D.psp_command())
         self._close_helper()

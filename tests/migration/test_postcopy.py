@@ -7,8 +7,8 @@ import pytest
 
 from sevcore.hw.costmodel import CostModel
 from sevcore.migration import stream as S
-from sevcore.migration.engine import MigrationParams, migrate
-from sevcore.migration.errors import GuestLost, StreamError
+from sevcore.migration.engine import MigrationParams, migrate, resume
+from sevcore.migration.errors import GuestLost, PostcopyPaused, StreamError
 from sevcore.migration.postcopy import pack_gfns, unpack_gfns
 from sevcore.migration.remote import send_to, serve
 from sevcore.migration.stats import QEMU_POSTCOPY_KEYS, QEMU_POSTCOPY_RAM_KEYS
@@ -118,28 +118,106 @@ def test_postcopy_over_tcp():
     assert box["t"].result["bad"] == 0
 
 
-def test_cut_after_the_switch_reports_the_guest_lost():
-    """The stream cut once the guest runs on the target: no SEND_CANCEL (the source's copy is
-    stale), the record says failed and the source guest did not resume."""
-    m, dst = _guest("psp")
+def _cut_at_step(n):
+    """A Proxy that cuts the stream to the target at post-copy step ``n``."""
     steps = []
 
     def cut(i, rec, w):
         if isinstance(rec, S.Setup) and rec.params.get("kind") == "pc_step":
             steps.append(rec)
-            if len(steps) == 4:
+            if len(steps) == n:
                 raise ConnectionError("cable pulled")
         rewrite(w, rec)
-    proxy = Proxy(cut)
+    return Proxy(cut)
+
+
+@pytest.mark.parametrize("path", ["psp", "helper"])
+def test_cut_pauses_both_sides_and_resume_finishes_clean(path):
+    """The stream cut once the guest runs on the target: both sides pause (no SEND_CANCEL, the
+    guest kept), and a new connection finishes the copy with the guest's check clean."""
+    m, dst = _guest(path)
+    proxy = _cut_at_step(4)
+    with pytest.raises(PostcopyPaused) as e:
+        migrate(m, dst, pc(path), channel_pair=(proxy.source_end, proxy.target_end))
+    st = e.value.stats
+    assert st.status == "postcopy-paused" and not st.send_cancel
+    assert e.value.target.paused and guest_state(m) == SEV_GUEST_STATE_SEND_UPDATE
+    r = resume(e.value)
+    st = r.stats
+    assert st.status == "completed" and st.postcopy_resumes == 1 and st.bad_pages == 0
+    assert st.verified_pages > 0 and guest_state(m) == SEV_GUEST_STATE_SENT
+    assert st.pages_on_demand + st.pages_pushed == st.pages_owed + st.pages_resent
+
+
+def test_source_gone_for_good_is_the_guest_lost():
+    """A paused target whose source never comes back reports the guest lost and destroys
+    its VM; a second cut during the resume pauses again rather than failing."""
+    m, dst = _guest("psp")
+    proxy = _cut_at_step(3)
+    with pytest.raises(PostcopyPaused) as e:
+        migrate(m, dst, pc(), channel_pair=(proxy.source_end, proxy.target_end))
+    again = _cut_at_step(2)
+    with pytest.raises(PostcopyPaused):
+        resume(e.value, channel_pair=(again.source_end, again.target_end))
+    lost = e.value.target.give_up()
+    assert isinstance(lost, GuestLost) and "lost" in str(lost)
+    assert dst.host.umc.keyed_asids() == []
+    assert e.value.source.stats.status == "postcopy-paused"
+
+
+def test_target_error_after_the_switch_is_the_guest_lost():
+    """A target that refuses a page after the switch (not a cut) ends as GuestLost with the
+    failed record: no SEND_CANCEL, the source guest not resumed."""
+    m, dst = _guest("psp")
+    seen = []
+
+    def tamper(i, rec, w):
+        if isinstance(rec, S.Setup) and rec.params.get("kind") == "pc_step":
+            seen.append(rec)
+        if isinstance(rec, S.EncryptedPage) and len(seen) == 3:
+            rec = S.EncryptedPage(rec.gfn, rec.hdr, bytes(len(rec.trans)))
+        rewrite(w, rec)
+    proxy = Proxy(tamper)
     with pytest.raises(GuestLost) as e:
         migrate(m, dst, pc(), channel_pair=(proxy.source_end, proxy.target_end))
-    st = e.value.stats
-    q = st.query_migrate()
-    assert q["status"] == "failed" and q["error-desc"]
-    assert q["source-guest"]["resumed"] is False and not st.send_cancel
-    assert "SEND_CANCEL" not in st.psp_commands
-    assert q["source-guest"]["guest-lost"] and "lost" in str(e.value)
-    assert guest_state(m) == SEV_GUEST_STATE_SEND_UPDATE
+    q = e.value.stats.query_migrate()
+    assert q["status"] == "failed" and "BAD_MEASUREMENT" in q["error-desc"]
+    assert q["source-guest"]["guest-lost"] and q["source-guest"]["resumed"] is False
+    assert "SEND_CANCEL" not in e.value.stats.psp_commands
+
+
+def test_cut_over_tcp_resumes_on_a_new_connection(monkeypatch):
+    """Over TCP with resume on both sides: the source's socket shut mid post-copy, the source
+    connects again and the target's guest finishes with its check clean."""
+    import socket  # only this test shuts a socket down
+    from sevcore.migration import remote
+    m, _ = _guest("helper")
+    chans = []
+    connect = remote.tcp_connect
+    monkeypatch.setattr(remote, "tcp_connect",
+                        lambda *a, **k: chans.append(connect(*a, **k)) or chans[-1])
+    box, ready = {}, threading.Event()
+
+    def target():
+        def listening(addr):
+            box["port"] = addr[1]
+            ready.set()
+        box["t"] = serve(0, sevcore.Kvm(), timeout_s=30, on_listening=listening, resume=True)
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+    assert ready.wait(30)
+
+    def cut(ev):
+        if ev["phase"] == "postcopy" and ev["sent"] >= 64 and len(chans) == 1 and \
+                not box.get("cut"):
+            box["cut"] = True
+            chans[0].sock.shutdown(socket.SHUT_RDWR)
+    src = send_to("127.0.0.1", box["port"], m, pc("helper"), progress=cut, resume=True)
+    th.join(30)
+    st = src.stats
+    assert box.get("cut") and len(chans) == 2
+    assert st.status == "completed" and st.postcopy_resumes == 1 and st.bad_pages == 0
+    assert box["t"].result["bad"] == 0
 
 
 @pytest.mark.parametrize("text, npages", [("zz", 8), ("ff", 16), ("ff", 4), ("", 8)])
