@@ -308,7 +308,7 @@ class PostcopyTarget:
         t.clock = SimClock(t.clock.now_ns)
         self.spent0 = dict(self.own_clock.spent)
         self.base = self.at0 = None
-        self.blocked = None          # (gfn, at) of vCPU 0's fault
+        self.blocked = None          # (vcpu_id, gfn, at) of the vCPU stopped on a fault
         nv = len(m.vcpus)
         self.blocktime = [0.0] * nv
         self.faults = [0] * nv
@@ -338,21 +338,23 @@ class PostcopyTarget:
         self.t._reply("pc_ack", step=params["step"], want=want, at=at)
 
     def _run_guest(self):
-        """vCPU 0 runs one tick unless it waits for a page; the page it stops on, if any."""
+        """The guest runs one tick (every vCPU its share) unless a vCPU waits for a page; the
+        page a vCPU stops on, if any."""
         if self.blocked is not None:
-            gfn, since = self.blocked
+            vcpu, gfn, since = self.blocked
             if self.owed[gfn]:
                 return []
-            self.blocktime[0] += self.at - since
+            self.blocktime[vcpu] += self.at - since
             self.blocked = None
-        n, gfn = self.m.tick_or_userfault()
-        if gfn is None:
+        n, fault = self.m.tick_or_userfault()
+        if fault is None:
             self.pages_written += n
             return []
+        vcpu, gfn = fault
         if not self.owed[gfn]:
             raise StreamError(f"post-copy: userfault on gfn {gfn:#x}, which has arrived")
-        self.blocked = (gfn, self.at)
-        self.faults[0] += 1
+        self.blocked = (vcpu, gfn, self.at)
+        self.faults[vcpu] += 1
         return [gfn]
 
     def complete(self):
@@ -362,11 +364,13 @@ class PostcopyTarget:
             raise StreamError(f"post-copy complete with {int(self.owed.sum())} pages missing")
         self.done = True
         if self.blocked is not None:
-            self.blocktime[0] += self.at - self.blocked[1]
+            vcpu, _, since = self.blocked
+            self.blocktime[vcpu] += self.at - since
             self.blocked = None
-            n, gfn = self.m.tick_or_userfault()
-            if gfn is not None:
-                raise StreamError(f"post-copy: userfault on gfn {gfn:#x} after the last page")
+            n, fault = self.m.tick_or_userfault()
+            if fault is not None:
+                raise StreamError(f"post-copy: userfault on gfn {fault[1]:#x} after the last "
+                                  f"page")
             self.pages_written += n
         m = self.m
         m.vm.set_user_memory_region2(SLOT, 0, 0, m.config.mem_size, m.hva)
@@ -374,10 +378,12 @@ class PostcopyTarget:
         for k, v in self.t.clock.spent.items():
             spent[k] = spent.get(k, 0.0) + v
         self.t.clock = self.own_clock
-        # With only vCPU 0 running the workload, every running vCPU stopped at once is vCPU 0
-        # stopped (QEMU's postcopy-blocktime counts the time all vCPUs wait together).
+        # QEMU's postcopy-blocktime is the time every vCPU waited on a fault at once. The model
+        # runs a guest's vCPUs one after another, so one waits at a time: with one vCPU that is
+        # its stopped time, with more it never happens.
+        total = self.blocktime[0] if len(self.blocktime) == 1 else 0.0
         return spent, {"vcpu_blocktime_ns": self.blocktime, "vcpu_faults": self.faults,
-                       "blocktime_ns": self.blocktime[0], "pages_written": self.pages_written}
+                       "blocktime_ns": total, "pages_written": self.pages_written}
 
 
 __all__ = ["KINDS", "PostcopySource", "PostcopyTarget", "pack_gfns", "unpack_gfns"]

@@ -78,7 +78,7 @@ class Target(_End):
             raise StreamError("a resumed stream must start with RESUME")
         pc = self.postcopy
         self._reply("resume_ack", owed=pack_gfns(np.flatnonzero(pc.owed), self.m.npages),
-                    want=[] if pc.blocked is None else [pc.blocked[0]], at=pc.at)
+                    want=[] if pc.blocked is None else [pc.blocked[1]], at=pc.at)
         self._receive_records()
         self._finish()
 

@@ -239,3 +239,18 @@ def test_postcopy_after_must_be_a_count():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError):
             MigrationParams(postcopy=True, postcopy_after=bad)
+
+
+def test_every_vcpu_dirties_its_share_and_faults_on_its_own():
+    """With three vCPUs each writes its share of every tick: pre-copy moves the guest intact,
+    and in post-copy the vCPUs other than 0 fault too, each with its own stopped time."""
+    m, dst = _guest("psp", nr_vcpus=3, dirty_pages_per_s=4_000)
+    r = migrate(m, dst, MigrationParams(max_iterations=3, timeout_s=30))
+    assert r.stats.bad_pages == 0 and r.stats.guest_pages_written > 0
+    assert all(v.has_run for v in m.vcpus)
+    m, dst = _guest("helper", nr_vcpus=3, dirty_pages_per_s=4_000)
+    st = migrate(m, dst, pc("helper")).stats
+    assert st.status == "completed" and st.bad_pages == 0
+    assert len(st.vcpu_faults) == len(st.vcpu_blocktime_ns) == 3
+    assert sum(st.vcpu_faults[1:]) > 0 and st.vcpu_blocktime_ns[1] + st.vcpu_blocktime_ns[2] > 0
+    assert st.blocktime_ns == 0.0          # the model's vCPUs never all wait at once
