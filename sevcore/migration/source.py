@@ -44,6 +44,7 @@ class Source(_End):
         self.layout = machine.config.helper_layout
         self._sent_start = False
         self._logging = False
+        self.drv.bind(self)
 
     # -- driver ----------------------------------------------------------------------------------
 
