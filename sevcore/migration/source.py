@@ -44,6 +44,7 @@ class Source(_End):
         self.layout = machine.config.helper_layout
         self._sent_start = False
         self._logging = False
+        self.handed_over = False
         self.drv.bind(self)
 
     # -- driver ----------------------------------------------------------------------------------
@@ -340,6 +341,7 @@ class Source(_End):
         self.drv.drain()
         self.vm.memory_encrypt_op(U.KVM_SEV_SEND_FINISH)
         self._sent_start = False
+        self.handed_over = True             # the source guest never runs again: no cancel now
         self.drv.local(D.psp_command())
         st.count_psp("SEND_FINISH")
         self._set_logging(False)

@@ -119,13 +119,9 @@ class SimDriver(Driver):
             req = self._requests.get()
             if req[0] == "exit":
                 break
+            if not self.cancelled:
+                yield from self._serve_guarded(req)
             if self.cancelled:
-                self._replies.put(_CANCEL)
-                continue
-            try:
-                yield from self._serve(req)
-            except simpy.Interrupt:
-                self.cancel_inflight()
                 self._replies.put(_CANCEL)
                 continue
             self._sync_clock()
@@ -136,12 +132,39 @@ class SimDriver(Driver):
             raise value
         return value
 
+    def _serve_guarded(self, req):
+        """Serve ``req`` in a process of its own, so that an interrupt of ours can stop it
+        (releasing what it holds) or, past SEND_FINISH, be ignored."""
+        p = self.env.process(self._quietly(self._serve(req)))
+        while p.is_alive:
+            try:
+                yield p
+            except simpy.Interrupt:
+                if self.handed_over:
+                    continue                 # the guest is the target's now: finish
+                p.interrupt("cancel")
+                self.cancel_inflight()
+                return
+
+    @property
+    def handed_over(self):
+        """Past SEND_FINISH: the migration can only complete."""
+        return self.source is not None and self.source.handed_over
+
+    @staticmethod
+    def _quietly(gen):
+        try:
+            yield from gen
+        except simpy.Interrupt:
+            pass
+
     def cancel_inflight(self):
         """Stop the batches still on the link or at the target (they release what they hold)."""
         self.cancelled = True
         for p in self._carriers:
             if p.is_alive:
                 p.interrupt("cancel")
+        self._carriers = []
 
     def _sync_clock(self):
         """The source Host's clock (its guests' TSC) follows the environment."""
@@ -165,7 +188,7 @@ class SimDriver(Driver):
             yield from self._work(src, self.src_host, True)
             b = self._last = _Batch(env)
             self._carriers = [p for p in self._carriers if p.is_alive]
-            self._carriers.append(env.process(self._carry(prev, b, nbytes, dst)))
+            self._carriers.append(env.process(self._quietly(self._carry(prev, b, nbytes, dst))))
         elif kind == "drain":
             yield from self._drain()
         elif kind == "remote":
@@ -180,18 +203,15 @@ class SimDriver(Driver):
 
     def _carry(self, prev, b, nbytes, dst):
         """The link and the target's part of one batch."""
-        try:
-            if not prev.dst_started.triggered:
-                yield prev.dst_started               # one batch in flight link -> target
-            b.net_started.succeed()
-            yield from self.link.send(nbytes, self.cap)
-            if not prev.dst_done.triggered:
-                yield prev.dst_done
-            b.dst_started.succeed()
-            yield from self._work(dst, self.dst_host, False)
-            b.dst_done.succeed()
-        except simpy.Interrupt:
-            pass
+        if not prev.dst_started.triggered:
+            yield prev.dst_started                   # one batch in flight link -> target
+        b.net_started.succeed()
+        yield from self.link.send(nbytes, self.cap)
+        if not prev.dst_done.triggered:
+            yield prev.dst_done
+        b.dst_started.succeed()
+        yield from self._work(dst, self.dst_host, False)
+        b.dst_done.succeed()
 
     def _work(self, work, host, source):
         """Each demand on its resource: PSP demands on the Host's PSP, the rest as time on

@@ -115,18 +115,22 @@ def _report(plan, migs, psps, before, link, t0, src, targets, now):
              "hosts": hosts, "link": {"bytes": ls["bytes"], "bytes_per_s": plan.link_bytes_per_s,
                                       "busy_s": ls["busy_s"], "utilisation": link_util,
                                       "peak_transfers": ls["peak_transfers"]},
-             "bottleneck": _bottleneck(hosts, link_util)}
+             "bottleneck": _bottleneck(hosts, link_util, plan.link_bytes_per_s
+                                       / max(1, ls["peak_transfers"])
+                                       < plan.params.cost.network_bytes_per_s)}
     return {"guests": guests, "evacuation": whole}
 
 
-def _bottleneck(hosts, link_util):
+def _bottleneck(hosts, link_util, link_shared_below_cap):
     """The busiest shared resource if it was busy most of the evacuation, else the guests'
-    own limits (each migration's max-bandwidth, its dirtying, the pipeline)."""
+    own limits (each migration's max-bandwidth, its dirtying, the pipeline). The link counts
+    only if its fair share fell below a migration's max-bandwidth."""
     # A source and a target PSP doing the same pages are equally busy: the one where work
     # queued is the bottleneck.
-    busiest = max([(round(h["psp_utilisation"], 3), h["psp_queue_s"], f"{name} PSP")
-                   for name, h in hosts.items()] + [(round(link_util, 3), 0.0, "link")])
+    link = [(round(link_util, 3), 0.0, False, "link")] if link_shared_below_cap else []
+    busiest = max([(round(h["psp_utilisation"], 3), h["psp_queue_s"], name == "source",
+                    f"{name} PSP") for name, h in hosts.items()] + link)
     if busiest[0] >= 0.5:
-        return f"{busiest[2]} ({busiest[0]:.0%} busy)"
+        return f"{busiest[3]} ({busiest[0]:.0%} busy)"
     return (f"per-migration limits: max-bandwidth, dirtying, the pipeline (busiest shared "
-            f"resource: {busiest[2]}, {busiest[0]:.0%})")
+            f"resource: {busiest[3]}, {busiest[0]:.0%})")

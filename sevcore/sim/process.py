@@ -72,9 +72,12 @@ class Migration:
             self.progress(self, ev)
 
     def cancel(self):
-        """Interrupt the process: the source sends SEND_CANCEL at once and runs on."""
-        if self.process is not None and self.process.is_alive:
-            self.process.interrupt("cancel")
+        """Interrupt the process: the source sends SEND_CANCEL at once and runs on. Returns
+        False (and does nothing) once past SEND_FINISH, when only completing is left."""
+        if self.process is None or not self.process.is_alive or self.driver.handed_over:
+            return False
+        self.process.interrupt("cancel")
+        return True
 
     @property
     def stats(self):

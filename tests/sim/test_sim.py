@@ -61,13 +61,15 @@ def run_two(shared, path="psp"):
 
 
 def test_two_migrations_on_one_psp_take_longer_and_never_overlap_on_it():
-    """Sharing the source PSP, each of two migrations takes longer than alone; the PSP's
-    recorded holds never overlap, and the two migrations' batches alternate on it."""
+    """Sharing the source PSP, each of two migrations takes longer than alone (its guest
+    dirtying on while it waits); the PSP's recorded holds never overlap, and the two
+    migrations' batches alternate on it."""
     alone, _ = run_two(shared=False)
     shared, psp = run_two(shared=True)
     for a, s in zip(alone, shared):
         assert s.stats.bad_pages == 0 and a.stats.bad_pages == 0
         assert s.stats.total_ns > max(x.stats.total_ns for x in alone)
+        assert s.stats.guest_pages_written > a.stats.guest_pages_written
     trace = sorted(psp.trace)
     assert all(prev[1] <= nxt[0] for prev, nxt in zip(trace, trace[1:]))
     owners = [t[2] for t in trace]
@@ -217,5 +219,41 @@ def test_every_guest_of_an_evacuation_passes_its_own_check(path, parallel):
         for a, b in zip(guests, guests[1:]):
             assert b["start_s"] == pytest.approx(a["end_s"], abs=1e-9)
         assert ev["hosts"]["source"]["psp_queue_s"] == pytest.approx(0.0, abs=1e-9)
+        assert ev["bottleneck"].startswith("source PSP")
     else:
         assert all(g["start_s"] == 0 for g in guests)
+        assert ev["bottleneck"].startswith("per-migration limits")
+
+
+def test_a_slow_link_is_the_evacuations_bottleneck():
+    """Helper-path guests on a link whose fair share is below their max-bandwidth wait for
+    the link: it is named the bottleneck, and it carried what was sent (all but the few
+    control records the cost model charges no bytes for)."""
+    cfg = GuestConfig(**SMALL, dirty_pages_per_s=200)
+    rep = evacuate(Plan(2, cfg, PARAMS["helper"], 50e6), sevcore.Kvm)
+    ev = rep["evacuation"]
+    assert ev["all_ok"] and ev["bottleneck"].startswith("link")
+    sent = sum(g["query-migrate"]["ram"]["transferred"] for g in rep["guests"])
+    assert 0.99 * sent <= ev["link"]["bytes"] <= sent
+
+
+def test_past_send_finish_a_cancel_is_refused_and_the_migration_completes():
+    """Once SEND_FINISH is issued, ``cancel()`` returns False and even an interrupt of the
+    process is ignored: the guest runs on the target."""
+    m, dst = launched(**helper_cfg("helper"))
+    env = simpy.Environment()
+    mig = sim.Migration(env, m, dst, PARAMS["helper"])
+    proc = mig.start()
+    tried = []
+
+    def late_operator():
+        while not mig.driver.handed_over:
+            yield env.timeout(1e-5)
+        tried.append(mig.cancel())
+        proc.interrupt()
+    env.process(late_operator())
+    env.run()
+    assert tried == [False]
+    r = proc.value
+    assert r.stats.status == "completed" and r.stats.bad_pages == 0 and r.target is not None
+    assert "SEND_CANCEL" not in r.stats.psp_commands
