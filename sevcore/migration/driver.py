@@ -137,6 +137,10 @@ class Driver:
     when the work is done in simulated time; a driver for another simulator implements all
     of them (docs/embedding.md)."""
 
+    def bind(self, source):
+        """The Source this driver serves (an observer may read its ``stats``); nothing by
+        default."""
+
     def start(self):
         """The migration begins: set up the stages' clocks."""
         raise NotImplementedError

@@ -20,6 +20,8 @@ from sevcore.kvm.vcpu import GuestAssertionError
 from sevcore.vmm.shared_pages import SharedPagesTracker
 
 SLOT = 0
+#: The boot image LAUNCH_UPDATE_DATA measures and encrypts: the header and the journal.
+BOOT_IMAGE_SIZE = (1 + JOURNAL_PAGES) * PAGE_SIZE
 
 
 class GuestError(RuntimeError):
@@ -83,7 +85,7 @@ class Machine:
                              dh_len=len(session.godh_cert), session_uaddr=blob,
                              session_len=len(session.session))
         vm.memory_encrypt_reg_region(self.hva, self.config.mem_size)
-        image = (1 + JOURNAL_PAGES) * PAGE_SIZE         # header and journal: the boot image
+        image = BOOT_IMAGE_SIZE
         plaintext = kvm.read(self.hva, image)
         vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_UPDATE_DATA, uaddr=self.hva, len=image)
         out = kvm.mmap(PAGE_SIZE)

@@ -49,6 +49,8 @@ class Source(_End):
         self._touched = False        # SEND_START ran: the guest's context was involved
         self.postcopy_live = False   # the guest runs on the target, pages still owed
         self._logging = False
+        self.handed_over = False
+        self.drv.bind(self)
 
     # -- driver ----------------------------------------------------------------------------------
 
@@ -422,6 +424,7 @@ class Source(_End):
         self.drv.drain()
         self.vm.memory_encrypt_op(U.KVM_SEV_SEND_FINISH)
         self._sent_start = False
+        self.handed_over = True             # the source guest never runs again: no cancel now
         self.drv.local(D.psp_command())
         st.count_psp("SEND_FINISH")
         self._set_logging(False)
