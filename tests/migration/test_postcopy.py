@@ -254,3 +254,39 @@ def test_every_vcpu_dirties_its_share_and_faults_on_its_own():
     assert len(st.vcpu_faults) == len(st.vcpu_blocktime_ns) == 3
     assert sum(st.vcpu_faults[1:]) > 0 and st.vcpu_blocktime_ns[1] + st.vcpu_blocktime_ns[2] > 0
     assert st.blocktime_ns == 0.0          # the model's vCPUs never all wait at once
+
+
+def test_source_gone_for_good_over_tcp_is_the_guest_lost(monkeypatch):
+    """Over TCP: the source's socket shut mid post-copy and the source never connects again;
+    the target gives up after its timeout with GuestLost and destroys its VM."""
+    import socket  # only this test shuts a socket down
+    from sevcore.migration import remote
+    m, _ = _guest("psp")
+    chans = []
+    connect = remote.tcp_connect
+    monkeypatch.setattr(remote, "tcp_connect",
+                        lambda *a, **k: chans.append(connect(*a, **k)) or chans[-1])
+    box, ready = {}, threading.Event()
+    dst = sevcore.Kvm()
+
+    def target():
+        def listening(addr):
+            box["port"] = addr[1]
+            ready.set()
+        try:
+            serve(0, dst, timeout_s=3, on_listening=listening, resume=True)
+        except GuestLost as e:
+            box["lost"] = e
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+    assert ready.wait(30)
+
+    def cut(ev):
+        if ev["phase"] == "postcopy" and ev["sent"] >= 64 and not box.get("cut"):
+            box["cut"] = True
+            chans[0].sock.shutdown(socket.SHUT_RDWR)
+    with pytest.raises(PostcopyPaused) as e:
+        send_to("127.0.0.1", box["port"], m, pc(), progress=cut)
+    th.join(30)
+    assert e.value.stats.status == "postcopy-paused"
+    assert "lost" in str(box["lost"]) and dst.host.umc.keyed_asids() == []

@@ -15,10 +15,10 @@ from sevcore.migration.remote import send_to
 from support.migration import assert_runs_on, launched, memory_snapshot
 
 
-def _target_process(tmp_path):
+def _target_process(tmp_path, *extra):
     port_file = tmp_path / "port"
     proc = subprocess.Popen([sys.executable, "-m", "sevcore", "migrate", "--listen", "0",
-                             "--port-file", str(port_file), "--quiet"],
+                             "--port-file", str(port_file), "--quiet", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 30
     while not port_file.exists():
@@ -84,6 +84,30 @@ def test_killed_target_leaves_a_failed_record_with_the_source_guest_checked(tmp_
     g = d["source-guest"]
     assert g["resumed"] is True and g["send-cancel"] is True
     assert g["check"]["bad"] == 0 and g["check"]["checked"] > 0
+
+
+def test_postcopy_target_process_survives_a_cut_and_resumes(tmp_path, monkeypatch):
+    """A ``--listen --resume`` target process: the source's socket is shut mid post-copy, the
+    source connects again, and the target's guest finishes with its check clean."""
+    import socket  # only this test shuts a socket down
+    from sevcore.migration import remote
+    proc, port = _target_process(tmp_path, "--resume")
+    chans = []
+    connect = remote.tcp_connect
+    monkeypatch.setattr(remote, "tcp_connect",
+                        lambda *a, **k: chans.append(connect(*a, **k)) or chans[-1])
+
+    def cut(ev):
+        if ev["phase"] == "postcopy" and ev["sent"] >= 64 and len(chans) == 1:
+            chans[0].sock.shutdown(socket.SHUT_RDWR)
+    m, _ = launched(workload="random", dirty_pages_per_s=2_000, mem_size=4 << 20)
+    src = send_to("127.0.0.1", port, m, MigrationParams(postcopy=True, postcopy_after=0,
+                                                        batch_pages=64, timeout_s=30),
+                  progress=cut, resume=True)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "0 bad" in out and len(chans) == 2
+    assert src.stats.status == "completed" and src.stats.postcopy_resumes == 1
 
 
 def test_no_target_listening_is_a_clear_error():
