@@ -203,7 +203,6 @@ class Source(_End):
         self.drv.control(self.writer.stats.transferred)
         pdh, plat, amd = (bytes.fromhex(hello[k]) for k in ("pdh", "plat_certs", "amd_certs"))
         out = self._send_start(pdh, plat, amd)
-        self._sent_start = self._touched = True
         src_pdh = m.host.psp.export_cert_chain().pdh
         self.writer.sev_session(out.policy, src_pdh, self._session)
         self.drv.batch(D.NOTHING, S.FRAME_OVERHEAD + 12 + len(src_pdh) + len(self._session),
@@ -225,6 +224,7 @@ class Source(_End):
         session = kvm.mmap(PAGE_SIZE)
         out = self.vm.memory_encrypt_op(U.KVM_SEV_SEND_START, session_uaddr=session,
                                         session_len=128, **args)
+        self._sent_start = self._touched = True     # from here on a failure cancels
         self.drv.local(D.psp_command())
         self.stats.count_psp("SEND_START")
         self._session = kvm.read(session, out.session_len)

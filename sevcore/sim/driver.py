@@ -60,6 +60,8 @@ class SimDriver(Driver):
         reply = self._replies.get()
         if reply is _CANCEL:
             raise Cancelled("the migration's SimPy process was interrupted")
+        if isinstance(reply, Exception):
+            raise reply
         return reply
 
     def bind(self, source):
@@ -129,8 +131,12 @@ class SimDriver(Driver):
             req = self._requests.get()
             if req[0] == "exit":
                 break
-            if not self.cancelled:
-                yield from self._serve_guarded(req)
+            try:
+                if not self.cancelled:
+                    yield from self._serve_guarded(req)
+            except Exception as e:            # raised in the engine's thread instead
+                self._replies.put(e)
+                continue
             if self.cancelled:
                 self._replies.put(_CANCEL)
                 continue

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 import sevcore
 import sevcore.sim as sim
-from sevcore.migration.engine import MigrationParams, migrate
+from sevcore.migration.driver import Demand
+from sevcore.migration.engine import MigrationError, MigrationParams, migrate
 from sevcore.migration.machine import Machine
 from sevcore.migration.workload import GuestConfig
 from sevcore.sim.evacuate import Plan, evacuate
@@ -257,6 +258,22 @@ def test_past_send_finish_a_cancel_is_refused_and_the_migration_completes():
     r = proc.value
     assert r.stats.status == "completed" and r.stats.bad_pages == 0 and r.target is not None
     assert "SEND_CANCEL" not in r.stats.psp_commands
+
+
+def test_work_the_cost_model_refuses_fails_the_migration_cleanly():
+    """A demand the cost model refuses (a negative count) fails the engine's request in its
+    own thread: the source cancels and runs on, and the process raises MigrationError."""
+    m, dst = launched()
+    env = simpy.Environment()
+    mig = sim.Migration(env, m, dst, PARAMS["psp"])
+    original = mig.driver.local
+    mig.driver.local = lambda work: original(work + (Demand("copy", -1),))   # SEND_START's
+    proc = mig.start()
+    with pytest.raises(MigrationError, match="nbytes must be an int >= 0"):
+        env.run()
+    assert not proc.is_alive and mig.status == "failed" and mig.stats.send_cancel
+    assert mig.stats.psp_commands.get("SEND_CANCEL") == 1
+    assert_runs_on(m)
 
 
 def test_postcopy_runs_on_simpy_and_charges_its_requests():
