@@ -6,6 +6,7 @@
     sevcore migrate --to 127.0.0.1:4444     # source process
     sevcore sweep --dirty-rates 0,2500,10000 --plot sweep.png
     sevcore info                            # the CPU, its tiers and each C kernel's path
+    sevcore evacuate --guests 8 --mem 256M --path both --link 10G --plot evac.png
 
 Times are simulated (the declared cost model, ``sevcore.hw.costmodel``) except "wall", which is
 how long this machine took to do the work for real.
@@ -95,6 +96,10 @@ ROWS = [
     ("guest check", lambda q: "not reported" if q["sev"]["bad-pages"] < 0 else
      f"{q['sev']['verified-pages']:,} pages, {q['sev']['bad-pages']} bad"),
     ("wall time", lambda q: f"{q['sev']['wall-time-s']:,.2f} s"),
+    ("postcopy requests", lambda q: f"{q['ram']['postcopy-requests']:,}"
+     if "postcopy-requests" in q["ram"] else "-"),
+    ("postcopy blocktime", lambda q: _fmt_ms(q["postcopy-blocktime"])
+     if "postcopy-blocktime" in q else "-"),
 ]
 
 
@@ -150,11 +155,11 @@ def plot_sweep(rows, path):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     for key, ax, title in (("total-time", axes[0], "total time"),
                            ("downtime", axes[1], "downtime")):
-        for p in sorted({r["path"] for r in rows}):
-            pts = [r for r in rows if r["path"] == p]
+        for p, pc in sorted({(r["path"], r.get("postcopy", False)) for r in rows}):
+            pts = [r for r in rows if (r["path"], r.get("postcopy", False)) == (p, pc)]
             xs = [r["dirty_rate"] for r in pts]
             ys = [r[key] / 1e3 for r in pts]
-            line, = ax.plot(xs, ys, marker="o", label=p)
+            line, = ax.plot(xs, ys, marker="o", label=f"{p} post-copy" if pc else p)
             for r, x, y in zip(pts, xs, ys):
                 if not r["converged"]:
                     ax.plot([x], [y], marker="o", mfc="white", mec=line.get_color(), ms=9)
@@ -198,6 +203,11 @@ def _guest_args(ap):
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="cost-model parameter (repeatable); --list-costs shows them")
     m.add_argument("--list-costs", action="store_true", help="print the cost model and exit")
+    m.add_argument("--postcopy", action="store_true",
+                   help="switch to post-copy after --postcopy-after passes (sweep: compare "
+                        "pre-copy and post-copy)")
+    m.add_argument("--postcopy-after", type=int, default=1, metavar="N",
+                   help="pre-copy passes before post-copy (default 1; 0: pure post-copy)")
     o = ap.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write all statistics as JSON")
     o.add_argument("--plot", metavar="FILE", help="write a plot (PNG; needs matplotlib)")
@@ -228,18 +238,23 @@ def _helper_config(path, mem_size, cost):
     return {"helper_vcpus": cost.helper_vcpus} if path == "helper" else {}
 
 
-def _params(args, cost, path):
-    return MigrationParams(path=path, cost=cost, max_iterations=args.max_iterations,
-                           ring_buffer=args.ring_buffer)
+def _params(args, cost, path, postcopy=None):
+    try:
+        return MigrationParams(path=path, cost=cost, max_iterations=args.max_iterations,
+                               ring_buffer=args.ring_buffer,
+                               postcopy=args.postcopy if postcopy is None else postcopy,
+                               postcopy_after=args.postcopy_after)
+    except ValueError as e:
+        raise SystemExit(f"sevcore: {e}") from None
 
 
-def _one(args, cost, path, dirty_rate=None, label=None):
+def _one(args, cost, path, dirty_rate=None, label=None, postcopy=None):
     """Launch a fresh guest on a fresh source Host and migrate it to a fresh target Host."""
     src = sevcore.Kvm()
     machine = Machine.launch(src, _config(args, cost, src, dirty_rate, path))
     bar = Progress(label or path, enabled=False if args.quiet else None)
     try:
-        r = migrate(machine, sevcore.Kvm(), _params(args, cost, path), progress=bar)
+        r = migrate(machine, sevcore.Kvm(), _params(args, cost, path, postcopy), progress=bar)
     finally:
         bar.done()
     return r
@@ -251,6 +266,7 @@ def cmd_migrate(args):
         for name, value, unit, doc in cost.describe():
             print(f"{name} = {value:g} {unit}\n    {doc}\n")
         return 0
+    _params(args, cost, PATHS[0])          # bad migration options fail before a guest boots
     if args.listen is not None:
         return _listen(args)
     if args.to:
@@ -299,11 +315,17 @@ def _listen(args):
                 f.write(str(addr[1]))
             os.replace(args.port_file + ".tmp", args.port_file)
     try:
-        t = serve(args.listen, sevcore.Kvm(), args.bind, on_listening=listening)
+        t = serve(args.listen, sevcore.Kvm(), args.bind, on_listening=listening,
+                  resume=args.resume)
     except Exception as e:
         print(f"sevcore: incoming migration failed: {type(e).__name__}: {e}", file=sys.stderr)
+        if args.json:
+            _write_json(args.json, {"incoming": {"status": "failed",
+                                                 "error-desc": f"{type(e).__name__}: {e}"}})
         return 1
     r = t.result
+    if args.json:
+        _write_json(args.json, {"incoming": {"status": "completed", **r}})
     print(f"guest resumed: {r['checked']:,} pages checked, {r['bad']} bad")
     return 0 if r["bad"] == 0 else 1
 
@@ -317,10 +339,13 @@ def _send(args, cost):
     machine = Machine.launch(src, _config(args, cost, src, path=path))
     bar = Progress(path, enabled=False if args.quiet else None)
     try:
-        s = send_to(host, int(port), machine, _params(args, cost, path), progress=bar)
+        s = send_to(host, int(port), machine, _params(args, cost, path), progress=bar,
+                    resume=args.resume)
     except MigrationError as e:
         bar.done()
         print(f"sevcore: {e}", file=sys.stderr)
+        if args.json and e.stats is not None:       # query-migrate's record of the failure
+            _write_json(args.json, {path: e.stats.to_dict()})
         return 1
     bar.done()
     print(table({path: s.stats.query_migrate()}))
@@ -339,24 +364,26 @@ def cmd_sweep(args):
         raise SystemExit(f"sevcore: --dirty-rates wants numbers, not {args.dirty_rates!r}")
     paths = PATHS if args.path == "both" else (args.path,)
     rows = []
-    for rate in rates:
-        for p in paths:
-            try:
-                st = _one(args, cost, p, dirty_rate=rate, label=f"{p} {rate:g}").stats
-            except MigrationError as e:
-                print(f"sevcore: {p} at {rate:g} pages/s: {e}", file=sys.stderr)
-                continue
-            q = st.query_migrate()
-            rows.append({"path": p, "dirty_rate": rate, "total-time": q["total-time"],
-                         "downtime": q["downtime"], "converged": st.converged,
-                         "iterations": len(st.iterations), "transferred": q["ram"]["transferred"],
-                         "wall_s": st.wall_s, "downtime_limit_ms": cost.downtime_limit_ms})
-    head = f"{'path':>6} {'pages/s':>8} {'total':>12} {'downtime':>12} {'passes':>6} " \
-           f"{'converged':>9} {'MiB sent':>9} {'wall':>7}"
+    modes = (False, True) if args.postcopy else (False,)      # --postcopy compares the two
+    for rate, p, pc in ((r, p, pc) for r in rates for p in paths for pc in modes):
+        try:
+            st = _one(args, cost, p, dirty_rate=rate, label=f"{p} {rate:g}", postcopy=pc).stats
+        except MigrationError as e:
+            print(f"sevcore: {p} at {rate:g} pages/s: {e}", file=sys.stderr)
+            continue
+        q = st.query_migrate()
+        rows.append({"path": p, "postcopy": pc, "blocktime": q.get("postcopy-blocktime", 0.0),
+                     "dirty_rate": rate, "total-time": q["total-time"],
+                     "downtime": q["downtime"], "converged": st.converged,
+                     "iterations": len(st.iterations), "transferred": q["ram"]["transferred"],
+                     "wall_s": st.wall_s, "downtime_limit_ms": cost.downtime_limit_ms})
+    head = f"{'path':>6} {'mode':>5} {'pages/s':>8} {'total':>12} {'downtime':>12} " \
+           f"{'blocktime':>12} {'passes':>6} {'converged':>9} {'MiB sent':>9} {'wall':>7}"
     print(head + "\n" + "-" * len(head))
     for r in rows:
-        print(f"{r['path']:>6} {r['dirty_rate']:>8g} {_fmt_ms(r['total-time']):>12} "
-              f"{_fmt_ms(r['downtime']):>12} {r['iterations']:>6} "
+        print(f"{r['path']:>6} {'post' if r['postcopy'] else 'pre':>5} {r['dirty_rate']:>8g} "
+              f"{_fmt_ms(r['total-time']):>12} {_fmt_ms(r['downtime']):>12} "
+              f"{_fmt_ms(r['blocktime']):>12} {r['iterations']:>6} "
               f"{'yes' if r['converged'] else 'NO':>9} {r['transferred'] / 2**20:>9,.1f} "
               f"{r['wall_s']:>6.1f}s")
     if args.json:
@@ -371,6 +398,169 @@ def cmd_info(args):
     return cpu.main(["--tier", args.tier] if args.tier else [])
 
 
+# -- evacuate ----------------------------------------------------------------------------------
+
+def parse_link(text):
+    """'10G', '25G', '800M' (bit/s, decimal prefixes, as links are sold) -> bytes/s."""
+    t = text.strip().upper().removesuffix("BIT/S").removesuffix("BPS").removesuffix("B")
+    mult = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}.get(t[-1:], 1.0)
+    try:
+        bits = float(t[:-1] if t[-1:] in "KMGT" else t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a link speed: {text!r} (e.g. 10G)") from None
+    if not 0 < bits < float("inf"):
+        raise argparse.ArgumentTypeError(f"link speed {text!r} must be > 0")
+    return bits / 8
+
+
+def _positive_int(text):
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {n}")
+    return n
+
+
+def _one_line_errors(parser):
+    """Bad input on ``parser``: one line on stderr, exit status 2."""
+    def error(message):
+        print(f"{parser.prog}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+    parser.error = error
+    return parser
+
+
+def plot_evacuation(reports, path):
+    """Per guest, on one time axis per path: waiting, pre-copy, stop-and-copy, done."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(reports), 1, squeeze=False,
+                             figsize=(11, 1.2 + 0.35 * sum(len(r["guests"]) for r in
+                                                          reports.values()) + 0.6 * len(reports)))
+    for ax, (p, rep) in zip(axes[:, 0], reports.items()):
+        gs = rep["guests"]
+        for y, g in enumerate(gs):
+            ax.barh(y, g["start_s"], color="0.88", height=0.6,
+                    label="waiting" if y == 0 and g["start_s"] else None)
+            ax.barh(y, g["stop_s"] - g["start_s"], left=g["start_s"], color="tab:blue",
+                    height=0.6, label="pre-copy" if y == 0 else None)
+            ax.barh(y, g["end_s"] - g["stop_s"], left=g["stop_s"], color="tab:red",
+                    height=0.6, label="stop-and-copy" if y == 0 else None)
+            ax.plot([g["end_s"]], [y], marker="|", ms=12, color="black",
+                    label="runs on target" if y == 0 else None)
+        ev = rep["evacuation"]
+        ax.set_yticks(range(len(gs)), [g["name"] for g in gs])
+        ax.invert_yaxis()
+        ax.set_xlabel("simulated time since the evacuation began (s)")
+        ax.set_title(f"{p} path: {ev['guests']} x {ev['mem_size'] >> 20} MiB, "
+                     f"{ev['parallel']} at a time, done in {ev['evacuation_s']:,.2f} s; "
+                     f"bottleneck: {ev['bottleneck'].split(' (')[0]}", fontsize=9)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _evacuation_table(rep):
+    head = (f"{'guest':>8} {'target':>6} {'start':>10} {'stop':>10} {'done':>10} "
+            f"{'downtime':>10} {'passes':>6} {'MiB sent':>9}  guest check")
+    lines = [head, "-" * len(head)]
+    for g in rep["guests"]:
+        q = g["query-migrate"]
+        check = ("not reported" if q["sev"]["bad-pages"] < 0 else
+                 f"{q['sev']['verified-pages']:,} pages, {q['sev']['bad-pages']} bad")
+        lines.append(f"{g['name']:>8} {g['target']:>6} {g['start_s']:>9,.2f}s "
+                     f"{g['stop_s']:>9,.2f}s {g['end_s']:>9,.2f}s {_fmt_ms(q['downtime']):>10} "
+                     f"{q['sev']['iterations']:>6} {q['ram']['transferred'] / 2**20:>9,.1f}  "
+                     f"{check}")
+    ev = rep["evacuation"]
+    lines.append(f"\nlast guest running on a target after {ev['evacuation_s']:,.3f} s; "
+                 f"downtime {_fmt_ms(ev['total_downtime_ms'])} in all, worst "
+                 f"{_fmt_ms(ev['worst_downtime_ms'])}")
+    for name, h in ev["hosts"].items():
+        lines.append(f"{name:>8} PSP: busy {h['psp_busy_s']:,.3f} s "
+                     f"({h['psp_utilisation']:.0%}), queueing delay {h['psp_queue_s']:,.3f} s "
+                     f"in all, {h['psp_commands']:,} commands")
+    lk = ev["link"]
+    lines.append(f"{'link':>8}: {lk['bytes'] / 2**20:,.1f} MiB, utilisation "
+                 f"{lk['utilisation']:.1%} of {lk['bytes_per_s'] * 8 / 1e9:g} Gbit/s, "
+                 f"at most {lk['peak_transfers']} transfers at once")
+    lines.append(f"bottleneck: {ev['bottleneck']}")
+    return "\n".join(lines)
+
+
+def cmd_evacuate(args):
+    try:
+        # SimPy is an optional extra (sevcore[sim]): only this command needs it.
+        from sevcore.sim.evacuate import Plan, evacuate
+    except ImportError as e:
+        print(f"sevcore evacuate: {e}", file=sys.stderr)
+        return 1
+    try:
+        cost = CostModel.from_overrides(args.set).replace(link_bytes_per_s=args.link)
+        rate = args.dirty_rate if args.dirty_rate is not None else cost.dirty_pages_per_s
+        config = GuestConfig(mem_size=args.mem, shared_size=args.shared, workload=args.workload,
+                             dirty_pages_per_s=rate)
+        parallel = 1 if args.sequential else args.parallel
+        paths = PATHS if args.path == "both" else (args.path,)
+        plans = {p: Plan(args.guests, config, MigrationParams(
+            path=p, cost=cost, max_iterations=args.max_iterations), args.link,
+            targets=args.targets, parallel=parallel) for p in paths}
+        for plan in plans.values():
+            plan.config_for(config.c_bit).layout          # refuses a guest it cannot run
+    except (CostModelError, WorkloadError) as e:
+        args.parser.error(str(e))
+    reports = {}
+    for p, plan in plans.items():
+        say = (lambda text, p=p: print(f"{p}: {text}", file=sys.stderr)) if args.progress \
+            else None
+        print(f"Evacuating {args.guests} x {args.mem >> 20} MiB SEV guests by the {p} path to "
+              f"{args.targets} Host(s), {parallel or args.guests} at a time", file=sys.stderr)
+        reports[p] = evacuate(plan, sevcore.Kvm, progress=say)
+        print(f"\n== {p} path\n" + _evacuation_table(reports[p]))
+    if args.json:
+        _write_json(args.json, reports)
+    if args.plot:
+        plot_evacuation(reports, args.plot)
+        print(f"plot: {args.plot}", file=sys.stderr)
+    return 0 if all(r["evacuation"]["all_ok"] for r in reports.values()) else 1
+
+
+def _evacuate_parser(sub):
+    e = _one_line_errors(sub.add_parser(
+        "evacuate", help="migrate every guest of one Host at once, on shared PSPs and a link "
+                         "(needs sevcore[sim])"))
+    e.add_argument("--guests", type=_positive_int, default=4, help="guests (default 4)")
+    e.add_argument("--mem", type=parse_size, default=parse_size("256M"),
+                   help="memory of each guest (default 256M)")
+    e.add_argument("--shared", type=parse_size, default=parse_size("2M"),
+                   help="memory each guest shares with the host (default 2M)")
+    e.add_argument("--workload", choices=WORKLOADS, default="random",
+                   help="how the guests dirty memory (default random)")
+    e.add_argument("--dirty-rate", type=float, default=None,
+                   help="pages/s each guest writes (default: the cost model's)")
+    e.add_argument("--path", choices=PATHS + ("both",), default="both",
+                   help="private pages through the PSP, the in-guest helper, or both")
+    e.add_argument("--link", type=parse_link, default=parse_link("10G"),
+                   help="the link between the Hosts, bit/s (default 10G)")
+    e.add_argument("--targets", type=_positive_int, default=1,
+                   help="target Hosts, guests dealt out in turn (default 1)")
+    how = e.add_mutually_exclusive_group()
+    how.add_argument("--sequential", action="store_true", help="one migration at a time")
+    how.add_argument("--parallel", type=_positive_int, default=None, metavar="K",
+                     help="K migrations at a time (default: all at once)")
+    e.add_argument("--max-iterations", type=_positive_int, default=30,
+                   help="pre-copy passes before stop-and-copy is forced (default 30)")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="cost-model parameter (repeatable)")
+    e.add_argument("--json", metavar="FILE", help="write every statistic as JSON")
+    e.add_argument("--plot", metavar="FILE", help="write the guests' timeline (PNG)")
+    e.add_argument("--progress", action="store_true", help="a line on stderr as each guest "
+                                                           "finishes")
+    e.set_defaults(fn=cmd_evacuate, parser=e)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="sevcore", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -382,6 +572,9 @@ def main(argv=None):
     r.add_argument("--bind", default="127.0.0.1", help="address to listen on")
     r.add_argument("--port-file", help="with --listen: write the port here once listening")
     r.add_argument("--to", metavar="HOST:PORT", help="be the source: migrate to HOST:PORT")
+    r.add_argument("--resume", action="store_true",
+                   help="post-copy: when the connection breaks, pause and continue on a new "
+                        "one (the source connects again, the target listens again)")
     m.set_defaults(fn=cmd_migrate)
     s = sub.add_parser("sweep", help="migrate at several dirty rates, per path")
     _guest_args(s)
@@ -393,6 +586,7 @@ def main(argv=None):
                                     "(paste it into a performance report)")
     i.add_argument("--tier", help="report with this tier forced (avx512, avx2, aesni, portable)")
     i.set_defaults(fn=cmd_info)
+    _evacuate_parser(sub)
     args = ap.parse_args(argv)
     return args.fn(args)
 

@@ -135,6 +135,11 @@ KVM_SYSTEM_EVENT_SEV_TERM = 6
 KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
 KVM_MEM_READONLY = 1 << 1
 KVM_MEM_GUEST_MEMFD = 1 << 2
+#: KVM Userfault, an out-of-tree series (J. Houghton, "KVM: Introduce KVM Userfault", kvm@ 2025):
+#: a slot flag whose ``userfault_bitmap`` (in kvm_userspace_memory_region2) makes a vCPU's
+#: access to a marked gfn exit with KVM_EXIT_MEMORY_FAULT and this exit flag.
+KVM_MEM_USERFAULT = 1 << 3
+KVM_MEMORY_EXIT_FLAG_USERFAULT = 1 << 4
 KVM_MEMSLOT_INVALID = 1 << 16          # kernel-internal (include/linux/kvm_host.h)
 KVM_MEMSLOT_GMEM_ONLY = 1 << 17        # kernel-internal
 

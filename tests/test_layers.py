@@ -26,6 +26,7 @@ LAYERS = [
     ("host", ("sevcore.host",)),
     ("vmm", ("sevcore.vmm",)),
     ("migration", ("sevcore.migration",)),
+    ("sim", ("sevcore.sim",)),
     ("cli", ("sevcore.cli", "sevcore.__main__", "sevcore.demo")),
 ]
 

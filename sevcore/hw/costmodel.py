@@ -123,6 +123,14 @@ class CostModel:
         "glibc memcpy of 256 MiB, 12.5 GB/s copied, measured on an AMD EPYC Zen 4 core (DDR5).",
         unit="B/s", positive=True)
 
+    network_latency_ns: float = _param(
+        15_000.0,
+        "One-way network latency between the hosts, charged to a post-copy page request (out "
+        "and back). Source: the KVM Userfault series' cover letter (J. Houghton, kvm@vger, "
+        "2024-25) cites ~30 us network latency for a PAGE_SIZE demand fetch in post-copy at "
+        "scale: half of it each way.",
+        unit="ns")
+
     def __post_init__(self):
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, _check(f, getattr(self, f.name)))

@@ -38,13 +38,15 @@ TDX_SHARED_BIT = 47
 class MemoryFault(Exception):
     """KVM_RUN fails with ``errno`` after kvm_prepare_memory_fault_exit(gpa, 4096, private)."""
 
-    def __init__(self, errno, gpa, private, why):
+    def __init__(self, errno, gpa, private, why, userfault=False):
         super().__init__(why)
         self.errno, self.gpa, self.private, self.why = errno, gpa, private, why
+        self.userfault = userfault
 
     @property
     def flags(self):
-        return U.KVM_MEMORY_EXIT_FLAG_PRIVATE if self.private else 0
+        return (U.KVM_MEMORY_EXIT_FLAG_PRIVATE if self.private else 0) | \
+            (U.KVM_MEMORY_EXIT_FLAG_USERFAULT if self.userfault else 0)
 
 
 class MmioAccess(Exception):
@@ -98,6 +100,10 @@ def faultin(vm, gfn, private, write):
         if private:
             raise MemoryFault(EFAULT, gpa, True, "private access with no memslot")
         raise MmioAccess(gpa)
+    # 4. KVM Userfault (out of tree, sevcore.uapi.KVM_MEM_USERFAULT): a marked gfn exits.
+    if slot.userfault_bitmap and userfault_pending(vm, slot, np.array([gfn], np.uint64))[0]:
+        raise MemoryFault(EFAULT, gpa, private, "userfault: the page is not here yet",
+                          userfault=True)
     flags = 0 if slot.flags & U.KVM_MEM_READONLY else NPT_WRITABLE
     if slot.dirty_bitmap is not None:
         flags |= NPT_DIRTY_LOG
@@ -123,6 +129,17 @@ def faultin(vm, gfn, private, write):
     return pfn, flags
 
 
+def userfault_pending(vm, slot, gfns):
+    """Which of ``gfns`` (in ``slot``) have their bit set in the slot's userfault bitmap, read
+    from user memory as KVM reads it on each fault."""
+    off = gfns - np.uint64(slot.base_gfn)
+    lo = int(off.min()) // 64
+    words = np.frombuffer(vm.kvm.read(slot.userfault_bitmap + 8 * lo,
+                                      8 * (int(off.max()) // 64 - lo + 1)), "<u8")
+    return (words[(off // np.uint64(64)).astype(np.int64) - lo] >> (off % np.uint64(64))) & \
+        np.uint64(1) != 0
+
+
 def translate(vm, gfn, private, write):
     """The host pfn and NPT flags serving an access to ``gfn``, faulting it in if needed."""
     hit = vm.npt.lookup(gfn) if gfn <= vm.max_gfn else None
@@ -145,6 +162,8 @@ def faultin_pages(vm, gfns, private, write):
     keep = (rest >= np.uint64(slot.base_gfn)) & (rest < np.uint64(slot.end_gfn))
     if vm.has_private_mem:
         keep &= vm.private.contains_array(rest) == private
+    if slot.userfault_bitmap and keep.any():
+        keep[keep] = ~userfault_pending(vm, slot, rest[keep])
     rest = rest[keep]
     if len(rest) == 0:
         return

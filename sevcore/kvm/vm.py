@@ -37,7 +37,7 @@ class Memslot:
     """struct kvm_memory_slot, as far as user space can observe it."""
 
     __slots__ = ("as_id", "id", "base_gfn", "npages", "flags", "userspace_addr", "gmem_file",
-                 "gmem_pgoff", "gmem_only", "dirty_bitmap")
+                 "gmem_pgoff", "gmem_only", "dirty_bitmap", "userfault_bitmap")
 
     def __init__(self, as_id, id, base_gfn, npages, flags, userspace_addr):
         self.as_id, self.id = as_id, id
@@ -47,6 +47,7 @@ class Memslot:
         self.gmem_pgoff = 0
         self.gmem_only = False         # KVM_MEMSLOT_GMEM_ONLY, set by the guest_memfd binding
         self.dirty_bitmap = None
+        self.userfault_bitmap = 0      # user address of the KVM_MEM_USERFAULT bitmap
 
     @property
     def end_gfn(self):
@@ -393,12 +394,25 @@ class Vm:
                                        userspace_addr, 0, None)
 
     def set_user_memory_region2(self, slot, flags, guest_phys_addr, memory_size, userspace_addr,
-                                guest_memfd_offset=0, guest_memfd=None):
-        """Mirrors ``KVM_SET_USER_MEMORY_REGION2``; ``guest_memfd`` is a GuestMemfd or an fd."""
+                                guest_memfd_offset=0, guest_memfd=None, userfault_bitmap=0):
+        """Mirrors ``KVM_SET_USER_MEMORY_REGION2``; ``guest_memfd`` is a GuestMemfd or an fd.
+        ``userfault_bitmap`` with ``KVM_MEM_USERFAULT`` (out of tree, see uapi): the user
+        address of one bit per page of the slot; EINVAL for the flag without an 8-byte aligned
+        bitmap. Enabling the flag zaps the slot's mappings."""
         ioctl = "KVM_SET_USER_MEMORY_REGION2"
         self._enter(ioctl)
-        return self._set_memory_region(ioctl, slot, flags, guest_phys_addr, memory_size,
-                                       userspace_addr, guest_memfd_offset, guest_memfd)
+        if flags & U.KVM_MEM_USERFAULT and (not userfault_bitmap or userfault_bitmap % 8):
+            raise KvmError(EINVAL, ioctl, "KVM_MEM_USERFAULT needs an aligned userfault_bitmap")
+        old = self.memslots.get((slot >> 16, slot & 0xffff))
+        was = old is not None and old.flags & U.KVM_MEM_USERFAULT
+        ret = self._set_memory_region(ioctl, slot, flags, guest_phys_addr, memory_size,
+                                      userspace_addr, guest_memfd_offset, guest_memfd)
+        new = self.memslots.get((slot >> 16, slot & 0xffff))
+        if new is not None:
+            new.userfault_bitmap = userfault_bitmap if flags & U.KVM_MEM_USERFAULT else 0
+            if new.userfault_bitmap and not was:
+                self._zap_gfns(new.base_gfn, new.npages)
+        return ret
 
     def _set_memory_region(self, ioctl, slot, flags, gpa, size, uaddr, gmem_offset, gmem):
         def fail(err, why):
@@ -414,6 +428,8 @@ class Vm:
             fail(EINVAL, f"slot id {slot & 0xffff} >= KVM_USER_MEM_SLOTS")
         # 1. check_memory_region_flags
         valid = U.KVM_MEM_LOG_DIRTY_PAGES | U.KVM_MEM_GUEST_MEMFD
+        if ioctl == "KVM_SET_USER_MEMORY_REGION2":
+            valid |= U.KVM_MEM_USERFAULT
         if flags & U.KVM_MEM_GUEST_MEMFD:
             valid &= ~U.KVM_MEM_LOG_DIRTY_PAGES
         elif not self.has_protected_state:

@@ -28,15 +28,18 @@ Until SEND_FINISH any failure on either side, the target going away included, en
 KVM_SEV_SEND_CANCEL on the source: its guest is RUNNING again with its memory unchanged.
 
 Two kinds of time: everything is computed for real (wall time), and each modelled hardware cost
-advances simulated time by :class:`sevcore.hw.costmodel.CostModel`. The source keeps the timeline:
-its Host's clock, plus a network stage and a target stage in a three-stage pipeline with one
-batch in flight between stages, so the slowest stage sets the pace. The guest reads its TSC from
-the source clock, so it dirties pages at its rate of simulated time.
+advances simulated time by :class:`sevcore.hw.costmodel.CostModel`. The engine describes each
+step's cost and a driver (:mod:`sevcore.migration.driver`) decides when it happens. The default
+keeps the source Host's clock, plus a network stage and a target stage in a three-stage pipeline
+with one batch in flight between stages, so the slowest stage sets the pace. The guest reads its
+TSC from the source clock, so it dirties pages at its rate of simulated time.
 """
 import threading
 from dataclasses import dataclass
 
-from sevcore.migration.errors import MigrationError, NotMigrationReady, TargetFailed
+from sevcore.migration.driver import ClockDriver, Driver
+from sevcore.migration.errors import (GuestLost, MigrationError, NotMigrationReady,
+                                      PostcopyPaused, TargetFailed)
 from sevcore.migration.machine import Machine
 from sevcore.migration.params import PATHS, MigrationParams
 from sevcore.migration.source import Source
@@ -46,8 +49,9 @@ from sevcore.migration.timeline import Timeline
 from sevcore.migration.transport import inprocess_pair
 
 #: The engine's API: ``migrate`` and what it takes, returns and raises; the two ends.
-__all__ = ["PATHS", "MigrationError", "MigrationParams", "MigrationResult", "NotMigrationReady",
-           "Source", "Target", "TargetFailed", "Timeline", "migrate"]
+__all__ = ["PATHS", "ClockDriver", "Driver", "GuestLost", "MigrationError", "MigrationParams",
+           "MigrationResult", "NotMigrationReady", "PostcopyPaused", "Source", "Target",
+           "TargetFailed", "Timeline", "migrate", "resume"]
 
 
 @dataclass
@@ -59,25 +63,47 @@ class MigrationResult:
     samples: list
 
 
-def migrate(machine, target_kvm, params=MigrationParams(), progress=None, channel_pair=None):
+def migrate(machine, target_kvm, params=MigrationParams(), progress=None, channel_pair=None,
+            driver=None, target_clock=None):
     """Migrate ``machine`` to a new guest on ``target_kvm``'s Host, in this process (the target
-    runs in a thread). Returns MigrationResult; raises MigrationError after cancelling."""
+    runs in a thread). ``driver`` keeps simulated time (default: ClockDriver on the source
+    Host's clock); ``target_clock`` takes the target's own charges (default: its Host's).
+    Returns MigrationResult; raises MigrationError after cancelling."""
     a, b = channel_pair or inprocess_pair(timeout=params.timeout_s)
-    target = Target(target_kvm, b)
+    target = Target(target_kvm, b, target_clock)
+    src = Source(machine, a, params, progress, driver)
+    return _both(src, target, src.run, target.run, params.timeout_s)
+
+
+def resume(paused, channel_pair=None):
+    """Continue a post-copy that :func:`migrate` left paused (the PostcopyPaused it raised,
+    which holds ``source`` and ``target``) on a new in-process connection. Returns and raises
+    as :func:`migrate`."""
+    src, target = paused.source, paused.target
+    timeout = src.params.timeout_s
+    a, b = channel_pair or inprocess_pair(timeout=timeout)
+    return _both(src, target, lambda: src.resume(a), lambda: target.resume(b), timeout)
+
+
+def _both(src, target, run_source, run_target, timeout):
+    """The source here and the target in a thread; a pause keeps both for :func:`resume`."""
     failure = []
 
-    def run_target():
+    def target_thread():
         try:
-            target.run()
+            run_target()
         except BaseException as e:            # reported to the source through the channel
             failure.append(e)
-    th = threading.Thread(target=run_target, name="sevcore-migration-target", daemon=True)
+    th = threading.Thread(target=target_thread, name="sevcore-migration-target", daemon=True)
     th.start()
-    src = Source(machine, a, params, progress)
     try:
-        stats = src.run()
+        stats = run_source()
+    except PostcopyPaused as e:
+        th.join(timeout)
+        e.source, e.target = src, target
+        raise
     finally:
-        th.join(params.timeout_s)
+        th.join(timeout)
     if failure:
         raise MigrationError(f"target failed after the hand-over: {failure[0]}", stats)
     return MigrationResult(stats, target.m, src.samples)

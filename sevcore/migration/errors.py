@@ -73,3 +73,13 @@ class NotMigrationReady(MigrationError):
 
 class TargetFailed(MigrationError):
     """The target refused the stream or failed while applying it (its message is included)."""
+
+
+class GuestLost(MigrationError):
+    """Post-copy failed after the guest had run on the target: the source's copy is stale and
+    the target lacks pages, so neither side can run the guest (never reported as success)."""
+
+
+class PostcopyPaused(MigrationError):
+    """The connection broke during post-copy (QEMU's ``postcopy-paused``): both sides keep
+    what they have, nothing is lost; ``resume`` on a new connection continues."""

@@ -7,18 +7,22 @@ itself migration-ready. :meth:`Machine.incoming` is the target's: the same VM, m
 not launched: RECEIVE_START will give it its context.
 """
 import json
+from errno import EFAULT
 
 import numpy as np
 
 from sevcore.vmm import owner
 from sevcore import uapi as U
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
-from sevcore.migration.workload import JOURNAL_PAGES, idle_vcpu, workload_main
+from sevcore.migration.workload import JOURNAL_PAGES, workload_main, workload_vcpu
+from sevcore.errors import KvmError
 from sevcore.kvm.vcpu import GuestAssertionError
 from sevcore.vmm.kvm_util import vm_vcpu_add
 from sevcore.vmm.shared_pages import SharedPagesTracker
 
 SLOT = 0
+#: The boot image LAUNCH_UPDATE_DATA measures and encrypts: the header and the journal.
+BOOT_IMAGE_SIZE = (1 + JOURNAL_PAGES) * PAGE_SIZE
 
 
 class GuestError(RuntimeError):
@@ -45,8 +49,10 @@ class Machine:
         self.tracker = SharedPagesTracker(vm)
         self.tracker.setup(self.vcpus)
         self.vcpus[0].set_guest_code(workload_main, config.to_dict())
-        for v in self.vcpus[1:]:
-            v.set_guest_code(idle_vcpu)
+        for v in self.vcpus[1:]:                 # each writes its share of every tick
+            v.set_guest_code(workload_vcpu, config.to_dict(), v.vcpu_id)
+        self._shares = []            # vCPUs that still owe their share of the current tick
+        self.running = None          # the vCPU in KVM_RUN (the one a failure came from)
         self.ticks = 0
         self.pages_written = 0
         self.resumed = None
@@ -80,7 +86,7 @@ class Machine:
                              dh_len=len(session.godh_cert), session_uaddr=blob,
                              session_len=len(session.session))
         vm.memory_encrypt_reg_region(self.hva, self.config.mem_size)
-        image = (1 + JOURNAL_PAGES) * PAGE_SIZE         # header and journal: the boot image
+        image = BOOT_IMAGE_SIZE
         plaintext = kvm.read(self.hva, image)
         vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_UPDATE_DATA, uaddr=self.hva, len=image)
         out = kvm.mmap(PAGE_SIZE)
@@ -119,6 +125,8 @@ class Machine:
         MAP_GPA_RANGE and MIGRATION_CONTROL exits go to the tracker on the way."""
         vcpu = self.vcpus[0]
         while True:
+            self._run_shares()
+            self.running = vcpu
             run = vcpu.run()
             if self.tracker.handle_exit(vcpu):
                 continue
@@ -130,8 +138,49 @@ class Machine:
                 raise GuestError(f"guest abort: {e}") from None
             if kind == "sync" and values and values[0] in names:
                 return values[1:]
+            if kind == "sync" and values and values[0] == "shares":
+                self._shares = list(self.vcpus[1:])
             if kind == "done":
                 raise GuestError("the workload ended")
+
+    def _run_shares(self):
+        """Run each vCPU that owes its share of the tick vCPU 0 started, to its ``share``
+        ucall (a failure leaves it owing, to be run again)."""
+        while self._shares:
+            vcpu = self.running = self._shares[0]
+            run = vcpu.run()
+            if self.tracker.handle_exit(vcpu):
+                continue
+            try:
+                ucall = vcpu.get_ucall()
+            except GuestAssertionError as e:
+                raise GuestError(f"guest abort on vCPU {vcpu.vcpu_id}: {e}") from None
+            if run.exit_reason != U.KVM_EXIT_IO or ucall is None or ucall[0] != "sync" or \
+                    ucall[1][0] != "share":
+                raise GuestError(f"unexpected exit {run.exit_reason} ({ucall}) from vCPU "
+                                 f"{vcpu.vcpu_id}")
+            self._shares.pop(0)
+
+    def self_check(self):
+        """Have the guest check its own memory now, as it does after a move: its program starts
+        again from its entry point (it keeps nothing outside memory, so this changes nothing),
+        finds its header and replays its journal. Returns ``(checked, bad, first_bad_gfn)``;
+        raises GuestError if the guest cannot run (a SENT context fails VMRUN)."""
+        self.vcpus[0].set_guest_code(workload_main, self.config.to_dict())
+        return self.run_until("resumed")
+
+    def tick_or_userfault(self):
+        """One tick, or the page vCPU 0 stopped on: ``(pages written, None)`` or ``(None,
+        (vcpu_id, gfn))`` when a vCPU's KVM_RUN exits with a KVM Userfault (its operation is
+        retried by the next call). Other failures raise as :meth:`tick`."""
+        try:
+            return self.tick(), None
+        except KvmError as e:
+            run = self.running.kvm_run
+            if e.errno != EFAULT or run.exit_reason != U.KVM_EXIT_MEMORY_FAULT or \
+                    not run.memory_fault.flags & U.KVM_MEMORY_EXIT_FLAG_USERFAULT:
+                raise
+            return None, (self.running.vcpu_id, run.memory_fault.gpa >> PAGE_SHIFT)
 
     def tick(self):
         """Let the guest run one tick at the Host's current simulated time; returns the pages

@@ -5,11 +5,14 @@ import time
 import numpy as np
 
 from sevcore import uapi as U
+from sevcore.migration import driver as D
 from sevcore.core.arrays import runs
 from sevcore.hw.hostmem import PAGE_SIZE
 from sevcore.migration import stream as S
 from sevcore.migration.end import _dirty_gfns, _End, _message
 from sevcore.migration.errors import (
+    GuestLost,
+    PostcopyPaused,
     MigrationError,
     NotMigrationReady,
     PeerClosed,
@@ -20,13 +23,8 @@ from sevcore.migration.errors import (
 from sevcore.migration.helper import PACKET_SIZE, HelperPacketError, MigrationHelper
 from sevcore.migration.machine import SLOT, GuestError
 from sevcore.migration.params import MigrationParams
+from sevcore.migration.postcopy import CUT, PostcopySource
 from sevcore.migration.stats import IterationStats, MigrationStats
-from sevcore.migration.timeline import (
-    Timeline,
-    charge_helper_pages,
-    charge_psp_pages,
-    charge_shared_pages,
-)
 
 #: Stream bytes of one ENCRYPTED_PAGE record: the downtime estimate's per-page size before any
 #: page has been measured.
@@ -37,9 +35,10 @@ SEV_PACKET_HEADER = 52
 class Source(_End):
     """The source VMM's migration of ``machine`` over ``channel``."""
 
-    def __init__(self, machine, channel, params=MigrationParams(), progress=None):
+    def __init__(self, machine, channel, params=MigrationParams(), progress=None, driver=None):
         self.m, self.channel, self.params = machine, channel, params
         self.cost = params.cost
+        self.drv = driver or D.ClockDriver(params.cost, machine.host.clock)
         self.progress = progress
         self.vm, self.kvm = machine.vm, machine.kvm
         self.stats = MigrationStats(params.path, guest_pages=machine.npages,
@@ -47,17 +46,21 @@ class Source(_End):
         self.samples = []            # (simulated ns, pages still to send, iteration)
         self.layout = machine.config.helper_layout
         self._sent_start = False
+        self._touched = False        # SEND_START ran: the guest's context was involved
+        self.postcopy_live = False   # the guest runs on the target, pages still owed
         self._logging = False
+        self.handed_over = False
+        self.drv.bind(self)
 
     # -- driver ----------------------------------------------------------------------------------
 
     def run(self):
         """Migrate; returns MigrationStats (status ``completed``). Raises MigrationError (with
-        ``.stats``) after cancelling, with the source guest running and unchanged."""
-        wall0 = time.perf_counter()
-        st = self.stats
-        self.t0 = self.m.host.clock.now_ns
-        try:
+        ``.stats``) after cancelling, with the source guest running and unchanged; after the
+        post-copy switch, PostcopyPaused (call :meth:`resume`) or GuestLost."""
+        self.t0 = self.drv.now_ns()
+
+        def body():
             if self.params.path == "helper" and self.layout is None:
                 raise MigrationError("the helper path needs a guest booted with a migration "
                                      "helper (GuestConfig.helper_vcpus >= 1)")
@@ -65,15 +68,46 @@ class Source(_End):
                 raise NotMigrationReady("the guest has not set KVM_MIGRATION_READY in "
                                         "MSR_KVM_MIGRATION_CONTROL: refusing to migrate")
             self._setup()
-            self._precopy()
-            self._stop_and_copy()
+            if self.params.postcopy:
+                self.pc = PostcopySource(self)
+                self.pc.run()
+            else:
+                self._precopy()
+                self._stop_and_copy()
+        return self._guarded(body, time.perf_counter())
+
+    def resume(self, channel):
+        """Continue a paused post-copy on a new ``channel`` (QEMU's ``migrate -r``): the
+        target says which pages it still lacks and those follow. Returns and raises as
+        :meth:`run`; ValueError if the migration is not paused."""
+        if self.stats.status != "postcopy-paused":
+            raise ValueError(f"nothing to resume: the migration is {self.stats.status}")
+        self.channel = channel
+        return self._guarded(self.pc.resume, time.perf_counter() - self.stats.wall_s)
+
+    def _guarded(self, body, wall0):
+        """Run ``body``; on failure pause (a cut during post-copy), report the guest lost
+        (anything else after the switch) or cancel (before it)."""
+        st = self.stats
+        try:
+            body()
             st.status = "completed"
         except BaseException as e:
             if isinstance(e, (PeerClosed, StreamTruncated)):
                 e = self._target_error() or e       # the target's reason, if it gave one
-            st.status = "failed"
             st.error = f"{type(e).__name__}: {e}"
+            if self.postcopy_live and isinstance(e, CUT):
+                st.status = "postcopy-paused"
+                self._close_channel()
+                raise PostcopyPaused(f"post-copy paused, nothing lost: {st.error}", st) from e
+            st.status = "failed"
+            lost = self.postcopy_live
             self._abort()
+            self._check_source()
+            if lost:
+                st.guest_lost = True
+                raise GuestLost(f"the guest is lost: post-copy failed after it ran on the "
+                                f"target: {st.error}", st) from e
             if isinstance(e, MigrationError):
                 e.stats = st
                 raise e
@@ -83,10 +117,20 @@ class Source(_End):
             raise
         finally:
             st.wall_s = time.perf_counter() - wall0
-            st.time_spent = dict(self.m.host.clock.spent)
+            if st.status != "completed":                # the statistics so far
+                st.total_ns = self.drv.now_ns() - self.t0
+                if getattr(self, "writer", None) is not None:
+                    st.stream = self.writer.stats.qemu()
+            st.time_spent = self.drv.spent()
             st.guest_ticks = self.m.ticks
         self._resumed()
         return st
+
+    def _close_channel(self):
+        try:
+            self.channel.close()
+        except OSError:
+            pass
 
     def _target_error(self):
         """After the target closed: the TargetFailed its ERROR message describes, if it sent
@@ -103,17 +147,40 @@ class Source(_End):
     def _abort(self):
         """Undo what the source did: SEND_CANCEL (the guest is RUNNING again), logging off, the
         channel closed so that the target stops too."""
-        if self._sent_start:
+        if self._sent_start and not self.postcopy_live:
             try:
                 self.vm.memory_encrypt_op(U.KVM_SEV_SEND_CANCEL)
                 self.stats.count_psp("SEND_CANCEL")
-                self.stats.status = "cancelled"
+                self.stats.send_cancel = True
             except OSError:
                 pass
             self._sent_start = False
         if self._logging:
             self._set_logging(False)
         self._close()
+
+    def _check_source(self):
+        """After a failure: does the source guest run again, and does its own memory check
+        pass? A guest that never reached SEND_START was never stopped: it is not disturbed."""
+        st = self.stats
+        if self.postcopy_live:
+            # The guest ran on the target: its copy here is stale, and running it would fork
+            # the guest. What the target holds is incomplete: the guest is lost.
+            st.source_resumed = False
+            st.source_check = {"error": "post-copy had started: the guest ran on the target, "
+                                        "which lacks pages this side can no longer send"}
+            return
+        if not self._touched:
+            st.source_resumed = True
+            return
+        try:
+            checked, bad, first_bad = self.m.self_check()
+        except (GuestError, OSError) as e:
+            st.source_resumed = False
+            st.source_check = {"error": f"{type(e).__name__}: {e}"}
+            return
+        st.source_resumed = True
+        st.source_check = {"checked": int(checked), "bad": int(bad), "first_bad": first_bad}
 
     def _set_logging(self, on):
         m = self.m
@@ -125,28 +192,27 @@ class Source(_End):
 
     def _setup(self):
         m, p = self.m, self.params
-        self.writer = S.StreamWriter(self.channel, S.FLAG_ENCRYPTED |
-                                     (S.FLAG_HELPER if p.path == "helper" else 0))
+        self.stream_flags = S.FLAG_ENCRYPTED | (S.FLAG_HELPER if p.path == "helper" else 0)
+        self.writer = S.StreamWriter(self.channel, self.stream_flags)
         self.reader = S.StreamReader(self.channel)
-        self.tl = Timeline(self.cost, m.host.clock)
+        self.drv.start()
         self.writer.setup({"kind": "migrate", "guest": m.config.to_dict(),
                            "params": p.to_dict()})
         self.writer.flush()
         hello = _message(self.reader, "hello")
-        self.tl.control(self.writer.stats.transferred)
+        self.drv.control(self.writer.stats.transferred)
         pdh, plat, amd = (bytes.fromhex(hello[k]) for k in ("pdh", "plat_certs", "amd_certs"))
         out = self._send_start(pdh, plat, amd)
-        self._sent_start = True
         src_pdh = m.host.psp.export_cert_chain().pdh
         self.writer.sev_session(out.policy, src_pdh, self._session)
-        self.tl.batch(lambda c: 0, S.FRAME_OVERHEAD + 12 + len(src_pdh) + len(self._session),
-                      lambda c: self.cost.psp_command(c, 0))       # RECEIVE_START
+        self.drv.batch(D.NOTHING, S.FRAME_OVERHEAD + 12 + len(src_pdh) + len(self._session),
+                       D.psp_command())                            # RECEIVE_START
         self.stats.count_psp("RECEIVE_START")
         if p.path == "helper":
             self.helper = MigrationHelper(self.vm, self.layout, m.config.helper_vcpus)
             self._send_psp(self.layout.private_gfns())     # the key, before any packet
         self._set_logging(True)
-        self.stats.setup_ns = self.m.host.clock.now_ns - self.t0
+        self.stats.setup_ns = self.drv.now_ns() - self.t0
 
     def _send_start(self, pdh, plat, amd):
         kvm = self.kvm
@@ -158,7 +224,8 @@ class Source(_End):
         session = kvm.mmap(PAGE_SIZE)
         out = self.vm.memory_encrypt_op(U.KVM_SEV_SEND_START, session_uaddr=session,
                                         session_len=128, **args)
-        self.cost.psp_command(self.m.host.clock, 0)
+        self._sent_start = self._touched = True     # from here on a failure cancels
+        self.drv.local(D.psp_command())
         self.stats.count_psp("SEND_START")
         self._session = kvm.read(session, out.session_len)
         return out
@@ -174,8 +241,11 @@ class Source(_End):
     def _all_gfns(self):
         return np.arange(self._end_gfn, dtype=np.uint64)
 
-    def _precopy(self):
+    def _precopy(self, limit=None):
+        """Pre-copy passes until the downtime estimate fits, or ``limit`` passes (the
+        iteration limit by default)."""
         p, st = self.params, self.stats
+        limit = p.max_iterations if limit is None else limit
         dirty = self._all_gfns()
         self._shared_mask = self._shared_now()
         k = 0
@@ -193,7 +263,7 @@ class Source(_End):
                 st.converged = True
                 break
             k += 1
-            if k >= p.max_iterations:
+            if k >= limit:
                 break
         self._final_dirty = dirty
 
@@ -203,7 +273,7 @@ class Source(_End):
     def _sync(self):
         """A dirty-log sync: the dirtied gfns, plus pages whose shared/private state changed."""
         m = self.m
-        self.cost.dirty_sync(m.host.clock, m.config.mem_size)
+        self.drv.local(D.dirty_sync(m.config.mem_size))
         self.stats.dirty_sync_count += 1
         dirty = _dirty_gfns(self.vm, m.npages)
         dirty = dirty[dirty < self._end_gfn]
@@ -217,17 +287,17 @@ class Source(_End):
 
     def _send_pass(self, k, gfns, stop):
         p, st, m = self.params, self.stats, self.m
-        it = IterationStats(k, m.host.clock.now_ns, pages=len(gfns), stop=stop)
+        it = IterationStats(k, self.drv.now_ns(), pages=len(gfns), stop=stop)
         st.iterations.append(it)
         bytes0 = self.writer.stats.transferred
         self.writer.iteration(k, len(gfns), stop=stop)
-        self.tl.control(S.FRAME_OVERHEAD + 16)
+        self.drv.control(S.FRAME_OVERHEAD + 16)
         nb = -(-len(gfns) // p.batch_pages)
         every = max(1, -(-nb // p.guest_runs))
         for b in range(nb):
             batch = gfns[b * p.batch_pages:(b + 1) * p.batch_pages]
             self._send_batch(batch, it)
-            self.samples.append((m.host.clock.now_ns - self.t0,
+            self.samples.append((self.drv.now_ns() - self.t0,
                                  max(0, len(gfns) - (b + 1) * p.batch_pages), k))
             if not stop and (b + 1) % every == 0:
                 self._guest_tick()
@@ -235,13 +305,13 @@ class Source(_End):
                 self.progress({"phase": "stop" if stop else "precopy", "iteration": k,
                                "pages": len(gfns), "sent": min(len(gfns),
                                                                (b + 1) * p.batch_pages),
-                               "sim_ms": (m.host.clock.now_ns - self.t0) / 1e6})
+                               "sim_ms": (self.drv.now_ns() - self.t0) / 1e6})
         if not stop and (nb == 0 or nb % every):
             self._guest_tick()              # the guest runs at least once per pass, at its end
         self.writer.flush()
         if stop:
-            self.tl.drain()
-        it.end_ns = m.host.clock.now_ns
+            self.drv.drain()
+        it.end_ns = self.drv.now_ns()
         it.bytes = self.writer.stats.transferred - bytes0
 
     def _guest_tick(self):
@@ -275,8 +345,8 @@ class Source(_End):
         exits = h.counters.exits - exits0
         self.stats.helper_requests = h.counters.requests
         vcpus = self.m.config.helper_vcpus
-        self.tl.batch(lambda c: charge_helper_pages(self.cost, c, n, vcpus, exits), nbytes,
-                      lambda c: charge_helper_pages(self.cost, c, n, vcpus, exits))
+        work = D.helper_pages(n, vcpus, exits)
+        self.drv.batch(work, nbytes, work)
         self.stats.helper_packets += n
 
     def _send_psp(self, gfns):
@@ -289,9 +359,8 @@ class Source(_End):
             self.vm.sev_send_update_data_pages(hvas[lo:lo + k], out=(hdrs, trans))
         nbytes = self._written(lambda w: w.encrypted_batch_fill(gfns, fill, SEV_PACKET_HEADER,
                                                                    PAGE_SIZE))
-        ring = self.params.ring_buffer
-        self.tl.batch(lambda c: charge_psp_pages(self.cost, c, n, ring), nbytes,
-                      lambda c: charge_psp_pages(self.cost, c, n, ring))
+        work = D.psp_pages(n, self.params.ring_buffer)
+        self.drv.batch(work, nbytes, work)
         self.stats.count_psp("SEND_UPDATE_DATA", n)
         self.stats.count_psp("RECEIVE_UPDATE_DATA", n)
 
@@ -316,8 +385,8 @@ class Source(_End):
             if nz < n:
                 w.shared_batch(gfns[~zero], data[~zero])
         nbytes = self._written(write)
-        self.tl.batch(lambda c: charge_shared_pages(self.cost, c, n), nbytes,
-                      lambda c: charge_shared_pages(self.cost, c, n))
+        work = D.shared_pages(n)
+        self.drv.batch(work, nbytes, work)
         it.shared_pages += n
         self.stats.shared_pages += n - nz
         self.stats.zero_pages += nz
@@ -327,31 +396,43 @@ class Source(_End):
     def _stop_and_copy(self):
         m, st = self.m, self.stats
         self._guest_tick()                      # the guest runs up to the moment it stops
-        stop_ns = m.host.clock.now_ns
+        stop_ns = self.drv.now_ns()
         dirty = np.union1d(self._final_dirty, self._sync())
         self._send_pass(len(st.iterations), dirty, stop=True)
         if self.helper is not None:
             self._send_psp(self.layout.private_gfns())     # the state, after the last packet
-            self.tl.drain()
+            self.drv.drain()
+        self._send_device_state()
+        self._hand_over(stop_ns)
+
+    def _send_device_state(self):
+        """What the target needs before its guest runs: the shared ranges and the vCPUs."""
+        m = self.m
         self.writer.setup({"kind": "shared_ranges",
                            "ranges": [list(r) for r in m.tracker.shared_ranges(0, m.npages)]})
         for vcpu in m.vcpus:
             self.writer.vcpu_state(vcpu.vcpu_id, m.vcpu_state(vcpu))
+
+    def _hand_over(self, stop_ns):
+        """The copy is complete: READY, SEND_FINISH, END, RECEIVE_FINISH; the statistics.
+        Returns the target's READY message."""
+        m, st = self.m, self.stats
         self.writer.setup({"kind": "complete"})
         self.writer.flush()
-        self.tl.control(0)
+        self.drv.control(0)
         ready = _message(self.reader, "ready")
-        self.tl.drain()
+        self.drv.drain()
         self.vm.memory_encrypt_op(U.KVM_SEV_SEND_FINISH)
         self._sent_start = False
-        self.cost.psp_command(m.host.clock, 0)
+        self.handed_over = True             # the source guest never runs again: no cancel now
+        self.drv.local(D.psp_command())
         st.count_psp("SEND_FINISH")
         self._set_logging(False)
         self._close_helper()
         self.writer.end()
-        self.tl.target_work(lambda c: self.cost.psp_command(c, 0))      # RECEIVE_FINISH
+        self.drv.remote(D.psp_command())                                # RECEIVE_FINISH
         st.count_psp("RECEIVE_FINISH")
-        end_ns = m.host.clock.now_ns
+        end_ns = self.drv.now_ns()
         st.downtime_ns = end_ns - stop_ns
         st.total_ns = end_ns - self.t0
         st.remaining = 0
@@ -359,6 +440,7 @@ class Source(_End):
         st.target_time_spent = dict(ready.get("time_spent", {}))
         if st.guest_pages_written and st.total_ns:
             st.dirty_pages_rate = st.guest_pages_written / (st.total_ns / 1e9)
+        return ready
 
     def _resumed(self):
         """The target's report of its guest's own memory check (best effort: the migration has

@@ -4,38 +4,83 @@ import numpy as np
 
 from sevcore import uapi as U
 from sevcore.hw.hostmem import PAGE_SIZE
+from sevcore.migration import driver as D
 from sevcore.migration import stream as S
 from sevcore.migration.end import _End, _row
-from sevcore.migration.errors import StreamError
+from sevcore.migration.errors import GuestLost, PostcopyPaused, StreamError
 from sevcore.migration.helper import PACKET_SIZE, MigrationHelper
 from sevcore.migration.machine import Machine
 from sevcore.migration.params import MigrationParams
-from sevcore.migration.timeline import charge_helper_pages, charge_psp_pages, charge_shared_pages
+from sevcore.migration.postcopy import CUT, PostcopyTarget, pack_gfns
 from sevcore.migration.workload import GuestConfig
 from sevcore.vmm.kvm_util import kvm_vm_free
 
 
 class Target(_End):
     """The target VMM: builds the incoming guest on ``kvm``'s Host from the stream on
-    ``channel``. :meth:`run` returns the running :class:`Machine`."""
+    ``channel``. :meth:`run` returns the running :class:`Machine`. Its own work is charged to
+    ``clock`` (default: its Host's clock); the source's driver keeps the migration's timeline."""
 
-    def __init__(self, kvm, channel):
+    def __init__(self, kvm, channel, clock=None):
         self.kvm, self.channel = kvm, channel
+        self.clock = kvm.host.clock if clock is None else clock
         self.m = None
         self.result = None
         self._pending = []
+        self.postcopy = None         # PostcopyTarget once the guest runs here with pages owed
+        self.paused = False          # post-copy waits for the source on a new connection
 
     def run(self):
         """Receive, apply, finish and resume; raises on any failure after telling the source
-        (ERROR) and destroying the incoming VM."""
+        (ERROR) and destroying the incoming VM; a cut during post-copy raises PostcopyPaused
+        with the guest kept (call :meth:`resume` or :meth:`give_up`)."""
+        return self._guarded(self._receive)
+
+    def resume(self, channel):
+        """Continue a paused post-copy on a new ``channel``: answer the source's RESUME with
+        the pages still owed and the one vCPU 0 waits for, then receive on. Returns and raises
+        as :meth:`run`; ValueError if nothing is paused."""
+        if not self.paused:
+            raise ValueError("nothing to resume: no post-copy is paused")
+        self.channel, self.paused = channel, False
+        return self._guarded(self._resume)
+
+    def give_up(self):
+        """The source is not coming back: the guest, which lacks pages, is lost; the VM is
+        destroyed. Returns the GuestLost to report."""
+        e = GuestLost("the guest is lost: post-copy paused and the source never came back")
+        self.paused = False
+        self._teardown()                    # the channel is already gone: nobody to tell
+        return e
+
+    def _guarded(self, body):
         self.reader = S.StreamReader(self.channel, reuse=True)    # each record is used at once
         self.writer = S.StreamWriter(self.channel)
         try:
-            self._receive()
+            body()
         except BaseException as e:
+            if self.postcopy is not None and not self.postcopy.done and isinstance(e, CUT):
+                self.paused = True
+                self._pending = []          # not applied: still owed, the source resends
+                try:
+                    self.channel.close()
+                except OSError:
+                    pass
+                raise PostcopyPaused(f"post-copy paused, nothing lost: {type(e).__name__}: "
+                                     f"{e}") from e
             self._fail(e)
             raise
         return self.m
+
+    def _resume(self):
+        rec = self.reader.read()
+        if not isinstance(rec, S.Setup) or rec.params.get("kind") != "resume":
+            raise StreamError("a resumed stream must start with RESUME")
+        pc = self.postcopy
+        self._reply("resume_ack", owed=pack_gfns(np.flatnonzero(pc.owed), self.m.npages),
+                    want=[] if pc.blocked is None else [pc.blocked[1]], at=pc.at)
+        self._receive_records()
+        self._finish()
 
     def _fail(self, e):
         try:
@@ -43,9 +88,15 @@ class Target(_End):
             self.writer.flush()
         except (StreamError, OSError):
             pass
+        self._teardown()
+
+    def _teardown(self):
         self._close()                       # the helper's mirror goes before its owner VM
         if self.m is not None:
             kvm_vm_free(self.m.vm)          # its vCPU fds too: each one pins the VM
+
+    def _charge(self, work):
+        D.charge(self.cost, self.clock, work)
 
     def _reply(self, kind, **fields):
         self.writer.setup({"kind": kind, **fields})
@@ -59,7 +110,6 @@ class Target(_End):
         cfg = GuestConfig.from_dict(rec.params["guest"])
         self.params = MigrationParams.from_dict(rec.params["params"])
         self.cost = self.params.cost
-        self.clock = kvm.host.clock
         self.m = m = Machine.incoming(kvm, cfg)
         chain = kvm.host.psp.export_cert_chain()
         self._reply("hello", pdh=chain.pdh.hex(), plat_certs=chain.plat_certs.hex(),
@@ -77,10 +127,15 @@ class Target(_End):
         # unchanged.
         with kvm.host.mem.populating(m.frames()):
             self._receive_records()
+        self._finish()
+
+    def _finish(self):
+        m = self.m
         m.vm.memory_encrypt_op(U.KVM_SEV_RECEIVE_FINISH)
-        self.cost.psp_command(self.clock, 0)
+        self._charge(D.psp_command())
         self._close_helper()
-        checked, bad, first_bad = m.run_until("resumed")
+        # After post-copy the guest has been running: it checks its memory now, every page in.
+        checked, bad, first_bad = m.self_check() if self.postcopy else m.run_until("resumed")
         self.result = {"checked": checked, "bad": bad, "first_bad": first_bad}
         self._reply("resumed", **self.result)
 
@@ -114,8 +169,20 @@ class Target(_End):
             elif isinstance(rec, S.Setup) and rec.params.get("kind") == "shared_ranges":
                 for s, e in rec.params["ranges"]:
                     m.tracker.shared.add(int(s), int(e))
+            elif isinstance(rec, S.Setup) and rec.params.get("kind") == "postcopy":
+                if self.postcopy is not None:
+                    raise StreamError("a second POSTCOPY record")
+                self.postcopy = PostcopyTarget(self, rec.params)
+            elif isinstance(rec, S.Setup) and rec.params.get("kind") == "pc_step":
+                if self.postcopy is None:
+                    raise StreamError("a post-copy STEP before POSTCOPY")
+                self.postcopy.step(rec.params)
             elif isinstance(rec, S.Setup) and rec.params.get("kind") == "complete":
-                self._reply("ready", time_spent=dict(self.clock.spent))
+                if self.postcopy is not None:
+                    spent, report = self.postcopy.complete()
+                    self._reply("ready", time_spent=spent, postcopy=report)
+                else:
+                    self._reply("ready", time_spent=dict(self.clock.spent))
                 ready = True
             elif isinstance(rec, S.End):
                 break
@@ -142,8 +209,10 @@ class Target(_End):
             raise StreamError(f"helper packets of {packets.shape[1]} bytes, not {PACKET_SIZE}")
         exits0 = self.helper.counters.exits
         self.helper.open(gfns, np.asarray(seqs, np.uint64), packets)
-        charge_helper_pages(self.cost, self.clock, len(gfns), self.m.config.helper_vcpus,
-                            self.helper.counters.exits - exits0)
+        if self.postcopy is not None:
+            self.postcopy.received(gfns)
+        self._charge(D.helper_pages(len(gfns), self.m.config.helper_vcpus,
+                                    self.helper.counters.exits - exits0))
 
     def _receive_start(self, rec):
         kvm, vm = self.kvm, self.m.vm
@@ -153,7 +222,7 @@ class Target(_End):
         vm.memory_encrypt_op(U.KVM_SEV_RECEIVE_START, policy=rec.policy, pdh_uaddr=pdh,
                              pdh_len=len(rec.pdh), session_uaddr=sess,
                              session_len=len(rec.session))
-        self.cost.psp_command(self.clock, 0)
+        self._charge(D.psp_command())
 
     def _check_gfns(self, gfns):
         """The gfns as a uint64 array; StreamError for a page outside the guest's memory."""
@@ -167,14 +236,16 @@ class Target(_End):
         """KVM_SEV_RECEIVE_UPDATE_DATA of each packet (the batched form)."""
         gfns = self._check_gfns(gfns)
         self.m.vm.sev_receive_update_data_pages(self.m.gfn_hvas(gfns), hdrs, trans)
-        charge_psp_pages(self.cost, self.clock, len(gfns), self.params.ring_buffer)
+        if self.postcopy is not None:
+            self.postcopy.received(gfns)
+        self._charge(D.psp_pages(len(gfns), self.params.ring_buffer))
 
     def _receive_shared(self, gfns, data):
         gfns = self._check_gfns(gfns)
         self.kvm.write_pages(self.m.gfn_hvas(gfns), data)
-        charge_shared_pages(self.cost, self.clock, len(gfns))
+        self._charge(D.shared_pages(len(gfns)))
 
     def _receive_zero(self, rec):
         gfns = self._check_gfns(np.arange(rec.gfn, rec.gfn + rec.npages, dtype=np.uint64))
         self.kvm.write_pages(self.m.gfn_hvas(gfns), np.zeros(len(gfns) * PAGE_SIZE, np.uint8))
-        charge_shared_pages(self.cost, self.clock, len(gfns))
+        self._charge(D.shared_pages(len(gfns)))

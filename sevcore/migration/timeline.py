@@ -1,28 +1,7 @@
-"""Simulated time of a migration: what each end's work costs on the declared cost model
-(sevcore.hw.costmodel), and the source's timeline of the three-stage pipeline (source, network,
-target) with one batch in flight between stages, so the slowest stage sets the pace."""
+"""The default driver's pipeline (sevcore.migration.driver.ClockDriver): the source's timeline of
+the three stages (source, network, target) with one batch in flight between stages, so the
+slowest stage sets the pace."""
 from sevcore.hw.costmodel import SimClock
-from sevcore.hw.hostmem import PAGE_SIZE
-from sevcore.migration.helper import PACKET_SIZE
-
-
-def charge_psp_pages(cost, clock, npages, ring_buffer):
-    """SEND_UPDATE_DATA or RECEIVE_UPDATE_DATA of ``npages`` whole pages on one PSP."""
-    if ring_buffer:
-        return cost.psp_batch(clock, npages, npages * PAGE_SIZE)
-    return cost.psp_commands(clock, npages, PAGE_SIZE)
-
-
-def charge_helper_pages(cost, clock, npages, vcpus, exits):
-    """The helper sealing or opening ``npages`` on ``vcpus`` vCPUs in ``exits`` vCPU runs,
-    plus the VMM's copy of the packets through the shared buffer."""
-    return (cost.helper_seal(clock, npages, vcpus) + cost.exit_roundtrip(clock, exits)
-            + cost.host_copy(clock, npages * PACKET_SIZE))
-
-
-def charge_shared_pages(cost, clock, npages):
-    """The VMM copying ``npages`` shared pages between guest memory and the stream."""
-    return cost.host_copy(clock, npages * PAGE_SIZE)
 
 
 class Timeline:

@@ -20,7 +20,8 @@ Each tick the program reads the TSC (the Host's simulated clock), works out how 
 with a generator seeded by ``(seed, tick)``, rewrites each with its ``(gfn, tick)`` pattern and
 appends the count to the journal. Replaying the journal tells which tick wrote each page last,
 so after a migration the program checks every page against the pattern it must hold, with no
-per-page bookkeeping in memory.
+per-page bookkeeping in memory. With ``nr_vcpus`` > 1 every vCPU writes its share of a tick's
+pages (vCPU ``i`` every ``nr_vcpus``-th from ``i``); vCPU 0 commits the tick once all have.
 """
 import struct
 from dataclasses import asdict, dataclass
@@ -35,6 +36,9 @@ MAGIC = b"SEVWKLD1"
 JOURNAL_PAGES = 8
 JOURNAL_TICKS = JOURNAL_PAGES * PAGE_SIZE // 4
 _HEADER = struct.Struct("<8sQQ")         # magic, seed, ticks
+#: In the header page after _HEADER: the tick every vCPU is writing its share of, and its pages.
+_PENDING = struct.Struct("<QQ")
+PENDING_OFFSET = 64
 WORKLOADS = ("idle", "random", "hotset")
 
 
@@ -192,12 +196,15 @@ def _split(gfns, lay, c):
     return out
 
 
-def workload_main(g, cfg_dict):
-    """vCPU 0: boot (or find its place after a move), then dirty pages tick by tick.
+def workload_main(g, cfg_dict, check=True):
+    """vCPU 0: boot (or find its place after a move, checking every page unless ``check`` is
+    False: a post-copy target checks once the last page is in), then dirty pages tick by tick.
 
     Ucalls: ``("ready",)`` once booted and migration-ready; ``("resumed", checked, bad,
     first_bad_gfn)`` after a move, having checked every page; ``("tick", tick, n)`` after
-    each tick, ``n`` pages written (0 for a tick with nothing to do)."""
+    each tick, ``n`` pages written (0 for a tick with nothing to do). With more vCPUs, vCPU 0
+    writes every ``nr_vcpus``-th page of a tick and waits at ``("shares", tick)`` while the VMM
+    runs the others (:func:`workload_vcpu`) through theirs; then it commits the tick."""
     cfg = GuestConfig.from_dict(cfg_dict)
     lay = cfg.layout
     c = 1 << cfg.c_bit
@@ -206,7 +213,7 @@ def workload_main(g, cfg_dict):
     if magic != MAGIC:
         yield from _boot(g, cfg, lay, c)
         ticks = 0
-    else:
+    elif check:
         yield from _check_after_move(g, cfg, lay, c, ticks)
     ws = lay.working_set(cfg.workload, cfg.hot_fraction)
     rate = 0.0 if cfg.workload == "idle" else cfg.dirty_pages_per_s
@@ -222,8 +229,13 @@ def workload_main(g, cfg_dict):
             yield g.sync("tick", ticks, 0)
             continue
         ticks += 1
-        for gpas, _ in _split(tick_gfns(cfg.seed, ticks, n, ws), lay, c):
+        nv = cfg.nr_vcpus
+        if nv > 1:
+            yield g.write(PENDING_OFFSET | c, _PENDING.pack(ticks, n))
+        for gpas, _ in _split(tick_gfns(cfg.seed, ticks, n, ws)[0::nv], lay, c):
             yield g.write_pattern_pages(gpas, ticks)
+        if nv > 1:
+            yield g.sync("shares", ticks)          # every vCPU writes its share first
         # The journal entry, then the header: a tick counts only once its entry is written.
         yield g.write((lay.journal_gfn << PAGE_SHIFT) + 4 * (ticks - 1) | c,
                       struct.pack("<I", n))
@@ -268,7 +280,15 @@ def _check_after_move(g, cfg, lay, c, ticks):
     yield g.sync("resumed", checked, bad, first_bad)
 
 
-def idle_vcpu(g):
-    """The other vCPUs: halt until woken (they hold no state the workload needs)."""
+def workload_vcpu(g, cfg_dict, index):
+    """vCPU ``index`` >= 1: each time it runs, write its share (every ``nr_vcpus``-th page from
+    its index) of the tick vCPU 0 started, then ``("share", tick)``. It keeps nothing between
+    runs but what the header says, so it starts again as it is after a move."""
+    cfg = GuestConfig.from_dict(cfg_dict)
+    lay, c = cfg.layout, 1 << cfg.c_bit
+    ws = lay.working_set(cfg.workload, cfg.hot_fraction)
     while True:
-        yield g.sync("idle")
+        tick, n = _PENDING.unpack((yield g.read(PENDING_OFFSET | c, _PENDING.size)))
+        for gpas, _ in _split(tick_gfns(cfg.seed, tick, n, ws)[index::cfg.nr_vcpus], lay, c):
+            yield g.write_pattern_pages(gpas, tick)
+        yield g.sync("share", tick)

@@ -115,7 +115,10 @@ def test_flipped_bit_in_a_packet_is_refused_by_the_target_psp():
     with pytest.raises(TargetFailed) as e:
         migrate(m, dst, FAST, channel_pair=pair)
     assert "BAD_MEASUREMENT" in str(e.value)
-    assert e.value.stats.status == "cancelled"
+    assert e.value.stats.status == "failed" and e.value.stats.send_cancel
+    q = e.value.stats.query_migrate()
+    assert "BAD_MEASUREMENT" in q["error-desc"] and q["ram"]["transferred"] > 0
+    assert q["source-guest"]["resumed"] and q["source-guest"]["check"]["bad"] == 0
     assert e.value.stats.psp_commands.get("SEND_CANCEL") == 1
     assert_runs_on(m, before)
     assert dst.host.umc.keyed_asids() == []     # the target destroyed its guest (vCPUs too)
@@ -264,7 +267,7 @@ def test_helper_path_refuses_tampered_packets_and_source_cancels(kind, reason):
     with pytest.raises(TargetFailed) as e:
         migrate(m, dst, HELPER, channel_pair=pair)
     assert "HelperPacketError" in str(e.value) and reason in str(e.value)
-    assert e.value.stats.status == "cancelled"
+    assert e.value.stats.status == "failed" and e.value.stats.send_cancel
     # The guest's own pages and the helper's key are as they were. The helper's mailbox and
     # buffer carried the requests, and its state page moved on: sequence numbers are never
     # reused.
