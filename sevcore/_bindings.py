@@ -839,7 +839,14 @@ def guest_pages(ctx, op, gfns, gfn0, n, arg, buf, out):
         o = _words(out, "out", writable=True)
         olen = len(o)
     err = _err.p
-    rc = lib.sc_guest_pages(ctx, op, g, gfn0, n, arg, b, bsize, o, olen, err)
+    try:
+        rc = lib.sc_guest_pages(ctx, op, g, gfn0, n, arg, b, bsize, o, olen, err)
+    finally:
+        # Give the buffer back before a refusal's traceback can keep this frame alive: a
+        # memoryview still exported when the garbage collector clears a cycle around it is
+        # freed twice by CPython 3.11 (memory_clear drops mbuf, memory_dealloc reads it).
+        if buf is not None:
+            ffi.release(b)
     if rc < 0:
         refused(rc, f"sc_guest_pages({_GUEST_OP_NAMES.get(op, op)})", err)
     return rc
