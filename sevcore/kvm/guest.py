@@ -18,7 +18,8 @@ inside the guest on #GP; ``rdmsr_safe``/``wrmsr_safe`` return the vector instead
 selftests' helpers.
 
 An SEV-ES guest (its VMSA encrypted by LAUNCH_UPDATE_VMSA) talks to the host only through the
-GHCB: ``wrmsr(MSR_AMD64_SEV_ES_GHCB, ...)`` and ``vmgexit()``. Every operation that would need an
+GHCB: ``wrmsr(MSR_AMD64_SEV_ES_GHCB, ...)`` and ``vmgexit()`` (``sevcore.kvm.ghcb.ghcb_program``
+gives a program a #VC handler that goes through the GHCB page). Every operation that would need an
 intercept (a hypercall, an intercepted MSR, a ucall's port I/O, MMIO) raises
 :class:`VmmCommunicationException` (#VC) in it instead; an exception the program does not catch,
 or the program's end, is a triple fault: ``KVM_EXIT_SHUTDOWN``.
@@ -38,6 +39,8 @@ from sevcore.uapi import GP_VECTOR, X86_TRAP_VC
 UCALL_SYNC = "sync"
 UCALL_DONE = "done"
 UCALL_ABORT = "abort"
+#: The port the selftests' ucalls use (UCALL_PIO_PORT).
+UCALL_PIO_PORT = 0x1000
 
 
 class GuestException(Exception):

@@ -261,6 +261,11 @@ class MsrVcpu:
             return hw
         if self.guest_state_protected:
             return self._vc(U.SVM_EXIT_MSR, f"RDMSR {index:#x}", safe, (U.X86_TRAP_VC, 0))
+        return self._emulate_rdmsr(index, safe)
+
+    def _emulate_rdmsr(self, index, safe):
+        """kvm_emulate_rdmsr: the filter, KVM's emulation, the user-space exit (also reached
+        from a GHCB's SVM_EXIT_MSR)."""
         ret = MSR_RET_FILTERED if not self._msr_allowed(index, MSR_TYPE_R) else None
         value = 0
         if ret is None:
@@ -287,6 +292,10 @@ class MsrVcpu:
             return hw
         if self.guest_state_protected:
             return self._vc(U.SVM_EXIT_MSR, f"WRMSR {index:#x}", safe, U.X86_TRAP_VC)
+        return self._emulate_wrmsr(index, value, safe)
+
+    def _emulate_wrmsr(self, index, value, safe):
+        """kvm_emulate_wrmsr: as :meth:`_emulate_rdmsr`, for a write."""
         ret = MSR_RET_FILTERED if not self._msr_allowed(index, MSR_TYPE_W) else None
         if ret is None:
             ret = self.msrs.set(index, value)

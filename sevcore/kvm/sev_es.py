@@ -1,4 +1,5 @@
-"""SEV-ES in KVM_RUN (arch/x86/kvm/svm/sev.c): VMGEXIT and the GHCB MSR protocol, SEV_STATUS,
+"""SEV-ES in KVM_RUN (arch/x86/kvm/svm/sev.c): VMGEXIT (the GHCB MSR protocol here, the GHCB
+page protocol in :mod:`sevcore.kvm.ghcb`), SEV_STATUS,
 the GHCB MSR, #VC, XSAVE of state loaded from the VMSA; and the VMSA LAUNCH_UPDATE_VMSA
 encrypts (``sev_es_sync_vmsa``)."""
 from sevcore import uapi as U
@@ -7,11 +8,10 @@ from sevcore.hw.hostmem import PAGE_SIZE
 from sevcore.hw import vmsa as V
 from sevcore.kvm import fpu
 from sevcore.kvm.access import access_state
+from sevcore.kvm.ghcb import GHCB_HV_FT_SUPPORTED, GhcbVcpu
 from sevcore.kvm.kvm_run import EXIT, NOT_HW, THROW
 
 U64 = (1 << 64) - 1
-#: GHCB_HV_FT_SUPPORTED (arch/x86/kvm/svm/sev.c): what KVM answers a hypervisor-feature request.
-GHCB_HV_FT_SUPPORTED = U.GHCB_HV_FT_SNP | U.GHCB_HV_FT_SNP_AP_CREATION
 
 
 def _set_bits(value, field, mask, pos):
@@ -19,7 +19,7 @@ def _set_bits(value, field, mask, pos):
     return (value & ~(mask << pos)) | ((field & mask) << pos)
 
 
-class SevEsVcpu:
+class SevEsVcpu(GhcbVcpu):
     """Mixin of Vcpu: what an SEV-ES vCPU does differently in KVM_RUN."""
 
     def _vmsa(self):
@@ -36,8 +36,7 @@ class SevEsVcpu:
             return self._ghcb_msr_protocol(ghcb)
         if ghcb == 0:
             return None
-        raise NotModelled(f"VMGEXIT through a GHCB page (gpa {ghcb:#x}); only the GHCB MSR "
-                          "protocol is simulated")
+        return self._ghcb_vmgexit(ghcb)
 
     def _ghcb_msr_protocol(self, ghcb):
         """sev_handle_vmgexit_msr_protocol: answer SEV_INFO, CPUID and hypervisor-feature

@@ -21,8 +21,8 @@ from sevcore.errors import KvmError, NotModelled
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm import fpu
 from sevcore.kvm.access import GuestAccess
-from sevcore.kvm.guest import (UCALL_ABORT, UCALL_DONE, Guest, GuestException, Op,
-                               VmmCommunicationException)
+from sevcore.kvm.guest import (UCALL_ABORT, UCALL_DONE, UCALL_PIO_PORT, Guest, GuestException,
+                               Op, VmmCommunicationException)
 from sevcore.kvm.hypercall import HypercallVcpu
 from sevcore.kvm.kvm_run import EXIT, THROW, KvmRun
 from sevcore.kvm.mmu import MemoryFault
@@ -33,8 +33,6 @@ from sevcore.kvm.sregs import SregsVcpu, X86State
 U64 = (1 << 64) - 1
 #: VMCB exit code of a failed VMRUN (SVM_EXIT_ERR, -1), KVM's fail_entry reason.
 SVM_EXIT_ERR = (1 << 64) - 1
-#: The port the selftests' ucalls use (UCALL_PIO_PORT).
-UCALL_PIO_PORT = 0x1000
 
 #: PV features KVM_GET_SUPPORTED_CPUID reports in KVM_CPUID_FEATURES.eax (arch/x86/kvm/cpuid.c);
 #: HC_MAP_GPA_RANGE and MIGRATION_CONTROL are set by user space only.

@@ -1,10 +1,10 @@
 """A VMM's guest: the VM, its vCPUs, its memory and the shared-pages tracker, on one Host.
 
-:meth:`Machine.launch` is the source's side: create an SEV VM, launch it as a guest owner would
-(a session for the platform's PDH, LAUNCH_UPDATE_DATA of the boot image, LAUNCH_MEASURE checked
-against the owner's own computation, LAUNCH_FINISH) and boot the workload until it declares
-itself migration-ready. :meth:`Machine.incoming` is the target's: the same VM, memory and vCPUs,
-not launched: RECEIVE_START will give it its context.
+:meth:`Machine.launch` is the source's side: create an SEV (or SEV-ES) VM, launch it as a guest
+owner would (a session for the platform's PDH, LAUNCH_UPDATE_DATA of the boot image, for SEV-ES
+LAUNCH_UPDATE_VMSA, LAUNCH_MEASURE checked against the owner's own computation, LAUNCH_FINISH)
+and boot the workload until it declares itself migration-ready. :meth:`Machine.incoming` is the
+target's: the same VM, memory and vCPUs, not launched: RECEIVE_START will give it its context.
 """
 import json
 from errno import EFAULT
@@ -16,6 +16,8 @@ from sevcore import uapi as U
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.migration.workload import JOURNAL_PAGES, workload_main, workload_vcpu
 from sevcore.errors import KvmError
+from sevcore.kvm.ghcb import ghcb_program
+from sevcore.kvm.sev_es import build_vmsa
 from sevcore.kvm.vcpu import GuestAssertionError
 from sevcore.vmm.kvm_util import vm_vcpu_add
 from sevcore.vmm.shared_pages import SharedPagesTracker
@@ -48,9 +50,12 @@ class Machine:
         self.vcpus = [vm_vcpu_add(vm, i) for i in range(config.nr_vcpus)]      # 64-bit mode
         self.tracker = SharedPagesTracker(vm)
         self.tracker.setup(self.vcpus)
-        self.vcpus[0].set_guest_code(workload_main, config.to_dict())
-        for v in self.vcpus[1:]:                 # each writes its share of every tick
-            v.set_guest_code(workload_vcpu, config.to_dict(), v.vcpu_id)
+        for v in self.vcpus:
+            # vCPU 0 runs the ticks; each other vCPU writes its share of every tick.
+            if v.vcpu_id == 0:
+                self.set_program(v, workload_main, config.to_dict())
+            else:
+                self.set_program(v, workload_vcpu, config.to_dict(), v.vcpu_id)
         self._shares = []            # vCPUs that still owe their share of the current tick
         self.running = None          # the vCPU in KVM_RUN (the one a failure came from)
         self.ticks = 0
@@ -89,11 +94,16 @@ class Machine:
         image = BOOT_IMAGE_SIZE
         plaintext = kvm.read(self.hva, image)
         vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_UPDATE_DATA, uaddr=self.hva, len=image)
+        measured = [plaintext]
+        if self.config.es:
+            # The VMSAs as sev_es_sync_vmsa builds them, each measured after the data.
+            measured += [build_vmsa(v, vm.sev.vmsa_features) for v in self.vcpus]
+            vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_UPDATE_VMSA)
         out = kvm.mmap(PAGE_SIZE)
         vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_MEASURE, uaddr=out, len=48)
         st = self.host.psp.platform_status()
         if not owner.verify_measurement(session.tik, kvm.read(out, 48),
-                                        owner.launch_digest(plaintext), st.api_major,
+                                        owner.launch_digest(*measured), st.api_major,
                                         st.api_minor, st.build, policy):
             raise LaunchError("LAUNCH_MEASURE does not match the guest owner's measurement")
         vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_FINISH)
@@ -161,12 +171,19 @@ class Machine:
                                  f"{vcpu.vcpu_id}")
             self._shares.pop(0)
 
+    def set_program(self, vcpu, fn, *args):
+        """Give ``vcpu`` the guest program ``fn(g, *args)``; an SEV-ES guest runs it under its
+        #VC handler, with the vCPU's own GHCB page."""
+        if self.config.es:
+            fn = ghcb_program(fn, self.config.layout.ghcb_gpa(vcpu.vcpu_id))
+        vcpu.set_guest_code(fn, *args)
+
     def self_check(self):
         """Have the guest check its own memory now, as it does after a move: its program starts
         again from its entry point (it keeps nothing outside memory, so this changes nothing),
         finds its header and replays its journal. Returns ``(checked, bad, first_bad_gfn)``;
         raises GuestError if the guest cannot run (a SENT context fails VMRUN)."""
-        self.vcpus[0].set_guest_code(workload_main, self.config.to_dict())
+        self.set_program(self.vcpus[0], workload_main, self.config.to_dict())
         return self.run_until("resumed")
 
     def tick_or_userfault(self):
@@ -198,10 +215,13 @@ class Machine:
         KVM_GET_REGS / KVM_GET_SREGS."""
         msrs = {str(k): v for k, v in vcpu.msrs.values.items() if k != U.MSR_IA32_TSC}
         tsc = vcpu.msrs.get(U.MSR_IA32_TSC)[1]
-        return json.dumps({"vcpu_id": vcpu.vcpu_id, "cpuid": vcpu.get_cpuid2(), "msrs": msrs,
-                           "tsc": tsc, "migration_control": self.tracker.migration_control,
-                           "regs": vcpu.get_regs(), "sregs": bytes(vcpu.get_sregs()).hex()},
-                          sort_keys=True).encode()
+        state = {"vcpu_id": vcpu.vcpu_id, "cpuid": vcpu.get_cpuid2(), "msrs": msrs,
+                 "tsc": tsc, "migration_control": self.tracker.migration_control}
+        if not vcpu.guest_state_protected:
+            # An SEV-ES vCPU's registers are in its encrypted VMSA, which moves by itself
+            # (SEND/RECEIVE_UPDATE_VMSA); KVM_GET_REGS/SREGS refuse it (EINVAL).
+            state.update(regs=vcpu.get_regs(), sregs=bytes(vcpu.get_sregs()).hex())
+        return json.dumps(state, sort_keys=True).encode()
 
     def load_vcpu_state(self, vcpu_id, data):
         """Install state from :meth:`vcpu_state` (KVM_SET_CPUID2, KVM_SET_SREGS, KVM_SET_REGS,
@@ -215,10 +235,10 @@ class Machine:
             unknown = set(msrs) - set(vcpu.msrs.values)
             if unknown:
                 raise ValueError(f"vCPU state names MSRs this vCPU lacks: {sorted(unknown)}")
-            sregs = U.kvm_sregs.from_buffer_copy(bytes.fromhex(st["sregs"]))
             vcpu.set_cpuid2(st["cpuid"])
-            vcpu.set_sregs(sregs)
-            vcpu.set_regs(**st["regs"])
+            if "sregs" in st:
+                vcpu.set_sregs(U.kvm_sregs.from_buffer_copy(bytes.fromhex(st["sregs"])))
+                vcpu.set_regs(**st["regs"])
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"malformed vCPU state: {e}") from None
         vcpu.msrs.values.update(msrs)

@@ -300,7 +300,7 @@ class PostcopyTarget:
         m.vm.set_user_memory_region2(SLOT, U.KVM_MEM_USERFAULT, 0, m.config.mem_size, m.hva,
                                      userfault_bitmap=self.bitmap)
         # The guest runs on: no check until the last page is in.
-        m.vcpus[0].set_guest_code(workload_main, m.config.to_dict(), False)
+        m.set_program(m.vcpus[0], workload_main, m.config.to_dict(), False)
         self.own_clock = t.clock
         self.guest_clock = m.host.clock
         # The target's own charges go to a scratch clock: the source's driver holds the

@@ -166,6 +166,8 @@ class Target(_End):
                 pass
             elif isinstance(rec, S.VcpuState):
                 m.load_vcpu_state(rec.vcpu_id, rec.data)
+            elif isinstance(rec, S.Setup) and rec.params.get("kind") == "vmsa":
+                self._receive_vmsa(rec.params)
             elif isinstance(rec, S.Setup) and rec.params.get("kind") == "shared_ranges":
                 for s, e in rec.params["ranges"]:
                     m.tracker.shared.add(int(s), int(e))
@@ -178,6 +180,10 @@ class Target(_End):
                     raise StreamError("a post-copy STEP before POSTCOPY")
                 self.postcopy.step(rec.params)
             elif isinstance(rec, S.Setup) and rec.params.get("kind") == "complete":
+                missing = [v.vcpu_id for v in m.vcpus
+                           if m.config.es and not v.guest_state_protected]
+                if missing:
+                    raise StreamError(f"no VMSA came for SEV-ES vCPU(s) {missing}")
                 if self.postcopy is not None:
                     spent, report = self.postcopy.complete()
                     self._reply("ready", time_spent=spent, postcopy=report)
@@ -239,6 +245,25 @@ class Target(_End):
         if self.postcopy is not None:
             self.postcopy.received(gfns)
         self._charge(D.psp_pages(len(gfns), self.params.ring_buffer))
+
+    def _receive_vmsa(self, rec):
+        """KVM_SEV_RECEIVE_UPDATE_VMSA of one vCPU's packet (out-of-tree KVM)."""
+        if not self.m.config.es:
+            raise StreamError("a VMSA record for a guest that is not SEV-ES")
+        try:
+            vcpu_id = int(rec["vcpu_id"])
+            hdr, trans = bytes.fromhex(rec["hdr"]), bytes.fromhex(rec["trans"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise StreamError(f"malformed VMSA record: {e}") from None
+        kvm = self.kvm
+        hva = kvm.mmap(PAGE_SIZE + max(PAGE_SIZE, len(trans)))
+        kvm.write(hva, hdr)
+        kvm.write(hva + PAGE_SIZE, trans)
+        self.m.vm.memory_encrypt_op(U.KVM_SEV_RECEIVE_UPDATE_VMSA, vcpu_id=vcpu_id,
+                                    hdr_uaddr=hva, hdr_len=len(hdr), trans_uaddr=hva + PAGE_SIZE,
+                                    trans_len=len(trans))
+        kvm.munmap(hva, PAGE_SIZE + max(PAGE_SIZE, len(trans)))
+        self._charge(D.psp_pages(1, False))
 
     def _receive_shared(self, gfns, data):
         gfns = self._check_gfns(gfns)

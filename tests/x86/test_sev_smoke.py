@@ -9,7 +9,6 @@ from errno import EBADF, EFAULT, EINVAL, ENOMEM, ENOTTY
 import pytest
 
 import sevcore
-from sevcore.errors import NotModelled
 from sevcore.kvm.guest import GuestException, VmmCommunicationException
 from sevcore.vmm.kvm_util import (addr_gpa2hva, sev_vm_launch, vm_mem_add, vm_sev_create_with_one_vcpu,
                               vm_sev_launch, vm_vcpu_add)
@@ -473,14 +472,18 @@ def test_ghcb_msr_ap_reset_hold():
     assert reported(kvm, vm, vcpu, 2)[1] == GHCB_MSR_AP_RESET_HOLD_RESP
 
 
-def test_vmgexit_without_ghcb_and_with_ghcb_page():
-    """A VMGEXIT with the GHCB MSR 0 returns straight to the guest; one naming a GHCB page is
-    refused by the model (NotModelled) rather than answered wrongly."""
+def test_vmgexit_without_ghcb_and_with_an_unwritten_ghcb_page():
+    """A VMGEXIT with the GHCB MSR 0 returns straight to the guest; one naming a page the guest
+    never wrote (the launch image's ciphertext, read without the C-bit) is answered
+    MALFORMED_INPUT / INVALID_USAGE in the page (sev_es_validate_vmgexit;
+    tests/x86/test_sev_es_ghcb.py has the protocol)."""
     kvm, vm, vcpu = launched_es(guest_msr_protocol, [0])
     assert reported(kvm, vm, vcpu, 2)[1] == 0
     kvm, vm, vcpu = launched_es(guest_vmgexit_with, SHARED)
-    with pytest.raises(NotModelled):
-        vcpu.run()
+    vcpu.run()
+    assert_sev_term(vcpu)
+    info1, info2 = struct.unpack("<QQ", kvm.read(addr_gpa2hva(vm, SHARED) + 0x398, 16))
+    assert (info1, info2) == (GHCB_HV_RESP_MALFORMED_INPUT, GHCB_ERR_INVALID_USAGE)
 
 
 def guest_intercepts(g):
