@@ -94,6 +94,24 @@ def default_cpuid(host):
     ]
 
 
+#: The KVM signature in CPUID EBX, ECX, EDX of its base leaf ("KVMKVMKVM\0\0\0").
+KVM_SIGNATURE = tuple(int.from_bytes(b"KVMKVMKVM\0\0\0"[i:i + 4], "little") for i in (0, 4, 8))
+
+
+def kvm_cpuid_features(entries):
+    """The KVM_CPUID_FEATURES entry of ``entries`` under KVM's signature, or None: the base is
+    the first of 0x40000000..0x4000ff00 (steps of 0x100) whose EBX/ECX/EDX spell KVM_SIGNATURE
+    (kvm_get_hypervisor_cpuid, for_each_possible_cpuid_base_hypervisor), the leaf is ``base |
+    KVM_CPUID_FEATURES`` with its index not significant (__kvm_find_kvm_cpuid_features)."""
+    def first(function):
+        return next((e for e in entries if e["function"] == function), None)
+    for base in range(U.KVM_CPUID_SIGNATURE, U.KVM_CPUID_SIGNATURE + 0x10000, 0x100):
+        e = first(base)
+        if e is not None and (e["ebx"], e["ecx"], e["edx"]) == KVM_SIGNATURE:
+            return first(base | U.KVM_CPUID_FEATURES)
+    return None
+
+
 class Vcpu(GuestAccess, SevEsVcpu, MsrVcpu, HypercallVcpu):
     """A vCPU fd. Created by :meth:`sevcore.kvm.vm.Vm.create_vcpu`."""
 
@@ -167,15 +185,16 @@ class Vcpu(GuestAccess, SevEsVcpu, MsrVcpu, HypercallVcpu):
                 e.setdefault(k, 0)
                 if not isinstance(e[k], int) or not 0 <= e[k] < 1 << 32:
                     raise KvmError(EINVAL, ioctl, f"cpuid entry field {k} is not a u32")
-        if self.vm.hlt_in_guest:           # kvm_update_cpuid_runtime
-            for e in new:
-                if e["function"] == U.KVM_CPUID_FEATURES:
-                    e["eax"] &= ~(1 << U.KVM_FEATURE_PV_UNHALT)
+        features = kvm_cpuid_features(new)
+        if self.vm.hlt_in_guest and features is not None:
+            # kvm_update_cpuid_runtime: only the features leaf of KVM's own signature base
+            # (__kvm_find_kvm_cpuid_features); another hypervisor's leaves are left alone.
+            features["eax"] &= ~(1 << U.KVM_FEATURE_PV_UNHALT)
         if self.has_run and new != self.cpuid:
             raise KvmError(EINVAL, ioctl, "CPUID cannot change after KVM_RUN")
         self.cpuid = new
-        leaf = self.cpuid_entry(U.KVM_CPUID_FEATURES)
-        self._pv_features = leaf["eax"] if leaf else 0
+        # kvm_update_pv_runtime reads the same leaf (kvm_find_kvm_cpuid_features).
+        self._pv_features = features["eax"] if features is not None else 0
         return 0
 
     def get_cpuid2(self):

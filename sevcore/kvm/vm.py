@@ -598,7 +598,9 @@ class Vm:
             raise KvmError(EINVAL, ioctl, "flags must be 0")
         if attributes & ~self.supported_mem_attributes():
             raise KvmError(EINVAL, ioctl, f"attributes {attributes:#x} not supported")
-        if size == 0 or address + size > U64 + 1 or address < 0 or size < 0:
+        # kvm_vm_ioctl_set_mem_attributes: address + size is a u64 sum, so a range that ends
+        # at 2^64 wraps to 0 and is refused like any other wrapping one.
+        if size == 0 or address + size > U64 or address < 0 or size < 0:
             raise KvmError(EINVAL, ioctl, "empty or wrapping range")
         if address % PAGE_SIZE or size % PAGE_SIZE:
             raise KvmError(EINVAL, ioctl, "address and size must be page aligned")
