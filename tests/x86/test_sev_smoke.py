@@ -656,11 +656,10 @@ def test_legacy_es_init_keeps_fpu_out_of_the_vmsa():
 
 @pytest.mark.parametrize("legacy", [False, True])
 def test_move_destination_is_protected_but_its_fpu_is_not_confidential(legacy):
-    """After KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM the destination vCPU's state is protected
-    (GET_REGS EINVAL on an ES-type VM) while its own FPU state never became confidential (GET_XSAVE works);
-    the GHCB MSR moves with the VMSA. The guest runs on in a legacy (DEFAULT) destination; a
-    KVM_X86_SEV_ES_VM destination keeps need_init, which the move does not clear, so its
-    KVM_RUN fails with EINVAL (sev_vm_move_enc_context_from, svm_vcpu_pre_run)."""
+    """After KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM the destination vCPU's state is protected (GET_REGS
+    EINVAL on an ES-type VM), its FPU state is not confidential and the GHCB MSR moved, and the
+    guest runs on in a legacy destination while a KVM_X86_SEV_ES_VM one keeps need_init, so its
+    KVM_RUN fails with EINVAL (sev_vm_move_enc_context_from never clears it)."""
     kvm, vm, vcpu = launched_es(guest_sev_es_code, legacy=legacy)
     dst = kvm.create_vm(vm.type)
     slot = vm.memslots[(0, 0)]
