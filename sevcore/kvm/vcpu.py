@@ -27,6 +27,7 @@ from sevcore.kvm.hypercall import HypercallVcpu
 from sevcore.kvm.kvm_run import EXIT, THROW, KvmRun
 from sevcore.kvm.mmu import MemoryFault
 from sevcore.kvm.msr import MsrState, MsrVcpu
+from sevcore.kvm.prefault import pre_fault_memory
 from sevcore.kvm.sev_es import SevEsVcpu
 
 U64 = (1 << 64) - 1
@@ -542,3 +543,13 @@ class Vcpu(GuestAccess, SevEsVcpu, MsrVcpu, HypercallVcpu):
         """Finish the pending instruction from a completion callback with ``result``."""
         if result is not THROW:
             self._send = result
+
+    # -- KVM_PRE_FAULT_MEMORY (sevcore.kvm.prefault) -----------------------------------------------
+
+    def pre_fault_memory(self, gpa, size, flags=0):
+        """Mirrors ``KVM_PRE_FAULT_MEMORY``: map ``[gpa, gpa + size)`` into the TDP MMU; returns the
+        ``struct kvm_pre_fault_memory`` written back (the range left when a step failed after
+        progress). Raises EINVAL (flags, unaligned, empty or wrapping range), EOPNOTSUPP (not
+        allowed yet: SNP before LAUNCH_FINISH), ENOENT (no memslot), EFAULT (a private/shared
+        mismatch or unbacked page), each only when no page was mapped."""
+        return pre_fault_memory(self, gpa, size, flags)
