@@ -22,9 +22,70 @@ from sevcore.hw.costmodel import CostModel, CostModelError
 from sevcore.migration.engine import PATHS, MigrationError, MigrationParams, migrate
 from sevcore.migration.machine import Machine
 from sevcore.migration.remote import send_to, serve
-from sevcore.migration.workload import WORKLOADS, GuestConfig, WorkloadError
+from sevcore.migration.workload import WORKLOADS, GuestConfig
 
 DEFAULT_RATES = "0,1000,2000,4000,8000,16000"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house rule for user errors: one line naming the problem, status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _fail(args, message):
+    """A user error found after parsing: one line on stderr, exit status 2, nothing done."""
+    print(f"sevcore {args.cmd}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+#: The option behind each GuestConfig/MigrationParams field a refusal names.
+_OPTION_OF = {"mem_size": "--mem", "nr_vcpus": "--vcpus", "shared_size": "--shared",
+              "dirty_pages_per_s": "--dirty-rate", "hot_fraction": "--hot-fraction",
+              "policy": "--policy", "max_iterations": "--max-iterations",
+              "a ": "--mem/--shared"}
+
+
+def _check(args, cost, rates=(None,)):
+    """Every option of ``migrate``/``sweep`` checked before anything runs or is written: the
+    guest configuration each run would use, the migration parameters, the output files."""
+    for opt in ("json", "plot", "port_file"):
+        path = getattr(args, opt, None)
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            _fail(args, f"--{opt.replace('_', '-')} {path}: no such directory")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (local: an optional dependency, checked up front)
+        except ImportError:
+            _fail(args, "--plot needs matplotlib: pip install 'sevcore[plot]'")
+    if getattr(args, "listen", None) is not None and not 0 <= args.listen <= 65535:
+        _fail(args, f"--listen {args.listen}: a port is 0-65535")
+    if getattr(args, "to", None):
+        host, _, port = args.to.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            _fail(args, f"--to wants HOST:PORT, not {args.to!r}")
+    paths = PATHS if args.path == "both" else (args.path,)
+    try:
+        for p in paths:
+            _params(args, cost, p)
+            for rate in rates:
+                _config(args, cost, None, rate, p)
+    except ValueError as e:
+        why = str(e)
+        opt = next((o for f, o in _OPTION_OF.items() if why.startswith(f)), None)
+        _fail(args, f"{opt}: {why}" if opt else why)
+
+
+def parse_policy(text):
+    """'0x5', '7' -> an SEV policy (a u32)."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value < 1 << 32:
+        raise argparse.ArgumentTypeError(f"policy {text!r} does not fit 32 bits")
+    return value
 
 
 def parse_size(text):
@@ -186,7 +247,7 @@ def _guest_args(ap):
                    help="pages/s the guest writes (default: the cost model's dirty_pages_per_s)")
     g.add_argument("--hot-fraction", type=float, default=0.1,
                    help="hotset workload: fraction of memory it writes (default 0.1)")
-    g.add_argument("--policy", type=lambda s: int(s, 0), default=0,
+    g.add_argument("--policy", type=parse_policy, default=0,
                    help="SEV guest policy (default 0)")
     m = ap.add_argument_group("migration")
     m.add_argument("--path", choices=PATHS + ("both",), default="both",
@@ -208,19 +269,19 @@ def _cost(args):
     try:
         return CostModel.from_overrides(args.set)
     except CostModelError as e:
-        raise SystemExit(f"sevcore: {e}") from None
+        _fail(args, str(e))
 
 
 def _config(args, cost, kvm, dirty_rate=None, path="psp"):
+    """The GuestConfig of one run (``kvm`` None: only checked, with the default C-bit).
+    Raises WorkloadError for options the guest cannot run with."""
     rate = dirty_rate if dirty_rate is not None else (
         args.dirty_rate if args.dirty_rate is not None else cost.dirty_pages_per_s)
-    try:
-        return GuestConfig(mem_size=args.mem, nr_vcpus=args.vcpus, shared_size=args.shared,
-                           workload=args.workload, dirty_pages_per_s=rate,
-                           hot_fraction=args.hot_fraction, policy=args.policy,
-                           c_bit=kvm.host.c_bit, **_helper_config(path, args.mem, cost))
-    except WorkloadError as e:
-        raise SystemExit(f"sevcore: {e}") from None
+    c_bit = {} if kvm is None else {"c_bit": kvm.host.c_bit}
+    return GuestConfig(mem_size=args.mem, nr_vcpus=args.vcpus, shared_size=args.shared,
+                       workload=args.workload, dirty_pages_per_s=rate,
+                       hot_fraction=args.hot_fraction, policy=args.policy,
+                       **c_bit, **_helper_config(path, args.mem, cost))
 
 
 def _helper_config(path, mem_size, cost):
@@ -251,6 +312,7 @@ def cmd_migrate(args):
         for name, value, unit, doc in cost.describe():
             print(f"{name} = {value:g} {unit}\n    {doc}\n")
         return 0
+    _check(args, cost)
     if args.listen is not None:
         return _listen(args)
     if args.to:
@@ -310,8 +372,6 @@ def _listen(args):
 
 def _send(args, cost):
     host, _, port = args.to.rpartition(":")
-    if not host or not port.isdigit():
-        raise SystemExit(f"sevcore: --to wants HOST:PORT, not {args.to!r}")
     path = PATHS[0] if args.path == "both" else args.path
     src = sevcore.Kvm()
     machine = Machine.launch(src, _config(args, cost, src, path=path))
@@ -336,7 +396,8 @@ def cmd_sweep(args):
     try:
         rates = [float(r) for r in args.dirty_rates.split(",")]
     except ValueError:
-        raise SystemExit(f"sevcore: --dirty-rates wants numbers, not {args.dirty_rates!r}")
+        _fail(args, f"--dirty-rates wants numbers, not {args.dirty_rates!r}")
+    _check(args, cost, rates)
     paths = PATHS if args.path == "both" else (args.path,)
     rows = []
     for rate in rates:
@@ -368,11 +429,14 @@ def cmd_sweep(args):
 
 
 def cmd_info(args):
-    return cpu.main(["--tier", args.tier] if args.tier else [])
+    try:
+        return cpu.main(["--tier", args.tier] if args.tier else [])
+    except ValueError as e:            # a tier this architecture or this CPU does not have
+        _fail(args, str(e))
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="sevcore", description=__doc__.split("\n")[0])
+    ap = _Parser(prog="sevcore", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("migrate", help="migrate a guest (both paths side by side by default)")
     _guest_args(m)
