@@ -21,6 +21,7 @@ from sevcore.errors import KvmError
 from sevcore.hw.hostmem import PAGE_SIZE
 from sevcore.kvm import fpu
 from sevcore.kvm.access import GuestAccess
+from sevcore.kvm.dirty_ring import DirtyRingFull, DirtyRingVcpu
 from sevcore.kvm.guest import (UCALL_ABORT, UCALL_DONE, Guest, GuestException, Op,
                                VmmCommunicationException)
 from sevcore.kvm.hypercall import HypercallVcpu
@@ -113,7 +114,7 @@ def kvm_cpuid_features(entries):
     return None
 
 
-class Vcpu(GuestAccess, SevEsVcpu, MsrVcpu, HypercallVcpu):
+class Vcpu(GuestAccess, SevEsVcpu, MsrVcpu, HypercallVcpu, DirtyRingVcpu):
     """A vCPU fd. Created by :meth:`sevcore.kvm.vm.Vm.create_vcpu`."""
 
     def __init__(self, vm, vcpu_id):
@@ -396,6 +397,10 @@ class Vcpu(GuestAccess, SevEsVcpu, MsrVcpu, HypercallVcpu):
             run.internal.ndata = 0
             return run
         run.ucall = None
+        if self.dirty_ring is not None and self.dirty_ring.soft_full:
+            # kvm_dirty_ring_check_request: no entry while the ring is soft-full.
+            run.exit_reason = U.KVM_EXIT_DIRTY_RING_FULL
+            return run
         while True:
             if self._op is None:
                 op = self._next_op()
@@ -404,6 +409,11 @@ class Vcpu(GuestAccess, SevEsVcpu, MsrVcpu, HypercallVcpu):
                 self._op, self._progress = op, None
             try:
                 result = self._execute(self._op)
+            except DirtyRingFull:
+                # The push that filled the ring exits before the access is retried; its
+                # progress is kept and the access resumes on the next KVM_RUN.
+                run.exit_reason = U.KVM_EXIT_DIRTY_RING_FULL
+                return run
             except MemoryFault as f:
                 run.exit_reason = U.KVM_EXIT_MEMORY_FAULT
                 run.memory_fault.flags = f.flags
