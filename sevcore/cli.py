@@ -23,6 +23,7 @@ from sevcore.migration.engine import PATHS, MigrationError, MigrationParams, mig
 from sevcore.migration.machine import Machine
 from sevcore.migration.remote import send_to, serve
 from sevcore.migration.workload import WORKLOADS, GuestConfig
+from sevcore.vmm.dirty_ring import DEFAULT_RING_ENTRIES
 
 DEFAULT_RATES = "0,1000,2000,4000,8000,16000"
 
@@ -256,6 +257,9 @@ def _guest_args(ap):
                    help="pre-copy passes before stop-and-copy is forced (default 30)")
     m.add_argument("--ring-buffer", action="store_true",
                    help="charge PSP page commands as ring-buffer batches")
+    m.add_argument("--dirty-ring", action="store_true",
+                   help="log dirty pages to per-vCPU dirty rings of 4096 entries "
+                        "(KVM_CAP_DIRTY_LOG_RING) instead of bitmaps")
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="cost-model parameter (repeatable); --list-costs shows them")
     m.add_argument("--list-costs", action="store_true", help="print the cost model and exit")
@@ -289,6 +293,11 @@ def _helper_config(path, mem_size, cost):
     return {"helper_vcpus": cost.helper_vcpus} if path == "helper" else {}
 
 
+def _ring_size(args):
+    """--dirty-ring: bytes of each vCPU's ring (struct kvm_dirty_gfn is 16 bytes)."""
+    return DEFAULT_RING_ENTRIES * 16 if getattr(args, "dirty_ring", False) else 0
+
+
 def _params(args, cost, path):
     return MigrationParams(path=path, cost=cost, max_iterations=args.max_iterations,
                            ring_buffer=args.ring_buffer)
@@ -297,7 +306,8 @@ def _params(args, cost, path):
 def _one(args, cost, path, dirty_rate=None, label=None):
     """Launch a fresh guest on a fresh source Host and migrate it to a fresh target Host."""
     src = sevcore.Kvm()
-    machine = Machine.launch(src, _config(args, cost, src, dirty_rate, path))
+    machine = Machine.launch(src, _config(args, cost, src, dirty_rate, path),
+                             dirty_ring_size=_ring_size(args))
     bar = Progress(label or path, enabled=False if args.quiet else None)
     try:
         r = migrate(machine, sevcore.Kvm(), _params(args, cost, path), progress=bar)
@@ -374,7 +384,8 @@ def _send(args, cost):
     host, _, port = args.to.rpartition(":")
     path = PATHS[0] if args.path == "both" else args.path
     src = sevcore.Kvm()
-    machine = Machine.launch(src, _config(args, cost, src, path=path))
+    machine = Machine.launch(src, _config(args, cost, src, path=path),
+                             dirty_ring_size=_ring_size(args))
     bar = Progress(path, enabled=False if args.quiet else None)
     try:
         s = send_to(host, int(port), machine, _params(args, cost, path), progress=bar)
