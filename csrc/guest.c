@@ -530,8 +530,10 @@ static void run_pages(const struct sc_guest_ctx *ctx, int op, const uint64_t *gf
                 /* mark_page_dirty_in_slot with a running vCPU: its ring, and the SPTE becomes
                  * writable (the table's owner holds its lock for the call: csrc/guest.h). */
                 sc_dirty_ring_push(ctx->ring, slot->id, gfn - slot->base_gfn);
-                sc_npt_protect_range((struct sc_npt *)ctx->npt, gfn, 1, SC_NPT_DIRTY_LOG, 0,
-                                     NULL);
+                /* The entry's flag in place: the table's shape is unchanged, so no walk (nor
+                 * any cursor) goes stale; a present entry is never in the shared empty table. */
+                uint64_t *leaf = (uint64_t *)sc_npt_cursor_leaf(ctx->npt, &cur, gfn);
+                leaf[gfn & 511] &= ~(uint64_t)SC_NPT_DIRTY_LOG;
             } else {
                 sc_bitmap_set_bit_atomic(slot->dirty_bitmap, gfn - slot->base_gfn);
             }

@@ -10,6 +10,8 @@ import json
 
 import numpy as np
 
+from sevcore.core.arrays import sorted_unique
+
 from sevcore.vmm import owner
 from sevcore import uapi as U
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
@@ -156,7 +158,7 @@ class Machine:
         """A ring sync: every ring collected and reset; the sorted gfns dirtied since the last
         one (those reaped at KVM_EXIT_DIRTY_RING_FULL included)."""
         self._ring_gfns.append(self.rings.harvest())
-        gfns = np.unique(np.concatenate(self._ring_gfns))
+        gfns = sorted_unique(np.concatenate(self._ring_gfns))
         self._ring_gfns = []
         return gfns
 

@@ -15,6 +15,7 @@ import mmap as _mmap
 import numpy as np
 
 from sevcore import uapi as U
+from sevcore.core.arrays import sorted_unique
 from sevcore.core.dirty_ring import collect
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 
@@ -67,16 +68,20 @@ class DirtyRings:
         parts = []
         for r in self.readers:
             slots, offsets = r.collect()
-            for slot in np.unique(slots):
+            if not len(slots):
+                continue
+            one = slots[0] == slots.min() == slots.max()      # the usual case: one slot
+            for slot in (slots[:1] if one else sorted_unique(slots)):
                 s = self.vm.memslots[(int(slot) >> 16, int(slot) & 0xffff)]
-                parts.append(offsets[slots == slot] + np.uint64(s.base_gfn))
+                mine = offsets if one else offsets[slots == slot]
+                parts.append(mine + np.uint64(s.base_gfn))
         return np.concatenate(parts) if parts else np.zeros(0, np.uint64)
 
     def harvest(self):
         """Collect every ring, then ``KVM_RESET_DIRTY_RINGS``: the sorted, unique gfns."""
         gfns = self.collect()
         self.vm.reset_dirty_rings()
-        return np.unique(gfns)
+        return sorted_unique(gfns)
 
     def close(self):
         for r in self.readers:
