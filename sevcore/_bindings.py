@@ -890,7 +890,15 @@ def guest_pages(ctx, op, gfns, gfn0, n, arg, buf, out):
         o = _words(out, "out", writable=True)
         olen = len(o)
     err = _err.p
-    rc = lib.sc_guest_pages(ctx, op, g, gfn0, n, arg, b, bsize, o, olen, err)
+    try:
+        rc = lib.sc_guest_pages(ctx, op, g, gfn0, n, arg, b, bsize, o, olen, err)
+    finally:
+        # Release the views now: a refusal's traceback keeps this frame, and a from_buffer()
+        # view of a memoryview left for the cycle collector was seen releasing its buffer twice
+        # (a crash in memory_dealloc during a collection).
+        for view in (g, b, o):
+            if view != ffi.NULL:
+                ffi.release(view)
     if rc < 0:
         refused(rc, f"sc_guest_pages({_GUEST_OP_NAMES.get(op, op)})", err)
     return rc
