@@ -304,13 +304,18 @@ static int op_writes(int op)
 
 static int misaligned(const void *p) { return ((uintptr_t)p & 7) != 0; }
 
-static int check_slots(const struct sc_guest_slot *slots, size_t nslots, struct sc_err *err)
+static int check_slots(const struct sc_guest_slot *slots, size_t nslots,
+                       const struct sc_dirty_ring *ring, struct sc_err *err)
 {
     if (nslots && !slots)
         return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
+    if (ring && (!ring->gfns || !ring->size || (ring->size & (ring->size - 1))))
+        return sc_refuse(err, EINVAL, ring->gfns ? SC_ERR_RING_SIZE : SC_ERR_NULL, 0,
+                         ring->size, 0, 0);
     for (size_t k = 0; k < nslots; k++) {
         const struct sc_guest_slot *s = &slots[k];
-        if (!s->dirty_bitmap)
+        /* With a ring the bitmap is optional (kvm_use_dirty_bitmap). */
+        if (!s->dirty_bitmap && !ring)
             return sc_refuse(err, EINVAL, SC_ERR_NULL, k, 0, 0, 0);
         if (misaligned(s->dirty_bitmap))
             return sc_refuse(err, EINVAL, SC_ERR_MISALIGNED, k, 0, 0, 0);
@@ -374,7 +379,7 @@ static int check_args(const struct sc_guest_ctx *ctx, int op, const uint64_t *gf
     } else if (gfn0 > GFN_LIMIT || n > GFN_LIMIT - gfn0) {
         return sc_refuse(err, EINVAL, SC_ERR_GUEST_RUN, 0, gfn0, GFN_LIMIT, n);
     }
-    return check_slots(ctx->slots, ctx->nslots, err);
+    return check_slots(ctx->slots, ctx->nslots, ctx->ring, err);
 }
 
 /* The slot holding gfn, or NULL: the hinted slot (the last one used) first, else a binary search
@@ -416,6 +421,12 @@ static int64_t first_fault(const struct sc_guest_ctx *ctx, int op, const uint64_
     struct sc_npt_cursor cur;
     sc_npt_cursor_init(&cur);
     size_t hint = 0;
+    /* With a ring: the pushes the ring takes before the one that makes it soft-full. */
+    uint64_t room = 0, pushes = 0;
+    if (ctx->ring) {
+        uint32_t used = ctx->ring->dirty_index - ctx->ring->reset_index;
+        room = used < ctx->ring->soft_limit ? ctx->ring->soft_limit - used - 1 : 0;
+    }
     for (uint64_t i = 0; i < n; i++) {
         uint64_t gfn = gfn_at(gfns, gfn0, i);
         uint64_t entry = sc_npt_cursor_lookup(ctx->npt, &cur, gfn);
@@ -424,9 +435,15 @@ static int64_t first_fault(const struct sc_guest_ctx *ctx, int op, const uint64_
         if (sc_npt_entry_pfn(entry) >= nframes)
             return sc_refuse(err, EFAULT, SC_ERR_GUEST_FRAME, i, sc_npt_entry_pfn(entry), nframes,
                              0);
-        /* Its dirty bit would have nowhere to go (mark_page_dirty_in_slot() needs the slot). */
-        if (writes && (entry & SC_NPT_DIRTY_LOG) && !find_slot(ctx, gfn, &hint))
-            return sc_refuse(err, EINVAL, SC_ERR_GUEST_UNLOGGED, i, gfn, 0, 0);
+        if (writes && (entry & SC_NPT_DIRTY_LOG)) {
+            /* Its dirty bit would have nowhere to go (mark_page_dirty_in_slot() needs the slot). */
+            if (!find_slot(ctx, gfn, &hint))
+                return sc_refuse(err, EINVAL, SC_ERR_GUEST_UNLOGGED, i, gfn, 0, 0);
+            /* The push that fills the ring to its soft limit is the caller's (guest.h). A gfn
+             * listed twice counts twice here and pushes once: the call may stop early. */
+            if (ctx->ring && pushes++ == room)
+                return (int64_t)i;
+        }
     }
     return (int64_t)n;
 }
@@ -509,7 +526,17 @@ static void run_pages(const struct sc_guest_ctx *ctx, int op, const uint64_t *gf
             const struct sc_guest_slot *slot = find_slot(ctx, gfn, &hint);
             /* The page's stores before the bit (guest.h). */
             __atomic_thread_fence(__ATOMIC_RELEASE);
-            sc_bitmap_set_bit_atomic(slot->dirty_bitmap, gfn - slot->base_gfn);
+            if (ctx->ring) {
+                /* mark_page_dirty_in_slot with a running vCPU: its ring, and the SPTE becomes
+                 * writable (the table's owner holds its lock for the call: csrc/guest.h). */
+                sc_dirty_ring_push(ctx->ring, slot->id, gfn - slot->base_gfn);
+                /* The entry's flag in place: the table's shape is unchanged, so no walk (nor
+                 * any cursor) goes stale; a present entry is never in the shared empty table. */
+                uint64_t *leaf = (uint64_t *)sc_npt_cursor_leaf(ctx->npt, &cur, gfn);
+                leaf[gfn & 511] &= ~(uint64_t)SC_NPT_DIRTY_LOG;
+            } else {
+                sc_bitmap_set_bit_atomic(slot->dirty_bitmap, gfn - slot->base_gfn);
+            }
         }
     }
     if (op == SC_GUEST_OP_CHECK) {

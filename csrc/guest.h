@@ -20,6 +20,14 @@
  * mark_page_dirty_in_slot() (virt/kvm/kvm_main.c) does after kvm_write_guest_page(): a harvester
  * that takes the bit and then copies the page sees the new data.
  *
+ * With a dirty ring in the context (ctx->ring, KVM_CAP_DIRTY_LOG_RING) such a write instead pushes
+ * the page to the ring (kvm_dirty_ring_push, with the slot's id and the page's offset in it) and
+ * clears SC_NPT_DIRTY_LOG from its entry, as KVM's fault on the write-protected page makes the
+ * SPTE writable: later writes push nothing until KVM_RESET_DIRTY_RINGS protects it again. The
+ * call then stops in front of the page whose push would bring the ring to its soft limit; the
+ * model pushes that one itself and leaves KVM_RUN with KVM_EXIT_DIRTY_RING_FULL
+ * (kvm_dirty_ring_check_request), the page unwritten until the guest runs again.
+ *
  * An SEV guest's encrypted (C-bit) access goes through the memory engine (csrc/memcrypt.h) at the
  * page's SPA: reads decrypt, writes encrypt, so the frames hold ciphertext and the ops see
  * plaintext. Without an engine the frames hold the plaintext.
@@ -37,7 +45,9 @@
  *            _RUN: gfn0 + n past 2^36); a slot empty or past 2^36 (_SLOT) or not after the one
  *            before it (_SLOT_ORDER), or without a bitmap (SC_ERR_NULL), with the slot's index;
  *            a page to be written through an SC_NPT_DIRTY_LOG entry whose gfn lies in no slot,
- *            its dirty bit would be lost (_UNLOGGED, with the page's index).
+ *            its dirty bit would be lost (_UNLOGGED, with the page's index); a slot without a
+ *            bitmap when there is no ring (SC_ERR_NULL); a ring whose size is not a power of
+ *            two (SC_ERR_RING_SIZE).
  *   -EFAULT  a page to be accessed maps a pfn whose frame lies outside frames_size
  *            (SC_ERR_GUEST_FRAME, with the page's index). The NPT is installed by the model, so
  *            this is a model bug; the call refuses it rather than touching memory it was not
@@ -51,6 +61,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "dirty_ring.h"
 #include "memcrypt.h"
 #include "npt.h"
 
@@ -77,11 +88,13 @@ enum {
 };
 
 /* A memslot with dirty logging on: bit i of dirty_bitmap (the KVM_GET_DIRTY_LOG layout, csrc/
- * bitmap.h) is gfn base_gfn + i. */
+ * bitmap.h) is gfn base_gfn + i; id is the slot as a dirty ring names it, (as_id << 16) | id.
+ * With a ring and no bitmap (KVM_CAP_DIRTY_LOG_RING), dirty_bitmap is NULL. */
 struct sc_guest_slot {
     uint64_t base_gfn;
     uint64_t npages;
     uint64_t *dirty_bitmap;
+    uint32_t id;
 };
 
 struct sc_guest_ctx {
@@ -92,6 +105,7 @@ struct sc_guest_ctx {
     int private_access;                 /* nonzero: a private access (served by PRIVATE entries) */
     const struct sc_guest_slot *slots;  /* sorted by base_gfn and disjoint; NULL when nslots = 0 */
     size_t nslots;
+    struct sc_dirty_ring *ring;         /* the running vCPU's ring; NULL: dirty bits to bitmaps */
 };
 
 /* Perform op on n pages: gfns[i] if gfns is not NULL, else gfn0 + i. Returns the number of pages
@@ -112,6 +126,15 @@ void sc_guest_pattern(uint64_t seed, uint64_t gfn, uint8_t *page);
 /* The DIGEST of a 4096-byte page: XXH3-64 with seed 0 and the default secret (xxHash 0.8
  * specification, XXH3_64bits()), so any xxHash library computes the same value. */
 uint64_t sc_guest_digest(const uint8_t *page);
+
+/* KVM_RESET_DIRTY_RINGS for one ring (kvm_dirty_ring_reset): free every collected (RESET) entry
+ * from ring->reset_index on and write-protect its page again, SC_NPT_DIRTY_LOG set on the present
+ * entries of each coalesced (slot, offset, 64-page mask), for the slots of slots[] (the logging
+ * memslots) whose id matches and whose pages the mask stays inside (kvm_reset_dirty_gfn skips
+ * the others). Returns the entries freed; -EINVAL (NULL, SC_ERR_RING_SIZE, or a refusal of
+ * sc_npt_protect_range). */
+int64_t sc_dirty_ring_reset(struct sc_dirty_ring *ring, struct sc_npt *npt,
+                            const struct sc_guest_slot *slots, size_t nslots, struct sc_err *err);
 
 /* The tier (SC_TIER_*) the FILL/PATTERN/CHECK/DIGEST loops take with the active CPU features. */
 int sc_guest_impl(void);

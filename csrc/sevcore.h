@@ -87,6 +87,7 @@ enum {
                                      * limit = the end of the slot before it */
     SC_ERR_GUEST_UNLOGGED = 40,     /* EINVAL: index = page, value = its gfn */
     SC_ERR_GUEST_FRAME = 41,        /* EFAULT: index = page, value = its pfn, limit = frames */
+    SC_ERR_RING_SIZE = 42,          /* EINVAL: value = a dirty ring's entries, not a power of 2 */
 
     /* csrc/sevpkt.h */
     SC_ERR_PKT_LEN = 50,            /* EINVAL: value = packet length, limit = SC_SEVPKT_MAX_LEN */

@@ -114,6 +114,8 @@ REFUSALS = {
                     "entry in no dirty slot, losing its dirty bit"),
     (_errno.EFAULT, lib.SC_ERR_GUEST_FRAME): (
         OSError, "page {index} maps pfn {value:#x}, outside the {limit} host frames"),
+    (_errno.EINVAL, lib.SC_ERR_RING_SIZE): (
+        ValueError, "a dirty ring of {value} entries: the size must be a power of two"),
 
     (_errno.EINVAL, lib.SC_ERR_PKT_LEN): (
         ValueError, "packet length {value} must be a non-zero multiple of 16 and at most "
@@ -815,18 +817,67 @@ def guest_ctx(frames):
 
 
 def guest_slots(slots):
-    """A ``struct sc_guest_slot[]`` for ``(base_gfn, npages, words)`` triples; returns
-    ``(array, views)``, the views to be kept alive with the array. ``words`` must hold the slot's
-    ``bitmap_words(npages)`` words (C cannot see a bitmap's length)."""
+    """A ``struct sc_guest_slot[]`` for ``(base_gfn, npages, words)`` triples, or quadruples
+    with the slot's ring id ``(as_id << 16) | id`` last; returns ``(array, views)``, the views to
+    be kept alive with the array. ``words`` must hold the slot's ``bitmap_words(npages)`` words
+    (C cannot see a bitmap's length), or be None for a slot logged only to a dirty ring."""
     arr = ffi.new("struct sc_guest_slot[]", len(slots))
     views = []
-    for i, (base_gfn, npages, words) in enumerate(slots):
-        view = _words(words, f"slot {i} dirty bitmap", writable=True)
-        if npages < 0 or len(view) < bitmap_words(npages):
-            raise ValueError(f"slot {i}: {len(view)} bitmap words cannot hold {npages} pages")
+    for i, (base_gfn, npages, words, *rest) in enumerate(slots):
+        if words is None:
+            view = ffi.NULL
+        else:
+            view = _words(words, f"slot {i} dirty bitmap", writable=True)
+            if npages < 0 or len(view) < bitmap_words(npages):
+                raise ValueError(f"slot {i}: {len(view)} bitmap words cannot hold {npages} pages")
+            views.append(view)
         arr[i].base_gfn, arr[i].npages, arr[i].dirty_bitmap = base_gfn, npages, view
-        views.append(view)
+        arr[i].id = rest[0] if rest else 0
     return arr, views
+
+
+# --- The dirty ring (csrc/dirty_ring.h) --------------------------------------------------------
+
+#: struct kvm_dirty_gfn as numpy sees it.
+DIRTY_GFN_DTYPE = [("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")]
+DIRTY_GFN_SIZE = ffi.sizeof("struct sc_dirty_gfn")
+
+
+def dirty_ring(mem, size, soft_limit):
+    """A ``struct sc_dirty_ring`` over ``mem`` (a writable buffer of ``size`` 16-byte entries),
+    indices at 0; returns ``(ring, view)``, the view to be kept alive with the ring."""
+    view = buffer_ptr(mem, "ring memory", writable=True)
+    if len(view) < size * DIRTY_GFN_SIZE:
+        raise ValueError(f"{len(view)} bytes cannot hold {size} ring entries")
+    ring = ffi.new("struct sc_dirty_ring *")
+    ring.gfns = ffi.cast("struct sc_dirty_gfn *", view)
+    ring.size, ring.soft_limit = size, soft_limit
+    return ring, view
+
+
+def dirty_ring_collect(mem, size, fetch_index, cap):
+    """``sc_dirty_ring_collect`` over the entries in ``mem`` from ``fetch_index[0]`` (a uint32
+    array of one, advanced); returns ``(slots, offsets)`` as uint32 and uint64 arrays."""
+    view = buffer_ptr(mem, "ring memory", writable=True)
+    if len(view) < size * DIRTY_GFN_SIZE:
+        raise ValueError(f"{len(view)} bytes cannot hold {size} ring entries")
+    slots = np.empty(cap, np.uint32)
+    offsets = np.empty(cap, np.uint64)
+    idx = ffi.from_buffer("uint32_t[]", fetch_index, require_writable=True)
+    rc = lib.sc_dirty_ring_collect(ffi.cast("struct sc_dirty_gfn *", view), size, idx,
+                                   ffi.from_buffer("uint32_t[]", slots, True),
+                                   ffi.from_buffer("uint64_t[]", offsets, True), cap, _err.p)
+    if rc < 0:
+        refused(rc, "sc_dirty_ring_collect")
+    return slots[:rc], offsets[:rc]
+
+
+def dirty_ring_reset(ring, npt, slots, nslots):
+    """``sc_dirty_ring_reset``: the entries freed."""
+    rc = lib.sc_dirty_ring_reset(ring, npt, slots if nslots else ffi.NULL, nslots, _err.p)
+    if rc < 0:
+        refused(rc, "sc_dirty_ring_reset")
+    return rc
 
 
 _GUEST_OP_NAMES = {v: k for k, v in GUEST_OPS.items()}

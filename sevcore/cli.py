@@ -26,8 +26,70 @@ from sevcore.migration.machine import Machine
 from sevcore.migration.remote import send_to, serve
 from sevcore.migration.workload import VM_TYPES, WORKLOADS, GuestConfig, WorkloadError
 from sevcore.uapi import SEV_POLICY_ES
+from sevcore.vmm.dirty_ring import DEFAULT_RING_ENTRIES
 
 DEFAULT_RATES = "0,1000,2000,4000,8000,16000"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house rule for user errors: one line naming the problem, status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _fail(args, message):
+    """A user error found after parsing: one line on stderr, exit status 2, nothing done."""
+    print(f"sevcore {args.cmd}: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+#: The option behind each GuestConfig/MigrationParams field a refusal names.
+_OPTION_OF = {"mem_size": "--mem", "nr_vcpus": "--vcpus", "shared_size": "--shared",
+              "dirty_pages_per_s": "--dirty-rate", "hot_fraction": "--hot-fraction",
+              "policy": "--policy", "max_iterations": "--max-iterations",
+              "a ": "--mem/--shared"}
+
+
+def _check(args, cost, rates=(None,)):
+    """Every option of ``migrate``/``sweep`` checked before anything runs or is written: the
+    guest configuration each run would use, the migration parameters, the output files."""
+    for opt in ("json", "plot", "port_file"):
+        path = getattr(args, opt, None)
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            _fail(args, f"--{opt.replace('_', '-')} {path}: no such directory")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (local: an optional dependency, checked up front)
+        except ImportError:
+            _fail(args, "--plot needs matplotlib: pip install 'sevcore[plot]'")
+    if getattr(args, "listen", None) is not None and not 0 <= args.listen <= 65535:
+        _fail(args, f"--listen {args.listen}: a port is 0-65535")
+    if getattr(args, "to", None):
+        host, _, port = args.to.rpartition(":")
+        if not host or not port.isdigit() or int(port) > 65535:
+            _fail(args, f"--to wants HOST:PORT, not {args.to!r}")
+    paths = PATHS if args.path == "both" else (args.path,)
+    try:
+        for p in paths:
+            _params(args, cost, p)
+            for rate in rates:
+                _config(args, cost, None, rate, p)
+    except ValueError as e:
+        why = str(e)
+        opt = next((o for f, o in _OPTION_OF.items() if why.startswith(f)), None)
+        _fail(args, f"{opt}: {why}" if opt else why)
+
+
+def parse_policy(text):
+    """'0x5', '7' -> an SEV policy (a u32)."""
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value < 1 << 32:
+        raise argparse.ArgumentTypeError(f"policy {text!r} does not fit 32 bits")
+    return value
 
 
 def parse_size(text):
@@ -195,7 +257,7 @@ def _guest_args(ap):
                    help="hotset workload: fraction of memory it writes (default 0.1)")
     g.add_argument("--type", choices=tuple(VM_TYPES), default="sev",
                    help="guest type (default sev; sev-es adds SEV_POLICY_ES to the policy)")
-    g.add_argument("--policy", type=lambda s: int(s, 0), default=0,
+    g.add_argument("--policy", type=parse_policy, default=0,
                    help="SEV guest policy (default 0)")
     m = ap.add_argument_group("migration")
     m.add_argument("--path", choices=PATHS + ("both",), default="both",
@@ -204,6 +266,9 @@ def _guest_args(ap):
                    help="pre-copy passes before stop-and-copy is forced (default 30)")
     m.add_argument("--ring-buffer", action="store_true",
                    help="charge PSP page commands as ring-buffer batches")
+    m.add_argument("--dirty-ring", action="store_true",
+                   help="log dirty pages to per-vCPU dirty rings of 4096 entries "
+                        "(KVM_CAP_DIRTY_LOG_RING) instead of bitmaps")
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="cost-model parameter (repeatable); --list-costs shows them")
     m.add_argument("--out-of-tree-vmsa", action="store_true",
@@ -225,7 +290,7 @@ def _cost(args):
     try:
         return CostModel.from_overrides(args.set)
     except CostModelError as e:
-        raise SystemExit(f"sevcore: {e}") from None
+        _fail(args, str(e))
 
 
 def _kvm(args):
@@ -236,17 +301,16 @@ def _kvm(args):
 
 
 def _config(args, cost, kvm, dirty_rate=None, path="psp"):
+    """The GuestConfig of one run (``kvm`` None: only checked, with the default C-bit).
+    Raises WorkloadError for options the guest cannot run with."""
     rate = dirty_rate if dirty_rate is not None else (
         args.dirty_rate if args.dirty_rate is not None else cost.dirty_pages_per_s)
-    vm_type = VM_TYPES[args.type]
+    c_bit = {} if kvm is None else {"c_bit": kvm.host.c_bit}
     policy = args.policy | (SEV_POLICY_ES if args.type == "sev-es" else 0)
-    try:
-        return GuestConfig(mem_size=args.mem, nr_vcpus=args.vcpus, shared_size=args.shared,
-                           workload=args.workload, dirty_pages_per_s=rate,
-                           hot_fraction=args.hot_fraction, policy=policy, vm_type=vm_type,
-                           c_bit=kvm.host.c_bit, **_helper_config(path, args.mem, cost))
-    except WorkloadError as e:
-        raise SystemExit(f"sevcore: {e}") from None
+    return GuestConfig(mem_size=args.mem, nr_vcpus=args.vcpus, shared_size=args.shared,
+                       workload=args.workload, dirty_pages_per_s=rate,
+                       hot_fraction=args.hot_fraction, policy=policy,
+                       vm_type=VM_TYPES[args.type], **c_bit, **_helper_config(path, args.mem, cost))
 
 
 def _helper_config(path, mem_size, cost):
@@ -254,20 +318,23 @@ def _helper_config(path, mem_size, cost):
     return {"helper_vcpus": cost.helper_vcpus} if path == "helper" else {}
 
 
+def _ring_size(args):
+    """--dirty-ring: bytes of each vCPU's ring (struct kvm_dirty_gfn is 16 bytes)."""
+    return DEFAULT_RING_ENTRIES * 16 if getattr(args, "dirty_ring", False) else 0
+
+
 def _params(args, cost, path, postcopy=None):
-    try:
-        return MigrationParams(path=path, cost=cost, max_iterations=args.max_iterations,
-                               ring_buffer=args.ring_buffer,
-                               postcopy=args.postcopy if postcopy is None else postcopy,
-                               postcopy_after=args.postcopy_after)
-    except ValueError as e:
-        raise SystemExit(f"sevcore: {e}") from None
+    return MigrationParams(path=path, cost=cost, max_iterations=args.max_iterations,
+                           ring_buffer=args.ring_buffer,
+                           postcopy=args.postcopy if postcopy is None else postcopy,
+                           postcopy_after=args.postcopy_after)
 
 
 def _one(args, cost, path, dirty_rate=None, label=None, postcopy=None):
     """Launch a fresh guest on a fresh source Host and migrate it to a fresh target Host."""
     src = _kvm(args)
-    machine = Machine.launch(src, _config(args, cost, src, dirty_rate, path))
+    machine = Machine.launch(src, _config(args, cost, src, dirty_rate, path),
+                             dirty_ring_size=_ring_size(args))
     bar = Progress(label or path, enabled=False if args.quiet else None)
     try:
         r = migrate(machine, _kvm(args), _params(args, cost, path, postcopy), progress=bar)
@@ -282,7 +349,7 @@ def cmd_migrate(args):
         for name, value, unit, doc in cost.describe():
             print(f"{name} = {value:g} {unit}\n    {doc}\n")
         return 0
-    _params(args, cost, PATHS[0])          # bad migration options fail before a guest boots
+    _check(args, cost)
     if args.listen is not None:
         return _listen(args)
     if args.to:
@@ -348,11 +415,10 @@ def _listen(args):
 
 def _send(args, cost):
     host, _, port = args.to.rpartition(":")
-    if not host or not port.isdigit():
-        raise SystemExit(f"sevcore: --to wants HOST:PORT, not {args.to!r}")
     path = PATHS[0] if args.path == "both" else args.path
     src = _kvm(args)
-    machine = Machine.launch(src, _config(args, cost, src, path=path))
+    machine = Machine.launch(src, _config(args, cost, src, path=path),
+                             dirty_ring_size=_ring_size(args))
     bar = Progress(path, enabled=False if args.quiet else None)
     try:
         s = send_to(host, int(port), machine, _params(args, cost, path), progress=bar,
@@ -377,7 +443,8 @@ def cmd_sweep(args):
     try:
         rates = [float(r) for r in args.dirty_rates.split(",")]
     except ValueError:
-        raise SystemExit(f"sevcore: --dirty-rates wants numbers, not {args.dirty_rates!r}")
+        _fail(args, f"--dirty-rates wants numbers, not {args.dirty_rates!r}")
+    _check(args, cost, rates)
     paths = PATHS if args.path == "both" else (args.path,)
     rows = []
     modes = (False, True) if args.postcopy else (False,)      # --postcopy compares the two
@@ -411,7 +478,10 @@ def cmd_sweep(args):
 
 
 def cmd_info(args):
-    return cpu.main(["--tier", args.tier] if args.tier else [])
+    try:
+        return cpu.main(["--tier", args.tier] if args.tier else [])
+    except ValueError as e:            # a tier this architecture or this CPU does not have
+        _fail(args, str(e))
 
 
 # -- evacuate ----------------------------------------------------------------------------------
@@ -578,7 +648,7 @@ def _evacuate_parser(sub):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="sevcore", description=__doc__.split("\n")[0])
+    ap = _Parser(prog="sevcore", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("migrate", help="migrate a guest (both paths side by side by default)")
     _guest_args(m)

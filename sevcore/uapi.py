@@ -701,5 +701,23 @@ SEV_TERM_SET_GEN = 0
 GHCB_SEV_ES_GEN_REQ = 0
 GHCB_SEV_ES_PROT_UNSUPPORTED = 1
 
+# --- /dev/kvm device attributes, the dirty ring, pre-faulting --------------------------------------
+
+KVM_GET_DEVICE_ATTR = _IOW(0xe2, 24)                    # struct kvm_device_attr
+KVM_HAS_DEVICE_ATTR = _IOW(0xe3, 24)
+KVM_X86_GRP_SYSTEM = 0
+KVM_X86_XCOMP_GUEST_SUPP = 0
+KVM_RESET_DIRTY_RINGS = _IO(0xc7)
+KVM_PRE_FAULT_MEMORY = _IOWR(0xd5, 64)                  # struct kvm_pre_fault_memory
+#: The vCPU fd's page offset of the dirty ring (arch/x86/include/uapi/asm/kvm.h).
+KVM_DIRTY_LOG_PAGE_OFFSET = 64
+KVM_DIRTY_GFN_F_DIRTY = 1 << 0
+KVM_DIRTY_GFN_F_RESET = 1 << 1
+KVM_DIRTY_GFN_F_MASK = 0x3
+#: Not UAPI, but what user space must assume (include/linux/kvm_dirty_ring.h, virt/kvm/
+#: kvm_main.c): entries kept free for the soft limit, and the largest ring.
+KVM_DIRTY_RING_RSVD_ENTRIES = 64
+KVM_DIRTY_RING_MAX_ENTRIES = 65536
+
 __all__ = [name for name in dir() if name[:1].isupper() and not name.startswith("_")]
 __all__ += ["kvm_segment", "kvm_dtable", "kvm_sregs", "kvm_sregs2", "kvm_fpu"]

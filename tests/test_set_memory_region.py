@@ -229,6 +229,7 @@ def test_memory_attributes_capability(kvm, t, supported):
     (G, P, KVM_MEMORY_ATTRIBUTE_PRIVATE | 1, 0),
     (G, 0, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0),        # empty
     ((1 << 64) - P, 2 * P, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0),   # wraps
+    ((1 << 64) - P, P, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0),       # ends at 2^64: wraps to 0
     (G + 1, P, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0),    # unaligned
     (G, P + 1, KVM_MEMORY_ATTRIBUTE_PRIVATE, 0),
 ])

@@ -13,20 +13,25 @@ changes, attribute conversions, with guest and VMM accesses in between and fresh
 holding a secret. Invariants: no NPT entry maps a gfn to a frame other than what backs it now
 (``support.kvm.stray_npt_entries``), and no guest read ever returns the secret.
 
-Both machines check the NPT ownership invariant after every step.
-
 ``SregsMachine``: KVM_SET_SREGS of valid and invalid CR0/CR4/EFER/CR3/APIC-base combinations,
 KVM_SET_MSRS of EFER, INIT, and hypercalls in the mode the state gives, against an independent
 statement of kvm_is_valid_sregs; see the class docstring for its invariants.
+
+``DirtyRingMachine``: KVM_CAP_DIRTY_LOG_RING's protocol (pushes, the VMM's collect, resets,
+soft-full exits, logging toggled) against a model of the ring and of guest memory.
+
+The machines check the NPT ownership invariant after every step.
 """
-from errno import EBADF, EFAULT, EINVAL, EIO
+from errno import EBADF, EFAULT, EINVAL, EIO, ENXIO
 
 import numpy as np
-from hypothesis import settings, strategies as st
+import pytest
+from hypothesis import event, settings, strategies as st
 from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, precondition,
                                  rule)
 
 import sevcore
+from sevcore.core.dirty_ring import collect as ring_collect
 from sevcore.errors import SigBus
 from sevcore.uapi import *
 
@@ -538,3 +543,165 @@ class SregsMachine(RuleBasedStateMachine):
 
 SregsMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
 TestSregs = SregsMachine.TestCase
+
+
+# -- the dirty ring ---------------------------------------------------------------------------------
+
+RING_BYTES = 4096                       # 256 entries
+RING_SOFT = RING_BYTES // 16 - KVM_DIRTY_RING_RSVD_ENTRIES
+RING_SLOT = 3
+RING_GPA = 1 << 30
+RING_PAGES = 256
+
+
+class DirtyRingMachine(RuleBasedStateMachine):
+    """KVM_CAP_DIRTY_LOG_RING on a DEFAULT VM: guest writes (whole-page bulk stamps in any order,
+    repeats included, and sub-page writes), the VMM's collect of some entries, resets, logging
+    toggled, against a model of the ring: an entry per first write of a protected page, DIRTY
+    until collected, RESET until reset, then free and the page protected again; the vCPU leaves
+    KVM_RUN with KVM_EXIT_DIRTY_RING_FULL, the pushing write undone, while the ring is
+    soft-full."""
+
+    def __init__(self):
+        super().__init__()
+        self.collect_fn = ring_collect
+        self.kvm = sevcore.Kvm()
+        self.vm = self.kvm.create_vm(KVM_X86_DEFAULT_VM)
+        self.vm.enable_cap(KVM_CAP_DIRTY_LOG_RING_ACQ_REL, RING_BYTES)
+        self.hva = self.kvm.mmap(RING_PAGES * PAGE_SIZE)
+        self.vm.set_user_memory_region2(RING_SLOT, KVM_MEM_LOG_DIRTY_PAGES, RING_GPA,
+                                        RING_PAGES * PAGE_SIZE, self.hva)
+        self.box = []
+        self.vcpu = self.vm.create_vcpu(0)
+        self.vcpu.set_guest_code(ring_interpreter, self.box)
+        self.ring_hva = self.vcpu.mmap(RING_BYTES, offset=KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_SIZE)
+        ring = self.vcpu.dirty_ring
+        self.ring_mem = self.kvm.host.mem.frames[ring.spa:ring.spa + RING_BYTES]
+        # The model.
+        self.logging = True
+        self.protected = set(range(RING_PAGES))   # pages whose next write pushes
+        self.entries = []                         # every offset pushed, in order
+        self.fetched = self.reset_done = 0        # entries collected / reset so far
+        self.mem = [0] * RING_PAGES
+        self.blocked = None                       # the rest of a write stopped by a full ring
+        self.fetch = np.zeros(1, np.uint32)
+
+    def used(self):
+        return len(self.entries) - self.reset_done
+
+    def advance(self, writes):
+        """The model of KVM_RUN over ``writes`` [(page, value)]: the pages written before the
+        push that fills the ring; the rest is left blocked."""
+        for i, (p, v) in enumerate(writes):
+            if self.logging and p in self.protected:
+                self.entries.append(p)
+                self.protected.discard(p)
+                if self.used() >= RING_SOFT:
+                    self.blocked = writes[i:]
+                    event("KVM_EXIT_DIRTY_RING_FULL")
+                    return KVM_EXIT_DIRTY_RING_FULL
+            self.mem[p] = v
+        self.blocked = None
+        return KVM_EXIT_IO
+
+    def kvm_run(self):
+        run = self.vcpu.run()
+        return run.exit_reason
+
+    @precondition(lambda self: self.blocked is None)
+    @rule(pages=st.lists(st.integers(0, RING_PAGES - 1), min_size=1, max_size=120),
+          v=value, partial=st.booleans())
+    def guest_writes(self, pages, v, partial):
+        gpas = [RING_GPA + p * PAGE_SIZE for p in pages]
+        if partial:                     # sub-page writes: the access path outside the C kernel
+            self.box.append(lambda g: [g.write(a, v.to_bytes(8, "little")) for a in gpas])
+        else:
+            self.box.append(lambda g: [g.stamp_pages(np.array(gpas, np.uint64), v)])
+        want = self.advance([(p, v) for p in pages])
+        got = self.kvm_run()
+        assert got == want, (got, want)
+        if got == KVM_EXIT_IO:
+            self.vcpu.get_ucall()
+
+    @precondition(lambda self: self.blocked is None)
+    @rule(first=st.integers(0, RING_PAGES - 1), v=value, partial=st.booleans())
+    def guest_sweeps(self, first, v, partial):
+        """Every page once, from ``first`` around: more pushes than the soft limit allows."""
+        self.guest_writes([(first + k) % RING_PAGES for k in range(RING_PAGES)], v, partial)
+
+    @precondition(lambda self: self.blocked is not None)
+    @rule()
+    def resume(self):
+        """KVM_RUN again: still full, or the blocked write goes on."""
+        if self.used() >= RING_SOFT:
+            assert self.kvm_run() == KVM_EXIT_DIRTY_RING_FULL
+            return
+        want = self.advance(self.blocked)
+        assert self.kvm_run() == want
+        if want == KVM_EXIT_IO:
+            self.vcpu.get_ucall()
+
+    @rule(cap=st.integers(0, 300))
+    def collect(self, cap):
+        slots, offsets = self.collect_fn(self.ring_mem, RING_BYTES // 16, self.fetch, cap)
+        n = min(cap, len(self.entries) - self.fetched)
+        want = self.entries[self.fetched:self.fetched + n]
+        assert offsets.tolist() == want and set(slots.tolist()) <= {RING_SLOT}
+        self.fetched += n
+
+    @rule()
+    def reset(self):
+        n = self.vm.reset_dirty_rings()
+        assert n == self.fetched - self.reset_done
+        for p in self.entries[self.reset_done:self.fetched]:
+            if self.logging:
+                self.protected.add(p)
+        self.reset_done = self.fetched
+
+    @rule(on=st.booleans())
+    def set_logging(self, on):
+        self.vm.set_user_memory_region2(RING_SLOT, KVM_MEM_LOG_DIRTY_PAGES if on else 0,
+                                        RING_GPA, RING_PAGES * PAGE_SIZE, self.hva)
+        if on != self.logging:
+            self.protected = set(range(RING_PAGES)) if on else set()
+        self.logging = on
+
+    @rule()
+    def bitmap_interface_is_enxio(self):
+        with pytest.raises(OSError) as e:
+            self.vm.get_dirty_log(RING_SLOT)
+        assert e.value.errno == ENXIO
+
+    @invariant()
+    def ring_reads_as_modelled(self):
+        raw = np.frombuffer(self.kvm.read(self.ring_hva, RING_BYTES),
+                            dtype=[("flags", "<u4"), ("slot", "<u4"), ("offset", "<u8")])
+        for k, p in enumerate(self.entries):
+            flags = 0 if k < self.reset_done else KVM_DIRTY_GFN_F_RESET if k < self.fetched \
+                else KVM_DIRTY_GFN_F_DIRTY
+            if k >= len(self.entries) - len(raw):      # not yet overwritten by a later lap
+                e = raw[k % len(raw)]
+                assert (int(e["flags"]), int(e["offset"])) == (flags, p), (k, e, flags, p)
+        assert self.vcpu.dirty_ring.used == self.used() <= RING_SOFT
+
+    @invariant()
+    def memory_holds_what_was_written(self):
+        got = np.frombuffer(self.kvm.read(self.hva, RING_PAGES * PAGE_SIZE), np.uint64)
+        assert got[::PAGE_SIZE // 8].tolist() == self.mem
+
+    @invariant()
+    def npt_maps_only_the_slot(self):
+        assert stray_npt_entries(self.vm) == []
+
+
+def ring_interpreter(g, box):
+    """Guest program: the operations the host put in ``box`` (a list per step), then a sync."""
+    while True:
+        for op in box.pop()(g):
+            yield op
+        yield g.sync()
+
+
+DirtyRingMachine.TestCase.settings = settings(max_examples=30, stateful_step_count=40,
+                                              deadline=None)
+TestDirtyRing = DirtyRingMachine.TestCase

@@ -72,20 +72,35 @@ class GuestPageOps:
     def set_dirty_slots(self, slots):
         """The memslots with dirty logging on, as ``(base_gfn, npages, words)`` with ``words`` a
         uint64 numpy array of at least ``ceil(npages / 64)`` words in the KVM_GET_DIRTY_LOG
-        layout. They must be sorted by ``base_gfn`` and disjoint (checked by every :meth:`run`).
-        The arrays are kept referenced until the next call."""
-        triples = [(int(base), int(npages), words) for base, npages, words in slots]
+        layout, or ``(base_gfn, npages, words, id)`` with the slot's dirty-ring id
+        ``(as_id << 16) | id`` and ``words`` None where only a ring logs it. They must be sorted
+        by ``base_gfn`` and disjoint (checked by every :meth:`run`). The arrays are kept
+        referenced until the next call."""
+        triples = [(int(s[0]), int(s[1]), s[2], *map(int, s[3:])) for s in slots]
         arr, views = _b.guest_slots(triples)
         with self._npt.lock:
             self._ctx.slots = arr if triples else _b.ffi.NULL
             self._ctx.nslots = len(triples)
             self._slots = (triples, arr, views)
 
+    def reset_ring(self, ring):
+        """KVM_RESET_DIRTY_RINGS for ``ring`` (a :class:`sevcore.core.dirty_ring.DirtyRingBuffer`):
+        free its collected entries and write-protect their pages again in this NPT, for the
+        slots of :meth:`set_dirty_slots`. Returns the entries freed."""
+        with self._npt.lock:
+            _, arr, _ = self._slots
+            return _b.dirty_ring_reset(ring.cdata(), self._npt.cdata(),
+                                       arr if arr is not None else _b.ffi.NULL,
+                                       self._ctx.nslots)
+
     def run(self, op, gfns=None, gfn0=0, n=None, *, private=False, engine=None, arg=0, buf=None,
-            out=None):
+            out=None, ring=None):
         """Perform ``op`` on the pages ``gfns`` (integers) or, if None, ``n`` pages from ``gfn0``;
         returns how many pages were completed (``n``, or the index of the first page that
-        faults). ``buf`` holds ``n * 4096`` bytes for READ (writable) and WRITE; ``out`` is a uint64
+        faults, or in ring mode the page whose push would make ``ring`` soft-full: see
+        csrc/guest.h). ``ring``: the running vCPU's
+        :class:`sevcore.core.dirty_ring.DirtyRingBuffer`, which logged writes then push to.
+        ``buf`` holds ``n * 4096`` bytes for READ (writable) and WRITE; ``out`` is a uint64
         array of ``n`` words for DIGEST, of 2 for CHECK (mismatching pages, index of the first or
         :data:`NO_MISMATCH`). ``private``: the access is private (served by NPT_PRIVATE entries
         only); ``engine``: a :class:`sevcore.core.memcrypt.MemoryEngine` for an encrypted access.
@@ -115,6 +130,7 @@ class GuestPageOps:
             ctx.npt = self._npt.cdata()
             ctx.eng = eng
             ctx.private_access = 1 if private else 0
+            ctx.ring = _b.ffi.NULL if ring is None else ring.cdata()
             try:
                 return _b.guest_pages(ctx, op, gfns, gfn0, n, arg, buf, out)
             except (OverflowError, TypeError):

@@ -6,7 +6,7 @@ from sevcore import uapi as U
 from sevcore.core import pages as gm
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm.kvm_run import EXIT, THROW
-from sevcore.kvm.mmu import MmioAccess, decode_gpa, faultin_pages, translate
+from sevcore.kvm.mmu import MmioAccess, decode_gpa, entry_serves, faultin_pages, translate
 from sevcore.core.npt import NPT_DIRTY_LOG
 
 _BULK_OPS = {"read": gm.GUEST_OP_READ, "write": gm.GUEST_OP_WRITE, "fill": gm.GUEST_OP_FILL,
@@ -64,6 +64,9 @@ class GuestAccess:
         real, private, encrypted = decode_gpa(vm, addr)
         gfn = real >> PAGE_SHIFT
         pfn, flags = translate(vm, gfn, private, write)
+        if write and flags & NPT_DIRTY_LOG and self.dirty_ring is not None:
+            # The write fault on a logged page pushes it before the store (may exit).
+            self._dirty_ring_push(gfn)
         spa = (pfn << PAGE_SHIFT) + off
         # The memory controller patches a partial encrypted page (decrypt, patch, encrypt).
         asid = vm.sev.asid if encrypted and vm.encryption_engine() is not None else 0
@@ -71,7 +74,7 @@ class GuestAccess:
             vm.host.umc.write(spa, memoryview(data)[pos:pos + n], asid)
         else:
             buf[pos:pos + n] = vm.host.umc.read(spa, n, asid)
-        if write and flags & NPT_DIRTY_LOG:
+        if write and flags & NPT_DIRTY_LOG and self.dirty_ring is None:
             vm.mark_page_dirty(gfn)
 
     def _mmio(self, st, gpa, data, pos, n):
@@ -120,7 +123,8 @@ class GuestAccess:
                 gfns = (gpas[start:] - np.uint64(tag)) >> np.uint64(PAGE_SHIFT)
             page_buf = None if buf is None else buf[start << PAGE_SHIFT:]
             k = ops.run(op, gfns=gfns, private=private, engine=engine, arg=arg, buf=page_buf,
-                        out=out[start:] if op == gm.GUEST_OP_DIGEST else out)
+                        out=out[start:] if op == gm.GUEST_OP_DIGEST else out,
+                        ring=self.dirty_ring)
             if on_chunk is not None:
                 on_chunk(start, k)
             done[0] = start + k
@@ -130,6 +134,14 @@ class GuestAccess:
             if g > vm.max_gfn:
                 raise MmioAccess(g << PAGE_SHIFT)
             _, private, _ = decode_gpa(vm, (g << PAGE_SHIFT) | tag)
+            if write and self.dirty_ring is not None:
+                hit = vm.npt.lookup(g)
+                if hit is not None and entry_serves(hit[1], private, True):
+                    # No fault: the kernel stopped for the push that fills the ring (csrc/
+                    # guest.h), or a page listed twice no longer logs.
+                    if hit[1] & NPT_DIRTY_LOG:
+                        self._dirty_ring_push(g)
+                    continue
             faultin_pages(vm, gfns[k:], private, write)
 
     def _bulk(self, kind, args):

@@ -1,6 +1,7 @@
 """KVM_CHECK_EXTENSION: what /dev/kvm and a VM fd report (kvm_vm_ioctl_check_extension_generic,
 kvm_vm_ioctl_check_extension in arch/x86/kvm/x86.c)."""
 from sevcore import uapi as U
+from sevcore.kvm.dirty_ring import KVM_DIRTY_RING_MAX_BYTES
 
 
 #: kvm_get_allowed_disable_exits without mitigate_smt_rsb and without MWAIT passthrough.
@@ -49,5 +50,10 @@ def check_extension(host, vm, cap):
         U.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM: 1,
         U.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM: 1,
         U.KVM_CAP_XCRS: 1,
+        # x86 has both ring flavours (HAVE_KVM_DIRTY_RING_TSO and _ACQ_REL) and not the
+        # ring-with-bitmap (NEED_KVM_DIRTY_RING_WITH_BITMAP is arm64's).
+        U.KVM_CAP_DIRTY_LOG_RING: KVM_DIRTY_RING_MAX_BYTES,
+        U.KVM_CAP_DIRTY_LOG_RING_ACQ_REL: KVM_DIRTY_RING_MAX_BYTES,
+        U.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP: 0,
     }
     return table.get(cap, 0)

@@ -105,7 +105,7 @@ def faultin(vm, gfn, private, write):
         raise MemoryFault(EFAULT, gpa, private, "userfault: the page is not here yet",
                           userfault=True)
     flags = 0 if slot.flags & U.KVM_MEM_READONLY else NPT_WRITABLE
-    if slot.dirty_bitmap is not None:
+    if slot.flags & U.KVM_MEM_LOG_DIRTY_PAGES:     # kvm_slot_dirty_track_enabled: bitmap or ring
         flags |= NPT_DIRTY_LOG
     # 5. Private or gmem-only: guest_memfd.
     if private or slot.gmem_only:

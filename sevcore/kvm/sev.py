@@ -633,7 +633,9 @@ def _cmd_launch_start(c, params):
     p = _params(c, params)
     dh = c.blob(p["dh_uaddr"], p["dh_len"]) if p["dh_uaddr"] else 0
     sess = c.blob(p["session_uaddr"], p["session_len"]) if p["session_uaddr"] else 0
-    _start(c, p, U.SEV_CMD_LAUNCH_START, L.sev_data_launch_start, 0, dh_cert_address=dh,
+    # sev_launch_start passes params.handle on: non-zero asks the firmware to share that guest's
+    # key (or to refuse as the policies dictate).
+    _start(c, p, U.SEV_CMD_LAUNCH_START, L.sev_data_launch_start, p["handle"], dh_cert_address=dh,
            dh_cert_len=p["dh_len"] if dh else 0, session_address=sess,
            session_len=p["session_len"] if sess else 0)
 

@@ -72,10 +72,14 @@ def move_enc_context_from(dst, ioctl, fd_or_vm):
                 raise KvmError(EINVAL, ioctl, "SEV-ES needs the same number of vCPUs")
             if not all(v.guest_state_protected for v in src.vcpus):
                 raise KvmError(EINVAL, ioctl, "a source vCPU's VMSA is not encrypted")
+        # sev_migrate_from moves exactly these; the destination keeps its own fd, policy and
+        # ghcb_version (commands through its sev->fd then fail as the kernel's do), and SNP
+        # follows vmsa_features (sev_snp_guest reads SVM_SEV_FEAT_SNP_ACTIVE there).
         for k in ("asid", "handle", "pages_locked", "enc_context_owner", "es_active",
-                  "vmsa_features", "regions", "fd", "policy", "ghcb_version", "snp_active"):
+                  "vmsa_features", "regions"):
             setattr(d, k, getattr(s, k))
         d.active = True
+        d.snp_active = bool(d.vmsa_features & U.SVM_SEV_FEAT_SNP_ACTIVE)
         d.mirror_vms, s.mirror_vms = s.mirror_vms, []
         for m in d.mirror_vms:
             dst._get()
@@ -85,7 +89,7 @@ def move_enc_context_from(dst, ioctl, fd_or_vm):
         if owner is not None:
             owner.sev.mirror_vms[owner.sev.mirror_vms.index(src)] = dst
         s.asid = s.handle = s.pages_locked = 0
-        s.active = s.es_active = False
+        s.active = s.es_active = s.snp_active = False
         s.enc_context_owner = None
         s.regions = []
         if d.es_active:
@@ -96,7 +100,8 @@ def move_enc_context_from(dst, ioctl, fd_or_vm):
                     sv.ghcb_gpa
                 sv.vmsa_spa, sv.guest_state_protected, sv.ghcb_gpa = None, False, \
                     U.INVALID_PAGE
-        dst.sev_need_init = False
+        # sev_vm_move_enc_context_from leaves need_init alone: a destination of an INIT2 type
+        # still refuses KVM_RUN (svm_vcpu_pre_run) after the move.
         src.dead = True
     finally:
         _unlock_two(dst, src)

@@ -21,12 +21,14 @@ from sevcore.errors import KvmError, NotModelled
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm import fpu
 from sevcore.kvm.access import GuestAccess
+from sevcore.kvm.dirty_ring import DirtyRingFull, DirtyRingVcpu
 from sevcore.kvm.guest import (UCALL_ABORT, UCALL_DONE, UCALL_PIO_PORT, Guest, GuestException,
                                Op, VmmCommunicationException)
 from sevcore.kvm.hypercall import HypercallVcpu
 from sevcore.kvm.kvm_run import EXIT, THROW, KvmRun
 from sevcore.kvm.mmu import MemoryFault
 from sevcore.kvm.msr import MsrState, MsrVcpu
+from sevcore.kvm.prefault import pre_fault_memory
 from sevcore.kvm.sev_es import SevEsVcpu
 from sevcore.kvm.sregs import SregsVcpu, X86State
 
@@ -95,7 +97,25 @@ def default_cpuid(host):
     ]
 
 
-class Vcpu(GuestAccess, SevEsVcpu, MsrVcpu, HypercallVcpu, SregsVcpu):
+#: The KVM signature in CPUID EBX, ECX, EDX of its base leaf ("KVMKVMKVM\0\0\0").
+KVM_SIGNATURE = tuple(int.from_bytes(b"KVMKVMKVM\0\0\0"[i:i + 4], "little") for i in (0, 4, 8))
+
+
+def kvm_cpuid_features(entries):
+    """The KVM_CPUID_FEATURES entry of ``entries`` under KVM's signature, or None: the base is
+    the first of 0x40000000..0x4000ff00 (steps of 0x100) whose EBX/ECX/EDX spell KVM_SIGNATURE
+    (kvm_get_hypervisor_cpuid, for_each_possible_cpuid_base_hypervisor), the leaf is ``base |
+    KVM_CPUID_FEATURES`` with its index not significant (__kvm_find_kvm_cpuid_features)."""
+    def first(function):
+        return next((e for e in entries if e["function"] == function), None)
+    for base in range(U.KVM_CPUID_SIGNATURE, U.KVM_CPUID_SIGNATURE + 0x10000, 0x100):
+        e = first(base)
+        if e is not None and (e["ebx"], e["ecx"], e["edx"]) == KVM_SIGNATURE:
+            return first(base | U.KVM_CPUID_FEATURES)
+    return None
+
+
+class Vcpu(GuestAccess, SevEsVcpu, MsrVcpu, HypercallVcpu, SregsVcpu, DirtyRingVcpu):
     """A vCPU fd. Created by :meth:`sevcore.kvm.vm.Vm.create_vcpu`."""
 
     def __init__(self, vm, vcpu_id):
@@ -170,15 +190,16 @@ class Vcpu(GuestAccess, SevEsVcpu, MsrVcpu, HypercallVcpu, SregsVcpu):
                 e.setdefault(k, 0)
                 if not isinstance(e[k], int) or not 0 <= e[k] < 1 << 32:
                     raise KvmError(EINVAL, ioctl, f"cpuid entry field {k} is not a u32")
-        if self.vm.hlt_in_guest:           # kvm_update_cpuid_runtime
-            for e in new:
-                if e["function"] == U.KVM_CPUID_FEATURES:
-                    e["eax"] &= ~(1 << U.KVM_FEATURE_PV_UNHALT)
+        features = kvm_cpuid_features(new)
+        if self.vm.hlt_in_guest and features is not None:
+            # kvm_update_cpuid_runtime: only the features leaf of KVM's own signature base
+            # (__kvm_find_kvm_cpuid_features); another hypervisor's leaves are left alone.
+            features["eax"] &= ~(1 << U.KVM_FEATURE_PV_UNHALT)
         if self.has_run and new != self.cpuid:
             raise KvmError(EINVAL, ioctl, "CPUID cannot change after KVM_RUN")
         self.cpuid = new
-        leaf = self.cpuid_entry(U.KVM_CPUID_FEATURES)
-        self._pv_features = leaf["eax"] if leaf else 0
+        # kvm_update_pv_runtime reads the same leaf (kvm_find_kvm_cpuid_features).
+        self._pv_features = features["eax"] if features is not None else 0
         return 0
 
     def get_cpuid2(self):
@@ -387,6 +408,10 @@ class Vcpu(GuestAccess, SevEsVcpu, MsrVcpu, HypercallVcpu, SregsVcpu):
                               "program (vcpu.set_guest_code) is how code runs here")
         self.x86.interrupt = None         # injected on VMRUN (no guest program handles it)
         run.ucall = None
+        if self.dirty_ring is not None and self.dirty_ring.soft_full:
+            # kvm_dirty_ring_check_request: no entry while the ring is soft-full.
+            run.exit_reason = U.KVM_EXIT_DIRTY_RING_FULL
+            return run
         while True:
             if self._op is None:
                 op = self._next_op()
@@ -395,6 +420,11 @@ class Vcpu(GuestAccess, SevEsVcpu, MsrVcpu, HypercallVcpu, SregsVcpu):
                 self._op, self._progress = op, None
             try:
                 result = self._execute(self._op)
+            except DirtyRingFull:
+                # The push that filled the ring exits before the access is retried; its
+                # progress is kept and the access resumes on the next KVM_RUN.
+                run.exit_reason = U.KVM_EXIT_DIRTY_RING_FULL
+                return run
             except MemoryFault as f:
                 run.exit_reason = U.KVM_EXIT_MEMORY_FAULT
                 run.memory_fault.flags = f.flags
@@ -541,3 +571,13 @@ class Vcpu(GuestAccess, SevEsVcpu, MsrVcpu, HypercallVcpu, SregsVcpu):
         """Finish the pending instruction from a completion callback with ``result``."""
         if result is not THROW:
             self._send = result
+
+    # -- KVM_PRE_FAULT_MEMORY (sevcore.kvm.prefault) -----------------------------------------------
+
+    def pre_fault_memory(self, gpa, size, flags=0):
+        """Mirrors ``KVM_PRE_FAULT_MEMORY``: map ``[gpa, gpa + size)`` into the TDP MMU; returns the
+        ``struct kvm_pre_fault_memory`` written back (the range left when a step failed after
+        progress). Raises EINVAL (flags, unaligned, empty or wrapping range), EOPNOTSUPP (not
+        allowed yet: SNP before LAUNCH_FINISH), ENOENT (no memslot), EFAULT (a private/shared
+        mismatch or unbacked page), each only when no page was mapped."""
+        return pre_fault_memory(self, gpa, size, flags)

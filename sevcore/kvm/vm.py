@@ -5,7 +5,7 @@ raises :class:`sevcore.errors.KvmError` with the kernel's errno, naming the ioct
 changes nothing.
 """
 import bisect
-from errno import EBADF, EEXIST, EFAULT, EINVAL, EIO, ENOENT
+from errno import EBADF, EEXIST, EFAULT, EINVAL, EIO, ENOENT, ENXIO
 
 import numpy as np
 
@@ -16,6 +16,7 @@ from sevcore.core.pages import GuestPageOps
 from sevcore.kvm.sev import SevInfo, memory_encrypt_op, reg_region, unreg_region
 from sevcore.kvm.sev_mirror import copy_enc_context_from, move_enc_context_from, vm_destroy
 from sevcore.kvm.sev_pages import receive_update_data_pages, send_update_data_pages
+from sevcore.kvm.dirty_ring import VcpuDirtyRing, enable_dirty_log_ring, reset_dirty_rings
 from sevcore.kvm.guest_memfd import GuestMemfd
 from sevcore.kvm.vcpu import Vcpu, default_cpuid
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
@@ -84,6 +85,7 @@ class Vm:
         self.npt = Npt()
         self.hypercall_exit_enabled = 0
         self.manual_dirty_log_protect = 0
+        self.dirty_ring_size = 0           # bytes per vCPU ring (KVM_CAP_DIRTY_LOG_RING)
         self.user_space_msr_mask = 0
         self.msr_filter = None
         self.hlt_in_guest = False
@@ -109,6 +111,9 @@ class Vm:
 
     def _destroy(self):
         vm_destroy(self)
+        for v in self.vcpus:               # kvm_vcpu_destroy -> kvm_dirty_ring_free
+            if v.dirty_ring is not None:
+                v.dirty_ring.free()
         for slot in list(self.memslots.values()):
             if slot.gmem_file is not None:
                 slot.gmem_file.unbind(slot)
@@ -157,7 +162,8 @@ class Vm:
         handler = self._cap_handlers().get(cap)
         if handler is None:
             raise KvmError(EINVAL, ioctl, f"capability {cap} cannot be enabled on a VM")
-        if flags != 0:
+        # kvm_vm_ioctl_enable_cap_generic hands the dirty ring caps on without looking at flags.
+        if flags != 0 and cap not in (U.KVM_CAP_DIRTY_LOG_RING, U.KVM_CAP_DIRTY_LOG_RING_ACQ_REL):
             raise KvmError(EINVAL, ioctl, "flags must be 0")
         return handler(ioctl, a)
 
@@ -169,7 +175,23 @@ class Vm:
             U.KVM_CAP_X86_DISABLE_EXITS: self._cap_disable_exits,
             U.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM: self._cap_copy_enc_context,
             U.KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM: self._cap_move_enc_context,
+            U.KVM_CAP_DIRTY_LOG_RING: self._cap_dirty_log_ring,
+            U.KVM_CAP_DIRTY_LOG_RING_ACQ_REL: self._cap_dirty_log_ring,
+            U.KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP: self._cap_dirty_ring_with_bitmap,
         }
+
+    def _cap_dirty_log_ring(self, ioctl, a):
+        return enable_dirty_log_ring(self, ioctl, a[0])
+
+    def _cap_dirty_ring_with_bitmap(self, ioctl, a):
+        # x86 does not select CONFIG_NEED_KVM_DIRTY_RING_WITH_BITMAP, so
+        # kvm_vm_ioctl_enable_cap_generic refuses it whatever the ring's state.
+        raise KvmError(EINVAL, ioctl, "ring with bitmap is not supported on x86")
+
+    def reset_dirty_rings(self):
+        """Mirrors ``KVM_RESET_DIRTY_RINGS``: free every vCPU's collected (RESET) entries and
+        write-protect their pages again; returns how many were reset. EINVAL without a ring."""
+        return reset_dirty_rings(self)
 
     def _cap_copy_enc_context(self, ioctl, a):
         return copy_enc_context_from(self, ioctl, a[0])
@@ -277,6 +299,8 @@ class Vm:
         if any(v.vcpu_id == vcpu_id for v in self.vcpus):
             raise KvmError(EEXIST, ioctl, f"vcpu_id {vcpu_id} exists")
         vcpu = Vcpu(self, vcpu_id)
+        if self.dirty_ring_size:          # kvm_vm_ioctl_create_vcpu -> kvm_dirty_ring_alloc
+            vcpu.dirty_ring = VcpuDirtyRing(self.host, vcpu_id, self.dirty_ring_size)
         vcpu.set_cpuid2(default_cpuid(self.host))
         self.vcpus.append(vcpu)
         self._get()                        # the vCPU fd pins the VM (kvm_get_kvm)
@@ -289,10 +313,11 @@ class Vm:
         if self._page_ops is None:
             self._page_ops = GuestPageOps(self.npt, self.host.mem.frames)
         slots = self.logging_slots()
-        key = [(s.base_gfn, s.npages, id(s.dirty_bitmap)) for s in slots]
+        key = [(s.base_gfn, s.npages, id(s.dirty_bitmap), s.id) for s in slots]
         if key != self._page_ops_slots:
-            self._page_ops.set_dirty_slots([(s.base_gfn, s.npages, s.dirty_bitmap.words)
-                                            for s in slots])
+            self._page_ops.set_dirty_slots([
+                (s.base_gfn, s.npages, None if s.dirty_bitmap is None else s.dirty_bitmap.words,
+                 (s.as_id << 16) | s.id) for s in slots])
             self._page_ops_slots = key
         return self._page_ops
 
@@ -308,14 +333,15 @@ class Vm:
         return None
 
     def mark_page_dirty(self, gfn):
-        """mark_page_dirty: set ``gfn``'s bit in its slot's dirty bitmap if the slot logs."""
+        """mark_page_dirty: set ``gfn``'s bit in its slot's dirty bitmap if the slot logs (with a
+        dirty ring the writing vCPU pushes instead: ``Vcpu._dirty_ring_push``)."""
         slot = self.gfn_to_memslot(gfn)
         if slot is not None and slot.dirty_bitmap is not None:
             slot.dirty_bitmap.set(gfn - slot.base_gfn)
 
     def logging_slots(self):
-        """The slots with a dirty bitmap, sorted by base gfn."""
-        return [s for s in self._as_index[0] if s.dirty_bitmap is not None]
+        """The slots with dirty logging on (kvm_slot_dirty_track_enabled), sorted by base gfn."""
+        return [s for s in self._as_index[0] if s.flags & U.KVM_MEM_LOG_DIRTY_PAGES]
 
     def _dirty_log_slot(self, ioctl, slot, first_page=0):
         """The logging slot ``(as_id << 16) | id``: EINVAL for a bad number (then, for CLEAR, an
@@ -332,12 +358,19 @@ class Vm:
             raise KvmError(ENOENT, ioctl, f"slot {as_id}:{id} does not exist or is not logging")
         return s
 
+    def _dirty_bitmap_in_use(self, ioctl):
+        """kvm_use_dirty_bitmap: with a dirty ring (and no ring-with-bitmap, which x86 lacks)
+        the bitmap interface answers ENXIO (kvm_vm_ioctl_get_dirty_log, _clear_dirty_log)."""
+        if self.dirty_ring_size:
+            raise KvmError(ENXIO, ioctl, "the VM logs to dirty rings, not bitmaps")
+
     def get_dirty_log(self, slot):
         """Mirrors ``KVM_GET_DIRTY_LOG``: the slot's bitmap as uint64 words (bit i = base_gfn
         + i). Without manual protect the log is cleared as it is read. ENOENT for a slot that
         does not log, EINVAL for a bad slot number."""
         ioctl = "KVM_GET_DIRTY_LOG"
         self._enter(ioctl)
+        self._dirty_bitmap_in_use(ioctl)
         s = self._dirty_log_slot(ioctl, slot)
         words = s.dirty_bitmap.words[:(s.npages + 63) // 64]
         out = words.copy()
@@ -351,6 +384,7 @@ class Vm:
         A word that is not a u64 is a ValueError naming it."""
         ioctl = "KVM_CLEAR_DIRTY_LOG"
         self._enter(ioctl)
+        self._dirty_bitmap_in_use(ioctl)
         s = self._dirty_log_slot(ioctl, slot, first_page)
         n = s.npages
         if first_page > n or num_pages > n - first_page or \
@@ -513,12 +547,15 @@ class Vm:
         """Allocate or drop the slot's dirty bitmap and mark its NPT entries: a write through
         an entry with NPT_DIRTY_LOG is logged (KVM write-protects instead; same observable)."""
         logging = new.flags & U.KVM_MEM_LOG_DIRTY_PAGES
-        if logging and new.dirty_bitmap is None:
-            new.dirty_bitmap = Bitmap(max(new.npages, 1))
-            if self.manual_dirty_log_protect & U.KVM_DIRTY_LOG_INITIALLY_SET:
-                new.dirty_bitmap.set_range(0, new.npages)
+        was = old is not None and old.flags & U.KVM_MEM_LOG_DIRTY_PAGES
+        if logging and not was:
+            # kvm_alloc_dirty_bitmap only while the bitmap is in use (kvm_use_dirty_bitmap).
+            if not self.dirty_ring_size and new.dirty_bitmap is None:
+                new.dirty_bitmap = Bitmap(max(new.npages, 1))
+                if self.manual_dirty_log_protect & U.KVM_DIRTY_LOG_INITIALLY_SET:
+                    new.dirty_bitmap.set_range(0, new.npages)
             self.npt.protect_range(new.base_gfn, new.npages, set_flags=NPT_DIRTY_LOG)
-        elif not logging and new.dirty_bitmap is not None:
+        elif not logging and was:
             new.dirty_bitmap = None
             self.npt.protect_range(new.base_gfn, new.npages, clear_flags=NPT_DIRTY_LOG)
 
@@ -614,7 +651,9 @@ class Vm:
             raise KvmError(EINVAL, ioctl, "flags must be 0")
         if attributes & ~self.supported_mem_attributes():
             raise KvmError(EINVAL, ioctl, f"attributes {attributes:#x} not supported")
-        if size == 0 or address + size > U64 + 1 or address < 0 or size < 0:
+        # kvm_vm_ioctl_set_mem_attributes: address + size is a u64 sum, so a range that ends
+        # at 2^64 wraps to 0 and is refused like any other wrapping one.
+        if size == 0 or address + size > U64 or address < 0 or size < 0:
             raise KvmError(EINVAL, ioctl, "empty or wrapping range")
         if address % PAGE_SIZE or size % PAGE_SIZE:
             raise KvmError(EINVAL, ioctl, "address and size must be page aligned")

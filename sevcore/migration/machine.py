@@ -11,6 +11,8 @@ from errno import EFAULT
 
 import numpy as np
 
+from sevcore.core.arrays import sorted_unique
+
 from sevcore.vmm import owner
 from sevcore import uapi as U
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
@@ -19,6 +21,7 @@ from sevcore.errors import KvmError
 from sevcore.kvm.ghcb import ghcb_program
 from sevcore.kvm.sev_es import build_vmsa
 from sevcore.kvm.vcpu import GuestAssertionError
+from sevcore.vmm.dirty_ring import DirtyRings
 from sevcore.vmm.kvm_util import vm_vcpu_add
 from sevcore.vmm.shared_pages import SharedPagesTracker
 
@@ -38,7 +41,7 @@ class LaunchError(RuntimeError):
 class Machine:
     """One guest on one Host, driven as a VMM drives it."""
 
-    def __init__(self, kvm, config):
+    def __init__(self, kvm, config, dirty_ring_size=0):
         if config.c_bit != kvm.host.c_bit:
             raise ValueError(f"the guest was configured for C-bit {config.c_bit}, this Host "
                              f"uses {kvm.host.c_bit}")
@@ -47,7 +50,13 @@ class Machine:
         vm.memory_encrypt_op(U.KVM_SEV_INIT2)
         self.hva = kvm.mmap(config.mem_size)
         vm.set_user_memory_region2(SLOT, 0, 0, config.mem_size, self.hva)
+        if dirty_ring_size:                # the VMM's choice, before any vCPU (as QEMU's)
+            vm.enable_cap(U.KVM_CAP_DIRTY_LOG_RING_ACQ_REL, dirty_ring_size)
         self.vcpus = [vm_vcpu_add(vm, i) for i in range(config.nr_vcpus)]      # 64-bit mode
+        #: The vCPUs' dirty rings, and the gfns collected from them since the last sync.
+        self.rings = DirtyRings(vm) if dirty_ring_size else None
+        self._ring_gfns = []
+        self.ring_full_exits = 0
         self.tracker = SharedPagesTracker(vm)
         self.tracker.setup(self.vcpus)
         for v in self.vcpus:
@@ -73,9 +82,10 @@ class Machine:
     # -- the source ----------------------------------------------------------------------------------
 
     @classmethod
-    def launch(cls, kvm, config):
-        """Create, launch (with a guest-owner session and a checked measurement) and boot."""
-        m = cls(kvm, config)
+    def launch(cls, kvm, config, dirty_ring_size=0):
+        """Create, launch (with a guest-owner session and a checked measurement) and boot;
+        ``dirty_ring_size``: bytes of each vCPU's dirty ring (0: the VM logs to bitmaps)."""
+        m = cls(kvm, config, dirty_ring_size)
         m._launch()
         m.run_until("ready")
         if not m.tracker.migration_ready:
@@ -139,6 +149,10 @@ class Machine:
             self.running = vcpu
             run = vcpu.run()
             if self.tracker.handle_exit(vcpu):
+                continue
+            if run.exit_reason == U.KVM_EXIT_DIRTY_RING_FULL and self.rings is not None:
+                self._ring_gfns.append(self.rings.harvest())   # reap, reset, run on
+                self.ring_full_exits += 1
                 continue
             if run.exit_reason != U.KVM_EXIT_IO:
                 raise GuestError(f"unexpected exit {run.exit_reason} from vCPU 0")
@@ -206,6 +220,14 @@ class Machine:
         self.ticks = ticks
         self.pages_written += n
         return n
+
+    def dirty_ring_gfns(self):
+        """A ring sync: every ring collected and reset; the sorted gfns dirtied since the last
+        one (those reaped at KVM_EXIT_DIRTY_RING_FULL included)."""
+        self._ring_gfns.append(self.rings.harvest())
+        gfns = sorted_unique(np.concatenate(self._ring_gfns))
+        self._ring_gfns = []
+        return gfns
 
     # -- vCPU state --------------------------------------------------------------------------------------
 

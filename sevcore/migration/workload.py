@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from sevcore import uapi as U
-from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
+from sevcore.hw.hostmem import DEFAULT_SIZE, PAGE_SHIFT, PAGE_SIZE
 from sevcore.migration.helper import HelperLayout, helper_boot
 
 MAGIC = b"SEVWKLD1"
@@ -47,6 +47,9 @@ PENDING_OFFSET = 64
 WORKLOADS = ("idle", "random", "hotset")
 #: The guest types the workload runs, by the name ``sevcore migrate --type`` takes.
 VM_TYPES = {"sev": U.KVM_X86_SEV_VM, "sev-es": U.KVM_X86_SEV_ES_VM}
+#: The largest guest: half of a default simulated host's memory, so the guest, the kernel's
+#: buffers and the VMM's other mappings fit its frames and the VMM's address space.
+MAX_GUEST_MEM = DEFAULT_SIZE // 2
 
 
 class WorkloadError(ValueError):
@@ -85,6 +88,16 @@ class GuestConfig:
             raise WorkloadError(f"helper_vcpus must be >= 0, not {self.helper_vcpus}")
         if self.nr_vcpus < 1:
             raise WorkloadError(f"nr_vcpus must be >= 1, not {self.nr_vcpus}")
+        if self.nr_vcpus > U.KVM_MAX_VCPUS:
+            raise WorkloadError(f"nr_vcpus must be <= {U.KVM_MAX_VCPUS} (KVM_MAX_VCPUS), not "
+                                f"{self.nr_vcpus}")
+        if self.mem_size > MAX_GUEST_MEM:
+            raise WorkloadError(f"mem_size must be <= {MAX_GUEST_MEM >> 30} GiB (half of a "
+                                f"simulated host's {DEFAULT_SIZE >> 30} GiB), not "
+                                f"{self.mem_size >> 30} GiB")
+        if not 0 <= self.policy < 1 << 32:
+            raise WorkloadError(f"policy must fit 32 bits (kvm_sev_launch_start.policy), not "
+                                f"{self.policy:#x}")
         if self.vm_type not in VM_TYPES.values():
             raise WorkloadError(f"the workload runs SEV and SEV-ES guests "
                                 f"(KVM_X86_SEV_VM, KVM_X86_SEV_ES_VM), not type {self.vm_type}")

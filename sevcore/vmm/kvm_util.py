@@ -120,9 +120,20 @@ def vm_create_with_vcpus(kvm, type, nr_vcpus, guest_code=None, *args):
     return vm, vcpus
 
 
-__all__ = ["vm_mem_add", "addr_gpa2hva", "vm_guest_mem_fallocate", "vm_set_memory_attributes",
-           "vm_mem_set_private", "vm_mem_set_shared", "vm_vcpu_add", "vcpu_init_sregs",
-           "vm_create_with_vcpus",
+def kvm_device_attr_get(kvm, group, attr):
+    """kvm_device_attr_get on /dev/kvm: ``KVM_GET_DEVICE_ATTR`` into a u64 of the VMM's memory,
+    returned as an int."""
+    hva = kvm.mmap(PAGE_SIZE)
+    try:
+        kvm.get_device_attr(group, attr, hva)
+        return int.from_bytes(kvm.read(hva, 8), "little")
+    finally:
+        kvm.munmap(hva, PAGE_SIZE)
+
+
+__all__ = ["kvm_device_attr_get", "vm_mem_add", "addr_gpa2hva", "vm_guest_mem_fallocate",
+           "vm_set_memory_attributes", "vm_mem_set_private", "vm_mem_set_shared", "vm_vcpu_add",
+           "vcpu_init_sregs", "vm_create_with_vcpus",
            "PAGE_SIZE"]
 
 

@@ -49,6 +49,22 @@ def test_dirtying_guest_resends_and_stays_intact():
     assert st.bad_pages == 0
 
 
+@pytest.mark.parametrize("ring", [4096, 1 << 16])
+def test_dirty_ring_migration_resends_and_stays_intact(ring):
+    """With the source's vCPUs logging to dirty rings (KVM_CAP_DIRTY_LOG_RING_ACQ_REL) the passes
+    resend what the rings collected, KVM_EXIT_DIRTY_RING_FULL of a small ring is reaped on the
+    way, and the moved guest is intact."""
+    kvm = sevcore.Kvm()
+    m = Machine.launch(kvm, GuestConfig(**SMALL, workload="random", dirty_pages_per_s=5000),
+                       dirty_ring_size=ring)
+    r = migrate(m, sevcore.Kvm(), FAST)
+    st = r.stats
+    assert st.status == "completed" and st.bad_pages == 0 and st.verified_pages > 0
+    assert st.guest_pages_written > 0 and st.dirty_sync_count >= 2
+    assert sum(it.pages for it in st.iterations[1:]) > 0
+    assert (m.ring_full_exits > 0) == (ring == 4096)
+
+
 def test_high_dirty_rate_hits_the_iteration_limit_and_still_completes():
     """Above the PSP's page rate pre-copy cannot converge: after the iteration limit the
     stop-and-copy runs anyway, over the downtime limit, and the guest is intact."""

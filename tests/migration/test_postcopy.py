@@ -12,7 +12,6 @@ from sevcore.migration.errors import GuestLost, PostcopyPaused, StreamError
 from sevcore.migration.postcopy import pack_gfns, unpack_gfns
 from sevcore.migration.remote import send_to, serve
 from sevcore.migration.stats import QEMU_POSTCOPY_KEYS, QEMU_POSTCOPY_RAM_KEYS
-from sevcore.migration.transport import TcpListener
 from sevcore.uapi import SEV_GUEST_STATE_SEND_UPDATE, SEV_GUEST_STATE_SENT
 
 import sevcore

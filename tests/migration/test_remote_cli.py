@@ -10,6 +10,7 @@ import pytest
 
 from sevcore.cli import main
 from sevcore.migration.engine import MigrationError, MigrationParams
+from sevcore.migration.machine import Machine
 from sevcore.migration.remote import send_to
 
 from support.migration import assert_runs_on, launched, memory_snapshot
@@ -134,6 +135,25 @@ def test_cli_migrate_writes_json_and_plot(tmp_path, capsys):
         assert key in d["ram"]
     assert d["status"] == "completed" and d["iterations"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_migrate_with_dirty_rings(tmp_path, capsys, monkeypatch):
+    """sevcore migrate --dirty-ring gives the source's vCPUs dirty rings and completes with the
+    guest intact."""
+    launches = []
+    real = Machine.launch
+
+    def spy(kvm, config, dirty_ring_size=0):
+        launches.append(dirty_ring_size)
+        return real(kvm, config, dirty_ring_size)
+    monkeypatch.setattr(Machine, "launch", staticmethod(spy))
+    js = tmp_path / "m.json"
+    rc = main(["migrate", "--path", "psp", "--mem", "2M", "--shared", "64K", "--quiet",
+               "--dirty-rate", "2000", "--dirty-ring", "--max-iterations", "3", "--json",
+               str(js)])
+    assert rc == 0 and launches == [4096 * 16]
+    d = json.loads(js.read_text())["psp"]
+    assert d["status"] == "completed" and d["sev"]["bad-pages"] == 0
 
 
 def test_cli_sweep_table_and_plot(tmp_path, capsys):

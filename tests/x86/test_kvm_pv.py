@@ -129,6 +129,31 @@ def test_pv_unhalt_cleared_with_hlt_exits_disabled():
     assert not vcpu.cpuid_entry(KVM_CPUID_FEATURES)["eax"] & 1 << KVM_FEATURE_PV_UNHALT
 
 
+def test_pv_unhalt_cleared_only_under_kvm_signature():
+    """With HLT exits disabled KVM_SET_CPUID2 clears PV_UNHALT only in the features leaf found
+    through KVM's signature (kvm_update_cpuid_runtime): a 0x40000001 under another
+    hypervisor's signature keeps it, and a KVM base moved to 0x40000100 has its own
+    0x40000101 cleared."""
+    kvm = sevcore.Kvm()
+    vm = kvm.create_vm(KVM_X86_DEFAULT_VM)
+    vm.enable_cap(KVM_CAP_X86_DISABLE_EXITS, KVM_X86_DISABLE_EXITS_HLT)
+    vcpu = vm.create_vcpu(0)
+    unhalt = 1 << KVM_FEATURE_PV_UNHALT
+    sig = [int.from_bytes(b"Microsoft Hv"[i:i + 4], "little") for i in (0, 4, 8)]
+    other = [e for e in vcpu.get_cpuid2() if e["function"] < KVM_CPUID_SIGNATURE]
+    leaf = dict(function=KVM_CPUID_FEATURES, index=0, flags=0, eax=unhalt, ebx=0, ecx=0, edx=0)
+    base = dict(function=KVM_CPUID_SIGNATURE, index=0, flags=0, eax=KVM_CPUID_FEATURES,
+                ebx=sig[0], ecx=sig[1], edx=sig[2])
+    vcpu.set_cpuid2(other + [base, leaf])
+    assert vcpu.cpuid_entry(KVM_CPUID_FEATURES)["eax"] == unhalt
+    kvm_sig = [int.from_bytes(b"KVMKVMKVM\0\0\0"[i:i + 4], "little") for i in (0, 4, 8)]
+    moved = dict(base, function=0x40000100, eax=0x40000101, ebx=kvm_sig[0], ecx=kvm_sig[1],
+                 edx=kvm_sig[2])
+    vcpu.set_cpuid2(other + [base, leaf, moved, dict(leaf, function=0x40000101)])
+    assert vcpu.cpuid_entry(KVM_CPUID_FEATURES)["eax"] == unhalt
+    assert vcpu.cpuid_entry(0x40000101)["eax"] == 0
+
+
 def test_cpuid_frozen_after_run():
     """KVM_SET_CPUID2 with different entries after KVM_RUN fails with EINVAL; the same entries
     are accepted."""

@@ -1,11 +1,12 @@
 """Port of tools/testing/selftests/kvm/x86/sev_init2_tests.c, plus the legacy
 INIT rules (sev_guest_init in arch/x86/kvm/svm/sev.c)."""
-from errno import EBUSY, EFAULT, EINVAL, EIO
+from errno import EBUSY, EFAULT, EINVAL, EIO, ENXIO
 
 import pytest
 
 import sevcore
 from sevcore.kvm.sev import SEV_SUPPORTED_VMSA_FEATURES, SevError
+from sevcore.vmm.kvm_util import kvm_device_attr_get
 from sevcore.uapi import *
 
 from support import raises_errno
@@ -48,6 +49,29 @@ def test_init2_flags(kvm, type):
     """Every flags bit is EINVAL."""
     for i in range(32):
         init2_fails(kvm, type, EINVAL, flags=1 << i)
+
+
+def test_dev_attr_sev_vmsa_features(kvm):
+    """KVM_HAS/GET_DEVICE_ATTR on /dev/kvm answer KVM_X86_GRP_SEV/KVM_X86_SEV_VMSA_FEATURES with
+    the features INIT2 accepts and KVM_X86_GRP_SYSTEM/XCOMP_GUEST_SUPP with the supported XCR0,
+    and fail with ENXIO for any other group or attribute (kvm_x86_dev_get_attr,
+    sev_dev_get_attr), with EFAULT where the value cannot be written."""
+    assert kvm.has_device_attr(KVM_X86_GRP_SEV, KVM_X86_SEV_VMSA_FEATURES) == 0
+    supported = kvm_device_attr_get(kvm, KVM_X86_GRP_SEV, KVM_X86_SEV_VMSA_FEATURES)
+    assert supported == SVM_SEV_FEAT_DEBUG_SWAP
+    assert kvm_device_attr_get(kvm, KVM_X86_GRP_SYSTEM, KVM_X86_XCOMP_GUEST_SUPP) == \
+        XFEATURE_MASK_FP | XFEATURE_MASK_SSE | XFEATURE_MASK_YMM
+    for group, attr in ((KVM_X86_GRP_SEV, 1), (KVM_X86_GRP_SEV, 1 << 63), (2, 0),
+                        (KVM_X86_GRP_SYSTEM, 1), ((1 << 32) - 1, 0)):
+        with raises_errno(ENXIO, "KVM_HAS_DEVICE_ATTR"):
+            kvm.has_device_attr(group, attr)
+        with raises_errno(ENXIO, "KVM_GET_DEVICE_ATTR"):
+            kvm.get_device_attr(group, attr, kvm.mmap(PAGE_SIZE))
+    with raises_errno(EFAULT, "KVM_GET_DEVICE_ATTR"):
+        kvm.get_device_attr(KVM_X86_GRP_SEV, KVM_X86_SEV_VMSA_FEATURES, 0x1000)
+    for i in range(64):                # the selftest's check: unsupported bits are EINVAL
+        if not 1 << i & supported:
+            init2_fails(kvm, KVM_X86_SEV_ES_VM, EINVAL, vmsa_features=1 << i)
 
 
 def test_init2_features(kvm):

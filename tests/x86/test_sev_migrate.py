@@ -5,7 +5,7 @@ from errno import EBADF, EINVAL, EIO
 import pytest
 
 import sevcore
-from sevcore.vmm.kvm_util import (addr_gpa2hva, kvm_vm_free, sev_es_vm_init, sev_vm_init,
+from sevcore.vmm.kvm_util import (kvm_vm_free, sev_es_vm_init, sev_vm_init,
                                   sev_vm_launch, vm_mem_add)
 from sevcore.uapi import *
 
@@ -60,10 +60,41 @@ def test_sev_migrate_from(kvm, es):
         src.memory_encrypt_op(KVM_SEV_GUEST_STATUS)
     with raises_errno(EIO):
         src.vcpus[0].run()
-    st = dst[-1].memory_encrypt_op(KVM_SEV_GUEST_STATUS)
-    assert st.state == SEV_GUEST_STATE_LAUNCH_UPDATE
+    g = kvm.host.psp.guest(dst[-1].sev.handle)
+    assert g is not None and g.state == SEV_GUEST_STATE_LAUNCH_UPDATE
     for vm in [src] + dst:
         vm.close()
+
+
+def test_sev_migrate_from_moves_only_the_kernels_fields(kvm):
+    """sev_migrate_from moves the handle but not sev->fd, so GUEST_STATUS on the destination
+    goes through the destination's own (unset) fd and fails with EBADF."""
+    src = sev_vm_create(kvm, False)
+    dst = aux_vm_create(kvm, True)
+    move(dst, src)
+    assert dst.sev_guest and dst.sev.handle and dst.sev.fd == 0
+    with raises_errno(EBADF):
+        dst.memory_encrypt_op(KVM_SEV_GUEST_STATUS)
+    kvm_vm_free(dst)
+    kvm_vm_free(src)
+
+
+def test_sev_migrate_from_leaves_need_init(kvm):
+    """A move into a fresh KVM_X86_SEV_VM leaves its need_init set, so KVM_RUN still fails
+    with EINVAL (svm_vcpu_pre_run), as sev_vm_move_enc_context_from never clears it."""
+    src = kvm.create_vm(KVM_X86_SEV_VM)
+    sev_vm_init(src)
+    vm_mem_add(src, 0, 0, 4)
+    src.create_vcpu(0)
+    sev_vm_launch(src, 0)
+    dst = kvm.create_vm(KVM_X86_SEV_VM)
+    vm_mem_add(dst, 0, 0, 4)
+    vcpu = dst.create_vcpu(0)
+    move(dst, src)
+    with raises_errno(EINVAL):
+        vcpu.run()
+    kvm_vm_free(dst)
+    kvm_vm_free(src)
 
 
 def test_sev_migrate_locking(kvm):

@@ -4,7 +4,7 @@ protocol (sev_handle_vmgexit_msr_protocol), #VC for intercepted instructions, SE
 the register ioctls once the VMSA is encrypted."""
 import math
 import struct
-from errno import EBADF, EFAULT, EINVAL, ENOMEM, ENOTTY
+from errno import EBADF, EFAULT, EINVAL, EIO, ENOMEM, ENOTTY
 
 import pytest
 
@@ -657,22 +657,29 @@ def test_legacy_es_init_keeps_fpu_out_of_the_vmsa():
     assert area[576 + 64:576 + 80] == bytes(16)                 # YMM4 not carried
 
 
-def test_move_destination_is_protected_but_its_fpu_is_not_confidential():
-    """After KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM the destination vCPU's state is protected
-    (GET_REGS EINVAL) while its own FPU state never became confidential (GET_XSAVE works);
-    the GHCB MSR moves with the VMSA and the guest runs on."""
-    kvm, vm, vcpu = launched_es(guest_sev_es_code)
-    dst = kvm.create_vm(KVM_X86_SEV_ES_VM)
+@pytest.mark.parametrize("legacy", [False, True])
+def test_move_destination_is_protected_but_its_fpu_is_not_confidential(legacy):
+    """After KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM the destination vCPU's state is protected (GET_REGS
+    EINVAL on an ES-type VM), its FPU state is not confidential and the GHCB MSR moved, and the
+    guest runs on in a legacy destination while a KVM_X86_SEV_ES_VM one keeps need_init, so its
+    KVM_RUN fails with EINVAL (sev_vm_move_enc_context_from never clears it)."""
+    kvm, vm, vcpu = launched_es(guest_sev_es_code, legacy=legacy)
+    dst = kvm.create_vm(vm.type)
     slot = vm.memslots[(0, 0)]
     dst.set_user_memory_region2(0, 0, 0, slot.npages << 12, slot.userspace_addr)
     dvcpu = dst.create_vcpu(0)
     dst.enable_cap(KVM_CAP_VM_MOVE_ENC_CONTEXT_FROM, vm.fd)
-    with raises_errno(EINVAL):
-        dvcpu.get_regs()
+    if not legacy:                     # a legacy VM reads KVM's stale copy
+        with raises_errno(EINVAL):
+            dvcpu.get_regs()
     assert len(dvcpu.get_xsave()) == 4096
-    assert dvcpu.ghcb_gpa == GHCB_MSR_SEV_INFO(2, 1, kvm.host.c_bit)
+    assert dvcpu.ghcb_gpa == GHCB_MSR_SEV_INFO(1 if legacy else 2, 1, kvm.host.c_bit)
     assert vcpu.ghcb_gpa == INVALID_PAGE
     dvcpu.set_guest_code(guest_sev_es_code)
+    if not legacy:
+        with raises_errno(EINVAL):
+            dvcpu.run()
+        return
     dvcpu.run()
     assert_sev_term(dvcpu)
 
@@ -755,3 +762,33 @@ def test_xsave_in_a_plain_guest_writes_only_what_rfbm_asks():
     assert area[:416] == xsave[:416] and area[416:512] == b"\xee" * 96
     assert struct.unpack_from("<Q", area, 512)[0] == 0xeeeeeeeeeeeeeeef
     assert area[520:] == b"\xee" * (4096 - 520)
+
+
+@pytest.mark.parametrize("policy_a,policy_b,handle_of_a,fw", [
+    (0, 0, True, SEV_RET_SUCCESS),
+    (0, SEV_POLICY_NO_DBG, True, SEV_RET_POLICY_FAILURE),
+    (SEV_POLICY_MASK_NOKS, SEV_POLICY_MASK_NOKS, True, SEV_RET_POLICY_FAILURE),
+    (0, 0, False, SEV_RET_INVALID_GUEST)])
+def test_launch_start_with_a_handle_shares_the_key(policy_a, policy_b, handle_of_a, fw):
+    """KVM_SEV_LAUNCH_START hands params.handle to the firmware (sev_launch_start): the handle
+    of a launched guest makes the new guest share its key, or fails with EIO and the firmware's
+    status (a policy that differs or forbids sharing, a handle that names no guest), leaving no
+    context behind."""
+    kvm = sevcore.Kvm()
+    a = kvm.create_vm(KVM_X86_SEV_VM)
+    a.memory_encrypt_op(KVM_SEV_INIT2)
+    a.memory_encrypt_op(KVM_SEV_LAUNCH_START, policy=policy_a)
+    b = kvm.create_vm(KVM_X86_SEV_VM)
+    b.memory_encrypt_op(KVM_SEV_INIT2)
+    handle = a.sev.handle if handle_of_a else a.sev.handle + 7
+    psp = kvm.host.psp
+    if fw == SEV_RET_SUCCESS:
+        out = b.memory_encrypt_op(KVM_SEV_LAUNCH_START, policy=policy_b, handle=handle)
+        assert out.handle == b.sev.handle and b.sev.handle != a.sev.handle
+        assert psp.guest(b.sev.handle).vek_seed == psp.guest(a.sev.handle).vek_seed
+        return
+    guests = [h for h in range(1, 64) if psp.guest(h) is not None]
+    with raises_errno(EIO) as info:
+        b.memory_encrypt_op(KVM_SEV_LAUNCH_START, policy=policy_b, handle=handle)
+    assert info.value.fw_error == fw
+    assert b.sev.handle == 0 and [h for h in range(1, 64) if psp.guest(h) is not None] == guests
