@@ -26,7 +26,8 @@ LAYERS = [
     ("host", ("sevcore.host",)),
     ("vmm", ("sevcore.vmm",)),
     ("migration", ("sevcore.migration",)),
-    ("cli", ("sevcore.cli", "sevcore.__main__", "sevcore.demo")),
+    ("cli", ("sevcore.cli", "sevcore.__main__", "sevcore.demo", "sevcore.sweep",
+             "sevcore.plots")),
 ]
 
 

@@ -89,7 +89,8 @@ def test_cli_sweep_table_and_plot(tmp_path, capsys):
     """sevcore sweep runs each rate and writes a plot of total time and downtime."""
     png = tmp_path / "s.png"
     rc = main(["sweep", "--path", "psp", "--mem", "2M", "--shared", "64K", "--quiet",
-               "--dirty-rates", "0,400", "--max-iterations", "3", "--plot", str(png)])
+               "--dirty-rates", "0,400", "--max-iterations", "3", "--plot", str(png),
+               "--workers", "0", "--store", str(tmp_path / "store")])
     assert rc == 0
     out = capsys.readouterr().out
     assert out.count("psp") == 2
