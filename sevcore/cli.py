@@ -118,7 +118,8 @@ def table(columns):
 # -- plots -------------------------------------------------------------------------------------
 
 def plot_remaining(results, path):
-    """Pages still to send over simulated time, one line per migration path."""
+    """Pages still to send over simulated time, one line per migration path; returns the
+    colour of each path."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, (stats, samples) in results.items():
@@ -134,6 +135,7 @@ def plot_remaining(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return {name: path_colour(name) for name in results}
 
 
 # -- commands ----------------------------------------------------------------------------------

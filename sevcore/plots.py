@@ -62,7 +62,8 @@ def _log_helps(values):
 def plot_sweep(rows, out, x, hue="path", col=None):
     """Total time, downtime and bytes transferred against grid key ``x``: one line per value of
     ``hue`` (mean over repeats and any key not drawn, each run a dot), one column of panels per
-    value of ``col``; hollow markers did not converge. Writes a PNG to ``out``."""
+    value of ``col``; hollow markers did not converge. Writes a PNG to ``out``; returns the
+    colour of each value of ``hue``."""
     plt = pyplot()
     done = [r for r in rows if r.get("status") == "completed"]
     if not done:
@@ -126,6 +127,7 @@ def plot_sweep(rows, out, x, hue="path", col=None):
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    return colours
 
 
 def _hue_colours(hue, values, plt):

@@ -240,7 +240,7 @@ class Store:
 class Eta:
     """``points done/total`` with an estimate of the time left, on one line of ``stream``."""
 
-    def __init__(self, total, skipped=0, stream=sys.stderr, enabled=True):
+    def __init__(self, total, skipped=0, stream=None, enabled=True):
         self.total, self.done, self.skipped = total, skipped, skipped
         self.stream, self.enabled = stream, enabled
         self.t0 = time.perf_counter()
@@ -254,12 +254,16 @@ class Eta:
                 + (f" ({self.skipped} from the store)" if self.skipped else "")
                 + f"  elapsed {elapsed:,.0f} s  ETA {eta}")
 
-    def step(self):
-        self.done += 1
+    def show(self):
         if self.enabled:
             end = "\n" if self.done == self.total else ""
-            self.stream.write("\r" + self.line() + end)
-            self.stream.flush()
+            stream = self.stream or sys.stderr
+            stream.write("\r" + self.line() + end)
+            stream.flush()
+
+    def step(self):
+        self.done += 1
+        self.show()
 
 
 def execute(points, run_point, store, version, client=None, retries=1, on_row=None,
@@ -281,6 +285,8 @@ def execute(points, run_point, store, version, client=None, retries=1, on_row=No
         if progress:
             progress.step()
 
+    if progress:
+        progress.show()
     if client is None:
         for key, params in todo.items():
             finish(key, _safe(run_point, params, version))
