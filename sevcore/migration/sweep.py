@@ -33,6 +33,9 @@ import sevcore
 #: Columns every row has before its parameters and statistics.
 ID_COLUMNS = ("point", "sevcore-version", "status", "error")
 
+#: Dask's settings of the environment its nanny starts worker processes with.
+NANNY_ENV = "distributed.nanny.pre-spawn-environ"
+
 #: The words a boolean option's grid values may use.
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -380,16 +383,23 @@ def open_client(scheduler=None, workers=1, memory_limit="auto", quiet=False):
     """A ``distributed.Client``: to ``scheduler`` (``tcp://HOST:PORT``) or to a new LocalCluster
     of ``workers`` processes with one thread each. Prints the dashboard link when there is one."""
     import logging
-    from distributed import Client, LocalCluster    # the optional extra: only on this path
+    # the optional extra: only on this path
+    import dask
+    from distributed import Client, LocalCluster
     if scheduler:
         try:
             client = Client(scheduler, timeout="20s")
         except (OSError, TimeoutError) as e:
             raise SweepError(f"--scheduler {scheduler}: cannot connect: {e}") from None
     else:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               memory_limit=memory_limit, dashboard_address=":0",
-                               silence_logs=logging.ERROR)
+        # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also pins
+        # glibc's mmap threshold at 128 KiB: every page buffer of a migration is then a fresh
+        # mmap whose pages fault in, and a 64 MiB point took 2x as long (bench/bench_sweep.py).
+        # The workers keep glibc's adaptive defaults instead.
+        with dask.config.set({f"{NANNY_ENV}.MALLOC_TRIM_THRESHOLD_": None}):
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                   memory_limit=memory_limit, dashboard_address=":0",
+                                   silence_logs=logging.ERROR)
         client = Client(cluster)
     # A local scheduler serves a real dashboard only with bokeh (the extra brings it); a
     # remote one is its owner's business, so its link is printed as it is.
