@@ -541,26 +541,26 @@ def _sweep_parser(ap=None):
                    help="a grid axis: any migrate option (mem, dirty-rate, workload, path, ...) "
                         "or cost-model parameter (psp_bytes_per_s, ...); values are a list and "
                         "ranges start:stop:step or start:stop:*factor (repeatable)")
-    g.add_argument("--dirty-rates", default=None,
+    g.add_argument("--dirty-rates", default=None, metavar="RATES",
                    help=f"shorthand for --grid dirty-rate=... (default {DEFAULT_RATES} when "
                         f"no --grid is given)")
-    g.add_argument("--repeat", type=int, default=1,
+    g.add_argument("--repeat", type=int, default=1, metavar="N",
                    help="run each point N times with seeds 1..N (recorded in the seed column)")
     g.add_argument("--scheduler", metavar="tcp://HOST:PORT",
                    help="run on this Dask cluster (default: a local one)")
-    g.add_argument("--workers", type=int, default=None,
+    g.add_argument("--workers", type=int, default=None, metavar="N",
                    help="worker processes of the local cluster (default: one per CPU, as "
                         "memory allows; 0: in this process)")
-    g.add_argument("--store", default=DEFAULT_STORE,
+    g.add_argument("--store", default=DEFAULT_STORE, metavar="DIR",
                    help=f"directory of finished points; a re-run skips them "
                         f"(default {DEFAULT_STORE})")
     g.add_argument("--out", metavar="FILE", help="the results table: FILE.csv or FILE.parquet")
     g.add_argument("--progress", action="store_true", help="points done / total with an ETA")
-    g.add_argument("--x", help="--plot: the grid key on the x axis (default: the first that "
-                               "varies)")
-    g.add_argument("--hue", default="path", help="--plot: a line per value of this key "
-                                                 "(default path)")
-    g.add_argument("--col", help="--plot: a column of panels per value of this key")
+    g.add_argument("--x", metavar="KEY",
+                   help="--plot: the grid key on the x axis (default: the first that varies)")
+    g.add_argument("--hue", default="path", metavar="KEY",
+                   help="--plot: a line per value of this key (default path)")
+    g.add_argument("--col", metavar="KEY", help="--plot: a column of panels per value of this key")
     return ap
 
 

@@ -18,6 +18,8 @@ METRICS = (("total-time", "total time, simulated (s)", 1e-3),
 
 #: Grid keys in bytes, drawn in MiB.
 _BYTES = {"mem", "shared"}
+#: Units of the x axis for the grid keys that have one.
+_UNITS = {"mem": "MiB", "shared": "MiB", "dirty-rate": "pages/s", "downtime_limit_ms": "ms"}
 
 
 def pyplot():
@@ -90,7 +92,7 @@ def plot_sweep(rows, out, x, hue="path", col=None):
                        if r.get(hue) == h and (p is None or r.get("path") == p)]
                 if not pts:
                     continue
-                line_x, line_y = [], []
+                line_x, line_y, converged = [], [], []
                 for xv in sorted({r[x] for r in pts}, key=lambda v: pos[v] if pos else v):
                     at = [r for r in pts if r[x] == xv]
                     ys = [r[metric] * unit for r in at]
@@ -98,13 +100,16 @@ def plot_sweep(rows, out, x, hue="path", col=None):
                     px = pos[xv] if pos else xv * scale
                     line_x.append(px)
                     line_y.append(sum(ys) / len(ys))
+                    converged.append(all(r.get("sev.converged", True) for r in at))
                     if len(at) > 1:
                         ax.plot([px] * len(ys), ys, ".", color=colours[h], alpha=0.35, ms=4)
-                    if not all(r.get("sev.converged", True) for r in at):
-                        ax.plot([px], [line_y[-1]], "o", mfc="white", mec=colours[h], ms=9)
                 label = h if hue == "path" else _label(hue, h)
-                ax.plot(line_x, line_y, marker="o", color=colours[h], ls=styles[p],
+                ax.plot(line_x, line_y, color=colours[h], ls=styles[p], marker="o",
+                        markevery=[i for i, c in enumerate(converged) if c],
                         label=label + (f", {p}" if len(paths) > 1 else ""))
+                hollow = [i for i, c in enumerate(converged) if not c]
+                ax.plot([line_x[i] for i in hollow], [line_y[i] for i in hollow], "o",
+                        mfc="white", mec=colours[h], ms=7)
             if metric == "downtime":
                 limits = {r.get("downtime_limit_ms") for r in in_col}
                 if len(limits) == 1 and None not in limits:
@@ -116,14 +121,16 @@ def plot_sweep(rows, out, x, hue="path", col=None):
                 ax.set_xscale("log")
             if j == 0:
                 ax.set_ylabel(ylabel)
-            if i == 0:
-                ax.set_title(_label(col, c) if col else "hollow: did not converge")
+            if i == 0 and col:
+                ax.set_title(_label(col, c))
             if i == len(METRICS) - 1:
-                ax.set_xlabel(f"{x} (MiB)" if x in _BYTES else x)
+                ax.set_xlabel(f"{x} ({_UNITS[x]})" if x in _UNITS else x)
                 if categorical:
                     ax.set_xticks(range(len(xs)), [str(v) for v in xs])
             ax.grid(True, alpha=0.3)
     axes[0][-1].legend(fontsize="small")
+    fig.suptitle("hollow markers: pre-copy did not converge; dashed: the downtime limit",
+                 fontsize="medium")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

@@ -280,9 +280,14 @@ def execute(points, run_point, store, version, client=None, retries=1, on_row=No
         if k not in todo and store.get(k) is None:
             todo[k] = p
 
+    unstored = {}
+
     def finish(key, row):
         row = {**_id_row(key, version, row), **row}
-        store.put(key, row)
+        if row["sevcore-version"] == version:
+            store.put(key, row)
+        else:                        # not this version's result: the next run tries again
+            unstored[key] = row
         if on_row:
             on_row(row)
         if progress:
@@ -297,7 +302,7 @@ def execute(points, run_point, store, version, client=None, retries=1, on_row=No
         _on_dask(client, todo, run_point, version, retries, finish)
     rows = []
     for k in keys:
-        row = store.get(k)
+        row = store.get(k) or unstored.get(k)
         if row is None:              # only when Dask gave up on it: reported, not stored
             row = {**_id_row(k, version, {}), "status": "lost",
                    "error": "not run: its workers kept dying"}

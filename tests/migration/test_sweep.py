@@ -67,7 +67,7 @@ def test_grid_keys_are_the_migrate_options_and_every_cost_parameter():
     ("workload=idle,hotset", ["idle", "hotset"]),
 ])
 def test_grid_values_lists_and_ranges(spec, values):
-    """A grid value is a list, a step range (inclusive) or a geometric one, parsed as migrate does."""
+    """A grid value is a list, a step range (inclusive) or a geometric one, parsed as by migrate."""
     grid = sweep.parse_grid(cli.sweep_options(), [spec])
     assert list(grid.values()) == [values]
 
@@ -133,7 +133,7 @@ def test_local_cluster_rows_equal_serial_rows(tmp_path, client):
 
 
 def test_a_user_error_is_a_failed_row_not_a_crash(tmp_path, client):
-    """A point whose migration is refused (a NOSEND guest) is recorded as failed with its message."""
+    """A point whose migration is refused (a NOSEND guest) is a failed row with its message."""
     pts = _points(["policy=0,0x8", "path=psp"])
     rows = cli.sweep_run(pts, client, store=tmp_path / "s")
     assert [r["status"] for r in rows] == ["completed", "failed"]
