@@ -12,11 +12,12 @@ Times are simulated (the declared cost model, ``sevcore.hw.costmodel``) except "
 how long this machine took to do the work for real.
 """
 import argparse
-import importlib.util
+import functools
 import json
 import os
 import sys
 import time
+import types
 
 import sevcore
 from sevcore.core import cpu
@@ -318,6 +319,11 @@ def _migrate_options():
     return ap
 
 
+@functools.lru_cache(maxsize=1)
+def _migrate_defaults():
+    return types.MappingProxyType(vars(_migrate_options().parse_args([])))
+
+
 def _option_parse(action):
     """A grid value parser for one migrate option: its argparse type and choices, as typed."""
     if action.nargs == 0:                     # a flag (store_true)
@@ -345,6 +351,7 @@ def _cost_parse(name):
     return parse
 
 
+@functools.lru_cache(maxsize=1)
 def sweep_options():
     """``{grid key: sweep.Option}``: every migrate option that describes a point (its long name,
     ``dest`` its argparse dest), then every cost-model parameter (``dest`` None)."""
@@ -399,7 +406,7 @@ def sweep_points(grid, base, repeat=1):
 
 
 def _point_args(params):
-    args = _migrate_options().parse_args([])
+    args = argparse.Namespace(**_migrate_defaults())
     for name, opt in sweep_options().items():
         if opt.dest:
             setattr(args, opt.dest, params[name])
@@ -437,6 +444,8 @@ def sweep_run(points, scheduler=None, workers=None, store=DEFAULT_STORE, progres
     """Run ``points`` (skipping those already in ``store``) and return their rows, in order.
     ``scheduler``: None (a LocalCluster sized to the machine; in process without the sweep
     extra or with ``workers=0``), ``"tcp://HOST:PORT"``, or a ``distributed.Client``."""
+    if isinstance(scheduler, str) and not sweep.have_dask():
+        raise sweep.SweepError("--scheduler needs the sweep extra: pip install 'sevcore[sweep]'")
     st = sweep.Store(store)
     version = sevcore.__version__
     todo = st.pending(points, version)
@@ -444,18 +453,14 @@ def sweep_run(points, scheduler=None, workers=None, store=DEFAULT_STORE, progres
     if scheduler is not None and not isinstance(scheduler, str):
         client = scheduler
     elif not sweep.have_dask():
-        if scheduler:
-            raise sweep.SweepError("--scheduler needs the sweep extra: "
-                                   "pip install 'sevcore[sweep]'")
         _note("running the points one after another in this process; "
               "pip install 'sevcore[sweep]' brings parallel, cluster and Parquet runs")
     elif todo and (scheduler or (workers != 0 and len(todo) > 1)):
         per_point = 3 * max(p["mem"] for p in points) + (512 << 20)
         n = sweep.local_workers(len(todo), per_point, workers)
         client, own = sweep.open_client(scheduler, n, per_point, quiet=quiet), True
-    eta = sweep.Eta(len(set(sweep.point_key(p, version) for p in points)),
-                    skipped=len(set(sweep.point_key(p, version) for p in points)) - len(todo),
-                    enabled=progress)
+    distinct = len({sweep.point_key(p, version) for p in points})
+    eta = sweep.Eta(distinct, skipped=distinct - len(todo), enabled=progress)
     try:
         return sweep.execute(points, sweep_point, st, version, client, on_row=on_row,
                              progress=eta)
@@ -503,9 +508,9 @@ def cmd_sweep(args):
         for flag, key in (("--x", x), ("--hue", args.hue), ("--col", args.col)):
             if key is not None and sweep.lookup(sweep_options(), key).name not in points[0]:
                 raise sweep.SweepError(f"{flag} {key}: not a grid key")
-        if args.plot and not _have("matplotlib"):
+        if args.plot and not sweep.have("matplotlib"):
             raise sweep.SweepError("--plot needs matplotlib: pip install 'sevcore[plot]'")
-        if str(args.out).endswith(".parquet") and not _have("pyarrow", "pandas"):
+        if str(args.out).endswith(".parquet") and not sweep.have("pyarrow", "pandas"):
             raise sweep.SweepError("--out *.parquet needs the sweep extra: "
                                    "pip install 'sevcore[sweep]'")
         rows = sweep_run(points, args.scheduler, args.workers, args.store, args.progress)
@@ -525,10 +530,6 @@ def cmd_sweep(args):
                    col=sweep.lookup(opts, args.col).name if args.col else None)
         print(f"plot: {args.plot}", file=sys.stderr)
     return 0 if all(r["status"] == "completed" for r in rows) else 1
-
-
-def _have(*modules):
-    return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
 def _sweep_parser(ap=None):

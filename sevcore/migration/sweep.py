@@ -297,7 +297,7 @@ def execute(points, run_point, store, version, client=None, retries=1, on_row=No
         progress.show()
     if client is None:
         for key, params in todo.items():
-            finish(key, _safe(run_point, params, version))
+            finish(key, run_task(run_point, params, version))
     else:
         _on_dask(client, todo, run_point, version, retries, finish)
     rows = []
@@ -316,13 +316,9 @@ def _id_row(key, version, row):
 
 
 def run_task(run_point, params, version):
-    """One point on a worker: the row, with the version of sevcore that made it."""
-    return _safe(run_point, params, version)
-
-
-def _safe(run_point, params, version):
-    """Run one point; a user error becomes a failed row (anything else propagates, so Dask may
-    retry it)."""
+    """One point, on a worker or in process: its row, with the version of sevcore that made it.
+    A user error (PointFailed) becomes a failed row; anything else propagates, so Dask may
+    retry it."""
     if sevcore.__version__ != version:
         return {**params, "status": "failed", "sevcore-version": sevcore.__version__,
                 "error": f"this worker runs sevcore {sevcore.__version__}, the sweep "
@@ -359,13 +355,17 @@ def _on_dask(client, todo, run_point, version, retries, finish):
 
 # -- Dask clusters ---------------------------------------------------------------------------------
 
+def have(*modules):
+    """Whether every one of ``modules`` is installed (found, not imported)."""
+    try:
+        return all(importlib.util.find_spec(m) is not None for m in modules)
+    except (ImportError, ValueError):        # ValueError: blocked in sys.modules
+        return False
+
+
 def have_dask():
     """Whether the ``sweep`` extra (dask[distributed]) is installed."""
-    try:
-        import distributed  # noqa: F401  (probing the optional extra)
-    except ImportError:
-        return False
-    return True
+    return have("distributed")
 
 
 def local_workers(npoints, memory_per_point, workers=None):
@@ -409,7 +409,7 @@ def open_client(scheduler=None, workers=1, memory_limit="auto", quiet=False):
     # A local scheduler serves a real dashboard only with bokeh (the extra brings it); a
     # remote one is its owner's business, so its link is printed as it is.
     served = "dashboard" in client.scheduler_info().get("services", {}) and \
-        (scheduler or importlib.util.find_spec("bokeh") is not None)
+        (scheduler or have("bokeh"))
     if not quiet and served:
         print(f"dask dashboard: {client.dashboard_link}", file=sys.stderr)
     return client

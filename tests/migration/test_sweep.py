@@ -3,6 +3,8 @@ a real scheduler and workers on loopback) or in process, resumable, with tidy ta
 
 Guests are 2-8 MiB so each point takes a fraction of a second; what is compared is the rows the
 engine writes, never timings."""
+import contextlib
+import io
 import json
 import os
 import signal
@@ -17,9 +19,6 @@ from sevcore import cli
 from sevcore.hw.costmodel import CostModel
 from sevcore.migration import sweep
 from sevcore.migration.engine import PATHS
-
-pd = pytest.importorskip("pandas")
-distributed = pytest.importorskip("distributed")
 
 TINY = ["--mem", "2M", "--shared", "64K", "--max-iterations", "3", "--quiet"]
 TINY_BASE = {"mem": "2M", "shared": "64K", "max-iterations": 3}
@@ -36,9 +35,23 @@ def _same(a, b):
         [{k: v for k, v in r.items() if k not in drop} for r in b]
 
 
+STARTED = {}
+
+
+@pytest.fixture(scope="module")
+def pd():
+    # Imported when a test needs it, not when the module is collected: the other test modules
+    # run without pandas, pyarrow and Dask loaded, as they do without this one.
+    return pytest.importorskip("pandas")
+
+
 @pytest.fixture(scope="module")
 def client():
-    c = sweep.open_client(workers=2, memory_limit="2GiB", quiet=True)
+    pytest.importorskip("distributed")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        c = sweep.open_client(workers=2, memory_limit="2GiB")
+    STARTED["stderr"] = err.getvalue()
     yield c
     sweep.close_client(c)
 
@@ -132,6 +145,28 @@ def test_local_cluster_rows_equal_serial_rows(tmp_path, client):
     assert len(client.scheduler_info()["workers"]) == 2
 
 
+def test_python_run_returns_the_table_as_a_dataframe(tmp_path, client, pd):
+    """sevcore.sweep.run gives a DataFrame of the rows the command line gives for the grid."""
+    import sevcore.sweep
+    df = sevcore.sweep.run({"dirty-rate": [0, 400], "path": "psp"}, client, base=TINY_BASE,
+                           store=tmp_path / "s")
+    assert isinstance(df, pd.DataFrame)
+    assert list(df["dirty-rate"]) == [0.0, 400.0] and list(df["path"]) == ["psp", "psp"]
+    rows = cli.sweep_run(_points(["dirty-rate=0,400", "path=psp"]), workers=0,
+                         store=tmp_path / "serial")
+    assert list(df["total-time"]) == [r["total-time"] for r in rows]
+    with pytest.raises(sevcore.sweep.SweepError, match="did you mean"):
+        sevcore.sweep.run({"dirty_rat": [1]}, client, store=tmp_path / "never")
+    assert not (tmp_path / "never").exists()
+
+
+def test_the_dashboard_link_is_printed(client):
+    """Starting the LocalCluster prints the link of the dashboard its scheduler serves."""
+    pytest.importorskip("bokeh")
+    assert f"dask dashboard: {client.dashboard_link}" in STARTED["stderr"]
+    assert client.dashboard_link.startswith("http://")
+
+
 def test_a_user_error_is_a_failed_row_not_a_crash(tmp_path, client):
     """A point whose migration is refused (a NOSEND guest) is a failed row with its message."""
     pts = _points(["policy=0,0x8", "path=psp"])
@@ -171,7 +206,7 @@ def test_a_changed_parameter_runs_again(tmp_path):
     assert len(ran) == 2
 
 
-def test_cli_writes_csv_and_parquet_that_pandas_loads(tmp_path, capsys):
+def test_cli_writes_csv_and_parquet_that_pandas_loads(tmp_path, pd):
     """--out writes the tidy table: one row per point and path, parameters and statistics as
     columns, the same in CSV and Parquet."""
     store = str(tmp_path / "s")
@@ -271,8 +306,9 @@ def _start(argv, **kw):
 
 
 @pytest.mark.slow
-def test_a_scheduler_and_two_workers_on_loopback_run_a_grid(tmp_path, capsys):
+def test_a_scheduler_and_two_workers_on_loopback_run_a_grid(tmp_path, pd):
     """`dask scheduler` and two `dask worker` processes run a grid given --scheduler tcp://..."""
+    distributed = pytest.importorskip("distributed")
     sched_file = tmp_path / "scheduler.json"
     procs = [_start(["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
                      "--scheduler-file", str(sched_file)])]
