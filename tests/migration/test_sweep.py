@@ -305,7 +305,6 @@ def _start(argv, **kw):
                             stderr=subprocess.DEVNULL, **kw)
 
 
-@pytest.mark.slow
 def test_a_scheduler_and_two_workers_on_loopback_run_a_grid(tmp_path, pd):
     """`dask scheduler` and two `dask worker` processes run a grid given --scheduler tcp://..."""
     distributed = pytest.importorskip("distributed")
