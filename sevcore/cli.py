@@ -6,6 +6,7 @@
     sevcore migrate --listen 4444           # target process
     sevcore migrate --to 127.0.0.1:4444     # source process
     sevcore sweep --dirty-rates 0,2500,10000 --plot sweep.png
+    sevcore sweep --grid mem=64M,256M --grid dirty-rate=0:8000:2000 --out r.parquet --plot r.png
     sevcore info                            # the CPU, its tiers and each C kernel's path
     sevcore evacuate --guests 8 --mem 256M --path both --link 10G --plot evac.png
 
@@ -13,18 +14,22 @@ Times are simulated (the declared cost model, ``sevcore.hw.costmodel``) except "
 how long this machine took to do the work for real.
 """
 import argparse
+import functools
 import json
 import os
 import sys
 import time
+import types
 
 import sevcore
 from sevcore.core import cpu
 from sevcore.hw.costmodel import CostModel, CostModelError
+from sevcore.migration import sweep
 from sevcore.migration.engine import PATHS, MigrationError, MigrationParams, migrate
 from sevcore.migration.machine import Machine
 from sevcore.migration.remote import send_to, serve
 from sevcore.migration.workload import VM_TYPES, WORKLOADS, GuestConfig, WorkloadError
+from sevcore.plots import path_colour, plot_sweep, pyplot as _pyplot
 from sevcore.uapi import SEV_POLICY_ES
 from sevcore.vmm.dirty_ring import DEFAULT_RING_ENTRIES
 
@@ -182,26 +187,16 @@ def table(columns):
 
 # -- plots -------------------------------------------------------------------------------------
 
-def _pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise SystemExit("plots need matplotlib: pip install 'sevcore[plot]'") from None
-    return plt
-
-
 def plot_remaining(results, path):
-    """Pages still to send over simulated time, one line per migration path."""
+    """Pages still to send over simulated time, one line per migration path; returns the
+    colour of each path."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, (stats, samples) in results.items():
         if samples:
             ax.plot([s[0] / 1e9 for s in samples], [s[1] for s in samples], label=name,
-                    drawstyle="steps-post")
-        ax.axvline(stats.total_ns / 1e9, ls=":", lw=0.8,
-                   color=ax.lines[-1].get_color() if ax.lines else None)
+                    drawstyle="steps-post", color=path_colour(name))
+        ax.axvline(stats.total_ns / 1e9, ls=":", lw=0.8, color=path_colour(name))
     ax.set_xscale("log")        # the paths differ by orders of magnitude
     ax.set_xlabel("simulated time (s, log scale)")
     ax.set_ylabel("pages left in the current pass")
@@ -210,34 +205,7 @@ def plot_remaining(results, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def plot_sweep(rows, path):
-    """Total time and downtime against the guest's dirty rate, per path; unconverged runs
-    are drawn hollow."""
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for key, ax, title in (("total-time", axes[0], "total time"),
-                           ("downtime", axes[1], "downtime")):
-        for p, pc in sorted({(r["path"], r.get("postcopy", False)) for r in rows}):
-            pts = [r for r in rows if (r["path"], r.get("postcopy", False)) == (p, pc)]
-            xs = [r["dirty_rate"] for r in pts]
-            ys = [r[key] / 1e3 for r in pts]
-            line, = ax.plot(xs, ys, marker="o", label=f"{p} post-copy" if pc else p)
-            for r, x, y in zip(pts, xs, ys):
-                if not r["converged"]:
-                    ax.plot([x], [y], marker="o", mfc="white", mec=line.get_color(), ms=9)
-        if key == "downtime":
-            ax.axhline(rows[0]["downtime_limit_ms"] / 1e3, ls="--", lw=0.8, color="grey",
-                       label="downtime limit")
-        ax.set_yscale("log")
-        ax.set_xlabel("guest dirty rate (pages/s)")
-        ax.set_ylabel(f"{title}, simulated (s)")
-        ax.set_title(f"{title} (hollow: did not converge)")
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return {name: path_colour(name) for name in results}
 
 
 # -- commands ----------------------------------------------------------------------------------
@@ -259,6 +227,8 @@ def _guest_args(ap):
                    help="guest type (default sev; sev-es adds SEV_POLICY_ES to the policy)")
     g.add_argument("--policy", type=parse_policy, default=0,
                    help="SEV guest policy (default 0)")
+    g.add_argument("--seed", type=int, default=1,
+                   help="seed of the workload's choice of pages to dirty (default 1)")
     m = ap.add_argument_group("migration")
     m.add_argument("--path", choices=PATHS + ("both",), default="both",
                    help="private pages through the PSP, the in-guest helper, or both")
@@ -309,7 +279,7 @@ def _config(args, cost, kvm, dirty_rate=None, path="psp"):
     policy = args.policy | (SEV_POLICY_ES if args.type == "sev-es" else 0)
     return GuestConfig(mem_size=args.mem, nr_vcpus=args.vcpus, shared_size=args.shared,
                        workload=args.workload, dirty_pages_per_s=rate,
-                       hot_fraction=args.hot_fraction, policy=policy,
+                       hot_fraction=args.hot_fraction, policy=policy, seed=args.seed,
                        vm_type=VM_TYPES[args.type], **c_bit, **_helper_config(path, args.mem, cost))
 
 
@@ -438,43 +408,272 @@ def _send(args, cost):
     return 0
 
 
-def cmd_sweep(args):
-    cost = _cost(args)
-    try:
-        rates = [float(r) for r in args.dirty_rates.split(",")]
-    except ValueError:
-        _fail(args, f"--dirty-rates wants numbers, not {args.dirty_rates!r}")
-    _check(args, cost, rates)
-    paths = PATHS if args.path == "both" else (args.path,)
-    rows = []
-    modes = (False, True) if args.postcopy else (False,)      # --postcopy compares the two
-    for rate, p, pc in ((r, p, pc) for r in rates for p in paths for pc in modes):
+# -- sweeps --------------------------------------------------------------------------------------
+# A sweep point is one `sevcore migrate` run: its grid keys are the migrate options (all of
+# _guest_args but output and the cost table, whose parameters are keys of their own) and the
+# cost-model parameters, so an option added to migrate is a grid key at once.
+
+#: migrate options that say nothing about the migration itself.
+_NOT_A_POINT = {"help", "json", "plot", "quiet", "set", "list_costs"}
+#: Where finished points are kept unless --store says otherwise.
+DEFAULT_STORE = "sevcore-sweep"
+_notes = set()
+
+
+def _migrate_options():
+    ap = argparse.ArgumentParser(add_help=False)
+    _guest_args(ap)
+    return ap
+
+
+@functools.lru_cache(maxsize=1)
+def _migrate_defaults():
+    return types.MappingProxyType(vars(_migrate_options().parse_args([])))
+
+
+def _option_parse(action):
+    """A grid value parser for one migrate option: its argparse type and choices, as typed."""
+    if action.nargs == 0:                     # a flag (store_true)
+        return sweep.parse_bool
+    conv = action.type or str
+
+    def parse(text):
         try:
-            st = _one(args, cost, p, dirty_rate=rate, label=f"{p} {rate:g}", postcopy=pc).stats
-        except MigrationError as e:
-            print(f"sevcore: {p} at {rate:g} pages/s: {e}", file=sys.stderr)
+            value = conv(text)
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(str(e)) from None
+        except (TypeError, ValueError):
+            raise ValueError(f"{text!r} is not valid here (the option wants "
+                             f"{'numbers' if conv in (int, float) else 'another value'})"
+                             ) from None
+        if action.choices is not None and value not in action.choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(map(str, action.choices))}")
+        return value
+    return parse
+
+
+def _cost_parse(name):
+    def parse(text):
+        return getattr(CostModel.from_overrides({name: text}), name)
+    return parse
+
+
+@functools.lru_cache(maxsize=1)
+def sweep_options():
+    """``{grid key: sweep.Option}``: every migrate option that describes a point (its long name,
+    ``dest`` its argparse dest), then every cost-model parameter (``dest`` None)."""
+    out = {}
+    for a in _migrate_options()._actions:
+        if a.dest in _NOT_A_POINT or not a.option_strings:
             continue
-        q = st.query_migrate()
-        rows.append({"path": p, "postcopy": pc, "blocktime": q.get("postcopy-blocktime", 0.0),
-                     "dirty_rate": rate, "total-time": q["total-time"],
-                     "downtime": q["downtime"], "converged": st.converged,
-                     "iterations": len(st.iterations), "transferred": q["ram"]["transferred"],
-                     "wall_s": st.wall_s, "downtime_limit_ms": cost.downtime_limit_ms})
-    head = f"{'path':>6} {'mode':>5} {'pages/s':>8} {'total':>12} {'downtime':>12} " \
-           f"{'blocktime':>12} {'passes':>6} {'converged':>9} {'MiB sent':>9} {'wall':>7}"
-    print(head + "\n" + "-" * len(head))
+        name = max(a.option_strings, key=len).lstrip("-")
+        expand = (lambda v: list(PATHS) if v == "both" else [v]) if a.dest == "path" else None
+        out[name] = sweep.Option(name, _option_parse(a), expand=expand, dest=a.dest,
+                                 numeric=a.nargs != 0 and a.type is not None and not a.choices)
+    for name in CostModel.parameters():
+        out[name] = sweep.Option(name, _cost_parse(name), numeric=True)
+    return out
+
+
+def sweep_base(args=None, **values):
+    """The values a sweep's points start from: the sweep command's ``args`` (default: its
+    defaults), then ``values`` (grid key -> value or text)."""
+    if args is None:
+        args = _sweep_parser().parse_args([])
+    cost = _cost(args)
+    opts = sweep_options()
+    base = {n: getattr(args, o.dest) if o.dest else getattr(cost, n) for n, o in opts.items()}
+    for key, value in sweep.parse_grid(opts, {k: [v] for k, v in values.items()}).items():
+        base[key] = value[0]
+    return base
+
+
+def sweep_points(grid, base, repeat=1):
+    """The points of ``grid`` (``["KEY=V1,V2", ...]`` or ``{key: values}``) over ``base``, each a
+    dict of every grid key, checked as migrate would check them. Raises sweep.SweepError."""
+    opts = sweep_options()
+    grid = sweep.parse_grid(opts, grid)
+    for name, opt in opts.items():            # a base value standing for several (path both)
+        if name not in grid and len(opt.expand(base[name])) > 1:
+            grid[name] = opt.expand(base[name])
+    points = sweep.expand(grid, base, repeat)
+    kvm = sevcore.Kvm()
+    for p in points:
+        if p["dirty-rate"] is None:           # migrate's default: the cost model's rate
+            p["dirty-rate"] = p["dirty_pages_per_s"]
+        args, cost = _point_args(p)
+        try:
+            _config(args, cost, kvm, path=args.path)
+            _params(args, cost, args.path)
+        except (SystemExit, ValueError) as e:
+            what = ", ".join(f"{k}={p[k]}" for k in grid)
+            why = str(getattr(e, "code", None) or e)
+            opt = next((o for f, o in _OPTION_OF.items() if why.startswith(f)), None)
+            raise sweep.SweepError(f"the point {what}: {opt + ': ' if opt else ''}{why}"
+                                   ) from None
+    return points
+
+
+def _point_args(params):
+    args = argparse.Namespace(**_migrate_defaults())
+    for name, opt in sweep_options().items():
+        if opt.dest:
+            setattr(args, opt.dest, params[name])
+    args.quiet = True
+    return args, CostModel.from_overrides({n: params[n] for n in CostModel.parameters()})
+
+
+def sweep_point(params):
+    """Run one point of a sweep and return its row: the parameters and every query-migrate
+    statistic (flattened: ``ram.transferred``). Raises sweep.PointFailed for a user error."""
+    args, cost = _point_args(params)
+    error = ""
+    try:
+        st = _one(args, cost, args.path).stats
+    except MigrationError as e:
+        if e.stats is None:
+            raise sweep.PointFailed(str(e)) from None
+        st, error = e.stats, str(e)
+    except SystemExit as e:                   # a guest or option the point cannot run
+        raise sweep.PointFailed(str(e.code)) from None
+    except WorkloadError as e:
+        raise sweep.PointFailed(str(e)) from None
+    row = {**params, **sweep.flatten(st.query_migrate())}
+    if error:
+        row.update(status="failed", error=error)
+    return row
+
+
+def _note(text):
+    if text not in _notes:
+        _notes.add(text)
+        print(f"sevcore: {text}", file=sys.stderr)
+
+
+def sweep_run(points, scheduler=None, workers=None, store=DEFAULT_STORE, progress=False,
+              on_row=None, quiet=False):
+    """Run ``points`` (skipping those already in ``store``) and return their rows, in order.
+    ``scheduler``: None (a LocalCluster sized to the machine; in process without the sweep
+    extra or with ``workers=0``), ``"tcp://HOST:PORT"``, or a ``distributed.Client``."""
+    if isinstance(scheduler, str) and not sweep.have_dask():
+        raise sweep.SweepError("--scheduler needs the sweep extra: pip install 'sevcore[sweep]'")
+    st = sweep.Store(store)
+    version = sevcore.__version__
+    todo = st.pending(points, version)
+    client, own = None, False
+    if scheduler is not None and not isinstance(scheduler, str):
+        client = scheduler
+    elif not sweep.have_dask():
+        _note("running the points one after another in this process; "
+              "pip install 'sevcore[sweep]' brings parallel, cluster and Parquet runs")
+    elif todo and (scheduler or (workers != 0 and len(todo) > 1)):
+        per_point = 3 * max(p["mem"] for p in points) + (512 << 20)
+        n = sweep.local_workers(len(todo), per_point, workers)
+        client, own = sweep.open_client(scheduler, n, per_point, quiet=quiet), True
+    distinct = len({sweep.point_key(p, version) for p in points})
+    eta = sweep.Eta(distinct, skipped=distinct - len(todo), enabled=progress)
+    try:
+        return sweep.execute(points, sweep_point, st, version, client, on_row=on_row,
+                             progress=eta)
+    finally:
+        if own:
+            sweep.close_client(client)
+
+
+def _sweep_table(rows, keys):
+    cols = [k for k in keys if k != "path"]
+    head = f"{'path':>6} " + " ".join(f"{k:>12}" for k in cols) + \
+        f" {'total':>12} {'downtime':>12} {'passes':>6} {'converged':>9} {'MiB sent':>9} " \
+        f"{'wall':>7}"
+    lines = [head, "-" * len(head)]
     for r in rows:
-        print(f"{r['path']:>6} {'post' if r['postcopy'] else 'pre':>5} {r['dirty_rate']:>8g} "
-              f"{_fmt_ms(r['total-time']):>12} {_fmt_ms(r['downtime']):>12} "
-              f"{_fmt_ms(r['blocktime']):>12} {r['iterations']:>6} "
-              f"{'yes' if r['converged'] else 'NO':>9} {r['transferred'] / 2**20:>9,.1f} "
-              f"{r['wall_s']:>6.1f}s")
+        vals = " ".join(f"{_cell(k, r.get(k)):>12}" for k in cols)
+        if r["status"] != "completed":
+            lines.append(f"{r.get('path', ''):>6} {vals} {r['status']}: {r['error']}")
+            continue
+        lines.append(f"{r['path']:>6} {vals} {_fmt_ms(r['total-time']):>12} "
+                     f"{_fmt_ms(r['downtime']):>12} {r['sev.iterations']:>6} "
+                     f"{'yes' if r['sev.converged'] else 'NO':>9} "
+                     f"{r['ram.transferred'] / 2**20:>9,.1f} {r['sev.wall-time-s']:>6.1f}s")
+    return "\n".join(lines)
+
+
+def _cell(key, value):
+    if key in ("mem", "shared") and isinstance(value, int):
+        return f"{value >> 20}M" if value % (1 << 20) == 0 else f"{value >> 10}K"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def cmd_sweep(args):
+    specs = list(args.grid)
+    if args.dirty_rates is not None or not specs:
+        specs.append(f"dirty-rate={args.dirty_rates or DEFAULT_RATES}")
+    try:
+        if args.dirty_rates is not None and any(
+                sweep.lookup(sweep_options(), g.partition("=")[0].strip()).name == "dirty-rate"
+                for g in args.grid):
+            raise sweep.SweepError("--dirty-rates is --grid dirty-rate=...: give one of them")
+        points = sweep_points(specs, sweep_base(args), args.repeat)
+        keys = [k for k in points[0] if len({repr(p[k]) for p in points}) > 1]
+        x = args.x or next((k for k in keys if k not in ("path", "seed")), "dirty-rate")
+        for flag, key in (("--x", x), ("--hue", args.hue), ("--col", args.col)):
+            if key is not None and sweep.lookup(sweep_options(), key).name not in points[0]:
+                raise sweep.SweepError(f"{flag} {key}: not a grid key")
+        if args.plot and not sweep.have("matplotlib"):
+            raise sweep.SweepError("--plot needs matplotlib: pip install 'sevcore[plot]'")
+        if str(args.out).endswith(".parquet") and not sweep.have("pyarrow", "pandas"):
+            raise sweep.SweepError("--out *.parquet needs the sweep extra: "
+                                   "pip install 'sevcore[sweep]'")
+        rows = sweep_run(points, args.scheduler, args.workers, args.store, args.progress)
+    except sweep.SweepError as e:
+        print(f"sevcore sweep: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(_sweep_table(rows, keys))
+    if args.out:
+        sweep.write_table(rows, args.out)
+        print(f"table: {args.out}", file=sys.stderr)
     if args.json:
         _write_json(args.json, rows)
-    if args.plot and rows:
-        plot_sweep(rows, args.plot)
+    if args.plot:
+        opts = sweep_options()
+        plot_sweep(rows, args.plot, x=sweep.lookup(opts, x).name,
+                   hue=sweep.lookup(opts, args.hue).name,
+                   col=sweep.lookup(opts, args.col).name if args.col else None)
         print(f"plot: {args.plot}", file=sys.stderr)
-    return 0 if rows else 1
+    return 0 if all(r["status"] == "completed" for r in rows) else 1
+
+
+def _sweep_parser(ap=None):
+    """The ``sweep`` command's options (on ``ap``, or a parser of its own)."""
+    ap = ap or argparse.ArgumentParser(prog="sevcore sweep")
+    _guest_args(ap)
+    ap.set_defaults(mem=parse_size("64M"))
+    g = ap.add_argument_group("sweep")
+    g.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="a grid axis: any migrate option (mem, dirty-rate, workload, path, ...) "
+                        "or cost-model parameter (psp_bytes_per_s, ...); values are a list and "
+                        "ranges start:stop:step or start:stop:*factor (repeatable)")
+    g.add_argument("--dirty-rates", default=None, metavar="RATES",
+                   help=f"shorthand for --grid dirty-rate=... (default {DEFAULT_RATES} when "
+                        f"no --grid is given)")
+    g.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="run each point N times with seeds 1..N (recorded in the seed column)")
+    g.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                   help="run on this Dask cluster (default: a local one)")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="worker processes of the local cluster (default: one per CPU, as "
+                        "memory allows; 0: in this process)")
+    g.add_argument("--store", default=DEFAULT_STORE, metavar="DIR",
+                   help=f"directory of finished points; a re-run skips them "
+                        f"(default {DEFAULT_STORE})")
+    g.add_argument("--out", metavar="FILE", help="the results table: FILE.csv or FILE.parquet")
+    g.add_argument("--progress", action="store_true", help="points done / total with an ETA")
+    g.add_argument("--x", metavar="KEY",
+                   help="--plot: the grid key on the x axis (default: the first that varies)")
+    g.add_argument("--hue", default="path", metavar="KEY",
+                   help="--plot: a line per value of this key (default path)")
+    g.add_argument("--col", metavar="KEY", help="--plot: a column of panels per value of this key")
+    return ap
 
 
 def cmd_info(args):
@@ -662,11 +861,8 @@ def main(argv=None):
                    help="post-copy: when the connection breaks, pause and continue on a new "
                         "one (the source connects again, the target listens again)")
     m.set_defaults(fn=cmd_migrate)
-    s = sub.add_parser("sweep", help="migrate at several dirty rates, per path")
-    _guest_args(s)
-    s.set_defaults(mem=parse_size("64M"))
-    s.add_argument("--dirty-rates", default=DEFAULT_RATES,
-                   help=f"comma-separated pages/s (default {DEFAULT_RATES})")
+    s = sub.add_parser("sweep", help="migrate over a grid of options and cost parameters")
+    _sweep_parser(s)
     s.set_defaults(fn=cmd_sweep)
     i = sub.add_parser("info", help="the CPU, its tiers and the path each C kernel takes "
                                     "(paste it into a performance report)")

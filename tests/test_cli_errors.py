@@ -28,7 +28,7 @@ CASES = [
     ("migrate --json {tmp}/no/such/dir/out.json", "--json"),
     ("migrate --port-file {tmp}/no/such/dir/port --listen 0", "--port-file"),
     ("migrate --bogus", "--bogus"),
-    ("sweep --dirty-rates a,b --json out.json", "--dirty-rates"),
+    ("sweep --dirty-rates a,b --json out.json", "dirty-rate"),
     ("sweep --dirty-rates 0,-1", "--dirty-rate"),
     ("sweep --mem 1T", "--mem"),
     ("sweep --vcpus 100000", "--vcpus"),

@@ -27,7 +27,8 @@ LAYERS = [
     ("vmm", ("sevcore.vmm",)),
     ("migration", ("sevcore.migration",)),
     ("sim", ("sevcore.sim",)),
-    ("cli", ("sevcore.cli", "sevcore.__main__", "sevcore.demo")),
+    ("cli", ("sevcore.cli", "sevcore.__main__", "sevcore.demo", "sevcore.sweep",
+             "sevcore.plots")),
 ]
 
 

@@ -142,9 +142,9 @@ def attempt(fn, *args, **kwargs):
         return Outcome(True, fn(*args, **kwargs))
     except OSError as e:
         assert e.errno in errno.errorcode, f"{e!r} escaped without a real errno"
-        return Outcome(False, exc=e)
+        return Outcome(False, exc=e.with_traceback(None))
     except (ValueError, TypeError) as e:
-        return Outcome(False, exc=e)
+        return Outcome(False, exc=e.with_traceback(None))
 
 
 # -- what the VMM can reach ---------------------------------------------------------------------------

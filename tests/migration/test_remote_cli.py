@@ -160,7 +160,8 @@ def test_cli_sweep_table_and_plot(tmp_path, capsys):
     """sevcore sweep runs each rate and writes a plot of total time and downtime."""
     png = tmp_path / "s.png"
     rc = main(["sweep", "--path", "psp", "--mem", "2M", "--shared", "64K", "--quiet",
-               "--dirty-rates", "0,400", "--max-iterations", "3", "--plot", str(png)])
+               "--dirty-rates", "0,400", "--max-iterations", "3", "--plot", str(png),
+               "--workers", "0", "--store", str(tmp_path / "store")])
     assert rc == 0
     out = capsys.readouterr().out
     assert out.count("psp") == 2
@@ -168,8 +169,8 @@ def test_cli_sweep_table_and_plot(tmp_path, capsys):
 
 
 def test_cli_postcopy_json_and_sweep_comparison(tmp_path, capsys):
-    """sevcore migrate --postcopy writes QEMU's post-copy keys; sevcore sweep --postcopy runs
-    each rate both ways."""
+    """sevcore migrate --postcopy writes QEMU's post-copy keys; sevcore sweep --grid
+    postcopy=no,yes runs each rate both ways."""
     js = tmp_path / "p.json"
     rc = main(["migrate", "--path", "helper", "--mem", "4M", "--shared", "64K", "--quiet",
                "--postcopy", "--postcopy-after", "0", "--dirty-rate", "2000", "--json", str(js)])
@@ -180,7 +181,8 @@ def test_cli_postcopy_json_and_sweep_comparison(tmp_path, capsys):
     assert "postcopy blocktime" in capsys.readouterr().out
     sj = tmp_path / "s.json"
     rc = main(["sweep", "--path", "psp", "--mem", "2M", "--shared", "64K", "--quiet",
-               "--dirty-rates", "400", "--max-iterations", "2", "--postcopy", "--json", str(sj)])
+               "--dirty-rates", "400", "--max-iterations", "2", "--grid", "postcopy=no,yes",
+               "--workers", "0", "--store", str(tmp_path / "store"), "--json", str(sj)])
     assert rc == 0
     rows = json.loads(sj.read_text())
     assert [r["postcopy"] for r in rows] == [False, True]
