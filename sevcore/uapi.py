@@ -724,4 +724,57 @@ SEV_TERM_SET_GEN = 0
 GHCB_SEV_ES_GEN_REQ = 0
 GHCB_SEV_ES_PROT_UNSUPPORTED = 1
 
+# --- SEV-SNP in KVM (arch/x86/include/uapi/asm/kvm.h, arch/x86/kvm/svm/sev.c) ------------------------
+
+# struct kvm_sev_snp_launch_update.type
+KVM_SEV_SNP_PAGE_TYPE_NORMAL = 0x1
+KVM_SEV_SNP_PAGE_TYPE_ZERO = 0x3
+KVM_SEV_SNP_PAGE_TYPE_UNMEASURED = 0x4
+KVM_SEV_SNP_PAGE_TYPE_SECRETS = 0x5
+KVM_SEV_SNP_PAGE_TYPE_CPUID = 0x6
+KVM_SEV_SNP_ID_BLOCK_SIZE = 96
+KVM_SEV_SNP_ID_AUTH_SIZE = 4096
+KVM_SEV_SNP_FINISH_DATA_SIZE = 32
+#: The policy bits KVM accepts (SNP_POLICY_MASK_VALID in arch/x86/kvm/svm/sev.c; MIGRATE_MA and
+#: the newer bits are not among them).
+SNP_POLICY_MASK_VALID = (SNP_POLICY_MASK_API_MINOR | SNP_POLICY_MASK_API_MAJOR | SNP_POLICY_MASK_SMT
+                         | SNP_POLICY_MASK_RSVD_MBO | SNP_POLICY_MASK_DEBUG
+                         | SNP_POLICY_MASK_SINGLE_SOCKET)
+
+# The SNP part of the GHCB MSR protocol (arch/x86/include/asm/sev-common.h).
+GHCB_MSR_GPA_VALUE_POS = 12
+GHCB_MSR_GPA_VALUE_MASK = (1 << 52) - 1
+GHCB_MSR_PREF_GPA_NONE = 0xfffffffffffff
+GHCB_MSR_PSC_RESP_ERROR = (1 << 63) | GHCB_MSR_PSC_RESP
+SNP_PAGE_STATE_PRIVATE = 1
+SNP_PAGE_STATE_SHARED = 2
+
+
+def GHCB_MSR_REG_GPA_REQ_VAL(gfn):
+    return ((gfn & ((1 << 52) - 1)) << 12) | GHCB_MSR_REG_GPA_REQ
+
+
+def GHCB_MSR_PSC_REQ_GFN(gfn, op):
+    """GHCBData[55:52] the operation, [51:12] the gfn."""
+    return ((op & 0xf) << 52) | ((gfn & ((1 << 40) - 1)) << 12) | GHCB_MSR_PSC_REQ
+
+
+def GHCB_MSR_PSC_REQ_TO_GFN(msr):
+    return (msr >> 12) & ((1 << 40) - 1)
+
+
+def GHCB_MSR_PSC_REQ_TO_OP(msr):
+    return (msr >> 52) & 0xf
+
+
+def GHCB_MSR_PSC_RESP_VAL(val):
+    return val >> 32
+
+
+# Linux's reason codes for GHCB_MSR_TERM_REQ (set 1).
+SEV_TERM_SET_LINUX = 1
+GHCB_TERM_PSC = 1
+GHCB_TERM_PVALIDATE = 2
+
+
 __all__ = [name for name in dir() if name[:1].isupper() and not name.startswith("_")]

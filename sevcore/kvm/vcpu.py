@@ -28,6 +28,7 @@ from sevcore.kvm.kvm_run import EXIT, THROW, KvmRun
 from sevcore.kvm.mmu import MemoryFault
 from sevcore.kvm.msr import MsrState, MsrVcpu
 from sevcore.kvm.sev_es import SevEsVcpu
+from sevcore.kvm.snp_vcpu import SnpVcpu
 
 U64 = (1 << 64) - 1
 #: VMCB exit code of a failed VMRUN (SVM_EXIT_ERR, -1), KVM's fail_entry reason.
@@ -85,14 +86,14 @@ def default_cpuid(host):
         e(0x80000000, 0x80000021, auth[0], auth[2], auth[1]),
         e(0x80000001, 0, 0, 1 << 2, 1 << 29 | 1 << 20),
         e(0x80000008, 0x3030, 0, 0, 0),
-        # Fn8000_001F: SME, SEV, SEV-ES in EAX; EBX[5:0] = C-bit position.
-        e(0x8000001F, 1 << 0 | 1 << 1 | 1 << 3, host.c_bit, 509, 0),
+        # Fn8000_001F: SME, SEV, SEV-ES, SEV-SNP in EAX; EBX[5:0] = C-bit position.
+        e(0x8000001F, 1 << 0 | 1 << 1 | 1 << 3 | 1 << 4, host.c_bit, 509, 0),
         e(U.KVM_CPUID_SIGNATURE, U.KVM_CPUID_FEATURES, *kvm_sig),
         e(U.KVM_CPUID_FEATURES, KVM_SUPPORTED_PV_FEATURES),
     ]
 
 
-class Vcpu(GuestAccess, SevEsVcpu, MsrVcpu, HypercallVcpu):
+class Vcpu(GuestAccess, SevEsVcpu, SnpVcpu, MsrVcpu, HypercallVcpu):
     """A vCPU fd. Created by :meth:`sevcore.kvm.vm.Vm.create_vcpu`."""
 
     def __init__(self, vm, vcpu_id):
@@ -397,6 +398,9 @@ class Vcpu(GuestAccess, SevEsVcpu, MsrVcpu, HypercallVcpu):
     def _sev_entry_fails(self):
         vm = self.vm
         psp = vm.host.psp
+        if vm.sev.snp_active:
+            return vm.sev.snp_context is None or not vm.host.umc.has_key(vm.sev.asid) or \
+                not self.guest_state_protected
         g = psp.guest(vm.sev.handle)
         return g is None or g.state == U.SEV_GUEST_STATE_SENT or \
             not vm.host.umc.has_key(vm.sev.asid) or \
@@ -484,6 +488,12 @@ class Vcpu(GuestAccess, SevEsVcpu, MsrVcpu, HypercallVcpu):
             return self._xsave(*args)
         if kind == "vmgexit":
             return self._vmgexit()
+        if kind == "page_state_change":
+            return self._page_state_change(*args)
+        if kind == "pvalidate":
+            return self._pvalidate(*args)
+        if kind == "snp_guest_request":
+            return self._snp_guest_request(*args)
         if kind == "shutdown":
             return self._shutdown()
         if self.guest_state_protected:

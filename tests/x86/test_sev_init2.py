@@ -51,14 +51,21 @@ def test_init2_flags(kvm, type):
 
 
 def test_init2_features(kvm):
-    """A plain SEV VM supports no VMSA feature; SEV-ES supports exactly DebugSwap."""
+    """A plain SEV VM supports no VMSA feature; SEV-ES supports exactly DebugSwap; SNP also
+    Secure TSC, and always has SNPActive."""
     for i in range(64):
         init2_fails(kvm, KVM_X86_SEV_VM, EINVAL, vmsa_features=1 << i)
-        if 1 << i & SEV_SUPPORTED_VMSA_FEATURES:
+        if 1 << i == SVM_SEV_FEAT_DEBUG_SWAP:
             vm, _ = init2(kvm, KVM_X86_SEV_ES_VM, vmsa_features=1 << i)
             assert vm.sev.vmsa_features == SVM_SEV_FEAT_DEBUG_SWAP
         else:
             init2_fails(kvm, KVM_X86_SEV_ES_VM, EINVAL, vmsa_features=1 << i)
+        if 1 << i & SEV_SUPPORTED_VMSA_FEATURES:
+            vm, _ = init2(kvm, KVM_X86_SNP_VM, vmsa_features=1 << i)
+            assert vm.sev.vmsa_features == 1 << i | SVM_SEV_FEAT_SNP_ACTIVE
+        else:
+            init2_fails(kvm, KVM_X86_SNP_VM, EINVAL, vmsa_features=1 << i)
+    assert SEV_SUPPORTED_VMSA_FEATURES == SVM_SEV_FEAT_DEBUG_SWAP | SVM_SEV_FEAT_SECURE_TSC
 
 
 def test_init2_checks(kvm):
