@@ -771,6 +771,15 @@ def GHCB_MSR_PSC_RESP_VAL(val):
     return val >> 32
 
 
+# The page-state change NAE event (arch/x86/include/asm/sev-common.h, arch/x86/kvm/svm/svm.h).
+VMGEXIT_PSC_MAX_ENTRY = 253
+VMGEXIT_PSC_MAX_COUNT = 253
+VMGEXIT_PSC_OP_PRIVATE = 1
+VMGEXIT_PSC_OP_SHARED = 2
+VMGEXIT_PSC_ERROR_GENERIC = 0x100 << 32
+VMGEXIT_PSC_ERROR_INVALID_HDR = (1 << 32) | 1
+VMGEXIT_PSC_ERROR_INVALID_ENTRY = (1 << 32) | 2
+
 # Linux's reason codes for GHCB_MSR_TERM_REQ (set 1).
 SEV_TERM_SET_LINUX = 1
 GHCB_TERM_PSC = 1

@@ -10,7 +10,7 @@ from sevcore.errors import KvmError
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm import snp_guest_msg as M
 from sevcore.kvm.access import access_state
-from sevcore.kvm.ghcb import VMGEXIT_HANDLERS
+from sevcore.kvm.ghcb import GHCB_RESERVED_0XFF0, GHCB_SHARED_BUFFER, VMGEXIT_HANDLERS
 from sevcore.kvm.guest import GuestException
 from sevcore.kvm.kvm_run import EXIT, THROW
 from sevcore.kvm.mmu import translate
@@ -39,7 +39,144 @@ class PvalidateFailed(GuestException):
         self.gpa, self.status = gpa, status
 
 
-class SnpVcpu:
+# -- page-state change through the GHCB page (snp_begin_psc) ------------------------------------------
+
+PSC_HDR = 8                                  # struct psc_hdr: cur_entry, end_entry, reserved
+PSC_ENTRY = 8                                # struct psc_entry: one u64 of bit fields
+
+
+def _entry(buf, i):
+    """struct psc_entry i: (cur_page, gfn, operation, pagesize)."""
+    v = int.from_bytes(buf[PSC_HDR + PSC_ENTRY * i:PSC_HDR + PSC_ENTRY * (i + 1)], "little")
+    return v & 0xfff, v >> 12 & ((1 << 40) - 1), v >> 52 & 0xf, v >> 56 & 1
+
+
+def _set_cur_page(buf, i, cur_page):
+    off = PSC_HDR + PSC_ENTRY * i
+    v = int.from_bytes(buf[off:off + 8], "little")
+    buf[off:off + 8] = ((v & ~0xfff) | cur_page).to_bytes(8, "little")
+
+
+class _Psc:
+    """A page-state change in flight (svm->sev_es.psc_idx, psc_inflight) over the guest's
+    buffer ``buf``, written back to ``hva`` (the GHCB's mapping or the scratch area)."""
+
+    def __init__(self, x, buf, hva):
+        self.x, self.buf, self.hva = x, buf, hva
+        self.idx = self.inflight = 0
+
+    @property
+    def cur_entry(self):
+        return int.from_bytes(self.buf[0:2], "little")
+
+    @cur_entry.setter
+    def cur_entry(self, v):
+        self.buf[0:2] = (v & 0xffff).to_bytes(2, "little")
+
+
+def _vmgexit_psc(vcpu, x):
+    """SVM_VMGEXIT_PSC: the descriptor at SW_SCRATCH (setup_vmgexit_scratch with SW_EXITINFO2
+    as the length, kept in sync with the guest), then snp_begin_psc."""
+    off = x.sw_scratch - x.gpa
+    if 0 <= off < PAGE_SIZE:
+        if off < GHCB_SHARED_BUFFER or x.sw_scratch + x.exit_info_2 > x.gpa + GHCB_RESERVED_0XFF0:
+            x.bad_input(U.GHCB_ERR_INVALID_SCRATCH_AREA)
+            return None
+        buf = bytearray(vcpu.vm.kvm.read(x.hva + off, GHCB_RESERVED_0XFF0 - off))
+        psc = _Psc(x, buf, x.hva + off)
+    else:
+        data = vcpu._ghcb_scratch(x, x.exit_info_2)
+        if data is None:
+            return None
+        psc = _Psc(x, bytearray(data), _gpa_hva(vcpu.vm, x.sw_scratch))
+    return vcpu._snp_begin_psc(psc)
+
+
+class PscVcpu:
+    """Mixin of SnpVcpu: snp_begin_psc, snp_complete_one_psc and snp_complete_psc."""
+
+    def _snp_complete_psc(self, psc, psc_ret):
+        """snp_complete_psc: "no action" with the PSC return code in SW_EXITINFO2; the buffer
+        goes back to the guest."""
+        psc.inflight = psc.idx = 0
+        psc.x.success(psc_ret)
+        self.vm.kvm.write(psc.hva, bytes(psc.buf))
+        return None
+
+    def _snp_complete_one_psc_done(self, psc):
+        """__snp_complete_one_psc: the in-flight entries are complete."""
+        idx = psc.idx
+        while psc.inflight:
+            _, _, _, size = _entry(psc.buf, idx)
+            _set_cur_page(psc.buf, idx, 512 if size else 1)
+            psc.inflight -= 1
+            idx += 1
+        psc.cur_entry = idx
+
+    def _snp_begin_psc(self, psc):
+        """snp_begin_psc: each run of adjacent entries of one operation becomes one
+        KVM_EXIT_HYPERCALL (KVM_HC_MAP_GPA_RANGE, 4K or 2M); other operations complete with no
+        exit; a bad header or entry ends the request with its error code."""
+        vm = self.vm
+        if not vm.hypercall_exit_enabled & (1 << U.KVM_HC_MAP_GPA_RANGE):
+            return self._snp_complete_psc(psc, U.VMGEXIT_PSC_ERROR_GENERIC)
+        buf = psc.buf
+        while True:
+            idx_start = psc.cur_entry
+            idx_end = int.from_bytes(buf[2:4], "little")
+            if idx_end >= U.VMGEXIT_PSC_MAX_COUNT or \
+                    PSC_HDR + PSC_ENTRY * (idx_end + 1) > len(buf):
+                return self._snp_complete_psc(psc, U.VMGEXIT_PSC_ERROR_INVALID_HDR)
+            idx = idx_start
+            while idx <= idx_end:
+                cur_page, gfn, op, size = _entry(buf, idx)
+                huge = bool(size)
+                npages = 512 if huge else 1
+                if cur_page > npages or gfn % npages:
+                    return self._snp_complete_psc(psc, U.VMGEXIT_PSC_ERROR_INVALID_ENTRY)
+                if cur_page:
+                    npages -= cur_page
+                    gfn += cur_page
+                    huge = False
+                if npages:
+                    break
+                idx += 1
+                psc.cur_entry = psc.cur_entry + 1
+            if idx > idx_end:
+                return self._snp_complete_psc(psc, 0)
+            first_op, first_gfn, first_size = op, gfn, size
+            psc.idx, psc.inflight = idx, 1
+            while idx + 1 <= idx_end:
+                c2, g2, op2, s2 = _entry(buf, idx + 1)
+                if op2 != first_op or g2 != first_gfn + npages or c2 or bool(s2) != huge:
+                    break
+                idx += 1
+                psc.inflight += 1
+                npages += 512 if huge else 1
+            if first_op in (U.VMGEXIT_PSC_OP_PRIVATE, U.VMGEXIT_PSC_OP_SHARED):
+                run = self.kvm_run
+                run.exit_reason = U.KVM_EXIT_HYPERCALL
+                hc = run.hypercall
+                hc.nr, hc.ret = U.KVM_HC_MAP_GPA_RANGE, 0
+                hc.args[0], hc.args[1] = first_gfn << PAGE_SHIFT, npages
+                hc.args[2] = (U.KVM_MAP_GPA_RANGE_ENCRYPTED if first_op == U.VMGEXIT_PSC_OP_PRIVATE
+                              else U.KVM_MAP_GPA_RANGE_DECRYPTED) | (
+                    U.KVM_MAP_GPA_RANGE_PAGE_SZ_2M if first_size
+                    else U.KVM_MAP_GPA_RANGE_PAGE_SZ_4K)
+                hc.flags = U.KVM_EXIT_HYPERCALL_LONG_MODE
+
+                def complete():            # snp_complete_one_psc
+                    if run.hypercall.ret & U64:
+                        return self._snp_complete_psc(psc, U.VMGEXIT_PSC_ERROR_GENERIC)
+                    self._snp_complete_one_psc_done(psc)
+                    return self._snp_begin_psc(psc)
+                self._complete = complete
+                return EXIT
+            self._snp_complete_one_psc_done(psc)     # SMASH/UNSMASH: nothing to do
+
+
+
+class SnpVcpu(PscVcpu):
     """Mixin of Vcpu: what an SNP vCPU adds to the GHCB MSR protocol, and the guest's
     page-state change built on it."""
 
@@ -302,3 +439,7 @@ def _vmgexit_guest_request(vcpu, x):
 
 # sev_handle_vmgexit's case SVM_VMGEXIT_GUEST_REQUEST (sevcore.kvm.ghcb's dispatch table).
 VMGEXIT_HANDLERS[U.SVM_VMGEXIT_GUEST_REQUEST] = _vmgexit_guest_request
+
+
+# sev_handle_vmgexit's case SVM_VMGEXIT_PSC.
+VMGEXIT_HANDLERS[U.SVM_VMGEXIT_PSC] = _vmgexit_psc

@@ -364,7 +364,8 @@ class Vcpu(GuestAccess, SevEsVcpu, SnpVcpu, MsrVcpu, HypercallVcpu):
         self.has_run = True
         if self._complete is not None:
             complete, self._complete = self._complete, None
-            complete()
+            if complete() is EXIT:       # the completion started another exit
+                return run
         if run.immediate_exit:
             run.exit_reason = U.KVM_EXIT_INTR
             raise KvmError(EINTR, ioctl, "immediate_exit")

@@ -8,12 +8,16 @@ from errno import EEXIST, EFAULT, EINVAL, EIO, ENOTTY, EPERM
 import pytest
 
 import sevcore
+from sevcore.kvm.ghcb import GhcbGuest
 from sevcore.kvm.sev import SevError
+from sevcore.kvm.snp_guest import ghcb_page_state_change
 from sevcore.kvm.snp_vcpu import PageStateChangeFailed
 from sevcore.uapi import *
-from sevcore.vmm.kvm_util import (addr_gpa2hva, handle_map_gpa_range, snp_default_policy,
-                                  snp_launch_update_data, vm_mem_add, vm_mem_set_private,
-                                  vm_sev_create_with_one_vcpu, vm_sev_launch, vm_vcpu_add)
+from sevcore.psp import snp_layout as SL
+from sevcore.vmm.kvm_util import (addr_gpa2hva, handle_map_gpa_range, kvm_vm_free,
+                                  snp_default_policy, snp_launch_update_data, vm_mem_add,
+                                  vm_mem_set_private, vm_sev_create_with_one_vcpu, vm_sev_launch,
+                                  vm_vcpu_add)
 
 from support import raises_errno
 
@@ -297,7 +301,6 @@ def test_snp_msr_requests_without_exit(kvm):
 
 def cpuid_page(edx):
     """A CPUID page with one function, 0x80000001, its EDX as given."""
-    from sevcore.psp import snp_layout as SL
     head = SL.snp_cpuid_table.pack(count=1)
     fn = SL.snp_cpuid_fn.pack(eax_in=0x80000001, ecx_in=0, edx=edx)
     return (head + fn).ljust(4096, b"\0")
@@ -390,7 +393,6 @@ def test_teardown_returns_every_frame(kvm):
     rmp = vm.host.rmp
     assert rmp.assigned > 16
     slot = vm.gfn_to_memslot(0)
-    from sevcore.vmm.kvm_util import kvm_vm_free
     slot.gmem_file.close()
     kvm_vm_free(vm)
     assert not vm.alive and rmp.assigned == 0
@@ -464,3 +466,57 @@ def test_private_mem_conversions(kvm):
         for i in range(first, first + n):
             pfn = f.page_cache.lookup(4 + i)
             assert bytes([0xa0 + first]) * 16 not in frames[pfn << 12:(pfn + 1) << 12].tobytes()
+
+
+# -- page-state change through the GHCB page (snp_begin_psc) ------------------------------------------
+
+GHCB_GFN = 15
+
+
+def guest_ghcb_psc(g, out):
+    """Share its GHCB page (MSR protocol), negotiate, then make pages 8..11 shared and private
+    again through the GHCB page, writing shared data in between."""
+    yield g.page_state_change(GHCB_GFN << 12, 1, private=False)
+    ghcb = GhcbGuest(GHCB_GFN << 12)
+    yield from ghcb.negotiate(g)
+    out.append((yield from ghcb_page_state_change(g, ghcb, 8 << 12, 4, False)))
+    yield g.write(8 << 12, b"via the GHCB page")
+    out.append((yield from ghcb_page_state_change(g, ghcb, 8 << 12, 4, True)))
+    yield g.wrmsr(MSR_AMD64_SEV_ES_GHCB, GHCB_MSR_TERM_REQ)
+    yield g.vmgexit()
+
+
+def test_psc_through_ghcb_page(kvm):
+    """A GHCB-page page-state change of 4 adjacent pages is one KVM_EXIT_HYPERCALL for the
+    whole run (snp_begin_psc merges adjacent entries); the VMM converts the range and the
+    guest sees every entry done."""
+    out = []
+    vm, vcpu = vm_sev_create_with_one_vcpu(kvm, KVM_X86_SNP_VM, guest_ghcb_psc, out)
+    vm_sev_launch(vm, POLICY)
+    seen = []
+    while True:
+        run = vcpu.run()
+        if run.exit_reason != KVM_EXIT_HYPERCALL:
+            break
+        seen.append(tuple(run.hypercall.args[:3]))
+        handle_map_gpa_range(vm, run)
+    assert run.exit_reason == KVM_EXIT_SYSTEM_EVENT, vcpu.guest_exception
+    dec = KVM_MAP_GPA_RANGE_DECRYPTED | KVM_MAP_GPA_RANGE_PAGE_SZ_4K
+    enc = KVM_MAP_GPA_RANGE_ENCRYPTED | KVM_MAP_GPA_RANGE_PAGE_SZ_4K
+    assert seen == [(GHCB_GFN << 12, 1, dec), (8 << 12, 4, dec), (8 << 12, 4, enc)]
+    assert out == [4, 4] and all(vm.mem_is_private(g) for g in range(8, 12))
+    assert kvm.read(addr_gpa2hva(vm, 8 << 12), 17) == b"via the GHCB page"
+
+
+def test_psc_through_ghcb_page_refused(kvm):
+    """Without KVM_HC_MAP_GPA_RANGE exits the request ends with VMGEXIT_PSC_ERROR_GENERIC in
+    SW_EXITINFO2 and no exit to user space."""
+    out = []
+    vm, vcpu = vm_sev_create_with_one_vcpu(kvm, KVM_X86_SNP_VM, guest_ghcb_psc, out)
+    vm_sev_launch(vm, POLICY)
+    run = vcpu.run()
+    handle_map_gpa_range(vm, run)            # the MSR-protocol request for the GHCB page
+    vm.enable_cap(KVM_CAP_EXIT_HYPERCALL, 0)
+    assert vcpu.run().exit_reason == KVM_EXIT_SHUTDOWN
+    assert isinstance(vcpu.guest_exception, PageStateChangeFailed)
+    assert vcpu.guest_exception.response == VMGEXIT_PSC_ERROR_GENERIC
