@@ -845,16 +845,23 @@ def guest_pages(ctx, op, gfns, gfn0, n, arg, buf, out):
     else:
         b = buffer_ptr(buf, "buf", writable=op == lib.SC_GUEST_OP_READ)
         bsize = len(b)
-    if out is None:
-        o, olen = ffi.NULL, 0
-    else:
-        o = _words(out, "out", writable=True)
-        olen = len(o)
-    err = _err.p
-    rc = lib.sc_guest_pages(ctx, op, g, gfn0, n, arg, b, bsize, o, olen, err)
-    if rc < 0:
-        refused(rc, f"sc_guest_pages({_GUEST_OP_NAMES.get(op, op)})", err)
-    return rc
+    try:
+        if out is None:
+            o, olen = ffi.NULL, 0
+        else:
+            o = _words(out, "out", writable=True)
+            olen = len(o)
+        err = _err.p
+        rc = lib.sc_guest_pages(ctx, op, g, gfn0, n, arg, b, bsize, o, olen, err)
+        if rc < 0:
+            refused(rc, f"sc_guest_pages({_GUEST_OP_NAMES.get(op, op)})", err)
+        return rc
+    finally:
+        # End the export of ``buf`` now, also when this raises: a memoryview still exported
+        # from a frame that a traceback keeps in a reference cycle crashes CPython 3.11's
+        # garbage collector (memory_clear drops the view's buffer, then its dealloc uses it).
+        if buf is not None:
+            ffi.release(b)
 
 
 def guest_pattern(seed, gfn):

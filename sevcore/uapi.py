@@ -3,8 +3,11 @@
 Values are those of ``include/uapi/linux/kvm.h``, ``arch/x86/include/uapi/asm/kvm.h``,
 ``include/uapi/linux/kvm_para.h`` and ``arch/x86/include/uapi/asm/kvm_para.h`` (read from QEMU's
 copy of the headers, synced from about v6.18), so that ``grep`` finds the same name in the kernel,
-in a VMM and here. ``from sevcore.uapi import *`` exports every upper-case name.
+in a VMM and here. ``from sevcore.uapi import *`` exports every upper-case name, and the
+register-state structs (``kvm_sregs``, ``kvm_segment``, ...) as ctypes structures with the
+kernel's layout.
 """
+import ctypes as _ctypes
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -786,4 +789,93 @@ GHCB_TERM_PSC = 1
 GHCB_TERM_PVALIDATE = 2
 
 
+# -- the vCPU's architectural state (arch/x86/include/uapi/asm/kvm.h) ------------------------------
+
+#: Control-register bits (arch/x86/include/uapi/asm/processor-flags.h).
+X86_CR0_PE = 1 << 0
+X86_CR0_MP = 1 << 1
+X86_CR0_EM = 1 << 2
+X86_CR0_TS = 1 << 3
+X86_CR0_ET = 1 << 4
+X86_CR0_NE = 1 << 5
+X86_CR0_WP = 1 << 16
+X86_CR0_AM = 1 << 18
+X86_CR0_NW = 1 << 29
+X86_CR0_CD = 1 << 30
+X86_CR0_PG = 1 << 31
+X86_CR4_VME = 1 << 0
+X86_CR4_PVI = 1 << 1
+X86_CR4_TSD = 1 << 2
+X86_CR4_DE = 1 << 3
+X86_CR4_PSE = 1 << 4
+X86_CR4_PAE = 1 << 5
+X86_CR4_MCE = 1 << 6
+X86_CR4_PGE = 1 << 7
+X86_CR4_PCE = 1 << 8
+X86_CR4_OSFXSR = 1 << 9
+X86_CR4_OSXMMEXCPT = 1 << 10
+X86_CR4_UMIP = 1 << 11
+X86_CR4_LA57 = 1 << 12
+X86_CR4_VMXE = 1 << 13
+X86_CR4_SMXE = 1 << 14
+X86_CR4_FSGSBASE = 1 << 16
+X86_CR4_PCIDE = 1 << 17
+X86_CR4_OSXSAVE = 1 << 18
+X86_CR4_SMEP = 1 << 20
+X86_CR4_SMAP = 1 << 21
+X86_CR4_PKE = 1 << 22
+X86_EFLAGS_FIXED = 1 << 1
+#: DR6/DR7 after RESET (arch/x86/include/asm/kvm_host.h: DR6_ACTIVE_LOW, DR7_FIXED_1).
+DR6_ACTIVE_LOW = 0xffff0ff0
+DR7_FIXED_1 = 0x400
+MSR_IA32_CR_PAT_DEFAULT = 0x0007040600070406
+KVM_NR_INTERRUPTS = 256
+KVM_SREGS2_FLAGS_PDPTRS_VALID = 1
+#: msr_io: more entries than this in KVM_GET/SET_MSRS is E2BIG (arch/x86/kvm/x86.c).
+MAX_IO_MSRS = 256
+
+
+class kvm_segment(_ctypes.Structure):
+    """struct kvm_segment."""
+    _fields_ = [("base", _ctypes.c_uint64), ("limit", _ctypes.c_uint32),
+                ("selector", _ctypes.c_uint16), ("type", _ctypes.c_uint8),
+                ("present", _ctypes.c_uint8), ("dpl", _ctypes.c_uint8), ("db", _ctypes.c_uint8),
+                ("s", _ctypes.c_uint8), ("l", _ctypes.c_uint8), ("g", _ctypes.c_uint8),
+                ("avl", _ctypes.c_uint8), ("unusable", _ctypes.c_uint8),
+                ("padding", _ctypes.c_uint8)]
+
+
+class kvm_dtable(_ctypes.Structure):
+    """struct kvm_dtable."""
+    _fields_ = [("base", _ctypes.c_uint64), ("limit", _ctypes.c_uint16),
+                ("padding", _ctypes.c_uint16 * 3)]
+
+
+_SREGS_COMMON = [(name, kvm_segment) for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr",
+                                                  "ldt")] + \
+    [("gdt", kvm_dtable), ("idt", kvm_dtable)] + \
+    [(name, _ctypes.c_uint64) for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer",
+                                           "apic_base")]
+
+
+class kvm_sregs(_ctypes.Structure):
+    """struct kvm_sregs (312 bytes)."""
+    _fields_ = _SREGS_COMMON + [
+        ("interrupt_bitmap", _ctypes.c_uint64 * ((KVM_NR_INTERRUPTS + 63) // 64))]
+
+
+class kvm_sregs2(_ctypes.Structure):
+    """struct kvm_sregs2 (320 bytes)."""
+    _fields_ = _SREGS_COMMON + [("flags", _ctypes.c_uint64), ("pdptrs", _ctypes.c_uint64 * 4)]
+
+
+class kvm_fpu(_ctypes.Structure):
+    """struct kvm_fpu (416 bytes)."""
+    _fields_ = [("fpr", (_ctypes.c_uint8 * 16) * 8), ("fcw", _ctypes.c_uint16),
+                ("fsw", _ctypes.c_uint16), ("ftwx", _ctypes.c_uint8), ("pad1", _ctypes.c_uint8),
+                ("last_opcode", _ctypes.c_uint16), ("last_ip", _ctypes.c_uint64),
+                ("last_dp", _ctypes.c_uint64), ("xmm", (_ctypes.c_uint8 * 16) * 16),
+                ("mxcsr", _ctypes.c_uint32), ("pad2", _ctypes.c_uint32)]
+
 __all__ = [name for name in dir() if name[:1].isupper() and not name.startswith("_")]
+__all__ += ["kvm_segment", "kvm_dtable", "kvm_sregs", "kvm_sregs2", "kvm_fpu"]

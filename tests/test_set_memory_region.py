@@ -250,3 +250,16 @@ def test_memory_attributes_need_no_memslot_and_convert_ranges(kvm):
     assert list(vm.private) == [(G >> 12, (G >> 12) + 4), ((G >> 12) + 8, (G >> 12) + 16)]
     assert vm.get_memory_attributes((G >> 12) + 9) == KVM_MEMORY_ATTRIBUTE_PRIVATE
     assert vm.get_memory_attributes((G >> 12) + 5) == 0
+
+
+def test_zero_memory_regions(kvm):
+    """test_zero_memory_regions: a vCPU with no guest code in a VM with no memslot runs into
+    KVM_EXIT_INTERNAL_ERROR (emulation of the fetch at the reset vector fails); a memslot away
+    from the reset vector does not change that."""
+    vm = kvm.create_vm(KVM_X86_DEFAULT_VM)
+    vcpu = vm.create_vcpu(0)
+    run = vcpu.run()
+    assert run.exit_reason == KVM_EXIT_INTERNAL_ERROR
+    assert run.internal.suberror == KVM_INTERNAL_ERROR_EMULATION
+    vm.set_user_memory_region(0, 0, 0, MB2, kvm.mmap(MB2))
+    assert vcpu.run().exit_reason == KVM_EXIT_INTERNAL_ERROR

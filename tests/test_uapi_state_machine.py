@@ -14,8 +14,12 @@ holding a secret. Invariants: no NPT entry maps a gfn to a frame other than what
 (``support.kvm.stray_npt_entries``), and no guest read ever returns the secret.
 
 Both machines check the NPT ownership invariant after every step.
+
+``SregsMachine``: KVM_SET_SREGS of valid and invalid CR0/CR4/EFER/CR3/APIC-base combinations,
+KVM_SET_MSRS of EFER, INIT, and hypercalls in the mode the state gives, against an independent
+statement of kvm_is_valid_sregs; see the class docstring for its invariants.
 """
-from errno import EBADF, EFAULT, EIO
+from errno import EBADF, EFAULT, EINVAL, EIO
 
 import numpy as np
 from hypothesis import settings, strategies as st
@@ -398,3 +402,139 @@ for _name, _case in OWNERSHIP_CASES.items():
     _machine.TestCase.__doc__ = (f"No NPT entry outlives the frame it maps, and no guest read "
                                  f"returns VMM memory, on a {_name} VM and guest_memfd.")
     globals()[f"TestOwnership_{_name}"] = _machine.TestCase
+
+
+# -- the vCPU's architectural state (KVM_GET/SET_SREGS) ------------------------------------------
+
+#: CR0/CR4/EFER/CR3/APIC-base values that make valid and invalid combinations.
+CR0S = [X86_CR0_ET, X86_CR0_PE | X86_CR0_ET, X86_CR0_PE | X86_CR0_PG | X86_CR0_ET,
+        X86_CR0_PE | X86_CR0_NE | X86_CR0_PG, X86_CR0_CD | X86_CR0_NW | X86_CR0_ET,
+        X86_CR0_NW, X86_CR0_PG, 1 << 32 | X86_CR0_PE]
+CR4_BITS = [X86_CR4_PAE, X86_CR4_OSFXSR, X86_CR4_OSXSAVE, X86_CR4_PGE, X86_CR4_SMEP,
+            X86_CR4_SMXE, X86_CR4_LA57]
+EFERS = [0, EFER_SCE, EFER_LME, EFER_LMA, EFER_LME | EFER_LMA, EFER_LME | EFER_LMA | EFER_NX]
+CR3S = [0, 0x1000, 0x1020, 1 << 47, 1 << 48]
+APIC_BASES = [0xfee00900, 0xfee00800, 0xfee00000, 0xfee00d00, 0xfee00901, 1 << 50 | 0x900]
+HC_HIGH = 0x1234 << 32
+
+
+def sregs_valid(s):
+    """An independent statement of what kvm_is_valid_sregs, kvm_is_valid_cr0/cr4 and
+    kvm_apic_set_base accept for this machine's vCPU (MAXPHYADDR 48, XSAVE, no x2APIC, no
+    CPUID leaf 7)."""
+    if s.efer & EFER_LME and s.cr0 & X86_CR0_PG:
+        if not s.cr4 & X86_CR4_PAE or not s.efer & EFER_LMA or s.cr3 >> 48:
+            return False
+    elif s.efer & EFER_LMA or s.cs.l:
+        return False
+    if s.cr4 & (X86_CR4_SMEP | X86_CR4_SMXE | X86_CR4_LA57):
+        return False
+    if s.cr0 >> 32 or (s.cr0 & X86_CR0_NW and not s.cr0 & X86_CR0_CD) or \
+            (s.cr0 & X86_CR0_PG and not s.cr0 & X86_CR0_PE):
+        return False
+    return s.apic_base in (0xfee00900, 0xfee00800, 0xfee00000)
+
+
+class SregsMachine(RuleBasedStateMachine):
+    """KVM_SET_SREGS with valid and invalid combinations, KVM_SET_MSRS of EFER and FS base,
+    INIT, and hypercalls in whatever mode the state gives. Invariants: a call is refused exactly
+    when the oracle says so and then changes nothing; an accepted one reads back as set;
+    GET_SREGS -> SET_SREGS changes nothing; the VMCB view keeps EFER.SVME and CR4.MCE, has no
+    CR0.CD/NW, and its CPL is SS.DPL; a hypercall's operand size and exit follow the mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.kvm = sevcore.Host(memory_size=64 << 20).kvm
+        self.vm = self.kvm.create_vm(KVM_X86_SW_PROTECTED_VM)
+        self.vm.enable_cap(KVM_CAP_EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE)
+        self.vm.set_user_memory_region(0, 0, 0, 16 * P, self.kvm.mmap(16 * P))
+        self.vcpu = self.vm.create_vcpu(0)
+        self.box = []
+        self.vcpu.set_guest_code(interpreter, self.box)
+
+    def sregs(self):
+        return bytes(self.vcpu.get_sregs())
+
+    @rule(cr0=st.sampled_from(CR0S), cr4=st.sets(st.sampled_from(CR4_BITS)),
+          efer=st.sampled_from(EFERS), cr3=st.sampled_from(CR3S), cs_l=st.integers(0, 1),
+          dpl=st.integers(0, 3), apic_base=st.sampled_from(APIC_BASES),
+          base=st.integers(0, (1 << 64) - 1), limit=st.integers(0, (1 << 32) - 1),
+          selector=st.integers(0, 0xffff), cr8=st.integers(0, 0x1f))
+    def set_sregs(self, cr0, cr4, efer, cr3, cs_l, dpl, apic_base, base, limit, selector, cr8):
+        s = self.vcpu.get_sregs()
+        s.cr0, s.cr4, s.efer, s.cr3, s.apic_base = cr0, sum(cr4), efer, cr3, apic_base
+        s.cs.l, s.ss.dpl, s.cr8 = cs_l, dpl, cr8
+        s.fs.base, s.fs.limit, s.fs.selector = base, limit, selector
+        before, old_cr8 = self.sregs(), self.vcpu.get_sregs().cr8
+        try:
+            self.vcpu.set_sregs(s)
+        except OSError as e:
+            assert e.errno == EINVAL and not sregs_valid(s)
+            assert self.sregs() == before
+            return
+        assert sregs_valid(s)
+        g = self.vcpu.get_sregs()
+        assert (g.cr0, g.cr3, g.cr4, g.efer, g.apic_base) == (cr0, cr3, sum(cr4), efer,
+                                                               apic_base)
+        assert g.cr8 == (cr8 if cr8 < 16 else old_cr8)
+        assert (g.cs.l, g.ss.dpl, g.fs.base, g.fs.limit, g.fs.selector) == \
+            (cs_l, dpl, base, limit, selector)
+        assert g.fs.g == (limit > 0xfffff)
+
+    @rule(lme=st.booleans(), sce=st.booleans())
+    def set_msr_efer(self, lme, sce):
+        """KVM_SET_MSRS of EFER: LMA stays KVM's."""
+        before = self.vcpu.get_sregs().efer
+        value = (EFER_LME if lme else 0) | (EFER_SCE if sce else 0) | EFER_LMA
+        assert self.vcpu.set_msrs([(MSR_EFER, value)]) == 1
+        assert self.vcpu.get_sregs().efer == (value & ~EFER_LMA) | (before & EFER_LMA)
+
+    @rule()
+    def init(self):
+        """A shutdown INITs the vCPU back to real mode with the reset segments."""
+        self.box.append(lambda g: g.shutdown())
+        assert self.vcpu.run().exit_reason == KVM_EXIT_SHUTDOWN
+        s = self.vcpu.get_sregs()
+        assert (s.cs.selector, s.cs.base, s.efer, s.cr4) == (0xf000, 0xffff0000, 0, 0)
+
+    @rule(map_gpa=st.booleans())
+    def hypercall(self, map_gpa):
+        """An unknown hypercall is -KVM_ENOSYS (-KVM_EPERM from CPL > 0) in the mode's operand
+        size; MAP_GPA_RANGE with high bits exits with the mode's longmode flag and arguments
+        (or not at all from CPL > 0)."""
+        x = self.vcpu.x86
+        wide, cpl = x.is_64_bit_mode(), x.cpl
+        mask = (1 << 64) - 1 if wide else (1 << 32) - 1
+        nr = KVM_HC_MAP_GPA_RANGE if map_gpa else 12345
+        self.box.append(lambda g: g.hypercall(HC_HIGH | nr, HC_HIGH | 0x2000, 1, 0))
+        run = self.vcpu.run()
+        if cpl:
+            want = -KVM_EPERM
+        elif map_gpa and not wide:
+            assert run.exit_reason == KVM_EXIT_HYPERCALL
+            assert run.hypercall.flags == 0 and run.hypercall.args[0] == 0x2000
+            run.hypercall.ret = (1 << 64) - 7
+            run = self.vcpu.run()
+            want = -7
+        else:
+            want = -KVM_ENOSYS
+        assert run.exit_reason == KVM_EXIT_IO
+        got = self.vcpu.get_ucall()[1][0]
+        assert got == (want if wide else want & mask)
+
+    @invariant()
+    def get_then_set_changes_nothing(self):
+        before = self.sregs()
+        self.vcpu.set_sregs(self.vcpu.get_sregs())
+        assert self.sregs() == before
+
+    @invariant()
+    def vmcb_view(self):
+        x = self.vcpu.x86
+        assert x.vmcb_efer & EFER_SVME and x.vmcb_cr4 & X86_CR4_MCE
+        assert x.vmcb_cr0 == x.cr0 & ~(X86_CR0_CD | X86_CR0_NW)
+        assert x.cpl == self.vcpu.get_sregs().ss.dpl
+
+
+SregsMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+TestSregs = SregsMachine.TestCase

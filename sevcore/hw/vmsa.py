@@ -5,12 +5,30 @@ it on VMRUN."""
 
 VMSA_SIZE = 4096
 
-# The VMCB save area as reset leaves it (init_vmcb / sev_es_init_vmcb).
+#: struct vmcb_seg (selector u16, attrib u16, limit u32, base u64) of each segment register, in
+#: save-area order from offset 0.
+SEGMENTS = {name: 16 * i for i, name in enumerate(
+    ("es", "cs", "ss", "ds", "fs", "gs", "gdtr", "ldtr", "idtr", "tr"))}
+SEG_SIZE = 16
 CS_SELECTOR = 0x010
 CS_BASE = 0x018
+CPL = 0x0cb
 EFER = 0x0d0
+XSS = 0x140
+CR4 = 0x148
+CR3 = 0x150
+CR0 = 0x158
 DR7 = 0x160
 DR6 = 0x168
+#: The syscall/sysenter MSRs, CR2 and PAT, by name (u64 each).
+MSRS = {"star": 0x200, "lstar": 0x208, "cstar": 0x210, "sfmask": 0x218, "kernel_gs_base": 0x220,
+        "sysenter_cs": 0x228, "sysenter_esp": 0x230, "sysenter_eip": 0x238}
+CR2 = 0x240
+G_PAT = 0x268
+#: The end of struct vmcb_save_area (spec_ctrl is its last field): what sev_es_sync_vmsa copies
+#: from the VMCB before it writes the rest.
+VMCB_SAVE_SIZE = 0x2e8
+PKRU = 0x2e8
 
 #: The general-purpose registers and RFLAGS/RIP, by ``struct kvm_regs`` field name.
 REGS = {"rflags": 0x170, "rip": 0x178, "rsp": 0x1d8, "rax": 0x1f8, "rcx": 0x308, "rdx": 0x310,
@@ -25,8 +43,6 @@ CRC_SIZE = 0xFC0
 
 SEV_FEATURES = 0x3b0
 XCR0 = 0x3e8
-#: Reserved bytes that sevcore fills with the vCPU id (u32), so that each vCPU's page differs.
-VCPU_ID = 0x3f0
 
 # The x87/SSE/AVX area.
 X87_DP = 0x400

@@ -133,7 +133,7 @@ _ARCH = {
     U.MSR_IA32_POWER_CTL: (None, 0),
     U.MSR_IA32_CR_PAT: (None, 0x0007040600070406),
     U.MSR_IA32_XSS: (0, 0),                   # no XSAVES-managed state is offered to guests
-    U.MSR_EFER: (1 << 0 | 1 << 8 | 1 << 10 | 1 << 11 | 1 << 12, 1 << 8 | 1 << 10),
+    U.MSR_EFER: (1 << 0 | 1 << 8 | 1 << 10 | 1 << 11 | 1 << 12, 0),   # in vcpu.x86
     U.MSR_STAR: (None, 0),
     U.MSR_LSTAR: ("canonical", 0),
     U.MSR_CSTAR: ("canonical", 0),
@@ -146,6 +146,8 @@ _ARCH = {
 
 
 U64_MASK = (1 << 64) - 1
+#: The MSRs that are a segment register's base in the VMCB.
+_SEGMENT_BASE = {U.MSR_FS_BASE: "fs", U.MSR_GS_BASE: "gs"}
 
 
 class MsrState:
@@ -175,12 +177,17 @@ class MsrState:
             return MSR_RET_UNSUPPORTED, 0        # write-only command MSR
         if index == U.MSR_IA32_TSC:
             return MSR_OK, (self._tsc_now() + self.values[index]) & U64_MASK
+        if index == U.MSR_EFER:               # vcpu->arch.efer
+            return MSR_OK, self.vcpu.x86.efer
+        if index in _SEGMENT_BASE:            # svm_get_msr: the VMCB's FS/GS base
+            return MSR_OK, self.vcpu.x86.seg[_SEGMENT_BASE[index]].base
         if index in _ARCH:
             return MSR_OK, self.values[index]
         return MSR_RET_UNSUPPORTED, 0
 
-    def set(self, index, value):
-        """kvm_set_msr_common and the vendor handler: the return code."""
+    def set(self, index, value, host_initiated=False):
+        """kvm_set_msr_common and the vendor handler: the return code. ``host_initiated``:
+        KVM_SET_MSRS rather than the guest's WRMSR."""
         if index in PV_MSR_FEATURE:
             if not self._pv_ok(index):
                 return MSR_RET_INVALID
@@ -199,7 +206,22 @@ class MsrState:
             return MSR_RET_INVALID
         if index == U.MSR_IA32_TSC:
             value = (value - self._tsc_now()) & U64_MASK       # kept as the TSC offset
+        if index == U.MSR_EFER:
+            return self._set_efer(value, host_initiated)
+        if index in _SEGMENT_BASE:            # svm_set_msr: the VMCB's FS/GS base
+            self.vcpu.x86.seg[_SEGMENT_BASE[index]].base = value
+            return MSR_OK
         self.values[index] = value
+        return MSR_OK
+
+    def _set_efer(self, efer, host_initiated):
+        """set_efer (arch/x86/kvm/x86.c): the guest may not toggle LME while paging; LMA is
+        KVM's to set (it follows CR0.PG), so the written value's LMA is replaced."""
+        x86 = self.vcpu.x86
+        if not host_initiated and x86.cr0 & U.X86_CR0_PG and \
+                (x86.efer ^ efer) & U.EFER_LME:
+            return MSR_RET_INVALID
+        x86.set_efer((efer & ~U.EFER_LMA) | (x86.efer & U.EFER_LMA))
         return MSR_OK
 
 

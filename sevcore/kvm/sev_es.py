@@ -138,26 +138,51 @@ class SevEsVcpu(GhcbVcpu):
         return done if done is EXIT or done is THROW else None
 
 
-def build_vmsa(vcpu, sev_features):
-    """The 4 KiB VMSA ``sev_es_sync_vmsa`` builds for this vCPU: the VMCB save area as reset
-    left it (CS selector 0xf000 and base 0xffff0000, EFER.SVME, DR7 0x400), then the registers
-    of KVM_SET_REGS, DR6 (0xffff0ff0), XCR0 and sev_features; for VM types other than
-    KVM_X86_DEFAULT_VM also the x87/SSE/AVX state of KVM_SET_XSAVE (legacy ES_INIT skips it, to
-    keep older measurements). The vCPU id goes in reserved bytes, so each vCPU's page differs."""
-    v = bytearray(V.VMSA_SIZE)
+def vmcb_save_area(vcpu):
+    """The VMCB save area (``struct vmcb_save_area``) as KVM has built it for this vCPU: the
+    segments in attribute form and the CPL (svm_set_segment), EFER, CR4, CR0 as the SVM
+    callbacks leave them (EFER.SVME, CR4.MCE, CR0 without CD/NW), CR3 (svm_post_set_cr3 writes
+    it for SEV-ES guests), DR7, RFLAGS, the syscall MSRs and PAT. CR2 is 0: KVM copies it in
+    only on VMRUN, which an SEV-ES vCPU has not done before its VMSA is built."""
+    x = vcpu.x86
+    v = bytearray(V.VMCB_SAVE_SIZE)
 
     def put(off, value, size=8):
         v[off:off + size] = value.to_bytes(size, "little")
-    put(V.CS_SELECTOR, 0xf000, 2)
-    put(V.CS_BASE, 0xffff0000)
-    put(V.EFER, U.EFER_SVME)
-    put(V.DR7, 0x400)
-    put(V.DR6, 0xffff0ff0)
+    for name, off in V.SEGMENTS.items():
+        v[off:off + V.SEG_SIZE] = x.seg[name].pack()
+    put(V.CPL, x.cpl, 1)
+    put(V.EFER, x.vmcb_efer)
+    put(V.CR4, x.vmcb_cr4)
+    put(V.CR3, x.cr3)
+    put(V.CR0, x.vmcb_cr0)
+    put(V.DR7, x.dr7)
+    put(V.REGS["rflags"], vcpu.regs["rflags"])
+    msrs = vcpu.msrs.values
+    for name, index in (("star", U.MSR_STAR), ("lstar", U.MSR_LSTAR), ("cstar", U.MSR_CSTAR),
+                        ("sfmask", U.MSR_SYSCALL_MASK),
+                        ("kernel_gs_base", U.MSR_KERNEL_GS_BASE)):
+        put(V.MSRS[name], msrs[index])
+    put(V.G_PAT, msrs[U.MSR_IA32_CR_PAT])
+    return bytes(v)
+
+
+def build_vmsa(vcpu, sev_features):
+    """The 4 KiB VMSA ``sev_es_sync_vmsa`` builds for this vCPU: a copy of the VMCB save area
+    (:func:`vmcb_save_area`), then the GPRs and RIP of KVM_SET_REGS, XCR0, PKRU and XSS (0:
+    neither is offered), DR6 and sev_features; for VM types other than KVM_X86_DEFAULT_VM also
+    the x87/SSE/AVX state (legacy ES_INIT skips it, to keep older measurements)."""
+    v = bytearray(V.VMSA_SIZE)
+    v[:V.VMCB_SAVE_SIZE] = vmcb_save_area(vcpu)
+
+    def put(off, value, size=8):
+        v[off:off + size] = value.to_bytes(size, "little")
     for name, off in V.REGS.items():
-        put(off, vcpu.regs[name])
-    put(V.SEV_FEATURES, sev_features)
+        if name != "rflags":              # RFLAGS is the VMCB's (svm_set_rflags)
+            put(off, vcpu.regs[name])
     put(V.XCR0, vcpu.xcr0)
-    put(V.VCPU_ID, vcpu.vcpu_id, 4)
+    put(V.DR6, vcpu.x86.dr6)
+    put(V.SEV_FEATURES, sev_features)
     if vcpu.vm.type != U.KVM_X86_DEFAULT_VM:
         fpu.sync_vmsa(v, vcpu.fpu)
     return bytes(v)

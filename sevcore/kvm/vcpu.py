@@ -17,8 +17,8 @@ guests").
 from errno import EBADF, EINTR, EINVAL, EIO
 
 from sevcore import uapi as U
-from sevcore.errors import KvmError
-from sevcore.hw.hostmem import PAGE_SIZE
+from sevcore.errors import KvmError, NotModelled
+from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm import fpu
 from sevcore.kvm.access import GuestAccess
 from sevcore.kvm.guest import (UCALL_ABORT, UCALL_DONE, UCALL_PIO_PORT, Guest, GuestException,
@@ -29,6 +29,7 @@ from sevcore.kvm.mmu import MemoryFault
 from sevcore.kvm.msr import MsrState, MsrVcpu
 from sevcore.kvm.sev_es import SevEsVcpu
 from sevcore.kvm.snp_vcpu import SnpVcpu
+from sevcore.kvm.sregs import SregsVcpu, X86State
 
 U64 = (1 << 64) - 1
 #: VMCB exit code of a failed VMRUN (SVM_EXIT_ERR, -1), KVM's fail_entry reason.
@@ -58,9 +59,11 @@ KVM_REGS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", 
             "r12", "r13", "r14", "r15", "rip", "rflags")
 
 
-def _reset_regs():
+def _reset_regs(rdx=0x600):
+    """kvm_vcpu_reset: every GPR 0 but RDX, the CPUID signature (0x600 without CPUID, as at
+    RESET); RIP 0xfff0, RFLAGS 2."""
     regs = dict.fromkeys(KVM_REGS, 0)
-    regs.update(rip=0xfff0, rflags=0x2, rdx=0x600)
+    regs.update(rip=0xfff0, rflags=U.X86_EFLAGS_FIXED, rdx=rdx)
     return regs
 
 
@@ -93,7 +96,7 @@ def default_cpuid(host):
     ]
 
 
-class Vcpu(GuestAccess, SevEsVcpu, SnpVcpu, MsrVcpu, HypercallVcpu):
+class Vcpu(GuestAccess, SevEsVcpu, SnpVcpu, MsrVcpu, HypercallVcpu, SregsVcpu):
     """A vCPU fd. Created by :meth:`sevcore.kvm.vm.Vm.create_vcpu`."""
 
     def __init__(self, vm, vcpu_id):
@@ -121,6 +124,8 @@ class Vcpu(GuestAccess, SevEsVcpu, SnpVcpu, MsrVcpu, HypercallVcpu):
         #: struct kvm_regs as KVM holds it (kvm_vcpu_reset: RIP 0xfff0, RFLAGS 2, RDX 0x600
         #: before any CPUID is set), XCR0 (FP only) and the FPU image (sevcore.kvm.fpu).
         self.regs = _reset_regs()
+        #: Segments, descriptor tables, control registers and EFER (sevcore.kvm.sregs).
+        self.x86 = X86State()
         self.xcr0 = U.XFEATURE_MASK_FP
         self.fpu = fpu.reset_image()
         #: fpstate_set_confidential: KVM no longer holds the FPU state (LAUNCH_UPDATE_VMSA).
@@ -191,6 +196,10 @@ class Vcpu(GuestAccess, SevEsVcpu, SnpVcpu, MsrVcpu, HypercallVcpu):
                 return e
         return None
 
+    def _supported_cpuid(self):
+        """KVM_GET_SUPPORTED_CPUID of the host: what kvm_cpu_caps allow."""
+        return default_cpuid(self.vm.host)
+
     def guest_pv_has(self, feature):
         """guest_pv_has: without KVM_CAP_ENFORCE_PV_FEATURE_CPUID every PV feature is allowed."""
         return not self.pv_enforce or bool(self._pv_features >> feature & 1)
@@ -235,6 +244,7 @@ class Vcpu(GuestAccess, SevEsVcpu, SnpVcpu, MsrVcpu, HypercallVcpu):
                 raise ValueError(f"{k} must be a u64")
         self._state_ioctl(ioctl)
         self.regs.update(regs)
+        self.regs["rflags"] |= U.X86_EFLAGS_FIXED      # __set_regs: kvm_set_rflags(... | FIXED)
         return 0
 
     def get_xsave(self):
@@ -358,8 +368,6 @@ class Vcpu(GuestAccess, SevEsVcpu, SnpVcpu, MsrVcpu, HypercallVcpu):
             # triple-faulted, and it faults again.
             self.kvm_run.exit_reason = U.KVM_EXIT_SHUTDOWN
             return self.kvm_run
-        if self._code is None:
-            raise ValueError("no guest program: call vcpu.set_guest_code(fn, ...) first")
         run = self.kvm_run
         self.has_run = True
         if self._complete is not None:
@@ -369,12 +377,17 @@ class Vcpu(GuestAccess, SevEsVcpu, SnpVcpu, MsrVcpu, HypercallVcpu):
         if run.immediate_exit:
             run.exit_reason = U.KVM_EXIT_INTR
             raise KvmError(EINTR, ioctl, "immediate_exit")
-        if not vm.has_memslots():
-            # Nothing to fetch instructions from: emulation of the first fetch fails.
+        if not vm.has_memslots() or (self._code is None and self._fetch_unbacked()):
+            # Nothing to fetch instructions from: the fetch faults to an MMIO address and its
+            # emulation fails (handle_emulation_failure).
             run.exit_reason = U.KVM_EXIT_INTERNAL_ERROR
             run.internal.suberror = U.KVM_INTERNAL_ERROR_EMULATION
             run.internal.ndata = 0
             return run
+        if self._code is None:
+            raise NotModelled("executing the x86 instructions at the vCPU's RIP; a guest "
+                              "program (vcpu.set_guest_code) is how code runs here")
+        self.x86.interrupt = None         # injected on VMRUN (no guest program handles it)
         run.ucall = None
         while True:
             if self._op is None:
@@ -395,6 +408,11 @@ class Vcpu(GuestAccess, SevEsVcpu, SnpVcpu, MsrVcpu, HypercallVcpu):
             self._op = None
             if result is not THROW:
                 self._send = result
+
+    def _fetch_unbacked(self):
+        """Whether no memslot backs the instruction at CS:RIP (paging off)."""
+        gpa = self.x86.fetch_gpa(self.regs["rip"])
+        return gpa is not None and self.vm.gfn_to_memslot(gpa >> PAGE_SHIFT) is None
 
     def _sev_entry_fails(self):
         vm = self.vm
@@ -459,7 +477,9 @@ class Vcpu(GuestAccess, SevEsVcpu, SnpVcpu, MsrVcpu, HypercallVcpu):
             self._gen = None
             self._finished = False
             self._send = self._throw = None
-            self.regs = _reset_regs()
+            leaf = self.cpuid_entry(1)       # kvm_vcpu_reset(init_event=true)
+            self.regs = _reset_regs(leaf["eax"] if leaf else 0x600)
+            self.x86.reset(init_event=True)
         self.kvm_run.exit_reason = U.KVM_EXIT_SHUTDOWN
         return EXIT
 

@@ -15,6 +15,7 @@ from sevcore import uapi as U
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.migration.workload import JOURNAL_PAGES, idle_vcpu, workload_main
 from sevcore.kvm.vcpu import GuestAssertionError
+from sevcore.vmm.kvm_util import vm_vcpu_add
 from sevcore.vmm.shared_pages import SharedPagesTracker
 
 SLOT = 0
@@ -40,7 +41,7 @@ class Machine:
         vm.memory_encrypt_op(U.KVM_SEV_INIT2)
         self.hva = kvm.mmap(config.mem_size)
         vm.set_user_memory_region2(SLOT, 0, 0, config.mem_size, self.hva)
-        self.vcpus = [vm.create_vcpu(i) for i in range(config.nr_vcpus)]
+        self.vcpus = [vm_vcpu_add(vm, i) for i in range(config.nr_vcpus)]      # 64-bit mode
         self.tracker = SharedPagesTracker(vm)
         self.tracker.setup(self.vcpus)
         self.vcpus[0].set_guest_code(workload_main, config.to_dict())
@@ -144,28 +145,33 @@ class Machine:
 
     def vcpu_state(self, vcpu):
         """The vCPU's architectural state the model holds, as bytes: CPUID, the MSRs KVM
-        emulates (the TSC as its current value), and the VMM's migration-control MSR."""
+        emulates (the TSC as its current value), the VMM's migration-control MSR, and
+        KVM_GET_REGS / KVM_GET_SREGS."""
         msrs = {str(k): v for k, v in vcpu.msrs.values.items() if k != U.MSR_IA32_TSC}
         tsc = vcpu.msrs.get(U.MSR_IA32_TSC)[1]
         return json.dumps({"vcpu_id": vcpu.vcpu_id, "cpuid": vcpu.get_cpuid2(), "msrs": msrs,
-                           "tsc": tsc, "migration_control": self.tracker.migration_control},
+                           "tsc": tsc, "migration_control": self.tracker.migration_control,
+                           "regs": vcpu.get_regs(), "sregs": bytes(vcpu.get_sregs()).hex()},
                           sort_keys=True).encode()
 
     def load_vcpu_state(self, vcpu_id, data):
-        """Install state from :meth:`vcpu_state` (KVM_SET_CPUID2, KVM_SET_MSRS); ValueError for
-        state that does not fit this VM."""
+        """Install state from :meth:`vcpu_state` (KVM_SET_CPUID2, KVM_SET_SREGS, KVM_SET_REGS,
+        KVM_SET_MSRS); ValueError for state that does not fit this VM."""
         try:
             st = json.loads(bytes(data))
             if st["vcpu_id"] != vcpu_id or not 0 <= vcpu_id < len(self.vcpus):
                 raise ValueError(f"state for vCPU {st['vcpu_id']} sent as vCPU {vcpu_id}")
             vcpu = self.vcpus[vcpu_id]
-            vcpu.set_cpuid2(st["cpuid"])
             msrs = {int(k): int(v) for k, v in st["msrs"].items()}
+            unknown = set(msrs) - set(vcpu.msrs.values)
+            if unknown:
+                raise ValueError(f"vCPU state names MSRs this vCPU lacks: {sorted(unknown)}")
+            sregs = U.kvm_sregs.from_buffer_copy(bytes.fromhex(st["sregs"]))
+            vcpu.set_cpuid2(st["cpuid"])
+            vcpu.set_sregs(sregs)
+            vcpu.set_regs(**st["regs"])
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"malformed vCPU state: {e}") from None
-        unknown = set(msrs) - set(vcpu.msrs.values)
-        if unknown:
-            raise ValueError(f"vCPU state names MSRs this vCPU lacks: {sorted(unknown)}")
         vcpu.msrs.values.update(msrs)
         vcpu.msrs.set(U.MSR_IA32_TSC, int(st["tsc"]))
         self.tracker.migration_control = int(st["migration_control"])

@@ -58,10 +58,45 @@ def vm_mem_set_shared(vm, gpa, size):
     return vm.set_memory_attributes(gpa, size, 0, 0)
 
 
+#: The selftest library's flat GDT selectors (lib/x86/processor.c).
+KERNEL_CS = 0x8
+KERNEL_DS = 0x10
+KERNEL_TSS = 0x18
+
+
+def vcpu_init_sregs(vcpu):
+    """vcpu_init_sregs (lib/x86/processor.c): 64-bit mode at CPL 0 through ``KVM_SET_SREGS``:
+    CR0 PE|NE|PG, CR4 PAE|OSFXSR (and OSXSAVE with XSAVE), EFER LME|LMA|NX, a flat 64-bit
+    code segment, flat data segments, a 64-bit TSS and an unusable LDT. The library's GDT, IDT,
+    TSS and page tables have no counterpart here (guest programs need none), so their bases
+    are 0."""
+    s = vcpu.get_sregs()
+    s.idt.base, s.idt.limit = 0, 256 * 16 - 1           # NUM_INTERRUPTS idt_entry
+    s.gdt.base, s.gdt.limit = 0, PAGE_SIZE - 1
+    s.cr0 = U.X86_CR0_PE | U.X86_CR0_NE | U.X86_CR0_PG
+    s.cr4 |= U.X86_CR4_PAE | U.X86_CR4_OSFXSR
+    leaf = vcpu.cpuid_entry(1)
+    if leaf and leaf["ecx"] >> 26 & 1:                   # X86_FEATURE_XSAVE
+        s.cr4 |= U.X86_CR4_OSXSAVE
+    s.efer |= U.EFER_LME | U.EFER_LMA | U.EFER_NX
+    s.ldt = U.kvm_segment(unusable=1)                   # kvm_seg_set_unusable
+    # kvm_seg_set_kernel_code_64bit / kvm_seg_set_kernel_data_64bit / kvm_seg_set_tss_64bit
+    s.cs = U.kvm_segment(selector=KERNEL_CS, limit=0xffffffff, type=0x0b, s=1, present=1,
+                         l=1, g=1)
+    for name in ("ds", "es", "fs", "gs"):
+        setattr(s, name, U.kvm_segment(selector=KERNEL_DS, limit=0xffffffff, type=0x03, s=1,
+                                       present=1, db=1, g=1))
+    s.tr = U.kvm_segment(selector=KERNEL_TSS, limit=0x67, type=0x0b, present=1)
+    s.cr3 = 0
+    vcpu.set_sregs(s)
+
+
 def vm_vcpu_add(vm, vcpu_id):
     """vm_arch_vcpu_add: ``KVM_CREATE_VCPU`` (the vCPU gets KVM_GET_SUPPORTED_CPUID's entries),
-    then ``vcpu_init_xcrs``: XCR0 = the supported XCR0 (``KVM_SET_XCRS``)."""
+    :func:`vcpu_init_sregs` (64-bit mode), then ``vcpu_init_xcrs``: XCR0 = the supported XCR0
+    (``KVM_SET_XCRS``)."""
     vcpu = vm.create_vcpu(vcpu_id)
+    vcpu_init_sregs(vcpu)
     vcpu.set_xcrs([(U.XCR_XFEATURE_ENABLED_MASK, SUPPORTED_XCR0)])
     return vcpu
 
@@ -86,7 +121,8 @@ def vm_create_with_vcpus(kvm, type, nr_vcpus, guest_code=None, *args):
 
 
 __all__ = ["vm_mem_add", "addr_gpa2hva", "vm_guest_mem_fallocate", "vm_set_memory_attributes",
-           "vm_mem_set_private", "vm_mem_set_shared", "vm_vcpu_add", "vm_create_with_vcpus",
+           "vm_mem_set_private", "vm_mem_set_shared", "vm_vcpu_add", "vcpu_init_sregs",
+           "vm_create_with_vcpus",
            "PAGE_SIZE"]
 
 

@@ -75,12 +75,20 @@ def test_guest_abort_reaches_the_vmm():
 
 
 def test_vcpu_state_round_trip_and_refusals():
-    """vCPU state loads into another VM's vCPU; a wrong id or unknown MSR is refused."""
+    """vCPU state (CPUID, MSRs, KVM_GET_REGS and KVM_GET_SREGS) loads into another VM's vCPU;
+    a wrong id or unknown MSR is refused."""
     m, dst = launched(workload="idle")
     t = Machine.incoming(dst, m.config)
-    state = m.vcpu_state(m.vcpus[0])
+    src = m.vcpus[0]
+    src.set_regs(rax=0x1234, rip=0x5000)
+    sregs = src.get_sregs()
+    sregs.gs.base, sregs.cr3 = 0x7000, 0x9000
+    src.set_sregs(sregs)
+    state = m.vcpu_state(src)
     t.load_vcpu_state(0, state)
-    assert t.vcpus[0].get_cpuid2() == m.vcpus[0].get_cpuid2()
+    assert t.vcpus[0].get_cpuid2() == src.get_cpuid2()
+    assert t.vcpus[0].get_regs() == src.get_regs()
+    assert bytes(t.vcpus[0].get_sregs()) == bytes(src.get_sregs())
     assert t.tracker.migration_ready
     with pytest.raises(ValueError, match="sent as vCPU"):
         t.load_vcpu_state(1, state)

@@ -5,7 +5,7 @@ from errno import EBADF, EEXIST, EINTR, EINVAL, EIO
 import pytest
 
 import sevcore
-from sevcore.vmm.kvm_util import vm_mem_add
+from sevcore.vmm.kvm_util import vm_mem_add, vm_vcpu_add
 from sevcore.uapi import *
 
 from support import raises_errno
@@ -24,7 +24,7 @@ def run_hypercall(vm, nr, *args):
     def guest(g):
         r = yield g.hypercall(nr, *args)
         yield g.sync(r)
-    vcpu = vm.create_vcpu(len(vm.vcpus))
+    vcpu = vm_vcpu_add(vm, len(vm.vcpus))
     vcpu.set_guest_code(guest)
     run = vcpu.run()
     if run.exit_reason == KVM_EXIT_HYPERCALL:

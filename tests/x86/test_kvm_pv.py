@@ -6,7 +6,7 @@ from errno import EINVAL
 import pytest
 
 import sevcore
-from sevcore.vmm.kvm_util import vm_mem_add
+from sevcore.vmm.kvm_util import vm_mem_add, vm_vcpu_add
 from sevcore.uapi import *
 
 from support import raises_errno
@@ -37,7 +37,7 @@ def guest_main(g):
 def create_vm_with_one_vcpu(guest_code):
     vm = sevcore.Kvm().create_vm(KVM_X86_DEFAULT_VM)
     vm_mem_add(vm, 0, 0, 16)
-    vcpu = vm.create_vcpu(0)
+    vcpu = vm_vcpu_add(vm, 0)
     vcpu.set_guest_code(guest_code)
     return vm, vcpu
 
@@ -124,7 +124,7 @@ def test_pv_unhalt_cleared_with_hlt_exits_disabled():
 
     vm = kvm.create_vm(KVM_X86_DEFAULT_VM)
     vm.enable_cap(KVM_CAP_X86_DISABLE_EXITS, KVM_X86_DISABLE_EXITS_HLT)
-    vcpu = vm.create_vcpu(0)
+    vcpu = vm_vcpu_add(vm, 0)
     vcpu.set_cpuid2(entries)
     assert not vcpu.cpuid_entry(KVM_CPUID_FEATURES)["eax"] & 1 << KVM_FEATURE_PV_UNHALT
 

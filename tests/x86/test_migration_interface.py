@@ -4,7 +4,7 @@ MSR_KVM_MIGRATION_CONTROL, kept by sevcore.vmm.shared_pages.SharedPagesTracker
 import pytest
 
 import sevcore
-from sevcore.vmm.kvm_util import vm_mem_add
+from sevcore.vmm.kvm_util import vm_mem_add, vm_vcpu_add
 from sevcore.uapi import *
 from sevcore.vmm.shared_pages import SharedPagesTracker
 
@@ -54,7 +54,7 @@ def test_tracker_follows_guest_reports(type):
     vm = sevcore.Kvm().create_vm(type)
     vm.sev_need_init = False          # the SEV layer's INIT; not under test here
     vm_mem_add(vm, 0, 0, 16)
-    vcpu = vm.create_vcpu(0)
+    vcpu = vm_vcpu_add(vm, 0)
     tracker = SharedPagesTracker(vm)
     tracker.setup([vcpu])
     feat = vcpu.cpuid_entry(KVM_CPUID_FEATURES)["eax"]
@@ -78,7 +78,7 @@ def test_msr_needs_the_feature():
     """Without KVM_FEATURE_MIGRATION_CONTROL in the guest's CPUID the MSR #GPs."""
     vm = sevcore.Kvm().create_vm(KVM_X86_DEFAULT_VM)
     vm_mem_add(vm, 0, 0, 16)
-    vcpu = vm.create_vcpu(0)
+    vcpu = vm_vcpu_add(vm, 0)
     tracker = SharedPagesTracker(vm)
     tracker.setup([vcpu])
     entries = vcpu.get_cpuid2()
