@@ -2,6 +2,7 @@
 
     sevcore migrate                         # default guest, PSP path and helper path side by side
     sevcore migrate --mem 1G --dirty-rate 5000 --path psp --json out.json --plot out.png
+    sevcore migrate --type sev-es --path psp --out-of-tree-vmsa   # an SEV-ES guest
     sevcore migrate --listen 4444           # target process
     sevcore migrate --to 127.0.0.1:4444     # source process
     sevcore sweep --dirty-rates 0,2500,10000 --plot sweep.png
@@ -22,7 +23,8 @@ from sevcore.hw.costmodel import CostModel, CostModelError
 from sevcore.migration.engine import PATHS, MigrationError, MigrationParams, migrate
 from sevcore.migration.machine import Machine
 from sevcore.migration.remote import send_to, serve
-from sevcore.migration.workload import WORKLOADS, GuestConfig, WorkloadError
+from sevcore.migration.workload import VM_TYPES, WORKLOADS, GuestConfig, WorkloadError
+from sevcore.uapi import SEV_POLICY_ES
 
 DEFAULT_RATES = "0,1000,2000,4000,8000,16000"
 
@@ -186,6 +188,8 @@ def _guest_args(ap):
                    help="pages/s the guest writes (default: the cost model's dirty_pages_per_s)")
     g.add_argument("--hot-fraction", type=float, default=0.1,
                    help="hotset workload: fraction of memory it writes (default 0.1)")
+    g.add_argument("--type", choices=tuple(VM_TYPES), default="sev",
+                   help="guest type (default sev; sev-es adds SEV_POLICY_ES to the policy)")
     g.add_argument("--policy", type=lambda s: int(s, 0), default=0,
                    help="SEV guest policy (default 0)")
     m = ap.add_argument_group("migration")
@@ -197,6 +201,9 @@ def _guest_args(ap):
                    help="charge PSP page commands as ring-buffer batches")
     m.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="cost-model parameter (repeatable); --list-costs shows them")
+    m.add_argument("--out-of-tree-vmsa", action="store_true",
+                   help="give both hosts' KVM the out-of-tree KVM_SEV_SEND/RECEIVE_UPDATE_VMSA "
+                        "(not in upstream KVM; the PSP path needs it for SEV-ES guests)")
     m.add_argument("--list-costs", action="store_true", help="print the cost model and exit")
     o = ap.add_argument_group("output")
     o.add_argument("--json", metavar="FILE", help="write all statistics as JSON")
@@ -211,13 +218,22 @@ def _cost(args):
         raise SystemExit(f"sevcore: {e}") from None
 
 
+def _kvm(args):
+    """A fresh Host's /dev/kvm, with the out-of-tree VMSA ioctls if asked for."""
+    kvm = sevcore.Kvm()
+    kvm.host.kvm_sev.out_of_tree_vmsa_migration = args.out_of_tree_vmsa
+    return kvm
+
+
 def _config(args, cost, kvm, dirty_rate=None, path="psp"):
     rate = dirty_rate if dirty_rate is not None else (
         args.dirty_rate if args.dirty_rate is not None else cost.dirty_pages_per_s)
+    vm_type = VM_TYPES[args.type]
+    policy = args.policy | (SEV_POLICY_ES if args.type == "sev-es" else 0)
     try:
         return GuestConfig(mem_size=args.mem, nr_vcpus=args.vcpus, shared_size=args.shared,
                            workload=args.workload, dirty_pages_per_s=rate,
-                           hot_fraction=args.hot_fraction, policy=args.policy,
+                           hot_fraction=args.hot_fraction, policy=policy, vm_type=vm_type,
                            c_bit=kvm.host.c_bit, **_helper_config(path, args.mem, cost))
     except WorkloadError as e:
         raise SystemExit(f"sevcore: {e}") from None
@@ -235,11 +251,11 @@ def _params(args, cost, path):
 
 def _one(args, cost, path, dirty_rate=None, label=None):
     """Launch a fresh guest on a fresh source Host and migrate it to a fresh target Host."""
-    src = sevcore.Kvm()
+    src = _kvm(args)
     machine = Machine.launch(src, _config(args, cost, src, dirty_rate, path))
     bar = Progress(label or path, enabled=False if args.quiet else None)
     try:
-        r = migrate(machine, sevcore.Kvm(), _params(args, cost, path), progress=bar)
+        r = migrate(machine, _kvm(args), _params(args, cost, path), progress=bar)
     finally:
         bar.done()
     return r
@@ -256,7 +272,7 @@ def cmd_migrate(args):
     if args.to:
         return _send(args, cost)
     paths = PATHS if args.path == "both" else (args.path,)
-    print(f"Migrating a {args.mem >> 20} MiB SEV guest ({args.workload}, "
+    print(f"Migrating a {args.mem >> 20} MiB {args.type.upper()} guest ({args.workload}, "
           f"{args.dirty_rate if args.dirty_rate is not None else cost.dirty_pages_per_s:g} "
           f"pages/s dirtied) between two simulated hosts", file=sys.stderr)
     results, status = {}, 0
@@ -299,7 +315,7 @@ def _listen(args):
                 f.write(str(addr[1]))
             os.replace(args.port_file + ".tmp", args.port_file)
     try:
-        t = serve(args.listen, sevcore.Kvm(), args.bind, on_listening=listening)
+        t = serve(args.listen, _kvm(args), args.bind, on_listening=listening)
     except Exception as e:
         print(f"sevcore: incoming migration failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -313,7 +329,7 @@ def _send(args, cost):
     if not host or not port.isdigit():
         raise SystemExit(f"sevcore: --to wants HOST:PORT, not {args.to!r}")
     path = PATHS[0] if args.path == "both" else args.path
-    src = sevcore.Kvm()
+    src = _kvm(args)
     machine = Machine.launch(src, _config(args, cost, src, path=path))
     bar = Progress(path, enabled=False if args.quiet else None)
     try:

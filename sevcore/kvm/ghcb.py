@@ -291,14 +291,19 @@ _VC_HANDLERS = {"rdmsr": GhcbGuest._msr, "wrmsr": GhcbGuest._msr,
                 "ucall": GhcbGuest._ucall}
 
 
-def ghcb_program(fn, ghcb_gpa):
+def ghcb_program(fn, ghcb_gpa, version=None):
     """A guest program that runs ``fn(g, *args)`` as an SEV-ES kernel runs its code: the GHCB
     protocol negotiated first, every #VC handled through the GHCB at ``ghcb_gpa`` (the ``_safe``
     MSR forms report #VC as vector 29; the handler takes that as the #VC too), and an exception
-    the program does not catch reported as UCALL_ABORT through the GHCB, as GUEST_FAIL would."""
+    the program does not catch reported as UCALL_ABORT through the GHCB, as GUEST_FAIL would.
+    ``version``: speak that protocol version without negotiating (a mirror's KVM offers none,
+    and KVM does not check the version a GHCB carries)."""
     def program(g, *args):
         ghcb = GhcbGuest(ghcb_gpa)
-        yield from ghcb.negotiate(g)
+        if version is None:
+            yield from ghcb.negotiate(g)
+        else:
+            ghcb.version = version
         inner = fn(g, *args)
         send, throw = None, None
         while True:

@@ -67,9 +67,13 @@ STRUCTS = {
                           session_len=0),
 }
 STRUCTS["receive_update_data"] = STRUCTS["send_update_data"]
+#: The out-of-tree VMSA migration commands (see _OUT_OF_TREE): struct kvm_csv_send_update_vmsa /
+#: kvm_csv_receive_update_vmsa of Hygon's CSV2 driver (arch/x86/kvm/svm/csv.c).
+STRUCTS["update_vmsa"] = dict(vcpu_id=0, hdr_uaddr=0, hdr_len=0, trans_uaddr=0, trans_len=0)
 #: The width of the fields above that are not ``*_uaddr`` (__u64) or ``*_len`` (__u32), as
 #: include/uapi/linux/kvm.h declares them; mnonce is __u8[16].
-FIELD_BITS = dict(vmsa_features=64, flags=32, ghcb_version=16, handle=32, policy=32, state=32)
+FIELD_BITS = dict(vmsa_features=64, flags=32, ghcb_version=16, handle=32, policy=32, state=32,
+                  vcpu_id=32)
 #: Per-struct widths that differ from FIELD_BITS, and byte-array fields with their sizes; the
 #: SNP structs add theirs (sevcore.kvm.sev_snp).
 STRUCT_FIELD_BITS = {}
@@ -195,6 +199,10 @@ class KvmSev:
         self._slabs = []                   # free slabs of _SLAB_PAGES contiguous frames
         self._lock = threading.Lock()
         self._sev_fd = None
+        #: Out of tree, off by default (upstream KVM has no such ioctls: EINVAL): accept
+        #: KVM_SEV_SEND_UPDATE_VMSA / KVM_SEV_RECEIVE_UPDATE_VMSA as the CSV2 driver defines
+        #: them, so an SEV-ES guest's VMSAs can move through the firmware.
+        self.out_of_tree_vmsa_migration = False
 
     @property
     def asids(self):
@@ -301,6 +309,8 @@ def memory_encrypt_op(vm, id, data, sev_fd, fields):
         raise TypeError(f"id must be a u32, not {id!r}")
     _command_allowed(vm, id)
     entry = _HANDLERS.get(id)
+    if entry is None and vm.host.kvm_sev.out_of_tree_vmsa_migration:
+        entry = _OUT_OF_TREE.get(id)
     if id == U.KVM_SEV_ES_INIT and not vm.host.kvm_sev.asids.es_enabled:
         raise KvmError(ENOTTY, IOCTL, "SEV-ES is disabled")
     if entry is None:
@@ -865,15 +875,19 @@ def _update_data_checks(send, guest_uaddr, guest_len, hdr_len, trans_len, buffer
         raise KvmError(EINVAL, IOCTL, _CROSSES)
 
 
+def _query_lengths(c, p, cmd, layout):
+    """__sev_send_update_data_query_lengths: the firmware's lengths for a handle-only command,
+    written back before its status is returned."""
+    _, f = c.fw(cmd, layout, check=False, handle=c.sev.handle)
+    c.writeback(p, hdr_len=f.hdr_len, trans_len=f.trans_len)
+    if c.out.error:
+        raise SevError(c.out.error, c.out)
+
+
 def _cmd_send_update_data(c, params):
     p = _update_data_params(c, params, True)
     if not p["trans_len"] or not p["hdr_len"]:
-        _, f = c.fw(U.SEV_CMD_SEND_UPDATE_DATA, L.sev_data_send_update_data, check=False,
-                    handle=c.sev.handle)
-        c.writeback(p, hdr_len=f.hdr_len, trans_len=f.trans_len)
-        if c.out.error:
-            raise SevError(c.out.error, c.out)
-        return
+        return _query_lengths(c, p, U.SEV_CMD_SEND_UPDATE_DATA, L.sev_data_send_update_data)
     _update_data_checks(True, p["guest_uaddr"], p["guest_len"], p["hdr_len"], p["trans_len"],
                         p["hdr_uaddr"] and p["trans_uaddr"])
     (pfn,) = c.pin(p["guest_uaddr"], p["guest_len"], False)
@@ -940,4 +954,65 @@ _HANDLERS = {
     U.KVM_SEV_RECEIVE_UPDATE_DATA: (_cmd_receive_update_data, "receive_update_data"),
     U.KVM_SEV_RECEIVE_FINISH: (_handle_cmd(U.SEV_CMD_RECEIVE_FINISH,
                                            L.sev_data_receive_finish), None),
+}
+
+
+# -- out of tree: the VMSA migration commands --------------------------------------------------------
+
+def _vmsa_vcpu(c, p):
+    """kvm_get_vcpu_by_id of ``vcpu_id``: EINVAL if there is none."""
+    for vcpu in c.vm.vcpus:
+        if vcpu.vcpu_id == p["vcpu_id"]:
+            return vcpu
+    c.fail(EINVAL, f"no vCPU {p['vcpu_id']}")
+
+
+def _cmd_send_update_vmsa(c, params):
+    """csv_send_update_vmsa: ENOTTY outside SEV-ES; a zero hdr_len or trans_len queries both
+    lengths; then the vCPU's VMSA (with the C-bit) goes out as one packet. The firmware's
+    buffer is its transport layout (psp/layout.py: the upstream header's struct lacks
+    reserved1)."""
+    p = _params(c, params)
+    c.need_sev(es=True)
+    if not p["trans_len"] or not p["hdr_len"]:
+        return _query_lengths(c, p, U.SEV_CMD_SEND_UPDATE_VMSA, L.sev_data_send_update_vmsa)
+    if not p["trans_uaddr"] or not p["hdr_uaddr"]:
+        c.fail(EINVAL, "hdr_uaddr or trans_uaddr is 0")
+    vcpu = _vmsa_vcpu(c, p)
+    if vcpu.vmsa_spa is None:
+        c.fail(EINVAL, f"vCPU {vcpu.vcpu_id} has no VMSA")
+    hdr, trans = c.buf.reserve(p["hdr_len"]), c.buf.reserve(p["trans_len"])
+    c.fw(U.SEV_CMD_SEND_UPDATE_VMSA, L.sev_data_send_update_vmsa, handle=c.sev.handle,
+         hdr_address=hdr, hdr_len=p["hdr_len"], guest_address=vcpu.vmsa_spa | 1 << c.host.c_bit,
+         guest_len=VMSA_SIZE, trans_address=trans, trans_len=p["trans_len"])
+    c.copy_out(p["trans_uaddr"], c.buf.get(trans, p["trans_len"]))
+    c.copy_out(p["hdr_uaddr"], c.buf.get(hdr, p["hdr_len"]))
+
+
+def _cmd_receive_update_vmsa(c, params):
+    """csv_receive_update_vmsa: ENOTTY outside SEV-ES, EINVAL for a zero address or length or
+    an unknown vCPU; the packet is opened into the vCPU's VMSA page (with the C-bit), after
+    which its state is protected."""
+    p = _params(c, params)
+    c.need_sev(es=True)
+    if not (p["hdr_uaddr"] and p["hdr_len"] and p["trans_uaddr"] and p["trans_len"]):
+        c.fail(EINVAL, _RECEIVE_ZERO)
+    vcpu = _vmsa_vcpu(c, p)
+    hdr = c.blob(p["hdr_uaddr"], p["hdr_len"])
+    trans = c.blob(p["trans_uaddr"], p["trans_len"])
+    if vcpu.vmsa_spa is None:                # the page KVM gives every SEV-ES vCPU
+        (pfn,) = c.host.mem.alloc(1)
+        vcpu.vmsa_spa = int(pfn) << PAGE_SHIFT
+    spa = vcpu.vmsa_spa
+    c.fw(U.SEV_CMD_RECEIVE_UPDATE_VMSA, L.sev_data_receive_update_vmsa, handle=c.sev.handle,
+         hdr_address=hdr, hdr_len=p["hdr_len"], guest_address=spa | 1 << c.host.c_bit,
+         guest_len=VMSA_SIZE, trans_address=trans, trans_len=p["trans_len"])
+    vcpu.guest_state_protected = True
+
+
+#: Commands upstream KVM does not have, accepted only with
+#: ``host.kvm_sev.out_of_tree_vmsa_migration`` (docs/fidelity.md, "VMSA migration").
+_OUT_OF_TREE = {
+    U.KVM_SEV_SEND_UPDATE_VMSA: (_cmd_send_update_vmsa, "update_vmsa"),
+    U.KVM_SEV_RECEIVE_UPDATE_VMSA: (_cmd_receive_update_vmsa, "update_vmsa"),
 }

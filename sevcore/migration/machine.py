@@ -1,10 +1,10 @@
 """A VMM's guest: the VM, its vCPUs, its memory and the shared-pages tracker, on one Host.
 
-:meth:`Machine.launch` is the source's side: create an SEV VM, launch it as a guest owner would
-(a session for the platform's PDH, LAUNCH_UPDATE_DATA of the boot image, LAUNCH_MEASURE checked
-against the owner's own computation, LAUNCH_FINISH) and boot the workload until it declares
-itself migration-ready. :meth:`Machine.incoming` is the target's: the same VM, memory and vCPUs,
-not launched: RECEIVE_START will give it its context.
+:meth:`Machine.launch` is the source's side: create an SEV (or SEV-ES) VM, launch it as a guest
+owner would (a session for the platform's PDH, LAUNCH_UPDATE_DATA of the boot image, for SEV-ES
+LAUNCH_UPDATE_VMSA, LAUNCH_MEASURE checked against the owner's own computation, LAUNCH_FINISH)
+and boot the workload until it declares itself migration-ready. :meth:`Machine.incoming` is the
+target's: the same VM, memory and vCPUs, not launched: RECEIVE_START will give it its context.
 """
 import json
 
@@ -14,6 +14,8 @@ from sevcore.vmm import owner
 from sevcore import uapi as U
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.migration.workload import JOURNAL_PAGES, idle_vcpu, workload_main
+from sevcore.kvm.ghcb import ghcb_program
+from sevcore.kvm.sev_es import build_vmsa
 from sevcore.kvm.vcpu import GuestAssertionError
 from sevcore.vmm.kvm_util import vm_vcpu_add
 from sevcore.vmm.shared_pages import SharedPagesTracker
@@ -44,9 +46,11 @@ class Machine:
         self.vcpus = [vm_vcpu_add(vm, i) for i in range(config.nr_vcpus)]      # 64-bit mode
         self.tracker = SharedPagesTracker(vm)
         self.tracker.setup(self.vcpus)
-        self.vcpus[0].set_guest_code(workload_main, config.to_dict())
-        for v in self.vcpus[1:]:
-            v.set_guest_code(idle_vcpu)
+        for v in self.vcpus:
+            fn = workload_main if v.vcpu_id == 0 else idle_vcpu
+            if config.es:
+                fn = ghcb_program(fn, config.layout.ghcb_gpa(v.vcpu_id))
+            v.set_guest_code(fn, *((config.to_dict(),) if v.vcpu_id == 0 else ()))
         self.ticks = 0
         self.pages_written = 0
         self.resumed = None
@@ -83,11 +87,16 @@ class Machine:
         image = (1 + JOURNAL_PAGES) * PAGE_SIZE         # header and journal: the boot image
         plaintext = kvm.read(self.hva, image)
         vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_UPDATE_DATA, uaddr=self.hva, len=image)
+        measured = [plaintext]
+        if self.config.es:
+            # The VMSAs as sev_es_sync_vmsa builds them, each measured after the data.
+            measured += [build_vmsa(v, vm.sev.vmsa_features) for v in self.vcpus]
+            vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_UPDATE_VMSA)
         out = kvm.mmap(PAGE_SIZE)
         vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_MEASURE, uaddr=out, len=48)
         st = self.host.psp.platform_status()
         if not owner.verify_measurement(session.tik, kvm.read(out, 48),
-                                        owner.launch_digest(plaintext), st.api_major,
+                                        owner.launch_digest(*measured), st.api_major,
                                         st.api_minor, st.build, policy):
             raise LaunchError("LAUNCH_MEASURE does not match the guest owner's measurement")
         vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_FINISH)

@@ -1,6 +1,7 @@
 """The source VMM's side of a migration: setup against the target's chain, pre-copy with dirty
 logging, stop-and-copy, the hand-over, and SEND_CANCEL on any failure (docs/migration.md)."""
 import time
+from errno import EINVAL
 
 import numpy as np
 
@@ -58,6 +59,10 @@ class Source(_End):
         st = self.stats
         self.t0 = self.m.host.clock.now_ns
         try:
+            if self.m.config.es and self.params.path == "helper":
+                raise MigrationError("the helper path does not move SEV-ES guests yet: the "
+                                     "target's mirror vCPUs would need VMSAs during "
+                                     "RECEIVE_UPDATE (docs/migration.md)")
             if self.params.path == "helper" and self.layout is None:
                 raise MigrationError("the helper path needs a guest booted with a migration "
                                      "helper (GuestConfig.helper_vcpus >= 1)")
@@ -137,6 +142,8 @@ class Source(_End):
         pdh, plat, amd = (bytes.fromhex(hello[k]) for k in ("pdh", "plat_certs", "amd_certs"))
         out = self._send_start(pdh, plat, amd)
         self._sent_start = True
+        if m.config.es:
+            self._probe_send_update_vmsa()
         src_pdh = m.host.psp.export_cert_chain().pdh
         self.writer.sev_session(out.policy, src_pdh, self._session)
         self.tl.batch(lambda c: 0, S.FRAME_OVERHEAD + 12 + len(src_pdh) + len(self._session),
@@ -162,6 +169,39 @@ class Source(_End):
         self.stats.count_psp("SEND_START")
         self._session = kvm.read(session, out.session_len)
         return out
+
+    def _probe_send_update_vmsa(self):
+        """An SEV-ES guest's VMSAs can move only if KVM has KVM_SEV_SEND_UPDATE_VMSA: upstream
+        KVM has not (EINVAL for the id); out-of-tree KVM answers the length query."""
+        try:
+            self.vm.memory_encrypt_op(U.KVM_SEV_SEND_UPDATE_VMSA, vcpu_id=0)
+        except OSError as e:
+            if e.errno == EINVAL:
+                raise MigrationError("KVM has no KVM_SEV_SEND_UPDATE_VMSA (upstream KVM cannot "
+                                     "move an SEV-ES guest's VMSA; the out-of-tree ioctls are "
+                                     "host.kvm_sev.out_of_tree_vmsa_migration, "
+                                     "--out-of-tree-vmsa)") from e
+
+    def _send_vmsas(self):
+        """KVM_SEV_SEND_UPDATE_VMSA of every vCPU, stopped: a ``vmsa`` SETUP record each with
+        the firmware's header and packet; the target opens them with RECEIVE_UPDATE_VMSA."""
+        m, kvm = self.m, self.kvm
+        hdr, trans = kvm.mmap(PAGE_SIZE), kvm.mmap(PAGE_SIZE)
+        n = len(m.vcpus)
+
+        def write(w):
+            for vcpu in m.vcpus:
+                self.vm.memory_encrypt_op(U.KVM_SEV_SEND_UPDATE_VMSA, vcpu_id=vcpu.vcpu_id,
+                                          hdr_uaddr=hdr, hdr_len=SEV_PACKET_HEADER,
+                                          trans_uaddr=trans, trans_len=PAGE_SIZE)
+                w.setup({"kind": "vmsa", "vcpu_id": vcpu.vcpu_id,
+                         "hdr": kvm.read(hdr, SEV_PACKET_HEADER).hex(),
+                         "trans": kvm.read(trans, PAGE_SIZE).hex()})
+        nbytes = self._written(write)
+        self.tl.batch(lambda c: charge_psp_pages(self.cost, c, n, False), nbytes,
+                      lambda c: charge_psp_pages(self.cost, c, n, False))
+        self.stats.count_psp("SEND_UPDATE_VMSA", n)
+        self.stats.count_psp("RECEIVE_UPDATE_VMSA", n)
 
     # -- pre-copy ---------------------------------------------------------------------------------------
 
@@ -337,6 +377,8 @@ class Source(_End):
                            "ranges": [list(r) for r in m.tracker.shared_ranges(0, m.npages)]})
         for vcpu in m.vcpus:
             self.writer.vcpu_state(vcpu.vcpu_id, m.vcpu_state(vcpu))
+        if m.config.es:
+            self._send_vmsas()
         self.writer.setup({"kind": "complete"})
         self.writer.flush()
         self.tl.control(0)

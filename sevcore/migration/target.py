@@ -111,6 +111,8 @@ class Target(_End):
                 pass
             elif isinstance(rec, S.VcpuState):
                 m.load_vcpu_state(rec.vcpu_id, rec.data)
+            elif isinstance(rec, S.Setup) and rec.params.get("kind") == "vmsa":
+                self._receive_vmsa(rec.params)
             elif isinstance(rec, S.Setup) and rec.params.get("kind") == "shared_ranges":
                 for s, e in rec.params["ranges"]:
                     m.tracker.shared.add(int(s), int(e))
@@ -168,6 +170,25 @@ class Target(_End):
         gfns = self._check_gfns(gfns)
         self.m.vm.sev_receive_update_data_pages(self.m.gfn_hvas(gfns), hdrs, trans)
         charge_psp_pages(self.cost, self.clock, len(gfns), self.params.ring_buffer)
+
+    def _receive_vmsa(self, rec):
+        """KVM_SEV_RECEIVE_UPDATE_VMSA of one vCPU's packet (out-of-tree KVM)."""
+        if not self.m.config.es:
+            raise StreamError("a VMSA record for a guest that is not SEV-ES")
+        try:
+            vcpu_id = int(rec["vcpu_id"])
+            hdr, trans = bytes.fromhex(rec["hdr"]), bytes.fromhex(rec["trans"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise StreamError(f"malformed VMSA record: {e}") from None
+        kvm = self.kvm
+        hva = kvm.mmap(PAGE_SIZE + max(PAGE_SIZE, len(trans)))
+        kvm.write(hva, hdr)
+        kvm.write(hva + PAGE_SIZE, trans)
+        self.m.vm.memory_encrypt_op(U.KVM_SEV_RECEIVE_UPDATE_VMSA, vcpu_id=vcpu_id,
+                                    hdr_uaddr=hva, hdr_len=len(hdr), trans_uaddr=hva + PAGE_SIZE,
+                                    trans_len=len(trans))
+        kvm.munmap(hva, PAGE_SIZE + max(PAGE_SIZE, len(trans)))
+        charge_psp_pages(self.cost, self.clock, 1, False)
 
     def _receive_shared(self, gfns, data):
         gfns = self._check_gfns(gfns)

@@ -10,6 +10,7 @@ Guest memory (one memslot at GPA 0, gfns):
 ==========================  ===========================================================
 gfn 0                       header (private): magic, seed, ticks so far
 1 .. 1 + JOURNAL_PAGES      journal (private): pages dirtied at each tick, u32 per tick
+next ``nr_vcpus`` (SEV-ES)  one GHCB per vCPU (shared), reported with the shared pages
 next ``shared_pages``       shared pages (bounce buffers), reported with MAP_GPA_RANGE
 the rest up to ``reserved``  data pages (private), all written at boot
 top ``reserved`` pages      the migration helper's pages, if it has one (``helper_vcpus``)
@@ -21,6 +22,10 @@ with a generator seeded by ``(seed, tick)``, rewrites each with its ``(gfn, tick
 appends the count to the journal. Replaying the journal tells which tick wrote each page last,
 so after a migration the program checks every page against the pattern it must hold, with no
 per-page bookkeeping in memory.
+
+An SEV-ES guest (``vm_type`` KVM_X86_SEV_ES_VM, policy with SEV_POLICY_ES) runs the same program
+under :func:`sevcore.kvm.ghcb.ghcb_program`: its TSC reads, MAP_GPA_RANGE, MIGRATION_CONTROL
+write and ucalls each raise #VC and go to the hypervisor through the vCPU's GHCB page.
 """
 import struct
 from dataclasses import asdict, dataclass
@@ -36,6 +41,8 @@ JOURNAL_PAGES = 8
 JOURNAL_TICKS = JOURNAL_PAGES * PAGE_SIZE // 4
 _HEADER = struct.Struct("<8sQQ")         # magic, seed, ticks
 WORKLOADS = ("idle", "random", "hotset")
+#: The guest types the workload runs, by the name ``sevcore migrate --type`` takes.
+VM_TYPES = {"sev": U.KVM_X86_SEV_VM, "sev-es": U.KVM_X86_SEV_ES_VM}
 
 
 class WorkloadError(ValueError):
@@ -74,11 +81,12 @@ class GuestConfig:
             raise WorkloadError(f"helper_vcpus must be >= 0, not {self.helper_vcpus}")
         if self.nr_vcpus < 1:
             raise WorkloadError(f"nr_vcpus must be >= 1, not {self.nr_vcpus}")
-        if self.vm_type != U.KVM_X86_SEV_VM:
-            raise WorkloadError(f"the workload runs KVM_X86_SEV_VM guests, not type "
-                                f"{self.vm_type}: an SEV-ES guest would need the GHCB page "
-                                f"protocol for its exits, which is not modelled "
-                                f"(docs/fidelity.md)")
+        if self.vm_type not in VM_TYPES.values():
+            raise WorkloadError(f"the workload runs SEV and SEV-ES guests "
+                                f"(KVM_X86_SEV_VM, KVM_X86_SEV_ES_VM), not type {self.vm_type}")
+        if self.es != bool(self.policy & U.SEV_POLICY_ES):
+            raise WorkloadError(f"policy {self.policy:#x} does not match the VM type: an SEV-ES "
+                                f"guest needs SEV_POLICY_ES, an SEV guest must not have it")
         if self.layout.data_pages < 1:
             raise WorkloadError(f"a {self.mem_size >> 20} MiB guest leaves no data pages after "
                                 f"its header, journal, {self.shared_pages} shared and "
@@ -87,6 +95,11 @@ class GuestConfig:
     @property
     def npages(self):
         return self.mem_size >> PAGE_SHIFT
+
+    @property
+    def es(self):
+        """Whether the guest is SEV-ES (its vCPUs talk to the host through GHCB pages)."""
+        return self.vm_type == U.KVM_X86_SEV_ES_VM
 
     @property
     def shared_pages(self):
@@ -110,7 +123,8 @@ class GuestConfig:
 
     @property
     def layout(self):
-        return Layout(self.npages, self.shared_pages, self.reserved_pages)
+        return Layout(self.npages, self.shared_pages, self.reserved_pages,
+                      self.nr_vcpus if self.es else 0)
 
     def to_dict(self):
         return asdict(self)
@@ -130,13 +144,19 @@ class Layout:
     npages: int
     shared_pages: int
     reserved_pages: int
+    ghcb_pages: int = 0
 
     header_gfn = 0
     journal_gfn = 1
+    ghcb_gfn = 1 + JOURNAL_PAGES
 
     @property
     def shared_gfn(self):
-        return 1 + JOURNAL_PAGES
+        return self.ghcb_gfn + self.ghcb_pages
+
+    def ghcb_gpa(self, vcpu_id):
+        """The GPA of vCPU ``vcpu_id``'s GHCB (shared: no C-bit)."""
+        return (self.ghcb_gfn + vcpu_id) << PAGE_SHIFT
 
     @property
     def data_gfn(self):
@@ -236,10 +256,12 @@ def _boot(g, cfg, lay, c):
     yield g.fill(lay.journal_gfn << PAGE_SHIFT | c, JOURNAL_PAGES, 0)
     if lay.data_pages:
         yield g.write_pattern(lay.data_gfn << PAGE_SHIFT | c, lay.data_pages, 0)
-    if lay.shared_pages:
-        ret = yield g.hypercall(U.KVM_HC_MAP_GPA_RANGE, lay.shared_gfn << PAGE_SHIFT,
-                                lay.shared_pages, U.KVM_MAP_GPA_RANGE_DECRYPTED)
+    if lay.ghcb_pages + lay.shared_pages:
+        # The GHCBs are shared too (an SEV-ES kernel decrypts them before it uses them).
+        ret = yield g.hypercall(U.KVM_HC_MAP_GPA_RANGE, lay.ghcb_gfn << PAGE_SHIFT,
+                                lay.ghcb_pages + lay.shared_pages, U.KVM_MAP_GPA_RANGE_DECRYPTED)
         assert ret == 0, f"MAP_GPA_RANGE of the shared pages returned {ret}"
+    if lay.shared_pages:
         yield g.write_pattern(lay.shared_gfn << PAGE_SHIFT, lay.shared_pages, 0)
     if cfg.helper_vcpus:
         yield from helper_boot(g, cfg.helper_layout, cfg.c_bit)

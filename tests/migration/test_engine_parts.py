@@ -12,7 +12,7 @@ from sevcore.migration import stream as S
 from sevcore.migration.engine import MigrationParams, TargetFailed, Timeline, migrate
 from sevcore.migration.machine import GuestError, LaunchError, Machine
 from sevcore.migration.workload import GuestConfig, WorkloadError
-from sevcore.uapi import KVM_MAP_GPA_RANGE_DECRYPTED, KVM_X86_SEV_ES_VM
+from sevcore.uapi import KVM_MAP_GPA_RANGE_DECRYPTED, KVM_X86_SEV_ES_VM, KVM_X86_SW_PROTECTED_VM
 
 from support.migration import SMALL, Proxy, launched, rewrite
 
@@ -27,7 +27,8 @@ FAST = MigrationParams(max_iterations=4, timeout_s=20)
     (dict(hot_fraction=0), "hot_fraction"),
     (dict(nr_vcpus=0), "nr_vcpus"),
     (dict(helper_vcpus=-1), "helper_vcpus"),
-    (dict(vm_type=KVM_X86_SEV_ES_VM), "GHCB"),
+    (dict(vm_type=KVM_X86_SEV_ES_VM), "SEV_POLICY_ES"),
+    (dict(vm_type=KVM_X86_SW_PROTECTED_VM), "SEV and SEV-ES"),
     (dict(mem_size=64 << 10), "no data pages"),
     (dict(mem_size=512 << 10, helper_vcpus=1), "no room for the helper"),
 ])

@@ -299,3 +299,57 @@ def test_ghcb_outside_memory_returns_to_the_guest_and_kvm_marks_the_page_dirty()
     vm.set_user_memory_region2(0, KVM_MEM_LOG_DIRTY_PAGES, 0, 16 << 12, addr_gpa2hva(vm, 0))
     vcpu.run()
     assert int(vm.get_dirty_log(0)[0]) >> (GHCB_GPA >> 12) & 1
+
+
+def helper_like(g, secret_gpa):
+    """What a migration helper does in its mirror: read the guest's private memory in plaintext
+    (C-bit) and talk to its VMM by ucalls, here through the GHCB."""
+    data = yield g.read(secret_gpa | 1 << g.vcpu.vm.host.c_bit, 16)
+    yield g.sync(data.hex())
+
+
+def test_sev_es_mirror_with_a_measured_vmsa_talks_through_its_ghcb():
+    """A mirror of an SEV-ES guest whose vCPU's VMSA was launched with the guest
+    (LAUNCH_UPDATE_VMSA on the mirror, in the guest's measurement) runs a helper-like program
+    that reads the guest's private page and reaches its VMM through a GHCB page with protocol
+    version 1 (the mirror's KVM offers no version: sev_vm_copy_enc_context_from copies none)."""
+    from sevcore.vmm import owner
+    from sevcore.kvm.sev_es import build_vmsa
+    kvm = sevcore.Kvm()
+    vm = kvm.create_vm(KVM_X86_SEV_ES_VM)
+    vm.memory_encrypt_op(KVM_SEV_INIT2)
+    hva = vm_mem_add(vm, 0, 0, 16)
+    kvm.write(hva + SCRATCH_GPA, b"private to guest")
+    vcpu = vm_vcpu_add(vm, 0)
+    vcpu.set_guest_code(guest_raw_vmgexit, raw(SVM_EXIT_CPUID, rax=0, rcx=0))
+    chain = kvm.host.psp.export_cert_chain()
+    session = owner.create_launch_session(chain.pdh, SEV_POLICY_ES)
+    dh, blob = kvm.mmap(4096), kvm.mmap(4096)
+    kvm.write(dh, session.godh_cert)
+    kvm.write(blob, session.session)
+    vm.memory_encrypt_op(KVM_SEV_LAUNCH_START, policy=SEV_POLICY_ES, dh_uaddr=dh,
+                         dh_len=len(session.godh_cert), session_uaddr=blob,
+                         session_len=len(session.session))
+    # The mirror takes the context's handle and ASID: after LAUNCH_START.
+    mirror = kvm.create_vm(KVM_X86_DEFAULT_VM)
+    mirror.enable_cap(KVM_CAP_VM_COPY_ENC_CONTEXT_FROM, vm.fd)
+    mirror.set_user_memory_region2(0, 0, 0, 16 << 12, hva)
+    mvcpu = vm_vcpu_add(mirror, 0)
+    mvcpu.set_guest_code(ghcb_program(helper_like, GHCB_GPA + 4096, version=1), SCRATCH_GPA)
+    vm.memory_encrypt_reg_region(hva, 16 << 12)
+    image = kvm.read(hva, 16 << 12)
+    vm.memory_encrypt_op(KVM_SEV_LAUNCH_UPDATE_DATA, uaddr=hva, len=16 << 12)
+    vmsas = [build_vmsa(vcpu, vm.sev.vmsa_features), build_vmsa(mvcpu, mirror.sev.vmsa_features)]
+    vm.memory_encrypt_op(KVM_SEV_LAUNCH_UPDATE_VMSA)
+    mirror.memory_encrypt_op(KVM_SEV_LAUNCH_UPDATE_VMSA)
+    out = kvm.mmap(4096)
+    vm.memory_encrypt_op(KVM_SEV_LAUNCH_MEASURE, uaddr=out, len=48)
+    st = kvm.host.psp.platform_status()
+    assert owner.verify_measurement(session.tik, kvm.read(out, 48),
+                                    owner.launch_digest(image, *vmsas), st.api_major,
+                                    st.api_minor, st.build, SEV_POLICY_ES)
+    vm.memory_encrypt_op(KVM_SEV_LAUNCH_FINISH)
+    assert mvcpu.guest_state_protected
+    mvcpu.run()
+    assert mvcpu.get_ucall() == ("sync", (b"private to guest".hex(),))
+    assert kvm.read(hva + SCRATCH_GPA, 16) != b"private to guest"

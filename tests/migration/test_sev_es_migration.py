@@ -1,0 +1,106 @@
+"""SEV-ES guests through the migration engine: the workload on the GHCB page protocol, the PSP
+path with the VMSAs moved by the out-of-tree KVM_SEV_SEND/RECEIVE_UPDATE_VMSA, the refusals
+when KVM lacks them, and the same migration over TCP into a target process."""
+import subprocess
+import sys
+import time
+
+import pytest
+
+import sevcore
+from sevcore.cli import main
+from sevcore.migration.engine import MigrationError, MigrationParams, migrate
+from sevcore.migration.machine import Machine
+from sevcore.migration.remote import send_to
+from sevcore.migration.workload import GuestConfig, WorkloadError
+from sevcore.uapi import (KVM_X86_SEV_ES_VM, KVM_X86_SEV_VM, SEV_GUEST_STATE_RUNNING,
+                          SEV_POLICY_ES)
+
+from support.migration import SMALL, assert_runs_on, guest_state, memory_snapshot
+
+ES = dict(SMALL, vm_type=KVM_X86_SEV_ES_VM, policy=SEV_POLICY_ES)
+
+
+def es_kvm(out_of_tree=True):
+    kvm = sevcore.Kvm()
+    kvm.host.kvm_sev.out_of_tree_vmsa_migration = out_of_tree
+    return kvm
+
+
+def test_sev_es_guest_migrates_by_the_psp_with_its_vmsas():
+    """An SEV-ES guest dirtying pages through its GHCB moves by the PSP path: every vCPU's VMSA
+    by SEND/RECEIVE_UPDATE_VMSA, then its own check on the target finds every page intact and
+    it keeps running there."""
+    src = es_kvm()
+    m = Machine.launch(src, GuestConfig(**ES, nr_vcpus=2, dirty_pages_per_s=20_000))
+    assert m.vcpus[0].guest_state_protected and m.tracker.migration_ready
+    r = migrate(m, es_kvm(), MigrationParams(max_iterations=4))
+    st = r.stats
+    assert st.status == "completed" and st.bad_pages == 0
+    assert st.verified_pages == m.config.layout.end_gfn - m.config.layout.shared_gfn
+    assert st.guest_pages_written > 0
+    assert st.psp_commands["SEND_UPDATE_VMSA"] == st.psp_commands["RECEIVE_UPDATE_VMSA"] == 2
+    assert all(v.guest_state_protected for v in r.target.vcpus)
+    r.target.host.clock.advance(1e6, "test")
+    r.target.tick()
+
+
+def test_upstream_kvm_cannot_move_an_sev_es_guest():
+    """Without KVM_SEV_SEND_UPDATE_VMSA (upstream KVM: EINVAL) the source refuses at setup,
+    cancels, and its guest runs on with its memory unchanged."""
+    m = Machine.launch(es_kvm(False), GuestConfig(**ES, workload="idle"))
+    before = memory_snapshot(m)
+    with pytest.raises(MigrationError, match="KVM_SEV_SEND_UPDATE_VMSA") as e:
+        migrate(m, es_kvm(False), MigrationParams(max_iterations=2))
+    assert e.value.stats.status == "cancelled"
+    assert_runs_on(m, before)
+
+
+def test_helper_path_refuses_sev_es_and_changes_nothing():
+    """The helper path does not move SEV-ES guests: refused before SEND_START, the guest
+    running."""
+    m = Machine.launch(es_kvm(), GuestConfig(**ES, workload="idle"))
+    with pytest.raises(MigrationError, match="SEV-ES"):
+        migrate(m, es_kvm(), MigrationParams(path="helper"))
+    assert guest_state(m) == SEV_GUEST_STATE_RUNNING
+
+
+@pytest.mark.parametrize("vm_type,policy", [(KVM_X86_SEV_ES_VM, 0),
+                                            (KVM_X86_SEV_VM, SEV_POLICY_ES), (1, 0)])
+def test_guest_type_and_policy_must_agree(vm_type, policy):
+    """The workload runs SEV (no ES bit) and SEV-ES (ES bit) guests, nothing else."""
+    with pytest.raises(WorkloadError):
+        GuestConfig(**dict(SMALL, vm_type=vm_type, policy=policy))
+
+
+def test_sev_es_over_tcp_into_a_target_process(tmp_path):
+    """A target process with --out-of-tree-vmsa receives an SEV-ES guest over TCP; its guest's
+    own check is clean."""
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen([sys.executable, "-m", "sevcore", "migrate", "--listen", "0",
+                             "--port-file", str(port_file), "--quiet", "--out-of-tree-vmsa"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not port_file.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    m = Machine.launch(es_kvm(), GuestConfig(**ES, dirty_pages_per_s=300))
+    src = send_to("127.0.0.1", int(port_file.read_text()), m,
+                  MigrationParams(max_iterations=4, timeout_s=30))
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "0 bad" in out
+    assert src.stats.status == "completed" and src.stats.bad_pages == 0
+    assert src.stats.psp_commands["SEND_UPDATE_VMSA"] == 1
+
+
+def test_cli_type_sev_es(capsys):
+    """sevcore migrate --type sev-es --path psp --out-of-tree-vmsa completes with a clean guest
+    check; without --out-of-tree-vmsa it fails (exit 1) naming the missing ioctl."""
+    args = ["migrate", "--type", "sev-es", "--path", "psp", "--mem", "4M", "--shared", "64K",
+            "--max-iterations", "2", "--quiet"]
+    assert main(args + ["--out-of-tree-vmsa"]) == 0
+    out = capsys.readouterr().out
+    assert "completed" in out and ", 0 bad" in out
+    assert main(args) == 1
+    assert "KVM_SEV_SEND_UPDATE_VMSA" in capsys.readouterr().err
