@@ -29,8 +29,9 @@ def guest_report(g, user_data, out):
     yield g.vmgexit()
 
 
-def launch(kvm, nvcpus, user_data, out):
-    """The launch, with the pages measured; returns the VM, its vCPUs and the normal bytes."""
+def launch(kvm, nvcpus, user_data, out, before_finish=None):
+    """The launch, with the pages measured (``before_finish(vcpu)`` sets each vCPU's state
+    first); returns the VM, its vCPUs and the normal bytes."""
     vm = kvm.create_vm(KVM_X86_SNP_VM)
     vm.memory_encrypt_op(KVM_SEV_INIT2)
     hva = vm_mem_add(vm, 0, 0, NPAGES, KVM_MEM_GUEST_MEMFD)
@@ -47,6 +48,9 @@ def launch(kvm, nvcpus, user_data, out):
                       (SECRETS, KVM_SEV_SNP_PAGE_TYPE_SECRETS),
                       (CPUID, KVM_SEV_SNP_PAGE_TYPE_CPUID)):
         snp_launch_update_data(vm, gfn << 12, hva + (gfn << 12), 4096, type)
+    if before_finish is not None:
+        for v in vcpus:
+            before_finish(v)
     vm.memory_encrypt_op(KVM_SEV_SNP_LAUNCH_FINISH)
     snp_guest_msg_init(vm, SECRETS << 12, REQ << 12, RESP << 12)
     return vm, vcpus, normal
@@ -104,3 +108,32 @@ def test_tampered_report_fails_verification():
         attest.verify_report(bytes(bad), ark=ark, ask=ask, vcek=vcek)
     with pytest.raises(attest.AttestationError, match="measurement"):
         attest.verify_report(report, ark=ark, ask=ask, vcek=vcek, measurement=bytes(48))
+
+
+@pytest.mark.parametrize("nvcpus", [1, 2])
+def test_qemu_reset_vcpus_measure_as_sev_snp_measure(nvcpus):
+    """With every vCPU in QEMU's reset state (KVM_SET_SREGS/REGS/FPU/XCRS/MSRS), the report's
+    measurement is the digest sev-snp-measure computes from its own QEMU VMSAs, with no sevcore
+    code on the expected side."""
+    from x86.test_vcpu_state import qemu_reset  # the vCPU-state tests' QEMU reset sequence
+    ssm = pytest.importorskip("sevsnpmeasure.vmsa")
+    from sevsnpmeasure.vcpu_types import CPU_SIGS
+    from sevsnpmeasure.vmm_types import VMMType
+    sig = CPU_SIGS["EPYC-Genoa"]
+    kvm = sevcore.Kvm()
+    out = []
+    vm, vcpus, normal = launch(kvm, nvcpus, bytes(64), out,
+                               before_finish=lambda v: qemu_reset(v, sig))
+    assert vcpus[0].run().exit_reason == KVM_EXIT_SYSTEM_EVENT, vcpus[0].guest_exception
+    (report,) = out
+    g = gctx.GCTX()
+    g.update_normal_pages(0, normal)
+    g.update_zero_pages(ZERO << 12, 4096)
+    g.update_unmeasured_pages(UNMEASURED << 12, 4096)
+    g.update_secrets_page(SECRETS << 12)
+    g.update_cpuid_page(CPUID << 12)
+    page = bytes(ssm.VMSA.build_save_area(ssm.VMSA.BSP_EIP, SVM_SEV_FEAT_SNP_ACTIVE, sig,
+                                          VMMType.QEMU))
+    for _ in range(nvcpus):
+        g.update_vmsa_page(page)
+    assert attest.parse_report(report).measurement == g.ld()
