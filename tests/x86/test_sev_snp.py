@@ -8,7 +8,8 @@ from errno import EEXIST, EFAULT, EINVAL, EIO, ENOTTY, EPERM
 import pytest
 
 import sevcore
-from sevcore.kvm.ghcb import GhcbGuest
+from sevcore.kvm import snp_guest_msg as M
+from sevcore.kvm.ghcb import Ghcb, GhcbGuest
 from sevcore.kvm.sev import SevError
 from sevcore.kvm.snp_guest import ghcb_page_state_change
 from sevcore.kvm.snp_vcpu import PageStateChangeFailed
@@ -520,3 +521,50 @@ def test_psc_through_ghcb_page_refused(kvm):
     assert vcpu.run().exit_reason == KVM_EXIT_SHUTDOWN
     assert isinstance(vcpu.guest_exception, PageStateChangeFailed)
     assert vcpu.guest_exception.response == VMGEXIT_PSC_ERROR_GENERIC
+
+
+# -- SNP guest requests through the GHCB page (snp_handle_guest_req) -------------------------------
+
+def guest_ghcb_report(g, user_data, out):
+    """The guest driver's report request built by hand and sent with the GHCB page's
+    SVM_VMGEXIT_GUEST_REQUEST: secrets page read, request sealed under VMPCK0, response
+    opened."""
+    yield g.page_state_change(GHCB_GFN << 12, 1, private=False)
+    yield g.page_state_change(13 << 12, 2, private=False)         # request, response pages
+    ghcb = GhcbGuest(GHCB_GFN << 12)
+    yield from ghcb.negotiate(g)
+    secrets = yield g.read((6 << 12) | CBIT, 4096)
+    vmpck = secrets[M.VMPCK_OFFSET:M.VMPCK_OFFSET + 32]
+    body = SL.snp_report_req.pack(user_data=user_data, vmpl=0)
+    yield g.write(13 << 12, M.build_request(vmpck, 1, SNP_MSG_REPORT_REQ, body))
+    resp = yield from ghcb.hv_call(g, Ghcb(), SVM_VMGEXIT_GUEST_REQUEST, 13 << 12, 14 << 12)
+    out.append(resp.get("sw_exit_info_2"))
+    page = yield g.read(14 << 12, 4096)
+    rsp = M.open_response(vmpck, page, 1, SNP_MSG_REPORT_REQ, 4000)
+    out.append(SL.snp_report_resp.unpack(rsp[:SL.snp_report_resp.size]))
+    yield g.wrmsr(MSR_AMD64_SEV_ES_GHCB, GHCB_MSR_TERM_REQ)
+    yield g.vmgexit()
+
+
+def test_guest_request_through_ghcb_page(kvm):
+    """SVM_VMGEXIT_GUEST_REQUEST through the GHCB page reaches the firmware through KVM's
+    bounce pages: SW_EXITINFO2 is 0 and the response carries a report of the user data."""
+    out = []
+    vm = kvm.create_vm(KVM_X86_SNP_VM)
+    vm.memory_encrypt_op(KVM_SEV_INIT2)
+    hva = vm_mem_add(vm, 0, 0, 16, KVM_MEM_GUEST_MEMFD)
+    vcpu = vm_vcpu_add(vm, 0)
+    vcpu.set_guest_code(guest_ghcb_report, b"u" * 64, out)
+    vm.enable_cap(KVM_CAP_EXIT_HYPERCALL, 1 << KVM_HC_MAP_GPA_RANGE)
+    vm.memory_encrypt_op(KVM_SEV_SNP_LAUNCH_START, policy=POLICY)
+    vm_mem_set_private(vm, 0, 16 << 12)
+    snp_launch_update_data(vm, 0, hva, 6 << 12, KVM_SEV_SNP_PAGE_TYPE_NORMAL)
+    snp_launch_update_data(vm, 6 << 12, hva + (6 << 12), 4096, KVM_SEV_SNP_PAGE_TYPE_SECRETS)
+    snp_launch_update_data(vm, 7 << 12, hva + (7 << 12), 9 << 12, KVM_SEV_SNP_PAGE_TYPE_ZERO)
+    vm.memory_encrypt_op(KVM_SEV_SNP_LAUNCH_FINISH)
+    while (run := vcpu.run()).exit_reason == KVM_EXIT_HYPERCALL:
+        handle_map_gpa_range(vm, run)
+    assert run.exit_reason == KVM_EXIT_SYSTEM_EVENT, vcpu.guest_exception
+    status, rsp = out
+    assert status == 0 and rsp["status"] == 0 and rsp["report_size"] == 1184
+    assert rsp["report"][0x50:0x90] == b"u" * 64
