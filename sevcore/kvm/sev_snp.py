@@ -9,7 +9,7 @@ its order; every firmware command goes through the mailbox with the buffer KVM b
 changes KVM makes itself (``rmp_make_private``, ``rmp_make_shared``) are RMPUPDATEs on
 ``host.rmp``.
 """
-from errno import EEXIST, EFAULT, EINVAL, EIO, ENOTTY
+from errno import EBADF, EEXIST, EFAULT, EINVAL, EIO, ENOTTY
 
 import numpy as np
 
@@ -361,6 +361,10 @@ def _sev_gmem_post_populate(c, gfn, pfn, src, args):
     if rc:
         args.why = f"RMPUPDATE of pfn {pfn:#x} failed ({rc})"
         return -EIO
+    if S._sev_fd_error(host, args.sev_fd) is not None:      # __sev_issue_cmd: -EBADF
+        _reclaim_firmware_page(host, pfn)
+        args.why = "sev_fd is not /dev/sev"
+        return -EBADF
     status, _ = c.fw(U.SEV_CMD_SNP_LAUNCH_UPDATE, SL.sev_data_snp_launch_update, fd=args.sev_fd,
                      check=False, gctx_paddr=c.sev.snp_context, address=spa | 1 << host.c_bit,
                      page_size=U.RMP_PG_SIZE_4K, page_type=args.type)

@@ -184,6 +184,18 @@ def test_launch_update_refusals_change_nothing(kvm):
         vm.memory_encrypt_op(KVM_SEV_SNP_LAUNCH_UPDATE, **base)
 
 
+def test_launch_update_bad_sev_fd(kvm):
+    """A sev_fd that is not /dev/sev fails the first page's firmware call: EIO, as every
+    kvm_gmem_populate failure, the frame back to the hypervisor and no page prepared."""
+    vm, hva = snp_vm(kvm, 4)
+    vm.memory_encrypt_op(KVM_SEV_SNP_LAUNCH_START, policy=POLICY)
+    assigned = vm.host.rmp.assigned
+    with raises_errno(EIO):
+        vm.memory_encrypt_op(KVM_SEV_SNP_LAUNCH_UPDATE, sev_fd=vm.fd, gfn_start=0, uaddr=hva,
+                             len=4 << 12, type=KVM_SEV_SNP_PAGE_TYPE_NORMAL)
+    assert vm.host.rmp.assigned == assigned and not len(vm.gfn_to_memslot(0).gmem_file.prepared)
+
+
 def test_launch_update_partial_progress(kvm):
     """A range whose last page is shared stops there: the pages before it are done and
     written back, and the call succeeds, as kvm_gmem_populate returns the count."""
