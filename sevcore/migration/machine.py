@@ -158,10 +158,13 @@ class Machine:
         KVM_GET_REGS / KVM_GET_SREGS."""
         msrs = {str(k): v for k, v in vcpu.msrs.values.items() if k != U.MSR_IA32_TSC}
         tsc = vcpu.msrs.get(U.MSR_IA32_TSC)[1]
-        return json.dumps({"vcpu_id": vcpu.vcpu_id, "cpuid": vcpu.get_cpuid2(), "msrs": msrs,
-                           "tsc": tsc, "migration_control": self.tracker.migration_control,
-                           "regs": vcpu.get_regs(), "sregs": bytes(vcpu.get_sregs()).hex()},
-                          sort_keys=True).encode()
+        state = {"vcpu_id": vcpu.vcpu_id, "cpuid": vcpu.get_cpuid2(), "msrs": msrs,
+                 "tsc": tsc, "migration_control": self.tracker.migration_control}
+        if not vcpu.guest_state_protected:
+            # An SEV-ES vCPU's registers are in its encrypted VMSA, which moves by itself
+            # (SEND/RECEIVE_UPDATE_VMSA); KVM_GET_REGS/SREGS refuse it (EINVAL).
+            state.update(regs=vcpu.get_regs(), sregs=bytes(vcpu.get_sregs()).hex())
+        return json.dumps(state, sort_keys=True).encode()
 
     def load_vcpu_state(self, vcpu_id, data):
         """Install state from :meth:`vcpu_state` (KVM_SET_CPUID2, KVM_SET_SREGS, KVM_SET_REGS,
@@ -175,10 +178,10 @@ class Machine:
             unknown = set(msrs) - set(vcpu.msrs.values)
             if unknown:
                 raise ValueError(f"vCPU state names MSRs this vCPU lacks: {sorted(unknown)}")
-            sregs = U.kvm_sregs.from_buffer_copy(bytes.fromhex(st["sregs"]))
             vcpu.set_cpuid2(st["cpuid"])
-            vcpu.set_sregs(sregs)
-            vcpu.set_regs(**st["regs"])
+            if "sregs" in st:
+                vcpu.set_sregs(U.kvm_sregs.from_buffer_copy(bytes.fromhex(st["sregs"])))
+                vcpu.set_regs(**st["regs"])
         except (KeyError, TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"malformed vCPU state: {e}") from None
         vcpu.msrs.values.update(msrs)
