@@ -851,7 +851,14 @@ def guest_pages(ctx, op, gfns, gfn0, n, arg, buf, out):
         o = _words(out, "out", writable=True)
         olen = len(o)
     err = _err.p
-    rc = lib.sc_guest_pages(ctx, op, g, gfn0, n, arg, b, bsize, o, olen, err)
+    try:
+        rc = lib.sc_guest_pages(ctx, op, g, gfn0, n, arg, b, bsize, o, olen, err)
+    finally:
+        # Give the buffer back now: a refusal's traceback keeps this frame, and a memoryview
+        # the cyclic collector clears while it is still exported is left without its buffer
+        # and crashes when it is freed (CPython 3.11 memory_clear).
+        if b != ffi.NULL:
+            ffi.release(b)
     if rc < 0:
         refused(rc, f"sc_guest_pages({_GUEST_OP_NAMES.get(op, op)})", err)
     return rc
