@@ -399,3 +399,20 @@ def test_snp_commands_need_snp_initialized():
     assert fw_error(host.psp.snp_df_flush) == U.SEV_RET_INVALID_PLATFORM_STATE
     assert host.psp.snp_platform_status()["state"] == 0
     np.testing.assert_equal(host.rmp.assigned, 0)
+
+
+def test_the_memory_controller_encrypts_an_assigned_frame_with_its_owners_key():
+    """umc.rmp_asid names a frame's owner and write_owned stores through that owner's key; a
+    hypervisor frame is written as it is."""
+    host = snp_host()
+    gctx = new_guest(host)
+    pfn = int(preguest(host, DATA[:4096], 9)[0])
+    host.psp.snp_launch_update(gctx, pfn << 12, U.SNP_PAGE_TYPE_NORMAL)
+    assert host.umc.rmp_asid((pfn << 12) + 100) == ASID
+    host.umc.write_owned((pfn << 12) + 16, b"owner's key")
+    assert host.umc.read((pfn << 12) + 16, 11, ASID) == b"owner's key"
+    assert host.mem.read((pfn << 12) + 16, 11) != b"owner's key"
+    free = host.mem.alloc_contiguous(1)
+    assert host.umc.rmp_asid(free) == 0
+    host.umc.write_owned(free, b"plain")
+    assert host.mem.read(free, 5) == b"plain"
