@@ -40,10 +40,36 @@ POLICY_KNOWN = (U.SNP_POLICY_MASK_BASE | U.SNP_POLICY_MASK_CXL_ALLOW
                 | U.SNP_POLICY_MASK_CIPHERTEXT_HIDING_DRAM | U.SNP_POLICY_MASK_PAGE_SWAP_DISABLE)
 #: Derived-key request fields (56860 "MSG_KEY_REQ" GUEST_FIELD_SELECT).
 KEY_FIELDS_MASK = 0x3F
-_TAIL = struct.Struct("<HBBBBBBQ")       # PAGE_INFO after the two digests
 _ZERO48 = bytes(48)
 #: Which commands read their buffer (all of them), and which have none (AMD 56860 ch. 8).
 NO_BUFFER = (U.SEV_CMD_SNP_INIT, U.SEV_CMD_SNP_SHUTDOWN, U.SEV_CMD_SNP_DF_FLUSH)
+
+
+#: PAGE_INFO after the two digests (56860 8.17 "PAGE_INFO"), one record per page.
+_TAIL_DTYPE = np.dtype([("length", "<u2"), ("page_type", "u1"), ("imi_page", "u1"),
+                        ("vmpl3_perms", "u1"), ("vmpl2_perms", "u1"), ("vmpl1_perms", "u1"),
+                        ("rsvd", "u1"), ("gpa", "<u8")])
+
+
+def _chain(ld, frames, pfns, gpas, page_type, perms):
+    """The launch digest after PAGE_INFO updates for the pages ``pfns`` at ``gpas``: each page's
+    ``SHA-384(ld || contents || tail)`` in order, contents the SHA-384 of the page for NORMAL
+    and VMSA pages, zero for the rest. The tails are built for all pages at once."""
+    tails = np.zeros(len(pfns), _TAIL_DTYPE)
+    tails["length"] = S.snp_page_info.size
+    tails["page_type"] = page_type
+    tails["vmpl3_perms"], tails["vmpl2_perms"], tails["vmpl1_perms"] = perms
+    tails["gpa"] = gpas
+    tb = tails.tobytes()
+    sha384 = hashlib.sha384
+    if page_type in (U.SNP_PAGE_TYPE_NORMAL, U.SNP_PAGE_TYPE_VMSA):
+        for i, pfn in enumerate(pfns.tolist()):
+            contents = sha384(frames[pfn << 12:(pfn + 1) << 12]).digest()
+            ld = sha384(ld + contents + tb[16 * i:16 * i + 16]).digest()
+    else:
+        for i in range(len(pfns)):
+            ld = sha384(ld + _ZERO48 + tb[16 * i:16 * i + 16]).digest()
+    return ld
 
 
 class SnpGuest:
@@ -365,21 +391,13 @@ class SnpCommands:
     def _launch_pages(self, g, pfns, page_type, perms=(0, 0, 0)):
         """Run SNP_LAUNCH_UPDATE on each of ``pfns`` in order, with the result of running them
         one by one; returns (status, pages done)."""
-        rmp, umc, mem = self.rmp, self.host.umc, self.host.mem
+        rmp, umc = self.rmp, self.host.umc
         ok = rmp.preguest_prefix(pfns, g.asid)
         todo = pfns[:ok]
-        gpas = rmp.gpas(todo).tolist()
+        gpas = rmp.gpas(todo)
         status = U.SEV_RET_SUCCESS if ok == len(pfns) else U.SEV_RET_INVALID_PAGE_STATE
-        frames = memoryview(mem.frames)
-        sha384 = hashlib.sha384
-        pack = _TAIL.pack
-        ld = g.ld
-        if page_type == U.SNP_PAGE_TYPE_NORMAL or page_type == U.SNP_PAGE_TYPE_VMSA:
-            for pfn, gpa in zip(todo.tolist(), gpas):
-                contents = sha384(frames[pfn << 12:(pfn + 1) << 12]).digest()
-                ld = sha384(ld + contents + pack(0x70, page_type, 0, *perms, 0, gpa)).digest()
-            self._encrypt_pages(todo, g.asid)
-        elif page_type == U.SNP_PAGE_TYPE_CPUID:
+        frames = memoryview(self.host.mem.frames)
+        if page_type == U.SNP_PAGE_TYPE_CPUID:
             for n, pfn in enumerate(todo.tolist()):
                 page = bytearray(frames[pfn << 12:(pfn + 1) << 12])
                 if not self._cpuid_check(page):
@@ -387,23 +405,17 @@ class SnpCommands:
                     todo, gpas = todo[:n], gpas[:n]
                     status = U.SEV_RET_INVALID_PARAM
                     break
-            for pfn, gpa in zip(todo.tolist(), gpas):
-                ld = sha384(ld + _ZERO48 + pack(0x70, page_type, 0, *perms, 0, gpa)).digest()
-            self._encrypt_pages(todo, g.asid)
+        g.ld = _chain(g.ld, frames, todo, gpas, page_type, perms)
+        if page_type in (U.SNP_PAGE_TYPE_ZERO, U.SNP_PAGE_TYPE_SECRET):
+            for pfn in todo.tolist():
+                body = bytes(PAGE) if page_type == U.SNP_PAGE_TYPE_ZERO else \
+                    self._secrets_page(g)
+                umc.write(pfn << 12, body, g.asid)
         else:
-            for gpa in gpas:
-                ld = sha384(ld + _ZERO48 + pack(0x70, page_type, 0, *perms, 0, gpa)).digest()
-            if page_type == U.SNP_PAGE_TYPE_UNMEASURED:
-                self._encrypt_pages(todo, g.asid)
-            else:
-                for pfn in todo.tolist():
-                    body = bytes(PAGE) if page_type == U.SNP_PAGE_TYPE_ZERO else \
-                        self._secrets_page(g)
-                    umc.write(pfn << 12, body, g.asid)
-        g.ld = ld
+            self._encrypt_pages(todo, g.asid)
         rmp.fw_validate(todo, g.asid, vmsa=page_type == U.SNP_PAGE_TYPE_VMSA)
         if any(perms):
-            for pfn, gpa in zip(todo.tolist(), gpas):
+            for pfn, gpa in zip(todo.tolist(), gpas.tolist()):
                 for vmpl, p in zip((3, 2, 1), perms):
                     if p:
                         rmp.rmpadjust(pfn, gpa=gpa, asid=g.asid, target_vmpl=vmpl, perms=p)
