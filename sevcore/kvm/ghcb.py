@@ -42,7 +42,7 @@ GHCB_FIELDS = {
     "rbx": (0x318, 8), "rbp": (0x328, 8), "rsi": (0x330, 8), "rdi": (0x338, 8),
     **{f"r{i}": (0x340 + 8 * (i - 8), 8) for i in range(8, 16)},
     "sw_exit_code": (0x390, 8), "sw_exit_info_1": (0x398, 8), "sw_exit_info_2": (0x3a0, 8),
-    "sw_scratch": (0x3a8, 8), "xcr0": (0x3e8, 8), "x87_state_gpa": (0x400, 8),
+    "sw_scratch": (0x3a8, 8), "xcr0": (0x3e8, 8),
 }
 GHCB_VALID_BITMAP = 0x3f0        # u8 valid_bitmap[16]
 GHCB_SAVE_AREA_SIZE = 0x408      # EXPECTED_GHCB_SAVE_AREA_SIZE (1032)

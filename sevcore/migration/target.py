@@ -117,6 +117,10 @@ class Target(_End):
                 for s, e in rec.params["ranges"]:
                     m.tracker.shared.add(int(s), int(e))
             elif isinstance(rec, S.Setup) and rec.params.get("kind") == "complete":
+                missing = [v.vcpu_id for v in m.vcpus
+                           if m.config.es and not v.guest_state_protected]
+                if missing:
+                    raise StreamError(f"no VMSA came for SEV-ES vCPU(s) {missing}")
                 self._reply("ready", time_spent=dict(self.clock.spent))
                 ready = True
             elif isinstance(rec, S.End):

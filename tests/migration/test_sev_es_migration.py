@@ -104,3 +104,54 @@ def test_cli_type_sev_es(capsys):
     assert "completed" in out and ", 0 bad" in out
     assert main(args) == 1
     assert "KVM_SEV_SEND_UPDATE_VMSA" in capsys.readouterr().err
+
+
+def _vmsa_tamper(change):
+    """A proxy transform applying ``change(params)`` to the first ``vmsa`` record (None: drop
+    it) and passing everything else on."""
+    from support.migration import rewrite
+    from sevcore.migration import stream as S
+    done = []
+
+    def transform(i, rec, w):
+        if isinstance(rec, S.Setup) and rec.params.get("kind") == "vmsa" and not done:
+            done.append(i)
+            params = change(dict(rec.params))
+            if params is None:
+                return
+            rec = S.Setup(params)
+        rewrite(w, rec)
+    return transform
+
+
+def _flip_trans(p):
+    t = bytearray.fromhex(p["trans"])
+    t[100] ^= 1
+    return dict(p, trans=t.hex())
+
+
+@pytest.mark.parametrize("change,why", [(lambda p: None, "no VMSA came"),
+                                        (_flip_trans, "SEV_RET_")])
+def test_a_lost_or_altered_vmsa_fails_the_migration_and_the_source_runs_on(change, why):
+    """A VMSA record dropped on the wire, or its packet altered (RECEIVE_UPDATE_VMSA's MAC
+    check), makes the target refuse before RECEIVE_FINISH; the source cancels and runs on."""
+    from support.migration import Proxy
+    from sevcore.migration.engine import TargetFailed
+    m = Machine.launch(es_kvm(), GuestConfig(**ES, workload="idle"))
+    before = _without_ghcbs(m)
+    proxy = Proxy(_vmsa_tamper(change))
+    with pytest.raises(TargetFailed, match=why) as e:
+        migrate(m, es_kvm(), MigrationParams(max_iterations=2),
+                channel_pair=(proxy.source_end, proxy.target_end))
+    assert e.value.stats.status == "cancelled"
+    assert _without_ghcbs(m) == before
+    assert_runs_on(m)
+
+
+def _without_ghcbs(m):
+    """The guest's memory as the host sees it, but for its GHCB pages (an idle SEV-ES guest
+    still writes its GHCB at each TSC read and ucall)."""
+    lay = m.config.layout
+    snap = bytearray(memory_snapshot(m))
+    snap[lay.ghcb_gfn << 12:lay.shared_gfn << 12] = bytes((lay.shared_gfn - lay.ghcb_gfn) << 12)
+    return bytes(snap)

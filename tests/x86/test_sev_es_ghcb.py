@@ -6,12 +6,14 @@ import struct
 from errno import EINVAL
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sevcore
-from sevcore.errors import NotModelled
+from sevcore.errors import KvmError, NotModelled
 from sevcore.kvm.ghcb import (GHCB_FIELDS, GHCB_HV_FT_SUPPORTED, GHCB_PROTOCOL_VERSION,
-                              GHCB_SAVE_AREA_SIZE, GHCB_SHARED_BUFFER, GHCB_USAGE, Ghcb,
-                              GhcbGuest, ghcb_program, valid_bit)
+                              GHCB_SAVE_AREA_SIZE, GHCB_SHARED_BUFFER, GHCB_USAGE, VMGEXIT_INPUTS,
+                              Ghcb, GhcbGuest, ghcb_program, valid_bit)
 from sevcore.kvm.guest import GuestException
 from sevcore.kvm.vcpu import GuestAssertionError, UCALL_PIO_PORT
 from sevcore.uapi import *
@@ -353,3 +355,67 @@ def test_sev_es_mirror_with_a_measured_vmsa_talks_through_its_ghcb():
     mvcpu.run()
     assert mvcpu.get_ucall() == ("sync", (b"private to guest".hex(),))
     assert kvm.read(hva + SCRATCH_GPA, 16) != b"private to guest"
+
+
+# -- any page the guest can write ------------------------------------------------------------------
+
+KVM_WRITES = {"sw_exit_info_1", "sw_exit_info_2", "rax", "rbx", "rcx", "rdx"}
+
+
+@st.composite
+def ghcb_pages(draw):
+    """A GHCB page: a known or random exit code, plausible or random infos, usage mostly 0, and
+    a random set of save-area fields filled in and marked valid."""
+    g = Ghcb()
+    g.protocol_version = draw(st.sampled_from((1, 2)))
+    g.ghcb_usage = draw(st.sampled_from((0,) * 6 + (1, 0xffffffff)))
+    code = draw(st.sampled_from(sorted(VMGEXIT_INPUTS)) | st.integers(0, (1 << 64) - 1))
+    small = st.sampled_from((0, 1, 8, STRING_OUT, UCALL_PIO_PORT << 16, 0x1000, 0x2000))
+    for name, strat in (("sw_exit_code", st.just(code)), ("sw_exit_info_1", small),
+                        ("sw_exit_info_2", small)):
+        if draw(st.booleans()) or draw(st.booleans()):
+            g.set(name, draw(strat))
+    for name in draw(st.sets(st.sampled_from(sorted(set(GHCB_FIELDS) - {
+            "sw_exit_code", "sw_exit_info_1", "sw_exit_info_2"})))):
+        if name == "sw_scratch":
+            g.set(name, draw(st.sampled_from((IN_BUFFER, SCRATCH_GPA, GHCB_GPA + 8, 0))))
+        else:
+            g.set(name, draw(st.sampled_from((0, 1, 3, 0xd, MSR_IA32_TSC,
+                                              MSR_KVM_MIGRATION_CONTROL, KVM_HC_MAP_GPA_RANGE))))
+    return bytes(g.page)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(page=ghcb_pages())
+def test_any_ghcb_page_gets_an_answer_and_only_kvm_fields_change(page):
+    """Whatever the guest leaves in its GHCB, KVM_RUN ends in the guest's TERM_REQ (after user
+    space completes any exit it asked for), refuses with EINVAL, or says NotModelled; and in the
+    page only SW_EXITINFO1/2, RAX..RDX and the valid bitmap change, with a response code KVM
+    defines."""
+    kvm, vm, vcpu = launched_es(guest_raw_vmgexit, page)
+    for _ in range(4):
+        try:
+            run = vcpu.run()
+        except NotModelled:
+            return
+        except KvmError as e:
+            assert e.errno == EINVAL
+            return
+        if run.exit_reason == KVM_EXIT_SYSTEM_EVENT:
+            break
+        assert run.exit_reason in (KVM_EXIT_IO, KVM_EXIT_HYPERCALL, KVM_EXIT_X86_RDMSR,
+                                   KVM_EXIT_X86_WRMSR)
+    else:
+        raise AssertionError("the guest never reached its TERM_REQ")
+    before, after = Ghcb(page), page_of(kvm, vm)
+    for name in set(GHCB_FIELDS) - KVM_WRITES:
+        assert after.get(name) == before.get(name), name
+    assert after.page[0x800:] == before.page[0x800:]
+    if run.system_event.data[0] == GHCB_GPA:
+        return                          # TERM_REQUEST through the page: nothing is written back
+    assert after.valid_bitmap == sum(1 << valid_bit(n) for n in KVM_WRITES)
+    info1 = after.get("sw_exit_info_1")
+    assert info1 in (GHCB_HV_RESP_NO_ACTION, GHCB_HV_RESP_ISSUE_EXCEPTION,
+                     GHCB_HV_RESP_MALFORMED_INPUT)
+    if info1 == GHCB_HV_RESP_MALFORMED_INPUT:
+        assert GHCB_ERR_NOT_REGISTERED <= after.get("sw_exit_info_2") <= GHCB_ERR_INVALID_EVENT
