@@ -8,6 +8,7 @@ import struct
 from errno import E2BIG, EINVAL
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import sevcore
 from sevcore.errors import NotModelled
@@ -197,6 +198,41 @@ def test_sev_c_bit_is_legal_in_cr3(kvm):
         else:
             with raises_errno(EINVAL):
                 vcpu.set_sregs(s)
+
+
+@settings(max_examples=150, deadline=None)
+@given(raw=st.binary(min_size=312, max_size=312), sregs2=st.booleans(), tame=st.booleans())
+def test_set_sregs_of_any_bytes(raw, sregs2, tame):
+    """Any 312 bytes as a kvm_sregs (or kvm_sregs2 with the PDPTR flag cleared; half of them
+    with CR0/CR4/EFER/CS.L/APIC base made valid) are either refused with EINVAL and change
+    nothing, or taken, after which GET -> SET changes nothing and the VMCB keeps EFER.SVME and
+    CR4.MCE."""
+    if tame:
+        s = kvm_sregs.from_buffer_copy(raw)
+        s.cr0 &= ~(X86_CR0_PG | X86_CR0_NW | 0xffffffff00000000)
+        s.cr4 &= X86_CR4_PAE | X86_CR4_OSFXSR | X86_CR4_PGE | X86_CR4_VME
+        s.efer &= EFER_SCE | EFER_NX
+        s.cs.l, s.apic_base = 0, 0xfee00900
+        raw = bytes(s)
+    vm = sevcore.Host(memory_size=64 << 20).kvm.create_vm(KVM_X86_DEFAULT_VM)
+    vcpu = vm.create_vcpu(0)
+    before = state(vcpu)
+    if sregs2:
+        s = kvm_sregs2.from_buffer_copy(raw[:280] + bytes(40))
+        call, get = vcpu.set_sregs2, vcpu.get_sregs2
+    else:
+        s = kvm_sregs.from_buffer_copy(raw)
+        call, get = vcpu.set_sregs, vcpu.get_sregs
+    try:
+        call(s)
+    except OSError as e:
+        assert e.errno == EINVAL
+        assert state(vcpu) == before
+        return
+    after = bytes(get())
+    call(get())
+    assert bytes(get()) == after
+    assert vcpu.x86.vmcb_efer & EFER_SVME and vcpu.x86.vmcb_cr4 & X86_CR4_MCE
 
 
 def test_set_sregs_takes_a_kvm_sregs(kvm):
