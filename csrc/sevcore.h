@@ -21,7 +21,7 @@
 enum {
     /* Bumped whenever a signature or struct in any csrc header changes; sevcore/_bindings.py
      * refuses to load a module whose value differs from the one it was written for. */
-    SC_ABI_VERSION = 10,
+    SC_ABI_VERSION = 12,
 
     /* CPU features the kernels dispatch on (a bit mask). Each is reported only when the OS
      * also saves the register state it needs (XCR0, read with xgetbv: Intel SDM vol. 1 13.3,
@@ -110,6 +110,15 @@ enum {
     SC_ERR_NPT_GFNS = 75,           /* EINVAL: index = item, value = its gfn, limit = 2^36 */
     SC_ERR_NPT_BOUND = 76,          /* EINVAL: value = a start or end gfn, limit = 2^36 */
     SC_ERR_NPT_PFNS = 77,           /* EINVAL: index = item, value = its pfn, limit = 2^40 */
+
+    /* csrc/rmp.h */
+    SC_ERR_RMP_PFN = 90,            /* EINVAL: index = item, value = its pfn, limit = frames */
+    SC_ERR_RMP_STATE = 91,          /* EINVAL: index = item, value = its pfn, limit = the ASID
+                                     * it should be assigned to */
+    SC_ERR_RMP_NPF_OWNER = 92,      /* EFAULT: value = pfn, limit = the accessing ASID, count =
+                                     * the owner's ASID (0: not assigned) */
+    SC_ERR_RMP_NPF_GPA = 93,        /* EFAULT: value = the GPA used, limit = the entry's GPA */
+    SC_ERR_RMP_NPF_SIZE = 94,       /* EFAULT: value = pfn: a 4 KiB access inside a 2 MiB entry */
 };
 
 /* What a refused call writes through its `struct sc_err *err` (which may be NULL). Written on

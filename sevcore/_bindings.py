@@ -23,7 +23,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 #: The C-core ABI this Python package was written against (csrc/sevcore.h SC_ABI_VERSION).
-ABI_VERSION = 10
+ABI_VERSION = 12
 
 if lib.sc_abi_version() != ABI_VERSION or lib.SC_ABI_VERSION != ABI_VERSION:
     raise ImportError(
@@ -152,6 +152,18 @@ REFUSALS = {
         ValueError, "gfn bound {value:#x} is past the guest physical space [0, {limit:#x}]"),
     (_errno.EINVAL, lib.SC_ERR_NPT_PFNS): (
         ValueError, "pfns[{index}] = {value:#x} is outside the host frames [0, {limit:#x})"),
+
+    (_errno.EINVAL, lib.SC_ERR_RMP_PFN): (
+        ValueError, "pfn {value:#x} (item {index}) is outside the RMP's frames [0, {limit:#x})"),
+    (_errno.EINVAL, lib.SC_ERR_RMP_STATE): (
+        ValueError, "the frame {value:#x} (item {index}) is not assigned to ASID {limit}"),
+    (_errno.EFAULT, lib.SC_ERR_RMP_NPF_OWNER): (
+        OSError, "RMP fault: frame {value:#x} is not the accessing ASID {limit}'s (owner ASID "
+                 "{count}, or locked)"),
+    (_errno.EFAULT, lib.SC_ERR_RMP_NPF_GPA): (
+        OSError, "RMP fault: GPA {value:#x} does not match the entry's GPA {limit:#x}"),
+    (_errno.EFAULT, lib.SC_ERR_RMP_NPF_SIZE): (
+        OSError, "RMP fault: a 4 KiB access to frame {value:#x} inside a 2 MiB entry"),
 }
 
 
@@ -931,3 +943,118 @@ def bitmap_impl():
 
 def guest_impl():
     return _TIER_NAMES[lib.sc_guest_impl()]
+
+
+# --- the RMP (csrc/rmp.h) ------------------------------------------------------------------------
+# An RMP instruction's status (RMPUPDATE/PVALIDATE FAIL_*) is a result, returned as it is; only a
+# refusal (a pfn past the table, an RMP fault) is an exception, through REFUSALS.
+
+RMP_ENTRY_FIELDS = ("assigned", "pagesize", "immutable", "validated", "vmsa", "asid", "gpa",
+                    "vmpl_perms")
+
+
+def rmp_create(nframes):
+    """A new ``struct sc_rmp *`` for ``nframes`` frames, freed when garbage-collected."""
+    rmp = lib.sc_rmp_create(nframes)
+    if rmp == ffi.NULL:
+        raise MemoryError(f"sc_rmp_create({nframes}) failed")
+    return ffi.gc(rmp, lib.sc_rmp_destroy)
+
+
+def rmp_read(rmp, pfn):
+    """The entry of ``pfn`` as a tuple in :data:`RMP_ENTRY_FIELDS` order."""
+    out = ffi.new("struct sc_rmp_entry *")
+    err = _err.p
+    rc = lib.sc_rmp_read(rmp, pfn, out, err)
+    if rc < 0:
+        refused(rc, "sc_rmp_read", err)
+    return tuple(getattr(out, f) for f in RMP_ENTRY_FIELDS)
+
+
+def rmp_update(rmp, pfn, assigned, pagesize, immutable, asid, gpa):
+    st = ffi.new("struct sc_rmp_entry *", {"assigned": assigned, "pagesize": pagesize,
+                                           "immutable": immutable, "asid": asid, "gpa": gpa})
+    err = _err.p
+    rc = lib.sc_rmp_update(rmp, pfn, st, err)
+    return rc if rc >= 0 else refused(rc, "sc_rmp_update", err)
+
+
+def rmp_fw_store(rmp, pfn, entry):
+    """The firmware's unchecked write of an entry (a tuple in RMP_ENTRY_FIELDS order)."""
+    st = ffi.new("struct sc_rmp_entry *", dict(zip(RMP_ENTRY_FIELDS, entry)))
+    err = _err.p
+    rc = lib.sc_rmp_fw_store(rmp, pfn, st, err)
+    return rc if rc >= 0 else refused(rc, "sc_rmp_fw_store", err)
+
+
+def rmp_make_private_batch(rmp, pfns, gfns, asid, immutable):
+    """(status, done): RMPUPDATE of each pfn to ``asid`` at ``gfns[i]``, up to the first
+    refusal."""
+    p, g = _words(pfns, "pfns"), _words(gfns, "gfns")
+    if len(p) != len(g):
+        raise ValueError(f"{len(p)} pfns but {len(g)} gfns")
+    done = ffi.new("size_t *")
+    err = _err.p
+    rc = lib.sc_rmp_make_private_batch(rmp, p, g, len(p), asid, immutable, done, err)
+    if rc < 0:
+        refused(rc, "sc_rmp_make_private_batch", err)
+    return rc, done[0]
+
+
+def rmp_preguest_prefix(rmp, pfns, asid):
+    p = _words(pfns, "pfns")
+    err = _err.p
+    rc = lib.sc_rmp_preguest_prefix(rmp, p, len(p), asid, err)
+    return rc if rc >= 0 else refused(rc, "sc_rmp_preguest_prefix", err)
+
+
+def rmp_gpas(rmp, pfns, out):
+    p = _words(pfns, "pfns")
+    o = _words(out, "out", writable=True)
+    if len(o) < len(p):
+        raise ValueError(f"out must hold {len(p)} words")
+    err = _err.p
+    rc = lib.sc_rmp_gpas(rmp, p, len(p), o, err)
+    return rc if rc >= 0 else refused(rc, "sc_rmp_gpas", err)
+
+
+def rmp_fw_validate_batch(rmp, pfns, asid, vmsa):
+    p = _words(pfns, "pfns")
+    err = _err.p
+    rc = lib.sc_rmp_fw_validate_batch(rmp, p, len(p), asid, vmsa, err)
+    return rc if rc >= 0 else refused(rc, "sc_rmp_fw_validate_batch", err)
+
+
+
+def rmp_pvalidate(rmp, pfn, gpa, asid, pagesize, validate):
+    """(status, cf) of PVALIDATE; an RMP fault is OSError(EFAULT)."""
+    cf = ffi.new("int *")
+    err = _err.p
+    rc = lib.sc_rmp_pvalidate(rmp, pfn, gpa, asid, pagesize, validate, cf, err)
+    if rc < 0:
+        refused(rc, "sc_rmp_pvalidate", err)
+    return rc, cf[0]
+
+
+def rmp_adjust(rmp, pfn, gpa, asid, target_vmpl, perms):
+    err = _err.p
+    rc = lib.sc_rmp_adjust(rmp, pfn, gpa, asid, target_vmpl, perms, err)
+    return rc if rc >= 0 else refused(rc, "sc_rmp_adjust", err)
+
+
+def rmp_first_denied(rmp, pfns, asid):
+    p = _words(pfns, "pfns")
+    err = _err.p
+    rc = lib.sc_rmp_first_denied(rmp, p, len(p), asid, err)
+    return rc if rc >= 0 else refused(rc, "sc_rmp_first_denied", err)
+
+
+def rmp_next_assigned(rmp, pfn, n):
+    return lib.sc_rmp_next_assigned(rmp, pfn, n)
+
+
+def rmp_stats(rmp):
+    """{"assigned", "leaves", "bytes"} of the table."""
+    a, l, b = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")
+    lib.sc_rmp_stats(rmp, a, l, b)
+    return {"assigned": a[0], "leaves": l[0], "bytes": b[0]}

@@ -12,6 +12,7 @@ import numpy as np
 from sevcore.core.memcrypt import default_tweak_table
 from sevcore.hw.clock import SimClock
 from sevcore.hw.hostmem import HostMemory
+from sevcore.hw.rmp import Rmp
 from sevcore.hw.umc import MemoryController
 from sevcore.kvm import kvm as _kvm
 from sevcore.kvm.sev import KvmSev
@@ -21,8 +22,9 @@ ALL_VM_TYPES = _kvm.ALL_VM_TYPES
 
 
 class Host:
-    """One simulated machine: frames, memory-engine tweak table, memory controller (``umc``), SEV
-    firmware (``psp``), simulated time (``clock``, see sevcore.hw.costmodel), fd table and /dev/kvm."""
+    """One simulated machine: frames, memory-engine tweak table, memory controller (``umc``), the
+    SEV-SNP reverse map table (``rmp``), SEV firmware (``psp``), simulated time (``clock``, see
+    sevcore.hw.costmodel), fd table and /dev/kvm."""
 
     def __init__(self, seed=0, memory_size=None, vm_types=ALL_VM_TYPES, c_bit=51):
         self.seed = seed
@@ -30,6 +32,7 @@ class Host:
         self.tweak_table = default_tweak_table(seed)
         self.c_bit = c_bit
         self.umc = MemoryController(self)       # per-ASID keys in front of the frames
+        self.rmp = Rmp(self.mem.nframes)        # the RMP; enforced from SNP_INIT (umc.rmp)
         self.psp = Psp(self)                    # the SEV firmware; keys are made at INIT
         self.clock = SimClock()                 # simulated time, advanced by modelled costs
         self.supported_vm_types = 0

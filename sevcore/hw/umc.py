@@ -40,6 +40,9 @@ class MemoryController:
         self.mode = mode
         self.key_len = _KEY_LEN[mode]
         self._engines = {}
+        #: The RMP the CPU checks host writes against (AMD64 APM vol. 2 15.36.10), set by the
+        #: firmware's SNP_INIT; None on a host without SNP, where nothing is checked.
+        self.rmp = None
 
     # -- key slots ----------------------------------------------------------------------------
 
@@ -91,10 +94,13 @@ class MemoryController:
         return bytes(plain[off:off + size])
 
     def write(self, spa, data, asid=0):
-        """Store ``data`` at ``spa`` through the key of ``asid``."""
+        """Store ``data`` at ``spa`` through the key of ``asid``. Once SNP is on, a host write
+        (ASID 0) to a frame a guest or the firmware owns raises RmpFault (sevcore.hw.rmp)."""
         data = memoryview(data).cast("B")
         size = data.nbytes
         self._check_range(spa, size)
+        if asid == 0 and self.rmp is not None and size:
+            self._rmp_check(spa, size)
         eng = self.engine(asid)
         frames = self.host.mem.frames
         if eng is None:
@@ -118,6 +124,8 @@ class MemoryController:
         handing each chunk of plaintext to ``observe`` first (LAUNCH_UPDATE_DATA: measure, then
         encrypt). Whole pages go through the engine in place, with no copy."""
         self._check_range(spa, size)
+        if asid == 0 and self.rmp is not None and size:
+            self._rmp_check(spa, size)
         eng = self.engine(asid)
         frames = self.host.mem.frames
         first, end = _page_span(spa, size)
@@ -184,6 +192,8 @@ class MemoryController:
         buf = np.frombuffer(memoryview(data).cast("B"), np.uint8)
         if buf.size != pfns.size * PAGE_SIZE:
             raise ValueError(f"{buf.size} bytes for {pfns.size} pages")
+        if asid == 0 and self.rmp is not None:
+            self.rmp.check_write(pfns, 0, "MemoryController.write_pages")
         eng = self.engine(asid)
         run = _run_start(pfns)
         if eng is not None and run is not None:
@@ -199,6 +209,37 @@ class MemoryController:
         if last is not None:
             pfns, rows = pfns[last], rows[last]
         self._frames2d()[pfns.astype(np.intp)] = rows
+
+    # -- the RMP ----------------------------------------------------------------------------------
+
+    def _rmp_check(self, spa, size):
+        first = spa >> PAGE_SHIFT
+        last = (spa + size - 1) >> PAGE_SHIFT
+        pfn = self.rmp.next_assigned(first, last - first + 1)
+        if pfn <= last:
+            self.rmp.check_write([pfn], 0, "MemoryController.write", max(spa, pfn << PAGE_SHIFT))
+
+    def rmp_asid(self, spa):
+        """The ASID whose key the frame at ``spa`` is encrypted with when SNP owns it: the
+        owner in the RMP (0 for a hypervisor or firmware page, or with no RMP)."""
+        if self.rmp is None:
+            return 0
+        e = self.rmp.entry(spa >> PAGE_SHIFT)
+        return e.asid if e.assigned else 0
+
+    def write_owned(self, spa, data):
+        """Store ``data`` at ``spa`` with the key of the ASID that owns the frame in the RMP
+        (the owner's key for a guest page, plaintext for the rest): how a write by the frame's
+        owner lands. The range must lie in one owner's frames (ValueError)."""
+        data = memoryview(data).cast("B")
+        asid = self.rmp_asid(spa)
+        if data.nbytes and self.rmp_asid(spa + data.nbytes - 1) != asid:
+            raise ValueError("write_owned across frames of different owners")
+        if asid == 0:
+            self._check_range(spa, data.nbytes)
+            self.host.mem.write(spa, data)
+        else:
+            self.write(spa, data, asid)
 
     # -- internals --------------------------------------------------------------------------------
 

@@ -463,19 +463,25 @@ class GhcbVcpu:
             raise NotModelled(f"VMGEXIT exit code {x.exit_code:#x} through the GHCB page")
         result = handler(self, x)
         if result is EXIT:
-            inner = self._complete
-
-            def complete():            # the next KVM_RUN: complete, then sev_es_unmap_ghcb
-                if inner is not None:
-                    inner()
-                self._op = None
-                self._send = None
-                self._ghcb_unmap(x)
-            self._complete = complete
+            self._complete = self._ghcb_completion(x, self._complete)
             return EXIT
         if result is THROW:
             return THROW
         return self._ghcb_unmap(x)
+
+    def _ghcb_completion(self, x, inner):
+        """What the next KVM_RUN does first: the exit's own completion, then sev_es_unmap_ghcb;
+        a completion that starts another exit (snp_complete_one_psc) keeps the page mapped and
+        returns EXIT for KVM_RUN to return with."""
+        def complete():
+            if inner is not None and inner() is EXIT:
+                self._complete = self._ghcb_completion(x, self._complete)
+                return EXIT
+            self._op = None
+            self._send = None
+            self._ghcb_unmap(x)
+            return None
+        return complete
 
     def _ghcb_hva(self, gfn):
         """The VMM address behind ``gfn`` (kvm_vcpu_map goes through the memslot), or None."""

@@ -170,6 +170,29 @@ class Guest:
         hypervisor. Outside an SEV-ES guest it is a VMMCALL with RAX 0."""
         return Op("vmgexit", ())
 
+    # -- SEV-SNP --------------------------------------------------------------------------------
+
+    def pvalidate(self, gpa, npages, validate=True):
+        """PVALIDATE of ``npages`` 4 KiB pages from ``gpa`` (validate or rescind); returns 0,
+        or the first failing page's status (PVALIDATE_FAIL_*; PVALIDATE_FAIL_NOUPDATE when
+        rFLAGS.CF reports that nothing changed) and stops there."""
+        return Op("pvalidate", (_page_gpa(gpa), _size(npages), bool(validate)))
+
+    def page_state_change(self, gpa, npages, private):
+        """Make ``npages`` pages from ``gpa`` private or shared as a Linux SNP guest does:
+        rescind, ask the hypervisor (GHCB MSR protocol page-state change), validate. Returns
+        ``npages``; a refusal raises ``PageStateChangeFailed`` in the guest."""
+        return Op("page_state_change", (_page_gpa(gpa), _size(npages), bool(private)))
+
+    def snp_get_report(self, user_data, vmpl=0):
+        """The guest side of /dev/sev-guest's SNP_GET_REPORT: a MSG_REPORT_REQ with
+        ``user_data`` (64 bytes) for ``vmpl``, encrypted with VMPCK0, sent with the SNP guest
+        request VMGEXIT, the response decrypted; returns the 1184-byte report."""
+        user_data = bytes(user_data)
+        if len(user_data) != 64:
+            raise ValueError("user_data is 64 bytes")
+        return Op("snp_guest_request", ("report", user_data, _size(vmpl)))
+
     def xsave(self, gpa, rfbm):
         """XSAVE to the 64-byte aligned ``gpa`` with EDX:EAX = ``rfbm`` (masked by XCR0)."""
         return Op("xsave", (u64(gpa, "gpa", ndim=0), u64(rfbm, "rfbm", ndim=0)))

@@ -15,6 +15,7 @@ import numpy as np
 
 from sevcore import uapi as U
 from sevcore.core.arrays import sorted_unique
+from sevcore.core.ranges import RangeSet
 from sevcore.errors import SigBus
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.core.npt import GFN_LIMIT, Npt
@@ -181,6 +182,9 @@ class GuestMemfd:
         self.npages = size >> PAGE_SHIFT
         self.ino = next(_inodes)
         self.page_cache = PageCache()
+        #: Pages the architecture has prepared (the folio's uptodate flag:
+        #: kvm_gmem_mark_prepared): populated at launch, or handed to the guest by a fault.
+        self.prepared = RangeSet()
         self.bindings = []         # [start index, end index, memslot]
         self.closed = False        # the fd is closed
         self.released = False      # the last reference is gone (kvm_gmem_release ran)
@@ -302,7 +306,8 @@ class GuestMemfd:
             slot.gmem_file = None
         self._invalidate(0, self.npages)
         self.bindings = []
-        self.host.mem.free(self.page_cache.clear())
+        self.prepared.clear()
+        self._free(self.page_cache.clear())
         self.vm._put()
 
     # -- used by KVM ----------------------------------------------------------------------------------
@@ -336,13 +341,32 @@ class GuestMemfd:
         index = slot.gmem_pgoff + (gfn - slot.base_gfn)
         if not any(s <= index < e and b is slot for s, e, b in self.bindings):
             return EIO, None
-        return 0, self._page(index)
+        pfn = self._page(index)
+        if self.vm.gmem_needs_prepare and index not in self.prepared:
+            err = self.vm.gmem_prepare([pfn], [gfn])     # kvm_gmem_prepare_folio
+            if err:
+                return -err, None
+            self.prepared.add(index, index + 1)
+        return 0, pfn
 
     def get_pfns(self, slot, offsets):
         """Bulk kvm_gmem_get_pfn for pages ``offsets`` (uint64, relative to the slot's base) of
         a slot bound to this file, allocating missing pages in one batch. The caller has
         already resolved one page of the slot through :meth:`get_pfn`."""
         index = np.asarray(offsets, dtype=np.uint64) + np.uint64(slot.gmem_pgoff)
+        pfns = self.pages(index)
+        if self.vm.gmem_needs_prepare:
+            todo = ~self.prepared.contains_array(index)
+            if todo.any():
+                gfns = index[todo] - np.uint64(slot.gmem_pgoff) + np.uint64(slot.base_gfn)
+                self.vm.gmem_prepare(pfns[todo], gfns)
+                for i in index[todo].tolist():
+                    self.prepared.add(i, i + 1)
+        return pfns
+
+    def pages(self, index):
+        """The frames of file pages ``index`` (uint64), allocating the missing ones in one
+        batch, with no preparation (__kvm_gmem_get_pfn)."""
         pfns = self.page_cache.lookup_batch(index)
         miss = np.flatnonzero(pfns == MISS)
         if len(miss):
@@ -369,7 +393,15 @@ class GuestMemfd:
             return
         self._invalidate(start, end)
         self.vm.kvm.unmap_mapping_range(self, start, end)
-        self.host.mem.free(self.page_cache.remove(start, end))
+        self.prepared.remove(start, end)
+        self._free(self.page_cache.remove(start, end))
+
+    def _free(self, pfns):
+        """kvm_gmem_free_folio: the architecture takes the frames back first
+        (kvm_arch_gmem_invalidate), then they return to the host."""
+        if len(pfns):
+            self.vm.gmem_invalidate(pfns)
+        self.host.mem.free(pfns)
 
     def _invalidate(self, start, end):
         """kvm_gmem_invalidate_begin: zap the mappings of the gfns bound to pages [start, end).
@@ -385,3 +417,42 @@ class GuestMemfd:
     def _check_open(self, op):
         if self.closed:
             raise _fs_error(EBADF, op, "guest_memfd is closed")
+
+
+def kvm_gmem_populate(vm, start_gfn, src, npages, post_populate):
+    """kvm_gmem_populate (virt/kvm/guest_memfd.c): hand the pages of ``npages`` gfns from
+    ``start_gfn`` (clipped to its memslot) to ``post_populate(vm, gfn, pfn, src_page,
+    order)`` one at a time, ``src_page`` being ``src + i * 4096`` (None when ``src`` is None).
+    The slot must be a guest_memfd slot (EINVAL) whose file is still open (EFAULT); a page the
+    architecture has already prepared is EEXIST, a gfn that is not private EINVAL. A page the
+    callback accepts (0) is marked prepared. Returns the number of pages done, or the
+    negative errno when the first page failed."""
+    if npages < 0:
+        return -EINVAL
+    slot = vm.gfn_to_memslot(start_gfn) if start_gfn <= vm.max_gfn else None
+    if slot is None or not slot.flags & U.KVM_MEM_GUEST_MEMFD:
+        return -EINVAL
+    file = slot.gmem_file
+    if file is None:
+        return -EFAULT
+    npages = min(slot.npages - (start_gfn - slot.base_gfn), npages)
+    ret = i = 0
+    while i < npages:
+        gfn = start_gfn + i
+        index = slot.gmem_pgoff + (gfn - slot.base_gfn)
+        if not any(s <= index < e and b is slot for s, e, b in file.bindings):
+            ret = -EIO
+            break
+        pfn = file._page(index)          # __kvm_gmem_get_pfn: no preparation here
+        if index in file.prepared:
+            ret = -EEXIST
+            break
+        if not vm.mem_is_private(gfn):
+            ret = -EINVAL
+            break
+        ret = post_populate(vm, gfn, pfn, None if src is None else src + i * PAGE_SIZE, 0)
+        if ret:
+            break
+        file.prepared.add(index, index + 1)       # kvm_gmem_mark_prepared
+        i += 1
+    return ret if ret and not i else i

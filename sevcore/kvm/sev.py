@@ -31,14 +31,16 @@ from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.hw.vmsa import VMSA_SIZE
 from sevcore.kvm.sev_es import build_vmsa
 from sevcore.psp import layout as L
+from sevcore.psp import snp_layout as SL
 from sevcore.psp.platform import TMR_SIZE
 from sevcore.psp.status import status_name
 
 IOCTL = "KVM_MEMORY_ENCRYPT_OP"
 INT_MAX = (1 << 31) - 1
 ULONG_MAX = (1 << 64) - 1
-#: kvm_sev_info.vmsa_features KVM can offer (sev_supported_vmsa_features): DebugSwap only.
-SEV_SUPPORTED_VMSA_FEATURES = U.SVM_SEV_FEAT_DEBUG_SWAP
+#: kvm_sev_info.vmsa_features KVM can offer (sev_supported_vmsa_features): DebugSwap, and
+#: Secure TSC, which the simulated part has and only an SNP guest may ask for (__sev_guest_init).
+SEV_SUPPORTED_VMSA_FEATURES = U.SVM_SEV_FEAT_DEBUG_SWAP | U.SVM_SEV_FEAT_SECURE_TSC
 #: Pages of the slab one command's small kernel buffers come from.
 _SLAB_PAGES = 8
 #: The largest kmalloc (KMALLOC_MAX_SIZE: 2^MAX_PAGE_ORDER pages, order 10 on x86-64).
@@ -72,6 +74,10 @@ STRUCTS["update_vmsa"] = dict(vcpu_id=0, hdr_uaddr=0, hdr_len=0, trans_uaddr=0, 
 #: include/uapi/linux/kvm.h declares them; mnonce is __u8[16].
 FIELD_BITS = dict(vmsa_features=64, flags=32, ghcb_version=16, handle=32, policy=32, state=32,
                   vcpu_id=32)
+#: Per-struct widths that differ from FIELD_BITS, and byte-array fields with their sizes; the
+#: SNP structs add theirs (sevcore.kvm.sev_snp).
+STRUCT_FIELD_BITS = {}
+BYTE_FIELDS = dict(mnonce=16)
 
 #: Ids a mirror VM may issue (sev_mem_enc_ioctl, is_cmd_allowed_from_mirror).
 MIRROR_CMDS = (U.KVM_SEV_LAUNCH_UPDATE_VMSA, U.KVM_SEV_GUEST_STATUS, U.KVM_SEV_DBG_DECRYPT,
@@ -131,6 +137,8 @@ class SevInfo:
         self.enc_context_owner = None
         self.mirror_vms = []
         self.migration_in_progress = False
+        self.snp_context = None            # the SNP guest context page (an SPA)
+        self.guest_req_buf = self.guest_resp_buf = None   # SNP guest-request bounce pages
 
 
 class Asids:
@@ -333,11 +341,18 @@ def _checked_fields(struct, fields):
     for one its __u16/__u32/__u64 cannot hold, before the command runs (the kernel's
     copy_from_user of the struct cannot express either)."""
     out = {}
+    widths = STRUCT_FIELD_BITS.get(struct, {})
     for name, v in fields.items():
         if name == "mnonce":
             out[name] = v
             continue
-        bits = 64 if name.endswith("uaddr") else 32 if name.endswith("len") else FIELD_BITS[name]
+        if name in BYTE_FIELDS:
+            if not isinstance(v, (bytes, bytearray)) or len(v) != BYTE_FIELDS[name]:
+                raise TypeError(f"kvm_sev_{struct}.{name} must be {BYTE_FIELDS[name]} bytes")
+            out[name] = bytes(v)
+            continue
+        bits = widths.get(name) or (64 if name.endswith("uaddr") else 32 if name.endswith("len")
+                                    else FIELD_BITS[name])
         if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
             raise TypeError(f"kvm_sev_{struct}.{name} must be an int, not {type(v).__name__}")
         if not 0 <= v < 1 << bits:
@@ -525,11 +540,25 @@ def unreg_region(vm, addr, size):
 # -- initialisation -----------------------------------------------------------------------------------
 
 def _platform_init(host):
-    """sev_platform_init: INIT (with SEV-ES and a TMR when ES is possible), then WBINVD and
+    """sev_platform_init: SNP_INIT_EX first (the RMP initialised, then WBINVD and SNP_DF_FLUSH:
+    __sev_snp_init_locked), then INIT (with SEV-ES and a TMR when ES is possible), WBINVD and
     DF_FLUSH for the first launch. Returns the firmware status."""
     psp = host.psp
     if psp.state != U.SEV_STATE_UNINIT:
         return 0
+    if not psp.snp_platform_status()["state"]:
+        buf = KernelBuffers(host)
+        try:
+            status = psp.command(U.SEV_CMD_SNP_INIT_EX,
+                                 buf.put(SL.sev_data_snp_init_ex.pack(init_rmp=1)))
+        finally:
+            buf.free()
+        if status:
+            return status
+        psp.wbinvd()
+        status = psp.command(U.SEV_CMD_SNP_DF_FLUSH, 0)
+        if status:
+            return status
     fields = {}
     if host.kvm_sev.asids.es_enabled:
         base = host.mem.alloc_contiguous(2 * TMR_SIZE // PAGE_SIZE)
@@ -552,6 +581,8 @@ def _guest_init(c, params, vm_type):
     es = vm_type != U.KVM_X86_SEV_VM
     snp = vm_type == U.KVM_X86_SNP_VM
     valid = SEV_SUPPORTED_VMSA_FEATURES if es else 0
+    if not snp:
+        valid &= ~U.SVM_SEV_FEAT_SECURE_TSC
     if vm.vcpus:
         c.fail(EINVAL, "vCPUs already created")
     if params["flags"]:

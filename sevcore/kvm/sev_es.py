@@ -3,7 +3,6 @@ page protocol in :mod:`sevcore.kvm.ghcb`), SEV_STATUS,
 the GHCB MSR, #VC, XSAVE of state loaded from the VMSA; and the VMSA LAUNCH_UPDATE_VMSA
 encrypts (``sev_es_sync_vmsa``)."""
 from sevcore import uapi as U
-from sevcore.errors import NotModelled
 from sevcore.hw.hostmem import PAGE_SIZE
 from sevcore.hw import vmsa as V
 from sevcore.kvm import fpu
@@ -42,7 +41,8 @@ class SevEsVcpu(GhcbVcpu):
         """sev_handle_vmgexit_msr_protocol: answer SEV_INFO, CPUID and hypervisor-feature
         requests in the MSR; AP reset hold halts (no in-kernel local APIC: an exit); TERM_REQ,
         and the SNP-only requests from a non-SNP guest, end in KVM_EXIT_SYSTEM_EVENT SEV_TERM
-        with the MSR in data[0]; anything else leaves the MSR as it is."""
+        with the MSR in data[0]; an SNP guest's GHCB GPA and page-state requests go to
+        :meth:`_snp_msr_protocol`; anything else leaves the MSR as it is."""
         vm = self.vm
         info = ghcb & U.GHCB_MSR_INFO_MASK
         if info == U.GHCB_MSR_SEV_INFO_REQ:
@@ -70,10 +70,11 @@ class SevEsVcpu(GhcbVcpu):
                              U.GHCB_MSR_HV_FT_POS)
             self.ghcb_gpa = _set_bits(ghcb, U.GHCB_MSR_HV_FT_RESP, U.GHCB_MSR_INFO_MASK,
                                       U.GHCB_MSR_INFO_POS)
+        elif info in (U.GHCB_MSR_PREF_GPA_REQ, U.GHCB_MSR_REG_GPA_REQ, U.GHCB_MSR_PSC_REQ) \
+                and vm.sev.snp_active:
+            return self._snp_msr_protocol(ghcb, info)
         elif info == U.GHCB_MSR_TERM_REQ or info in (
                 U.GHCB_MSR_PREF_GPA_REQ, U.GHCB_MSR_REG_GPA_REQ, U.GHCB_MSR_PSC_REQ):
-            if vm.sev.snp_active and info != U.GHCB_MSR_TERM_REQ:
-                raise NotModelled(f"SNP GHCB MSR request {info:#x}")
             run = self.kvm_run
             run.exit_reason = U.KVM_EXIT_SYSTEM_EVENT
             run.system_event.type = U.KVM_SYSTEM_EVENT_SEV_TERM

@@ -8,6 +8,7 @@ from errno import EBADF, EBUSY, EINVAL
 from sevcore import uapi as U
 from sevcore.errors import KvmError
 from sevcore.kvm.sev import KernelBuffers, is_mirror, sev_guest
+from sevcore.kvm.sev_snp import snp_decommission_context, snp_free_vmsas, snp_guest_req_cleanup
 from sevcore.psp import layout as L
 
 #: Taken by a move or a mirror on both VMs, as ``sev_lock_two_vms`` takes the VMs'
@@ -44,9 +45,10 @@ def copy_enc_context_from(dst, ioctl, fd_or_vm):
     src = _source(dst, ioctl, fd_or_vm)
     _lock_two(dst, src, ioctl)
     try:
-        if sev_guest(dst) or not sev_guest(src) or is_mirror(src) or dst.vcpus:
+        if sev_guest(dst) or not sev_guest(src) or is_mirror(src) or dst.vcpus or \
+                src.sev.snp_active:
             raise KvmError(EINVAL, ioctl, "destination is SEV or has vCPUs, or the source is "
-                                          "not SEV or is a mirror")
+                                          "not SEV, is a mirror or is SNP")
         src._get()
         s, d = src.sev, dst.sev
         s.mirror_vms.append(dst)
@@ -64,8 +66,9 @@ def move_enc_context_from(dst, ioctl, fd_or_vm):
     src = _source(dst, ioctl, fd_or_vm)
     _lock_two(dst, src, ioctl)
     try:
-        if dst.type != src.type or sev_guest(dst) or not sev_guest(src):
-            raise KvmError(EINVAL, ioctl, "VM types differ, destination is SEV or source is not")
+        if dst.type != src.type or sev_guest(dst) or not sev_guest(src) or src.sev.snp_active:
+            raise KvmError(EINVAL, ioctl, "VM types differ, destination is SEV, source is not "
+                                          "or is SNP")
         s, d = src.sev, dst.sev
         if s.es_active:
             if len(src.vcpus) != len(dst.vcpus):
@@ -120,6 +123,16 @@ def vm_destroy(vm):
         owner._put()
         return
     sev.regions.clear()
+    if sev.snp_active:
+        snp_guest_req_cleanup(vm)
+        # Decommissioning unbinds the ASID; if it fails the kernel leaks the ASID.
+        if snp_decommission_context(vm):
+            sev.active = False
+            return
+        snp_free_vmsas(vm)
+        vm.host.kvm_sev.asids.free(sev.asid)
+        sev.active = False
+        return
     psp, c_buf = vm.host.psp, KernelBuffers(vm.host)
     if sev.handle:
         try:

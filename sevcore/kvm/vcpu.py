@@ -30,6 +30,7 @@ from sevcore.kvm.mmu import MemoryFault
 from sevcore.kvm.msr import MsrState, MsrVcpu
 from sevcore.kvm.prefault import pre_fault_memory
 from sevcore.kvm.sev_es import SevEsVcpu
+from sevcore.kvm.snp_vcpu import SnpVcpu
 from sevcore.kvm.sregs import SregsVcpu, X86State
 
 U64 = (1 << 64) - 1
@@ -90,8 +91,8 @@ def default_cpuid(host):
         e(0x80000000, 0x80000021, auth[0], auth[2], auth[1]),
         e(0x80000001, 0, 0, 1 << 2, 1 << 29 | 1 << 20),
         e(0x80000008, 0x3030, 0, 0, 0),
-        # Fn8000_001F: SME, SEV, SEV-ES in EAX; EBX[5:0] = C-bit position.
-        e(0x8000001F, 1 << 0 | 1 << 1 | 1 << 3, host.c_bit, 509, 0),
+        # Fn8000_001F: SME, SEV, SEV-ES, SEV-SNP in EAX; EBX[5:0] = C-bit position.
+        e(0x8000001F, 1 << 0 | 1 << 1 | 1 << 3 | 1 << 4, host.c_bit, 509, 0),
         e(U.KVM_CPUID_SIGNATURE, U.KVM_CPUID_FEATURES, *kvm_sig),
         e(U.KVM_CPUID_FEATURES, KVM_SUPPORTED_PV_FEATURES),
     ]
@@ -115,7 +116,7 @@ def kvm_cpuid_features(entries):
     return None
 
 
-class Vcpu(GuestAccess, SevEsVcpu, MsrVcpu, HypercallVcpu, SregsVcpu, DirtyRingVcpu):
+class Vcpu(GuestAccess, SevEsVcpu, SnpVcpu, MsrVcpu, HypercallVcpu, SregsVcpu, DirtyRingVcpu):
     """A vCPU fd. Created by :meth:`sevcore.kvm.vm.Vm.create_vcpu`."""
 
     def __init__(self, vm, vcpu_id):
@@ -392,7 +393,8 @@ class Vcpu(GuestAccess, SevEsVcpu, MsrVcpu, HypercallVcpu, SregsVcpu, DirtyRingV
         self.has_run = True
         if self._complete is not None:
             complete, self._complete = self._complete, None
-            complete()
+            if complete() is EXIT:       # the completion started another exit
+                return run
         if run.immediate_exit:
             run.exit_reason = U.KVM_EXIT_INTR
             raise KvmError(EINTR, ioctl, "immediate_exit")
@@ -445,6 +447,9 @@ class Vcpu(GuestAccess, SevEsVcpu, MsrVcpu, HypercallVcpu, SregsVcpu, DirtyRingV
     def _sev_entry_fails(self):
         vm = self.vm
         psp = vm.host.psp
+        if vm.sev.snp_active:
+            return vm.sev.snp_context is None or not vm.host.umc.has_key(vm.sev.asid) or \
+                not self.guest_state_protected
         g = psp.guest(vm.sev.handle)
         return g is None or g.state == U.SEV_GUEST_STATE_SENT or \
             not vm.host.umc.has_key(vm.sev.asid) or \
@@ -534,6 +539,12 @@ class Vcpu(GuestAccess, SevEsVcpu, MsrVcpu, HypercallVcpu, SregsVcpu, DirtyRingV
             return self._xsave(*args)
         if kind == "vmgexit":
             return self._vmgexit()
+        if kind == "page_state_change":
+            return self._page_state_change(*args)
+        if kind == "pvalidate":
+            return self._pvalidate(*args)
+        if kind == "snp_guest_request":
+            return self._snp_guest_request(*args)
         if kind == "shutdown":
             return self._shutdown()
         if self.guest_state_protected:

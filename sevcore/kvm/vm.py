@@ -17,6 +17,7 @@ from sevcore.kvm.sev import SevInfo, memory_encrypt_op, reg_region, unreg_region
 from sevcore.kvm.sev_mirror import copy_enc_context_from, move_enc_context_from, vm_destroy
 from sevcore.kvm.sev_pages import receive_update_data_pages, send_update_data_pages
 from sevcore.kvm.dirty_ring import VcpuDirtyRing, enable_dirty_log_ring, reset_dirty_rings
+from sevcore.kvm.sev_snp import sev_gmem_invalidate, sev_gmem_prepare
 from sevcore.kvm.guest_memfd import GuestMemfd
 from sevcore.kvm.vcpu import Vcpu, default_cpuid
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
@@ -90,6 +91,10 @@ class Vm:
         self.msr_filter = None
         self.hlt_in_guest = False
         self.vcpus = []
+        #: What an SNP guest's firmware tells it (the secrets page) and the shared pages its
+        #: guest-message driver uses: (secrets_gpa, req_gpa, resp_gpa), set by the VMM
+        #: (sevcore.vmm.kvm_util.snp_guest_msg_init); None until then.
+        self.snp_guest_msg = None
         self.max_gfn = KVM_MMU_MAX_GFN
         self._page_ops = None
         self._page_ops_slots = None
@@ -668,6 +673,22 @@ class Vm:
             self._zap_gfns(start, end - start, KVM_FILTER_PRIVATE)
             self.private.remove(start, end)
         return 0
+
+    # -- guest_memfd's architecture hooks (kvm_arch_gmem_prepare, kvm_arch_gmem_invalidate) ------
+
+    @property
+    def gmem_needs_prepare(self):
+        """Whether guest_memfd tracks prepared pages for this VM (SNP: sev_gmem_prepare)."""
+        return self.type == U.KVM_X86_SNP_VM
+
+    def gmem_prepare(self, pfns, gfns):
+        """kvm_arch_gmem_prepare for frames a fault hands the guest; 0 or -errno."""
+        return sev_gmem_prepare(self, pfns, gfns)
+
+    def gmem_invalidate(self, pfns):
+        """kvm_arch_gmem_invalidate for frames guest_memfd frees."""
+        if self.type == U.KVM_X86_SNP_VM:
+            sev_gmem_invalidate(self.host, pfns)
 
     def get_memory_attributes(self, gfn):
         """kvm_get_memory_attributes (no ioctl exists: this is the simulator's view)."""

@@ -15,7 +15,16 @@ import hashlib
 from Crypto.PublicKey import RSA
 
 from sevcore.psp import _amd_root_data as _data
+from sevcore.psp import _amd_x509_data as _x509
 from sevcore.psp.certs import ALGO_RSA_SHA384, USAGE_ASK, AmdCert, sign_rsa
+
+#: The names of AMD's Genoa certificates (AMD publication 57230): issuer and subject attributes
+#: before the common name, and the common names of the ARK, ASK and VCEK.
+AMD_NAME = [("OU", "Engineering"), ("C", "US"), ("L", "Santa Clara"), ("ST", "CA"),
+            ("O", "Advanced Micro Devices")]
+ARK_NAME = "ARK-Genoa"
+ASK_NAME = "SEV-Genoa"
+VCEK_NAME = "SEV-VCEK"
 
 ARK_CERT = _data.ARK_CERT
 ASK_CERT = _data.ASK_CERT
@@ -32,9 +41,27 @@ def ask_cert():
     return ASK_CERT
 
 
+def ark_x509():
+    """The ARK as an X.509 certificate (DER), self-signed RSASSA-PSS/SHA-384, as AMD's KDS
+    publishes it for SEV-SNP (``/vcek/v1/Genoa/cert_chain``); same key as :func:`ark_cert`."""
+    return _x509.ARK_X509
+
+
+def ask_x509():
+    """The ASK as an X.509 certificate (DER), signed by the ARK."""
+    return _x509.ASK_X509
+
+
 def ask_ark():
     """ASK || ARK, the layout of AMD's ``ask_ark_<family>.cert`` and of SEND_START's amd_certs."""
     return ASK_CERT + ARK_CERT
+
+
+@functools.lru_cache(maxsize=None)
+def ask_key():
+    """The simulated ASK's RSA-4096 private key: it plays AMD's KDS, which signs CEKs and
+    VCEKs."""
+    return _ask_key()
 
 
 @functools.lru_cache(maxsize=None)

@@ -26,6 +26,8 @@ from sevcore.psp.launch import LaunchCommands
 from sevcore.psp.platform import DIRTY, UNINIT, PlatformCommands
 from sevcore.psp.ring import RingBufferMode
 from sevcore.psp.send_receive import SendReceiveCommands
+from sevcore.psp import snp_layout as SL
+from sevcore.psp.snp import SnpCommands
 
 IN, OUT, INOUT, INOUT_ERR, IGNORE = range(5)
 
@@ -70,11 +72,29 @@ COMMANDS = {
     U.SEV_CMD_RECEIVE_FINISH: ("receive_finish", L.sev_data_receive_finish, IN),
     U.SEV_CMD_DBG_DECRYPT: ("dbg_decrypt", L.sev_data_dbg, IN),
     U.SEV_CMD_DBG_ENCRYPT: ("dbg_encrypt", L.sev_data_dbg, IN),
+    # SEV-SNP (AMD 56860 chapter 8): every buffer is input; outputs go to pages it names.
+    U.SEV_CMD_SNP_INIT: ("snp_init", None, IGNORE),
+    U.SEV_CMD_SNP_SHUTDOWN: ("snp_shutdown", None, IGNORE),
+    U.SEV_CMD_SNP_PLATFORM_STATUS: ("snp_platform_status", SL.sev_data_snp_addr, IN),
+    U.SEV_CMD_SNP_DF_FLUSH: ("snp_df_flush", None, IGNORE),
+    U.SEV_CMD_SNP_INIT_EX: ("snp_init_ex", SL.sev_data_snp_init_ex, IN),
+    U.SEV_CMD_SNP_SHUTDOWN_EX: ("snp_shutdown_ex", SL.sev_data_snp_shutdown_ex, IN),
+    U.SEV_CMD_SNP_DECOMMISSION: ("snp_decommission", SL.sev_data_snp_addr, IN),
+    U.SEV_CMD_SNP_ACTIVATE: ("snp_activate", SL.sev_data_snp_activate, IN),
+    U.SEV_CMD_SNP_GUEST_STATUS: ("snp_guest_status", SL.sev_data_snp_guest_status, IN),
+    U.SEV_CMD_SNP_GCTX_CREATE: ("snp_gctx_create", SL.sev_data_snp_addr, IN),
+    U.SEV_CMD_SNP_GUEST_REQUEST: ("snp_guest_request", SL.sev_data_snp_guest_request, IN),
+    U.SEV_CMD_SNP_LAUNCH_START: ("snp_launch_start", SL.sev_data_snp_launch_start, IN),
+    U.SEV_CMD_SNP_LAUNCH_UPDATE: ("snp_launch_update", SL.sev_data_snp_launch_update, IN),
+    U.SEV_CMD_SNP_LAUNCH_FINISH: ("snp_launch_finish", SL.sev_data_snp_launch_finish, IN),
+    U.SEV_CMD_SNP_DBG_DECRYPT: ("snp_dbg_decrypt", SL.sev_data_snp_dbg, IN),
+    U.SEV_CMD_SNP_DBG_ENCRYPT: ("snp_dbg_encrypt", SL.sev_data_snp_dbg, IN),
+    U.SEV_CMD_SNP_PAGE_RECLAIM: ("snp_page_reclaim", SL.sev_data_snp_page_reclaim, IN),
 }
 
 
 class Psp(PlatformCommands, GuestCommands, LaunchCommands, SendReceiveCommands, RingBufferMode,
-          UpdatePages, TypedApi):
+          UpdatePages, TypedApi, SnpCommands):
     """The SEV firmware (PSP) of one Host.
 
     ``command(cmd_id, buf_spa)`` is the raw mailbox; the typed methods (``launch_start``,
@@ -118,6 +138,7 @@ class Psp(PlatformCommands, GuestCommands, LaunchCommands, SendReceiveCommands, 
         self._tmr_crc = {}
         self._rb = None
         self._scratch = None
+        self._snp_setup()
 
     def __repr__(self):
         return f"<Psp state={self.state} guests={len(self._guests)}>"

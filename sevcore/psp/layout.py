@@ -23,15 +23,25 @@ class Layout:
 
     def __init__(self, name, fields):
         self.name = name
-        self.fields = tuple(fields)
-        self._struct = struct.Struct("<" + "".join(f for _, f in self.fields))
+        self.fields = tuple(f[:2] for f in fields)
+        self._struct = struct.Struct("<" + "".join(f[1] for f in fields))
         self.size = self._struct.size
         self.offsets = {}
         self._fmt = {}
+        #: bit-field name -> (the word holding it, its shift, its width): the kernel's
+        #: ``u32 page_size:1`` style fields, packed from bit 0 up as GCC lays them out.
+        self._bits = {}
         off = 0
-        for fname, fmt in self.fields:
+        for fname, fmt, *bits in fields:
             self.offsets[fname] = off
             self._fmt[fname] = struct.Struct("<" + fmt)
+            shift = 0
+            for sub, width in (bits[0] if bits else ()):
+                self._bits[sub] = (fname, shift, width)
+                self.offsets[sub] = off
+                shift += width
+            if bits and shift != 8 * self._fmt[fname].size:
+                raise ValueError(f"{name}.{fname}: bit fields cover {shift} bits")
             off += struct.calcsize("<" + fmt)
 
     def __repr__(self):
@@ -43,6 +53,8 @@ class Layout:
         unknown = set(values) - set(self.offsets)
         if unknown:
             raise TypeError(f"{self.name} has no field(s) {sorted(unknown)}")
+        if self._bits:
+            values = self._fold_bits(values)
         args = []
         for fname, fmt in self.fields:
             size = struct.calcsize("<" + fmt)
@@ -62,16 +74,45 @@ class Layout:
         return self._struct.pack(*args)
 
     def unpack(self, data):
-        return dict(zip((n for n, _ in self.fields), self._struct.unpack_from(data)))
+        out = dict(zip((n for n, _ in self.fields), self._struct.unpack_from(data)))
+        for sub, (word, shift, width) in self._bits.items():
+            out[sub] = (out[word] >> shift) & ((1 << width) - 1)
+        for word in {w for w, _, _ in self._bits.values()}:
+            del out[word]
+        return out
+
+    def _fold_bits(self, values):
+        """``values`` with bit fields folded into their words; a value too wide is ValueError."""
+        values = dict(values)
+        for sub, (word, shift, width) in self._bits.items():
+            v = values.pop(sub, None)
+            if v is None:
+                continue
+            if not isinstance(v, int):
+                raise TypeError(f"{self.name}.{sub} must be an int, not {type(v).__name__}")
+            if not 0 <= v < 1 << width:
+                raise ValueError(f"{self.name}.{sub} = {v:#x} does not fit {width} bits")
+            values[word] = (values.get(word) or 0) | (int(v) << shift)
+        return values
 
     def view(self, buf):
         """Attribute access to the fields of ``buf`` (a bytearray), read and written in place."""
         return Fields(self, buf)
 
     def get(self, buf, name):
+        bits = self._bits.get(name)
+        if bits is not None:
+            word, shift, width = bits
+            return (self.get(buf, word) >> shift) & ((1 << width) - 1)
         return self._fmt[name].unpack_from(buf, self.offsets[name])[0]
 
     def set(self, buf, name, value):
+        bits = self._bits.get(name)
+        if bits is not None:
+            word, shift, width = bits
+            mask = ((1 << width) - 1) << shift
+            value = (self.get(buf, word) & ~mask) | ((value << shift) & mask)
+            name = word
         self._fmt[name].pack_into(buf, self.offsets[name], value)
 
 

@@ -175,7 +175,10 @@ def sev_vm_launch(vm, policy):
 
 def vm_sev_launch(vm, policy, measurement=None):
     """sev_vm_launch, LAUNCH_MEASURE (state LAUNCH_SECRET), LAUNCH_FINISH (state RUNNING).
-    ``measurement``, a bytearray, receives the 48-byte MEASURE || MNONCE."""
+    ``measurement``, a bytearray, receives the 48-byte MEASURE || MNONCE. An SNP VM takes the
+    SNP launch instead (:func:`vm_snp_launch`), as the selftests' vm_sev_launch does."""
+    if vm.type == U.KVM_X86_SNP_VM:
+        return vm_snp_launch(vm, policy)
     sev_vm_launch(vm, policy)
     buf = vm.kvm.mmap(PAGE_SIZE)
     vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_MEASURE, uaddr=buf, len=256)
@@ -189,11 +192,12 @@ def vm_sev_launch(vm, policy, measurement=None):
 
 
 def vm_sev_create_with_one_vcpu(kvm, type, guest_code=None, *args, npages=16):
-    """A VM of ``type`` (SEV or SEV-ES) initialised with INIT2, one memslot of ``npages`` at
-    gpa 0, and vCPU 0 running ``guest_code``. Returns ``(vm, vcpu)``."""
+    """A VM of ``type`` (SEV, SEV-ES or SNP) initialised with INIT2, one memslot of ``npages``
+    at gpa 0 (for SNP backed by a guest_memfd as well, as the selftests' VMs with private
+    memory are), and vCPU 0 running ``guest_code``. Returns ``(vm, vcpu)``."""
     vm = kvm.create_vm(type)
     vm.memory_encrypt_op(U.KVM_SEV_INIT2)
-    vm_mem_add(vm, 0, 0, npages)
+    vm_mem_add(vm, 0, 0, npages, U.KVM_MEM_GUEST_MEMFD if type == U.KVM_X86_SNP_VM else 0)
     vcpu = vm_vcpu_add(vm, 0)
     if guest_code is not None:
         vcpu.set_guest_code(guest_code, *args)
@@ -244,3 +248,77 @@ def sev_receive_start(vm, policy, pdh, session):
 __all__ += ["vm_sev_ioctl", "sev_vm_init", "sev_es_vm_init", "sev_vm_launch", "vm_sev_launch",
             "vm_sev_create_with_one_vcpu", "sev_encrypt_memory", "sev_decrypt_memory",
             "sev_send_start", "sev_receive_start"]
+
+
+# -- SEV-SNP (tools/testing/selftests/kvm/lib/x86/sev.c) --------------------------------------------
+
+def snp_default_policy():
+    """snp_default_policy: RSVD_MBO, and SMT (the simulated host runs SMT)."""
+    return U.SNP_POLICY_MASK_RSVD_MBO | U.SNP_POLICY_MASK_SMT
+
+
+def snp_vm_init(vm):
+    """``KVM_SEV_INIT2`` with a zeroed struct on an SNP VM."""
+    assert vm.type == U.KVM_X86_SNP_VM, vm.type
+    return vm.memory_encrypt_op(U.KVM_SEV_INIT2)
+
+
+def snp_vm_launch_start(vm, policy):
+    """``KVM_SEV_SNP_LAUNCH_START`` with ``policy``."""
+    return vm.memory_encrypt_op(U.KVM_SEV_SNP_LAUNCH_START, policy=policy)
+
+
+def snp_launch_update_data(vm, gpa, hva, size, type):
+    """``KVM_SEV_SNP_LAUNCH_UPDATE`` of ``size`` bytes at ``gpa`` from ``hva``, repeated while
+    the kernel reports partial progress (it writes back ``gfn_start``, ``uaddr``, ``len``)."""
+    fields = dict(gfn_start=gpa >> PAGE_SHIFT, uaddr=hva, len=size, type=type)
+    while fields["len"]:
+        out = vm.memory_encrypt_op(U.KVM_SEV_SNP_LAUNCH_UPDATE, **fields)
+        fields = dict(gfn_start=out.gfn_start, uaddr=out.uaddr, len=out.len, type=type)
+    return out
+
+
+def snp_vm_launch_update(vm, page_type=U.KVM_SEV_SNP_PAGE_TYPE_NORMAL):
+    """encrypt_region of every memslot: all of it made private, then measured and encrypted
+    from the VMM's copy at the slot's HVA (the selftests protect all of guest RAM here)."""
+    for s in sorted(vm.memslots.values(), key=lambda s: s.base_gfn):
+        gpa, size = s.base_gfn << PAGE_SHIFT, s.npages << PAGE_SHIFT
+        vm_mem_set_private(vm, gpa, size)
+        snp_launch_update_data(vm, gpa, s.userspace_addr, size, page_type)
+
+
+def snp_vm_launch_finish(vm, **fields):
+    """``KVM_SEV_SNP_LAUNCH_FINISH`` (a zeroed struct unless ``fields`` say otherwise)."""
+    return vm.memory_encrypt_op(U.KVM_SEV_SNP_LAUNCH_FINISH, **fields)
+
+
+def vm_snp_launch(vm, policy):
+    """vm_sev_launch for an SNP VM: KVM_HC_MAP_GPA_RANGE exits enabled (page-state changes reach
+    the VMM), LAUNCH_START, LAUNCH_UPDATE of all memory, LAUNCH_FINISH."""
+    vm.enable_cap(U.KVM_CAP_EXIT_HYPERCALL, 1 << U.KVM_HC_MAP_GPA_RANGE)
+    snp_vm_launch_start(vm, policy)
+    snp_vm_launch_update(vm)
+    snp_vm_launch_finish(vm)
+
+
+def handle_map_gpa_range(vm, run):
+    """What a VMM does with a KVM_HC_MAP_GPA_RANGE exit: convert the range with
+    KVM_SET_MEMORY_ATTRIBUTES (ENCRYPTED: private, else shared) and answer 0."""
+    hc = run.hypercall
+    assert run.exit_reason == U.KVM_EXIT_HYPERCALL and hc.nr == U.KVM_HC_MAP_GPA_RANGE, run
+    private = bool(hc.args[2] & U.KVM_MAP_GPA_RANGE_ENCRYPTED)
+    vm.set_memory_attributes(hc.args[0], hc.args[1] << PAGE_SHIFT,
+                             U.KVM_MEMORY_ATTRIBUTE_PRIVATE if private else 0)
+    hc.ret = 0
+
+
+def snp_guest_msg_init(vm, secrets_gpa, req_gpa, resp_gpa):
+    """Tell the SNP guest where its secrets page is and which two shared pages its
+    guest-message driver uses (what its firmware and driver would know); ``g.snp_get_report``
+    needs it."""
+    vm.snp_guest_msg = (secrets_gpa, req_gpa, resp_gpa)
+
+
+__all__ += ["snp_guest_msg_init", "snp_default_policy", "snp_vm_init", "snp_vm_launch_start", "snp_launch_update_data",
+            "snp_vm_launch_update", "snp_vm_launch_finish", "vm_snp_launch",
+            "handle_map_gpa_range"]

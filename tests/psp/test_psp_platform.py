@@ -281,7 +281,7 @@ def test_dispatcher():
     """Unknown command ids are INVALID_COMMAND; a buffer outside memory is INVALID_ADDRESS;
     the C-bit of a buffer address is ignored."""
     host = ready()
-    for cmd in (0x000, 0x010, 0x026, 0x0FF, 0x081, 0x7FF):
+    for cmd in (0x000, 0x010, 0x026, 0x0FF, 0x087, 0x7FF):
         assert host.psp.command(cmd, 0) == U.SEV_RET_INVALID_COMMAND
     assert host.psp.command(U.SEV_CMD_PLATFORM_STATUS, host.mem.size - 4) == \
         U.SEV_RET_INVALID_ADDRESS

@@ -58,7 +58,7 @@ def test_dev_attr_sev_vmsa_features(kvm):
     sev_dev_get_attr), with EFAULT where the value cannot be written."""
     assert kvm.has_device_attr(KVM_X86_GRP_SEV, KVM_X86_SEV_VMSA_FEATURES) == 0
     supported = kvm_device_attr_get(kvm, KVM_X86_GRP_SEV, KVM_X86_SEV_VMSA_FEATURES)
-    assert supported == SVM_SEV_FEAT_DEBUG_SWAP
+    assert supported == SVM_SEV_FEAT_DEBUG_SWAP | SVM_SEV_FEAT_SECURE_TSC
     assert kvm_device_attr_get(kvm, KVM_X86_GRP_SYSTEM, KVM_X86_XCOMP_GUEST_SUPP) == \
         XFEATURE_MASK_FP | XFEATURE_MASK_SSE | XFEATURE_MASK_YMM
     for group, attr in ((KVM_X86_GRP_SEV, 1), (KVM_X86_GRP_SEV, 1 << 63), (2, 0),
@@ -75,14 +75,21 @@ def test_dev_attr_sev_vmsa_features(kvm):
 
 
 def test_init2_features(kvm):
-    """A plain SEV VM supports no VMSA feature; SEV-ES supports exactly DebugSwap."""
+    """A plain SEV VM supports no VMSA feature; SEV-ES supports exactly DebugSwap; SNP also
+    Secure TSC, and always has SNPActive."""
     for i in range(64):
         init2_fails(kvm, KVM_X86_SEV_VM, EINVAL, vmsa_features=1 << i)
-        if 1 << i & SEV_SUPPORTED_VMSA_FEATURES:
+        if 1 << i == SVM_SEV_FEAT_DEBUG_SWAP:
             vm, _ = init2(kvm, KVM_X86_SEV_ES_VM, vmsa_features=1 << i)
             assert vm.sev.vmsa_features == SVM_SEV_FEAT_DEBUG_SWAP
         else:
             init2_fails(kvm, KVM_X86_SEV_ES_VM, EINVAL, vmsa_features=1 << i)
+        if 1 << i & SEV_SUPPORTED_VMSA_FEATURES:
+            vm, _ = init2(kvm, KVM_X86_SNP_VM, vmsa_features=1 << i)
+            assert vm.sev.vmsa_features == 1 << i | SVM_SEV_FEAT_SNP_ACTIVE
+        else:
+            init2_fails(kvm, KVM_X86_SNP_VM, EINVAL, vmsa_features=1 << i)
+    assert SEV_SUPPORTED_VMSA_FEATURES == SVM_SEV_FEAT_DEBUG_SWAP | SVM_SEV_FEAT_SECURE_TSC
 
 
 def test_init2_checks(kvm):

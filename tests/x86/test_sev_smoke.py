@@ -407,7 +407,7 @@ def test_ghcb_msr_protocol_answers():
     got = reported(kvm, vm, vcpu, len(requests) + 1)
     assert got == [
         info, info,
-        0xb << 32 | GHCB_MSR_CPUID_RESP,                          # SME | SEV | SEV-ES
+        0x1b << 32 | GHCB_MSR_CPUID_RESP,                 # SME | SEV | SEV-ES | SEV-SNP
         c_bit << 32 | GHCB_CPUID_REQ_EBX << 30 | junk | GHCB_MSR_CPUID_RESP,
         832 << 32 | GHCB_CPUID_REQ_EBX << 30 | GHCB_MSR_CPUID_RESP,   # XSAVE size for XCR0 7
         GHCB_CPUID_REQ_EDX << 30 | GHCB_MSR_CPUID_RESP,          # no such leaf: 0
