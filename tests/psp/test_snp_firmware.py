@@ -106,6 +106,23 @@ def test_launch_start_enforces_the_policy(policy, status):
     host.psp.snp_launch_start(gctx, POLICY | 1 << 8 | 55)          # ABI 1.55 is this firmware's
 
 
+def test_launch_start_single_socket_and_migration_agent_policies():
+    """SINGLE_SOCKET is refused on a two-socket host; a migration agent is refused when the policy
+    forbids one (POLICY_FAILURE) and is not offered otherwise (UNSUPPORTED)."""
+    host = snp_host()
+    gctx = host.psp.snp_alloc_firmware_page()
+    host.psp.snp_gctx_create(gctx)
+    host.psp.sockets = 2
+    assert fw_error(host.psp.snp_launch_start, gctx, POLICY | U.SNP_POLICY_MASK_SINGLE_SOCKET) \
+        == U.SEV_RET_POLICY_FAILURE
+    host.psp.sockets = 1
+    assert fw_error(host.psp.snp_launch_start, gctx, POLICY, ma_en=1) == \
+        U.SEV_RET_POLICY_FAILURE
+    assert fw_error(host.psp.snp_launch_start, gctx, POLICY | U.SNP_POLICY_MASK_MIGRATE_MA,
+                    ma_en=1) == U.SEV_RET_UNSUPPORTED
+    host.psp.snp_launch_start(gctx, POLICY | U.SNP_POLICY_MASK_SINGLE_SOCKET)
+
+
 def test_activate_checks_the_asid():
     """SNP_ACTIVATE wants an SEV-ES/SNP-range ASID, flushed and unowned, once per guest."""
     host = sevcore.Host(memory_size=1 << 30)
