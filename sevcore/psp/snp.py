@@ -41,8 +41,6 @@ POLICY_KNOWN = (U.SNP_POLICY_MASK_BASE | U.SNP_POLICY_MASK_CXL_ALLOW
 #: Derived-key request fields (56860 "MSG_KEY_REQ" GUEST_FIELD_SELECT).
 KEY_FIELDS_MASK = 0x3F
 _ZERO48 = bytes(48)
-#: Which commands read their buffer (all of them), and which have none (AMD 56860 ch. 8).
-NO_BUFFER = (U.SEV_CMD_SNP_INIT, U.SEV_CMD_SNP_SHUTDOWN, U.SEV_CMD_SNP_DF_FLUSH)
 
 
 #: PAGE_INFO after the two digests (56860 8.17 "PAGE_INFO"), one record per page.

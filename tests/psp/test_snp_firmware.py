@@ -433,3 +433,19 @@ def test_the_memory_controller_encrypts_an_assigned_frame_with_its_owners_key():
     assert host.umc.rmp_asid(free) == 0
     host.umc.write_owned(free, b"plain")
     assert host.mem.read(free, 5) == b"plain"
+
+
+def test_a_vmm_write_to_a_guest_frame_is_an_rmp_fault():
+    """A VMM write through its address space to a frame the RMP gives a guest is refused with
+    an RMP fault and writes nothing; other pages of the mapping stay writable."""
+    host = snp_host()
+    kvm = host.kvm
+    hva = kvm.mmap(2 * 4096)
+    kvm.write(hva, b"a" * 8192)
+    pfn = kvm.hva_to_pfn(hva + 4096, write=True)
+    assert host.rmp.rmp_make_private(pfn, 0x3000, ASID) == 0
+    with raises_errno(errno.EFAULT, "VMM write") as info:
+        kvm.write(hva + 4000, b"b" * 200)
+    assert isinstance(info.value, RmpFault) and info.value.pfn == pfn
+    assert kvm.read(hva, 8192) == b"a" * 8192
+    kvm.write(hva, b"c" * 100)
