@@ -342,7 +342,9 @@ class Mm:
         return bytes(out)
 
     def write(self, hva, data):
-        """Write VMM memory at ``hva``, allocating frames on first touch."""
+        """Write VMM memory at ``hva``, allocating frames on first touch. Once SNP is on, a
+        write to a frame a guest or the firmware owns is an RMP fault (sevcore.hw.rmp.RmpFault,
+        errno EFAULT), before any byte is written."""
         data = np.frombuffer(memoryview(data).cast("B"), np.uint8)
         size = len(data)
         span = self._anon_span(hva, size)
@@ -350,6 +352,8 @@ class Mm:
             return self._write_pages(hva, data)
         first, npages, off = span
         pfns = self.anon_pfns(np.arange(first, first + npages, dtype=np.uint64))
+        if self.host.umc.rmp is not None:       # SNP on: the RMP check of a host write
+            self.host.umc.rmp.check_write(pfns, 0, "VMM write", hva)
         frames = self.host.mem.frames
         head = min(PAGE_SIZE - off, size)
         spa = (int(pfns[0]) << PAGE_SHIFT) + off
@@ -370,6 +374,8 @@ class Mm:
             off = addr & (PAGE_SIZE - 1)
             n = min(PAGE_SIZE - off, len(data) - pos)
             pfn = self.hva_to_pfn(addr, write=True)
+            if self.host.umc.rmp is not None:   # SNP on: the RMP check of a host write
+                self.host.umc.rmp.check_write([pfn], 0, "VMM write", addr)
             spa = (pfn << PAGE_SHIFT) + off
             self.host.mem.frames[spa:spa + n] = data[pos:pos + n]
             pos += n

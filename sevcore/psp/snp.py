@@ -41,8 +41,6 @@ POLICY_KNOWN = (U.SNP_POLICY_MASK_BASE | U.SNP_POLICY_MASK_CXL_ALLOW
 #: Derived-key request fields (56860 "MSG_KEY_REQ" GUEST_FIELD_SELECT).
 KEY_FIELDS_MASK = 0x3F
 _ZERO48 = bytes(48)
-#: Which commands read their buffer (all of them), and which have none (AMD 56860 ch. 8).
-NO_BUFFER = (U.SEV_CMD_SNP_INIT, U.SEV_CMD_SNP_SHUTDOWN, U.SEV_CMD_SNP_DF_FLUSH)
 
 
 #: PAGE_INFO after the two digests (56860 8.17 "PAGE_INFO"), one record per page.
@@ -105,6 +103,8 @@ class SnpCommands:
     cpuid_fms = (0x19, 0x11, 0x01)
     #: SMT is on for this host (PLATFORM_INFO bit 0): a policy without SMT is refused.
     smt_enabled = True
+    #: Sockets of this host: a SINGLE_SOCKET policy is refused on more than one.
+    sockets = 1
 
     def _snp_setup(self):
         self.snp_state = SNP_UNINIT
@@ -321,13 +321,15 @@ class SnpCommands:
         status, g = self._snp_guest(f.gctx_paddr, GSTATE_INIT)
         if status:
             return status
-        if f.ma_en or f.imi_en:
-            return U.SEV_RET_UNSUPPORTED       # no migration agents here
         if f.rsvd:
             return U.SEV_RET_INVALID_PARAM
         status = self._snp_policy_ok(f.policy)
         if status:
             return status
+        if f.ma_en and not f.policy & U.SNP_POLICY_MASK_MIGRATE_MA:
+            return U.SEV_RET_POLICY_FAILURE    # the policy forbids a migration agent
+        if f.ma_en or f.imi_en:
+            return U.SEV_RET_UNSUPPORTED       # no migration agents here
         g.policy = f.policy
         g.gosvw = bytes(f.gosvw)
         g.desired_tsc_khz = f.desired_tsc_khz
@@ -348,6 +350,8 @@ class SnpCommands:
         if (major, minor) > (self.api_major, self.api_minor):
             return U.SEV_RET_POLICY_FAILURE
         if self.smt_enabled and not policy & U.SNP_POLICY_MASK_SMT:
+            return U.SEV_RET_POLICY_FAILURE
+        if self.sockets > 1 and policy & U.SNP_POLICY_MASK_SINGLE_SOCKET:
             return U.SEV_RET_POLICY_FAILURE
         if policy & (U.SNP_POLICY_MASK_CXL_ALLOW | U.SNP_POLICY_MASK_MEM_AES_256_XTS
                      | U.SNP_POLICY_MASK_RAPL_DIS | U.SNP_POLICY_MASK_CIPHERTEXT_HIDING_DRAM):

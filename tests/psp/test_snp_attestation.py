@@ -8,6 +8,8 @@ import sys
 
 import pytest
 from cryptography import x509
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
@@ -211,3 +213,34 @@ def test_x509_generator_reproduces_shipped_root(tmp_path):
     ns = {}
     exec(out.read_text(), ns)
     assert (ns["ARK_X509"], ns["ASK_X509"]) == (amd_root.ark_x509(), amd_root.ask_x509())
+
+
+@pytest.fixture(scope="module")
+def hostile():
+    """A running guest, a hypervisor request page and a firmware response page."""
+    host = snp_host(seed=31, memory_size=1 << 30)
+    gctx = new_guest(host)
+    host.psp.snp_launch_finish(gctx)
+    req, res = host.mem.alloc_contiguous(1), host.psp.snp_alloc_firmware_page()
+    buf = host.mem.alloc_contiguous(1)
+    host.mem.write(buf, S.sev_data_snp_guest_request.pack(gctx_paddr=gctx, req_paddr=req,
+                                                          res_paddr=res))
+    return host, gctx, req, buf
+
+
+@settings(max_examples=60, deadline=None)
+@given(hdr=st.fixed_dictionaries({
+    "msg_seqno": st.sampled_from([0, 1, 2, 1 << 63]), "algo": st.integers(0, 3),
+    "hdr_version": st.integers(0, 2), "hdr_sz": st.sampled_from([0, 0x60, 0x61, 0xFFFF]),
+    "msg_type": st.integers(0, 20), "msg_version": st.integers(0, 2),
+    "msg_sz": st.sampled_from([0, 0x60, 4000, 4001, 0xFFFF]), "msg_vmpck": st.integers(0, 255)}),
+    body=st.binary(max_size=64))
+def test_any_request_page_gets_a_status_and_changes_nothing(hostile, hdr, body):
+    """A request page of arbitrary header fields and bytes, sealed under no VMPCK, is answered
+    with INVALID_PARAM (never an exception) and moves no sequence number."""
+    host, gctx, req, buf = hostile
+    g = host.psp.snp_guest(gctx)
+    before = list(g.msg_count)
+    host.mem.write(req, (S.snp_guest_msg_hdr.pack(**hdr) + body).ljust(4096, b"\0"))
+    assert host.psp.command(U.SEV_CMD_SNP_GUEST_REQUEST, buf) == U.SEV_RET_INVALID_PARAM
+    assert g.msg_count == before

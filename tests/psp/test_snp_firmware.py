@@ -106,6 +106,23 @@ def test_launch_start_enforces_the_policy(policy, status):
     host.psp.snp_launch_start(gctx, POLICY | 1 << 8 | 55)          # ABI 1.55 is this firmware's
 
 
+def test_launch_start_single_socket_and_migration_agent_policies():
+    """SINGLE_SOCKET is refused on a two-socket host; a migration agent is refused when the policy
+    forbids one (POLICY_FAILURE) and is not offered otherwise (UNSUPPORTED)."""
+    host = snp_host()
+    gctx = host.psp.snp_alloc_firmware_page()
+    host.psp.snp_gctx_create(gctx)
+    host.psp.sockets = 2
+    assert fw_error(host.psp.snp_launch_start, gctx, POLICY | U.SNP_POLICY_MASK_SINGLE_SOCKET) \
+        == U.SEV_RET_POLICY_FAILURE
+    host.psp.sockets = 1
+    assert fw_error(host.psp.snp_launch_start, gctx, POLICY, ma_en=1) == \
+        U.SEV_RET_POLICY_FAILURE
+    assert fw_error(host.psp.snp_launch_start, gctx, POLICY | U.SNP_POLICY_MASK_MIGRATE_MA,
+                    ma_en=1) == U.SEV_RET_UNSUPPORTED
+    host.psp.snp_launch_start(gctx, POLICY | U.SNP_POLICY_MASK_SINGLE_SOCKET)
+
+
 def test_activate_checks_the_asid():
     """SNP_ACTIVATE wants an SEV-ES/SNP-range ASID, flushed and unowned, once per guest."""
     host = sevcore.Host(memory_size=1 << 30)
@@ -416,3 +433,19 @@ def test_the_memory_controller_encrypts_an_assigned_frame_with_its_owners_key():
     assert host.umc.rmp_asid(free) == 0
     host.umc.write_owned(free, b"plain")
     assert host.mem.read(free, 5) == b"plain"
+
+
+def test_a_vmm_write_to_a_guest_frame_is_an_rmp_fault():
+    """A VMM write through its address space to a frame the RMP gives a guest is refused with
+    an RMP fault and writes nothing; other pages of the mapping stay writable."""
+    host = snp_host()
+    kvm = host.kvm
+    hva = kvm.mmap(2 * 4096)
+    kvm.write(hva, b"a" * 8192)
+    pfn = kvm.hva_to_pfn(hva + 4096, write=True)
+    assert host.rmp.rmp_make_private(pfn, 0x3000, ASID) == 0
+    with raises_errno(errno.EFAULT, "VMM write") as info:
+        kvm.write(hva + 4000, b"b" * 200)
+    assert isinstance(info.value, RmpFault) and info.value.pfn == pfn
+    assert kvm.read(hva, 8192) == b"a" * 8192
+    kvm.write(hva, b"c" * 100)
