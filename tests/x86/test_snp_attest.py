@@ -14,6 +14,8 @@ from sevcore.vmm import attest
 from sevcore.vmm.kvm_util import (snp_guest_msg_init, snp_launch_update_data,
                                   vm_mem_add, vm_mem_set_private, vm_vcpu_add)
 
+from support.qemu import qemu_reset
+
 gctx = pytest.importorskip("sevsnpmeasure.gctx")
 
 POLICY = SNP_POLICY_MASK_RSVD_MBO | SNP_POLICY_MASK_SMT
@@ -115,7 +117,6 @@ def test_qemu_reset_vcpus_measure_as_sev_snp_measure(nvcpus):
     """With every vCPU in QEMU's reset state (KVM_SET_SREGS/REGS/FPU/XCRS/MSRS), the report's
     measurement is the digest sev-snp-measure computes from its own QEMU VMSAs, with no sevcore
     code on the expected side."""
-    from x86.test_vcpu_state import qemu_reset  # the vCPU-state tests' QEMU reset sequence
     ssm = pytest.importorskip("sevsnpmeasure.vmsa")
     from sevsnpmeasure.vcpu_types import CPU_SIGS
     from sevsnpmeasure.vmm_types import VMMType

@@ -19,6 +19,7 @@ from sevcore.vmm.kvm_util import (vm_mem_add, vm_sev_create_with_one_vcpu, vm_se
                                   vm_vcpu_add)
 
 from support import raises_errno
+from support.qemu import qemu_reset
 
 U64 = (1 << 64) - 1
 U32 = (1 << 32) - 1
@@ -546,29 +547,6 @@ def test_run_without_guest_program(kvm):
 
 
 # -- the SEV-ES VMSA ---------------------------------------------------------------------------
-
-def qemu_reset(vcpu, signature):
-    """x86_cpu_reset and kvm_arch_put_registers: the state QEMU gives a vCPU at reset, through
-    KVM_SET_SREGS, KVM_SET_REGS, KVM_SET_FPU and KVM_SET_XCRS (target/i386/cpu.c, kvm.c)."""
-    s = kvm_sregs()
-    data = dict(limit=0xffff, type=3, s=1, present=1)
-    for name in ("ds", "es", "fs", "gs", "ss"):
-        setattr(s, name, kvm_segment(**data))
-    s.cs = kvm_segment(selector=0xf000, base=0xffff0000, limit=0xffff, type=0xb, s=1,
-                       present=1)
-    s.ldt = kvm_segment(limit=0xffff, type=2, present=1)
-    s.tr = kvm_segment(limit=0xffff, type=0xb, present=1)
-    s.gdt = kvm_dtable(limit=0xffff)
-    s.idt = kvm_dtable(limit=0xffff)
-    s.cr0 = X86_CR0_CD | X86_CR0_NW | X86_CR0_ET
-    s.apic_base = 0xfee00900
-    vcpu.set_sregs(s)
-    vcpu.set_regs(**dict.fromkeys(("rax", "rbx", "rcx", "rsi", "rdi", "rsp", "rbp"), 0),
-                  rdx=signature, rip=0xfff0, rflags=2)
-    vcpu.set_fpu(kvm_fpu(fcw=0x37f))
-    vcpu.set_xcrs([(XCR_XFEATURE_ENABLED_MASK, XFEATURE_MASK_FP)])
-    vcpu.set_msrs([(MSR_IA32_CR_PAT, MSR_IA32_CR_PAT_DEFAULT)])
-
 
 def test_vmsa_layout_matches_sev_snp_measure():
     """Every field offset of sevcore's VMSA layout is the one sev-snp-measure's ctypes
