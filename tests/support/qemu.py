@@ -1,6 +1,6 @@
 """The vCPU state QEMU gives at reset (target/i386/cpu.c ``x86_cpu_reset``), put through KVM the
 way ``kvm_arch_put_registers`` (target/i386/kvm.c) does; for an SEV-ES AP, CS:IP is the reset
-vector the firmware's reset block names (target/i386/sev.c ``sev_es_set_ap_reset_vector``)."""
+vector the firmware's reset block names (target/i386/sev.c ``sev_es_set_reset_vector``)."""
 from sevcore.uapi import (MSR_IA32_CR_PAT, MSR_IA32_CR_PAT_DEFAULT, X86_CR0_CD, X86_CR0_ET,
                           X86_CR0_NW, XCR_XFEATURE_ENABLED_MASK, XFEATURE_MASK_FP, kvm_dtable,
                           kvm_fpu, kvm_segment, kvm_sregs)

@@ -1,15 +1,15 @@
 """The SEV and SEV-ES launch digest against sev-snp-measure (PyPI; ``guest.calc_launch_digest``
 in its ``sev`` and ``seves`` modes): an OVMF-shaped firmware image, QEMU's kernel hashes table and
 the VMSAs of vCPUs in QEMU's reset state, launched as QEMU launches them (target/i386/sev.c
-``sev_encrypt_flash``, ``sev_add_kernel_loader_hashes``, ``sev_launch_get_measure``), give the
-LAUNCH_MEASURE that AMD pub. 55766 section 6.5 defines over the tool's digest, and the digest
-that the ATTESTATION report carries.
+``sev_encrypt_flash``, ``sev_add_kernel_loader_hashes``, ``sev_es_set_reset_vector``,
+``sev_launch_get_measure``), give the LAUNCH_MEASURE that AMD pub. 55766 (LAUNCH_MEASURE) defines
+over the tool's digest, and an ATTESTATION report carrying that digest.
 
 No real OVMF build is on this machine, so the image is synthetic: random bytes in the shape the
-tool and QEMU read (target/i386/sev.c ``pc_system_parse_ovmf_flash``; edk2
-OvmfPkg/ResetVector/Ia16/ResetVectorVtf0.asm): the GUIDed footer table ending 32 bytes before the
-end of the image, holding the SEV-ES reset block (the APs' reset EIP) and the kernel hashes table
-area, and a reset vector at 0xfffffff0."""
+tool and QEMU read (hw/i386/pc_sysfw_ovmf.c ``pc_system_parse_ovmf_flash``, target/i386/sev.c
+``sev_es_find_reset_vector``): the GUIDed footer table ending 32 bytes before the end of the
+image, holding the SEV-ES reset block (the APs' reset EIP) and the kernel hashes table area, and
+a reset vector at 0xfffffff0."""
 import hashlib
 import hmac
 import struct
@@ -133,8 +133,8 @@ def qemu_launch(es, nvcpus, image, table, legacy=False, vmsa_features=0,
                          ids=["sev", "sev-legacy-init", "sev-es-1vcpu", "sev-es-2vcpus"])
 @pytest.mark.parametrize("kernel", [False, True], ids=["firmware", "kernel-hashes"])
 def test_launch_digest_matches_sev_snp_measure(tmp_path, es, nvcpus, legacy, kernel):
-    """LAUNCH_MEASURE is the HMAC of 55766 section 6.5 over the digest sev-snp-measure computes
-    for the same image, hashes table and QEMU vCPUs, and the ATTESTATION report carries it."""
+    """LAUNCH_MEASURE is the HMAC 55766 defines over the digest sev-snp-measure computes for the
+    same image, hashes table and QEMU vCPUs, and the ATTESTATION report carries that digest."""
     image = ovmf_image(seed=nvcpus)
     (tmp_path / "ovmf.fd").write_bytes(image)
     args = ("", "", "")
