@@ -5,6 +5,8 @@ rescind or a round trip through shared needs PVALIDATE again. Linux's #VC handle
 for the code (vc_handle_exitcode in arch/x86/coco/sev/vc-handle.c answers ES_UNSUPPORTED) and
 terminates, which a program under ghcb_program does too."""
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import sevcore
 from sevcore.kvm.ghcb import ghcb_program
@@ -180,3 +182,55 @@ def test_shared_and_back_needs_validation(kvm):
     vm, vcpu = launched(kvm, guest_round_trip, out)
     assert run_to_end(vm, vcpu).exit_reason == KVM_EXIT_SYSTEM_EVENT, vcpu.guest_exception
     assert out == [b"open", True, vc(PAGE_GPA, False), 0, b"kept"]
+
+
+PAGES = range(8, 12)
+STEP = st.tuples(st.sampled_from(PAGES), st.sampled_from(["validate", "rescind", "read",
+                                                           "write"]))
+
+
+def guest_steps(g, steps, out):
+    """Run ``steps`` (page, action) in order, recording each result or #VC."""
+    for i, (page, action) in enumerate(steps):
+        gpa = page << 12
+        if action in ("validate", "rescind"):
+            out.append((yield g.pvalidate(gpa, 1, action == "validate")))
+        elif action == "read":
+            yield from attempt(g, g.read(gpa | CBIT, 8), out)
+        else:
+            yield from attempt(g, g.write(gpa | CBIT, i.to_bytes(8, "little")), out)
+    yield from terminate(g)
+
+
+def expected_results(steps):
+    """What the RMP says each step gives: PVALIDATE's status (CF as NOUPDATE), the data last
+    written while validated (None: never written), or the #VC."""
+    validated, data, out = set(), {}, []
+    for i, (page, action) in enumerate(steps):
+        gpa = page << 12
+        if action in ("validate", "rescind"):
+            want = action == "validate"
+            out.append(0 if (page in validated) != want else PVALIDATE_FAIL_NOUPDATE)
+            (validated.add if want else validated.discard)(page)
+        elif page not in validated:
+            out.append(vc(gpa, action == "write"))
+        elif action == "write":
+            data[page] = i.to_bytes(8, "little")
+            out.append(None)
+        else:
+            out.append(data.get(page))
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(steps=st.lists(STEP, max_size=14))
+def test_random_validate_rescind_access_sequences(steps):
+    """Any sequence of PVALIDATE, rescind, read and write on a few pages gives, step by step,
+    what the RMP's validated bit says: #VC exactly while a page is not validated."""
+    out = []
+    vm, vcpu = launched(sevcore.Kvm(), guest_steps, steps, out)
+    assert vcpu.run().exit_reason == KVM_EXIT_SYSTEM_EVENT, vcpu.guest_exception
+    want = expected_results(steps)
+    assert len(out) == len(want)
+    for got, exp in zip(out, want):
+        assert got == exp or (exp is None and isinstance(got, bytes) and len(got) == 8)
