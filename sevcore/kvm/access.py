@@ -217,6 +217,10 @@ def _rmp_refuses(vm, pfn, gpa, write):
     in the guest (PageNotValidated); any other owner is the RMP nested page fault, which KVM
     cannot resolve for a page it mapped private (RmpFault, EFAULT, out of KVM_RUN)."""
     entry = vm.host.rmp.entry(pfn)
+    if not entry.assigned:                  # a 2 MiB entry governs the frames under it
+        head = vm.host.rmp.entry(pfn & ~511)
+        if head.assigned and head.pagesize:
+            entry = head
     if entry.assigned and entry.asid == vm.sev.asid and not entry.validated:
         raise PageNotValidated(gpa, write)
     raise RmpFault("guest access", pfn, gpa, U.X86_PF_RMP | (U.X86_PF_WRITE if write else 0),
