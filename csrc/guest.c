@@ -417,6 +417,8 @@ static int64_t first_fault(const struct sc_guest_ctx *ctx, int op, const uint64_
     int writes = op_writes(op);
     uint64_t need = SC_NPT_PRESENT | (writes ? SC_NPT_WRITABLE : 0);
     uint64_t priv = ctx->private_access ? SC_NPT_PRIVATE : 0;
+    /* Shared accesses, and guests without SNP, skip the RMP check: one test per page. */
+    const struct sc_rmp *rmp = ctx->private_access ? ctx->rmp : NULL;
     uint64_t nframes = ctx->frames_size / PAGE;
     struct sc_npt_cursor cur;
     sc_npt_cursor_init(&cur);
@@ -435,6 +437,8 @@ static int64_t first_fault(const struct sc_guest_ctx *ctx, int op, const uint64_
         if (sc_npt_entry_pfn(entry) >= nframes)
             return sc_refuse(err, EFAULT, SC_ERR_GUEST_FRAME, i, sc_npt_entry_pfn(entry), nframes,
                              0);
+        if (rmp && !sc_rmp_validated(rmp, sc_npt_entry_pfn(entry), ctx->rmp_asid))
+            return (int64_t)i;
         if (writes && (entry & SC_NPT_DIRTY_LOG)) {
             /* Its dirty bit would have nowhere to go (mark_page_dirty_in_slot() needs the slot). */
             if (!find_slot(ctx, gfn, &hint))

@@ -13,7 +13,11 @@
  *   - its SC_NPT_PRIVATE bit differs from the access's kind (a private access through a shared
  *     mapping or the reverse: KVM's kvm_mem_is_private() check turning into a
  *     KVM_EXIT_MEMORY_FAULT), or
- *   - the op writes and the entry is not SC_NPT_WRITABLE.
+ *   - the op writes and the entry is not SC_NPT_WRITABLE, or
+ *   - the access is private, ctx->rmp is set (an SEV-SNP guest) and the RMP entry of the page's
+ *     frame is not assigned to ctx->rmp_asid and validated: the RMP check of the nested walk
+ *     (AMD64 APM vol. 2 15.36.10), which the model turns into #VC PAGE_NOT_VALIDATED in the
+ *     guest (or the #NPF of a frame the guest does not own).
  *
  * A write through an entry with SC_NPT_DIRTY_LOG sets the gfn's bit in the dirty bitmap of the
  * memslot that holds it, atomically and after the page's data is stored, as
@@ -64,6 +68,7 @@
 #include "dirty_ring.h"
 #include "memcrypt.h"
 #include "npt.h"
+#include "rmp.h"
 
 /* cdef:begin */
 enum {
@@ -106,6 +111,8 @@ struct sc_guest_ctx {
     const struct sc_guest_slot *slots;  /* sorted by base_gfn and disjoint; NULL when nslots = 0 */
     size_t nslots;
     struct sc_dirty_ring *ring;         /* the running vCPU's ring; NULL: dirty bits to bitmaps */
+    const struct sc_rmp *rmp;           /* an SNP guest's private access: the RMP to check */
+    uint32_t rmp_asid;                  /* ... with the guest's ASID (see above) */
 };
 
 /* Perform op on n pages: gfns[i] if gfns is not NULL, else gfn0 + i. Returns the number of pages

@@ -440,6 +440,16 @@ int64_t sc_rmp_first_denied(const struct sc_rmp *rmp, const uint64_t *pfns, size
     return (int64_t)n;
 }
 
+int sc_rmp_validated(const struct sc_rmp *rmp, uint64_t pfn, uint32_t asid)
+{
+    if (pfn >= rmp->nframes)
+        return 0;
+    uint64_t head;
+    uint64_t lo = governing(rmp, pfn, &head);
+    return (lo & (E_ASSIGNED | E_VALIDATED)) == (E_ASSIGNED | E_VALIDATED) &&
+           asid_of(lo) == asid;
+}
+
 uint64_t sc_rmp_next_assigned(const struct sc_rmp *rmp, uint64_t pfn, uint64_t n)
 {
     uint64_t end = pfn + n;

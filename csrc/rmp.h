@@ -113,6 +113,12 @@ int sc_rmp_adjust(struct sc_rmp *rmp, uint64_t pfn, uint64_t gpa, uint32_t asid,
 int64_t sc_rmp_first_denied(const struct sc_rmp *rmp, const uint64_t *pfns, size_t n,
                             uint32_t asid, struct sc_err *err);
 
+/* The validation check of a guest's private access (AMD64 APM vol. 2 15.36.10): 1 when the
+ * entry governing frame pfn (a 2 MiB entry covers its 512 frames) is assigned to asid and
+ * validated, else 0 (also for a pfn past the table). What the check of a failing access is
+ * (#VC PAGE_NOT_VALIDATED, or the #NPF of another owner) is the caller's to tell. */
+int sc_rmp_validated(const struct sc_rmp *rmp, uint64_t pfn, uint32_t asid);
+
 /* The first frame in [pfn, pfn + n) that is assigned (to anyone), or pfn + n. */
 uint64_t sc_rmp_next_assigned(const struct sc_rmp *rmp, uint64_t pfn, uint64_t n);
 

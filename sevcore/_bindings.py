@@ -1053,6 +1053,11 @@ def rmp_next_assigned(rmp, pfn, n):
     return lib.sc_rmp_next_assigned(rmp, pfn, n)
 
 
+def rmp_validated(rmp, pfn, asid):
+    """Whether a private access of ``asid`` to frame ``pfn`` passes the validation check."""
+    return bool(lib.sc_rmp_validated(rmp, pfn, asid))
+
+
 def rmp_stats(rmp):
     """{"assigned", "leaves", "bytes"} of the table."""
     a, l, b = ffi.new("uint64_t *"), ffi.new("uint64_t *"), ffi.new("uint64_t *")

@@ -155,7 +155,9 @@ class GuestPageOps:
             raise ValueError("bad dirty slots")
 
     def run(self, op, gfns=None, gfn0=0, n=None, *, private=False, engine=None, arg=0, buf=None,
-            out=None):
+            out=None, rmp=None, asid=0):
+        """``rmp``: an RMP with ``validated(pfn, asid)`` (sevcore._reference.rmp.Rmp) checked on
+        a private access."""
         if gfns is not None:
             gfns = [operator.index(g) for g in gfns][:n]
         else:
@@ -176,6 +178,9 @@ class GuestPageOps:
                 break
             if (pfn + 1) * PAGE_SIZE > self.frames.size:
                 raise OSError(errno.EFAULT, "frame outside host memory")
+            if private and rmp is not None and not rmp.validated(pfn, asid):
+                stop = i
+                break
             if op in WRITES and flags & NPT_DIRTY_LOG and self._slot(gfn) is None:
                 raise ValueError("write through a dirty-logged entry outside every slot")
 

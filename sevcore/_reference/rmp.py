@@ -160,6 +160,12 @@ class Rmp:
                 return i
         return len(pfns)
 
+    def validated(self, pfn, asid):
+        if not 0 <= pfn < self.nframes:
+            return False
+        _, e = self._governing(pfn)
+        return bool(e[0] and e[3] and e[5] == asid)
+
     def next_assigned(self, pfn, npages):
         end = min(pfn + npages, self.nframes)
         for p in range(pfn, end):

@@ -59,6 +59,7 @@ class GuestPageOps:
         self._frames = frames
         self._ctx, self._frames_view = _b.guest_ctx(frames)
         self._slots = ([], None, [])   # (triples as given, C array, C views of the bitmaps)
+        self._rmp = False              # whether ctx.rmp is set
 
     def close(self):
         """Drop the views of ``frames`` and of the slot bitmaps, so their memory can be unmapped."""
@@ -94,7 +95,7 @@ class GuestPageOps:
                                        self._ctx.nslots)
 
     def run(self, op, gfns=None, gfn0=0, n=None, *, private=False, engine=None, arg=0, buf=None,
-            out=None, ring=None):
+            out=None, ring=None, rmp=None, asid=0):
         """Perform ``op`` on the pages ``gfns`` (integers) or, if None, ``n`` pages from ``gfn0``;
         returns how many pages were completed (``n``, or the index of the first page that
         faults, or in ring mode the page whose push would make ``ring`` soft-full: see
@@ -104,6 +105,9 @@ class GuestPageOps:
         array of ``n`` words for DIGEST, of 2 for CHECK (mismatching pages, index of the first or
         :data:`NO_MISMATCH`). ``private``: the access is private (served by NPT_PRIVATE entries
         only); ``engine``: a :class:`sevcore.core.memcrypt.MemoryEngine` for an encrypted access.
+        ``rmp``: an SEV-SNP host's RMP (its ``cdata()``) for a private access of the guest of
+        ``asid``, which then also stops in front of a page the RMP check refuses (not assigned
+        to ``asid`` and validated).
 
         Raises ValueError, having written nothing, for bad arguments (also for a write through an
         NPT_DIRTY_LOG entry outside every dirty slot), and ``OSError(EFAULT)`` if an entry to be
@@ -131,6 +135,10 @@ class GuestPageOps:
             ctx.eng = eng
             ctx.private_access = 1 if private else 0
             ctx.ring = _b.ffi.NULL if ring is None else ring.cdata()
+            if rmp is not None or self._rmp:     # the context keeps the last RMP set
+                ctx.rmp = _b.ffi.NULL if rmp is None else rmp
+                ctx.rmp_asid = asid
+                self._rmp = rmp is not None
             try:
                 return _b.guest_pages(ctx, op, gfns, gfn0, n, arg, buf, out)
             except (OverflowError, TypeError):

@@ -85,6 +85,16 @@ class Rmp:
         """{"assigned", "leaves", "bytes"}: what the sparse table holds and costs."""
         return B.rmp_stats(self._t)
 
+    def validated(self, pfn, asid):
+        """Whether a private access by a guest of ``asid`` to frame ``pfn`` passes the RMP's
+        validation check (AMD64 APM vol. 2 15.36.10): the entry governing the frame is
+        assigned to ``asid`` and validated."""
+        return B.rmp_validated(self._t, pfn, asid)
+
+    def cdata(self):
+        """The C table, for the guest page kernel's RMP check (csrc/guest.h)."""
+        return self._t
+
     def next_assigned(self, pfn, npages):
         """The first frame of [pfn, pfn + npages) a guest or the firmware owns, or pfn + npages
         (a frame under an assigned 2 MiB entry counts)."""

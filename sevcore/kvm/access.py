@@ -5,6 +5,8 @@ import numpy as np
 from sevcore import uapi as U
 from sevcore.core import pages as gm
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
+from sevcore.hw.rmp import RmpFault
+from sevcore.kvm.guest import PageNotValidated
 from sevcore.kvm.kvm_run import EXIT, THROW
 from sevcore.kvm.mmu import MmioAccess, decode_gpa, entry_serves, faultin_pages, translate
 from sevcore.core.npt import NPT_DIRTY_LOG
@@ -47,6 +49,9 @@ class GuestAccess:
                                       npages, done, buf=buf)
                 except MmioAccess as e:
                     return self._mmio(st, e.gpa, data, pos + (done[0] << PAGE_SHIFT), 8)
+                except PageNotValidated as e:
+                    self._throw = e
+                    return THROW
                 finally:
                     st["pos"] = pos + (done[0] << PAGE_SHIFT)
                 continue
@@ -54,6 +59,9 @@ class GuestAccess:
                 self._access_partial(addr, off, n, data, pos, st["buf"])
             except MmioAccess as e:
                 return self._mmio(st, e.gpa + off, data, pos, min(n, 8))
+            except PageNotValidated as e:
+                self._throw = e
+                return THROW
             st["pos"] = pos + n
         return None if write else bytes(st["buf"])
 
@@ -67,6 +75,9 @@ class GuestAccess:
         if write and flags & NPT_DIRTY_LOG and self.dirty_ring is not None:
             # The write fault on a logged page pushes it before the store (may exit).
             self._dirty_ring_push(gfn)
+        if private and vm.sev.snp_active and not vm.host.rmp.validated(int(pfn), vm.sev.asid):
+            # The RMP check comes after the nested page table's (the push above).
+            _rmp_refuses(vm, int(pfn), real, write)
         spa = (pfn << PAGE_SHIFT) + off
         # The memory controller patches a partial encrypted page (decrypt, patch, encrypt).
         asid = vm.sev.asid if encrypted and vm.encryption_engine() is not None else 0
@@ -105,8 +116,9 @@ class GuestAccess:
         page-aligned list ``gpas``), from page ``done[0]`` on (``out``: CHECK's two words, or DIGEST's word per
         page), faulting in the pages it stops at in batches
         (:func:`sevcore.kvm.mmu.faultin_pages`). ``done[0]`` always holds the pages completed, also
-        when MemoryFault or MmioAccess propagates. ``on_chunk(start, k)`` sees each kernel
-        call's result (CHECK accumulates its ``out`` there)."""
+        when MemoryFault, MmioAccess or PageNotValidated propagates (an SEV-SNP guest's private
+        access stops in front of a page it has not validated). ``on_chunk(start, k)`` sees each
+        kernel call's result (CHECK accumulates its ``out`` there)."""
         vm = self.vm
         write = op in gm.WRITE_OPS
         ops = vm.page_ops()
@@ -122,9 +134,12 @@ class GuestAccess:
             else:
                 gfns = (gpas[start:] - np.uint64(tag)) >> np.uint64(PAGE_SHIFT)
             page_buf = None if buf is None else buf[start << PAGE_SHIFT:]
+            # An SNP guest's private access: the RMP's validation check in the kernel's walk.
+            rmp = vm.host.rmp if private and vm.sev.snp_active else None
             k = ops.run(op, gfns=gfns, private=private, engine=engine, arg=arg, buf=page_buf,
                         out=out[start:] if op == gm.GUEST_OP_DIGEST else out,
-                        ring=self.dirty_ring)
+                        ring=self.dirty_ring, rmp=None if rmp is None else rmp.cdata(),
+                        asid=0 if rmp is None else vm.sev.asid)
             if on_chunk is not None:
                 on_chunk(start, k)
             done[0] = start + k
@@ -134,14 +149,21 @@ class GuestAccess:
             if g > vm.max_gfn:
                 raise MmioAccess(g << PAGE_SHIFT)
             _, private, _ = decode_gpa(vm, (g << PAGE_SHIFT) | tag)
-            if write and self.dirty_ring is not None:
+            ring = write and self.dirty_ring is not None
+            if ring or rmp is not None:
                 hit = vm.npt.lookup(g)
-                if hit is not None and entry_serves(hit[1], private, True):
+                if hit is not None and entry_serves(hit[1], private, write):
                     # No fault: the kernel stopped for the push that fills the ring (csrc/
-                    # guest.h), or a page listed twice no longer logs.
-                    if hit[1] & NPT_DIRTY_LOG:
+                    # guest.h), for the RMP check (after the NPT's: the push first), or a page
+                    # listed twice no longer logs.
+                    if ring and hit[1] & NPT_DIRTY_LOG:
                         self._dirty_ring_push(g)
-                    continue
+                        continue
+                    if rmp is not None and private and \
+                            not rmp.validated(int(hit[0]), vm.sev.asid):
+                        _rmp_refuses(vm, int(hit[0]), g << PAGE_SHIFT, write)
+                    if ring:
+                        continue
             faultin_pages(vm, gfns[k:], private, write)
 
     def _bulk(self, kind, args):
@@ -183,4 +205,23 @@ class GuestAccess:
             # Bulk operations are for RAM; the guest sees the failure as an exception.
             self._throw = RuntimeError(f"bulk {name} reached MMIO at gpa {e.gpa:#x}")
             return THROW
+        except PageNotValidated as e:
+            self._throw = e
+            return THROW
         return tuple(result) if name == "check" else result
+
+
+def _rmp_refuses(vm, pfn, gpa, write):
+    """The RMP check of an SNP guest's private access to frame ``pfn`` at ``gpa`` failed (AMD64
+    APM vol. 2 15.36.10): a frame the guest owns but has not validated is #VC PAGE_NOT_VALIDATED
+    in the guest (PageNotValidated); any other owner is the RMP nested page fault, which KVM
+    cannot resolve for a page it mapped private (RmpFault, EFAULT, out of KVM_RUN)."""
+    entry = vm.host.rmp.entry(pfn)
+    if not entry.assigned:                  # a 2 MiB entry governs the frames under it
+        head = vm.host.rmp.entry(pfn & ~511)
+        if head.assigned and head.pagesize:
+            entry = head
+    if entry.assigned and entry.asid == vm.sev.asid and not entry.validated:
+        raise PageNotValidated(gpa, write)
+    raise RmpFault("guest access", pfn, gpa, U.X86_PF_RMP | (U.X86_PF_WRITE if write else 0),
+                   entry)

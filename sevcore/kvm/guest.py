@@ -22,7 +22,8 @@ GHCB: ``wrmsr(MSR_AMD64_SEV_ES_GHCB, ...)`` and ``vmgexit()`` (``sevcore.kvm.ghc
 gives a program a #VC handler that goes through the GHCB page). Every operation that would need an
 intercept (a hypercall, an intercepted MSR, a ucall's port I/O, MMIO) raises
 :class:`VmmCommunicationException` (#VC) in it instead; an exception the program does not catch,
-or the program's end, is a triple fault: ``KVM_EXIT_SHUTDOWN``.
+or the program's end, is a triple fault: ``KVM_EXIT_SHUTDOWN``. An SEV-SNP guest's private access
+to a page it has not validated (PVALIDATE) raises :class:`PageNotValidated` (#VC) in it.
 
 Bulk operations (``fill``, ``write_pattern``, ``check_pattern``, ``stamp``, ``digest``, and the
 gather/scatter ``read_pages``/``write_pages``) touch many pages in one operation, executed in C
@@ -34,7 +35,7 @@ import numpy as np
 
 from sevcore.core.arrays import u64
 from sevcore.hw.hostmem import PAGE_SIZE
-from sevcore.uapi import GP_VECTOR, X86_TRAP_VC
+from sevcore.uapi import GP_VECTOR, SVM_EXIT_PAGE_NOT_VALIDATED, X86_TRAP_VC
 
 UCALL_SYNC = "sync"
 UCALL_DONE = "done"
@@ -58,6 +59,19 @@ class VmmCommunicationException(GuestException):
     def __init__(self, exit_code, what):
         super().__init__(X86_TRAP_VC, what)
         self.exit_code = exit_code
+
+
+class PageNotValidated(VmmCommunicationException):
+    """#VC with error code PAGE_NOT_VALIDATED: an SEV-SNP guest's private access reached a page
+    whose RMP entry is its own but not validated (AMD64 APM vol. 2 15.36.10). ``gpa`` is the
+    faulting address (the hardware saves it in CR2), ``write`` whether the access wrote. Linux's
+    #VC handler has no case for it (``vc_handle_exitcode`` answers ES_UNSUPPORTED) and
+    terminates the guest."""
+
+    def __init__(self, gpa, write):
+        super().__init__(SVM_EXIT_PAGE_NOT_VALIDATED,
+                         f"{'write' if write else 'read'} of gpa {gpa:#x}: page not validated")
+        self.gpa, self.write = gpa, write
 
 
 class Op(NamedTuple):
@@ -257,5 +271,5 @@ def _page_gpas(gpas):
     return gpas
 
 
-__all__ = ["Guest", "GuestException", "VmmCommunicationException", "Op", "UCALL_SYNC",
-           "UCALL_DONE", "UCALL_ABORT", "GP_VECTOR"]
+__all__ = ["Guest", "GuestException", "VmmCommunicationException", "PageNotValidated", "Op",
+           "UCALL_SYNC", "UCALL_DONE", "UCALL_ABORT", "GP_VECTOR"]

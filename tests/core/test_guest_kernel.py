@@ -12,12 +12,14 @@ from hypothesis import strategies as st
 
 from sevcore._bindings import ffi, lib
 from sevcore._reference import guest as ref
+from sevcore._reference.rmp import Rmp as RefRmp
 from sevcore.core.pages import (
     GUEST_OP_CHECK, GUEST_OP_DIGEST, GUEST_OP_FILL, GUEST_OP_PATTERN, GUEST_OP_READ,
     GUEST_OP_STAMP, GUEST_OP_WRITE, NO_MISMATCH, PAGE_SIZE, WRITE_OPS, GuestPageOps, digest,
     pattern,
 )
 from sevcore.hw.hostmem import HostMemory
+from sevcore.hw.rmp import Rmp
 from sevcore.core.memcrypt import AES128_XEX, AES256_XTS, MemoryEngine
 from sevcore.core.npt import GFN_LIMIT, NPT_DIRTY_LOG, NPT_PRIVATE, NPT_WRITABLE, Npt
 
@@ -653,3 +655,39 @@ def test_close_lets_host_memory_be_unmapped():
         assert mem.frame(pfn)[:8].tobytes() == (3).to_bytes(8, "little")
         ops.close()
     mem.close()
+
+
+# --- the RMP's validation check (an SEV-SNP guest's private accesses) ----------------------------
+
+RMP_ASID = 5
+
+
+@given(states=st.lists(st.sampled_from(["valid", "unvalidated", "other asid", "unassigned"]),
+                       min_size=R, max_size=R),
+       op=st.sampled_from([GUEST_OP_FILL, GUEST_OP_DIGEST]), private=st.booleans())
+def test_rmp_check_matches_reference(states, op, private):
+    """With an RMP, a private access stops in front of the first page whose frame is not
+    validated by the guest's ASID, as the reference does, and a shared access ignores it."""
+    own = P if private else 0
+    g = Guest([(pfn, own | W) for pfn in range(R)])
+    rmps = Rmp(NFRAMES), RefRmp(NFRAMES)
+    for pfn, state in enumerate(states):
+        gpa = (g.base + pfn) << 12
+        for rmp in rmps:
+            if state != "unassigned":
+                asid = RMP_ASID + (state == "other asid")
+                assert rmp.rmp_make_private(pfn, gpa, asid) == 0
+                if state != "unvalidated":
+                    assert rmp.pvalidate(pfn, gpa=gpa, asid=asid, validate=True) == (0, 0)
+    out, ref_out = np.zeros(R, np.uint64), np.zeros(R, np.uint64)
+    try:
+        done = g.ops.run(op, gfn0=g.base, n=R, private=private, arg=0x77, out=out,
+                         rmp=rmps[0].cdata(), asid=RMP_ASID)
+        expected = g.ref.run(op, gfn0=g.base, n=R, private=private, arg=0x77, out=ref_out,
+                             rmp=rmps[1], asid=RMP_ASID)
+        assert done == expected
+        first_bad = next((i for i, s in enumerate(states) if s != "valid"), R)
+        assert done == (first_bad if private else R)
+        assert np.array_equal(g.frames, g.ref_frames) and out.tolist() == ref_out.tolist()
+    finally:
+        g.close()

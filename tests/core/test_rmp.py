@@ -219,6 +219,8 @@ class RmpMachine(RuleBasedStateMachine):
         assert self.c.preguest_prefix(arr, asid) == self.r.preguest_prefix(pfns, asid)
         start = pfns[0] if pfns else 0
         assert self.c.next_assigned(start, 700) == self.r.next_assigned(start, 700)
+        for pfn in pfns:
+            assert self.c.validated(pfn, asid) == self.r.validated(pfn, asid)
 
     @invariant()
     def entries_agree(self):
