@@ -167,9 +167,12 @@ static int store(struct sc_rmp *rmp, uint64_t pfn, uint64_t lo, uint16_t perms)
 
 /* -EINVAL (SC_ERR_RMP_PFN, the index) for the first of pfns[] past the table, else 0: batches
  * check every frame before they change anything. */
+/* A batch's arguments: the table, the list (NULL only when empty) and every pfn in range. */
 static int check_pfns(const struct sc_rmp *rmp, const uint64_t *pfns, size_t n,
                       struct sc_err *err)
 {
+    if (!rmp || (n && !pfns))
+        return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
     for (size_t i = 0; i < n; i++)
         if (pfns[i] >= rmp->nframes)
             return sc_refuse(err, EINVAL, SC_ERR_RMP_PFN, i, pfns[i], rmp->nframes, 0);
@@ -293,8 +296,6 @@ int sc_rmp_make_private_batch(struct sc_rmp *rmp, const uint64_t *pfns, const ui
 int64_t sc_rmp_preguest_prefix(const struct sc_rmp *rmp, const uint64_t *pfns, size_t n,
                                uint32_t asid, struct sc_err *err)
 {
-    if (!rmp || (n && !pfns))
-        return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
     int bad = check_pfns(rmp, pfns, n, err);
     if (bad)
         return bad;
@@ -425,8 +426,6 @@ int sc_rmp_adjust(struct sc_rmp *rmp, uint64_t pfn, uint64_t gpa, uint32_t asid,
 int64_t sc_rmp_first_denied(const struct sc_rmp *rmp, const uint64_t *pfns, size_t n,
                             uint32_t asid, struct sc_err *err)
 {
-    if (!rmp || (n && !pfns))
-        return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
     int bad = check_pfns(rmp, pfns, n, err);
     if (bad)
         return bad;
