@@ -210,17 +210,22 @@ def plot_remaining(results, path):
 
 # -- commands ----------------------------------------------------------------------------------
 
-def _guest_args(ap):
-    g = ap.add_argument_group("guest")
+def _memory_args(g, each=""):
+    """--mem, --shared, --workload and --dirty-rate of a guest (``each``: of every guest)."""
     g.add_argument("--mem", type=parse_size, default=parse_size("256M"),
-                   help="guest memory (default 256M)")
-    g.add_argument("--vcpus", type=int, default=1, help="guest vCPUs (default 1)")
+                   help=f"memory of {each or 'the'} guest (default 256M)")
     g.add_argument("--shared", type=parse_size, default=parse_size("2M"),
-                   help="memory the guest shares with the host (default 2M)")
+                   help=f"memory {each or 'the'} guest shares with the host (default 2M)")
     g.add_argument("--workload", choices=WORKLOADS, default="random",
                    help="how the guest dirties memory (default random)")
     g.add_argument("--dirty-rate", type=float, default=None,
                    help="pages/s the guest writes (default: the cost model's dirty_pages_per_s)")
+
+
+def _guest_args(ap):
+    g = ap.add_argument_group("guest")
+    _memory_args(g)
+    g.add_argument("--vcpus", type=int, default=1, help="guest vCPUs (default 1)")
     g.add_argument("--hot-fraction", type=float, default=0.1,
                    help="hotset workload: fraction of memory it writes (default 0.1)")
     g.add_argument("--type", choices=tuple(VM_TYPES), default="sev",
@@ -817,14 +822,7 @@ def _evacuate_parser(sub):
         "evacuate", help="migrate every guest of one Host at once, on shared PSPs and a link "
                          "(needs sevcore[sim])"))
     e.add_argument("--guests", type=_positive_int, default=4, help="guests (default 4)")
-    e.add_argument("--mem", type=parse_size, default=parse_size("256M"),
-                   help="memory of each guest (default 256M)")
-    e.add_argument("--shared", type=parse_size, default=parse_size("2M"),
-                   help="memory each guest shares with the host (default 2M)")
-    e.add_argument("--workload", choices=WORKLOADS, default="random",
-                   help="how the guests dirty memory (default random)")
-    e.add_argument("--dirty-rate", type=float, default=None,
-                   help="pages/s each guest writes (default: the cost model's)")
+    _memory_args(e, each="each")
     e.add_argument("--path", choices=PATHS + ("both",), default="both",
                    help="private pages through the PSP, the in-guest helper, or both")
     e.add_argument("--link", type=parse_link, default=parse_link("10G"),
