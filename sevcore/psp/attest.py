@@ -29,7 +29,7 @@ from sevcore import uapi as U
 from sevcore.psp import amd_root
 from sevcore.psp import snp_layout as S
 from sevcore.psp import x509 as X
-from sevcore.psp.crypto import P384_ORDER, kdf
+from sevcore.psp.crypto import P384_ORDER, kdf, scalar_from
 
 try:  # OpenSSL signs P-384 in a fraction of pycryptodome's time; both sign RFC 6979 alike.
     from cryptography.hazmat.primitives import hashes as _c_hashes
@@ -69,11 +69,6 @@ def tcb_parts(tcb):
 
 
 # -- ECDSA P-384 ---------------------------------------------------------------------------------
-
-def p384_scalar(material):
-    """A P-384 private scalar in [1, n) from at least 56 bytes of key material."""
-    return int.from_bytes(material, "big") % (P384_ORDER - 1) + 1
-
 
 @functools.lru_cache(maxsize=64)
 def _keys(d):
@@ -142,7 +137,7 @@ def chip_id(cuk):
 def vcek_scalar(cuk, tcb):
     """The VCEK private scalar: the chip secret and the TCB it reports through a KDF, so every TCB
     has its own key and a chip's key for one TCB says nothing about another (56860 "VCEK")."""
-    return p384_scalar(kdf(cuk, "sev-snp-vcek", struct.pack("<Q", tcb), 56))
+    return scalar_from(kdf(cuk, "sev-snp-vcek", struct.pack("<Q", tcb), 56))
 
 
 @functools.lru_cache(maxsize=16)
