@@ -11,9 +11,9 @@ from Crypto.Cipher import AES
 
 from sevcore import uapi as U
 from sevcore.psp import snp_layout as SL
+from sevcore.psp.attest import seal_msg
 
 HDR = SL.snp_guest_msg_hdr
-PAGE_SIZE = 4096
 #: Offsets in the secrets page: VMPCKn, and msg_seqno_n in the OS area (struct secrets_os_area).
 VMPCK_OFFSET = SL.snp_secrets_page.offsets["vmpck0"]
 OS_AREA_OFFSET = SL.snp_secrets_page.offsets["os_area"]
@@ -34,17 +34,10 @@ def seqno_offset(vmpck_id):
 
 
 def build_request(vmpck, seqno, msg_type, payload, vmpck_id=0, msg_version=1):
-    """The request page: header and payload encrypted under ``vmpck`` with ``seqno``."""
-    hdr = bytearray(HDR.pack(msg_seqno=seqno, algo=U.SNP_AEAD_AES_256_GCM,
-                             hdr_version=U.MSG_HDR_VER, hdr_sz=HDR.size, msg_type=msg_type,
-                             msg_version=msg_version, msg_sz=len(payload),
-                             msg_vmpck=vmpck_id))
-    gcm = AES.new(vmpck, AES.MODE_GCM, nonce=_iv(seqno), mac_len=U.AUTHTAG_LEN)
-    gcm.update(bytes(hdr[AAD_OFFSET:AAD_OFFSET + U.AAD_LEN]))
-    ct, tag = gcm.encrypt_and_digest(bytes(payload))
-    hdr[HDR.offsets["authtag"]:HDR.offsets["authtag"] + U.AUTHTAG_LEN] = tag
-    page = bytes(hdr) + ct
-    return page + bytes(PAGE_SIZE - len(page))
+    """The request page: header and payload encrypted under ``vmpck`` with ``seqno`` (sealed
+    as the firmware seals its answers, :func:`sevcore.psp.attest.seal_msg`)."""
+    return seal_msg(vmpck, seqno, msg_type, payload, vmpck_id=vmpck_id,
+                    msg_version=msg_version)
 
 
 def open_response(vmpck, page, req_seqno, req_type, max_size):
