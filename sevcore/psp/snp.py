@@ -22,6 +22,7 @@ import struct
 import numpy as np
 
 from sevcore import uapi as U
+from sevcore.core.arrays import runs
 from sevcore.hw.rmp import RmpEntry
 from sevcore.psp import attest as A
 from sevcore.psp import snp_layout as S
@@ -432,9 +433,8 @@ class SnpCommands:
         if not len(pfns):
             return
         umc = self.host.umc
-        breaks = np.flatnonzero(np.diff(pfns.astype(np.int64)) != 1) + 1
-        for run in np.split(pfns, breaks):
-            umc.encrypt_in_place(int(run[0]) << 12, len(run) << 12, asid)
+        for start, n in runs(pfns):
+            umc.encrypt_in_place(int(pfns[start]) << 12, n << 12, asid)
 
     def _secrets_page(self, g):
         """The secrets page the firmware writes for a SECRETS page (56860 8.18 "Secrets Page";
