@@ -412,9 +412,8 @@ class SnpCommands:
                     break
         g.ld = _chain(g.ld, frames, todo, gpas, page_type, perms)
         if page_type in (U.SNP_PAGE_TYPE_ZERO, U.SNP_PAGE_TYPE_SECRET):
+            body = bytes(PAGE) if page_type == U.SNP_PAGE_TYPE_ZERO else self._secrets_page(g)
             for pfn in todo.tolist():
-                body = bytes(PAGE) if page_type == U.SNP_PAGE_TYPE_ZERO else \
-                    self._secrets_page(g)
                 umc.write(pfn << 12, body, g.asid)
         else:
             self._encrypt_pages(todo, g.asid)
