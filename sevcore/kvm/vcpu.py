@@ -31,7 +31,7 @@ from sevcore.kvm.msr import MsrState, MsrVcpu
 from sevcore.kvm.prefault import pre_fault_memory
 from sevcore.kvm.sev_es import SevEsVcpu
 from sevcore.kvm.snp_vcpu import SnpVcpu
-from sevcore.kvm.sregs import SregsVcpu, X86State
+from sevcore.kvm.sregs import SregsVcpu, X86State, find_cpuid_entry
 
 U64 = (1 << 64) - 1
 #: VMCB exit code of a failed VMRUN (SVM_EXIT_ERR, -1), KVM's fail_entry reason.
@@ -211,11 +211,7 @@ class Vcpu(GuestAccess, SevEsVcpu, SnpVcpu, MsrVcpu, HypercallVcpu, SregsVcpu, D
     def cpuid_entry(self, function, index=0):
         """kvm_find_cpuid_entry_index: the index counts only for leaves flagged
         KVM_CPUID_FLAG_SIGNIFCANT_INDEX."""
-        for e in self.cpuid:
-            if e["function"] == function and (
-                    not e["flags"] & U.KVM_CPUID_FLAG_SIGNIFCANT_INDEX or e["index"] == index):
-                return e
-        return None
+        return find_cpuid_entry(self.cpuid, function, index)
 
     def _supported_cpuid(self):
         """KVM_GET_SUPPORTED_CPUID of the host: what kvm_cpu_caps allow."""
