@@ -128,12 +128,19 @@ def vmcb_to_segment(s, name, cpl):
     return var
 
 
-def _cpuid_bit(entries, leaf, subleaf, reg, bit):
+def find_cpuid_entry(entries, function, index=0):
+    """kvm_find_cpuid_entry_index over ``entries``: the index counts only for leaves flagged
+    KVM_CPUID_FLAG_SIGNIFCANT_INDEX."""
     for e in entries:
-        if e["function"] == leaf and (not e["flags"] & U.KVM_CPUID_FLAG_SIGNIFCANT_INDEX
-                                      or e["index"] == subleaf):
-            return bool((e["eax"], e["ebx"], e["ecx"], e["edx"])[reg] >> bit & 1)
-    return False
+        if e["function"] == function and (
+                not e["flags"] & U.KVM_CPUID_FLAG_SIGNIFCANT_INDEX or e["index"] == index):
+            return e
+    return None
+
+
+def _cpuid_bit(entries, leaf, subleaf, reg, bit):
+    e = find_cpuid_entry(entries, leaf, subleaf)
+    return e is not None and bool((e["eax"], e["ebx"], e["ecx"], e["edx"])[reg] >> bit & 1)
 
 
 def cr4_reserved_bits(entries):

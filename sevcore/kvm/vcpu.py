@@ -31,7 +31,7 @@ from sevcore.kvm.msr import MsrState, MsrVcpu
 from sevcore.kvm.prefault import pre_fault_memory
 from sevcore.kvm.sev_es import SevEsVcpu
 from sevcore.kvm.snp_vcpu import SnpVcpu
-from sevcore.kvm.sregs import SregsVcpu, X86State
+from sevcore.kvm.sregs import SregsVcpu, X86State, find_cpuid_entry
 
 U64 = (1 << 64) - 1
 #: VMCB exit code of a failed VMRUN (SVM_EXIT_ERR, -1), KVM's fail_entry reason.
@@ -69,6 +69,10 @@ def _reset_regs(rdx=0x600):
     return regs
 
 
+#: The KVM signature in CPUID EBX, ECX, EDX of its base leaf ("KVMKVMKVM\0\0\0").
+KVM_SIGNATURE = tuple(int.from_bytes(b"KVMKVMKVM\0\0\0"[i:i + 4], "little") for i in (0, 4, 8))
+
+
 def default_cpuid(host):
     """The entries KVM_GET_SUPPORTED_CPUID gives a simulated AMD host: the basic and extended
     leaves a guest program looks at, Fn8000_001F (SEV, with the C-bit position), and KVM's
@@ -78,7 +82,6 @@ def default_cpuid(host):
                 "eax": eax, "ebx": ebx, "ecx": ecx, "edx": edx}
     auth = int.from_bytes(b"Auth", "little"), int.from_bytes(b"enti", "little"), \
         int.from_bytes(b"cAMD", "little")
-    kvm_sig = [int.from_bytes(b"KVMKVMKVM\0\0\0"[i:i + 4], "little") for i in (0, 4, 8)]
     return [
         e(0x0, 0x10, auth[0], auth[2], auth[1]),
         # ECX: XSAVE (26), AVX (28), hypervisor (31).
@@ -93,13 +96,9 @@ def default_cpuid(host):
         e(0x80000008, 0x3030, 0, 0, 0),
         # Fn8000_001F: SME, SEV, SEV-ES, SEV-SNP in EAX; EBX[5:0] = C-bit position.
         e(0x8000001F, 1 << 0 | 1 << 1 | 1 << 3 | 1 << 4, host.c_bit, 509, 0),
-        e(U.KVM_CPUID_SIGNATURE, U.KVM_CPUID_FEATURES, *kvm_sig),
+        e(U.KVM_CPUID_SIGNATURE, U.KVM_CPUID_FEATURES, *KVM_SIGNATURE),
         e(U.KVM_CPUID_FEATURES, KVM_SUPPORTED_PV_FEATURES),
     ]
-
-
-#: The KVM signature in CPUID EBX, ECX, EDX of its base leaf ("KVMKVMKVM\0\0\0").
-KVM_SIGNATURE = tuple(int.from_bytes(b"KVMKVMKVM\0\0\0"[i:i + 4], "little") for i in (0, 4, 8))
 
 
 def kvm_cpuid_features(entries):
@@ -211,11 +210,7 @@ class Vcpu(GuestAccess, SevEsVcpu, SnpVcpu, MsrVcpu, HypercallVcpu, SregsVcpu, D
     def cpuid_entry(self, function, index=0):
         """kvm_find_cpuid_entry_index: the index counts only for leaves flagged
         KVM_CPUID_FLAG_SIGNIFCANT_INDEX."""
-        for e in self.cpuid:
-            if e["function"] == function and (
-                    not e["flags"] & U.KVM_CPUID_FLAG_SIGNIFCANT_INDEX or e["index"] == index):
-                return e
-        return None
+        return find_cpuid_entry(self.cpuid, function, index)
 
     def _supported_cpuid(self):
         """KVM_GET_SUPPORTED_CPUID of the host: what kvm_cpu_caps allow."""

@@ -16,7 +16,7 @@ import numpy as np
 
 from sevcore import uapi as U
 from sevcore.core.arrays import sorted_unique
-from sevcore.core.dirty_ring import collect
+from sevcore.core.dirty_ring import DIRTY_GFN_SIZE, collect
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 
 #: QEMU's usual ring: dirty-ring-size=4096 entries (docs/system/... kvm accelerator property).
@@ -30,7 +30,7 @@ class DirtyRingReader:
         vm = vcpu.vm
         self.kvm, self.vcpu = vm.kvm, vcpu
         self.size_bytes = vm.dirty_ring_size
-        self.entries = self.size_bytes // 16
+        self.entries = self.size_bytes // DIRTY_GFN_SIZE
         self.hva = vcpu.mmap(self.size_bytes, _mmap.MAP_SHARED,
                              U.KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_SIZE)
         # The VMM's pointer into its mapping: the frames behind the mapped pages.
