@@ -63,11 +63,8 @@ def _check(args, cost, rates=(None,)):
         path = getattr(args, opt, None)
         if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
             _fail(args, f"--{opt.replace('_', '-')} {path}: no such directory")
-    if args.plot:
-        try:
-            import matplotlib  # noqa: F401  (local: an optional dependency, checked up front)
-        except ImportError:
-            _fail(args, "--plot needs matplotlib: pip install 'sevcore[plot]'")
+    if args.plot and not sweep.have("matplotlib"):
+        _fail(args, "--plot needs matplotlib: pip install 'sevcore[plot]'")
     if getattr(args, "listen", None) is not None and not 0 <= args.listen <= 65535:
         _fail(args, f"--listen {args.listen}: a port is 0-65535")
     if getattr(args, "to", None):

@@ -448,12 +448,11 @@ def columns(rows):
 def write_table(rows, path):
     """Write ``rows`` as CSV, or as Parquet when ``path`` ends in ``.parquet`` (needs pandas and
     pyarrow)."""
-    cols = columns(rows)
     if str(path).endswith(".parquet"):
         frame(rows).to_parquet(path, index=False)
         return
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, restval="")
+        w = csv.DictWriter(f, fieldnames=columns(rows), restval="")
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
