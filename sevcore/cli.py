@@ -784,6 +784,8 @@ def cmd_evacuate(args):
     except ImportError as e:
         print(f"sevcore evacuate: {e}", file=sys.stderr)
         return 1
+    if args.plot and not sweep.have("matplotlib"):
+        _fail(args, "--plot needs matplotlib: pip install 'sevcore[plot]'")
     try:
         cost = CostModel.from_overrides(args.set).replace(link_bytes_per_s=args.link)
         rate = args.dirty_rate if args.dirty_rate is not None else cost.dirty_pages_per_s

@@ -29,6 +29,17 @@ def test_bad_input_is_one_line_and_status_2(capsys, argv, words):
     assert err.out == "" and len(err.err.strip().splitlines()) == 1 and words in err.err
 
 
+def test_plot_without_matplotlib_is_refused_before_anything_runs(capsys, monkeypatch, tmp_path):
+    """--plot with matplotlib missing is one line and status 2 before any guest launches."""
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)        # import fails as if absent
+    with pytest.raises(SystemExit) as e:
+        main(["evacuate", "--guests", "64", "--mem", "64M", "--plot", str(tmp_path / "e.png")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "matplotlib" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "e.png").exists()
+
+
 def test_link_speeds_are_bits_per_second():
     """'10G' is 10 Gbit/s, i.e. 1.25e9 bytes/s; a plain number is bit/s too."""
     assert parse_link("10G") == 1.25e9
