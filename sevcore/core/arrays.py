@@ -3,6 +3,7 @@ migration stream's batch records): u64 values, one at a time or in arrays, and b
 equal rows."""
 import numpy as np
 
+U32_MAX = (1 << 32) - 1    # include/linux/limits.h
 U64_MAX = (1 << 64) - 1
 _U64 = np.dtype(np.uint64)
 

@@ -23,14 +23,13 @@ A new exit (SNP's page-state change or guest request) is one entry in each table
 import json
 from errno import EFAULT, EINVAL
 
+from sevcore.core.arrays import U32_MAX, U64_MAX
 from sevcore import uapi as U
 from sevcore.errors import KvmError, NotModelled
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm.guest import UCALL_PIO_PORT, GuestException, VmmCommunicationException
 from sevcore.kvm.kvm_run import EXIT, THROW
 
-U64 = (1 << 64) - 1
-U32 = (1 << 32) - 1
 
 # -- the page (struct ghcb_save_area, struct ghcb) ------------------------------------------------
 
@@ -200,7 +199,7 @@ class GhcbGuest:
         yield g.wrmsr(U.MSR_AMD64_SEV_ES_GHCB, self.gpa)
         yield g.vmgexit()
         out = Ghcb((yield g.read(self.gpa, PAGE_SIZE)))
-        ret = out.get("sw_exit_info_1") & U32
+        ret = out.get("sw_exit_info_1") & U32_MAX
         if ret == U.GHCB_HV_RESP_NO_ACTION:
             return out
         if ret == U.GHCB_HV_RESP_ISSUE_EXCEPTION:
@@ -233,7 +232,7 @@ class GhcbGuest:
         ghcb = Ghcb()
         ghcb.set("rcx", index)
         if write:
-            ghcb.set("rax", value & U32)
+            ghcb.set("rax", value & U32_MAX)
             ghcb.set("rdx", value >> 32)
         try:
             out = yield from self.hv_call(g, ghcb, U.SVM_EXIT_MSR, int(write), 0)
@@ -243,7 +242,7 @@ class GhcbGuest:
             return e.vector if write else (e.vector, 0)
         if write:
             return 0 if safe else None
-        value = (out.get("rdx") & U32) << 32 | out.get("rax") & U32
+        value = (out.get("rdx") & U32_MAX) << 32 | out.get("rax") & U32_MAX
         return (0, value) if safe else value
 
     def _vmmcall(self, g, nr, a0, a1, a2, a3):
@@ -270,7 +269,7 @@ class GhcbGuest:
         regs = ("rax", "rbx", "rcx", "rdx")
         if not all(out.is_valid(r) for r in regs):
             raise GhcbProtocolError("CPUID answered without all four registers")
-        return tuple(out.get(r) & U32 for r in regs)
+        return tuple(out.get(r) & U32_MAX for r in regs)
 
     def _ucall(self, g, cmd, values):
         """vc_handle_ioio for the selftests' ucall port: a REP OUTSB of the ucall struct from the
@@ -430,7 +429,7 @@ VMGEXIT_INPUTS = {
     U.SVM_VMGEXIT_MMIO_READ: _has("sw_scratch"),
     U.SVM_VMGEXIT_MMIO_WRITE: _has("sw_scratch"),
     U.SVM_VMGEXIT_AP_CREATION: _snp_only(
-        lambda vcpu, x: x.exit_info_1 & U32 == U.SVM_VMGEXIT_AP_DESTROY or x.is_valid("rax")),
+        lambda vcpu, x: x.exit_info_1 & U32_MAX == U.SVM_VMGEXIT_AP_DESTROY or x.is_valid("rax")),
     U.SVM_VMGEXIT_NMI_COMPLETE: _ok,
     U.SVM_VMGEXIT_AP_HLT_LOOP: _ok,
     U.SVM_VMGEXIT_AP_JUMP_TABLE: _ok,
@@ -559,7 +558,7 @@ class GhcbVcpu:
     def _vmgexit_msr(self, x):
         """msr_interception with RCX/EDX:EAX from the GHCB; a #GP becomes an exception the
         guest is asked to raise (svm_complete_emulated_msr)."""
-        index = x.regs["rcx"] & U32
+        index = x.regs["rcx"] & U32_MAX
         write = bool(x.exit_info_1)
 
         def finish(res):
@@ -567,9 +566,9 @@ class GhcbVcpu:
             if vector:
                 x.inject_exception(U.GP_VECTOR)
             elif not write:
-                x.regs["rax"], x.regs["rdx"] = value & U32, value >> 32
+                x.regs["rax"], x.regs["rdx"] = value & U32_MAX, value >> 32
         if write:
-            value = (x.regs["rdx"] & U32) << 32 | x.regs["rax"] & U32
+            value = (x.regs["rdx"] & U32_MAX) << 32 | x.regs["rax"] & U32_MAX
             return self._ghcb_result(x, self._emulate_wrmsr(index, value, True), finish)
         return self._ghcb_result(x, self._emulate_rdmsr(index, True), finish)
 
@@ -578,7 +577,7 @@ class GhcbVcpu:
         0 gets -KVM_EPERM (____kvm_emulate_hypercall). KVM_HC_MAP_GPA_RANGE exits to user
         space as KVM_EXIT_HYPERCALL, as without SEV-ES."""
         def finish(ret):
-            x.regs["rax"] = ret & U64
+            x.regs["rax"] = ret & U64_MAX
         if x.ghcb.get("cpl") & 3:
             finish(-U.KVM_EPERM)
             return None
@@ -588,7 +587,7 @@ class GhcbVcpu:
 
     def _vmgexit_cpuid(self, x):
         """cpuid_interception: kvm_cpuid for RAX/RCX (CPUID 0xD with the GHCB's XCR0)."""
-        regs = self._kvm_cpuid(x.regs["rax"] & U32, x.regs["rcx"] & U32)
+        regs = self._kvm_cpuid(x.regs["rax"] & U32_MAX, x.regs["rcx"] & U32_MAX)
         x.regs.update(zip(("rax", "rbx", "rcx", "rdx"), regs))
 
     def _vmgexit_ioio(self, x):
@@ -628,7 +627,7 @@ class GhcbVcpu:
         GHCB_ERR_INVALID_SCRATCH_AREA."""
         beg = x.sw_scratch
         end = beg + length
-        if not beg or end > U64:
+        if not beg or end > U64_MAX:
             x.bad_input(U.GHCB_ERR_INVALID_SCRATCH_AREA)
             return None
         if beg & ~(PAGE_SIZE - 1) == x.gpa:

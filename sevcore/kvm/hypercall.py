@@ -4,17 +4,16 @@ arch/x86/kvm/x86.c), with KVM_HC_MAP_GPA_RANGE forwarded to user space as KVM_EX
 The vCPU's mode decides the operand size (``is_64_bit_hypercall``: 64-bit mode, or any SEV-ES
 guest): outside it the number, the arguments and the result are 32 bits, and the exit reports
 ``longmode`` 0. From CPL > 0 the result is -KVM_EPERM before any argument counts."""
+from sevcore.core.arrays import U32_MAX, U64_MAX
 from sevcore import uapi as U
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm.kvm_run import EXIT
 from sevcore.kvm.msr import PV_HC_FEATURE
 
-U64 = (1 << 64) - 1
-U32 = (1 << 32) - 1
 
 
 def _s64(v):
-    v &= U64
+    v &= U64_MAX
     return v - (1 << 64) if v >> 63 else v
 
 
@@ -29,10 +28,10 @@ class HypercallVcpu:
         """complete_hypercall_exit: RAX = the result, truncated to 32 bits outside 64-bit mode.
         The guest program receives RAX (signed in 64-bit mode, as it always has)."""
         if not self._is_64_bit_hypercall():
-            ret &= U32
+            ret &= U32_MAX
             self.regs["rax"] = ret
             return ret
-        self.regs["rax"] = ret & U64
+        self.regs["rax"] = ret & U64_MAX
         return _s64(ret)
 
     def _hypercall(self, nr, a0, a1, a2, a3):
@@ -47,7 +46,7 @@ class HypercallVcpu:
         vm = self.vm
         op_64_bit = self._is_64_bit_hypercall()
         if not op_64_bit:
-            nr, a0, a1, a2, a3 = (v & U32 for v in (nr, a0, a1, a2, a3))
+            nr, a0, a1, a2, a3 = (v & U32_MAX for v in (nr, a0, a1, a2, a3))
         if cpl:
             return -U.KVM_EPERM
         if nr in PV_HC_FEATURE and not self.guest_pv_has(PV_HC_FEATURE[nr]):
@@ -56,7 +55,7 @@ class HypercallVcpu:
             if not vm.hypercall_exit_enabled & (1 << U.KVM_HC_MAP_GPA_RANGE):
                 return -U.KVM_ENOSYS
             gfn = a0 >> PAGE_SHIFT
-            if a0 & (PAGE_SIZE - 1) or a1 == 0 or (gfn + a1) & U64 <= gfn:
+            if a0 & (PAGE_SIZE - 1) or a1 == 0 or (gfn + a1) & U64_MAX <= gfn:
                 return -U.KVM_EINVAL
             run = self.kvm_run
             run.exit_reason = U.KVM_EXIT_HYPERCALL

@@ -11,6 +11,7 @@ unknown to KVM (``KVM_MSR_RET_UNSUPPORTED``), as ``MSR_KVM_MIGRATION_CONTROL`` i
 """
 from errno import EFAULT, EINVAL
 
+from sevcore.core.arrays import U64_MAX
 from sevcore import uapi as U
 from sevcore.errors import KvmError
 from sevcore.kvm.kvm_run import EXIT, NOT_HW
@@ -145,7 +146,6 @@ _ARCH = {
 }
 
 
-U64_MASK = (1 << 64) - 1
 #: The MSRs that are a segment register's base in the VMCB.
 _SEGMENT_BASE = {U.MSR_FS_BASE: "fs", U.MSR_GS_BASE: "gs"}
 
@@ -176,7 +176,7 @@ class MsrState:
         if index == U.MSR_IA32_FLUSH_CMD:
             return MSR_RET_UNSUPPORTED, 0        # write-only command MSR
         if index == U.MSR_IA32_TSC:
-            return MSR_OK, (self._tsc_now() + self.values[index]) & U64_MASK
+            return MSR_OK, (self._tsc_now() + self.values[index]) & U64_MAX
         if index == U.MSR_EFER:               # vcpu->arch.efer
             return MSR_OK, self.vcpu.x86.efer
         if index in _SEGMENT_BASE:            # svm_get_msr: the VMCB's FS/GS base
@@ -205,7 +205,7 @@ class MsrState:
         elif mask is not None and value & ~mask:
             return MSR_RET_INVALID
         if index == U.MSR_IA32_TSC:
-            value = (value - self._tsc_now()) & U64_MASK       # kept as the TSC offset
+            value = (value - self._tsc_now()) & U64_MAX       # kept as the TSC offset
         if index == U.MSR_EFER:
             return self._set_efer(value, host_initiated)
         if index in _SEGMENT_BASE:            # svm_set_msr: the VMCB's FS/GS base
@@ -281,7 +281,7 @@ class MsrVcpu:
             if run.msr.error:
                 self._complete_with(self._deliver_gp(safe, (U.GP_VECTOR, 0), f"RDMSR {index:#x}"))
             else:
-                v = run.msr.data & U64_MASK
+                v = run.msr.data & U64_MAX
                 self._send = (0, v) if safe else v
         self._complete = complete
         return EXIT

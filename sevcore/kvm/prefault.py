@@ -15,12 +15,12 @@ from errno import EFAULT, EINVAL, ENOENT, EOPNOTSUPP
 
 import numpy as np
 
+from sevcore.core.arrays import U64_MAX
 from sevcore.core.npt import NPT_PRIVATE
 from sevcore.errors import KvmError
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm.mmu import MemoryFault, MmioAccess, entry_serves, faultin_pages
 
-U64 = (1 << 64) - 1
 IOCTL = "KVM_PRE_FAULT_MEMORY"
 
 
@@ -73,13 +73,13 @@ def _step(vm, gpa, size):
 def pre_fault_memory(vcpu, gpa, size, flags):
     """kvm_vcpu_pre_fault_memory (see the module docstring)."""
     for name, v in (("gpa", gpa), ("size", size), ("flags", flags)):
-        if not isinstance(v, int) or not 0 <= v <= U64:
+        if not isinstance(v, int) or not 0 <= v <= U64_MAX:
             raise TypeError(f"kvm_pre_fault_memory.{name} must be a u64, got {v!r}")
     vcpu._enter(IOCTL)
     if flags:
         raise KvmError(EINVAL, IOCTL, "flags must be 0")
     # gpa + size is a u64 sum: an empty or wrapping range is refused.
-    if gpa % PAGE_SIZE or size % PAGE_SIZE or (gpa + size) & U64 <= gpa:
+    if gpa % PAGE_SIZE or size % PAGE_SIZE or (gpa + size) & U64_MAX <= gpa:
         raise KvmError(EINVAL, IOCTL, "unaligned, empty or wrapping range")
     vm = vcpu.vm
     out = KvmPreFaultMemory(gpa, size, flags)

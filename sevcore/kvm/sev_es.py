@@ -2,6 +2,7 @@
 page protocol in :mod:`sevcore.kvm.ghcb`), SEV_STATUS,
 the GHCB MSR, #VC, XSAVE of state loaded from the VMSA; and the VMSA LAUNCH_UPDATE_VMSA
 encrypts (``sev_es_sync_vmsa``)."""
+from sevcore.core.arrays import U64_MAX
 from sevcore import uapi as U
 from sevcore.hw.hostmem import PAGE_SIZE
 from sevcore.hw import vmsa as V
@@ -10,7 +11,6 @@ from sevcore.kvm.access import access_state
 from sevcore.kvm.ghcb import GHCB_HV_FT_SUPPORTED, GhcbVcpu
 from sevcore.kvm.kvm_run import EXIT, NOT_HW, THROW
 
-U64 = (1 << 64) - 1
 
 
 def _set_bits(value, field, mask, pos):
@@ -92,7 +92,7 @@ class SevEsVcpu(GhcbVcpu):
             return U.MSR_AMD64_SEV_ENABLED
         vmsa = self._vmsa()
         features = int.from_bytes(vmsa[V.SEV_FEATURES:V.SEV_FEATURES + 8], "little")
-        return (U.MSR_AMD64_SEV_ENABLED | U.MSR_AMD64_SEV_ES_ENABLED | features << 2) & U64
+        return (U.MSR_AMD64_SEV_ENABLED | U.MSR_AMD64_SEV_ES_ENABLED | features << 2) & U64_MAX
 
     def _sev_msr(self, index, value, safe):
         """An RDMSR (``value`` None) or WRMSR the hardware handles for an SEV guest:

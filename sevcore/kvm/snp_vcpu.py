@@ -5,6 +5,7 @@ Linux guest does it (``__page_state_change`` in ``arch/x86/boot/startup/sev-shar
 the validation before making a page shared, validate after making it private)."""
 from errno import EINVAL, EIO
 
+from sevcore.core.arrays import U64_MAX
 from sevcore import uapi as U
 from sevcore.errors import KvmError
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
@@ -18,7 +19,6 @@ from sevcore.kvm.sev import KernelBuffers
 from sevcore.kvm.sev_es import _set_bits
 from sevcore.psp import snp_layout as SL
 
-U64 = (1 << 64) - 1
 
 
 class PageStateChangeFailed(GuestException):
@@ -166,7 +166,7 @@ class PscVcpu:
                 hc.flags = U.KVM_EXIT_HYPERCALL_LONG_MODE
 
                 def complete():            # snp_complete_one_psc
-                    if run.hypercall.ret & U64:
+                    if run.hypercall.ret & U64_MAX:
                         return self._snp_complete_psc(psc, U.VMGEXIT_PSC_ERROR_GENERIC)
                     self._snp_complete_one_psc_done(psc)
                     return self._snp_begin_psc(psc)
@@ -225,7 +225,7 @@ class SnpVcpu(PscVcpu):
         hc.flags = U.KVM_EXIT_HYPERCALL_LONG_MODE
 
         def complete():            # snp_complete_psc_msr
-            self.ghcb_gpa = U.GHCB_MSR_PSC_RESP_ERROR if run.hypercall.ret & U64 \
+            self.ghcb_gpa = U.GHCB_MSR_PSC_RESP_ERROR if run.hypercall.ret & U64_MAX \
                 else U.GHCB_MSR_PSC_RESP
         self._complete = complete
         return EXIT

@@ -13,11 +13,11 @@ anything is written, so a refused call changes nothing.
 import struct
 from errno import E2BIG, EINVAL
 
+from sevcore.core.arrays import U64_MAX
 from sevcore import uapi as U
 from sevcore.errors import KvmError
 from sevcore.kvm import fpu
 
-U64 = (1 << 64) - 1
 
 #: Segment registers in VMCB save-area order (struct vmcb_save_area), with the kvm_sregs field
 #: each one is exchanged through (gdtr/idtr go through struct kvm_dtable).
@@ -146,7 +146,7 @@ def _cpuid_bit(entries, leaf, subleaf, reg, bit):
 def cr4_reserved_bits(entries):
     """__cr4_reserved_bits for the CPUID ``entries`` (the host's for cr4_reserved_bits, the
     guest's for cr4_guest_rsvd_bits)."""
-    reserved = ~_CR4_KNOWN & U64
+    reserved = ~_CR4_KNOWN & U64_MAX
     for bit, leaf, subleaf, reg, feature in _CR4_FEATURES:
         if not _cpuid_bit(entries, leaf, subleaf, reg, feature):
             reserved |= bit
@@ -265,7 +265,7 @@ class SregsVcpu:
     def _reserved_gpa_bits(self):
         """vcpu->arch.reserved_gpa_bits: bits from MAXPHYADDR up, less the C-bit of an SEV
         guest (svm_vcpu_after_set_cpuid)."""
-        bits = U64 & ~((1 << self._maxphyaddr()) - 1)
+        bits = U64_MAX & ~((1 << self._maxphyaddr()) - 1)
         if self.vm.sev.active:
             e = self.cpuid_entry(0x8000001F)
             if e:
@@ -387,7 +387,7 @@ class SregsVcpu:
             return
         hva = s.userspace_addr + gpa - (s.base_gfn << U.PAGE_SHIFT)
         ptes = struct.unpack("<4Q", self.vm.kvm.read(hva, 32))
-        reserved = (U64 & ~((1 << self._maxphyaddr()) - 1)) | _PDPTE_RESERVED
+        reserved = (U64_MAX & ~((1 << self._maxphyaddr()) - 1)) | _PDPTE_RESERVED
         if any(p & 1 and p & reserved for p in ptes):
             return
         self.x86.pdptrs = list(ptes)
@@ -502,7 +502,7 @@ class SregsVcpu:
         """Mirrors ``KVM_SET_MSRS`` (host-initiated writes, no MSR filter): ``entries`` are
         ``(index, data)`` pairs; returns how many were written before the first refused one.
         E2BIG for MAX_IO_MSRS entries or more."""
-        entries = [(int(i) & 0xffffffff, int(d) & U64) for i, d in entries]
+        entries = [(int(i) & 0xffffffff, int(d) & U64_MAX) for i, d in entries]
         self._msr_io("KVM_SET_MSRS", len(entries))
         for n, (index, data) in enumerate(entries):
             if self._host_msr_blocked(index):

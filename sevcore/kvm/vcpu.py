@@ -16,6 +16,7 @@ guests").
 """
 from errno import EBADF, EINTR, EINVAL, EIO
 
+from sevcore.core.arrays import U64_MAX
 from sevcore import uapi as U
 from sevcore.errors import KvmError, NotModelled
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
@@ -33,7 +34,6 @@ from sevcore.kvm.sev_es import SevEsVcpu
 from sevcore.kvm.snp_vcpu import SnpVcpu
 from sevcore.kvm.sregs import SregsVcpu, X86State, find_cpuid_entry
 
-U64 = (1 << 64) - 1
 #: VMCB exit code of a failed VMRUN (SVM_EXIT_ERR, -1), KVM's fail_entry reason.
 SVM_EXIT_ERR = (1 << 64) - 1
 
@@ -256,7 +256,7 @@ class Vcpu(GuestAccess, SevEsVcpu, SnpVcpu, MsrVcpu, HypercallVcpu, SregsVcpu, D
         if unknown:
             raise TypeError(f"struct kvm_regs has no field(s) {sorted(unknown)}")
         for k, v in regs.items():
-            if not isinstance(v, int) or not 0 <= v <= U64:
+            if not isinstance(v, int) or not 0 <= v <= U64_MAX:
                 raise ValueError(f"{k} must be a u64")
         self._state_ioctl(ioctl)
         self.regs.update(regs)

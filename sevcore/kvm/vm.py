@@ -9,6 +9,7 @@ from errno import EBADF, EEXIST, EFAULT, EINVAL, EIO, ENOENT, ENXIO
 
 import numpy as np
 
+from sevcore.core.arrays import U64_MAX
 from sevcore import uapi as U
 from sevcore.errors import KvmError
 from sevcore.core.bitmap import Bitmap
@@ -29,7 +30,6 @@ from sevcore.core.arrays import u64
 from sevcore.core.npt import NPT_DIRTY_LOG, NPT_PRIVATE, Npt
 from sevcore.core.ranges import RangeSet
 
-U64 = (1 << 64) - 1
 #: The largest GFN the simulated TDP MMU maps: a 4-level table covers 48-bit guest physical
 #: addresses (kvm_mmu_max_gfn with 4-level NPT).
 KVM_MMU_MAX_GFN = (1 << 36) - 1
@@ -482,11 +482,11 @@ class Vm:
             fail(EINVAL, "guest_phys_addr not page aligned")
         if uaddr % PAGE_SIZE or uaddr + size > TASK_SIZE_MAX:
             fail(EINVAL, "userspace_addr unaligned or beyond the user address space")
-        if flags & U.KVM_MEM_GUEST_MEMFD and (gmem_offset % PAGE_SIZE or gmem_offset + size > U64):
+        if flags & U.KVM_MEM_GUEST_MEMFD and (gmem_offset % PAGE_SIZE or gmem_offset + size > U64_MAX):
             fail(EINVAL, "guest_memfd_offset unaligned or overflowing")
         if as_id >= self.nr_memslot_as_ids or id >= U.KVM_MEM_SLOTS_NUM:
             fail(EINVAL, f"address space {as_id} not available for this VM type")
-        if gpa + size > U64 + 1:
+        if gpa + size > U64_MAX + 1:
             fail(EINVAL, "guest_phys_addr + memory_size overflows")
         npages = size >> PAGE_SHIFT
         if id < U.KVM_USER_MEM_SLOTS and npages > U.KVM_MEM_MAX_NR_PAGES:
@@ -658,7 +658,7 @@ class Vm:
             raise KvmError(EINVAL, ioctl, f"attributes {attributes:#x} not supported")
         # kvm_vm_ioctl_set_mem_attributes: address + size is a u64 sum, so a range that ends
         # at 2^64 wraps to 0 and is refused like any other wrapping one.
-        if size == 0 or address + size > U64 or address < 0 or size < 0:
+        if size == 0 or address + size > U64_MAX or address < 0 or size < 0:
             raise KvmError(EINVAL, ioctl, "empty or wrapping range")
         if address % PAGE_SIZE or size % PAGE_SIZE:
             raise KvmError(EINVAL, ioctl, "address and size must be page aligned")
