@@ -29,7 +29,7 @@ from sevcore.migration.engine import PATHS, MigrationError, MigrationParams, mig
 from sevcore.migration.machine import Machine
 from sevcore.migration.remote import send_to, serve
 from sevcore.migration.workload import VM_TYPES, WORKLOADS, GuestConfig, WorkloadError
-from sevcore.plots import path_colour, plot_sweep, pyplot as _pyplot
+from sevcore.plots import BYTE_KEYS, path_colour, plot_sweep, pyplot as _pyplot
 from sevcore.uapi import SEV_POLICY_ES
 from sevcore.vmm.dirty_ring import DEFAULT_RING_ENTRIES
 
@@ -601,7 +601,7 @@ def _sweep_table(rows, keys):
 
 
 def _cell(key, value):
-    if key in ("mem", "shared") and isinstance(value, int):
+    if key in BYTE_KEYS and isinstance(value, int):
         return f"{value >> 20}M" if value % (1 << 20) == 0 else f"{value >> 10}K"
     return f"{value:g}" if isinstance(value, float) else str(value)
 

@@ -16,8 +16,8 @@ METRICS = (("total-time", "total time, simulated (s)", 1e-3),
            ("downtime", "downtime, simulated (s)", 1e-3),
            ("ram.transferred", "transferred (MiB)", 2.0 ** -20))
 
-#: Grid keys in bytes, drawn in MiB.
-_BYTES = {"mem", "shared"}
+#: Grid keys in bytes, drawn in MiB (and written as sizes in the sweep table).
+BYTE_KEYS = frozenset({"mem", "shared"})
 #: Units of the x axis for the grid keys that have one.
 _UNITS = {"mem": "MiB", "shared": "MiB", "dirty-rate": "pages/s", "downtime_limit_ms": "ms"}
 
@@ -49,7 +49,7 @@ def _values(rows, key):
 
 
 def _label(key, value):
-    if key in _BYTES and isinstance(value, (int, float)):
+    if key in BYTE_KEYS and isinstance(value, (int, float)):
         return f"{key} {value / 2**20:g} MiB"
     return f"{key} {value}"
 
@@ -74,7 +74,7 @@ def plot_sweep(rows, out, x, hue="path", col=None):
     hues = _values(done, hue)
     xs = _values(done, x)
     categorical = not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in xs)
-    scale = 2.0 ** -20 if x in _BYTES else 1.0
+    scale = 2.0 ** -20 if x in BYTE_KEYS else 1.0
     pos = {v: i for i, v in enumerate(xs)} if categorical else None
     colours = _hue_colours(hue, hues, plt)
     # Colour is the path's when hue is the path; otherwise each path keeps a line style.
