@@ -8,6 +8,7 @@ target's: the same VM, memory and vCPUs, not launched: RECEIVE_START will give i
 """
 import json
 import os
+from dataclasses import dataclass
 from errno import EFAULT
 
 import numpy as np
@@ -40,6 +41,16 @@ def owner_secrets(session, measure, key, layout):
     return [(gfn, *owner.package_secret(session.tek, session.tik, page, bytes(measure)[:32]))
             for gfn, page in ((layout.key_gfn, key_page(key)),
                               (layout.state_gfn, state_page()))]
+
+
+@dataclass(frozen=True)
+class GuestOwner:
+    """What the guest's owner keeps (sevcore runs the owner in the VMM's process, as it does
+    the launch): ``digest``, the launch digest it expects of the guest (and of a target launched
+    alike), and ``key``, the transport key it gave an SEV-ES guest's helper (None otherwise).
+    It stays with the guest wherever it runs; a target in another process has none."""
+    digest: bytes
+    key: bytes = None
 
 
 class GuestError(RuntimeError):
@@ -78,6 +89,7 @@ class Machine:
             else:
                 self.set_program(v, workload_vcpu, config.to_dict(), v.vcpu_id)
         self.helper = None           # an SEV-ES guest's helper, launched with it
+        self.owner = None            # GuestOwner, for a guest this process launched
         self._shares = []            # vCPUs that still owe their share of the current tick
         self.running = None          # the vCPU in KVM_RUN (the one a failure came from)
         self.ticks = 0
@@ -113,16 +125,14 @@ class Machine:
         self.session = session = owner.create_launch_session(
             self.host.psp.export_cert_chain().pdh, policy)
         measure = self.launch_measure(policy, session.godh_cert, session.session)
-        #: What the guest owner expects LAUNCH_MEASURE to cover, for a target launched alike.
-        self.expected_digest = owner.launch_digest(*self._measured)
+        self.owner = GuestOwner(owner.launch_digest(*self._measured),
+                                os.urandom(KEY_SIZE) if self.es_helper else None)
         st = self.host.psp.platform_status()
-        if not owner.verify_measurement(session.tik, measure, self.expected_digest,
+        if not owner.verify_measurement(session.tik, measure, self.owner.digest,
                                         st.api_major, st.api_minor, st.build, policy):
             raise LaunchError("LAUNCH_MEASURE does not match the guest owner's measurement")
         if self.es_helper:
-            #: The guest owner's transport key for the guest's helpers (kept with its session).
-            self.owner_key = os.urandom(KEY_SIZE)
-            for gfn, hdr, trans in owner_secrets(session, measure, self.owner_key,
+            for gfn, hdr, trans in owner_secrets(session, measure, self.owner.key,
                                                  self.config.helper_layout):
                 self.launch_secret(gfn, hdr, trans)
         self.vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_FINISH)
@@ -266,7 +276,9 @@ class Machine:
         parked until :meth:`release_vcpus`."""
         req = int.from_bytes(os.urandom(8), "little") | 1
         self._write_request(req)
-        for vcpu in self.vcpus:
+        # vCPU 0 last: it notes the request in the header once every other vCPU has saved (one
+        # that starts afresh meanwhile restores only what an earlier request saved).
+        for vcpu in reversed(self.vcpus):
             self._run_to(vcpu, "saved")
 
     def release_vcpus(self):

@@ -257,6 +257,9 @@ class Source(_End):
         the target's helper the transport key. No SEND_START: the source's context stays
         RUNNING."""
         m, st = self.m, self.stats
+        if m.owner is None or m.owner.key is None:
+            raise MigrationError("the guest's owner is not in this process: no one can "
+                                 "launch the target or give it the transport key")
         cs = C.CERT_SIZE
         try:
             owner.verify_cert_chain(CertChain(pdh, plat[:cs], plat[cs:2 * cs], plat[2 * cs:],
@@ -275,7 +278,7 @@ class Source(_End):
         measured = _message(self.reader, "measured")
         try:
             measure = bytes.fromhex(measured["measure"])
-            ok = owner.verify_measurement(session.tik, measure, m.expected_digest,
+            ok = owner.verify_measurement(session.tik, measure, m.owner.digest,
                                           int(measured["api_major"]),
                                           int(measured["api_minor"]), int(measured["build"]),
                                           m.config.policy)
@@ -284,7 +287,7 @@ class Source(_End):
         if not ok:
             raise MigrationError("the target's LAUNCH_MEASURE is not the guest's launch: the "
                                  "guest owner sends it no transport key")
-        secrets = owner_secrets(session, measure, m.owner_key, self.layout)
+        secrets = owner_secrets(session, measure, m.owner.key, self.layout)
         nbytes = self._written(lambda w: [w.setup({
             "kind": "secret", "gfn": int(gfn), "hdr": hdr.hex(), "trans": trans.hex()})
             for gfn, hdr, trans in secrets])
