@@ -10,7 +10,7 @@ from sevcore.migration import driver as D
 from sevcore.core.arrays import runs
 from sevcore.hw.hostmem import PAGE_SIZE
 from sevcore.migration import stream as S
-from sevcore.migration.end import _dirty_gfns, _End, _message
+from sevcore.migration.end import _dirty_gfns, _End, _message, target_failed
 from sevcore.migration.errors import (
     GuestLost,
     PostcopyPaused,
@@ -71,9 +71,6 @@ class Source(_End):
             if self.m.config.es and self.params.path == "helper" and self.m.helper is None:
                 raise MigrationError("the helper path moves an SEV-ES guest only with the "
                                      "helper launched with it (GuestConfig.helper_vcpus >= 1)")
-            if self.m.config.es and self.params.postcopy:
-                raise MigrationError("post-copy does not move SEV-ES guests yet: their VMSAs "
-                                     "go with the stop-and-copy of pre-copy (docs/migration.md)")
             if self.params.path == "helper" and self.layout is None:
                 raise MigrationError("the helper path needs a guest booted with a migration "
                                      "helper (GuestConfig.helper_vcpus >= 1)")
@@ -109,6 +106,10 @@ class Source(_End):
             if isinstance(e, (PeerClosed, StreamTruncated)):
                 e = self._target_error() or e       # the target's reason, if it gave one
             st.error = f"{type(e).__name__}: {e}"
+            if self.postcopy_live and isinstance(e, TargetFailed) and e.guest_ran is False:
+                # The target refused what came at the switch (an SEV-ES vCPU's VMSA or saved
+                # state) before its guest ever ran, and destroyed it: the guest is still here.
+                self.postcopy_live = False
             if self.postcopy_live and isinstance(e, CUT):
                 st.status = "postcopy-paused"
                 self._close_channel()
@@ -152,7 +153,7 @@ class Source(_End):
         try:
             while reader is not None and (rec := reader.read()) is not None:
                 if isinstance(rec, S.Setup) and rec.params.get("kind") == "error":
-                    return TargetFailed(f"target: {rec.params.get('message', '')}")
+                    return target_failed(rec.params)
         except (StreamError, OSError, ValueError):
             pass
         return None
@@ -518,11 +519,7 @@ class Source(_End):
         st = self.stats
         self._guest_tick()                      # the guest runs up to the moment it stops
         stop_ns = self.drv.now_ns()
-        if self.es_helper:
-            # Each vCPU saves its state into its save area (private pages the helper seals in
-            # this last pass; the VMSAs do not move).
-            self._parked = True
-            self.m.save_vcpus()
+        self._save_vcpus()
         dirty = np.union1d(self._final_dirty, self._sync())
         self._send_pass(len(st.iterations), dirty, stop=True)
         if self.helper is not None and not self.es_helper:
@@ -530,6 +527,19 @@ class Source(_End):
             self.drv.drain()
         self._send_device_state()
         self._hand_over(stop_ns)
+
+    def _save_vcpus(self):
+        """SEV-ES by the helper, the guest stopped: each vCPU saves its state into its save
+        area (private pages the helper seals like any other; the VMSAs do not move)."""
+        if self.es_helper:
+            self._parked = True
+            self.m.save_vcpus()
+
+    def _save_gfns(self):
+        """The vCPUs' save areas (SEV-ES by the helper; else none)."""
+        lay = self.m.config.layout
+        n = lay.save_pages if self.es_helper else 0
+        return np.arange(lay.save_gfn, lay.save_gfn + n, dtype=np.uint64)
 
     def _send_device_state(self):
         """What the target needs before its guest runs: the shared ranges and the vCPUs."""

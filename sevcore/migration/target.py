@@ -29,6 +29,7 @@ class Target(_End):
         self._pending = []
         self.postcopy = None         # PostcopyTarget once the guest runs here with pages owed
         self.paused = False          # post-copy waits for the source on a new connection
+        self.guest_ran = False       # the guest has run here (post-copy, or after the finish)
 
     def run(self):
         """Receive, apply, finish and resume; raises on any failure after telling the source
@@ -84,7 +85,9 @@ class Target(_End):
 
     def _fail(self, e):
         try:
-            self.writer.setup({"kind": "error", "message": f"{type(e).__name__}: {e}"})
+            # Whether the guest ran here: until it has, the source may still take it back.
+            self.writer.setup({"kind": "error", "message": f"{type(e).__name__}: {e}",
+                               "ran": self.guest_ran})
             self.writer.flush()
         except (StreamError, OSError):
             pass
@@ -192,6 +195,7 @@ class Target(_End):
             m.vm.memory_encrypt_op(U.KVM_SEV_RECEIVE_FINISH)
             self._charge(D.psp_command())
             self._close_helper()
+        self.guest_ran = True
         # After post-copy the guest has been running: it checks its memory now, every page in.
         checked, bad, first_bad = m.self_check() if self.postcopy else m.run_until("resumed")
         self.result = {"checked": checked, "bad": bad, "first_bad": first_bad}
