@@ -276,7 +276,9 @@ class Source(_End):
         self.writer.flush()
         launch = [D.psp_command()] * (4 + len(m.config.helper_layout.private_gfns()))
         self.drv.batch(D.NOTHING, nbytes, sum(launch, ()))   # LAUNCH_START .. LAUNCH_MEASURE
+        self.drv.drain()                # the owner waits for the target's measurement
         measured = _message(self.reader, "measured")
+        self.drv.control(0)
         try:
             measure = bytes.fromhex(measured["measure"])
             ok = owner.verify_measurement(session.tik, measure, m.owner.digest,
