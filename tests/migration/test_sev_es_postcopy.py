@@ -85,10 +85,12 @@ def test_sev_es_postcopy_cut_and_resumed_finishes_clean(path):
     assert r.stats.bad_pages == 0 and r.stats.verified_pages > 0
 
 
-def test_sev_es_helper_postcopy_over_tcp():
-    """Pure post-copy of an SEV-ES guest by the helper between a TCP target and source: the
-    target launched, requests on the same connection, the moved guest intact."""
-    m = guest("helper")
+@pytest.mark.parametrize("path", ["psp", "helper"])
+def test_sev_es_postcopy_over_tcp(path):
+    """Pure post-copy of an SEV-ES guest between a TCP target and source (its VMSAs, or the
+    target launched and the saved state, in the switch): requests on the same connection, the
+    moved guest intact."""
+    m = guest(path)
     box, ready = {}, threading.Event()
 
     def target():
@@ -99,7 +101,7 @@ def test_sev_es_helper_postcopy_over_tcp():
     th = threading.Thread(target=target, daemon=True)
     th.start()
     assert ready.wait(30)
-    src = send_to("127.0.0.1", box["port"], m, pc("helper"))
+    src = send_to("127.0.0.1", box["port"], m, pc(path))
     th.join(30)
     st = src.stats
     assert st.status == "completed" and st.postcopy_requests > 0 and st.bad_pages == 0
