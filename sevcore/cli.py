@@ -3,6 +3,7 @@
     sevcore migrate                         # default guest, PSP path and helper path side by side
     sevcore migrate --mem 1G --dirty-rate 5000 --path psp --json out.json --plot out.png
     sevcore migrate --type sev-es --path psp --out-of-tree-vmsa   # an SEV-ES guest
+    sevcore migrate --type sev-es --path helper --postcopy        # one with upstream KVM
     sevcore migrate --listen 4444           # target process
     sevcore migrate --to 127.0.0.1:4444     # source process
     sevcore sweep --dirty-rates 0,2500,10000 --plot sweep.png

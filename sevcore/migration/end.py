@@ -16,10 +16,18 @@ def _message(reader, what):
                           f"{type(rec).__name__ if rec else 'the end of the stream'}")
     kind = rec.params.get("kind")
     if kind == "error":
-        raise TargetFailed(f"target: {rec.params.get('message', 'unknown error')}")
+        raise target_failed(rec.params)
     if kind != what:
         raise StreamError(f"expected a {what} message from the peer, got {kind!r}")
     return rec.params
+
+
+def target_failed(params):
+    """The TargetFailed an ERROR message describes (with whether the target's guest ran)."""
+    e = TargetFailed(f"target: {params.get('message', 'unknown error')}")
+    ran = params.get("ran")
+    e.guest_ran = ran if isinstance(ran, bool) else None
+    return e
 
 
 def _dirty_gfns(vm, npages):

@@ -72,7 +72,9 @@ def migrate(machine, target_kvm, params=MigrationParams(), progress=None, channe
     a, b = channel_pair or inprocess_pair(timeout=params.timeout_s)
     target = Target(target_kvm, b, target_clock)
     src = Source(machine, a, params, progress, driver)
-    return _both(src, target, src.run, target.run, params.timeout_s)
+    r = _both(src, target, src.run, target.run, params.timeout_s)
+    r.target.owner = machine.owner         # the guest's owner serves it where it runs now
+    return r
 
 
 def resume(paused, channel_pair=None):

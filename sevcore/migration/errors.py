@@ -72,7 +72,11 @@ class NotMigrationReady(MigrationError):
 
 
 class TargetFailed(MigrationError):
-    """The target refused the stream or failed while applying it (its message is included)."""
+    """The target refused the stream or failed while applying it (its message is included).
+    ``guest_ran``: whether the target says its guest had run (False: it refused before the
+    guest's first run and destroyed its VM, so after a post-copy switch the source may take
+    the guest back; None: it did not say)."""
+    guest_ran = None
 
 
 class GuestLost(MigrationError):

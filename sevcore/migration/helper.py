@@ -35,6 +35,8 @@ from sevcore.core import sevpkt
 from sevcore import uapi as U
 from sevcore.core.arrays import runs, u64
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
+from sevcore.kvm.ghcb import ghcb_program
+from sevcore.kvm.sev_es import build_vmsa
 from sevcore.vmm.kvm_util import addr_gpa2hva
 from sevcore.psp.crypto import kdf
 
@@ -168,20 +170,35 @@ class HelperLayout:
 
 # -- guest side -----------------------------------------------------------------------------------------
 
-def helper_boot(g, layout, c_bit):
+def helper_boot(g, layout, c_bit, key_from_owner=False):
     """Guest sub-program (``yield from`` it at boot): make the transport key from the guest's
     randomness and store it in the private key page (C-bit), initialise the private state page,
-    and report the mailbox and packet buffer shared with ``KVM_HC_MAP_GPA_RANGE``."""
+    and report the mailbox and packet buffer shared with ``KVM_HC_MAP_GPA_RANGE``.
+    ``key_from_owner``: the guest owner put the key page in with LAUNCH_SECRET
+    (:func:`key_page`); the guest checks it is there and keeps it."""
     c = 1 << c_bit
-    key = os.urandom(KEY_SIZE)
-    yield g.write(layout.key_gfn << PAGE_SHIFT | c, _KEY.pack(KEY_MAGIC, key).ljust(PAGE_SIZE,
-                                                                                    b"\0"))
-    yield g.write(layout.state_gfn << PAGE_SHIFT | c, _STATE.pack(STATE_MAGIC, 0).ljust(
-        PAGE_SIZE, b"\0"))
+    key_gpa = layout.key_gfn << PAGE_SHIFT | c
+    if key_from_owner:
+        magic, _ = _KEY.unpack((yield g.read(key_gpa, _KEY.size)))
+        assert magic == KEY_MAGIC, "the guest owner's LAUNCH_SECRET left no transport key"
+    else:
+        yield g.write(key_gpa, key_page(os.urandom(KEY_SIZE)))
+    yield g.write(layout.state_gfn << PAGE_SHIFT | c, state_page())
     for start, end in layout.shared_ranges():
         ret = yield g.hypercall(U.KVM_HC_MAP_GPA_RANGE, start << PAGE_SHIFT, end - start,
                                 U.KVM_MAP_GPA_RANGE_DECRYPTED | U.KVM_MAP_GPA_RANGE_PAGE_SZ_4K)
         assert ret == 0, f"MAP_GPA_RANGE of the helper's shared pages returned {ret}"
+
+
+def key_page(key):
+    """The key page holding transport key ``key``, as the guest writes it or its owner injects
+    it with LAUNCH_SECRET."""
+    return _KEY.pack(KEY_MAGIC, bytes(key)).ljust(PAGE_SIZE, b"\0")
+
+
+def state_page(next_seq=0):
+    """The state page with counter ``next_seq``."""
+    return _STATE.pack(STATE_MAGIC, next_seq).ljust(PAGE_SIZE, b"\0")
 
 
 def migration_helper(g, layout, c_bit):
@@ -327,16 +344,26 @@ class MigrationHelper:
     the handle and ASID when it is created.
 
     The VMM reads and writes only the helper's shared pages, through its own mapping of them.
+    An SEV-ES guest's helper (``ghcb_gpas``: one shared GHCB gpa per helper vCPU) must be made
+    while the guest is in LAUNCH_UPDATE, its VMSAs launched and measured with the guest's
+    (:meth:`launch_update_vmsa`): no other command gives a mirror vCPU a VMSA. Its vCPUs speak
+    the GHCB page protocol at version 1 (``ghcb_program``: the mirror's KVM offers none).
+
     Raises ValueError for a layout or VM the helper cannot serve, OSError from the ioctls."""
 
-    def __init__(self, vm, layout, nr_vcpus=1):
+    def __init__(self, vm, layout, nr_vcpus=1, ghcb_gpas=None):
         if not isinstance(layout, HelperLayout):
             raise TypeError("layout must be a HelperLayout")
         if not isinstance(nr_vcpus, int) or not 1 <= nr_vcpus <= layout.vcpus:
             raise ValueError(f"nr_vcpus must be in [1, {layout.vcpus}] (the layout's mailbox "
                              f"slots), got {nr_vcpus!r}")
-        if not vm.sev.active or vm.sev.es_active:
-            raise ValueError("the migration helper serves SEV guests (not SEV-ES, not plain VMs)")
+        if not vm.sev.active or vm.sev.snp_active:
+            raise ValueError("the migration helper serves SEV and SEV-ES guests (not SNP, not "
+                             "plain VMs)")
+        if vm.sev.es_active != (ghcb_gpas is not None) or \
+                (ghcb_gpas is not None and len(ghcb_gpas) != nr_vcpus):
+            raise ValueError("an SEV-ES guest's helper needs one GHCB gpa per vCPU, an SEV "
+                             "guest's none")
         slots = sorted((s for s in vm.memslots.values() if s.as_id == 0),
                        key=lambda s: s.base_gfn)
         if any(s.flags & U.KVM_MEM_GUEST_MEMFD for s in slots):
@@ -353,12 +380,22 @@ class MigrationHelper:
                                                s.base_gfn << PAGE_SHIFT, s.npages << PAGE_SHIFT,
                                                s.userspace_addr)
             self._vcpus = [mirror.create_vcpu(i) for i in range(nr_vcpus)]
-            for v in self._vcpus:
-                v.set_guest_code(migration_helper, layout, vm.host.c_bit)
+            for j, v in enumerate(self._vcpus):
+                fn = migration_helper if ghcb_gpas is None else \
+                    ghcb_program(migration_helper, ghcb_gpas[j], version=1)
+                v.set_guest_code(fn, layout, vm.host.c_bit)
             self._shared = _SharedPages(vm, layout)
         except BaseException:
             self.close()
             raise
+
+    def launch_update_vmsa(self):
+        """KVM_SEV_LAUNCH_UPDATE_VMSA on the mirror of an SEV-ES guest in LAUNCH_UPDATE: its
+        vCPUs' VMSAs encrypted into the guest's measurement. Returns them as measured (as
+        ``sev_es_sync_vmsa`` builds them), for the owner's expected digest."""
+        vmsas = [build_vmsa(v, self._mirror.sev.vmsa_features) for v in self._vcpus]
+        self._mirror.memory_encrypt_op(U.KVM_SEV_LAUNCH_UPDATE_VMSA)
+        return vmsas
 
     def close(self):
         """Destroy the mirror VM (its vCPUs first); the guest is untouched."""
@@ -515,4 +552,4 @@ class _SharedPages:
 
 __all__ = ["ENTRY", "HELPER_CTX", "KEY_SIZE", "PACKET_SIZE", "REASONS", "HelperBatch",
            "HelperCounters", "HelperLayout", "HelperPacketError", "MigrationHelper",
-           "helper_boot", "migration_helper", "packet_ivs"]
+           "helper_boot", "key_page", "migration_helper", "packet_ivs", "state_page"]

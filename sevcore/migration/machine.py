@@ -7,6 +7,8 @@ and boot the workload until it declares itself migration-ready. :meth:`Machine.i
 target's: the same VM, memory and vCPUs, not launched: RECEIVE_START will give it its context.
 """
 import json
+import os
+from dataclasses import dataclass
 from errno import EFAULT
 
 import numpy as np
@@ -16,6 +18,7 @@ from sevcore.core.arrays import sorted_unique
 from sevcore.vmm import owner
 from sevcore import uapi as U
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
+from sevcore.migration.helper import KEY_SIZE, MigrationHelper, key_page, state_page
 from sevcore.migration.workload import JOURNAL_PAGES, workload_main, workload_vcpu
 from sevcore.errors import KvmError
 from sevcore.kvm.ghcb import ghcb_program
@@ -28,6 +31,26 @@ from sevcore.vmm.shared_pages import SharedPagesTracker
 SLOT = 0
 #: The boot image LAUNCH_UPDATE_DATA measures and encrypts: the header and the journal.
 BOOT_IMAGE_SIZE = (1 + JOURNAL_PAGES) * PAGE_SIZE
+
+
+def owner_secrets(session, measure, key, layout):
+    """The guest owner's LAUNCH_SECRET packets for an SEV-ES guest's helper, bound to the
+    launch's ``measure`` (the 48 bytes of LAUNCH_MEASURE): ``[(gfn, header, ciphertext)]`` for
+    the key page (transport ``key``) and the state page (counter 0). Both helpers of a
+    migration get the same key this way, the target's before its first OPEN."""
+    return [(gfn, *owner.package_secret(session.tek, session.tik, page, bytes(measure)[:32]))
+            for gfn, page in ((layout.key_gfn, key_page(key)),
+                              (layout.state_gfn, state_page()))]
+
+
+@dataclass(frozen=True)
+class GuestOwner:
+    """What the guest's owner keeps (sevcore runs the owner in the VMM's process, as it does
+    the launch): ``digest``, the launch digest it expects of the guest (and of a target launched
+    alike), and ``key``, the transport key it gave an SEV-ES guest's helper (None otherwise).
+    It stays with the guest wherever it runs; a target in another process has none."""
+    digest: bytes
+    key: bytes = None
 
 
 class GuestError(RuntimeError):
@@ -65,6 +88,8 @@ class Machine:
                 self.set_program(v, workload_main, config.to_dict())
             else:
                 self.set_program(v, workload_vcpu, config.to_dict(), v.vcpu_id)
+        self.helper = None           # an SEV-ES guest's helper, launched with it
+        self.owner = None            # GuestOwner, for a guest this process launched
         self._shares = []            # vCPUs that still owe their share of the current tick
         self.running = None          # the vCPU in KVM_RUN (the one a failure came from)
         self.ticks = 0
@@ -93,30 +118,68 @@ class Machine:
         return m
 
     def _launch(self):
-        kvm, vm, policy = self.kvm, self.vm, self.config.policy
-        chain = self.host.psp.export_cert_chain()
-        self.session = session = owner.create_launch_session(chain.pdh, policy)
-        dh, blob = self._put(session.godh_cert), self._put(session.session)
+        """The guest owner's launch on this Host: a session for its PDH, the boot image (and
+        for SEV-ES the VMSAs, with a helper its mirror's too) measured and checked; with an
+        SEV-ES helper, the owner's transport key put in by LAUNCH_SECRET."""
+        policy = self.config.policy
+        self.session = session = owner.create_launch_session(
+            self.host.psp.export_cert_chain().pdh, policy)
+        measure = self.launch_measure(policy, session.godh_cert, session.session)
+        self.owner = GuestOwner(owner.launch_digest(*self._measured),
+                                os.urandom(KEY_SIZE) if self.es_helper else None)
+        st = self.host.psp.platform_status()
+        if not owner.verify_measurement(session.tik, measure, self.owner.digest,
+                                        st.api_major, st.api_minor, st.build, policy):
+            raise LaunchError("LAUNCH_MEASURE does not match the guest owner's measurement")
+        if self.es_helper:
+            for gfn, hdr, trans in owner_secrets(session, measure, self.owner.key,
+                                                 self.config.helper_layout):
+                self.launch_secret(gfn, hdr, trans)
+        self.vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_FINISH)
+
+    @property
+    def es_helper(self):
+        """An SEV-ES guest with a migration helper: the helper's mirror is launched with it."""
+        return self.config.es and self.config.helper_vcpus > 0
+
+    def launch_measure(self, policy, godh_cert, session):
+        """LAUNCH_START with the owner's ``godh_cert`` and ``session``, the memory pinned,
+        LAUNCH_UPDATE_DATA of the boot image, for SEV-ES LAUNCH_UPDATE_VMSA (with a helper,
+        its mirror made now and its VMSAs launched too), LAUNCH_MEASURE: returns the 48 bytes
+        MEASURE || MNONCE. ``self._measured`` keeps what was measured."""
+        kvm, vm = self.kvm, self.vm
+        dh, blob = self._put(godh_cert), self._put(session)
         vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_START, policy=policy, dh_uaddr=dh,
-                             dh_len=len(session.godh_cert), session_uaddr=blob,
-                             session_len=len(session.session))
+                             dh_len=len(godh_cert), session_uaddr=blob, session_len=len(session))
         vm.memory_encrypt_reg_region(self.hva, self.config.mem_size)
         image = BOOT_IMAGE_SIZE
         plaintext = kvm.read(self.hva, image)
         vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_UPDATE_DATA, uaddr=self.hva, len=image)
-        measured = [plaintext]
+        self._measured = measured = [plaintext]
         if self.config.es:
+            if self.es_helper:
+                # The mirror shares the handle and ASID from LAUNCH_START on; its vCPUs get
+                # VMSAs only now, in the guest's measurement (sev_launch_update_vmsa on the
+                # mirror: the mirror series' "attested VMSA").
+                cfg, lay = self.config, self.config.layout
+                self.helper = MigrationHelper(
+                    vm, cfg.helper_layout, cfg.helper_vcpus,
+                    ghcb_gpas=[lay.helper_ghcb_gpa(j) for j in range(cfg.helper_vcpus)])
             # The VMSAs as sev_es_sync_vmsa builds them, each measured after the data.
             measured += [build_vmsa(v, vm.sev.vmsa_features) for v in self.vcpus]
             vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_UPDATE_VMSA)
+            if self.helper is not None:
+                measured += self.helper.launch_update_vmsa()
         out = kvm.mmap(PAGE_SIZE)
         vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_MEASURE, uaddr=out, len=48)
-        st = self.host.psp.platform_status()
-        if not owner.verify_measurement(session.tik, kvm.read(out, 48),
-                                        owner.launch_digest(*measured), st.api_major,
-                                        st.api_minor, st.build, policy):
-            raise LaunchError("LAUNCH_MEASURE does not match the guest owner's measurement")
-        vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_FINISH)
+        return kvm.read(out, 48)
+
+    def launch_secret(self, gfn, hdr, trans):
+        """KVM_SEV_LAUNCH_SECRET of the owner's packet into guest page ``gfn``."""
+        hva = self.hva + (int(gfn) << PAGE_SHIFT)
+        self.vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_SECRET, hdr_uaddr=self._put(hdr),
+                                  hdr_len=len(hdr), guest_uaddr=hva, guest_len=len(trans),
+                                  trans_uaddr=self._put(trans), trans_len=len(trans))
 
     def _put(self, data):
         hva = self.kvm.mmap(max(PAGE_SIZE, len(data)))
@@ -124,6 +187,13 @@ class Machine:
         return hva
 
     # -- the target ------------------------------------------------------------------------------------
+
+    @classmethod
+    def launched_target(cls, kvm, config):
+        """The target's VM for an SEV-ES guest with a helper: memory, vCPUs and tracker, to be
+        launched (:meth:`launch_measure`, :meth:`launch_secret`, LAUNCH_FINISH) by the guest
+        owner with the source's image and VMSAs, not received."""
+        return cls(kvm, config)
 
     @classmethod
     def incoming(cls, kvm, config):
@@ -199,6 +269,44 @@ class Machine:
         raises GuestError if the guest cannot run (a SENT context fails VMRUN)."""
         self.set_program(self.vcpus[0], workload_main, self.config.to_dict())
         return self.run_until("resumed")
+
+    def save_vcpus(self):
+        """SEV-ES with a helper, between ticks: ask every vCPU to save its state (a fresh
+        request in the shared request page), run each until it reports ``saved``; they stay
+        parked until :meth:`release_vcpus`."""
+        req = int.from_bytes(os.urandom(8), "little") | 1
+        self._write_request(req)
+        # vCPU 0 last: it notes the request in the header once every other vCPU has saved (one
+        # that starts afresh meanwhile restores only what an earlier request saved).
+        for vcpu in reversed(self.vcpus):
+            self._run_to(vcpu, "saved")
+
+    def release_vcpus(self):
+        """Withdraw the save request: parked vCPUs run on (the source after a failed
+        migration; the target before its guest first runs, the page having come over)."""
+        self._write_request(0)
+
+    def _write_request(self, req):
+        gfn = self.config.layout.request_gfn
+        self.kvm.write(self.hva + (gfn << PAGE_SHIFT), req.to_bytes(8, "little"))
+
+    def _run_to(self, vcpu, name):
+        """Run ``vcpu`` until its ucall ``(name, ...)``."""
+        while True:
+            self.running = vcpu
+            run = vcpu.run()
+            if self.tracker.handle_exit(vcpu):
+                continue
+            try:
+                ucall = vcpu.get_ucall()
+            except GuestAssertionError as e:
+                raise GuestError(f"guest abort on vCPU {vcpu.vcpu_id}: {e}") from None
+            if run.exit_reason != U.KVM_EXIT_IO or ucall is None or ucall[0] != "sync":
+                raise GuestError(f"unexpected exit {run.exit_reason} ({ucall}) from vCPU "
+                                 f"{vcpu.vcpu_id}")
+            if not ucall[1] or ucall[1][0] != name:
+                raise GuestError(f"vCPU {vcpu.vcpu_id} reported {ucall[1]}, not {name}")
+            return ucall[1][1:]
 
     def tick_or_userfault(self):
         """One tick, or the page vCPU 0 stopped on: ``(pages written, None)`` or ``(None,

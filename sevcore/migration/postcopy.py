@@ -116,6 +116,7 @@ class PostcopySource:
         s, m, st = self.s, self.s.m, self.s.stats
         s._guest_tick()                          # the guest runs up to the moment it stops
         self.stop_ns = s.drv.now_ns()
+        s._save_vcpus()
         if st.iterations:
             dirty = np.union1d(s._final_dirty, s._sync())
         else:                                    # pure post-copy: every page is owed
@@ -131,6 +132,14 @@ class PostcopySource:
         if shared.any():
             shared_bytes = s._written(lambda w: s._send_shared(dirty[shared], it))
         self.order = dirty[~shared]
+        first = s._save_gfns()
+        if len(first):
+            # SEV-ES by the helper: the vCPUs' saved state goes before the guest runs, as the
+            # VMSAs do on the PSP path: no vCPU resumes and then waits for its own registers.
+            s._send_private(first)
+            it.private_pages += len(first)
+            st.private_pages += len(first)
+            self.order = np.setdiff1d(self.order, first)
         self.owed = np.zeros(m.npages, bool)
         self.owed[self.order.astype(np.int64)] = True
         self.switch_owed = self.order
@@ -261,7 +270,7 @@ class PostcopySource:
 
     def _finish(self):
         s, st = self.s, self.s.stats
-        if s.helper is not None:
+        if s.helper is not None and not s.es_helper:
             s._send_psp(s.layout.private_gfns())    # the helper's state, after the last packet
         st.postcopy_bytes += s.writer.stats.transferred - self._bytes0
         stop_downtime = st.downtime_ns
@@ -292,13 +301,20 @@ class PostcopyTarget:
         npages = int(params.get("npages", -1))
         if npages != m.npages:
             raise StreamError(f"post-copy for {npages} pages, the guest has {m.npages}")
+        missing = [v.vcpu_id for v in m.vcpus if m.config.es and not v.guest_state_protected]
+        if missing:
+            raise StreamError(f"post-copy would run SEV-ES vCPU(s) {missing} with no VMSA")
         self.owed = unpack_gfns(params.get("owed", ""), npages)
+        if m.config.es and self.owed[m.config.layout.save_gfn:m.config.layout.ghcb_gfn].any():
+            raise StreamError("post-copy would run SEV-ES vCPUs whose saved state is owed")
         self.words = np.packbits(self.owed, bitorder="little")
         self.words = np.concatenate([self.words, np.zeros(-len(self.words) % 8, np.uint8)])
         self.bitmap = m.kvm.mmap(max(len(self.words), 8))
         m.kvm.write(self.bitmap, self.words.tobytes())
         m.vm.set_user_memory_region2(SLOT, U.KVM_MEM_USERFAULT, 0, m.config.mem_size, m.hva,
                                      userfault_bitmap=self.bitmap)
+        if getattr(t, "es_helper", False):
+            m.release_vcpus()            # the save request came over with the shared pages
         # The guest runs on: no check until the last page is in.
         m.set_program(m.vcpus[0], workload_main, m.config.to_dict(), False)
         self.own_clock = t.clock
@@ -332,6 +348,7 @@ class PostcopyTarget:
         at = float(params["at"])
         if self.base is None:
             self.base, self.at0 = self.guest_clock.now_ns, at
+            self.t.guest_ran = True
         self.at = at
         self.guest_clock.advance_to(self.base + at - self.at0)
         want = self._run_guest()

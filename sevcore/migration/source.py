@@ -10,7 +10,7 @@ from sevcore.migration import driver as D
 from sevcore.core.arrays import runs
 from sevcore.hw.hostmem import PAGE_SIZE
 from sevcore.migration import stream as S
-from sevcore.migration.end import _dirty_gfns, _End, _message
+from sevcore.migration.end import _dirty_gfns, _End, _message, target_failed
 from sevcore.migration.errors import (
     GuestLost,
     PostcopyPaused,
@@ -22,7 +22,10 @@ from sevcore.migration.errors import (
     TargetFailed,
 )
 from sevcore.migration.helper import PACKET_SIZE, HelperPacketError, MigrationHelper
-from sevcore.migration.machine import SLOT, GuestError
+from sevcore.migration.machine import SLOT, GuestError, owner_secrets
+from sevcore.psp import certs as C
+from sevcore.psp.api import CertChain
+from sevcore.vmm import owner
 from sevcore.migration.params import MigrationParams
 from sevcore.migration.postcopy import CUT, PostcopySource
 from sevcore.migration.stats import IterationStats, MigrationStats
@@ -50,7 +53,10 @@ class Source(_End):
         self._touched = False        # SEND_START ran: the guest's context was involved
         self.postcopy_live = False   # the guest runs on the target, pages still owed
         self._logging = False
+        self._parked = False         # SEV-ES helper path: the vCPUs saved their state, wait
         self.handed_over = False
+        #: SEV-ES by the helper: the target is launched by the guest owner, not received.
+        self.es_helper = params.path == "helper" and machine.config.es
         self.drv.bind(self)
 
     # -- driver ----------------------------------------------------------------------------------
@@ -62,13 +68,9 @@ class Source(_End):
         self.t0 = self.drv.now_ns()
 
         def body():
-            if self.m.config.es and self.params.path == "helper":
-                raise MigrationError("the helper path does not move SEV-ES guests yet: the "
-                                     "target's mirror vCPUs would need VMSAs during "
-                                     "RECEIVE_UPDATE (docs/migration.md)")
-            if self.m.config.es and self.params.postcopy:
-                raise MigrationError("post-copy does not move SEV-ES guests yet: their VMSAs "
-                                     "go with the stop-and-copy of pre-copy (docs/migration.md)")
+            if self.m.config.es and self.params.path == "helper" and self.m.helper is None:
+                raise MigrationError("the helper path moves an SEV-ES guest only with the "
+                                     "helper launched with it (GuestConfig.helper_vcpus >= 1)")
             if self.params.path == "helper" and self.layout is None:
                 raise MigrationError("the helper path needs a guest booted with a migration "
                                      "helper (GuestConfig.helper_vcpus >= 1)")
@@ -104,6 +106,10 @@ class Source(_End):
             if isinstance(e, (PeerClosed, StreamTruncated)):
                 e = self._target_error() or e       # the target's reason, if it gave one
             st.error = f"{type(e).__name__}: {e}"
+            if self.postcopy_live and isinstance(e, TargetFailed) and e.guest_ran is False:
+                # The target refused what came at the switch (an SEV-ES vCPU's VMSA or saved
+                # state) before its guest ever ran, and destroyed it: the guest is still here.
+                self.postcopy_live = False
             if self.postcopy_live and isinstance(e, CUT):
                 st.status = "postcopy-paused"
                 self._close_channel()
@@ -147,7 +153,7 @@ class Source(_End):
         try:
             while reader is not None and (rec := reader.read()) is not None:
                 if isinstance(rec, S.Setup) and rec.params.get("kind") == "error":
-                    return TargetFailed(f"target: {rec.params.get('message', '')}")
+                    return target_failed(rec.params)
         except (StreamError, OSError, ValueError):
             pass
         return None
@@ -165,7 +171,20 @@ class Source(_End):
             self._sent_start = False
         if self._logging:
             self._set_logging(False)
+        if self._parked:
+            self.m.release_vcpus()
+            self._parked = False
         self._close()
+
+    def _close_helper(self):
+        """The helper's mirror goes with the migration, but an SEV-ES guest's was launched with
+        it and cannot be made again: it stays with the guest unless the guest left."""
+        if self.es_helper and not self.handed_over:
+            self.helper = None
+            return
+        super()._close_helper()
+        if self.es_helper:
+            self.m.helper = None
 
     def _check_source(self):
         """After a failure: does the source guest run again, and does its own memory check
@@ -210,6 +229,12 @@ class Source(_End):
         hello = _message(self.reader, "hello")
         self.drv.control(self.writer.stats.transferred)
         pdh, plat, amd = (bytes.fromhex(hello[k]) for k in ("pdh", "plat_certs", "amd_certs"))
+        if self.es_helper:
+            self._launch_target(pdh, plat, amd)
+            self.helper = m.helper
+            self._set_logging(True)
+            self.stats.setup_ns = self.drv.now_ns() - self.t0
+            return
         out = self._send_start(pdh, plat, amd)
         if m.config.es:
             self._probe_send_update_vmsa()
@@ -223,6 +248,58 @@ class Source(_End):
             self._send_psp(self.layout.private_gfns())     # the key, before any packet
         self._set_logging(True)
         self.stats.setup_ns = self.drv.now_ns() - self.t0
+
+    def _launch_target(self, pdh, plat, amd):
+        """SEV-ES by the helper: the guest owner launches the target with the source's image
+        and VMSAs (the guest's and its helper's). The owner checks the target's certificate
+        chain (sev-tool ``validate_cert_chain``, which SEND_START does in the firmware on the
+        PSP path), sends a launch session for its PDH, checks the target's LAUNCH_MEASURE
+        against the digest it expects, and only then sends the LAUNCH_SECRET packets that give
+        the target's helper the transport key. No SEND_START: the source's context stays
+        RUNNING."""
+        m, st = self.m, self.stats
+        if m.owner is None or m.owner.key is None:
+            raise MigrationError("the guest's owner is not in this process: no one can "
+                                 "launch the target or give it the transport key")
+        cs = C.CERT_SIZE
+        try:
+            owner.verify_cert_chain(CertChain(pdh, plat[:cs], plat[cs:2 * cs], plat[2 * cs:],
+                                              amd[:len(amd) // 2], amd[len(amd) // 2:]))
+        except owner.CertChainError as e:
+            raise MigrationError(f"the guest owner refuses the target's certificate chain: "
+                                 f"{e}") from None
+        session = owner.create_launch_session(pdh, m.config.policy)
+        self._touched = True            # a failure from here on runs the source's own check
+        nbytes = self._written(lambda w: w.setup({
+            "kind": "launch", "policy": m.config.policy, "godh_cert": session.godh_cert.hex(),
+            "session": session.session.hex()}))
+        self.writer.flush()
+        launch = [D.psp_command()] * (4 + len(m.config.helper_layout.private_gfns()))
+        self.drv.batch(D.NOTHING, nbytes, sum(launch, ()))   # LAUNCH_START .. LAUNCH_MEASURE
+        self.drv.drain()                # the owner waits for the target's measurement
+        measured = _message(self.reader, "measured")
+        self.drv.control(0)
+        try:
+            measure = bytes.fromhex(measured["measure"])
+            ok = owner.verify_measurement(session.tik, measure, m.owner.digest,
+                                          int(measured["api_major"]),
+                                          int(measured["api_minor"]), int(measured["build"]),
+                                          m.config.policy)
+        except (KeyError, TypeError, ValueError) as e:
+            raise MigrationError(f"malformed measured message: {e}") from None
+        if not ok:
+            raise MigrationError("the target's LAUNCH_MEASURE is not the guest's launch: the "
+                                 "guest owner sends it no transport key")
+        secrets = owner_secrets(session, measure, m.owner.key, self.layout)
+        nbytes = self._written(lambda w: [w.setup({
+            "kind": "secret", "gfn": int(gfn), "hdr": hdr.hex(), "trans": trans.hex()})
+            for gfn, hdr, trans in secrets])
+        self.writer.flush()
+        self.drv.batch(D.NOTHING, nbytes, sum([D.psp_command()] * (len(secrets) + 1), ()))
+        for name, n in (("LAUNCH_START", 1), ("LAUNCH_UPDATE_DATA", 1),
+                        ("LAUNCH_UPDATE_VMSA", 2), ("LAUNCH_MEASURE", 1),
+                        ("LAUNCH_SECRET", len(secrets)), ("LAUNCH_FINISH", 1)):
+            st.count_psp(name, n)
 
     def _send_start(self, pdh, plat, amd):
         kvm = self.kvm
@@ -444,13 +521,27 @@ class Source(_End):
         st = self.stats
         self._guest_tick()                      # the guest runs up to the moment it stops
         stop_ns = self.drv.now_ns()
+        self._save_vcpus()
         dirty = np.union1d(self._final_dirty, self._sync())
         self._send_pass(len(st.iterations), dirty, stop=True)
-        if self.helper is not None:
+        if self.helper is not None and not self.es_helper:
             self._send_psp(self.layout.private_gfns())     # the state, after the last packet
             self.drv.drain()
         self._send_device_state()
         self._hand_over(stop_ns)
+
+    def _save_vcpus(self):
+        """SEV-ES by the helper, the guest stopped: each vCPU saves its state into its save
+        area (private pages the helper seals like any other; the VMSAs do not move)."""
+        if self.es_helper:
+            self._parked = True
+            self.m.save_vcpus()
+
+    def _save_gfns(self):
+        """The vCPUs' save areas (SEV-ES by the helper; else none)."""
+        lay = self.m.config.layout
+        n = lay.save_pages if self.es_helper else 0
+        return np.arange(lay.save_gfn, lay.save_gfn + n, dtype=np.uint64)
 
     def _send_device_state(self):
         """What the target needs before its guest runs: the shared ranges and the vCPUs."""
@@ -459,7 +550,7 @@ class Source(_End):
                            "ranges": [list(r) for r in m.tracker.shared_ranges(0, m.npages)]})
         for vcpu in m.vcpus:
             self.writer.vcpu_state(vcpu.vcpu_id, m.vcpu_state(vcpu))
-        if m.config.es:
+        if m.config.es and not self.es_helper:
             self._send_vmsas()
 
     def _hand_over(self, stop_ns):
@@ -471,16 +562,22 @@ class Source(_End):
         self.drv.control(0)
         ready = _message(self.reader, "ready")
         self.drv.drain()
-        self.vm.memory_encrypt_op(U.KVM_SEV_SEND_FINISH)
-        self._sent_start = False
-        self.handed_over = True             # the source guest never runs again: no cancel now
-        self.drv.local(D.psp_command())
-        st.count_psp("SEND_FINISH")
+        if self.es_helper:
+            # No SEND_FINISH: the context was never sent. The guest has left: its vCPUs stay
+            # parked, and the VMM never runs them again.
+            self.handed_over = True
+        else:
+            self.vm.memory_encrypt_op(U.KVM_SEV_SEND_FINISH)
+            self._sent_start = False
+            self.handed_over = True         # the source guest never runs again: no cancel now
+            self.drv.local(D.psp_command())
+            st.count_psp("SEND_FINISH")
         self._set_logging(False)
         self._close_helper()
         self.writer.end()
-        self.drv.remote(D.psp_command())                                # RECEIVE_FINISH
-        st.count_psp("RECEIVE_FINISH")
+        if not self.es_helper:
+            self.drv.remote(D.psp_command())                            # RECEIVE_FINISH
+            st.count_psp("RECEIVE_FINISH")
         end_ns = self.drv.now_ns()
         st.downtime_ns = end_ns - stop_ns
         st.total_ns = end_ns - self.t0

@@ -29,6 +29,7 @@ class Target(_End):
         self._pending = []
         self.postcopy = None         # PostcopyTarget once the guest runs here with pages owed
         self.paused = False          # post-copy waits for the source on a new connection
+        self.guest_ran = False       # the guest has run here (post-copy, or after the finish)
 
     def run(self):
         """Receive, apply, finish and resume; raises on any failure after telling the source
@@ -84,7 +85,9 @@ class Target(_End):
 
     def _fail(self, e):
         try:
-            self.writer.setup({"kind": "error", "message": f"{type(e).__name__}: {e}"})
+            # Whether the guest ran here: until it has, the source may still take it back.
+            self.writer.setup({"kind": "error", "message": f"{type(e).__name__}: {e}",
+                               "ran": self.guest_ran})
             self.writer.flush()
         except (StreamError, OSError):
             pass
@@ -110,18 +113,24 @@ class Target(_End):
         cfg = GuestConfig.from_dict(rec.params["guest"])
         self.params = MigrationParams.from_dict(rec.params["params"])
         self.cost = self.params.cost
-        self.m = m = Machine.incoming(kvm, cfg)
+        helper = bool(self.reader.flags & S.FLAG_HELPER)
+        if helper and cfg.helper_layout is None:
+            raise StreamError("a helper-path stream for a guest without a helper")
+        #: SEV-ES by the helper: the guest owner launches this side (docs/migration.md).
+        self.es_helper = helper and cfg.es
+        self.m = m = (Machine.launched_target if self.es_helper else Machine.incoming)(kvm, cfg)
         chain = kvm.host.psp.export_cert_chain()
         self._reply("hello", pdh=chain.pdh.hex(), plat_certs=chain.plat_certs.hex(),
                     amd_certs=chain.amd_certs.hex())
-        rec = self.reader.read()
-        if not isinstance(rec, S.SevSession):
-            raise StreamError(f"expected SEV_SESSION, got {type(rec).__name__}")
-        self._receive_start(rec)
-        if self.reader.flags & S.FLAG_HELPER:
-            if cfg.helper_layout is None:
-                raise StreamError("a helper-path stream for a guest without a helper")
-            self.helper = MigrationHelper(m.vm, cfg.helper_layout, cfg.helper_vcpus)
+        if self.es_helper:
+            self._launch()
+        else:
+            rec = self.reader.read()
+            if not isinstance(rec, S.SevSession):
+                raise StreamError(f"expected SEV_SESSION, got {type(rec).__name__}")
+            self._receive_start(rec)
+            if helper:
+                self.helper = MigrationHelper(m.vm, cfg.helper_layout, cfg.helper_vcpus)
         # The host OS's page faults on the incoming guest's frames (pinned, never written) are
         # taken by another thread ahead of the stores (HostMemory.populating); the model is
         # unchanged.
@@ -129,11 +138,64 @@ class Target(_End):
             self._receive_records()
         self._finish()
 
+    def _launch(self):
+        """The guest owner's launch of this side with the source's image and VMSAs (the
+        guest's and its helper's, the mirror made here): LAUNCH_START .. LAUNCH_MEASURE, the
+        measurement back to the owner, then its LAUNCH_SECRET packets (the helper's key and
+        state pages) and LAUNCH_FINISH."""
+        m = self.m
+        rec = self._setup_record("launch")
+        try:
+            policy = int(rec["policy"])
+            godh, session = bytes.fromhex(rec["godh_cert"]), bytes.fromhex(rec["session"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise StreamError(f"malformed launch record: {e}") from None
+        if policy != m.config.policy:
+            raise StreamError(f"a launch under policy {policy:#x} for a guest of policy "
+                              f"{m.config.policy:#x}")
+        measure = m.launch_measure(policy, godh, session)
+        self.helper = m.helper
+        for _ in range(4 + len(m.config.helper_layout.private_gfns())):
+            self._charge(D.psp_command())
+        st = self.kvm.host.psp.platform_status()
+        self._reply("measured", measure=measure.hex(), api_major=st.api_major,
+                    api_minor=st.api_minor, build=st.build)
+        wanted = [int(g) for g in m.config.helper_layout.private_gfns()]
+        for gfn in wanted:
+            rec = self._setup_record("secret")
+            try:
+                got, hdr, trans = int(rec["gfn"]), bytes.fromhex(rec["hdr"]), \
+                    bytes.fromhex(rec["trans"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise StreamError(f"malformed secret record: {e}") from None
+            if got != gfn or len(trans) != PAGE_SIZE:
+                raise StreamError(f"a LAUNCH_SECRET for gfn {got:#x} ({len(trans)} bytes), not "
+                                  f"the helper's page {gfn:#x}")
+            m.launch_secret(gfn, hdr, trans)
+            self._charge(D.psp_command())
+        m.vm.memory_encrypt_op(U.KVM_SEV_LAUNCH_FINISH)
+        self._charge(D.psp_command())
+
+    def _setup_record(self, kind):
+        rec = self.reader.read()
+        if not isinstance(rec, S.Setup) or rec.params.get("kind") != kind:
+            raise StreamError(f"expected the owner's {kind} record, got "
+                              f"{type(rec).__name__ if rec else 'the end of the stream'}")
+        return rec.params
+
     def _finish(self):
         m = self.m
-        m.vm.memory_encrypt_op(U.KVM_SEV_RECEIVE_FINISH)
-        self._charge(D.psp_command())
-        self._close_helper()
+        if getattr(self, "es_helper", False):
+            # Launched, not received: nothing to finish. The helper stays with the guest (its
+            # mirror's VMSAs cannot be launched again); the vCPUs' save request, which came
+            # over with the shared pages, is withdrawn before they run.
+            self.helper = None
+            m.release_vcpus()
+        else:
+            m.vm.memory_encrypt_op(U.KVM_SEV_RECEIVE_FINISH)
+            self._charge(D.psp_command())
+            self._close_helper()
+        self.guest_ran = True
         # After post-copy the guest has been running: it checks its memory now, every page in.
         checked, bad, first_bad = m.self_check() if self.postcopy else m.run_until("resumed")
         self.result = {"checked": checked, "bad": bad, "first_bad": first_bad}

@@ -10,7 +10,9 @@ Guest memory (one memslot at GPA 0, gfns):
 ==========================  ===========================================================
 gfn 0                       header (private): magic, seed, ticks so far
 1 .. 1 + JOURNAL_PAGES      journal (private): pages dirtied at each tick, u32 per tick
-next ``nr_vcpus`` (SEV-ES)  one GHCB per vCPU (shared), reported with the shared pages
+next ``nr_vcpus``           SEV-ES with a helper: each vCPU's save area (private)
+next ``nr_vcpus`` (SEV-ES)  one GHCB per vCPU (shared), reported with the shared pages; with a
+                            helper, one more per helper vCPU, and the save request page
 next ``shared_pages``       shared pages (bounce buffers), reported with MAP_GPA_RANGE
 the rest up to ``reserved``  data pages (private), all written at boot
 top ``reserved`` pages      the migration helper's pages, if it has one (``helper_vcpus``)
@@ -26,7 +28,11 @@ pages (vCPU ``i`` every ``nr_vcpus``-th from ``i``); vCPU 0 commits the tick onc
 
 An SEV-ES guest (``vm_type`` KVM_X86_SEV_ES_VM, policy with SEV_POLICY_ES) runs the same program
 under :func:`sevcore.kvm.ghcb.ghcb_program`: its TSC reads, MAP_GPA_RANGE, MIGRATION_CONTROL
-write and ucalls each raise #VC and go to the hypervisor through the vCPU's GHCB page.
+write and ucalls each raise #VC and go to the hypervisor through the vCPU's GHCB page. With a
+migration helper its registers cannot travel by the host (their VMSA is encrypted, and the helper
+path does not use SEND_UPDATE_VMSA), so at the stop each vCPU saves its own state into its private
+save area when the VMM asks through the shared save request page (:func:`_save_if_asked`), and on
+the target each vCPU restores it before anything else (:func:`_restore`).
 """
 import struct
 from dataclasses import asdict, dataclass
@@ -35,6 +41,7 @@ import numpy as np
 
 from sevcore import uapi as U
 from sevcore.hw.hostmem import DEFAULT_SIZE, PAGE_SHIFT, PAGE_SIZE
+from sevcore.kvm.fpu import xsave_span
 from sevcore.migration.helper import HelperLayout, helper_boot
 
 MAGIC = b"SEVWKLD1"
@@ -44,6 +51,18 @@ _HEADER = struct.Struct("<8sQQ")         # magic, seed, ticks
 #: In the header page after _HEADER: the tick every vCPU is writing its share of, and its pages.
 _PENDING = struct.Struct("<QQ")
 PENDING_OFFSET = 64
+#: A vCPU's save area (SEV-ES with a helper): magic, vCPU id, the request it answered, the tick it
+#: stopped at, its GHCB MSR; its XSAVE image (x87/SSE/AVX, loaded from the VMSA) at SAVE_XSAVE.
+SAVE_MAGIC = b"SCVSAVE1"
+_SAVE = struct.Struct("<8sIIQQQ")        # magic, vcpu_id, restored, request, tick, GHCB MSR
+SAVE_XSAVE = 64
+#: Where a restoring vCPU XSAVEs its own state to compare (the second half of its save area).
+SAVE_COMPARE = 2048
+#: In the header page: the save request vCPU 0 answered last (0: none), so that every vCPU of
+#: a moved guest knows its save area must hold that request's state.
+SAVED_OFFSET = 128
+#: XSAVE's requested-feature bitmap: x87, SSE, AVX (the simulated CPU's XCR0 bits).
+SAVE_RFBM = U.XFEATURE_MASK_FP | U.XFEATURE_MASK_SSE | U.XFEATURE_MASK_YMM
 WORKLOADS = ("idle", "random", "hotset")
 #: The guest types the workload runs, by the name ``sevcore migrate --type`` takes.
 VM_TYPES = {"sev": U.KVM_X86_SEV_VM, "sev-es": U.KVM_X86_SEV_ES_VM}
@@ -141,7 +160,7 @@ class GuestConfig:
     @property
     def layout(self):
         return Layout(self.npages, self.shared_pages, self.reserved_pages,
-                      self.nr_vcpus if self.es else 0)
+                      self.nr_vcpus if self.es else 0, self.helper_vcpus if self.es else 0)
 
     def to_dict(self):
         return asdict(self)
@@ -161,19 +180,46 @@ class Layout:
     npages: int
     shared_pages: int
     reserved_pages: int
-    ghcb_pages: int = 0
+    vcpu_ghcbs: int = 0
+    helper_ghcbs: int = 0
 
     header_gfn = 0
     journal_gfn = 1
-    ghcb_gfn = 1 + JOURNAL_PAGES
+    save_gfn = 1 + JOURNAL_PAGES
+
+    @property
+    def save_pages(self):
+        """Private save areas, one per vCPU: an SEV-ES guest with a migration helper."""
+        return self.vcpu_ghcbs if self.helper_ghcbs else 0
+
+    @property
+    def ghcb_gfn(self):
+        return self.save_gfn + self.save_pages
+
+    @property
+    def ghcb_pages(self):
+        return self.vcpu_ghcbs + self.helper_ghcbs
+
+    @property
+    def request_gfn(self):
+        """The shared page where the VMM asks the vCPUs to save their state (with save areas)."""
+        return self.ghcb_gfn + self.ghcb_pages
 
     @property
     def shared_gfn(self):
-        return self.ghcb_gfn + self.ghcb_pages
+        return self.request_gfn + (1 if self.save_pages else 0)
 
     def ghcb_gpa(self, vcpu_id):
         """The GPA of vCPU ``vcpu_id``'s GHCB (shared: no C-bit)."""
         return (self.ghcb_gfn + vcpu_id) << PAGE_SHIFT
+
+    def helper_ghcb_gpa(self, vcpu_id):
+        """The GPA of migration helper vCPU ``vcpu_id``'s GHCB (shared)."""
+        return (self.ghcb_gfn + self.vcpu_ghcbs + vcpu_id) << PAGE_SHIFT
+
+    def save_gpa(self, vcpu_id):
+        """The GPA of vCPU ``vcpu_id``'s save area (private: add the C-bit)."""
+        return (self.save_gfn + vcpu_id) << PAGE_SHIFT
 
     @property
     def data_gfn(self):
@@ -246,13 +292,16 @@ def workload_main(g, cfg_dict, check=True):
     if magic != MAGIC:
         yield from _boot(g, cfg, lay, c)
         ticks = 0
-    elif check:
-        yield from _check_after_move(g, cfg, lay, c, ticks)
+    else:
+        yield from _restore(g, lay, c, 0, ticks)
+        if check:
+            yield from _check_after_move(g, cfg, lay, c, ticks)
     ws = lay.working_set(cfg.workload, cfg.hot_fraction)
     rate = 0.0 if cfg.workload == "idle" else cfg.dirty_pages_per_s
     last = yield g.rdmsr(U.MSR_IA32_TSC)
     carry = 0.0
     while True:
+        yield from _save_if_asked(g, lay, c, 0)
         now = yield g.rdmsr(U.MSR_IA32_TSC)
         carry += rate * max(0, now - last) / 1e9
         last = now
@@ -281,15 +330,18 @@ def _boot(g, cfg, lay, c):
     yield g.fill(lay.journal_gfn << PAGE_SHIFT | c, JOURNAL_PAGES, 0)
     if lay.data_pages:
         yield g.write_pattern(lay.data_gfn << PAGE_SHIFT | c, lay.data_pages, 0)
-    if lay.ghcb_pages + lay.shared_pages:
-        # The GHCBs are shared too (an SEV-ES kernel decrypts them before it uses them).
+    if lay.data_gfn > lay.ghcb_gfn:
+        # The GHCBs (and the save request page) are shared too (an SEV-ES kernel decrypts them
+        # before it uses them).
         ret = yield g.hypercall(U.KVM_HC_MAP_GPA_RANGE, lay.ghcb_gfn << PAGE_SHIFT,
-                                lay.ghcb_pages + lay.shared_pages, U.KVM_MAP_GPA_RANGE_DECRYPTED)
+                                lay.data_gfn - lay.ghcb_gfn, U.KVM_MAP_GPA_RANGE_DECRYPTED)
         assert ret == 0, f"MAP_GPA_RANGE of the shared pages returned {ret}"
     if lay.shared_pages:
         yield g.write_pattern(lay.shared_gfn << PAGE_SHIFT, lay.shared_pages, 0)
     if cfg.helper_vcpus:
-        yield from helper_boot(g, cfg.helper_layout, cfg.c_bit)
+        # An SEV-ES guest's transport key came from its owner (LAUNCH_SECRET): the target's
+        # helper is launched with the same one, not sent it by the PSP.
+        yield from helper_boot(g, cfg.helper_layout, cfg.c_bit, key_from_owner=cfg.es)
     yield g.write(c, _HEADER.pack(MAGIC, cfg.seed, 0))
     yield g.wrmsr(U.MSR_KVM_MIGRATION_CONTROL, U.KVM_MIGRATION_READY)
     yield g.sync("ready")
@@ -322,8 +374,79 @@ def workload_vcpu(g, cfg_dict, index):
     cfg = GuestConfig.from_dict(cfg_dict)
     lay, c = cfg.layout, 1 << cfg.c_bit
     ws = lay.working_set(cfg.workload, cfg.hot_fraction)
+    if lay.save_pages:
+        _, _, ticks = _HEADER.unpack((yield g.read(c, _HEADER.size)))
+        yield from _restore(g, lay, c, index, ticks)
     while True:
+        yield from _save_if_asked(g, lay, c, index)
         tick, n = _PENDING.unpack((yield g.read(PENDING_OFFSET | c, _PENDING.size)))
         for gpas, _ in _split(tick_gfns(cfg.seed, tick, n, ws)[index::cfg.nr_vcpus], lay, c):
             yield g.write_pattern_pages(gpas, tick)
         yield g.sync("share", tick)
+
+
+def _save_if_asked(g, lay, c, vcpu_id):
+    """SEV-ES with a helper: if the VMM asks (a nonzero request in the shared request page),
+    save this vCPU's state into its private save area once per request (the tick it stopped at,
+    its GHCB MSR, XSAVE of its x87/SSE/AVX registers), vCPU 0 also noting the request in the
+    header, and stay parked (ucall ``("saved", vcpu_id)`` at each run) until the request is
+    withdrawn. The helper seals the save area like any page the guest wrote."""
+    if not lay.save_pages:
+        return
+    req = yield from _request(g, lay)
+    if not req:
+        return
+    gpa = lay.save_gpa(vcpu_id) | c
+    magic, _, _, done, _, _ = _SAVE.unpack((yield g.read(gpa, _SAVE.size)))
+    if magic != SAVE_MAGIC or done != req:
+        _, _, ticks = _HEADER.unpack((yield g.read(c, _HEADER.size)))
+        ghcb = yield g.rdmsr(U.MSR_AMD64_SEV_ES_GHCB)
+        yield from _xsave_clean(g, gpa + SAVE_XSAVE)
+        yield g.write(gpa, _SAVE.pack(SAVE_MAGIC, vcpu_id, 0, req, ticks, ghcb))
+        if vcpu_id == 0:
+            yield g.write(SAVED_OFFSET | c, struct.pack("<Q", req))
+    while req:
+        yield g.sync("saved", vcpu_id)
+        req = yield from _request(g, lay)
+
+
+def _xsave_clean(g, gpa):
+    """XSAVE into a zeroed area (XSAVE leaves the bytes it does not write), so two saves of the
+    same state are the same bytes."""
+    yield g.write(gpa, bytes(xsave_span(SAVE_RFBM)))
+    yield g.xsave(gpa, SAVE_RFBM)
+
+
+def _request(g, lay):
+    raw = yield g.read(lay.request_gfn << PAGE_SHIFT, 8)
+    return int.from_bytes(raw, "little")
+
+
+def _restore(g, lay, c, vcpu_id, ticks):
+    """SEV-ES with a helper, on entry to a guest whose header is set up: if vCPU 0 answered a
+    save request (the header says which), this vCPU's save area must hold that request's state
+    from the tick the header holds; restore it. Its GHCB MSR is written back (WRMSR of
+    MSR_AMD64_SEV_ES_GHCB, which the CPU takes without #VC). XRSTOR is not modelled: the
+    vCPU XSAVEs the state its VMSA gave it and requires it to equal the saved image (the
+    workload never changes its x87/SSE/AVX registers, so it must). Any mismatch aborts: the
+    guest does not run on with state that is not its own. The area is then marked restored:
+    the vCPU restores it once."""
+    if not lay.save_pages:
+        return
+    req, = struct.unpack("<Q", (yield g.read(SAVED_OFFSET | c, 8)))
+    if not req:
+        return
+    gpa = lay.save_gpa(vcpu_id) | c
+    raw = yield g.read(gpa, SAVE_XSAVE + xsave_span(SAVE_RFBM))
+    magic, saved_id, restored, done, tick, ghcb = _SAVE.unpack_from(raw)
+    assert magic == SAVE_MAGIC and saved_id == vcpu_id and done == req, \
+        f"vCPU {vcpu_id}: no state saved for request {req:#x} in its save area"
+    if restored:
+        return
+    assert tick == ticks, f"vCPU {vcpu_id}: state saved at tick {tick}, memory is at {ticks}"
+    yield from _xsave_clean(g, gpa + SAVE_COMPARE)
+    now = yield g.read(gpa + SAVE_COMPARE, xsave_span(SAVE_RFBM))
+    assert bytes(now) == bytes(raw[SAVE_XSAVE:]), \
+        f"vCPU {vcpu_id}: its x87/SSE/AVX state is not the saved one"
+    yield g.wrmsr(U.MSR_AMD64_SEV_ES_GHCB, ghcb)
+    yield g.write(gpa, _SAVE.pack(SAVE_MAGIC, vcpu_id, 1, req, tick, ghcb))

@@ -58,9 +58,9 @@ def test_upstream_kvm_cannot_move_an_sev_es_guest():
     assert_runs_on(m)
 
 
-def test_helper_path_refuses_sev_es_and_changes_nothing():
-    """The helper path does not move SEV-ES guests: refused before SEND_START, the guest
-    running."""
+def test_helper_path_refuses_sev_es_without_a_launched_helper():
+    """An SEV-ES guest booted without a helper cannot go by the helper path (its mirror's VMSAs
+    had to be launched with it): refused before anything, the guest running."""
     m = Machine.launch(es_kvm(), GuestConfig(**ES, workload="idle"))
     with pytest.raises(MigrationError, match="SEV-ES"):
         migrate(m, es_kvm(), MigrationParams(path="helper"))
