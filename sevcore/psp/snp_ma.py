@@ -28,6 +28,8 @@ the sequence number, as the firmware answers every authenticated request. docs/s
 ("Migration through a migration agent") says what the specification leaves open and what
 sevcore chose.
 """
+from Crypto.Cipher import AES
+
 from sevcore import uapi as U
 from sevcore.psp import snp_layout as S
 from sevcore.psp.crypto import kdf
@@ -73,6 +75,18 @@ snp_msg_absorb_req = Layout("snp_msg_absorb_req", [("gctx_paddr", U64)] + _IN)
 snp_msg_absorb_noma_req = Layout("snp_msg_absorb_noma_req", [("rsvd0", U64)] + _IN)
 snp_msg_vmrk_req = Layout("snp_msg_vmrk_req", [
     ("gctx_paddr", U64), ("rsvd", "24s"), ("vmrk", "32s")])
+#: SNP_PAGE_SWAP_OUT / SNP_PAGE_SWAP_IN's buffers (56860 8.22, 8.23; AMD-ASPFW sev_mcmd.h
+#: ``snp_mcmd_swap_out_t``, ``snp_mcmd_swap_in_t``: the kernel has the command ids only).
+_SWAP_FLAGS = [("page_size", 1), ("page_type", 2), ("swap_in_place", 1), ("root_mdata_en", 1),
+               ("rsvd2", 59)]
+sev_data_snp_page_swap_out = Layout("sev_data_snp_page_swap_out", [
+    ("gctx_paddr", U64), ("src_paddr", U64), ("dst_paddr", U64), ("mdata_paddr", U64),
+    ("software_data", U64), ("_flags", U64, _SWAP_FLAGS)])
+sev_data_snp_page_swap_in = Layout("sev_data_snp_page_swap_in", [
+    ("gctx_paddr", U64), ("src_paddr", U64), ("dst_paddr", U64), ("mdata_paddr", U64),
+    ("rsvd", U64), ("_flags", U64, _SWAP_FLAGS)])
+#: SWAP_OUT/SWAP_IN page types (AMD-ASPFW SWAP_IO_*): data, metadata, VMSA.
+SWAP_DATA, SWAP_METADATA, SWAP_VMSA = 0, 1, 2
 #: The status-only answers of IMPORT, ABSORB, ABSORB_NOMA and VMRK.
 snp_msg_status_rsp = Layout("snp_msg_status_rsp", [("status", U32), ("rsvd", "12s")])
 #: EXPORT's answer fills the page (AMD-ASPFW: MSG_SIZE = 4 KiB - the header).
@@ -81,13 +95,6 @@ EXPORT_RSP_SIZE = U.SNP_GUEST_MSG_SIZE - S.snp_guest_msg_hdr.size
 #: The physical-address bits a message's GCTX_PADDR may not set (bits 63:52, and the page
 #: offset the firmware drops: SNP_PAGE_ADDR).
 _ADDR_RESERVED = ~((1 << 52) - 1) & ((1 << 64) - 1)
-
-
-def root_md_entry(valid):
-    """A root metadata entry: VALID and METADATA set (a tree top), or all zero."""
-    if not valid:
-        return bytes(snp_mdata_entry.size)
-    return snp_mdata_entry.pack(valid=1, metadata=1)
 
 
 class SnpMaMessages:
@@ -148,8 +155,9 @@ class SnpMaMessages:
     def _msg_export(self, g, vmpck_id, payload):
         """MSG_EXPORT_REQ (56860 7.4): the guest at GCTX_PADDR, RUNNING, exported by its agent
         (or by itself at VMPCK0 when it has none; anything else is INVALID_GUEST). IMI_EN = 0
-        decommissions it (the context page goes back to a firmware page) and the export carries
-        a valid root metadata entry; IMI_EN = 1 leaves it running and exports a zero entry."""
+        decommissions it (the context page goes back to a firmware page) and exports its root
+        metadata entry (what SNP_PAGE_SWAP_OUT with ROOT_MDATA_EN left); IMI_EN = 1 leaves it
+        running and exports a zero entry."""
         req = snp_msg_export_req.unpack(payload.ljust(snp_msg_export_req.size, b"\0"))
         rsp = dict(gctx_size=snp_msg_gctx.size, gctx_version=GCTX_VERSION)
         status, m = U.SEV_RET_INVALID_PARAM, None
@@ -161,7 +169,7 @@ class SnpMaMessages:
             if not (by_agent or by_itself):
                 status = U.SEV_RET_INVALID_GUEST
         if not status:
-            rsp["gctx"] = self._export_gctx(m, valid_root=not req["imi_en"])
+            rsp["gctx"] = self._export_gctx(m, with_root=not req["imi_en"])
             if not req["imi_en"]:
                 self._decommission(m)
         return snp_msg_export_rsp.pack(status=status, **rsp).ljust(EXPORT_RSP_SIZE, b"\0")
@@ -242,6 +250,125 @@ class SnpMaMessages:
             m.vmrk = bytes(req["vmrk"])
         return snp_msg_status_rsp.pack(status=status)
 
+    # -- pages out and in: SNP_PAGE_SWAP_OUT / SNP_PAGE_SWAP_IN (56860 8.22, 8.23) ---------------
+
+    def _swap_gate(self, f, in_place_ok=False):
+        """(status, guest) common to both swaps: reserved bits, a 4 KiB data or VMSA page
+        (metadata pages: INVALID_PARAM, docs/snp.md), the context, its state and ASID."""
+        if f.rsvd2 or (f.swap_in_place and not in_place_ok) or f.page_type == SWAP_METADATA \
+                or f.page_type > SWAP_VMSA:
+            return U.SEV_RET_INVALID_PARAM, None
+        if f.page_size:
+            return U.SEV_RET_INVALID_PAGE_SIZE, None
+        status, g = self._snp_guest(f.gctx_paddr, GSTATE_LAUNCH, GSTATE_RUNNING)
+        if status:
+            return status, None
+        if not g.asid:
+            return U.SEV_RET_INACTIVE, None
+        for addr in (f.src_paddr, f.dst_paddr):
+            spa = self._addr(addr)
+            if spa % 4096 or not self._valid(spa, 4096):
+                return U.SEV_RET_INVALID_ADDRESS, None
+        if not f.root_mdata_en:
+            md = self._addr(f.mdata_paddr)
+            if md % snp_mdata_entry.size or not self._valid(md, snp_mdata_entry.size):
+                return U.SEV_RET_INVALID_PARAM, None
+            if not self._fw_page(md & ~4095):
+                return U.SEV_RET_INVALID_PAGE_STATE, None
+        return U.SEV_RET_SUCCESS, g
+
+    def _cmd_snp_page_swap_out(self, f):
+        """SNP_PAGE_SWAP_OUT (56860 8.22): a page of the guest (data, or its VMSA) leaves
+        encrypted under the guest's offline encryption key with AES-256-GCM, the IV the guest's
+        OEK IV count (incremented), its metadata entry (GPA, validated, VMSA, IV, tag) in a
+        firmware page or, with ROOT_MDATA_EN, in the context. The guest's copy is no longer
+        validated. The page's metadata entry is the GCM's additional data (docs/snp.md)."""
+        status, g = self._swap_gate(f)
+        if status:
+            return status
+        src, dst = self._addr(f.src_paddr), self._addr(f.dst_paddr)
+        if src == dst:
+            return U.SEV_RET_INVALID_PARAM
+        e = self.rmp.entry(src >> 12)
+        if not e.assigned or e.pagesize:
+            return U.SEV_RET_INVALID_PAGE_STATE
+        if e.asid != g.asid:
+            return U.SEV_RET_INVALID_PAGE_OWNER
+        if e.vmsa != (f.page_type == SWAP_VMSA):
+            return U.SEV_RET_INVALID_PAGE_STATE
+        d = self.rmp.entry(dst >> 12)
+        if d.assigned and not self._fw_page(dst):
+            return U.SEV_RET_INVALID_PAGE_STATE
+        if g.oek_iv_count >= (1 << 64) - 2:
+            return U.SEV_RET_AEAD_OFLOW
+        entry = snp_mdata_entry.pack(software_data=f.software_data, iv=g.oek_iv_count,
+                                     valid=1, page_validated=e.validated, vmsa=e.vmsa,
+                                     gpa=e.gpa >> 12)
+        plain = self.host.umc.read(src, 4096, g.asid)
+        ct, tag = _seal(g.oek, g.oek_iv_count, _aad(entry), plain)
+        g.oek_iv_count += 1
+        entry = snp_mdata_entry.pack(**dict(snp_mdata_entry.unpack(entry), auth_tag=tag))
+        self._fw_write(dst, ct)
+        self.rmp.fw_set(src >> 12, e._replace(validated=0))
+        if f.root_mdata_en:
+            g.root_md = entry
+        else:
+            self._fw_write(self._addr(f.mdata_paddr), entry)
+        return U.SEV_RET_SUCCESS
+
+    def _cmd_snp_page_swap_in(self, f):
+        """SNP_PAGE_SWAP_IN (56860 8.23): a page swapped out of this guest (its context moved
+        here with the OEK and the IV count) comes back into a Pre-Guest page of the guest
+        (assigned to its ASID, immutable, not validated), after the metadata entry is VALID, of
+        the type asked for (INVALID_MDATA_ENTRY) at the page's GPA (INVALID_PAGE_STATE) and the
+        tag checks out (INVALID_MDATA_ENTRY). The page is then validated as it was when it left,
+        unlocked (docs/snp.md), and the entry no longer VALID."""
+        status, g = self._swap_gate(f)
+        if status:
+            return status
+        src, dst = self._addr(f.src_paddr), self._addr(f.dst_paddr)
+        md = None if f.root_mdata_en else self._addr(f.mdata_paddr)
+        entry = g.root_md if md is None else self._read(md, snp_mdata_entry.size)
+        m = snp_mdata_entry.unpack(entry)
+        if not m["valid"] or m["metadata"] or m["vmsa"] != (f.page_type == SWAP_VMSA):
+            return U.SEV_RET_INVALID_MDATA_ENTRY
+        d = self.rmp.entry(dst >> 12)
+        if not (d.assigned and d.immutable and not d.validated) or d.pagesize:
+            return U.SEV_RET_INVALID_PAGE_STATE
+        if d.asid != g.asid:
+            return U.SEV_RET_INVALID_PAGE_OWNER
+        if d.gpa != m["gpa"] << 12:
+            return U.SEV_RET_INVALID_PAGE_STATE
+        plain = _open(g.oek, m["iv"], _aad(entry), self._read(src, 4096), m["auth_tag"])
+        if plain is None:
+            return U.SEV_RET_INVALID_MDATA_ENTRY
+        self.host.umc.write(dst, plain, g.asid)
+        self.rmp.fw_set(dst >> 12, d._replace(immutable=0, validated=m["page_validated"],
+                                              vmsa=m["vmsa"]))
+        cleared = snp_mdata_entry.pack(**dict(m, valid=0))
+        if md is None:
+            g.root_md = cleared
+        else:
+            self._fw_write(md, cleared)
+        return U.SEV_RET_SUCCESS
+
+    def snp_page_swap_out(self, gctx_paddr, src_paddr, dst_paddr, mdata_paddr=0,
+                          software_data=0, page_type=SWAP_DATA, root_mdata_en=0):
+        """SNP_PAGE_SWAP_OUT of one 4 KiB page. Mirrors ``SEV_CMD_SNP_PAGE_SWAP_OUT``; raises
+        PspError."""
+        self._issue(U.SEV_CMD_SNP_PAGE_SWAP_OUT, sev_data_snp_page_swap_out,
+                    gctx_paddr=gctx_paddr, src_paddr=src_paddr, dst_paddr=dst_paddr,
+                    mdata_paddr=mdata_paddr, software_data=software_data, page_type=page_type,
+                    root_mdata_en=root_mdata_en)
+
+    def snp_page_swap_in(self, gctx_paddr, src_paddr, dst_paddr, mdata_paddr=0,
+                         page_type=SWAP_DATA, root_mdata_en=0):
+        """SNP_PAGE_SWAP_IN of one 4 KiB page. Mirrors ``SEV_CMD_SNP_PAGE_SWAP_IN``; raises
+        PspError."""
+        self._issue(U.SEV_CMD_SNP_PAGE_SWAP_IN, sev_data_snp_page_swap_in,
+                    gctx_paddr=gctx_paddr, src_paddr=src_paddr, dst_paddr=dst_paddr,
+                    mdata_paddr=mdata_paddr, page_type=page_type, root_mdata_en=root_mdata_en)
+
     # -- contexts in and out -----------------------------------------------------------------------
 
     def _incoming(self, layout, payload):
@@ -253,7 +380,7 @@ class SnpMaMessages:
                or req["in_gctx_version"] != GCTX_VERSION)
         return req, U.SEV_RET_INVALID_PARAM if bad else U.SEV_RET_SUCCESS
 
-    def _export_gctx(self, m, valid_root):
+    def _export_gctx(self, m, with_root):
         """The GCTX structure of guest ``m`` (56860 7.4)."""
         idb = bytes(S.snp_id_block.size)
         if m.id_block_en:
@@ -265,7 +392,8 @@ class SnpMaMessages:
             id_key_digest=m.id_key_digest, author_key_digest=m.author_key_digest,
             report_id=m.report_id, imd=m.imd, msg_count0=m.msg_count[0],
             msg_count1=m.msg_count[1], msg_count2=m.msg_count[2], msg_count3=m.msg_count[3],
-            root_md_entry=root_md_entry(valid_root), author_key_en=m.author_key_en,
+            root_md_entry=m.root_md if with_root else bytes(snp_mdata_entry.size),
+            author_key_en=m.author_key_en,
             id_block_en=m.id_block_en, vcek_dis=m.vcek_disabled, policy=m.policy,
             state=m.state, oek_iv_count=m.oek_iv_count, id_block=idb, gosvw=m.gosvw,
             desired_tsc_freq=m.desired_tsc_khz, launch_tcb=m.launch_tcb)
@@ -296,6 +424,31 @@ class SnpMaMessages:
     def _new_vek(self):
         """A fresh memory key for an imported guest (SNP_ACTIVATE installs it)."""
         return kdf(self._rng(32), "sev-snp-vm-encryption-key", b"", 64)
+
+
+def _aad(entry):
+    """The part of a metadata entry the page's tag covers: the flags and GPA word."""
+    off = snp_mdata_entry.offsets["_entry"]
+    return bytes(entry[off:off + 8])
+
+
+def _gcm(oek, iv):
+    return AES.new(oek, AES.MODE_GCM, nonce=iv.to_bytes(8, "little"), mac_len=16)
+
+
+def _seal(oek, iv, aad, plain):
+    c = _gcm(oek, iv)
+    c.update(aad)
+    return c.encrypt_and_digest(bytes(plain))
+
+
+def _open(oek, iv, aad, ct, tag):
+    c = _gcm(oek, iv)
+    c.update(aad)
+    try:
+        return c.decrypt_and_verify(bytes(ct), bytes(tag))
+    except ValueError:
+        return None
 
 
 class _Addr:

@@ -11,7 +11,8 @@ from sevcore.psp import snp_layout as S
 from sevcore.psp import snp_ma as M
 
 from support import raises_errno
-from support.snp import POLICY, guest_request, new_guest, report, snapshot, snp_host, vmpck
+from support.snp import (POLICY, guest_request, new_guest, preguest, report, snapshot,
+                         snp_host, vmpck)
 
 MA_POLICY = POLICY | U.SNP_POLICY_MASK_MIGRATE_MA
 VMRK = bytes(range(32))
@@ -54,14 +55,23 @@ class Agent:
         return self.status(msg, layout, **fields)
 
 
+DATA = bytes(range(256)) * 16
+
+
 def source(seed=1):
     """A source host with a running agent (ASID 1) and a guest bound to it (ASID 2), whose VMRK
-    the agent set during the launch."""
+    the agent set during the launch; the guest's page at gfn 7 is swapped out with its metadata
+    entry as the context's root (``ma.swapped``: the ciphertext's SPA)."""
     host = snp_host(seed=seed)
     ma = Agent(host, running(host, 1))
     gctx = new_guest(host, MA_POLICY, 2, ma_en=1, ma_gctx_paddr=ma.gctx)
     assert ma.status(U.SNP_MSG_VMRK_REQ, M.snp_msg_vmrk_req, gctx_paddr=gctx, vmrk=VMRK) == 0
+    (pfn,) = preguest(host, DATA, 7, asid=2).tolist()
+    host.psp.snp_launch_update(gctx, pfn << 12, U.SNP_PAGE_TYPE_NORMAL)
     host.psp.snp_launch_finish(gctx)
+    ma.swapped = host.mem.alloc_contiguous(1)
+    host.psp.snp_page_swap_out(gctx, pfn << 12, ma.swapped, root_mdata_en=1)
+    assert not host.rmp.entry(pfn).validated and host.mem.read(ma.swapped, 4096) != DATA
     return host, ma, gctx
 
 
@@ -158,6 +168,7 @@ def test_import_refusals():
     IMI_EN export does not carry (INVALID_MDATA_ENTRY); a refusal leaves the context INIT."""
     src, ma, gctx = source()
     _, imi = ma.export(gctx, imi_en=1)
+    assert M.snp_msg_gctx.unpack(imi["gctx"])["root_md_entry"] == bytes(64)
     _, rsp = ma.export(gctx)
     dst, ma2, new = incoming()
     assert ma2.import_(new, imi["gctx"]) == U.SEV_RET_INVALID_MDATA_ENTRY
@@ -245,3 +256,53 @@ def test_absorb_noma_replaces_the_senders_context():
     body = Agent(dst, bound).send(M.SNP_MSG_ABSORB_NOMA_REQ, M.snp_msg_absorb_noma_req.pack(
         in_gctx_size=0x300, in_gctx_version=M.GCTX_VERSION, incoming_gctx=rsp["gctx"]))
     assert M.snp_msg_status_rsp.unpack(body)["status"] == U.SEV_RET_INVALID_GUEST
+
+
+
+def _swapped_guest():
+    """source() exported and imported on a target, activated on ASID 2; (target, the new
+    context, the frame holding the swapped-out page's ciphertext)."""
+    host, ma, gctx = source()
+    _, rsp = ma.export(gctx)
+    dst, ma2, new = incoming()
+    assert ma2.import_(new, rsp["gctx"]) == 0
+    dst.psp.snp_activate(new, 2)
+    (src,) = dst.mem.alloc(1).tolist()
+    dst.mem.write(src << 12, host.mem.read(ma.swapped, 4096))
+    return dst, new, src
+
+
+def test_swap_out_and_in_carry_a_page_across_hosts():
+    """A page swapped out under the offline key on the source comes back into a Pre-Guest
+    page of the imported guest, validated and readable with the guest's new key."""
+    dst, new, src = _swapped_guest()
+    (pfn,) = dst.mem.alloc(1).tolist()
+    assert dst.rmp.rmp_make_private(pfn, 7 << 12, 2, immutable=True) == 0
+    dst.psp.snp_page_swap_in(new, src << 12, pfn << 12, root_mdata_en=1)
+    e = dst.rmp.entry(pfn)
+    assert (e.assigned, e.immutable, e.validated, e.asid, e.gpa) == (1, 0, 1, 2, 7 << 12)
+    assert dst.umc.read(pfn << 12, 4096, 2) == DATA
+    assert not M.snp_mdata_entry.unpack(dst.psp.snp_guest(new).root_md)["valid"]
+
+
+@pytest.mark.parametrize("case, status", [
+    ("tamper", U.SEV_RET_INVALID_MDATA_ENTRY), ("gpa", U.SEV_RET_INVALID_PAGE_STATE),
+    ("not-preguest", U.SEV_RET_INVALID_PAGE_STATE), ("vmsa", U.SEV_RET_INVALID_MDATA_ENTRY),
+    ("owner", U.SEV_RET_INVALID_PAGE_OWNER)])
+def test_swap_in_refusals_change_nothing(case, status):
+    """A changed ciphertext, another GPA, a page not Pre-Guest, the wrong page type or another
+    guest's page is refused with its status, and nothing changes."""
+    dst, new, src = _swapped_guest()
+    (pfn,) = dst.mem.alloc(1).tolist()
+    gpa, immutable, asid = (8 << 12 if case == "gpa" else 7 << 12), case != "not-preguest", \
+        (1 if case == "owner" else 2)
+    assert dst.rmp.rmp_make_private(pfn, gpa, asid, immutable=immutable) == 0
+    if case == "tamper":
+        dst.mem.write((src << 12) + 100, b"\x55")
+    before = snapshot(dst, pfn, src)
+    root = dst.psp.snp_guest(new).root_md
+    with raises_errno(errno.EIO) as e:
+        dst.psp.snp_page_swap_in(new, src << 12, pfn << 12, root_mdata_en=1,
+                                 page_type=M.SWAP_VMSA if case == "vmsa" else M.SWAP_DATA)
+    assert e.value.fw_error == status
+    assert snapshot(dst, pfn, src) == before and dst.psp.snp_guest(new).root_md == root
