@@ -108,7 +108,7 @@ def test_launch_start_enforces_the_policy(policy, status):
 
 def test_launch_start_single_socket_and_migration_agent_policies():
     """SINGLE_SOCKET is refused on a two-socket host; a migration agent that is no guest
-    context is INVALID_GUEST (tests/psp/test_snp_ma.py has the rest of the agent's checks)."""
+    context is INVALID_GUEST (tests/psp/test_snp_ma_messages.py checks the rest)."""
     host = snp_host()
     gctx = host.psp.snp_alloc_firmware_page()
     host.psp.snp_gctx_create(gctx)
