@@ -79,7 +79,7 @@ class MaError(RuntimeError):
         self.what, self.status, self.reason = what, status, reason
 
 
-# -- the agent ---------------------------------------------------------------------------------------
+# -- the agent ------------------------------------------------------------------------------------
 
 def _agent_program(g, inbox, outbox):
     """The agent's guest program: each request it is handed goes to the firmware as a guest
@@ -240,8 +240,9 @@ def _transport_key(g):
 
 def ma_worker(g, layout, c_bit, restore):
     """The guest's migration worker (its vCPU 0, the helper's mailbox slot 0): on a target,
-    PVALIDATE the pages the packets will fill (``restore``: [(start_gfn, end_gfn)]); then the transport key from the VMRK into
-    the private key page, the private state page reset, and the helper's request loop."""
+    PVALIDATE the pages the packets will fill (``restore``: [(start_gfn, end_gfn)]); then the
+    transport key from the VMRK into the private key page, the private state page reset, and
+    the helper's request loop."""
     c = 1 << c_bit
     for start, end in restore:
         status = yield g.pvalidate(start << PAGE_SHIFT | c, end - start)
@@ -382,7 +383,7 @@ class Worker(MigrationHelper):
         self._shared = _SharedPages(guest.vm, guest.layout)
 
 
-# -- the migration -----------------------------------------------------------------------------------
+# -- the migration --------------------------------------------------------------------------------
 
 @dataclass
 class MaStats:
