@@ -3,6 +3,7 @@
     sevcore migrate                         # default guest, PSP path and helper path side by side
     sevcore migrate --mem 1G --dirty-rate 5000 --path psp --json out.json --plot out.png
     sevcore migrate --type sev-es --path psp --out-of-tree-vmsa   # an SEV-ES guest
+    sevcore migrate --type snp --path ma --mem 64M    # an SNP guest through migration agents
     sevcore migrate --listen 4444           # target process
     sevcore migrate --to 127.0.0.1:4444     # source process
     sevcore sweep --dirty-rates 0,2500,10000 --plot sweep.png
@@ -225,15 +226,17 @@ def _guest_args(ap):
     g.add_argument("--vcpus", type=int, default=1, help="guest vCPUs (default 1)")
     g.add_argument("--hot-fraction", type=float, default=0.1,
                    help="hotset workload: fraction of memory it writes (default 0.1)")
-    g.add_argument("--type", choices=tuple(VM_TYPES), default="sev",
-                   help="guest type (default sev; sev-es adds SEV_POLICY_ES to the policy)")
+    g.add_argument("--type", choices=tuple(VM_TYPES) + ("snp",), default="sev",
+                   help="guest type (default sev; sev-es adds SEV_POLICY_ES to the policy; "
+                        "snp migrates through migration agents, --path ma)")
     g.add_argument("--policy", type=parse_policy, default=0,
                    help="SEV guest policy (default 0)")
     g.add_argument("--seed", type=int, default=1,
                    help="seed of the workload's choice of pages to dirty (default 1)")
     m = ap.add_argument_group("migration")
-    m.add_argument("--path", choices=PATHS + ("both",), default="both",
-                   help="private pages through the PSP, the in-guest helper, or both")
+    m.add_argument("--path", choices=PATHS + ("both", "ma"), default="both",
+                   help="private pages through the PSP, the in-guest helper, or both; "
+                        "ma: an SNP guest through migration agents")
     m.add_argument("--max-iterations", type=int, default=30,
                    help="pre-copy passes before stop-and-copy is forced (default 30)")
     m.add_argument("--ring-buffer", action="store_true",
@@ -321,6 +324,8 @@ def cmd_migrate(args):
         for name, value, unit, doc in cost.describe():
             print(f"{name} = {value:g} {unit}\n    {doc}\n")
         return 0
+    if args.type == "snp" or args.path == "ma":
+        return cmd_migrate_snp(args)
     _check(args, cost)
     if args.listen is not None:
         return _listen(args)
@@ -353,6 +358,48 @@ def cmd_migrate(args):
         plot_remaining(results, args.plot)
         print(f"plot: {args.plot}", file=sys.stderr)
     return status
+
+
+def cmd_migrate_snp(args):
+    """``migrate --type snp --path ma``: an SNP guest through migration agents, in process
+    (sevcore.migration.ma); the guest's own check on the target decides the status."""
+    if args.type != "snp" or args.path not in ("ma", "both"):
+        _fail(args, "SNP guests migrate only through migration agents: --type snp --path ma")
+    for opt in ("listen", "to"):
+        if getattr(args, opt, None) is not None:
+            _fail(args, f"--{opt}: --path ma runs in process only")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        _fail(args, f"--json {args.json}: no such directory")
+    from sevcore.migration import ma       # local: pulls in cryptography's X25519 and AES-GCM
+    if args.mem % 4096 or args.mem > parse_size("1G"):
+        _fail(args, f"--mem {args.mem}: a multiple of 4 KiB up to 1G for --path ma")
+    print(f"Migrating a {args.mem >> 20} MiB SNP guest through migration agents between two "
+          f"simulated hosts", file=sys.stderr)
+    src, dst = sevcore.Kvm(), sevcore.Kvm()
+    a, b = ma.Agent(src), ma.Agent(dst)
+    t0 = time.perf_counter()
+    try:
+        guest = ma.SnpMaGuest.launch(src, args.mem, a, seed=args.seed)
+        guest.run_workload(seed=args.seed)
+        target, st = ma.migrate(guest, a, dst, b)
+        wall = time.perf_counter() - t0
+        out = target.check()
+    except (ma.MaError, ValueError, OSError) as e:
+        print(f"sevcore: ma path: {type(e).__name__}: {e}", file=sys.stderr)
+        if args.json:
+            _write_json(args.json, {"ma": {"status": "failed",
+                                           "error-desc": f"{type(e).__name__}: {e}"}})
+        return 1
+    ok = out["data_ok"] and out["key_ok"]
+    rec = {"status": "completed" if ok else "failed", "pages-sealed": st.pages_sealed,
+           "pages-swapped": st.pages_swapped, "agent-messages": st.agent_messages,
+           "bytes": st.bytes_sent, "wall-s": round(wall, 3), "guest-data-ok": out["data_ok"],
+           "guest-vmrk-key-ok": out["key_ok"], "guest-report-bytes": len(out["report"])}
+    for k, v in rec.items():
+        print(f"{k:>20}  {v}")
+    if args.json:
+        _write_json(args.json, {"ma": rec})
+    return 0 if ok else 1
 
 
 def _write_json(path, obj):

@@ -126,3 +126,17 @@ def test_a_tampered_page_is_refused_by_the_target_worker(hosts):
     with pytest.raises(HelperPacketError) as e:
         ma.receive(dst, MEM, b, image, 8)
     assert e.value.reason == "auth" and e.value.index == 5
+
+
+def test_the_command_migrates_an_snp_guest_through_agents(tmp_path, capsys):
+    """``sevcore migrate --type snp --path ma`` succeeds when the guest's own check passes on
+    the target, and writes its record."""
+    import json
+
+    from sevcore.cli import main
+    out = tmp_path / "ma.json"
+    assert main(["migrate", "--type", "snp", "--path", "ma", "--mem", "1M", "--json",
+                 str(out)]) == 0
+    rec = json.loads(out.read_text())["ma"]
+    assert rec["status"] == "completed" and rec["guest-data-ok"] and rec["guest-vmrk-key-ok"]
+    assert rec["pages-sealed"] == ma.SnpMaGuest(sevcore.Kvm(), 1 << 20).sealed_gfns().size
