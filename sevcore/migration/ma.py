@@ -3,7 +3,7 @@
 SNP has no PSP-only migration: 56860 chapter 7 moves a guest's *context* through its migration
 agent (MA), an SNP guest of its own bound to the guest at SNP_LAUNCH_START, and its pages with
 SNP_PAGE_SWAP_OUT/SWAP_IN under the context's offline encryption key, one PSP command per page
-(8.22, 8.23). sevcore keeps the firmware for what only it can do and moves the bulk of memory at
+(chapter 8). sevcore keeps the firmware for what only it can do and moves the bulk of memory at
 CPU speed, as the SEV helper path does:
 
     source Host                                              target Host
@@ -440,8 +440,9 @@ def resume(guest, secrets, vmsas):
 
 def receive(kvm, mem_size, agent, image, batch_pages=64):
     """The target's half: the VM and its empty context, the agent's import, SNP_ACTIVATE, the
-    secrets page and VMSAs swapped in, then the worker (PVALIDATE, its key from the VMRK)
-    opens the packets into guest_memfd. Returns the :class:`SnpMaGuest`."""
+    secrets page and VMSAs swapped in, the private memory pre-faulted (KVM_PRE_FAULT_MEMORY:
+    guest_memfd pages assigned to the guest, not validated), then the worker (PVALIDATE, its
+    key from the VMRK) opens the packets into them. Returns the :class:`SnpMaGuest`."""
     guest = SnpMaGuest(kvm, mem_size, batch_pages)
     vm = guest.vm
     agent.import_(K.snp_incoming_context(vm), image.context)
@@ -452,8 +453,10 @@ def receive(kvm, mem_size, agent, image, batch_pages=64):
         K.snp_page_swap_in(vm, ct, entry, vcpu=v)
     guest._msg_init()
     lay = guest.layout
-    guest._set_code(WORKER, ma_worker, lay, vm.host.c_bit,
-                    [(LEDGER_GFN, lay.first_gfn), (lay.key_gfn, lay.end_gfn)])
+    restore = [(LEDGER_GFN, lay.first_gfn), (lay.key_gfn, lay.end_gfn)]
+    for start, end in restore:        # guest_memfd and the RMP filled in batches, not per fault
+        guest.vcpus[WORKER].pre_fault_memory(start << PAGE_SHIFT, (end - start) << PAGE_SHIFT)
+    guest._set_code(WORKER, ma_worker, lay, vm.host.c_bit, restore)
     Worker(guest).open(image.gfns, image.seqs, image.packets)
     return guest
 

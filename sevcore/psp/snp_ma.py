@@ -75,8 +75,8 @@ snp_msg_absorb_req = Layout("snp_msg_absorb_req", [("gctx_paddr", U64)] + _IN)
 snp_msg_absorb_noma_req = Layout("snp_msg_absorb_noma_req", [("rsvd0", U64)] + _IN)
 snp_msg_vmrk_req = Layout("snp_msg_vmrk_req", [
     ("gctx_paddr", U64), ("rsvd", "24s"), ("vmrk", "32s")])
-#: SNP_PAGE_SWAP_OUT / SNP_PAGE_SWAP_IN's buffers (56860 8.22, 8.23; AMD-ASPFW sev_mcmd.h
-#: ``snp_mcmd_swap_out_t``, ``snp_mcmd_swap_in_t``: the kernel has the command ids only).
+#: SNP_PAGE_SWAP_OUT / SNP_PAGE_SWAP_IN's buffers (56860 chapter 8, the two commands; AMD-ASPFW
+#: sev_mcmd.h ``snp_mcmd_swap_out_t``, ``snp_mcmd_swap_in_t``: the kernel has the ids only).
 _SWAP_FLAGS = [("page_size", 1), ("page_type", 2), ("swap_in_place", 1), ("root_mdata_en", 1),
                ("rsvd2", 59)]
 sev_data_snp_page_swap_out = Layout("sev_data_snp_page_swap_out", [
@@ -250,7 +250,7 @@ class SnpMaMessages:
             m.vmrk = bytes(req["vmrk"])
         return snp_msg_status_rsp.pack(status=status)
 
-    # -- pages out and in: SNP_PAGE_SWAP_OUT / SNP_PAGE_SWAP_IN (56860 8.22, 8.23) ---------------
+    # -- pages out and in: SNP_PAGE_SWAP_OUT / SNP_PAGE_SWAP_IN (56860 chapter 8) ----------------
 
     def _swap_gate(self, f, in_place_ok=False):
         """(status, guest) common to both swaps: reserved bits, a 4 KiB data or VMSA page
@@ -278,7 +278,7 @@ class SnpMaMessages:
         return U.SEV_RET_SUCCESS, g
 
     def _cmd_snp_page_swap_out(self, f):
-        """SNP_PAGE_SWAP_OUT (56860 8.22): a page of the guest (data, or its VMSA) leaves
+        """SNP_PAGE_SWAP_OUT (56860 chapter 8): a page of the guest (data, or its VMSA) leaves
         encrypted under the guest's offline encryption key with AES-256-GCM, the IV the guest's
         OEK IV count (incremented), its metadata entry (GPA, validated, VMSA, IV, tag) in a
         firmware page or, with ROOT_MDATA_EN, in the context. The guest's copy is no longer
@@ -317,7 +317,7 @@ class SnpMaMessages:
         return U.SEV_RET_SUCCESS
 
     def _cmd_snp_page_swap_in(self, f):
-        """SNP_PAGE_SWAP_IN (56860 8.23): a page swapped out of this guest (its context moved
+        """SNP_PAGE_SWAP_IN (56860 chapter 8): a page swapped out of this guest (its context moved
         here with the OEK and the IV count) comes back into a Pre-Guest page of the guest
         (assigned to its ASID, immutable, not validated), after the metadata entry is VALID, of
         the type asked for (INVALID_MDATA_ENTRY) at the page's GPA (INVALID_PAGE_STATE) and the
