@@ -4,6 +4,7 @@
     sevcore migrate --mem 1G --dirty-rate 5000 --path psp --json out.json --plot out.png
     sevcore migrate --type sev-es --path psp --out-of-tree-vmsa   # an SEV-ES guest
     sevcore migrate --type snp --path ma --mem 64M    # an SNP guest through migration agents
+    sevcore migrate --type snp --path ma --listen 4444 / --to 127.0.0.1:4444   # the same, TCP
     sevcore migrate --listen 4444           # target process
     sevcore migrate --to 127.0.0.1:4444     # source process
     sevcore sweep --dirty-rates 0,2500,10000 --plot sweep.png
@@ -365,14 +366,22 @@ def cmd_migrate_snp(args):
     (sevcore.migration.ma); the guest's own check on the target decides the status."""
     if args.type != "snp" or args.path not in ("ma", "both"):
         _fail(args, "SNP guests migrate only through migration agents: --type snp --path ma")
-    for opt in ("listen", "to"):
-        if getattr(args, opt, None) is not None:
-            _fail(args, f"--{opt}: --path ma runs in process only")
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        _fail(args, f"--json {args.json}: no such directory")
-    from sevcore.migration import ma       # local: pulls in cryptography's X25519 and AES-GCM
+    for opt in ("json", "port_file"):
+        path = getattr(args, opt, None)
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            _fail(args, f"--{opt.replace('_', '-')} {path}: no such directory")
+    if getattr(args, "listen", None) is not None and not 0 <= args.listen <= 65535:
+        _fail(args, f"--listen {args.listen}: a port is 0-65535")
+    if getattr(args, "to", None) and not args.to.rpartition(":")[2].isdigit():
+        _fail(args, f"--to wants HOST:PORT, not {args.to!r}")
+    # local: pulls in cryptography's X25519 and AES-GCM, which only this path needs
+    from sevcore.migration import ma, ma_remote
     if args.mem % 4096 or args.mem > parse_size("1G"):
         _fail(args, f"--mem {args.mem}: a multiple of 4 KiB up to 1G for --path ma")
+    if args.listen is not None:
+        return _listen_snp(args, ma, ma_remote)
+    if args.to:
+        return _send_snp(args, ma, ma_remote)
     print(f"Migrating a {args.mem >> 20} MiB SNP guest through migration agents between two "
           f"simulated hosts", file=sys.stderr)
     src, dst = sevcore.Kvm(), sevcore.Kvm()
@@ -399,6 +408,61 @@ def cmd_migrate_snp(args):
         print(f"{k:>20}  {v}")
     if args.json:
         _write_json(args.json, {"ma": rec})
+    return 0 if ok else 1
+
+
+def _listen_snp(args, ma, ma_remote):
+    """The target of ``--type snp --path ma``: its agent, one incoming guest, its check."""
+    from sevcore.migration.transport import TcpListener   # local: as cmd_migrate_snp's
+    kvm = sevcore.Kvm()
+    agent = ma.Agent(kvm)
+    try:
+        with TcpListener(args.bind, args.listen) as lst:
+            print(f"listening on {lst.address[0]}:{lst.address[1]}", file=sys.stderr, flush=True)
+            if args.port_file:
+                with open(args.port_file + ".tmp", "w") as f:
+                    f.write(str(lst.address[1]))
+                os.replace(args.port_file + ".tmp", args.port_file)
+            with lst.accept(timeout=120, channel_timeout=120) as ch:
+                _, result = ma_remote.receive_guest(ch, kvm, agent)
+    except Exception as e:
+        print(f"sevcore: incoming SNP migration failed: {type(e).__name__}: {e}",
+              file=sys.stderr)
+        if args.json:
+            _write_json(args.json, {"incoming": {"status": "failed",
+                                                 "error-desc": f"{type(e).__name__}: {e}"}})
+        return 1
+    ok = result["data_ok"] and result["key_ok"]
+    if args.json:
+        _write_json(args.json, {"incoming": {"status": "completed" if ok else "failed",
+                                             **result}})
+    print(f"guest resumed: {result['pages']:,} pages, its own check "
+          f"{'passed' if ok else 'FAILED'}")
+    return 0 if ok else 1
+
+
+def _send_snp(args, ma, ma_remote):
+    """The source of ``--type snp --path ma``: its agent and guest, sent to ``--to``."""
+    from sevcore.migration.transport import tcp_connect   # local: as cmd_migrate_snp's
+    host, _, port = args.to.rpartition(":")
+    kvm = sevcore.Kvm()
+    agent = ma.Agent(kvm)
+    try:
+        guest = ma.SnpMaGuest.launch(kvm, args.mem, agent, seed=args.seed)
+        guest.run_workload(seed=args.seed)
+        with tcp_connect(host, int(port), timeout=120) as ch:
+            result = ma_remote.send_guest(ch, guest, agent)
+    except Exception as e:
+        print(f"sevcore: ma path: {type(e).__name__}: {e}", file=sys.stderr)
+        if args.json:
+            _write_json(args.json, {"ma": {"status": "failed",
+                                           "error-desc": f"{type(e).__name__}: {e}"}})
+        return 1
+    ok = result["data_ok"] and result["key_ok"]
+    if args.json:
+        _write_json(args.json, {"ma": {"status": "completed" if ok else "failed", **result}})
+    print(f"migrated: {result['pages']:,} pages; the guest's own check on the target "
+          f"{'passed' if ok else 'FAILED'}")
     return 0 if ok else 1
 
 
