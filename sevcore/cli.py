@@ -394,20 +394,31 @@ def cmd_migrate_snp(args):
         wall = time.perf_counter() - t0
         out = target.check()
     except (ma.MaError, ValueError, OSError) as e:
-        print(f"sevcore: ma path: {type(e).__name__}: {e}", file=sys.stderr)
-        if args.json:
-            _write_json(args.json, {"ma": {"status": "failed",
-                                           "error-desc": f"{type(e).__name__}: {e}"}})
-        return 1
-    ok = out["data_ok"] and out["key_ok"]
-    rec = {"status": "completed" if ok else "failed", "pages-sealed": st.pages_sealed,
-           "pages-swapped": st.pages_swapped, "agent-messages": st.agent_messages,
-           "bytes": st.bytes_sent, "wall-s": round(wall, 3), "guest-data-ok": out["data_ok"],
+        return _snp_failed(args, "ma", e)
+    rec = {"pages-sealed": st.pages_sealed, "pages-swapped": st.pages_swapped,
+           "agent-messages": st.agent_messages, "bytes": st.bytes_sent,
+           "wall-s": round(wall, 3), "guest-data-ok": out["data_ok"],
            "guest-vmrk-key-ok": out["key_ok"], "guest-report-bytes": len(out["report"])}
-    for k, v in rec.items():
-        print(f"{k:>20}  {v}")
+    return _snp_done(args, "ma", out["data_ok"] and out["key_ok"], rec,
+                     "\n".join(f"{k:>20}  {v}" for k, v in rec.items()))
+
+
+def _snp_failed(args, key, e):
+    """A failed ``--path ma`` run: one line, and QEMU's record (status, error-desc) under
+    ``key`` with --json."""
+    desc = f"{type(e).__name__}: {e}"
+    print(f"sevcore: {key} SNP migration failed: {desc}", file=sys.stderr)
     if args.json:
-        _write_json(args.json, {"ma": rec})
+        _write_json(args.json, {key: {"status": "failed", "error-desc": desc}})
+    return 1
+
+
+def _snp_done(args, key, ok, rec, line):
+    """A finished ``--path ma`` run: ``line`` printed, the record under ``key`` with --json;
+    the status is the guest's own check (``ok``)."""
+    if args.json:
+        _write_json(args.json, {key: {"status": "completed" if ok else "failed", **rec}})
+    print(line)
     return 0 if ok else 1
 
 
@@ -426,19 +437,10 @@ def _listen_snp(args, ma, ma_remote):
             with lst.accept(timeout=120, channel_timeout=120) as ch:
                 _, result = ma_remote.receive_guest(ch, kvm, agent)
     except Exception as e:
-        print(f"sevcore: incoming SNP migration failed: {type(e).__name__}: {e}",
-              file=sys.stderr)
-        if args.json:
-            _write_json(args.json, {"incoming": {"status": "failed",
-                                                 "error-desc": f"{type(e).__name__}: {e}"}})
-        return 1
+        return _snp_failed(args, "incoming", e)
     ok = result["data_ok"] and result["key_ok"]
-    if args.json:
-        _write_json(args.json, {"incoming": {"status": "completed" if ok else "failed",
-                                             **result}})
-    print(f"guest resumed: {result['pages']:,} pages, its own check "
-          f"{'passed' if ok else 'FAILED'}")
-    return 0 if ok else 1
+    return _snp_done(args, "incoming", ok, result, f"guest resumed: {result['pages']:,} "
+                     f"pages, its own check {'passed' if ok else 'FAILED'}")
 
 
 def _send_snp(args, ma, ma_remote):
@@ -453,17 +455,10 @@ def _send_snp(args, ma, ma_remote):
         with tcp_connect(host, int(port), timeout=120) as ch:
             result = ma_remote.send_guest(ch, guest, agent)
     except Exception as e:
-        print(f"sevcore: ma path: {type(e).__name__}: {e}", file=sys.stderr)
-        if args.json:
-            _write_json(args.json, {"ma": {"status": "failed",
-                                           "error-desc": f"{type(e).__name__}: {e}"}})
-        return 1
+        return _snp_failed(args, "ma", e)
     ok = result["data_ok"] and result["key_ok"]
-    if args.json:
-        _write_json(args.json, {"ma": {"status": "completed" if ok else "failed", **result}})
-    print(f"migrated: {result['pages']:,} pages; the guest's own check on the target "
-          f"{'passed' if ok else 'FAILED'}")
-    return 0 if ok else 1
+    return _snp_done(args, "ma", ok, result, f"migrated: {result['pages']:,} pages; the "
+                     f"guest's own check on the target {'passed' if ok else 'FAILED'}")
 
 
 def _write_json(path, obj):

@@ -190,24 +190,13 @@ def test_the_command_over_tcp_between_two_processes(tmp_path):
     """``--listen`` in a target process and ``--to`` here: the guest leaves through its agent,
     the target's agent imports it and the guest's own check passes there."""
     import json
-    import subprocess
-    import sys
-    import time
 
     from sevcore.cli import main
-    port_file = tmp_path / "port"
-    proc = subprocess.Popen([sys.executable, "-m", "sevcore", "migrate", "--type", "snp",
-                             "--path", "ma", "--listen", "0", "--port-file", str(port_file)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"target did not start: {proc.communicate()}")
-        time.sleep(0.02)
+    from support.migration import target_process
+    proc, port = target_process(tmp_path, "--type", "snp", "--path", "ma")
     out = tmp_path / "src.json"
     rc = main(["migrate", "--type", "snp", "--path", "ma", "--mem", "1M", "--to",
-               f"127.0.0.1:{int(port_file.read_text())}", "--json", str(out)])
+               f"127.0.0.1:{port}", "--json", str(out)])
     stdout, stderr = proc.communicate(timeout=60)
     assert rc == 0 and proc.returncode == 0, stderr
     assert "check passed" in stdout
