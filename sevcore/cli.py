@@ -409,7 +409,10 @@ def _snp_failed(args, key, e):
     desc = f"{type(e).__name__}: {e}"
     print(f"sevcore: {key} SNP migration failed: {desc}", file=sys.stderr)
     if args.json:
-        _write_json(args.json, {key: {"status": "failed", "error-desc": desc}})
+        rec = {"status": "failed", "error-desc": desc}
+        if key != "incoming":
+            rec["source-guest"] = {"lost": bool(getattr(e, "lost", False))}
+        _write_json(args.json, {key: rec})
     return 1
 
 

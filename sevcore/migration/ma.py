@@ -71,12 +71,14 @@ _CHANNEL_INFO = b"sevcore snp migration agent channel v1"
 
 class MaError(RuntimeError):
     """A migration-agent step refused: ``what`` failed with firmware status ``status`` (in a
-    message's STATUS) or for ``reason``."""
+    message's STATUS) or for ``reason``; ``lost`` when the source guest no longer exists."""
 
-    def __init__(self, what, status=None, reason=None):
+    def __init__(self, what, status=None, reason=None, lost=False):
         why = status_name(status) if status is not None else reason
         super().__init__(f"migration agent: {what} refused: {why}")
         self.what, self.status, self.reason = what, status, reason
+        #: The guest's context had been exported when this happened: the source guest is gone.
+        self.lost = lost
 
 
 # -- the agent ------------------------------------------------------------------------------------

@@ -69,7 +69,9 @@ def recv_frame(ch, want):
     return _recv_exact(ch, n)
 
 
-def _hello(ch, agent):
+def agree(ch, agent):
+    """HELLO both ways: this agent's key, report and VCEK out, the peer's in and checked
+    (ma.Agent.trust: AttestationError for a peer it does not trust)."""
     key, report = agent.hello()
     send_frame(ch, HELLO, _parts(key, report, agent.host.psp.snp_vcek_cert()))
     peer_key, peer_report, peer_vcek = _unparts(recv_frame(ch, HELLO))
@@ -104,17 +106,23 @@ def _image(data):
 
 def send_guest(ch, guest, agent):
     """The source process: agree with the peer's agent, send the guest's image, and return the
-    target's RESULT (a dict: ``data_ok``, ``key_ok``, ``measurement``)."""
-    _hello(ch, agent)
+    target's RESULT (a dict: ``data_ok``, ``key_ok``, ``measurement``). A failure before the
+    export leaves the guest running here (ma.send swaps its pages back in when the export is
+    refused); one after it is MaError with ``lost``: the guest exists only in the image."""
+    agree(ch, agent)
     image = ma.send(guest, agent)
-    send_frame(ch, IMAGE, _image_bytes(guest, image))
-    return json.loads(recv_frame(ch, RESULT))
+    try:
+        send_frame(ch, IMAGE, _image_bytes(guest, image))
+        return json.loads(recv_frame(ch, RESULT))
+    except Exception as e:
+        raise ma.MaError("migration", reason=f"{type(e).__name__}: {e}; the guest's context "
+                         "was exported, so the source guest is lost", lost=True) from e
 
 
 def receive_guest(ch, kvm, agent):
     """The target process: agree with the peer's agent, receive the image, bring the guest up
     and run its own check; the RESULT goes back. Returns ``(guest, result)``."""
-    _hello(ch, agent)
+    agree(ch, agent)
     meta, image = _image(recv_frame(ch, IMAGE))
     guest = ma.receive(kvm, meta["mem_size"], agent, image, meta["batch_pages"])
     out = guest.check()

@@ -202,3 +202,45 @@ def test_the_command_over_tcp_between_two_processes(tmp_path):
     assert "check passed" in stdout
     rec = json.loads(out.read_text())["ma"]
     assert rec["status"] == "completed" and rec["data_ok"] and rec["key_ok"]
+
+
+def test_a_target_gone_after_the_export_is_reported_as_the_guest_lost(hosts):
+    """A target that agrees, then closes before the image arrives: the source's export has
+    decommissioned the guest, and the failure says the guest is lost, never success."""
+    import threading
+
+    from sevcore.migration import ma_remote
+    from sevcore.migration.transport import inprocess_pair
+    src, dst, a, b, guest = hosts
+    src_end, dst_end = inprocess_pair(capacity=1 << 16, timeout=30)
+
+    def target():
+        ma_remote.agree(dst_end, b)
+        dst_end.close()
+    t = threading.Thread(target=target)
+    t.start()
+    with pytest.raises(ma.MaError, match="lost") as e:
+        ma_remote.send_guest(src_end, guest, a)
+    t.join(30)
+    assert e.value.lost and guest.vm.sev.snp_context is None
+
+
+def test_an_untrusted_target_leaves_the_source_guest_running(hosts):
+    """A target agent of another image is refused at HELLO, before anything is swapped or
+    exported: the failure is not a loss and the source guest checks itself clean."""
+    import threading
+
+    from sevcore.migration import ma_remote
+    from sevcore.migration.transport import inprocess_pair
+    src, dst, a, b, guest = hosts
+    rogue = ma.Agent(dst, image=b"another agent")
+    src_end, dst_end = inprocess_pair(timeout=30)
+    t = threading.Thread(target=lambda: pytest.raises(Exception, ma_remote.receive_guest,
+                                                      dst_end, dst, rogue))
+    t.start()
+    with pytest.raises(attest.AttestationError):
+        ma_remote.send_guest(src_end, guest, a)
+    src_end.close()
+    t.join(30)
+    out = guest.check()          # (its worker never started: no key page to compare yet)
+    assert out["data_ok"] and len(out["report"]) == 1184
