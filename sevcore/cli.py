@@ -390,14 +390,14 @@ def cmd_migrate_snp(args):
     try:
         guest = ma.SnpMaGuest.launch(src, args.mem, a, seed=args.seed)
         guest.run_workload(seed=args.seed)
-        target, st = ma.migrate(guest, a, dst, b)
+        target, st = ma.migrate(guest, a, dst, b, cost=_cost(args))
         wall = time.perf_counter() - t0
         out = target.check()
     except (ma.MaError, ValueError, OSError) as e:
         return _snp_failed(args, "ma", e)
     rec = {"pages-sealed": st.pages_sealed, "pages-swapped": st.pages_swapped,
            "agent-messages": st.agent_messages, "bytes": st.bytes_sent,
-           "wall-s": round(wall, 3), "guest-data-ok": out["data_ok"],
+           "downtime-ms": round(st.downtime_ns / 1e6, 3), "wall-s": round(wall, 3), "guest-data-ok": out["data_ok"],
            "guest-vmrk-key-ok": out["key_ok"], "guest-report-bytes": len(out["report"])}
     return _snp_done(args, "ma", out["data_ok"] and out["key_ok"], rec,
                      "\n".join(f"{k:>20}  {v}" for k, v in rec.items()))

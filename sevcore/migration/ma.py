@@ -30,7 +30,7 @@ reaches the firmware goes through their vCPU as guest messages.
 import hashlib
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
@@ -43,6 +43,7 @@ from sevcore import uapi as U
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm import snp_ma as K
 from sevcore.kvm.ghcb import ghcb_program
+from sevcore.migration import driver
 from sevcore.migration.helper import (_KEY, _STATE, KEY_MAGIC, STATE_MAGIC, HelperCounters,
                                       HelperLayout, MigrationHelper, _SharedPages,
                                       migration_helper)
@@ -390,12 +391,27 @@ class Worker(MigrationHelper):
 @dataclass
 class MaStats:
     """What one migration moved: pages at CPU speed, pages through the firmware, agent
-    messages, bytes on the wire."""
+    messages, bytes on the wire; ``downtime_ns``, the cost model's time for it all (the guest
+    is stopped throughout), when a cost model was given."""
     pages_sealed: int = 0
     pages_swapped: int = 0
     agent_messages: int = 0
     bytes_sent: int = 0
-    extra: dict = field(default_factory=dict)
+    downtime_ns: float = None
+
+
+def modelled_ns(cost, npages, nbytes, batch_pages, swapped=3):
+    """The cost model's time for one migration of ``npages`` sealed pages and ``nbytes`` on the
+    wire, step after step: the source's worker seals (one vCPU, an exit per batch), its PSP
+    swaps out ``swapped`` pages and answers MSG_EXPORT_REQ; the link; the target's PSP runs
+    SNP_GCTX_CREATE, MSG_IMPORT_REQ, SNP_ACTIVATE and the swap-ins; its worker opens. The
+    agents' handshake comes before the guest stops and is not counted."""
+    exits = -(-npages // batch_pages) if npages else 0
+    worker = driver.helper_pages(npages, 1, exits)
+    source = worker + (driver.Demand("psp", swapped, PAGE_SIZE), driver.Demand("psp", 1))
+    target = (driver.Demand("psp", 3), driver.Demand("psp", swapped, PAGE_SIZE)) + worker
+    link = nbytes * 1e9 / cost.network_bytes_per_s + cost.network_latency_ns
+    return sum(d.ns(cost) for d in source + target) + link
 
 
 @dataclass
@@ -463,10 +479,10 @@ def receive(kvm, mem_size, agent, image, batch_pages=64):
     return guest
 
 
-def migrate(guest, src_agent, dst_kvm, dst_agent):
+def migrate(guest, src_agent, dst_kvm, dst_agent, cost=None):
     """Migrate ``guest`` in process from its agent's Host to ``dst_kvm``'s, whose agent is
     ``dst_agent``: the agents check each other, then :func:`send` and :func:`receive`.
-    Returns ``(target guest, MaStats)``."""
+    Returns ``(target guest, MaStats)``; with ``cost`` (a CostModel) its modelled downtime."""
     before = src_agent.messages + dst_agent.messages
     pair(src_agent, dst_agent)
     image = send(guest, src_agent)
@@ -474,4 +490,7 @@ def migrate(guest, src_agent, dst_kvm, dst_agent):
     stats = MaStats(pages_sealed=len(image.gfns), pages_swapped=1 + len(image.vmsas),
                     agent_messages=src_agent.messages + dst_agent.messages - before,
                     bytes_sent=image.nbytes())
+    if cost is not None:
+        stats.downtime_ns = modelled_ns(cost, stats.pages_sealed, stats.bytes_sent,
+                                        guest.layout.batch_pages, stats.pages_swapped)
     return target, stats

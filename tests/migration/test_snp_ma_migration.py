@@ -10,6 +10,7 @@ import pytest
 
 import sevcore
 from sevcore import uapi as U
+from sevcore.hw.costmodel import CostModel
 from sevcore.kvm import snp_ma as K
 from sevcore.migration import ma
 from sevcore.migration.helper import HelperPacketError
@@ -39,7 +40,8 @@ def test_migrates_through_agents_and_the_guest_checks_itself(hosts):
     src, dst, a, b, guest = hosts
     gctx = guest.vm.sev.snp_context
     measurement = src.host.psp.snp_guest(gctx).ld
-    target, stats = ma.migrate(guest, a, dst, b)
+    cost = CostModel()
+    target, stats = ma.migrate(guest, a, dst, b, cost=cost)
     assert src.host.psp.snp_guest(gctx) is None and guest.vm.sev.snp_context is None
     out = target.check()
     assert out["data_ok"] and out["key_ok"]
@@ -55,6 +57,9 @@ def test_migrates_through_agents_and_the_guest_checks_itself(hosts):
         assert (e.assigned, e.validated, e.asid, e.gpa) == (1, 1, vm.sev.asid, gfn << 12)
     assert stats.pages_sealed == len(guest.sealed_gfns()) and stats.pages_swapped == 3
     assert stats.agent_messages >= 4 and stats.bytes_sent > stats.pages_sealed * 4096
+    sealing = 2 * stats.pages_sealed * 4096 * 1e9 / cost.helper_aead_bytes_per_s
+    wire = stats.bytes_sent * 1e9 / cost.network_bytes_per_s
+    assert stats.downtime_ns > sealing + wire + 6 * cost.psp_command_latency_ns
 
 
 def test_launch_without_the_migrate_ma_policy_bit_is_refused():
