@@ -323,6 +323,8 @@ class SnpMaMessages:
         the type asked for (INVALID_MDATA_ENTRY) at the page's GPA (INVALID_PAGE_STATE) and the
         tag checks out (INVALID_MDATA_ENTRY). The page is then validated as it was when it left,
         unlocked (docs/snp.md), and the entry no longer VALID."""
+        if f.rsvd:
+            return U.SEV_RET_INVALID_PARAM
         status, g = self._swap_gate(f)
         if status:
             return status
