@@ -282,6 +282,8 @@ def _config(args, cost, kvm, dirty_rate=None, path="psp"):
     rate = dirty_rate if dirty_rate is not None else (
         args.dirty_rate if args.dirty_rate is not None else cost.dirty_pages_per_s)
     c_bit = {} if kvm is None else {"c_bit": kvm.host.c_bit}
+    if args.type not in VM_TYPES:          # snp: only `migrate --path ma` takes it
+        raise ValueError(f"--type {args.type}: only `sevcore migrate --type snp --path ma`")
     policy = args.policy | (SEV_POLICY_ES if args.type == "sev-es" else 0)
     return GuestConfig(mem_size=args.mem, nr_vcpus=args.vcpus, shared_size=args.shared,
                        workload=args.workload, dirty_pages_per_s=rate,

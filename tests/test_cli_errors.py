@@ -32,6 +32,8 @@ CASES = [
     ("migrate --type snp --path ma --mem 2G", "--mem"),
     ("migrate --type snp --path ma --to nohost", "--to"),
     ("migrate --type snp --path ma --listen 70000", "--listen"),
+    ("sweep --type snp", "--type snp"),
+    ("sweep --path ma", "not 'ma'"),
     ("sweep --dirty-rates a,b --json out.json", "dirty-rate"),
     ("sweep --dirty-rates 0,-1", "--dirty-rate"),
     ("sweep --mem 1T", "--mem"),
