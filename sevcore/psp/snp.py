@@ -344,8 +344,7 @@ class SnpCommands(SnpMaMessages):
         g.policy = f.policy
         g.gosvw = bytes(f.gosvw)
         g.desired_tsc_khz = f.desired_tsc_khz
-        seed = self._rng(32)
-        g.vek = kdf(seed, "sev-snp-vm-encryption-key", b"", 64)
+        g.vek = self._new_vek()
         g.vmpck = [self._rng(U.VMPCK_KEY_LEN) for _ in range(U.VMPCK_MAX_NUM)]
         g.report_id = self._rng(32)
         g.launch_tcb = self.snp_tcb

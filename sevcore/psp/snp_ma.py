@@ -35,6 +35,9 @@ from sevcore.psp import snp_layout as S
 from sevcore.psp.crypto import kdf
 from sevcore.psp.layout import U8, U32, U64, Layout
 
+GSTATE_INIT = U.SNP_GUEST_STATE_INIT
+GSTATE_LAUNCH = U.SNP_GUEST_STATE_LAUNCH
+GSTATE_RUNNING = U.SNP_GUEST_STATE_RUNNING
 #: The two message types 56860 7.7 adds after the kernel's enum msg_type (AMD-ASPFW
 #: ``SNP_MSG_ABSORB_NOMA_REQ``/``_RSP``); the kernel's enum stops at MSG_VMRK_RSP.
 SNP_MSG_ABSORB_NOMA_REQ = 15
@@ -92,8 +95,8 @@ snp_msg_status_rsp = Layout("snp_msg_status_rsp", [("status", U32), ("rsvd", "12
 #: EXPORT's answer fills the page (AMD-ASPFW: MSG_SIZE = 4 KiB - the header).
 EXPORT_RSP_SIZE = U.SNP_GUEST_MSG_SIZE - S.snp_guest_msg_hdr.size
 
-#: The physical-address bits a message's GCTX_PADDR may not set (bits 63:52, and the page
-#: offset the firmware drops: SNP_PAGE_ADDR).
+#: The physical-address bits a message's GCTX_PADDR may not set (bits 63:52; the page offset
+#: is dropped, as the firmware's SNP_PAGE_ADDR drops it).
 _ADDR_RESERVED = ~((1 << 52) - 1) & ((1 << 64) - 1)
 
 
@@ -424,7 +427,8 @@ class SnpMaMessages:
         assert status == U.SEV_RET_SUCCESS, status
 
     def _new_vek(self):
-        """A fresh memory key for an imported guest (SNP_ACTIVATE installs it)."""
+        """A fresh memory key (LAUNCH_START's, and an imported guest's: SNP_ACTIVATE installs
+        it)."""
         return kdf(self._rng(32), "sev-snp-vm-encryption-key", b"", 64)
 
 
@@ -458,9 +462,3 @@ class _Addr:
 
     def __init__(self, address):
         self.address = address
-
-
-GSTATE_INIT = U.SNP_GUEST_STATE_INIT
-GSTATE_LAUNCH = U.SNP_GUEST_STATE_LAUNCH
-GSTATE_RUNNING = U.SNP_GUEST_STATE_RUNNING
-
