@@ -4,6 +4,8 @@
     sevcore migrate --mem 1G --dirty-rate 5000 --path psp --json out.json --plot out.png
     sevcore migrate --type sev-es --path psp --out-of-tree-vmsa   # an SEV-ES guest
     sevcore migrate --type sev-es --path helper --postcopy        # one with upstream KVM
+    sevcore migrate --type snp --path ma --mem 64M    # an SNP guest through migration agents
+    sevcore migrate --type snp --path ma --listen 4444 / --to 127.0.0.1:4444   # the same, TCP
     sevcore migrate --listen 4444           # target process
     sevcore migrate --to 127.0.0.1:4444     # source process
     sevcore sweep --dirty-rates 0,2500,10000 --plot sweep.png
@@ -226,15 +228,17 @@ def _guest_args(ap):
     g.add_argument("--vcpus", type=int, default=1, help="guest vCPUs (default 1)")
     g.add_argument("--hot-fraction", type=float, default=0.1,
                    help="hotset workload: fraction of memory it writes (default 0.1)")
-    g.add_argument("--type", choices=tuple(VM_TYPES), default="sev",
-                   help="guest type (default sev; sev-es adds SEV_POLICY_ES to the policy)")
+    g.add_argument("--type", choices=tuple(VM_TYPES) + ("snp",), default="sev",
+                   help="guest type (default sev; sev-es adds SEV_POLICY_ES to the policy; "
+                        "snp migrates through migration agents, --path ma)")
     g.add_argument("--policy", type=parse_policy, default=0,
                    help="SEV guest policy (default 0)")
     g.add_argument("--seed", type=int, default=1,
                    help="seed of the workload's choice of pages to dirty (default 1)")
     m = ap.add_argument_group("migration")
-    m.add_argument("--path", choices=PATHS + ("both",), default="both",
-                   help="private pages through the PSP, the in-guest helper, or both")
+    m.add_argument("--path", choices=PATHS + ("both", "ma"), default="both",
+                   help="private pages through the PSP, the in-guest helper, or both; "
+                        "ma: an SNP guest through migration agents")
     m.add_argument("--max-iterations", type=int, default=30,
                    help="pre-copy passes before stop-and-copy is forced (default 30)")
     m.add_argument("--ring-buffer", action="store_true",
@@ -279,6 +283,8 @@ def _config(args, cost, kvm, dirty_rate=None, path="psp"):
     rate = dirty_rate if dirty_rate is not None else (
         args.dirty_rate if args.dirty_rate is not None else cost.dirty_pages_per_s)
     c_bit = {} if kvm is None else {"c_bit": kvm.host.c_bit}
+    if args.type not in VM_TYPES:          # snp: only `migrate --path ma` takes it
+        raise ValueError(f"--type {args.type}: only `sevcore migrate --type snp --path ma`")
     policy = args.policy | (SEV_POLICY_ES if args.type == "sev-es" else 0)
     return GuestConfig(mem_size=args.mem, nr_vcpus=args.vcpus, shared_size=args.shared,
                        workload=args.workload, dirty_pages_per_s=rate,
@@ -322,6 +328,8 @@ def cmd_migrate(args):
         for name, value, unit, doc in cost.describe():
             print(f"{name} = {value:g} {unit}\n    {doc}\n")
         return 0
+    if args.type == "snp" or args.path == "ma":
+        return cmd_migrate_snp(args)
     _check(args, cost)
     if args.listen is not None:
         return _listen(args)
@@ -354,6 +362,109 @@ def cmd_migrate(args):
         plot_remaining(results, args.plot)
         print(f"plot: {args.plot}", file=sys.stderr)
     return status
+
+
+def cmd_migrate_snp(args):
+    """``migrate --type snp --path ma``: an SNP guest through migration agents, in process
+    (sevcore.migration.ma); the guest's own check on the target decides the status."""
+    if args.type != "snp" or args.path not in ("ma", "both"):
+        _fail(args, "SNP guests migrate only through migration agents: --type snp --path ma")
+    for opt in ("json", "port_file"):
+        path = getattr(args, opt, None)
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            _fail(args, f"--{opt.replace('_', '-')} {path}: no such directory")
+    if getattr(args, "listen", None) is not None and not 0 <= args.listen <= 65535:
+        _fail(args, f"--listen {args.listen}: a port is 0-65535")
+    if getattr(args, "to", None) and not args.to.rpartition(":")[2].isdigit():
+        _fail(args, f"--to wants HOST:PORT, not {args.to!r}")
+    # local: pulls in cryptography's X25519 and AES-GCM, which only this path needs
+    from sevcore.migration import ma, ma_remote
+    if args.mem % 4096 or args.mem > parse_size("1G"):
+        _fail(args, f"--mem {args.mem}: a multiple of 4 KiB up to 1G for --path ma")
+    if args.listen is not None:
+        return _listen_snp(args, ma, ma_remote)
+    if args.to:
+        return _send_snp(args, ma, ma_remote)
+    print(f"Migrating a {args.mem >> 20} MiB SNP guest through migration agents between two "
+          f"simulated hosts", file=sys.stderr)
+    src, dst = sevcore.Kvm(), sevcore.Kvm()
+    a, b = ma.Agent(src), ma.Agent(dst)
+    t0 = time.perf_counter()
+    try:
+        guest = ma.SnpMaGuest.launch(src, args.mem, a, seed=args.seed)
+        guest.run_workload(seed=args.seed)
+        target, st = ma.migrate(guest, a, dst, b, cost=_cost(args))
+        wall = time.perf_counter() - t0
+        out = target.check()
+    except (ma.MaError, ValueError, OSError) as e:
+        return _snp_failed(args, "ma", e)
+    rec = {"pages-sealed": st.pages_sealed, "pages-swapped": st.pages_swapped,
+           "agent-messages": st.agent_messages, "bytes": st.bytes_sent,
+           "downtime-ms": round(st.downtime_ns / 1e6, 3), "wall-s": round(wall, 3), "guest-data-ok": out["data_ok"],
+           "guest-vmrk-key-ok": out["key_ok"], "guest-report-bytes": len(out["report"])}
+    return _snp_done(args, "ma", out["data_ok"] and out["key_ok"], rec,
+                     "\n".join(f"{k:>20}  {v}" for k, v in rec.items()))
+
+
+def _snp_failed(args, key, e):
+    """A failed ``--path ma`` run: one line, and QEMU's record (status, error-desc) under
+    ``key`` with --json."""
+    desc = f"{type(e).__name__}: {e}"
+    print(f"sevcore: {key} SNP migration failed: {desc}", file=sys.stderr)
+    if args.json:
+        rec = {"status": "failed", "error-desc": desc}
+        if key != "incoming":
+            rec["source-guest"] = {"lost": bool(getattr(e, "lost", False))}
+        _write_json(args.json, {key: rec})
+    return 1
+
+
+def _snp_done(args, key, ok, rec, line):
+    """A finished ``--path ma`` run: ``line`` printed, the record under ``key`` with --json;
+    the status is the guest's own check (``ok``)."""
+    if args.json:
+        _write_json(args.json, {key: {"status": "completed" if ok else "failed", **rec}})
+    print(line)
+    return 0 if ok else 1
+
+
+def _listen_snp(args, ma, ma_remote):
+    """The target of ``--type snp --path ma``: its agent, one incoming guest, its check."""
+    from sevcore.migration.transport import TcpListener   # local: as cmd_migrate_snp's
+    kvm = sevcore.Kvm()
+    agent = ma.Agent(kvm)
+    try:
+        with TcpListener(args.bind, args.listen) as lst:
+            print(f"listening on {lst.address[0]}:{lst.address[1]}", file=sys.stderr, flush=True)
+            if args.port_file:
+                with open(args.port_file + ".tmp", "w") as f:
+                    f.write(str(lst.address[1]))
+                os.replace(args.port_file + ".tmp", args.port_file)
+            with lst.accept(timeout=120, channel_timeout=120) as ch:
+                _, result = ma_remote.receive_guest(ch, kvm, agent)
+    except Exception as e:
+        return _snp_failed(args, "incoming", e)
+    ok = result["data_ok"] and result["key_ok"]
+    return _snp_done(args, "incoming", ok, result, f"guest resumed: {result['pages']:,} "
+                     f"pages, its own check {'passed' if ok else 'FAILED'}")
+
+
+def _send_snp(args, ma, ma_remote):
+    """The source of ``--type snp --path ma``: its agent and guest, sent to ``--to``."""
+    from sevcore.migration.transport import tcp_connect   # local: as cmd_migrate_snp's
+    host, _, port = args.to.rpartition(":")
+    kvm = sevcore.Kvm()
+    agent = ma.Agent(kvm)
+    try:
+        guest = ma.SnpMaGuest.launch(kvm, args.mem, agent, seed=args.seed)
+        guest.run_workload(seed=args.seed)
+        with tcp_connect(host, int(port), timeout=120) as ch:
+            result = ma_remote.send_guest(ch, guest, agent)
+    except Exception as e:
+        return _snp_failed(args, "ma", e)
+    ok = result["data_ok"] and result["key_ok"]
+    return _snp_done(args, "ma", ok, result, f"migrated: {result['pages']:,} pages; the "
+                     f"guest's own check on the target {'passed' if ok else 'FAILED'}")
 
 
 def _write_json(path, obj):

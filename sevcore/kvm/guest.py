@@ -207,6 +207,12 @@ class Guest:
             raise ValueError("user_data is 64 bytes")
         return Op("snp_guest_request", ("report", user_data, _size(vmpl)))
 
+    def snp_guest_message(self, msg_type, payload):
+        """A guest message of type ``msg_type`` (MSG_*_REQ) with ``payload``, sent as
+        snp_send_guest_request sends it (VMPCK0, the next sequence number); returns the
+        response's decrypted payload, whose STATUS is the caller's to read."""
+        return Op("snp_guest_request", ("message", bytes(payload), _size(msg_type)))
+
     def xsave(self, gpa, rfbm):
         """XSAVE to the 64-byte aligned ``gpa`` with EDX:EAX = ``rfbm`` (masked by XCR0)."""
         return Op("xsave", (u64(gpa, "gpa", ndim=0), u64(rfbm, "rfbm", ndim=0)))

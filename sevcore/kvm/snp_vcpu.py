@@ -351,11 +351,14 @@ class SnpVcpu(PscVcpu):
                 from None
         return status
 
-    def _snp_guest_request(self, kind, payload, vmpl):
-        """The guest driver's SNP_GET_REPORT: sequence number from the secrets page, request
+    def _snp_guest_request(self, kind, payload, arg):
+        """The guest driver's SNP_GET_REPORT (``kind`` "report", ``arg`` the VMPL), or any
+        message (``kind`` "message", ``arg`` its MSG_*_REQ type, ``payload`` its body, as
+        snp_send_guest_request sends them): sequence number from the secrets page, request
         encrypted with VMPCK0 into the shared request page, the guest-request NAE event, the
-        response checked and decrypted, the sequence number advanced by 2; returns the report.
-        A firmware or VMM error raises :class:`SnpGuestRequestFailed` in the guest."""
+        response checked and decrypted, the sequence number advanced by 2; returns the report
+        (or the response's payload). A firmware or VMM error raises
+        :class:`SnpGuestRequestFailed` in the guest."""
         vm = self.vm
         info = vm.snp_guest_msg
         if info is None:
@@ -374,8 +377,9 @@ class SnpVcpu(PscVcpu):
             st["vmpck"] = secrets[M.VMPCK_OFFSET:M.VMPCK_OFFSET + U.VMPCK_KEY_LEN]
             off = M.seqno_offset(0)
             st["seqno"] = int.from_bytes(secrets[off:off + 4], "little") + 1
-            body = SL.snp_report_req.pack(user_data=payload, vmpl=vmpl)
-            st["page"] = M.build_request(st["vmpck"], st["seqno"], U.SNP_MSG_REPORT_REQ, body)
+            st["type"], body = (U.SNP_MSG_REPORT_REQ, SL.snp_report_req.pack(
+                user_data=payload, vmpl=arg)) if kind == "report" else (arg, payload)
+            st["page"] = M.build_request(st["vmpck"], st["seqno"], st["type"], body)
             st["step"] = 1
         if st["step"] == 1:
             done = self._access(req_gpa, PAGE_SIZE, st["page"],
@@ -395,7 +399,7 @@ class SnpVcpu(PscVcpu):
             if page is EXIT or page is THROW:
                 return page
             try:
-                body = M.open_response(st["vmpck"], page, st["seqno"], U.SNP_MSG_REPORT_REQ,
+                body = M.open_response(st["vmpck"], page, st["seqno"], st["type"],
                                        PAGE_SIZE - M.HDR.size)
             except M.GuestMessageError as e:
                 self._throw = e
@@ -407,6 +411,8 @@ class SnpVcpu(PscVcpu):
                             st.setdefault("seqw", access_state(4, st["seq"])))
         if done is EXIT or done is THROW:
             return done
+        if kind == "message":
+            return st["body"]
         rsp = SL.snp_report_resp.view(bytearray(st["body"][:SL.snp_report_resp.size]))
         if rsp.status:
             self._throw = SnpGuestRequestFailed(rsp.status)

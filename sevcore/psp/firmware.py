@@ -27,6 +27,7 @@ from sevcore.psp.platform import DIRTY, UNINIT, PlatformCommands
 from sevcore.psp.ring import RingBufferMode
 from sevcore.psp.send_receive import SendReceiveCommands
 from sevcore.psp import snp_layout as SL
+from sevcore.psp import snp_ma as MA
 from sevcore.psp.snp import SnpCommands
 
 IN, OUT, INOUT, INOUT_ERR, IGNORE = range(5)
@@ -90,6 +91,8 @@ COMMANDS = {
     U.SEV_CMD_SNP_DBG_DECRYPT: ("snp_dbg_decrypt", SL.sev_data_snp_dbg, IN),
     U.SEV_CMD_SNP_DBG_ENCRYPT: ("snp_dbg_encrypt", SL.sev_data_snp_dbg, IN),
     U.SEV_CMD_SNP_PAGE_RECLAIM: ("snp_page_reclaim", SL.sev_data_snp_page_reclaim, IN),
+    U.SEV_CMD_SNP_PAGE_SWAP_OUT: ("snp_page_swap_out", MA.sev_data_snp_page_swap_out, IN),
+    U.SEV_CMD_SNP_PAGE_SWAP_IN: ("snp_page_swap_in", MA.sev_data_snp_page_swap_in, IN),
 }
 
 

@@ -26,6 +26,7 @@ from sevcore.core.arrays import runs
 from sevcore.hw.rmp import RmpEntry
 from sevcore.psp import attest as A
 from sevcore.psp import snp_layout as S
+from sevcore.psp.snp_ma import NO_MA, NO_MA_REPORT_ID, SnpMaMessages
 from sevcore.psp.crypto import kdf
 from sevcore.psp.platform import ALLOCATED, CLEAN, DIRTY, IN_USE
 from sevcore.psp.status import PspError
@@ -93,9 +94,19 @@ class SnpGuest:
         self.report_id = bytes(32)
         self.launch_tcb = 0
         self.vmsa_pfns = []
+        # Migration (56860 7.4-7.8, sevcore.psp.snp_ma): the agent's context page (NO_MA:
+        # none) and REPORT_ID, the IMI flag, the offline encryption key, the VM root key, the
+        # IMI digest, the root metadata entry and the OEK's IV count.
+        self.ma_pfn = NO_MA
+        self.report_id_ma = NO_MA_REPORT_ID
+        self.imi_en = 0
+        self.oek = self.vmrk = bytes(32)
+        self.imd = _ZERO48
+        self.root_md = bytes(64)
+        self.oek_iv_count = 0
 
 
-class SnpCommands:
+class SnpCommands(SnpMaMessages):
     """Mixin of Psp: the SEV-SNP platform and guest commands."""
 
     #: The TCB this chip runs and reports (boot loader, TEE, SNP firmware, microcode SPLs).
@@ -327,19 +338,18 @@ class SnpCommands:
         status = self._snp_policy_ok(f.policy)
         if status:
             return status
-        if f.ma_en and not f.policy & U.SNP_POLICY_MASK_MIGRATE_MA:
-            return U.SEV_RET_POLICY_FAILURE    # the policy forbids a migration agent
-        if f.ma_en or f.imi_en:
-            return U.SEV_RET_UNSUPPORTED       # no migration agents here
+        status, ma = self._ma_launch_check(f)
+        if status:
+            return status
         g.policy = f.policy
         g.gosvw = bytes(f.gosvw)
         g.desired_tsc_khz = f.desired_tsc_khz
-        seed = self._rng(32)
-        g.vek = kdf(seed, "sev-snp-vm-encryption-key", b"", 64)
+        g.vek = self._new_vek()
         g.vmpck = [self._rng(U.VMPCK_KEY_LEN) for _ in range(U.VMPCK_MAX_NUM)]
         g.report_id = self._rng(32)
         g.launch_tcb = self.snp_tcb
         g.ld = _ZERO48
+        self._ma_bind(g, ma, f.imi_en)
         g.state = GSTATE_LAUNCH
         return U.SEV_RET_SUCCESS
 
@@ -600,12 +610,13 @@ class SnpCommands:
             h, payload = A.open_msg(g.vmpck[vmpck_id], page)
         except A.GuestMsgError:
             return U.SEV_RET_INVALID_PARAM
-        handler = {U.SNP_MSG_REPORT_REQ: self._msg_report,
-                   U.SNP_MSG_KEY_REQ: self._msg_key}.get(h["msg_type"])
+        handler = {U.SNP_MSG_REPORT_REQ: self._msg_report, U.SNP_MSG_KEY_REQ: self._msg_key,
+                   **self._ma_handlers()}.get(h["msg_type"])
         if handler is None or h["msg_version"] != 1:
             return U.SEV_RET_INVALID_PARAM
+        key = g.vmpck[vmpck_id]           # the answer's key even if ABSORB_NOMA replaces it
         answer = handler(g, vmpck_id, payload)
-        out = A.seal_msg(g.vmpck[vmpck_id], h["msg_seqno"] + 1, h["msg_type"] + 1, answer,
+        out = A.seal_msg(key, h["msg_seqno"] + 1, h["msg_type"] + 1, answer,
                          vmpck_id=vmpck_id, msg_version=h["msg_version"])
         self._fw_write(res, out)
         g.msg_count[vmpck_id] += 2
@@ -635,7 +646,7 @@ class SnpCommands:
             mask_chip_key=0, signing_key=0, report_data=bytes(report_data), measurement=g.ld,
             host_data=g.host_data, id_key_digest=g.id_key_digest,
             author_key_digest=g.author_key_digest, report_id=g.report_id,
-            report_id_ma=b"\xff" * 32, reported_tcb=self.snp_tcb, cpuid_fam_id=fam,
+            report_id_ma=g.report_id_ma, reported_tcb=self.snp_tcb, cpuid_fam_id=fam,
             cpuid_mod_id=mod, cpuid_step=step, chip_id=self.snp_chip_id(),
             committed_tcb=self.snp_tcb, current_build=self.build, current_minor=self.api_minor,
             current_major=self.api_major, committed_build=self.build,
@@ -644,12 +655,13 @@ class SnpCommands:
         return A.sign_report(body, self._vcek_d())
 
     def _msg_key(self, g, vmpck_id, payload):
-        """MSG_KEY_REQ (56860 7.2): a 32-byte key derived from the VCEK's secret (or the VMRK,
-        which this firmware does not have: INVALID_PARAM) mixed with the guest fields selected,
-        the VMPL, the guest SVN and the TCB asked for, none above what the guest has."""
+        """MSG_KEY_REQ (56860 7.2): a 32-byte key derived from the VCEK's secret, or with
+        ROOT_KEY_SELECT bit 0 from the guest's VM root key (which travels with the guest's
+        context: sevcore.psp.snp_ma), mixed with the guest fields selected, the VMPL, the guest
+        SVN and the TCB asked for, none above what the guest has."""
         req = S.snp_derived_key_req.unpack(payload.ljust(S.snp_derived_key_req.size, b"\0"))
         bad = (len(payload) != S.snp_derived_key_req.size or req["rsvd"]
-               or req["root_key_select"] & ~1 or req["root_key_select"] & 1
+               or req["root_key_select"] & ~1
                or req["guest_field_select"] & ~KEY_FIELDS_MASK
                or not vmpck_id <= req["vmpl"] <= 3 or req["guest_svn"] > g.guest_svn
                or any(((req["tcb_version"] >> s) & 0xFF) > ((self.snp_tcb >> s) & 0xFF)
@@ -663,7 +675,8 @@ class SnpCommands:
                            (5, struct.pack("<Q", req["tcb_version"]))):
             if sel >> bit & 1:
                 ctx += value
-        root = kdf(self._chip_unique_key(), "sev-snp-vcek-secret", b"", 32)
+        root = g.vmrk if req["root_key_select"] & 1 else \
+            kdf(self._chip_unique_key(), "sev-snp-vcek-secret", b"", 32)
         key = kdf(root, "sev-snp-derived-key", ctx, 32)
         return S.snp_derived_key_resp.pack(status=0, derived_key=key)
 

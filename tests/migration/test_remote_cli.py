@@ -2,9 +2,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -13,27 +10,13 @@ from sevcore.migration.engine import MigrationError, MigrationParams
 from sevcore.migration.machine import Machine
 from sevcore.migration.remote import send_to
 
-from support.migration import assert_runs_on, launched, memory_snapshot
-
-
-def _target_process(tmp_path, *extra):
-    port_file = tmp_path / "port"
-    proc = subprocess.Popen([sys.executable, "-m", "sevcore", "migrate", "--listen", "0",
-                             "--port-file", str(port_file), "--quiet", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not port_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"target did not start: {proc.communicate()}")
-        time.sleep(0.02)
-    return proc, int(port_file.read_text())
+from support.migration import assert_runs_on, launched, memory_snapshot, target_process
 
 
 def test_two_processes_over_tcp(tmp_path):
     """A target process receives the guest over TCP; its guest resumes and finds memory
     intact."""
-    proc, port = _target_process(tmp_path)
+    proc, port = target_process(tmp_path)
     m, _ = launched(workload="random", dirty_pages_per_s=300)
     src = send_to("127.0.0.1", port, m, MigrationParams(max_iterations=4, timeout_s=30))
     out, err = proc.communicate(timeout=30)
@@ -45,7 +28,7 @@ def test_two_processes_over_tcp(tmp_path):
 
 def test_target_process_killed_mid_copy(tmp_path):
     """SIGKILL of the target mid-copy: the source cancels and its guest runs on unchanged."""
-    proc, port = _target_process(tmp_path)
+    proc, port = target_process(tmp_path)
     m, _ = launched(workload="idle")
     before = memory_snapshot(m)
 
@@ -66,7 +49,7 @@ def test_killed_target_leaves_a_failed_record_with_the_source_guest_checked(tmp_
     failed record: status, error-desc, the statistics so far and the source guest's own
     check after SEND_CANCEL."""
     import sevcore.cli as cli  # the progress bar is the hook that kills the target
-    proc, port = _target_process(tmp_path)
+    proc, port = target_process(tmp_path)
 
     class Killer(cli.Progress):
         def __call__(self, ev):
@@ -92,7 +75,7 @@ def test_postcopy_target_process_survives_a_cut_and_resumes(tmp_path, monkeypatc
     source connects again, and the target's guest finishes with its check clean."""
     import socket  # only this test shuts a socket down
     from sevcore.migration import remote
-    proc, port = _target_process(tmp_path, "--resume")
+    proc, port = target_process(tmp_path, "--resume")
     chans = []
     connect = remote.tcp_connect
     monkeypatch.setattr(remote, "tcp_connect",

@@ -182,7 +182,7 @@ def test_derived_keys_depend_on_what_is_selected():
     assert a["status"] == 0 and a["derived_key"] == b["derived_key"] != bytes(32)
     assert len({a["derived_key"], c["derived_key"], d["derived_key"]}) == 3
     for seqno, bad in ((9, dict(guest_svn=1)), (11, dict(tcb_version=host.psp.snp_tcb + 1)),
-                       (13, dict(root_key_select=1)), (15, dict(guest_field_select=1 << 6))):
+                       (13, dict(root_key_select=1 << 3)), (15, dict(guest_field_select=1 << 6))):
         assert _key(host, gctx, seqno, **bad)["status"] == U.SEV_RET_INVALID_PARAM
 
 

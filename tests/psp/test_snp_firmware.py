@@ -107,8 +107,8 @@ def test_launch_start_enforces_the_policy(policy, status):
 
 
 def test_launch_start_single_socket_and_migration_agent_policies():
-    """SINGLE_SOCKET is refused on a two-socket host; a migration agent is refused when the policy
-    forbids one (POLICY_FAILURE) and is not offered otherwise (UNSUPPORTED)."""
+    """SINGLE_SOCKET is refused on a two-socket host; a migration agent that is no guest
+    context is INVALID_GUEST (tests/psp/test_snp_ma_messages.py checks the rest)."""
     host = snp_host()
     gctx = host.psp.snp_alloc_firmware_page()
     host.psp.snp_gctx_create(gctx)
@@ -116,10 +116,8 @@ def test_launch_start_single_socket_and_migration_agent_policies():
     assert fw_error(host.psp.snp_launch_start, gctx, POLICY | U.SNP_POLICY_MASK_SINGLE_SOCKET) \
         == U.SEV_RET_POLICY_FAILURE
     host.psp.sockets = 1
-    assert fw_error(host.psp.snp_launch_start, gctx, POLICY, ma_en=1) == \
-        U.SEV_RET_POLICY_FAILURE
     assert fw_error(host.psp.snp_launch_start, gctx, POLICY | U.SNP_POLICY_MASK_MIGRATE_MA,
-                    ma_en=1) == U.SEV_RET_UNSUPPORTED
+                    ma_en=1, ma_gctx_paddr=gctx + 4096) == U.SEV_RET_INVALID_GUEST
     host.psp.snp_launch_start(gctx, POLICY | U.SNP_POLICY_MASK_SINGLE_SOCKET)
 
 

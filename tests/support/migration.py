@@ -1,7 +1,10 @@
 """Helpers for the engine tests: small launched guests and a man-in-the-middle that re-frames
 the stream (so a change reaches the target with valid CRCs, as an attacker on the wire can)."""
 import dataclasses
+import subprocess
+import sys
 import threading
+import time
 
 import sevcore
 from sevcore.migration import stream as S
@@ -129,3 +132,19 @@ def assert_runs_on(m, before=None):
         assert memory_snapshot(m) == before
     m.host.clock.advance(1e6, "test")
     m.tick()
+
+
+def target_process(tmp_path, *extra):
+    """A ``sevcore migrate --listen 0`` process (with ``extra`` options), once its port file
+    says it listens; ``(process, port)``."""
+    port_file = tmp_path / "port"
+    proc = subprocess.Popen([sys.executable, "-m", "sevcore", "migrate", "--listen", "0",
+                             "--port-file", str(port_file), "--quiet", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not port_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"target did not start: {proc.communicate()}")
+        time.sleep(0.02)
+    return proc, int(port_file.read_text())

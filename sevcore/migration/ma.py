@@ -1,0 +1,496 @@
+"""SEV-SNP migration through a migration agent (``--type snp --path ma``).
+
+SNP has no PSP-only migration: 56860 chapter 7 moves a guest's *context* through its migration
+agent (MA), an SNP guest of its own bound to the guest at SNP_LAUNCH_START, and its pages with
+SNP_PAGE_SWAP_OUT/SWAP_IN under the context's offline encryption key, one PSP command per page
+(chapter 8). sevcore keeps the firmware for what only it can do and moves the bulk of memory at
+CPU speed, as the SEV helper path does:
+
+    source Host                                              target Host
+    agent A (own SNP VM)  -- its report, X25519 key -->  agent B checks it, and the reverse
+    guest (MIGRATE_MA, MA = A; VMRK set by A in LAUNCH)
+    vCPU 0, the guest's migration worker: its transport key from MSG_KEY_REQ with the VMRK
+      seals pages [LEDGER_GFN, first_gfn) at CPU speed (migration.helper's packets)  -------->
+    the VMM: SNP_PAGE_SWAP_OUT of the secrets page (its entry the context's root) and
+      of each vCPU's VMSA                                                          -------->
+    A: MSG_EXPORT_REQ (the guest is decommissioned); the context sealed to B       -------->
+                                                     VM, vCPUs; SNP_GCTX_CREATE alone
+                                                     B: MSG_IMPORT_REQ, SNP_ACTIVATE
+                                                     SNP_PAGE_SWAP_IN: secrets page, VMSAs
+                                                     vCPU 0: PVALIDATE, the same key from the
+                                                       VMRK, OPEN the packets into guest_memfd
+                                                     vCPU 1: the guest's own check
+
+The worker's key needs the guest's VMPCK0, which is in its secrets page: that page and the
+VMSAs are what the firmware carries, the rest goes at CPU speed. docs/snp.md ("Migration
+through a migration agent") has what 56860 leaves open and what sevcore chose. The agents'
+own logic (their channel, their checks) is Python beside their guest program; everything that
+reaches the firmware goes through their vCPU as guest messages.
+"""
+import hashlib
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import x25519
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from sevcore import uapi as U
+from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
+from sevcore.kvm import snp_ma as K
+from sevcore.kvm.ghcb import ghcb_program
+from sevcore.migration import driver
+from sevcore.migration.helper import (_KEY, _STATE, KEY_MAGIC, STATE_MAGIC, HelperCounters,
+                                      HelperLayout, MigrationHelper, _SharedPages,
+                                      migration_helper)
+from sevcore.psp import amd_root
+from sevcore.psp import snp_layout as SL
+from sevcore.psp import snp_ma as MA
+from sevcore.psp.status import status_name
+from sevcore.vmm import attest
+from sevcore.vmm.kvm_util import (snp_guest_msg_init, snp_launch_update_data, vm_mem_add,
+                                  vm_mem_set_private, vm_vcpu_add)
+
+#: The guest's fixed pages: its secrets page, the two shared pages of its guest-message driver,
+#: the shared GHCB page of each of its two vCPUs, the ledger (the digest its own check
+#: compares) and the first page of its data. An agent has the first four (one vCPU).
+SECRETS_GFN, REQ_GFN, RESP_GFN, GHCB_GFN, LEDGER_GFN, DATA_GFN = 0, 1, 2, 3, 5, 6
+POLICY = U.SNP_POLICY_MASK_RSVD_MBO | U.SNP_POLICY_MASK_SMT
+GUEST_POLICY = POLICY | U.SNP_POLICY_MASK_MIGRATE_MA
+#: MSG_KEY_REQ of the worker's transport key: from the VMRK, mixing in the policy and the launch
+#: measurement (both travel with the context, so the target derives the same key).
+KEY_FIELDS = 0b1001
+AGENT_PAGES = 4
+#: The guest's vCPUs: its migration worker, and its work.
+WORKER, WORK = 0, 1
+_CHANNEL_INFO = b"sevcore snp migration agent channel v1"
+
+
+class MaError(RuntimeError):
+    """A migration-agent step refused: ``what`` failed with firmware status ``status`` (in a
+    message's STATUS) or for ``reason``; ``lost`` when the source guest no longer exists."""
+
+    def __init__(self, what, status=None, reason=None, lost=False):
+        why = status_name(status) if status is not None else reason
+        super().__init__(f"migration agent: {what} refused: {why}")
+        self.what, self.status, self.reason = what, status, reason
+        #: The guest's context had been exported when this happened: the source guest is gone.
+        self.lost = lost
+
+
+# -- the agent ------------------------------------------------------------------------------------
+
+def _agent_program(g, inbox, outbox):
+    """The agent's guest program: each request it is handed goes to the firmware as a guest
+    message (VMPCK0); the answer's payload is handed back at a ucall."""
+    while True:
+        msg_type, payload = inbox.pop(0)
+        outbox.append((yield g.snp_guest_message(msg_type, payload)))
+        yield g.sync(0)
+
+
+class Agent:
+    """A migration agent: an SNP VM of its own on ``kvm``'s Host (a secrets page, the two
+    message pages, its GHCB and a page of code, ``image``, which its measurement names),
+    launched and running :func:`_agent_program`, with an X25519 key for the channel to its
+    peer made inside it. ``messages`` counts what it sent the firmware."""
+
+    def __init__(self, kvm, image=b"sevcore migration agent"):
+        vm = kvm.create_vm(U.KVM_X86_SNP_VM)
+        vm.memory_encrypt_op(U.KVM_SEV_INIT2)
+        hva = vm_mem_add(vm, 0, 0, AGENT_PAGES + 1, U.KVM_MEM_GUEST_MEMFD)
+        self.vcpu = vm_vcpu_add(vm, 0)
+        self._inbox, self._outbox = [], []
+        self.vcpu.set_guest_code(ghcb_program(_agent_program, GHCB_GFN << PAGE_SHIFT),
+                                 self._inbox, self._outbox)
+        vm.memory_encrypt_op(U.KVM_SEV_SNP_LAUNCH_START, policy=POLICY)
+        vm_mem_set_private(vm, 0, PAGE_SIZE)
+        snp_launch_update_data(vm, 0, hva, PAGE_SIZE, U.KVM_SEV_SNP_PAGE_TYPE_SECRETS)
+        code = AGENT_PAGES << PAGE_SHIFT          # its code: the page its measurement names
+        kvm.write(hva + code, bytes(image).ljust(PAGE_SIZE, b"\0"))
+        vm_mem_set_private(vm, code, PAGE_SIZE)
+        snp_launch_update_data(vm, code, hva + code, PAGE_SIZE, U.KVM_SEV_SNP_PAGE_TYPE_NORMAL)
+        vm.memory_encrypt_op(U.KVM_SEV_SNP_LAUNCH_FINISH)
+        snp_guest_msg_init(vm, SECRETS_GFN << PAGE_SHIFT, REQ_GFN << PAGE_SHIFT,
+                           RESP_GFN << PAGE_SHIFT)
+        self.vm, self.host = vm, vm.host
+        self.messages = 0
+        self._key = x25519.X25519PrivateKey.generate()
+        self._aead = None
+        self._sent = self._seen = 0
+
+    @property
+    def public_key(self):
+        return self._key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def message(self, msg_type, payload):
+        """Send one guest message through the agent's vCPU; its response payload."""
+        self._inbox.append((msg_type, bytes(payload)))
+        self.vcpu.run()
+        ucall = self.vcpu.get_ucall()
+        if ucall is None or ucall[0] != "sync":
+            raise RuntimeError(f"migration agent vCPU: unexpected exit "
+                               f"{self.vcpu.kvm_run.exit_reason}")
+        self.messages += 1
+        return self._outbox.pop(0)
+
+    def _status(self, what, msg_type, layout, **fields):
+        status = MA.snp_msg_status_rsp.unpack(self.message(msg_type, layout.pack(**fields)))[
+            "status"]
+        if status:
+            raise MaError(what, status)
+
+    # -- who the peer is ------------------------------------------------------------------------
+
+    def hello(self):
+        """``(public key, report)``: the agent's attestation report binding its channel key
+        (REPORT_DATA = SHA-512 of the key), for the peer agent to check."""
+        user_data = hashlib.sha512(self.public_key).digest()
+        rsp = SL.snp_report_resp.unpack(self.message(
+            U.SNP_MSG_REPORT_REQ, SL.snp_report_req.pack(user_data=user_data, vmpl=0)))
+        if rsp["status"]:
+            raise MaError("MSG_REPORT_REQ", rsp["status"])
+        return self.public_key, rsp["report"][:rsp["report_size"]]
+
+    def measurement(self):
+        """This agent's launch measurement (its own report's)."""
+        return attest.parse_report(self.hello()[1]).measurement
+
+    def trust(self, peer_key, peer_report, peer_vcek):
+        """Accept the peer agent: its report checks out against the AMD chain and ``peer_vcek``,
+        it runs this agent's image (the same measurement) and binds ``peer_key``; then the
+        channel's key is X25519 + HKDF-SHA256. Raises attest.AttestationError."""
+        attest.verify_report(peer_report, ark=amd_root.ark_x509(), ask=amd_root.ask_x509(),
+                             vcek=peer_vcek, measurement=self.measurement(),
+                             report_data=hashlib.sha512(peer_key).digest())
+        shared = self._key.exchange(x25519.X25519PublicKey.from_public_bytes(peer_key))
+        mine, theirs = sorted((self.public_key, bytes(peer_key)))
+        key = HKDF(hashes.SHA256(), 32, salt=mine + theirs, info=_CHANNEL_INFO).derive(shared)
+        self._aead = AESGCM(key)
+        self._sent = self._seen = 0
+
+    def _seal(self, data):
+        if self._aead is None:
+            raise MaError("channel", reason="no peer agent trusted")
+        self._sent += 1
+        nonce = struct.pack("<4sQ", b"\0" * 4, self._sent)
+        return nonce + self._aead.encrypt(nonce, bytes(data), None)
+
+    def _open(self, blob):
+        if self._aead is None:
+            raise MaError("channel", reason="no peer agent trusted")
+        blob = bytes(blob)
+        _, count = struct.unpack("<4sQ", blob[:12])
+        if count <= self._seen:
+            raise MaError("channel", reason=f"replayed message {count} (last {self._seen})")
+        try:
+            data = self._aead.decrypt(blob[:12], blob[12:], None)
+        except Exception:
+            raise MaError("channel", reason="the sealed context does not authenticate") \
+                from None
+        self._seen = count
+        return data
+
+    # -- the guest's context --------------------------------------------------------------------
+
+    def set_vmrk(self, gctx_paddr):
+        """MSG_VMRK_REQ: a fresh VM root key for the guest at ``gctx_paddr`` (in LAUNCH)."""
+        self._status("MSG_VMRK_REQ", U.SNP_MSG_VMRK_REQ, MA.snp_msg_vmrk_req,
+                     gctx_paddr=gctx_paddr, vmrk=os.urandom(32))
+
+    def export(self, gctx_paddr):
+        """MSG_EXPORT_REQ (IMI_EN = 0) of the guest at ``gctx_paddr``: the context, sealed to the
+        trusted peer. The guest is decommissioned from here on."""
+        if self._aead is None:
+            raise MaError("MSG_EXPORT_REQ", reason="no peer agent trusted")
+        rsp = MA.snp_msg_export_rsp.unpack(self.message(
+            U.SNP_MSG_EXPORT_REQ, MA.snp_msg_export_req.pack(gctx_paddr=gctx_paddr)))
+        if rsp["status"]:
+            raise MaError("MSG_EXPORT_REQ", rsp["status"])
+        return self._seal(rsp["gctx"])
+
+    def import_(self, gctx_paddr, sealed):
+        """The peer's sealed context opened (a replay or a changed byte is refused) and given to
+        the firmware with MSG_IMPORT_REQ into the INIT context at ``gctx_paddr``."""
+        gctx = self._open(sealed)
+        self._status("MSG_IMPORT_REQ", U.SNP_MSG_IMPORT_REQ, MA.snp_msg_import_req,
+                     gctx_paddr=gctx_paddr, in_gctx_size=MA.snp_msg_gctx.size,
+                     in_gctx_version=MA.GCTX_VERSION, incoming_gctx=gctx)
+
+
+def pair(a, b):
+    """The two agents check each other's reports and agree on their channel."""
+    ka, ra = a.hello()
+    kb, rb = b.hello()
+    a.trust(kb, rb, b.host.psp.snp_vcek_cert())
+    b.trust(ka, ra, a.host.psp.snp_vcek_cert())
+
+
+# -- the guest -------------------------------------------------------------------------------------
+
+def _transport_key(g):
+    """MSG_KEY_REQ from the VM root key: the worker's 32-byte transport key."""
+    body = yield g.snp_guest_message(U.SNP_MSG_KEY_REQ, SL.snp_derived_key_req.pack(
+        root_key_select=1, guest_field_select=KEY_FIELDS))
+    rsp = SL.snp_derived_key_resp.unpack(body)
+    assert rsp["status"] == 0, f"MSG_KEY_REQ from the VMRK: status {rsp['status']:#x}"
+    return rsp["derived_key"]
+
+
+def ma_worker(g, layout, c_bit, restore):
+    """The guest's migration worker (its vCPU 0, the helper's mailbox slot 0): on a target,
+    PVALIDATE the pages the packets will fill (``restore``: [(start_gfn, end_gfn)]); then the
+    transport key from the VMRK into the private key page, the private state page reset, and
+    the helper's request loop."""
+    c = 1 << c_bit
+    for start, end in restore:
+        status = yield g.pvalidate(start << PAGE_SHIFT | c, end - start)
+        assert status == 0, f"PVALIDATE of gfns [{start:#x}, {end:#x}): {status}"
+    key = yield from _transport_key(g)
+    yield g.write(layout.key_gfn << PAGE_SHIFT | c, _KEY.pack(KEY_MAGIC, key).ljust(PAGE_SIZE,
+                                                                                    b"\0"))
+    yield g.write(layout.state_gfn << PAGE_SHIFT | c, _STATE.pack(STATE_MAGIC, 0).ljust(
+        PAGE_SIZE, b"\0"))
+    yield from migration_helper(g, layout, c_bit)
+
+
+def _data_gpas(layout, c):
+    return (np.arange(DATA_GFN, layout.first_gfn, dtype=np.uint64) << np.uint64(PAGE_SHIFT)) \
+        | np.uint64(c)
+
+
+def ma_workload(g, layout, c_bit, rounds, seed):
+    """The guest's work (vCPU 1): ``rounds`` passes writing pages of its data, then the
+    SHA-256 of all its data into the ledger page; GUEST_SYNC with that digest."""
+    c = 1 << c_bit
+    rng = np.random.default_rng(seed)
+    gpas = _data_gpas(layout, c)
+    for _ in range(rounds):
+        pick = np.sort(rng.choice(len(gpas), size=max(1, len(gpas) // 4), replace=False))
+        pages = rng.integers(0, 256, (len(pick), PAGE_SIZE), np.uint8)
+        yield g.write_pages(gpas[pick], pages)
+    digest = hashlib.sha256((yield g.read_pages(gpas)).tobytes()).digest()
+    yield g.write(LEDGER_GFN << PAGE_SHIFT | c, digest)
+    yield g.sync(0)
+
+
+def ma_check(g, layout, c_bit, out):
+    """The guest's own check on the target (vCPU 1): its data against the ledger, a report (its
+    VMPCK0 and message count moved) and the transport key again (its VMRK moved)."""
+    c = 1 << c_bit
+    ledger = yield g.read(LEDGER_GFN << PAGE_SHIFT | c, 32)
+    digest = hashlib.sha256((yield g.read_pages(_data_gpas(layout, c))).tobytes()).digest()
+    report = yield g.snp_get_report(hashlib.sha512(digest).digest())
+    key = yield from _transport_key(g)
+    _, kept = _KEY.unpack_from((yield g.read(layout.key_gfn << PAGE_SHIFT | c, _KEY.size)))
+    out.update(data_ok=bytes(ledger) == digest, report=report, key_ok=key == kept)
+    yield g.sync(0)
+
+
+class SnpMaGuest:
+    """An SNP guest that can migrate through an agent: RAM ``[0, mem_size)`` in guest_memfd,
+    vCPU 0 for its migration worker, vCPU 1 for its work and its checks, the worker's pages at
+    the top (:class:`HelperLayout`)."""
+
+    def __init__(self, kvm, mem_size, batch_pages=64):
+        self.layout = HelperLayout.for_guest(mem_size, batch_pages)
+        if self.layout.first_gfn <= DATA_GFN:
+            raise ValueError(f"a guest of {mem_size} bytes has no room for data pages")
+        self.kvm, self.mem_size = kvm, mem_size
+        self.vm = vm = kvm.create_vm(U.KVM_X86_SNP_VM)
+        vm.memory_encrypt_op(U.KVM_SEV_INIT2)
+        self.hva = vm_mem_add(vm, 0, 0, mem_size >> PAGE_SHIFT, U.KVM_MEM_GUEST_MEMFD)
+        self.vcpus = [vm_vcpu_add(vm, i) for i in range(2)]
+
+    def _set_code(self, i, fn, *args):
+        """vCPU ``i`` runs ``fn`` as the guest's kernel runs code: #VC through its GHCB."""
+        self.vcpus[i].set_guest_code(ghcb_program(fn, (GHCB_GFN + i) << PAGE_SHIFT), *args)
+
+    def private_ranges(self):
+        """[(start_gfn, end_gfn)] of private memory: the secrets page, ledger and data, the
+        worker's key and state pages."""
+        lay = self.layout
+        return [(SECRETS_GFN, SECRETS_GFN + 1), (LEDGER_GFN, lay.first_gfn),
+                (lay.key_gfn, lay.end_gfn)]
+
+    def sealed_gfns(self):
+        """The pages the worker carries: the ledger and the data."""
+        return np.arange(LEDGER_GFN, self.layout.first_gfn, dtype=np.uint64)
+
+    def _private(self):
+        for start, end in self.private_ranges():
+            vm_mem_set_private(self.vm, start << PAGE_SHIFT, (end - start) << PAGE_SHIFT)
+
+    def _msg_init(self):
+        snp_guest_msg_init(self.vm, SECRETS_GFN << PAGE_SHIFT, REQ_GFN << PAGE_SHIFT,
+                           RESP_GFN << PAGE_SHIFT)
+
+    @classmethod
+    def launch(cls, kvm, mem_size, agent, seed=0, policy=GUEST_POLICY, batch_pages=64):
+        """Launch the guest bound to ``agent`` (KVM out of tree: sevcore.kvm.snp_ma), whose
+        MSG_VMRK_REQ gives it a VM root key while it is in LAUNCH; its data pages are measured
+        with ``seed``'s bytes."""
+        self = cls(kvm, mem_size, batch_pages)
+        vm, lay, hva = self.vm, self.layout, self.hva
+        rng = np.random.default_rng(seed)
+        data = rng.integers(0, 256, (lay.first_gfn - LEDGER_GFN) << PAGE_SHIFT, np.uint8)
+        kvm.write(hva + (LEDGER_GFN << PAGE_SHIFT), data.tobytes())
+        K.snp_launch_start_ma(vm, policy, agent.vm)
+        agent.set_vmrk(vm.sev.snp_context)
+        self._private()
+        snp_launch_update_data(vm, 0, hva, PAGE_SIZE, U.KVM_SEV_SNP_PAGE_TYPE_SECRETS)
+        snp_launch_update_data(vm, LEDGER_GFN << PAGE_SHIFT, hva + (LEDGER_GFN << PAGE_SHIFT),
+                               len(data), U.KVM_SEV_SNP_PAGE_TYPE_NORMAL)
+        snp_launch_update_data(vm, lay.key_gfn << PAGE_SHIFT, hva + (lay.key_gfn << PAGE_SHIFT),
+                               2 * PAGE_SIZE, U.KVM_SEV_SNP_PAGE_TYPE_ZERO)
+        self._set_code(WORKER, ma_worker, lay, vm.host.c_bit, [])
+        vm.memory_encrypt_op(U.KVM_SEV_SNP_LAUNCH_FINISH)
+        self._msg_init()
+        return self
+
+    def run_workload(self, rounds=2, seed=1):
+        """Run the guest's work on vCPU 1 until it has written its ledger."""
+        self._set_code(WORK, ma_workload, self.layout, self.vm.host.c_bit, rounds, seed)
+        _run_to_sync(self.vcpus[WORK])
+
+    def check(self):
+        """The guest's own check (vCPU 1): ``{data_ok, report, key_ok}``."""
+        out = {}
+        self._set_code(WORK, ma_check, self.layout, self.vm.host.c_bit, out)
+        _run_to_sync(self.vcpus[WORK])
+        return out
+
+
+def _run_to_sync(vcpu):
+    vcpu.run()
+    ucall = vcpu.get_ucall()
+    if ucall is None or ucall[0] != "sync":
+        raise RuntimeError(f"vCPU {vcpu.vcpu_id}: unexpected exit {vcpu.kvm_run.exit_reason}")
+
+
+class Worker(MigrationHelper):
+    """The VMM's side of the guest's migration worker: the helper's requests (seal, open)
+    served by the guest's own vCPU 0 through the worker's shared pages, not by a mirror VM
+    (SNP has none)."""
+
+    def __init__(self, guest):
+        self.vm, self.layout, self.nr_vcpus = guest.vm, guest.layout, 1
+        self.counters = HelperCounters(sealed=[0], opened=[0])
+        self._req = 0
+        self._mirror = None
+        self._vcpus = [guest.vcpus[WORKER]]
+        self._shared = _SharedPages(guest.vm, guest.layout)
+
+
+# -- the migration --------------------------------------------------------------------------------
+
+@dataclass
+class MaStats:
+    """What one migration moved: pages at CPU speed, pages through the firmware, agent
+    messages, bytes on the wire; ``downtime_ns``, the cost model's time for it all (the guest
+    is stopped throughout), when a cost model was given."""
+    pages_sealed: int = 0
+    pages_swapped: int = 0
+    agent_messages: int = 0
+    bytes_sent: int = 0
+    downtime_ns: float = None
+
+
+def modelled_ns(cost, npages, nbytes, batch_pages, swapped=3):
+    """The cost model's time for one migration of ``npages`` sealed pages and ``nbytes`` on the
+    wire, step after step: the source's worker seals (one vCPU, an exit per batch), its PSP
+    swaps out ``swapped`` pages and answers MSG_EXPORT_REQ; the link; the target's PSP runs
+    SNP_GCTX_CREATE, MSG_IMPORT_REQ, SNP_ACTIVATE and the swap-ins; its worker opens. The
+    agents' handshake comes before the guest stops and is not counted."""
+    exits = -(-npages // batch_pages) if npages else 0
+    worker = driver.helper_pages(npages, 1, exits)
+    source = worker + (driver.Demand("psp", swapped, PAGE_SIZE), driver.Demand("psp", 1))
+    target = (driver.Demand("psp", 3), driver.Demand("psp", swapped, PAGE_SIZE)) + worker
+    link = nbytes * 1e9 / cost.network_bytes_per_s + cost.network_latency_ns
+    return sum(d.ns(cost) for d in source + target) + link
+
+
+@dataclass
+class MaImage:
+    """Everything that leaves the source: the sealed pages, the swapped-out pages (secrets page
+    with its entry in the context; VMSAs with theirs) and the context sealed between agents."""
+    gfns: np.ndarray
+    seqs: np.ndarray
+    packets: np.ndarray
+    secrets: bytes
+    vmsas: list
+    context: bytes
+
+    def nbytes(self):
+        return (self.packets.nbytes + self.seqs.nbytes + self.gfns.nbytes + len(self.secrets)
+                + sum(len(ct) + len(e) for ct, e in self.vmsas) + len(self.context))
+
+
+def send(guest, agent):
+    """The source's half: the worker seals the guest's pages, the VMM swaps out its secrets page
+    (the context's root entry) and VMSAs, the agent exports the context for its peer. The guest
+    does not run again here. Raises MaError (the agent's refusals) or HelperPacketError."""
+    batch = Worker(guest).seal(guest.sealed_gfns())
+    vm = guest.vm
+    secrets, _ = K.snp_page_swap_out(vm, gfn=SECRETS_GFN, root=True)
+    vmsas = [K.snp_page_swap_out(vm, vcpu=v) for v in guest.vcpus]
+    try:
+        context = agent.export(vm.sev.snp_context)
+    except MaError:
+        resume(guest, secrets, vmsas)
+        raise
+    K.snp_context_exported(vm)
+    return MaImage(batch.gfns, batch.seqs, batch.packets, secrets, vmsas, context)
+
+
+def resume(guest, secrets, vmsas):
+    """The source guest back after a refused export: its swapped-out pages swapped in again
+    (same context, same offline key), so it runs on where it was."""
+    vm = guest.vm
+    K.snp_page_swap_in(vm, secrets, gfn=SECRETS_GFN)
+    for v, (ct, entry) in zip(guest.vcpus, vmsas):
+        K.snp_page_swap_in(vm, ct, entry, vcpu=v)
+
+
+def receive(kvm, mem_size, agent, image, batch_pages=64):
+    """The target's half: the VM and its empty context, the agent's import, SNP_ACTIVATE, the
+    secrets page and VMSAs swapped in, the private memory pre-faulted (KVM_PRE_FAULT_MEMORY:
+    guest_memfd pages assigned to the guest, not validated), then the worker (PVALIDATE, its
+    key from the VMRK) opens the packets into them. Returns the :class:`SnpMaGuest`."""
+    guest = SnpMaGuest(kvm, mem_size, batch_pages)
+    vm = guest.vm
+    agent.import_(K.snp_incoming_context(vm), image.context)
+    K.snp_activate_incoming(vm)
+    guest._private()
+    K.snp_page_swap_in(vm, image.secrets, gfn=SECRETS_GFN)
+    for v, (ct, entry) in zip(guest.vcpus, image.vmsas):
+        K.snp_page_swap_in(vm, ct, entry, vcpu=v)
+    guest._msg_init()
+    lay = guest.layout
+    restore = [(LEDGER_GFN, lay.first_gfn), (lay.key_gfn, lay.end_gfn)]
+    for start, end in restore:        # guest_memfd and the RMP filled in batches, not per fault
+        guest.vcpus[WORKER].pre_fault_memory(start << PAGE_SHIFT, (end - start) << PAGE_SHIFT)
+    guest._set_code(WORKER, ma_worker, lay, vm.host.c_bit, restore)
+    Worker(guest).open(image.gfns, image.seqs, image.packets)
+    return guest
+
+
+def migrate(guest, src_agent, dst_kvm, dst_agent, cost=None):
+    """Migrate ``guest`` in process from its agent's Host to ``dst_kvm``'s, whose agent is
+    ``dst_agent``: the agents check each other, then :func:`send` and :func:`receive`.
+    Returns ``(target guest, MaStats)``; with ``cost`` (a CostModel) its modelled downtime."""
+    before = src_agent.messages + dst_agent.messages
+    pair(src_agent, dst_agent)
+    image = send(guest, src_agent)
+    target = receive(dst_kvm, guest.mem_size, dst_agent, image, guest.layout.batch_pages)
+    stats = MaStats(pages_sealed=len(image.gfns), pages_swapped=1 + len(image.vmsas),
+                    agent_messages=src_agent.messages + dst_agent.messages - before,
+                    bytes_sent=image.nbytes())
+    if cost is not None:
+        stats.downtime_ns = modelled_ns(cost, stats.pages_sealed, stats.bytes_sent,
+                                        guest.layout.batch_pages, stats.pages_swapped)
+    return target, stats
