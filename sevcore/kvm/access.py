@@ -1,5 +1,7 @@
 """A guest's memory accesses in KVM_RUN: single accesses through the NPT and the fault path,
 MMIO exits, and bulk operations over many pages in the C page kernel (sevcore.core.pages)."""
+import threading
+
 import numpy as np
 
 from sevcore import uapi as U
@@ -10,6 +12,9 @@ from sevcore.kvm.guest import PageNotValidated
 from sevcore.kvm.kvm_run import EXIT, THROW
 from sevcore.kvm.mmu import MmioAccess, decode_gpa, entry_serves, faultin_pages, translate
 from sevcore.core.npt import NPT_DIRTY_LOG
+
+#: Locked read-modify-writes of every simulated CPU: the cache line's exclusive ownership.
+_LOCKED_RMW = threading.Lock()
 
 _BULK_OPS = {"read": gm.GUEST_OP_READ, "write": gm.GUEST_OP_WRITE, "fill": gm.GUEST_OP_FILL,
              "pattern": gm.GUEST_OP_PATTERN, "check": gm.GUEST_OP_CHECK,
@@ -64,6 +69,26 @@ class GuestAccess:
                 return THROW
             st["pos"] = pos + n
         return None if write else bytes(st["buf"])
+
+    def _cmpxchg(self, gpa, expected, new):
+        """``LOCK CMPXCHG`` of the word at ``gpa`` (sevcore.kvm.guest.Guest.cmpxchg): read,
+        compare and write through the NPT as one step under :data:`_LOCKED_RMW`. A locked
+        access to MMIO is not modelled: the guest sees an exception."""
+        word = bytearray(8)
+        try:
+            with _LOCKED_RMW:
+                self._access_partial(gpa, gpa & (PAGE_SIZE - 1), 8, None, 0, word)
+                found = int.from_bytes(word, "little")
+                if found == expected:
+                    self._access_partial(gpa, gpa & (PAGE_SIZE - 1), 8,
+                                         new.to_bytes(8, "little"), 0, None)
+        except MmioAccess as e:
+            self._throw = RuntimeError(f"locked cmpxchg reached MMIO at gpa {e.gpa:#x}")
+            return THROW
+        except PageNotValidated as e:
+            self._throw = e
+            return THROW
+        return found
 
     def _access_partial(self, addr, off, n, data, pos, buf):
         """Bytes [off, off + n) of one page, through the NPT (and the key for C-bit accesses)."""

@@ -19,14 +19,20 @@ through shared pages (a mailbox and a packet buffer) and sees only sealed packet
 A packet is ``MAC (32) || ciphertext (4096)``: AES-128-CTR then HMAC-SHA256 (the SEV packet
 construction, on sevcore.core.sevpkt's batched C kernel) under subkeys derived from the transport key,
 with the initial counter block made of the page's sequence number and gfn, so the MAC covers
-both. The source helper numbers pages from a counter in its private state page; the target
-helper accepts only strictly increasing numbers above its own counter. A replayed, reordered,
-swapped or altered packet is refused, which the PSP path cannot do: RECEIVE_UPDATE_DATA binds a
-packet to nothing but the session's TEK/TIK (AMD-ASPFW sev_mcmd_receive_update).
+both. A sequence number is ``lane << 56 | count``: helper vCPU ``lane`` claims a block of counts
+for each request from its lane's counter in the private state page with a locked compare-and-
+exchange, so numbers stay unique however many vCPUs (or mirrors) seal at once; the target
+helper accepts, in each lane, only strictly increasing counts at or above that lane's counter,
+which it advances by the same locked compare-and-exchange before it writes a page. A
+replayed, reordered, swapped or altered packet is refused, which the PSP path cannot do:
+RECEIVE_UPDATE_DATA binds a packet to nothing but the session's TEK/TIK (AMD-ASPFW
+sev_mcmd_receive_update). The helper's vCPUs serve their share of a request at once, each in a
+thread of the VMM (:meth:`MigrationHelper._request`).
 docs/migration-helper.md has the layout, the request protocol and the threat model.
 """
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,9 +57,14 @@ TEK_LABEL = "sevcore-helper-tek"
 TIK_LABEL = "sevcore-helper-tik"
 
 KEY_MAGIC = b"SCMHKEY1"
-STATE_MAGIC = b"SCMHSTA1"
+STATE_MAGIC = b"SCMHSTA2"
+#: A sequence number is ``lane << LANE_SHIFT | count``; the lane is the sealing helper vCPU.
+LANE_SHIFT = 56
+MAX_LANES = 1 << (64 - LANE_SHIFT)
+COUNT_MASK = (1 << LANE_SHIFT) - 1
 _KEY = struct.Struct("<8s32s")           # key page: magic, transport key
-_STATE = struct.Struct("<8sQ")           # state page: magic, next sequence number
+_STATE = struct.Struct("<8s")            # state page: magic, then one u64 counter per lane
+_LANES = 8                               # the counters' offset in the state page
 
 #: Mailbox slot of one helper vCPU (64 bytes, little-endian). The host writes the request
 #: (cmd, lo, hi, req; the rest zero); the helper rewrites the slot with cmd = 0 and its result.
@@ -89,7 +100,8 @@ class HelperLayout:
       from the page ``entries_gfn`` the request table (:data:`ENTRY`, 48 bytes per packet,
       ``batch_pages`` entries);
     - ``batch_pages`` shared pages at ``buffer_gfn``: packet ``i``'s ciphertext in page ``i``;
-    - the private key page ``key_gfn`` and the private state page ``state_gfn`` (the last page).
+    - the private key page ``key_gfn`` and the private state page ``state_gfn`` (the last page:
+      a magic, then the next count of each of the :data:`MAX_LANES` lanes).
 
     The shared pages are transient (the engine does not migrate them); the private ones travel
     by the PSP path (:meth:`private_gfns`). The guest's own pages are ``[0, first_gfn)``.
@@ -109,6 +121,9 @@ class HelperLayout:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.vcpus > MAX_LANES:
+            raise ValueError(f"vcpus must be at most {MAX_LANES} (one sequence lane each), got "
+                             f"{self.vcpus}")
         if self.mem_size % PAGE_SIZE:
             raise ValueError(f"mem_size {self.mem_size:#x} is not a multiple of 4096")
         end = self.mem_size >> PAGE_SHIFT
@@ -176,8 +191,7 @@ def helper_boot(g, layout, c_bit):
     key = os.urandom(KEY_SIZE)
     yield g.write(layout.key_gfn << PAGE_SHIFT | c, _KEY.pack(KEY_MAGIC, key).ljust(PAGE_SIZE,
                                                                                     b"\0"))
-    yield g.write(layout.state_gfn << PAGE_SHIFT | c, _STATE.pack(STATE_MAGIC, 0).ljust(
-        PAGE_SIZE, b"\0"))
+    yield g.write(layout.state_gfn << PAGE_SHIFT | c, STATE_MAGIC.ljust(PAGE_SIZE, b"\0"))
     for start, end in layout.shared_ranges():
         ret = yield g.hypercall(U.KVM_HC_MAP_GPA_RANGE, start << PAGE_SHIFT, end - start,
                                 U.KVM_MAP_GPA_RANGE_DECRYPTED | U.KVM_MAP_GPA_RANGE_PAGE_SZ_4K)
@@ -213,25 +227,29 @@ def _serve(g, layout, c, keys, scratch, cmd, lo, hi):
     magic, key = _KEY.unpack_from((yield g.read(layout.key_gfn << PAGE_SHIFT | c, _KEY.size)))
     if magic != KEY_MAGIC:
         return _refused(lo, "key", 0)
-    magic, next_seq = _STATE.unpack((yield g.read(layout.state_gfn << PAGE_SHIFT | c,
-                                                  _STATE.size)))
-    if magic != STATE_MAGIC:
+    state_gpa = layout.state_gfn << PAGE_SHIFT | c
+    state = yield g.read(state_gpa, _LANES + 8 * MAX_LANES)
+    if state[:_LANES] != STATE_MAGIC:
         return _refused(lo, "state", 0)
+    # Each lane's next count as read now; a claim succeeds only if it is still so.
+    counts = np.frombuffer(state, "<u8", offset=_LANES).tolist()
     if key not in keys:
         keys.clear()
         keys[key] = kdf(key, TEK_LABEL, b"", 16), kdf(key, TIK_LABEL, b"", 16)
     tek, tik = keys[key]
     out_of_range = np.flatnonzero(gfns >= np.uint64(layout.first_gfn))
     bad = int(out_of_range[0]) if len(out_of_range) else n
-    state_gpa = layout.state_gfn << PAGE_SHIFT | c
     if cmd == CMD_SEAL:
         if bad < n:
             return _refused(lo + bad, "range", 0)
         if n == 0:
             return STATUS_OK, 0, 0, 0
+        lane = g.vcpu_id
         # Claim the numbers before sealing: whatever happens next, none is used twice.
-        yield g.write(state_gpa, _STATE.pack(STATE_MAGIC, next_seq + n))
-        seqs = np.arange(next_seq, next_seq + n, dtype=np.uint64)
+        first = yield from _claim_block(g, state_gpa, lane, counts[lane], n)
+        if first is None:
+            return _refused(lo, "state", 0)
+        seqs = np.arange(first, first + n, dtype=np.uint64) | np.uint64(lane << LANE_SHIFT)
         pages = yield g.read_pages(gfns << np.uint64(PAGE_SHIFT) | np.uint64(c), scratch[:n])
         hdrs, _ = sevpkt.seal(tek, tik, pages, packet_ivs(gfns, seqs), HELPER_CTX,
                               out=(None, pages))
@@ -241,12 +259,9 @@ def _serve(g, layout, c, keys, scratch, cmd, lo, hi):
         yield g.write_pages(layout.buffer_gpas(lo, hi), pages)
         return STATUS_OK, 0, 0, n
     seqs = ent["seq"]
-    fresh = np.empty(n, bool)
-    if n:
-        fresh[0] = seqs[0] >= np.uint64(next_seq)
-        fresh[1:] = seqs[1:] > seqs[:-1]
-    stale = np.flatnonzero(~fresh)
-    replay = int(stale[0]) if len(stale) else n
+    lanes = (seqs >> np.uint64(LANE_SHIFT)).astype(np.intp)
+    cnts = seqs & np.uint64(COUNT_MASK)
+    replay = _first_stale(lanes, cnts, counts)
     m, reason = (bad, "range") if bad <= replay else (replay, "replay")
     if m:
         pages = yield g.read_pages(layout.buffer_gpas(lo, lo + m), scratch[:m])
@@ -260,11 +275,56 @@ def _serve(g, layout, c, keys, scratch, cmd, lo, hi):
             if m:
                 sevpkt.open(tek, tik, hdrs[:m], pages[:m], HELPER_CTX, out=pages[:m])
     if m:
+        # Advance each lane's counter past its packets before any is written, lane by lane in
+        # the order they first appear: a counter another vCPU moved since it was read means
+        # the same numbers are being opened twice, and the packets from that lane's first on
+        # are refused. (Counts claimed by an earlier lane past that point are spent.)
+        lanes_m = lanes[:m]
+        for at in np.sort(np.unique(lanes_m, return_index=True)[1]).tolist():
+            lane = int(lanes_m[at])
+            last = int(cnts[:m][lanes_m == lane][-1])
+            if (yield g.cmpxchg(_lane_gpa(state_gpa, lane), counts[lane], last + 1)) != \
+                    counts[lane]:
+                m, reason = at, "replay"
+                break
+    if m:
         yield g.write_pages(gfns[:m] << np.uint64(PAGE_SHIFT) | np.uint64(c), pages[:m])
-        yield g.write(state_gpa, _STATE.pack(STATE_MAGIC, int(seqs[m - 1]) + 1))
     if m < n:
         return _refused(lo + m, reason, m)
     return STATUS_OK, 0, 0, n
+
+
+def _lane_gpa(state_gpa, lane):
+    return state_gpa + _LANES + 8 * lane
+
+
+def _claim_block(g, state_gpa, lane, count, n):
+    """Claim ``n`` consecutive counts of ``lane`` (``lock cmpxchg`` until the counter read is
+    the one replaced); returns the first, or None when the lane has no room left."""
+    while True:
+        if count + n > COUNT_MASK + 1:
+            return None
+        found = yield g.cmpxchg(_lane_gpa(state_gpa, lane), count, count + n)
+        if found == count:
+            return count
+        count = found
+
+
+def _first_stale(lanes, cnts, counts):
+    """The index of the first packet whose count is not above the one before it in its lane
+    (or below its lane's counter for the lane's first packet), or ``len(lanes)``."""
+    n = len(lanes)
+    if n == 0:
+        return 0
+    order = np.argsort(lanes, kind="stable")
+    sl, sc = lanes[order], cnts[order]
+    fresh = np.empty(n, bool)
+    head = np.ones(n, bool)
+    head[1:] = sl[1:] != sl[:-1]
+    fresh[head] = sc[head] >= np.array(counts, np.uint64)[sl[head]]
+    fresh[~head] = sc[1:][~head[1:]] > sc[:-1][~head[1:]]
+    stale = order[~fresh]
+    return int(stale.min()) if len(stale) else n
 
 
 def _refused(index, reason, done):
@@ -345,6 +405,7 @@ class MigrationHelper:
         self.vm, self.layout, self.nr_vcpus = vm, layout, nr_vcpus
         self.counters = HelperCounters(sealed=[0] * nr_vcpus, opened=[0] * nr_vcpus)
         self._req = 0
+        self._pool = None
         self._mirror = mirror = vm.kvm.create_vm(U.KVM_X86_DEFAULT_VM)
         try:
             mirror.enable_cap(U.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM, vm.fd)
@@ -356,6 +417,9 @@ class MigrationHelper:
             for v in self._vcpus:
                 v.set_guest_code(migration_helper, layout, vm.host.c_bit)
             self._shared = _SharedPages(vm, layout)
+            if nr_vcpus > 1:
+                # One VMM thread per helper vCPU after the first (which runs in the caller's).
+                self._pool = ThreadPoolExecutor(nr_vcpus - 1, "sevcore-helper-vcpu")
         except BaseException:
             self.close()
             raise
@@ -365,6 +429,9 @@ class MigrationHelper:
         mirror, self._mirror = getattr(self, "_mirror", None), None
         if mirror is None:
             return
+        pool, self._pool = getattr(self, "_pool", None), None
+        if pool is not None:
+            pool.shutdown()
         for v in getattr(self, "_vcpus", []):
             v.close()
         mirror.close()
@@ -403,7 +470,9 @@ class MigrationHelper:
             ent = np.zeros(e - s, ENTRY)
             ent["gfn"] = gfns[s:e]
             shared.write(lay.entry_gpa(0), ent.view(np.uint8))
-            self._request(CMD_SEAL, s, e, gfns)
+            per = -(-(e - s) // self.nr_vcpus)
+            self._request(CMD_SEAL, s, [(min(j * per, e - s), min((j + 1) * per, e - s))
+                                        for j in range(self.nr_vcpus)], gfns)
             ent = shared.read(lay.entry_gpa(0), (e - s) * ENTRY.itemsize).view(ENTRY)
             out.seqs[s:e] = ent["seq"]
             out.packets[s:e, :MAC_SIZE] = ent["mac"]
@@ -422,49 +491,88 @@ class MigrationHelper:
         if len(seqs) != n or packets.dtype != np.uint8 or packets.shape != (n, PACKET_SIZE):
             raise ValueError(f"{n} gfns need {n} seqs and a ({n}, {PACKET_SIZE}) uint8 packet "
                              f"array, got {len(seqs)} and {packets.shape} {packets.dtype}")
-        lay, shared = self.layout, self._shared
+        lay, shared, nv = self.layout, self._shared, self.nr_vcpus
         for s in range(0, n, lay.batch_pages):
             e = min(n, s + lay.batch_pages)
+            # Each lane's packets to one vCPU (lane mod vCPUs), in stream order: its counter
+            # then has one writer, and the check of its order sees all of them.
+            owner = (seqs[s:e] >> np.uint64(LANE_SHIFT)) % np.uint64(nv)
+            order = np.argsort(owner, kind="stable") if nv > 1 else np.arange(e - s)
+            ends = np.cumsum(np.bincount(owner.astype(np.intp), minlength=nv)).tolist()
+            src = order + s
             ent = np.empty(e - s, ENTRY)
-            ent["gfn"], ent["seq"], ent["mac"] = gfns[s:e], seqs[s:e], packets[s:e, :MAC_SIZE]
+            ent["gfn"], ent["seq"], ent["mac"] = gfns[src], seqs[src], packets[src, :MAC_SIZE]
             shared.write(lay.entry_gpa(0), ent.view(np.uint8))
             for i, pages in shared.pages(lay.buffer_gfn, e - s):
-                pages[...] = packets[s + i:s + i + len(pages), MAC_SIZE:]
-            self._request(CMD_OPEN, s, e, gfns)
+                pages[...] = packets[src[i:i + len(pages)], MAC_SIZE:]
+            self._request(CMD_OPEN, s, list(zip([0] + ends[:-1], ends)), gfns, order)
 
-    def _request(self, cmd, s, e, gfns):
-        """One mailbox request over packets [s, e) of the caller's arrays, split in contiguous
-        runs among the vCPUs, which run in order (so sequence numbers follow the index). The
-        batch is not empty."""
+    def _request(self, cmd, s, runs, gfns, order=None):
+        """One mailbox request: vCPU ``j`` serves rows ``runs[j] = (lo, hi)`` of the request
+        table, packet ``s + order[row]`` of the caller's arrays (``order`` None: ``s + row``).
+        The vCPUs run at once, vCPU 0 in this thread and the others in the helper's threads;
+        their page kernels and crypto run in C with the GIL released. When every vCPU is
+        back, the refusal of the packet first in the caller's order is raised (any other
+        failure of a vCPU before it)."""
         op = "SEAL" if cmd == CMD_SEAL else "OPEN"
         c = self.counters
         c.requests += 1
-        n = e - s
-        per = -(-n // self.nr_vcpus)
-        for j, vcpu in enumerate(self._vcpus):
-            lo, hi = j * per, min(n, (j + 1) * per)
-            if lo >= n:
-                break
-            self._req += 1
-            slot = self.layout.slot_gpa(j)
-            self._shared.write(slot, _SLOT.pack(cmd, lo, hi, 0, self._req, 0, 0, 0, 0, 0))
-            vcpu.run()
+        jobs = []
+        for j, (lo, hi) in enumerate(runs):
+            if hi > lo:
+                self._req += 1
+                jobs.append((j, lo, hi, self._req))
+        futures = [self._pool.submit(self._serve_run, cmd, *job) for job in jobs[1:]]
+        outcomes = [_outcome(self._serve_run, cmd, *jobs[0])]
+        outcomes += [_outcome(f.result) for f in futures]
+        failure = refusal = None
+        for (j, lo, hi, _), (result, exc) in zip(jobs, outcomes):
+            if exc is not None:
+                failure = failure or exc
+                continue
+            index, status, reason, done = result
             c.exits += 1
-            ucall = vcpu.get_ucall()
-            if ucall is None or ucall[0] != "sync":
-                raise RuntimeError(f"migration helper vCPU {j}: unexpected exit "
-                                   f"{vcpu.kvm_run.exit_reason} ({ucall})")
-            _, _, _, _, _, ack, index, status, reason, done = _SLOT.unpack(
-                self._shared.read(slot, SLOT_SIZE))
-            if ack != self._req:
-                raise RuntimeError(f"migration helper vCPU {j} did not answer request "
-                                   f"{self._req}")
             (c.sealed if cmd == CMD_SEAL else c.opened)[j] += done
-            if status != STATUS_OK:
-                if reason not in REASONS:
-                    raise RuntimeError(f"migration helper vCPU {j}: unknown reason {reason}")
-                gfn = int(gfns[s + index]) if index < n else None
-                raise HelperPacketError(op, s + index, REASONS[reason][0], gfn)
+            if status == STATUS_OK:
+                continue
+            if reason not in REASONS:
+                failure = failure or RuntimeError(f"migration helper vCPU {j}: unknown reason "
+                                                  f"{reason}")
+                continue
+            row = lo + index
+            at = s + (row if order is None else int(order[row])) if row < hi else None
+            if refusal is None or (at is not None and (refusal[0] is None or at < refusal[0])):
+                refusal = (at, REASONS[reason][0], s + lo if at is None else at)
+        if failure is not None:
+            raise failure
+        if refusal is not None:
+            at, reason, index = refusal
+            raise HelperPacketError(op, index, reason, None if at is None else int(gfns[at]))
+
+    def _serve_run(self, cmd, j, lo, hi, req):
+        """Helper vCPU ``j`` serves rows [lo, hi) as request ``req``: KVM_RUN to its ucall.
+        Returns its slot's ``(index, status, reason, done)``."""
+        slot = self.layout.slot_gpa(j)
+        self._shared.write(slot, _SLOT.pack(cmd, lo, hi, 0, req, 0, 0, 0, 0, 0))
+        vcpu = self._vcpus[j]
+        vcpu.run()
+        ucall = vcpu.get_ucall()
+        if ucall is None or ucall[0] != "sync":
+            raise RuntimeError(f"migration helper vCPU {j}: unexpected exit "
+                               f"{vcpu.kvm_run.exit_reason} ({ucall})")
+        _, _, _, _, _, ack, index, status, reason, done = _SLOT.unpack(
+            self._shared.read(slot, SLOT_SIZE))
+        if ack != req:
+            raise RuntimeError(f"migration helper vCPU {j} did not answer request {req}")
+        return index, status, reason, done
+
+
+def _outcome(fn, *args):
+    """``(result, None)`` or ``(None, exception)`` of ``fn(*args)``."""
+    try:
+        return fn(*args), None
+    except Exception as e:  # noqa: BLE001 - raised again by the caller, after the others
+        return None, e
 
 
 class _SharedPages:

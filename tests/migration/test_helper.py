@@ -284,19 +284,27 @@ def test_the_vmm_touches_only_the_shared_pages(mig, monkeypatch):
 
 
 def test_several_helper_vcpus_share_a_batch():
-    """With three helper vCPUs a batch is split in contiguous runs, sequence numbers follow the
-    batch order, each vCPU counts its pages, and batches above batch_pages are cut."""
+    """With three helper vCPUs a batch is split in contiguous runs, each vCPU numbers its run
+    in its own lane (lane << 56 | count, counts claimed in blocks), each counts its pages,
+    batches above batch_pages are cut, and a target of two vCPUs opens lane l on vCPU l % 2."""
     lay = HelperLayout.for_guest(NPAGES * 4096, batch_pages=20, vcpus=3)
     mig = Migration(lay)
     with MigrationHelper(mig.src, lay, nr_vcpus=3) as src:
         batch = src.seal(DATA)
-        assert batch.seqs.tolist() == list(range(NDATA))
         # 48 pages: batches of 20, 20, 8; runs of 7, 7, 6 / 7, 7, 6 / 3, 3, 2.
+        runs = [(0, 7), (7, 7), (14, 6), (20, 7), (27, 7), (34, 6), (40, 3), (43, 3), (46, 2)]
+        want = np.zeros(NDATA, np.uint64)
+        next_count = [0, 0, 0]
+        for i, (at, k) in enumerate(runs):
+            lane = i % 3
+            want[at:at + k] = (lane << 56) + next_count[lane] + np.arange(k)
+            next_count[lane] += k
+        assert batch.seqs.tolist() == want.tolist()
         assert (src.counters.requests, src.counters.exits, src.counters.sealed) == \
             (3, 9, [17, 17, 14])
     with MigrationHelper(mig.dst, lay, nr_vcpus=2) as dst:
         dst.open(batch.gfns, batch.seqs, batch.packets)
-        assert dst.counters.opened == [24, 24]
+        assert dst.counters.opened == [17 + 14, 17]
     assert mig.finish() == (0, None)
 
 
