@@ -34,6 +34,7 @@ import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -464,21 +465,29 @@ class MigrationHelper:
                 seqs.dtype.itemsize != 8 or seqs.shape != (n,) or not seqs.flags.writeable:
             raise ValueError(f"seqs must be a writable ({n},) uint64 array")
         out = HelperBatch(gfns.copy(), seqs, packets)
-        lay, shared = self.layout, self._shared
-        for s in range(0, n, lay.batch_pages):
-            e = min(n, s + lay.batch_pages)
-            ent = np.zeros(e - s, ENTRY)
-            ent["gfn"] = gfns[s:e]
-            shared.write(lay.entry_gpa(0), ent.view(np.uint8))
-            per = -(-(e - s) // self.nr_vcpus)
-            self._request(CMD_SEAL, s, [(min(j * per, e - s), min((j + 1) * per, e - s))
-                                        for j in range(self.nr_vcpus)], gfns)
-            ent = shared.read(lay.entry_gpa(0), (e - s) * ENTRY.itemsize).view(ENTRY)
-            out.seqs[s:e] = ent["seq"]
-            out.packets[s:e, :MAC_SIZE] = ent["mac"]
-            for i, pages in shared.pages(lay.buffer_gfn, e - s):
-                out.packets[s + i:s + i + len(pages), MAC_SIZE:] = pages
+        for s in range(0, n, self.layout.batch_pages):
+            k = min(n - s, self.layout.batch_pages)
+            per = -(-k // self.nr_vcpus)
+            self._request(CMD_SEAL, s, [(min(j * per, k), min((j + 1) * per, k))
+                                        for j in range(self.nr_vcpus)], gfns,
+                          before=partial(self._seal_rows_in, gfns, s),
+                          after=partial(self._seal_rows_out, out, s))
         return out
+
+    def _seal_rows_in(self, gfns, s, lo, hi):
+        """The request table's rows [lo, hi) for a SEAL of ``gfns[s + lo:s + hi]``."""
+        ent = np.zeros(hi - lo, ENTRY)
+        ent["gfn"] = gfns[s + lo:s + hi]
+        self._shared.write(self.layout.entry_gpa(lo), ent.view(np.uint8))
+
+    def _seal_rows_out(self, out, s, lo, hi):
+        """Rows [lo, hi) of a served SEAL (numbers, MACs, ciphertext) into ``out``."""
+        lay, shared = self.layout, self._shared
+        ent = shared.read(lay.entry_gpa(lo), (hi - lo) * ENTRY.itemsize).view(ENTRY)
+        out.seqs[s + lo:s + hi] = ent["seq"]
+        out.packets[s + lo:s + hi, :MAC_SIZE] = ent["mac"]
+        for i, pages in shared.pages(lay.buffer_gfn + lo, hi - lo):
+            out.packets[s + lo + i:s + lo + i + len(pages), MAC_SIZE:] = pages
 
     def open(self, gfns, seqs, packets):
         """Have the helper open ``packets`` (``(n, PACKET_SIZE)`` uint8) of pages ``gfns`` with
@@ -491,29 +500,40 @@ class MigrationHelper:
         if len(seqs) != n or packets.dtype != np.uint8 or packets.shape != (n, PACKET_SIZE):
             raise ValueError(f"{n} gfns need {n} seqs and a ({n}, {PACKET_SIZE}) uint8 packet "
                              f"array, got {len(seqs)} and {packets.shape} {packets.dtype}")
-        lay, shared, nv = self.layout, self._shared, self.nr_vcpus
-        for s in range(0, n, lay.batch_pages):
-            e = min(n, s + lay.batch_pages)
+        nv = self.nr_vcpus
+        for s in range(0, n, self.layout.batch_pages):
+            e = min(n, s + self.layout.batch_pages)
             # Each lane's packets to one vCPU (lane mod vCPUs), in stream order: its counter
             # then has one writer, and the check of its order sees all of them.
-            owner = (seqs[s:e] >> np.uint64(LANE_SHIFT)) % np.uint64(nv)
-            order = np.argsort(owner, kind="stable") if nv > 1 else np.arange(e - s)
-            ends = np.cumsum(np.bincount(owner.astype(np.intp), minlength=nv)).tolist()
-            src = order + s
-            ent = np.empty(e - s, ENTRY)
-            ent["gfn"], ent["seq"], ent["mac"] = gfns[src], seqs[src], packets[src, :MAC_SIZE]
-            shared.write(lay.entry_gpa(0), ent.view(np.uint8))
-            for i, pages in shared.pages(lay.buffer_gfn, e - s):
-                pages[...] = packets[src[i:i + len(pages)], MAC_SIZE:]
-            self._request(CMD_OPEN, s, list(zip([0] + ends[:-1], ends)), gfns, order)
+            owner = ((seqs[s:e] >> np.uint64(LANE_SHIFT)) % np.uint64(nv)).astype(np.intp)
+            order = None
+            if np.any(owner[1:] < owner[:-1]):
+                order = np.argsort(owner, kind="stable")
+            ends = np.cumsum(np.bincount(owner, minlength=nv)).tolist()
+            self._request(CMD_OPEN, s, list(zip([0] + ends[:-1], ends)), gfns, order,
+                          before=partial(self._open_rows_in, gfns, seqs, packets, s, order))
 
-    def _request(self, cmd, s, runs, gfns, order=None):
+    def _open_rows_in(self, gfns, seqs, packets, s, order, lo, hi):
+        """The request table's rows [lo, hi) and their ciphertext in the packet buffer, for an
+        OPEN of the caller's packets ``s + order[lo:hi]`` (``order`` None: ``s + lo:s + hi``)."""
+        lay = self.layout
+        rows = slice(s + lo, s + hi) if order is None else order[lo:hi] + s
+        ent = np.empty(hi - lo, ENTRY)
+        ent["gfn"], ent["seq"], ent["mac"] = gfns[rows], seqs[rows], packets[rows, :MAC_SIZE]
+        self._shared.write(lay.entry_gpa(lo), ent.view(np.uint8))
+        for i, pages in self._shared.pages(lay.buffer_gfn + lo, hi - lo):
+            part = slice(s + lo + i, s + lo + i + len(pages)) if order is None else \
+                rows[i:i + len(pages)]
+            pages[...] = packets[part, MAC_SIZE:]
+
+    def _request(self, cmd, s, runs, gfns, order=None, before=None, after=None):
         """One mailbox request: vCPU ``j`` serves rows ``runs[j] = (lo, hi)`` of the request
         table, packet ``s + order[row]`` of the caller's arrays (``order`` None: ``s + row``).
-        The vCPUs run at once, vCPU 0 in this thread and the others in the helper's threads;
-        their page kernels and crypto run in C with the GIL released. When every vCPU is
-        back, the refusal of the packet first in the caller's order is raised (any other
-        failure of a vCPU before it)."""
+        The vCPUs run at once, vCPU 0 in this thread and the others in the helper's threads,
+        each thread also filling its rows first (``before(lo, hi)``) and taking its results
+        after (``after(lo, hi)``, if served); page kernels, crypto and copies run with the GIL
+        released. When every vCPU is back, the refusal of the packet first in the caller's
+        order is raised (any other failure of a vCPU before it)."""
         op = "SEAL" if cmd == CMD_SEAL else "OPEN"
         c = self.counters
         c.requests += 1
@@ -522,8 +542,9 @@ class MigrationHelper:
             if hi > lo:
                 self._req += 1
                 jobs.append((j, lo, hi, self._req))
-        futures = [self._pool.submit(self._serve_run, cmd, *job) for job in jobs[1:]]
-        outcomes = [_outcome(self._serve_run, cmd, *jobs[0])]
+        futures = [self._pool.submit(self._serve_run, cmd, *job, before, after)
+                   for job in jobs[1:]]
+        outcomes = [_outcome(self._serve_run, cmd, *jobs[0], before, after)]
         outcomes += [_outcome(f.result) for f in futures]
         failure = refusal = None
         for (j, lo, hi, _), (result, exc) in zip(jobs, outcomes):
@@ -539,19 +560,23 @@ class MigrationHelper:
                 failure = failure or RuntimeError(f"migration helper vCPU {j}: unknown reason "
                                                   f"{reason}")
                 continue
-            row = lo + index
-            at = s + (row if order is None else int(order[row])) if row < hi else None
+            # The slot names the refused row of the table (``lo`` for a refused request).
+            at = s + (index if order is None else int(order[index])) if lo <= index < hi \
+                else None
             if refusal is None or (at is not None and (refusal[0] is None or at < refusal[0])):
-                refusal = (at, REASONS[reason][0], s + lo if at is None else at)
+                refusal = (at, REASONS[reason][0], s + index if at is None else at)
         if failure is not None:
             raise failure
         if refusal is not None:
             at, reason, index = refusal
             raise HelperPacketError(op, index, reason, None if at is None else int(gfns[at]))
 
-    def _serve_run(self, cmd, j, lo, hi, req):
-        """Helper vCPU ``j`` serves rows [lo, hi) as request ``req``: KVM_RUN to its ucall.
-        Returns its slot's ``(index, status, reason, done)``."""
+    def _serve_run(self, cmd, j, lo, hi, req, before, after):
+        """Helper vCPU ``j`` serves rows [lo, hi) as request ``req``: the rows filled, KVM_RUN
+        to its ucall, the rows taken if served. Returns its slot's ``(index, status, reason,
+        done)``."""
+        if before is not None:
+            before(lo, hi)
         slot = self.layout.slot_gpa(j)
         self._shared.write(slot, _SLOT.pack(cmd, lo, hi, 0, req, 0, 0, 0, 0, 0))
         vcpu = self._vcpus[j]
@@ -564,6 +589,8 @@ class MigrationHelper:
             self._shared.read(slot, SLOT_SIZE))
         if ack != req:
             raise RuntimeError(f"migration helper vCPU {j} did not answer request {req}")
+        if status == STATUS_OK and after is not None:
+            after(lo, hi)
         return index, status, reason, done
 
 
