@@ -74,21 +74,28 @@ class GuestAccess:
         """``LOCK CMPXCHG`` of the word at ``gpa`` (sevcore.kvm.guest.Guest.cmpxchg): read,
         compare and write through the NPT as one step under :data:`_LOCKED_RMW`. A locked
         access to MMIO is not modelled: the guest sees an exception."""
-        word = bytearray(8)
-        try:
+        def rmw():
+            word = bytearray(8)
             with _LOCKED_RMW:
                 self._access_partial(gpa, gpa & (PAGE_SIZE - 1), 8, None, 0, word)
                 found = int.from_bytes(word, "little")
                 if found == expected:
                     self._access_partial(gpa, gpa & (PAGE_SIZE - 1), 8,
                                          new.to_bytes(8, "little"), 0, None)
+            return found
+        return self._in_ram("locked cmpxchg", rmw)
+
+    def _in_ram(self, what, fn):
+        """``fn()``, an operation meant for RAM: reaching MMIO, or (SNP) a private page not
+        validated, is an exception delivered to the guest (``what`` names the operation)."""
+        try:
+            return fn()
         except MmioAccess as e:
-            self._throw = RuntimeError(f"locked cmpxchg reached MMIO at gpa {e.gpa:#x}")
+            self._throw = RuntimeError(f"{what} reached MMIO at gpa {e.gpa:#x}")
             return THROW
         except PageNotValidated as e:
             self._throw = e
             return THROW
-        return found
 
     def _access_partial(self, addr, off, n, data, pos, buf):
         """Bytes [off, off + n) of one page, through the NPT (and the key for C-bit accesses)."""
@@ -223,15 +230,9 @@ class GuestAccess:
                     result[0] += int(out[0])
                     if result[1] is None and int(out[1]) != gm.NO_MISMATCH:
                         result[1] = start + int(out[1])
-        try:
-            self._page_kernel(_BULK_OPS[name], gpa, n, st["done"], gpas=gpas, arg=arg, buf=buf,
-                              out=out, on_chunk=on_chunk)
-        except MmioAccess as e:
-            # Bulk operations are for RAM; the guest sees the failure as an exception.
-            self._throw = RuntimeError(f"bulk {name} reached MMIO at gpa {e.gpa:#x}")
-            return THROW
-        except PageNotValidated as e:
-            self._throw = e
+        if self._in_ram(f"bulk {name}", lambda: self._page_kernel(
+                _BULK_OPS[name], gpa, n, st["done"], gpas=gpas, arg=arg, buf=buf, out=out,
+                on_chunk=on_chunk)) is THROW:
             return THROW
         return tuple(result) if name == "check" else result
 

@@ -201,7 +201,7 @@ def test_boot_reports_the_shared_pages_and_hides_the_key(mig):
     key = mig.key()
     for gfn in LAYOUT.private_gfns():
         frame = mig.src_kvm.read(mig.src_hva(gfn), 4096)
-        assert key not in frame and b"SCMHKEY1" not in frame and b"SCMHSTA1" not in frame
+        assert key not in frame and b"SCMHKEY1" not in frame and b"SCMHSTA2" not in frame
 
 
 # -- the happy path ----------------------------------------------------------------------------------------
