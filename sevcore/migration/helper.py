@@ -347,7 +347,9 @@ def packet_ivs(gfns, seqs):
 class HelperPacketError(Exception):
     """The helper refused packet ``index`` of a request (and every packet after it) for
     ``reason``, one of the names in :data:`REASONS`: "replay", "auth", "range", "key", "state"
-    or "request". On OPEN the packets before ``index`` were written; at and after it, nothing."""
+    or "request". On OPEN the packets before ``index`` were written; at and after it, nothing,
+    on one helper vCPU. With several, each stops at its own first refusal and ``index`` is the
+    first refused in the caller's order: other lanes' packets after it may have been written."""
 
     def __init__(self, op, index, reason, gfn=None):
         what = REASONS[_CODE[reason]][1]
@@ -493,7 +495,8 @@ class MigrationHelper:
         """Have the helper open ``packets`` (``(n, PACKET_SIZE)`` uint8) of pages ``gfns`` with
         sequence numbers ``seqs`` and write them into the guest's private pages. Raises
         HelperPacketError ("replay", "auth", "range", "key", "state") naming the first packet
-        refused: the packets before it are written, it and the rest are not."""
+        refused: the packets before it are written, it and the rest are not (the rest of its
+        lane's, with several vCPUs: :class:`HelperPacketError`)."""
         gfns, seqs = u64(gfns, "gfns", ndim=1), u64(seqs, "seqs", ndim=1)
         packets = np.asarray(packets)
         n = len(gfns)
