@@ -62,6 +62,10 @@ class GuestPageOps:
         self._frames = frames
         self._ctx, self._frames_view = _b.guest_ctx(frames)
         self._slots = ([], None, [])   # (triples as given, C array, C views of the bitmaps)
+        #: None, or a function returning a context manager that :meth:`run` enters around its
+        #: hold of the table's lock and the C call: what the calling thread lets other threads
+        #: do meanwhile (sevcore.migration.helper hands its vCPU threads' turn over there).
+        self.around_c = None
 
     def close(self):
         """Drop the views of ``frames`` and of the slot bitmaps, so their memory can be unmapped."""
@@ -133,6 +137,14 @@ class GuestPageOps:
         # csrc/guest.h); every other call reads the table and may run beside others.
         lock = self._npt.lock if ring is not None and op in WRITE_OPS else \
             self._npt.lock.shared()
+        if self.around_c is None:
+            return self._call(lock, op, gfns, gfn0, n, eng, private, ring, rmp, asid, arg, buf,
+                              out)
+        with self.around_c():
+            return self._call(lock, op, gfns, gfn0, n, eng, private, ring, rmp, asid, arg, buf,
+                              out)
+
+    def _call(self, lock, op, gfns, gfn0, n, eng, private, ring, rmp, asid, arg, buf, out):
         with lock:
             if self._frames_view is None:
                 raise ValueError("operation on a closed GuestPageOps")

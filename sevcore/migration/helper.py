@@ -32,7 +32,9 @@ docs/migration-helper.md has the layout, the request protocol and the threat mod
 """
 import os
 import struct
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -252,8 +254,9 @@ def _serve(g, layout, c, keys, scratch, cmd, lo, hi):
             return _refused(lo, "state", 0)
         seqs = np.arange(first, first + n, dtype=np.uint64) | np.uint64(lane << LANE_SHIFT)
         pages = yield g.read_pages(gfns << np.uint64(PAGE_SHIFT) | np.uint64(c), scratch[:n])
-        hdrs, _ = sevpkt.seal(tek, tik, pages, packet_ivs(gfns, seqs), HELPER_CTX,
-                              out=(None, pages))
+        with long_c_call():
+            hdrs, _ = sevpkt.seal(tek, tik, pages, packet_ivs(gfns, seqs), HELPER_CTX,
+                                  out=(None, pages))
         ent["seq"] = seqs
         ent["mac"] = np.frombuffer(hdrs, np.uint8).reshape(n, sevpkt.HDR_SIZE)[:, -MAC_SIZE:]
         yield g.write(layout.entry_gpa(lo), ent)
@@ -270,7 +273,8 @@ def _serve(g, layout, c, keys, scratch, cmd, lo, hi):
         hdrs[:, 4:4 + sevpkt.IV_SIZE] = packet_ivs(gfns[:m], seqs[:m]).reshape(m, -1)
         hdrs[:, -MAC_SIZE:] = ent["mac"][:m]
         try:
-            sevpkt.open(tek, tik, hdrs, pages, HELPER_CTX, out=pages)
+            with long_c_call():
+                sevpkt.open(tek, tik, hdrs, pages, HELPER_CTX, out=pages)
         except sevpkt.PacketAuthError as e:
             m, reason = e.index, "auth"
             if m:
@@ -293,6 +297,31 @@ def _serve(g, layout, c, keys, scratch, cmd, lo, hi):
     if m < n:
         return _refused(lo + m, reason, m)
     return STATUS_OK, 0, 0, n
+
+
+#: Per VMM thread: the turn lock of the helper whose vCPU it runs, while it runs one.
+_turns = threading.local()
+
+
+@contextmanager
+def long_c_call():
+    """Around a long call into C (GIL released) by a thread running a helper vCPU: hand the
+    helper's turn to its other vCPU threads meanwhile. Those wait on the turn, not on the GIL,
+    so the many short C calls of a vCPU's Python steps (each releases the GIL too) do not
+    pass the interpreter back and forth between the threads; only the long ones overlap.
+    Elsewhere (no turn held, or already inside one) it does nothing. This is the simulator's
+    scheduling of its threads, not an operation of the guest."""
+    turn = getattr(_turns, "turn", None)
+    if turn is None or getattr(_turns, "out", False):
+        yield
+        return
+    _turns.out = True
+    turn.release()
+    try:
+        yield
+    finally:
+        turn.acquire()
+        _turns.out = False
 
 
 def _lane_gpa(state_gpa, lane):
@@ -409,6 +438,7 @@ class MigrationHelper:
         self.counters = HelperCounters(sealed=[0] * nr_vcpus, opened=[0] * nr_vcpus)
         self._req = 0
         self._pool = None
+        self._turn = threading.Lock() if nr_vcpus > 1 else None
         self._mirror = mirror = vm.kvm.create_vm(U.KVM_X86_DEFAULT_VM)
         try:
             mirror.enable_cap(U.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM, vm.fd)
@@ -423,6 +453,7 @@ class MigrationHelper:
             if nr_vcpus > 1:
                 # One VMM thread per helper vCPU after the first (which runs in the caller's).
                 self._pool = ThreadPoolExecutor(nr_vcpus - 1, "sevcore-helper-vcpu")
+                mirror.page_ops().around_c = long_c_call
         except BaseException:
             self.close()
             raise
@@ -488,8 +519,9 @@ class MigrationHelper:
         ent = shared.read(lay.entry_gpa(lo), (hi - lo) * ENTRY.itemsize).view(ENTRY)
         out.seqs[s + lo:s + hi] = ent["seq"]
         out.packets[s + lo:s + hi, :MAC_SIZE] = ent["mac"]
-        for i, pages in shared.pages(lay.buffer_gfn + lo, hi - lo):
-            out.packets[s + lo + i:s + lo + i + len(pages), MAC_SIZE:] = pages
+        with long_c_call():
+            for i, pages in shared.pages(lay.buffer_gfn + lo, hi - lo):
+                out.packets[s + lo + i:s + lo + i + len(pages), MAC_SIZE:] = pages
 
     def open(self, gfns, seqs, packets):
         """Have the helper open ``packets`` (``(n, PACKET_SIZE)`` uint8) of pages ``gfns`` with
@@ -524,10 +556,11 @@ class MigrationHelper:
         ent = np.empty(hi - lo, ENTRY)
         ent["gfn"], ent["seq"], ent["mac"] = gfns[rows], seqs[rows], packets[rows, :MAC_SIZE]
         self._shared.write(lay.entry_gpa(lo), ent.view(np.uint8))
-        for i, pages in self._shared.pages(lay.buffer_gfn + lo, hi - lo):
-            part = slice(s + lo + i, s + lo + i + len(pages)) if order is None else \
-                rows[i:i + len(pages)]
-            pages[...] = packets[part, MAC_SIZE:]
+        with long_c_call():
+            for i, pages in self._shared.pages(lay.buffer_gfn + lo, hi - lo):
+                part = slice(s + lo + i, s + lo + i + len(pages)) if order is None else \
+                    rows[i:i + len(pages)]
+                pages[...] = packets[part, MAC_SIZE:]
 
     def _request(self, cmd, s, runs, gfns, order=None, before=None, after=None):
         """One mailbox request: vCPU ``j`` serves rows ``runs[j] = (lo, hi)`` of the request
@@ -578,6 +611,18 @@ class MigrationHelper:
         """Helper vCPU ``j`` serves rows [lo, hi) as request ``req``: the rows filled, KVM_RUN
         to its ucall, the rows taken if served. Returns its slot's ``(index, status, reason,
         done)``."""
+        turn = self._turn
+        if turn is None:
+            return self._serve_locked(cmd, j, lo, hi, req, before, after)
+        turn.acquire()
+        _turns.turn = turn
+        try:
+            return self._serve_locked(cmd, j, lo, hi, req, before, after)
+        finally:
+            _turns.turn = None
+            turn.release()
+
+    def _serve_locked(self, cmd, j, lo, hi, req, before, after):
         if before is not None:
             before(lo, hi)
         slot = self.layout.slot_gpa(j)
