@@ -9,7 +9,7 @@ and 2 helper vCPUs in the same run (the 1-vCPU row is the peer):
   each vCPU run seals 128 pages with 2 vCPUs), and again with a helper buffer of 2048 pages
   and calls of 2048 pages (``[2048-...]``: the same guest read through a layout with a larger
   buffer, which overlays guest pages the benchmark does not seal), where a run's fixed cost
-  (about eleven guest operations, their Python steps taking turns under the GIL) weighs less.
+  (about ten guest operations, their Python steps taking turns under the GIL) weighs less.
 - ``test_helper_path_migration``: a whole helper-path migration of that guest (one pass, the
   target in its own thread as always). Its simulated time falls with helper vCPUs
   (CostModel.helper_seal splits pages among them); the wall time can fall only as far as the

@@ -66,8 +66,7 @@ LANE_SHIFT = 56
 MAX_LANES = 1 << (64 - LANE_SHIFT)
 COUNT_MASK = (1 << LANE_SHIFT) - 1
 _KEY = struct.Struct("<8s32s")           # key page: magic, transport key
-_STATE = struct.Struct("<8s")            # state page: magic, then one u64 counter per lane
-_LANES = 8                               # the counters' offset in the state page
+_LANES = 8                               # state page: magic, then one le64 counter per lane
 
 #: Mailbox slot of one helper vCPU (64 bytes, little-endian). The host writes the request
 #: (cmd, lo, hi, req; the rest zero); the helper rewrites the slot with cmd = 0 and its result.
