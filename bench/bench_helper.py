@@ -38,7 +38,7 @@ def boot(g, layout, c_bit):
 
 def reset_counter(g, layout, c_bit):
     """The guest rewinds its helper's sequence counter, so the same packets open again."""
-    yield g.write(layout.state_gfn << 12 | 1 << c_bit, b"SCMHSTA1" + bytes(8))
+    yield g.write(layout.state_gfn << 12 | 1 << c_bit, b"SCMHSTA2" + bytes(8))
     yield g.sync("reset")
 
 

@@ -35,9 +35,71 @@ _PFN_SHIFT = _b.NPT_PFN_SHIFT
 _ENTRY_FLAGS = (1 << _PFN_SHIFT) - 1
 
 
+class NptLock:
+    """The table's lock as KVM's ``kvm->mmu_lock`` on x86 is an rwlock (``KVM_HAVE_MMU_RWLOCK``,
+    arch/x86/include/asm/kvm_host.h): ``with lock:`` holds it for write (a mutation: nothing else
+    runs), ``with lock.shared():`` for read (walks and lookups, any number at once; the TDP MMU
+    takes it for read in ``kvm_tdp_mmu_map``). A waiting writer holds back new readers, so a
+    stream of walkers cannot starve a fault. Not reentrant."""
+
+    __slots__ = ("_cond", "_readers", "_writer", "_waiting", "_shared")
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer = False
+        self._waiting = 0
+        self._shared = _Shared(self)
+
+    def __enter__(self):
+        with self._cond:
+            self._waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting -= 1
+            self._writer = True
+        return self
+
+    def __exit__(self, *exc):
+        with self._cond:
+            self._writer = False
+            self._cond.notify_all()
+
+    def shared(self):
+        """The lock held for read, as a context manager."""
+        return self._shared
+
+    def _enter_shared(self):
+        with self._cond:
+            while self._writer or self._waiting:
+                self._cond.wait()
+            self._readers += 1
+
+    def _exit_shared(self):
+        with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
+
+
+class _Shared:
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock):
+        self._lock = lock
+
+    def __enter__(self):
+        self._lock._enter_shared()
+        return self
+
+    def __exit__(self, *exc):
+        self._lock._exit_shared()
+
+
 class Npt:
-    """One VM's nested page table. Every call holds the table's lock, so one Npt may be shared
-    between threads; the C table itself (csrc/npt.h) lets only readers run together."""
+    """One VM's nested page table. Every call holds the table's lock (:class:`NptLock`), so one
+    Npt may be shared between threads: lookups hold it for read and run together, mutations for
+    write, as the C table (csrc/npt.h) lets only readers run together."""
 
     #: What :meth:`lookup_batch` returns for a gfn that is not mapped.
     MISS = _b.NPT_MISS
@@ -49,7 +111,7 @@ class Npt:
         physical RAM); a map needing more raises ``OSError(ENOMEM)`` and changes nothing."""
         if limit_bytes is not None:
             limit_bytes = u64(limit_bytes, "limit_bytes")
-        self._lock = threading.Lock()
+        self._lock = NptLock()
         self._npt = _b.npt_create(limit_bytes)
 
     # -- lifetime ------------------------------------------------------------------------------
@@ -78,8 +140,9 @@ class Npt:
 
     @property
     def lock(self):
-        """The lock every operation on the table holds; another C kernel that walks the table
-        (the guest page kernels of sevcore.core.pages) holds it too, around :meth:`cdata`."""
+        """The lock every operation on the table holds (:class:`NptLock`); another C kernel that
+        walks the table (the guest page kernels of sevcore.core.pages) holds it too, around
+        :meth:`cdata`: ``lock.shared()`` to read the entries, ``lock`` to change them."""
         return self._lock
 
     def cdata(self):
@@ -89,10 +152,11 @@ class Npt:
 
     # -- mutations -------------------------------------------------------------------------------
 
-    def _call(self, fn, names, *scalars):
-        """``fn(table, *scalars)`` under the lock. C judges every range and flag; a scalar that
-        is no u64 at all cffi refuses (OverflowError, TypeError), and it is then named."""
-        with self._lock:
+    def _call(self, fn, names, *scalars, shared=False):
+        """``fn(table, *scalars)`` under the lock (for read if ``shared``). C judges every range
+        and flag; a scalar that is no u64 at all cffi refuses (OverflowError, TypeError), and it
+        is then named."""
+        with self._lock.shared() if shared else self._lock:
             try:
                 return fn(self._p(), *scalars)
             except (OverflowError, TypeError):
@@ -140,7 +204,7 @@ class Npt:
 
     def lookup(self, gfn):
         """``(pfn, flags)`` for ``gfn``, or None if it is not mapped."""
-        entry = self._call(_b.npt_lookup, ("gfn",), gfn)
+        entry = self._call(_b.npt_lookup, ("gfn",), gfn, shared=True)
         return None if entry is None else (entry >> _PFN_SHIFT, entry & _ENTRY_FLAGS)
 
     def lookup_batch(self, gfns, with_flags=False, out=None):
@@ -161,7 +225,7 @@ class Npt:
                 if (not isinstance(arr, np.ndarray) or arr.shape != g.shape
                         or not arr.flags.c_contiguous):
                     raise ValueError(f"out must be C-contiguous uint64 of shape {g.shape}")
-        with self._lock:
+        with self._lock.shared():
             _b.npt_lookup_batch(self._p(), g.reshape(-1), pfns.reshape(-1),
                                 None if flags is None else flags.reshape(-1))
         return (pfns, flags) if with_flags else pfns
@@ -170,7 +234,7 @@ class Npt:
 
     def count(self):
         """Number of mapped gfns."""
-        with self._lock:
+        with self._lock.shared():
             return _b.npt_count(self._p())
 
     __len__ = count
@@ -182,7 +246,7 @@ class Npt:
         entries = np.empty(self.ITER_CHUNK, np.uint64)
         start = 0
         while start < GFN_LIMIT:
-            with self._lock:
+            with self._lock.shared():
                 n = _b.npt_next_mapped(self._p(), start, GFN_LIMIT, gfns, entries)
             chunk = gfns[:n].tolist()
             for gfn, entry in zip(chunk, entries[:n].tolist()):
@@ -196,7 +260,7 @@ class Npt:
         arrays ``(gfns, pfns, flags)`` in gfn order."""
         start_gfn = u64(start_gfn, "start_gfn")
         end_gfn = GFN_LIMIT if end_gfn is None else u64(end_gfn, "end_gfn")
-        with self._lock:
+        with self._lock.shared():
             npt = self._p()
             cap = _b.npt_count(npt)
             gfns = np.empty(cap, np.uint64)
@@ -208,7 +272,7 @@ class Npt:
     # -- memory ----------------------------------------------------------------------------------
 
     def _stats(self):
-        with self._lock:
+        with self._lock.shared():
             return _b.npt_stats(self._p())
 
     @property

@@ -50,7 +50,10 @@ def implementation():
 
 
 class GuestPageOps:
-    """Page ops of one guest: its Npt, and the host memory its entries point into."""
+    """Page ops of one guest: its Npt, and the host memory its entries point into. Calls from
+    several threads (the vCPUs of one VM) run at once: each takes the table's lock for read
+    (for write only if it may change entries) and its own copy of the C context, and C runs
+    with the GIL released."""
 
     def __init__(self, npt, frames):
         """``npt``: the guest's :class:`sevcore.core.npt.Npt`; ``frames``: host physical memory as a
@@ -59,7 +62,10 @@ class GuestPageOps:
         self._frames = frames
         self._ctx, self._frames_view = _b.guest_ctx(frames)
         self._slots = ([], None, [])   # (triples as given, C array, C views of the bitmaps)
-        self._rmp = False              # whether ctx.rmp is set
+        #: None, or a function returning a context manager that :meth:`run` enters around its
+        #: hold of the table's lock and the C call: what the calling thread lets other threads
+        #: do meanwhile (sevcore.migration.helper hands its vCPU threads' turn over there).
+        self.around_c = None
 
     def close(self):
         """Drop the views of ``frames`` and of the slot bitmaps, so their memory can be unmapped."""
@@ -127,18 +133,30 @@ class GuestPageOps:
         elif n is None:
             raise ValueError("give gfns, or gfn0 and n")
         eng = _b.ffi.NULL if engine is None else engine.cdata()
-        with self._npt.lock:
-            ctx = self._ctx
+        # Only a logged write with a ring changes entries (it clears NPT_DIRTY_LOG in place:
+        # csrc/guest.h); every other call reads the table and may run beside others.
+        lock = self._npt.lock if ring is not None and op in WRITE_OPS else \
+            self._npt.lock.shared()
+        if self.around_c is None:
+            return self._call(lock, op, gfns, gfn0, n, eng, private, ring, rmp, asid, arg, buf,
+                              out)
+        with self.around_c():
+            return self._call(lock, op, gfns, gfn0, n, eng, private, ring, rmp, asid, arg, buf,
+                              out)
+
+    def _call(self, lock, op, gfns, gfn0, n, eng, private, ring, rmp, asid, arg, buf, out):
+        with lock:
             if self._frames_view is None:
                 raise ValueError("operation on a closed GuestPageOps")
+            # The call's own copy of the context: concurrent calls differ in these fields.
+            ctx = _b.ffi.new("struct sc_guest_ctx *", self._ctx[0])
             ctx.npt = self._npt.cdata()
             ctx.eng = eng
             ctx.private_access = 1 if private else 0
             ctx.ring = _b.ffi.NULL if ring is None else ring.cdata()
-            if rmp is not None or self._rmp:     # the context keeps the last RMP set
-                ctx.rmp = _b.ffi.NULL if rmp is None else rmp
+            if rmp is not None:
+                ctx.rmp = rmp
                 ctx.rmp_asid = asid
-                self._rmp = rmp is not None
             try:
                 return _b.guest_pages(ctx, op, gfns, gfn0, n, arg, buf, out)
             except (OverflowError, TypeError):

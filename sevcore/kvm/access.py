@@ -1,5 +1,7 @@
 """A guest's memory accesses in KVM_RUN: single accesses through the NPT and the fault path,
 MMIO exits, and bulk operations over many pages in the C page kernel (sevcore.core.pages)."""
+import threading
+
 import numpy as np
 
 from sevcore import uapi as U
@@ -10,6 +12,9 @@ from sevcore.kvm.guest import PageNotValidated
 from sevcore.kvm.kvm_run import EXIT, THROW
 from sevcore.kvm.mmu import MmioAccess, decode_gpa, entry_serves, faultin_pages, translate
 from sevcore.core.npt import NPT_DIRTY_LOG
+
+#: Locked read-modify-writes of every simulated CPU: the cache line's exclusive ownership.
+_LOCKED_RMW = threading.Lock()
 
 _BULK_OPS = {"read": gm.GUEST_OP_READ, "write": gm.GUEST_OP_WRITE, "fill": gm.GUEST_OP_FILL,
              "pattern": gm.GUEST_OP_PATTERN, "check": gm.GUEST_OP_CHECK,
@@ -64,6 +69,33 @@ class GuestAccess:
                 return THROW
             st["pos"] = pos + n
         return None if write else bytes(st["buf"])
+
+    def _cmpxchg(self, gpa, expected, new):
+        """``LOCK CMPXCHG`` of the word at ``gpa`` (sevcore.kvm.guest.Guest.cmpxchg): read,
+        compare and write through the NPT as one step under :data:`_LOCKED_RMW`. A locked
+        access to MMIO is not modelled: the guest sees an exception."""
+        def rmw():
+            word = bytearray(8)
+            with _LOCKED_RMW:
+                self._access_partial(gpa, gpa & (PAGE_SIZE - 1), 8, None, 0, word)
+                found = int.from_bytes(word, "little")
+                if found == expected:
+                    self._access_partial(gpa, gpa & (PAGE_SIZE - 1), 8,
+                                         new.to_bytes(8, "little"), 0, None)
+            return found
+        return self._in_ram("locked cmpxchg", rmw)
+
+    def _in_ram(self, what, fn):
+        """``fn()``, an operation meant for RAM: reaching MMIO, or (SNP) a private page not
+        validated, is an exception delivered to the guest (``what`` names the operation)."""
+        try:
+            return fn()
+        except MmioAccess as e:
+            self._throw = RuntimeError(f"{what} reached MMIO at gpa {e.gpa:#x}")
+            return THROW
+        except PageNotValidated as e:
+            self._throw = e
+            return THROW
 
     def _access_partial(self, addr, off, n, data, pos, buf):
         """Bytes [off, off + n) of one page, through the NPT (and the key for C-bit accesses)."""
@@ -198,15 +230,9 @@ class GuestAccess:
                     result[0] += int(out[0])
                     if result[1] is None and int(out[1]) != gm.NO_MISMATCH:
                         result[1] = start + int(out[1])
-        try:
-            self._page_kernel(_BULK_OPS[name], gpa, n, st["done"], gpas=gpas, arg=arg, buf=buf,
-                              out=out, on_chunk=on_chunk)
-        except MmioAccess as e:
-            # Bulk operations are for RAM; the guest sees the failure as an exception.
-            self._throw = RuntimeError(f"bulk {name} reached MMIO at gpa {e.gpa:#x}")
-            return THROW
-        except PageNotValidated as e:
-            self._throw = e
+        if self._in_ram(f"bulk {name}", lambda: self._page_kernel(
+                _BULK_OPS[name], gpa, n, st["done"], gpas=gpas, arg=arg, buf=buf, out=out,
+                on_chunk=on_chunk)) is THROW:
             return THROW
         return tuple(result) if name == "check" else result
 

@@ -102,6 +102,16 @@ class Guest:
         """Write ``data`` at ``gpa``."""
         return Op("write", (u64(gpa, "gpa", ndim=0), bytes(data)))
 
+    def cmpxchg(self, gpa, expected, new):
+        """``LOCK CMPXCHG`` on the 8-byte little-endian word at 8-byte-aligned ``gpa``: store
+        ``new`` if the word holds ``expected``. Returns the value the word held (``expected``
+        when the store happened); atomic with respect to every vCPU's locked instruction and
+        other accesses of the word, as a locked read-modify-write of one cache line is."""
+        gpa = u64(gpa, "gpa", ndim=0)
+        if gpa & 7:
+            raise ValueError(f"cmpxchg of gpa {gpa:#x}: not 8-byte aligned")
+        return Op("cmpxchg", (gpa, u64(expected, "expected", ndim=0), u64(new, "new", ndim=0)))
+
     def fill(self, gpa, npages, pattern):
         """Bulk: every 8-byte word of ``npages`` pages from page-aligned ``gpa`` = ``pattern``."""
         return Op("bulk", ("fill", _page_gpa(gpa), _size(npages),

@@ -11,6 +11,7 @@ under a mapping of the file (unmap_mapping_range), the VMs zap the gfns their me
 (kvm_mmu_notifier_invalidate_range_start), so no NPT entry outlives the page it maps.
 """
 import bisect
+import threading
 from errno import EFAULT, EINVAL, ENOMEM
 
 import numpy as np
@@ -40,6 +41,9 @@ class Mm:
         self._maps = []          # sorted by start
         self._starts = []        # their start addresses, for bisect
         self._pt = Npt()         # hva page -> host pfn for anonymous memory
+        # First touch of anonymous pages (look up, allocate, map) is one step, so two threads
+        # touching one page get one frame: the page table lock of do_anonymous_page().
+        self._anon_lock = threading.RLock()
         self._next_hva = HVA_BASE
         self._notifiers = []     # the VMs of this process (their mmu_notifier registrations)
 
@@ -188,8 +192,12 @@ class Mm:
             return hit[0]
         if not allocate:
             return None
-        (pfn,) = self.host.mem.alloc(1)
-        self._pt.map(page, int(pfn), NPT_WRITABLE)
+        with self._anon_lock:
+            hit = self._pt.lookup(page)
+            if hit is not None:
+                return hit[0]
+            (pfn,) = self.host.mem.alloc(1)
+            self._pt.map(page, int(pfn), NPT_WRITABLE)
         return int(pfn)
 
     def anon_pfns(self, pages):
@@ -201,9 +209,12 @@ class Mm:
         pfns = self._pt.lookup_batch(pages)
         miss = np.flatnonzero(pfns == Npt.MISS)
         if len(miss):
-            want = sorted_unique(pages[miss])
-            fresh = self.host.mem.alloc(len(want))
-            self._pt.map_runs(want, fresh, NPT_WRITABLE)
+            with self._anon_lock:
+                self._pt.lookup_batch(pages, out=pfns)
+                miss = np.flatnonzero(pfns == Npt.MISS)
+                want = sorted_unique(pages[miss])
+                fresh = self.host.mem.alloc(len(want))
+                self._pt.map_runs(want, fresh, NPT_WRITABLE)
             pfns[miss] = fresh[np.searchsorted(want, pages[miss])]
         return pfns
 
@@ -244,7 +255,10 @@ class Mm:
         of first appearance (a repeated page gets the frame its first use allocated)."""
         if lo == hi:
             return
-        got = pfns[lo:hi]
+        with self._anon_lock:
+            self._fill_anon_locked(pages, pfns[lo:hi], lo, hi)
+
+    def _fill_anon_locked(self, pages, got, lo, hi):
         self._pt.lookup_batch(pages[lo:hi], out=got)
         miss = np.flatnonzero(got == Npt.MISS)
         if not len(miss):

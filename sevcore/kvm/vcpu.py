@@ -526,6 +526,8 @@ class Vcpu(GuestAccess, SevEsVcpu, SnpVcpu, MsrVcpu, HypercallVcpu, SregsVcpu, D
             return self._access(args[0], len(args[1]), args[1])
         if kind in ("bulk", "bulk_list"):
             return self._bulk(kind, args)
+        if kind == "cmpxchg":
+            return self._cmpxchg(*args)
         if kind == "rdmsr":
             return self._rdmsr(*args)
         if kind == "wrmsr":

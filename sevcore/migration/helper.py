@@ -19,15 +19,24 @@ through shared pages (a mailbox and a packet buffer) and sees only sealed packet
 A packet is ``MAC (32) || ciphertext (4096)``: AES-128-CTR then HMAC-SHA256 (the SEV packet
 construction, on sevcore.core.sevpkt's batched C kernel) under subkeys derived from the transport key,
 with the initial counter block made of the page's sequence number and gfn, so the MAC covers
-both. The source helper numbers pages from a counter in its private state page; the target
-helper accepts only strictly increasing numbers above its own counter. A replayed, reordered,
-swapped or altered packet is refused, which the PSP path cannot do: RECEIVE_UPDATE_DATA binds a
-packet to nothing but the session's TEK/TIK (AMD-ASPFW sev_mcmd_receive_update).
+both. A sequence number is ``lane << 56 | count``: helper vCPU ``lane`` claims a block of counts
+for each request from its lane's counter in the private state page with a locked compare-and-
+exchange, so numbers stay unique however many vCPUs (or mirrors) seal at once; the target
+helper accepts, in each lane, only strictly increasing counts at or above that lane's counter,
+which it advances by the same locked compare-and-exchange before it writes a page. A
+replayed, reordered, swapped or altered packet is refused, which the PSP path cannot do:
+RECEIVE_UPDATE_DATA binds a packet to nothing but the session's TEK/TIK (AMD-ASPFW
+sev_mcmd_receive_update). The helper's vCPUs serve their share of a request at once, each in a
+thread of the VMM (:meth:`MigrationHelper._request`).
 docs/migration-helper.md has the layout, the request protocol and the threat model.
 """
 import os
 import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -53,9 +62,13 @@ TEK_LABEL = "sevcore-helper-tek"
 TIK_LABEL = "sevcore-helper-tik"
 
 KEY_MAGIC = b"SCMHKEY1"
-STATE_MAGIC = b"SCMHSTA1"
+STATE_MAGIC = b"SCMHSTA2"
+#: A sequence number is ``lane << LANE_SHIFT | count``; the lane is the sealing helper vCPU.
+LANE_SHIFT = 56
+MAX_LANES = 1 << (64 - LANE_SHIFT)
+COUNT_MASK = (1 << LANE_SHIFT) - 1
 _KEY = struct.Struct("<8s32s")           # key page: magic, transport key
-_STATE = struct.Struct("<8sQ")           # state page: magic, next sequence number
+_LANES = 8                               # state page: magic, then one le64 counter per lane
 
 #: Mailbox slot of one helper vCPU (64 bytes, little-endian). The host writes the request
 #: (cmd, lo, hi, req; the rest zero); the helper rewrites the slot with cmd = 0 and its result.
@@ -91,7 +104,8 @@ class HelperLayout:
       from the page ``entries_gfn`` the request table (:data:`ENTRY`, 48 bytes per packet,
       ``batch_pages`` entries);
     - ``batch_pages`` shared pages at ``buffer_gfn``: packet ``i``'s ciphertext in page ``i``;
-    - the private key page ``key_gfn`` and the private state page ``state_gfn`` (the last page).
+    - the private key page ``key_gfn`` and the private state page ``state_gfn`` (the last page:
+      a magic, then the next count of each of the :data:`MAX_LANES` lanes).
 
     The shared pages are transient (the engine does not migrate them); the private ones travel
     by the PSP path (:meth:`private_gfns`). The guest's own pages are ``[0, first_gfn)``.
@@ -111,6 +125,9 @@ class HelperLayout:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.vcpus > MAX_LANES:
+            raise ValueError(f"vcpus must be at most {MAX_LANES} (one sequence lane each), got "
+                             f"{self.vcpus}")
         if self.mem_size % PAGE_SIZE:
             raise ValueError(f"mem_size {self.mem_size:#x} is not a multiple of 4096")
         end = self.mem_size >> PAGE_SHIFT
@@ -196,9 +213,9 @@ def key_page(key):
     return _KEY.pack(KEY_MAGIC, bytes(key)).ljust(PAGE_SIZE, b"\0")
 
 
-def state_page(next_seq=0):
-    """The state page with counter ``next_seq``."""
-    return _STATE.pack(STATE_MAGIC, next_seq).ljust(PAGE_SIZE, b"\0")
+def state_page():
+    """A fresh state page: the magic and every lane's counter at 0."""
+    return STATE_MAGIC.ljust(PAGE_SIZE, b"\0")
 
 
 def migration_helper(g, layout, c_bit):
@@ -230,40 +247,42 @@ def _serve(g, layout, c, keys, scratch, cmd, lo, hi):
     magic, key = _KEY.unpack_from((yield g.read(layout.key_gfn << PAGE_SHIFT | c, _KEY.size)))
     if magic != KEY_MAGIC:
         return _refused(lo, "key", 0)
-    magic, next_seq = _STATE.unpack((yield g.read(layout.state_gfn << PAGE_SHIFT | c,
-                                                  _STATE.size)))
-    if magic != STATE_MAGIC:
+    state_gpa = layout.state_gfn << PAGE_SHIFT | c
+    state = yield g.read(state_gpa, _LANES + 8 * MAX_LANES)
+    if state[:_LANES] != STATE_MAGIC:
         return _refused(lo, "state", 0)
+    # Each lane's next count as read now; a claim succeeds only if it is still so.
+    counts = np.frombuffer(state, "<u8", offset=_LANES).tolist()
     if key not in keys:
         keys.clear()
         keys[key] = kdf(key, TEK_LABEL, b"", 16), kdf(key, TIK_LABEL, b"", 16)
     tek, tik = keys[key]
     out_of_range = np.flatnonzero(gfns >= np.uint64(layout.first_gfn))
     bad = int(out_of_range[0]) if len(out_of_range) else n
-    state_gpa = layout.state_gfn << PAGE_SHIFT | c
     if cmd == CMD_SEAL:
         if bad < n:
             return _refused(lo + bad, "range", 0)
         if n == 0:
             return STATUS_OK, 0, 0, 0
+        lane = g.vcpu_id
         # Claim the numbers before sealing: whatever happens next, none is used twice.
-        yield g.write(state_gpa, _STATE.pack(STATE_MAGIC, next_seq + n))
-        seqs = np.arange(next_seq, next_seq + n, dtype=np.uint64)
+        first = yield from _claim_block(g, state_gpa, lane, counts[lane], n)
+        if first is None:
+            return _refused(lo, "state", 0)
+        seqs = np.arange(first, first + n, dtype=np.uint64) | np.uint64(lane << LANE_SHIFT)
         pages = yield g.read_pages(gfns << np.uint64(PAGE_SHIFT) | np.uint64(c), scratch[:n])
-        hdrs, _ = sevpkt.seal(tek, tik, pages, packet_ivs(gfns, seqs), HELPER_CTX,
-                              out=(None, pages))
+        with long_c_call():
+            hdrs, _ = sevpkt.seal(tek, tik, pages, packet_ivs(gfns, seqs), HELPER_CTX,
+                                  out=(None, pages))
         ent["seq"] = seqs
         ent["mac"] = np.frombuffer(hdrs, np.uint8).reshape(n, sevpkt.HDR_SIZE)[:, -MAC_SIZE:]
         yield g.write(layout.entry_gpa(lo), ent)
         yield g.write_pages(layout.buffer_gpas(lo, hi), pages)
         return STATUS_OK, 0, 0, n
     seqs = ent["seq"]
-    fresh = np.empty(n, bool)
-    if n:
-        fresh[0] = seqs[0] >= np.uint64(next_seq)
-        fresh[1:] = seqs[1:] > seqs[:-1]
-    stale = np.flatnonzero(~fresh)
-    replay = int(stale[0]) if len(stale) else n
+    lanes = (seqs >> np.uint64(LANE_SHIFT)).astype(np.intp)
+    cnts = seqs & np.uint64(COUNT_MASK)
+    replay = _first_stale(lanes, cnts, counts)
     m, reason = (bad, "range") if bad <= replay else (replay, "replay")
     if m:
         pages = yield g.read_pages(layout.buffer_gpas(lo, lo + m), scratch[:m])
@@ -271,17 +290,88 @@ def _serve(g, layout, c, keys, scratch, cmd, lo, hi):
         hdrs[:, 4:4 + sevpkt.IV_SIZE] = packet_ivs(gfns[:m], seqs[:m]).reshape(m, -1)
         hdrs[:, -MAC_SIZE:] = ent["mac"][:m]
         try:
-            sevpkt.open(tek, tik, hdrs, pages, HELPER_CTX, out=pages)
+            with long_c_call():
+                sevpkt.open(tek, tik, hdrs, pages, HELPER_CTX, out=pages)
         except sevpkt.PacketAuthError as e:
             m, reason = e.index, "auth"
             if m:
                 sevpkt.open(tek, tik, hdrs[:m], pages[:m], HELPER_CTX, out=pages[:m])
     if m:
+        # Advance each lane's counter past its packets before any is written, lane by lane in
+        # the order they first appear: a counter another vCPU moved since it was read means
+        # the same numbers are being opened twice, and the packets from that lane's first on
+        # are refused. (Counts claimed by an earlier lane past that point are spent.)
+        lanes_m = lanes[:m]
+        for at in np.sort(np.unique(lanes_m, return_index=True)[1]).tolist():
+            lane = int(lanes_m[at])
+            last = int(cnts[:m][lanes_m == lane][-1])
+            if (yield g.cmpxchg(_lane_gpa(state_gpa, lane), counts[lane], last + 1)) != \
+                    counts[lane]:
+                m, reason = at, "replay"
+                break
+    if m:
         yield g.write_pages(gfns[:m] << np.uint64(PAGE_SHIFT) | np.uint64(c), pages[:m])
-        yield g.write(state_gpa, _STATE.pack(STATE_MAGIC, int(seqs[m - 1]) + 1))
     if m < n:
         return _refused(lo + m, reason, m)
     return STATUS_OK, 0, 0, n
+
+
+#: Per VMM thread: the turn lock of the helper whose vCPU it runs, while it runs one.
+_turns = threading.local()
+
+
+@contextmanager
+def long_c_call():
+    """Around a long call into C (GIL released) by a thread running a helper vCPU: hand the
+    helper's turn to its other vCPU threads meanwhile. Those wait on the turn, not on the GIL,
+    so the many short C calls of a vCPU's Python steps (each releases the GIL too) do not
+    pass the interpreter back and forth between the threads; only the long ones overlap.
+    Elsewhere (no turn held, or already inside one) it does nothing. This is the simulator's
+    scheduling of its threads, not an operation of the guest."""
+    turn = getattr(_turns, "turn", None)
+    if turn is None or getattr(_turns, "out", False):
+        yield
+        return
+    _turns.out = True
+    turn.release()
+    try:
+        yield
+    finally:
+        turn.acquire()
+        _turns.out = False
+
+
+def _lane_gpa(state_gpa, lane):
+    return state_gpa + _LANES + 8 * lane
+
+
+def _claim_block(g, state_gpa, lane, count, n):
+    """Claim ``n`` consecutive counts of ``lane`` (``lock cmpxchg`` until the counter read is
+    the one replaced); returns the first, or None when the lane has no room left."""
+    while True:
+        if count + n > COUNT_MASK + 1:
+            return None
+        found = yield g.cmpxchg(_lane_gpa(state_gpa, lane), count, count + n)
+        if found == count:
+            return count
+        count = found
+
+
+def _first_stale(lanes, cnts, counts):
+    """The index of the first packet whose count is not above the one before it in its lane
+    (or below its lane's counter for the lane's first packet), or ``len(lanes)``."""
+    n = len(lanes)
+    if n == 0:
+        return 0
+    order = np.argsort(lanes, kind="stable")
+    sl, sc = lanes[order], cnts[order]
+    fresh = np.empty(n, bool)
+    head = np.ones(n, bool)
+    head[1:] = sl[1:] != sl[:-1]
+    fresh[head] = sc[head] >= np.array(counts, np.uint64)[sl[head]]
+    fresh[~head] = sc[1:][~head[1:]] > sc[:-1][~head[1:]]
+    stale = order[~fresh]
+    return int(stale.min()) if len(stale) else n
 
 
 def _refused(index, reason, done):
@@ -303,7 +393,9 @@ def packet_ivs(gfns, seqs):
 class HelperPacketError(Exception):
     """The helper refused packet ``index`` of a request (and every packet after it) for
     ``reason``, one of the names in :data:`REASONS`: "replay", "auth", "range", "key", "state"
-    or "request". On OPEN the packets before ``index`` were written; at and after it, nothing."""
+    or "request". On OPEN the packets before ``index`` were written; at and after it, nothing,
+    on one helper vCPU. With several, each stops at its own first refusal and ``index`` is the
+    first refused in the caller's order: other lanes' packets after it may have been written."""
 
     def __init__(self, op, index, reason, gfn=None):
         what = REASONS[_CODE[reason]][1]
@@ -372,6 +464,8 @@ class MigrationHelper:
         self.vm, self.layout, self.nr_vcpus = vm, layout, nr_vcpus
         self.counters = HelperCounters(sealed=[0] * nr_vcpus, opened=[0] * nr_vcpus)
         self._req = 0
+        self._pool = None
+        self._turn = threading.Lock() if nr_vcpus > 1 else None
         self._mirror = mirror = vm.kvm.create_vm(U.KVM_X86_DEFAULT_VM)
         try:
             mirror.enable_cap(U.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM, vm.fd)
@@ -385,6 +479,10 @@ class MigrationHelper:
                     ghcb_program(migration_helper, ghcb_gpas[j], version=1)
                 v.set_guest_code(fn, layout, vm.host.c_bit)
             self._shared = _SharedPages(vm, layout)
+            if nr_vcpus > 1:
+                # One VMM thread per helper vCPU after the first (which runs in the caller's).
+                self._pool = ThreadPoolExecutor(nr_vcpus - 1, "sevcore-helper-vcpu")
+                mirror.page_ops().around_c = long_c_call
         except BaseException:
             self.close()
             raise
@@ -402,6 +500,9 @@ class MigrationHelper:
         mirror, self._mirror = getattr(self, "_mirror", None), None
         if mirror is None:
             return
+        pool, self._pool = getattr(self, "_pool", None), None
+        if pool is not None:
+            pool.shutdown()
         for v in getattr(self, "_vcpus", []):
             v.close()
         mirror.close()
@@ -434,74 +535,156 @@ class MigrationHelper:
                 seqs.dtype.itemsize != 8 or seqs.shape != (n,) or not seqs.flags.writeable:
             raise ValueError(f"seqs must be a writable ({n},) uint64 array")
         out = HelperBatch(gfns.copy(), seqs, packets)
-        lay, shared = self.layout, self._shared
-        for s in range(0, n, lay.batch_pages):
-            e = min(n, s + lay.batch_pages)
-            ent = np.zeros(e - s, ENTRY)
-            ent["gfn"] = gfns[s:e]
-            shared.write(lay.entry_gpa(0), ent.view(np.uint8))
-            self._request(CMD_SEAL, s, e, gfns)
-            ent = shared.read(lay.entry_gpa(0), (e - s) * ENTRY.itemsize).view(ENTRY)
-            out.seqs[s:e] = ent["seq"]
-            out.packets[s:e, :MAC_SIZE] = ent["mac"]
-            for i, pages in shared.pages(lay.buffer_gfn, e - s):
-                out.packets[s + i:s + i + len(pages), MAC_SIZE:] = pages
+        for s in range(0, n, self.layout.batch_pages):
+            k = min(n - s, self.layout.batch_pages)
+            per = -(-k // self.nr_vcpus)
+            self._request(CMD_SEAL, s, [(min(j * per, k), min((j + 1) * per, k))
+                                        for j in range(self.nr_vcpus)], gfns,
+                          before=partial(self._seal_rows_in, gfns, s),
+                          after=partial(self._seal_rows_out, out, s))
         return out
+
+    def _seal_rows_in(self, gfns, s, lo, hi):
+        """The request table's rows [lo, hi) for a SEAL of ``gfns[s + lo:s + hi]``."""
+        ent = np.zeros(hi - lo, ENTRY)
+        ent["gfn"] = gfns[s + lo:s + hi]
+        self._shared.write(self.layout.entry_gpa(lo), ent.view(np.uint8))
+
+    def _seal_rows_out(self, out, s, lo, hi):
+        """Rows [lo, hi) of a served SEAL (numbers, MACs, ciphertext) into ``out``."""
+        lay, shared = self.layout, self._shared
+        ent = shared.read(lay.entry_gpa(lo), (hi - lo) * ENTRY.itemsize).view(ENTRY)
+        out.seqs[s + lo:s + hi] = ent["seq"]
+        out.packets[s + lo:s + hi, :MAC_SIZE] = ent["mac"]
+        with long_c_call():
+            for i, pages in shared.pages(lay.buffer_gfn + lo, hi - lo):
+                out.packets[s + lo + i:s + lo + i + len(pages), MAC_SIZE:] = pages
 
     def open(self, gfns, seqs, packets):
         """Have the helper open ``packets`` (``(n, PACKET_SIZE)`` uint8) of pages ``gfns`` with
         sequence numbers ``seqs`` and write them into the guest's private pages. Raises
         HelperPacketError ("replay", "auth", "range", "key", "state") naming the first packet
-        refused: the packets before it are written, it and the rest are not."""
+        refused: the packets before it are written, it and the rest are not (the rest of its
+        lane's, with several vCPUs: :class:`HelperPacketError`)."""
         gfns, seqs = u64(gfns, "gfns", ndim=1), u64(seqs, "seqs", ndim=1)
         packets = np.asarray(packets)
         n = len(gfns)
         if len(seqs) != n or packets.dtype != np.uint8 or packets.shape != (n, PACKET_SIZE):
             raise ValueError(f"{n} gfns need {n} seqs and a ({n}, {PACKET_SIZE}) uint8 packet "
                              f"array, got {len(seqs)} and {packets.shape} {packets.dtype}")
-        lay, shared = self.layout, self._shared
-        for s in range(0, n, lay.batch_pages):
-            e = min(n, s + lay.batch_pages)
-            ent = np.empty(e - s, ENTRY)
-            ent["gfn"], ent["seq"], ent["mac"] = gfns[s:e], seqs[s:e], packets[s:e, :MAC_SIZE]
-            shared.write(lay.entry_gpa(0), ent.view(np.uint8))
-            for i, pages in shared.pages(lay.buffer_gfn, e - s):
-                pages[...] = packets[s + i:s + i + len(pages), MAC_SIZE:]
-            self._request(CMD_OPEN, s, e, gfns)
+        nv = self.nr_vcpus
+        for s in range(0, n, self.layout.batch_pages):
+            e = min(n, s + self.layout.batch_pages)
+            # Each lane's packets to one vCPU (lane mod vCPUs), in stream order: its counter
+            # then has one writer, and the check of its order sees all of them.
+            owner = ((seqs[s:e] >> np.uint64(LANE_SHIFT)) % np.uint64(nv)).astype(np.intp)
+            order = None
+            if np.any(owner[1:] < owner[:-1]):
+                order = np.argsort(owner, kind="stable")
+            ends = np.cumsum(np.bincount(owner, minlength=nv)).tolist()
+            self._request(CMD_OPEN, s, list(zip([0] + ends[:-1], ends)), gfns, order,
+                          before=partial(self._open_rows_in, gfns, seqs, packets, s, order))
 
-    def _request(self, cmd, s, e, gfns):
-        """One mailbox request over packets [s, e) of the caller's arrays, split in contiguous
-        runs among the vCPUs, which run in order (so sequence numbers follow the index). The
-        batch is not empty."""
+    def _open_rows_in(self, gfns, seqs, packets, s, order, lo, hi):
+        """The request table's rows [lo, hi) and their ciphertext in the packet buffer, for an
+        OPEN of the caller's packets ``s + order[lo:hi]`` (``order`` None: ``s + lo:s + hi``)."""
+        lay = self.layout
+        rows = slice(s + lo, s + hi) if order is None else order[lo:hi] + s
+        ent = np.empty(hi - lo, ENTRY)
+        ent["gfn"], ent["seq"], ent["mac"] = gfns[rows], seqs[rows], packets[rows, :MAC_SIZE]
+        self._shared.write(lay.entry_gpa(lo), ent.view(np.uint8))
+        with long_c_call():
+            for i, pages in self._shared.pages(lay.buffer_gfn + lo, hi - lo):
+                part = slice(s + lo + i, s + lo + i + len(pages)) if order is None else \
+                    rows[i:i + len(pages)]
+                pages[...] = packets[part, MAC_SIZE:]
+
+    def _request(self, cmd, s, runs, gfns, order=None, before=None, after=None):
+        """One mailbox request: vCPU ``j`` serves rows ``runs[j] = (lo, hi)`` of the request
+        table, packet ``s + order[row]`` of the caller's arrays (``order`` None: ``s + row``).
+        The vCPUs run at once, vCPU 0 in this thread and the others in the helper's threads,
+        each thread also filling its rows first (``before(lo, hi)``) and taking its results
+        after (``after(lo, hi)``, if served); page kernels, crypto and copies run with the GIL
+        released. When every vCPU is back, the refusal of the packet first in the caller's
+        order is raised (any other failure of a vCPU before it)."""
         op = "SEAL" if cmd == CMD_SEAL else "OPEN"
         c = self.counters
         c.requests += 1
-        n = e - s
-        per = -(-n // self.nr_vcpus)
-        for j, vcpu in enumerate(self._vcpus):
-            lo, hi = j * per, min(n, (j + 1) * per)
-            if lo >= n:
-                break
-            self._req += 1
-            slot = self.layout.slot_gpa(j)
-            self._shared.write(slot, _SLOT.pack(cmd, lo, hi, 0, self._req, 0, 0, 0, 0, 0))
-            vcpu.run()
+        jobs = []
+        for j, (lo, hi) in enumerate(runs):
+            if hi > lo:
+                self._req += 1
+                jobs.append((j, lo, hi, self._req))
+        futures = [self._pool.submit(self._serve_run, cmd, *job, before, after)
+                   for job in jobs[1:]]
+        outcomes = [_outcome(self._serve_run, cmd, *jobs[0], before, after)]
+        outcomes += [_outcome(f.result) for f in futures]
+        failure = refusal = None
+        for (j, lo, hi, _), (result, exc) in zip(jobs, outcomes):
+            if exc is not None:
+                failure = failure or exc
+                continue
+            index, status, reason, done = result
             c.exits += 1
-            ucall = vcpu.get_ucall()
-            if ucall is None or ucall[0] != "sync":
-                raise RuntimeError(f"migration helper vCPU {j}: unexpected exit "
-                                   f"{vcpu.kvm_run.exit_reason} ({ucall})")
-            _, _, _, _, _, ack, index, status, reason, done = _SLOT.unpack(
-                self._shared.read(slot, SLOT_SIZE))
-            if ack != self._req:
-                raise RuntimeError(f"migration helper vCPU {j} did not answer request "
-                                   f"{self._req}")
             (c.sealed if cmd == CMD_SEAL else c.opened)[j] += done
-            if status != STATUS_OK:
-                if reason not in REASONS:
-                    raise RuntimeError(f"migration helper vCPU {j}: unknown reason {reason}")
-                gfn = int(gfns[s + index]) if index < n else None
-                raise HelperPacketError(op, s + index, REASONS[reason][0], gfn)
+            if status == STATUS_OK:
+                continue
+            if reason not in REASONS:
+                failure = failure or RuntimeError(f"migration helper vCPU {j}: unknown reason "
+                                                  f"{reason}")
+                continue
+            # The slot names the refused row of the table (``lo`` for a refused request).
+            at = s + (index if order is None else int(order[index])) if lo <= index < hi \
+                else None
+            if refusal is None or (at is not None and (refusal[0] is None or at < refusal[0])):
+                refusal = (at, REASONS[reason][0], s + index if at is None else at)
+        if failure is not None:
+            raise failure
+        if refusal is not None:
+            at, reason, index = refusal
+            raise HelperPacketError(op, index, reason, None if at is None else int(gfns[at]))
+
+    def _serve_run(self, cmd, j, lo, hi, req, before, after):
+        """Helper vCPU ``j`` serves rows [lo, hi) as request ``req``: the rows filled, KVM_RUN
+        to its ucall, the rows taken if served. Returns its slot's ``(index, status, reason,
+        done)``."""
+        turn = self._turn
+        if turn is None:
+            return self._serve_locked(cmd, j, lo, hi, req, before, after)
+        turn.acquire()
+        _turns.turn = turn
+        try:
+            return self._serve_locked(cmd, j, lo, hi, req, before, after)
+        finally:
+            _turns.turn = None
+            turn.release()
+
+    def _serve_locked(self, cmd, j, lo, hi, req, before, after):
+        if before is not None:
+            before(lo, hi)
+        slot = self.layout.slot_gpa(j)
+        self._shared.write(slot, _SLOT.pack(cmd, lo, hi, 0, req, 0, 0, 0, 0, 0))
+        vcpu = self._vcpus[j]
+        vcpu.run()
+        ucall = vcpu.get_ucall()
+        if ucall is None or ucall[0] != "sync":
+            raise RuntimeError(f"migration helper vCPU {j}: unexpected exit "
+                               f"{vcpu.kvm_run.exit_reason} ({ucall})")
+        _, _, _, _, _, ack, index, status, reason, done = _SLOT.unpack(
+            self._shared.read(slot, SLOT_SIZE))
+        if ack != req:
+            raise RuntimeError(f"migration helper vCPU {j} did not answer request {req}")
+        if status == STATUS_OK and after is not None:
+            after(lo, hi)
+        return index, status, reason, done
+
+
+def _outcome(fn, *args):
+    """``(result, None)`` or ``(None, exception)`` of ``fn(*args)``."""
+    try:
+        return fn(*args), None
+    except Exception as e:  # noqa: BLE001 - raised again by the caller, after the others
+        return None, e
 
 
 class _SharedPages:

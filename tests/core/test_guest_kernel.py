@@ -691,3 +691,34 @@ def test_rmp_check_matches_reference(states, op, private):
         assert np.array_equal(g.frames, g.ref_frames) and out.tolist() == ref_out.tolist()
     finally:
         g.close()
+
+
+def test_calls_from_threads_at_once_each_use_their_own_context():
+    """Threads reading the same pages at once, one through the memory engine and one in
+    plaintext, each get their own access's result every time (no call sees another's
+    engine or kind of access)."""
+    import threading
+    eng = ENGINES["xex"]
+    g = Guest([(pfn, W) for pfn in range(NFRAMES)])
+    try:
+        n = NFRAMES
+        plain = g.frames.copy().reshape(n, PAGE_SIZE)
+        clear = np.stack([np.frombuffer(eng.decrypt_page(plain[i].tobytes(), i * PAGE_SIZE),
+                                        np.uint8) for i in range(n)])
+        bad = []
+
+        def reader(engine, want):
+            buf = np.empty((n, PAGE_SIZE), np.uint8)
+            for _ in range(200):
+                assert g.ops.run(GUEST_OP_READ, gfn0=g.base, n=n, buf=buf, engine=engine) == n
+                if not np.array_equal(buf, want):
+                    bad.append(engine)
+        threads = [threading.Thread(target=reader, args=a)
+                   for a in ((eng, clear), (None, plain), (eng, clear), (None, plain))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert bad == []
+    finally:
+        g.close()

@@ -13,7 +13,7 @@ from sevcore import _bindings as _b
 from sevcore._reference.npt import Npt as RefNpt
 from sevcore.core.npt import (
     GFN_LIMIT, NPT_ACCESSED, NPT_DIRTY, NPT_DIRTY_LOG, NPT_FLAGS_MASK, NPT_PRESENT, NPT_PRIVATE,
-    NPT_WRITABLE, PFN_LIMIT, Npt,
+    NPT_WRITABLE, PFN_LIMIT, Npt, NptLock,
 )
 
 from support import raises_errno
@@ -577,3 +577,34 @@ class NptMachine(RuleBasedStateMachine):
 
 NptMachine.TestCase.settings = settings(stateful_step_count=30)
 test_npt_state_machine = NptMachine.TestCase
+
+
+def test_npt_lock_lets_readers_share_and_keeps_a_writer_out():
+    """Holders of the lock for read do not wait for each other; a writer gets it only after
+    the last reader leaves, and readers arriving while it waits queue behind it."""
+    import threading
+    import time
+    lock = NptLock()
+    order = []
+    with lock.shared():
+        inner = threading.Thread(target=lock._enter_shared)
+        inner.start()
+        inner.join(timeout=10)
+        assert not inner.is_alive()             # a second reader got in beside the first
+        lock._exit_shared()                     # (and leaves)
+
+        def writer():
+            with lock:
+                order.append("writer")
+        w = threading.Thread(target=writer)
+        w.start()
+        while not lock._waiting:
+            time.sleep(0.001)
+        late = threading.Thread(target=lambda: (lock._enter_shared(), order.append("reader"),
+                                                lock._exit_shared()))
+        late.start()
+        time.sleep(0.05)
+        order.append("first reader leaves")
+    w.join(timeout=10)
+    late.join(timeout=10)
+    assert order == ["first reader leaves", "writer", "reader"]

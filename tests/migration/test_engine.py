@@ -244,6 +244,42 @@ def test_helper_path_moves_the_guest_and_is_much_faster():
     assert psp.total_ns > 10 * st.total_ns
 
 
+@pytest.mark.parametrize("vcpus", [2, 3])
+def test_helper_vcpus_in_parallel_move_a_dirtying_guest_intact(vcpus):
+    """Helper vCPUs sealing and opening at once (a thread each) move a dirtying guest with
+    every page checked on the target, each vCPU numbering its pages in its own lane."""
+    m, dst = launched(workload="random", dirty_pages_per_s=2500, helper_vcpus=vcpus)
+    st = migrate(m, dst, HELPER).stats
+    assert st.status == "completed" and st.bad_pages == 0 and st.verified_pages > 0
+    assert st.helper_packets >= m.config.layout.end_gfn - m.config.shared_pages
+
+
+def test_a_failing_helper_vcpu_fails_the_migration_and_the_source_runs_on(monkeypatch):
+    """A source helper vCPU that fails while the other serves its share fails the migration
+    cleanly: the error is reported, SEND_CANCEL, and the source guest resumes and checks
+    clean."""
+    from sevcore.migration import helper as H
+    m, dst = launched(workload="idle", helper_vcpus=2)
+    before = memory_snapshot(m)
+    real = H.MigrationHelper._serve_run
+
+    def flaky(self, cmd, j, *args):
+        if j == 1 and cmd == H.CMD_SEAL:
+            raise OSError(5, "KVM_RUN: Input/output error (injected)")
+        return real(self, cmd, j, *args)
+    monkeypatch.setattr(H.MigrationHelper, "_serve_run", flaky)
+    with pytest.raises(MigrationError, match="injected") as e:
+        migrate(m, dst, HELPER)
+    st = e.value.stats
+    assert st.status == "failed" and st.send_cancel
+    q = st.query_migrate()
+    assert "injected" in q["error-desc"]
+    assert q["source-guest"]["resumed"] and q["source-guest"]["check"]["bad"] == 0
+    lay = m.config.helper_layout
+    assert memory_snapshot(m)[:lay.first_gfn * 4096] == before[:lay.first_gfn * 4096]
+    assert_runs_on(m)
+
+
 def test_helper_path_needs_a_guest_with_a_helper():
     """A guest booted without a helper cannot use the helper path; it runs on."""
     m, dst = launched(workload="idle")
@@ -272,12 +308,14 @@ def _helper_attack(kind):
     return tamper
 
 
+@pytest.mark.parametrize("vcpus", [1, 2])
 @pytest.mark.parametrize("kind, reason", [("flip", "auth"), ("replay", "replay"),
                                           ("swap", "auth")])
-def test_helper_path_refuses_tampered_packets_and_source_cancels(kind, reason):
+def test_helper_path_refuses_tampered_packets_and_source_cancels(kind, reason, vcpus):
     """A flipped bit, a replayed packet and two swapped packets are refused by the target's
-    helper (its AEAD binds gfn and sequence number); the source cancels, unchanged."""
-    m, dst = launched(workload="idle", helper_vcpus=1)
+    helper (its AEAD binds gfn and sequence number), on one helper vCPU or on one of two
+    serving the batch at once; the source cancels, unchanged."""
+    m, dst = launched(workload="idle", helper_vcpus=vcpus)
     before = memory_snapshot(m)
     _, pair = _through(_helper_attack(kind))
     with pytest.raises(TargetFailed) as e:

@@ -13,6 +13,7 @@ from sevcore.core import pages as guestmem
 from sevcore._reference import sevpkt as ref
 from sevcore.vmm.kvm_util import (addr_gpa2hva, sev_decrypt_memory, vm_mem_add,
                               vm_sev_create_with_one_vcpu, vm_sev_launch)
+from sevcore.migration import helper as H
 from sevcore.migration.helper import (ENTRY, HELPER_CTX, PACKET_SIZE, HelperLayout,
                                       HelperPacketError, MigrationHelper, helper_boot,
                                       packet_ivs)
@@ -200,7 +201,7 @@ def test_boot_reports_the_shared_pages_and_hides_the_key(mig):
     key = mig.key()
     for gfn in LAYOUT.private_gfns():
         frame = mig.src_kvm.read(mig.src_hva(gfn), 4096)
-        assert key not in frame and b"SCMHKEY1" not in frame and b"SCMHSTA1" not in frame
+        assert key not in frame and b"SCMHKEY1" not in frame and b"SCMHSTA2" not in frame
 
 
 # -- the happy path ----------------------------------------------------------------------------------------
@@ -284,19 +285,27 @@ def test_the_vmm_touches_only_the_shared_pages(mig, monkeypatch):
 
 
 def test_several_helper_vcpus_share_a_batch():
-    """With three helper vCPUs a batch is split in contiguous runs, sequence numbers follow the
-    batch order, each vCPU counts its pages, and batches above batch_pages are cut."""
+    """With three helper vCPUs a batch is split in contiguous runs, each vCPU numbers its run
+    in its own lane (lane << 56 | count, counts claimed in blocks), each counts its pages,
+    batches above batch_pages are cut, and a target of two vCPUs opens lane l on vCPU l % 2."""
     lay = HelperLayout.for_guest(NPAGES * 4096, batch_pages=20, vcpus=3)
     mig = Migration(lay)
     with MigrationHelper(mig.src, lay, nr_vcpus=3) as src:
         batch = src.seal(DATA)
-        assert batch.seqs.tolist() == list(range(NDATA))
         # 48 pages: batches of 20, 20, 8; runs of 7, 7, 6 / 7, 7, 6 / 3, 3, 2.
+        runs = [(0, 7), (7, 7), (14, 6), (20, 7), (27, 7), (34, 6), (40, 3), (43, 3), (46, 2)]
+        want = np.zeros(NDATA, np.uint64)
+        next_count = [0, 0, 0]
+        for i, (at, k) in enumerate(runs):
+            lane = i % 3
+            want[at:at + k] = (lane << 56) + next_count[lane] + np.arange(k)
+            next_count[lane] += k
+        assert batch.seqs.tolist() == want.tolist()
         assert (src.counters.requests, src.counters.exits, src.counters.sealed) == \
             (3, 9, [17, 17, 14])
     with MigrationHelper(mig.dst, lay, nr_vcpus=2) as dst:
         dst.open(batch.gfns, batch.seqs, batch.packets)
-        assert dst.counters.opened == [24, 24]
+        assert dst.counters.opened == [17 + 14, 17]
     assert mig.finish() == (0, None)
 
 
@@ -377,6 +386,81 @@ def test_reordered_packets_are_refused_as_replays(mig):
         with pytest.raises(HelperPacketError) as e:
             dst.open(batch.gfns[order], batch.seqs[order], batch.packets[order])
     assert (e.value.index, e.value.reason, e.value.gfn) == (2, "replay", DATA_GFN + 1)
+
+
+LAYOUT3 = HelperLayout.for_guest(NPAGES * 4096, vcpus=3)
+
+
+def test_lanes_keep_their_own_order_and_may_interleave():
+    """Packets of two lanes interleaved in any way open on one vCPU as long as each lane's
+    numbers increase; swapping two packets of one lane is refused as a replay."""
+    mig = Migration(LAYOUT3)
+    with MigrationHelper(mig.src, LAYOUT3, nr_vcpus=2) as src:
+        batch = src.seal(DATA)
+    lanes = batch.seqs >> np.uint64(56)
+    a, b = np.flatnonzero(lanes == 0), np.flatnonzero(lanes == 1)
+    assert len(a) == len(b) == NDATA // 2
+    mixed = np.stack([b, a], axis=1).reshape(-1)     # b0 a0 b1 a1 ...
+    bad = mixed.copy()
+    bad[[2, 4]] = bad[[4, 2]]                        # lane 1's second and third swapped
+    with MigrationHelper(mig.dst, LAYOUT3) as dst:
+        with pytest.raises(HelperPacketError) as e:
+            dst.open(batch.gfns[bad], batch.seqs[bad], batch.packets[bad])
+        assert (e.value.index, e.value.reason) == (4, "replay")
+    mig2 = Migration(LAYOUT3)
+    with MigrationHelper(mig2.src, LAYOUT3, nr_vcpus=2) as src:
+        batch = src.seal(DATA)
+    with MigrationHelper(mig2.dst, LAYOUT3) as dst:
+        dst.open(batch.gfns[mixed], batch.seqs[mixed], batch.packets[mixed])
+    assert mig2.finish() == (0, None)
+
+
+def test_the_same_packets_opened_by_two_vcpus_at_once_are_written_once():
+    """A host that hands the same packets to two helper vCPUs at once (the lanes' counters
+    then have two writers) gets them opened by exactly one; the other refuses them as
+    replays, whichever comes first, and every page is right."""
+    mig = Migration(LAYOUT3)
+    with MigrationHelper(mig.src, LAYOUT3, nr_vcpus=1) as src:
+        batch = src.seal(DATA)
+    with MigrationHelper(mig.dst, LAYOUT3, nr_vcpus=2) as dst:
+        with pytest.raises(HelperPacketError) as e:
+            dst._request(H.CMD_OPEN, 0, [(0, NDATA), (0, NDATA)], batch.gfns,
+                         before=lambda lo, hi: dst._open_rows_in(
+                             batch.gfns, batch.seqs, batch.packets, 0, None, lo, hi))
+        assert (e.value.index, e.value.reason) == (0, "replay")
+        assert sum(dst.counters.opened) == NDATA
+        with pytest.raises(HelperPacketError):
+            dst.open(batch.gfns, batch.seqs, batch.packets)
+    assert mig.finish() == (0, None)
+
+
+def test_mirrors_share_a_lane_and_never_reuse_a_number(mig):
+    """Two mirrors' vCPU 0 both number pages in lane 0: the second claims after the first's
+    block, so no (gfn, seq) is ever sealed twice; the target opens both in order."""
+    with MigrationHelper(mig.src, LAYOUT) as a:
+        first = a.seal(DATA[:10])
+    with MigrationHelper(mig.src, LAYOUT) as b:
+        second = b.seal(DATA[10:])
+    assert first.seqs.tolist() + second.seqs.tolist() == list(range(NDATA))
+    with MigrationHelper(mig.dst, LAYOUT) as dst:
+        dst.open(first.gfns, first.seqs, first.packets)
+        dst.open(second.gfns, second.seqs, second.packets)
+    assert mig.finish() == (0, None)
+
+
+def test_a_refusal_in_one_vcpu_reports_the_first_packet_and_the_other_lane_opens():
+    """With two target vCPUs, a tampered packet in lane 1 is refused by its vCPU while lane
+    0's vCPU opens all of its packets: the error names the tampered packet."""
+    mig = Migration(LAYOUT3)
+    with MigrationHelper(mig.src, LAYOUT3, nr_vcpus=2) as src:
+        batch = src.seal(DATA)
+    i = NDATA // 2 + 3
+    with MigrationHelper(mig.dst, LAYOUT3, nr_vcpus=2) as dst:
+        with pytest.raises(HelperPacketError) as e:
+            dst.open(*flip(batch, i))
+        assert (e.value.index, e.value.reason, e.value.gfn) == (i, "auth", int(DATA[i]))
+        assert dst.counters.opened == [NDATA // 2, 3]
+    assert mig.finish(DATA_GFN, NDATA // 2 + 3) == (0, None)
 
 
 def test_a_target_without_the_key_page_refuses_everything():

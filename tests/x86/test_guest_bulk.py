@@ -310,3 +310,16 @@ def test_page_buffers_must_hold_a_page_per_gpa():
         g.read_pages([0], bytearray(100))
     with pytest.raises(ValueError, match="writable"):
         g.read_pages([0], bytes(4096))
+
+
+def test_cmpxchg_stores_only_over_the_expected_value():
+    """LOCK CMPXCHG returns the word found and stores the new one only when it was the
+    expected one; an unaligned address is refused before the guest runs it."""
+    vm, hva = create()
+    vm.kvm.write(hva + 8, (5).to_bytes(8, "little"))
+    r = run_ops(vm, lambda g: g.cmpxchg(GPA + 8, 5, 2**64 - 1),
+                lambda g: g.cmpxchg(GPA + 8, 5, 7))
+    assert r == [5, 2**64 - 1]
+    assert vm.kvm.read(hva, 24) == bytes(8) + b"\xff" * 8 + bytes(8)
+    with pytest.raises(ValueError, match="8-byte aligned"):
+        sevcore.kvm.guest.Guest(None).cmpxchg(GPA + 4, 0, 1)
