@@ -44,9 +44,8 @@ from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm import snp_ma as K
 from sevcore.kvm.ghcb import ghcb_program
 from sevcore.migration import driver
-from sevcore.migration.helper import (_KEY, _STATE, KEY_MAGIC, STATE_MAGIC, HelperCounters,
-                                      HelperLayout, MigrationHelper, _SharedPages,
-                                      migration_helper)
+from sevcore.migration.helper import (_KEY, HelperCounters, HelperLayout, MigrationHelper,
+                                      _SharedPages, key_page, migration_helper, state_page)
 from sevcore.psp import amd_root
 from sevcore.psp import snp_layout as SL
 from sevcore.psp import snp_ma as MA
@@ -251,10 +250,8 @@ def ma_worker(g, layout, c_bit, restore):
         status = yield g.pvalidate(start << PAGE_SHIFT | c, end - start)
         assert status == 0, f"PVALIDATE of gfns [{start:#x}, {end:#x}): {status}"
     key = yield from _transport_key(g)
-    yield g.write(layout.key_gfn << PAGE_SHIFT | c, _KEY.pack(KEY_MAGIC, key).ljust(PAGE_SIZE,
-                                                                                    b"\0"))
-    yield g.write(layout.state_gfn << PAGE_SHIFT | c, _STATE.pack(STATE_MAGIC, 0).ljust(
-        PAGE_SIZE, b"\0"))
+    yield g.write(layout.key_gfn << PAGE_SHIFT | c, key_page(key))
+    yield g.write(layout.state_gfn << PAGE_SHIFT | c, state_page())
     yield from migration_helper(g, layout, c_bit)
 
 
@@ -381,7 +378,7 @@ class Worker(MigrationHelper):
         self.vm, self.layout, self.nr_vcpus = guest.vm, guest.layout, 1
         self.counters = HelperCounters(sealed=[0], opened=[0])
         self._req = 0
-        self._mirror = None
+        self._mirror, self._pool, self._turn = None, None, None
         self._vcpus = [guest.vcpus[WORKER]]
         self._shared = _SharedPages(guest.vm, guest.layout)
 
