@@ -100,6 +100,37 @@ class Rmp:
                 return st, i
         return 0, len(pfns)
 
+    def make_shared_pages(self, pfns):
+        for p in pfns:
+            self._pfn(int(p))
+        for i, p in enumerate(pfns):
+            st = self.rmp_make_shared(int(p))
+            if st:
+                return st, i
+        return 0, len(pfns)
+
+    def assigned_mask(self, pfns):
+        return [bool(self.entry(int(p))[0]) for p in pfns]
+
+    def pvalidate_pages(self, pfns, gpas, *, asid, validate):
+        for p in pfns:
+            self._pfn(int(p))
+        for i, (p, g) in enumerate(zip(pfns, gpas)):
+            status, cf = self.pvalidate(int(p), gpa=int(g), asid=asid, validate=validate)
+            if status or cf:
+                return status, cf, i
+        return 0, 0, len(pfns)
+
+    def adjust_pages(self, pfns, gpas, *, asid, target_vmpl, perms):
+        for p in pfns:
+            self._pfn(int(p))
+        for i, (p, g) in enumerate(zip(pfns, gpas)):
+            status = self.rmpadjust(int(p), gpa=int(g), asid=asid, target_vmpl=target_vmpl,
+                                    perms=perms)
+            if status:
+                return status, i
+        return 0, len(pfns)
+
     def preguest_prefix(self, pfns, asid):
         for p in pfns:
             self._pfn(int(p))

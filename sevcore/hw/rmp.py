@@ -131,13 +131,14 @@ class Rmp:
                                         bool(immutable))
 
     def make_shared_pages(self, pfns):
-        """``rmp_make_shared`` of each frame of ``pfns`` that a guest owns; returns the first
-        non-zero status, or 0."""
-        for pfn in np.asarray(pfns, np.uint64).tolist():
-            status = self.rmp_make_shared(pfn)
-            if status:
-                return status
-        return 0
+        """``rmp_make_shared`` of each frame of ``pfns`` in order, stopping at the first
+        refusal: returns (status, pages done)."""
+        return B.rmp_make_shared_batch(self._t, u64(pfns, "pfns"))
+
+    def assigned_mask(self, pfns):
+        """A bool array: which frames of ``pfns`` have an assigned entry (their own 4 KiB
+        entry, as ``snp_lookup_rmpentry`` reports ``assigned``)."""
+        return B.rmp_assigned_mask(self._t, u64(pfns, "pfns"))
 
     # -- the firmware ---------------------------------------------------------------------------
 
@@ -188,6 +189,38 @@ class Rmp:
             if e.errno != errno.EFAULT:
                 raise
             raise RmpFault("RMPADJUST", pfn, gpa, U.X86_PF_RMP, self.entry(pfn)) from None
+
+    def pvalidate_pages(self, pfns, gpas, *, asid, validate):
+        """PVALIDATE (4 KiB) of the guest's pages at ``gpas`` backed by ``pfns``, in order, as
+        a guest's loop runs it, stopping at the first page with a non-zero status or rFLAGS.CF
+        set: returns (status, cf, pages before it). RmpFault for the first page the check
+        faults, its ``index`` that page (the pages before it changed)."""
+        pfns = u64(pfns, "pfns")
+        try:
+            return B.rmp_pvalidate_batch(self._t, pfns, u64(gpas, "gpas"), asid, bool(validate))
+        except OSError as e:
+            if e.errno != errno.EFAULT:
+                raise
+            self._fault("PVALIDATE", pfns, gpas, e.index)
+
+    def adjust_pages(self, pfns, gpas, *, asid, target_vmpl, perms):
+        """RMPADJUST of ``target_vmpl``'s mask on each page, in order, stopping at the first
+        refusal: returns (status, pages before it). RmpFault as for pvalidate_pages."""
+        pfns = u64(pfns, "pfns")
+        try:
+            return B.rmp_adjust_batch(self._t, pfns, u64(gpas, "gpas"), asid, target_vmpl,
+                                      perms)
+        except OSError as e:
+            if e.errno != errno.EFAULT:
+                raise
+            self._fault("RMPADJUST", pfns, gpas, e.index)
+
+    def _fault(self, what, pfns, gpas, i):
+        """The RmpFault of page ``i`` of a batch, its ``index`` set to ``i``."""
+        pfn = int(pfns[i])
+        fault = RmpFault(what, pfn, int(gpas[i]), U.X86_PF_RMP, self.entry(pfn))
+        fault.index = i
+        raise fault from None
 
     # -- the check on accesses ------------------------------------------------------------------
 

@@ -5,6 +5,8 @@ Linux guest does it (``__page_state_change`` in ``arch/x86/boot/startup/sev-shar
 the validation before making a page shared, validate after making it private)."""
 from errno import EINVAL, EIO
 
+import numpy as np
+
 from sevcore import uapi as U
 from sevcore.errors import KvmError
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
@@ -13,7 +15,8 @@ from sevcore.kvm.access import access_state
 from sevcore.kvm.ghcb import GHCB_RESERVED_0XFF0, GHCB_SHARED_BUFFER, VMGEXIT_HANDLERS
 from sevcore.kvm.guest import GuestException
 from sevcore.kvm.kvm_run import EXIT, THROW
-from sevcore.kvm.mmu import translate
+from sevcore.hw.rmp import RmpFault
+from sevcore.kvm.mmu import NPT_PRIVATE, translate
 from sevcore.kvm.sev import KernelBuffers
 from sevcore.kvm.sev_es import _set_bits
 from sevcore.psp import snp_layout as SL
@@ -308,11 +311,40 @@ class SnpVcpu(PscVcpu):
         st = self._progress
         gpa &= ~(1 << self.vm.host.c_bit)
         while st["i"] < npages:
-            status = self._pvalidate_one(gpa + (st["i"] << PAGE_SHIFT), validate)
+            status = self._pvalidate_mapped(gpa + (st["i"] << PAGE_SHIFT), npages - st["i"],
+                                            validate, st)
+            if status is None:              # the next page is not mapped: fault it in
+                status = self._pvalidate_one(gpa + (st["i"] << PAGE_SHIFT), validate)
+                if not status:
+                    st["i"] += 1
             if status:
                 return status
-            st["i"] += 1
         return 0
+
+    def _pvalidate_mapped(self, gpa, npages, validate, st):
+        """PVALIDATE of the leading pages from ``gpa`` whose NPT entries already serve a private
+        access, in one RMP batch, ``st["i"]`` advanced past each page that changed. Returns the
+        status of the page it stopped at (PVALIDATE_FAIL_NOUPDATE for rFLAGS.CF), 0 when every
+        page changed, None when it stopped at a page the NPT does not map privately; an RMP
+        fault propagates after the pages before it are counted."""
+        vm = self.vm
+        gfn = gpa >> PAGE_SHIFT
+        n = min(npages, vm.max_gfn + 1 - gfn) if gfn <= vm.max_gfn else 0
+        gfns = np.arange(gfn, gfn + n, dtype=np.uint64)
+        pfns, flags = vm.npt.lookup_batch(gfns, with_flags=True)
+        ok = (pfns != vm.npt.MISS) & (flags & np.uint64(NPT_PRIVATE) != 0)
+        m = int(np.argmin(ok)) if not ok.all() else n
+        try:
+            status, cf, done = vm.host.rmp.pvalidate_pages(
+                pfns[:m], gfns[:m] << np.uint64(PAGE_SHIFT), asid=vm.sev.asid,
+                validate=validate)
+        except RmpFault as fault:
+            st["i"] += fault.index
+            raise
+        st["i"] += done
+        if status or cf:
+            return status or U.PVALIDATE_FAIL_NOUPDATE
+        return None if m < npages else 0
 
     # -- SNP guest requests -------------------------------------------------------------------
 

@@ -382,6 +382,56 @@ def test_pvalidate_prepares_unpopulated_page(kvm):
     assert e.assigned and e.validated and e.asid == vm.sev.asid and e.gpa == 13 << 12
 
 
+def guest_pvalidate_range(g, out):
+    """PVALIDATE a range of never-touched pages (each faulted in), again (CF on the first),
+    rescind it, rescind it again (CF)."""
+    for validate in (True, True, False, False):
+        out.append((yield g.pvalidate(4 << 12, 12, validate)))
+    yield g.wrmsr(MSR_AMD64_SEV_ES_GHCB, GHCB_MSR_TERM_REQ)
+    yield g.vmgexit()
+
+
+def test_pvalidate_range_faults_in_and_batches(kvm):
+    """A range PVALIDATE over pages not yet mapped faults each one in; over mapped pages it
+    runs as one batch with the same results: CF stops it at the first page, every page ends
+    in the state asked."""
+    out = []
+    vm = kvm.create_vm(KVM_X86_SNP_VM)
+    vm.memory_encrypt_op(KVM_SEV_INIT2)
+    hva = vm_mem_add(vm, 0, 0, 16, KVM_MEM_GUEST_MEMFD)
+    vcpu = vm_vcpu_add(vm, 0)
+    vcpu.set_guest_code(guest_pvalidate_range, out)
+    vm.memory_encrypt_op(KVM_SEV_SNP_LAUNCH_START, policy=POLICY)
+    vm_mem_set_private(vm, 0, 16 << 12)
+    snp_launch_update_data(vm, 0, hva, 4096, KVM_SEV_SNP_PAGE_TYPE_NORMAL)
+    vm.memory_encrypt_op(KVM_SEV_SNP_LAUNCH_FINISH)
+    assert vcpu.run().exit_reason == KVM_EXIT_SYSTEM_EVENT, vcpu.guest_exception
+    assert out == [0, PVALIDATE_FAIL_NOUPDATE, 0, PVALIDATE_FAIL_NOUPDATE]
+    cache = vm.gfn_to_memslot(0).gmem_file.page_cache
+    entries = [vm.host.rmp.entry(cache.lookup(gfn)) for gfn in range(4, 16)]
+    assert all(e.assigned and not e.validated and e.gpa == gfn << 12
+               for gfn, e in zip(range(4, 16), entries))
+
+
+def test_launch_update_in_chunks_measures_as_one_pass(kvm, monkeypatch):
+    """LAUNCH_UPDATE in chunks of 3 pages gives the launch digest and progress of one pass,
+    and stops at a shared page in a later chunk with the pages before it done."""
+    from sevcore.kvm import sev_snp
+
+    def launch(chunk):
+        monkeypatch.setattr(sev_snp, "POPULATE_CHUNK", chunk)
+        vm, hva = snp_vm(kvm, 10)
+        vm.memory_encrypt_op(KVM_SEV_SNP_LAUNCH_START, policy=POLICY)
+        kvm.write(hva, bytes(range(251)) * 163)
+        vm.set_memory_attributes(8 << 12, 4096, 0)
+        out = vm.memory_encrypt_op(KVM_SEV_SNP_LAUNCH_UPDATE, gfn_start=0, uaddr=hva,
+                                   len=10 << 12, type=KVM_SEV_SNP_PAGE_TYPE_NORMAL)
+        ld = vm.host.psp.snp_guest(vm.sev.snp_context).ld
+        return (out.gfn_start, out.uaddr - hva, out.len), ld
+    chunked, whole = launch(3), launch(2048)
+    assert chunked == whole and chunked[0] == (8, 8 << 12, 2 << 12)
+
+
 def test_punch_hole_returns_frames_to_host(kvm):
     """Punching a hole in guest_memfd gives the guest's frames back to the hypervisor in the
     RMP before freeing them (sev_gmem_invalidate), and the page may be populated again."""
