@@ -9,7 +9,7 @@ import pytest
 
 import sevcore
 from sevcore.kvm import snp_guest_msg as M
-from sevcore.kvm.ghcb import Ghcb, GhcbGuest
+from sevcore.kvm.ghcb import Ghcb, GhcbGuest, ghcb_program
 from sevcore.kvm.sev import SevError
 from sevcore.kvm.snp_guest import ghcb_page_state_change
 from sevcore.kvm.snp_vcpu import PageStateChangeFailed
@@ -537,11 +537,12 @@ GHCB_GFN = 15
 
 
 def guest_ghcb_psc(g, out):
-    """Share its GHCB page (MSR protocol), negotiate, then make pages 8..11 shared and private
-    again through the GHCB page, writing shared data in between."""
+    """Share its GHCB page (MSR protocol), negotiate, register it, then make pages 8..11 shared
+    and private again through the GHCB page, writing shared data in between."""
     yield g.page_state_change(GHCB_GFN << 12, 1, private=False)
     ghcb = GhcbGuest(GHCB_GFN << 12)
     yield from ghcb.negotiate(g)
+    yield from ghcb.register(g)
     out.append((yield from ghcb_page_state_change(g, ghcb, 8 << 12, 4, False)))
     yield g.write(8 << 12, b"via the GHCB page")
     out.append((yield from ghcb_page_state_change(g, ghcb, 8 << 12, 4, True)))
@@ -585,6 +586,59 @@ def test_psc_through_ghcb_page_refused(kvm):
     assert vcpu.guest_exception.response == VMGEXIT_PSC_ERROR_GENERIC
 
 
+# -- the registered GHCB (GHCB_MSR_REG_GPA_REQ, sev_handle_vmgexit) ------------------------------------
+
+def guest_ghcb_unregistered(g, register_gfn):
+    """Share its GHCB page, negotiate, register ``register_gfn`` (None: nothing), then ask for
+    the hypervisor features through the GHCB page at GHCB_GFN."""
+    yield g.page_state_change(GHCB_GFN << 12, 1, private=False)
+    ghcb = GhcbGuest(GHCB_GFN << 12)
+    yield from ghcb.negotiate(g)
+    if register_gfn is not None:
+        yield from GhcbGuest(register_gfn << 12).register(g)
+    yield from ghcb.hv_call(g, Ghcb(), SVM_VMGEXIT_HV_FEATURES, 0, 0)
+
+
+@pytest.mark.parametrize("register_gfn", [None, GHCB_GFN - 1])
+def test_unregistered_ghcb_is_refused(kvm, register_gfn):
+    """An SNP guest's VMGEXIT through a GHCB page it did not register (none, or another gfn)
+    fails KVM_RUN with EINVAL after KVM has mapped and synced the page (its valid bitmap
+    cleared), and keeps failing."""
+    vm, vcpu = vm_sev_create_with_one_vcpu(kvm, KVM_X86_SNP_VM, guest_ghcb_unregistered,
+                                           register_gfn)
+    vm_sev_launch(vm, POLICY)
+    run = vcpu.run()
+    handle_map_gpa_range(vm, run)            # the MSR-protocol request for the GHCB page
+    with raises_errno(EINVAL, "KVM_RUN"):
+        vcpu.run()
+    page = Ghcb(kvm.read(addr_gpa2hva(vm, GHCB_GFN << 12), 4096))
+    assert page.valid_bitmap == 0 and page.get("sw_exit_code") == SVM_VMGEXIT_HV_FEATURES
+    with raises_errno(EINVAL, "KVM_RUN"):
+        vcpu.run()
+    want = None if register_gfn is None else register_gfn << 12
+    assert vcpu.ghcb_registered_gpa == want
+
+
+def guest_cpuid_via_ghcb(g, out):
+    """CPUID, which the #VC handler of ghcb_program sends through its GHCB page."""
+    out.append((yield g.cpuid(0x8000001F, 0)))
+    yield g.wrmsr(MSR_AMD64_SEV_ES_GHCB, GHCB_MSR_TERM_REQ)
+    yield g.vmgexit()
+
+
+def test_ghcb_program_registers_its_ghcb_on_snp(kvm):
+    """A program under ghcb_program on an SNP guest registers its GHCB (REG_GPA_REQ) after
+    negotiating, so its #VC exits through the page are served."""
+    out = []
+    vm, vcpu = vm_sev_create_with_one_vcpu(
+        kvm, KVM_X86_SNP_VM, ghcb_program(guest_cpuid_via_ghcb, GHCB_GFN << 12), out)
+    vm_sev_launch(vm, POLICY)
+    vm.set_memory_attributes(GHCB_GFN << 12, 4096, 0)
+    assert vcpu.run().exit_reason == KVM_EXIT_SYSTEM_EVENT, vcpu.guest_exception
+    assert vcpu.ghcb_registered_gpa == GHCB_GFN << 12
+    assert out[0][0] & X86_FEATURE_SEV_SNP
+
+
 # -- SNP guest requests through the GHCB page (snp_handle_guest_req) -------------------------------
 
 def guest_ghcb_report(g, user_data, out):
@@ -595,6 +649,7 @@ def guest_ghcb_report(g, user_data, out):
     yield g.page_state_change(13 << 12, 2, private=False)         # request, response pages
     ghcb = GhcbGuest(GHCB_GFN << 12)
     yield from ghcb.negotiate(g)
+    yield from ghcb.register(g)
     secrets = yield g.read((6 << 12) | CBIT, 4096)
     vmpck = secrets[M.VMPCK_OFFSET:M.VMPCK_OFFSET + 32]
     body = SL.snp_report_req.pack(user_data=user_data, vmpl=0)
