@@ -472,9 +472,10 @@ int sc_rmp_pvalidate_batch(struct sc_rmp *rmp, const uint64_t *pfns, const uint6
     return 0;
 }
 
-/* RMPADJUST of a frame in the table (sc_rmp_adjust after its arguments' checks). */
+/* RMPADJUST of a frame in the table (sc_rmp_adjust after its arguments' checks); vmsa < 0
+ * leaves the VMSA bit as it is. */
 static int adjust_at(struct sc_rmp *rmp, uint64_t pfn, uint64_t gpa, uint32_t asid,
-                     int target_vmpl, uint8_t perms, struct sc_err *err)
+                     int target_vmpl, uint8_t perms, int vmsa, struct sc_err *err)
 {
     if (target_vmpl < 1 || target_vmpl > 3 || perms > 0xF || (gpa & 0xFFF))
         return SC_PVALIDATE_FAIL_INPUT;
@@ -485,17 +486,19 @@ static int adjust_at(struct sc_rmp *rmp, uint64_t pfn, uint64_t gpa, uint32_t as
     struct leaf *l = leaf_of(rmp, pfn);
     unsigned li = pfn & (LEAF_N - 1), shift = 4 * (unsigned)(target_vmpl - 1);
     l->perms[li] = (uint16_t)((l->perms[li] & ~(0xFu << shift)) | ((unsigned)perms << shift));
+    if (vmsa >= 0)
+        l->lo[li] = vmsa ? (l->lo[li] | E_VMSA) : (l->lo[li] & ~E_VMSA);
     return 0;
 }
 
 int sc_rmp_adjust(struct sc_rmp *rmp, uint64_t pfn, uint64_t gpa, uint32_t asid,
-                  int target_vmpl, uint8_t perms, struct sc_err *err)
+                  int target_vmpl, uint8_t perms, int vmsa, struct sc_err *err)
 {
     if (!rmp)
         return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
     if (pfn >= rmp->nframes)
         return sc_refuse(err, EINVAL, SC_ERR_RMP_PFN, 0, pfn, rmp->nframes, 0);
-    return adjust_at(rmp, pfn, gpa, asid, target_vmpl, perms, err);
+    return adjust_at(rmp, pfn, gpa, asid, target_vmpl, perms, !!vmsa, err);
 }
 
 int sc_rmp_adjust_batch(struct sc_rmp *rmp, const uint64_t *pfns, const uint64_t *gpas, size_t n,
@@ -508,7 +511,7 @@ int sc_rmp_adjust_batch(struct sc_rmp *rmp, const uint64_t *pfns, const uint64_t
     if (bad)
         return bad;
     for (size_t i = 0; i < n; i++) {
-        int rc = adjust_at(rmp, pfns[i], gpas[i], asid, target_vmpl, perms, err);
+        int rc = adjust_at(rmp, pfns[i], gpas[i], asid, target_vmpl, perms, -1, err);
         if (rc) {
             *done = i;
             if (rc < 0 && err)

@@ -123,13 +123,15 @@ int sc_rmp_pvalidate_batch(struct sc_rmp *rmp, const uint64_t *pfns, const uint6
                            struct sc_err *err);
 
 /* RMPADJUST by VMPL0 of ASID asid: set the permission mask of target_vmpl (1..3) on the 4 KiB
- * page at frame pfn. 0, SC_PVALIDATE_FAIL_INPUT for a bad VMPL or mask, or -EFAULT as for
- * PVALIDATE. */
+ * page at frame pfn, and its VMSA bit to vmsa (RDX bit 16: only VMPL0 may change it, which is
+ * why a guest names VMPL1 as the target). 0, SC_PVALIDATE_FAIL_INPUT for a bad VMPL or mask, or
+ * -EFAULT as for PVALIDATE. */
 int sc_rmp_adjust(struct sc_rmp *rmp, uint64_t pfn, uint64_t gpa, uint32_t asid,
-                  int target_vmpl, uint8_t perms, struct sc_err *err);
+                  int target_vmpl, uint8_t perms, int vmsa, struct sc_err *err);
 
 /* RMPADJUST of target_vmpl's mask to perms on each of the n pages gpas[i] at frames pfns[i], in
- * order (what the firmware does for the VMPL permissions SNP_LAUNCH_UPDATE is given). Stops at
+ * order, each page's VMSA bit left as it is (what the firmware does for the VMPL permissions
+ * SNP_LAUNCH_UPDATE is given, VMSA pages included). Stops at
  * the first refusal: its status (*done its index), or 0 with *done = n; -EFAULT as for
  * sc_rmp_adjust (err.index = *done), -EINVAL for a pfn past the table, nothing changed. */
 int sc_rmp_adjust_batch(struct sc_rmp *rmp, const uint64_t *pfns, const uint64_t *gpas, size_t n,

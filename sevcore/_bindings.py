@@ -1123,9 +1123,9 @@ def rmp_pvalidate(rmp, pfn, gpa, asid, pagesize, validate):
     return rc, cf[0]
 
 
-def rmp_adjust(rmp, pfn, gpa, asid, target_vmpl, perms):
+def rmp_adjust(rmp, pfn, gpa, asid, target_vmpl, perms, vmsa):
     err = _err.p
-    rc = lib.sc_rmp_adjust(rmp, pfn, gpa, asid, target_vmpl, perms, err)
+    rc = lib.sc_rmp_adjust(rmp, pfn, gpa, asid, target_vmpl, perms, vmsa, err)
     return rc if rc >= 0 else refused(rc, "sc_rmp_adjust", err)
 
 

@@ -126,7 +126,7 @@ class Rmp:
             self._pfn(int(p))
         for i, (p, g) in enumerate(zip(pfns, gpas)):
             status = self.rmpadjust(int(p), gpa=int(g), asid=asid, target_vmpl=target_vmpl,
-                                    perms=perms)
+                                    perms=perms, keep_vmsa=True)
             if status:
                 return status, i
         return 0, len(pfns)
@@ -171,14 +171,15 @@ class Rmp:
         self._put(head, e[:3] + (int(bool(validate)),) + e[4:])
         return 0, 0
 
-    def rmpadjust(self, pfn, *, gpa, asid, target_vmpl, perms):
+    def rmpadjust(self, pfn, *, gpa, asid, target_vmpl, perms, vmsa=False, keep_vmsa=False):
         self._pfn(pfn)
         if not 1 <= target_vmpl <= 3 or not 0 <= perms <= 0xF or gpa % 4096:
             return U.PVALIDATE_FAIL_INPUT
         e = self.entry(pfn)
         self._guest_check("RMPADJUST", pfn, e, gpa, asid)
         shift = 4 * (target_vmpl - 1)
-        self._put(pfn, e[:7] + ((e[7] & ~(0xF << shift)) | perms << shift,))
+        bit = e[4] if keep_vmsa else int(bool(vmsa))
+        self._put(pfn, e[:4] + (bit,) + e[5:7] + ((e[7] & ~(0xF << shift)) | perms << shift,))
         return 0
 
     def first_denied(self, pfns, asid):

@@ -180,11 +180,12 @@ class Rmp:
                 raise
             raise RmpFault("PVALIDATE", pfn, gpa, U.X86_PF_RMP, self.entry(pfn)) from None
 
-    def rmpadjust(self, pfn, *, gpa, asid, target_vmpl, perms):
+    def rmpadjust(self, pfn, *, gpa, asid, target_vmpl, perms, vmsa=False):
         """RMPADJUST by VMPL0 of ``asid``: set ``target_vmpl``'s (1..3) permission mask on its
-        page at ``gpa``. Returns 0 or ``PVALIDATE_FAIL_INPUT``; RmpFault as for PVALIDATE."""
+        page at ``gpa``, and the page's VMSA bit to ``vmsa`` (RDX bit 16, which VMPL0 alone may
+        change). Returns 0 or ``PVALIDATE_FAIL_INPUT``; RmpFault as for PVALIDATE."""
         try:
-            return B.rmp_adjust(self._t, pfn, gpa, asid, target_vmpl, perms)
+            return B.rmp_adjust(self._t, pfn, gpa, asid, target_vmpl, perms, bool(vmsa))
         except OSError as e:
             if e.errno != errno.EFAULT:
                 raise
@@ -204,8 +205,9 @@ class Rmp:
             self._fault("PVALIDATE", pfns, gpas, e.index)
 
     def adjust_pages(self, pfns, gpas, *, asid, target_vmpl, perms):
-        """RMPADJUST of ``target_vmpl``'s mask on each page, in order, stopping at the first
-        refusal: returns (status, pages before it). RmpFault as for pvalidate_pages."""
+        """RMPADJUST of ``target_vmpl``'s mask on each page, in order, each page's VMSA bit
+        kept (the firmware's permissions at SNP_LAUNCH_UPDATE), stopping at the first refusal:
+        returns (status, pages before it). RmpFault as for pvalidate_pages."""
         pfns = u64(pfns, "pfns")
         try:
             return B.rmp_adjust_batch(self._t, pfns, u64(gpas, "gpas"), asid, target_vmpl,

@@ -240,9 +240,10 @@ class RmpMachine(RuleBasedStateMachine):
         kw = dict(gpa=gpa, asid=asid, validate=validate, pagesize=pagesize)
         _same(lambda: self.c.pvalidate(pfn, **kw), lambda: self.r.pvalidate(pfn, **kw))
 
-    @rule(pfn=PFNS, gpa=GPAS, asid=ASIDS, vmpl=st.integers(0, 4), perms=st.integers(0, 16))
-    def rmpadjust(self, pfn, gpa, asid, vmpl, perms):
-        kw = dict(gpa=gpa, asid=asid, target_vmpl=vmpl, perms=perms)
+    @rule(pfn=PFNS, gpa=GPAS, asid=ASIDS, vmpl=st.integers(0, 4), perms=st.integers(0, 16),
+          vmsa=st.booleans())
+    def rmpadjust(self, pfn, gpa, asid, vmpl, perms, vmsa):
+        kw = dict(gpa=gpa, asid=asid, target_vmpl=vmpl, perms=perms, vmsa=vmsa)
         _same(lambda: self.c.rmpadjust(pfn, **kw), lambda: self.r.rmpadjust(pfn, **kw))
 
     @rule(pfns=st.lists(PFNS, max_size=6))
