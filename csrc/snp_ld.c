@@ -39,30 +39,56 @@ static inline uint64_t ror(uint64_t x, unsigned n) { return (x >> n) | (x << (64
 
 static inline uint64_t load_be(const uint8_t *p)
 {
-    uint64_t v = 0;
+    uint64_t v;
+    memcpy(&v, p, 8);
+#if defined(__GNUC__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    return __builtin_bswap64(v);
+#else
+    const uint8_t *b = (const uint8_t *)&v;
+    uint64_t r = 0;
     for (int i = 0; i < 8; i++)
-        v = (v << 8) | p[i];
-    return v;
+        r = (r << 8) | b[i];
+    return r;
+#endif
 }
 
-static void compress(uint64_t h[8], const uint8_t block[128])
+/* One round of FIPS 180-4 6.4.2 step 3 on named variables (no register shuffle). */
+#define ROUND(a, b, c, d, e, f, g, h, t)                                                     \
+    do {                                                                                     \
+        uint64_t t1 = h + (ror(e, 14) ^ ror(e, 18) ^ ror(e, 41)) + ((e & f) ^ (~e & g))     \
+            + K[t] + w[(t) & 15];                                                            \
+        d += t1;                                                                             \
+        h = t1 + (ror(a, 28) ^ ror(a, 34) ^ ror(a, 39)) + ((a & b) ^ (a & c) ^ (b & c));     \
+    } while (0)
+
+/* The message schedule W_t for t >= 16, kept in a ring of 16 words. */
+#define SCHED(t)                                                                             \
+    do {                                                                                     \
+        uint64_t x = w[((t) - 15) & 15], y = w[((t) - 2) & 15];                              \
+        w[(t) & 15] += (ror(x, 1) ^ ror(x, 8) ^ (x >> 7)) + w[((t) - 7) & 15]                \
+            + (ror(y, 19) ^ ror(y, 61) ^ (y >> 6));                                          \
+    } while (0)
+
+static void compress(uint64_t s[8], const uint8_t block[128])
 {
-    uint64_t w[80];
+    uint64_t w[16];
     for (int t = 0; t < 16; t++)
         w[t] = load_be(block + 8 * t);
-    for (int t = 16; t < 80; t++) {
-        uint64_t s0 = ror(w[t - 15], 1) ^ ror(w[t - 15], 8) ^ (w[t - 15] >> 7);
-        uint64_t s1 = ror(w[t - 2], 19) ^ ror(w[t - 2], 61) ^ (w[t - 2] >> 6);
-        w[t] = w[t - 16] + s0 + w[t - 7] + s1;
+    uint64_t a = s[0], b = s[1], c = s[2], d = s[3], e = s[4], f = s[5], g = s[6], h = s[7];
+    for (int t = 0; t < 80; t += 8) {
+        if (t >= 16)
+            for (int i = 0; i < 8; i++)
+                SCHED(t + i);
+        ROUND(a, b, c, d, e, f, g, h, t);
+        ROUND(h, a, b, c, d, e, f, g, t + 1);
+        ROUND(g, h, a, b, c, d, e, f, t + 2);
+        ROUND(f, g, h, a, b, c, d, e, t + 3);
+        ROUND(e, f, g, h, a, b, c, d, t + 4);
+        ROUND(d, e, f, g, h, a, b, c, t + 5);
+        ROUND(c, d, e, f, g, h, a, b, t + 6);
+        ROUND(b, c, d, e, f, g, h, a, t + 7);
     }
-    uint64_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], k = h[7];
-    for (int t = 0; t < 80; t++) {
-        uint64_t t1 = k + (ror(e, 14) ^ ror(e, 18) ^ ror(e, 41)) + ((e & f) ^ (~e & g)) + K[t]
-            + w[t];
-        uint64_t t2 = (ror(a, 28) ^ ror(a, 34) ^ ror(a, 39)) + ((a & b) ^ (a & c) ^ (b & c));
-        k = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
-    }
-    h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += k;
+    s[0] += a; s[1] += b; s[2] += c; s[3] += d; s[4] += e; s[5] += f; s[6] += g; s[7] += h;
 }
 
 static void digest_out(const uint64_t h[8], uint8_t *out)
