@@ -265,6 +265,29 @@ int sc_rmp_update(struct sc_rmp *rmp, uint64_t pfn, const struct sc_rmp_entry *s
     return rc < 0 ? sc_refuse(err, -rc, SC_ERR_NONE, 0, pfn, 0, 0) : 0;
 }
 
+int sc_rmp_psmash(struct sc_rmp *rmp, uint64_t pfn, struct sc_err *err)
+{
+    if (!rmp)
+        return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
+    if (pfn >= rmp->nframes)
+        return sc_refuse(err, EINVAL, SC_ERR_RMP_PFN, 0, pfn, rmp->nframes, 0);
+    if (pfn & (LEAF_N - 1))
+        return SC_PSMASH_FAIL_INPUT;
+    struct leaf *l = leaf_of(rmp, pfn);
+    if (!l || !(l->lo[0] & E_PAGESIZE))
+        return SC_PSMASH_FAIL_BADADDR;
+    /* The leaf holds the 2 MiB entry, so it stays allocated while its entries are rewritten:
+     * store() never fails here. Sub-entries go first so the head is read unchanged. */
+    uint64_t head = l->lo[0] & ~E_PAGESIZE;
+    uint16_t perms = l->perms[0];
+    for (unsigned i = LEAF_N - 1; i > 0; i--) {
+        uint64_t lo = (head & E_ASSIGNED) ? head + ((uint64_t)i << E_GFN_SHIFT) : 0;
+        store(rmp, pfn + i, lo, lo ? perms : 0);
+    }
+    store(rmp, pfn, head, head ? perms : 0);
+    return 0;
+}
+
 int sc_rmp_make_private_batch(struct sc_rmp *rmp, const uint64_t *pfns, const uint64_t *gfns,
                               size_t n, uint32_t asid, int immutable, size_t *done,
                               struct sc_err *err)

@@ -28,6 +28,10 @@ enum {
     SC_RMPUPDATE_FAIL_PERMISSION = 2,
     SC_RMPUPDATE_FAIL_INUSE = 3,
     SC_RMPUPDATE_FAIL_OVERLAP = 4,
+    /* PSMASH's status in RAX (APM vol. 3 "PSMASH"; arch/x86/include/asm/sev.h names INUSE). */
+    SC_PSMASH_FAIL_INPUT = 1,
+    SC_PSMASH_FAIL_INUSE = 3,
+    SC_PSMASH_FAIL_BADADDR = 7,
     /* PVALIDATE's status in RAX (APM vol. 3 "PVALIDATE"). */
     SC_PVALIDATE_FAIL_INPUT = 1,
     SC_PVALIDATE_FAIL_SIZEMISMATCH = 6,
@@ -62,6 +66,13 @@ int sc_rmp_read(const struct sc_rmp *rmp, uint64_t pfn, struct sc_rmp_entry *out
  * SC_RMPUPDATE_FAIL_* status (the entry unchanged), or -EINVAL for a pfn past the table. */
 int sc_rmp_update(struct sc_rmp *rmp, uint64_t pfn, const struct sc_rmp_entry *st,
                   struct sc_err *err);
+
+/* PSMASH of the 2 MiB page at frame pfn: its 2 MiB entry expanded into 512 4 KiB entries that
+ * keep its state (assigned, immutable, validated, ASID, VMPL permissions), the GPA of entry i
+ * the 2 MiB GPA + i pages. Returns 0, SC_PSMASH_FAIL_INPUT for a pfn not 2 MiB aligned,
+ * SC_PSMASH_FAIL_BADADDR when the entry is not a 2 MiB one (nothing to expand), or -EINVAL for a
+ * pfn past the table. The model has one processor, so never SC_PSMASH_FAIL_INUSE. */
+int sc_rmp_psmash(struct sc_rmp *rmp, uint64_t pfn, struct sc_err *err);
 
 /* RMPUPDATE of n 4 KiB frames to assigned, ASID asid, GPA gfns[i] << 12 (rmp_make_private for
  * each page in order). Stops at the first page RMPUPDATE refuses: returns its status and writes

@@ -1015,6 +1015,12 @@ def rmp_fw_store(rmp, pfn, entry):
     return rc if rc >= 0 else refused(rc, "sc_rmp_fw_store", err)
 
 
+def rmp_psmash(rmp, pfn):
+    err = _err.p
+    rc = lib.sc_rmp_psmash(rmp, pfn, err)
+    return rc if rc >= 0 else refused(rc, "sc_rmp_psmash", err)
+
+
 def rmp_make_private_batch(rmp, pfns, gfns, asid, immutable):
     """(status, done): RMPUPDATE of each pfn to ``asid`` at ``gfns[i]``, up to the first
     refusal."""

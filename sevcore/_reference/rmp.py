@@ -83,6 +83,20 @@ class Rmp:
         self._put(pfn, new)
         return 0
 
+    def psmash(self, spa):
+        if spa % (SMALL * 4096):
+            return U.PSMASH_FAIL_INPUT
+        pfn = spa // 4096
+        head = self.entry(pfn)
+        if not head[1]:
+            return U.PSMASH_FAIL_BADADDR
+        for i in range(SMALL):
+            if head[0]:
+                self._put(pfn + i, (1, 0) + head[2:6] + (head[6] + i * 4096, head[7]))
+            else:
+                self._put(pfn + i, ZERO)
+        return 0
+
     def rmp_make_private(self, pfn, gpa, asid, *, immutable=False, pagesize=0):
         return self.rmpupdate(pfn * 4096, assigned=1, pagesize=pagesize, immutable=immutable,
                               asid=asid, gpa=gpa)

@@ -114,6 +114,15 @@ class Rmp:
         return B.rmp_update(self._t, spa >> PAGE_SHIFT, bool(assigned), int(pagesize),
                             bool(immutable), asid, gpa)
 
+    def psmash(self, spa):
+        """PSMASH of the 2 MiB page at ``spa`` (APM vol. 3): its 2 MiB entry becomes 512 4 KiB
+        entries with the same state (validated included) at consecutive GPAs. Returns 0,
+        ``PSMASH_FAIL_INPUT`` (``spa`` not 2 MiB aligned) or ``PSMASH_FAIL_BADADDR`` (not a
+        2 MiB entry). ValueError for an SPA outside host memory."""
+        if spa & ((PAGES_PER_2M << PAGE_SHIFT) - 1):
+            return U.PSMASH_FAIL_INPUT
+        return B.rmp_psmash(self._t, spa >> PAGE_SHIFT)
+
     def rmp_make_private(self, pfn, gpa, asid, *, immutable=False, pagesize=U.RMP_PG_SIZE_4K):
         """``rmp_make_private`` (arch/x86/virt/svm/sev.c): assign frame ``pfn`` to ``asid`` at
         ``gpa``. Returns the RMPUPDATE status."""

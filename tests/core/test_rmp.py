@@ -181,6 +181,26 @@ def test_pvalidate_pages_stops_at_cf_and_names_the_faulting_page(rmp):
     assert [rmp.entry(p).validated for p in range(40, 43)] == [0, 0, 0]
 
 
+def test_psmash_splits_a_2m_entry_keeping_its_state(rmp):
+    """PSMASH turns a validated 2 MiB entry into 512 validated 4 KiB entries at consecutive
+    GPAs, after which a 4 KiB PVALIDATE inside it works; a 4 KiB entry or an unaligned SPA is
+    refused and changes nothing."""
+    assert rmp.rmp_make_private(1024, 0x400000, 6, pagesize=1) == 0
+    assert rmp.pvalidate(1024, gpa=0x400000, asid=6, validate=True, pagesize=1) == (0, 0)
+    assert rmp.rmpadjust(1024, gpa=0x400000, asid=6, target_vmpl=1, perms=0x3) == 0
+    with pytest.raises(RmpFault):
+        rmp.pvalidate(1030, gpa=0x406000, asid=6, validate=False)
+    assert rmp.psmash((1024 + 1) << 12) == U.PSMASH_FAIL_INPUT
+    assert rmp.psmash(512 << 12) == U.PSMASH_FAIL_BADADDR
+    assert rmp.assigned == 1
+    assert rmp.psmash(1024 << 12) == 0
+    assert rmp.assigned == 512
+    assert rmp.entry(1024) == RmpEntry(1, 0, 0, 1, 0, 6, 0x400000, 0x3)
+    assert rmp.entry(1535) == RmpEntry(1, 0, 0, 1, 0, 6, 0x400000 + (511 << 12), 0x3)
+    assert rmp.pvalidate(1030, gpa=0x406000, asid=6, validate=False) == (0, 0)
+    assert rmp.psmash(1024 << 12) == U.PSMASH_FAIL_BADADDR
+
+
 def test_make_shared_pages_stops_at_a_locked_frame(rmp):
     """make_shared_pages returns the first refusal and how many frames it gave back."""
     rmp.make_private_pages([5, 6, 7], [5, 6, 7], 2)
@@ -245,6 +265,10 @@ class RmpMachine(RuleBasedStateMachine):
     def rmpadjust(self, pfn, gpa, asid, vmpl, perms, vmsa):
         kw = dict(gpa=gpa, asid=asid, target_vmpl=vmpl, perms=perms, vmsa=vmsa)
         _same(lambda: self.c.rmpadjust(pfn, **kw), lambda: self.r.rmpadjust(pfn, **kw))
+
+    @rule(pfn=PFNS)
+    def psmash(self, pfn):
+        _same(lambda: self.c.psmash(pfn << 12), lambda: self.r.psmash(pfn << 12))
 
     @rule(pfns=st.lists(PFNS, max_size=6))
     def make_shared_pages(self, pfns):
