@@ -98,6 +98,78 @@ static void digest_out(const uint64_t h[8], uint8_t *out)
             out[8 * i + j] = (uint8_t)(h[i] >> (56 - 8 * j));
 }
 
+#define MB_CAT2(a, b) a##b
+#define MB_CAT(a, b) MB_CAT2(a, b)
+#define MB_V(name) MB_CAT(name, _vec)
+#define MB_FN(name) MB_CAT(name, _compress)
+#define MB_PAGES(name) MB_CAT(name, _pages)
+
+#define MB_NAME mb_portable
+#define MB_LANES 2
+#define MB_TARGET
+#include "snp_ld_mb.h"
+#undef MB_NAME
+#undef MB_LANES
+#undef MB_TARGET
+
+#if defined(__x86_64__)
+#define MB_NAME mb_avx2
+#define MB_LANES 4
+#define MB_TARGET __attribute__((target("avx2")))
+#include "snp_ld_mb.h"
+#undef MB_NAME
+#undef MB_LANES
+#undef MB_TARGET
+
+#define MB_NAME mb_avx512
+#define MB_LANES 8
+#define MB_TARGET __attribute__((target("avx512f,avx512vl,avx2")))
+#include "snp_ld_mb.h"
+#undef MB_NAME
+#undef MB_LANES
+#undef MB_TARGET
+#endif
+
+int sc_sha384_pages_impl(void)
+{
+#if defined(__x86_64__)
+    if (SC_HAS(SC_CPU_AVX512))
+        return SC_TIER_AVX512;
+    if (SC_HAS(SC_CPU_AVX2))
+        return SC_TIER_AVX2;
+#endif
+    return SC_TIER_PORTABLE;
+}
+
+int sc_sha384_pages(const uint8_t *frames, uint64_t nframes, const uint64_t *pfns, size_t n,
+                    uint8_t *out, struct sc_err *err)
+{
+    if ((n && (!frames || !pfns || !out)))
+        return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
+    for (size_t i = 0; i < n; i++)
+        if (pfns[i] >= nframes)
+            return sc_refuse(err, EINVAL, SC_ERR_NPT_PFNS, i, pfns[i], nframes, 0);
+    int tier = sc_sha384_pages_impl();
+    size_t lanes = tier == SC_TIER_AVX512 ? 8 : tier == SC_TIER_AVX2 ? 4 : 2;
+    const uint8_t *pages[8];
+    size_t i = 0;
+    for (; i + lanes <= n; i += lanes) {
+        for (size_t l = 0; l < lanes; l++)
+            pages[l] = frames + (pfns[i + l] << 12);
+#if defined(__x86_64__)
+        if (tier == SC_TIER_AVX512)
+            mb_avx512_pages(pages, out + 48 * i);
+        else if (tier == SC_TIER_AVX2)
+            mb_avx2_pages(pages, out + 48 * i);
+        else
+#endif
+            mb_portable_pages(pages, out + 48 * i);
+    }
+    for (; i < n; i++)
+        sc_sha384(frames + (pfns[i] << 12), 4096, out + 48 * i);
+    return 0;
+}
+
 void sc_sha384(const uint8_t *msg, size_t len, uint8_t *out)
 {
     uint64_t h[8];

@@ -23,6 +23,14 @@ enum {
 /* SHA-384 of len bytes at msg into out[48]. */
 void sc_sha384(const uint8_t *msg, size_t len, uint8_t *out);
 
+/* SHA-384 of the n 4 KiB frames pfns[i] of the nframes at frames, into out + 48 i: several
+ * pages side by side, one per vector lane (8 on the avx512 tier, 4 on avx2, 2 portable). 0, or
+ * -EINVAL (SC_ERR_NULL; SC_ERR_NPT_PFNS for a pfn past nframes), out unchanged. */
+int sc_sha384_pages(const uint8_t *frames, uint64_t nframes, const uint64_t *pfns, size_t n,
+                    uint8_t *out, struct sc_err *err);
+/* The tier sc_sha384_pages runs on (SC_TIER_*). */
+int sc_sha384_pages_impl(void);
+
 /* Extend the launch digest ld[48] in place by n pages: for page i, ld = SHA-384(ld ||
  * contents[48 i .. 48 i + 48] || tails[16 i .. 16 i + 16]); contents NULL means 48 zero bytes for
  * every page (ZERO, UNMEASURED, SECRETS and CPUID pages). 0, or -EINVAL (SC_ERR_NULL) for a

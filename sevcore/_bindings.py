@@ -23,7 +23,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 #: The C-core ABI this Python package was written against (csrc/sevcore.h SC_ABI_VERSION).
-ABI_VERSION = 12
+ABI_VERSION = 13
 
 if lib.sc_abi_version() != ABI_VERSION or lib.SC_ABI_VERSION != ABI_VERSION:
     raise ImportError(
@@ -792,6 +792,23 @@ def sha384(data):
     out = ffi.new("uint8_t[]", 48)
     lib.sc_sha384(src, len(src), out)
     return bytes(ffi.buffer(out))
+
+
+def sha384_pages(frames, pfns):
+    """SHA-384 of each 4 KiB frame ``pfns[i]`` of the byte buffer ``frames``, the digests
+    concatenated (48 bytes each)."""
+    p = _words(pfns, "pfns")
+    src = buffer_ptr(frames, "frames")
+    out = ffi.new("uint8_t[]", 48 * len(p))
+    err = _err.p
+    rc = lib.sc_sha384_pages(src, len(src) // 4096, p, len(p), out, err)
+    if rc < 0:
+        refused(rc, "sc_sha384_pages", err)
+    return bytes(ffi.buffer(out))
+
+
+def sha384_pages_impl():
+    return _TIER_NAMES[lib.sc_sha384_pages_impl()]
 
 
 def snp_ld_extend(ld, contents, tails):

@@ -22,7 +22,7 @@ import struct
 import numpy as np
 
 from sevcore import uapi as U
-from sevcore._bindings import snp_ld_extend
+from sevcore._bindings import sha384_pages, snp_ld_extend
 from sevcore.core.arrays import runs
 from sevcore.hw.rmp import RmpEntry
 from sevcore.psp import attest as A
@@ -54,8 +54,9 @@ _TAIL_DTYPE = np.dtype([("length", "<u2"), ("page_type", "u1"), ("imi_page", "u1
 def _chain(ld, frames, pfns, gpas, page_type, perms):
     """The launch digest after PAGE_INFO updates for the pages ``pfns`` at ``gpas``: each page's
     ``SHA-384(ld || contents || tail)`` in order, contents the SHA-384 of the page for NORMAL
-    and VMSA pages, zero for the rest. The pages are hashed with hashlib and the chain is
-    extended in C (csrc/snp_ld.c; its twin is sevcore/_reference/snp_ld.py)."""
+    and VMSA pages, zero for the rest. The pages are hashed several at a time, one per vector
+    lane, and the chain is extended in C (csrc/snp_ld.c; its twin is
+    sevcore/_reference/snp_ld.py)."""
     tails = np.zeros(len(pfns), _TAIL_DTYPE)
     tails["length"] = S.snp_page_info.size
     tails["page_type"] = page_type
@@ -63,9 +64,7 @@ def _chain(ld, frames, pfns, gpas, page_type, perms):
     tails["gpa"] = gpas
     contents = None
     if page_type in (U.SNP_PAGE_TYPE_NORMAL, U.SNP_PAGE_TYPE_VMSA):
-        sha384 = hashlib.sha384
-        contents = b"".join([sha384(frames[pfn << 12:(pfn + 1) << 12]).digest()
-                             for pfn in pfns.tolist()])
+        contents = sha384_pages(frames, np.ascontiguousarray(pfns, np.uint64))
     return snp_ld_extend(ld, contents, tails.tobytes())
 
 
