@@ -71,6 +71,8 @@ def test_launch_update(benchmark, image):
     launches = []
 
     def setup():
+        launches.clear()              # the previous round's VM goes before the next is built
+        gc.collect()
         launches.append(Launch(n, data))
         return (launches[-1],), {}
     per_item(benchmark, n, "pages")
@@ -119,6 +121,8 @@ def test_peer_fresh_frames(benchmark, image):
     holder = {}
 
     def setup():
+        holder.clear()                # as for LAUNCH_UPDATE: the previous Host goes first
+        gc.collect()
         holder["host"], spa = peer_host(n)
         return (holder["host"], spa, data, n), {}
     per_item(benchmark, n, "pages")
