@@ -35,8 +35,6 @@ static const uint64_t IV384[8] = {
     0x67332667ffc00b31ull, 0x8eb44a8768581511ull, 0xdb0c2e0d64f98fa7ull, 0x47b5481dbefa4fa4ull,
 };
 
-static inline uint64_t ror(uint64_t x, unsigned n) { return (x >> n) | (x << (64 - n)); }
-
 static inline uint64_t load_be(const uint8_t *p)
 {
     uint64_t v;
@@ -52,45 +50,6 @@ static inline uint64_t load_be(const uint8_t *p)
 #endif
 }
 
-/* One round of FIPS 180-4 6.4.2 step 3 on named variables (no register shuffle). */
-#define ROUND(a, b, c, d, e, f, g, h, t)                                                     \
-    do {                                                                                     \
-        uint64_t t1 = h + (ror(e, 14) ^ ror(e, 18) ^ ror(e, 41)) + ((e & f) ^ (~e & g))     \
-            + K[t] + w[(t) & 15];                                                            \
-        d += t1;                                                                             \
-        h = t1 + (ror(a, 28) ^ ror(a, 34) ^ ror(a, 39)) + ((a & b) ^ (a & c) ^ (b & c));     \
-    } while (0)
-
-/* The message schedule W_t for t >= 16, kept in a ring of 16 words. */
-#define SCHED(t)                                                                             \
-    do {                                                                                     \
-        uint64_t x = w[((t) - 15) & 15], y = w[((t) - 2) & 15];                              \
-        w[(t) & 15] += (ror(x, 1) ^ ror(x, 8) ^ (x >> 7)) + w[((t) - 7) & 15]                \
-            + (ror(y, 19) ^ ror(y, 61) ^ (y >> 6));                                          \
-    } while (0)
-
-static void compress(uint64_t s[8], const uint8_t block[128])
-{
-    uint64_t w[16];
-    for (int t = 0; t < 16; t++)
-        w[t] = load_be(block + 8 * t);
-    uint64_t a = s[0], b = s[1], c = s[2], d = s[3], e = s[4], f = s[5], g = s[6], h = s[7];
-    for (int t = 0; t < 80; t += 8) {
-        if (t >= 16)
-            for (int i = 0; i < 8; i++)
-                SCHED(t + i);
-        ROUND(a, b, c, d, e, f, g, h, t);
-        ROUND(h, a, b, c, d, e, f, g, t + 1);
-        ROUND(g, h, a, b, c, d, e, f, t + 2);
-        ROUND(f, g, h, a, b, c, d, e, t + 3);
-        ROUND(e, f, g, h, a, b, c, d, t + 4);
-        ROUND(d, e, f, g, h, a, b, c, t + 5);
-        ROUND(c, d, e, f, g, h, a, b, t + 6);
-        ROUND(b, c, d, e, f, g, h, a, t + 7);
-    }
-    s[0] += a; s[1] += b; s[2] += c; s[3] += d; s[4] += e; s[5] += f; s[6] += g; s[7] += h;
-}
-
 static void digest_out(const uint64_t h[8], uint8_t *out)
 {
     for (int i = 0; i < 6; i++)
@@ -103,6 +62,27 @@ static void digest_out(const uint64_t h[8], uint8_t *out)
 #define MB_V(name) MB_CAT(name, _vec)
 #define MB_FN(name) MB_CAT(name, _compress)
 #define MB_PAGES(name) MB_CAT(name, _pages)
+
+/* One lane: the compression function of the single-message SHA-384 below. */
+#define MB_NAME mb_one
+#define MB_LANES 1
+#define MB_TARGET
+#include "snp_ld_mb.h"
+#undef MB_NAME
+#undef MB_LANES
+#undef MB_TARGET
+
+static void compress(uint64_t s[8], const uint8_t block[128])
+{
+    mb_one_vec v[8], w[16];
+    for (int k = 0; k < 8; k++)
+        v[k][0] = s[k];
+    for (int t = 0; t < 16; t++)
+        w[t][0] = load_be(block + 8 * t);
+    mb_one_compress(v, w);
+    for (int k = 0; k < 8; k++)
+        s[k] = v[k][0];
+}
 
 #define MB_NAME mb_portable
 #define MB_LANES 2

@@ -2,7 +2,8 @@
  * SHA-384 of MB_LANES 4 KiB pages at once, one page per 64-bit lane of a GCC vector (the
  * multi-buffer form of FIPS 180-4 6.4: every lane runs the same rounds on its own message, so
  * the pages of a launch are hashed side by side). Included by csrc/snp_ld.c once per width with
- * MB_LANES, MB_NAME and MB_TARGET defined; internal, not part of the cffi cdef.
+ * MB_LANES, MB_NAME and MB_TARGET defined (one lane is the single-message compression function);
+ * internal, not part of the cffi cdef.
  */
 typedef uint64_t MB_V(MB_NAME) __attribute__((vector_size(8 * MB_LANES)));
 
@@ -41,6 +42,7 @@ MB_TARGET static void MB_FN(MB_NAME)(MB_V(MB_NAME) s[8], MB_V(MB_NAME) w[16])
     s[0] += a; s[1] += b; s[2] += c; s[3] += d; s[4] += e; s[5] += f; s[6] += g; s[7] += h;
 }
 
+#if MB_LANES > 1
 /* SHA-384 of the MB_LANES pages pages[i] into out + 48 * i. */
 MB_TARGET static void MB_PAGES(MB_NAME)(const uint8_t *const *pages, uint8_t *out)
 {
@@ -66,6 +68,7 @@ MB_TARGET static void MB_PAGES(MB_NAME)(const uint8_t *const *pages, uint8_t *ou
         digest_out(h, out + 48 * l);
     }
 }
+#endif
 
 #undef VROR
 #undef VROUND
