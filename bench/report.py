@@ -47,7 +47,11 @@ def main(path):
                   f"{fmt_rate(brate)} {unit}/s | {rate / top:.3f} | {share} |")
         print()
         for name, extra in ((b["name"], b.get("extra_info", {})) for b in rows):
-            if "ratio_median" in extra:
+            if "ratio_median" in extra and "peer_name" in extra:
+                print(f"- {name}: against {extra['peer_name']}, interleaved rounds: median "
+                      f"{extra['ratio_median']:.2f}x, best {extra['ratio_best']:.2f}x "
+                      f"(load average {', '.join(f'{x:.2f}' for x in extra['loadavg'])})")
+            elif "ratio_median" in extra:
                 print(f"- {name}: sevcore {fmt_rate(extra['sevcore_pages_per_s'])} pages/s, "
                       f"OpenSSL EVP {fmt_rate(extra['openssl_evp_pages_per_s'])} pages/s "
                       f"(medians of the interleaved calls): {extra['ratio_median']:.2f}x, "

@@ -17,7 +17,7 @@ from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
 HEADERS = ["sevcore.h", "memcrypt.h", "bitmap.h", "npt.h", "sevpkt.h", "dirty_ring.h", "guest.h",
-           "crc32.h", "hostmem.h", "rmp.h"]
+           "crc32.h", "hostmem.h", "rmp.h", "snp_ld.h"]
 
 _BLOCK = re.compile(r"/\*\s*cdef:begin\s*\*/(.*?)/\*\s*cdef:end\s*\*/", re.S)
 _ENUM_VALUE = re.compile(r"^(\s*[A-Z][A-Z0-9_]*)\s*=\s*[^,\n]+(,?)", re.M)

@@ -265,6 +265,29 @@ int sc_rmp_update(struct sc_rmp *rmp, uint64_t pfn, const struct sc_rmp_entry *s
     return rc < 0 ? sc_refuse(err, -rc, SC_ERR_NONE, 0, pfn, 0, 0) : 0;
 }
 
+int sc_rmp_psmash(struct sc_rmp *rmp, uint64_t pfn, struct sc_err *err)
+{
+    if (!rmp)
+        return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
+    if (pfn >= rmp->nframes)
+        return sc_refuse(err, EINVAL, SC_ERR_RMP_PFN, 0, pfn, rmp->nframes, 0);
+    if (pfn & (LEAF_N - 1))
+        return SC_PSMASH_FAIL_INPUT;
+    struct leaf *l = leaf_of(rmp, pfn);
+    if (!l || !(l->lo[0] & E_PAGESIZE))
+        return SC_PSMASH_FAIL_BADADDR;
+    /* The leaf holds the 2 MiB entry, so it stays allocated while its entries are rewritten:
+     * store() never fails here. Sub-entries go first so the head is read unchanged. */
+    uint64_t head = l->lo[0] & ~E_PAGESIZE;
+    uint16_t perms = l->perms[0];
+    for (unsigned i = LEAF_N - 1; i > 0; i--) {
+        uint64_t lo = (head & E_ASSIGNED) ? head + ((uint64_t)i << E_GFN_SHIFT) : 0;
+        store(rmp, pfn + i, lo, lo ? perms : 0);
+    }
+    store(rmp, pfn, head, head ? perms : 0);
+    return 0;
+}
+
 int sc_rmp_make_private_batch(struct sc_rmp *rmp, const uint64_t *pfns, const uint64_t *gfns,
                               size_t n, uint32_t asid, int immutable, size_t *done,
                               struct sc_err *err)
@@ -291,6 +314,44 @@ int sc_rmp_make_private_batch(struct sc_rmp *rmp, const uint64_t *pfns, const ui
     }
     *done = n;
     return 0;
+}
+
+int sc_rmp_make_shared_batch(struct sc_rmp *rmp, const uint64_t *pfns, size_t n, size_t *done,
+                             struct sc_err *err)
+{
+    if (!done)
+        return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
+    int bad = check_pfns(rmp, pfns, n, err);
+    if (bad)
+        return bad;
+    const struct sc_rmp_entry st = {0};
+    for (size_t i = 0; i < n; i++) {
+        /* Back to all zero: store() frees a leaf and never allocates one for it. */
+        int status = update_status(rmp, pfns[i], &st);
+        if (status) {
+            *done = i;
+            return status;
+        }
+        store(rmp, pfns[i], 0, 0);
+    }
+    *done = n;
+    return 0;
+}
+
+int64_t sc_rmp_assigned_mask(const struct sc_rmp *rmp, const uint64_t *pfns, size_t n,
+                             uint8_t *out, struct sc_err *err)
+{
+    if (n && !out)
+        return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
+    int bad = check_pfns(rmp, pfns, n, err);
+    if (bad)
+        return bad;
+    int64_t count = 0;
+    for (size_t i = 0; i < n; i++) {
+        out[i] = (lo_of(rmp, pfns[i]) & E_ASSIGNED) != 0;
+        count += out[i];
+    }
+    return count;
 }
 
 int64_t sc_rmp_preguest_prefix(const struct sc_rmp *rmp, const uint64_t *pfns, size_t n,
@@ -370,13 +431,10 @@ static int guest_check(const struct sc_rmp *rmp, uint64_t pfn, uint64_t lo, uint
     return 0;
 }
 
-int sc_rmp_pvalidate(struct sc_rmp *rmp, uint64_t pfn, uint64_t gpa, uint32_t asid,
-                     int pagesize, int validate, int *cf, struct sc_err *err)
+/* PVALIDATE of a frame in the table (the checks of sc_rmp_pvalidate after its arguments'). */
+static int pvalidate_at(struct sc_rmp *rmp, uint64_t pfn, uint64_t gpa, uint32_t asid,
+                        int pagesize, int validate, int *cf, struct sc_err *err)
 {
-    if (!rmp || !cf)
-        return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
-    if (pfn >= rmp->nframes)
-        return sc_refuse(err, EINVAL, SC_ERR_RMP_PFN, 0, pfn, rmp->nframes, 0);
     *cf = 0;
     if (pagesize < 0 || pagesize > 1 || (gpa & 0xFFF))
         return SC_PVALIDATE_FAIL_INPUT;
@@ -404,13 +462,44 @@ int sc_rmp_pvalidate(struct sc_rmp *rmp, uint64_t pfn, uint64_t gpa, uint32_t as
     return 0;
 }
 
-int sc_rmp_adjust(struct sc_rmp *rmp, uint64_t pfn, uint64_t gpa, uint32_t asid,
-                  int target_vmpl, uint8_t perms, struct sc_err *err)
+int sc_rmp_pvalidate(struct sc_rmp *rmp, uint64_t pfn, uint64_t gpa, uint32_t asid,
+                     int pagesize, int validate, int *cf, struct sc_err *err)
 {
-    if (!rmp)
+    if (!rmp || !cf)
         return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
     if (pfn >= rmp->nframes)
         return sc_refuse(err, EINVAL, SC_ERR_RMP_PFN, 0, pfn, rmp->nframes, 0);
+    return pvalidate_at(rmp, pfn, gpa, asid, pagesize, validate, cf, err);
+}
+
+int sc_rmp_pvalidate_batch(struct sc_rmp *rmp, const uint64_t *pfns, const uint64_t *gpas,
+                           size_t n, uint32_t asid, int validate, size_t *done, int *cf,
+                           struct sc_err *err)
+{
+    if (!done || !cf || (n && !gpas))
+        return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
+    int bad = check_pfns(rmp, pfns, n, err);
+    if (bad)
+        return bad;
+    *cf = 0;
+    for (size_t i = 0; i < n; i++) {
+        int rc = pvalidate_at(rmp, pfns[i], gpas[i], asid, 0, validate, cf, err);
+        if (rc || *cf) {
+            *done = i;
+            if (rc < 0 && err)
+                err->index = i;
+            return rc;
+        }
+    }
+    *done = n;
+    return 0;
+}
+
+/* RMPADJUST of a frame in the table (sc_rmp_adjust after its arguments' checks); vmsa < 0
+ * leaves the VMSA bit as it is. */
+static int adjust_at(struct sc_rmp *rmp, uint64_t pfn, uint64_t gpa, uint32_t asid,
+                     int target_vmpl, uint8_t perms, int vmsa, struct sc_err *err)
+{
     if (target_vmpl < 1 || target_vmpl > 3 || perms > 0xF || (gpa & 0xFFF))
         return SC_PVALIDATE_FAIL_INPUT;
     uint64_t lo = lo_of(rmp, pfn);
@@ -420,6 +509,40 @@ int sc_rmp_adjust(struct sc_rmp *rmp, uint64_t pfn, uint64_t gpa, uint32_t asid,
     struct leaf *l = leaf_of(rmp, pfn);
     unsigned li = pfn & (LEAF_N - 1), shift = 4 * (unsigned)(target_vmpl - 1);
     l->perms[li] = (uint16_t)((l->perms[li] & ~(0xFu << shift)) | ((unsigned)perms << shift));
+    if (vmsa >= 0)
+        l->lo[li] = vmsa ? (l->lo[li] | E_VMSA) : (l->lo[li] & ~E_VMSA);
+    return 0;
+}
+
+int sc_rmp_adjust(struct sc_rmp *rmp, uint64_t pfn, uint64_t gpa, uint32_t asid,
+                  int target_vmpl, uint8_t perms, int vmsa, struct sc_err *err)
+{
+    if (!rmp)
+        return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
+    if (pfn >= rmp->nframes)
+        return sc_refuse(err, EINVAL, SC_ERR_RMP_PFN, 0, pfn, rmp->nframes, 0);
+    return adjust_at(rmp, pfn, gpa, asid, target_vmpl, perms, !!vmsa, err);
+}
+
+int sc_rmp_adjust_batch(struct sc_rmp *rmp, const uint64_t *pfns, const uint64_t *gpas, size_t n,
+                        uint32_t asid, int target_vmpl, uint8_t perms, size_t *done,
+                        struct sc_err *err)
+{
+    if (!done || (n && !gpas))
+        return sc_refuse(err, EINVAL, SC_ERR_NULL, 0, 0, 0, 0);
+    int bad = check_pfns(rmp, pfns, n, err);
+    if (bad)
+        return bad;
+    for (size_t i = 0; i < n; i++) {
+        int rc = adjust_at(rmp, pfns[i], gpas[i], asid, target_vmpl, perms, -1, err);
+        if (rc) {
+            *done = i;
+            if (rc < 0 && err)
+                err->index = i;
+            return rc;
+        }
+    }
+    *done = n;
     return 0;
 }
 

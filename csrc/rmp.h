@@ -28,6 +28,10 @@ enum {
     SC_RMPUPDATE_FAIL_PERMISSION = 2,
     SC_RMPUPDATE_FAIL_INUSE = 3,
     SC_RMPUPDATE_FAIL_OVERLAP = 4,
+    /* PSMASH's status in RAX (APM vol. 3 "PSMASH"; arch/x86/include/asm/sev.h names INUSE). */
+    SC_PSMASH_FAIL_INPUT = 1,
+    SC_PSMASH_FAIL_INUSE = 3,
+    SC_PSMASH_FAIL_BADADDR = 7,
     /* PVALIDATE's status in RAX (APM vol. 3 "PVALIDATE"). */
     SC_PVALIDATE_FAIL_INPUT = 1,
     SC_PVALIDATE_FAIL_SIZEMISMATCH = 6,
@@ -63,6 +67,13 @@ int sc_rmp_read(const struct sc_rmp *rmp, uint64_t pfn, struct sc_rmp_entry *out
 int sc_rmp_update(struct sc_rmp *rmp, uint64_t pfn, const struct sc_rmp_entry *st,
                   struct sc_err *err);
 
+/* PSMASH of the 2 MiB page at frame pfn: its 2 MiB entry expanded into 512 4 KiB entries that
+ * keep its state (assigned, immutable, validated, ASID, VMPL permissions), the GPA of entry i
+ * the 2 MiB GPA + i pages. Returns 0, SC_PSMASH_FAIL_INPUT for a pfn not 2 MiB aligned,
+ * SC_PSMASH_FAIL_BADADDR when the entry is not a 2 MiB one (nothing to expand), or -EINVAL for a
+ * pfn past the table. The model has one processor, so never SC_PSMASH_FAIL_INUSE. */
+int sc_rmp_psmash(struct sc_rmp *rmp, uint64_t pfn, struct sc_err *err);
+
 /* RMPUPDATE of n 4 KiB frames to assigned, ASID asid, GPA gfns[i] << 12 (rmp_make_private for
  * each page in order). Stops at the first page RMPUPDATE refuses: returns its status and writes
  * its index to *done (the pages before it are updated), or 0 with *done = n. -EINVAL for a pfn
@@ -70,6 +81,18 @@ int sc_rmp_update(struct sc_rmp *rmp, uint64_t pfn, const struct sc_rmp_entry *s
 int sc_rmp_make_private_batch(struct sc_rmp *rmp, const uint64_t *pfns, const uint64_t *gfns,
                               size_t n, uint32_t asid, int immutable, size_t *done,
                               struct sc_err *err);
+
+/* RMPUPDATE of each of the n 4 KiB frames pfns[] back to the hypervisor (rmp_make_shared for
+ * each page in order). Stops at the first page RMPUPDATE refuses: returns its status and writes
+ * its index to *done, or 0 with *done = n. -EINVAL for a pfn past the table (SC_ERR_RMP_PFN),
+ * before anything changes. */
+int sc_rmp_make_shared_batch(struct sc_rmp *rmp, const uint64_t *pfns, size_t n, size_t *done,
+                             struct sc_err *err);
+
+/* out[i] = 1 when the entry of frame pfns[i] (its own 4 KiB entry, as snp_lookup_rmpentry reads
+ * it) is assigned, else 0; returns how many are. -EINVAL for a pfn past the table. */
+int64_t sc_rmp_assigned_mask(const struct sc_rmp *rmp, const uint64_t *pfns, size_t n,
+                             uint8_t *out, struct sc_err *err);
 
 /* How many of the n frames pfns[] in order are in the Pre-Guest state of asid (assigned to it,
  * immutable, not validated: what rmp_make_private(..., immutable=true) leaves and
@@ -101,11 +124,30 @@ int sc_rmp_fw_store(struct sc_rmp *rmp, uint64_t pfn, const struct sc_rmp_entry 
 int sc_rmp_pvalidate(struct sc_rmp *rmp, uint64_t pfn, uint64_t gpa, uint32_t asid,
                      int pagesize, int validate, int *cf, struct sc_err *err);
 
+/* PVALIDATE (4 KiB) by a guest of ASID asid of its n pages at gpas[i] backed by frames pfns[i],
+ * in order, as a guest's loop over the range runs it: stops at the first page whose status is
+ * not 0 or whose rFLAGS.CF is 1. Returns that status (0 otherwise), *cf its CF, *done its index
+ * (n when every page changed). -EFAULT (the #NPF of sc_rmp_pvalidate, err.index = *done = the
+ * page) with the pages before it changed; -EINVAL for a pfn past the table, nothing changed. */
+int sc_rmp_pvalidate_batch(struct sc_rmp *rmp, const uint64_t *pfns, const uint64_t *gpas,
+                           size_t n, uint32_t asid, int validate, size_t *done, int *cf,
+                           struct sc_err *err);
+
 /* RMPADJUST by VMPL0 of ASID asid: set the permission mask of target_vmpl (1..3) on the 4 KiB
- * page at frame pfn. 0, SC_PVALIDATE_FAIL_INPUT for a bad VMPL or mask, or -EFAULT as for
- * PVALIDATE. */
+ * page at frame pfn, and its VMSA bit to vmsa (RDX bit 16: only VMPL0 may change it, which is
+ * why a guest names VMPL1 as the target). 0, SC_PVALIDATE_FAIL_INPUT for a bad VMPL or mask, or
+ * -EFAULT as for PVALIDATE. */
 int sc_rmp_adjust(struct sc_rmp *rmp, uint64_t pfn, uint64_t gpa, uint32_t asid,
-                  int target_vmpl, uint8_t perms, struct sc_err *err);
+                  int target_vmpl, uint8_t perms, int vmsa, struct sc_err *err);
+
+/* RMPADJUST of target_vmpl's mask to perms on each of the n pages gpas[i] at frames pfns[i], in
+ * order, each page's VMSA bit left as it is (what the firmware does for the VMPL permissions
+ * SNP_LAUNCH_UPDATE is given, VMSA pages included). Stops at
+ * the first refusal: its status (*done its index), or 0 with *done = n; -EFAULT as for
+ * sc_rmp_adjust (err.index = *done), -EINVAL for a pfn past the table, nothing changed. */
+int sc_rmp_adjust_batch(struct sc_rmp *rmp, const uint64_t *pfns, const uint64_t *gpas, size_t n,
+                        uint32_t asid, int target_vmpl, uint8_t perms, size_t *done,
+                        struct sc_err *err);
 
 /* The first of n frames pfns[i] an access of ASID asid may not write, or n if every one may:
  * ASID 0 (the host) may write a frame no guest owns; a guest may write only frames assigned to

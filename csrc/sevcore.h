@@ -21,7 +21,7 @@
 enum {
     /* Bumped whenever a signature or struct in any csrc header changes; sevcore/_bindings.py
      * refuses to load a module whose value differs from the one it was written for. */
-    SC_ABI_VERSION = 12,
+    SC_ABI_VERSION = 13,
 
     /* CPU features the kernels dispatch on (a bit mask). Each is reported only when the OS
      * also saves the register state it needs (XCR0, read with xgetbv: Intel SDM vol. 1 13.3,

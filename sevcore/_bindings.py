@@ -23,7 +23,7 @@ except ImportError as exc:  # pragma: no cover - exercised only on a broken inst
     ) from exc
 
 #: The C-core ABI this Python package was written against (csrc/sevcore.h SC_ABI_VERSION).
-ABI_VERSION = 12
+ABI_VERSION = 13
 
 if lib.sc_abi_version() != ABI_VERSION or lib.SC_ABI_VERSION != ABI_VERSION:
     raise ImportError(
@@ -785,6 +785,51 @@ def aes128_ctr_impl():
     return _TIER_NAMES[lib.sc_aes128_ctr_impl()]
 
 
+# --- the SNP launch digest (csrc/snp_ld.h) ----------------------------------------------------------
+
+def sha384(data):
+    src = _in(data, "data")
+    out = ffi.new("uint8_t[]", 48)
+    lib.sc_sha384(src, len(src), out)
+    return bytes(ffi.buffer(out))
+
+
+def sha384_pages(frames, pfns):
+    """SHA-384 of each 4 KiB frame ``pfns[i]`` of the byte buffer ``frames``, the digests
+    concatenated (48 bytes each)."""
+    p = _words(pfns, "pfns")
+    src = buffer_ptr(frames, "frames")
+    out = ffi.new("uint8_t[]", 48 * len(p))
+    err = _err.p
+    rc = lib.sc_sha384_pages(src, len(src) // 4096, p, len(p), out, err)
+    if rc < 0:
+        refused(rc, "sc_sha384_pages", err)
+    return bytes(ffi.buffer(out))
+
+
+def sha384_pages_impl():
+    return _TIER_NAMES[lib.sc_sha384_pages_impl()]
+
+
+def snp_ld_extend(ld, contents, tails):
+    """The launch digest ``ld`` (48 bytes) extended by one PAGE_INFO per 16-byte record of
+    ``tails``, with the 48-byte ``contents`` of each page (None: zero for every page)."""
+    if len(ld) != 48:
+        raise ValueError(f"a launch digest is 48 bytes, got {len(ld)}")
+    n, rest = divmod(len(tails), 16)
+    if rest or (contents is not None and len(contents) != 48 * n):
+        raise ValueError(f"{len(tails)} bytes of PAGE_INFO tails and "
+                         f"{None if contents is None else len(contents)} of contents do not "
+                         f"make whole pages")
+    out = ffi.new("uint8_t[48]", bytes(ld))
+    err = _err.p
+    rc = lib.sc_snp_ld_extend(out, ffi.NULL if contents is None else _in(contents, "contents"),
+                              _in(tails, "tails"), n, err)
+    if rc < 0:
+        refused(rc, "sc_snp_ld_extend", err)
+    return bytes(ffi.buffer(out))
+
+
 # --- CRC-32 (csrc/crc32.h) ------------------------------------------------------------------------
 
 def crc32(data, value):
@@ -987,6 +1032,12 @@ def rmp_fw_store(rmp, pfn, entry):
     return rc if rc >= 0 else refused(rc, "sc_rmp_fw_store", err)
 
 
+def rmp_psmash(rmp, pfn):
+    err = _err.p
+    rc = lib.sc_rmp_psmash(rmp, pfn, err)
+    return rc if rc >= 0 else refused(rc, "sc_rmp_psmash", err)
+
+
 def rmp_make_private_batch(rmp, pfns, gfns, asid, immutable):
     """(status, done): RMPUPDATE of each pfn to ``asid`` at ``gfns[i]``, up to the first
     refusal."""
@@ -999,6 +1050,65 @@ def rmp_make_private_batch(rmp, pfns, gfns, asid, immutable):
     if rc < 0:
         refused(rc, "sc_rmp_make_private_batch", err)
     return rc, done[0]
+
+
+def rmp_make_shared_batch(rmp, pfns):
+    """(status, done): RMPUPDATE of each pfn back to the hypervisor, up to the first refusal."""
+    p = _words(pfns, "pfns")
+    done = ffi.new("size_t *")
+    err = _err.p
+    rc = lib.sc_rmp_make_shared_batch(rmp, p, len(p), done, err)
+    if rc < 0:
+        refused(rc, "sc_rmp_make_shared_batch", err)
+    return rc, done[0]
+
+
+def rmp_assigned_mask(rmp, pfns):
+    """A bool array: which of ``pfns`` have an assigned entry."""
+    p = _words(pfns, "pfns")
+    out = np.empty(len(p), np.uint8)
+    err = _err.p
+    rc = lib.sc_rmp_assigned_mask(rmp, p, len(p), ffi.from_buffer("uint8_t[]", out, True), err)
+    if rc < 0:
+        refused(rc, "sc_rmp_assigned_mask", err)
+    return out.view(bool)
+
+
+def rmp_pvalidate_batch(rmp, pfns, gpas, asid, validate):
+    """(status, cf, done) of PVALIDATE over the pages in order; an RMP fault is OSError(EFAULT)
+    with ``index`` (the page) set."""
+    p, g = _words(pfns, "pfns"), _words(gpas, "gpas")
+    if len(p) != len(g):
+        raise ValueError(f"{len(p)} pfns but {len(g)} gpas")
+    done, cf = ffi.new("size_t *"), ffi.new("int *")
+    err = _err.p
+    rc = lib.sc_rmp_pvalidate_batch(rmp, p, g, len(p), asid, validate, done, cf, err)
+    if rc < 0:
+        _refused_at(rc, "sc_rmp_pvalidate_batch", err)
+    return rc, cf[0], done[0]
+
+
+def rmp_adjust_batch(rmp, pfns, gpas, asid, target_vmpl, perms):
+    """(status, done) of RMPADJUST over the pages in order; an RMP fault as rmp_pvalidate_batch."""
+    p, g = _words(pfns, "pfns"), _words(gpas, "gpas")
+    if len(p) != len(g):
+        raise ValueError(f"{len(p)} pfns but {len(g)} gpas")
+    done = ffi.new("size_t *")
+    err = _err.p
+    rc = lib.sc_rmp_adjust_batch(rmp, p, g, len(p), asid, target_vmpl, perms, done, err)
+    if rc < 0:
+        _refused_at(rc, "sc_rmp_adjust_batch", err)
+    return rc, done[0]
+
+
+def _refused_at(rc, what, err):
+    """refused(), the exception carrying the batch item C named in ``index``."""
+    index = err.index
+    try:
+        refused(rc, what, err)
+    except OSError as e:
+        e.index = index
+        raise
 
 
 def rmp_preguest_prefix(rmp, pfns, asid):
@@ -1036,9 +1146,9 @@ def rmp_pvalidate(rmp, pfn, gpa, asid, pagesize, validate):
     return rc, cf[0]
 
 
-def rmp_adjust(rmp, pfn, gpa, asid, target_vmpl, perms):
+def rmp_adjust(rmp, pfn, gpa, asid, target_vmpl, perms, vmsa):
     err = _err.p
-    rc = lib.sc_rmp_adjust(rmp, pfn, gpa, asid, target_vmpl, perms, err)
+    rc = lib.sc_rmp_adjust(rmp, pfn, gpa, asid, target_vmpl, perms, vmsa, err)
     return rc if rc >= 0 else refused(rc, "sc_rmp_adjust", err)
 
 

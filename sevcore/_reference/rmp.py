@@ -83,6 +83,20 @@ class Rmp:
         self._put(pfn, new)
         return 0
 
+    def psmash(self, spa):
+        if spa % (SMALL * 4096):
+            return U.PSMASH_FAIL_INPUT
+        pfn = spa // 4096
+        head = self.entry(pfn)
+        if not head[1]:
+            return U.PSMASH_FAIL_BADADDR
+        for i in range(SMALL):
+            if head[0]:
+                self._put(pfn + i, (1, 0) + head[2:6] + (head[6] + i * 4096, head[7]))
+            else:
+                self._put(pfn + i, ZERO)
+        return 0
+
     def rmp_make_private(self, pfn, gpa, asid, *, immutable=False, pagesize=0):
         return self.rmpupdate(pfn * 4096, assigned=1, pagesize=pagesize, immutable=immutable,
                               asid=asid, gpa=gpa)
@@ -98,6 +112,37 @@ class Rmp:
                 if int(g) < 1 << 40 else U.RMPUPDATE_FAIL_INPUT
             if st:
                 return st, i
+        return 0, len(pfns)
+
+    def make_shared_pages(self, pfns):
+        for p in pfns:
+            self._pfn(int(p))
+        for i, p in enumerate(pfns):
+            st = self.rmp_make_shared(int(p))
+            if st:
+                return st, i
+        return 0, len(pfns)
+
+    def assigned_mask(self, pfns):
+        return [bool(self.entry(int(p))[0]) for p in pfns]
+
+    def pvalidate_pages(self, pfns, gpas, *, asid, validate):
+        for p in pfns:
+            self._pfn(int(p))
+        for i, (p, g) in enumerate(zip(pfns, gpas)):
+            status, cf = self.pvalidate(int(p), gpa=int(g), asid=asid, validate=validate)
+            if status or cf:
+                return status, cf, i
+        return 0, 0, len(pfns)
+
+    def adjust_pages(self, pfns, gpas, *, asid, target_vmpl, perms):
+        for p in pfns:
+            self._pfn(int(p))
+        for i, (p, g) in enumerate(zip(pfns, gpas)):
+            status = self.rmpadjust(int(p), gpa=int(g), asid=asid, target_vmpl=target_vmpl,
+                                    perms=perms, keep_vmsa=True)
+            if status:
+                return status, i
         return 0, len(pfns)
 
     def preguest_prefix(self, pfns, asid):
@@ -140,14 +185,15 @@ class Rmp:
         self._put(head, e[:3] + (int(bool(validate)),) + e[4:])
         return 0, 0
 
-    def rmpadjust(self, pfn, *, gpa, asid, target_vmpl, perms):
+    def rmpadjust(self, pfn, *, gpa, asid, target_vmpl, perms, vmsa=False, keep_vmsa=False):
         self._pfn(pfn)
         if not 1 <= target_vmpl <= 3 or not 0 <= perms <= 0xF or gpa % 4096:
             return U.PVALIDATE_FAIL_INPUT
         e = self.entry(pfn)
         self._guest_check("RMPADJUST", pfn, e, gpa, asid)
         shift = 4 * (target_vmpl - 1)
-        self._put(pfn, e[:7] + ((e[7] & ~(0xF << shift)) | perms << shift,))
+        bit = e[4] if keep_vmsa else int(bool(vmsa))
+        self._put(pfn, e[:4] + (bit,) + e[5:7] + ((e[7] & ~(0xF << shift)) | perms << shift,))
         return 0
 
     def first_denied(self, pfns, asid):

@@ -101,6 +101,7 @@ def kernels():
         "checksum.crc32": _b.crc32_impl(),
         "pages": _b.guest_impl(),
         "bitmap": _b.bitmap_impl(),
+        "snp_ld.sha384_pages": _b.sha384_pages_impl(),
     }
 
 

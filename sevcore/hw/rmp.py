@@ -114,6 +114,15 @@ class Rmp:
         return B.rmp_update(self._t, spa >> PAGE_SHIFT, bool(assigned), int(pagesize),
                             bool(immutable), asid, gpa)
 
+    def psmash(self, spa):
+        """PSMASH of the 2 MiB page at ``spa`` (APM vol. 3): its 2 MiB entry becomes 512 4 KiB
+        entries with the same state (validated included) at consecutive GPAs. Returns 0,
+        ``PSMASH_FAIL_INPUT`` (``spa`` not 2 MiB aligned) or ``PSMASH_FAIL_BADADDR`` (not a
+        2 MiB entry). ValueError for an SPA outside host memory."""
+        if spa & ((PAGES_PER_2M << PAGE_SHIFT) - 1):
+            return U.PSMASH_FAIL_INPUT
+        return B.rmp_psmash(self._t, spa >> PAGE_SHIFT)
+
     def rmp_make_private(self, pfn, gpa, asid, *, immutable=False, pagesize=U.RMP_PG_SIZE_4K):
         """``rmp_make_private`` (arch/x86/virt/svm/sev.c): assign frame ``pfn`` to ``asid`` at
         ``gpa``. Returns the RMPUPDATE status."""
@@ -131,13 +140,14 @@ class Rmp:
                                         bool(immutable))
 
     def make_shared_pages(self, pfns):
-        """``rmp_make_shared`` of each frame of ``pfns`` that a guest owns; returns the first
-        non-zero status, or 0."""
-        for pfn in np.asarray(pfns, np.uint64).tolist():
-            status = self.rmp_make_shared(pfn)
-            if status:
-                return status
-        return 0
+        """``rmp_make_shared`` of each frame of ``pfns`` in order, stopping at the first
+        refusal: returns (status, pages done)."""
+        return B.rmp_make_shared_batch(self._t, u64(pfns, "pfns"))
+
+    def assigned_mask(self, pfns):
+        """A bool array: which frames of ``pfns`` have an assigned entry (their own 4 KiB
+        entry, as ``snp_lookup_rmpentry`` reports ``assigned``)."""
+        return B.rmp_assigned_mask(self._t, u64(pfns, "pfns"))
 
     # -- the firmware ---------------------------------------------------------------------------
 
@@ -179,15 +189,49 @@ class Rmp:
                 raise
             raise RmpFault("PVALIDATE", pfn, gpa, U.X86_PF_RMP, self.entry(pfn)) from None
 
-    def rmpadjust(self, pfn, *, gpa, asid, target_vmpl, perms):
+    def rmpadjust(self, pfn, *, gpa, asid, target_vmpl, perms, vmsa=False):
         """RMPADJUST by VMPL0 of ``asid``: set ``target_vmpl``'s (1..3) permission mask on its
-        page at ``gpa``. Returns 0 or ``PVALIDATE_FAIL_INPUT``; RmpFault as for PVALIDATE."""
+        page at ``gpa``, and the page's VMSA bit to ``vmsa`` (RDX bit 16, which VMPL0 alone may
+        change). Returns 0 or ``PVALIDATE_FAIL_INPUT``; RmpFault as for PVALIDATE."""
         try:
-            return B.rmp_adjust(self._t, pfn, gpa, asid, target_vmpl, perms)
+            return B.rmp_adjust(self._t, pfn, gpa, asid, target_vmpl, perms, bool(vmsa))
         except OSError as e:
             if e.errno != errno.EFAULT:
                 raise
             raise RmpFault("RMPADJUST", pfn, gpa, U.X86_PF_RMP, self.entry(pfn)) from None
+
+    def pvalidate_pages(self, pfns, gpas, *, asid, validate):
+        """PVALIDATE (4 KiB) of the guest's pages at ``gpas`` backed by ``pfns``, in order, as
+        a guest's loop runs it, stopping at the first page with a non-zero status or rFLAGS.CF
+        set: returns (status, cf, pages before it). RmpFault for the first page the check
+        faults, its ``index`` that page (the pages before it changed)."""
+        pfns = u64(pfns, "pfns")
+        try:
+            return B.rmp_pvalidate_batch(self._t, pfns, u64(gpas, "gpas"), asid, bool(validate))
+        except OSError as e:
+            if e.errno != errno.EFAULT:
+                raise
+            self._fault("PVALIDATE", pfns, gpas, e.index)
+
+    def adjust_pages(self, pfns, gpas, *, asid, target_vmpl, perms):
+        """RMPADJUST of ``target_vmpl``'s mask on each page, in order, each page's VMSA bit
+        kept (the firmware's permissions at SNP_LAUNCH_UPDATE), stopping at the first refusal:
+        returns (status, pages before it). RmpFault as for pvalidate_pages."""
+        pfns = u64(pfns, "pfns")
+        try:
+            return B.rmp_adjust_batch(self._t, pfns, u64(gpas, "gpas"), asid, target_vmpl,
+                                      perms)
+        except OSError as e:
+            if e.errno != errno.EFAULT:
+                raise
+            self._fault("RMPADJUST", pfns, gpas, e.index)
+
+    def _fault(self, what, pfns, gpas, i):
+        """The RmpFault of page ``i`` of a batch, its ``index`` set to ``i``."""
+        pfn = int(pfns[i])
+        fault = RmpFault(what, pfn, int(gpas[i]), U.X86_PF_RMP, self.entry(pfn))
+        fault.index = i
+        raise fault from None
 
     # -- the check on accesses ------------------------------------------------------------------
 

@@ -165,6 +165,19 @@ class GhcbGuest:
         self.gpa = gpa
         self.version = 0
 
+    def register(self, g):
+        """snp_register_ghcb_early (arch/x86/boot/startup/sev-shared.c): an SNP guest registers
+        its GHCB's gfn through the GHCB MSR (REG_GPA_REQ) before it uses the page, and
+        terminates (SEV_TERM_SET_LINUX, GHCB_TERM_REGISTER) unless the hypervisor echoes it."""
+        gfn = self.gpa >> PAGE_SHIFT
+        yield g.wrmsr(U.MSR_AMD64_SEV_ES_GHCB, U.GHCB_MSR_REG_GPA_REQ_VAL(gfn))
+        yield g.vmgexit()
+        val = yield g.rdmsr(U.MSR_AMD64_SEV_ES_GHCB)
+        if val & U.GHCB_MSR_INFO_MASK != U.GHCB_MSR_REG_GPA_RESP or \
+                (val >> U.GHCB_MSR_GPA_VALUE_POS) & U.GHCB_MSR_GPA_VALUE_MASK != gfn:
+            yield from self.terminate(g, U.SEV_TERM_SET_LINUX, U.GHCB_TERM_REGISTER)
+        return gfn
+
     def negotiate(self, g):
         """sev_es_negotiate_protocol: SEV_INFO through the GHCB MSR; the version is the highest
         both sides speak. Terminates (GHCB_SEV_ES_PROT_UNSUPPORTED) if there is none."""
@@ -303,6 +316,8 @@ def ghcb_program(fn, ghcb_gpa, version=None):
             yield from ghcb.negotiate(g)
         else:
             ghcb.version = version
+        if (yield g.rdmsr(U.MSR_AMD64_SEV)) & U.MSR_AMD64_SEV_SNP_ENABLED:
+            yield from ghcb.register(g)         # an SNP kernel registers its GHCB first
         inner = fn(g, *args)
         send, throw = None, None
         while True:
@@ -451,6 +466,12 @@ class GhcbVcpu:
         x = self._ghcb_map(gpa)
         if x is None:
             return None                 # no GHCB: straight back to the guest
+        if self.vm.sev.snp_active and self.ghcb_registered_gpa != gpa:
+            # An SNP guest's GHCB must be the one it registered (GHCB_MSR_REG_GPA_REQ): the
+            # exit handler fails and KVM_RUN with it (sev_handle_vmgexit's
+            # ghcb_gpa_is_registered check, after the page was mapped and synced).
+            raise KvmError(EINVAL, "KVM_RUN", f"vmgexit: GHCB GPA {gpa:#x} is not registered "
+                           f"(registered: {self.ghcb_registered_gpa})")
         why = self._ghcb_validate(x)
         if why is not None:
             x.bad_input(why)

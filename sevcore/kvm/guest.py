@@ -202,6 +202,14 @@ class Guest:
         rFLAGS.CF reports that nothing changed) and stops there."""
         return Op("pvalidate", (_page_gpa(gpa), _size(npages), bool(validate)))
 
+    def rmpadjust(self, gpa, target_vmpl=1, perms=0, vmsa=False):
+        """RMPADJUST (at VMPL0) of the 4 KiB page at ``gpa``: ``target_vmpl``'s permission
+        mask to ``perms`` and the page's VMSA bit to ``vmsa`` (Linux's snp_set_vmsa names
+        VMPL1: the target must be less privileged than the caller, and only VMPL0 may change
+        the bit); returns the status (0, or PVALIDATE_FAIL_INPUT)."""
+        return Op("rmpadjust", (u64(gpa, "gpa", ndim=0), _size(target_vmpl), _size(perms),
+                                bool(vmsa)))
+
     def page_state_change(self, gpa, npages, private):
         """Make ``npages`` pages from ``gpa`` private or shared as a Linux SNP guest does:
         rescind, ask the hypervisor (GHCB MSR protocol page-state change), validate. Returns

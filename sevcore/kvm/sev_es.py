@@ -22,8 +22,10 @@ class SevEsVcpu(GhcbVcpu):
     """Mixin of Vcpu: what an SEV-ES vCPU does differently in KVM_RUN."""
 
     def _vmsa(self):
-        """The VMSA as VMRUN sees it: the page decrypted with the guest's key."""
-        return self.vm.host.umc.read(self.vmsa_spa, PAGE_SIZE, self.vm.sev.asid)
+        """The VMSA as VMRUN sees it: the page decrypted with the guest's key (an SNP AP's own
+        page once AP creation installed one)."""
+        spa = self.snp_guest_vmsa_spa if self.snp_guest_vmsa_spa is not None else self.vmsa_spa
+        return self.vm.host.umc.read(spa, PAGE_SIZE, self.vm.sev.asid)
 
     def _vmgexit(self):
         """VMGEXIT (sev_handle_vmgexit): the GHCB MSR protocol when the MSR's low 12 bits hold a

@@ -254,12 +254,13 @@ def _snp_launch_update(c, params):
 def _populate_run(c, gfn_start, src, npages, type):
     """kvm_gmem_populate and sev_gmem_post_populate for the longest run of pages from
     ``gfn_start`` that meets every precondition (one guest_memfd binding, not prepared,
-    private, frames not assigned, source mapped), in batches: one copy, one RMP update, one
-    pass of the firmware (``snp_launch_update_pages``, the same commands in order). Returns the
+    private, frames not assigned, source mapped), in chunks of POPULATE_CHUNK pages: one copy,
+    one RMP update, one pass of the firmware (``snp_launch_update_pages``, the same commands in
+    order) each, while a thread faults in the fresh frames ahead. Returns the
     pages done; the caller takes the rest, and any failure, page by page, so the result is that
     of the kernel's loop (docs/snp-kvm.md). Only for page types the firmware takes as they
     come (BATCH_TYPES)."""
-    vm, host, sev = c.vm, c.host, c.sev
+    vm, host = c.vm, c.host
     slot = vm.gfn_to_memslot(gfn_start) if gfn_start <= vm.max_gfn else None
     file = None if slot is None else slot.gmem_file
     if file is None or npages < 2 or S._sev_fd_error(host, c.sev_fd) is not None:
@@ -285,6 +286,32 @@ def _populate_run(c, gfn_start, src, npages, type):
     if n < 2:
         return 0
     index, gfns, pfns = index[:n], gfns[:n], pfns[:n]
+    done = 0
+    # The frames are fresh: a background thread faults them in ahead of the chunk being copied
+    # (HostMemory.populating), as the kernel's allocator would have them zeroed already.
+    with host.mem.populating(pfns):
+        while done < n:
+            end = min(n, done + POPULATE_CHUNK)
+            at = None if src is None else src + done * PAGE_SIZE
+            k = _populate_chunk(c, at, pfns[done:end], gfns[done:end], type)
+            done += k
+            if done < end:
+                break
+    c.out.error = 0
+    if done:
+        file.prepared.add(int(index[0]), int(index[0]) + done)
+    return done
+
+
+#: Pages _populate_run copies, assigns and hands the firmware at a time.
+POPULATE_CHUNK = 2048
+
+
+def _populate_chunk(c, src, pfns, gfns, type):
+    """One chunk of _populate_run: the source pages at ``src`` (None: none) copied into
+    ``pfns``, assigned to the guest at ``gfns``, measured and encrypted by the firmware.
+    Returns the pages done; a failure leaves the page it hit, and those after it, unassigned."""
+    host, sev = c.host, c.sev
     if src is not None and not _copy_pages(c, src, pfns):
         return 0
     status, done = host.rmp.make_private_pages(pfns, gfns, sev.asid, immutable=True)
@@ -294,15 +321,11 @@ def _populate_run(c, gfn_start, src, npages, type):
     try:
         host.psp.snp_launch_update_pages(sev.snp_context, (pfns << np.uint64(PAGE_SHIFT))
                                          | np.uint64(1 << host.c_bit), type)
-        done = n
+        return len(pfns)
     except PspError as e:
-        done = e.index
-        host.rmp.make_shared_pages(pfns[done + 1:])
-        _reclaim_firmware_page(host, int(pfns[done]))
-    c.out.error = 0
-    if done:
-        file.prepared.add(int(index[0]), int(index[0]) + done)
-    return done
+        host.rmp.make_shared_pages(pfns[e.index + 1:])
+        _reclaim_firmware_page(host, int(pfns[e.index]))
+        return e.index
 
 
 def _copy_pages(c, src, pfns):
@@ -440,10 +463,10 @@ def sev_gmem_prepare(vm, pfns, gfns):
         return 0
     rmp = vm.host.rmp
     pfns = np.asarray(pfns, np.uint64)
-    gfns = np.asarray(gfns, np.uint64)
-    free = np.array([not rmp.entry(int(p)).assigned for p in pfns.tolist()], bool)
+    free = ~rmp.assigned_mask(pfns)
     if free.any():
-        status, _ = rmp.make_private_pages(pfns[free], gfns[free], vm.sev.asid)
+        status, _ = rmp.make_private_pages(pfns[free], np.asarray(gfns, np.uint64)[free],
+                                           vm.sev.asid)
         if status:
             return -EINVAL
     return 0
@@ -459,7 +482,7 @@ def sev_gmem_invalidate(host, pfns):
     lo, hi = int(pfns.min()), int(pfns.max()) + 1
     if rmp.next_assigned(lo, hi - lo) == hi:
         return                              # nothing assigned: the common case
-    rmp.make_shared_pages([p for p in pfns.tolist() if rmp.entry(p).assigned])
+    rmp.make_shared_pages(pfns[rmp.assigned_mask(pfns)])
 
 
 HANDLERS = {

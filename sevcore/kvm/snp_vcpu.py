@@ -5,6 +5,8 @@ Linux guest does it (``__page_state_change`` in ``arch/x86/boot/startup/sev-shar
 the validation before making a page shared, validate after making it private)."""
 from errno import EINVAL, EIO
 
+import numpy as np
+
 from sevcore.core.arrays import U64_MAX
 from sevcore import uapi as U
 from sevcore.errors import KvmError
@@ -14,7 +16,8 @@ from sevcore.kvm.access import access_state
 from sevcore.kvm.ghcb import GHCB_RESERVED_0XFF0, GHCB_SHARED_BUFFER, VMGEXIT_HANDLERS
 from sevcore.kvm.guest import GuestException
 from sevcore.kvm.kvm_run import EXIT, THROW
-from sevcore.kvm.mmu import translate
+from sevcore.hw.rmp import RmpFault
+from sevcore.kvm.mmu import NPT_PRIVATE, translate
 from sevcore.kvm.sev import KernelBuffers
 from sevcore.kvm.sev_es import _set_bits
 from sevcore.psp import snp_layout as SL
@@ -182,6 +185,17 @@ class SnpVcpu(PscVcpu):
 
     #: The GPA the guest registered as its GHCB (svm->sev_es.ghcb_registered_gpa).
     ghcb_registered_gpa = None
+    #: AP creation (sev_snp_ap_creation): the VMSA GPA another vCPU named for this one
+    #: (svm->sev_es.snp_vmsa_gpa; None is INVALID_PAGE), whether a request waits for the next
+    #: entry (snp_ap_waiting_for_reset), whether KVM_REQ_UPDATE_PROTECTED_GUEST_STATE is set,
+    #: the guest's VMSA page VMRUN uses once one was installed (vmcb->control.vmsa_pa; None:
+    #: KVM's own page, vmsa_spa), and whether the AP was left with no VMSA (AP_DESTROY, or a
+    #: VMSA GPA KVM could not resolve): KVM_MP_STATE_HALTED.
+    snp_vmsa_gpa = None
+    snp_ap_waiting_for_reset = False
+    snp_update_requested = False
+    snp_guest_vmsa_spa = None
+    snp_halted = False
 
     def _snp_msr_protocol(self, ghcb, info):
         """sev_handle_vmgexit_msr_protocol for PREF_GPA_REQ (no preference), REG_GPA_REQ (the
@@ -308,11 +322,122 @@ class SnpVcpu(PscVcpu):
         st = self._progress
         gpa &= ~(1 << self.vm.host.c_bit)
         while st["i"] < npages:
-            status = self._pvalidate_one(gpa + (st["i"] << PAGE_SHIFT), validate)
+            status = self._pvalidate_mapped(gpa + (st["i"] << PAGE_SHIFT), npages - st["i"],
+                                            validate, st)
+            if status is None:              # the next page is not mapped: fault it in
+                status = self._pvalidate_one(gpa + (st["i"] << PAGE_SHIFT), validate)
+                if not status:
+                    st["i"] += 1
             if status:
                 return status
-            st["i"] += 1
         return 0
+
+    def _pvalidate_mapped(self, gpa, npages, validate, st):
+        """PVALIDATE of the leading pages from ``gpa`` whose NPT entries already serve a private
+        access, in one RMP batch, ``st["i"]`` advanced past each page that changed. Returns the
+        status of the page it stopped at (PVALIDATE_FAIL_NOUPDATE for rFLAGS.CF), 0 when every
+        page changed, None when it stopped at a page the NPT does not map privately; an RMP
+        fault propagates after the pages before it are counted."""
+        vm = self.vm
+        gfn = gpa >> PAGE_SHIFT
+        n = min(npages, vm.max_gfn + 1 - gfn) if gfn <= vm.max_gfn else 0
+        gfns = np.arange(gfn, gfn + n, dtype=np.uint64)
+        pfns, flags = vm.npt.lookup_batch(gfns, with_flags=True)
+        ok = (pfns != vm.npt.MISS) & (flags & np.uint64(NPT_PRIVATE) != 0)
+        m = int(np.argmin(ok)) if not ok.all() else n
+        try:
+            status, cf, done = vm.host.rmp.pvalidate_pages(
+                pfns[:m], gfns[:m] << np.uint64(PAGE_SHIFT), asid=vm.sev.asid,
+                validate=validate)
+        except RmpFault as fault:
+            st["i"] += fault.index
+            raise
+        st["i"] += done
+        if status or cf:
+            return status or U.PVALIDATE_FAIL_NOUPDATE
+        return None if m < npages else 0
+
+    # -- RMPADJUST ----------------------------------------------------------------------------
+
+    def _rmpadjust(self, gpa, target_vmpl, perms, vmsa):
+        """``g.rmpadjust``: RMPADJUST by the guest (at VMPL0) of its 4 KiB page at ``gpa``: the
+        access goes through the NPT as a private one, then the instruction runs on the RMP
+        (APM vol. 3 "RMPADJUST"). Returns its status; an RMP fault propagates."""
+        vm = self.vm
+        gpa &= ~(1 << vm.host.c_bit)
+        pfn, _ = translate(vm, gpa >> PAGE_SHIFT, True, False)
+        return vm.host.rmp.rmpadjust(int(pfn), gpa=gpa & ~(PAGE_SIZE - 1), asid=vm.sev.asid,
+                                     target_vmpl=target_vmpl, perms=perms, vmsa=vmsa)
+
+    # -- AP creation (sev_snp_ap_creation) ------------------------------------------------------
+
+    def _snp_ap_creation(self, x):
+        """sev_snp_ap_creation for SVM_VMGEXIT_AP_CREATION: SW_EXITINFO1 holds the request
+        (low 32 bits) and the target's APIC ID (high 32), SW_EXITINFO2 the VMSA's GPA, RAX the
+        AP's SEV features. The target must exist; CREATE and CREATE_ON_INIT need RAX equal to
+        the VM's vmsa_features and a page-aligned VMSA GPA under MAXPHYADDR that is not 2 MiB
+        aligned (the erratum KVM avoids); DESTROY forgets the VMSA. The target waits for its
+        next entry (kvm_make_request_and_kick), or for INIT with CREATE_ON_INIT. Returns 0 or
+        -EINVAL (the caller answers GHCB_ERR_INVALID_INPUT)."""
+        vm = self.vm
+        request = x.exit_info_1 & 0xFFFFFFFF
+        apic_id = x.exit_info_1 >> 32
+        target = next((v for v in vm.vcpus if v.vcpu_id == apic_id), None)
+        if target is None:
+            return -EINVAL
+        if request in (U.SVM_VMGEXIT_AP_CREATE_ON_INIT, U.SVM_VMGEXIT_AP_CREATE):
+            vmsa = x.exit_info_2
+            if x.regs["rax"] != vm.sev.vmsa_features:
+                return -EINVAL
+            if vmsa & (PAGE_SIZE - 1) or vmsa >> self._maxphyaddr():
+                return -EINVAL                       # page_address_valid
+            if not vmsa & ((1 << 21) - 1):
+                return -EINVAL                       # IS_ALIGNED(exit_info_2, PMD_SIZE)
+            target.snp_vmsa_gpa = vmsa
+        elif request == U.SVM_VMGEXIT_AP_DESTROY:
+            target.snp_vmsa_gpa = None
+        else:
+            return -EINVAL
+        target.snp_ap_waiting_for_reset = True
+        if request != U.SVM_VMGEXIT_AP_CREATE_ON_INIT:
+            target.snp_update_requested = True
+        return 0
+
+    def _snp_update_protected_guest_state(self):
+        """KVM_REQ_UPDATE_PROTECTED_GUEST_STATE at entry: kvm_vcpu_reset(init_event) and
+        sev_snp_init_protected_guest_state. The AP stops (HALTED, no VMSA) and, when a VMSA
+        GPA was named and guest_memfd gives its frame (kvm_gmem_get_pfn), that page becomes
+        the VMSA VMRUN loads and the vCPU is runnable again: its guest program starts over,
+        the model's reading of the RIP in the new VMSA."""
+        self.snp_update_requested = False
+        if not self.vm.sev.snp_active or not self.snp_ap_waiting_for_reset:
+            return
+        self.snp_ap_waiting_for_reset = False
+        self.snp_halted = True
+        self.snp_guest_vmsa_spa = None
+        gpa, self.snp_vmsa_gpa = self.snp_vmsa_gpa, None
+        if gpa is None:
+            return
+        gfn = gpa >> PAGE_SHIFT
+        slot = self.vm.gfn_to_memslot(gfn) if gfn <= self.vm.max_gfn else None
+        if slot is None or slot.gmem_file is None:
+            return
+        err, pfn = slot.gmem_file.get_pfn(slot, gfn)
+        if err:
+            return
+        self.snp_guest_vmsa_spa = int(pfn) << PAGE_SHIFT
+        self.snp_halted = False
+        self.guest_state_protected = True
+        self._restart_program()
+
+    def _snp_vmsa_unusable(self):
+        """VMRUN's check of a guest-supplied VMSA page: its RMP entry must be assigned to the
+        guest's ASID, validated and marked VMSA by RMPADJUST, else the entry fails
+        (VMEXIT_INVALID). KVM's own VMSA pages are the firmware's to vouch for."""
+        if self.snp_guest_vmsa_spa is None:
+            return False
+        e = self.vm.host.rmp.entry(self.snp_guest_vmsa_spa >> PAGE_SHIFT)
+        return not (e.assigned and e.validated and e.vmsa and e.asid == self.vm.sev.asid)
 
     # -- SNP guest requests -------------------------------------------------------------------
 
@@ -442,6 +567,16 @@ def _vmgexit_guest_request(vcpu, x):
     SW_EXITINFO2 with NO_ACTION (svm_vmgexit_no_action)."""
     x.success(vcpu._snp_handle_guest_req(x.exit_info_1, x.exit_info_2))
 
+
+def _vmgexit_ap_creation(vcpu, x):
+    """SVM_VMGEXIT_AP_CREATION: sev_snp_ap_creation; a refusal answers GHCB_ERR_INVALID_INPUT
+    (svm_vmgexit_bad_input) and the guest resumes either way."""
+    if vcpu._snp_ap_creation(x):
+        x.bad_input(U.GHCB_ERR_INVALID_INPUT)
+
+
+# sev_handle_vmgexit's case SVM_VMGEXIT_AP_CREATION.
+VMGEXIT_HANDLERS[U.SVM_VMGEXIT_AP_CREATION] = _vmgexit_ap_creation
 
 # sev_handle_vmgexit's case SVM_VMGEXIT_GUEST_REQUEST (sevcore.kvm.ghcb's dispatch table).
 VMGEXIT_HANDLERS[U.SVM_VMGEXIT_GUEST_REQUEST] = _vmgexit_guest_request

@@ -371,6 +371,13 @@ class Vcpu(GuestAccess, SevEsVcpu, SnpVcpu, MsrVcpu, HypercallVcpu, SregsVcpu, D
         vm = self.vm
         if vm.sev_need_init:
             raise KvmError(EINVAL, ioctl, "SEV VM has not been initialised (KVM_SEV_INIT2)")
+        if self.snp_update_requested:
+            self._snp_update_protected_guest_state()
+        if self.snp_halted:
+            # KVM_MP_STATE_HALTED (an AP destroyed, or given a VMSA KVM could not map): KVM_RUN
+            # blocks in kvm_vcpu_block until an event; the model returns as a signal ends it.
+            self.kvm_run.exit_reason = U.KVM_EXIT_INTR
+            raise KvmError(EINTR, ioctl, "the SNP AP is halted with no VMSA (AP_DESTROY)")
         if vm.sev.active and self._sev_entry_fails():
             # VMRUN of a guest whose firmware context was SENT (SEND_FINISH) or has no key, or
             # of an SEV-ES vCPU whose VMSA never went through LAUNCH_UPDATE_VMSA: the entry
@@ -444,7 +451,7 @@ class Vcpu(GuestAccess, SevEsVcpu, SnpVcpu, MsrVcpu, HypercallVcpu, SregsVcpu, D
         psp = vm.host.psp
         if vm.sev.snp_active:
             return vm.sev.snp_context is None or not vm.host.umc.has_key(vm.sev.asid) or \
-                not self.guest_state_protected
+                not self.guest_state_protected or self._snp_vmsa_unusable()
         g = psp.guest(vm.sev.handle)
         return g is None or g.state == U.SEV_GUEST_STATE_SENT or \
             not vm.host.umc.has_key(vm.sev.asid) or \
@@ -478,6 +485,15 @@ class Vcpu(GuestAccess, SevEsVcpu, SnpVcpu, MsrVcpu, HypercallVcpu, SregsVcpu, D
         if not isinstance(op, Op):
             return self._guest_ended(TypeError(f"guest yielded {op!r}, not a g.* operation"))
         return op
+
+    def _restart_program(self):
+        """The guest program starts over at its first operation (a new VMSA, or INIT)."""
+        self._gen = None
+        self._finished = False
+        self._op = self._progress = self._complete = None
+        self._send = self._throw = None
+        self.in_shutdown = False
+        self.guest_exception = None
 
     def _guest_ended(self, exc):
         """The program returned (``exc`` None) or raised: GUEST_DONE or UCALL_ABORT. An SEV-ES
@@ -540,6 +556,8 @@ class Vcpu(GuestAccess, SevEsVcpu, SnpVcpu, MsrVcpu, HypercallVcpu, SregsVcpu, D
             return self._page_state_change(*args)
         if kind == "pvalidate":
             return self._pvalidate(*args)
+        if kind == "rmpadjust":
+            return self._rmpadjust(*args)
         if kind == "snp_guest_request":
             return self._snp_guest_request(*args)
         if kind == "shutdown":

@@ -22,6 +22,7 @@ import struct
 import numpy as np
 
 from sevcore import uapi as U
+from sevcore._bindings import sha384_pages, snp_ld_extend
 from sevcore.core.arrays import runs
 from sevcore.hw.rmp import RmpEntry
 from sevcore.psp import attest as A
@@ -54,22 +55,18 @@ _TAIL_DTYPE = np.dtype([("length", "<u2"), ("page_type", "u1"), ("imi_page", "u1
 def _chain(ld, frames, pfns, gpas, page_type, perms):
     """The launch digest after PAGE_INFO updates for the pages ``pfns`` at ``gpas``: each page's
     ``SHA-384(ld || contents || tail)`` in order, contents the SHA-384 of the page for NORMAL
-    and VMSA pages, zero for the rest. The tails are built for all pages at once."""
+    and VMSA pages, zero for the rest. The pages are hashed several at a time, one per vector
+    lane, and the chain is extended in C (csrc/snp_ld.c; its twin is
+    sevcore/_reference/snp_ld.py)."""
     tails = np.zeros(len(pfns), _TAIL_DTYPE)
     tails["length"] = S.snp_page_info.size
     tails["page_type"] = page_type
     tails["vmpl3_perms"], tails["vmpl2_perms"], tails["vmpl1_perms"] = perms
     tails["gpa"] = gpas
-    tb = tails.tobytes()
-    sha384 = hashlib.sha384
+    contents = None
     if page_type in (U.SNP_PAGE_TYPE_NORMAL, U.SNP_PAGE_TYPE_VMSA):
-        for i, pfn in enumerate(pfns.tolist()):
-            contents = sha384(frames[pfn << 12:(pfn + 1) << 12]).digest()
-            ld = sha384(ld + contents + tb[16 * i:16 * i + 16]).digest()
-    else:
-        for i in range(len(pfns)):
-            ld = sha384(ld + _ZERO48 + tb[16 * i:16 * i + 16]).digest()
-    return ld
+        contents = sha384_pages(frames, np.ascontiguousarray(pfns, np.uint64))
+    return snp_ld_extend(ld, contents, tails.tobytes())
 
 
 class SnpGuest:
@@ -428,11 +425,9 @@ class SnpCommands(SnpMaMessages):
         else:
             self._encrypt_pages(todo, g.asid)
         rmp.fw_validate(todo, g.asid, vmsa=page_type == U.SNP_PAGE_TYPE_VMSA)
-        if any(perms):
-            for pfn, gpa in zip(todo.tolist(), gpas.tolist()):
-                for vmpl, p in zip((3, 2, 1), perms):
-                    if p:
-                        rmp.rmpadjust(pfn, gpa=gpa, asid=g.asid, target_vmpl=vmpl, perms=p)
+        for vmpl, p in zip((3, 2, 1), perms):
+            if p:
+                rmp.adjust_pages(todo, gpas, asid=g.asid, target_vmpl=vmpl, perms=p)
         if page_type == U.SNP_PAGE_TYPE_VMSA:
             g.vmsa_pfns.extend(todo.tolist())
         return status, len(todo)

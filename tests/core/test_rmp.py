@@ -151,6 +151,64 @@ def test_memory_per_assigned_frame_is_under_20_bytes():
     assert big.stats()["bytes"] / big.assigned < 20
 
 
+def test_range_batches_refuse_a_frame_past_the_table_before_changing_anything(rmp):
+    """make_shared_pages, pvalidate_pages, adjust_pages and assigned_mask with one pfn past the
+    table are ValueError and change no entry."""
+    rmp.rmp_make_private(1, 0x1000, 5)
+    before = rmp.entry(1)
+    pfns, gpas = np.array([1, N], np.uint64), np.array([0x1000, 0x2000], np.uint64)
+    for call in (lambda: rmp.make_shared_pages(pfns), lambda: rmp.assigned_mask(pfns),
+                 lambda: rmp.pvalidate_pages(pfns, gpas, asid=5, validate=True),
+                 lambda: rmp.adjust_pages(pfns, gpas, asid=5, target_vmpl=1, perms=1)):
+        with pytest.raises(ValueError, match="outside the RMP"):
+            call()
+    assert rmp.entry(1) == before
+
+
+def test_pvalidate_pages_stops_at_cf_and_names_the_faulting_page(rmp):
+    """A range PVALIDATE stops at the first page already validated (CF) and, for an RMP
+    fault, raises RmpFault with the page's index after changing the pages before it."""
+    pfns = np.arange(40, 44, dtype=np.uint64)
+    gpas = np.arange(4, dtype=np.uint64) << np.uint64(12)
+    assert rmp.make_private_pages(pfns, np.arange(4, dtype=np.uint64), 3) == (0, 4)
+    assert rmp.pvalidate(42, gpa=0x2000, asid=3, validate=True) == (0, 0)
+    assert rmp.pvalidate_pages(pfns, gpas, asid=3, validate=True) == (0, 1, 2)
+    assert [rmp.entry(p).validated for p in range(40, 44)] == [1, 1, 1, 0]
+    rmp.rmp_make_shared(43)
+    with pytest.raises(RmpFault) as info:
+        rmp.pvalidate_pages(pfns, gpas, asid=3, validate=False)
+    assert info.value.index == 3 and info.value.pfn == 43
+    assert [rmp.entry(p).validated for p in range(40, 43)] == [0, 0, 0]
+
+
+def test_psmash_splits_a_2m_entry_keeping_its_state(rmp):
+    """PSMASH turns a validated 2 MiB entry into 512 validated 4 KiB entries at consecutive
+    GPAs, after which a 4 KiB PVALIDATE inside it works; a 4 KiB entry or an unaligned SPA is
+    refused and changes nothing."""
+    assert rmp.rmp_make_private(1024, 0x400000, 6, pagesize=1) == 0
+    assert rmp.pvalidate(1024, gpa=0x400000, asid=6, validate=True, pagesize=1) == (0, 0)
+    assert rmp.rmpadjust(1024, gpa=0x400000, asid=6, target_vmpl=1, perms=0x3) == 0
+    with pytest.raises(RmpFault):
+        rmp.pvalidate(1030, gpa=0x406000, asid=6, validate=False)
+    assert rmp.psmash((1024 + 1) << 12) == U.PSMASH_FAIL_INPUT
+    assert rmp.psmash(512 << 12) == U.PSMASH_FAIL_BADADDR
+    assert rmp.assigned == 1
+    assert rmp.psmash(1024 << 12) == 0
+    assert rmp.assigned == 512
+    assert rmp.entry(1024) == RmpEntry(1, 0, 0, 1, 0, 6, 0x400000, 0x3)
+    assert rmp.entry(1535) == RmpEntry(1, 0, 0, 1, 0, 6, 0x400000 + (511 << 12), 0x3)
+    assert rmp.pvalidate(1030, gpa=0x406000, asid=6, validate=False) == (0, 0)
+    assert rmp.psmash(1024 << 12) == U.PSMASH_FAIL_BADADDR
+
+
+def test_make_shared_pages_stops_at_a_locked_frame(rmp):
+    """make_shared_pages returns the first refusal and how many frames it gave back."""
+    rmp.make_private_pages([5, 6, 7], [5, 6, 7], 2)
+    rmp.rmp_make_private(8, 0, 0, immutable=True)
+    assert rmp.make_shared_pages([5, 6, 8, 7]) == (U.RMPUPDATE_FAIL_PERMISSION, 2)
+    assert rmp.assigned_mask([5, 6, 7, 8]).tolist() == [False, False, True, True]
+
+
 PFNS = st.one_of(st.sampled_from([0, 1, 511, 512, 513, 1023, 1024, 1535, 1536, 2047, N - 1]),
                  st.integers(0, N - 1))
 ASIDS = st.integers(0, 3)
@@ -202,10 +260,37 @@ class RmpMachine(RuleBasedStateMachine):
         kw = dict(gpa=gpa, asid=asid, validate=validate, pagesize=pagesize)
         _same(lambda: self.c.pvalidate(pfn, **kw), lambda: self.r.pvalidate(pfn, **kw))
 
-    @rule(pfn=PFNS, gpa=GPAS, asid=ASIDS, vmpl=st.integers(0, 4), perms=st.integers(0, 16))
-    def rmpadjust(self, pfn, gpa, asid, vmpl, perms):
-        kw = dict(gpa=gpa, asid=asid, target_vmpl=vmpl, perms=perms)
+    @rule(pfn=PFNS, gpa=GPAS, asid=ASIDS, vmpl=st.integers(0, 4), perms=st.integers(0, 16),
+          vmsa=st.booleans())
+    def rmpadjust(self, pfn, gpa, asid, vmpl, perms, vmsa):
+        kw = dict(gpa=gpa, asid=asid, target_vmpl=vmpl, perms=perms, vmsa=vmsa)
         _same(lambda: self.c.rmpadjust(pfn, **kw), lambda: self.r.rmpadjust(pfn, **kw))
+
+    @rule(pfn=PFNS)
+    def psmash(self, pfn):
+        _same(lambda: self.c.psmash(pfn << 12), lambda: self.r.psmash(pfn << 12))
+
+    @rule(pfns=st.lists(PFNS, max_size=6))
+    def make_shared_pages(self, pfns):
+        _same(lambda: self.c.make_shared_pages(np.array(pfns, np.uint64)),
+              lambda: self.r.make_shared_pages(pfns))
+
+    @rule(pfns=st.lists(PFNS, max_size=6), gpa=GPAS, asid=ASIDS, validate=st.booleans())
+    def pvalidate_pages(self, pfns, gpa, asid, validate):
+        gpas = [gpa + (i << 12) for i in range(len(pfns))]
+        kw = dict(asid=asid, validate=validate)
+        _same(lambda: self.c.pvalidate_pages(np.array(pfns, np.uint64),
+                                             np.array(gpas, np.uint64), **kw),
+              lambda: self.r.pvalidate_pages(pfns, gpas, **kw))
+
+    @rule(pfns=st.lists(PFNS, max_size=6), gpa=GPAS, asid=ASIDS, vmpl=st.integers(0, 4),
+          perms=st.integers(0, 16))
+    def adjust_pages(self, pfns, gpa, asid, vmpl, perms):
+        gpas = [gpa + (i << 12) for i in range(len(pfns))]
+        kw = dict(asid=asid, target_vmpl=vmpl, perms=perms)
+        _same(lambda: self.c.adjust_pages(np.array(pfns, np.uint64), np.array(gpas, np.uint64),
+                                          **kw),
+              lambda: self.r.adjust_pages(pfns, gpas, **kw))
 
     @rule(pfns=st.lists(PFNS, max_size=4), asid=ASIDS, vmsa=st.booleans())
     def fw_validate(self, pfns, asid, vmsa):
@@ -217,6 +302,7 @@ class RmpMachine(RuleBasedStateMachine):
         arr = np.array(pfns, np.uint64)
         assert self.c.first_denied(arr, asid) == self.r.first_denied(pfns, asid)
         assert self.c.preguest_prefix(arr, asid) == self.r.preguest_prefix(pfns, asid)
+        assert self.c.assigned_mask(arr).tolist() == self.r.assigned_mask(pfns)
         start = pfns[0] if pfns else 0
         assert self.c.next_assigned(start, 700) == self.r.next_assigned(start, 700)
         for pfn in pfns:

@@ -9,7 +9,7 @@ import pytest
 
 import sevcore
 from sevcore.kvm import snp_guest_msg as M
-from sevcore.kvm.ghcb import Ghcb, GhcbGuest
+from sevcore.kvm.ghcb import Ghcb, GhcbGuest, ghcb_program
 from sevcore.kvm.sev import SevError
 from sevcore.kvm.snp_guest import ghcb_page_state_change
 from sevcore.kvm.snp_vcpu import PageStateChangeFailed
@@ -382,6 +382,56 @@ def test_pvalidate_prepares_unpopulated_page(kvm):
     assert e.assigned and e.validated and e.asid == vm.sev.asid and e.gpa == 13 << 12
 
 
+def guest_pvalidate_range(g, out):
+    """PVALIDATE a range of never-touched pages (each faulted in), again (CF on the first),
+    rescind it, rescind it again (CF)."""
+    for validate in (True, True, False, False):
+        out.append((yield g.pvalidate(4 << 12, 12, validate)))
+    yield g.wrmsr(MSR_AMD64_SEV_ES_GHCB, GHCB_MSR_TERM_REQ)
+    yield g.vmgexit()
+
+
+def test_pvalidate_range_faults_in_and_batches(kvm):
+    """A range PVALIDATE over pages not yet mapped faults each one in; over mapped pages it
+    runs as one batch with the same results: CF stops it at the first page, every page ends
+    in the state asked."""
+    out = []
+    vm = kvm.create_vm(KVM_X86_SNP_VM)
+    vm.memory_encrypt_op(KVM_SEV_INIT2)
+    hva = vm_mem_add(vm, 0, 0, 16, KVM_MEM_GUEST_MEMFD)
+    vcpu = vm_vcpu_add(vm, 0)
+    vcpu.set_guest_code(guest_pvalidate_range, out)
+    vm.memory_encrypt_op(KVM_SEV_SNP_LAUNCH_START, policy=POLICY)
+    vm_mem_set_private(vm, 0, 16 << 12)
+    snp_launch_update_data(vm, 0, hva, 4096, KVM_SEV_SNP_PAGE_TYPE_NORMAL)
+    vm.memory_encrypt_op(KVM_SEV_SNP_LAUNCH_FINISH)
+    assert vcpu.run().exit_reason == KVM_EXIT_SYSTEM_EVENT, vcpu.guest_exception
+    assert out == [0, PVALIDATE_FAIL_NOUPDATE, 0, PVALIDATE_FAIL_NOUPDATE]
+    cache = vm.gfn_to_memslot(0).gmem_file.page_cache
+    entries = [vm.host.rmp.entry(cache.lookup(gfn)) for gfn in range(4, 16)]
+    assert all(e.assigned and not e.validated and e.gpa == gfn << 12
+               for gfn, e in zip(range(4, 16), entries))
+
+
+def test_launch_update_in_chunks_measures_as_one_pass(kvm, monkeypatch):
+    """LAUNCH_UPDATE in chunks of 3 pages gives the launch digest and progress of one pass,
+    and stops at a shared page in a later chunk with the pages before it done."""
+    from sevcore.kvm import sev_snp
+
+    def launch(chunk):
+        monkeypatch.setattr(sev_snp, "POPULATE_CHUNK", chunk)
+        vm, hva = snp_vm(kvm, 10)
+        vm.memory_encrypt_op(KVM_SEV_SNP_LAUNCH_START, policy=POLICY)
+        kvm.write(hva, bytes(range(251)) * 163)
+        vm.set_memory_attributes(8 << 12, 4096, 0)
+        out = vm.memory_encrypt_op(KVM_SEV_SNP_LAUNCH_UPDATE, gfn_start=0, uaddr=hva,
+                                   len=10 << 12, type=KVM_SEV_SNP_PAGE_TYPE_NORMAL)
+        ld = vm.host.psp.snp_guest(vm.sev.snp_context).ld
+        return (out.gfn_start, out.uaddr - hva, out.len), ld
+    chunked, whole = launch(3), launch(2048)
+    assert chunked == whole and chunked[0] == (8, 8 << 12, 2 << 12)
+
+
 def test_punch_hole_returns_frames_to_host(kvm):
     """Punching a hole in guest_memfd gives the guest's frames back to the hypervisor in the
     RMP before freeing them (sev_gmem_invalidate), and the page may be populated again."""
@@ -487,11 +537,12 @@ GHCB_GFN = 15
 
 
 def guest_ghcb_psc(g, out):
-    """Share its GHCB page (MSR protocol), negotiate, then make pages 8..11 shared and private
-    again through the GHCB page, writing shared data in between."""
+    """Share its GHCB page (MSR protocol), negotiate, register it, then make pages 8..11 shared
+    and private again through the GHCB page, writing shared data in between."""
     yield g.page_state_change(GHCB_GFN << 12, 1, private=False)
     ghcb = GhcbGuest(GHCB_GFN << 12)
     yield from ghcb.negotiate(g)
+    yield from ghcb.register(g)
     out.append((yield from ghcb_page_state_change(g, ghcb, 8 << 12, 4, False)))
     yield g.write(8 << 12, b"via the GHCB page")
     out.append((yield from ghcb_page_state_change(g, ghcb, 8 << 12, 4, True)))
@@ -535,6 +586,59 @@ def test_psc_through_ghcb_page_refused(kvm):
     assert vcpu.guest_exception.response == VMGEXIT_PSC_ERROR_GENERIC
 
 
+# -- the registered GHCB (GHCB_MSR_REG_GPA_REQ, sev_handle_vmgexit) ------------------------------------
+
+def guest_ghcb_unregistered(g, register_gfn):
+    """Share its GHCB page, negotiate, register ``register_gfn`` (None: nothing), then ask for
+    the hypervisor features through the GHCB page at GHCB_GFN."""
+    yield g.page_state_change(GHCB_GFN << 12, 1, private=False)
+    ghcb = GhcbGuest(GHCB_GFN << 12)
+    yield from ghcb.negotiate(g)
+    if register_gfn is not None:
+        yield from GhcbGuest(register_gfn << 12).register(g)
+    yield from ghcb.hv_call(g, Ghcb(), SVM_VMGEXIT_HV_FEATURES, 0, 0)
+
+
+@pytest.mark.parametrize("register_gfn", [None, GHCB_GFN - 1])
+def test_unregistered_ghcb_is_refused(kvm, register_gfn):
+    """An SNP guest's VMGEXIT through a GHCB page it did not register (none, or another gfn)
+    fails KVM_RUN with EINVAL after KVM has mapped and synced the page (its valid bitmap
+    cleared), and keeps failing."""
+    vm, vcpu = vm_sev_create_with_one_vcpu(kvm, KVM_X86_SNP_VM, guest_ghcb_unregistered,
+                                           register_gfn)
+    vm_sev_launch(vm, POLICY)
+    run = vcpu.run()
+    handle_map_gpa_range(vm, run)            # the MSR-protocol request for the GHCB page
+    with raises_errno(EINVAL, "KVM_RUN"):
+        vcpu.run()
+    page = Ghcb(kvm.read(addr_gpa2hva(vm, GHCB_GFN << 12), 4096))
+    assert page.valid_bitmap == 0 and page.get("sw_exit_code") == SVM_VMGEXIT_HV_FEATURES
+    with raises_errno(EINVAL, "KVM_RUN"):
+        vcpu.run()
+    want = None if register_gfn is None else register_gfn << 12
+    assert vcpu.ghcb_registered_gpa == want
+
+
+def guest_cpuid_via_ghcb(g, out):
+    """CPUID, which the #VC handler of ghcb_program sends through its GHCB page."""
+    out.append((yield g.cpuid(0x8000001F, 0)))
+    yield g.wrmsr(MSR_AMD64_SEV_ES_GHCB, GHCB_MSR_TERM_REQ)
+    yield g.vmgexit()
+
+
+def test_ghcb_program_registers_its_ghcb_on_snp(kvm):
+    """A program under ghcb_program on an SNP guest registers its GHCB (REG_GPA_REQ) after
+    negotiating, so its #VC exits through the page are served."""
+    out = []
+    vm, vcpu = vm_sev_create_with_one_vcpu(
+        kvm, KVM_X86_SNP_VM, ghcb_program(guest_cpuid_via_ghcb, GHCB_GFN << 12), out)
+    vm_sev_launch(vm, POLICY)
+    vm.set_memory_attributes(GHCB_GFN << 12, 4096, 0)
+    assert vcpu.run().exit_reason == KVM_EXIT_SYSTEM_EVENT, vcpu.guest_exception
+    assert vcpu.ghcb_registered_gpa == GHCB_GFN << 12
+    assert out[0][0] & X86_FEATURE_SEV_SNP
+
+
 # -- SNP guest requests through the GHCB page (snp_handle_guest_req) -------------------------------
 
 def guest_ghcb_report(g, user_data, out):
@@ -545,6 +649,7 @@ def guest_ghcb_report(g, user_data, out):
     yield g.page_state_change(13 << 12, 2, private=False)         # request, response pages
     ghcb = GhcbGuest(GHCB_GFN << 12)
     yield from ghcb.negotiate(g)
+    yield from ghcb.register(g)
     secrets = yield g.read((6 << 12) | CBIT, 4096)
     vmpck = secrets[M.VMPCK_OFFSET:M.VMPCK_OFFSET + 32]
     body = SL.snp_report_req.pack(user_data=user_data, vmpl=0)
