@@ -29,6 +29,7 @@ import sys
 import time
 
 import sevcore
+from sevcore.migration import engine
 
 #: Columns every row has before its parameters and statistics.
 ID_COLUMNS = ("point", "sevcore-version", "status", "error")
@@ -315,10 +316,14 @@ def _id_row(key, version, row):
             "status": row.get("status", ""), "error": row.get("error", "")}
 
 
-def run_task(run_point, params, version):
+def run_task(run_point, params, version, inline=False):
     """One point, on a worker or in process: its row, with the version of sevcore that made it.
     A user error (PointFailed) becomes a failed row; anything else propagates, so Dask may
-    retry it."""
+    retry it. ``inline``: the point's migrations keep to one core (engine.set_inline), as a
+    worker that runs one point per core wants; in process the point overlaps its source and
+    target on two."""
+    if inline:
+        engine.set_inline(True)
     if sevcore.__version__ != version:
         return {**params, "status": "failed", "sevcore-version": sevcore.__version__,
                 "error": f"this worker runs sevcore {sevcore.__version__}, the sweep "
@@ -336,8 +341,9 @@ def _on_dask(client, todo, run_point, version, retries, finish):
     # the optional extra: only on this path
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
-    futures = {client.submit(run_task, run_point, params, version, key=f"sevcore-point-{k}",
-                             retries=retries, pure=False): k for k, params in todo.items()}
+    futures = {client.submit(run_task, run_point, params, version, True,
+                             key=f"sevcore-point-{k}", retries=retries, pure=False): k
+               for k, params in todo.items()}
     for fut in as_completed(list(futures)):
         key = futures[fut]
         if fut.status == "finished":
