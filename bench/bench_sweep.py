@@ -38,8 +38,11 @@ def points():
 
 
 @pytest.fixture(scope="module")
-def client():
+def client(tmp_path_factory):
     c = sweep.open_client(workers=2, memory_limit="2GiB", quiet=True)
+    # Running: each worker has run a point already (a notebook's cluster after its first sweep).
+    warm = cli.sweep_points(["dirty-rate=0,250"], cli.sweep_base(mem="16M", path="psp"))
+    cli.sweep_run(warm, c, store=_fresh(tmp_path_factory), quiet=True)
     yield c
     sweep.close_client(c)
 

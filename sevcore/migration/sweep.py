@@ -34,6 +34,9 @@ from sevcore.migration import engine
 #: Columns every row has before its parameters and statistics.
 ID_COLUMNS = ("point", "sevcore-version", "status", "error")
 
+#: What a LocalCluster's workers import as they start.
+PRELOAD = "sevcore.cli"
+
 #: Dask's settings of the environment its nanny starts worker processes with.
 NANNY_ENV = "distributed.nanny.pre-spawn-environ"
 
@@ -408,9 +411,10 @@ def open_client(scheduler=None, workers=1, memory_limit="auto", quiet=False):
         # mmap whose pages fault in, and a 64 MiB point took 2x as long (bench/bench_sweep.py).
         # The workers keep glibc's adaptive defaults instead.
         with dask.config.set({f"{NANNY_ENV}.MALLOC_TRIM_THRESHOLD_": None}):
+            # Each worker imports sevcore as it starts (a Dask preload), not in its first point.
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                    memory_limit=memory_limit, dashboard_address=":0",
-                                   silence_logs=logging.ERROR)
+                                   silence_logs=logging.ERROR, preload=[PRELOAD])
         client = Client(cluster)
     # A local scheduler serves a real dashboard only with bokeh (the extra brings it); a
     # remote one is its owner's business, so its link is printed as it is.
