@@ -34,6 +34,7 @@ keeps the source Host's clock, plus a network stage and a target stage in a thre
 with one batch in flight between stages, so the slowest stage sets the pace. The guest reads its
 TSC from the source clock, so it dirties pages at its rate of simulated time.
 """
+import contextlib
 import threading
 from dataclasses import dataclass
 
@@ -63,16 +64,32 @@ class MigrationResult:
     samples: list
 
 
+#: Whether this process's in-process migrations take one core (see :func:`set_inline`).
+_inline = False
+
+
+def set_inline(on=True):
+    """Make this process's in-process migrations run on one core at a time: the source and
+    the target take turns (an inline channel pair, :class:`sevcore.migration.transport.Baton`)
+    and the target faults its frames in where it writes them (no HostMemory.populating
+    thread). For processes that run one migration per core side by side (the sweep engine's
+    workers); a lone migration is faster overlapped, the default. Returns the old setting."""
+    global _inline
+    old, _inline = _inline, bool(on)
+    return old
+
+
 def migrate(machine, target_kvm, params=MigrationParams(), progress=None, channel_pair=None,
             driver=None, target_clock=None):
     """Migrate ``machine`` to a new guest on ``target_kvm``'s Host, in this process (the target
     runs in a thread). ``driver`` keeps simulated time (default: ClockDriver on the source
     Host's clock); ``target_clock`` takes the target's own charges (default: its Host's).
     Returns MigrationResult; raises MigrationError after cancelling."""
-    a, b = channel_pair or inprocess_pair(timeout=params.timeout_s)
+    a, b = channel_pair or inprocess_pair(timeout=params.timeout_s, inline=_inline)
     target = Target(target_kvm, b, target_clock)
+    target.populate = not _inline
     src = Source(machine, a, params, progress, driver)
-    r = _both(src, target, src.run, target.run, params.timeout_s)
+    r = _both(src, target, src.run, target.run, params.timeout_s, a)
     r.target.owner = machine.owner         # the guest's owner serves it where it runs now
     return r
 
@@ -83,23 +100,27 @@ def resume(paused, channel_pair=None):
     as :func:`migrate`."""
     src, target = paused.source, paused.target
     timeout = src.params.timeout_s
-    a, b = channel_pair or inprocess_pair(timeout=timeout)
-    return _both(src, target, lambda: src.resume(a), lambda: target.resume(b), timeout)
+    a, b = channel_pair or inprocess_pair(timeout=timeout, inline=_inline)
+    return _both(src, target, lambda: src.resume(a), lambda: target.resume(b), timeout, a)
 
 
-def _both(src, target, run_source, run_target, timeout):
-    """The source here and the target in a thread; a pause keeps both for :func:`resume`."""
+def _both(src, target, run_source, run_target, timeout, channel):
+    """The source here and the target in a thread; a pause keeps both for :func:`resume`.
+    On an inline pair (``channel``'s) each holds the pair's baton while it runs."""
     failure = []
+    baton = getattr(channel, "baton", None) or contextlib.nullcontext()
 
     def target_thread():
         try:
-            run_target()
+            with baton:
+                run_target()
         except BaseException as e:            # reported to the source through the channel
             failure.append(e)
     th = threading.Thread(target=target_thread, name="sevcore-migration-target", daemon=True)
-    th.start()
     try:
-        stats = run_source()
+        with baton:
+            th.start()
+            stats = run_source()
     except PostcopyPaused as e:
         th.join(timeout)
         e.source, e.target = src, target

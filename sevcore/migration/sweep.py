@@ -29,9 +29,13 @@ import sys
 import time
 
 import sevcore
+from sevcore.migration import engine
 
 #: Columns every row has before its parameters and statistics.
 ID_COLUMNS = ("point", "sevcore-version", "status", "error")
+
+#: What a LocalCluster's workers import as they start.
+PRELOAD = "sevcore.cli"
 
 #: Dask's settings of the environment its nanny starts worker processes with.
 NANNY_ENV = "distributed.nanny.pre-spawn-environ"
@@ -315,10 +319,14 @@ def _id_row(key, version, row):
             "status": row.get("status", ""), "error": row.get("error", "")}
 
 
-def run_task(run_point, params, version):
+def run_task(run_point, params, version, inline=False):
     """One point, on a worker or in process: its row, with the version of sevcore that made it.
     A user error (PointFailed) becomes a failed row; anything else propagates, so Dask may
-    retry it."""
+    retry it. ``inline``: the point's migrations keep to one core (engine.set_inline), as a
+    worker that runs one point per core wants; in process the point overlaps its source and
+    target on two."""
+    if inline:
+        engine.set_inline(True)
     if sevcore.__version__ != version:
         return {**params, "status": "failed", "sevcore-version": sevcore.__version__,
                 "error": f"this worker runs sevcore {sevcore.__version__}, the sweep "
@@ -336,8 +344,9 @@ def _on_dask(client, todo, run_point, version, retries, finish):
     # the optional extra: only on this path
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
-    futures = {client.submit(run_task, run_point, params, version, key=f"sevcore-point-{k}",
-                             retries=retries, pure=False): k for k, params in todo.items()}
+    futures = {client.submit(run_task, run_point, params, version, True,
+                             key=f"sevcore-point-{k}", retries=retries, pure=False): k
+               for k, params in todo.items()}
     for fut in as_completed(list(futures)):
         key = futures[fut]
         if fut.status == "finished":
@@ -402,9 +411,10 @@ def open_client(scheduler=None, workers=1, memory_limit="auto", quiet=False):
         # mmap whose pages fault in, and a 64 MiB point took 2x as long (bench/bench_sweep.py).
         # The workers keep glibc's adaptive defaults instead.
         with dask.config.set({f"{NANNY_ENV}.MALLOC_TRIM_THRESHOLD_": None}):
+            # Each worker imports sevcore as it starts (a Dask preload), not in its first point.
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                    memory_limit=memory_limit, dashboard_address=":0",
-                                   silence_logs=logging.ERROR)
+                                   silence_logs=logging.ERROR, preload=[PRELOAD])
         client = Client(cluster)
     # A local scheduler serves a real dashboard only with bokeh (the extra brings it); a
     # remote one is its owner's business, so its link is printed as it is.

@@ -1,5 +1,7 @@
 """The target VMM's side of a migration: it creates the guest from the SETUP record, receives
 its pages by either path, and resumes it after RECEIVE_FINISH (docs/migration.md)."""
+import contextlib
+
 import numpy as np
 
 from sevcore import uapi as U
@@ -30,6 +32,7 @@ class Target(_End):
         self.postcopy = None         # PostcopyTarget once the guest runs here with pages owed
         self.paused = False          # post-copy waits for the source on a new connection
         self.guest_ran = False       # the guest has run here (post-copy, or after the finish)
+        self.populate = True         # fault the incoming frames in from another thread
 
     def run(self):
         """Receive, apply, finish and resume; raises on any failure after telling the source
@@ -134,7 +137,7 @@ class Target(_End):
         # The host OS's page faults on the incoming guest's frames (pinned, never written) are
         # taken by another thread ahead of the stores (HostMemory.populating); the model is
         # unchanged.
-        with kvm.host.mem.populating(m.frames()):
+        with kvm.host.mem.populating(m.frames()) if self.populate else contextlib.nullcontext():
             self._receive_records()
         self._finish()
 

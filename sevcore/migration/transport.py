@@ -29,7 +29,7 @@ class _Pipe:
     span after the data, the reader out of the data at the head, neither of which the other
     side touches until the counts under the lock say so."""
 
-    def __init__(self, capacity):
+    def __init__(self, capacity, cond=None):
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1 byte, not {capacity}")
         self.capacity = capacity
@@ -38,7 +38,7 @@ class _Pipe:
         self.used = 0                   # bytes written and not yet read
         self.writer_closed = False
         self.reader_closed = False
-        self.cond = threading.Condition()
+        self.cond = threading.Condition() if cond is None else cond
 
     def _wait(self, ready, timeout, what):
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -97,8 +97,10 @@ class _Pipe:
 class InProcessChannel:
     """One end of an in-process channel pair (see ``inprocess_pair``)."""
 
-    def __init__(self, tx, rx, timeout):
+    def __init__(self, tx, rx, timeout, baton=None):
         self._tx, self._rx, self.timeout = tx, rx, timeout
+        #: For an ``inline`` pair, the Baton each thread using an end holds while it runs.
+        self.baton = baton
         self.bytes_sent = 0
         self.bytes_received = 0
         self.closed = False
@@ -136,13 +138,34 @@ class InProcessChannel:
         self.close()
 
 
-def inprocess_pair(capacity=INPROCESS_CAPACITY, timeout=None):
+class Baton:
+    """One core's worth of an inline channel pair: a thread runs only while it holds the baton
+    (``with baton:``) and hands it over only where it would wait (a full send, an empty
+    receive), so the two ends' threads take turns, as coroutines would, and a migration keeps
+    one core busy instead of overlapping its source and target."""
+
+    def __init__(self):
+        self.cond = threading.Condition(threading.RLock())
+
+    def __enter__(self):
+        self.cond.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.cond.notify_all()           # the other end may wait for a turn we no longer take
+        self.cond.release()
+
+
+def inprocess_pair(capacity=INPROCESS_CAPACITY, timeout=None, inline=False):
     """Two connected in-process channel ends; each direction holds at most ``capacity`` bytes.
 
     ``timeout`` (seconds, None = wait forever) bounds how long a send waits for room and a
-    receive waits for data."""
-    ab, ba = _Pipe(capacity), _Pipe(capacity)
-    return InProcessChannel(ab, ba, timeout), InProcessChannel(ba, ab, timeout)
+    receive waits for data. ``inline``: the ends share a :class:`Baton` (``end.baton``) that
+    each of the two threads holds while it runs, so only one runs at a time."""
+    baton = Baton() if inline else None
+    cond = baton.cond if inline else None
+    ab, ba = _Pipe(capacity, cond), _Pipe(capacity, cond)
+    return InProcessChannel(ab, ba, timeout, baton), InProcessChannel(ba, ab, timeout, baton)
 
 
 class TcpChannel:

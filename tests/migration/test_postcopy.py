@@ -289,3 +289,44 @@ def test_source_gone_for_good_over_tcp_is_the_guest_lost(monkeypatch):
     th.join(30)
     assert e.value.stats.status == "postcopy-paused"
     assert "lost" in str(box["lost"]) and dst.host.umc.keyed_asids() == []
+
+
+def _same(a, b):
+    """Two query-migrate records alike but for their wall time."""
+    a, b = a.query_migrate(), b.query_migrate()
+    for q in (a, b):
+        q["sev"].pop("wall-time-s")
+    return a == b
+
+
+@pytest.mark.parametrize("path", ["psp", "helper"])
+def test_inline_migration_equals_the_overlapped_one(path):
+    """With engine.set_inline the source and target take turns on one core (no populating
+    thread), and a post-copy after one pass ends with the statistics of the overlapped run."""
+    from sevcore.migration import engine
+    runs = []
+    for inline in (False, True):
+        old = engine.set_inline(inline)
+        try:
+            m, dst = _guest(path, dirty_pages_per_s=50_000)
+            runs.append(migrate(m, dst, pc(path, 1, cost=CostModel(downtime_limit_ms=0.5))))
+        finally:
+            engine.set_inline(old)
+    assert runs[1].stats.status == "completed" and runs[1].stats.bad_pages == 0
+    assert runs[1].stats.postcopy_requests > 0
+    assert _same(runs[0].stats, runs[1].stats)
+
+
+def test_inline_cut_pauses_and_resumes_clean():
+    """An inline post-copy cut mid-way pauses both sides; resume on an inline pair finishes."""
+    from sevcore.migration import engine
+    old = engine.set_inline(True)
+    try:
+        m, dst = _guest("psp")
+        proxy = _cut_at_step(4)
+        with pytest.raises(PostcopyPaused) as e:
+            migrate(m, dst, pc("psp"), channel_pair=(proxy.source_end, proxy.target_end))
+        r = resume(e.value)
+    finally:
+        engine.set_inline(old)
+    assert r.stats.status == "completed" and r.stats.bad_pages == 0

@@ -181,3 +181,35 @@ def test_killed_source_process_mid_send():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(10)
+
+
+def test_inline_pair_runs_one_end_at_a_time():
+    """On an inline pair the thread holding the baton runs until it waits: the other end's
+    thread gets its turn only when the queue is full or empty, and never runs beside it."""
+    a, b = inprocess_pair(capacity=8, timeout=5, inline=True)
+    assert a.baton is b.baton is not None and inprocess_pair()[0].baton is None
+    log, running = [], []
+
+    def reader():
+        with b.baton:
+            running.append("r")
+            buf = bytearray(8)
+            got = 0
+            while got < 24:
+                log.append(("r", len(running)))
+                got += b.recv_into(memoryview(buf)[:min(8, 24 - got)])
+            running.remove("r")
+
+    with a.baton:
+        th = threading.Thread(target=reader)
+        th.start()
+        time.sleep(0.05)                     # the reader cannot start: the baton is held
+        assert log == []
+        running.append("w")
+        for i in range(3):
+            running.remove("w")
+            a.send(bytes([i]) * 8)           # 8 bytes fill the queue; the next send waits
+            running.append("w")
+        running.remove("w")
+    th.join(5)
+    assert not th.is_alive() and all(n == 1 for _, n in log) and len(log) >= 3
