@@ -77,6 +77,12 @@ _REQ = struct.Struct("<4IQ")             # the request half
 SLOT_SIZE = _SLOT.size
 #: The request's page table in the mailbox, one entry per packet of the batch.
 ENTRY = np.dtype([("gfn", "<u8"), ("seq", "<u8"), ("mac", "u1", MAC_SIZE)])
+#: The smallest share of a request (pages per vCPU) that the helper's vCPUs serve at once in
+#: their threads; smaller shares run one after another in the caller's thread. Each run has a
+#: fixed cost of Python steps that threads must take turns at, so on an AMD EPYC Zen 4 (2 cores,
+#: idle) 2 vCPUs at once took 2.2x the time of one for 256-page requests (128 pages each) and
+#: 0.59x for 2048-page ones (bench/bench_helper_vcpus.py).
+PARALLEL_MIN_PAGES = 512
 
 CMD_NONE, CMD_SEAL, CMD_OPEN = 0, 1, 2
 STATUS_OK, STATUS_REFUSED = 0, 1
@@ -466,6 +472,8 @@ class MigrationHelper:
         self._req = 0
         self._pool = None
         self._turn = threading.Lock() if nr_vcpus > 1 else None
+        #: Shares of a request below this many pages per vCPU run one after another.
+        self.parallel_min_pages = PARALLEL_MIN_PAGES
         self._mirror = mirror = vm.kvm.create_vm(U.KVM_X86_DEFAULT_VM)
         try:
             mirror.enable_cap(U.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM, vm.fd)
@@ -602,7 +610,8 @@ class MigrationHelper:
     def _request(self, cmd, s, runs, gfns, order=None, before=None, after=None):
         """One mailbox request: vCPU ``j`` serves rows ``runs[j] = (lo, hi)`` of the request
         table, packet ``s + order[row]`` of the caller's arrays (``order`` None: ``s + row``).
-        The vCPUs run at once, vCPU 0 in this thread and the others in the helper's threads,
+        The vCPUs run at once, vCPU 0 in this thread and the others in the helper's threads
+        (when every share is at least ``parallel_min_pages``; else one after another here),
         each thread also filling its rows first (``before(lo, hi)``) and taking its results
         after (``after(lo, hi)``, if served); page kernels, crypto and copies run with the GIL
         released. When every vCPU is back, the refusal of the packet first in the caller's
@@ -615,10 +624,14 @@ class MigrationHelper:
             if hi > lo:
                 self._req += 1
                 jobs.append((j, lo, hi, self._req))
-        futures = [self._pool.submit(self._serve_run, cmd, *job, before, after)
-                   for job in jobs[1:]]
-        outcomes = [_outcome(self._serve_run, cmd, *jobs[0], before, after)]
-        outcomes += [_outcome(f.result) for f in futures]
+        if self._pool is not None and min(hi - lo for _, lo, hi, _ in jobs) >= \
+                self.parallel_min_pages:
+            futures = [self._pool.submit(self._serve_run, cmd, *job, before, after)
+                       for job in jobs[1:]]
+            outcomes = [_outcome(self._serve_run, cmd, *jobs[0], before, after)]
+            outcomes += [_outcome(f.result) for f in futures]
+        else:
+            outcomes = [_outcome(self._serve_run, cmd, *job, before, after) for job in jobs]
         failure = refusal = None
         for (j, lo, hi, _), (result, exc) in zip(jobs, outcomes):
             if exc is not None:

@@ -241,18 +241,7 @@ class Machine:
         """Run each vCPU that owes its share of the tick vCPU 0 started, to its ``share``
         ucall (a failure leaves it owing, to be run again)."""
         while self._shares:
-            vcpu = self.running = self._shares[0]
-            run = vcpu.run()
-            if self.tracker.handle_exit(vcpu):
-                continue
-            try:
-                ucall = vcpu.get_ucall()
-            except GuestAssertionError as e:
-                raise GuestError(f"guest abort on vCPU {vcpu.vcpu_id}: {e}") from None
-            if run.exit_reason != U.KVM_EXIT_IO or ucall is None or ucall[0] != "sync" or \
-                    ucall[1][0] != "share":
-                raise GuestError(f"unexpected exit {run.exit_reason} ({ucall}) from vCPU "
-                                 f"{vcpu.vcpu_id}")
+            self._run_to(self._shares[0], "share")
             self._shares.pop(0)
 
     def set_program(self, vcpu, fn, *args):

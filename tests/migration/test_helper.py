@@ -4,6 +4,7 @@ pages by SEND_UPDATE_DATA / RECEIVE_UPDATE_DATA), pages sealed by the source hel
 by the target helper; refused packets; and the PSP path's contrast (AMD-ASPFW
 sev_mcmd_receive_update): the firmware accepts a replayed or swapped packet, the helper does not."""
 import struct
+import threading
 
 import numpy as np
 import pytest
@@ -431,6 +432,31 @@ def test_the_same_packets_opened_by_two_vcpus_at_once_are_written_once():
         assert sum(dst.counters.opened) == NDATA
         with pytest.raises(HelperPacketError):
             dst.open(batch.gfns, batch.seqs, batch.packets)
+    assert mig.finish() == (0, None)
+
+
+def test_small_shares_run_one_after_another_in_the_callers_thread():
+    """Below parallel_min_pages per vCPU the helper's vCPUs serve a request one after another
+    in the caller's thread and at it the second runs in a helper thread, each numbering in its
+    own lane, and the target opens both batches with every page right."""
+    mig = Migration(LAYOUT3)
+    threads = []
+    with MigrationHelper(mig.src, LAYOUT3, nr_vcpus=2) as src:
+        fill = src._seal_rows_in
+        src._seal_rows_in = lambda *a: (threads.append(threading.get_ident()), fill(*a))
+        src.parallel_min_pages = NDATA // 2 + 1
+        one = src.seal(DATA)
+        assert set(threads) == {threading.get_ident()} and len(threads) == 2
+        threads.clear()
+        src.parallel_min_pages = NDATA // 2
+        two = src.seal(DATA)
+        assert len(set(threads)) == 2
+    for batch in (one, two):
+        assert sorted(set((batch.seqs >> np.uint64(56)).tolist())) == [0, 1]
+    with MigrationHelper(mig.dst, LAYOUT3, nr_vcpus=2) as dst:
+        dst.parallel_min_pages = NDATA
+        dst.open(one.gfns, one.seqs, one.packets)
+        dst.open(two.gfns, two.seqs, two.packets)
     assert mig.finish() == (0, None)
 
 
