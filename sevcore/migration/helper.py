@@ -308,9 +308,10 @@ def _serve(g, layout, c, keys, scratch, cmd, lo, hi):
         # the same numbers are being opened twice, and the packets from that lane's first on
         # are refused. (Counts claimed by an earlier lane past that point are spent.)
         lanes_m = lanes[:m]
-        for at in np.sort(np.unique(lanes_m, return_index=True)[1]).tolist():
+        one = lanes_m[0] == lanes_m[-1] and (lanes_m == lanes_m[0]).all()
+        for at in [0] if one else np.sort(np.unique(lanes_m, return_index=True)[1]).tolist():
             lane = int(lanes_m[at])
-            last = int(cnts[:m][lanes_m == lane][-1])
+            last = int(cnts[m - 1]) if one else int(cnts[:m][lanes_m == lane][-1])
             if (yield g.cmpxchg(_lane_gpa(state_gpa, lane), counts[lane], last + 1)) != \
                     counts[lane]:
                 m, reason = at, "replay"
@@ -369,6 +370,13 @@ def _first_stale(lanes, cnts, counts):
     n = len(lanes)
     if n == 0:
         return 0
+    if lanes[0] == lanes[-1] and (lanes == lanes[0]).all():
+        # One lane (one sealing vCPU): the counts must rise from the lane's counter on.
+        fresh = np.empty(n, bool)
+        fresh[0] = cnts[0] >= counts[lanes[0]]
+        np.greater(cnts[1:], cnts[:-1], out=fresh[1:])
+        stale = np.flatnonzero(~fresh)
+        return int(stale[0]) if len(stale) else n
     order = np.argsort(lanes, kind="stable")
     sl, sc = lanes[order], cnts[order]
     fresh = np.empty(n, bool)
