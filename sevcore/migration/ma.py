@@ -162,28 +162,36 @@ class Agent:
     def trust(self, peer_key, peer_report, peer_vcek):
         """Accept the peer agent: its report checks out against the AMD chain and ``peer_vcek``,
         it runs this agent's image (the same measurement) and binds ``peer_key``; then the
-        channel's key is X25519 + HKDF-SHA256. Raises attest.AttestationError."""
+        channel's key is X25519 + HKDF-SHA256. Each direction has its own nonces (what this
+        agent sealed is refused if it comes back), and the agent's X25519 key is replaced, so
+        the next pairing has a new channel key and nothing of this one opens there. Raises
+        attest.AttestationError."""
         attest.verify_report(peer_report, ark=amd_root.ark_x509(), ask=amd_root.ask_x509(),
                              vcek=peer_vcek, measurement=self.measurement(),
                              report_data=hashlib.sha512(peer_key).digest())
         shared = self._key.exchange(x25519.X25519PublicKey.from_public_bytes(peer_key))
         mine, theirs = sorted((self.public_key, bytes(peer_key)))
         key = HKDF(hashes.SHA256(), 32, salt=mine + theirs, info=_CHANNEL_INFO).derive(shared)
+        first = mine == self.public_key
         self._aead = AESGCM(key)
         self._sent = self._seen = 0
+        self._out, self._in = (b"\0" * 4, b"\1" * 4)[::1 if first else -1]
+        self._key = x25519.X25519PrivateKey.generate()
 
     def _seal(self, data):
         if self._aead is None:
             raise MaError("channel", reason="no peer agent trusted")
         self._sent += 1
-        nonce = struct.pack("<4sQ", b"\0" * 4, self._sent)
+        nonce = struct.pack("<4sQ", self._out, self._sent)
         return nonce + self._aead.encrypt(nonce, bytes(data), None)
 
     def _open(self, blob):
         if self._aead is None:
             raise MaError("channel", reason="no peer agent trusted")
         blob = bytes(blob)
-        _, count = struct.unpack("<4sQ", blob[:12])
+        way, count = struct.unpack("<4sQ", blob[:12])
+        if way != self._in:
+            raise MaError("channel", reason="a message this agent sealed came back")
         if count <= self._seen:
             raise MaError("channel", reason=f"replayed message {count} (last {self._seen})")
         try:

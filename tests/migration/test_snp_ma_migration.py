@@ -249,3 +249,30 @@ def test_an_untrusted_target_leaves_the_source_guest_running(hosts):
     t.join(30)
     out = guest.check()          # (its worker never started: no key page to compare yet)
     assert out["data_ok"] and len(out["report"]) == 1184
+
+
+def test_a_context_from_an_earlier_pairing_is_refused(hosts):
+    """A sealed context delivered in one pairing of two agents, replayed after they pair again,
+    is refused by the channel; the spare target context stays INIT."""
+    src, dst, a, b, guest = hosts
+    ma.pair(a, b)
+    image = ma.send(guest, a)
+    ma.receive(dst, MEM, b, image, 8)
+    ma.pair(a, b)
+    spare = ma.SnpMaGuest(dst, MEM, 8)
+    gctx = K.snp_incoming_context(spare.vm)
+    with pytest.raises(ma.MaError, match="channel refused"):
+        b.import_(gctx, image.context)
+    assert dst.host.psp.snp_guest(gctx).state == U.SNP_GUEST_STATE_INIT
+
+
+def test_the_channel_refuses_its_own_messages_reflected():
+    """What an agent sealed for its peer is refused when sent back to it, and the two
+    directions never seal under the same nonce."""
+    a, b = ma.Agent(sevcore.Kvm()), ma.Agent(sevcore.Kvm())
+    ma.pair(a, b)
+    to_b, to_a = a._seal(b"context"), b._seal(b"context")
+    assert to_b[:12] != to_a[:12]
+    with pytest.raises(ma.MaError, match="channel"):
+        a._open(to_b)
+    assert b._open(to_b) == a._open(to_a) == b"context"
