@@ -257,7 +257,9 @@ class SnpMaMessages:
 
     def _swap_gate(self, f, in_place_ok=False):
         """(status, guest) common to both swaps: reserved bits, a 4 KiB data or VMSA page
-        (metadata pages: INVALID_PARAM, docs/snp.md), the context, its state and ASID."""
+        (metadata pages: INVALID_PARAM, docs/snp.md), the context, its state and ASID, the
+        pages' addresses, and a metadata entry outside both pages (AMD-ASPFW
+        snp_mcmd_swap_out/_in: ``ranges_overlap``, INVALID_PARAM)."""
         if f.rsvd2 or (f.swap_in_place and not in_place_ok) or f.page_type == SWAP_METADATA \
                 or f.page_type > SWAP_VMSA:
             return U.SEV_RET_INVALID_PARAM, None
@@ -272,9 +274,10 @@ class SnpMaMessages:
             spa = self._addr(addr)
             if spa % 4096 or not self._valid(spa, 4096):
                 return U.SEV_RET_INVALID_ADDRESS, None
-        if not f.root_mdata_en:
+        if not f.root_mdata_en:           # an entry inside either page: INVALID_PARAM too
             md = self._addr(f.mdata_paddr)
-            if md % snp_mdata_entry.size or not self._valid(md, snp_mdata_entry.size):
+            if md % snp_mdata_entry.size or not self._valid(md, snp_mdata_entry.size) \
+                    or md >> 12 in (self._addr(f.src_paddr) >> 12, self._addr(f.dst_paddr) >> 12):
                 return U.SEV_RET_INVALID_PARAM, None
             if not self._fw_page(md & ~4095):
                 return U.SEV_RET_INVALID_PAGE_STATE, None
