@@ -276,3 +276,18 @@ def test_the_channel_refuses_its_own_messages_reflected():
     with pytest.raises(ma.MaError, match="channel"):
         a._open(to_b)
     assert b._open(to_b) == a._open(to_a) == b"context"
+
+
+def test_a_resumed_source_gives_back_the_vmsa_pages_it_swapped_out(hosts):
+    """After a refused export the vCPUs run on VMSAs swapped into new pages; the pages they
+    left are the hypervisor's again, not guest pages nothing frees."""
+    src, dst, a, b, guest = hosts
+    other = ma.Agent(src)
+    ma.pair(other, b)
+    old = [v.vmsa_spa >> 12 for v in guest.vcpus]
+    assigned = src.host.rmp.assigned
+    with pytest.raises(ma.MaError):
+        ma.send(guest, other)
+    new = [v.vmsa_spa >> 12 for v in guest.vcpus]
+    assert new != old and src.host.rmp.assigned == assigned
+    assert not any(src.host.rmp.entry(p).assigned for p in set(old) - set(new))
