@@ -114,7 +114,10 @@ class SnpMaMessages:
         """(status, agent context or None) for SNP_LAUNCH_START's MA_EN / MA_GCTX_PADDR: the
         agent must be a guest context (INVALID_GUEST), the policy must allow an agent, the agent
         must not be bound to one itself, and a SINGLE_SOCKET guest needs a SINGLE_SOCKET agent
-        (POLICY_FAILURE), in AMD-ASPFW snp_mcmd_launch_start's order."""
+        (POLICY_FAILURE), in AMD-ASPFW snp_mcmd_launch_start's order; MA_GCTX_PADDR's
+        reserved bits are INVALID_PARAM even with MA_EN = 0, as there."""
+        if f.ma_gctx_paddr & _ADDR_RESERVED:
+            return U.SEV_RET_INVALID_PARAM, None
         if not f.ma_en:
             return U.SEV_RET_SUCCESS, None
         spa = self._addr(f.ma_gctx_paddr)

@@ -328,3 +328,17 @@ def test_a_metadata_entry_inside_the_swapped_pages_is_refused(where):
     assert e.value.fw_error == U.SEV_RET_INVALID_PARAM
     assert snapshot(host, pfn, fw >> 12) == before
     assert (g.oek_iv_count, g.root_md) == (iv, root)
+
+
+@pytest.mark.parametrize("ma_en", [0, 1])
+def test_launch_start_refuses_reserved_bits_in_the_agents_address(ma_en):
+    """MA_GCTX_PADDR with bits 63:52 set is INVALID_PARAM whether or not MA_EN is set
+    (AMD-ASPFW snp_mcmd_launch_start checks it with the reserved fields), and the context
+    stays INIT."""
+    host, ma, _ = source()
+    new = host.psp.snp_alloc_firmware_page()
+    host.psp.snp_gctx_create(new)
+    with raises_errno(errno.EIO) as e:
+        host.psp.snp_launch_start(new, MA_POLICY, ma_en=ma_en, ma_gctx_paddr=ma.gctx | 1 << 60)
+    assert e.value.fw_error == U.SEV_RET_INVALID_PARAM
+    assert host.psp.snp_guest(new).state == U.SNP_GUEST_STATE_INIT
