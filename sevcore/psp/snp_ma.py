@@ -203,7 +203,7 @@ class SnpMaMessages:
         """MSG_ABSORB_REQ (56860 7.6): a guest launched with IMI_EN = 1, still in LAUNCH, whose
         launch digest equals the incoming context's IMD (BAD_MEASUREMENT), takes the incoming
         context and runs bound to the sender; it keeps its REPORT_ID and memory key."""
-        req, status = self._incoming(snp_msg_absorb_req, payload)
+        req, status = self._incoming(snp_msg_absorb_req, payload, gctx_checked=False)
         m = None
         if not status:
             status, m = self._target(req["gctx_paddr"])
@@ -214,6 +214,8 @@ class SnpMaMessages:
         gctx = snp_msg_gctx.unpack(req["incoming_gctx"]) if not status else None
         if not status and gctx["imd"] != m.ld:
             status = U.SEV_RET_BAD_MEASUREMENT
+        if not status and not self._gctx_ok(req):
+            status = U.SEV_RET_INVALID_PARAM
         if not status:
             self._load_gctx(m, gctx)
             m.ma_pfn, m.report_id_ma = g.gctx_pfn, g.report_id
@@ -233,8 +235,7 @@ class SnpMaMessages:
         gctx = snp_msg_gctx.unpack(req["incoming_gctx"]) if not status else None
         if not status and (gctx["imd"] != g.ld or gctx["imd"] != g.imd):
             status = U.SEV_RET_BAD_MEASUREMENT
-        if not status and (req["in_gctx_version"] != GCTX_VERSION
-                           or req["in_gctx_size"] != snp_msg_gctx.size):
+        if not status and not self._gctx_ok(req):
             status = U.SEV_RET_INVALID_PARAM
         if not status:
             self._load_gctx(g, gctx)
@@ -382,14 +383,19 @@ class SnpMaMessages:
 
     # -- contexts in and out -----------------------------------------------------------------------
 
-    def _incoming(self, layout, payload):
-        """(request dict, status) of IMPORT/ABSORB: length, reserved bytes, GCTX_PADDR's reserved
-        bits, and the incoming context's size and version (INVALID_PARAM)."""
+    def _incoming(self, layout, payload, gctx_checked=True):
+        """(request dict, status) of IMPORT/ABSORB: length, reserved bytes and, for IMPORT, the
+        incoming context's size and version (INVALID_PARAM); ABSORB checks those last, after
+        the measurement, as AMD-ASPFW does."""
         req = layout.unpack(payload.ljust(layout.size, b"\0"))
-        bad = (len(payload) != layout.size or any(req["rsvd"])
-               or req["in_gctx_size"] != snp_msg_gctx.size
-               or req["in_gctx_version"] != GCTX_VERSION)
+        bad = len(payload) != layout.size or any(req["rsvd"]) \
+            or (gctx_checked and not self._gctx_ok(req))
         return req, U.SEV_RET_INVALID_PARAM if bad else U.SEV_RET_SUCCESS
+
+    @staticmethod
+    def _gctx_ok(req):
+        """The incoming context's size and version are this firmware's."""
+        return req["in_gctx_size"] == snp_msg_gctx.size and req["in_gctx_version"] == GCTX_VERSION
 
     def _export_gctx(self, m, with_root):
         """The GCTX structure of guest ``m`` (56860 7.4)."""

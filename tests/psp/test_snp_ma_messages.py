@@ -342,3 +342,17 @@ def test_launch_start_refuses_reserved_bits_in_the_agents_address(ma_en):
         host.psp.snp_launch_start(new, MA_POLICY, ma_en=ma_en, ma_gctx_paddr=ma.gctx | 1 << 60)
     assert e.value.fw_error == U.SEV_RET_INVALID_PARAM
     assert host.psp.snp_guest(new).state == U.SNP_GUEST_STATE_INIT
+
+
+def test_absorb_checks_the_incoming_size_and_version_last():
+    """ABSORB checks the incoming context's size and version after the target's state, as
+    AMD-ASPFW's handler does: a bad version into a running guest is INVALID_GUEST_STATE, into
+    a matching IMI INVALID_PARAM, which leaves it in LAUNCH."""
+    src, ma, gctx = source()
+    _, rsp = ma.export(gctx)
+    dst, ma2, _ = incoming()
+    imi = new_guest(dst, MA_POLICY, 2, ma_en=1, ma_gctx_paddr=ma2.gctx, imi_en=1)
+    args = dict(layout=M.snp_msg_absorb_req, in_gctx_version=2)
+    assert ma2.import_(ma2.gctx, rsp["gctx"], **args) == U.SEV_RET_INVALID_GUEST_STATE
+    assert ma2.import_(imi, rsp["gctx"], **args) == U.SEV_RET_INVALID_PARAM
+    assert dst.psp.snp_guest(imi).state == U.SNP_GUEST_STATE_LAUNCH
