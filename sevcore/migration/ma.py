@@ -51,8 +51,8 @@ from sevcore.psp import snp_layout as SL
 from sevcore.psp import snp_ma as MA
 from sevcore.psp.status import status_name
 from sevcore.vmm import attest
-from sevcore.vmm.kvm_util import (snp_guest_msg_init, snp_launch_update_data, vm_mem_add,
-                                  vm_mem_set_private, vm_vcpu_add)
+from sevcore.vmm.kvm_util import (kvm_vm_free, snp_guest_msg_init, snp_launch_update_data,
+                                  vm_mem_add, vm_mem_set_private, vm_vcpu_add)
 
 #: The guest's fixed pages: its secrets page, the two shared pages of its guest-message driver,
 #: the shared GHCB page of each of its two vCPUs, the ledger (the digest its own check
@@ -465,8 +465,27 @@ def receive(kvm, mem_size, agent, image, batch_pages=64):
     """The target's half: the VM and its empty context, the agent's import, SNP_ACTIVATE, the
     secrets page and VMSAs swapped in, the private memory pre-faulted (KVM_PRE_FAULT_MEMORY:
     guest_memfd pages assigned to the guest, not validated), then the worker (PVALIDATE, its
-    key from the VMRK) opens the packets into them. Returns the :class:`SnpMaGuest`."""
+    key from the VMRK) opens the packets into them. Returns the :class:`SnpMaGuest`; on a
+    refusal (raised) the new VM is freed."""
     guest = SnpMaGuest(kvm, mem_size, batch_pages)
+    try:
+        _receive(guest, agent, image)
+    except BaseException:
+        _free(guest.vm)
+        raise
+    return guest
+
+
+def _free(vm):
+    """A refused image leaves no VM, context or ASID: the guest_memfd fds (each holds the VM),
+    then kvm_vm_free."""
+    for slot in list(vm.memslots.values()):
+        if slot.gmem_file is not None:
+            slot.gmem_file.close()
+    kvm_vm_free(vm)
+
+
+def _receive(guest, agent, image):
     vm = guest.vm
     agent.import_(K.snp_incoming_context(vm), image.context)
     K.snp_activate_incoming(vm)
@@ -481,7 +500,6 @@ def receive(kvm, mem_size, agent, image, batch_pages=64):
         guest.vcpus[WORKER].pre_fault_memory(start << PAGE_SHIFT, (end - start) << PAGE_SHIFT)
     guest._set_code(WORKER, ma_worker, lay, vm.host.c_bit, restore)
     Worker(guest).open(image.gfns, image.seqs, image.packets)
-    return guest
 
 
 def migrate(guest, src_agent, dst_kvm, dst_agent, cost=None):

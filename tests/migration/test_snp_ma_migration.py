@@ -291,3 +291,20 @@ def test_a_resumed_source_gives_back_the_vmsa_pages_it_swapped_out(hosts):
     new = [v.vmsa_spa >> 12 for v in guest.vcpus]
     assert new != old and src.host.rmp.assigned == assigned
     assert not any(src.host.rmp.entry(p).assigned for p in set(old) - set(new))
+
+
+def test_a_refused_image_leaves_nothing_on_the_target(hosts):
+    """A target that refuses an image (here a replayed context) frees the VM it made for it:
+    no context, no assigned page and no ASID of it remain."""
+    src, dst, a, b, guest = hosts
+    ma.pair(a, b)
+    image = ma.send(guest, a)
+    ma.receive(dst, MEM, b, image, 8)
+    asids = dst.host.kvm_sev.asids
+
+    def held():
+        return dst.host.rmp.assigned, len(dst.host.psp._snp_guests), asids.used - asids.reclaim
+    before = held()
+    with pytest.raises(ma.MaError, match="replayed"):
+        ma.receive(dst, MEM, b, image, 8)
+    assert held() == before
