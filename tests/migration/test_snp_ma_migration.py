@@ -308,3 +308,13 @@ def test_a_refused_image_leaves_nothing_on_the_target(hosts):
     with pytest.raises(ma.MaError, match="replayed"):
         ma.receive(dst, MEM, b, image, 8)
     assert held() == before
+
+
+@pytest.mark.parametrize("meta", [b"not json", b"[1]", b'{"npages": 0}'])
+def test_an_image_with_a_bad_header_is_a_stream_error(meta):
+    """An IMAGE frame whose header is not JSON, not an object or lacks a field is refused as
+    the stream's error (MaError), as every other malformed frame is."""
+    from sevcore.migration import ma_remote
+    data = ma_remote._parts(meta, b"", b"", b"", b"secrets", b"context")
+    with pytest.raises(ma.MaError, match="stream"):
+        ma_remote._image(data)
