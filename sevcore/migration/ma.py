@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sevcore import uapi as U
+from sevcore.errors import KvmError
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm import snp_ma as K
 from sevcore.kvm.ghcb import ghcb_program
@@ -438,23 +439,28 @@ class MaImage:
 def send(guest, agent):
     """The source's half: the worker seals the guest's pages, the VMM swaps out its secrets page
     (the context's root entry) and VMSAs, the agent exports the context for its peer. The guest
-    does not run again here. Raises MaError (the agent's refusals) or HelperPacketError."""
+    does not run again here. Raises MaError (the agent's refusals), KvmError (a refused
+    swap-out) or HelperPacketError; on MaError or KvmError the swapped pages are back in and
+    the guest runs on."""
     batch = Worker(guest).seal(guest.sealed_gfns())
     vm = guest.vm
     secrets, _ = K.snp_page_swap_out(vm, gfn=SECRETS_GFN, root=True)
-    vmsas = [K.snp_page_swap_out(vm, vcpu=v) for v in guest.vcpus]
+    vmsas = []
     try:
+        for v in guest.vcpus:
+            vmsas.append(K.snp_page_swap_out(vm, vcpu=v))
         context = agent.export(vm.sev.snp_context)
-    except MaError:
-        resume(guest, secrets, vmsas)
+    except (MaError, KvmError):           # (SevError is a KvmError)
+        resume(guest, secrets, vmsas)     # what left comes back; the guest runs on
         raise
     K.snp_context_exported(vm)
     return MaImage(batch.gfns, batch.seqs, batch.packets, secrets, vmsas, context)
 
 
 def resume(guest, secrets, vmsas):
-    """The source guest back after a refused export: its swapped-out pages swapped in again
-    (same context, same offline key), so it runs on where it was."""
+    """The source guest back after a refused export or swap-out: its swapped-out pages (the
+    VMSAs of the first ``len(vmsas)`` vCPUs) swapped in again (same context, same offline
+    key), so it runs on where it was."""
     vm = guest.vm
     K.snp_page_swap_in(vm, secrets, gfn=SECRETS_GFN)
     for v, (ct, entry) in zip(guest.vcpus, vmsas):

@@ -318,3 +318,24 @@ def test_an_image_with_a_bad_header_is_a_stream_error(meta):
     data = ma_remote._parts(meta, b"", b"", b"", b"secrets", b"context")
     with pytest.raises(ma.MaError, match="stream"):
         ma_remote._image(data)
+
+
+def test_a_refused_vmsa_swap_out_leaves_the_source_running(hosts, monkeypatch):
+    """When SNP_PAGE_SWAP_OUT of the second vCPU's VMSA is refused, the pages already swapped
+    out (the secrets page, the first VMSA) come back and the guest passes its own check."""
+    src, dst, a, b, guest = hosts
+    ma.pair(a, b)
+    real = K.snp_page_swap_out
+
+    def refuse_second(vm, gfn=None, vcpu=None, root=False):
+        if vcpu is guest.vcpus[1]:
+            raise sevcore.errors.KvmError(errno.EINVAL, "KVM_MEMORY_ENCRYPT_OP", "refused")
+        return real(vm, gfn=gfn, vcpu=vcpu, root=root)
+    monkeypatch.setattr(K, "snp_page_swap_out", refuse_second)
+    with raises_errno(errno.EINVAL):
+        ma.send(guest, a)
+    monkeypatch.undo()
+    assert src.host.psp.snp_guest(guest.vm.sev.snp_context).state == U.SNP_GUEST_STATE_RUNNING
+    guest.run_workload(rounds=1, seed=9)
+    out = guest.check()
+    assert out["data_ok"] and out["key_ok"]
