@@ -129,8 +129,9 @@ def snp_page_swap_in(vm, ciphertext, entry=None, gfn=None, vcpu=None):
     """SNP_PAGE_SWAP_IN (out of tree) of a page the VMM received: into the guest_memfd page of
     ``gfn`` (made the guest's at its gfn, locked, as kvm_gmem_populate makes it, and marked
     prepared), or into a new VMSA page for ``vcpu`` (its state is then protected). ``entry``:
-    the metadata entry, or None for the one in the guest's context (ROOT_MDATA_EN). A refusal
-    puts the page back to the hypervisor and raises SevError."""
+    the metadata entry, or None for the one in the guest's context (ROOT_MDATA_EN); a VMSA
+    page the vCPU had goes back to the hypervisor. A refusal puts the new page back to the
+    hypervisor and raises SevError."""
     _need_context(vm)
     host, sev = vm.host, vm.sev
     if vcpu is not None:
@@ -166,8 +167,12 @@ def snp_page_swap_in(vm, ciphertext, entry=None, gfn=None, vcpu=None):
         if file is None:
             host.mem.free(np.array([pfn], np.uint64))
         raise S.SevError(status, c.out)
-    if file is None:
-        vcpu.vmsa_spa = pfn << PAGE_SHIFT
+    if file is None:                      # the VMSA page it replaces: sev_free_vcpu's steps
+        old, vcpu.vmsa_spa = vcpu.vmsa_spa, pfn << PAGE_SHIFT
+        if old is not None:
+            if SNP.rmp_assigned(host, old >> PAGE_SHIFT):
+                SNP.rmp_make_shared(host, old >> PAGE_SHIFT)
+            host.mem.free(np.array([old >> PAGE_SHIFT], np.uint64))
         vcpu.guest_state_protected = True
         vcpu.fpu_confidential = True
     else:

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sevcore import uapi as U
+from sevcore.errors import KvmError
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm import snp_ma as K
 from sevcore.kvm.ghcb import ghcb_program
@@ -51,8 +52,8 @@ from sevcore.psp import snp_layout as SL
 from sevcore.psp import snp_ma as MA
 from sevcore.psp.status import status_name
 from sevcore.vmm import attest
-from sevcore.vmm.kvm_util import (snp_guest_msg_init, snp_launch_update_data, vm_mem_add,
-                                  vm_mem_set_private, vm_vcpu_add)
+from sevcore.vmm.kvm_util import (kvm_vm_free, snp_guest_msg_init, snp_launch_update_data,
+                                  vm_mem_add, vm_mem_set_private, vm_vcpu_add)
 
 #: The guest's fixed pages: its secrets page, the two shared pages of its guest-message driver,
 #: the shared GHCB page of each of its two vCPUs, the ledger (the digest its own check
@@ -162,28 +163,36 @@ class Agent:
     def trust(self, peer_key, peer_report, peer_vcek):
         """Accept the peer agent: its report checks out against the AMD chain and ``peer_vcek``,
         it runs this agent's image (the same measurement) and binds ``peer_key``; then the
-        channel's key is X25519 + HKDF-SHA256. Raises attest.AttestationError."""
+        channel's key is X25519 + HKDF-SHA256. Each direction has its own nonces (what this
+        agent sealed is refused if it comes back), and the agent's X25519 key is replaced, so
+        the next pairing has a new channel key and nothing of this one opens there. Raises
+        attest.AttestationError."""
         attest.verify_report(peer_report, ark=amd_root.ark_x509(), ask=amd_root.ask_x509(),
                              vcek=peer_vcek, measurement=self.measurement(),
                              report_data=hashlib.sha512(peer_key).digest())
         shared = self._key.exchange(x25519.X25519PublicKey.from_public_bytes(peer_key))
         mine, theirs = sorted((self.public_key, bytes(peer_key)))
         key = HKDF(hashes.SHA256(), 32, salt=mine + theirs, info=_CHANNEL_INFO).derive(shared)
+        first = mine == self.public_key
         self._aead = AESGCM(key)
         self._sent = self._seen = 0
+        self._out, self._in = (b"\0" * 4, b"\1" * 4)[::1 if first else -1]
+        self._key = x25519.X25519PrivateKey.generate()
 
     def _seal(self, data):
         if self._aead is None:
             raise MaError("channel", reason="no peer agent trusted")
         self._sent += 1
-        nonce = struct.pack("<4sQ", b"\0" * 4, self._sent)
+        nonce = struct.pack("<4sQ", self._out, self._sent)
         return nonce + self._aead.encrypt(nonce, bytes(data), None)
 
     def _open(self, blob):
         if self._aead is None:
             raise MaError("channel", reason="no peer agent trusted")
         blob = bytes(blob)
-        _, count = struct.unpack("<4sQ", blob[:12])
+        way, count = struct.unpack("<4sQ", blob[:12])
+        if way != self._in:
+            raise MaError("channel", reason="a message this agent sealed came back")
         if count <= self._seen:
             raise MaError("channel", reason=f"replayed message {count} (last {self._seen})")
         try:
@@ -430,23 +439,28 @@ class MaImage:
 def send(guest, agent):
     """The source's half: the worker seals the guest's pages, the VMM swaps out its secrets page
     (the context's root entry) and VMSAs, the agent exports the context for its peer. The guest
-    does not run again here. Raises MaError (the agent's refusals) or HelperPacketError."""
+    does not run again here. Raises MaError (the agent's refusals), KvmError (a refused
+    swap-out) or HelperPacketError; on MaError or KvmError the swapped pages are back in and
+    the guest runs on."""
     batch = Worker(guest).seal(guest.sealed_gfns())
     vm = guest.vm
     secrets, _ = K.snp_page_swap_out(vm, gfn=SECRETS_GFN, root=True)
-    vmsas = [K.snp_page_swap_out(vm, vcpu=v) for v in guest.vcpus]
+    vmsas = []
     try:
+        for v in guest.vcpus:
+            vmsas.append(K.snp_page_swap_out(vm, vcpu=v))
         context = agent.export(vm.sev.snp_context)
-    except MaError:
-        resume(guest, secrets, vmsas)
+    except (MaError, KvmError):           # (SevError is a KvmError)
+        resume(guest, secrets, vmsas)     # what left comes back; the guest runs on
         raise
     K.snp_context_exported(vm)
     return MaImage(batch.gfns, batch.seqs, batch.packets, secrets, vmsas, context)
 
 
 def resume(guest, secrets, vmsas):
-    """The source guest back after a refused export: its swapped-out pages swapped in again
-    (same context, same offline key), so it runs on where it was."""
+    """The source guest back after a refused export or swap-out: its swapped-out pages (the
+    VMSAs of the first ``len(vmsas)`` vCPUs) swapped in again (same context, same offline
+    key), so it runs on where it was."""
     vm = guest.vm
     K.snp_page_swap_in(vm, secrets, gfn=SECRETS_GFN)
     for v, (ct, entry) in zip(guest.vcpus, vmsas):
@@ -457,8 +471,27 @@ def receive(kvm, mem_size, agent, image, batch_pages=64):
     """The target's half: the VM and its empty context, the agent's import, SNP_ACTIVATE, the
     secrets page and VMSAs swapped in, the private memory pre-faulted (KVM_PRE_FAULT_MEMORY:
     guest_memfd pages assigned to the guest, not validated), then the worker (PVALIDATE, its
-    key from the VMRK) opens the packets into them. Returns the :class:`SnpMaGuest`."""
+    key from the VMRK) opens the packets into them. Returns the :class:`SnpMaGuest`; on a
+    refusal (raised) the new VM is freed."""
     guest = SnpMaGuest(kvm, mem_size, batch_pages)
+    try:
+        _receive(guest, agent, image)
+    except BaseException:
+        _free(guest.vm)
+        raise
+    return guest
+
+
+def _free(vm):
+    """A refused image leaves no VM, context or ASID: the guest_memfd fds (each holds the VM),
+    then kvm_vm_free."""
+    for slot in list(vm.memslots.values()):
+        if slot.gmem_file is not None:
+            slot.gmem_file.close()
+    kvm_vm_free(vm)
+
+
+def _receive(guest, agent, image):
     vm = guest.vm
     agent.import_(K.snp_incoming_context(vm), image.context)
     K.snp_activate_incoming(vm)
@@ -473,7 +506,6 @@ def receive(kvm, mem_size, agent, image, batch_pages=64):
         guest.vcpus[WORKER].pre_fault_memory(start << PAGE_SHIFT, (end - start) << PAGE_SHIFT)
     guest._set_code(WORKER, ma_worker, lay, vm.host.c_bit, restore)
     Worker(guest).open(image.gfns, image.seqs, image.packets)
-    return guest
 
 
 def migrate(guest, src_agent, dst_kvm, dst_agent, cost=None):

@@ -91,8 +91,13 @@ def _image(data):
     parts = _unparts(data)
     if len(parts) < 6 or len(parts) % 2:
         raise ma.MaError("stream", reason="an image with missing parts")
-    meta = json.loads(parts[0])
-    n = meta["npages"]
+    try:
+        meta = json.loads(parts[0])
+        n = int(meta["npages"])
+        meta["mem_size"], meta["batch_pages"] = int(meta["mem_size"]), int(meta["batch_pages"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise ma.MaError("stream", reason=f"an image header that does not parse: {e!r}") \
+            from None
     gfns = np.frombuffer(parts[1], "<u8").astype(np.uint64)
     seqs = np.frombuffer(parts[2], "<u8").astype(np.uint64)
     packets = np.frombuffer(parts[3], np.uint8).copy()

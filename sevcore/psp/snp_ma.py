@@ -114,7 +114,10 @@ class SnpMaMessages:
         """(status, agent context or None) for SNP_LAUNCH_START's MA_EN / MA_GCTX_PADDR: the
         agent must be a guest context (INVALID_GUEST), the policy must allow an agent, the agent
         must not be bound to one itself, and a SINGLE_SOCKET guest needs a SINGLE_SOCKET agent
-        (POLICY_FAILURE), in AMD-ASPFW snp_mcmd_launch_start's order."""
+        (POLICY_FAILURE), in AMD-ASPFW snp_mcmd_launch_start's order; MA_GCTX_PADDR's
+        reserved bits are INVALID_PARAM even with MA_EN = 0, as there."""
+        if f.ma_gctx_paddr & _ADDR_RESERVED:
+            return U.SEV_RET_INVALID_PARAM, None
         if not f.ma_en:
             return U.SEV_RET_SUCCESS, None
         spa = self._addr(f.ma_gctx_paddr)
@@ -200,7 +203,7 @@ class SnpMaMessages:
         """MSG_ABSORB_REQ (56860 7.6): a guest launched with IMI_EN = 1, still in LAUNCH, whose
         launch digest equals the incoming context's IMD (BAD_MEASUREMENT), takes the incoming
         context and runs bound to the sender; it keeps its REPORT_ID and memory key."""
-        req, status = self._incoming(snp_msg_absorb_req, payload)
+        req, status = self._incoming(snp_msg_absorb_req, payload, gctx_checked=False)
         m = None
         if not status:
             status, m = self._target(req["gctx_paddr"])
@@ -211,6 +214,8 @@ class SnpMaMessages:
         gctx = snp_msg_gctx.unpack(req["incoming_gctx"]) if not status else None
         if not status and gctx["imd"] != m.ld:
             status = U.SEV_RET_BAD_MEASUREMENT
+        if not status and not self._gctx_ok(req):
+            status = U.SEV_RET_INVALID_PARAM
         if not status:
             self._load_gctx(m, gctx)
             m.ma_pfn, m.report_id_ma = g.gctx_pfn, g.report_id
@@ -230,8 +235,7 @@ class SnpMaMessages:
         gctx = snp_msg_gctx.unpack(req["incoming_gctx"]) if not status else None
         if not status and (gctx["imd"] != g.ld or gctx["imd"] != g.imd):
             status = U.SEV_RET_BAD_MEASUREMENT
-        if not status and (req["in_gctx_version"] != GCTX_VERSION
-                           or req["in_gctx_size"] != snp_msg_gctx.size):
+        if not status and not self._gctx_ok(req):
             status = U.SEV_RET_INVALID_PARAM
         if not status:
             self._load_gctx(g, gctx)
@@ -257,7 +261,9 @@ class SnpMaMessages:
 
     def _swap_gate(self, f, in_place_ok=False):
         """(status, guest) common to both swaps: reserved bits, a 4 KiB data or VMSA page
-        (metadata pages: INVALID_PARAM, docs/snp.md), the context, its state and ASID."""
+        (metadata pages: INVALID_PARAM, docs/snp.md), the context, its state and ASID, the
+        pages' addresses, and a metadata entry outside both pages (AMD-ASPFW
+        snp_mcmd_swap_out/_in: ``ranges_overlap``, INVALID_PARAM)."""
         if f.rsvd2 or (f.swap_in_place and not in_place_ok) or f.page_type == SWAP_METADATA \
                 or f.page_type > SWAP_VMSA:
             return U.SEV_RET_INVALID_PARAM, None
@@ -272,9 +278,10 @@ class SnpMaMessages:
             spa = self._addr(addr)
             if spa % 4096 or not self._valid(spa, 4096):
                 return U.SEV_RET_INVALID_ADDRESS, None
-        if not f.root_mdata_en:
+        if not f.root_mdata_en:           # an entry inside either page: INVALID_PARAM too
             md = self._addr(f.mdata_paddr)
-            if md % snp_mdata_entry.size or not self._valid(md, snp_mdata_entry.size):
+            if md % snp_mdata_entry.size or not self._valid(md, snp_mdata_entry.size) \
+                    or md >> 12 in (self._addr(f.src_paddr) >> 12, self._addr(f.dst_paddr) >> 12):
                 return U.SEV_RET_INVALID_PARAM, None
             if not self._fw_page(md & ~4095):
                 return U.SEV_RET_INVALID_PAGE_STATE, None
@@ -376,14 +383,19 @@ class SnpMaMessages:
 
     # -- contexts in and out -----------------------------------------------------------------------
 
-    def _incoming(self, layout, payload):
-        """(request dict, status) of IMPORT/ABSORB: length, reserved bytes, GCTX_PADDR's reserved
-        bits, and the incoming context's size and version (INVALID_PARAM)."""
+    def _incoming(self, layout, payload, gctx_checked=True):
+        """(request dict, status) of IMPORT/ABSORB: length, reserved bytes and, for IMPORT, the
+        incoming context's size and version (INVALID_PARAM); ABSORB checks those last, after
+        the measurement, as AMD-ASPFW does."""
         req = layout.unpack(payload.ljust(layout.size, b"\0"))
-        bad = (len(payload) != layout.size or any(req["rsvd"])
-               or req["in_gctx_size"] != snp_msg_gctx.size
-               or req["in_gctx_version"] != GCTX_VERSION)
+        bad = len(payload) != layout.size or any(req["rsvd"]) \
+            or (gctx_checked and not self._gctx_ok(req))
         return req, U.SEV_RET_INVALID_PARAM if bad else U.SEV_RET_SUCCESS
+
+    @staticmethod
+    def _gctx_ok(req):
+        """The incoming context's size and version are this firmware's."""
+        return req["in_gctx_size"] == snp_msg_gctx.size and req["in_gctx_version"] == GCTX_VERSION
 
     def _export_gctx(self, m, with_root):
         """The GCTX structure of guest ``m`` (56860 7.4)."""

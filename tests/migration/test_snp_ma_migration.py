@@ -249,3 +249,93 @@ def test_an_untrusted_target_leaves_the_source_guest_running(hosts):
     t.join(30)
     out = guest.check()          # (its worker never started: no key page to compare yet)
     assert out["data_ok"] and len(out["report"]) == 1184
+
+
+def test_a_context_from_an_earlier_pairing_is_refused(hosts):
+    """A sealed context delivered in one pairing of two agents, replayed after they pair again,
+    is refused by the channel; the spare target context stays INIT."""
+    src, dst, a, b, guest = hosts
+    ma.pair(a, b)
+    image = ma.send(guest, a)
+    ma.receive(dst, MEM, b, image, 8)
+    ma.pair(a, b)
+    spare = ma.SnpMaGuest(dst, MEM, 8)
+    gctx = K.snp_incoming_context(spare.vm)
+    with pytest.raises(ma.MaError, match="channel refused"):
+        b.import_(gctx, image.context)
+    assert dst.host.psp.snp_guest(gctx).state == U.SNP_GUEST_STATE_INIT
+
+
+def test_the_channel_refuses_its_own_messages_reflected():
+    """What an agent sealed for its peer is refused when sent back to it, and the two
+    directions never seal under the same nonce."""
+    a, b = ma.Agent(sevcore.Kvm()), ma.Agent(sevcore.Kvm())
+    ma.pair(a, b)
+    to_b, to_a = a._seal(b"context"), b._seal(b"context")
+    assert to_b[:12] != to_a[:12]
+    with pytest.raises(ma.MaError, match="channel"):
+        a._open(to_b)
+    assert b._open(to_b) == a._open(to_a) == b"context"
+
+
+def test_a_resumed_source_gives_back_the_vmsa_pages_it_swapped_out(hosts):
+    """After a refused export the vCPUs run on VMSAs swapped into new pages; the pages they
+    left are the hypervisor's again, not guest pages nothing frees."""
+    src, dst, a, b, guest = hosts
+    other = ma.Agent(src)
+    ma.pair(other, b)
+    old = [v.vmsa_spa >> 12 for v in guest.vcpus]
+    assigned = src.host.rmp.assigned
+    with pytest.raises(ma.MaError):
+        ma.send(guest, other)
+    new = [v.vmsa_spa >> 12 for v in guest.vcpus]
+    assert new != old and src.host.rmp.assigned == assigned
+    assert not any(src.host.rmp.entry(p).assigned for p in set(old) - set(new))
+
+
+def test_a_refused_image_leaves_nothing_on_the_target(hosts):
+    """A target that refuses an image (here a replayed context) frees the VM it made for it:
+    no context, no assigned page and no ASID of it remain."""
+    src, dst, a, b, guest = hosts
+    ma.pair(a, b)
+    image = ma.send(guest, a)
+    ma.receive(dst, MEM, b, image, 8)
+    asids = dst.host.kvm_sev.asids
+
+    def held():
+        return dst.host.rmp.assigned, len(dst.host.psp._snp_guests), asids.used - asids.reclaim
+    before = held()
+    with pytest.raises(ma.MaError, match="replayed"):
+        ma.receive(dst, MEM, b, image, 8)
+    assert held() == before
+
+
+@pytest.mark.parametrize("meta", [b"not json", b"[1]", b'{"npages": 0}'])
+def test_an_image_with_a_bad_header_is_a_stream_error(meta):
+    """An IMAGE frame whose header is not JSON, not an object or lacks a field is refused as
+    the stream's error (MaError), as every other malformed frame is."""
+    from sevcore.migration import ma_remote
+    data = ma_remote._parts(meta, b"", b"", b"", b"secrets", b"context")
+    with pytest.raises(ma.MaError, match="stream"):
+        ma_remote._image(data)
+
+
+def test_a_refused_vmsa_swap_out_leaves_the_source_running(hosts, monkeypatch):
+    """When SNP_PAGE_SWAP_OUT of the second vCPU's VMSA is refused, the pages already swapped
+    out (the secrets page, the first VMSA) come back and the guest passes its own check."""
+    src, dst, a, b, guest = hosts
+    ma.pair(a, b)
+    real = K.snp_page_swap_out
+
+    def refuse_second(vm, gfn=None, vcpu=None, root=False):
+        if vcpu is guest.vcpus[1]:
+            raise sevcore.errors.KvmError(errno.EINVAL, "KVM_MEMORY_ENCRYPT_OP", "refused")
+        return real(vm, gfn=gfn, vcpu=vcpu, root=root)
+    monkeypatch.setattr(K, "snp_page_swap_out", refuse_second)
+    with raises_errno(errno.EINVAL):
+        ma.send(guest, a)
+    monkeypatch.undo()
+    assert src.host.psp.snp_guest(guest.vm.sev.snp_context).state == U.SNP_GUEST_STATE_RUNNING
+    guest.run_workload(rounds=1, seed=9)
+    out = guest.check()
+    assert out["data_ok"] and out["key_ok"]

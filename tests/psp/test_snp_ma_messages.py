@@ -61,7 +61,8 @@ DATA = bytes(range(256)) * 16
 def source(seed=1):
     """A source host with a running agent (ASID 1) and a guest bound to it (ASID 2), whose VMRK
     the agent set during the launch; the guest's page at gfn 7 is swapped out with its metadata
-    entry as the context's root (``ma.swapped``: the ciphertext's SPA)."""
+    entry as the context's root (``ma.swapped``: the ciphertext's SPA; ``ma.page``: the page's
+    frame)."""
     host = snp_host(seed=seed)
     ma = Agent(host, running(host, 1))
     gctx = new_guest(host, MA_POLICY, 2, ma_en=1, ma_gctx_paddr=ma.gctx)
@@ -69,7 +70,7 @@ def source(seed=1):
     (pfn,) = preguest(host, DATA, 7, asid=2).tolist()
     host.psp.snp_launch_update(gctx, pfn << 12, U.SNP_PAGE_TYPE_NORMAL)
     host.psp.snp_launch_finish(gctx)
-    ma.swapped = host.mem.alloc_contiguous(1)
+    ma.swapped, ma.page = host.mem.alloc_contiguous(1), pfn
     host.psp.snp_page_swap_out(gctx, pfn << 12, ma.swapped, root_mdata_en=1)
     assert not host.rmp.entry(pfn).validated and host.mem.read(ma.swapped, 4096) != DATA
     return host, ma, gctx
@@ -306,3 +307,52 @@ def test_swap_in_refusals_change_nothing(case, status):
                                  page_type=M.SWAP_VMSA if case == "vmsa" else M.SWAP_DATA)
     assert e.value.fw_error == status
     assert snapshot(dst, pfn, src) == before and dst.psp.snp_guest(new).root_md == root
+
+
+@pytest.mark.parametrize("where", ["dst", "src"])
+def test_a_metadata_entry_inside_the_swapped_pages_is_refused(where):
+    """A metadata entry that lies in SWAP_OUT's destination page, or SWAP_IN's source page, is
+    INVALID_PARAM (AMD-ASPFW snp_mcmd_swap_out/_in: MDATA_PADDR may not overlap either page),
+    and nothing changes: the IV count, the pages, the guest's RMP entry."""
+    host, ma, gctx = source()
+    pfn = ma.page
+    fw = host.psp.snp_alloc_firmware_page()
+    g = host.psp.snp_guest(gctx)
+    iv, root = g.oek_iv_count, g.root_md
+    before = snapshot(host, pfn, fw >> 12)
+    with raises_errno(errno.EIO) as e:
+        if where == "dst":
+            host.psp.snp_page_swap_out(gctx, pfn << 12, fw, mdata_paddr=fw + 64)
+        else:
+            host.psp.snp_page_swap_in(gctx, fw, pfn << 12, mdata_paddr=fw + 64)
+    assert e.value.fw_error == U.SEV_RET_INVALID_PARAM
+    assert snapshot(host, pfn, fw >> 12) == before
+    assert (g.oek_iv_count, g.root_md) == (iv, root)
+
+
+@pytest.mark.parametrize("ma_en", [0, 1])
+def test_launch_start_refuses_reserved_bits_in_the_agents_address(ma_en):
+    """MA_GCTX_PADDR with bits 63:52 set is INVALID_PARAM whether or not MA_EN is set
+    (AMD-ASPFW snp_mcmd_launch_start checks it with the reserved fields), and the context
+    stays INIT."""
+    host, ma, _ = source()
+    new = host.psp.snp_alloc_firmware_page()
+    host.psp.snp_gctx_create(new)
+    with raises_errno(errno.EIO) as e:
+        host.psp.snp_launch_start(new, MA_POLICY, ma_en=ma_en, ma_gctx_paddr=ma.gctx | 1 << 60)
+    assert e.value.fw_error == U.SEV_RET_INVALID_PARAM
+    assert host.psp.snp_guest(new).state == U.SNP_GUEST_STATE_INIT
+
+
+def test_absorb_checks_the_incoming_size_and_version_last():
+    """ABSORB checks the incoming context's size and version after the target's state, as
+    AMD-ASPFW's handler does: a bad version into a running guest is INVALID_GUEST_STATE, into
+    a matching IMI INVALID_PARAM, which leaves it in LAUNCH."""
+    src, ma, gctx = source()
+    _, rsp = ma.export(gctx)
+    dst, ma2, _ = incoming()
+    imi = new_guest(dst, MA_POLICY, 2, ma_en=1, ma_gctx_paddr=ma2.gctx, imi_en=1)
+    args = dict(layout=M.snp_msg_absorb_req, in_gctx_version=2)
+    assert ma2.import_(ma2.gctx, rsp["gctx"], **args) == U.SEV_RET_INVALID_GUEST_STATE
+    assert ma2.import_(imi, rsp["gctx"], **args) == U.SEV_RET_INVALID_PARAM
+    assert dst.psp.snp_guest(imi).state == U.SNP_GUEST_STATE_LAUNCH
