@@ -54,8 +54,14 @@ class NptLock:
     def __enter__(self):
         with self._cond:
             self._waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            except BaseException:
+                # Interrupted while queued: leave the queue, so readers held back get in.
+                self._waiting -= 1
+                self._cond.notify_all()
+                raise
             self._waiting -= 1
             self._writer = True
         return self

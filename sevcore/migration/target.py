@@ -97,6 +97,10 @@ class Target(_End):
         self._teardown()
 
     def _teardown(self):
+        if self.m is not None and self.m.helper is not None:
+            # An SEV-ES guest's helper, launched with it (kept with the guest once it runs,
+            # made before this side took it): its mirror holds the guest's VM, so it goes too.
+            self.helper, self.m.helper = self.m.helper, None
         self._close()                       # the helper's mirror goes before its owner VM
         if self.m is not None:
             kvm_vm_free(self.m.vm)          # its vCPU fds too: each one pins the VM

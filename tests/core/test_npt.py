@@ -608,3 +608,29 @@ def test_npt_lock_lets_readers_share_and_keeps_a_writer_out():
     w.join(timeout=10)
     late.join(timeout=10)
     assert order == ["first reader leaves", "writer", "reader"]
+
+
+def test_npt_lock_writer_interrupted_while_waiting_does_not_hold_readers_back():
+    """A writer whose wait for the lock is interrupted (an exception in the wait) gives up its
+    place in the queue: readers that come after it get in."""
+    import threading
+    lock = NptLock()
+    real_wait = lock._cond.wait
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    with lock.shared():
+        lock._cond.wait = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            lock.__enter__()
+        lock._cond.wait = real_wait
+    reader = threading.Thread(target=lambda: (lock._enter_shared(), lock._exit_shared()))
+    reader.start()
+    reader.join(timeout=10)
+    alive = reader.is_alive()
+    if alive:                                   # let the stuck reader go before failing
+        with lock._cond:
+            lock._waiting = 0
+            lock._cond.notify_all()
+        reader.join(timeout=10)
+    assert not alive and lock._waiting == 0

@@ -133,8 +133,32 @@ def test_a_lost_save_area_stops_the_target_guest_rather_than_run_it_wrong():
     run instead of running on, and the migration is reported failed, never completed."""
     m = es_guest(workload="idle")
     proxy = Proxy(_save_area_packet(lambda rec, first: None))
+    dst = sevcore.Kvm()
     with pytest.raises(MigrationError, match="no state saved"):
-        migrate(m, sevcore.Kvm(), HELPER, channel_pair=(proxy.source_end, proxy.target_end))
+        migrate(m, dst, HELPER, channel_pair=(proxy.source_end, proxy.target_end))
+    assert dst.host.umc.keyed_asids() == []     # the target destroyed its guest and mirror
+
+
+def test_a_target_failing_in_its_launch_destroys_its_guest_and_mirror(monkeypatch):
+    """A target whose launch fails after its helper's mirror was made (here LAUNCH_MEASURE)
+    closes the mirror with the guest: its Host keeps no keyed ASID, and the source runs on."""
+    real = Machine.launch_measure
+    calls = []
+
+    def failing(self, *args):
+        measure = real(self, *args)
+        calls.append(self.helper)
+        if len(calls) == 2:                     # the source's own launch is the first
+            raise OSError(5, "LAUNCH_MEASURE: Input/output error (injected)")
+        return measure
+    monkeypatch.setattr(Machine, "launch_measure", failing)
+    m = es_guest(workload="idle")
+    dst = sevcore.Kvm()
+    with pytest.raises(MigrationError, match="injected"):
+        migrate(m, dst, HELPER)
+    assert calls[1] is not None and calls[1]._mirror is None    # made, then closed
+    assert dst.host.umc.keyed_asids() == []
+    assert_runs_on(m)
 
 
 def test_the_owner_refuses_a_target_launched_otherwise():
