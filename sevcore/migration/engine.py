@@ -91,6 +91,7 @@ def migrate(machine, target_kvm, params=MigrationParams(), progress=None, channe
     src = Source(machine, a, params, progress, driver)
     r = _both(src, target, src.run, target.run, params.timeout_s, a)
     r.target.owner = machine.owner         # the guest's owner serves it where it runs now
+    r.target.generation = src.target_generation
     return r
 
 

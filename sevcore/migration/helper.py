@@ -67,8 +67,12 @@ STATE_MAGIC = b"SCMHSTA2"
 LANE_SHIFT = 56
 MAX_LANES = 1 << (64 - LANE_SHIFT)
 COUNT_MASK = (1 << LANE_SHIFT) - 1
+#: A count's bits from GEN_SHIFT up are the generation of the helper that sealed it: each
+#: launch of a guest by its owner (the first, and each SEV-ES target) gets a new one.
+GEN_SHIFT = 40
 _KEY = struct.Struct("<8s32s")           # key page: magic, transport key
 _LANES = 8                               # state page: magic, then one le64 counter per lane
+_FLOOR = _LANES + 8 * MAX_LANES          # then le64: the lowest count this helper seals
 
 #: Mailbox slot of one helper vCPU (64 bytes, little-endian). The host writes the request
 #: (cmd, lo, hi, req; the rest zero); the helper rewrites the slot with cmd = 0 and its result.
@@ -219,9 +223,15 @@ def key_page(key):
     return _KEY.pack(KEY_MAGIC, bytes(key)).ljust(PAGE_SIZE, b"\0")
 
 
-def state_page():
-    """A fresh state page: the magic and every lane's counter at 0."""
-    return STATE_MAGIC.ljust(PAGE_SIZE, b"\0")
+def state_page(start=0, floor=0):
+    """A fresh state page: the magic, every lane's counter at ``start`` (the lowest count it
+    opens) and ``floor``, the lowest count it seals. The guest owner sets both for an SEV-ES
+    target it launches (``machine.owner_secrets``): it opens only what the current source's
+    generation sealed, and seals above every count an earlier helper used."""
+    page = bytearray(STATE_MAGIC.ljust(PAGE_SIZE, b"\0"))
+    page[_LANES:_FLOOR] = np.full(MAX_LANES, start, "<u8").tobytes()
+    page[_FLOOR:_FLOOR + 8] = floor.to_bytes(8, "little")
+    return bytes(page)
 
 
 def migration_helper(g, layout, c_bit):
@@ -254,11 +264,12 @@ def _serve(g, layout, c, keys, scratch, cmd, lo, hi):
     if magic != KEY_MAGIC:
         return _refused(lo, "key", 0)
     state_gpa = layout.state_gfn << PAGE_SHIFT | c
-    state = yield g.read(state_gpa, _LANES + 8 * MAX_LANES)
+    state = yield g.read(state_gpa, _FLOOR + 8)
     if state[:_LANES] != STATE_MAGIC:
         return _refused(lo, "state", 0)
     # Each lane's next count as read now; a claim succeeds only if it is still so.
-    counts = np.frombuffer(state, "<u8", offset=_LANES).tolist()
+    counts = np.frombuffer(state, "<u8", count=MAX_LANES, offset=_LANES).tolist()
+    floor = int.from_bytes(state[_FLOOR:_FLOOR + 8], "little")
     if key not in keys:
         keys.clear()
         keys[key] = kdf(key, TEK_LABEL, b"", 16), kdf(key, TIK_LABEL, b"", 16)
@@ -272,7 +283,7 @@ def _serve(g, layout, c, keys, scratch, cmd, lo, hi):
             return STATUS_OK, 0, 0, 0
         lane = g.vcpu_id
         # Claim the numbers before sealing: whatever happens next, none is used twice.
-        first = yield from _claim_block(g, state_gpa, lane, counts[lane], n)
+        first = yield from _claim_block(g, state_gpa, lane, counts[lane], n, floor)
         if first is None:
             return _refused(lo, "state", 0)
         seqs = np.arange(first, first + n, dtype=np.uint64) | np.uint64(lane << LANE_SHIFT)
@@ -352,15 +363,17 @@ def _lane_gpa(state_gpa, lane):
     return state_gpa + _LANES + 8 * lane
 
 
-def _claim_block(g, state_gpa, lane, count, n):
-    """Claim ``n`` consecutive counts of ``lane`` (``lock cmpxchg`` until the counter read is
-    the one replaced); returns the first, or None when the lane has no room left."""
+def _claim_block(g, state_gpa, lane, count, n, floor=0):
+    """Claim ``n`` consecutive counts of ``lane`` from its counter or ``floor``, whichever is
+    higher (``lock cmpxchg`` until the counter read is the one replaced); returns the first,
+    or None when the lane has no room left."""
     while True:
-        if count + n > COUNT_MASK + 1:
+        first = max(count, floor)
+        if first + n > COUNT_MASK + 1:
             return None
-        found = yield g.cmpxchg(_lane_gpa(state_gpa, lane), count, count + n)
+        found = yield g.cmpxchg(_lane_gpa(state_gpa, lane), count, first + n)
         if found == count:
-            return count
+            return first
         count = found
 
 

@@ -18,7 +18,7 @@ from sevcore.core.arrays import sorted_unique
 from sevcore.vmm import owner
 from sevcore import uapi as U
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
-from sevcore.migration.helper import KEY_SIZE, MigrationHelper, key_page, state_page
+from sevcore.migration.helper import GEN_SHIFT, KEY_SIZE, MigrationHelper, key_page, state_page
 from sevcore.migration.workload import JOURNAL_PAGES, workload_main, workload_vcpu
 from sevcore.errors import KvmError
 from sevcore.kvm.ghcb import ghcb_program
@@ -33,24 +33,35 @@ SLOT = 0
 BOOT_IMAGE_SIZE = (1 + JOURNAL_PAGES) * PAGE_SIZE
 
 
-def owner_secrets(session, measure, key, layout):
+def owner_secrets(session, measure, key, layout, opens=0, seals=0):
     """The guest owner's LAUNCH_SECRET packets for an SEV-ES guest's helper, bound to the
     launch's ``measure`` (the 48 bytes of LAUNCH_MEASURE): ``[(gfn, header, ciphertext)]`` for
-    the key page (transport ``key``) and the state page (counter 0). Both helpers of a
-    migration get the same key this way, the target's before its first OPEN."""
+    the key page (transport ``key``) and the state page. Both helpers of a migration get the
+    same key this way, the target's before its first OPEN; the state page makes the target's
+    helper open only what generation ``opens`` (the source's) or later sealed, and seal in its
+    own generation ``seals`` (helper.GEN_SHIFT), so that no (gfn, seq) is sealed twice under
+    the key, whatever the host dropped, and no earlier migration's packets open."""
     return [(gfn, *owner.package_secret(session.tek, session.tik, page, bytes(measure)[:32]))
             for gfn, page in ((layout.key_gfn, key_page(key)),
-                              (layout.state_gfn, state_page()))]
+                              (layout.state_gfn, state_page(opens << GEN_SHIFT,
+                                                            seals << GEN_SHIFT)))]
 
 
-@dataclass(frozen=True)
+@dataclass
 class GuestOwner:
     """What the guest's owner keeps (sevcore runs the owner in the VMM's process, as it does
     the launch): ``digest``, the launch digest it expects of the guest (and of a target launched
-    alike), and ``key``, the transport key it gave an SEV-ES guest's helper (None otherwise).
-    It stays with the guest wherever it runs; a target in another process has none."""
+    alike), ``key``, the transport key it gave an SEV-ES guest's helper (None otherwise), and
+    the helper generations it has given out (the first launch's is 0). It stays with the guest
+    wherever it runs; a target in another process has none."""
     digest: bytes
     key: bytes = None
+    generations: int = 1
+
+    def new_generation(self):
+        """A helper generation no launch of this guest has had."""
+        self.generations += 1
+        return self.generations - 1
 
 
 class GuestError(RuntimeError):
@@ -90,6 +101,7 @@ class Machine:
                 self.set_program(v, workload_vcpu, config.to_dict(), v.vcpu_id)
         self.helper = None           # an SEV-ES guest's helper, launched with it
         self.owner = None            # GuestOwner, for a guest this process launched
+        self.generation = 0          # its helper's generation (GuestOwner.new_generation)
         self._shares = []            # vCPUs that still owe their share of the current tick
         self.running = None          # the vCPU in KVM_RUN (the one a failure came from)
         self.ticks = 0

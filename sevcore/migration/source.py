@@ -57,6 +57,7 @@ class Source(_End):
         self.handed_over = False
         #: SEV-ES by the helper: the target is launched by the guest owner, not received.
         self.es_helper = params.path == "helper" and machine.config.es
+        self.target_generation = 0   # the owner's helper generation for that target
         self.drv.bind(self)
 
     # -- driver ----------------------------------------------------------------------------------
@@ -290,7 +291,9 @@ class Source(_End):
         if not ok:
             raise MigrationError("the target's LAUNCH_MEASURE is not the guest's launch: the "
                                  "guest owner sends it no transport key")
-        secrets = owner_secrets(session, measure, m.owner.key, self.layout)
+        self.target_generation = m.owner.new_generation()
+        secrets = owner_secrets(session, measure, m.owner.key, self.layout, m.generation,
+                                self.target_generation)
         nbytes = self._written(lambda w: [w.setup({
             "kind": "secret", "gfn": int(gfn), "hdr": hdr.hex(), "trans": trans.hex()})
             for gfn, hdr, trans in secrets])

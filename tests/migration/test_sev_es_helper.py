@@ -13,6 +13,7 @@ import pytest
 import sevcore
 from sevcore.cli import main
 from sevcore.migration import stream as S
+from sevcore.migration import helper as H
 from sevcore.migration.engine import MigrationError, MigrationParams, TargetFailed, migrate
 from sevcore.migration.machine import Machine
 from sevcore.migration.remote import send_to
@@ -61,6 +62,54 @@ def test_the_moved_guest_moves_again_by_its_kept_helper():
     r = migrate(t, sevcore.Kvm(), HELPER)
     assert r.stats.status == "completed" and r.stats.bad_pages == 0
     assert r.stats.verified_pages > 0
+
+
+def test_a_target_helper_never_seals_a_number_the_source_used_whatever_was_dropped():
+    """With the stop pass's last packet of a lane dropped on the wire, the target's helper
+    (its own generation) seals that gfn under a number above every count the source claimed,
+    never reusing the source's (gfn, seq) under the shared transport key."""
+    m = es_guest(workload="idle", helper_vcpus=2)
+    state, dropped = {"stop": False}, []
+
+    def transform(i, rec, w):
+        if isinstance(rec, S.Iteration):
+            state["stop"] = rec.stop
+        if isinstance(rec, S.HelperPage) and state["stop"] and rec.gfn == 0:
+            dropped.append(rec)
+            return
+        rewrite(w, rec)
+    proxy = Proxy(transform)
+    r = migrate(m, sevcore.Kvm(), HELPER, channel_pair=(proxy.source_end, proxy.target_end))
+    assert r.stats.status == "completed" and dropped and r.target.generation == 1
+    seq = int(r.target.helper.seal(np.array([0], np.uint64)).seqs[0])
+    assert seq & ((1 << 56) - 1) >= 1 << H.GEN_SHIFT and seq != dropped[0].seq
+
+
+def test_a_packet_of_an_earlier_migration_is_refused_by_a_later_target():
+    """A helper packet recorded from the guest's first move, put into the stream of its second
+    move, is refused as a replay by the second target, which opens only what the current
+    source's generation sealed; that source runs on."""
+    m = es_guest(dirty_pages_per_s=5_000)
+    recorded = {}
+
+    def record(i, rec, w):
+        if isinstance(rec, S.HelperPage):
+            recorded.setdefault(rec.gfn, rec)
+        rewrite(w, rec)
+    proxy = Proxy(record)
+    t = migrate(m, sevcore.Kvm(), HELPER, channel_pair=(proxy.source_end,
+                                                         proxy.target_end)).target
+    t.host.clock.advance(1e8, "test")
+    t.tick()
+
+    def replay(i, rec, w):
+        if isinstance(rec, S.HelperPage) and rec.gfn in recorded:
+            rec = recorded.pop(rec.gfn)
+        rewrite(w, rec)
+    proxy = Proxy(replay)
+    with pytest.raises(TargetFailed, match="replay"):
+        migrate(t, sevcore.Kvm(), HELPER, channel_pair=(proxy.source_end, proxy.target_end))
+    assert_runs_on(t)
 
 
 def test_the_transport_key_reaches_the_target_only_inside_launch_secret():
