@@ -73,6 +73,9 @@ GEN_SHIFT = 40
 _KEY = struct.Struct("<8s32s")           # key page: magic, transport key
 _LANES = 8                               # state page: magic, then one le64 counter per lane
 _FLOOR = _LANES + 8 * MAX_LANES          # then le64: the lowest count this helper seals
+#: Then le64: the generation the guest owner launched this guest in (0: its first launch; a
+#: target's vCPUs must find the state its source saved, GuestOwner.new_generation).
+STATE_GENERATION_OFFSET = _FLOOR + 8
 
 #: Mailbox slot of one helper vCPU (64 bytes, little-endian). The host writes the request
 #: (cmd, lo, hi, req; the rest zero); the helper rewrites the slot with cmd = 0 and its result.
@@ -223,14 +226,16 @@ def key_page(key):
     return _KEY.pack(KEY_MAGIC, bytes(key)).ljust(PAGE_SIZE, b"\0")
 
 
-def state_page(start=0, floor=0):
+def state_page(start=0, floor=0, generation=0):
     """A fresh state page: the magic, every lane's counter at ``start`` (the lowest count it
-    opens) and ``floor``, the lowest count it seals. The guest owner sets both for an SEV-ES
-    target it launches (``machine.owner_secrets``): it opens only what the current source's
-    generation sealed, and seals above every count an earlier helper used."""
+    opens), ``floor``, the lowest count it seals, and the launch's ``generation``. The guest
+    owner sets them for an SEV-ES target it launches (``machine.owner_secrets``): it opens only
+    what the current source's generation sealed, seals above every count an earlier helper
+    used, and its vCPUs refuse to run on without the state the source saved."""
     page = bytearray(STATE_MAGIC.ljust(PAGE_SIZE, b"\0"))
     page[_LANES:_FLOOR] = np.full(MAX_LANES, start, "<u8").tobytes()
     page[_FLOOR:_FLOOR + 8] = floor.to_bytes(8, "little")
+    page[STATE_GENERATION_OFFSET:STATE_GENERATION_OFFSET + 8] = generation.to_bytes(8, "little")
     return bytes(page)
 
 

@@ -18,7 +18,7 @@ from sevcore.core.arrays import sorted_unique
 from sevcore.vmm import owner
 from sevcore import uapi as U
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
-from sevcore.migration.helper import GEN_SHIFT, KEY_SIZE, MigrationHelper, key_page, state_page
+from sevcore.migration.helper import GEN_SHIFT, KEY_SIZE, LANE_SHIFT, MigrationHelper, key_page, state_page
 from sevcore.migration.workload import JOURNAL_PAGES, workload_main, workload_vcpu
 from sevcore.errors import KvmError
 from sevcore.kvm.ghcb import ghcb_program
@@ -40,11 +40,13 @@ def owner_secrets(session, measure, key, layout, opens=0, seals=0):
     same key this way, the target's before its first OPEN; the state page makes the target's
     helper open only what generation ``opens`` (the source's) or later sealed, and seal in its
     own generation ``seals`` (helper.GEN_SHIFT), so that no (gfn, seq) is sealed twice under
-    the key, whatever the host dropped, and no earlier migration's packets open."""
+    the key, whatever the host dropped, and no earlier migration's packets open; a target
+    (``seals`` > 0) also learns its generation, so that its vCPUs require the state saved for
+    it (workload._restore)."""
     return [(gfn, *owner.package_secret(session.tek, session.tik, page, bytes(measure)[:32]))
             for gfn, page in ((layout.key_gfn, key_page(key)),
                               (layout.state_gfn, state_page(opens << GEN_SHIFT,
-                                                            seals << GEN_SHIFT)))]
+                                                            seals << GEN_SHIFT, seals)))]
 
 
 @dataclass
@@ -60,6 +62,8 @@ class GuestOwner:
 
     def new_generation(self):
         """A helper generation no launch of this guest has had."""
+        if self.generations >> (LANE_SHIFT - GEN_SHIFT):
+            raise ValueError("the guest owner has no helper generation left")
         self.generations += 1
         return self.generations - 1
 

@@ -42,7 +42,7 @@ import numpy as np
 from sevcore import uapi as U
 from sevcore.hw.hostmem import DEFAULT_SIZE, PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm.fpu import xsave_span
-from sevcore.migration.helper import HelperLayout, helper_boot
+from sevcore.migration.helper import STATE_GENERATION_OFFSET, HelperLayout, helper_boot
 
 MAGIC = b"SEVWKLD1"
 JOURNAL_PAGES = 8
@@ -293,7 +293,7 @@ def workload_main(g, cfg_dict, check=True):
         yield from _boot(g, cfg, lay, c)
         ticks = 0
     else:
-        yield from _restore(g, lay, c, 0, ticks)
+        yield from _restore(g, cfg, c, 0, ticks)
         if check:
             yield from _check_after_move(g, cfg, lay, c, ticks)
     ws = lay.working_set(cfg.workload, cfg.hot_fraction)
@@ -376,7 +376,7 @@ def workload_vcpu(g, cfg_dict, index):
     ws = lay.working_set(cfg.workload, cfg.hot_fraction)
     if lay.save_pages:
         _, _, ticks = _HEADER.unpack((yield g.read(c, _HEADER.size)))
-        yield from _restore(g, lay, c, index, ticks)
+        yield from _restore(g, cfg, c, index, ticks)
     while True:
         yield from _save_if_asked(g, lay, c, index)
         tick, n = _PENDING.unpack((yield g.read(PENDING_OFFSET | c, _PENDING.size)))
@@ -422,18 +422,25 @@ def _request(g, lay):
     return int.from_bytes(raw, "little")
 
 
-def _restore(g, lay, c, vcpu_id, ticks):
+def _restore(g, cfg, c, vcpu_id, ticks):
     """SEV-ES with a helper, on entry to a guest whose header is set up: if vCPU 0 answered a
     save request (the header says which), this vCPU's save area must hold that request's state
     from the tick the header holds; restore it. Its GHCB MSR is written back (WRMSR of
     MSR_AMD64_SEV_ES_GHCB, which the CPU takes without #VC). XRSTOR is not modelled: the
     vCPU XSAVEs the state its VMSA gave it and requires it to equal the saved image (the
     workload never changes its x87/SSE/AVX registers, so it must). Any mismatch aborts: the
-    guest does not run on with state that is not its own. The area is then marked restored:
-    the vCPU restores it once."""
+    guest does not run on with state that is not its own. The area is then marked restored in
+    this launch's generation (the owner's, in the helper's state page): the vCPU restores it
+    once. A migration target (generation > 0) also requires a save request and an area no
+    earlier launch restored: saved state the host dropped, header and all, is not run past."""
+    lay = cfg.layout
     if not lay.save_pages:
         return
+    state = cfg.helper_layout.state_gfn << PAGE_SHIFT | c
+    gen = int.from_bytes((yield g.read(state + STATE_GENERATION_OFFSET, 8)), "little")
     req, = struct.unpack("<Q", (yield g.read(SAVED_OFFSET | c, 8)))
+    assert req or not gen, \
+        f"vCPU {vcpu_id}: launched as a migration target, but no saved state came"
     if not req:
         return
     gpa = lay.save_gpa(vcpu_id) | c
@@ -441,12 +448,13 @@ def _restore(g, lay, c, vcpu_id, ticks):
     magic, saved_id, restored, done, tick, ghcb = _SAVE.unpack_from(raw)
     assert magic == SAVE_MAGIC and saved_id == vcpu_id and done == req, \
         f"vCPU {vcpu_id}: no state saved for request {req:#x} in its save area"
-    if restored:
+    if restored == gen + 1:
         return
+    assert not restored, f"vCPU {vcpu_id}: its save area was restored before (an earlier move)"
     assert tick == ticks, f"vCPU {vcpu_id}: state saved at tick {tick}, memory is at {ticks}"
     yield from _xsave_clean(g, gpa + SAVE_COMPARE)
     now = yield g.read(gpa + SAVE_COMPARE, xsave_span(SAVE_RFBM))
     assert bytes(now) == bytes(raw[SAVE_XSAVE:]), \
         f"vCPU {vcpu_id}: its x87/SSE/AVX state is not the saved one"
     yield g.wrmsr(U.MSR_AMD64_SEV_ES_GHCB, ghcb)
-    yield g.write(gpa, _SAVE.pack(SAVE_MAGIC, vcpu_id, 1, req, tick, ghcb))
+    yield g.write(gpa, _SAVE.pack(SAVE_MAGIC, vcpu_id, gen + 1, req, tick, ghcb))

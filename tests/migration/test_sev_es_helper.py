@@ -64,25 +64,24 @@ def test_the_moved_guest_moves_again_by_its_kept_helper():
     assert r.stats.verified_pages > 0
 
 
-def test_a_target_helper_never_seals_a_number_the_source_used_whatever_was_dropped():
-    """With the stop pass's last packet of a lane dropped on the wire, the target's helper
-    (its own generation) seals that gfn under a number above every count the source claimed,
-    never reusing the source's (gfn, seq) under the shared transport key."""
+def test_a_target_helper_seals_above_every_number_the_source_could_have_used():
+    """The target's helper seals in its own generation, above every count of every lane the
+    source's helper could claim in its generation, so it never reuses a source (gfn, seq)
+    under the shared transport key, whichever packets the host delivered."""
     m = es_guest(workload="idle", helper_vcpus=2)
-    state, dropped = {"stop": False}, []
+    seqs = []
 
     def transform(i, rec, w):
-        if isinstance(rec, S.Iteration):
-            state["stop"] = rec.stop
-        if isinstance(rec, S.HelperPage) and state["stop"] and rec.gfn == 0:
-            dropped.append(rec)
-            return
+        if isinstance(rec, S.HelperPage):
+            seqs.append(rec.seq)
         rewrite(w, rec)
     proxy = Proxy(transform)
     r = migrate(m, sevcore.Kvm(), HELPER, channel_pair=(proxy.source_end, proxy.target_end))
-    assert r.stats.status == "completed" and dropped and r.target.generation == 1
-    seq = int(r.target.helper.seal(np.array([0], np.uint64)).seqs[0])
-    assert seq & ((1 << 56) - 1) >= 1 << H.GEN_SHIFT and seq != dropped[0].seq
+    assert r.stats.status == "completed" and seqs and r.target.generation == 1
+    count = (1 << H.LANE_SHIFT) - 1
+    assert all(q & count < 1 << H.GEN_SHIFT for q in seqs)
+    new = r.target.helper.seal(np.arange(4, dtype=np.uint64)).seqs
+    assert all(int(q) & count >= 1 << H.GEN_SHIFT for q in new)
 
 
 def test_a_packet_of_an_earlier_migration_is_refused_by_a_later_target():
@@ -186,6 +185,28 @@ def test_a_lost_save_area_stops_the_target_guest_rather_than_run_it_wrong():
     with pytest.raises(MigrationError, match="no state saved"):
         migrate(m, dst, HELPER, channel_pair=(proxy.source_end, proxy.target_end))
     assert dst.host.umc.keyed_asids() == []     # the target destroyed its guest and mirror
+
+
+@pytest.mark.parametrize("hops", [1, 2])
+def test_a_save_area_dropped_with_the_header_is_not_run_past(hops):
+    """vCPU 0's save area and the guest's header page both dropped in the stop pass (the
+    target keeps an older header, with no save request or one already restored) still stop the
+    target's guest: a launched target requires the state saved for it, on a first or a later
+    move."""
+    m = es_guest(workload="idle")
+    for _ in range(hops - 1):
+        m = migrate(m, sevcore.Kvm(), HELPER).target
+        m.host.clock.advance(1e8, "test")
+    drop, state = {0, m.config.layout.save_gfn}, {"stop": False}
+
+    def transform(i, rec, w):
+        if isinstance(rec, S.Iteration):
+            state["stop"] = rec.stop
+        if not (isinstance(rec, S.HelperPage) and state["stop"] and rec.gfn in drop):
+            rewrite(w, rec)
+    proxy = Proxy(transform)
+    with pytest.raises(MigrationError, match="no saved state came|restored before"):
+        migrate(m, sevcore.Kvm(), HELPER, channel_pair=(proxy.source_end, proxy.target_end))
 
 
 def test_a_target_failing_in_its_launch_destroys_its_guest_and_mirror(monkeypatch):
