@@ -493,13 +493,6 @@ class MigrationHelper:
         if any(s.flags & U.KVM_MEM_GUEST_MEMFD for s in slots):
             raise ValueError("the migration helper needs guest memory in VMM mappings, not "
                              "guest_memfd")
-        self.vm, self.layout, self.nr_vcpus = vm, layout, nr_vcpus
-        self.counters = HelperCounters(sealed=[0] * nr_vcpus, opened=[0] * nr_vcpus)
-        self._req = 0
-        self._pool = None
-        self._turn = threading.Lock() if nr_vcpus > 1 else None
-        #: Shares of a request below this many pages per vCPU run one after another.
-        self.parallel_min_pages = PARALLEL_MIN_PAGES
         self._mirror = mirror = vm.kvm.create_vm(U.KVM_X86_DEFAULT_VM)
         try:
             mirror.enable_cap(U.KVM_CAP_VM_COPY_ENC_CONTEXT_FROM, vm.fd)
@@ -507,19 +500,31 @@ class MigrationHelper:
                 mirror.set_user_memory_region2(s.id, s.flags & U.KVM_MEM_READONLY,
                                                s.base_gfn << PAGE_SHIFT, s.npages << PAGE_SHIFT,
                                                s.userspace_addr)
-            self._vcpus = [mirror.create_vcpu(i) for i in range(nr_vcpus)]
-            for j, v in enumerate(self._vcpus):
+            vcpus = [mirror.create_vcpu(i) for i in range(nr_vcpus)]
+            for j, v in enumerate(vcpus):
                 fn = migration_helper if ghcb_gpas is None else \
                     ghcb_program(migration_helper, ghcb_gpas[j], version=1)
                 v.set_guest_code(fn, layout, vm.host.c_bit)
-            self._shared = _SharedPages(vm, layout)
+            self._serve_with(vm, layout, vcpus)
             if nr_vcpus > 1:
-                # One VMM thread per helper vCPU after the first (which runs in the caller's).
-                self._pool = ThreadPoolExecutor(nr_vcpus - 1, "sevcore-helper-vcpu")
                 mirror.page_ops().around_c = long_c_call
         except BaseException:
             self.close()
             raise
+
+    def _serve_with(self, vm, layout, vcpus):
+        """The VMM's state for ``vcpus``, which run :func:`migration_helper` on ``layout``'s
+        mailbox (a mirror's vCPUs; an SNP guest's own worker vCPU, ``migration.ma``)."""
+        n = len(vcpus)
+        self.vm, self.layout, self.nr_vcpus, self._vcpus = vm, layout, n, vcpus
+        self.counters = HelperCounters(sealed=[0] * n, opened=[0] * n)
+        self._req = 0
+        self._turn = threading.Lock() if n > 1 else None
+        #: Shares of a request below this many pages per vCPU run one after another.
+        self.parallel_min_pages = PARALLEL_MIN_PAGES
+        self._shared = _SharedPages(vm, layout)
+        # One VMM thread per helper vCPU after the first (which runs in the caller's).
+        self._pool = ThreadPoolExecutor(n - 1, "sevcore-helper-vcpu") if n > 1 else None
 
     def launch_update_vmsa(self):
         """KVM_SEV_LAUNCH_UPDATE_VMSA on the mirror of an SEV-ES guest in LAUNCH_UPDATE: its

@@ -45,8 +45,8 @@ from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm import snp_ma as K
 from sevcore.kvm.ghcb import ghcb_program
 from sevcore.migration import driver
-from sevcore.migration.helper import (_KEY, HelperCounters, HelperLayout, MigrationHelper,
-                                      _SharedPages, key_page, migration_helper, state_page)
+from sevcore.migration.helper import (_KEY, HelperLayout, MigrationHelper, key_page,
+                                      migration_helper, state_page)
 from sevcore.psp import amd_root
 from sevcore.psp import snp_layout as SL
 from sevcore.psp import snp_ma as MA
@@ -384,12 +384,8 @@ class Worker(MigrationHelper):
     (SNP has none)."""
 
     def __init__(self, guest):
-        self.vm, self.layout, self.nr_vcpus = guest.vm, guest.layout, 1
-        self.counters = HelperCounters(sealed=[0], opened=[0])
-        self._req = 0
-        self._mirror, self._pool, self._turn = None, None, None
-        self._vcpus = [guest.vcpus[WORKER]]
-        self._shared = _SharedPages(guest.vm, guest.layout)
+        self._mirror = None
+        self._serve_with(guest.vm, guest.layout, [guest.vcpus[WORKER]])
 
 
 # -- the migration --------------------------------------------------------------------------------
