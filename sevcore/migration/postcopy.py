@@ -114,9 +114,7 @@ class PostcopySource:
 
     def _switch(self):
         s, m, st = self.s, self.s.m, self.s.stats
-        s._guest_tick()                          # the guest runs up to the moment it stops
-        self.stop_ns = s.drv.now_ns()
-        s._save_vcpus()
+        self.stop_ns = s._stop()
         if st.iterations:
             dirty = np.union1d(s._final_dirty, s._sync())
         else:                                    # pure post-copy: every page is owed

@@ -520,11 +520,17 @@ class Source(_End):
 
     # -- stop and copy ----------------------------------------------------------------------------------
 
-    def _stop_and_copy(self):
-        st = self.stats
-        self._guest_tick()                      # the guest runs up to the moment it stops
+    def _stop(self):
+        """Stop the guest (it runs up to this moment; SEV-ES by the helper: its vCPUs save
+        their state) and return the simulated time it stopped at."""
+        self._guest_tick()
         stop_ns = self.drv.now_ns()
         self._save_vcpus()
+        return stop_ns
+
+    def _stop_and_copy(self):
+        st = self.stats
+        stop_ns = self._stop()
         dirty = np.union1d(self._final_dirty, self._sync())
         self._send_pass(len(st.iterations), dirty, stop=True)
         if self.helper is not None and not self.es_helper:
