@@ -29,10 +29,6 @@ class Timeline:
         self._dst_start = self.dst.now_ns
         dst_work(self.dst)
 
-    def control(self, nbytes):
-        """A control message source -> target (no Host work), e.g. the stream's markers."""
-        self.batch(lambda c: 0, nbytes, lambda c: 0)
-
     def drain(self):
         """Wait (on the source clock) until the target has applied everything sent."""
         self.src.advance_to(self.dst.now_ns)
