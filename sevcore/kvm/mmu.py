@@ -145,6 +145,21 @@ def userfault_pending(vm, slot, gfns):
     return bits[idx] != 0
 
 
+def _first_pending(vm, slot, gfns, keep):
+    """The index in ``gfns`` of the first page with ``keep`` set whose userfault bit is set
+    (``len(gfns)`` if none), looked for in windows that double from 64 pages."""
+    lo, w = 0, 64
+    while lo < len(gfns):
+        hi = min(len(gfns), lo + w)
+        sel = np.flatnonzero(keep[lo:hi])
+        if len(sel):
+            hit = np.flatnonzero(userfault_pending(vm, slot, gfns[lo:hi][sel]))
+            if len(hit):
+                return lo + int(sel[hit[0]])
+        lo, w = hi, w * 2
+    return len(gfns)
+
+
 def translate(vm, gfn, private, write):
     """The host pfn and NPT flags serving an access to ``gfn``, faulting it in if needed."""
     hit = vm.npt.lookup(gfn) if gfn <= vm.max_gfn else None
@@ -168,7 +183,12 @@ def faultin_pages(vm, gfns, private, write):
     if vm.has_private_mem:
         keep &= vm.private.contains_array(rest) == private
     if slot.userfault_bitmap and keep.any():
-        keep[keep] = ~userfault_pending(vm, slot, rest[keep])
+        # The access stops at the first page still marked (its exit is the next fault), so
+        # only the pages before it are mapped now: each fault then costs what the kernel
+        # gets through, not a scan of everything after it (a post-copy target's guest faults
+        # once per page fetched).
+        stop = _first_pending(vm, slot, rest, keep)
+        rest, keep = rest[:stop], keep[:stop]
     rest = rest[keep]
     if len(rest) == 0:
         return

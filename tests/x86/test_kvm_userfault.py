@@ -63,6 +63,27 @@ def test_marked_page_exits_until_its_bit_is_cleared():
     assert kvm.read(hva + 90 * PAGE_SIZE, 8) != bytes(8)
 
 
+def test_a_fault_maps_only_the_pages_before_the_first_marked_one():
+    """The batch a fault maps ends at the first marked page, wherever it lies; the pages after
+    it are mapped once the access gets past it."""
+    base = SLOT_GPA >> PAGE_SHIFT
+    for mark in (100, 5):
+        kvm, vm, hva, bitmap, vcpu = setup()
+        vcpu.set_guest_code(guest_writes_pages, SLOT_GPA, NPAGES)
+        set_bits(kvm, bitmap, [mark])
+        vm.set_user_memory_region2(0, KVM_MEM_USERFAULT, SLOT_GPA, NPAGES * PAGE_SIZE, hva,
+                                   userfault_bitmap=bitmap)
+        with raises_errno(EFAULT, "KVM_RUN"):
+            vcpu.run()
+        assert vcpu.kvm_run.memory_fault.gpa == SLOT_GPA + mark * PAGE_SIZE
+        assert vm.npt.lookup(base + mark - 1) is not None
+        assert vm.npt.lookup(base + mark) is None and vm.npt.lookup(base + mark + 1) is None
+        set_bits(kvm, bitmap, [])
+        vcpu.run()
+        assert vcpu.get_ucall() == ("sync", ("written",))
+        assert vm.npt.lookup(base + NPAGES - 1) is not None
+
+
 def test_enabling_zaps_pages_already_mapped():
     """Pages the guest mapped before the flag was set fault again once marked."""
     kvm, vm, hva, bitmap, vcpu = setup()
