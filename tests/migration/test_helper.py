@@ -437,8 +437,9 @@ def test_the_same_packets_opened_by_two_vcpus_at_once_are_written_once():
 
 def test_small_requests_go_whole_to_one_vcpu_in_turn():
     """Below parallel_min_pages per vCPU a request is served whole by one vCPU in the caller's
-    thread, the next request by the next vCPU, each numbering in its own lane; at it, the
-    vCPUs share a request in their own threads. The target opens all with every page right."""
+    thread and the next by the next vCPU, each numbering in its own lane, while at it the
+    vCPUs share a request in their own threads, and the target opens all with every page
+    right."""
     mig = Migration(LAYOUT3)
     threads = []
     half = NDATA // 2

@@ -64,8 +64,8 @@ def test_marked_page_exits_until_its_bit_is_cleared():
 
 
 def test_a_fault_maps_only_the_pages_before_the_first_marked_one():
-    """The batch a fault maps ends at the first marked page, wherever it lies; the pages after
-    it are mapped once the access gets past it."""
+    """The batch a fault maps ends at the first marked page, wherever it lies, and the pages
+    after it are mapped once the access gets past it."""
     base = SLOT_GPA >> PAGE_SHIFT
     for mark in (100, 5):
         kvm, vm, hva, bitmap, vcpu = setup()
