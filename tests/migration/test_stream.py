@@ -717,6 +717,16 @@ def test_json_depth_of_valid_json_is_its_nesting(value, ascii_only, indent):
     assert S._json_depth(text) == S._json_depth(text, chunk=3) == json_nesting(value)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["[", "]", "{", "}", '"', "\\", '"a"', ",", "[" * 20,
+                                 '"' + "{" * 20 + '"']), max_size=60))
+def test_the_quick_depth_check_agrees_with_the_bracket_count(tokens):
+    """The reader's quick refusal of text nested past MAX_JSON_DEPTH (a count of opening
+    brackets first) refuses exactly what the full bracket count does, on any text."""
+    text = "".join(tokens).encode()
+    assert S._too_deep(text) == (S._json_depth(text) > S.MAX_JSON_DEPTH)
+
+
 def frames():
     """How many frames the stack holds (what counts towards the recursion limit)."""
     n, f = 0, sys._getframe()
