@@ -658,6 +658,13 @@ def sweep_point(params):
     return row
 
 
+def sweep_weight(params):
+    """A point's expected share of a sweep's time, for the order Dask starts points in: larger
+    guests first, then the PSP path (a page per PSP command: in the same simulated time it
+    converges later than the helper and so sends more passes), then higher dirty rates."""
+    return (params["mem"], params["path"] == "psp", params["dirty-rate"] or 0)
+
+
 def _note(text):
     if text not in _notes:
         _notes.add(text)
@@ -688,7 +695,7 @@ def sweep_run(points, scheduler=None, workers=None, store=DEFAULT_STORE, progres
     eta = sweep.Eta(distinct, skipped=distinct - len(todo), enabled=progress)
     try:
         return sweep.execute(points, sweep_point, st, version, client, on_row=on_row,
-                             progress=eta)
+                             progress=eta, weight=sweep_weight)
     finally:
         if own:
             sweep.close_client(client)

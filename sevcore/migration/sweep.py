@@ -274,10 +274,13 @@ class Eta:
 
 
 def execute(points, run_point, store, version, client=None, retries=1, on_row=None,
-            progress=None):
+            progress=None, weight=None):
     """Run every point of ``points`` not already in ``store``; return the rows of all of them in
     the order of ``points``. ``client``: a ``distributed.Client`` or None (in process).
-    ``on_row(row)`` is called as each new row is stored; ``progress`` is an :class:`Eta`."""
+    ``on_row(row)`` is called as each new row is stored; ``progress`` is an :class:`Eta`.
+    ``weight(params)``: a sort key, larger for a point expected to take longer; on Dask the
+    heaviest points go first (task priorities), so that the last ones to finish are short and
+    the workers end together (longest processing time first)."""
     keys = [point_key(p, version) for p in points]
     todo = {}
     for k, p in zip(keys, points):
@@ -303,7 +306,7 @@ def execute(points, run_point, store, version, client=None, retries=1, on_row=No
         for key, params in todo.items():
             finish(key, run_task(run_point, params, version))
     else:
-        _on_dask(client, todo, run_point, version, retries, finish)
+        _on_dask(client, todo, run_point, version, retries, finish, weight)
     rows = []
     for k in keys:
         row = store.get(k) or unstored.get(k)
@@ -339,14 +342,19 @@ def run_task(run_point, params, version, inline=False):
     return row
 
 
-def _on_dask(client, todo, run_point, version, retries, finish):
-    """Submit each point as one task and store rows as they complete."""
+def _on_dask(client, todo, run_point, version, retries, finish, weight=None):
+    """Submit each point as one task, heaviest first by ``weight`` (its priority: Dask runs
+    higher ones first), and store rows as they complete."""
     # the optional extra: only on this path
     from distributed import as_completed
     from distributed.scheduler import KilledWorker
-    futures = {client.submit(run_task, run_point, params, version, True,
-                             key=f"sevcore-point-{k}", retries=retries, pure=False): k
-               for k, params in todo.items()}
+    order = list(todo)
+    if weight is not None:
+        order.sort(key=lambda k: weight(todo[k]), reverse=True)
+    futures = {client.submit(run_task, run_point, todo[k], version, True,
+                             key=f"sevcore-point-{k}", retries=retries, pure=False,
+                             priority=len(order) - i): k
+               for i, k in enumerate(order)}
     for fut in as_completed(list(futures)):
         key = futures[fut]
         if fut.status == "finished":

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+import sevcore
 from sevcore import cli
 from sevcore.hw.costmodel import CostModel
 from sevcore.migration import sweep
@@ -143,6 +144,29 @@ def test_local_cluster_rows_equal_serial_rows(tmp_path, client):
     assert all(r["status"] == "completed" for r in serial)
     assert _same(serial, parallel)
     assert len(client.scheduler_info()["workers"]) == 2
+
+
+def test_heavier_points_start_first_on_dask(tmp_path):
+    """On a one-worker cluster the points start in the order of their weight, heaviest first,
+    whatever order the grid lists them in, and the rows come back in the grid's order."""
+    pytest.importorskip("distributed")
+
+    def run_point(params):
+        import time as t                     # runs on the worker, pickled by value
+        return {**params, "started": t.monotonic_ns()}
+    points = [{"w": w} for w in (3, 9, 1, 7, 5)]
+    with contextlib.redirect_stderr(io.StringIO()):
+        c = sweep.open_client(workers=1, memory_limit="1GiB")
+    try:
+        rows = sweep.execute(points, run_point, sweep.Store(tmp_path / "s"),
+                             sevcore.__version__, c, weight=lambda p: p["w"])
+    finally:
+        sweep.close_client(c)
+    assert [r["w"] for r in rows] == [3, 9, 1, 7, 5]
+    assert [r["w"] for r in sorted(rows, key=lambda r: r["started"])] == [9, 7, 5, 3, 1]
+    assert cli.sweep_weight({"mem": 64 << 20, "path": "psp", "dirty-rate": 0.0}) > \
+        cli.sweep_weight({"mem": 32 << 20, "path": "psp", "dirty-rate": 9e3}) > \
+        cli.sweep_weight({"mem": 32 << 20, "path": "helper", "dirty-rate": 9e3})
 
 
 def test_python_run_returns_the_table_as_a_dataframe(tmp_path, client, pd):
