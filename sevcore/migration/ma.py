@@ -546,14 +546,15 @@ def dirty_gfns(guest):
 
 def _seal_working(guest, worker, gfns, work_every):
     """One pass while the guest works: a round of its work after every ``work_every`` batches
-    the worker seals."""
+    the worker seals. Returns the pass's HelperBatch and how many rounds the guest did."""
     step = guest.layout.batch_pages * work_every
-    out = []
+    out, rounds = [], 0
     for i in range(0, len(gfns), step):
         out.append(worker.seal(gfns[i:i + step]))
         if guest.working:
             guest.work()
-    return out
+            rounds += 1
+    return _joined(out), rounds
 
 
 def _joined(batches):
@@ -590,12 +591,12 @@ def precopy(guest, max_passes, cost=None, stop_pages=None, work_every=1):
     try:
         gfns = guest.sealed_gfns()
         while len(passes) < max_passes - 1:
-            batch = _joined(_seal_working(guest, worker, gfns, work_every))
+            batch, rounds = _seal_working(guest, worker, gfns, work_every)
             gfns = dirty_gfns(guest)
             out.append(batch)
             passes.append({"pass": len(passes), "pages": len(batch),
                            "bytes": len(batch) * WIRE_PAGE, "dirty-after": len(gfns),
-                           "stop": False})
+                           "guest-rounds": rounds, "stop": False})
             if _small(cost, len(gfns), lay.batch_pages, stop_pages):
                 converged = True
                 break
@@ -607,7 +608,7 @@ def precopy(guest, max_passes, cost=None, stop_pages=None, work_every=1):
     batch = worker.seal(gfns)
     out.append(batch)
     passes.append({"pass": len(passes), "pages": len(batch), "bytes": len(batch) * WIRE_PAGE,
-                   "dirty-after": 0, "stop": True})
+                   "dirty-after": 0, "guest-rounds": 0, "stop": True})
     return out, passes, converged
 
 
@@ -678,8 +679,8 @@ def migrate(guest, src_agent, dst_kvm, dst_agent, cost=None, max_passes=1, stop_
     image = send(guest, src_agent, batches)
     target = receive(dst_kvm, guest.mem_size, dst_agent, image, guest.layout.batch_pages)
     if passes is None:
-        passes = [{"pass": 0, "pages": len(image.gfns), "bytes": image.nbytes(),
-                   "dirty-after": 0, "stop": True}]
+        passes = [{"pass": 0, "pages": len(image.gfns), "bytes": len(image.gfns) * WIRE_PAGE,
+                   "dirty-after": 0, "guest-rounds": 0, "stop": True}]
     stats = MaStats(pages_sealed=len(image.gfns), pages_swapped=1 + len(image.vmsas),
                     agent_messages=src_agent.messages + dst_agent.messages - before,
                     bytes_sent=image.nbytes(), passes=passes, converged=converged)
