@@ -240,7 +240,9 @@ def _guest_args(ap):
                    help="private pages through the PSP, the in-guest helper, or both; "
                         "ma: an SNP guest through migration agents")
     m.add_argument("--max-iterations", type=int, default=30,
-                   help="pre-copy passes before stop-and-copy is forced (default 30)")
+                   help="pre-copy passes before stop-and-copy is forced (default 30; --path ma "
+                        "in process: passes in all, 1 = stop-and-copy; over TCP it is "
+                        "stop-and-copy)")
     m.add_argument("--ring-buffer", action="store_true",
                    help="charge PSP page commands as ring-buffer batches")
     m.add_argument("--dirty-ring", action="store_true",
@@ -392,18 +394,31 @@ def cmd_migrate_snp(args):
     t0 = time.perf_counter()
     try:
         guest = ma.SnpMaGuest.launch(src, args.mem, a, seed=args.seed)
-        guest.run_workload(seed=args.seed)
-        target, st = ma.migrate(guest, a, dst, b, cost=_cost(args))
+        if args.max_iterations > 1:       # pre-copy: the guest works while the worker seals
+            guest.start_work(seed=args.seed, dirty_pages=ma.PRECOPY_DIRTY_PAGES)
+            guest.work(2)
+        else:                             # stop-and-copy: its work is done before
+            guest.run_workload(seed=args.seed)
+        target, st = ma.migrate(guest, a, dst, b, cost=_cost(args),
+                                max_passes=args.max_iterations)
         wall = time.perf_counter() - t0
         out = target.check()
     except (ma.MaError, ValueError, OSError) as e:
         return _snp_failed(args, "ma", e)
     rec = {"pages-sealed": st.pages_sealed, "pages-swapped": st.pages_swapped,
            "agent-messages": st.agent_messages, "bytes": st.bytes_sent,
-           "downtime-ms": round(st.downtime_ns / 1e6, 3), "wall-s": round(wall, 3), "guest-data-ok": out["data_ok"],
+           "downtime-ms": round(st.downtime_ns / 1e6, 3),
+           "total-time-ms": round(st.total_ns / 1e6, 3), "passes": len(st.passes),
+           "converged": st.converged, "wall-s": round(wall, 3), "guest-data-ok": out["data_ok"],
            "guest-vmrk-key-ok": out["key_ok"], "guest-report-bytes": len(out["report"])}
-    return _snp_done(args, "ma", out["data_ok"] and out["key_ok"], rec,
-                     "\n".join(f"{k:>20}  {v}" for k, v in rec.items()))
+    line = "\n".join(f"{k:>20}  {v}" for k, v in rec.items())
+    line += "".join(f"\n{'pass ' + str(p['pass']):>20}  {p['pages']:,} pages, "
+                    f"{p['ns'] / 1e6:.3f} ms{', guest stopped' if p['stop'] else ''}"
+                    for p in st.passes)
+    rec["pass-stats"] = [{("ms" if k == "ns" else k): round(v / 1e6, 3) if k == "ns" else v
+                          for k, v in p.items()}
+                         for p in st.passes]
+    return _snp_done(args, "ma", out["data_ok"] and out["key_ok"], rec, line)
 
 
 def _snp_failed(args, key, e):

@@ -69,6 +69,9 @@ AGENT_PAGES = 4
 #: The guest's vCPUs: its migration worker, and its work.
 WORKER, WORK = 0, 1
 _CHANNEL_INFO = b"sevcore snp migration agent channel v1"
+#: Pages the guest's work writes per round in ``sevcore migrate --type snp --path ma``'s
+#: pre-copy (a round after each of the worker's requests: a quarter of a 64-page batch).
+PRECOPY_DIRTY_PAGES = 16
 #: A sealed page on the wire: its packet, its sequence number and its gfn (MaImage.nbytes).
 WIRE_PAGE = PACKET_SIZE + 16
 
