@@ -240,9 +240,8 @@ def _guest_args(ap):
                    help="private pages through the PSP, the in-guest helper, or both; "
                         "ma: an SNP guest through migration agents")
     m.add_argument("--max-iterations", type=int, default=30,
-                   help="pre-copy passes before stop-and-copy is forced (default 30; --path ma "
-                        "in process: passes in all, 1 = stop-and-copy; over TCP it is "
-                        "stop-and-copy)")
+                   help="pre-copy passes before stop-and-copy is forced (default 30; --path "
+                        "ma: passes in all, 1 = stop-and-copy)")
     m.add_argument("--ring-buffer", action="store_true",
                    help="charge PSP page commands as ring-buffer batches")
     m.add_argument("--dirty-ring", action="store_true",
@@ -393,12 +392,7 @@ def cmd_migrate_snp(args):
     a, b = ma.Agent(src), ma.Agent(dst)
     t0 = time.perf_counter()
     try:
-        guest = ma.SnpMaGuest.launch(src, args.mem, a, seed=args.seed)
-        if args.max_iterations > 1:       # pre-copy: the guest works while the worker seals
-            guest.start_work(seed=args.seed, dirty_pages=ma.PRECOPY_DIRTY_PAGES)
-            guest.work(2)
-        else:                             # stop-and-copy: its work is done before
-            guest.run_workload(seed=args.seed)
+        guest = _snp_guest(args, ma, src, a)
         target, st = ma.migrate(guest, a, dst, b, cost=_cost(args),
                                 max_passes=args.max_iterations)
         wall = time.perf_counter() - t0
@@ -415,9 +409,7 @@ def cmd_migrate_snp(args):
     line += "".join(f"\n{'pass ' + str(p['pass']):>20}  {p['pages']:,} pages, "
                     f"{p['ns'] / 1e6:.3f} ms{', guest stopped' if p['stop'] else ''}"
                     for p in st.passes)
-    rec["pass-stats"] = [{("ms" if k == "ns" else k): round(v / 1e6, 3) if k == "ns" else v
-                          for k, v in p.items()}
-                         for p in st.passes]
+    rec["pass-stats"] = _pass_stats(st.passes)
     return _snp_done(args, "ma", out["data_ok"] and out["key_ok"], rec, line)
 
 
@@ -471,15 +463,40 @@ def _send_snp(args, ma, ma_remote):
     kvm = sevcore.Kvm()
     agent = ma.Agent(kvm)
     try:
-        guest = ma.SnpMaGuest.launch(kvm, args.mem, agent, seed=args.seed)
-        guest.run_workload(seed=args.seed)
+        guest = _snp_guest(args, ma, kvm, agent)
         with tcp_connect(host, int(port), timeout=120) as ch:
-            result = ma_remote.send_guest(ch, guest, agent)
+            result = ma_remote.send_guest(ch, guest, agent, args.max_iterations, _cost(args))
     except Exception as e:
         return _snp_failed(args, "ma", e)
     ok = result["data_ok"] and result["key_ok"]
-    return _snp_done(args, "ma", ok, result, f"migrated: {result['pages']:,} pages; the "
-                     f"guest's own check on the target {'passed' if ok else 'FAILED'}")
+    line = (f"migrated: {result['pages']:,} pages; the guest's own check on the target "
+            f"{'passed' if ok else 'FAILED'}")
+    if "passes" in result:
+        line += (f"; {len(result['passes'])} passes, downtime "
+                 f"{result['downtime_ns'] / 1e6:.3f} ms of {result['total_ns'] / 1e6:.3f} ms")
+        result["pass-stats"] = _pass_stats(result.pop("passes"))
+        result["downtime-ms"] = round(result.pop("downtime_ns") / 1e6, 3)
+        result["total-time-ms"] = round(result.pop("total_ns") / 1e6, 3)
+    return _snp_done(args, "ma", ok, result, line)
+
+
+def _snp_guest(args, ma, kvm, agent):
+    """The SNP guest ``migrate --path ma`` moves, launched bound to ``agent``: working (pre-copy
+    runs its rounds between the passes) unless ``--max-iterations 1``, where its work is done
+    and its ledger written before the guest stops."""
+    guest = ma.SnpMaGuest.launch(kvm, args.mem, agent, seed=args.seed)
+    if args.max_iterations > 1:
+        guest.start_work(seed=args.seed, dirty_pages=ma.PRECOPY_DIRTY_PAGES)
+        guest.work(2)
+    else:
+        guest.run_workload(seed=args.seed)
+    return guest
+
+
+def _pass_stats(passes):
+    """Pass dicts for a --json record: their modelled time in ms."""
+    return [{("ms" if k == "ns" else k): round(v / 1e6, 3) if k == "ns" else v
+             for k, v in p.items()} for p in passes]
 
 
 def _write_json(path, obj):

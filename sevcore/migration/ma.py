@@ -21,6 +21,12 @@ CPU speed, as the SEV helper path does:
                                                        VMRK, OPEN the packets into guest_memfd
                                                      vCPU 1: the guest's own check
 
+Pre-copy (:func:`precopy`, ``migrate(..., max_passes=N)``): before the stop above, the VMM
+logs the guest's guest_memfd slot (out of tree: sevcore.kvm.snp_ma.snp_enable_gmem_dirty_log)
+and the worker seals every page while the guest works between its requests, then the pages
+KVM_GET_DIRTY_LOG reports, pass after pass, until few are left; the guest then writes its
+ledger and stops, and the last pass is sealed. The target opens every pass in order.
+
 The worker's key needs the guest's VMPCK0, which is in its secrets page: that page and the
 VMSAs are what the firmware carries, the rest goes at CPU speed. docs/snp.md ("Migration
 through a migration agent") has what 56860 leaves open and what sevcore chose. The agents'
@@ -521,7 +527,7 @@ def send(guest, agent, passes=None):
         resume(guest, secrets, vmsas)     # what left comes back; the guest runs on
         raise
     K.snp_context_exported(vm)
-    sealed = _joined(passes)              # in the order they were sealed: seqs rise
+    sealed = joined(passes)              # in the order they were sealed: seqs rise
     return MaImage(sealed.gfns, sealed.seqs, sealed.packets, secrets, vmsas, context)
 
 
@@ -557,10 +563,10 @@ def _seal_working(guest, worker, gfns, work_every):
         if guest.working:
             guest.work()
             rounds += 1
-    return _joined(out), rounds
+    return joined(out), rounds
 
 
-def _joined(batches):
+def joined(batches):
     """HelperBatches one after the other, as one."""
     if len(batches) == 1:
         return batches[0]
@@ -577,7 +583,7 @@ def _small(cost, npages, batch_pages, stop_pages):
     return ns + _link_ns(cost, npages * WIRE_PAGE) <= cost.downtime_limit_ms * 1e6
 
 
-def precopy(guest, max_passes, cost=None, stop_pages=None, work_every=1):
+def precopy(guest, max_passes, cost=None, stop_pages=None, work_every=1, on_pass=None):
     """Pre-copy (out of tree: sevcore.kvm.snp_ma.snp_enable_gmem_dirty_log): the VMM logs
     the guest's guest_memfd slot; the worker seals every page the worker carries while the
     guest works between its requests (:func:`_seal_working`), then, pass after pass, the pages
@@ -585,7 +591,8 @@ def precopy(guest, max_passes, cost=None, stop_pages=None, work_every=1):
     until the cost model's time to seal and send it is within its ``downtime_limit_ms``, as
     the main engine decides) or ``max_passes - 1`` passes ran; then the guest writes its
     ledger and stops, and the last dirty pages are sealed. Returns ``(HelperBatches in order,
-    [pass dicts], converged)``; the logging is off again, whatever happens."""
+    [pass dicts], converged)``; the logging is off again, whatever happens. ``on_pass`` is
+    called with each pass's HelperBatch while the guest still works (ma_remote sends it)."""
     cost = CostModel() if cost is None else cost
     lay, vm = guest.layout, guest.vm
     K.snp_enable_gmem_dirty_log(vm)
@@ -597,6 +604,8 @@ def precopy(guest, max_passes, cost=None, stop_pages=None, work_every=1):
             batch, rounds = _seal_working(guest, worker, gfns, work_every)
             gfns = dirty_gfns(guest)
             out.append(batch)
+            if on_pass is not None:
+                on_pass(batch)
             passes.append({"pass": len(passes), "pages": len(batch),
                            "bytes": len(batch) * WIRE_PAGE, "dirty-after": len(gfns),
                            "guest-rounds": rounds, "stop": False})
@@ -688,12 +697,22 @@ def migrate(guest, src_agent, dst_kvm, dst_agent, cost=None, max_passes=1, stop_
                     agent_messages=src_agent.messages + dst_agent.messages - before,
                     bytes_sent=image.nbytes(), passes=passes, converged=converged)
     if cost is not None:
-        bp = guest.layout.batch_pages
-        live = [pass_ns(cost, p["pages"], p["bytes"], bp, guest.mem_size) for p in passes[:-1]]
-        last = passes[-1]["pages"]
-        stats.downtime_ns = modelled_ns(cost, last, stats.bytes_sent - sum(
-            p["bytes"] for p in passes[:-1]), bp, stats.pages_swapped, stats.pages_sealed)
-        for p, ns in zip(passes, live + [stats.downtime_ns]):
-            p["ns"] = ns
-        stats.total_ns = sum(live) + stats.downtime_ns
+        stats.downtime_ns, stats.total_ns = model_times(
+            cost, passes, guest, stats.bytes_sent - sum(p["bytes"] for p in passes),
+            stats.pages_swapped)
     return target, stats
+
+
+def model_times(cost, passes, guest, fixed_bytes, swapped):
+    """``(downtime_ns, total_ns)`` of a migration of ``guest`` in ``passes`` (the last one
+    stopped; each pass dict gets its ``ns``): :func:`pass_ns` for each pass while the guest
+    worked, :func:`modelled_ns` for the stop, whose wire also carries ``fixed_bytes`` (the
+    swapped pages and the context) and whose target opens every pass's pages."""
+    bp = guest.layout.batch_pages
+    live = [pass_ns(cost, p["pages"], p["bytes"], bp, guest.mem_size) for p in passes[:-1]]
+    last = passes[-1]
+    down = modelled_ns(cost, last["pages"], last["bytes"] + fixed_bytes, bp, swapped,
+                       sum(p["pages"] for p in passes))
+    for p, ns in zip(passes, live + [down]):
+        p["ns"] = ns
+    return down, sum(live) + down

@@ -107,3 +107,74 @@ def test_a_refused_export_after_precopy_leaves_the_source_running():
     guest.run_workload(rounds=1, seed=9)
     out = guest.check()
     assert out["data_ok"] and out["key_ok"]
+
+
+def _over(src_end, dst_end, dst, b, guest, a, cost):
+    """The target half on a thread, the source's pre-copy here; both results."""
+    import threading
+
+    from sevcore.migration import ma_remote
+    got = {}
+
+    def target():
+        try:
+            got["target"] = ma_remote.receive_guest(dst_end, dst, b)
+        except Exception as e:              # reported to the test below
+            got["error"] = e
+    t = threading.Thread(target=target)
+    t.start()
+    result = ma_remote.send_guest(src_end, guest, a, max_passes=30, cost=cost)
+    t.join(60)
+    assert "error" not in got, got.get("error")
+    return result, got["target"]
+
+
+@pytest.mark.parametrize("channel", ["in-process", "tcp"])
+def test_precopy_between_two_processes(channel):
+    """Over a channel the source sends each pass as a PASS frame while the guest works, then
+    the image with the last pass; the target opens them all in order and the guest's own
+    check passes; the source reports the passes and a downtime below the total time."""
+    from sevcore.migration.transport import TcpListener, inprocess_pair, tcp_connect
+    src, dst, a, b, guest = working_guest()
+    if channel == "tcp":
+        with TcpListener() as lst:
+            src_end = tcp_connect(*lst.address, timeout=60)
+            dst_end = lst.accept(timeout=60, channel_timeout=60)
+            result, (target, _) = _over(src_end, dst_end, dst, b, guest, a, CostModel())
+            src_end.close()
+            dst_end.close()
+    else:
+        src_end, dst_end = inprocess_pair(timeout=60)
+        result, (target, _) = _over(src_end, dst_end, dst, b, guest, a, CostModel())
+    assert result["data_ok"] and result["key_ok"]
+    assert len(result["passes"]) >= 2 and result["passes"][-1]["stop"]
+    assert result["pages"] == sum(p["pages"] for p in result["passes"])
+    assert result["downtime_ns"] < result["total_ns"]
+
+
+def test_a_target_gone_during_precopy_leaves_the_source_running():
+    """A target that closes after HELLO fails the source's first PASS frame, before anything
+    is swapped or exported: the failure is not a loss, the slot no longer logs, and the
+    source guest works on and checks itself clean."""
+    import threading
+
+    from sevcore.migration import ma_remote
+    from sevcore.migration.errors import PeerClosed
+    from sevcore.migration.transport import inprocess_pair
+    src, dst, a, b, guest = working_guest()
+    src_end, dst_end = inprocess_pair(capacity=1 << 16, timeout=30)
+
+    def target():
+        ma_remote.agree(dst_end, b)
+        dst_end.close()
+    t = threading.Thread(target=target)
+    t.start()
+    with pytest.raises(PeerClosed):
+        ma_remote.send_guest(src_end, guest, a, max_passes=30)
+    t.join(30)
+    assert src.host.psp.snp_guest(guest.vm.sev.snp_context).state == U.SNP_GUEST_STATE_RUNNING
+    assert not guest.vm.gfn_to_memslot(ma.DATA_GFN).flags & U.KVM_MEM_LOG_DIRTY_PAGES
+    guest.work()
+    guest.write_ledger()
+    out = guest.check()
+    assert out["data_ok"] and out["key_ok"]
