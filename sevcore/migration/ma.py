@@ -47,11 +47,11 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sevcore import uapi as U
 from sevcore.errors import KvmError
+from sevcore.hw.costmodel import CostModel
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm import snp_ma as K
 from sevcore.kvm.ghcb import ghcb_program
 from sevcore.migration import driver
-from sevcore.hw.costmodel import CostModel
 from sevcore.migration.helper import (_KEY, PACKET_SIZE, HelperBatch, HelperLayout,
                                       MigrationHelper, key_page, migration_helper, state_page)
 from sevcore.psp import amd_root
