@@ -298,7 +298,7 @@ def ma_workload(g, layout, c_bit, seed, orders, dirty_pages=None, written=None):
     while True:
         order = orders.pop(0)
         if order == LEDGER:
-            digest = hashlib.sha256((yield g.read_pages(gpas)).tobytes()).digest()
+            digest = hashlib.sha256((yield g.read_pages(gpas))).digest()
             yield g.write(LEDGER_GFN << PAGE_SHIFT | c, digest)
         else:
             pick = np.sort(rng.choice(len(gpas), size=n, replace=False))
@@ -314,7 +314,7 @@ def ma_check(g, layout, c_bit, out):
     VMPCK0 and message count moved) and the transport key again (its VMRK moved)."""
     c = 1 << c_bit
     ledger = yield g.read(LEDGER_GFN << PAGE_SHIFT | c, 32)
-    digest = hashlib.sha256((yield g.read_pages(_data_gpas(layout, c))).tobytes()).digest()
+    digest = hashlib.sha256((yield g.read_pages(_data_gpas(layout, c)))).digest()
     report = yield g.snp_get_report(hashlib.sha512(digest).digest())
     key = yield from _transport_key(g)
     _, kept = _KEY.unpack_from((yield g.read(layout.key_gfn << PAGE_SHIFT | c, _KEY.size)))
