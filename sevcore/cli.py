@@ -382,6 +382,8 @@ def cmd_migrate_snp(args):
     from sevcore.migration import ma, ma_remote
     if args.mem % 4096 or args.mem > parse_size("1G"):
         _fail(args, f"--mem {args.mem}: a multiple of 4 KiB up to 1G for --path ma")
+    if args.max_iterations < 1:
+        _fail(args, f"--max-iterations {args.max_iterations}: at least 1 (1 = stop-and-copy)")
     if args.listen is not None:
         return _listen_snp(args, ma, ma_remote)
     if args.to:

@@ -682,7 +682,9 @@ def migrate(guest, src_agent, dst_kvm, dst_agent, cost=None, max_passes=1, stop_
     ``max_passes`` 1 is stop-and-copy (the guest stopped throughout); more is :func:`precopy`
     with up to ``max_passes - 1`` passes while the guest works (``stop_pages``,
     ``work_every`` as there). Returns ``(target guest, MaStats)``; with ``cost`` (a
-    CostModel) its modelled downtime and total time."""
+    CostModel) its modelled downtime and total time. ValueError for ``max_passes`` < 1."""
+    if max_passes < 1:
+        raise ValueError(f"max_passes must be at least 1, not {max_passes}")
     before = src_agent.messages + dst_agent.messages
     pair(src_agent, dst_agent)
     batches, passes, converged = None, None, True

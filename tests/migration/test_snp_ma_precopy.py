@@ -178,3 +178,16 @@ def test_a_target_gone_during_precopy_leaves_the_source_running():
     guest.write_ledger()
     out = guest.check()
     assert out["data_ok"] and out["key_ok"]
+
+
+def test_no_passes_is_refused_before_anything():
+    """``max_passes`` 0 is a ValueError before the agents talk: no message sent, the slot
+    not logging, and the guest works on."""
+    src, dst, a, b, guest = working_guest()
+    sent = a.messages + b.messages
+    with pytest.raises(ValueError, match="max_passes"):
+        ma.migrate(guest, a, dst, b, max_passes=0)
+    assert a.messages + b.messages == sent
+    assert not guest.vm.gfn_to_memslot(ma.DATA_GFN).flags & U.KVM_MEM_LOG_DIRTY_PAGES
+    guest.write_ledger()
+    assert guest.check()["data_ok"]
