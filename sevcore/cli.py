@@ -240,7 +240,8 @@ def _guest_args(ap):
                    help="private pages through the PSP, the in-guest helper, or both; "
                         "ma: an SNP guest through migration agents")
     m.add_argument("--max-iterations", type=int, default=30,
-                   help="pre-copy passes before stop-and-copy is forced (default 30)")
+                   help="pre-copy passes before stop-and-copy is forced (default 30; --path "
+                        "ma: passes in all, 1 = stop-and-copy)")
     m.add_argument("--ring-buffer", action="store_true",
                    help="charge PSP page commands as ring-buffer batches")
     m.add_argument("--dirty-ring", action="store_true",
@@ -381,6 +382,8 @@ def cmd_migrate_snp(args):
     from sevcore.migration import ma, ma_remote
     if args.mem % 4096 or args.mem > parse_size("1G"):
         _fail(args, f"--mem {args.mem}: a multiple of 4 KiB up to 1G for --path ma")
+    if args.max_iterations < 1:
+        _fail(args, f"--max-iterations {args.max_iterations}: at least 1 (1 = stop-and-copy)")
     if args.listen is not None:
         return _listen_snp(args, ma, ma_remote)
     if args.to:
@@ -391,19 +394,25 @@ def cmd_migrate_snp(args):
     a, b = ma.Agent(src), ma.Agent(dst)
     t0 = time.perf_counter()
     try:
-        guest = ma.SnpMaGuest.launch(src, args.mem, a, seed=args.seed)
-        guest.run_workload(seed=args.seed)
-        target, st = ma.migrate(guest, a, dst, b, cost=_cost(args))
+        guest = _snp_guest(args, ma, src, a)
+        target, st = ma.migrate(guest, a, dst, b, cost=_cost(args),
+                                max_passes=args.max_iterations)
         wall = time.perf_counter() - t0
         out = target.check()
     except (ma.MaError, ValueError, OSError) as e:
         return _snp_failed(args, "ma", e)
     rec = {"pages-sealed": st.pages_sealed, "pages-swapped": st.pages_swapped,
            "agent-messages": st.agent_messages, "bytes": st.bytes_sent,
-           "downtime-ms": round(st.downtime_ns / 1e6, 3), "wall-s": round(wall, 3), "guest-data-ok": out["data_ok"],
+           "downtime-ms": round(st.downtime_ns / 1e6, 3),
+           "total-time-ms": round(st.total_ns / 1e6, 3), "passes": len(st.passes),
+           "converged": st.converged, "wall-s": round(wall, 3), "guest-data-ok": out["data_ok"],
            "guest-vmrk-key-ok": out["key_ok"], "guest-report-bytes": len(out["report"])}
-    return _snp_done(args, "ma", out["data_ok"] and out["key_ok"], rec,
-                     "\n".join(f"{k:>20}  {v}" for k, v in rec.items()))
+    line = "\n".join(f"{k:>20}  {v}" for k, v in rec.items())
+    line += "".join(f"\n{'pass ' + str(p['pass']):>20}  {p['pages']:,} pages, "
+                    f"{p['ns'] / 1e6:.3f} ms{', guest stopped' if p['stop'] else ''}"
+                    for p in st.passes)
+    rec["pass-stats"] = _pass_stats(st.passes)
+    return _snp_done(args, "ma", out["data_ok"] and out["key_ok"], rec, line)
 
 
 def _snp_failed(args, key, e):
@@ -456,15 +465,40 @@ def _send_snp(args, ma, ma_remote):
     kvm = sevcore.Kvm()
     agent = ma.Agent(kvm)
     try:
-        guest = ma.SnpMaGuest.launch(kvm, args.mem, agent, seed=args.seed)
-        guest.run_workload(seed=args.seed)
+        guest = _snp_guest(args, ma, kvm, agent)
         with tcp_connect(host, int(port), timeout=120) as ch:
-            result = ma_remote.send_guest(ch, guest, agent)
+            result = ma_remote.send_guest(ch, guest, agent, args.max_iterations, _cost(args))
     except Exception as e:
         return _snp_failed(args, "ma", e)
     ok = result["data_ok"] and result["key_ok"]
-    return _snp_done(args, "ma", ok, result, f"migrated: {result['pages']:,} pages; the "
-                     f"guest's own check on the target {'passed' if ok else 'FAILED'}")
+    line = (f"migrated: {result['pages']:,} pages; the guest's own check on the target "
+            f"{'passed' if ok else 'FAILED'}")
+    if "passes" in result:
+        line += (f"; {len(result['passes'])} passes, downtime "
+                 f"{result['downtime_ns'] / 1e6:.3f} ms of {result['total_ns'] / 1e6:.3f} ms")
+        result["pass-stats"] = _pass_stats(result.pop("passes"))
+        result["downtime-ms"] = round(result.pop("downtime_ns") / 1e6, 3)
+        result["total-time-ms"] = round(result.pop("total_ns") / 1e6, 3)
+    return _snp_done(args, "ma", ok, result, line)
+
+
+def _snp_guest(args, ma, kvm, agent):
+    """The SNP guest ``migrate --path ma`` moves, launched bound to ``agent``: working (pre-copy
+    runs its rounds between the passes) unless ``--max-iterations 1``, where its work is done
+    and its ledger written before the guest stops."""
+    guest = ma.SnpMaGuest.launch(kvm, args.mem, agent, seed=args.seed)
+    if args.max_iterations > 1:
+        guest.start_work(seed=args.seed, dirty_pages=ma.PRECOPY_DIRTY_PAGES)
+        guest.work(2)
+    else:
+        guest.run_workload(seed=args.seed)
+    return guest
+
+
+def _pass_stats(passes):
+    """Pass dicts for a --json record: their modelled time in ms."""
+    return [{("ms" if k == "ns" else k): round(v / 1e6, 3) if k == "ns" else v
+             for k, v in p.items()} for p in passes]
 
 
 def _write_json(path, obj):

@@ -30,6 +30,7 @@ CASES = [
     ("migrate --bogus", "--bogus"),
     ("migrate --type snp --path psp", "--path ma"),
     ("migrate --type snp --path ma --mem 2G", "--mem"),
+    ("migrate --type snp --path ma --max-iterations 0", "--max-iterations"),
     ("migrate --type snp --path ma --to nohost", "--to"),
     ("migrate --type snp --path ma --listen 70000", "--listen"),
     ("sweep --type snp", "--type snp"),

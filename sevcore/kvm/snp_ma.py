@@ -12,7 +12,9 @@ what the kernel would (``KvmError`` with the errno, ``SevError`` with the firmwa
   out to the VMM as ciphertext and metadata entry, and back into a guest's guest_memfd;
 - :func:`snp_incoming_context`: an SNP VM's context made by SNP_GCTX_CREATE alone, for the
   target's agent to import; :func:`snp_activate_incoming` binds the ASID once it is RUNNING;
-- :func:`snp_context_exported`: the source VM lets go of a context its agent exported.
+- :func:`snp_context_exported`: the source VM lets go of a context its agent exported;
+- :func:`snp_enable_gmem_dirty_log`: KVM_MEM_LOG_DIRTY_PAGES on the VM's guest_memfd slots, so
+  the VMM can pre-copy while the guest runs (upstream refuses it: check_memory_region_flags).
 """
 from errno import EINVAL
 
@@ -27,6 +29,7 @@ from sevcore.psp import snp_layout as SL
 from sevcore.psp import snp_ma as MA
 
 IOCTL = S.IOCTL
+_CAP = "KVM_ENABLE_CAP"
 
 
 class _MaCmd(S._Cmd):
@@ -227,3 +230,25 @@ def snp_context_exported(vm):
         raise KvmError(EINVAL, IOCTL, "the context was not exported")
     SNP.snp_free_firmware_page(host, vm.sev.snp_context)
     vm.sev.snp_context = None
+
+
+def snp_enable_gmem_dirty_log(vm):
+    """Let ``vm``'s guest_memfd slots log dirty pages (out of tree, a KVM_ENABLE_CAP on the VM
+    in spirit): afterwards KVM_SET_USER_MEMORY_REGION2 accepts KVM_MEM_LOG_DIRTY_PAGES on a
+    guest_memfd slot (set at creation, or toggled on an existing slot, the only change such a
+    slot then allows), and private writes through it land in its dirty bitmap like shared ones.
+
+    Upstream refuses the flag ("Dirty logging private memory is not currently supported",
+    virt/kvm/kvm_main.c, check_memory_region_flags); nothing in the hardware does: an SNP
+    guest's private pages are mapped by ordinary nested page tables (AMD64 APM vol. 2, 15.25
+    "Nested Paging", 15.36 "Secure Nested Paging"), so KVM can write-protect them and log the
+    nested page fault of the first write as for any page; the RMP check of the access comes
+    after the nested walk and does not change. EINVAL for a VM that is not KVM_X86_SNP_VM, or
+    one that logs to dirty rings (the ring path is not modelled for private pages); nothing
+    changes then."""
+    vm._enter(_CAP)
+    if vm.type != U.KVM_X86_SNP_VM:
+        raise KvmError(EINVAL, _CAP, "dirty logging of guest_memfd is for SNP VMs")
+    if vm.dirty_ring_size:
+        raise KvmError(EINVAL, _CAP, "the VM logs to dirty rings, not bitmaps")
+    vm.gmem_dirty_log = True

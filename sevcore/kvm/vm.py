@@ -87,6 +87,9 @@ class Vm:
         self.hypercall_exit_enabled = 0
         self.manual_dirty_log_protect = 0
         self.dirty_ring_size = 0           # bytes per vCPU ring (KVM_CAP_DIRTY_LOG_RING)
+        #: Out of tree, off by default (upstream: EINVAL): KVM_MEM_LOG_DIRTY_PAGES accepted on a
+        #: guest_memfd slot, set by sevcore.kvm.snp_ma.snp_enable_gmem_dirty_log.
+        self.gmem_dirty_log = False
         self.user_space_msr_mask = 0
         self.msr_filter = None
         self.hlt_in_guest = False
@@ -470,7 +473,10 @@ class Vm:
         if ioctl == "KVM_SET_USER_MEMORY_REGION2":
             valid |= U.KVM_MEM_USERFAULT
         if flags & U.KVM_MEM_GUEST_MEMFD:
-            valid &= ~U.KVM_MEM_LOG_DIRTY_PAGES
+            # "Dirty logging private memory is not currently supported" (kvm_main.c,
+            # check_memory_region_flags), unless the out-of-tree switch is on.
+            if not self.gmem_dirty_log:
+                valid &= ~U.KVM_MEM_LOG_DIRTY_PAGES
         elif not self.has_protected_state:
             valid |= U.KVM_MEM_READONLY
         if flags & ~valid:
@@ -501,7 +507,11 @@ class Vm:
         if old is None:
             change = "create"
         else:
-            if flags & U.KVM_MEM_GUEST_MEMFD:
+            if flags & U.KVM_MEM_GUEST_MEMFD and not (
+                    self.gmem_dirty_log and base_gfn == old.base_gfn
+                    and flags ^ old.flags == U.KVM_MEM_LOG_DIRTY_PAGES
+                    and gmem_offset == old.gmem_pgoff << PAGE_SHIFT):
+                # Out of tree: only KVM_MEM_LOG_DIRTY_PAGES of a guest_memfd slot may change.
                 fail(EINVAL, "a guest_memfd slot cannot be changed, only deleted")
             if (uaddr != old.userspace_addr or npages != old.npages
                     or (flags ^ old.flags) & (U.KVM_MEM_READONLY | U.KVM_MEM_GUEST_MEMFD)):
@@ -526,6 +536,10 @@ class Vm:
                 fail(EINVAL, "guest_memfd is not a guest_memfd")
             if file.vm is not self:
                 fail(EINVAL, "guest_memfd belongs to another VM")
+            if old is not None:           # out of tree: the logging flag of a gmem slot
+                if file is not old.gmem_file:
+                    fail(EINVAL, "a guest_memfd slot keeps its guest_memfd")
+                file.unbind(old)
             err = file.bind(new, gmem_offset, npages)
             if err:
                 fail(err, "guest_memfd range past the end of the file" if err == EINVAL

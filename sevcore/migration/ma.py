@@ -21,6 +21,12 @@ CPU speed, as the SEV helper path does:
                                                        VMRK, OPEN the packets into guest_memfd
                                                      vCPU 1: the guest's own check
 
+Pre-copy (:func:`precopy`, ``migrate(..., max_passes=N)``): before the stop above, the VMM
+logs the guest's guest_memfd slot (out of tree: sevcore.kvm.snp_ma.snp_enable_gmem_dirty_log)
+and the worker seals every page while the guest works between its requests, then the pages
+KVM_GET_DIRTY_LOG reports, pass after pass, until few are left; the guest then writes its
+ledger and stops, and the last pass is sealed. The target opens every pass in order.
+
 The worker's key needs the guest's VMPCK0, which is in its secrets page: that page and the
 VMSAs are what the firmware carries, the rest goes at CPU speed. docs/snp.md ("Migration
 through a migration agent") has what 56860 leaves open and what sevcore chose. The agents'
@@ -30,7 +36,7 @@ reaches the firmware goes through their vCPU as guest messages.
 import hashlib
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
@@ -41,12 +47,13 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sevcore import uapi as U
 from sevcore.errors import KvmError
+from sevcore.hw.costmodel import CostModel
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm import snp_ma as K
 from sevcore.kvm.ghcb import ghcb_program
 from sevcore.migration import driver
-from sevcore.migration.helper import (_KEY, HelperLayout, MigrationHelper, key_page,
-                                      migration_helper, state_page)
+from sevcore.migration.helper import (_KEY, PACKET_SIZE, HelperBatch, HelperLayout,
+                                      MigrationHelper, key_page, migration_helper, state_page)
 from sevcore.psp import amd_root
 from sevcore.psp import snp_layout as SL
 from sevcore.psp import snp_ma as MA
@@ -68,6 +75,11 @@ AGENT_PAGES = 4
 #: The guest's vCPUs: its migration worker, and its work.
 WORKER, WORK = 0, 1
 _CHANNEL_INFO = b"sevcore snp migration agent channel v1"
+#: Pages the guest's work writes per round in ``sevcore migrate --type snp --path ma``'s
+#: pre-copy (a round after each of the worker's requests: a quarter of a 64-page batch).
+PRECOPY_DIRTY_PAGES = 16
+#: A sealed page on the wire: its packet, its sequence number and its gfn (MaImage.nbytes).
+WIRE_PAGE = PACKET_SIZE + 16
 
 
 class MaError(RuntimeError):
@@ -269,19 +281,32 @@ def _data_gpas(layout, c):
         | np.uint64(c)
 
 
-def ma_workload(g, layout, c_bit, rounds, seed):
-    """The guest's work (vCPU 1): ``rounds`` passes writing pages of its data, then the
-    SHA-256 of all its data into the ledger page; GUEST_SYNC with that digest."""
+#: The orders the VMM gives the guest's work, one per KVM_RUN (:func:`ma_workload`).
+ROUND, LEDGER = 0, 1
+
+
+def ma_workload(g, layout, c_bit, seed, orders, dirty_pages=None, written=None):
+    """The guest's work (vCPU 1), one order of ``orders`` per KVM_RUN, GUEST_SYNC with the
+    order after each, so the VMM can run migration passes in between: ROUND writes
+    ``dirty_pages`` of its data pages (a quarter by default) with fresh bytes, LEDGER the
+    SHA-256 of all its data into the ledger page, its last step before it stops. ``written``
+    (a list) gets each round's gfns."""
     c = 1 << c_bit
     rng = np.random.default_rng(seed)
     gpas = _data_gpas(layout, c)
-    for _ in range(rounds):
-        pick = np.sort(rng.choice(len(gpas), size=max(1, len(gpas) // 4), replace=False))
-        pages = rng.integers(0, 256, (len(pick), PAGE_SIZE), np.uint8)
-        yield g.write_pages(gpas[pick], pages)
-    digest = hashlib.sha256((yield g.read_pages(gpas)).tobytes()).digest()
-    yield g.write(LEDGER_GFN << PAGE_SHIFT | c, digest)
-    yield g.sync(0)
+    n = max(1, len(gpas) // 4 if dirty_pages is None else min(dirty_pages, len(gpas)))
+    while True:
+        order = orders.pop(0)
+        if order == LEDGER:
+            digest = hashlib.sha256((yield g.read_pages(gpas))).digest()
+            yield g.write(LEDGER_GFN << PAGE_SHIFT | c, digest)
+        else:
+            pick = np.sort(rng.choice(len(gpas), size=n, replace=False))
+            pages = rng.integers(0, 256, (len(pick), PAGE_SIZE), np.uint8)
+            yield g.write_pages(gpas[pick], pages)
+            if written is not None:
+                written.append(pick.astype(np.uint64) + np.uint64(DATA_GFN))
+        yield g.sync(order)
 
 
 def ma_check(g, layout, c_bit, out):
@@ -289,7 +314,7 @@ def ma_check(g, layout, c_bit, out):
     VMPCK0 and message count moved) and the transport key again (its VMRK moved)."""
     c = 1 << c_bit
     ledger = yield g.read(LEDGER_GFN << PAGE_SHIFT | c, 32)
-    digest = hashlib.sha256((yield g.read_pages(_data_gpas(layout, c))).tobytes()).digest()
+    digest = hashlib.sha256((yield g.read_pages(_data_gpas(layout, c)))).digest()
     report = yield g.snp_get_report(hashlib.sha512(digest).digest())
     key = yield from _transport_key(g)
     _, kept = _KEY.unpack_from((yield g.read(layout.key_gfn << PAGE_SHIFT | c, _KEY.size)))
@@ -311,6 +336,8 @@ class SnpMaGuest:
         vm.memory_encrypt_op(U.KVM_SEV_INIT2)
         self.hva = vm_mem_add(vm, 0, 0, mem_size >> PAGE_SHIFT, U.KVM_MEM_GUEST_MEMFD)
         self.vcpus = [vm_vcpu_add(vm, i) for i in range(2)]
+        #: True between :meth:`start_work` and :meth:`write_ledger`.
+        self.working = False
 
     def _set_code(self, i, fn, *args):
         """vCPU ``i`` runs ``fn`` as the guest's kernel runs code: #VC through its GHCB."""
@@ -358,10 +385,32 @@ class SnpMaGuest:
         self._msg_init()
         return self
 
-    def run_workload(self, rounds=2, seed=1):
-        """Run the guest's work on vCPU 1 until it has written its ledger."""
-        self._set_code(WORK, ma_workload, self.layout, self.vm.host.c_bit, rounds, seed)
+    def start_work(self, seed=1, dirty_pages=None):
+        """Give vCPU 1 the guest's work (:func:`ma_workload`); :meth:`work` runs its rounds,
+        :meth:`write_ledger` its last step. ``written`` lists each round's gfns."""
+        self._orders, self.written = [], []
+        self._set_code(WORK, ma_workload, self.layout, self.vm.host.c_bit, seed, self._orders,
+                       dirty_pages, self.written)
+        self.working = True
+
+    def work(self, rounds=1):
+        """``rounds`` rounds of the guest's work, one KVM_RUN of vCPU 1 each."""
+        for _ in range(rounds):
+            self._orders.append(ROUND)
+            _run_to_sync(self.vcpus[WORK])
+
+    def write_ledger(self):
+        """The guest's last step before it stops: the digest of its data into its ledger."""
+        self._orders.append(LEDGER)
         _run_to_sync(self.vcpus[WORK])
+        self.working = False
+
+    def run_workload(self, rounds=2, seed=1, dirty_pages=None):
+        """Run the guest's work on vCPU 1, ``rounds`` rounds, until it has written its
+        ledger."""
+        self.start_work(seed, dirty_pages)
+        self.work(rounds)
+        self.write_ledger()
 
     def check(self):
         """The guest's own check (vCPU 1): ``{data_ok, report, key_ok}``."""
@@ -393,27 +442,53 @@ class Worker(MigrationHelper):
 @dataclass
 class MaStats:
     """What one migration moved: pages at CPU speed, pages through the firmware, agent
-    messages, bytes on the wire; ``downtime_ns``, the cost model's time for it all (the guest
-    is stopped throughout), when a cost model was given."""
+    messages, bytes on the wire; with a cost model, ``downtime_ns`` for what happens while the
+    guest is stopped (the last pass, the swaps, export, import, activate, the target's opens)
+    and ``total_ns`` for everything (the passes while the guest works too), as QEMU's
+    query-migrate ``downtime`` and ``total-time``. ``passes``: one dict per pass (``pages``,
+    ``bytes``, modelled ``ns``, ``dirty-after``: the dirty log's pages at its end, ``stop``:
+    the guest was stopped), the last one stopped; ``converged``: the dirty set fell under
+    the limit before the passes ran out."""
     pages_sealed: int = 0
     pages_swapped: int = 0
     agent_messages: int = 0
     bytes_sent: int = 0
     downtime_ns: float = None
+    total_ns: float = None
+    passes: list = field(default_factory=list)
+    converged: bool = True
 
 
-def modelled_ns(cost, npages, nbytes, batch_pages, swapped=3):
-    """The cost model's time for one migration of ``npages`` sealed pages and ``nbytes`` on the
-    wire, step after step: the source's worker seals (one vCPU, an exit per batch), its PSP
-    swaps out ``swapped`` pages and answers MSG_EXPORT_REQ; the link; the target's PSP runs
-    SNP_GCTX_CREATE, MSG_IMPORT_REQ, SNP_ACTIVATE and the swap-ins; its worker opens. The
-    agents' handshake comes before the guest stops and is not counted."""
-    exits = -(-npages // batch_pages) if npages else 0
-    worker = driver.helper_pages(npages, 1, exits)
-    source = worker + (driver.Demand("psp", swapped, PAGE_SIZE), driver.Demand("psp", 1))
-    target = (driver.Demand("psp", 3), driver.Demand("psp", swapped, PAGE_SIZE)) + worker
-    link = nbytes * 1e9 / cost.network_bytes_per_s + cost.network_latency_ns
-    return sum(d.ns(cost) for d in source + target) + link
+def modelled_ns(cost, npages, nbytes, batch_pages, swapped=3, opened=None):
+    """The cost model's time for the stopped part of one migration: the last ``npages``
+    sealed pages and ``nbytes`` on the wire, step after step: the source's worker seals (one
+    vCPU, an exit per batch), its PSP swaps out ``swapped`` pages and answers MSG_EXPORT_REQ;
+    the link; the target's PSP runs SNP_GCTX_CREATE, MSG_IMPORT_REQ, SNP_ACTIVATE and the
+    swap-ins; its worker opens ``opened`` pages (all that came, every pass's: its key comes
+    with the context; ``npages`` by default). The agents' handshake comes before the guest
+    stops and is not counted."""
+    opened = npages if opened is None else opened
+    source = _sealing(npages, batch_pages) + (driver.Demand("psp", swapped, PAGE_SIZE),
+                                              driver.Demand("psp", 1))
+    target = (driver.Demand("psp", 3), driver.Demand("psp", swapped, PAGE_SIZE)) + \
+        _sealing(opened, batch_pages)
+    return sum(d.ns(cost) for d in source + target) + _link_ns(cost, nbytes)
+
+
+def _sealing(npages, batch_pages):
+    """The worker sealing (or opening) ``npages``: one vCPU, an exit per batch."""
+    return driver.helper_pages(npages, 1, -(-npages // batch_pages) if npages else 0)
+
+
+def _link_ns(cost, nbytes):
+    return nbytes * 1e9 / cost.network_bytes_per_s + cost.network_latency_ns
+
+
+def pass_ns(cost, npages, nbytes, batch_pages, guest_size):
+    """The cost model's time for one pass while the guest works: the dirty log's
+    KVM_GET_DIRTY_LOG, the worker sealing ``npages``, ``nbytes`` over the link."""
+    work = driver.dirty_sync(guest_size) + _sealing(npages, batch_pages)
+    return sum(d.ns(cost) for d in work) + _link_ns(cost, nbytes)
 
 
 @dataclass
@@ -432,13 +507,15 @@ class MaImage:
                 + sum(len(ct) + len(e) for ct, e in self.vmsas) + len(self.context))
 
 
-def send(guest, agent):
-    """The source's half: the worker seals the guest's pages, the VMM swaps out its secrets page
+def send(guest, agent, passes=None):
+    """The source's half: the worker seals the guest's pages (or ``passes``, the
+    HelperBatches :func:`precopy` sealed while it worked), the VMM swaps out its secrets page
     (the context's root entry) and VMSAs, the agent exports the context for its peer. The guest
     does not run again here. Raises MaError (the agent's refusals), KvmError (a refused
     swap-out) or HelperPacketError; on MaError or KvmError the swapped pages are back in and
     the guest runs on."""
-    batch = Worker(guest).seal(guest.sealed_gfns())
+    if passes is None:
+        passes = [Worker(guest).seal(guest.sealed_gfns())]
     vm = guest.vm
     secrets, _ = K.snp_page_swap_out(vm, gfn=SECRETS_GFN, root=True)
     vmsas = []
@@ -450,7 +527,101 @@ def send(guest, agent):
         resume(guest, secrets, vmsas)     # what left comes back; the guest runs on
         raise
     K.snp_context_exported(vm)
-    return MaImage(batch.gfns, batch.seqs, batch.packets, secrets, vmsas, context)
+    sealed = joined(passes)              # in the order they were sealed: seqs rise
+    return MaImage(sealed.gfns, sealed.seqs, sealed.packets, secrets, vmsas, context)
+
+
+def _log_dirty(vm, on):
+    """KVM_SET_USER_MEMORY_REGION2 of the guest's guest_memfd slot with
+    KVM_MEM_LOG_DIRTY_PAGES set (``on``) or cleared; its other fields as they are."""
+    slot = vm.gfn_to_memslot(DATA_GFN)
+    flags = slot.flags | U.KVM_MEM_LOG_DIRTY_PAGES if on else \
+        slot.flags & ~U.KVM_MEM_LOG_DIRTY_PAGES
+    vm.set_user_memory_region2(slot.id, flags, slot.base_gfn << PAGE_SHIFT,
+                               slot.npages << PAGE_SHIFT, slot.userspace_addr,
+                               slot.gmem_pgoff << PAGE_SHIFT, slot.gmem_file)
+
+
+def dirty_gfns(guest):
+    """KVM_GET_DIRTY_LOG of the guest's slot (which clears it): the dirtied gfns the worker
+    carries, [LEDGER_GFN, first_gfn), sorted."""
+    vm = guest.vm
+    slot = vm.gfn_to_memslot(DATA_GFN)
+    words = vm.get_dirty_log(slot.id)
+    bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:slot.npages]
+    gfns = np.flatnonzero(bits).astype(np.uint64) + np.uint64(slot.base_gfn)
+    return gfns[(gfns >= LEDGER_GFN) & (gfns < guest.layout.first_gfn)]
+
+
+def _seal_working(guest, worker, gfns, work_every):
+    """One pass while the guest works: a round of its work after every ``work_every`` batches
+    the worker seals. Returns the pass's HelperBatch and how many rounds the guest did."""
+    step = guest.layout.batch_pages * work_every
+    out, rounds = [], 0
+    for i in range(0, len(gfns), step):
+        out.append(worker.seal(gfns[i:i + step]))
+        if guest.working:
+            guest.work()
+            rounds += 1
+    return joined(out), rounds
+
+
+def joined(batches):
+    """HelperBatches one after the other, as one."""
+    if len(batches) == 1:
+        return batches[0]
+    return HelperBatch(*(np.concatenate([getattr(b, f) for b in batches])
+                         for f in ("gfns", "seqs", "packets")))
+
+
+def _small(cost, npages, batch_pages, stop_pages):
+    """Whether a dirty set of ``npages`` is small enough to stop for: at most ``stop_pages``,
+    or (None) its sealing and sending within the cost model's downtime limit."""
+    if stop_pages is not None:
+        return npages <= stop_pages
+    ns = sum(d.ns(cost) for d in _sealing(npages, batch_pages))
+    return ns + _link_ns(cost, npages * WIRE_PAGE) <= cost.downtime_limit_ms * 1e6
+
+
+def precopy(guest, max_passes, cost=None, stop_pages=None, work_every=1, on_pass=None):
+    """Pre-copy (out of tree: sevcore.kvm.snp_ma.snp_enable_gmem_dirty_log): the VMM logs
+    the guest's guest_memfd slot; the worker seals every page the worker carries while the
+    guest works between its requests (:func:`_seal_working`), then, pass after pass, the pages
+    KVM_GET_DIRTY_LOG reports, until the dirty set is at most ``stop_pages`` (by default:
+    until the cost model's time to seal and send it is within its ``downtime_limit_ms``, as
+    the main engine decides) or ``max_passes - 1`` passes ran; then the guest writes its
+    ledger and stops, and the last dirty pages are sealed. Returns ``(HelperBatches in order,
+    [pass dicts], converged)``; the logging is off again, whatever happens. ``on_pass`` is
+    called with each pass's HelperBatch while the guest still works (ma_remote sends it)."""
+    cost = CostModel() if cost is None else cost
+    lay, vm = guest.layout, guest.vm
+    K.snp_enable_gmem_dirty_log(vm)
+    _log_dirty(vm, True)
+    worker, out, passes, converged = Worker(guest), [], [], False
+    try:
+        gfns = guest.sealed_gfns()
+        while len(passes) < max_passes - 1:
+            batch, rounds = _seal_working(guest, worker, gfns, work_every)
+            gfns = dirty_gfns(guest)
+            out.append(batch)
+            if on_pass is not None:
+                on_pass(batch)
+            passes.append({"pass": len(passes), "pages": len(batch),
+                           "bytes": len(batch) * WIRE_PAGE, "dirty-after": len(gfns),
+                           "guest-rounds": rounds, "stop": False})
+            if _small(cost, len(gfns), lay.batch_pages, stop_pages):
+                converged = True
+                break
+        if guest.working:
+            guest.write_ledger()          # its last step; it is stopped from here on
+        gfns = np.union1d(gfns, dirty_gfns(guest))
+    finally:
+        _log_dirty(vm, False)
+    batch = worker.seal(gfns)
+    out.append(batch)
+    passes.append({"pass": len(passes), "pages": len(batch), "bytes": len(batch) * WIRE_PAGE,
+                   "dirty-after": 0, "guest-rounds": 0, "stop": True})
+    return out, passes, converged
 
 
 def resume(guest, secrets, vmsas):
@@ -504,18 +675,46 @@ def _receive(guest, agent, image):
     Worker(guest).open(image.gfns, image.seqs, image.packets)
 
 
-def migrate(guest, src_agent, dst_kvm, dst_agent, cost=None):
+def migrate(guest, src_agent, dst_kvm, dst_agent, cost=None, max_passes=1, stop_pages=None,
+            work_every=1):
     """Migrate ``guest`` in process from its agent's Host to ``dst_kvm``'s, whose agent is
     ``dst_agent``: the agents check each other, then :func:`send` and :func:`receive`.
-    Returns ``(target guest, MaStats)``; with ``cost`` (a CostModel) its modelled downtime."""
+    ``max_passes`` 1 is stop-and-copy (the guest stopped throughout); more is :func:`precopy`
+    with up to ``max_passes - 1`` passes while the guest works (``stop_pages``,
+    ``work_every`` as there). Returns ``(target guest, MaStats)``; with ``cost`` (a
+    CostModel) its modelled downtime and total time. ValueError for ``max_passes`` < 1."""
+    if max_passes < 1:
+        raise ValueError(f"max_passes must be at least 1, not {max_passes}")
     before = src_agent.messages + dst_agent.messages
     pair(src_agent, dst_agent)
-    image = send(guest, src_agent)
+    batches, passes, converged = None, None, True
+    if max_passes > 1:
+        batches, passes, converged = precopy(guest, max_passes, cost, stop_pages, work_every)
+    image = send(guest, src_agent, batches)
     target = receive(dst_kvm, guest.mem_size, dst_agent, image, guest.layout.batch_pages)
+    if passes is None:
+        passes = [{"pass": 0, "pages": len(image.gfns), "bytes": len(image.gfns) * WIRE_PAGE,
+                   "dirty-after": 0, "guest-rounds": 0, "stop": True}]
     stats = MaStats(pages_sealed=len(image.gfns), pages_swapped=1 + len(image.vmsas),
                     agent_messages=src_agent.messages + dst_agent.messages - before,
-                    bytes_sent=image.nbytes())
+                    bytes_sent=image.nbytes(), passes=passes, converged=converged)
     if cost is not None:
-        stats.downtime_ns = modelled_ns(cost, stats.pages_sealed, stats.bytes_sent,
-                                        guest.layout.batch_pages, stats.pages_swapped)
+        stats.downtime_ns, stats.total_ns = model_times(
+            cost, passes, guest, stats.bytes_sent - sum(p["bytes"] for p in passes),
+            stats.pages_swapped)
     return target, stats
+
+
+def model_times(cost, passes, guest, fixed_bytes, swapped):
+    """``(downtime_ns, total_ns)`` of a migration of ``guest`` in ``passes`` (the last one
+    stopped; each pass dict gets its ``ns``): :func:`pass_ns` for each pass while the guest
+    worked, :func:`modelled_ns` for the stop, whose wire also carries ``fixed_bytes`` (the
+    swapped pages and the context) and whose target opens every pass's pages."""
+    bp = guest.layout.batch_pages
+    live = [pass_ns(cost, p["pages"], p["bytes"], bp, guest.mem_size) for p in passes[:-1]]
+    last = passes[-1]
+    down = modelled_ns(cost, last["pages"], last["bytes"] + fixed_bytes, bp, swapped,
+                       sum(p["pages"] for p in passes))
+    for p, ns in zip(passes, live + [down]):
+        p["ns"] = ns
+    return down, sum(live) + down

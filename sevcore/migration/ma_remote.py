@@ -6,8 +6,14 @@ agent and a Kvm.
     HELLO {agent's key, report, VCEK}  --------->
                                        <---------   HELLO {agent's key, report, VCEK}
     (each agent checks the other: ma.Agent.trust)
+    pre-copy (ma.precopy), while the guest works:
+    PASS {gfns, seqs, packets} of each pass  ------>   kept, in order (the target's worker can
+                                                      open nothing before the import)
     IMAGE {layout, gfns, seqs, packets, secrets page, VMSAs, sealed context}  --------->
                                        <---------   RESULT {the guest's own check}
+
+IMAGE carries the last pass (the guest stopped), or every page in stop-and-copy; the target
+opens the passes, then the image's packets, in the order they were sealed.
 
 A frame is ``tag (u8) || length (u64 LE) || payload``; a part list inside a payload is
 ``length (u64 LE) || bytes`` repeated. Nothing in a frame is trusted: the packets, the swapped
@@ -19,10 +25,10 @@ import struct
 import numpy as np
 
 from sevcore.migration import ma
-from sevcore.migration.helper import PACKET_SIZE
+from sevcore.migration.helper import PACKET_SIZE, HelperBatch
 from sevcore.vmm import attest
 
-HELLO, IMAGE, RESULT = 1, 2, 3
+HELLO, IMAGE, RESULT, PASS = 1, 2, 3, 4
 _HDR = struct.Struct("<BQ")
 _LEN = struct.Struct("<Q")
 #: The largest frame a peer may announce (a 1 GiB guest's packets and then some).
@@ -63,10 +69,16 @@ def _recv_exact(ch, n):
 
 def recv_frame(ch, want):
     """The payload of the next frame, which must have tag ``want``."""
+    return recv_tagged(ch, (want,))[1]
+
+
+def recv_tagged(ch, wants):
+    """``(tag, payload)`` of the next frame, whose tag must be one of ``wants``."""
     tag, n = _HDR.unpack(_recv_exact(ch, _HDR.size))
-    if tag != want or n > MAX_FRAME:
-        raise ma.MaError("stream", reason=f"frame {tag} of {n} bytes, expected frame {want}")
-    return _recv_exact(ch, n)
+    if tag not in wants or n > MAX_FRAME:
+        raise ma.MaError("stream", reason=f"frame {tag} of {n} bytes, expected frame "
+                         f"{' or '.join(map(str, wants))}")
+    return tag, _recv_exact(ch, n)
 
 
 def agree(ch, agent):
@@ -78,13 +90,29 @@ def agree(ch, agent):
     agent.trust(peer_key, peer_report, peer_vcek)
 
 
+def _sealed_parts(b):
+    """The parts of sealed pages (a HelperBatch or an MaImage): gfns, seqs, packets."""
+    return (b.gfns.astype("<u8").tobytes(), b.seqs.astype("<u8").tobytes(),
+            np.ascontiguousarray(b.packets).tobytes())
+
+
 def _image_bytes(guest, image):
     meta = json.dumps({"mem_size": guest.mem_size, "batch_pages": guest.layout.batch_pages,
                        "npages": len(image.gfns)}).encode()
     vmsas = [x for ct, entry in image.vmsas for x in (ct, entry)]
-    return _parts(meta, image.gfns.astype("<u8").tobytes(), image.seqs.astype("<u8").tobytes(),
-                  np.ascontiguousarray(image.packets).tobytes(), image.secrets, image.context,
-                  *vmsas)
+    return _parts(meta, *_sealed_parts(image), image.secrets, image.context, *vmsas)
+
+
+def _sealed(gfns, seqs, packets, n=None):
+    """The arrays of sealed pages from their parts (``n`` of them if given, else as many as
+    the gfns); MaError if they disagree."""
+    gfns = np.frombuffer(gfns, "<u8").astype(np.uint64)
+    n = len(gfns) if n is None else n
+    seqs = np.frombuffer(seqs, "<u8").astype(np.uint64)
+    packets = np.frombuffer(packets, np.uint8).copy()
+    if len(gfns) != n or len(seqs) != n or packets.size != n * PACKET_SIZE:
+        raise ma.MaError("stream", reason="sealed pages whose arrays disagree with their count")
+    return gfns, seqs, packets.reshape(n, PACKET_SIZE)
 
 
 def _image(data):
@@ -98,37 +126,59 @@ def _image(data):
     except (ValueError, TypeError, KeyError) as e:
         raise ma.MaError("stream", reason=f"an image header that does not parse: {e!r}") \
             from None
-    gfns = np.frombuffer(parts[1], "<u8").astype(np.uint64)
-    seqs = np.frombuffer(parts[2], "<u8").astype(np.uint64)
-    packets = np.frombuffer(parts[3], np.uint8).copy()
-    if len(gfns) != n or len(seqs) != n or packets.size != n * PACKET_SIZE:
-        raise ma.MaError("stream", reason="an image whose arrays disagree with its count")
+    gfns, seqs, packets = _sealed(*parts[1:4], n)
     vmsas = [(parts[i], parts[i + 1]) for i in range(6, len(parts), 2)]
-    image = ma.MaImage(gfns, seqs, packets.reshape(n, PACKET_SIZE), parts[4], vmsas,
-                       parts[5])
-    return meta, image
+    return meta, ma.MaImage(gfns, seqs, packets, parts[4], vmsas, parts[5])
 
 
-def send_guest(ch, guest, agent):
+def send_guest(ch, guest, agent, max_passes=1, cost=None):
     """The source process: agree with the peer's agent, send the guest's image, and return the
-    target's RESULT (a dict: ``data_ok``, ``key_ok``, ``measurement``). A failure before the
-    export leaves the guest running here (ma.send swaps its pages back in when the export is
-    refused); one after it is MaError with ``lost``: the guest exists only in the image."""
+    target's RESULT (a dict: ``data_ok``, ``key_ok``, ``measurement``). ``max_passes`` > 1
+    pre-copies (ma.precopy; ``cost`` decides when to stop), each pass a PASS frame while the
+    guest works; the RESULT then has the source's ``passes`` and ``converged`` (and with
+    ``cost`` the modelled ``downtime_ns`` and ``total_ns``). A failure
+    before the export leaves the guest running here (ma.send swaps its pages back in when the
+    export is refused, and pre-copy's dirty logging is off again); one after it is MaError
+    with ``lost``: the guest exists only in the image."""
     agree(ch, agent)
-    image = ma.send(guest, agent)
+    last, passes = None, None
+    if max_passes > 1:
+        batches, passes, converged = ma.precopy(
+            guest, max_passes, cost,
+            on_pass=lambda b: send_frame(ch, PASS, _parts(*_sealed_parts(b))))
+        last = batches[-1:]
+    image = ma.send(guest, agent, last)
     try:
         send_frame(ch, IMAGE, _image_bytes(guest, image))
-        return json.loads(recv_frame(ch, RESULT))
+        result = json.loads(recv_frame(ch, RESULT))
     except Exception as e:
         raise ma.MaError("migration", reason=f"{type(e).__name__}: {e}; the guest's context "
                          "was exported, so the source guest is lost", lost=True) from e
+    if passes is not None:
+        if cost is not None:
+            fixed = image.nbytes() - passes[-1]["bytes"]
+            result["downtime_ns"], result["total_ns"] = ma.model_times(
+                cost, passes, guest, fixed, 1 + len(image.vmsas))
+        result.update(passes=passes, converged=converged)
+    return result
 
 
 def receive_guest(ch, kvm, agent):
     """The target process: agree with the peer's agent, receive the image, bring the guest up
     and run its own check; the RESULT goes back. Returns ``(guest, result)``."""
     agree(ch, agent)
-    meta, image = _image(recv_frame(ch, IMAGE))
+    passes = []
+    tag, data = recv_tagged(ch, (PASS, IMAGE))
+    while tag == PASS:
+        parts = _unparts(data)
+        if len(parts) != 3:
+            raise ma.MaError("stream", reason="a pass with missing parts")
+        passes.append(HelperBatch(*_sealed(*parts)))
+        tag, data = recv_tagged(ch, (PASS, IMAGE))
+    meta, image = _image(data)
+    if passes:                            # in the order they were sealed
+        allp = ma.joined(passes + [HelperBatch(image.gfns, image.seqs, image.packets)])
+        image.gfns, image.seqs, image.packets = allp.gfns, allp.seqs, allp.packets
     guest = ma.receive(kvm, meta["mem_size"], agent, image, meta["batch_pages"])
     out = guest.check()
     result = {"data_ok": out["data_ok"], "key_ok": out["key_ok"],

@@ -133,18 +133,27 @@ def test_a_tampered_page_is_refused_by_the_target_worker(hosts):
     assert e.value.reason == "auth" and e.value.index == 5
 
 
-def test_the_command_migrates_an_snp_guest_through_agents(tmp_path, capsys):
+@pytest.mark.parametrize("iterations", ["1", "30"])
+def test_the_command_migrates_an_snp_guest_through_agents(tmp_path, capsys, iterations):
     """``sevcore migrate --type snp --path ma`` succeeds when the guest's own check passes on
-    the target, and writes its record."""
+    the target, and writes its record: one stopped pass with ``--max-iterations 1``, pre-copy
+    passes (every page once, then the dirtied ones) by default."""
     import json
 
     from sevcore.cli import main
     out = tmp_path / "ma.json"
     assert main(["migrate", "--type", "snp", "--path", "ma", "--mem", "1M", "--json",
-                 str(out)]) == 0
+                 str(out), "--max-iterations", iterations]) == 0
     rec = json.loads(out.read_text())["ma"]
     assert rec["status"] == "completed" and rec["guest-data-ok"] and rec["guest-vmrk-key-ok"]
-    assert rec["pages-sealed"] == ma.SnpMaGuest(sevcore.Kvm(), 1 << 20).sealed_gfns().size
+    npages = ma.SnpMaGuest(sevcore.Kvm(), 1 << 20).sealed_gfns().size
+    stops = [p["stop"] for p in rec["pass-stats"]]
+    assert stops[-1] and not any(stops[:-1]) and rec["passes"] == len(stops)
+    if iterations == "1":
+        assert rec["pages-sealed"] == npages and rec["downtime-ms"] == rec["total-time-ms"]
+    else:
+        assert rec["passes"] >= 2 and rec["pass-stats"][0]["pages"] == npages
+        assert rec["pages-sealed"] > npages and rec["downtime-ms"] < rec["total-time-ms"]
 
 
 def _two_processes(src_end, dst_end, hosts):
