@@ -42,6 +42,8 @@ def _parts(*parts):
 def _unparts(data):
     out, pos = [], 0
     while pos < len(data):
+        if pos + _LEN.size > len(data):
+            raise ma.MaError("stream", reason="a part's length runs past its frame")
         (n,) = _LEN.unpack_from(data, pos)
         pos += _LEN.size
         if pos + n > len(data):

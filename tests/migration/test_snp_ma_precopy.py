@@ -191,3 +191,34 @@ def test_no_passes_is_refused_before_anything():
     assert not guest.vm.gfn_to_memslot(ma.DATA_GFN).flags & U.KVM_MEM_LOG_DIRTY_PAGES
     guest.write_ledger()
     assert guest.check()["data_ok"]
+
+
+def _target_gets(payload):
+    """The target's receive_guest after HELLO both ways, when the source's next frame is a
+    PASS of ``payload``: the exception it raises."""
+    import threading
+
+    from sevcore.migration import ma_remote
+    from sevcore.migration.transport import inprocess_pair
+    src, dst = sevcore.Kvm(), sevcore.Kvm()
+    a, b = ma.Agent(src), ma.Agent(dst)
+    src_end, dst_end = inprocess_pair(timeout=30)
+
+    def source():
+        ma_remote.agree(src_end, a)
+        ma_remote.send_frame(src_end, ma_remote.PASS, payload)
+    t = threading.Thread(target=source)
+    t.start()
+    with pytest.raises(Exception) as got:
+        ma_remote.receive_guest(dst_end, dst, b)
+    t.join(30)
+    return got.value
+
+
+@pytest.mark.parametrize("payload", [b"\x01\x02", b"\x03" + bytes(8)],
+                         ids=["short-length", "length-cut"])
+def test_a_malformed_pass_frame_is_a_stream_error(payload):
+    """A PASS frame whose parts are cut short (a part's length of fewer than 8 bytes) is
+    refused as the stream's error (MaError), not as whatever the parser tripped on."""
+    e = _target_gets(payload)
+    assert isinstance(e, ma.MaError) and "stream" in str(e), repr(e)
