@@ -193,6 +193,12 @@ def test_no_passes_is_refused_before_anything():
     assert guest.check()["data_ok"]
 
 
+def ma_remote_parts(*parts):
+    """A payload of ``parts`` as ma_remote frames them."""
+    from sevcore.migration import ma_remote
+    return ma_remote._parts(*parts)
+
+
 def _target_gets(payload):
     """The target's receive_guest after HELLO both ways, when the source's next frame is a
     PASS of ``payload``: the exception it raises."""
@@ -215,10 +221,13 @@ def _target_gets(payload):
     return got.value
 
 
-@pytest.mark.parametrize("payload", [b"\x01\x02", b"\x03" + bytes(8)],
-                         ids=["short-length", "length-cut"])
+@pytest.mark.parametrize("payload", [
+    b"\x01\x02", b"\x03" + bytes(8), ma_remote_parts(b"1234567", b"", b""),
+    ma_remote_parts(bytes(8), bytes(12), bytes(4096 + 16))],
+    ids=["short-length", "length-cut", "gfns-7-bytes", "seqs-12-bytes"])
 def test_a_malformed_pass_frame_is_a_stream_error(payload):
-    """A PASS frame whose parts are cut short (a part's length of fewer than 8 bytes) is
-    refused as the stream's error (MaError), not as whatever the parser tripped on."""
+    """A PASS frame whose parts are cut short (a part's length of fewer than 8 bytes) or
+    whose gfns or seqs are not whole u64s is refused as the stream's error (MaError), not as
+    whatever the parser tripped on."""
     e = _target_gets(payload)
     assert isinstance(e, ma.MaError) and "stream" in str(e), repr(e)
