@@ -576,7 +576,10 @@ def joined(batches):
 
 def _small(cost, npages, batch_pages, stop_pages):
     """Whether a dirty set of ``npages`` is small enough to stop for: at most ``stop_pages``,
-    or (None) its sealing and sending within the cost model's downtime limit."""
+    or (None) its sealing and sending within the cost model's downtime limit. An empty set
+    always is (the main engine's expected downtime 0: nothing is left to pass over)."""
+    if not npages:
+        return True
     if stop_pages is not None:
         return npages <= stop_pages
     ns = sum(d.ns(cost) for d in _sealing(npages, batch_pages))

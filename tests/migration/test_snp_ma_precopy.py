@@ -231,3 +231,16 @@ def test_a_malformed_pass_frame_is_a_stream_error(payload):
     whatever the parser tripped on."""
     e = _target_gets(payload)
     assert isinstance(e, ma.MaError) and "stream" in str(e), repr(e)
+
+
+def test_nothing_dirty_stops_even_under_a_zero_downtime_limit():
+    """A guest that no longer writes, under a downtime limit no send can meet: the first pass
+    leaves nothing dirty, so pre-copy stops there (as the main engine does), with no empty
+    pass, and the guest's own check passes on the target."""
+    src, dst, a, b, guest = working_guest()
+    guest.write_ledger()
+    target, st = ma.migrate(guest, a, dst, b, cost=CostModel(downtime_limit_ms=0.0),
+                            max_passes=5)
+    assert st.converged and [p["pages"] for p in st.passes] == [len(guest.sealed_gfns()), 0]
+    out = target.check()
+    assert out["data_ok"] and out["key_ok"]
