@@ -712,12 +712,16 @@ def model_times(cost, passes, guest, fixed_bytes, swapped):
     """``(downtime_ns, total_ns)`` of a migration of ``guest`` in ``passes`` (the last one
     stopped; each pass dict gets its ``ns``): :func:`pass_ns` for each pass while the guest
     worked, :func:`modelled_ns` for the stop, whose wire also carries ``fixed_bytes`` (the
-    swapped pages and the context) and whose target opens every pass's pages."""
+    swapped pages and the context) and whose target opens every pass's pages; after passes
+    while the guest worked, the stop also reads the dirty log a last time (as the main
+    engine's stop-and-copy does, sevcore.migration.source)."""
     bp = guest.layout.batch_pages
     live = [pass_ns(cost, p["pages"], p["bytes"], bp, guest.mem_size) for p in passes[:-1]]
     last = passes[-1]
     down = modelled_ns(cost, last["pages"], last["bytes"] + fixed_bytes, bp, swapped,
                        sum(p["pages"] for p in passes))
+    if live:
+        down += sum(d.ns(cost) for d in driver.dirty_sync(guest.mem_size))
     for p, ns in zip(passes, live + [down]):
         p["ns"] = ns
     return down, sum(live) + down

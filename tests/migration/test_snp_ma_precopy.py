@@ -244,3 +244,18 @@ def test_nothing_dirty_stops_even_under_a_zero_downtime_limit():
     assert st.converged and [p["pages"] for p in st.passes] == [len(guest.sealed_gfns()), 0]
     out = target.check()
     assert out["data_ok"] and out["key_ok"]
+
+
+def test_the_stop_is_charged_its_last_dirty_log_read():
+    """After passes while the guest worked, the modelled downtime holds the last
+    KVM_GET_DIRTY_LOG (done with the guest stopped) on top of the stopped pass's own steps;
+    stop-and-copy reads no log and is charged none."""
+    cost = CostModel(dirty_sync_ns_per_gib=float(1 << 30))     # one ns per byte of guest
+    passes = [{"pages": 10, "bytes": 10 * ma.WIRE_PAGE}, {"pages": 3, "bytes": 3 * ma.WIRE_PAGE}]
+    src, dst, a, b, guest = working_guest()
+    down, _ = ma.model_times(cost, passes, guest, 0, 3)
+    stopped = ma.modelled_ns(cost, 3, 3 * ma.WIRE_PAGE, guest.layout.batch_pages, 3, 13)
+    assert down == pytest.approx(stopped + MEM)
+    alone, _ = ma.model_times(cost, passes[1:], guest, 0, 3)
+    assert alone == pytest.approx(ma.modelled_ns(cost, 3, 3 * ma.WIRE_PAGE,
+                                                 guest.layout.batch_pages, 3))
