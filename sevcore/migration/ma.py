@@ -600,8 +600,9 @@ def precopy(guest, max_passes, cost=None, stop_pages=None, work_every=1, on_pass
     lay, vm = guest.layout, guest.vm
     K.snp_enable_gmem_dirty_log(vm)
     _log_dirty(vm, True)
-    worker, out, passes, converged = Worker(guest), [], [], False
+    out, passes, converged = [], [], False
     try:
+        worker = Worker(guest)
         gfns = guest.sealed_gfns()
         while len(passes) < max_passes - 1:
             batch, rounds = _seal_working(guest, worker, gfns, work_every)

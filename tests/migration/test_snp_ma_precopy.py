@@ -259,3 +259,18 @@ def test_the_stop_is_charged_its_last_dirty_log_read():
     alone, _ = ma.model_times(cost, passes[1:], guest, 0, 3)
     assert alone == pytest.approx(ma.modelled_ns(cost, 3, 3 * ma.WIRE_PAGE,
                                                  guest.layout.batch_pages, 3))
+
+
+def test_a_worker_that_cannot_start_leaves_the_slot_not_logging(monkeypatch):
+    """When the VMM's side of the worker cannot be set up once the slot logs, pre-copy fails
+    with the slot's logging off again, and the guest works on."""
+    src, dst, a, b, guest = working_guest()
+
+    def refused(guest):
+        raise ValueError("no worker")
+    monkeypatch.setattr(ma, "Worker", refused)
+    with pytest.raises(ValueError, match="no worker"):
+        ma.precopy(guest, max_passes=3)
+    assert not guest.vm.gfn_to_memslot(ma.DATA_GFN).flags & U.KVM_MEM_LOG_DIRTY_PAGES
+    guest.write_ledger()
+    assert guest.check()["data_ok"]
