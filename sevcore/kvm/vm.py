@@ -474,8 +474,9 @@ class Vm:
             valid |= U.KVM_MEM_USERFAULT
         if flags & U.KVM_MEM_GUEST_MEMFD:
             # "Dirty logging private memory is not currently supported" (kvm_main.c,
-            # check_memory_region_flags), unless the out-of-tree switch is on.
-            if not self.gmem_dirty_log:
+            # check_memory_region_flags), unless the out-of-tree switch is on; never with
+            # dirty rings (the switch refuses them; a ring enabled after it stays out too).
+            if not self.gmem_dirty_log or self.dirty_ring_size:
                 valid &= ~U.KVM_MEM_LOG_DIRTY_PAGES
         elif not self.has_protected_state:
             valid |= U.KVM_MEM_READONLY

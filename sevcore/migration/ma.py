@@ -576,7 +576,10 @@ def joined(batches):
 
 def _small(cost, npages, batch_pages, stop_pages):
     """Whether a dirty set of ``npages`` is small enough to stop for: at most ``stop_pages``,
-    or (None) its sealing and sending within the cost model's downtime limit."""
+    or (None) its sealing and sending within the cost model's downtime limit. An empty set
+    always is (the main engine's expected downtime 0: nothing is left to pass over)."""
+    if not npages:
+        return True
     if stop_pages is not None:
         return npages <= stop_pages
     ns = sum(d.ns(cost) for d in _sealing(npages, batch_pages))
@@ -597,8 +600,9 @@ def precopy(guest, max_passes, cost=None, stop_pages=None, work_every=1, on_pass
     lay, vm = guest.layout, guest.vm
     K.snp_enable_gmem_dirty_log(vm)
     _log_dirty(vm, True)
-    worker, out, passes, converged = Worker(guest), [], [], False
+    out, passes, converged = [], [], False
     try:
+        worker = Worker(guest)
         gfns = guest.sealed_gfns()
         while len(passes) < max_passes - 1:
             batch, rounds = _seal_working(guest, worker, gfns, work_every)
@@ -709,12 +713,16 @@ def model_times(cost, passes, guest, fixed_bytes, swapped):
     """``(downtime_ns, total_ns)`` of a migration of ``guest`` in ``passes`` (the last one
     stopped; each pass dict gets its ``ns``): :func:`pass_ns` for each pass while the guest
     worked, :func:`modelled_ns` for the stop, whose wire also carries ``fixed_bytes`` (the
-    swapped pages and the context) and whose target opens every pass's pages."""
+    swapped pages and the context) and whose target opens every pass's pages; after passes
+    while the guest worked, the stop also reads the dirty log a last time (as the main
+    engine's stop-and-copy does, sevcore.migration.source)."""
     bp = guest.layout.batch_pages
     live = [pass_ns(cost, p["pages"], p["bytes"], bp, guest.mem_size) for p in passes[:-1]]
     last = passes[-1]
     down = modelled_ns(cost, last["pages"], last["bytes"] + fixed_bytes, bp, swapped,
                        sum(p["pages"] for p in passes))
+    if live:
+        down += sum(d.ns(cost) for d in driver.dirty_sync(guest.mem_size))
     for p, ns in zip(passes, live + [down]):
         p["ns"] = ns
     return down, sum(live) + down

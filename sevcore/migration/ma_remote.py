@@ -42,6 +42,8 @@ def _parts(*parts):
 def _unparts(data):
     out, pos = [], 0
     while pos < len(data):
+        if pos + _LEN.size > len(data):
+            raise ma.MaError("stream", reason="a part's length runs past its frame")
         (n,) = _LEN.unpack_from(data, pos)
         pos += _LEN.size
         if pos + n > len(data):
@@ -106,6 +108,8 @@ def _image_bytes(guest, image):
 def _sealed(gfns, seqs, packets, n=None):
     """The arrays of sealed pages from their parts (``n`` of them if given, else as many as
     the gfns); MaError if they disagree."""
+    if len(gfns) % 8 or len(seqs) % 8:
+        raise ma.MaError("stream", reason="sealed pages' gfns or seqs not whole u64s")
     gfns = np.frombuffer(gfns, "<u8").astype(np.uint64)
     n = len(gfns) if n is None else n
     seqs = np.frombuffer(seqs, "<u8").astype(np.uint64)

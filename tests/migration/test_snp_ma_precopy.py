@@ -191,3 +191,86 @@ def test_no_passes_is_refused_before_anything():
     assert not guest.vm.gfn_to_memslot(ma.DATA_GFN).flags & U.KVM_MEM_LOG_DIRTY_PAGES
     guest.write_ledger()
     assert guest.check()["data_ok"]
+
+
+def ma_remote_parts(*parts):
+    """A payload of ``parts`` as ma_remote frames them."""
+    from sevcore.migration import ma_remote
+    return ma_remote._parts(*parts)
+
+
+def _target_gets(payload):
+    """The target's receive_guest after HELLO both ways, when the source's next frame is a
+    PASS of ``payload``: the exception it raises."""
+    import threading
+
+    from sevcore.migration import ma_remote
+    from sevcore.migration.transport import inprocess_pair
+    src, dst = sevcore.Kvm(), sevcore.Kvm()
+    a, b = ma.Agent(src), ma.Agent(dst)
+    src_end, dst_end = inprocess_pair(timeout=30)
+
+    def source():
+        ma_remote.agree(src_end, a)
+        ma_remote.send_frame(src_end, ma_remote.PASS, payload)
+    t = threading.Thread(target=source)
+    t.start()
+    with pytest.raises(Exception) as got:
+        ma_remote.receive_guest(dst_end, dst, b)
+    t.join(30)
+    return got.value
+
+
+@pytest.mark.parametrize("payload", [
+    b"\x01\x02", b"\x03" + bytes(8), ma_remote_parts(b"1234567", b"", b""),
+    ma_remote_parts(bytes(8), bytes(12), bytes(4096 + 16))],
+    ids=["short-length", "length-cut", "gfns-7-bytes", "seqs-12-bytes"])
+def test_a_malformed_pass_frame_is_a_stream_error(payload):
+    """A PASS frame whose parts are cut short (a part's length of fewer than 8 bytes) or
+    whose gfns or seqs are not whole u64s is refused as the stream's error (MaError), not as
+    whatever the parser tripped on."""
+    e = _target_gets(payload)
+    assert isinstance(e, ma.MaError) and "stream" in str(e), repr(e)
+
+
+def test_nothing_dirty_stops_even_under_a_zero_downtime_limit():
+    """A guest that no longer writes, under a downtime limit no send can meet: the first pass
+    leaves nothing dirty, so pre-copy stops there (as the main engine does), with no empty
+    pass, and the guest's own check passes on the target."""
+    src, dst, a, b, guest = working_guest()
+    guest.write_ledger()
+    target, st = ma.migrate(guest, a, dst, b, cost=CostModel(downtime_limit_ms=0.0),
+                            max_passes=5)
+    assert st.converged and [p["pages"] for p in st.passes] == [len(guest.sealed_gfns()), 0]
+    out = target.check()
+    assert out["data_ok"] and out["key_ok"]
+
+
+def test_the_stop_is_charged_its_last_dirty_log_read():
+    """After passes while the guest worked, the modelled downtime holds the last
+    KVM_GET_DIRTY_LOG (done with the guest stopped) on top of the stopped pass's own steps;
+    stop-and-copy reads no log and is charged none."""
+    cost = CostModel(dirty_sync_ns_per_gib=float(1 << 30))     # one ns per byte of guest
+    passes = [{"pages": 10, "bytes": 10 * ma.WIRE_PAGE}, {"pages": 3, "bytes": 3 * ma.WIRE_PAGE}]
+    src, dst, a, b, guest = working_guest()
+    down, _ = ma.model_times(cost, passes, guest, 0, 3)
+    stopped = ma.modelled_ns(cost, 3, 3 * ma.WIRE_PAGE, guest.layout.batch_pages, 3, 13)
+    assert down == pytest.approx(stopped + MEM)
+    alone, _ = ma.model_times(cost, passes[1:], guest, 0, 3)
+    assert alone == pytest.approx(ma.modelled_ns(cost, 3, 3 * ma.WIRE_PAGE,
+                                                 guest.layout.batch_pages, 3))
+
+
+def test_a_worker_that_cannot_start_leaves_the_slot_not_logging(monkeypatch):
+    """When the VMM's side of the worker cannot be set up once the slot logs, pre-copy fails
+    with the slot's logging off again, and the guest works on."""
+    src, dst, a, b, guest = working_guest()
+
+    def refused(guest):
+        raise ValueError("no worker")
+    monkeypatch.setattr(ma, "Worker", refused)
+    with pytest.raises(ValueError, match="no worker"):
+        ma.precopy(guest, max_passes=3)
+    assert not guest.vm.gfn_to_memslot(ma.DATA_GFN).flags & U.KVM_MEM_LOG_DIRTY_PAGES
+    guest.write_ledger()
+    assert guest.check()["data_ok"]

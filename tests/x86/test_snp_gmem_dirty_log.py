@@ -80,6 +80,21 @@ def test_the_opt_in_is_refused_with_a_dirty_ring():
     assert not vm.gmem_dirty_log
 
 
+
+def test_a_dirty_ring_enabled_after_the_opt_in_keeps_gmem_slots_from_logging():
+    """A ring enabled after the opt-in (before any vCPU, as KVM allows) leaves LOG_DIRTY_PAGES
+    on a guest_memfd slot refused (EINVAL), as the opt-in itself is with a ring; no slot is
+    made."""
+    kvm = sevcore.Kvm()
+    vm = kvm.create_vm(KVM_X86_SNP_VM)
+    K.snp_enable_gmem_dirty_log(vm)
+    vm.enable_cap(KVM_CAP_DIRTY_LOG_RING, 4096 * 16)
+    vm.memory_encrypt_op(KVM_SEV_INIT2)
+    with raises_errno(EINVAL, "KVM_SET_USER_MEMORY_REGION2"):
+        vm_mem_add(vm, 0, 0, NPAGES, F | LOG)
+    assert vm.memslots == {}
+
+
 def test_with_the_opt_in_a_gmem_slot_logs_and_stops_logging():
     """After the opt-in, LOG_DIRTY_PAGES is taken on a new guest_memfd slot and toggled on an
     existing one (same file, offset and base); the log starts clear and goes when the flag
