@@ -5,11 +5,12 @@ copies run in C with the GIL released (MigrationHelper._request). Two measuremen
 and 2 helper vCPUs in the same run (the 1-vCPU row is the peer):
 
 - ``test_helper_seal_phase``: the sealing phase alone, every page of a fully touched guest
-  sealed as the source does it (calls of one stream record, 256 pages, into reused arrays:
-  each vCPU run seals 128 pages with 2 vCPUs), and again with a helper buffer of 2048 pages
-  and calls of 2048 pages (``[2048-...]``: the same guest read through a layout with a larger
-  buffer, which overlays guest pages the benchmark does not seal), where a run's fixed cost
-  (about ten guest operations, their Python steps taking turns under the GIL) weighs less.
+  sealed as the source does it (calls of one stream record, HELPER_SHARE = 256 pages per
+  vCPU, into reused arrays: each vCPU run seals 256 pages), and again with a helper buffer
+  of 2048 pages and calls of 2048 pages (``[2048-...]``: the same guest through a layout
+  with a larger buffer, which overlays guest pages the benchmark does not seal), where a
+  run's fixed cost (about ten guest operations, their Python steps taking turns under the
+  GIL) weighs less.
 - ``test_helper_path_migration``: a whole helper-path migration of that guest (one pass, the
   target in its own thread as always). Its simulated time falls with helper vCPUs
   (CostModel.helper_seal splits pages among them); the wall time can fall only as far as the
@@ -32,9 +33,8 @@ from benchutil import per_item
 from sevcore.core import cpu
 from sevcore.hw.costmodel import CostModel
 from sevcore.migration.engine import MigrationParams, migrate
-from sevcore.migration.helper import PACKET_SIZE, HelperLayout, MigrationHelper
+from sevcore.migration.helper import HELPER_SHARE, PACKET_SIZE, HelperLayout, MigrationHelper
 from sevcore.migration.machine import Machine
-from sevcore.migration.stream import BATCH_PAGES
 from sevcore.migration.workload import GuestConfig
 
 SIZE = int(float(os.environ.get("SEVCORE_BENCH_HELPER_GIB", "1")) * (1 << 30))
@@ -82,12 +82,14 @@ def sealing_guest():
 
 
 @pytest.mark.parametrize("vcpus", [1, 2])
-@pytest.mark.parametrize("batch", [BATCH_PAGES, 2048])
+@pytest.mark.parametrize("batch", ["record", 2048])
 def test_helper_seal_phase(benchmark, sealing_guest, batch, vcpus):
     """Every guest page below the helper sealed on ``vcpus`` vCPUs, ``batch`` pages per call
-    and per request."""
+    and per request (``record``: a migration's, HELPER_SHARE pages per vCPU)."""
     _context(benchmark, f"helper sealing phase of a {SIZE >> 20} MiB guest, {batch} pages "
                         f"per request, by helper vCPUs")
+    if batch == "record":
+        batch = HELPER_SHARE * vcpus
     m = sealing_guest
     lay = m.config.helper_layout
     if batch != lay.batch_pages:

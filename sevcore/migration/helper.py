@@ -85,11 +85,16 @@ SLOT_SIZE = _SLOT.size
 #: The request's page table in the mailbox, one entry per packet of the batch.
 ENTRY = np.dtype([("gfn", "<u8"), ("seq", "<u8"), ("mac", "u1", MAC_SIZE)])
 #: The smallest share of a request (pages per vCPU) that the helper's vCPUs serve at once in
-#: their threads; a smaller SEAL request goes whole to one vCPU, the next to the next. Each run
-#: has a fixed cost of Python steps that threads must take turns at, so on an AMD EPYC Zen 4
-#: (2 cores, idle) 2 vCPUs at once took 2.2x the time of one for 256-page requests (128 pages
-#: each) and 0.59x for 2048-page ones (bench/bench_helper_vcpus.py).
+#: their threads; smaller shares run one after another in the caller's thread. Each run has a
+#: fixed cost of Python steps that threads must take turns at, so on an AMD EPYC Zen 4 (2 cores,
+#: idle) 2 vCPUs at once took 2.2x the time of one for 256-page requests (128 pages each) and
+#: 0.59x for 2048-page ones (bench/bench_helper_vcpus.py).
 PARALLEL_MIN_PAGES = 512
+
+#: Pages of a migration's request that each helper vCPU serves (a migration guest's packet
+#: buffer holds this many per vCPU, and the source's stream records as many per vCPU, so that
+#: N vCPUs seal a record N times the size of one vCPU's in the time of one share).
+HELPER_SHARE = 256
 
 CMD_NONE, CMD_SEAL, CMD_OPEN = 0, 1, 2
 STATUS_OK, STATUS_REFUSED = 0, 1
@@ -519,9 +524,8 @@ class MigrationHelper:
         self.vm, self.layout, self.nr_vcpus, self._vcpus = vm, layout, n, vcpus
         self.counters = HelperCounters(sealed=[0] * n, opened=[0] * n)
         self._req = 0
-        self._next_vcpu = 0             # the vCPU a request too small to share goes to
         self._turn = threading.Lock() if n > 1 else None
-        #: A SEAL request with shares below this many pages per vCPU goes whole to one vCPU.
+        #: Shares of a request below this many pages per vCPU run one after another.
         self.parallel_min_pages = PARALLEL_MIN_PAGES
         self._shared = _SharedPages(vm, layout)
         # One VMM thread per helper vCPU after the first (which runs in the caller's).
@@ -575,19 +579,11 @@ class MigrationHelper:
                 seqs.dtype.itemsize != 8 or seqs.shape != (n,) or not seqs.flags.writeable:
             raise ValueError(f"seqs must be a writable ({n},) uint64 array")
         out = HelperBatch(gfns.copy(), seqs, packets)
-        nv = self.nr_vcpus
         for s in range(0, n, self.layout.batch_pages):
             k = min(n - s, self.layout.batch_pages)
-            per = -(-k // nv)
-            if per < self.parallel_min_pages:
-                # Too small to share at once: the whole request to one vCPU, the next request
-                # to the next (as a VMM keeps each of its helper vCPUs busy with requests of
-                # its own), which costs one run's fixed steps instead of one per vCPU.
-                j, self._next_vcpu = self._next_vcpu, (self._next_vcpu + 1) % nv
-                runs = [(0, k) if i == j else (0, 0) for i in range(nv)]
-            else:
-                runs = [(min(j * per, k), min((j + 1) * per, k)) for j in range(nv)]
-            self._request(CMD_SEAL, s, runs, gfns,
+            per = -(-k // self.nr_vcpus)
+            self._request(CMD_SEAL, s, [(min(j * per, k), min((j + 1) * per, k))
+                                        for j in range(self.nr_vcpus)], gfns,
                           before=partial(self._seal_rows_in, gfns, s),
                           after=partial(self._seal_rows_out, out, s))
         return out

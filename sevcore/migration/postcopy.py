@@ -165,7 +165,7 @@ class PostcopySource:
         s, st = self.s, self.s.stats
         st.postcopy_bytes += s.writer.stats.transferred - self._bytes0
         self.streams.append(s.writer.stats.qemu())
-        s.writer = S.StreamWriter(s.channel, s.stream_flags)
+        s.writer = S.StreamWriter(s.channel, s.stream_flags, batch_pages=s.record_pages)
         s.reader = S.StreamReader(s.channel)
         s.writer.setup({"kind": "resume"})
         s.writer.flush()
@@ -236,7 +236,7 @@ class PostcopySource:
             asked = asked[self.owed[asked.astype(np.int64)]]
             if len(asked):
                 return asked, at
-        bp = self.s.params.batch_pages
+        bp = self.s.batch
         out = []
         n = 0
         while n < bp and self.cursor < len(self.order):

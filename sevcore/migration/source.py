@@ -21,7 +21,8 @@ from sevcore.migration.errors import (
     StreamTruncated,
     TargetFailed,
 )
-from sevcore.migration.helper import PACKET_SIZE, HelperPacketError, MigrationHelper
+from sevcore.migration.helper import (HELPER_SHARE, PACKET_SIZE, HelperPacketError,
+                                      MigrationHelper)
 from sevcore.migration.machine import SLOT, GuestError, owner_secrets
 from sevcore.psp import certs as C
 from sevcore.psp.api import CertChain
@@ -221,7 +222,8 @@ class Source(_End):
     def _setup(self):
         m, p = self.m, self.params
         self.stream_flags = S.FLAG_ENCRYPTED | (S.FLAG_HELPER if p.path == "helper" else 0)
-        self.writer = S.StreamWriter(self.channel, self.stream_flags)
+        self.writer = S.StreamWriter(self.channel, self.stream_flags,
+                                     batch_pages=self.record_pages)
         self.reader = S.StreamReader(self.channel)
         self.drv.start()
         self.writer.setup({"kind": "migrate", "guest": m.config.to_dict(),
@@ -412,26 +414,46 @@ class Source(_End):
             dirty = np.union1d(dirty, changed)
         return dirty
 
+    @property
+    def batch(self):
+        """Pages per batch of a pass: ``batch_pages``, on the helper path times the helper
+        vCPUs the guest's packet buffer has HELPER_SHARE pages for (all of them unless the
+        guest is small), so that a request gives each vCPU a share of HELPER_SHARE pages and
+        they serve one batch as the cost model charges, ceil(n / vCPUs) pages' time."""
+        p, lay = self.params, self.m.config.helper_layout
+        if p.path != "helper" or lay is None:
+            return p.batch_pages
+        return p.batch_pages * max(1, lay.batch_pages // HELPER_SHARE)
+
+    @property
+    def record_pages(self):
+        """The stream writer's pages per record: on the helper path one helper request, the
+        guest's whole packet buffer (HELPER_SHARE pages per helper vCPU); the stream's default
+        otherwise."""
+        lay = self.m.config.helper_layout
+        return lay.batch_pages if self.params.path == "helper" and lay else S.BATCH_PAGES
+
     def _send_pass(self, k, gfns, stop):
         p, st = self.params, self.stats
+        bp = self.batch
         it = IterationStats(k, self.drv.now_ns(), pages=len(gfns), stop=stop)
         st.iterations.append(it)
         bytes0 = self.writer.stats.transferred
         self.writer.iteration(k, len(gfns), stop=stop)
         self.drv.control(S.FRAME_OVERHEAD + 16)
-        nb = -(-len(gfns) // p.batch_pages)
+        nb = -(-len(gfns) // bp)
         every = max(1, -(-nb // p.guest_runs))
         for b in range(nb):
-            batch = gfns[b * p.batch_pages:(b + 1) * p.batch_pages]
+            batch = gfns[b * bp:(b + 1) * bp]
             self._send_batch(batch, it)
             self.samples.append((self.drv.now_ns() - self.t0,
-                                 max(0, len(gfns) - (b + 1) * p.batch_pages), k))
+                                 max(0, len(gfns) - (b + 1) * bp), k))
             if not stop and (b + 1) % every == 0:
                 self._guest_tick()
             if self.progress:
                 self.progress({"phase": "stop" if stop else "precopy", "iteration": k,
                                "pages": len(gfns), "sent": min(len(gfns),
-                                                               (b + 1) * p.batch_pages),
+                                                               (b + 1) * bp),
                                "sim_ms": (self.drv.now_ns() - self.t0) / 1e6})
         if not stop and (nb == 0 or nb % every):
             self._guest_tick()              # the guest runs at least once per pass, at its end

@@ -42,7 +42,8 @@ import numpy as np
 from sevcore import uapi as U
 from sevcore.hw.hostmem import DEFAULT_SIZE, PAGE_SHIFT, PAGE_SIZE
 from sevcore.kvm.fpu import xsave_span
-from sevcore.migration.helper import STATE_GENERATION_OFFSET, HelperLayout, helper_boot
+from sevcore.migration.helper import (HELPER_SHARE, STATE_GENERATION_OFFSET, HelperLayout,
+                                      helper_boot)
 
 MAGIC = b"SEVWKLD1"
 JOURNAL_PAGES = 8
@@ -147,7 +148,13 @@ class GuestConfig:
         if not self.helper_vcpus:
             return None
         try:
-            return HelperLayout.for_guest(self.mem_size, vcpus=self.helper_vcpus)
+            # A packet buffer of HELPER_SHARE pages per helper vCPU, so that every request gives
+            # each vCPU a share of that size (sevcore.migration.source.Source.batch), where it
+            # takes at most a quarter of RAM; else HELPER_SHARE pages shared among them.
+            buffer = HELPER_SHARE * self.helper_vcpus
+            if 4 * buffer > self.npages:
+                buffer = HELPER_SHARE
+            return HelperLayout.for_guest(self.mem_size, buffer, vcpus=self.helper_vcpus)
         except ValueError as e:
             raise WorkloadError(str(e)) from None
 

@@ -254,6 +254,24 @@ def test_helper_vcpus_in_parallel_move_a_dirtying_guest_intact(vcpus):
     assert st.helper_packets >= m.config.layout.end_gfn - m.config.shared_pages
 
 
+def test_each_helper_vcpu_serves_a_full_share_of_every_record():
+    """With room for it, two helper vCPUs get a packet buffer of two shares and the source
+    sends records of two shares, each vCPU sealing one share of every request in its own lane
+    (a small guest keeps one share's buffer, split between them)."""
+    from sevcore.migration.helper import HELPER_SHARE
+    m, dst = launched(mem_size=8 << 20, workload="random", dirty_pages_per_s=2500,
+                      helper_vcpus=2)
+    assert m.config.helper_layout.batch_pages == 2 * HELPER_SHARE
+    r = migrate(m, dst, HELPER)
+    st = r.stats
+    assert st.status == "completed" and st.bad_pages == 0 and st.verified_pages > 0
+    full = st.iterations[0].pages // (2 * HELPER_SHARE)
+    assert full >= 2 and st.helper_requests <= sum(
+        -(-it.pages // (2 * HELPER_SHARE)) for it in st.iterations)
+    small, _ = launched(workload="idle", helper_vcpus=2)
+    assert small.config.helper_layout.batch_pages == HELPER_SHARE
+
+
 def test_a_failing_helper_vcpu_fails_the_migration_and_the_source_runs_on(monkeypatch):
     """A source helper vCPU that fails while the other serves its share fails the migration
     cleanly: the error is reported, SEND_CANCEL, and the source guest resumes and checks
