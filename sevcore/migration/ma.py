@@ -574,16 +574,17 @@ def joined(batches):
                          for f in ("gfns", "seqs", "packets")))
 
 
-def _small(cost, npages, batch_pages, stop_pages):
-    """Whether a dirty set of ``npages`` is small enough to stop for: at most ``stop_pages``,
-    or (None) its sealing and sending within the cost model's downtime limit. An empty set
-    always is (the main engine's expected downtime 0: nothing is left to pass over)."""
-    if not npages:
-        return True
-    if stop_pages is not None:
-        return npages <= stop_pages
-    ns = sum(d.ns(cost) for d in _sealing(npages, batch_pages))
-    return ns + _link_ns(cost, npages * WIRE_PAGE) <= cost.downtime_limit_ms * 1e6
+def _helper_ns(cost, npages, batch_pages):
+    """The cost model's time for the worker to seal (or open) ``npages`` pages."""
+    return sum(d.ns(cost) for d in _sealing(npages, batch_pages))
+
+
+def _stop_ns(cost, npages, batch_pages, sent):
+    """What stopping now would cost, as the downtime will: sealing and sending the ``npages``
+    left, and the target opening them with the ``sent`` pages of the passes before (it can
+    open none before the import, so every pass's pages are opened in the downtime)."""
+    return (_helper_ns(cost, npages, batch_pages) + _link_ns(cost, npages * WIRE_PAGE)
+            + _helper_ns(cost, sent + npages, batch_pages))
 
 
 def precopy(guest, max_passes, cost=None, stop_pages=None, work_every=1, on_pass=None):
@@ -591,8 +592,10 @@ def precopy(guest, max_passes, cost=None, stop_pages=None, work_every=1, on_pass
     the guest's guest_memfd slot; the worker seals every page the worker carries while the
     guest works between its requests (:func:`_seal_working`), then, pass after pass, the pages
     KVM_GET_DIRTY_LOG reports, until the dirty set is at most ``stop_pages`` (by default:
-    until the cost model's time to seal and send it is within its ``downtime_limit_ms``, as
-    the main engine decides) or ``max_passes - 1`` passes ran; then the guest writes its
+    until the cost model's time for the stop, sealing and sending the set and the target
+    opening every pass's pages, is within its ``downtime_limit_ms``, as the main engine
+    decides), nothing is dirty, the target's opens of what was sent are already past the
+    limit (more passes cannot help), or ``max_passes - 1`` passes ran; then the guest writes its
     ledger and stops, and the last dirty pages are sealed. Returns ``(HelperBatches in order,
     [pass dicts], converged)``; the logging is off again, whatever happens. ``on_pass`` is
     called with each pass's HelperBatch while the guest still works (ma_remote sends it)."""
@@ -613,9 +616,18 @@ def precopy(guest, max_passes, cost=None, stop_pages=None, work_every=1, on_pass
             passes.append({"pass": len(passes), "pages": len(batch),
                            "bytes": len(batch) * WIRE_PAGE, "dirty-after": len(gfns),
                            "guest-rounds": rounds, "stop": False})
-            if _small(cost, len(gfns), lay.batch_pages, stop_pages):
+            n, sent = len(gfns), sum(p["pages"] for p in passes)
+            if stop_pages is not None:
+                if n <= stop_pages:
+                    converged = True
+                    break
+                continue
+            limit = cost.downtime_limit_ms * 1e6
+            if _stop_ns(cost, n, lay.batch_pages, sent) <= limit:
                 converged = True
                 break
+            if not n or _helper_ns(cost, sent, lay.batch_pages) > limit:
+                break       # nothing left to pass over, or the opens alone are past the limit
         if guest.working:
             guest.write_ledger()          # its last step; it is stopped from here on
         gfns = np.union1d(gfns, dirty_gfns(guest))

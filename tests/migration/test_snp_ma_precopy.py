@@ -236,14 +236,32 @@ def test_a_malformed_pass_frame_is_a_stream_error(payload):
 def test_nothing_dirty_stops_even_under_a_zero_downtime_limit():
     """A guest that no longer writes, under a downtime limit no send can meet: the first pass
     leaves nothing dirty, so pre-copy stops there (as the main engine does), with no empty
-    pass, and the guest's own check passes on the target."""
+    pass and, the target's opens being past the limit, not converged; the guest's own check
+    passes on the target."""
     src, dst, a, b, guest = working_guest()
     guest.write_ledger()
     target, st = ma.migrate(guest, a, dst, b, cost=CostModel(downtime_limit_ms=0.0),
                             max_passes=5)
-    assert st.converged and [p["pages"] for p in st.passes] == [len(guest.sealed_gfns()), 0]
+    assert not st.converged
+    assert [p["pages"] for p in st.passes] == [len(guest.sealed_gfns()), 0]
     out = target.check()
     assert out["data_ok"] and out["key_ok"]
+
+
+def test_the_stop_is_judged_with_the_targets_opens_of_every_pass():
+    """Pre-copy converges only if the stop's whole modelled downtime, the target's opens of
+    every pass's pages included, fits the limit; once those opens alone are past it, more
+    passes cannot help and it stops after the first, not converged, its downtime over."""
+    src, dst, a, b, guest = working_guest()
+    cost = CostModel(downtime_limit_ms=1.0)
+    target, st = ma.migrate(guest, a, dst, b, cost=cost, max_passes=5)
+    assert not st.converged and len(st.passes) == 2 and st.passes[0]["dirty-after"] > 0
+    assert st.downtime_ns > cost.downtime_limit_ms * 1e6
+    out = target.check()
+    assert out["data_ok"] and out["key_ok"]
+    src2, dst2, a2, b2, guest2 = working_guest()
+    _, st2 = ma.migrate(guest2, a2, dst2, b2, cost=CostModel(), max_passes=5)
+    assert st2.converged and st2.downtime_ns <= CostModel().downtime_limit_ms * 1e6
 
 
 def test_the_stop_is_charged_its_last_dirty_log_read():
