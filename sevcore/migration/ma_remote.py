@@ -33,6 +33,9 @@ _HDR = struct.Struct("<BQ")
 _LEN = struct.Struct("<Q")
 #: The largest frame a peer may announce (a 1 GiB guest's packets and then some).
 MAX_FRAME = 2 << 30
+#: The most PASS bytes a target keeps before the IMAGE (it opens nothing before the import,
+#: and learns the guest's size only from the IMAGE): four times the largest frame.
+MAX_PASSED = 4 * MAX_FRAME
 
 
 def _parts(*parts):
@@ -171,9 +174,13 @@ def receive_guest(ch, kvm, agent):
     """The target process: agree with the peer's agent, receive the image, bring the guest up
     and run its own check; the RESULT goes back. Returns ``(guest, result)``."""
     agree(ch, agent)
-    passes = []
+    passes, kept = [], 0
     tag, data = recv_tagged(ch, (PASS, IMAGE))
     while tag == PASS:
+        kept += len(data)
+        if kept > MAX_PASSED:
+            raise ma.MaError("stream", reason=f"passes of more than {MAX_PASSED} bytes before "
+                                              f"the image")
         parts = _unparts(data)
         if len(parts) != 3:
             raise ma.MaError("stream", reason="a pass with missing parts")

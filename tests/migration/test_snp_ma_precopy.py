@@ -233,6 +233,16 @@ def test_a_malformed_pass_frame_is_a_stream_error(payload):
     assert isinstance(e, ma.MaError) and "stream" in str(e), repr(e)
 
 
+def test_passes_past_what_a_target_keeps_are_a_stream_error(monkeypatch):
+    """A source that sends more PASS bytes than a target keeps before the image (it can open
+    none of them yet) is refused as the stream's error before the target holds more."""
+    from sevcore.migration import ma_remote
+    payload = ma_remote_parts(bytes(8), bytes(8), bytes(ma_remote.PACKET_SIZE))
+    monkeypatch.setattr(ma_remote, "MAX_PASSED", len(payload) - 1)
+    e = _target_gets(payload)
+    assert isinstance(e, ma.MaError) and "stream" in str(e) and "before the image" in str(e)
+
+
 def test_nothing_dirty_stops_even_under_a_zero_downtime_limit():
     """A guest that no longer writes, under a downtime limit no send can meet: the first pass
     leaves nothing dirty, so pre-copy stops there (as the main engine does), with no empty
