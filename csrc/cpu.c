@@ -140,3 +140,14 @@ int sc_cpu_tier(void)
     }
     return best;
 }
+
+int sc_cpu_vector_tier(void)
+{
+#if defined(__x86_64__)
+    if (SC_HAS(SC_CPU_AVX512))
+        return SC_TIER_AVX512;
+    if (SC_HAS(SC_CPU_AVX2))
+        return SC_TIER_AVX2;
+#endif
+    return SC_TIER_PORTABLE;
+}

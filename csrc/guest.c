@@ -263,16 +263,7 @@ DEFINE_KERNELS(avx2, TARGET_AVX2)
 DEFINE_KERNELS(avx512, TARGET_AVX512)
 #endif
 
-int sc_guest_impl(void)
-{
-#ifdef SC_GUEST_X86
-    if (SC_HAS(SC_CPU_AVX512))
-        return SC_TIER_AVX512;
-    if (SC_HAS(SC_CPU_AVX2))
-        return SC_TIER_AVX2;
-#endif
-    return SC_TIER_PORTABLE;
-}
+int sc_guest_impl(void) { return sc_cpu_vector_tier(); }
 
 static const struct page_kernels *kernels(void)
 {

@@ -149,6 +149,10 @@ extern uint32_t sc_cpu_features_active;
 
 #define SC_HAS(f) ((sc_cpu_features_active & (f)) == (f))
 
+/* Internal: the widest vector tier the active features allow for a kernel that needs no AES
+ * unit (SC_TIER_AVX512, SC_TIER_AVX2 or SC_TIER_PORTABLE; always portable off x86-64). */
+int sc_cpu_vector_tier(void);
+
 /* Internal: refuse a call with -errnum, saying why in *err if the caller gave one. */
 static inline int sc_refuse(struct sc_err *err, int errnum, int reason, uint64_t index,
                             uint64_t value, uint64_t limit, uint64_t count)

@@ -110,16 +110,7 @@ static void compress(uint64_t s[8], const uint8_t block[128])
 #undef MB_TARGET
 #endif
 
-int sc_sha384_pages_impl(void)
-{
-#if defined(__x86_64__)
-    if (SC_HAS(SC_CPU_AVX512))
-        return SC_TIER_AVX512;
-    if (SC_HAS(SC_CPU_AVX2))
-        return SC_TIER_AVX2;
-#endif
-    return SC_TIER_PORTABLE;
-}
+int sc_sha384_pages_impl(void) { return sc_cpu_vector_tier(); }
 
 int sc_sha384_pages(const uint8_t *frames, uint64_t nframes, const uint64_t *pfns, size_t n,
                     uint8_t *out, struct sc_err *err)
