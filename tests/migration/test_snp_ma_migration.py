@@ -18,6 +18,7 @@ from sevcore.psp import snp_layout as SL
 from sevcore.vmm import attest
 
 from support import raises_errno
+from support.migration import ma_over_channel
 
 MEM = 48 << 12
 
@@ -158,23 +159,8 @@ def test_the_command_migrates_an_snp_guest_through_agents(tmp_path, capsys, iter
 
 def _two_processes(src_end, dst_end, hosts):
     """The source and target halves on their own threads over a channel's two ends."""
-    import threading
-
-    from sevcore.migration import ma_remote
     src, dst, a, b, guest = hosts
-    got = {}
-
-    def target():
-        try:
-            got["target"] = ma_remote.receive_guest(dst_end, dst, b)
-        except Exception as e:              # reported to the test below
-            got["error"] = e
-    t = threading.Thread(target=target)
-    t.start()
-    result = ma_remote.send_guest(src_end, guest, a)
-    t.join(60)
-    assert "error" not in got, got.get("error")
-    return result, got["target"]
+    return ma_over_channel(src_end, dst_end, guest, a, dst, b)
 
 
 def test_over_an_in_process_channel(hosts):

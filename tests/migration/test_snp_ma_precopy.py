@@ -13,6 +13,7 @@ from sevcore.hw.costmodel import CostModel
 from sevcore.migration import ma
 
 from support import raises_errno
+from support.migration import ma_over_channel
 
 MEM = 16 << 20
 
@@ -109,26 +110,6 @@ def test_a_refused_export_after_precopy_leaves_the_source_running():
     assert out["data_ok"] and out["key_ok"]
 
 
-def _over(src_end, dst_end, dst, b, guest, a, cost):
-    """The target half on a thread, the source's pre-copy here; both results."""
-    import threading
-
-    from sevcore.migration import ma_remote
-    got = {}
-
-    def target():
-        try:
-            got["target"] = ma_remote.receive_guest(dst_end, dst, b)
-        except Exception as e:              # reported to the test below
-            got["error"] = e
-    t = threading.Thread(target=target)
-    t.start()
-    result = ma_remote.send_guest(src_end, guest, a, max_passes=30, cost=cost)
-    t.join(60)
-    assert "error" not in got, got.get("error")
-    return result, got["target"]
-
-
 @pytest.mark.parametrize("channel", ["in-process", "tcp"])
 def test_precopy_between_two_processes(channel):
     """Over a channel the source sends each pass as a PASS frame while the guest works, then
@@ -140,12 +121,14 @@ def test_precopy_between_two_processes(channel):
         with TcpListener() as lst:
             src_end = tcp_connect(*lst.address, timeout=60)
             dst_end = lst.accept(timeout=60, channel_timeout=60)
-            result, (target, _) = _over(src_end, dst_end, dst, b, guest, a, CostModel())
+            result, (target, _) = ma_over_channel(src_end, dst_end, guest, a, dst, b,
+                                                  max_passes=30, cost=CostModel())
             src_end.close()
             dst_end.close()
     else:
         src_end, dst_end = inprocess_pair(timeout=60)
-        result, (target, _) = _over(src_end, dst_end, dst, b, guest, a, CostModel())
+        result, (target, _) = ma_over_channel(src_end, dst_end, guest, a, dst, b,
+                                              max_passes=30, cost=CostModel())
     assert result["data_ok"] and result["key_ok"]
     assert len(result["passes"]) >= 2 and result["passes"][-1]["stop"]
     assert result["pages"] == sum(p["pages"] for p in result["passes"])

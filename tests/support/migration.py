@@ -148,3 +148,24 @@ def target_process(tmp_path, *extra):
             raise AssertionError(f"target did not start: {proc.communicate()}")
         time.sleep(0.02)
     return proc, int(port_file.read_text())
+
+
+def ma_over_channel(src_end, dst_end, guest, src_agent, dst_kvm, dst_agent, **send):
+    """An SNP migration through agents between the two ends of a channel: the target's half
+    (ma_remote.receive_guest) on a thread, the source's (send_guest with ``send``) here.
+    Returns ``(source's result, (target guest, target's result))``."""
+    from sevcore.migration import ma_remote      # SNP: only the tests that use it load it
+    got = {}
+
+    def target():
+        try:
+            got["target"] = ma_remote.receive_guest(dst_end, dst_kvm, dst_agent)
+        except Exception as e:              # reported to the test below
+            got["error"] = e
+    t = threading.Thread(target=target)
+    t.start()
+    result = ma_remote.send_guest(src_end, guest, src_agent, **send)
+    t.join(60)
+    assert "error" not in got, got.get("error")
+    return result, got["target"]
+
