@@ -3,9 +3,6 @@ the guest's and the mirror's VMSAs in its measurement, the transport key by LAUN
 vCPUs' state saved by the guest into private pages the helper seals, restored on the target;
 in process, over TCP and from the CLI; and the failures (a tampered, replayed or lost save area,
 a target the owner will not trust) ending with the source guest running or the loss reported."""
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +17,8 @@ from sevcore.migration.remote import send_to
 from sevcore.migration.workload import GuestConfig
 from sevcore.uapi import KVM_X86_SEV_ES_VM, SEV_GUEST_STATE_RUNNING, SEV_POLICY_ES
 
-from support.migration import SMALL, Proxy, assert_runs_on, flip, guest_state, rewrite
+from support.migration import (SMALL, Proxy, assert_runs_on, flip, guest_state, rewrite,
+                               target_process)
 
 ES_HELPER = dict(SMALL, vm_type=KVM_X86_SEV_ES_VM, policy=SEV_POLICY_ES, helper_vcpus=1)
 HELPER = MigrationParams(path="helper", max_iterations=3)
@@ -254,16 +252,9 @@ def test_the_owner_refuses_a_target_launched_otherwise():
 def test_sev_es_helper_over_tcp_into_a_target_process(tmp_path):
     """A target process receives an SEV-ES guest by the helper over TCP (no out-of-tree ioctl
     needed); the guest's own check there is clean."""
-    port_file = tmp_path / "port"
-    proc = subprocess.Popen([sys.executable, "-m", "sevcore", "migrate", "--listen", "0",
-                             "--port-file", str(port_file), "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not port_file.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.02)
+    proc, port = target_process(tmp_path)
     m = es_guest(nr_vcpus=2, dirty_pages_per_s=2_000)
-    src = send_to("127.0.0.1", int(port_file.read_text()), m,
+    src = send_to("127.0.0.1", port, m,
                   MigrationParams(path="helper", max_iterations=3, timeout_s=30))
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err

@@ -1,9 +1,6 @@
 """SEV-ES guests through the migration engine: the workload on the GHCB page protocol, the PSP
 path with the VMSAs moved by the out-of-tree KVM_SEV_SEND/RECEIVE_UPDATE_VMSA, the refusals
 when KVM lacks them, and the same migration over TCP into a target process."""
-import subprocess
-import sys
-import time
 
 import pytest
 
@@ -16,7 +13,8 @@ from sevcore.migration.workload import GuestConfig, WorkloadError
 from sevcore.uapi import (KVM_X86_SEV_ES_VM, KVM_X86_SEV_VM, SEV_GUEST_STATE_RUNNING,
                           SEV_POLICY_ES)
 
-from support.migration import SMALL, assert_runs_on, guest_state, memory_snapshot
+from support.migration import (SMALL, assert_runs_on, guest_state, memory_snapshot,
+                               target_process)
 
 ES = dict(SMALL, vm_type=KVM_X86_SEV_ES_VM, policy=SEV_POLICY_ES)
 
@@ -78,16 +76,9 @@ def test_guest_type_and_policy_must_agree(vm_type, policy):
 def test_sev_es_over_tcp_into_a_target_process(tmp_path):
     """A target process with --out-of-tree-vmsa receives an SEV-ES guest over TCP; its guest's
     own check is clean."""
-    port_file = tmp_path / "port"
-    proc = subprocess.Popen([sys.executable, "-m", "sevcore", "migrate", "--listen", "0",
-                             "--port-file", str(port_file), "--quiet", "--out-of-tree-vmsa"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not port_file.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.02)
+    proc, port = target_process(tmp_path, "--out-of-tree-vmsa")
     m = Machine.launch(es_kvm(), GuestConfig(**ES, dirty_pages_per_s=300))
-    src = send_to("127.0.0.1", int(port_file.read_text()), m,
+    src = send_to("127.0.0.1", port, m,
                   MigrationParams(max_iterations=4, timeout_s=30))
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
