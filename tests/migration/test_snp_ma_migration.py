@@ -4,6 +4,7 @@ its context through MSG_EXPORT_REQ / MSG_IMPORT_REQ between agents that checked 
 and the guest's own check on the target; then every refusal, each leaving the source guest
 resumable or the target context unused."""
 import errno
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,6 +156,22 @@ def test_the_command_migrates_an_snp_guest_through_agents(tmp_path, capsys, iter
     else:
         assert rec["passes"] >= 2 and rec["pass-stats"][0]["pages"] == npages
         assert rec["pages-sealed"] > npages and rec["downtime-ms"] < rec["total-time-ms"]
+
+
+@pytest.mark.parametrize("iterations, downtime_ms, passes", [("1", 571, 1), ("30", 162, 2)])
+def test_the_readme_figures_of_a_64_mib_guest(tmp_path, iterations, downtime_ms, passes):
+    """The README's modelled downtimes of a 64 MiB SNP guest through agents, stop-and-copy and
+    pre-copy, are what the command reports."""
+    import json
+
+    from sevcore.cli import main
+    out = tmp_path / "ma.json"
+    assert main(["migrate", "--type", "snp", "--path", "ma", "--mem", "64M", "--quiet",
+                 "--json", str(out), "--max-iterations", iterations]) == 0
+    rec = json.loads(out.read_text())["ma"]
+    assert (round(rec["downtime-ms"]), rec["passes"]) == (downtime_ms, passes)
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert f"{162} ms\nof modelled downtime after 2 passes, against {571} ms" in readme
 
 
 def _two_processes(src_end, dst_end, hosts):
