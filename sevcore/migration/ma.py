@@ -46,6 +46,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sevcore import uapi as U
+from sevcore.core.bitmap import Bitmap
 from sevcore.errors import KvmError
 from sevcore.hw.costmodel import CostModel
 from sevcore.hw.hostmem import PAGE_SHIFT, PAGE_SIZE
@@ -547,9 +548,8 @@ def dirty_gfns(guest):
     carries, [LEDGER_GFN, first_gfn), sorted."""
     vm = guest.vm
     slot = vm.gfn_to_memslot(DATA_GFN)
-    words = vm.get_dirty_log(slot.id)
-    bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:slot.npages]
-    gfns = np.flatnonzero(bits).astype(np.uint64) + np.uint64(slot.base_gfn)
+    gfns = Bitmap.from_words(vm.get_dirty_log(slot.id), slot.npages).set_indices() \
+        + np.uint64(slot.base_gfn)
     return gfns[(gfns >= LEDGER_GFN) & (gfns < guest.layout.first_gfn)]
 
 
